@@ -6,8 +6,8 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
 REPO = Path(__file__).resolve().parent.parent
+
 # Converted once and reused across runs (gitignored): the real SmolLM2 model.
 MODEL_CACHE = Path(os.environ.get("WORKBENCH_TEST_MODEL_CACHE", REPO / ".cache" / "models"))
 
@@ -26,3 +26,63 @@ def tiny_model_dir(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
     from workbench.provisioning import build_tiny_llama
 
     return build_tiny_llama(smollm2_dir, tmp_path_factory.mktemp("tiny-llama"))
+
+
+# --- personas, projects -------------------------------------------------------
+
+@pytest.fixture
+def alice(django_user_model):
+    return django_user_model.objects.create_user("alice", password="alice-password")
+
+
+@pytest.fixture
+def bob(django_user_model):
+    return django_user_model.objects.create_user("bob", password="bob-password")
+
+
+@pytest.fixture
+def alice_project(alice):
+    from workbench.actions import create_project
+
+    return create_project(alice, "Alpha", "Alice's team")
+
+
+@pytest.fixture
+def bob_project(bob):
+    from workbench.actions import create_project
+
+    return create_project(bob, "Bravo", "Bob's team")
+
+
+@pytest.fixture
+def alice_client(client, alice):
+    client.force_login(alice)
+    return client
+
+
+# --- real processes -----------------------------------------------------------
+
+def database_url() -> str:
+    """URL of the database the tests use, for child processes (worker, web)."""
+    from django.db import connection
+
+    s = connection.settings_dict
+    if s["ENGINE"].endswith("sqlite3"):
+        return f"sqlite:///{s['NAME']}"
+    auth = s["USER"] + (f":{s['PASSWORD']}" if s["PASSWORD"] else "") + "@" if s["USER"] else ""
+    return f"postgres://{auth}{s['HOST'] or '127.0.0.1'}:{s['PORT'] or 5432}/{s['NAME']}"
+
+
+REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+
+
+def redis_or_skip() -> str:
+    import redis
+
+    try:
+        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1).flushdb()
+    except redis.ConnectionError:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(f"Redis is not running at {REDIS_URL} (CI starts it)")
+    return REDIS_URL

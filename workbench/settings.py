@@ -46,6 +46,8 @@ CSRF_TRUSTED_ORIGINS = envlist("CSRF_TRUSTED_ORIGINS", "")
 DATA_DIR = envpath("WORKBENCH_DATA_DIR", BASE_DIR / "var")
 MODELS_DIR = envpath("WORKBENCH_MODELS_DIR", DATA_DIR / "models")
 MEDIA_ROOT = DATA_DIR / "files"
+# SQLite and the embedded broker need the directory before the first connection.
+DATA_DIR.mkdir(parents=True, exist_ok=True)
 
 # Models are never fetched from a hub at run time unless explicitly allowed.
 HF_OFFLINE = envbool("WORKBENCH_HF_OFFLINE", "true")
@@ -96,6 +98,7 @@ TEMPLATES = [
                 "django.contrib.messages.context_processors.messages",
                 "workbench.context_processors.nav",
             ],
+            "builtins": ["django.contrib.humanize.templatetags.humanize", "template_partials.templatetags.partials"],
         },
     }
 ]
@@ -131,6 +134,7 @@ USE_TZ = True
 STATIC_URL = "/static/"
 STATICFILES_DIRS = [BASE_DIR / "static"]
 STATIC_ROOT = envpath("STATIC_ROOT", DATA_DIR / "staticfiles")
+STATIC_ROOT.mkdir(parents=True, exist_ok=True)
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
     "staticfiles": {
@@ -161,7 +165,12 @@ CELERY_RESULT_BACKEND = os.getenv("CELERY_RESULT_BACKEND", "") or None
 # broker's visibility timeout were shorter than the longest task, the broker
 # would hand a still-running task to a second worker; so it is set longer
 # than the hard time limit.
-CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": CELERY_TASK_TIME_LIMIT + 3600}
+# (Redis only: kombu's SQLAlchemy transport passes its options to create_engine,
+# and never redelivers a fetched message; there the job reaper recovers jobs
+# of dead workers instead.)
+CELERY_BROKER_TRANSPORT_OPTIONS = (
+    {"visibility_timeout": CELERY_TASK_TIME_LIMIT + 3600} if CELERY_BROKER_URL.startswith("redis") else {}
+)
 CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1

@@ -1,0 +1,92 @@
+import pytest
+from django.urls import reverse
+
+from workbench.models import Membership, Project
+
+pytestmark = pytest.mark.django_db
+
+
+def test_it_requires_login(client):
+    r = client.get(reverse("project_list"))
+    assert r.status_code == 302 and r["Location"].startswith(reverse("login"))
+
+
+def test_it_logs_in_with_the_form(client, alice):
+    r = client.post(reverse("login"), {"username": "alice", "password": "alice-password"})
+    assert r.status_code == 302
+    assert client.get(reverse("project_list")).status_code == 200
+
+
+def test_it_lists_only_my_projects(alice_client, alice_project, bob_project):
+    r = alice_client.get(reverse("project_list"))
+    assert b"Alpha" in r.content
+    assert b"Bravo" not in r.content
+
+
+def test_it_hides_another_teams_project(alice_client, bob_project):
+    assert alice_client.get(reverse("project_detail", args=[bob_project.slug])).status_code == 404
+    r = alice_client.post(reverse("member_add", args=[bob_project.slug]), {"username": "alice", "role": "owner"})
+    assert r.status_code == 404
+    assert not Membership.objects.filter(project=bob_project, user__username="alice").exists()
+
+
+def test_it_creates_a_project_with_its_creator_as_owner(alice_client, alice):
+    r = alice_client.post(reverse("project_create"), {"name": "Support bot", "description": "d"})
+    project = Project.objects.get(name="Support bot")
+    assert r.status_code == 302 and r["Location"] == project.get_absolute_url()
+    assert project.slug == "support-bot"
+    assert project.role_of(alice) == Membership.OWNER
+
+
+def test_it_rejects_a_project_without_a_name(alice_client):
+    r = alice_client.post(reverse("project_create"), {"name": "  "}, follow=True)
+    assert b"A project needs a name." in r.content
+    assert not Project.objects.exists()
+
+
+def test_it_gives_unique_slugs(alice):
+    from workbench.actions import create_project
+
+    assert create_project(alice, "Same").slug == "same"
+    assert create_project(alice, "Same").slug == "same-2"
+
+
+def test_owner_adds_a_member_who_then_sees_the_project(alice_client, alice_project, bob, client):
+    alice_client.post(reverse("member_add", args=[alice_project.slug]), {"username": "bob", "role": "member"})
+    assert alice_project.role_of(bob) == Membership.MEMBER
+    client.force_login(bob)
+    assert client.get(reverse("project_detail", args=[alice_project.slug])).status_code == 200
+
+
+def test_a_member_cannot_add_members(alice_project, bob, client, django_user_model):
+    Membership.objects.create(project=alice_project, user=bob, role=Membership.MEMBER)
+    django_user_model.objects.create_user("carol")
+    client.force_login(bob)
+    r = client.post(reverse("member_add", args=[alice_project.slug]), {"username": "carol"}, follow=True)
+    assert b"Only an owner can add members." in r.content
+    assert alice_project.memberships.count() == 2
+
+
+def test_it_keeps_the_last_owner(alice_client, alice_project, alice):
+    m = alice_project.memberships.get(user=alice)
+    r = alice_client.post(reverse("member_remove", args=[alice_project.slug, m.pk]), follow=True)
+    assert b"at least one owner" in r.content
+    assert alice_project.memberships.filter(pk=m.pk).exists()
+
+
+def test_it_sends_the_csrf_token_on_htmx_requests(alice_client, alice_project):
+    r = alice_client.get(reverse("project_detail", args=[alice_project.slug]))
+    assert b'hx-headers=\'{"X-CSRFToken": "' in r.content
+    assert b"/static/vendor/htmx-2.0.11.min.js" in r.content
+
+
+def test_it_shows_base_models_and_workers(alice_client):
+    from workbench.models import BaseModel, WorkerHeartbeat
+
+    BaseModel.objects.create(name="Tiny", path="/m/tiny", is_default=True, parameters=3_200_000)
+    WorkerHeartbeat.objects.create(hostname="w1@host", queues="default,gpu")
+    r = alice_client.get(reverse("models"))
+    assert b"Tiny" in r.content and b"3,200,000" in r.content
+    assert b"w1@host" in r.content and b"alive" in r.content
+    fragment = alice_client.get(reverse("models") + "?fragment=workers", headers={"HX-Request": "true"})
+    assert fragment.content.strip().startswith(b'<div id="workers"') and b"<html" not in fragment.content

@@ -1,0 +1,59 @@
+import pytest
+from django.db import transaction
+
+from tests.conftest import database_url, redis_or_skip
+from tests.processes import celery_worker, wait_for
+from workbench.actions import send_ping
+from workbench.celery import app
+from workbench.models import WorkerHeartbeat, WorkerPing
+from workbench.tasks import answer_ping
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
+
+
+def round_trip(broker_url: str, queue: str) -> WorkerPing:
+    ping = WorkerPing.objects.create(queue=queue)
+    with app.connection_for_write(broker_url) as conn:
+        answer_ping.apply_async(args=[ping.pk], queue=queue, connection=conn)
+    wait_for(lambda: WorkerPing.objects.get(pk=ping.pk).answered_at, 60, f"ping on {queue}")
+    return WorkerPing.objects.get(pk=ping.pk)
+
+
+def test_it_runs_a_task_on_a_real_worker_with_redis(tmp_path):
+    broker = redis_or_skip()
+    with celery_worker(broker, database_url(), tmp_path) as (_proc, name):
+        assert round_trip(broker, "gpu").answered_by == name
+        assert round_trip(broker, "default").answered_by == name
+
+
+def test_it_runs_a_task_on_a_real_worker_with_the_embedded_broker(tmp_path):
+    broker = f"sqla+sqlite:///{tmp_path}/broker.sqlite3"
+    with celery_worker(broker, database_url(), tmp_path) as (_proc, name):
+        assert round_trip(broker, "gpu").answered_by == name
+        beat = WorkerHeartbeat.objects.get(hostname=name)
+        assert beat.is_alive and beat.queues == "default,gpu"
+    beat.refresh_from_db()
+    assert beat.stopped and not beat.is_alive
+
+
+def test_it_only_routes_to_the_named_queue(tmp_path):
+    broker = f"sqla+sqlite:///{tmp_path}/broker.sqlite3"
+    with celery_worker(broker, database_url(), tmp_path, queues="default") as (_proc, _name):
+        ping = WorkerPing.objects.create(queue="gpu")
+        with app.connection_for_write(broker) as conn:
+            answer_ping.apply_async(args=[ping.pk], queue="gpu", connection=conn)
+        round_trip(broker, "default")  # the worker is up and consuming
+        ping.refresh_from_db()
+        assert ping.answered_at is None
+
+
+def test_it_enqueues_only_after_commit():
+    with app.connection_for_write() as conn:
+        conn.default_channel.queue_purge("default")
+        with pytest.raises(RuntimeError), transaction.atomic():
+            send_ping("default")
+            raise RuntimeError("rolled back")
+        assert conn.default_channel.queue_declare("default", passive=True).message_count == 0
+        send_ping("default")
+        assert conn.default_channel.queue_declare("default", passive=True).message_count == 1
+        conn.default_channel.queue_purge("default")

@@ -1,0 +1,67 @@
+"""The Celery app. Queues: `gpu` (model work, one task per child process so
+GPU memory is returned after each job) and `default` (everything else)."""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any
+
+from celery import Celery
+from celery.signals import worker_ready, worker_shutdown
+from kombu import Queue
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "workbench.settings")
+
+app = Celery("workbench")
+app.config_from_object("django.conf:settings", namespace="CELERY")
+app.conf.task_queues = (Queue("default", routing_key="default"), Queue("gpu", routing_key="gpu"))
+app.autodiscover_tasks()
+
+_stop = threading.Event()
+
+
+def _beat(hostname: str, queues: str, interval: int) -> None:
+    from django.db import close_old_connections, connection
+    from django.utils import timezone
+
+    from workbench.models import WorkerHeartbeat
+
+    now = timezone.now()
+    WorkerHeartbeat.objects.update_or_create(
+        hostname=hostname,
+        defaults={"queues": queues, "pid": os.getpid(), "started_at": now, "last_seen": now, "stopped": False},
+    )
+    while not _stop.wait(interval):
+        try:
+            close_old_connections()
+            WorkerHeartbeat.objects.filter(hostname=hostname).update(last_seen=timezone.now(), stopped=False)
+        except Exception:  # a database hiccup must not kill the worker's heartbeat
+            connection.close()
+    WorkerHeartbeat.objects.filter(hostname=hostname).update(stopped=True, last_seen=timezone.now())
+    connection.close()
+
+
+_thread: threading.Thread | None = None
+
+
+@worker_ready.connect
+def start_heartbeat(sender: Any = None, **_kw: Any) -> None:
+    # All database work happens in this thread: the worker's main thread must
+    # hold no connection when it forks task processes.
+    global _thread
+    from django.conf import settings
+
+    queues = ",".join(sorted(sender.app.amqp.queues.consume_from)) if sender else ""
+    _thread = threading.Thread(
+        target=_beat, args=(sender.hostname, queues, settings.WORKER_HEARTBEAT_SECONDS),
+        name="wb-heartbeat", daemon=True,
+    )
+    _thread.start()
+
+
+@worker_shutdown.connect
+def stop_heartbeat(**_kw: Any) -> None:
+    _stop.set()
+    if _thread is not None:
+        _thread.join(timeout=5)
