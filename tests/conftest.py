@@ -86,3 +86,31 @@ def redis_or_skip() -> str:
             raise
         pytest.skip(f"Redis is not running at {REDIS_URL} (CI starts it)")
     return REDIS_URL
+
+
+# --- browser ------------------------------------------------------------------
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture
+def page(live_server, monkeypatch):
+    """A Playwright page in Debian's chromium (never a downloaded browser)."""
+    if not Path(CHROMIUM).exists():
+        if os.environ.get("CI"):
+            raise RuntimeError("chromium is missing in CI (make browser installs it)")
+        pytest.skip("chromium is not installed (make test installs it when run as root)")
+    # Playwright's sync API runs an event loop in this thread; the ORM calls
+    # the test makes around it are still synchronous.
+    monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        ctx = browser.new_context(base_url=live_server.url, viewport={"width": 1280, "height": 900})
+        pg = ctx.new_page()
+        pg.set_default_timeout(15_000)
+        yield pg
+        browser.close()
