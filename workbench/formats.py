@@ -1,0 +1,1006 @@
+"""Streaming parsing and validation of uploaded datasets.
+
+Plain Python: no Django. Every supported upload format becomes one internal
+form per row, ``{"messages": [{"role": "system"|"user"|"assistant",
+"content": str}, ...]}``.
+
+The file is read as a stream of bytes in fixed-size chunks, so memory does
+not grow with the file: JSONL, CSV and plain text are read line by line, and
+a JSON array is split into its records by a small scanner that keeps only the
+record in progress. Every bad row becomes a `RowError` that says where (line,
+and for a JSON array also the record) and what was wrong. A few problems stop
+parsing altogether (`RowError.fatal`): the size and row limits, a CSV header
+without the chosen column, a file that is not UTF-8 at all (UTF-16) or a JSON
+array that is never closed.
+
+Typical use (iterate once, write the good rows out, keep the first errors)::
+
+    reader = DatasetReader(fileobj, "auto", limits=Limits(), filename=name)
+    for row in reader:
+        out.write(row.to_json() + "\\n")
+    if reader.error_count:
+        ...  # discard `out`, show reader.errors
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import re
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import BinaryIO, NamedTuple
+
+Message = dict[str, str]
+
+FORMATS: dict[str, str] = {
+    "chat": 'OpenAI chat: {"messages": [{"role", "content"}, ...]} per line (JSONL) or in a JSON array',
+    "alpaca": 'Alpaca: {"instruction", "input", "output"} as a JSON array or JSONL',
+    "sharegpt": 'ShareGPT: {"conversations": [{"from", "value"}, ...]} as JSONL or a JSON array',
+    "csv": "CSV with a header row: a query column and optionally an answer column",
+    "lines": "Plain text: one query per line",
+}
+ROLES = ("system", "user", "assistant")
+SHAREGPT_ROLES = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "chatgpt": "assistant",
+    "model": "assistant",
+}
+QUERY_COLUMNS = ("query", "question", "prompt", "instruction", "input", "user", "text")
+ANSWER_COLUMNS = ("answer", "response", "output", "completion", "assistant", "reply")
+HEAD_BYTES = 64 * 1024
+MAX_KEPT_ERRORS = 50
+
+_BOM = b"\xef\xbb\xbf"
+_CHUNK = 64 * 1024
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_bytes: int = 512 * 1024 * 1024
+    max_rows: int = 1_000_000
+    # Characters of one row as written in the file (a JSONL line, a JSON array
+    # record, a CSV record), not of its message contents.
+    max_row_chars: int = 1_000_000
+
+    def __post_init__(self) -> None:
+        for name in ("max_bytes", "max_rows", "max_row_chars"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"Limits.{name} must be a positive integer, got {value!r}")
+
+
+@dataclass(frozen=True)
+class Row:
+    """One accepted row. `line` is the physical line where it starts;
+    `record` is its 1-based position in a JSON array (None otherwise)."""
+
+    line: int
+    messages: list[Message]
+    record: int | None = None
+
+    def to_json(self) -> str:
+        """The row as one JSONL line (without the newline)."""
+        return json.dumps({"messages": self.messages}, ensure_ascii=False)
+
+    @property
+    def sha(self) -> str:
+        return row_sha(self.messages)
+
+
+@dataclass(frozen=True)
+class RowError:
+    """A rejected row, or (fatal=True) a problem that stopped parsing.
+    line 0 means the whole file rather than one line."""
+
+    line: int
+    reason: str
+    record: int | None = None
+    fatal: bool = False
+
+    def __str__(self) -> str:
+        if self.line == 0:
+            return self.reason
+        if self.record is None:
+            return f"line {self.line}: {self.reason}"
+        return f"line {self.line} (record {self.record}): {self.reason}"
+
+
+class Validation(NamedTuple):
+    row_count: int
+    errors: list[RowError]
+    error_count: int
+
+
+def row_sha(messages: Sequence[Message]) -> str:
+    """Stable hash of a normalised row, for counting duplicates."""
+    canonical = json.dumps(
+        [{"role": m["role"], "content": m["content"]} for m in messages],
+        ensure_ascii=False,
+        separators=(",", ":"),
+    )
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+# --- detection -------------------------------------------------------------
+
+_KEY_SNIFF = re.compile(r'"(messages|conversations|instruction)"\s*:')
+_FORMAT_OF_KEY = {"messages": "chat", "conversations": "sharegpt", "instruction": "alpaca"}
+
+
+def detect_format(head: bytes, filename: str = "") -> str:
+    """Guess the format from the first bytes of the file (and its name).
+    Returns one of FORMATS; "lines" when nothing else fits."""
+    ext = filename.lower().rsplit(".", 1)[-1] if "." in filename else ""
+    if ext in ("csv", "tsv"):
+        return "csv"
+    text = head.removeprefix(_BOM).decode("utf-8", "replace").lstrip()
+    if text[:1] in ("{", "["):
+        guess = _json_guess(text)
+        if guess:
+            return guess
+    if ext in ("json", "jsonl", "ndjson"):
+        return "chat"
+    if ext == "txt":
+        return "lines"
+    first_line = text.split("\n", 1)[0].rstrip("\r")
+    cells = next(csv.reader([first_line], delimiter=_delimiter(first_line, filename)), [])
+    known = {c.strip().lower() for c in cells} & set(QUERY_COLUMNS)
+    if known and (len(cells) > 1 or cells[0].strip().lower() in QUERY_COLUMNS[:3]):
+        return "csv"
+    return "lines"
+
+
+def _json_guess(text: str) -> str | None:
+    decoder = json.JSONDecoder()
+    first: object = None
+    try:
+        whole, _ = decoder.raw_decode(text)
+        if isinstance(whole, list) and not (whole and isinstance(whole[0], dict)):
+            return "chat"  # a JSON array, just not of objects: the errors will say so
+    except ValueError:
+        pass
+    try:
+        first, _ = decoder.raw_decode(text[1:].lstrip() if text.startswith("[") else text)
+    except ValueError:
+        pass
+    if isinstance(first, dict):
+        for key, fmt in _FORMAT_OF_KEY.items():
+            if key in first:
+                return fmt
+        return "chat"  # JSON of an unknown shape: the errors will name the missing field
+    # The first record may be cut off at the end of the head.
+    m = _KEY_SNIFF.search(text)
+    return _FORMAT_OF_KEY[m.group(1)] if m else None
+
+
+def _delimiter(header_line: str, filename: str) -> str:
+    if filename.lower().endswith(".tsv") or ("\t" in header_line and "," not in header_line):
+        return "\t"
+    if ";" in header_line and "," not in header_line:
+        return ";"
+    return ","
+
+
+# --- public API --------------------------------------------------------------
+
+
+def parse(
+    fileobj: BinaryIO,
+    fmt: str = "auto",
+    *,
+    limits: Limits,
+    query_column: str | None = None,
+    answer_column: str | None = None,
+    filename: str = "",
+) -> Iterator[Row | RowError]:
+    """Stream the file's rows and errors in file order. After a fatal error
+    the stream ends. Reads the first bytes right away (to detect the format)."""
+    return _Parser(fileobj, fmt, limits, query_column, answer_column, filename).events()
+
+
+class DatasetReader:
+    """Iterate once to get the accepted rows; errors are counted as they
+    stream by and the first `keep_errors` are kept in `errors`."""
+
+    def __init__(
+        self,
+        fileobj: BinaryIO,
+        fmt: str = "auto",
+        *,
+        limits: Limits,
+        query_column: str | None = None,
+        answer_column: str | None = None,
+        filename: str = "",
+        keep_errors: int = MAX_KEPT_ERRORS,
+    ) -> None:
+        self._parser = _Parser(fileobj, fmt, limits, query_column, answer_column, filename)
+        self.format: str = self._parser.format
+        self.keep_errors = keep_errors
+        self.row_count = 0
+        self.error_count = 0
+        self.errors: list[RowError] = []
+        self.stopped = False  # a fatal error ended parsing early
+        self._started = False
+
+    @property
+    def ok(self) -> bool:
+        return self._started and self.error_count == 0
+
+    def __iter__(self) -> Iterator[Row]:
+        if self._started:
+            raise RuntimeError("a DatasetReader can be iterated only once")
+        self._started = True
+        for item in self._parser.events():
+            if isinstance(item, RowError):
+                self.error_count += 1
+                if len(self.errors) < self.keep_errors:
+                    self.errors.append(item)
+                self.stopped = self.stopped or item.fatal
+            else:
+                self.row_count += 1
+                yield item
+
+
+def validate(
+    fileobj: BinaryIO,
+    fmt: str = "auto",
+    *,
+    limits: Limits,
+    query_column: str | None = None,
+    answer_column: str | None = None,
+    filename: str = "",
+    keep_errors: int = MAX_KEPT_ERRORS,
+) -> Validation:
+    """Consume the whole stream without keeping rows."""
+    reader = DatasetReader(
+        fileobj, fmt, limits=limits, query_column=query_column, answer_column=answer_column,
+        filename=filename, keep_errors=keep_errors,
+    )
+    for _ in reader:
+        pass
+    return Validation(reader.row_count, reader.errors, reader.error_count)
+
+
+# --- internals ---------------------------------------------------------------
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class _Stop(Exception):
+    """Ends parsing with one fatal error."""
+
+    def __init__(self, error: RowError) -> None:
+        super().__init__(error.reason)
+        self.error = error
+
+
+class _Bad(Exception):
+    """A row is rejected; the message is the reason."""
+
+
+class _RecordAbort(Exception):
+    """Raised from inside csv.reader's line source to give up on a record."""
+
+
+def _human_bytes(n: int) -> str:
+    for unit, size in (("GB", 1024**3), ("MB", 1024**2), ("KB", 1024)):
+        if n >= size and n % size == 0:
+            return f"{n // size:,} {unit}"
+    return f"{n:,} bytes"
+
+
+def _type_name(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "list"
+    if isinstance(value, dict):
+        return "object"
+    return type(value).__name__
+
+
+def _at(where: str, message: str) -> str:
+    return f"{where}: {message}" if where else message
+
+
+def _utf8_reason(
+    data: bytes,
+    err: UnicodeDecodeError,
+    first_line: int | None = None,
+    *,
+    start_column: int = 0,
+    name_line: bool = False,
+) -> str:
+    """Why `data` is not UTF-8. With `first_line` (the line `data` starts on),
+    the reason names the line when the bad byte is not on the first one;
+    `start_column` is where `data` starts on its first line."""
+    nl = data.rfind(b"\n", 0, err.start)
+    offset = data.count(b"\n", 0, err.start)
+    column = len(data[nl + 1 : err.start].decode("utf-8", "replace")) + 1 + (0 if offset else start_column)
+    on = f" on line {first_line + offset}" if first_line is not None and (offset or name_line) else ""
+    return f"not valid UTF-8{on} (byte 0x{data[err.start]:02x} at column {column}); save the file as UTF-8"
+
+
+class _Source:
+    """Buffered reader over a binary file that counts bytes against the limit.
+    Only `read(n)` is needed from the file object."""
+
+    def __init__(self, fileobj: BinaryIO, max_bytes: int) -> None:
+        self._file = fileobj
+        self._max_bytes = max_bytes
+        self.buf = bytearray()
+        self.pos = 0
+        self.bytes_read = 0
+        self._eof = False
+        self._over = False
+
+    def fill(self) -> bool:
+        """Append one chunk, dropping the consumed bytes (before `pos`) first.
+        False at the end of the file."""
+        if self._over:
+            raise _TooLarge
+        if self._eof:
+            return False
+        data = self._file.read(_CHUNK)
+        if not data:
+            self._eof = True
+            return False
+        self.bytes_read += len(data)
+        if self.bytes_read > self._max_bytes:
+            self._over = True
+            raise _TooLarge
+        if self.pos:
+            del self.buf[: self.pos]
+            self.pos = 0
+        self.buf += data
+        return True
+
+    def peek(self, n: int) -> bytes:
+        try:
+            while len(self.buf) - self.pos < n and self.fill():
+                pass
+        except _TooLarge:
+            pass  # raised again by the next fill, once the head has been parsed
+        return bytes(self.buf[self.pos : self.pos + n])
+
+    def readline(self, limit: int) -> tuple[bytes, bool]:
+        """The next line with its newline, at most `limit` bytes. Returns
+        (line, complete); complete is False when the line was cut at `limit`.
+        b"" means the end of the file."""
+        searched = 0
+        while True:
+            end = min(len(self.buf), self.pos + limit)
+            i = self.buf.find(b"\n", self.pos + searched, end)
+            if i >= 0:
+                line = bytes(self.buf[self.pos : i + 1])
+                self.pos = i + 1
+                return line, True
+            if len(self.buf) - self.pos >= limit:
+                line = bytes(self.buf[self.pos : self.pos + limit])
+                self.pos += limit
+                return line, False
+            searched = len(self.buf) - self.pos
+            if not self.fill():
+                line = bytes(self.buf[self.pos :])
+                self.pos = len(self.buf)
+                return line, True
+
+    def skip_line(self) -> None:
+        """Discard up to and including the next newline."""
+        while True:
+            i = self.buf.find(b"\n", self.pos)
+            if i >= 0:
+                self.pos = i + 1
+                return
+            self.pos = len(self.buf)
+            if not self.fill():
+                return
+
+
+class _Parser:
+    def __init__(
+        self,
+        fileobj: BinaryIO,
+        fmt: str,
+        limits: Limits,
+        query_column: str | None,
+        answer_column: str | None,
+        filename: str,
+    ) -> None:
+        if fmt != "auto" and fmt not in FORMATS:
+            raise ValueError(f"unknown format {fmt!r} (expected auto or one of {', '.join(FORMATS)})")
+        self.limits = limits
+        self.query_column = query_column
+        self.answer_column = answer_column
+        self.filename = filename
+        self.src = _Source(fileobj, limits.max_bytes)
+        head = self.src.peek(HEAD_BYTES)
+        self.utf16 = head.startswith((b"\xff\xfe", b"\xfe\xff"))
+        if head.startswith(_BOM):
+            self.src.pos += len(_BOM)
+            head = head[len(_BOM) :]
+        self.head = head
+        self.format = detect_format(head, filename) if fmt == "auto" else fmt
+        if fmt == "auto" and self.format == "lines" and query_column is not None:
+            self.format = "csv"  # naming a column says it is a table
+        self.records = 0
+        # Bytes of one row as read: up to 4 bytes per character, plus "\r\n".
+        self.max_row_bytes = limits.max_row_chars * 4 + 2
+        self.too_long = f"longer than the {limits.max_row_chars:,}-character limit"
+
+    def count(self) -> None:
+        self.records += 1
+        if self.records > self.limits.max_rows:
+            raise _Stop(RowError(0, f"more than {self.limits.max_rows:,} rows (limit)", fatal=True))
+
+    def events(self) -> Iterator[Row | RowError]:
+        errors = 0
+        try:
+            if self.utf16:
+                raise _Stop(RowError(0, "the file is UTF-16 encoded; save it as UTF-8", fatal=True))
+            if self.format == "csv":
+                source = self._csv()
+            elif self.format == "lines":
+                source = self._lines()
+            elif self.head.lstrip()[:1] == b"[":
+                source = self._json_array()
+            else:
+                source = self._jsonl()
+            for item in source:
+                if isinstance(item, RowError):
+                    errors += 1
+                yield item
+        except _TooLarge:
+            yield RowError(0, f"file is larger than the {_human_bytes(self.limits.max_bytes)} limit", fatal=True)
+            return
+        except _Stop as stop:
+            yield stop.error
+            return
+        if self.records == 0 and errors == 0:
+            empty = self.src.bytes_read == 0
+            yield RowError(0, "the file is empty" if empty else "the file contains no rows", fatal=True)
+
+    # --- plain text ---
+
+    def _lines(self) -> Iterator[Row | RowError]:
+        line_no = 0
+        while True:
+            raw, complete = self.src.readline(self.max_row_bytes)
+            if not raw:
+                return
+            line_no += 1
+            if not complete:
+                self.src.skip_line()
+                self.count()
+                yield RowError(line_no, f"line is {self.too_long}")
+                continue
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                self.count()
+                yield RowError(line_no, _utf8_reason(raw, err))
+                continue
+            text = text.removesuffix("\n").removesuffix("\r")
+            if not text.strip():
+                continue
+            self.count()
+            if len(text) > self.limits.max_row_chars:
+                yield RowError(line_no, f"line is {self.too_long}")
+            elif "\x00" in text:
+                yield RowError(line_no, "line contains a NUL byte (is this a binary file?)")
+            else:
+                yield Row(line_no, [{"role": "user", "content": text}])
+
+    # --- JSON Lines ---
+
+    def _jsonl(self) -> Iterator[Row | RowError]:
+        line_no = 0
+        while True:
+            raw, complete = self.src.readline(self.max_row_bytes)
+            if not raw:
+                return
+            line_no += 1
+            if not complete:
+                self.src.skip_line()
+                self.count()
+                yield RowError(line_no, f"line is {self.too_long}")
+                continue
+            if not raw.strip():
+                continue
+            self.count()
+            try:
+                text = raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as err:
+                yield RowError(line_no, _utf8_reason(raw, err))
+                continue
+            if len(text) > self.limits.max_row_chars:
+                yield RowError(line_no, f"line is {self.too_long}")
+                continue
+            yield self._json_row(text, line_no, None, 0)
+
+    def _json_row(self, text: str, line: int, record: int | None, column: int) -> Row | RowError:
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as err:
+            if record is None:
+                where = f"column {err.colno}"
+            else:
+                col = err.colno + (column if err.lineno == 1 else 0)
+                where = f"line {line + err.lineno - 1}, column {col}"
+            return RowError(line, f"invalid JSON: {err.msg} ({where})", record)
+        except RecursionError:
+            return RowError(line, "invalid JSON: nested too deeply", record)
+        except ValueError as err:  # e.g. an integer with too many digits
+            return RowError(line, f"invalid JSON: {err}", record)
+        try:
+            if self.format == "alpaca":
+                messages = _from_alpaca(obj)
+            elif self.format == "sharegpt":
+                messages = _from_sharegpt(obj)
+            else:
+                messages = _from_chat(obj)
+        except _Bad as bad:
+            return RowError(line, str(bad), record)
+        return Row(line, messages, record)
+
+    # --- JSON array ---
+
+    def _json_array(self) -> Iterator[Row | RowError]:
+        scanner = _ArrayScanner(self.src, self.max_row_bytes)
+        for item in scanner.records(self.count):
+            if isinstance(item, RowError):
+                yield item
+                continue
+            index, line, column, text, problem = item
+            if problem is not None:
+                yield RowError(line, problem, index)
+            elif text is None or len(text) > self.limits.max_row_chars:
+                yield RowError(line, f"record is {self.too_long}", index)
+            else:
+                yield self._json_row(text, line, index, column)
+
+    # --- CSV ---
+
+    def _csv(self) -> Iterator[Row | RowError]:
+        first_line = self.head.decode("utf-8", "replace").split("\n", 1)[0]
+        delimiter = _delimiter(first_line, self.filename)
+        lines = _CsvLines(self)
+        reader = csv.reader(lines, delimiter=delimiter)
+        # csv's own per-field limit (131072 by default) would cut in before ours.
+        if csv.field_size_limit() < self.limits.max_row_chars:
+            csv.field_size_limit(self.limits.max_row_chars)
+        try:
+            header = next(reader)
+        except StopIteration:
+            return
+        except (_RecordAbort, csv.Error) as err:
+            raise _Stop(RowError(1, f"header: {lines.problem or err}", fatal=True)) from None
+        if lines.problem:
+            raise _Stop(RowError(1, f"header: {lines.problem}", fatal=True))
+        names = [h.strip() for h in header]
+        qi, ai = self._csv_columns(names)
+        while True:
+            lines.start_record()
+            try:
+                cells = next(reader)
+            except StopIteration:
+                return
+            except (_RecordAbort, csv.Error) as err:
+                self.count()
+                reason = lines.problem or f"invalid CSV: {err}"
+                yield RowError(lines.record_line, reason)
+                reader = csv.reader(lines, delimiter=delimiter)
+                continue
+            if not any(c.strip() for c in cells):
+                continue
+            self.count()
+            if lines.problem:
+                yield RowError(lines.record_line, lines.problem)
+            elif len(cells) != len(names):
+                yield RowError(
+                    lines.record_line,
+                    f"row has {len(cells)} fields but the header has {len(names)}",
+                )
+            elif not cells[qi].strip():
+                yield RowError(lines.record_line, f"column {names[qi]!r}: empty query")
+            else:
+                messages = [{"role": "user", "content": cells[qi]}]
+                if ai is not None and cells[ai].strip():
+                    messages.append({"role": "assistant", "content": cells[ai]})
+                yield Row(lines.record_line, messages)
+
+    def _csv_columns(self, names: list[str]) -> tuple[int, int | None]:
+        listed = ", ".join(repr(n) for n in names)
+        lowered = [n.lower() for n in names]
+
+        def find(wanted: str) -> int:
+            if wanted.strip() in names:
+                return names.index(wanted.strip())
+            if wanted.strip().lower() in lowered:
+                return lowered.index(wanted.strip().lower())
+            raise _Stop(RowError(1, f"no column {wanted!r} in the header (columns: {listed})", fatal=True))
+
+        if self.query_column is not None:
+            qi = find(self.query_column)
+        else:
+            guesses = [lowered.index(g) for g in QUERY_COLUMNS if g in lowered]
+            if guesses:
+                qi = guesses[0]
+            elif len(names) == 1:
+                qi = 0
+            else:
+                raise _Stop(RowError(
+                    1,
+                    f"cannot tell which column holds the queries; choose one of the columns ({listed})",
+                    fatal=True,
+                ))
+        ai: int | None = None
+        if self.answer_column is not None:
+            ai = find(self.answer_column)
+            if ai == qi:
+                raise _Stop(RowError(1, f"column {names[qi]!r} cannot be both the query and the answer",
+                                     fatal=True))
+        else:
+            ai = next((lowered.index(g) for g in ANSWER_COLUMNS if g in lowered and lowered.index(g) != qi),
+                      None)
+        return qi, ai
+
+
+class _CsvLines:
+    """The physical lines fed to csv.reader: counts lines, notes the first
+    problem of the current record, and aborts a record that grows past the
+    size limit (an unclosed quote would otherwise swallow the whole file)."""
+
+    def __init__(self, parser: _Parser) -> None:
+        self.parser = parser
+        self.line = 0
+        self.record_line = 1
+        self.record_chars = 0
+        self.problem: str | None = None
+
+    def start_record(self) -> None:
+        self.record_line = self.line + 1
+        self.record_chars = 0
+        self.problem = None
+
+    def __iter__(self) -> _CsvLines:
+        return self
+
+    def __next__(self) -> str:
+        src = self.parser.src
+        raw, complete = src.readline(self.parser.max_row_bytes)
+        if not raw:
+            raise StopIteration
+        self.line += 1
+        if not complete:
+            src.skip_line()
+            self.problem = self.problem or f"row is {self.parser.too_long}"
+            raise _RecordAbort
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            # Name the line when it is not the one the record starts on.
+            self.problem = self.problem or _utf8_reason(
+                raw, err, self.line, name_line=self.line != self.record_line)
+            text = raw.decode("utf-8", "replace")
+        self.record_chars += len(text.rstrip("\r\n"))
+        if self.record_chars > self.parser.limits.max_row_chars:
+            self.problem = self.problem or f"row is {self.parser.too_long}"
+            raise _RecordAbort
+        if "\x00" in text:
+            self.problem = self.problem or "row contains a NUL byte (is this a binary file?)"
+        return text
+
+
+# Byte patterns for the JSON array scanner. Python 3.11 regexes support
+# possessive quantifiers, which keep long strings from backtracking.
+_WS = re.compile(rb"[ \t\r\n]*")
+# Everything up to the next bracket, whole strings included, in one step; it
+# stops at a quote only when that string is not complete in the buffer yet.
+_FLAT = re.compile(rb'(?:[^"\[\]{}]++|"(?:[^"\\]++|\\.)*+")*+', re.DOTALL)
+_STRING_BODY = re.compile(rb'(?:[^"\\]++|\\.)*+', re.DOTALL)
+_SCALAR = re.compile(rb'[^ \t\r\n,\[\]{}"]*')
+_QUOTE, _COMMA = ord('"'), ord(",")
+_OPEN_CLOSE = {ord("{"): ord("}"), ord("["): ord("]")}
+_CLOSE_ARRAY = ord("]")
+
+# (record index, start line, start column, text or None if too long, problem or None)
+_ArrayRecord = tuple[int, int, int, str | None, str | None]
+
+
+class _ArrayScanner:
+    """Splits a top-level JSON array into the text of its records, tracking
+    lines and columns, without holding more than the record in progress."""
+
+    def __init__(self, src: _Source, max_record_bytes: int) -> None:
+        self.src = src
+        self.max_record_bytes = max_record_bytes
+        self.line = 1
+        self.col = 0  # characters before the current position on its line
+
+    def _consume(self, buf: bytearray, a: int, b: int) -> None:
+        n = buf.count(b"\n", a, b)
+        if n:
+            self.line += n
+            self.col = b - buf.rfind(b"\n", a, b) - 1
+        else:
+            self.col += b - a
+
+    def _consume_text(self, text: str) -> None:
+        n = text.count("\n")
+        if n:
+            self.line += n
+            self.col = len(text) - text.rfind("\n") - 1
+        else:
+            self.col += len(text)
+
+    def _peek(self) -> int | None:
+        """Skip whitespace; the next byte, or None at the end of the file."""
+        src = self.src
+        while True:
+            m = _WS.match(src.buf, src.pos)
+            assert m is not None
+            self._consume(src.buf, src.pos, m.end())
+            src.pos = m.end()
+            if src.pos < len(src.buf):
+                return src.buf[src.pos]
+            if not src.fill():
+                return None
+
+    def _skip(self) -> None:
+        self._consume(self.src.buf, self.src.pos, self.src.pos + 1)
+        self.src.pos += 1
+
+    def _scan_value(self) -> tuple[bytes | None, bool]:
+        """Consume one JSON value. Returns (its bytes, or None when it grew
+        past the size limit; closed: False if the file ended inside it)."""
+        src = self.src
+        start = i = src.pos
+        first = src.buf[i]
+        stack: list[int] = []
+        in_string = scalar = dropped = False
+        if first == _QUOTE:
+            in_string, i = True, i + 1
+        elif first in _OPEN_CLOSE:
+            stack.append(_OPEN_CLOSE[first])
+            i += 1
+        else:
+            scalar = True
+        while True:
+            buf = src.buf
+            n = len(buf)
+            done = False
+            if scalar:
+                m = _SCALAR.match(buf, i)
+                assert m is not None
+                i = m.end()
+                if i < n:
+                    i = max(i, start + 1)  # a stray byte such as '}' or ':' is a (bad) value of its own
+                    done = True
+            else:
+                while i < n:
+                    if in_string:
+                        m = _STRING_BODY.match(buf, i)
+                        assert m is not None
+                        j = m.end()
+                        if j < n and buf[j] == _QUOTE:
+                            i, in_string = j + 1, False
+                            if not stack:
+                                done = True
+                                break
+                        else:
+                            i = j  # the string (or an escape) goes on in the next chunk
+                            break
+                    else:
+                        m = _FLAT.match(buf, i)
+                        assert m is not None
+                        if m.end() == n:
+                            i = n
+                            break
+                        c, i = buf[m.end()], m.end() + 1
+                        if c == _QUOTE:
+                            in_string = True
+                        elif c in _OPEN_CLOSE:
+                            stack.append(_OPEN_CLOSE[c])
+                        elif stack.pop() != c or not stack:
+                            # Closed, or a mismatched bracket: either way the
+                            # record ends here and json.loads says what is wrong.
+                            done = True
+                            break
+            if done:
+                break
+            if i - start > self.max_record_bytes:
+                self._consume(buf, start, i)
+                start, dropped = i, True
+            offset = i - start
+            src.pos = start
+            if not src.fill():
+                src.pos = i = start + offset
+                if scalar:
+                    break
+                if not dropped:
+                    self._consume(src.buf, start, i)
+                return None, False
+            start = src.pos
+            i = start + offset
+        if dropped or i - start > self.max_record_bytes:
+            self._consume(src.buf, start, i)
+            src.pos = i
+            return None, True
+        data = bytes(src.buf[start:i])
+        src.pos = i
+        return data, True
+
+    def records(self, count: Callable[[], None]) -> Iterator[_ArrayRecord | RowError]:
+        if self._peek() != ord("["):
+            raise _Stop(RowError(self.line, "expected a JSON array", fatal=True))
+        self._skip()
+        index = 0
+        c = self._peek()
+        if c == _CLOSE_ARRAY:
+            self._skip()
+            c = None
+        else:
+            while True:
+                if c is None:
+                    raise _Stop(RowError(self.line, f"the JSON array is not closed (file ends after record {index})",
+                                         fatal=True))
+                index += 1
+                line, col = self.line, self.col
+                count()
+                data, closed = self._scan_value()
+                if not closed:
+                    raise _Stop(RowError(
+                        line, "the file ends inside this record (an unclosed string, object or list)",
+                        index, fatal=True,
+                    ))
+                if data is None:
+                    yield index, line, col, None, None
+                else:
+                    try:
+                        text = data.decode("utf-8")
+                    except UnicodeDecodeError as err:
+                        self._consume(bytearray(data), 0, len(data))
+                        yield index, line, col, None, _utf8_reason(data, err, line, start_column=col)
+                    else:
+                        self._consume_text(text)
+                        yield index, line, col, text, None
+                c = self._peek()
+                if c == _COMMA:
+                    self._skip()
+                    c = self._peek()
+                    if c == _CLOSE_ARRAY:
+                        yield RowError(self.line, f"trailing comma after record {index}")
+                        self._skip()
+                        break
+                elif c == _CLOSE_ARRAY:
+                    self._skip()
+                    break
+                elif c is not None:
+                    yield RowError(self.line, f"expected ',' or ']' after record {index}, found {chr(c)!r}")
+        if self._peek() is not None:
+            raise _Stop(RowError(self.line, "unexpected data after the end of the JSON array", fatal=True))
+
+
+# --- normalisation -----------------------------------------------------------
+
+
+def _object(obj: object, where: str = "") -> dict[str, object]:
+    if not isinstance(obj, dict):
+        raise _Bad(_at(where, f"expected a JSON object, got {_type_name(obj)}"))
+    return obj
+
+
+def _path(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+def _optional_string(obj: dict[str, object], key: str, where: str = "") -> str | None:
+    value = obj.get(key)
+    if value is not None and not isinstance(value, str):
+        raise _Bad(f"{_path(where, key)}: expected a string, got {_type_name(value)}")
+    return value
+
+
+def _required_string(obj: dict[str, object], key: str, where: str = "") -> str:
+    if key not in obj:
+        raise _Bad(_at(where, f"missing field '{key}'") + ("" if where else _found_keys(obj)))
+    value = obj[key]
+    if not isinstance(value, str):
+        raise _Bad(f"{_path(where, key)}: expected a string, got {_type_name(value)}")
+    return value
+
+
+def _content(obj: dict[str, object], key: str, where: str = "") -> str:
+    value = _required_string(obj, key, where)
+    if not value.strip():
+        raise _Bad(f"{_path(where, key)}: empty content")
+    return value
+
+
+def _found_keys(obj: dict[str, object]) -> str:
+    keys = list(obj)[:10]
+    return f" (found {', '.join(repr(k) for k in keys)})" if keys else " (the object is empty)"
+
+
+def _list(obj: dict[str, object], key: str) -> list[object]:
+    if key not in obj:
+        raise _Bad(f"missing field '{key}'{_found_keys(obj)}")
+    value = obj[key]
+    if not isinstance(value, list):
+        raise _Bad(f"{key}: expected a list, got {_type_name(value)}")
+    return value
+
+
+def _check_turns(messages: list[Message], field: str) -> list[Message]:
+    if not any(m["role"] == "user" for m in messages):
+        raise _Bad("no user turn (a row must contain at least one user message)")
+    for i, m in enumerate(messages):
+        if m["role"] == "system" and i > 0:
+            raise _Bad(f"{field}[{i}]: a system message may only come first")
+    i = 1 if messages[0]["role"] == "system" else 0
+    if messages[i]["role"] != "user":
+        raise _Bad(f"{field}[{i}]: the conversation must start with a user message, not {messages[i]['role']}")
+    return messages
+
+
+def _from_chat(obj: object) -> list[Message]:
+    row = _object(obj)
+    out: list[Message] = []
+    for i, item in enumerate(_list(row, "messages")):
+        where = f"messages[{i}]"
+        message = _object(item, where)
+        role = _required_string(message, "role", where)
+        if role not in ROLES:
+            raise _Bad(f"{where}.role: unknown role {role!r} (expected system, user or assistant)")
+        out.append({"role": role, "content": _content(message, "content", where)})
+    return _check_turns(out, "messages")
+
+
+def _from_sharegpt(obj: object) -> list[Message]:
+    row = _object(obj)
+    out: list[Message] = []
+    system = _optional_string(row, "system")
+    if system and system.strip():
+        out.append({"role": "system", "content": system})
+    for i, item in enumerate(_list(row, "conversations")):
+        where = f"conversations[{i}]"
+        turn = _object(item, where)
+        speaker = _required_string(turn, "from", where)
+        role = SHAREGPT_ROLES.get(speaker.lower())
+        if role is None:
+            raise _Bad(f"{where}.from: unknown role {speaker!r} (expected system, human or gpt)")
+        out.append({"role": role, "content": _content(turn, "value", where)})
+    if not out:
+        raise _Bad("no user turn (a row must contain at least one user message)")
+    return _check_turns(out, "conversations")
+
+
+def _from_alpaca(obj: object) -> list[Message]:
+    row = _object(obj)
+    instruction = _content(row, "instruction")
+    extra = _optional_string(row, "input")
+    output = _optional_string(row, "output")
+    system = _optional_string(row, "system")
+    out: list[Message] = []
+    if system and system.strip():
+        out.append({"role": "system", "content": system})
+    query = f"{instruction}\n\n{extra}" if extra and extra.strip() else instruction
+    out.append({"role": "user", "content": query})
+    if output and output.strip():
+        out.append({"role": "assistant", "content": output})
+    return out
