@@ -9,4 +9,4 @@ os.environ.setdefault("WORKBENCH_DATA_DIR", str(Path(__file__).resolve().parent.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from workbench.settings import *  # noqa: E402,F403
+from workbench.settings import *  # noqa: F403

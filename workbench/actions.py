@@ -73,7 +73,7 @@ def count_parameters(model_dir: Path) -> int:
     total = 0
     for f in sorted(model_dir.glob("*.safetensors")):
         with safe_open(str(f), framework="pt") as st:
-            for key in st.keys():  # noqa: SIM118 - safe_open is not a mapping
+            for key in st.keys():
                 n = 1
                 for dim in st.get_slice(key).get_shape():
                     n *= dim

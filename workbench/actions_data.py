@@ -1,0 +1,261 @@
+"""Verbs on prompts and datasets: atomic, all-or-nothing, nothing half-written."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import tempfile
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from django.conf import settings
+from django.contrib.auth.models import AbstractBaseUser
+from django.db import transaction
+from django.db.models import Count, Max
+
+from workbench import formats, rules
+from workbench.actions import ActionError
+from workbench.models import Dataset, DatasetRow, DatasetVersion, Project, Prompt, PromptVersion
+
+ROW_BATCH = 2000
+
+
+# --- prompts ------------------------------------------------------------------
+
+@dataclass
+class PromptSaved:
+    version: PromptVersion
+    created: bool  # False: identical to the latest version, nothing stored
+
+
+def decode_prompt_file(data: bytes, filename: str = "") -> str:
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ActionError(f"{filename or 'prompt file'}: not valid UTF-8 on line {line}; save it as UTF-8.") from exc
+
+
+@transaction.atomic
+def save_prompt(
+    project: Project, user: AbstractBaseUser | None, name: str, text: str,
+    rules_data: object = None, note: str = "",
+) -> PromptSaved:
+    """Save a new version of the named prompt (created if new). rules_data
+    None keeps the latest version's rules."""
+    name = name.strip()
+    if not name:
+        raise ActionError("A prompt needs a name.")
+    text = text.replace("\r\n", "\n")
+    if not text.strip():
+        raise ActionError("The prompt text is empty.")
+    if len(text) > settings.PROMPT_MAX_CHARS:
+        raise ActionError(f"The prompt has {len(text):,} characters; the limit is {settings.PROMPT_MAX_CHARS:,}.")
+    prompt, _ = Prompt.objects.get_or_create(project=project, name=name, defaults={"created_by": user})
+    # Lock the prompt row so two saves cannot take the same version number.
+    prompt = Prompt.objects.select_for_update().get(pk=prompt.pk)
+    latest = prompt.latest
+    if rules_data is None:
+        rule_list = latest.rules if latest else []
+    else:
+        try:
+            rule_list = rules.rules_to_json(rules.validate_rules(rules_data))
+        except rules.RulesError as exc:
+            raise ActionError("Invalid rules:\n" + "\n".join(exc.errors)) from exc
+    sha = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    if latest and latest.sha256 == sha and latest.rules == rule_list:
+        return PromptSaved(latest, created=False)
+    version = PromptVersion.objects.create(
+        prompt=prompt, number=(latest.number + 1 if latest else 1), text=text, sha256=sha,
+        rules=rule_list, note=note[:300], author=user,
+    )
+    return PromptSaved(version, created=True)
+
+
+def find_prompt_version(project: Project, spec: str) -> PromptVersion:
+    """`NAME` (latest) or `NAME@N`."""
+    name, _, number = spec.partition("@")
+    qs = PromptVersion.objects.filter(prompt__project=project, prompt__name=name)
+    version = qs.filter(number=int(number)).first() if number.isdigit() else qs.order_by("-number").first()
+    if version is None:
+        raise ActionError(f"No prompt '{spec}' in project {project.slug}.")
+    return version
+
+
+# --- datasets -----------------------------------------------------------------
+
+@dataclass
+class DatasetRejected(Exception):
+    errors: list[formats.RowError]
+    error_count: int
+    row_count: int
+    format: str = ""
+    messages: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        return f"{self.error_count} bad row(s); nothing was stored"
+
+
+class _Tee:
+    """Reads from the upload and writes the same bytes to the stored copy."""
+
+    def __init__(self, src: BinaryIO, dst: Any) -> None:
+        self.src, self.dst = src, dst
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.src.read(n)
+        self.dst.write(data)
+        return data
+
+
+def _limits() -> formats.Limits:
+    return formats.Limits(max_bytes=settings.UPLOAD_MAX_BYTES, max_rows=settings.DATASET_MAX_ROWS,
+                          max_row_chars=settings.DATASET_MAX_ROW_CHARS)
+
+
+def datasets_dir() -> Path:
+    path = Path(settings.MEDIA_ROOT) / "datasets"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def import_dataset(
+    project: Project, user: AbstractBaseUser | None, name: str, fileobj: BinaryIO, *,
+    filename: str = "", fmt: str = "auto", query_column: str | None = None,
+    answer_column: str | None = None, eval_percent: int = 10, seed: int = 0,
+) -> DatasetVersion:
+    """Validate the upload as a stream and store it as a new dataset version,
+    or raise DatasetRejected/ActionError having stored nothing: no row, no file."""
+    name = name.strip()
+    if not name:
+        raise ActionError("A dataset needs a name.")
+    if fmt != "auto" and fmt not in formats.FORMATS:
+        raise ActionError(f"Unknown format '{fmt}' (expected auto or one of {', '.join(formats.FORMATS)}).")
+    if not 0 <= eval_percent <= 90:
+        raise ActionError("The eval split must be between 0 and 90 percent.")
+    ext = {"csv": "csv", "lines": "txt"}.get(fmt, "jsonl")
+    tmp = tempfile.NamedTemporaryFile(dir=datasets_dir(), prefix=".upload-", delete=False)
+    final: Path | None = None
+    try:
+        with transaction.atomic():
+            dataset, _ = Dataset.objects.get_or_create(project=project, name=name, defaults={"created_by": user})
+            dataset = Dataset.objects.select_for_update().get(pk=dataset.pk)
+            number = (dataset.versions.aggregate(n=Max("number"))["n"] or 0) + 1
+            version = DatasetVersion.objects.create(
+                dataset=dataset, number=number, kind=DatasetVersion.UPLOAD, source_filename=filename[:255],
+                eval_percent=eval_percent, split_seed=seed, created_by=user, sha256="",
+            )
+            try:
+                reader = formats.DatasetReader(
+                    _Tee(fileobj, tmp), fmt, limits=_limits(), query_column=query_column,
+                    answer_column=answer_column, filename=filename,
+                )
+            except ValueError as exc:
+                raise ActionError(str(exc)) from exc
+            digest = _store_rows(version, ((r.line, r.messages) for r in reader))
+            if reader.error_count or reader.row_count == 0:
+                errors = reader.errors or [formats.RowError(0, "the file has no rows")]
+                raise DatasetRejected(errors, reader.error_count or 1, reader.row_count, reader.format)
+            tmp.close()
+            ext = {"csv": "csv", "lines": "txt"}.get(reader.format, "jsonl")
+            # A generated name: the user's filename is never a path.
+            final = datasets_dir() / f"{uuid.uuid4().hex}.{ext}"
+            os.replace(tmp.name, final)
+            version.format = reader.format
+            version.file = str(final.relative_to(settings.MEDIA_ROOT))
+            _finish_version(version, digest)
+    except BaseException:
+        tmp.close()
+        Path(tmp.name).unlink(missing_ok=True)
+        if final is not None:
+            final.unlink(missing_ok=True)
+        raise
+    return version
+
+
+def _store_rows(version: DatasetVersion, rows: Iterable[tuple[int, list[dict[str, str]]]]) -> Any:
+    """Insert rows in batches (memory stays flat); returns the content hash."""
+    digest = hashlib.sha256()
+    batch: list[DatasetRow] = []
+    for index, (line, messages) in enumerate(rows):
+        row = formats.Row(line, messages)
+        digest.update(row.to_json().encode("utf-8") + b"\n")
+        batch.append(DatasetRow(version=version, index=index, line=line, messages=messages, sha256=row.sha))
+        if len(batch) >= ROW_BATCH:
+            DatasetRow.objects.bulk_create(batch)
+            batch = []
+    if batch:
+        DatasetRow.objects.bulk_create(batch)
+    return digest
+
+
+def _finish_version(version: DatasetVersion, digest: Any) -> None:
+    rows = version.rows
+    version.row_count = rows.count()
+    distinct = rows.values("sha256").annotate(n=Count("id")).count()
+    version.duplicate_count = version.row_count - distinct
+    version.sha256 = digest.hexdigest()
+    apply_split(version)
+    version.save()
+
+
+def apply_split(version: DatasetVersion) -> None:
+    """Deterministic split: exactly round(N * percent / 100) eval rows, chosen
+    by a seeded sample of row indices (same seed, same rows)."""
+    n = version.row_count
+    k = round(n * version.eval_percent / 100)
+    if version.eval_percent and n > 1:
+        k = max(1, min(k, n - 1))
+    else:
+        k = 0
+    version.rows.update(split=DatasetRow.TRAIN)
+    chosen = sorted(random.Random(version.split_seed).sample(range(n), k))
+    for i in range(0, len(chosen), 500):
+        version.rows.filter(index__in=chosen[i:i + 500]).update(split=DatasetRow.EVAL)
+
+
+@transaction.atomic
+def derive_version(
+    parent: DatasetVersion, user: AbstractBaseUser | None, rows: Iterable[tuple[int, list[dict[str, str]]]],
+    kind: str = DatasetVersion.EDIT, meta: dict[str, Any] | None = None, keep_split: bool = True,
+    flags: dict[int, list[str]] | None = None,
+) -> DatasetVersion:
+    """A new version of the same dataset from edited rows (teacher answers,
+    review edits). With keep_split, a row keeps the split of the parent row
+    it came from (rows are given as (parent index, messages))."""
+    dataset = Dataset.objects.select_for_update().get(pk=parent.dataset_id)
+    number = (dataset.versions.aggregate(n=Max("number"))["n"] or 0) + 1
+    version = DatasetVersion.objects.create(
+        dataset=dataset, number=number, kind=kind, parent=parent, format=parent.format,
+        eval_percent=parent.eval_percent, split_seed=parent.split_seed, created_by=user,
+        meta=meta or {}, sha256="",
+    )
+    parent_split = dict(parent.rows.values_list("index", "split")) if keep_split else {}
+    source: list[int] = []
+
+    def numbered() -> Iterable[tuple[int, list[dict[str, str]]]]:
+        for parent_index, messages in rows:
+            source.append(parent_index)
+            yield parent_index, messages
+
+    digest = _store_rows(version, numbered())
+    if not source:
+        raise ActionError("The new version would have no rows.")
+    version.row_count = len(source)
+    version.duplicate_count = version.row_count - version.rows.values("sha256").distinct().count()
+    version.sha256 = digest.hexdigest()
+    if keep_split:
+        evals = [i for i, p in enumerate(source) if parent_split.get(p) == DatasetRow.EVAL]
+        for i in range(0, len(evals), 500):
+            version.rows.filter(index__in=evals[i:i + 500]).update(split=DatasetRow.EVAL)
+    else:
+        apply_split(version)
+    if flags:
+        for index, row_flags in flags.items():
+            version.rows.filter(index=index).update(flags=row_flags)
+    version.save()
+    return version

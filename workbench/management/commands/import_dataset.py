@@ -1,0 +1,54 @@
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+
+from workbench import formats
+from workbench.actions import ActionError
+from workbench.actions_data import DatasetRejected, import_dataset
+from workbench.management.commands._common import project_by_slug
+
+
+class Command(BaseCommand):
+    help = ("Validate a dataset file as a stream and store it as a new version of the named dataset. "
+            "Bad rows are printed as 'line N: reason' on stderr and nothing is stored.")
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("file", type=Path)
+        parser.add_argument("--project", required=True, help="Project slug")
+        parser.add_argument("--name", required=True)
+        parser.add_argument("--format", default="auto", choices=["auto", *formats.FORMATS])
+        parser.add_argument("--query-column")
+        parser.add_argument("--answer-column")
+        parser.add_argument("--eval-percent", type=int, default=10)
+        parser.add_argument("--seed", type=int, default=0)
+
+    def handle(self, *args: Any, **opts: Any) -> None:
+        project = project_by_slug(opts["project"])
+        path: Path = opts["file"]
+        if not path.is_file():
+            raise CommandError(f"{path}: no such file")
+        try:
+            with path.open("rb") as f:
+                version = import_dataset(
+                    project, None, opts["name"], f, filename=path.name, fmt=opts["format"],
+                    query_column=opts["query_column"], answer_column=opts["answer_column"],
+                    eval_percent=opts["eval_percent"], seed=opts["seed"],
+                )
+        except ActionError as exc:
+            raise CommandError(str(exc)) from exc
+        except DatasetRejected as rej:
+            for error in rej.errors:
+                self.stderr.write(str(error))
+            if rej.error_count > len(rej.errors):
+                self.stderr.write(f"... and {rej.error_count - len(rej.errors):,} more")
+            self.stderr.write(f"{path}: {rej.error_count:,} bad row(s); nothing was stored.")
+            sys.exit(1)
+        self.stdout.write(
+            f"{project.slug}/{version}: {version.row_count:,} rows ({version.format}), "
+            f"{version.eval_count:,} eval / {version.row_count - version.eval_count:,} train, "
+            f"{version.duplicate_count:,} duplicates, sha256 {version.sha256[:12]}"
+        )
