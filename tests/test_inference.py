@@ -1,0 +1,192 @@
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from workbench import inference
+from workbench.chat import prompt_completion, render
+from workbench.inference import (
+    GenerationCancelled,
+    GenerationSettings,
+    ModelLoadError,
+    count_tokens,
+    generate,
+    load_model,
+)
+
+SYSTEM = "\n".join(
+    [
+        "You are the support assistant of Lumen Cloud Backup.",
+        *(f"Rule {i}: answer in at most {i + 2} sentences and mention plan number {i}." for i in range(1, 16)),
+        "Plans: Solo 100 GB, Family 2 TB, Team 10 TB. Refunds within 14 days.",
+    ]
+)
+CONVERSATIONS = [
+    [{"role": "user", "content": "hi"}],
+    [{"role": "user", "content": "How do I restore a file that I deleted from my laptop last week?"}],
+    [{"role": "system", "content": "replaced by the shared prompt"}, {"role": "user", "content": "Refund?"}],
+    [
+        {"role": "user", "content": "Which plan should I pick?"},
+        {"role": "assistant", "content": "How much data do you have?"},
+        {"role": "user", "content": "About 1.5 TB, spread over four computers and two phones."},
+    ],
+    [{"role": "user", "content": "What does error E104 mean and how can I fix it without losing data?"}],
+    [{"role": "user", "content": "Is my data encrypted?"}],
+    [{"role": "user", "content": "x"}],
+]
+
+
+@pytest.fixture(scope="module")
+def lively_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny random model with larger weights: default-initialised it
+    answers every prompt with the same token, which would make every
+    comparison below pass trivially."""
+    out = tmp_path_factory.mktemp("lively")
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() > 1:
+                param.normal_(0, 0.3)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(str(tiny_model_dir)).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def lively(lively_dir: Path) -> inference.LoadedModel:
+    return load_model(lively_dir)
+
+
+def texts(completions: list[inference.Completion]) -> list[tuple[str, int, str]]:
+    return [(c.text, c.completion_tokens, c.finish_reason) for c in completions]
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 8])
+def test_it_gives_the_same_greedy_tokens_with_and_without_prefix_reuse(lively, monkeypatch, batch_size):
+    prefix_lengths = []
+    encode_prefix = inference._encode_prefix
+
+    def recording(loaded, prefix):
+        prefix_lengths.append(len(prefix))
+        return encode_prefix(loaded, prefix)
+
+    monkeypatch.setattr(inference, "_encode_prefix", recording)
+    settings = GenerationSettings(max_new_tokens=10)
+    plain = generate(lively, CONVERSATIONS, SYSTEM, settings, batch_size=batch_size, reuse_prefix=False)
+    assert prefix_lengths == []
+    reused = generate(lively, CONVERSATIONS, SYSTEM, settings, batch_size=batch_size, reuse_prefix=True)
+    assert len(prefix_lengths) == 1 and prefix_lengths[0] > 200
+
+    assert texts(reused) == texts(plain)
+    assert len({c.text for c in plain}) == len(CONVERSATIONS)  # the outputs really depend on the input
+
+
+def test_it_returns_results_in_input_order(lively):
+    settings = GenerationSettings(max_new_tokens=6)
+    batched = generate(lively, CONVERSATIONS, SYSTEM, settings, batch_size=3)
+    one_by_one = [generate(lively, [conv], SYSTEM, settings)[0] for conv in CONVERSATIONS]
+    assert texts(batched) == texts(one_by_one)
+    assert [c.prompt_tokens for c in batched] == [count_tokens(lively.tokenizer, c, SYSTEM) for c in CONVERSATIONS]
+
+
+def test_it_counts_the_tokens_of_the_rendered_prompt(lively):
+    tok = lively.tokenizer
+    messages = CONVERSATIONS[3]
+    text = render(tok, messages, SYSTEM)
+    assert count_tokens(tok, messages, SYSTEM) == len(tok(text, add_special_tokens=False)["input_ids"])
+    # The template's default system message still costs tokens.
+    assert 20 < count_tokens(tok, messages, None) < count_tokens(tok, messages, SYSTEM)
+
+
+def test_it_honours_max_new_tokens(lively):
+    completions = generate(lively, CONVERSATIONS, SYSTEM, GenerationSettings(max_new_tokens=5))
+    assert {(c.completion_tokens, c.finish_reason) for c in completions} == {(5, "length")}
+    assert all(c.text and c.seconds > 0 for c in completions)
+
+
+def test_it_reports_progress_and_stops_between_batches(lively):
+    calls: list[tuple[int, int]] = []
+    generate(lively, CONVERSATIONS, SYSTEM, GenerationSettings(max_new_tokens=2), batch_size=3,
+             progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(3, 7), (6, 7), (7, 7)]
+
+    calls.clear()
+    with pytest.raises(GenerationCancelled) as cancelled:
+        generate(lively, CONVERSATIONS, SYSTEM, GenerationSettings(max_new_tokens=2), batch_size=3,
+                 progress=lambda done, total: calls.append((done, total)), should_stop=lambda: bool(calls))
+    assert calls == [(3, 7)]
+    assert (cancelled.value.done, cancelled.value.total) == (3, 7)
+
+
+def test_it_samples_reproducibly_with_a_seed(lively):
+    settings = GenerationSettings(max_new_tokens=6, temperature=1.0, top_p=0.9, seed=7)
+    first = generate(lively, CONVERSATIONS[:3], SYSTEM, settings)
+    assert texts(generate(lively, CONVERSATIONS[:3], SYSTEM, settings)) == texts(first)
+
+
+def test_it_stops_on_end_of_turn_and_loads_an_adapter(lively_dir, lively, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    tok = lively.tokenizer
+    end_of_turn = tok.convert_tokens_to_ids("<|im_end|>")
+    assert end_of_turn in lively.stop_token_ids
+
+    # Teach a LoRA adapter to answer "Arrr!" and end its turn.
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(str(lively_dir), dtype=torch.float32),
+        LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"]),
+    )
+    rows = []
+    for conv in CONVERSATIONS:
+        prompt, completion = prompt_completion(tok, conv, "Arrr!")
+        rows.append(tok(prompt + completion, add_special_tokens=False)["input_ids"])
+    n = len(tok(completion, add_special_tokens=False)["input_ids"])
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[tok.pad_token_id] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-2)
+    for _ in range(12):
+        # Left-padded, so every row's completion is its last n tokens.
+        logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=n + 1).logits[:, :-1]
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, -n:].reshape(-1))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.save_pretrained(tmp_path / "adapter")
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+
+    settings = GenerationSettings(max_new_tokens=10)
+    expected_tokens = len(tok("Arrr!", add_special_tokens=False)["input_ids"]) + 1
+    for merge in (False, True):
+        pirate = load_model(lively_dir, adapter_dir=tmp_path / "adapter", merge=merge)
+        completions = generate(pirate, CONVERSATIONS[:4], None, settings, batch_size=2)
+        assert texts(completions) == [("Arrr!", expected_tokens, "stop")] * 4
+    # The eval arm "adapter with prompt" reuses the prefix through the unmerged PeftModel.
+    pirate = load_model(lively_dir, adapter_dir=tmp_path / "adapter")
+    reused = generate(pirate, CONVERSATIONS, SYSTEM, settings, batch_size=4)
+    assert texts(reused) == texts(generate(pirate, CONVERSATIONS, SYSTEM, settings, batch_size=4, reuse_prefix=False))
+    assert "Arrr!" not in {c.text for c in generate(lively, CONVERSATIONS[:4], None, settings)}
+
+
+def test_it_refuses_weights_that_are_not_safetensors(tmp_path, lively_dir):
+    with pytest.raises(ModelLoadError, match="safetensors"):
+        load_model(tmp_path)
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_model.bin").write_bytes(b"pickle")
+    with pytest.raises(ModelLoadError, match="adapter_model.safetensors"):
+        load_model(lively_dir, adapter_dir=adapter)
+
+
+@pytest.mark.slow
+def test_it_follows_the_pirate_prompt_on_smollm2(smollm2_dir):
+    loaded = load_model(smollm2_dir)
+    completions = generate(
+        loaded,
+        [[{"role": "user", "content": "What is the capital of France?"}]],
+        "You are a pirate. Always start with 'Arrr!'",
+        GenerationSettings(max_new_tokens=8),
+    )
+    assert "Arr" in completions[0].text
