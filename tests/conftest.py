@@ -114,3 +114,12 @@ def page(live_server, monkeypatch):
         pg.set_default_timeout(15_000)
         yield pg
         browser.close()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    import shutil
+
+    from django.conf import settings
+
+    if settings.DATA_DIR.name.startswith("session-"):
+        shutil.rmtree(settings.DATA_DIR, ignore_errors=True)

@@ -1,11 +1,14 @@
-"""Settings for the test suite: the production module, with its data directory
-moved aside so tests never touch the data of a local `make run`. Set in the
-environment, so worker and web processes the tests start inherit it."""
+"""Settings for the test suite: the production module, with a data directory
+of its own per test session, so tests never touch the data of a local
+`make run` nor of another test session. Set in the environment, so worker
+and web processes the tests start inherit it."""
 
 import os
 from pathlib import Path
 
-os.environ.setdefault("WORKBENCH_DATA_DIR", str(Path(__file__).resolve().parent.parent / "var" / "test"))
+os.environ.setdefault(
+    "WORKBENCH_DATA_DIR", str(Path(__file__).resolve().parent.parent / "var" / "test" / f"session-{os.getpid()}")
+)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 

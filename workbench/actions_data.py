@@ -105,11 +105,17 @@ class _Tee:
 
     def __init__(self, src: BinaryIO, dst: Any) -> None:
         self.src, self.dst = src, dst
+        self.head = b""  # the first bytes, to name the stored copy
 
     def read(self, n: int = -1) -> bytes:
         data = self.src.read(n)
         self.dst.write(data)
+        if len(self.head) < 4096:
+            self.head += data[:4096 - len(self.head)]
         return data
+
+    def is_json_array(self) -> bool:
+        return self.head.removeprefix(b"\xef\xbb\xbf").lstrip().startswith(b"[")
 
 
 def _limits() -> formats.Limits:
@@ -137,7 +143,6 @@ def import_dataset(
         raise ActionError(f"Unknown format '{fmt}' (expected auto or one of {', '.join(formats.FORMATS)}).")
     if not 0 <= eval_percent <= 90:
         raise ActionError("The eval split must be between 0 and 90 percent.")
-    ext = {"csv": "csv", "lines": "txt"}.get(fmt, "jsonl")
     tmp = tempfile.NamedTemporaryFile(dir=datasets_dir(), prefix=".upload-", delete=False)
     final: Path | None = None
     try:
@@ -149,9 +154,10 @@ def import_dataset(
                 dataset=dataset, number=number, kind=DatasetVersion.UPLOAD, source_filename=filename[:255],
                 eval_percent=eval_percent, split_seed=seed, created_by=user, sha256="",
             )
+            tee = _Tee(fileobj, tmp)
             try:
                 reader = formats.DatasetReader(
-                    _Tee(fileobj, tmp), fmt, limits=_limits(), query_column=query_column,
+                    tee, fmt, limits=_limits(), query_column=query_column,
                     answer_column=answer_column, filename=filename,
                 )
             except ValueError as exc:
@@ -161,7 +167,7 @@ def import_dataset(
                 errors = reader.errors or [formats.RowError(0, "the file has no rows")]
                 raise DatasetRejected(errors, reader.error_count or 1, reader.row_count, reader.format)
             tmp.close()
-            ext = {"csv": "csv", "lines": "txt"}.get(reader.format, "jsonl")
+            ext = {"csv": "csv", "lines": "txt"}.get(reader.format, "json" if tee.is_json_array() else "jsonl")
             # A generated name: the user's filename is never a path.
             final = datasets_dir() / f"{uuid.uuid4().hex}.{ext}"
             os.replace(tmp.name, final)
@@ -204,8 +210,9 @@ def _finish_version(version: DatasetVersion, digest: Any) -> None:
 
 
 def apply_split(version: DatasetVersion) -> None:
-    """Deterministic split: exactly round(N * percent / 100) eval rows, chosen
-    by a seeded sample of row indices (same seed, same rows)."""
+    """Deterministic split: exactly round(N * percent / 100) eval rows (but at
+    least one, and never every row, when percent > 0 and N > 1), chosen by a
+    seeded sample of row indices (same seed, same rows)."""
     n = version.row_count
     k = round(n * version.eval_percent / 100)
     if version.eval_percent and n > 1:
@@ -259,3 +266,37 @@ def derive_version(
             version.rows.filter(index=index).update(flags=row_flags)
     version.save()
     return version
+
+
+def edits_changed(version: DatasetVersion, edits: dict[int, str]) -> dict[int, str]:
+    """Only the edits whose text differs from the stored answer."""
+    current = dict(version.rows.filter(index__in=list(edits)).values_list("index", "messages"))
+    return {i: text.replace("\r\n", "\n") for i, text in edits.items()
+            if i in current and current[i][-1]["role"] == "assistant"
+            and current[i][-1]["content"] != text.replace("\r\n", "\n")}
+
+
+def review_version(
+    version: DatasetVersion, user: AbstractBaseUser | None, edits: dict[int, str], drop: set[int],
+) -> DatasetVersion | None:
+    """A new version with edited answers and dropped rows, or None when
+    nothing changes. Row flags of unedited rows are carried over."""
+    changed = edits_changed(version, edits)
+    drop = {i for i in drop if version.rows.filter(index=i).exists()}
+    if not changed and not drop:
+        return None
+    if any(not text.strip() for text in changed.values()):
+        raise ActionError("An answer cannot be empty; drop the row instead.")
+    kept_flags: dict[int, list[str]] = {}
+    rows: list[tuple[int, list[dict[str, str]]]] = []
+    source = version.rows.order_by("index").values_list("index", "messages", "flags")
+    for index, messages, row_flags in source.iterator(chunk_size=2000):
+        if index in drop:
+            continue
+        if index in changed:
+            messages = [*messages[:-1], {"role": "assistant", "content": changed[index]}]
+        elif row_flags:
+            kept_flags[len(rows)] = row_flags
+        rows.append((index, messages))
+    meta = {"reviewed": str(version), "edited": sorted(changed), "dropped": sorted(drop)}
+    return derive_version(version, user, rows, kind=DatasetVersion.EDIT, meta=meta, flags=kept_flags)

@@ -13,7 +13,8 @@ is trained on what it will be served.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 Message = dict[str, str]
 

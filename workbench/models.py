@@ -272,3 +272,30 @@ class DatasetRow(models.Model):
     def answer(self) -> str:
         last = self.messages[-1] if self.messages else None
         return last["content"] if last and last["role"] == "assistant" else ""
+
+
+class Variant(models.Model):
+    """A servable model: a base model plus (optionally) a LoRA adapter, with
+    the lineage that produced it."""
+
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="variants")
+    name = models.CharField(max_length=200)
+    base_model = models.ForeignKey(BaseModel, on_delete=models.PROTECT, related_name="variants")
+    adapter_path = models.CharField(max_length=1000, blank=True, help_text="LoRA adapter directory (safetensors)")
+    prompt_version = models.ForeignKey(PromptVersion, null=True, blank=True, on_delete=models.SET_NULL,
+                                       related_name="variants")
+    prompt_sha256 = models.CharField(max_length=64, blank=True)
+    dataset_version = models.ForeignKey(DatasetVersion, null=True, blank=True, on_delete=models.SET_NULL,
+                                        related_name="variants")
+    hyperparameters = models.JSONField(default=dict, blank=True)
+    final_loss = models.FloatField(null=True, blank=True)
+    duration_seconds = models.FloatField(null=True, blank=True)
+    metrics = models.JSONField(default=dict, blank=True)
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return self.name

@@ -182,6 +182,11 @@ CELERY_WORKER_SEND_TASK_EVENTS = False
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 # Worker liveness is stored by the workers themselves (see workbench.models.WorkerHeartbeat).
 WORKER_HEARTBEAT_SECONDS = envint("WORKER_HEARTBEAT_SECONDS", 10)
+# A running job writes a heartbeat; with none for JOB_STALE_SECONDS its worker
+# is taken for dead and the job is requeued (it resumes from its checkpoint).
+JOB_HEARTBEAT_SECONDS = envint("JOB_HEARTBEAT_SECONDS", 10)
+JOB_STALE_SECONDS = envint("JOB_STALE_SECONDS", 90)
+JOB_REAP_SECONDS = envint("JOB_REAP_SECONDS", 15)
 
 # Limits on uploads (bytes, rows, characters) --------------------------------
 UPLOAD_MAX_BYTES = envint("UPLOAD_MAX_BYTES", 512 * 1024 * 1024)

@@ -1,6 +1,6 @@
 from django.contrib import admin
 from django.contrib.auth import views as auth_views
-from django.urls import path
+from django.urls import include, path
 
 from workbench import views, views_datasets, views_prompts
 
@@ -27,12 +27,15 @@ urlpatterns = [
     path("p/<slug:slug>/datasets/<int:dataset_id>/", views_datasets.dataset_detail, name="dataset_detail"),
     path("p/<slug:slug>/datasets/<int:dataset_id>/v<int:number>", views_datasets.dataset_version,
          name="dataset_version"),
+    path("p/<slug:slug>/datasets/<int:dataset_id>/v<int:number>/review", views_datasets.dataset_review,
+         name="dataset_review"),
     path("p/<slug:slug>/datasets/<int:dataset_id>/v<int:number>/stats", views_datasets.dataset_stats,
          name="dataset_stats"),
     path("p/<slug:slug>/datasets/<int:dataset_id>/v<int:number>/stats-fragment",
          views_datasets.dataset_stats_fragment, name="dataset_stats_fragment"),
     path("p/<slug:slug>/datasets/<int:dataset_id>/v<int:number>/export.jsonl", views_datasets.dataset_export,
          name="dataset_export"),
+    path("", include("jobs.urls")),
     path("models/", views.models_page, name="models"),
     path("models/ping", views.ping_workers, name="ping_workers"),
     path("models/ping/<int:ping_id>", views.ping_status, name="ping_status"),

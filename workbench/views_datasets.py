@@ -9,11 +9,13 @@ from django.contrib.auth.decorators import login_required
 from django.core.paginator import Paginator
 from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
+from django.template.defaultfilters import filesizeformat
+from django.urls import reverse
 from django.views.decorators.http import require_POST
 
 from workbench import formats
 from workbench.actions import ActionError
-from workbench.actions_data import DatasetRejected, import_dataset
+from workbench.actions_data import DatasetRejected, edits_changed, import_dataset, review_version
 from workbench.models import BaseModel, Dataset, DatasetRow, DatasetVersion
 from workbench.views import get_project
 
@@ -26,7 +28,7 @@ def dataset_list(request: HttpRequest, slug: str) -> HttpResponse:
 
 def _list_context(project, **extra):  # type: ignore[no-untyped-def]
     return {"project": project, "datasets": project.datasets.prefetch_related("versions"),
-            "formats": formats.FORMATS, "max_mb": settings.UPLOAD_MAX_BYTES // (1024 * 1024), **extra}
+            "formats": formats.FORMATS, "max_bytes": settings.UPLOAD_MAX_BYTES, **extra}
 
 
 @login_required
@@ -41,8 +43,8 @@ def dataset_upload(request: HttpRequest, slug: str) -> HttpResponse:
                       _list_context(project, form=form, error="Choose a file to upload."), status=400)
     if upload.size and upload.size > settings.UPLOAD_MAX_BYTES:
         return render(request, "workbench/dataset_list.html", _list_context(
-            project, form=form, error=f"The file is {upload.size / 1048576:.0f} MB; the limit is "
-            f"{settings.UPLOAD_MAX_BYTES // 1048576} MB."), status=400)
+            project, form=form, error=f"The file is {filesizeformat(upload.size)}; the limit is "
+            f"{filesizeformat(settings.UPLOAD_MAX_BYTES)}."), status=400)
     try:
         version = import_dataset(
             project, request.user, form["name"] or upload.name.rsplit(".", 1)[0], upload.file,
@@ -107,7 +109,8 @@ def dataset_stats(request: HttpRequest, slug: str, dataset_id: int, number: int)
 
     dataset = _get_dataset(request, slug, dataset_id)
     version = get_object_or_404(dataset.versions, number=number)
-    model = get_object_or_404(BaseModel, pk=request.POST.get("base_model"))
+    model_id = request.POST.get("base_model", "")
+    model = get_object_or_404(BaseModel, pk=int(model_id) if model_id.isdigit() else None)
     stats = dict(version.token_stats)
     stats[model.name] = {"status": "queued"}
     DatasetVersion.objects.filter(pk=version.pk).update(token_stats=stats)
@@ -137,3 +140,33 @@ def dataset_export(request: HttpRequest, slug: str, dataset_id: int, number: int
     response = StreamingHttpResponse(lines(), content_type="application/jsonl; charset=utf-8")
     response["Content-Disposition"] = f'attachment; filename="{dataset.project.slug}-{dataset.pk}-v{version.number}.jsonl"'
     return response
+
+
+@login_required
+def dataset_review(request: HttpRequest, slug: str, dataset_id: int, number: int) -> HttpResponse:
+    """Review answers (teacher output): edit answers, drop rows; saving makes
+    a new version, the reviewed one stays as it was."""
+    dataset = _get_dataset(request, slug, dataset_id)
+    version = get_object_or_404(dataset.versions, number=number)
+    rows = version.rows.all()
+    if request.GET.get("flagged"):
+        rows = rows.exclude(flags=[])
+    page = Paginator(rows, 10).get_page(request.GET.get("page"))
+    if request.method == "POST":
+        drop = {int(i) for i in request.POST.getlist("drop") if i.isdigit()}
+        edits = {int(k[7:]): v for k, v in request.POST.items() if k.startswith("answer_") and k[7:].isdigit()}
+        try:
+            new = review_version(version, request.user, edits, drop)
+        except ActionError as exc:
+            messages.error(request, str(exc))
+            return redirect(request.get_full_path())
+        if new is None:
+            messages.info(request, "No changes.")
+            return redirect(request.get_full_path())
+        messages.success(request, f"Saved {new}: {len(edits_changed(version, edits))} answer(s) edited, "
+                                  f"{len(drop)} row(s) dropped, {new.row_count} rows.")
+        return redirect(reverse("dataset_review", args=[slug, dataset_id, new.number]) +
+                        f"?page={page.number}" + ("&flagged=1" if request.GET.get("flagged") else ""))
+    ctx = {"project": dataset.project, "dataset": dataset, "version": version, "page": page,
+           "flagged_count": version.rows.exclude(flags=[]).count(), "flagged": bool(request.GET.get("flagged"))}
+    return render(request, "workbench/dataset_review.html", ctx)

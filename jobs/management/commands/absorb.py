@@ -1,0 +1,114 @@
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+
+from jobs import actions
+from jobs.models import Job
+from jobs.training import ConfigError
+from workbench.actions import ActionError
+from workbench.actions_data import find_prompt_version
+from workbench.management.commands._common import project_by_slug
+from workbench.models import BaseModel, Dataset
+
+
+class Command(BaseCommand):
+    help = ("Absorb a prompt: queue teacher generation on the dataset's train split, then a LoRA fine-tune on "
+            "the teacher's answers. --wait shows progress; --json prints the variant's id and metrics.")
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("--project", required=True, help="Project slug")
+        parser.add_argument("--prompt", required=True, help="NAME or NAME@VERSION")
+        parser.add_argument("--dataset", required=True, help="NAME or NAME@VERSION")
+        parser.add_argument("--base-model", help="Registered base model (default: the default one)")
+        parser.add_argument("--epochs", type=int)
+        parser.add_argument("--max-steps", type=int)
+        parser.add_argument("--batch-size", type=int)
+        parser.add_argument("--max-new-tokens", type=int, default=256)
+        parser.add_argument("--temperature", type=float, default=0.0, help="Teacher sampling (0 = greedy)")
+        parser.add_argument("--seed", type=int, help="Teacher sampling seed")
+        parser.add_argument("--train-config", type=Path, help="JSON file of training settings")
+        parser.add_argument("--skip-teacher", action="store_true",
+                            help="The dataset already holds the answers: fine-tune only")
+        parser.add_argument("--wait", action="store_true", help="Follow the jobs; exit non-zero if one fails")
+        parser.add_argument("--json", action="store_true", help="Print the result as JSON (implies --wait)")
+
+    def handle(self, *args: Any, **opts: Any) -> None:
+        project = project_by_slug(opts["project"])
+        try:
+            prompt_version = find_prompt_version(project, opts["prompt"])
+        except ActionError as exc:
+            raise CommandError(str(exc)) from exc
+        name, _, number = opts["dataset"].partition("@")
+        dataset = Dataset.objects.filter(project=project, name=name).first()
+        version = (dataset.versions.filter(number=int(number)).first() if number.isdigit() else dataset.latest) \
+            if dataset else None
+        if version is None:
+            raise CommandError(f"No dataset '{opts['dataset']}' in project {project.slug}.")
+        base = (BaseModel.objects.filter(name=opts["base_model"]).first() if opts["base_model"]
+                else BaseModel.objects.filter(is_default=True).first())
+        if base is None:
+            raise CommandError("No such base model; run `python manage.py provision_model` first.")
+        training: dict[str, Any] = {}
+        if opts["train_config"]:
+            training = json.loads(opts["train_config"].read_text())
+        for key in ("epochs", "max_steps", "batch_size"):
+            if opts[key] is not None:
+                training[key] = opts[key]
+        try:
+            if opts["skip_teacher"]:
+                jobs = [actions.start_finetune(project, None, prompt_version, version, base, training)]
+            else:
+                teacher, finetune = actions.start_absorb(project, None, prompt_version, version, base,
+                                                         {"max_new_tokens": opts["max_new_tokens"],
+                                                          "temperature": opts["temperature"],
+                                                          "seed": opts["seed"]}, training)
+                jobs = [teacher, *([finetune] if finetune else [])]
+        except (ActionError, ConfigError) as exc:
+            raise CommandError(str(exc)) from exc
+        err = self.stderr if opts["json"] else self.stdout
+        err.write(f"queued: {', '.join(f'{j} (id {j.pk})' for j in jobs)}")
+        if not (opts["wait"] or opts["json"]):
+            return
+        for job in jobs:
+            self._follow(job, err)
+        final = Job.objects.get(pk=jobs[-1].pk)
+        if opts["json"]:
+            variant = final.variant
+            self.stdout.write(json.dumps({
+                "jobs": [{"id": j.pk, "kind": j.kind, "status": Job.objects.get(pk=j.pk).status} for j in jobs],
+                "variant": None if variant is None else {
+                    "id": variant.pk, "name": variant.name, "adapter_path": variant.adapter_path,
+                    "final_loss": variant.final_loss, "duration_seconds": variant.duration_seconds,
+                    "metrics": variant.metrics},
+            }, indent=2))
+
+    def _follow(self, job: Job, out: Any) -> None:
+        width = 30
+        while True:
+            job.refresh_from_db()
+            p = job.progress or {}
+            if job.kind == Job.TEACHER:
+                detail = f"{p.get('done', 0)}/{p.get('total', '?')} queries"
+            else:
+                loss = p.get("loss")
+                detail = (f"step {p.get('step', 0)}/{p.get('max_steps', '?')}"
+                          + (f" loss {loss:.4f}" if isinstance(loss, (int, float)) else ""))
+            eta = p.get("eta_seconds")
+            bar = "#" * (job.percent * width // 100)
+            line = (f"\r{job.get_kind_display():<18} [{bar:<{width}}] {job.percent:3d}% {detail}"
+                    f"{f' eta {eta}s' if eta and not job.is_terminal else ''} {job.status}")
+            out.write(line.ljust(100), ending="")
+            out.flush()
+            if job.is_terminal:
+                out.write("")
+                break
+            time.sleep(1)
+        if job.status != Job.SUCCEEDED:
+            out.write(f"{job} {job.status}: {job.error or 'see the job log'}")
+            sys.exit(1)

@@ -1,0 +1,12 @@
+from django.urls import path
+
+from jobs import views
+
+urlpatterns = [
+    path("p/<slug:slug>/jobs/", views.job_list, name="job_list"),
+    path("p/<slug:slug>/jobs/absorb", views.absorb_start, name="absorb_start"),
+    path("p/<slug:slug>/jobs/<int:job_id>/", views.job_detail, name="job_detail"),
+    path("p/<slug:slug>/jobs/<int:job_id>/status.json", views.job_status, name="job_status"),
+    path("p/<slug:slug>/jobs/<int:job_id>/cancel", views.job_cancel, name="job_cancel"),
+    path("p/<slug:slug>/variants/<int:variant_id>/", views.variant_detail, name="variant_detail"),
+]
