@@ -95,6 +95,7 @@ def dataset_version(request: HttpRequest, slug: str, dataset_id: int, number: in
         "project": dataset.project, "dataset": dataset, "version": version, "page": page, "split": split,
         "versions": dataset.versions.all(), "eval_count": eval_count, "train_count": version.row_count - eval_count,
         "base_models": BaseModel.objects.all(), "stats": version.token_stats,
+        "stats_pending": any(v.get("status") == "queued" for v in version.token_stats.values()),
     }
     if request.htmx and request.htmx.target == "rows":
         return render(request, "workbench/dataset_version.html#rows", ctx)
@@ -124,7 +125,8 @@ def dataset_stats_fragment(request: HttpRequest, slug: str, dataset_id: int, num
     version = get_object_or_404(dataset.versions, number=number)
     return render(request, "workbench/dataset_version.html#stats",
                   {"project": dataset.project, "dataset": dataset, "version": version,
-                   "stats": version.token_stats})
+                   "stats": version.token_stats,
+                   "stats_pending": any(v.get("status") == "queued" for v in version.token_stats.values())})
 
 
 @login_required
