@@ -184,12 +184,12 @@ def test_enqueue_happens_on_commit_only(setup):
         with pytest.raises(RuntimeError), transaction.atomic():
             actions.start_absorb(project, alice, prompt, dataset, base)
             raise RuntimeError("rolled back")
-        assert conn.default_channel.queue_declare("gpu", passive=True).message_count == 0
+        assert conn.default_channel.queue_declare("gpu").message_count == 0
         assert not Job.objects.exists()
         with transaction.atomic():
             job = Job.objects.create(project=project, kind=Job.TEACHER, base_model=base,
                                      prompt_version=prompt, dataset_version=dataset)
             enqueue(job)
-        assert conn.default_channel.queue_declare("gpu", passive=True).message_count == 1
+        assert conn.default_channel.queue_declare("gpu").message_count == 1
         conn.default_channel.queue_purge("gpu")
     assert DatasetRow.objects.filter(version=dataset).count() == len(QUERIES)

@@ -73,7 +73,7 @@ def test_it_gives_the_same_greedy_tokens_with_and_without_prefix_reuse(lively, m
         return encode_prefix(loaded, prefix)
 
     monkeypatch.setattr(inference, "_encode_prefix", recording)
-    settings = GenerationSettings(max_new_tokens=10)
+    settings = GenerationSettings(max_new_tokens=8)
     plain = generate(lively, CONVERSATIONS, SYSTEM, settings, batch_size=batch_size, reuse_prefix=False)
     assert prefix_lengths == []
     reused = generate(lively, CONVERSATIONS, SYSTEM, settings, batch_size=batch_size, reuse_prefix=True)
