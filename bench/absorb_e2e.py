@@ -45,9 +45,9 @@ def main() -> int:
     django.setup()
     from django.contrib.auth import get_user_model
     from django.core.management import call_command
+    from teacher_throughput import queries, system_prompt
 
     from jobs.models import Job
-    from teacher_throughput import queries, system_prompt
     from workbench.actions import create_project
 
     call_command("migrate", verbosity=0)

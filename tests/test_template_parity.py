@@ -6,8 +6,8 @@ from transformers import AutoTokenizer
 
 from jobs.training import tokenize_examples
 from workbench.chat import render
-from workbench.inference import count_tokens, load_model
 from workbench.inference import _encode as inference_encode
+from workbench.inference import count_tokens, load_model
 
 CONVERSATIONS = [
     [{"role": "user", "content": "How do I reset my password?"}],

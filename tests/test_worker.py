@@ -1,6 +1,6 @@
 import pytest
-from kombu import Connection
 from django.db import transaction
+from kombu import Connection
 
 from tests.conftest import database_url, redis_or_skip
 from tests.processes import celery_worker, wait_for
