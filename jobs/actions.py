@@ -13,7 +13,7 @@ from jobs.training import ConfigError, TrainConfig
 from workbench.actions import ActionError
 from workbench.models import BaseModel, DatasetRow, DatasetVersion, Project, PromptVersion
 
-GENERATION_DEFAULTS: dict[str, Any] = {"max_new_tokens": 256, "batch_size": 8, "temperature": 0.0,
+GENERATION_DEFAULTS: dict[str, Any] = {"max_new_tokens": 256, "batch_size": 16, "temperature": 0.0,
                                        "keep_existing": True}
 
 

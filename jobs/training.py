@@ -688,41 +688,19 @@ def train(
     if should_stop is not None and should_stop():
         return result(resumed_step or 0, 0, 0.0, 0, 0.0, None, None, True, 0)
 
+    oom: str | None = None
     try:
-        import torch
-        from datasets import Dataset
-        from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback
-
-        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        features, skipped = tokenize_examples(tokenizer, examples, config.max_length, teacher=distill)
-        if not features:
-            raise ExampleError(f"Every example's prompt is longer than max_length ({config.max_length} tokens); "
-                               "raise max_length.")
-
-        dtype = torch.bfloat16 if use_bf16 and device == "cuda" else torch.float32
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
-        ProgressCallback, DistillCollator, AbsorbTrainer = _classes()
-        callback = ProgressCallback(progress, should_stop)
-        trainer = AbsorbTrainer(
-            model=model,
-            args=sft_config(config, ckpt_dir, device, use_bf16, distill),
-            train_dataset=Dataset.from_list(features),
-            processing_class=tokenizer,
-            data_collator=DistillCollator(tokenizer.pad_token_id) if distill else None,
-            peft_config=lora_config(config),
-            callbacks=[callback],
-            kl_weight=config.kl_weight,
-            kl_temperature=config.kl_temperature,
-        )
-        trainer.remove_callback(PrinterCallback)
-        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        trainer, callback, skipped = _fit(model_dir, examples, config, ckpt_dir, device, use_bf16, distill,
+                                          progress, should_stop, resume_from)
     except BaseException as exc:
-        if _is_oom(exc):
-            _free_accelerator_memory()
-            raise TrainingOOM(_oom_message(config, device)) from exc
-        raise
+        if not _is_oom(exc):
+            raise
+        oom = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    if oom is not None:
+        # Raised outside the except block: the traceback (and with it the
+        # failed trainer, model and batch) is gone, so the memory comes back.
+        _free_accelerator_memory()
+        raise TrainingOOM(f"{_oom_message(config, device)} (error: {oom})")
 
     state = trainer.state
     tokens = int(state.num_input_tokens_seen)
@@ -737,6 +715,40 @@ def train(
     shutil.rmtree(ckpt_dir, ignore_errors=True)
     return result(state.global_step, state.max_steps, epochs, tokens, tps, callback.last_loss, adapter_dir, False,
                   skipped)
+
+
+def _fit(model_dir: Path, examples: Sequence[Example], config: TrainConfig, ckpt_dir: Path, device: str,
+         use_bf16: bool, distill: bool, progress: ProgressFn | None, should_stop: StopFn | None,
+         resume_from: Path | None) -> tuple[Any, Any, int]:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    features, skipped = tokenize_examples(tokenizer, examples, config.max_length, teacher=distill)
+    if not features:
+        raise ExampleError(f"Every example's prompt is longer than max_length ({config.max_length} tokens); "
+                           "raise max_length.")
+    dtype = torch.bfloat16 if use_bf16 and device == "cuda" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
+    ProgressCallback, DistillCollator, AbsorbTrainer = _classes()
+    callback = ProgressCallback(progress, should_stop)
+    trainer = AbsorbTrainer(
+        model=model,
+        args=sft_config(config, ckpt_dir, device, use_bf16, distill),
+        train_dataset=Dataset.from_list(features),
+        processing_class=tokenizer,
+        data_collator=DistillCollator(tokenizer.pad_token_id) if distill else None,
+        peft_config=lora_config(config),
+        callbacks=[callback],
+        kl_weight=config.kl_weight,
+        kl_temperature=config.kl_temperature,
+    )
+    trainer.remove_callback(PrinterCallback)
+    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    return trainer, callback, skipped
 
 
 def _free_accelerator_memory() -> None:

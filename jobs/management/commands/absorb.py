@@ -30,7 +30,7 @@ class Command(BaseCommand):
         parser.add_argument("--max-steps", type=int)
         parser.add_argument("--batch-size", type=int)
         parser.add_argument("--max-new-tokens", type=int, default=256)
-        parser.add_argument("--teacher-batch", type=int, default=8, help="Teacher generation batch size")
+        parser.add_argument("--teacher-batch", type=int, default=16, help="Teacher generation batch size")
         parser.add_argument("--temperature", type=float, default=0.0, help="Teacher sampling (0 = greedy)")
         parser.add_argument("--seed", type=int, help="Teacher sampling seed")
         parser.add_argument("--train-config", type=Path, help="JSON file of training settings")
