@@ -37,6 +37,16 @@ CONVERSATIONS = [
 ]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # The tiny model's ops are too small to split across threads, and on a
+    # busy machine the thread barriers cost more than the work.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def lively_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny random model with larger weights: default-initialised it
