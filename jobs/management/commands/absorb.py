@@ -104,7 +104,7 @@ class Command(BaseCommand):
             eta = p.get("eta_seconds")
             bar = "#" * (job.percent * width // 100)
             line = (f"\r{job.get_kind_display():<18} [{bar:<{width}}] {job.percent:3d}% {detail}"
-                    f"{f' eta {eta}s' if eta and not job.is_terminal else ''} {job.status}")
+                    f"{f' eta {eta:.0f}s' if eta and not job.is_terminal else ''} {job.status}")
             out.write(line.ljust(100), ending="")
             out.flush()
             if job.is_terminal:
