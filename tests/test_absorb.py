@@ -131,9 +131,8 @@ def test_a_killed_worker_resumes_from_the_checkpoint(setup, tmp_path):
     resumed = int(job.log.split("resumed from checkpoint at step ")[1].split()[0])
     assert resumed >= 5 and resumed % 5 == 0
     # the second attempt continued after the checkpoint instead of starting over
-    second = steps[steps.index(max(steps[: steps.index(resumed + 1)])) + 1:] if resumed + 1 in steps else []
-    assert steps[-1] == 40 and steps.count(1) == 1, steps
-    assert second == list(range(resumed + 1, 41)) or steps[-(40 - resumed):] == list(range(resumed + 1, 41))
+    assert steps.count(1) == 1, steps
+    assert steps[-(40 - resumed):] == list(range(resumed + 1, 41)), steps
 
 
 def test_a_duplicate_delivery_trains_once(setup, worker):
