@@ -170,7 +170,7 @@ def main() -> None:
                                                                                           device, bf16)
             results[name].append(r)
             print(f"{name:6s} {r['tps']:7.1f} tok/s  wall {r['wall']:6.1f} s  loss {r['loss'][0]:.3f} -> "
-                  f"{r['loss'][-1]:.3f}", flush=True)
+                  f"{r['loss'][-1]:.3f}  per step: {' '.join(f'{x:.0f}' for x in r['steps'])}", flush=True)
 
     eng = statistics.median(r["tps"] for r in results["engine"])
     pla = statistics.median(r["tps"] for r in results["plain"])
