@@ -34,6 +34,7 @@ test: $(VENV)/.dev-installed browser
 lint: $(VENV)/.dev-installed
 	$(BIN)/ruff check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 bench: $(VENV)/.dev-installed
 	@echo "see bench/README.md for the benchmark scripts"

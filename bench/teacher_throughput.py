@@ -1,5 +1,5 @@
 """Teacher generation throughput: plain batched generation vs shared-prefix
-KV reuse (`workbench.inference.generate(reuse_prefix=...)`) on the real
+KV reuse (`engines.inference.generate(reuse_prefix=...)`) on the real
 SmolLM2-135M-Instruct, a ~1,000-token support-bot system prompt and N
 different user queries, greedy. Asserts that both give the same tokens.
 
@@ -26,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 
-from workbench.inference import GenerationSettings, count_tokens, generate, load_model
-from workbench.provisioning import provision_default
+from engines.inference import GenerationSettings, count_tokens, generate, load_model
+from engines.provisioning import provision_default
 
 MODEL_DIR = Path(".cache/models/SmolLM2-135M-Instruct")
 

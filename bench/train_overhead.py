@@ -1,4 +1,4 @@
-"""Training overhead: the workbench engine (`jobs.training.train`) against a
+"""Training overhead: the workbench engine (`engines.training.train`) against a
 plain PEFT + TRL script, same model, data, hyperparameters and steps, run
 side by side in one process in ABBA order after a warm-up of each.
 
@@ -31,8 +31,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from jobs.training import TrainConfig, resolve_bf16, resolve_device, train  # noqa: E402
-from workbench.chat import prompt_completion  # noqa: E402
+from engines.training import TrainConfig, resolve_bf16, resolve_device, train  # noqa: E402
+from engines.chat import prompt_completion  # noqa: E402
 
 MODEL_DIR = REPO / ".cache" / "models" / "SmolLM2-135M-Instruct"
 TOPICS = ["billing", "password reset", "shipping delays", "refund policy", "API rate limits", "invoice export",
@@ -147,7 +147,7 @@ def main() -> None:
         __import__("torch").set_num_threads(opts.threads)
 
     if not MODEL_DIR.is_dir():
-        from workbench.provisioning import provision_default
+        from engines.provisioning import provision_default
 
         provision_default(MODEL_DIR, log=print)
     examples = synthetic_examples(opts.examples)

@@ -9,7 +9,7 @@ from django.db import transaction
 
 from jobs.models import Job
 from jobs.runner import enqueue
-from jobs.training import ConfigError, TrainConfig
+from engines.training import ConfigError, TrainConfig
 from workbench.actions import ActionError
 from workbench.models import BaseModel, DatasetRow, DatasetVersion, Project, PromptVersion
 

@@ -77,8 +77,8 @@ def run_job(job_id: int, worker: str) -> None:
     except JobCancelled:
         job.mark_cancelled("cancelled by request; stopped at the next step")
     except Exception as exc:
-        from jobs.training import TrainingError
-        from workbench.inference import GenerationCancelled, ModelLoadError
+        from engines.training import TrainingError
+        from engines.inference import GenerationCancelled, ModelLoadError
 
         if isinstance(exc, GenerationCancelled):
             job.mark_cancelled(f"cancelled by request ({exc})")
@@ -115,8 +115,8 @@ def _answerable(job: Job) -> tuple[list[tuple[int, list[dict[str, str]]]], dict[
 
 
 def _run_teacher(job: Job) -> None:
-    from jobs.leakage import leak_flags, prompt_spans
-    from workbench.inference import GenerationSettings, generate, load_model
+    from engines.leakage import leak_flags, prompt_spans
+    from engines.inference import GenerationSettings, generate, load_model
 
     if job.dataset_version is None:
         raise ActionError("The teacher job has no input dataset.")
@@ -216,7 +216,7 @@ def training_examples(version: DatasetVersion, system_prompt: str) -> list[dict[
 
 
 def _run_finetune(job: Job) -> None:
-    from jobs.training import TrainConfig, train
+    from engines.training import TrainConfig, train
 
     version = job.dataset_version
     if version is None:

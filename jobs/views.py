@@ -12,7 +12,7 @@ from django.views.decorators.http import require_POST
 
 from jobs import actions
 from jobs.models import Job
-from jobs.training import ConfigError, TrainConfig
+from engines.training import ConfigError, TrainConfig
 from workbench.actions import ActionError
 from workbench.models import BaseModel, DatasetVersion, PromptVersion, Variant
 from workbench.views import get_project

@@ -15,7 +15,7 @@ MODEL_CACHE = Path(os.environ.get("WORKBENCH_TEST_MODEL_CACHE", REPO / ".cache" 
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """The real SmolLM2-135M-Instruct as safetensors (provisioned once)."""
-    from workbench.provisioning import DEFAULT_MODEL_NAME, provision_default
+    from engines.provisioning import DEFAULT_MODEL_NAME, provision_default
 
     return provision_default(MODEL_CACHE / DEFAULT_MODEL_NAME)
 
@@ -23,9 +23,28 @@ def smollm2_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random Llama with the real SmolLM2 tokenizer and chat template."""
-    from workbench.provisioning import build_tiny_llama
-
     return build_tiny_llama(smollm2_dir, tmp_path_factory.mktemp("tiny-llama"))
+
+
+def build_tiny_llama(tokenizer_dir: Path, out_dir: Path, seed: int = 0) -> Path:
+    """A 3M-parameter random Llama with a real tokenizer, for fast tests."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+        max_position_embeddings=8192,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    model = LlamaForCausalLM(config)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tok.save_pretrained(out_dir)
+    return out_dir
 
 
 # --- personas, projects -------------------------------------------------------

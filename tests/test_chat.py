@@ -1,6 +1,6 @@
 from transformers import AutoTokenizer
 
-from workbench.chat import prompt_completion, render
+from engines.chat import prompt_completion, render
 
 
 def test_it_renders_no_system_prompt_with_the_templates_own_default(smollm2_dir):

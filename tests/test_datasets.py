@@ -582,7 +582,7 @@ def tiny(tiny_model_dir) -> BaseModel:
 
 
 def test_it_computes_token_stats_with_the_real_tokenizer(alice_client, alice, alice_project, tiny):
-    from workbench.tokens import load_tokenizer
+    from engines.tokens import load_tokenizer
 
     rows = [chat_row(" ".join(["word"] * n), "ok") for n in (1, 5, 10, 20, 40, 80, 160)]
     version = import_dataset(alice_project, alice, "lengths", io.BytesIO(jsonl(*rows)), filename="a.jsonl")

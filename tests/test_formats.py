@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from workbench import formats
-from workbench.formats import (
+from engines import formats
+from engines.formats import (
     FORMATS,
     DatasetReader,
     Limits,

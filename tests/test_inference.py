@@ -4,9 +4,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from workbench import inference
-from workbench.chat import prompt_completion, render
-from workbench.inference import (
+from engines import inference
+from engines.chat import prompt_completion, render
+from engines.inference import (
     GenerationCancelled,
     GenerationSettings,
     ModelLoadError,

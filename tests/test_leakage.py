@@ -1,4 +1,4 @@
-from jobs.leakage import leak_flags, prompt_spans
+from engines.leakage import leak_flags, prompt_spans
 
 PROMPT = ("You are Nova, the support assistant of Acme Cloud. Always greet the customer by name and never "
           "promise refunds beyond the thirty day window described in the billing policy of Acme Cloud.")

@@ -4,7 +4,7 @@ import pytest
 from django.core.management import CommandError, call_command
 
 from workbench.models import BaseModel
-from workbench.provisioning import ProvisionError, download_wheel, is_model_dir
+from engines.provisioning import ProvisionError, download_wheel, is_model_dir
 
 pytestmark = pytest.mark.django_db
 

@@ -1,6 +1,6 @@
 import pytest
 
-from workbench.rules import (
+from engines.rules import (
     KINDS,
     Rule,
     RulesError,

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from jobs.training import (
+from engines.training import (
     ConfigError,
     ExampleError,
     TrainConfig,

@@ -84,7 +84,7 @@ def count_parameters(model_dir: Path) -> int:
 @transaction.atomic
 def register_base_model(name: str, path: Path, source: str, default: bool = False) -> BaseModel:
     """Register (or update) a local safetensors model directory."""
-    from workbench.provisioning import is_model_dir
+    from engines.provisioning import is_model_dir
 
     path = path.resolve()
     if not is_model_dir(path):

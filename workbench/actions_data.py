@@ -17,7 +17,7 @@ from django.contrib.auth.models import AbstractBaseUser
 from django.db import transaction
 from django.db.models import Count, Max
 
-from workbench import formats, rules
+from engines import formats, rules
 from workbench.actions import ActionError
 from workbench.models import Dataset, DatasetRow, DatasetVersion, Project, Prompt, PromptVersion
 

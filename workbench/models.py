@@ -203,7 +203,7 @@ class Dataset(models.Model):
 
 
 class DatasetVersion(models.Model):
-    """An immutable set of normalised rows (see workbench.formats), with a
+    """An immutable set of normalised rows (see engines.formats), with a
     deterministic train/eval split. Edits make a new version."""
 
     UPLOAD = "upload"

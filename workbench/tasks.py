@@ -20,7 +20,7 @@ def compute_token_stats(version_id: int, base_model_id: int) -> None:
     from django.db import transaction
 
     from workbench.models import BaseModel, DatasetVersion
-    from workbench.tokens import length_stats, load_tokenizer
+    from engines.tokens import length_stats, load_tokenizer
 
     version = DatasetVersion.objects.get(pk=version_id)
     model = BaseModel.objects.get(pk=base_model_id)

@@ -13,7 +13,7 @@ from django.template.defaultfilters import filesizeformat
 from django.urls import reverse
 from django.views.decorators.http import require_POST
 
-from workbench import formats
+from engines import formats
 from workbench.actions import ActionError
 from workbench.actions_data import DatasetRejected, edits_changed, import_dataset, review_version
 from workbench.models import BaseModel, Dataset, DatasetRow, DatasetVersion

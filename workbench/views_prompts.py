@@ -10,11 +10,11 @@ from django.http import HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
-from workbench import rules
+from engines import rules
 from workbench.actions import ActionError
 from workbench.actions_data import decode_prompt_file, save_prompt
 from workbench.models import BaseModel, Prompt, PromptVersion
-from workbench.tokens import load_tokenizer, prompt_cost
+from engines.tokens import load_tokenizer, prompt_cost
 from workbench.views import get_project
 
 

@@ -6,7 +6,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from workbench import formats
+from engines import formats
 from workbench.actions import ActionError
 from workbench.actions_data import DatasetRejected, import_dataset
 from workbench.management.commands._common import project_by_slug

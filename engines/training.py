@@ -38,7 +38,7 @@ from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from workbench.chat import prompt_completion
+from engines.chat import prompt_completion
 
 if TYPE_CHECKING:
     import torch

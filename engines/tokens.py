@@ -7,7 +7,7 @@ from collections.abc import Iterable, Sequence
 from functools import lru_cache
 from typing import Any
 
-from workbench.chat import Message, render
+from engines.chat import Message, render
 
 
 @lru_cache(maxsize=8)

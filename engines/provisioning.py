@@ -112,24 +112,3 @@ def provision_default(
         log(f"Converting {gguf.name} to safetensors in {out_dir}...")
         convert_gguf(gguf, out_dir, tokenizer_only=tokenizer_only)
     return out_dir
-
-
-def build_tiny_llama(tokenizer_dir: Path, out_dir: Path, seed: int = 0) -> Path:
-    """A 3M-parameter random Llama with a real tokenizer, for fast tests."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-        max_position_embeddings=MODEL_MAX_LENGTH,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    model = LlamaForCausalLM(config)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir, safe_serialization=True)
-    tok.save_pretrained(out_dir)
-    return out_dir

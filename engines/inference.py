@@ -2,7 +2,7 @@
 generate chat completions in batches.
 
 Teacher generation, evals and serving all call `generate`, so the chat
-template (`workbench.chat.render`), the generation settings and the stop
+template (`engines.chat.render`), the generation settings and the stop
 tokens are the same everywhere. Plain Python: no Django, no Celery.
 
 Teacher generation runs many queries behind one long system prompt. With
@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 import torch
 
-from workbench.chat import Message, render
+from engines.chat import Message, render
 
 # Below this many shared tokens, encoding the prefix separately is not worth it.
 MIN_PREFIX_TOKENS = 32
@@ -276,7 +276,7 @@ def generate(
     """Answer every conversation (the assistant's next turn), in input order.
 
     `system_prompt` replaces any system message in the conversations; None
-    means no system message (see `workbench.chat`). `progress(done, total)` is
+    means no system message (see `engines.chat`). `progress(done, total)` is
     called after each batch; `should_stop()` is checked before each batch and
     raises GenerationCancelled."""
     if batch_size < 1:
