@@ -31,8 +31,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from engines.training import TrainConfig, resolve_bf16, resolve_device, train  # noqa: E402
 from engines.chat import prompt_completion  # noqa: E402
+from engines.training import TrainConfig, resolve_bf16, resolve_device, train  # noqa: E402
 
 MODEL_DIR = REPO / ".cache" / "models" / "SmolLM2-135M-Instruct"
 TOPICS = ["billing", "password reset", "shipping delays", "refund policy", "API rate limits", "invoice export",

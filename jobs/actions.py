@@ -7,9 +7,9 @@ from typing import Any
 from django.contrib.auth.models import AbstractBaseUser
 from django.db import transaction
 
+from engines.training import ConfigError, TrainConfig
 from jobs.models import Job
 from jobs.runner import enqueue
-from engines.training import ConfigError, TrainConfig
 from workbench.actions import ActionError
 from workbench.models import BaseModel, DatasetRow, DatasetVersion, Project, PromptVersion
 

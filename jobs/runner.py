@@ -77,8 +77,8 @@ def run_job(job_id: int, worker: str) -> None:
     except JobCancelled:
         job.mark_cancelled("cancelled by request; stopped at the next step")
     except Exception as exc:
-        from engines.training import TrainingError
         from engines.inference import GenerationCancelled, ModelLoadError
+        from engines.training import TrainingError
 
         if isinstance(exc, GenerationCancelled):
             job.mark_cancelled(f"cancelled by request ({exc})")
@@ -115,8 +115,8 @@ def _answerable(job: Job) -> tuple[list[tuple[int, list[dict[str, str]]]], dict[
 
 
 def _run_teacher(job: Job) -> None:
-    from engines.leakage import leak_flags, prompt_spans
     from engines.inference import GenerationSettings, generate, load_model
+    from engines.leakage import leak_flags, prompt_spans
 
     if job.dataset_version is None:
         raise ActionError("The teacher job has no input dataset.")

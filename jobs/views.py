@@ -10,9 +10,9 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
+from engines.training import ConfigError, TrainConfig
 from jobs import actions
 from jobs.models import Job
-from engines.training import ConfigError, TrainConfig
 from workbench.actions import ActionError
 from workbench.models import BaseModel, DatasetVersion, PromptVersion, Variant
 from workbench.views import get_project

@@ -3,8 +3,8 @@ import time
 import pytest
 from django.core.management import CommandError, call_command
 
-from workbench.models import BaseModel
 from engines.provisioning import ProvisionError, download_wheel, is_model_dir
+from workbench.models import BaseModel
 
 pytestmark = pytest.mark.django_db
 

@@ -4,10 +4,10 @@ inference (teacher, evals, serving) feeds it for "no system prompt"."""
 import pytest
 from transformers import AutoTokenizer
 
-from engines.training import tokenize_examples
 from engines.chat import render
 from engines.inference import _encode as inference_encode
 from engines.inference import count_tokens, load_model
+from engines.training import tokenize_examples
 
 CONVERSATIONS = [
     [{"role": "user", "content": "How do I reset my password?"}],

@@ -19,8 +19,8 @@ def compute_token_stats(version_id: int, base_model_id: int) -> None:
     """Token-length statistics of a dataset version under one tokenizer."""
     from django.db import transaction
 
-    from workbench.models import BaseModel, DatasetVersion
     from engines.tokens import length_stats, load_tokenizer
+    from workbench.models import BaseModel, DatasetVersion
 
     version = DatasetVersion.objects.get(pk=version_id)
     model = BaseModel.objects.get(pk=base_model_id)

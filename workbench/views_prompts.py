@@ -11,10 +11,10 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
 from engines import rules
+from engines.tokens import load_tokenizer, prompt_cost
 from workbench.actions import ActionError
 from workbench.actions_data import decode_prompt_file, save_prompt
 from workbench.models import BaseModel, Prompt, PromptVersion
-from engines.tokens import load_tokenizer, prompt_cost
 from workbench.views import get_project
 
 

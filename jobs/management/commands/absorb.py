@@ -8,9 +8,9 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
+from engines.training import ConfigError
 from jobs import actions
 from jobs.models import Job
-from engines.training import ConfigError
 from workbench.actions import ActionError
 from workbench.actions_data import find_prompt_version
 from workbench.management.commands._common import project_by_slug

@@ -7,8 +7,8 @@ from typing import Any
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from workbench import actions
 from engines.provisioning import DEFAULT_MODEL_NAME, ProvisionError, is_model_dir, provision_default
+from workbench import actions
 
 
 class Command(BaseCommand):
