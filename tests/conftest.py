@@ -61,14 +61,14 @@ def bob(django_user_model):
 
 @pytest.fixture
 def alice_project(alice):
-    from workbench.actions import create_project
+    from workbench.actions.projects import create_project
 
     return create_project(alice, "Alpha", "Alice's team")
 
 
 @pytest.fixture
 def bob_project(bob):
-    from workbench.actions import create_project
+    from workbench.actions.projects import create_project
 
     return create_project(bob, "Bravo", "Bob's team")
 

@@ -10,9 +10,10 @@ from django.core.management import CommandError, call_command
 from django.urls import reverse
 from django.utils.html import escape
 
-from workbench import actions_data
+from tests.threads import run_together
 from workbench.actions import ActionError
-from workbench.actions_data import DatasetRejected, import_dataset
+from workbench.actions import datasets as dataset_actions
+from workbench.actions.datasets import DatasetRejected, import_dataset, queue_token_stats, review_version
 from workbench.models import BaseModel, Dataset, DatasetRow, DatasetVersion
 from workbench.tasks import compute_token_stats
 
@@ -250,7 +251,7 @@ def test_it_shows_each_bad_row_by_line_on_the_page(alice_client, alice_project, 
     assert r.status_code == 400
     assert escape(message).encode() in r.content
     assert escape(f"{filename} was not stored").encode() in r.content
-    assert r.context["form"]["name"] == "bad"  # the form keeps what was typed
+    assert r.context["form"]["name"].value() == "bad"  # the form keeps what was typed
     assert_nothing_stored(media_root)
 
 
@@ -348,7 +349,7 @@ def test_a_crash_in_the_middle_of_an_import_leaves_nothing(alice, alice_project,
     data = big_chat(5000)
     with pytest.raises(OSError, match="disk full"):
         import_dataset(alice_project, alice, "big", io.BytesIO(data), filename="big.jsonl")
-    assert calls == [actions_data.ROW_BATCH, actions_data.ROW_BATCH]
+    assert calls == [dataset_actions.ROW_BATCH, dataset_actions.ROW_BATCH]
     assert_nothing_stored(media_root)
     path = tmp_path / "big.jsonl"
     path.write_bytes(data)
@@ -363,7 +364,7 @@ def test_a_crash_after_the_file_was_moved_in_place_leaves_nothing(alice, alice_p
     def broken_split(version):
         raise RuntimeError("split failed")
 
-    monkeypatch.setattr(actions_data, "apply_split", broken_split)
+    monkeypatch.setattr(dataset_actions, "apply_split", broken_split)
     with pytest.raises(RuntimeError, match="split failed"):
         import_dataset(alice_project, alice, "ds", io.BytesIO(jsonl(*(chat_row(q) for q, _ in QA))))
     assert_nothing_stored(media_root)
@@ -494,7 +495,7 @@ def test_a_derived_version_keeps_the_split_and_counts_duplicates(alice, alice_pr
     rows = list(parent.rows.order_by("index"))
     answered = [(r.index, [*r.messages, {"role": "assistant", "content": "same answer"}]) for r in rows]
     answered.append((rows[0].index, answered[0][1]))  # one duplicate
-    child = actions_data.derive_version(parent, alice, answered, kind=DatasetVersion.TEACHER)
+    child = dataset_actions.derive_version(parent, alice, answered, kind=DatasetVersion.TEACHER)
     assert (child.number, child.row_count, child.duplicate_count, child.parent) == (2, 41, 1, parent)
     parent_eval = set(eval_indices(parent))
     assert eval_indices(child) == [i for i, (p, _) in enumerate(answered) if p in parent_eval]
@@ -640,6 +641,76 @@ def test_the_stats_button_refuses_an_unknown_model(alice_client, alice, alice_pr
         assert alice_client.post(url, {"base_model": value}).status_code == 404, value
     version.refresh_from_db()
     assert version.token_stats == {}
+
+
+def test_queueing_stats_keeps_what_other_models_have(alice, alice_project, tiny,
+                                                     django_capture_on_commit_callbacks):
+    other = BaseModel.objects.create(name="other", path=tiny.path)
+    version = import_dataset(alice_project, alice, "d", io.BytesIO(jsonl(*(chat_row(q) for q, _ in QA))))
+    stale = DatasetVersion.objects.get(pk=version.pk)  # read before anything was queued
+    with django_capture_on_commit_callbacks():
+        queue_token_stats(version, tiny)
+    compute_token_stats(version.pk, tiny.pk)  # ran and finished while `stale` was still held
+    with django_capture_on_commit_callbacks() as callbacks:
+        queued = queue_token_stats(stale, other)
+    assert len(callbacks) == 1
+    version.refresh_from_db()
+    assert version.token_stats["tiny"]["status"] == "done" and version.token_stats["tiny"]["count"] == 3
+    assert version.token_stats["other"] == {"status": "queued"} and queued.token_stats == version.token_stats
+
+
+@pytest.mark.django_db(transaction=True)
+def test_two_models_queued_at_once_are_both_kept(alice, alice_project, tiny, monkeypatch):
+    # the tasks run in the queueing thread once it commits, as a worker would after it
+    monkeypatch.setitem(compute_token_stats.app.conf, "task_always_eager", True)
+    models = [tiny] + [BaseModel.objects.create(name=f"tiny-{i}", path=tiny.path) for i in range(3)]
+    version = import_dataset(alice_project, alice, "d", io.BytesIO(jsonl(*(chat_row(q) for q, _ in QA))))
+    run_together(*(lambda m=m: queue_token_stats(version, m) for m in models))
+    version.refresh_from_db()
+    assert sorted(version.token_stats) == ["tiny", "tiny-0", "tiny-1", "tiny-2"]
+    assert {s["status"] for s in version.token_stats.values()} == {"done"}
+
+
+def test_a_bad_upload_form_keeps_what_was_typed(alice_client, alice_project, media_root):
+    r = upload(alice_client, alice_project, jsonl(chat_row("hi")), "q.csv", name="typed", format="csv",
+               query_column="Customer question", eval_percent="95", seed="abc")
+    body = r.content.decode()
+    assert r.status_code == 400
+    assert "The eval split must be between 0 and 90 percent." in body
+    assert "Invalid number: the split seed is a whole number." in body
+    assert r.context["form"].errors.keys() == {"eval_percent", "seed"}
+    assert 'value="typed"' in body and 'value="Customer question"' in body
+    assert 'value="95" aria-invalid="true"' in body and 'value="abc" aria-invalid="true"' in body
+    assert '<option value="csv" selected>' in body and "<details open>" in body
+    assert_nothing_stored(media_root)
+
+
+def test_the_upload_form_names_the_dataset_after_the_file(alice_client, alice_project):
+    r = upload(alice_client, alice_project, b"a\nb\nc\nd\n", "support queries.txt", eval_percent="", seed="")
+    version = DatasetVersion.objects.get()
+    assert r.status_code == 302 and version.dataset.name == "support queries"
+    assert (version.eval_percent, version.split_seed, version.format) == (10, 0, "lines")
+
+
+@pytest.fixture
+def answered(alice, alice_project) -> DatasetVersion:
+    rows = [chat_row(f"question {i}", f"answer {i}") for i in range(4)]
+    return import_dataset(alice_project, alice, "answers", io.BytesIO(jsonl(*rows)), eval_percent=0)
+
+
+def test_a_review_saves_edits_and_drops_as_a_new_version(alice_client, alice, answered):
+    url = reverse("dataset_review", args=[answered.dataset.project.slug, answered.dataset_id, 1])
+    r = alice_client.post(url, {"answer_0": "answer 0", "answer_1": "a better answer", "drop": ["2"]}, follow=True)
+    new = answered.dataset.latest
+    assert new.number == 2 and new.row_count == 3 and new.parent == answered
+    assert [m[-1]["content"] for m in stored_messages(new)] == ["answer 0", "a better answer", "answer 3"]
+    assert b"Saved answers@2: 1 answer(s) edited, 1 row(s) dropped, 3 rows." in r.content
+    assert new.meta == {"reviewed": "answers@1", "edited": [1], "dropped": [2]}
+    r = alice_client.post(url, {"answer_0": "answer 0"}, follow=True)
+    assert b"No changes." in r.content
+    r = alice_client.post(url, {"answer_0": "  "}, follow=True)
+    assert b"An answer cannot be empty" in r.content and answered.dataset.versions.count() == 2
+    assert review_version(answered, alice, {}, {99}) is None  # no such row: nothing to do
 
 
 # --- permissions ----------------------------------------------------------------

@@ -45,7 +45,7 @@ def test_it_rejects_a_project_without_a_name(alice_client):
 
 
 def test_it_gives_unique_slugs(alice):
-    from workbench.actions import create_project
+    from workbench.actions.projects import create_project
 
     assert create_project(alice, "Same").slug == "same"
     assert create_project(alice, "Same").slug == "same-2"
@@ -90,3 +90,33 @@ def test_it_shows_base_models_and_workers(alice_client):
     assert b"w1@host" in r.content and b"alive" in r.content
     fragment = alice_client.get(reverse("models") + "?fragment=workers", headers={"HX-Request": "true"})
     assert fragment.content.strip().startswith(b'<div id="workers"') and b"<html" not in fragment.content
+
+
+def test_a_project_form_with_errors_keeps_what_was_typed(alice_client):
+    r = alice_client.post(reverse("project_create"), {"name": "  ", "description": "What we absorb"})
+    body = r.content.decode()
+    assert r.status_code == 400 and "A project needs a name." in body
+    assert ">What we absorb</textarea>" in body
+    assert not Project.objects.exists()
+
+
+def test_a_member_form_with_errors_keeps_what_was_typed(alice_client, alice_project):
+    url = reverse("member_add", args=[alice_project.slug])
+    r = alice_client.post(url, {"username": "zed", "role": "owner"})
+    body = r.content.decode()
+    assert r.status_code == 400 and "No user named &#x27;zed&#x27;." in body
+    assert 'value="zed"' in body and '<option value="owner" selected>' in body
+    r = alice_client.post(url, {"username": "bob", "role": "admin"})
+    assert r.status_code == 400 and b"Unknown role &#x27;admin&#x27;." in r.content
+    assert alice_project.memberships.count() == 1
+
+
+def test_it_refuses_a_ping_to_an_unknown_queue(alice_client):
+    from workbench.actions import ActionError
+    from workbench.actions.models import send_ping
+    from workbench.models import WorkerPing
+
+    with pytest.raises(ActionError, match="Unknown queue 'cpu'"):
+        send_ping("cpu")
+    r = alice_client.post(reverse("ping_workers"), {"queue": "cpu"}, follow=True)
+    assert b"Unknown queue" in r.content and not WorkerPing.objects.exists()

@@ -4,7 +4,7 @@ from kombu import Connection
 
 from tests.conftest import database_url, redis_or_skip
 from tests.processes import celery_worker, wait_for
-from workbench.actions import send_ping
+from workbench.actions.models import send_ping
 from workbench.celery import app
 from workbench.models import WorkerHeartbeat, WorkerPing
 from workbench.tasks import answer_ping
@@ -68,3 +68,21 @@ def test_it_enqueues_only_after_commit():
         send_ping("default")
         assert queued(conn, "default") == 1
         conn.default_channel.queue_purge("default")
+
+
+def test_settings_route_every_task_and_the_ping_follows_its_queue_argument():
+    from jobs.tasks import run_job
+    from workbench.tasks import compute_token_stats
+
+    def queue_of(task, *args, **kwargs):
+        return app.amqp.router.route({}, task.name, args, kwargs)["queue"].name
+
+    assert queue_of(run_job, 1) == "gpu"
+    assert queue_of(compute_token_stats, 1, 2) == "default"
+    assert queue_of(answer_ping, 1, queue="gpu") == "gpu"
+    assert queue_of(answer_ping, 1, queue="default") == "default"
+    with app.connection_for_write() as conn:
+        conn.default_channel.queue_purge("gpu")
+        send_ping("gpu")
+        assert queued(conn, "gpu") == 1
+        conn.default_channel.queue_purge("gpu")

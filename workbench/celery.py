@@ -18,6 +18,15 @@ app.config_from_object("django.conf:settings", namespace="CELERY")
 app.conf.task_queues = (Queue("default", routing_key="default"), Queue("gpu", routing_key="gpu"))
 app.autodiscover_tasks()
 
+
+
+def route_to_queue_argument(name: str, args: Any, kwargs: Any, options: Any, task: Any = None,
+                            **_kw: Any) -> dict[str, str] | None:
+    """A task called with `queue=...` goes to that queue (see CELERY_TASK_ROUTES)."""
+    queue = (kwargs or {}).get("queue")
+    return {"queue": queue} if queue in ("gpu", "default") else None
+
+
 _stop = threading.Event()
 
 

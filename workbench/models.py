@@ -4,7 +4,6 @@ from datetime import timedelta
 
 from django.conf import settings
 from django.db import models
-from django.db.models import QuerySet
 from django.urls import reverse
 from django.utils import timezone
 from django.utils.text import slugify
@@ -103,11 +102,6 @@ class WorkerHeartbeat(models.Model):
 
     def __str__(self) -> str:
         return self.hostname
-
-    @classmethod
-    def alive(cls) -> QuerySet[WorkerHeartbeat]:
-        cutoff = timezone.now() - timedelta(seconds=3 * settings.WORKER_HEARTBEAT_SECONDS)
-        return cls.objects.filter(stopped=False, last_seen__gte=cutoff)
 
     @property
     def is_alive(self) -> bool:
@@ -262,16 +256,6 @@ class DatasetRow(models.Model):
 
     def __str__(self) -> str:
         return f"{self.version} row {self.index}"
-
-    @property
-    def query(self) -> str:
-        users = [m["content"] for m in self.messages if m["role"] == "user"]
-        return users[-1] if users else ""
-
-    @property
-    def answer(self) -> str:
-        last = self.messages[-1] if self.messages else None
-        return last["content"] if last and last["role"] == "assistant" else ""
 
 
 class Variant(models.Model):

@@ -10,12 +10,22 @@ import os
 from pathlib import Path
 
 import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
 
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off", "")
+
+
 def envbool(name: str, default: str) -> bool:
-    return os.getenv(name, default).strip().lower() in ("1", "true", "yes", "on")
+    """Strict: a typo such as `ture` raises instead of silently meaning false."""
+    value = os.getenv(name, default).strip().lower()
+    if value not in _TRUE + _FALSE:
+        raise ImproperlyConfigured(f"{name}={os.getenv(name)!r} is not a boolean: use one of "
+                                   f"{', '.join(_TRUE + _FALSE[:-1])}.")
+    return value in _TRUE
 
 
 def envint(name: str, default: int) -> int:
@@ -175,7 +185,13 @@ CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_DEFAULT_QUEUE = "default"
-CELERY_TASK_ROUTES = {"jobs.tasks.run_job": {"queue": "gpu"}}
+# Every task's queue is decided here, never at the call site: model work on
+# `gpu`, the rest on `default`. A task that takes a `queue` argument (the
+# worker ping, which tests one queue) goes to that queue.
+CELERY_TASK_ROUTES = [
+    "workbench.celery.route_to_queue_argument",
+    {"jobs.tasks.run_job": {"queue": "gpu"}},
+]
 CELERY_TASK_SERIALIZER = "json"
 CELERY_ACCEPT_CONTENT = ["json"]
 CELERY_WORKER_SEND_TASK_EVENTS = False
@@ -187,6 +203,11 @@ WORKER_HEARTBEAT_SECONDS = envint("WORKER_HEARTBEAT_SECONDS", 10)
 JOB_HEARTBEAT_SECONDS = envint("JOB_HEARTBEAT_SECONDS", 10)
 JOB_STALE_SECONDS = envint("JOB_STALE_SECONDS", 90)
 JOB_REAP_SECONDS = envint("JOB_REAP_SECONDS", 15)
+# A running job stores its progress (and appends curve points) at most this often.
+JOB_PROGRESS_SECONDS = float(os.getenv("JOB_PROGRESS_SECONDS", "2"))
+# Modules that register job runners (jobs.registry); apps may add their own.
+JOB_RUNNER_MODULES = ["jobs.runners.teacher", "jobs.runners.finetune",
+                      *envlist("WORKBENCH_EXTRA_JOB_RUNNERS", "")]
 
 # Limits on uploads (bytes, rows, characters) --------------------------------
 UPLOAD_MAX_BYTES = envint("UPLOAD_MAX_BYTES", 512 * 1024 * 1024)

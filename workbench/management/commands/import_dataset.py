@@ -8,7 +8,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from engines import formats
 from workbench.actions import ActionError
-from workbench.actions_data import DatasetRejected, import_dataset
+from workbench.actions.datasets import DatasetRejected, import_dataset
 from workbench.management.commands._common import project_by_slug
 
 

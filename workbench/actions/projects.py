@@ -1,0 +1,50 @@
+"""Projects and their members."""
+
+from __future__ import annotations
+
+from django.contrib.auth import get_user_model
+from django.contrib.auth.models import AbstractBaseUser
+from django.db import transaction
+
+from workbench.actions import ActionError
+from workbench.models import Membership, Project
+
+
+@transaction.atomic
+def create_project(user: AbstractBaseUser, name: str, description: str = "") -> Project:
+    name = name.strip()
+    if not name:
+        raise ActionError("A project needs a name.")
+    project = Project.objects.create(
+        name=name, slug=Project.unique_slug(name), description=description, created_by=user
+    )
+    Membership.objects.create(project=project, user=user, role=Membership.OWNER)
+    return project
+
+
+@transaction.atomic
+def add_member(project: Project, actor: AbstractBaseUser, username: str, role: str) -> Membership:
+    if project.role_of(actor) != Membership.OWNER:
+        raise ActionError("Only an owner can add members.")
+    if role not in dict(Membership.ROLES):
+        raise ActionError(f"Unknown role '{role}'.")
+    user = get_user_model().objects.filter(username=username.strip()).first()
+    if user is None:
+        raise ActionError(f"No user named '{username}'.")
+    membership, created = Membership.objects.get_or_create(project=project, user=user, defaults={"role": role})
+    if not created:
+        raise ActionError(f"{username} is already a member.")
+    return membership
+
+
+@transaction.atomic
+def remove_member(project: Project, actor: AbstractBaseUser, membership_id: int) -> None:
+    if project.role_of(actor) != Membership.OWNER:
+        raise ActionError("Only an owner can remove members.")
+    membership = project.memberships.filter(pk=membership_id).first()
+    if membership is None:
+        raise ActionError("No such member.")
+    owners = project.memberships.filter(role=Membership.OWNER)
+    if membership.role == Membership.OWNER and owners.count() == 1:
+        raise ActionError("A project keeps at least one owner.")
+    membership.delete()

@@ -1,0 +1,186 @@
+"""Forms: parse and type what the user sent. A bound form with errors is
+shown again with what was typed (status 400); the actions check the rest."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from django import forms
+from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.template.defaultfilters import filesizeformat
+
+from engines import formats, rules
+from workbench.actions import ActionError
+from workbench.actions.prompts import decode_prompt_file
+from workbench.models import BaseModel, Membership
+
+
+class ProjectForm(forms.Form):
+    name = forms.CharField(max_length=100, error_messages={"required": "A project needs a name."})
+    description = forms.CharField(required=False)
+
+
+class MemberForm(forms.Form):
+    username = forms.CharField(max_length=150, error_messages={"required": "Which user? Enter a username."})
+    role = forms.ChoiceField(choices=Membership.ROLES, required=False,
+                             error_messages={"invalid_choice": "Unknown role '%(value)s'."})
+
+    def clean_role(self) -> str:
+        return self.cleaned_data["role"] or Membership.MEMBER
+
+
+# --- prompts ------------------------------------------------------------------
+
+class PromptTextForm(forms.Form):
+    """A new version's text, typed or uploaded (the file wins)."""
+
+    text = forms.CharField(required=False, strip=False, widget=forms.Textarea)
+    file = forms.FileField(required=False, allow_empty_file=True)
+    note = forms.CharField(max_length=300, required=False)
+
+    def clean_file(self) -> str | None:
+        upload = self.cleaned_data["file"]
+        if not upload:
+            return None
+        try:
+            return decode_prompt_file(upload.read(), upload.name)
+        except ActionError as exc:
+            raise ValidationError(str(exc)) from exc
+
+    @property
+    def prompt_text(self) -> str:
+        uploaded = self.cleaned_data["file"]
+        return uploaded if uploaded is not None else self.cleaned_data["text"]
+
+
+class PromptForm(PromptTextForm):
+    """A new prompt: name, text and optionally its rules as JSON."""
+
+    name = forms.CharField(max_length=200, error_messages={"required": "A prompt needs a name."})
+    rules = forms.CharField(required=False, widget=forms.Textarea)
+
+    field_order = ["name", "text", "file", "rules", "note"]
+
+    def clean_rules(self) -> Any:
+        raw = self.cleaned_data["rules"]
+        if not raw:
+            return []
+        try:
+            return json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise ValidationError(f"Rules are not valid JSON: {exc}") from exc
+
+
+def _param_field(param: rules.Param) -> forms.Field:
+    common = {"label": param.name, "help_text": param.help}
+    if param.type == "boolean":  # a checkbox: absent means unchecked
+        return forms.BooleanField(required=False, initial=param.default, **common)
+    if param.type == "integer":
+        return forms.IntegerField(min_value=1, required=param.required, **common,
+                                  error_messages={"invalid": "Enter a positive whole number.",
+                                                  "min_value": "Enter a positive whole number."})
+    if param.type == "flags":
+        return forms.MultipleChoiceField(choices=[(c, c) for c in param.choices], required=False,
+                                         initial=list(param.default or ()), **common)
+    return forms.CharField(required=param.required, strip=False, **common)
+
+
+class RuleForm(forms.Form):
+    """A rule's name, kind, and the parameters of that kind (engines.rules.KINDS),
+    typed by the form. The rule as a whole is checked by the action."""
+
+    rule_name = forms.CharField(max_length=200, error_messages={"required": "A rule needs a name."})
+    kind = forms.ChoiceField(choices=[(k, k) for k in rules.KINDS],
+                             error_messages={"required": "Choose a kind of rule.",
+                                             "invalid_choice": "Unknown kind of rule '%(value)s'."})
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        kind_name = self.data.get("kind", "") if self.is_bound else self.initial.get("kind", "")
+        self.rule_kind: rules.Kind | None = rules.KINDS.get(kind_name)
+        for param in self.rule_kind.params if self.rule_kind else ():
+            self.fields[param.name] = _param_field(param)
+
+    @property
+    def params(self) -> list[tuple[rules.Param, forms.BoundField]]:
+        """The kind's parameters with their bound fields, for the template."""
+        return [(p, self[p.name]) for p in self.rule_kind.params] if self.rule_kind else []
+
+    def rule(self) -> dict[str, Any]:
+        data = self.cleaned_data
+        rule: dict[str, Any] = {"name": data["rule_name"].strip(), "kind": data["kind"]}
+        for param in self.rule_kind.params if self.rule_kind else ():
+            value = data.get(param.name)
+            if param.type == "string" and not value and not param.required:
+                continue  # an empty optional text takes the kind's default
+            if value is not None:
+                rule[param.name] = value
+        return rule
+
+
+class DiffForm(forms.Form):
+    a = forms.IntegerField(min_value=1, required=False)
+    b = forms.IntegerField(min_value=1, required=False)
+
+
+# --- datasets -----------------------------------------------------------------
+
+FORMAT_CHOICES = [("auto", "Detect automatically"), *((k, f"{k} — {help}") for k, help in formats.FORMATS.items())]
+
+
+class DatasetUploadForm(forms.Form):
+    # An empty file is not refused here: the import says "the file is empty" like for any bad file.
+    file = forms.FileField(allow_empty_file=True, error_messages={"required": "Choose a file to upload."})
+    name = forms.CharField(max_length=200, required=False)
+    format = forms.ChoiceField(
+        choices=FORMAT_CHOICES, required=False, initial="auto",
+        error_messages={"invalid_choice": f"Unknown format '%(value)s' (expected auto or one of "
+                                          f"{', '.join(formats.FORMATS)})."},
+    )
+    query_column = forms.CharField(max_length=200, required=False)
+    answer_column = forms.CharField(max_length=200, required=False)
+    eval_percent = forms.IntegerField(
+        label="Eval split %", min_value=0, max_value=90, required=False, initial=10,
+        error_messages={"invalid": "Invalid number: the eval split is a whole percent from 0 to 90.",
+                        "min_value": "The eval split must be between 0 and 90 percent.",
+                        "max_value": "The eval split must be between 0 and 90 percent."},
+    )
+    seed = forms.IntegerField(label="Split seed", required=False, initial=0,
+                              error_messages={"invalid": "Invalid number: the split seed is a whole number."})
+
+    def clean_file(self) -> Any:
+        upload = self.cleaned_data["file"]
+        # The size the client sends is checked here; the import counts the stream too.
+        if upload.size and upload.size > settings.UPLOAD_MAX_BYTES:
+            raise ValidationError(f"The file is {filesizeformat(upload.size)}; the limit is "
+                                  f"{filesizeformat(settings.UPLOAD_MAX_BYTES)}.")
+        return upload
+
+    def clean_format(self) -> str:
+        return self.cleaned_data["format"] or "auto"
+
+    def clean_query_column(self) -> str | None:
+        return self.cleaned_data["query_column"] or None
+
+    def clean_answer_column(self) -> str | None:
+        return self.cleaned_data["answer_column"] or None
+
+    def clean_eval_percent(self) -> int:
+        value = self.cleaned_data["eval_percent"]
+        return 10 if value is None else value
+
+    def clean_seed(self) -> int:
+        value = self.cleaned_data["seed"]
+        return 0 if value is None else value
+
+    def clean(self) -> dict[str, Any]:
+        data = super().clean()
+        if not data.get("name") and data.get("file"):
+            data["name"] = data["file"].name.rsplit(".", 1)[0]  # named after the file
+        return data
+
+
+class TokenStatsForm(forms.Form):
+    base_model = forms.ModelChoiceField(queryset=BaseModel.objects.all())

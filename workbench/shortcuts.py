@@ -1,0 +1,33 @@
+"""How views find what they show: every project-scoped object is looked up
+through the projects the user is a member of, so a non-member gets a 404."""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+from django.db.models import Model, QuerySet
+from django.http import HttpRequest
+from django.shortcuts import get_object_or_404
+from django_htmx.middleware import HtmxDetails
+
+from workbench.models import Project
+
+M = TypeVar("M", bound=Model)
+
+
+class HtmxHttpRequest(HttpRequest):
+    htmx: HtmxDetails
+
+
+def get_project(request: HttpRequest, slug: str) -> Project:
+    """The one way views find a project: 404 unless the user is a member."""
+    return get_object_or_404(Project.objects.for_user(request.user), slug=slug)
+
+
+def get_for_project(
+    request: HttpRequest, slug: str, queryset: QuerySet[M], project_field: str = "project", **lookup: Any
+) -> M:
+    """An object of the member's project `slug`: 404 unless it belongs to that
+    project (through `project_field`, e.g. "dataset__project" for a version)."""
+    project = get_project(request, slug)
+    return get_object_or_404(queryset, **{project_field: project}, **lookup)

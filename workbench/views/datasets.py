@@ -1,0 +1,161 @@
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+from django.conf import settings
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.core.paginator import Paginator
+from django.http import Http404, HttpRequest, HttpResponse, StreamingHttpResponse
+from django.shortcuts import redirect, render
+from django.urls import reverse
+from django.views.decorators.http import require_POST
+
+from workbench.actions import ActionError
+from workbench.actions.datasets import DatasetRejected, import_dataset, queue_token_stats, review_version
+from workbench.forms import DatasetUploadForm, TokenStatsForm
+from workbench.models import BaseModel, Dataset, DatasetRow, DatasetVersion, Project
+from workbench.shortcuts import HtmxHttpRequest, get_for_project, get_project
+
+
+def _get_dataset(request: HttpRequest, slug: str, dataset_id: int) -> Dataset:
+    return get_for_project(request, slug, Dataset.objects.select_related("project"), pk=dataset_id)
+
+
+def _get_version(request: HttpRequest, slug: str, dataset_id: int, number: int) -> DatasetVersion:
+    return get_for_project(request, slug, DatasetVersion.objects.select_related("dataset__project"),
+                           "dataset__project", dataset_id=dataset_id, number=number)
+
+
+def _list_page(request: HttpRequest, project: Project, form: DatasetUploadForm, status: int = 200,
+               rejected: DatasetRejected | None = None) -> HttpResponse:
+    ctx = {"project": project, "datasets": project.datasets.prefetch_related("versions"), "form": form,
+           "max_bytes": settings.UPLOAD_MAX_BYTES, "rejected": rejected,
+           "filename": form.cleaned_data["file"].name if rejected else ""}
+    return render(request, "workbench/dataset_list.html", ctx, status=status)
+
+
+@login_required
+def dataset_list(request: HttpRequest, slug: str) -> HttpResponse:
+    return _list_page(request, get_project(request, slug), DatasetUploadForm())
+
+
+@login_required
+@require_POST
+def dataset_upload(request: HttpRequest, slug: str) -> HttpResponse:
+    project = get_project(request, slug)
+    form = DatasetUploadForm(request.POST, request.FILES)
+    if not form.is_valid():
+        return _list_page(request, project, form, status=400)
+    data = form.cleaned_data
+    try:
+        version = import_dataset(
+            project, request.user, data["name"], data["file"].file, filename=data["file"].name,
+            fmt=data["format"], query_column=data["query_column"], answer_column=data["answer_column"],
+            eval_percent=data["eval_percent"], seed=data["seed"],
+        )
+    except ActionError as exc:
+        form.add_error(None, str(exc))
+        return _list_page(request, project, form, status=400)
+    except DatasetRejected as rejected:
+        return _list_page(request, project, form, status=400, rejected=rejected)
+    messages.success(request, f"Stored {version}: {version.row_count:,} rows ({version.format}).")
+    return redirect(version)
+
+
+@login_required
+def dataset_detail(request: HtmxHttpRequest, slug: str, dataset_id: int) -> HttpResponse:
+    latest = _get_dataset(request, slug, dataset_id).latest
+    if latest is None:
+        return redirect("dataset_list", slug)
+    return dataset_version(request, slug, dataset_id, latest.number)
+
+
+def _stats_context(version: DatasetVersion) -> dict[str, object]:
+    dataset = version.dataset
+    return {"project": dataset.project, "dataset": dataset, "version": version, "stats": version.token_stats,
+            "stats_pending": any(v.get("status") == "queued" for v in version.token_stats.values())}
+
+
+@login_required
+def dataset_version(request: HtmxHttpRequest, slug: str, dataset_id: int, number: int) -> HttpResponse:
+    version = _get_version(request, slug, dataset_id, number)
+    split = request.GET.get("split", "")
+    rows = version.rows.all()
+    if split in (DatasetRow.TRAIN, DatasetRow.EVAL):
+        rows = rows.filter(split=split)
+    if request.GET.get("flagged"):
+        rows = rows.exclude(flags=[])
+    page = Paginator(rows, 20).get_page(request.GET.get("page"))
+    eval_count = version.eval_count
+    ctx = {
+        **_stats_context(version), "page": page, "split": split, "versions": version.dataset.versions.all(),
+        "eval_count": eval_count, "train_count": version.row_count - eval_count,
+        "base_models": BaseModel.objects.all(),
+    }
+    if request.htmx and request.htmx.target == "rows":
+        return render(request, "workbench/dataset_version.html#rows", ctx)
+    return render(request, "workbench/dataset_version.html", ctx)
+
+
+@login_required
+@require_POST
+def dataset_stats(request: HttpRequest, slug: str, dataset_id: int, number: int) -> HttpResponse:
+    """Queue token-length statistics under a base model's tokenizer."""
+    version = _get_version(request, slug, dataset_id, number)
+    form = TokenStatsForm(request.POST)
+    if not form.is_valid():
+        raise Http404("No such base model.")
+    queue_token_stats(version, form.cleaned_data["base_model"])
+    return redirect(version)
+
+
+@login_required
+def dataset_stats_fragment(request: HttpRequest, slug: str, dataset_id: int, number: int) -> HttpResponse:
+    version = _get_version(request, slug, dataset_id, number)
+    return render(request, "workbench/dataset_version.html#stats", _stats_context(version))
+
+
+@login_required
+def dataset_export(request: HttpRequest, slug: str, dataset_id: int, number: int) -> StreamingHttpResponse:
+    """The normalised rows as chat JSONL, with their split."""
+    version = _get_version(request, slug, dataset_id, number)
+
+    def lines() -> Iterator[str]:
+        for messages_, split in version.rows.values_list("messages", "split").iterator(chunk_size=2000):
+            yield json.dumps({"messages": messages_, "split": split}, ensure_ascii=False) + "\n"
+
+    response = StreamingHttpResponse(lines(), content_type="application/jsonl; charset=utf-8")
+    filename = f"{version.dataset.project.slug}-{version.dataset_id}-v{version.number}.jsonl"
+    response["Content-Disposition"] = f'attachment; filename="{filename}"'
+    return response
+
+
+@login_required
+def dataset_review(request: HttpRequest, slug: str, dataset_id: int, number: int) -> HttpResponse:
+    """Review answers (teacher output): edit answers, drop rows; saving makes
+    a new version, the reviewed one stays as it was."""
+    version = _get_version(request, slug, dataset_id, number)
+    flagged = bool(request.GET.get("flagged"))
+    rows = version.rows.exclude(flags=[]) if flagged else version.rows.all()
+    page = Paginator(rows, 10).get_page(request.GET.get("page"))
+    if request.method == "POST":
+        # Fields are named by row index: answer_<index> (edited text) and drop=<index>.
+        drop = {int(i) for i in request.POST.getlist("drop") if i.isdigit()}
+        edits = {int(k[7:]): v for k, v in request.POST.items() if k.startswith("answer_") and k[7:].isdigit()}
+        try:
+            new = review_version(version, request.user, edits, drop)
+        except ActionError as exc:
+            messages.error(request, str(exc))
+            return redirect(request.get_full_path())
+        if new is None:
+            messages.info(request, "No changes.")
+            return redirect(request.get_full_path())
+        messages.success(request, f"Saved {new}: {len(new.meta['edited'])} answer(s) edited, "
+                                  f"{len(new.meta['dropped'])} row(s) dropped, {new.row_count} rows.")
+        return redirect(reverse("dataset_review", args=[slug, dataset_id, new.number]) +
+                        f"?page={page.number}" + ("&flagged=1" if flagged else ""))
+    ctx = {"project": version.dataset.project, "dataset": version.dataset, "version": version, "page": page,
+           "flagged_count": version.rows.exclude(flags=[]).count(), "flagged": flagged}
+    return render(request, "workbench/dataset_review.html", ctx)

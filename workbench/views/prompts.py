@@ -1,0 +1,148 @@
+from __future__ import annotations
+
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.http import HttpRequest, HttpResponse
+from django.shortcuts import get_object_or_404, redirect, render
+from django.views.decorators.http import require_POST
+
+from engines import rules
+from workbench.actions import ActionError
+from workbench.actions.prompts import add_rule, diff_versions, remove_rule, save_prompt, token_costs
+from workbench.forms import DiffForm, PromptForm, PromptTextForm, RuleForm
+from workbench.models import Project, Prompt, PromptVersion
+from workbench.shortcuts import get_for_project, get_project
+
+
+def _get_prompt(request: HttpRequest, slug: str, prompt_id: int) -> Prompt:
+    return get_for_project(request, slug, Prompt.objects.select_related("project"), pk=prompt_id)
+
+
+def _list_page(request: HttpRequest, project: Project, form: PromptForm, status: int = 200) -> HttpResponse:
+    ctx = {"project": project, "prompts": project.prompts.prefetch_related("versions"), "form": form}
+    return render(request, "workbench/prompt_list.html", ctx, status=status)
+
+
+@login_required
+def prompt_list(request: HttpRequest, slug: str) -> HttpResponse:
+    return _list_page(request, get_project(request, slug), PromptForm())
+
+
+@login_required
+@require_POST
+def prompt_create(request: HttpRequest, slug: str) -> HttpResponse:
+    project = get_project(request, slug)
+    form = PromptForm(request.POST, request.FILES)
+    if form.is_valid():
+        data = form.cleaned_data
+        try:
+            saved = save_prompt(project, request.user, data["name"], form.prompt_text, data["rules"], data["note"])
+        except ActionError as exc:
+            form.add_error(None, str(exc))
+        else:
+            v = saved.version
+            messages.success(request, f"Saved {v.prompt.name} version {v.number}." if saved.created
+                             else f"{v.prompt.name} is unchanged (version {v.number}).")
+            return redirect(v.prompt)
+    return _list_page(request, project, form, status=400)
+
+
+def _version_page(
+    request: HttpRequest, prompt: Prompt, version: PromptVersion | None, *,
+    save_form: PromptTextForm | None = None, rule_form: RuleForm | None = None, status: int = 200,
+) -> HttpResponse:
+    latest = prompt.latest
+    ctx = {
+        "project": prompt.project, "prompt": prompt, "version": version, "latest": latest,
+        "versions": prompt.versions.select_related("author"),
+        "costs": token_costs(version.text) if version else [],
+        "rule_list": [(r, rules.describe(rules.validate_rules([r])[0])) for r in version.rules] if version else [],
+        "kinds": rules.KINDS,
+        "save_form": save_form or PromptTextForm(initial={"text": latest.text if latest else ""}),
+        "rule_form": rule_form or RuleForm(),
+    }
+    return render(request, "workbench/prompt_detail.html", ctx, status=status)
+
+
+@login_required
+def prompt_detail(request: HttpRequest, slug: str, prompt_id: int) -> HttpResponse:
+    prompt = _get_prompt(request, slug, prompt_id)
+    return _version_page(request, prompt, prompt.latest)
+
+
+@login_required
+def prompt_version(request: HttpRequest, slug: str, prompt_id: int, number: int) -> HttpResponse:
+    prompt = _get_prompt(request, slug, prompt_id)
+    return _version_page(request, prompt, get_object_or_404(prompt.versions, number=number))
+
+
+@login_required
+@require_POST
+def prompt_save(request: HttpRequest, slug: str, prompt_id: int) -> HttpResponse:
+    """A new version with edited text (rules carried over)."""
+    prompt = _get_prompt(request, slug, prompt_id)
+    form = PromptTextForm(request.POST, request.FILES)
+    if form.is_valid():
+        try:
+            saved = save_prompt(prompt.project, request.user, prompt.name, form.prompt_text, None,
+                                form.cleaned_data["note"])
+        except ActionError as exc:
+            form.add_error(None, str(exc))
+        else:
+            messages.success(request, f"Saved version {saved.version.number}." if saved.created else "No change.")
+            return redirect(prompt)
+    return _version_page(request, prompt, prompt.latest, save_form=form, status=400)
+
+
+@login_required
+@require_POST
+def prompt_rules(request: HttpRequest, slug: str, prompt_id: int) -> HttpResponse:
+    """Add a rule: a new version with the same text."""
+    prompt = _get_prompt(request, slug, prompt_id)
+    form = RuleForm(request.POST)
+    if form.is_valid():
+        try:
+            saved = add_rule(prompt, request.user, form.rule())
+        except ActionError as exc:
+            form.add_error(None, str(exc))
+        else:
+            messages.success(request, f"Rules saved as version {saved.version.number}.")
+            return redirect(prompt)
+    return _version_page(request, prompt, prompt.latest, rule_form=form, status=400)
+
+
+@login_required
+@require_POST
+def prompt_rule_remove(request: HttpRequest, slug: str, prompt_id: int) -> HttpResponse:
+    """Remove a rule: a new version with the same text."""
+    prompt = _get_prompt(request, slug, prompt_id)
+    try:
+        saved = remove_rule(prompt, request.user, request.POST.get("name", ""))
+    except ActionError as exc:
+        messages.error(request, str(exc))
+    else:
+        messages.success(request, f"Rules saved as version {saved.version.number}.")
+    return redirect(prompt)
+
+
+@login_required
+def rule_params(request: HttpRequest, slug: str) -> HttpResponse:
+    """The parameter fields of one rule kind (htmx swaps them into the form)."""
+    get_project(request, slug)
+    form = RuleForm(initial={"kind": request.GET.get("kind", "")})
+    return render(request, "workbench/prompt_detail.html#rule-params", {"rule_form": form})
+
+
+@login_required
+def prompt_diff(request: HttpRequest, slug: str, prompt_id: int) -> HttpResponse:
+    prompt = _get_prompt(request, slug, prompt_id)
+    latest = prompt.latest
+    if latest is None:
+        return redirect(prompt)
+    form = DiffForm(request.GET)
+    chosen = form.cleaned_data if form.is_valid() else {}  # a bad number falls back to the latest two
+    a = get_object_or_404(prompt.versions, number=chosen.get("a") or max(1, latest.number - 1))
+    b = get_object_or_404(prompt.versions, number=chosen.get("b") or latest.number)
+    ctx = {"project": prompt.project, "prompt": prompt, "diff": diff_versions(a, b),
+           "versions": prompt.versions.all()}
+    return render(request, "workbench/prompt_diff.html", ctx)
