@@ -48,7 +48,7 @@ def main() -> int:
     from teacher_throughput import queries, system_prompt
 
     from jobs.models import Job
-    from workbench.actions import create_project
+    from workbench.actions.projects import create_project
 
     call_command("migrate", verbosity=0)
     call_command("provision_model", verbosity=0)
@@ -82,7 +82,7 @@ def main() -> int:
     v = finetune.variant
     flagged = teacher.output_dataset.rows.exclude(flags=[]).count()
     print(f"\nqueries {args.queries}, prompt {len(system_prompt())} chars, max_new_tokens {args.max_new_tokens}, "
-          f"teacher batch {teacher.params['batch_size']}")
+          f"teacher batch {teacher.params['generation']['batch_size']}")
     print(f"teacher:   {t_sec:7.1f} s  ({args.queries / t_sec:.2f} queries/s, {flagged} rows flagged)")
     print(f"fine-tune: {f_sec:7.1f} s  ({v.metrics['steps']} steps, {v.metrics['tokens_per_second']:.0f} tokens/s, "
           f"final loss {v.final_loss:.3f}, epochs {args.epochs}, batch {args.batch_size}, bf16 {args.bf16})")

@@ -18,6 +18,7 @@ import contextlib
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -162,9 +163,9 @@ def main() -> int:
     autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if args.bf16 else contextlib.nullcontext
     with autocast():
         # The first batch is ~2x slower (allocator, thread pools): keep it out of the timings.
-        warm = GenerationSettings(max_new_tokens=8)
+        warm = GenerationSettings(max_new_tokens=8, batch_size=4)
         for reuse in (False, True):
-            generate(loaded, convs[:4], prompt, warm, batch_size=4, reuse_prefix=reuse)
+            generate(loaded, convs[:4], prompt, warm, reuse_prefix=reuse)
 
     ok = True
     for batch_size in args.batch_size:
@@ -173,7 +174,8 @@ def main() -> int:
         for reuse in (False, True):
             with autocast():
                 t = time.perf_counter()
-                outputs[reuse] = generate(loaded, convs, prompt, settings, batch_size=batch_size, reuse_prefix=reuse)
+                outputs[reuse] = generate(loaded, convs, prompt, replace(settings, batch_size=batch_size),
+                                          reuse_prefix=reuse)
                 timings[reuse] = time.perf_counter() - t
         same = sum(a.text == b.text and a.completion_tokens == b.completion_tokens
                    for a, b in zip(outputs[False], outputs[True], strict=True))

@@ -32,6 +32,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from engines.chat import prompt_completion  # noqa: E402
+from engines.progress import Progress  # noqa: E402
 from engines.training import TrainConfig, resolve_bf16, resolve_device, train  # noqa: E402
 
 MODEL_DIR = REPO / ".cache" / "models" / "SmolLM2-135M-Instruct"
@@ -77,9 +78,9 @@ def run_engine(examples: list[dict[str, Any]], config: TrainConfig, work: Path) 
     marks: list[tuple[float, int]] = []
     losses: list[float] = []
 
-    def progress(p: dict[str, Any]) -> None:
-        marks.append((time.monotonic(), p["train_tokens"]))
-        losses.append(p["loss"])
+    def progress(p: Progress) -> None:
+        marks.append((time.monotonic(), int(p.metrics["train_tokens"] or 0)))
+        losses.append(float(p.metrics["loss"] or 0.0))
 
     t0 = time.monotonic()
     train(MODEL_DIR, examples, work / "engine", config, progress=progress, resume=False)

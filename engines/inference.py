@@ -3,7 +3,8 @@ generate chat completions in batches.
 
 Teacher generation, evals and serving all call `generate`, so the chat
 template (`engines.chat.render`), the generation settings and the stop
-tokens are the same everywhere. Plain Python: no Django, no Celery.
+tokens are the same everywhere. Plain Python: no Django, no Celery; importing it is cheap (torch and
+transformers load on first use), so the web process can use its settings.
 
 Teacher generation runs many queries behind one long system prompt. With
 `reuse_prefix`, the token prefix that every rendered input shares is encoded
@@ -14,15 +15,19 @@ and gives the same tokens as plain batched generation (see
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
-
-import torch
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from engines.chat import Message, render
+from engines.progress import Progress, ProgressFn, StopFn
+
+if TYPE_CHECKING:
+    import torch
 
 # Below this many shared tokens, encoding the prefix separately is not worth it.
 MIN_PREFIX_TOKENS = 32
@@ -43,20 +48,63 @@ class GenerationCancelled(Exception):
         self.total = total
 
 
+class SettingsError(ValueError):
+    """Invalid GenerationSettings. `errors` maps each bad field to what is wrong."""
+
+    def __init__(self, errors: dict[str, str]) -> None:
+        self.errors = errors
+        super().__init__("Invalid generation settings: " + "; ".join(f"{k}: {v}" for k, v in errors.items()))
+
+
 @dataclass(frozen=True)
 class GenerationSettings:
+    """How to generate, and the one place that owns the defaults: teacher
+    jobs, the absorb form and command, evals and serving all start from it."""
+
     max_new_tokens: int = 256
     temperature: float = 0.0  # 0 means greedy
     top_p: float = 1.0
     seed: int | None = None
+    # Conversations per generate call. 16 measured 3.7x plain batching with
+    # the shared prompt prefix on 2 CPU cores (bench/README.md).
+    batch_size: int = 16
+
+    LIMITS: ClassVar[dict[str, tuple[int, int]]] = {"max_new_tokens": (1, 4096), "batch_size": (1, 256)}
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be 0 (greedy) or positive, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        errors: dict[str, str] = {}
+        for name, (low, high) in self.LIMITS.items():
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                errors[name] = f"must be a whole number, got {value!r}"
+            elif not low <= value <= high:
+                errors[name] = f"must be between {low} and {high}, got {value}"
+        if not isinstance(self.temperature, (int, float)) or isinstance(self.temperature, bool) \
+                or not math.isfinite(self.temperature) or self.temperature < 0:
+            errors["temperature"] = f"must be 0 (greedy) or positive, got {self.temperature!r}"
+        if not isinstance(self.top_p, (int, float)) or isinstance(self.top_p, bool) or not 0 < self.top_p <= 1:
+            errors["top_p"] = f"must be in (0, 1], got {self.top_p!r}"
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
+            errors["seed"] = f"must be a whole number or empty, got {self.seed!r}"
+        if errors:
+            raise SettingsError(errors)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> GenerationSettings:
+        """From JSON-like data (a job's params, a command's options); unknown
+        keys and bad values raise SettingsError naming each field."""
+        data = dict(data or {})
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise SettingsError({k: "unknown setting" for k in unknown})
+        for name in ("max_new_tokens", "batch_size", "seed"):
+            if isinstance(data.get(name), float) and data[name].is_integer():
+                data[name] = int(data[name])
+        return cls(**{k: v for k, v in data.items() if v is not None or k == "seed"})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
 
 @dataclass
@@ -81,14 +129,16 @@ def pick_device(prefer: str | None = None) -> tuple[torch.device, torch.dtype]:
     """The device to run on and its dtype: CUDA with bf16 (fp16 where bf16 is
     unsupported), else MPS, else CPU in float32. `prefer` ("cuda", "cuda:1",
     "mps", "cpu") forces a device and fails if it is unavailable."""
+    import torch
+
     if prefer is not None:
         device = torch.device(prefer)
         if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device {prefer!r} was asked for but CUDA is not available")
+            raise ModelLoadError(f"device {prefer!r} was asked for but CUDA is not available")
         if device.type == "mps" and not torch.backends.mps.is_available():
-            raise ValueError(f"device {prefer!r} was asked for but MPS is not available")
+            raise ModelLoadError(f"device {prefer!r} was asked for but MPS is not available")
         if device.type not in ("cuda", "mps", "cpu"):
-            raise ValueError(f"unsupported device {prefer!r}: use cuda, mps or cpu")
+            raise ModelLoadError(f"unsupported device {prefer!r}: use cuda, mps or cpu")
     elif torch.cuda.is_available():
         device = torch.device("cuda")
     elif torch.backends.mps.is_available():
@@ -186,7 +236,8 @@ def load_model(
     return LoadedModel(model=model, tokenizer=tokenizer, device=picked_device, dtype=dtype, stop_token_ids=stop_ids)
 
 
-def _encode(tokenizer: Any, messages: Sequence[Message], system_prompt: str | None) -> list[int]:
+def encode(tokenizer: Any, messages: Sequence[Message], system_prompt: str | None) -> list[int]:
+    """Token ids of the rendered prompt, exactly as `generate` feeds them."""
     # The template writes any BOS itself, so the tokenizer must not add one.
     text = render(tokenizer, messages, system_prompt, add_generation_prompt=True)
     return [int(t) for t in tokenizer(text, add_special_tokens=False)["input_ids"]]
@@ -194,7 +245,7 @@ def _encode(tokenizer: Any, messages: Sequence[Message], system_prompt: str | No
 
 def count_tokens(tokenizer: Any, messages: Sequence[Message], system_prompt: str | None) -> int:
     """Tokens of the rendered prompt, exactly as `generate` feeds it."""
-    return len(_encode(tokenizer, messages, system_prompt))
+    return len(encode(tokenizer, messages, system_prompt))
 
 
 def _common_prefix_length(rows: Sequence[Sequence[int]]) -> int:
@@ -227,6 +278,7 @@ def _encode_prefix(loaded: LoadedModel, prefix: list[int]) -> list[tuple[torch.T
     """Key/value states of the shared prefix at batch 1, one pair per layer; None
     when the model's cache is not plain full attention (sliding windows,
     linear attention), where copying states into a StaticCache is not sound."""
+    import torch
     from transformers.cache_utils import DynamicLayer
 
     ids = torch.tensor([prefix], device=loaded.device)
@@ -268,31 +320,32 @@ def generate(
     conversations: Sequence[Sequence[Message]],
     system_prompt: str | None,
     settings: GenerationSettings | None = None,
-    batch_size: int = 8,
     reuse_prefix: bool = True,
-    progress: Callable[[int, int], None] | None = None,
-    should_stop: Callable[[], bool] | None = None,
+    progress: ProgressFn | None = None,
+    should_stop: StopFn | None = None,
 ) -> list[Completion]:
     """Answer every conversation (the assistant's next turn), in input order.
 
     `system_prompt` replaces any system message in the conversations; None
-    means no system message (see `engines.chat`). `progress(done, total)` is
-    called after each batch; `should_stop()` is checked before each batch and
-    raises GenerationCancelled."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    means no system message (see `engines.chat`). `progress` gets a Progress
+    (unit "conversations") after each batch; `should_stop()` is checked
+    before each batch and raises GenerationCancelled."""
     settings = settings or GenerationSettings()
+    batch_size = settings.batch_size
+    started = time.monotonic()
     total = len(conversations)
     if total == 0:
         return []
     tokenizer = loaded.tokenizer
-    rows = [_encode(tokenizer, conv, system_prompt) for conv in conversations]
+    rows = [encode(tokenizer, conv, system_prompt) for conv in conversations]
     # Longest first: similar lengths share a batch (less padding), and an
     # out-of-memory error comes at once rather than at the end.
     order = sorted(range(total), key=lambda i: -len(rows[i]))
     gen_config = _generation_config(loaded, settings)
     pad_id = int(tokenizer.pad_token_id)
     results: list[Completion | None] = [None] * total
+    import torch
+
     if settings.seed is not None:
         torch.manual_seed(settings.seed)
 
@@ -338,6 +391,6 @@ def generate(
                 results[i] = _finish(loaded, new[row], len(rows[i]), seconds)
             done += len(batch)
             if progress is not None:
-                progress(done, total)
+                progress(Progress.since(started, done, total, "conversations"))
 
     return [r for r in results if r is not None]

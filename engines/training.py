@@ -32,13 +32,14 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from engines.chat import prompt_completion
+from engines.progress import Progress, ProgressFn, StopFn
 
 if TYPE_CHECKING:
     import torch
@@ -59,8 +60,6 @@ _NON_MATH_FIELDS = frozenset({"save_steps", "save_total_limit", "logging_steps",
                               "gradient_checkpointing"})
 
 Example = Mapping[str, Any]
-ProgressFn = Callable[[dict[str, Any]], None]
-StopFn = Callable[[], bool]
 
 
 class TrainingError(Exception):
@@ -337,22 +336,19 @@ def _checkpoint_step(path: Path) -> int | None:
     return step
 
 
-def last_checkpoint(checkpoints_dir: Path, remove_incomplete: bool = False) -> Path | None:
-    """The newest complete checkpoint; incomplete ones (killed mid-save) are
-    skipped, and removed when asked so they cannot shadow a later save."""
-    best: tuple[int, Path] | None = None
+def last_checkpoint(checkpoints_dir: Path) -> Path | None:
+    """The newest complete checkpoint. transformers finds the newest by
+    number; one without its trainer state (a process killed mid-save) is
+    removed so it cannot shadow the one before it."""
+    from transformers.trainer_utils import get_last_checkpoint
+
     if not checkpoints_dir.is_dir():
         return None
-    for p in checkpoints_dir.iterdir():
-        if not _CHECKPOINT_RE.match(p.name):
-            continue
-        step = _checkpoint_step(p)
-        if step is None:
-            if remove_incomplete:
-                shutil.rmtree(p, ignore_errors=True)
-        elif best is None or step > best[0]:
-            best = (step, p)
-    return best[1] if best else None
+    while (found := get_last_checkpoint(str(checkpoints_dir))) is not None:
+        if _checkpoint_step(Path(found)) is not None:
+            return Path(found)
+        shutil.rmtree(found, ignore_errors=True)
+    return None
 
 
 def _write_json_atomic(path: Path, data: Any) -> None:
@@ -370,7 +366,7 @@ def _prepare_checkpoints(ckpt_dir: Path, run_id: str, resume: bool) -> Path | No
             stored = json.loads(run_file.read_text()).get("fingerprint")
         except (OSError, ValueError):
             stored = None
-        last = last_checkpoint(ckpt_dir, remove_incomplete=True)
+        last = last_checkpoint(ckpt_dir)
         if last is not None and stored != run_id:
             raise TrainingError(
                 f"{ckpt_dir} holds checkpoints of a different run (the model, config or examples changed). "
@@ -442,11 +438,10 @@ def resolve_bf16(bf16: str | bool, device: str) -> bool:
 
 def _is_oom(exc: BaseException) -> bool:
     import torch
+    from accelerate.utils.memory import should_reduce_batch_size
 
-    if isinstance(exc, torch.OutOfMemoryError):
-        return True
-    msg = str(exc).lower()
-    return isinstance(exc, RuntimeError) and ("out of memory" in msg or "can't allocate memory" in msg)
+    return isinstance(exc, torch.OutOfMemoryError) or (
+        isinstance(exc, Exception) and should_reduce_batch_size(exc))
 
 
 def _oom_message(config: TrainConfig, device: str) -> str:
@@ -506,25 +501,23 @@ def _classes() -> tuple[type, type, type]:
             self.last_loss = float(logs["loss"])
             if self.progress is None:
                 return
-            elapsed = time.monotonic() - self.t0
             done = state.global_step - self.start_step
             tokens = state.num_input_tokens_seen - self.start_tokens
-            info: dict[str, Any] = {
-                "step": state.global_step,
-                "max_steps": state.max_steps,
-                "epoch": state.epoch,
+            elapsed = time.monotonic() - self.t0
+            metrics: dict[str, Any] = {
                 "loss": self.last_loss,
                 "learning_rate": logs.get("learning_rate"),
                 "grad_norm": logs.get("grad_norm"),
+                "epoch": state.epoch,
                 "tokens_per_second": tokens / elapsed if elapsed > 0 else 0.0,
                 "train_tokens": state.num_input_tokens_seen,
-                "eta_seconds": (state.max_steps - state.global_step) * elapsed / done if done else None,
-                "elapsed": elapsed,
             }
             for key in ("ce_loss", "kl_loss", "mean_token_accuracy"):
                 if key in logs:
-                    info[key] = logs[key]
-            self.progress(info)
+                    metrics[key] = logs[key]
+            point = {"step": state.global_step, "loss": self.last_loss, "lr": logs.get("learning_rate")}
+            self.progress(Progress.since(self.t0, state.global_step, state.max_steps, "steps", rate_done=done,
+                                         metrics=metrics, point=point))
 
     class DistillCollator:
         """Pads the student batch as TRL does, plus the teacher rendering."""
@@ -699,7 +692,9 @@ def train(
     if oom is not None:
         # Raised outside the except block: the traceback (and with it the
         # failed trainer, model and batch) is gone, so the memory comes back.
-        _free_accelerator_memory()
+        from accelerate.utils.memory import clear_device_cache
+
+        clear_device_cache(garbage_collection=True)
         raise TrainingOOM(f"{_oom_message(config, device)} (error: {oom})")
 
     state = trainer.state
@@ -749,13 +744,3 @@ def _fit(model_dir: Path, examples: Sequence[Example], config: TrainConfig, ckpt
     trainer.remove_callback(PrinterCallback)
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     return trainer, callback, skipped
-
-
-def _free_accelerator_memory() -> None:
-    import gc
-
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()

@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from django.contrib.auth.models import AbstractBaseUser
 from django.db import transaction
 
-from engines.training import ConfigError, TrainConfig
+from engines.inference import GenerationSettings
+from engines.training import TrainConfig
 from jobs.models import Job
-from jobs.runner import enqueue
+from jobs.tasks import enqueue
 from workbench.actions import ActionError
 from workbench.models import BaseModel, DatasetRow, DatasetVersion, Project, PromptVersion
-
-GENERATION_DEFAULTS: dict[str, Any] = {"max_new_tokens": 256, "batch_size": 16, "temperature": 0.0,
-                                       "keep_existing": True}
 
 
 def _check(project: Project, prompt_version: PromptVersion, dataset_version: DatasetVersion) -> None:
@@ -25,47 +24,36 @@ def _check(project: Project, prompt_version: PromptVersion, dataset_version: Dat
         raise ActionError(f"{dataset_version} has no rows in its train split.")
 
 
-def generation_params(data: dict[str, Any] | None) -> dict[str, Any]:
-    params = {**GENERATION_DEFAULTS, **(data or {})}
-    unknown = sorted(set(params) - set(GENERATION_DEFAULTS) - {"seed"})
-    if unknown:
-        raise ActionError(f"Unknown generation setting(s): {', '.join(unknown)}.")
-    try:
-        if not 1 <= int(params["max_new_tokens"]) <= 4096:
-            raise ActionError("max_new_tokens must be between 1 and 4096.")
-        if not 1 <= int(params["batch_size"]) <= 256:
-            raise ActionError("batch_size must be between 1 and 256.")
-        if float(params["temperature"]) < 0:
-            raise ActionError("temperature must be 0 (greedy) or more.")
-    except (TypeError, ValueError) as exc:
-        raise ActionError(f"Invalid generation setting: {exc}") from exc
-    return params
+def _generation(value: GenerationSettings | Mapping[str, Any] | None) -> GenerationSettings:
+    return value if isinstance(value, GenerationSettings) else GenerationSettings.from_dict(value)
 
 
-def train_params(data: dict[str, Any] | None) -> dict[str, Any]:
-    """Validated TrainConfig values (raises ConfigError naming each bad field)."""
-    return TrainConfig.from_dict(data or {}).to_dict()
+def _training(value: TrainConfig | Mapping[str, Any] | None) -> TrainConfig:
+    return value if isinstance(value, TrainConfig) else TrainConfig.from_dict(value or {})
 
 
 @transaction.atomic
 def start_absorb(
     project: Project, user: AbstractBaseUser | None, prompt_version: PromptVersion,
-    dataset_version: DatasetVersion, base_model: BaseModel, generation: dict[str, Any] | None = None,
-    training: dict[str, Any] | None = None, review_first: bool = False,
+    dataset_version: DatasetVersion, base_model: BaseModel,
+    generation: GenerationSettings | Mapping[str, Any] | None = None,
+    training: TrainConfig | Mapping[str, Any] | None = None, *,
+    keep_existing: bool = True, review_first: bool = False,
 ) -> tuple[Job, Job | None]:
     """Queue teacher generation and (unless the team reviews the answers
-    first) the fine-tune that trains on them once the teacher finishes."""
+    first) the fine-tune that trains on them once the teacher finishes.
+    Bad settings raise SettingsError / ConfigError naming each field."""
     _check(project, prompt_version, dataset_version)
-    gen = generation_params(generation)
-    train = train_params(training)
-    teacher = Job.objects.create(project=project, kind=Job.TEACHER, base_model=base_model,
+    gen, train = _generation(generation), _training(training)
+    teacher = Job.objects.create(project=project, kind="teacher", base_model=base_model,
                                  prompt_version=prompt_version, dataset_version=dataset_version,
-                                 params=gen, created_by=user)
+                                 params={"generation": gen.to_dict(), "keep_existing": keep_existing},
+                                 created_by=user)
     finetune = None
     if not review_first:
-        finetune = Job.objects.create(project=project, kind=Job.FINETUNE, base_model=base_model,
+        finetune = Job.objects.create(project=project, kind="finetune", base_model=base_model,
                                       prompt_version=prompt_version, depends_on=teacher,
-                                      params={"train": train}, created_by=user)
+                                      params={"train": train.to_dict()}, created_by=user)
     enqueue(teacher)
     return teacher, finetune
 
@@ -73,30 +61,24 @@ def start_absorb(
 @transaction.atomic
 def start_finetune(
     project: Project, user: AbstractBaseUser | None, prompt_version: PromptVersion,
-    dataset_version: DatasetVersion, base_model: BaseModel, training: dict[str, Any] | None = None,
+    dataset_version: DatasetVersion, base_model: BaseModel,
+    training: TrainConfig | Mapping[str, Any] | None = None,
 ) -> Job:
     """Train on a dataset version that already holds the answers (teacher
     answers after review, or a dataset uploaded with answers)."""
     _check(project, prompt_version, dataset_version)
-    train = train_params(training)
-    has_answers = dataset_version.rows.filter(split=DatasetRow.TRAIN).exists() and any(
-        m[-1]["role"] == "assistant"
-        for m in dataset_version.rows.filter(split=DatasetRow.TRAIN).values_list("messages", flat=True)[:50]
-    )
-    if not has_answers:
+    train = _training(training)
+    sample = dataset_version.rows.filter(split=DatasetRow.TRAIN).values_list("messages", flat=True)[:50]
+    if not any(m[-1]["role"] == "assistant" for m in sample):
         raise ActionError(f"{dataset_version} has no assistant answers: run the teacher first.")
-    job = Job.objects.create(project=project, kind=Job.FINETUNE, base_model=base_model,
+    job = Job.objects.create(project=project, kind="finetune", base_model=base_model,
                              prompt_version=prompt_version, dataset_version=dataset_version,
-                             params={"train": train}, created_by=user)
+                             params={"train": train.to_dict()}, created_by=user)
     enqueue(job)
     return job
 
 
-def cancel_job(job: Job) -> None:
-    job.request_cancel()
-    job.append_log("cancel requested")
-    for dep in job.dependents.filter(status=Job.QUEUED):
-        dep.mark_cancelled(f"cancelled with {job}")
-
-
-__all__ = ["ConfigError", "cancel_job", "start_absorb", "start_finetune"]
+def cancel_job(job: Job) -> bool:
+    """Cancel a queued or running job (the jobs waiting for it are cancelled
+    when it ends). False, and nothing changes, for a job that already ended."""
+    return job.request_cancel()

@@ -1,20 +1,26 @@
 from __future__ import annotations
 
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 from django.conf import settings
 from django.db import models
-from django.db.models import F, Q
+from django.db.models import F, Q, Value
+from django.db.models.functions import Concat
 from django.urls import reverse
 from django.utils import timezone
 
+from engines.progress import Progress
 from workbench.models import BaseModel, DatasetVersion, Project, PromptVersion, Variant
 
 
 class Job(models.Model):
-    """A unit of long work on a worker. The row owns its lifecycle; every
-    state change is a compare-and-set update, and terminal states never change."""
+    """A unit of long work on a worker, of any kind (a runner registered under
+    `kind` does the work, see jobs.registry). The row owns its lifecycle:
+    every state change is a compare-and-set update, terminal states never
+    change, and a job that ends without succeeding cancels the queued jobs
+    that depend on it."""
 
     QUEUED = "queued"
     RUNNING = "running"
@@ -26,15 +32,15 @@ class Job(models.Model):
     ACTIVE = (QUEUED, RUNNING)
     TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
 
-    TEACHER = "teacher"
-    FINETUNE = "finetune"
-    KINDS = [(TEACHER, "Teacher generation"), (FINETUNE, "Fine-tune")]
-
     project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="jobs")
-    kind = models.CharField(max_length=20, choices=KINDS)
+    kind = models.CharField(max_length=40, help_text="The registered runner that does the work")
     status = models.CharField(max_length=20, choices=STATUSES, default=QUEUED, db_index=True)
-    base_model = models.ForeignKey(BaseModel, on_delete=models.PROTECT, related_name="jobs")
-    prompt_version = models.ForeignKey(PromptVersion, on_delete=models.PROTECT, related_name="jobs")
+    params = models.JSONField(default=dict, blank=True, help_text="The kind's own settings")
+    # Inputs and outputs of the absorb kinds; other kinds leave them empty
+    # and keep their inputs in params or in a row of their own app.
+    base_model = models.ForeignKey(BaseModel, null=True, blank=True, on_delete=models.PROTECT, related_name="jobs")
+    prompt_version = models.ForeignKey(PromptVersion, null=True, blank=True, on_delete=models.PROTECT,
+                                       related_name="jobs")
     dataset_version = models.ForeignKey(DatasetVersion, null=True, blank=True, on_delete=models.PROTECT,
                                         related_name="jobs", help_text="Input rows (filled in by the teacher job "
                                         "for a fine-tune that depends on one)")
@@ -43,9 +49,7 @@ class Job(models.Model):
     variant = models.ForeignKey(Variant, null=True, blank=True, on_delete=models.SET_NULL, related_name="jobs")
     depends_on = models.ForeignKey("self", null=True, blank=True, on_delete=models.SET_NULL,
                                    related_name="dependents")
-    params = models.JSONField(default=dict, blank=True)
-    progress = models.JSONField(default=dict, blank=True)
-    history = models.JSONField(default=list, blank=True, help_text="Loss curve points")
+    progress = models.JSONField(default=dict, blank=True, help_text="The latest engines.progress.Progress")
     log = models.TextField(blank=True)
     error = models.TextField(blank=True)
     attempts = models.PositiveSmallIntegerField(default=0)
@@ -62,18 +66,35 @@ class Job(models.Model):
         ordering = ["-created_at", "-id"]
 
     def __str__(self) -> str:
-        return f"{self.get_kind_display()} #{self.pk}"
+        return f"{self.label} #{self.pk}"
 
     def get_absolute_url(self) -> str:
         return reverse("job_detail", args=[self.project.slug, self.pk])
+
+    @property
+    def label(self) -> str:
+        from jobs.registry import label_of
+
+        return label_of(self.kind)
 
     @property
     def is_terminal(self) -> bool:
         return self.status in self.TERMINAL
 
     @property
-    def data_dir(self) -> Any:
-        return settings.DATA_DIR / "jobs" / str(self.pk)
+    def data_dir(self) -> Path:
+        return Path(settings.DATA_DIR) / "jobs" / str(self.pk)
+
+    @property
+    def current_progress(self) -> Progress | None:
+        return Progress.from_json(self.progress)
+
+    @property
+    def percent(self) -> int:
+        if self.status == self.SUCCEEDED:
+            return 100
+        p = self.current_progress
+        return int(100 * p.fraction) if p else 0
 
     # --- compare-and-set transitions; each returns whether it happened -------
 
@@ -92,45 +113,63 @@ class Job(models.Model):
         return self._cas(self.QUEUED, Q(cancel_requested=False), status=self.RUNNING, worker=worker,
                          attempts=F("attempts") + 1, started_at=now, heartbeat_at=now, error="")
 
+    def _end(self, status: str, log_line: str, from_status: str | tuple[str, ...] = ACTIVE,
+             extra: Q | None = None, **changes: Any) -> bool:
+        """The one way into a terminal state. Logs only a move that happened;
+        a job that ends without succeeding cancels the queued jobs that wait for it."""
+        if not self._cas(from_status, extra, status=status, finished_at=timezone.now(), **changes):
+            return False
+        if log_line:
+            self.append_log(log_line)
+        if status != self.SUCCEEDED:
+            for dep in self.dependents.filter(status=self.QUEUED):
+                dep.mark_cancelled(f"cancelled: {self} {status}")
+        return True
+
     def succeed(self, **changes: Any) -> bool:
-        return self._cas(self.RUNNING, status=self.SUCCEEDED, finished_at=timezone.now(), **changes)
+        return self._end(self.SUCCEEDED, "", self.RUNNING, **changes)
 
     def fail(self, reason: str) -> bool:
-        self.append_log(f"FAILED: {reason}")
-        return self._cas(self.ACTIVE, status=self.FAILED, error=reason, finished_at=timezone.now())
+        return self._end(self.FAILED, f"FAILED: {reason}", error=reason)
 
     def mark_cancelled(self, reason: str = "cancelled") -> bool:
-        self.append_log(reason)
-        return self._cas(self.ACTIVE, status=self.CANCELLED, finished_at=timezone.now(), error="")
+        return self._end(self.CANCELLED, reason, error="")
 
-    def request_cancel(self) -> None:
-        """Queued jobs stop at once; running ones stop at their next step."""
-        Job.objects.filter(pk=self.pk, status__in=self.ACTIVE).update(cancel_requested=True)
-        self._cas(self.QUEUED, status=self.CANCELLED, finished_at=timezone.now())
+    def request_cancel(self) -> bool:
+        """Queued jobs stop at once; running ones stop at their next step.
+        Returns False (and changes nothing, log included) for a job that already ended."""
+        if not Job.objects.filter(pk=self.pk, status__in=self.ACTIVE).update(cancel_requested=True):
+            self.refresh_from_db()
+            return False
+        if not self._end(self.CANCELLED, "cancelled before it started", self.QUEUED, error=""):
+            self.append_log("cancel requested; stopping at the next step", only_if=self.RUNNING)
         self.refresh_from_db()
+        return True
 
     def requeue_if_stale(self, stale_after: timedelta) -> str | None:
         """RUNNING with no heartbeat for `stale_after` (its worker died):
         back to QUEUED to resume, or FAILED after max_attempts. Returns the
         new status, or None when the job was alive or already moved."""
-        cutoff = timezone.now() - stale_after
-        stale = Q(heartbeat_at__lt=cutoff)
+        stale = Q(heartbeat_at__lt=timezone.now() - stale_after)
         reason = f"worker {self.worker or '?'} stopped responding (attempt {self.attempts} of {self.max_attempts})"
         if self.attempts >= self.max_attempts:
-            if self._cas(self.RUNNING, stale, status=self.FAILED, finished_at=timezone.now(),
-                         error=f"{reason}; giving up after {self.attempts} attempts"):
-                self.append_log(f"FAILED: {self.error}")
-                return self.FAILED
-            return None
+            msg = f"{reason}; giving up after {self.attempts} attempts"
+            return self.FAILED if self._end(self.FAILED, f"FAILED: {msg}", self.RUNNING, stale, error=msg) else None
         if self.cancel_requested:
-            return self.CANCELLED if self._cas(self.RUNNING, stale, status=self.CANCELLED,
-                                               finished_at=timezone.now()) else None
+            return self.CANCELLED if self._end(self.CANCELLED, f"{reason}; cancelled as requested", self.RUNNING,
+                                               stale) else None
         if self._cas(self.RUNNING, stale, status=self.QUEUED, worker=""):
             self.append_log(f"{reason}; requeued to resume from the last checkpoint")
             return self.QUEUED
         return None
 
-    # --- progress ------------------------------------------------------------
+    def ready_dependents(self) -> list[Job]:
+        """Queued jobs waiting for this one, once it succeeded."""
+        if self.status != self.SUCCEEDED:
+            return []
+        return list(self.dependents.filter(status=self.QUEUED))
+
+    # --- while running --------------------------------------------------------
 
     def beat(self) -> None:
         Job.objects.filter(pk=self.pk, status=self.RUNNING).update(heartbeat_at=timezone.now())
@@ -138,26 +177,43 @@ class Job(models.Model):
     def cancel_is_requested(self) -> bool:
         return Job.objects.filter(pk=self.pk, cancel_requested=True).exists()
 
-    def set_progress(self, progress: dict[str, Any], point: dict[str, Any] | None = None) -> None:
-        changes: dict[str, Any] = {"progress": progress, "heartbeat_at": timezone.now()}
-        if point is not None:
-            self.history = [*self.history, point]
-            changes["history"] = self.history
-        self.progress = progress
-        Job.objects.filter(pk=self.pk, status=self.RUNNING).update(**changes)
+    def save_progress(self, progress: Progress, points: list[dict[str, Any]] | None = None) -> None:
+        """Store the latest progress (and beat); append curve points."""
+        self.progress = progress.to_json()
+        Job.objects.filter(pk=self.pk, status=self.RUNNING).update(progress=self.progress,
+                                                                  heartbeat_at=timezone.now())
+        if points:
+            JobPoint.append(self, points)
 
-    def append_log(self, line: str) -> None:
-        from django.db.models import Value
-        from django.db.models.functions import Concat
-
+    def append_log(self, line: str, only_if: str | None = None) -> None:
         stamp = timezone.now().strftime("%H:%M:%S")
-        Job.objects.filter(pk=self.pk).update(log=Concat(F("log"), Value(f"[{stamp}] {line}\n")))
+        rows = Job.objects.filter(pk=self.pk, **({"status": only_if} if only_if else {}))
+        rows.update(log=Concat(F("log"), Value(f"[{stamp}] {line}\n")))
 
-    @property
-    def percent(self) -> int:
-        p = self.progress or {}
-        total = p.get("max_steps") or p.get("total")
-        done = p.get("step") if "max_steps" in p else p.get("done")
-        if self.status == self.SUCCEEDED:
-            return 100
-        return int(100 * (done or 0) / total) if total else 0
+
+class JobPoint(models.Model):
+    """One sample of a job's curve (the loss at a step), appended as it
+    comes: a poll asks only for the points after the last one it has."""
+
+    job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="points")
+    seq = models.PositiveIntegerField()
+    data = models.JSONField()
+
+    class Meta:
+        ordering = ["job", "seq"]
+        constraints = [models.UniqueConstraint(fields=["job", "seq"], name="unique_job_point")]
+
+    def __str__(self) -> str:
+        return f"{self.job} point {self.seq}"
+
+    @classmethod
+    def append(cls, job: Job, points: list[dict[str, Any]]) -> None:
+        # Only the job's one running attempt appends, so max + 1 cannot race.
+        last = cls.objects.filter(job=job).aggregate(m=models.Max("seq"))["m"] or 0
+        cls.objects.bulk_create([cls(job=job, seq=last + i, data=p) for i, p in enumerate(points, start=1)])
+
+    @classmethod
+    def after(cls, job: Job, seq: int = 0) -> list[dict[str, Any]]:
+        """Points after `seq`, each with its own `seq`, oldest first."""
+        rows = cls.objects.filter(job=job, seq__gt=seq).order_by("seq").values_list("seq", "data")
+        return [{"seq": s, **d} for s, d in rows]

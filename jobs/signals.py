@@ -16,12 +16,12 @@ _stop = threading.Event()
 def _loop(interval: int) -> None:
     from django.db import close_old_connections, connection
 
-    from jobs.runner import reap
+    from jobs.tasks import reap_and_requeue
 
     while True:
         try:
             close_old_connections()
-            for job_id, status in reap():
+            for job_id, status in reap_and_requeue():
                 log.warning("job %s had no heartbeat: now %s", job_id, status)
         except Exception:
             log.exception("job reaper failed")

@@ -13,12 +13,12 @@ from django.core.management import call_command
 from django.urls import reverse
 
 from jobs import actions
-from jobs.models import Job
-from jobs.runner import enqueue
-from jobs.tasks import run_job
+from jobs.models import Job, JobPoint
+from jobs.tasks import enqueue, run_job
 from tests.conftest import database_url
 from tests.processes import celery_worker, wait_for
-from workbench.actions_data import import_dataset, save_prompt
+from workbench.actions.datasets import import_dataset
+from workbench.actions.prompts import save_prompt
 from workbench.celery import app
 from workbench.models import BaseModel, DatasetRow, Variant
 
@@ -77,14 +77,14 @@ def test_it_absorbs_end_to_end_on_a_real_worker(setup, worker, alice_client):
     assert (variant.base_model, variant.prompt_version, variant.dataset_version) == (base, prompt, out)
     assert os.path.isfile(os.path.join(variant.adapter_path, "adapter_model.safetensors"))
     assert variant.hyperparameters["epochs"] == 2 and variant.final_loss is not None
-    assert finetune.progress["step"] == finetune.progress["max_steps"] == 6  # 12 rows / 4 x 2 epochs
-    assert [p["step"] for p in finetune.history] == [1, 2, 3, 4, 5, 6]
+    assert finetune.progress["done"] == finetune.progress["total"] == 6  # 12 rows / 4 x 2 epochs
+    assert [p["step"] for p in JobPoint.after(finetune)] == [1, 2, 3, 4, 5, 6]
 
     page = alice_client.get(reverse("job_detail", args=[project.slug, finetune.pk]))
     assert b"succeeded" in page.content and variant.name.encode() in page.content
     assert b"hx-trigger" not in page.content.split(b'id="job-live"')[1][:200]  # polling stopped
     status = alice_client.get(reverse("job_status", args=[project.slug, finetune.pk])).json()
-    assert status["status"] == "succeeded" and len(status["history"]) == 6
+    assert status["status"] == "succeeded" and len(status["points"]) == 6
 
 
 def test_cancel_stops_training_and_nothing_requeues_it(setup, worker):
@@ -92,16 +92,16 @@ def test_cancel_stops_training_and_nothing_requeues_it(setup, worker):
     prompt = save_prompt(project, alice, "pirate", PROMPT + " Be brief.").version
     answered = [(r.index, [*r.messages, {"role": "assistant", "content": "Arrr! Aye."}])
                 for r in dataset.rows.order_by("index")]
-    from workbench.actions_data import derive_version
+    from workbench.actions.datasets import derive_version
 
     data = derive_version(dataset, alice, answered)
     job = actions.start_finetune(project, alice, prompt, data, base,
                                  {"max_steps": 5000, "batch_size": 2, "save_steps": 1000})
-    wait_for(lambda: (Job.objects.get(pk=job.pk).progress or {}).get("step", 0) >= 3, 120, "training to start")
+    wait_for(lambda: (Job.objects.get(pk=job.pk).progress or {}).get("done", 0) >= 3, 120, "training to start")
     actions.cancel_job(job)
     job = wait_job(job, timeout=60)
     assert job.status == Job.CANCELLED
-    assert job.progress["step"] < 100 and job.variant is None and not Variant.objects.exists()
+    assert job.progress["done"] < 100 and job.variant is None and not Variant.objects.exists()
     time.sleep(3)  # several reaper rounds
     assert Job.objects.get(pk=job.pk).status == Job.CANCELLED
 
@@ -110,24 +110,24 @@ def test_a_killed_worker_resumes_from_the_checkpoint(setup, tmp_path):
     project, alice, base, prompt, dataset = setup
     answered = [(r.index, [*r.messages, {"role": "assistant", "content": "Arrr! " + r.messages[0]["content"]}])
                 for r in dataset.rows.order_by("index")]
-    from workbench.actions_data import derive_version
+    from workbench.actions.datasets import derive_version
 
     data = derive_version(dataset, alice, answered)
     job = actions.start_finetune(project, alice, prompt, data, base,
                                  {"max_steps": 40, "batch_size": 2, "save_steps": 5})
     with celery_worker(settings.CELERY_BROKER_URL, database_url(), tmp_path, extra_env=FAST_WORKER) as (proc, _):
-        wait_for(lambda: (Job.objects.get(pk=job.pk).progress or {}).get("step", 0) >= 7, 120, "step 7")
+        wait_for(lambda: (Job.objects.get(pk=job.pk).progress or {}).get("done", 0) >= 7, 120, "step 7")
         os.killpg(proc.pid, signal.SIGKILL)  # the worker and its task process, mid-training
         proc.wait()
     killed_at = Job.objects.get(pk=job.pk)
-    assert killed_at.status == Job.RUNNING and killed_at.progress["step"] < 40
+    assert killed_at.status == Job.RUNNING and killed_at.progress["done"] < 40
     with celery_worker(settings.CELERY_BROKER_URL, database_url(), tmp_path, extra_env=FAST_WORKER):
         job = wait_job(job, timeout=180)
     assert job.status == Job.SUCCEEDED, job.log
     assert job.attempts == 2
     assert "requeued to resume from the last checkpoint" in job.log
     assert "resumed from checkpoint at step" in job.log
-    steps = [p["step"] for p in job.history]
+    steps = [p["step"] for p in JobPoint.after(job)]
     resumed = int(job.log.split("resumed from checkpoint at step ")[1].split()[0])
     assert resumed >= 5 and resumed % 5 == 0
     # the second attempt continued after the checkpoint instead of starting over
@@ -139,12 +139,12 @@ def test_a_duplicate_delivery_trains_once(setup, worker):
     project, alice, base, prompt, dataset = setup
     answered = [(r.index, [*r.messages, {"role": "assistant", "content": "Arrr!"}])
                 for r in dataset.rows.order_by("index")]
-    from workbench.actions_data import derive_version
+    from workbench.actions.datasets import derive_version
 
     data = derive_version(dataset, alice, answered)
     job = actions.start_finetune(project, alice, prompt, data, base, {"max_steps": 3, "batch_size": 4})
-    run_job.apply_async(args=[job.pk], queue="gpu")  # the same task, delivered again
-    run_job.apply_async(args=[job.pk], queue="gpu")
+    run_job.delay(job.pk)  # the same task, delivered again
+    run_job.delay(job.pk)
     job = wait_job(job)
     time.sleep(4)  # let the duplicates be consumed
     job.refresh_from_db()
@@ -186,7 +186,7 @@ def test_enqueue_happens_on_commit_only(setup):
         assert conn.default_channel.queue_declare("gpu").message_count == 0
         assert not Job.objects.exists()
         with transaction.atomic():
-            job = Job.objects.create(project=project, kind=Job.TEACHER, base_model=base,
+            job = Job.objects.create(project=project, kind="teacher", base_model=base,
                                      prompt_version=prompt, dataset_version=dataset)
             enqueue(job)
         assert conn.default_channel.queue_declare("gpu").message_count == 1

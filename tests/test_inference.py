@@ -1,3 +1,4 @@
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ from engines.inference import (
     GenerationCancelled,
     GenerationSettings,
     ModelLoadError,
+    SettingsError,
     count_tokens,
     generate,
     load_model,
@@ -84,9 +86,9 @@ def test_it_gives_the_same_greedy_tokens_with_and_without_prefix_reuse(lively, m
 
     monkeypatch.setattr(inference, "_encode_prefix", recording)
     settings = GenerationSettings(max_new_tokens=8)
-    plain = generate(lively, CONVERSATIONS, SYSTEM, settings, batch_size=batch_size, reuse_prefix=False)
+    plain = generate(lively, CONVERSATIONS, SYSTEM, replace(settings, batch_size=batch_size), reuse_prefix=False)
     assert prefix_lengths == []
-    reused = generate(lively, CONVERSATIONS, SYSTEM, settings, batch_size=batch_size, reuse_prefix=True)
+    reused = generate(lively, CONVERSATIONS, SYSTEM, replace(settings, batch_size=batch_size), reuse_prefix=True)
     assert len(prefix_lengths) == 1 and prefix_lengths[0] > 200
 
     assert texts(reused) == texts(plain)
@@ -95,7 +97,7 @@ def test_it_gives_the_same_greedy_tokens_with_and_without_prefix_reuse(lively, m
 
 def test_it_returns_results_in_input_order(lively):
     settings = GenerationSettings(max_new_tokens=6)
-    batched = generate(lively, CONVERSATIONS, SYSTEM, settings, batch_size=3)
+    batched = generate(lively, CONVERSATIONS, SYSTEM, replace(settings, batch_size=3))
     one_by_one = [generate(lively, [conv], SYSTEM, settings)[0] for conv in CONVERSATIONS]
     assert texts(batched) == texts(one_by_one)
     assert [c.prompt_tokens for c in batched] == [count_tokens(lively.tokenizer, c, SYSTEM) for c in CONVERSATIONS]
@@ -116,16 +118,28 @@ def test_it_honours_max_new_tokens(lively):
     assert all(c.text and c.seconds > 0 for c in completions)
 
 
+def test_it_validates_generation_settings_by_field():
+    assert GenerationSettings.from_dict({"max_new_tokens": 64.0, "seed": None}).max_new_tokens == 64
+    with pytest.raises(SettingsError) as err:
+        GenerationSettings.from_dict({"max_new_tokens": 0, "batch_size": "8", "temperature": -1, "top_p": 0,
+                                      "beams": 2})
+    assert set(err.value.errors) == {"beams"}
+    with pytest.raises(SettingsError) as err:
+        GenerationSettings.from_dict({"max_new_tokens": 0, "batch_size": "8", "temperature": -1, "top_p": 0})
+    assert set(err.value.errors) == {"max_new_tokens", "batch_size", "temperature", "top_p"}
+    assert "between 1 and 4096" in err.value.errors["max_new_tokens"]
+
+
 def test_it_reports_progress_and_stops_between_batches(lively):
     calls: list[tuple[int, int]] = []
-    generate(lively, CONVERSATIONS, SYSTEM, GenerationSettings(max_new_tokens=2), batch_size=3,
-             progress=lambda done, total: calls.append((done, total)))
+    generate(lively, CONVERSATIONS, SYSTEM, GenerationSettings(max_new_tokens=2, batch_size=3),
+             progress=lambda p: calls.append((p.done, p.total)))
     assert calls == [(3, 7), (6, 7), (7, 7)]
 
     calls.clear()
     with pytest.raises(GenerationCancelled) as cancelled:
-        generate(lively, CONVERSATIONS, SYSTEM, GenerationSettings(max_new_tokens=2), batch_size=3,
-                 progress=lambda done, total: calls.append((done, total)), should_stop=lambda: bool(calls))
+        generate(lively, CONVERSATIONS, SYSTEM, GenerationSettings(max_new_tokens=2, batch_size=3),
+                 progress=lambda p: calls.append((p.done, p.total)), should_stop=lambda: bool(calls))
     assert calls == [(3, 7)]
     assert (cancelled.value.done, cancelled.value.total) == (3, 7)
 
@@ -171,12 +185,12 @@ def test_it_stops_on_end_of_turn_and_loads_an_adapter(lively_dir, lively, tmp_pa
     expected_tokens = len(tok("Arrr!", add_special_tokens=False)["input_ids"]) + 1
     for merge in (False, True):
         pirate = load_model(lively_dir, adapter_dir=tmp_path / "adapter", merge=merge)
-        completions = generate(pirate, CONVERSATIONS[:4], None, settings, batch_size=2)
+        completions = generate(pirate, CONVERSATIONS[:4], None, replace(settings, batch_size=2))
         assert texts(completions) == [("Arrr!", expected_tokens, "stop")] * 4
     # The eval arm "adapter with prompt" reuses the prefix through the unmerged PeftModel.
     pirate = load_model(lively_dir, adapter_dir=tmp_path / "adapter")
-    reused = generate(pirate, CONVERSATIONS, SYSTEM, settings, batch_size=4)
-    assert texts(reused) == texts(generate(pirate, CONVERSATIONS, SYSTEM, settings, batch_size=4, reuse_prefix=False))
+    reused = generate(pirate, CONVERSATIONS, SYSTEM, replace(settings, batch_size=4))
+    assert texts(reused) == texts(generate(pirate, CONVERSATIONS, SYSTEM, replace(settings, batch_size=4), reuse_prefix=False))
     assert "Arrr!" not in {c.text for c in generate(lively, CONVERSATIONS[:4], None, settings)}
 
 

@@ -1,13 +1,22 @@
-"""The job state machine: compare-and-set moves, terminal states stay."""
+"""The job lifecycle: compare-and-set moves, terminal states stay, dependents
+are cancelled from the terminal transitions, runners found by kind, progress
+throttled and curve points appended."""
 
+import io
+import json
 from datetime import timedelta
 
 import pytest
+from django.urls import reverse
 from django.utils import timezone
 
-from jobs.models import Job
-from jobs.runner import reap
-from workbench.actions_data import import_dataset, save_prompt
+from engines.progress import Progress
+from jobs.lifecycle import ProgressWriter, execute, reap
+from jobs.models import Job, JobPoint
+from jobs.registry import kinds, runner_for
+from tests.job_kinds import Sleepy
+from workbench.actions.datasets import import_dataset
+from workbench.actions.prompts import save_prompt
 from workbench.models import BaseModel
 
 pytestmark = pytest.mark.django_db
@@ -15,12 +24,10 @@ pytestmark = pytest.mark.django_db
 
 @pytest.fixture
 def job(alice, alice_project):
-    import io
-
     base = BaseModel.objects.create(name="m", path="/m")
     prompt = save_prompt(alice_project, alice, "p", "Be brief.").version
     data = import_dataset(alice_project, alice, "d", io.BytesIO(b"hi\nho\n"), filename="d.txt")
-    return Job.objects.create(project=alice_project, kind=Job.FINETUNE, base_model=base, prompt_version=prompt,
+    return Job.objects.create(project=alice_project, kind="finetune", base_model=base, prompt_version=prompt,
                               dataset_version=data)
 
 
@@ -31,44 +38,144 @@ def test_a_job_is_claimed_once(job):
     assert Job.objects.get(pk=job.pk).worker == "w1"
 
 
-def test_terminal_states_never_change(job):
+def test_terminal_states_never_change_and_refused_moves_write_no_log(job):
     job.claim("w1")
     assert job.succeed()
-    assert not job.fail("late error") and not job.mark_cancelled() and not job.claim("w2")
-    job.request_cancel()
+    log = Job.objects.get(pk=job.pk).log
+    assert not job.fail("late error") and not job.mark_cancelled("late cancel") and not job.claim("w2")
+    assert not job.request_cancel()
     job.refresh_from_db()
     assert job.status == Job.SUCCEEDED and job.error == "" and not job.cancel_requested
+    assert job.log == log and "late" not in job.log and "cancel" not in job.log
 
 
 def test_cancelling_a_queued_job_ends_it_and_a_running_one_is_flagged(job):
-    job.request_cancel()
+    assert job.request_cancel()
     assert job.status == Job.CANCELLED and not job.claim("w1")
+    assert job.log.count("cancelled before it started") == 1
 
 
 def test_a_running_job_gets_a_cancel_flag(job):
     job.claim("w1")
-    job.request_cancel()
+    assert job.request_cancel()
     assert job.status == Job.RUNNING and job.cancel_is_requested()
+    assert "cancel requested" in job.log
+
+
+def test_a_job_that_ends_without_success_cancels_its_queued_dependents(job):
+    second = Job.objects.create(project=job.project, kind="finetune", depends_on=job)
+    third = Job.objects.create(project=job.project, kind="finetune", depends_on=second)
+    job.claim("w1")
+    assert job.fail("boom")
+    assert Job.objects.get(pk=second.pk).status == Job.CANCELLED
+    assert Job.objects.get(pk=third.pk).status == Job.CANCELLED  # down the whole chain
+    assert f"cancelled: {job} failed" in Job.objects.get(pk=second.pk).log
+
+
+def test_a_succeeded_job_hands_over_its_dependents(job):
+    waiting = Job.objects.create(project=job.project, kind="finetune", depends_on=job)
+    job.claim("w1")
+    assert job.ready_dependents() == []
+    job.succeed()
+    assert [d.pk for d in job.ready_dependents()] == [waiting.pk]
+    assert Job.objects.get(pk=waiting.pk).status == Job.QUEUED
 
 
 def test_the_reaper_requeues_a_stale_job_and_gives_up_after_max_attempts(job):
-    sent = []
     job.claim("w1")
     Job.objects.filter(pk=job.pk).update(heartbeat_at=timezone.now() - timedelta(seconds=120))
-    assert reap(60, send=sent.append) == [(job.pk, Job.QUEUED)]
+    assert reap(60) == [(job.pk, Job.QUEUED)]
     job.refresh_from_db()
-    assert job.status == Job.QUEUED and [j.pk for j in sent] == [job.pk]
+    assert job.status == Job.QUEUED
     assert "stopped responding (attempt 1 of 3)" in job.log
     for attempt in (2, 3):
         assert job.claim(f"w{attempt}") and job.attempts == attempt
         Job.objects.filter(pk=job.pk).update(heartbeat_at=timezone.now() - timedelta(seconds=120))
-        moved = reap(60, send=sent.append)
+        moved = reap(60)
         job.refresh_from_db()
     assert moved == [(job.pk, Job.FAILED)] and job.status == Job.FAILED
-    assert "giving up after 3 attempts" in job.error and len(sent) == 2
+    assert "giving up after 3 attempts" in job.error
 
 
 def test_the_reaper_leaves_live_jobs_alone(job):
     job.claim("w1")
-    assert reap(60, send=lambda j: None) == []
+    assert reap(60) == []
     assert Job.objects.get(pk=job.pk).status == Job.RUNNING
+
+
+# --- runners by kind ------------------------------------------------------------
+
+def test_an_unknown_kind_fails_with_a_clear_error(job):
+    Job.objects.filter(pk=job.pk).update(kind="translate")
+    assert execute(job.pk, "w1") == []
+    job.refresh_from_db()
+    assert job.status == Job.FAILED
+    assert "no runner is registered for job kind 'translate'" in job.error
+    assert "finetune" in job.error and "teacher" in job.error
+
+
+def test_a_runner_missing_its_inputs_fails_before_it_starts(job):
+    Job.objects.filter(pk=job.pk).update(dataset_version=None)
+    execute(job.pk, "w1")
+    job.refresh_from_db()
+    assert job.status == Job.FAILED and "needs dataset_version" in job.error
+
+
+def test_a_registered_kind_runs_through_the_lifecycle(alice_project):
+    assert runner_for("test-sleepy") is Sleepy and "test-sleepy" in kinds()
+    first = Job.objects.create(project=alice_project, kind="test-sleepy")
+    then = Job.objects.create(project=alice_project, kind="test-sleepy", depends_on=first)
+    assert execute(first.pk, "w1") == [then.pk]
+    first.refresh_from_db()
+    assert first.status == Job.SUCCEEDED and str(first) == f"Sleepy test #{first.pk}"
+    assert first.progress["done"] == 5 and first.progress["unit"] == "naps" and first.percent == 100
+    assert [p["step"] for p in JobPoint.after(first)] == [1, 2, 3, 4, 5]
+
+
+def test_a_bug_in_a_runner_keeps_its_traceback(alice_project):
+    job = Job.objects.create(project=alice_project, kind="test-sleepy", params={"bug": True})
+    execute(job.pk, "w1")
+    job.refresh_from_db()
+    assert job.status == Job.FAILED and job.error == "KeyError: 'a real bug'"
+    assert "Traceback" in job.log and "raise KeyError" in job.log
+
+
+# --- progress that scales -------------------------------------------------------------
+
+def test_progress_is_written_at_most_every_few_seconds_and_points_are_appended(alice_project):
+    job = Job.objects.create(project=alice_project, kind="test-sleepy")
+    job.claim("w1")
+    writer = ProgressWriter(job, every=3600)
+    for step in range(1, 101):
+        writer(Progress(done=step, total=100, unit="steps", point={"step": step, "loss": 1.0}))
+    # The first report is written at once; the next 99 wait for the interval.
+    job.refresh_from_db()
+    assert job.progress["done"] == 1 and JobPoint.objects.filter(job=job).count() == 1
+    writer.flush()
+    job.refresh_from_db()
+    assert job.progress["done"] == 100
+    assert list(JobPoint.objects.filter(job=job).values_list("seq", flat=True)) == list(range(1, 101))
+
+
+def test_the_50th_poll_of_a_1000_step_job_transfers_only_new_points(alice_project, alice_client):
+    job = Job.objects.create(project=alice_project, kind="test-sleepy")
+    job.claim("w1")
+    url = reverse("job_detail", args=[alice_project.slug, job.pk])
+    htmx = {"HX-Request": "true", "HX-Target": "job-live"}
+    after, sizes = 0, []
+    for poll in range(1, 51):
+        step0 = (poll - 1) * 20
+        JobPoint.append(job, [{"step": step0 + i, "loss": 2.0 - (step0 + i) / 1000} for i in range(1, 21)])
+        response = alice_client.get(url, {"after": after}, headers=htmx)
+        body = response.content.decode()
+        points = json.loads(body.split('class="new-points">')[1].split("</script>")[0])
+        assert [p["seq"] for p in points] == list(range(after + 1, after + 21))
+        after = points[-1]["seq"]
+        assert f"?after={after}" in body  # the next poll asks from here
+        sizes.append(len(response.content))
+    assert JobPoint.objects.filter(job=job).count() == 1000
+    assert sizes[-1] < sizes[0] * 1.2  # the 50th poll is no bigger than the first
+    full = alice_client.get(url)
+    assert len(json.loads(full.content.decode().split('class="new-points">')[1].split("</script>")[0])) == 1000
+    status = alice_client.get(reverse("job_status", args=[alice_project.slug, job.pk]), {"after": 990}).json()
+    assert [p["seq"] for p in status["points"]] == list(range(991, 1001))

@@ -38,6 +38,17 @@ def test_it_reads_database_and_broker_urls_from_the_environment(tmp_path):
     assert "django.db.backends.postgresql wb db redis://redis:6379/0 {'visibility_timeout': 3700}" in r.stdout
 
 
+def test_a_boolean_setting_with_a_typo_raises_instead_of_meaning_false(tmp_path):
+    env = {"WORKBENCH_DATA_DIR": str(tmp_path), "SECURE_SSL_REDIRECT": "ture"}
+    r = run_manage("check", env=env)
+    assert r.returncode != 0
+    assert "SECURE_SSL_REDIRECT='ture' is not a boolean" in r.stderr
+    for value, expected in (("Yes", "True"), ("off", "False"), ("", "False"), ("1", "True")):
+        r = run_manage("shell", "-c", "from django.conf import settings as s; print(s.SECURE_SSL_REDIRECT)",
+                       env={**env, "SECURE_SSL_REDIRECT": value})
+        assert r.stdout.strip().splitlines()[-1] == expected, (value, r.stderr)
+
+
 def test_the_embedded_defaults_need_no_server(tmp_path):
     code = "from django.conf import settings as s; print(s.DATABASES['default']['ENGINE'], s.CELERY_BROKER_URL)"
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "CELERY_BROKER_URL")}

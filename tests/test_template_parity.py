@@ -5,8 +5,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from engines.chat import render
-from engines.inference import _encode as inference_encode
-from engines.inference import count_tokens, load_model
+from engines.inference import count_tokens, encode, load_model
 from engines.training import tokenize_examples
 
 CONVERSATIONS = [
@@ -29,7 +28,7 @@ def test_training_and_inference_render_no_prompt_identically(tokenizer, messages
     assert skipped == 0
     ids, labels = features[0]["input_ids"], features[0]["labels"]
     prompt_len = labels.index(next(x for x in labels if x != -100))
-    served = inference_encode(tokenizer, messages, None)
+    served = encode(tokenizer, messages, None)
     assert ids[:prompt_len] == served
     text = tokenizer.decode(served)
     assert text == render(tokenizer, messages, None)
@@ -42,7 +41,7 @@ def test_training_and_inference_render_no_prompt_identically(tokenizer, messages
 
 def test_the_teacher_rendering_differs_only_by_the_system_prompt(tokenizer):
     msgs = CONVERSATIONS[0]
-    with_prompt = tokenizer.decode(inference_encode(tokenizer, msgs, "You are a pirate."))
+    with_prompt = tokenizer.decode(encode(tokenizer, msgs, "You are a pirate."))
     assert with_prompt == render(tokenizer, msgs, "You are a pirate.")
     assert with_prompt.startswith("<|im_start|>system\nYou are a pirate.<|im_end|>\n<|im_start|>user\n")
 

@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 
+from engines.progress import Progress
 from engines.training import (
     ConfigError,
     ExampleError,
@@ -54,12 +55,13 @@ def test_it_trains_reports_progress_and_saves_a_loadable_adapter(tiny_model_dir:
     seen: list[dict[str, Any]] = []
     result = train(tiny_model_dir, make_examples(), tmp_path / "run", fast_config(), progress=seen.append)
 
-    assert [p["step"] for p in seen] == [1, 2, 3]
+    assert [p.done for p in seen] == [1, 2, 3] and [p.point["step"] for p in seen] == [1, 2, 3]
     for p in seen:
-        assert p["max_steps"] == 3 and 0 < p["epoch"] <= 1
-        assert math.isfinite(p["loss"]) and p["learning_rate"] is not None
-        assert p["tokens_per_second"] > 0 and p["elapsed"] > 0 and p["eta_seconds"] >= 0
-    assert seen[-1]["eta_seconds"] == 0 and seen[-1]["train_tokens"] == result.train_tokens
+        assert p.total == 3 and p.unit == "steps" and 0 < p.metrics["epoch"] <= 1
+        assert math.isfinite(p.metrics["loss"]) and p.metrics["learning_rate"] is not None
+        assert p.point["loss"] == p.metrics["loss"]
+        assert p.metrics["tokens_per_second"] > 0 and p.elapsed > 0 and p.eta_seconds >= 0
+    assert seen[-1].eta_seconds == 0 and seen[-1].metrics["train_tokens"] == result.train_tokens
 
     assert not result.cancelled and result.steps == 3 and result.max_steps == 3
     assert result.adapter_dir == tmp_path / "run" / "adapter"
@@ -112,8 +114,8 @@ def test_it_truncates_and_skips_examples_that_do_not_fit(tokenizer: Any) -> None
 def test_it_stops_within_one_step_and_saves_no_adapter(tiny_model_dir: Path, tmp_path: Path) -> None:
     stop = []
 
-    def progress(info: dict[str, Any]) -> None:
-        if info["step"] == 1:
+    def progress(info: Progress) -> None:
+        if info.done == 1:
             stop.append(True)  # the user clicks cancel while step 2 runs
 
     result = train(tiny_model_dir, make_examples(), tmp_path / "run", fast_config(max_steps=8),
@@ -130,7 +132,7 @@ def test_it_resumes_from_the_last_complete_checkpoint(tiny_model_dir: Path, tmp_
     first: list[int] = []
 
     # Cancelled while step 3 runs, after the checkpoint of step 2.
-    killed = train(tiny_model_dir, examples, out, config, progress=lambda p: first.append(p["step"]),
+    killed = train(tiny_model_dir, examples, out, config, progress=lambda p: first.append(p.done),
                    should_stop=lambda: 2 in first)
     assert killed.cancelled and killed.steps == 3
     ckpts = out / "checkpoints"
@@ -145,7 +147,7 @@ def test_it_resumes_from_the_last_complete_checkpoint(tiny_model_dir: Path, tmp_
         train(tiny_model_dir, examples, out, fast_config(max_steps=4, save_steps=2, learning_rate=1e-4))
 
     second: list[int] = []
-    result = train(tiny_model_dir, examples, out, config, progress=lambda p: second.append(p["step"]))
+    result = train(tiny_model_dir, examples, out, config, progress=lambda p: second.append(p.done))
 
     assert result.resumed_from_step == 2 and not result.cancelled
     assert second == [3, 4] and result.steps == 4
@@ -161,20 +163,21 @@ def test_it_distills_with_a_kl_term(tiny_model_dir: Path, tmp_path: Path, tokeni
         assert student and student == teacher
         assert TEACHER_PROMPT in tokenizer.decode(feat["teacher_input_ids"])
 
-    seen: list[dict[str, Any]] = []
+    seen: list[Progress] = []
     result = train(tiny_model_dir, examples, tmp_path / "run", fast_config(max_steps=2, kl_weight=0.5, max_length=512),
                    progress=seen.append)
 
     assert result.adapter_dir is not None and len(seen) == 2
     for p in seen:
-        assert math.isfinite(p["kl_loss"]) and p["kl_loss"] > 0
-        assert p["loss"] == pytest.approx(p["ce_loss"] + 0.5 * p["kl_loss"], rel=1e-4)
+        m = p.metrics
+        assert math.isfinite(m["kl_loss"]) and m["kl_loss"] > 0
+        assert m["loss"] == pytest.approx(m["ce_loss"] + 0.5 * m["kl_loss"], rel=1e-4)
 
 
 def test_it_turns_out_of_memory_into_advice(tiny_model_dir: Path, tmp_path: Path) -> None:
     import torch
 
-    def oom(_info: dict[str, Any]) -> None:
+    def oom(_info: Progress) -> None:
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     with pytest.raises(TrainingOOM, match=r"lower batch_size \(now 2.*max_length \(now 96\).*gradient_checkpointing"):

@@ -8,11 +8,12 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
+from engines.inference import GenerationSettings, SettingsError
 from engines.training import ConfigError
 from jobs import actions
 from jobs.models import Job
 from workbench.actions import ActionError
-from workbench.actions_data import find_prompt_version
+from workbench.actions.prompts import find_prompt_version
 from workbench.management.commands._common import project_by_slug
 from workbench.models import BaseModel, Dataset
 
@@ -29,9 +30,10 @@ class Command(BaseCommand):
         parser.add_argument("--epochs", type=int)
         parser.add_argument("--max-steps", type=int)
         parser.add_argument("--batch-size", type=int)
-        parser.add_argument("--max-new-tokens", type=int, default=256)
-        parser.add_argument("--teacher-batch", type=int, default=16, help="Teacher generation batch size")
-        parser.add_argument("--temperature", type=float, default=0.0, help="Teacher sampling (0 = greedy)")
+        gen = GenerationSettings()
+        parser.add_argument("--max-new-tokens", type=int, default=gen.max_new_tokens)
+        parser.add_argument("--teacher-batch", type=int, default=gen.batch_size, help="Teacher generation batch size")
+        parser.add_argument("--temperature", type=float, default=gen.temperature, help="Teacher sampling (0 = greedy)")
         parser.add_argument("--seed", type=int, help="Teacher sampling seed")
         parser.add_argument("--train-config", type=Path, help="JSON file of training settings")
         parser.add_argument("--skip-teacher", action="store_true",
@@ -71,7 +73,7 @@ class Command(BaseCommand):
                                                           "batch_size": opts["teacher_batch"],
                                                           "seed": opts["seed"]}, training)
                 jobs = [teacher, *([finetune] if finetune else [])]
-        except (ActionError, ConfigError) as exc:
+        except (ActionError, ConfigError, SettingsError) as exc:
             raise CommandError(str(exc)) from exc
         err = self.stderr if opts["json"] else self.stdout
         err.write(f"queued: {', '.join(f'{j} (id {j.pk})' for j in jobs)}")
@@ -94,16 +96,15 @@ class Command(BaseCommand):
         width = 30
         while True:
             job.refresh_from_db()
-            p = job.progress or {}
-            if job.kind == Job.TEACHER:
-                detail = f"{p.get('done', 0)}/{p.get('total', '?')} queries"
-            else:
-                loss = p.get("loss")
-                detail = (f"step {p.get('step', 0)}/{p.get('max_steps', '?')}"
+            p = job.current_progress
+            detail, eta = "", None
+            if p is not None:
+                loss = p.metrics.get("loss")
+                detail = (f"{p.done:.0f}/{'?' if p.total is None else f'{p.total:.0f}'} {p.unit}"
                           + (f" loss {loss:.4f}" if isinstance(loss, (int, float)) else ""))
-            eta = p.get("eta_seconds")
+                eta = p.eta_seconds
             bar = "#" * (job.percent * width // 100)
-            line = (f"\r{job.get_kind_display():<18} [{bar:<{width}}] {job.percent:3d}% {detail}"
+            line = (f"\r{job.label:<18} [{bar:<{width}}] {job.percent:3d}% {detail}"
                     f"{f' eta {eta:.0f}s' if eta and not job.is_terminal else ''} {job.status}")
             out.write(line.ljust(100), ending="")
             out.flush()

@@ -1,0 +1,137 @@
+"""The absorb form: inputs of the project, teacher generation settings and
+every fine-tune hyperparameter. The defaults come from the engines' own
+settings objects (GenerationSettings, TrainConfig), never from here."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from django import forms
+
+from engines.inference import GenerationSettings, SettingsError
+from engines.training import DEVICES, LR_SCHEDULERS, ConfigError, TrainConfig
+from workbench.models import BaseModel, DatasetVersion, Project, PromptVersion
+
+TRAIN_HELP: dict[str, str] = {
+    "rank": "LoRA rank r: size of the low-rank update. 8-32 is typical; higher learns more, costs more.",
+    "alpha": "LoRA alpha: scales the update (alpha / r). Usually 2 x rank.",
+    "dropout": "Dropout on the LoRA layers (0-0.1).",
+    "target_modules": "Layers that get an adapter, comma-separated. Default: every attention and MLP projection.",
+    "learning_rate": "Peak learning rate. LoRA wants ~1e-4 to 5e-4 (3e-4 works on SmolLM2).",
+    "epochs": "Passes over the teacher answers.",
+    "max_steps": "Stop after this many optimizer steps (overrides epochs; empty = use epochs).",
+    "batch_size": "Examples per step. Lower it when memory runs out.",
+    "grad_accum": "Steps to accumulate before an update: effective batch = batch x this.",
+    "max_length": "Longest example in tokens; longer ones are truncated (answers first kept).",
+    "warmup_ratio": "Share of steps spent warming up the learning rate.",
+    "weight_decay": "L2 penalty on the adapter weights.",
+    "lr_scheduler": "How the learning rate decays after warm-up: cosine or linear.",
+    "seed": "Seed for shuffling and initialisation: same seed, same run.",
+    "gradient_checkpointing": "Recompute activations in the backward pass: less memory, ~5-20% slower.",
+    "group_by_length": "Batch examples of similar length: less padding, faster.",
+    "save_steps": "Checkpoint every N steps; a crashed job resumes from the last one.",
+    "save_total_limit": "Checkpoints kept on disk.",
+    "logging_steps": "Record loss every N steps.",
+    "kl_weight": "Token-level distillation: weight of KL(teacher || student) next to the cross-entropy. "
+                 "0 = off. Costs a teacher forward pass (with the prompt) per step.",
+    "kl_temperature": "Softmax temperature of the KL term.",
+    "device": "auto picks CUDA (bf16), then MPS, then CPU (float32).",
+    "bf16": "auto: bf16 on CUDA. true on a CPU with native bf16 (avx512_bf16/AMX) is ~1.5x faster.",
+}
+GEN_HELP = {
+    "max_new_tokens": "Longest teacher answer in tokens; longer answers are cut and flagged.",
+    "batch_size": "Queries generated together. The system prompt is encoded once and reused for every batch.",
+    "temperature": "0 = greedy (deterministic). Above 0 samples.",
+}
+GEN_FIELDS = ("max_new_tokens", "batch_size", "temperature")
+CHOICES: dict[str, list[tuple[Any, str]]] = {
+    "lr_scheduler": [(c, c) for c in LR_SCHEDULERS],
+    "device": [(c, c) for c in DEVICES],
+    "bf16": [("auto", "auto"), ("true", "true"), ("false", "false")],
+}
+
+
+def _train_field(f: dataclasses.Field[Any], default: Any) -> forms.Field:
+    help_text = TRAIN_HELP.get(f.name, "")
+    if f.name in CHOICES:
+        return forms.ChoiceField(choices=CHOICES[f.name], initial=str(default).lower(), help_text=help_text)
+    if isinstance(default, bool):
+        return forms.BooleanField(required=False, initial=default, help_text=help_text)
+    if isinstance(default, list):
+        return forms.CharField(required=False, initial=",".join(default), help_text=help_text)
+    if isinstance(default, int) or f.name == "max_steps":
+        return forms.IntegerField(required=False, initial=default, help_text=help_text)
+    return forms.FloatField(required=False, initial=default, help_text=help_text)
+
+
+class AbsorbForm(forms.Form):
+    MODES = [("absorb", "Teacher, then fine-tune"),
+             ("finetune", "Fine-tune only (the dataset already holds reviewed answers)")]
+
+    prompt_version = forms.ModelChoiceField(queryset=PromptVersion.objects.none(), label="Prompt version",
+                                            empty_label=None)
+    dataset_version = forms.ModelChoiceField(queryset=DatasetVersion.objects.none(), label="Dataset version",
+                                             empty_label=None)
+    base_model = forms.ModelChoiceField(queryset=BaseModel.objects.all(), label="Base model", empty_label=None)
+    mode = forms.ChoiceField(choices=MODES, initial="absorb", widget=forms.RadioSelect)
+    keep_existing = forms.BooleanField(
+        required=False, initial=True, label="keep existing answers",
+        help_text="Rows that already have an assistant answer keep it instead of asking the teacher.")
+    review_first = forms.BooleanField(
+        required=False, label="Review the teacher's answers before training",
+        help_text="Only the teacher job is queued; start the fine-tune from the reviewed dataset version.")
+
+    def __init__(self, project: Project, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.project = project
+        prompts = PromptVersion.objects.filter(prompt__project=project).select_related("prompt")
+        datasets = DatasetVersion.objects.filter(dataset__project=project).select_related("dataset")
+        self.fields["prompt_version"].queryset = prompts  # type: ignore[attr-defined]
+        self.fields["dataset_version"].queryset = datasets  # type: ignore[attr-defined]
+        self.fields["dataset_version"].label_from_instance = (  # type: ignore[attr-defined]
+            lambda dv: f"{dv} · {dv.get_kind_display()} · {dv.row_count} rows")
+        gen = GenerationSettings()
+        for name in GEN_FIELDS:
+            default = getattr(gen, name)
+            field: forms.Field = (forms.FloatField(min_value=0) if isinstance(default, float)
+                                  else forms.IntegerField(min_value=1))
+            field.initial, field.help_text, field.label = default, GEN_HELP[name], name
+            self.fields[f"g_{name}"] = field
+        for f in dataclasses.fields(TrainConfig):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            field = _train_field(f, default)
+            field.label = f.name
+            self.fields[f"t_{f.name}"] = field
+        self.generation: GenerationSettings | None = None
+        self.training: TrainConfig | None = None
+
+    def generation_fields(self) -> list[forms.BoundField]:
+        return [self[f"g_{name}"] for name in GEN_FIELDS]
+
+    def train_fields(self) -> list[forms.BoundField]:
+        return [self[name] for name in self.fields if name.startswith("t_")]
+
+    def clean(self) -> dict[str, Any]:
+        data = super().clean() or {}
+        gen = {name: data.get(f"g_{name}") for name in GEN_FIELDS if data.get(f"g_{name}") is not None}
+        try:
+            self.generation = GenerationSettings.from_dict(gen)
+        except SettingsError as exc:
+            for name, message in exc.errors.items():
+                self.add_error(f"g_{name}" if f"g_{name}" in self.fields else None, message)
+        train: dict[str, Any] = {}
+        for f in dataclasses.fields(TrainConfig):
+            value = data.get(f"t_{f.name}")
+            if f.name == "target_modules":
+                value = [m.strip() for m in (value or "").split(",") if m.strip()] or None
+            elif f.name == "bf16":
+                value = {"true": True, "false": False}.get(value, value)
+            if value is not None and value != "":
+                train[f.name] = value
+        try:
+            self.training = TrainConfig.from_dict(train)
+        except ConfigError as exc:
+            for name, message in exc.errors.items():
+                self.add_error(f"t_{name}" if f"t_{name}" in self.fields else None, message)
+        return data

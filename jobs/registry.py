@@ -1,0 +1,93 @@
+"""Kinds of long work. Each kind is a JobRunner subclass registered under its
+name (like netbox's JobRunner); the lifecycle (jobs.lifecycle) claims the
+row, finds the runner by the job's kind and wraps `run` in start/terminate.
+A new kind needs only its runner: apps register theirs from their
+AppConfig.ready (evals registers eval runs), tests from a module named in
+the JOB_RUNNER_MODULES setting."""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from django.conf import settings
+
+if TYPE_CHECKING:
+    from engines.progress import Progress
+    from jobs.models import Job
+
+
+class JobError(Exception):
+    """A user-facing failure: the message is shown as the job's error, without a traceback."""
+
+
+class JobCancelled(Exception):
+    """Raised by a runner that saw the cancel flag; the job ends cancelled."""
+
+
+class JobRunner:
+    kind: ClassVar[str]
+    label: ClassVar[str]
+    # Job fields this kind needs set before it runs.
+    requires: ClassVar[tuple[str, ...]] = ()
+    # Errors whose message is enough for the user (no traceback in the log).
+    user_errors: ClassVar[tuple[type[BaseException], ...]] = ()
+
+    def __init__(self, job: Job, report: Any) -> None:
+        self.job = job
+        self._report = report  # a jobs.lifecycle.ProgressWriter
+
+    def run(self) -> None:
+        """Do the work. Return normally to succeed (or call job.succeed with
+        the outputs inside the transaction that stores them); raise
+        JobCancelled, JobError or one of `user_errors` to end otherwise."""
+        raise NotImplementedError
+
+    # helpers for subclasses
+    def progress(self, progress: Progress) -> None:
+        self._report(progress)
+
+    def should_stop(self) -> bool:
+        return self.job.cancel_is_requested()
+
+    def log(self, line: str) -> None:
+        self.job.append_log(line)
+
+    @classmethod
+    def check_inputs(cls, job: Job) -> str | None:
+        """Why this job cannot run, or None."""
+        missing = [name for name in cls.requires if getattr(job, f"{name}_id", getattr(job, name, None)) is None]
+        if missing:
+            return f"a {cls.label.lower()} job needs {', '.join(missing)}, and this one has none"
+        return None
+
+
+_REGISTRY: dict[str, type[JobRunner]] = {}
+
+
+def register(cls: type[JobRunner]) -> type[JobRunner]:
+    """Class decorator: register a runner under its kind."""
+    existing = _REGISTRY.get(cls.kind)
+    if existing is not None and existing.__qualname__ != cls.__qualname__:
+        raise RuntimeError(f"job kind {cls.kind!r} is registered twice ({existing.__module__}, {cls.__module__})")
+    _REGISTRY[cls.kind] = cls
+    return cls
+
+
+def runner_for(kind: str) -> type[JobRunner] | None:
+    return _REGISTRY.get(kind)
+
+
+def kinds() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def label_of(kind: str) -> str:
+    runner = _REGISTRY.get(kind)
+    return runner.label if runner else kind
+
+
+def load_runner_modules() -> None:
+    """Import the modules that register runners (settings.JOB_RUNNER_MODULES)."""
+    for name in settings.JOB_RUNNER_MODULES:
+        importlib.import_module(name)

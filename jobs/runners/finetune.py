@@ -1,0 +1,77 @@
+"""The fine-tune: a LoRA adapter learns to answer WITHOUT the prompt what the
+teacher answered WITH it; the result is a registered variant."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from django.db import transaction
+
+from engines.progress import Progress
+from engines.training import TrainConfig, train
+from jobs.registry import JobCancelled, JobError, JobRunner, register
+from workbench.models import DatasetRow, DatasetVersion, Variant
+
+
+def training_examples(version: DatasetVersion, system_prompt: str) -> list[dict[str, Any]]:
+    examples = []
+    rows = version.rows.filter(split=DatasetRow.TRAIN).order_by("index").values_list("messages", flat=True)
+    for messages in rows.iterator(chunk_size=2000):
+        if messages[-1]["role"] == "assistant" and messages[-1]["content"].strip():
+            examples.append({"messages": messages[:-1], "answer": messages[-1]["content"],
+                             "system_prompt": system_prompt})
+    return examples
+
+
+@register
+class FinetuneRunner(JobRunner):
+    kind = "finetune"
+    label = "Fine-tune"
+    requires = ("base_model", "prompt_version", "dataset_version")
+    LOG_EVERY = 30.0  # seconds between progress lines in the job log
+
+    def _progress(self, p: Progress) -> None:
+        self.progress(p)
+        now = time.monotonic()
+        if now - self._logged_at >= self.LOG_EVERY:
+            self._logged_at = now
+            m = p.metrics
+            loss = f"{m['loss']:.4f}" if isinstance(m.get("loss"), float) else "?"
+            self.log(f"step {p.done:.0f}/{p.total or 0:.0f} loss {loss} "
+                     f"{float(m.get('tokens_per_second') or 0):.0f} tok/s")
+
+    def run(self) -> None:
+        self._logged_at = time.monotonic()
+        job = self.job
+        version, prompt_version, base = job.dataset_version, job.prompt_version, job.base_model
+        assert version is not None and prompt_version is not None and base is not None
+        examples = training_examples(version, prompt_version.text)
+        if not examples:
+            raise JobError(f"{version} has no train rows with an assistant answer to learn from.")
+        config = TrainConfig.from_dict(job.params.get("train", {}))
+        self.log(f"fine-tune: {len(examples)} examples from {version}, base {base.name}, LoRA r={config.rank} "
+                 f"alpha={config.alpha}, lr {config.learning_rate}, {config.epochs} epochs, batch {config.batch_size}")
+        # Checkpoints and the adapter live in the job's directory: a requeued
+        # attempt resumes from there, and the adapter is stored once.
+        result = train(base.path, examples, job.data_dir, config, progress=self._progress,
+                       should_stop=self.should_stop, resume=True)
+        if result.cancelled:
+            raise JobCancelled()
+        if result.resumed_from_step:
+            self.log(f"resumed from checkpoint at step {result.resumed_from_step}")
+        if result.adapter_dir is None:
+            raise JobError("training finished without an adapter")
+        with transaction.atomic():
+            variant = Variant.objects.create(
+                project=job.project, name=f"{prompt_version.prompt.name}-absorbed-{job.pk}",
+                base_model=base, adapter_path=str(result.adapter_dir), prompt_version=prompt_version,
+                prompt_sha256=prompt_version.sha256, dataset_version=version,
+                hyperparameters=config.to_dict(), final_loss=result.final_loss,
+                duration_seconds=result.duration_seconds, metrics=result.to_dict(), created_by=job.created_by,
+            )
+            if not job.succeed(variant=variant):
+                raise transaction.TransactionManagementError("job was moved while finishing")
+        loss = "?" if result.final_loss is None else f"{result.final_loss:.4f}"
+        self.log(f"fine-tune done: {result.steps} steps, final loss {loss}, "
+                 f"{result.tokens_per_second:.0f} tok/s; variant {variant.name}")
