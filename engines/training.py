@@ -209,6 +209,8 @@ class TrainResult:
     resumed_from_step: int | None
     cancelled: bool
     skipped_examples: int = 0  # prompts longer than max_length: nothing to learn
+    device: str = ""  # where it ran: "cpu", "cuda", "mps"
+    precision: str = ""  # "fp32", "bf16 autocast" (CPU) or "bf16 mixed" (CUDA)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -676,7 +678,8 @@ def train(
         return TrainResult(adapter_dir=adapter, final_loss=loss, steps=steps, max_steps=max_steps, epochs=epochs,
                            train_tokens=tokens, tokens_per_second=tps,
                            duration_seconds=time.monotonic() - t_start, resumed_from_step=resumed_step,
-                           cancelled=cancelled, skipped_examples=skipped)
+                           cancelled=cancelled, skipped_examples=skipped, device=device,
+                           precision=("bf16 mixed" if device == "cuda" else "bf16 autocast") if use_bf16 else "fp32")
 
     if should_stop is not None and should_stop():
         return result(resumed_step or 0, 0, 0.0, 0, 0.0, None, None, True, 0)

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 from django.contrib import messages
@@ -115,5 +116,8 @@ def variant_detail(request: HttpRequest, slug: str, variant_id: int) -> HttpResp
     variant = get_object_or_404(Variant.objects.select_related("base_model", "prompt_version__prompt",
                                                                "dataset_version__dataset"),
                                 pk=variant_id, project=project)
+    adapter = Path(variant.adapter_path) if variant.adapter_path else None
+    files = [{"name": f.name, "size": f.stat().st_size} for f in sorted(adapter.iterdir())
+             if f.is_file()] if adapter and adapter.is_dir() else []
     return render(request, "jobs/variant_detail.html", {"project": project, "variant": variant,
-                                                         "jobs": variant.jobs.all()})
+                                                         "jobs": variant.jobs.all(), "adapter_files": files})

@@ -52,7 +52,7 @@ def test_it_trains_reports_progress_and_saves_a_loadable_adapter(tiny_model_dir:
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    seen: list[dict[str, Any]] = []
+    seen: list[Progress] = []
     result = train(tiny_model_dir, make_examples(), tmp_path / "run", fast_config(), progress=seen.append)
 
     assert [p.done for p in seen] == [1, 2, 3] and [p.point["step"] for p in seen] == [1, 2, 3]
@@ -64,6 +64,7 @@ def test_it_trains_reports_progress_and_saves_a_loadable_adapter(tiny_model_dir:
     assert seen[-1].eta_seconds == 0 and seen[-1].metrics["train_tokens"] == result.train_tokens
 
     assert not result.cancelled and result.steps == 3 and result.max_steps == 3
+    assert (result.device, result.precision) == ("cpu", "fp32")  # what ran, not "auto"
     assert result.adapter_dir == tmp_path / "run" / "adapter"
     assert (result.adapter_dir / "adapter_model.safetensors").is_file()
     config = json.loads((result.adapter_dir / "adapter_config.json").read_text())

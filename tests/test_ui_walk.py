@@ -1,0 +1,151 @@
+"""A walk through every page in a real browser: no console error, no failed
+request (the favicon included) on any of them, and what the first-hour
+walk found wrong on the job pages stays fixed."""
+
+import io
+
+import pytest
+from django.urls import reverse
+from playwright.sync_api import expect
+
+from jobs.models import Job, JobPoint
+from workbench.actions.datasets import derive_version, import_dataset
+from workbench.actions.prompts import save_prompt
+from workbench.models import BaseModel, Variant
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
+
+RULES = [{"name": "greeting", "kind": "starts_with", "text": "Hello"}, {"name": "brief", "kind": "max_words", "n": 60}]
+
+
+@pytest.fixture
+def world(alice, alice_project, tiny_model_dir, tmp_path):
+    """A project with something on every page."""
+    project = alice_project
+    base = BaseModel.objects.create(name="tiny", path=str(tiny_model_dir), is_default=True)
+    save_prompt(project, alice, "support", "You are Nova. Always start with 'Hello'.", RULES)
+    prompt = save_prompt(project, alice, "support", "You are Nova. Always start with 'Hello'. Be brief.").version
+    upload = import_dataset(project, alice, "queries", io.BytesIO(b"How do I reset it?\nWhere is my parcel?\n"
+                                                                 b"Can I pay by invoice?\nWho are you?\n"),
+                            filename="q.txt", eval_percent=25)
+    answered = derive_version(upload, alice, [(r.index, [*r.messages, {"role": "assistant", "content": "Hello!"}])
+                                              for r in upload.rows.order_by("index")], kind="teacher")
+    teacher = Job.objects.create(project=project, kind="teacher", base_model=base, prompt_version=prompt,
+                                 dataset_version=upload, status=Job.SUCCEEDED, output_dataset=answered,
+                                 progress={"done": 3, "total": 3, "unit": "queries"}, log="[10:00:00] done\n")
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_model.safetensors").write_bytes(b"0" * 1024)
+    variant = Variant.objects.create(project=project, name="support-absorbed", base_model=base,
+                                     adapter_path=str(adapter), prompt_version=prompt, dataset_version=answered,
+                                     hyperparameters={"rank": 16, "alpha": 32, "target_modules": ["q_proj"],
+                                                      "device": "auto"},
+                                     final_loss=0.5, metrics={"steps": 3, "device": "cpu", "precision": "fp32"})
+    finetune = Job.objects.create(project=project, kind="finetune", base_model=base, prompt_version=prompt,
+                                  dataset_version=answered, depends_on=teacher, status=Job.SUCCEEDED,
+                                  variant=variant, progress={"done": 3, "total": 3, "unit": "steps",
+                                                             "metrics": {"loss": 0.5, "learning_rate": 3e-4}})
+    JobPoint.append(finetune, [{"step": i, "loss": 2.0 / i, "lr": 3e-4} for i in (1, 2, 3)])
+    queued = Job.objects.create(project=project, kind="finetune", base_model=base, prompt_version=prompt,
+                                dataset_version=answered)
+    return {"project": project, "prompt": prompt, "upload": upload, "answered": answered, "teacher": teacher,
+            "finetune": finetune, "queued": queued, "variant": variant}
+
+
+def watch(page):
+    problems: list[str] = []
+    page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
+    page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+    page.on("requestfailed", lambda r: problems.append(f"request failed: {r.url} {r.failure}"))
+    page.on("response", lambda r: problems.append(f"HTTP {r.status}: {r.url}") if r.status >= 400 else None)
+    return problems
+
+
+def log_in(page):
+    page.goto("/login/")
+    page.get_by_label("Username").fill("alice")
+    page.get_by_label("Password").fill("alice-password")
+    page.get_by_role("button", name="Log in").click()
+
+
+def test_every_page_loads_without_a_console_error_or_failed_request(page, world, tmp_path):
+    w, slug = world, world["project"].slug
+    problems = watch(page)
+    log_in(page)
+    prompt, upload, answered = w["prompt"], w["upload"], w["answered"]
+    urls = [
+        reverse("project_list"), reverse("project_detail", args=[slug]),
+        reverse("prompt_list", args=[slug]), prompt.prompt.get_absolute_url(), prompt.get_absolute_url(),
+        prompt.prompt.versions.get(number=1).get_absolute_url(),
+        reverse("prompt_diff", args=[slug, prompt.prompt_id]) + "?a=1&b=2",
+        reverse("dataset_list", args=[slug]), upload.get_absolute_url(), answered.get_absolute_url(),
+        reverse("dataset_review", args=[slug, answered.dataset_id, answered.number]),
+        reverse("job_list", args=[slug]), w["teacher"].get_absolute_url(), w["finetune"].get_absolute_url(),
+        w["queued"].get_absolute_url(), reverse("variant_detail", args=[slug, w["variant"].pk]),
+        reverse("models"),
+    ]
+    for n, url in enumerate(urls):
+        page.goto(url)
+        page.wait_for_load_state("networkidle")
+        page.screenshot(path=str(tmp_path / f"page-{n:02d}.png"), full_page=True)
+        assert not problems, f"{url}: {problems}"
+    # The 404 page is styled, has the navigation, and loads its own assets.
+    response = page.goto(f"/p/{slug}/jobs/999999/")
+    assert response.status == 404
+    expect(page.get_by_role("heading", name="Not found")).to_be_visible()
+    expect(page.get_by_role("button", name="Your projects")).to_be_visible()
+    page.wait_for_load_state("networkidle")
+    expected = [f"HTTP 404: {page.url}",
+                "console error: Failed to load resource: the server responded with a status of 404 (Not Found)"]
+    assert sorted(problems) == sorted(expected)  # the page itself, nothing it loads
+
+
+def test_a_finished_job_has_no_cancel_button_and_a_queued_one_does(page, world):
+    log_in(page)
+    page.goto(world["finetune"].get_absolute_url())
+    expect(page.locator("#job-status")).to_have_text("succeeded")
+    expect(page.get_by_role("button", name="Cancel job")).to_have_count(0)
+    page.goto(world["teacher"].get_absolute_url())
+    expect(page.get_by_role("link", name=f"Fine-tune #{world['finetune'].pk}")).to_be_visible()  # what it starts
+    page.goto(world["queued"].get_absolute_url())
+    page.get_by_role("button", name="Cancel job").click()
+    expect(page.locator("#job-status")).to_have_text("cancelled")
+    expect(page.get_by_role("button", name="Cancel job")).to_have_count(0)
+
+
+def test_the_queued_message_goes_once_the_job_runs(page, world):
+    log_in(page)
+    page.goto(reverse("job_list", args=[world["project"].slug]))
+    page.get_by_label("Dataset version").select_option(label=f"{world['answered']} · Teacher answers · 4 rows")
+    page.get_by_label("Fine-tune only (the dataset already holds reviewed answers)").check()
+    page.get_by_role("button", name="Start").click()
+    expect(page.get_by_text("queued.", exact=False)).to_be_visible()
+    job = Job.objects.order_by("-pk").first()
+    job.claim("w1")  # a worker takes it
+    expect(page.locator("#job-status")).to_have_text("running", timeout=10_000)
+    expect(page.locator("#messages .flash")).to_have_count(0)
+
+
+def test_checkbox_labels_do_not_overlap_their_help(page, world):
+    log_in(page)
+    page.goto(reverse("job_list", args=[world["project"].slug]))
+    for summary in page.locator("summary").all():
+        summary.click()
+    checks = page.locator("label.check")
+    assert checks.count() >= 4  # keep existing, review first, gradient_checkpointing, group_by_length
+    for i in range(checks.count()):
+        label = checks.nth(i).bounding_box()
+        help_box = checks.nth(i).locator("xpath=following-sibling::small[1]").bounding_box()
+        assert label and help_box
+        assert label["y"] + label["height"] <= help_box["y"] + 1, (checks.nth(i).inner_text(), label, help_box)
+
+
+def test_the_loss_chart_draws_the_points_as_they_are(page, world):
+    """A smoothed curve overshot between points (a peak at 3.0 between 2.1 and 1.8)."""
+    log_in(page)
+    page.goto(world["finetune"].get_absolute_url())
+    page.wait_for_function("() => window.Chart && Chart.getChart('loss-chart')")
+    tension = page.evaluate("() => Chart.getChart('loss-chart').data.datasets[0].tension")
+    data = page.evaluate("() => Chart.getChart('loss-chart').data.datasets[0].data")
+    assert tension == 0 and data == [2.0, 1.0, 2.0 / 3]
+
