@@ -704,7 +704,7 @@ def test_a_review_saves_edits_and_drops_as_a_new_version(alice_client, alice, an
     new = answered.dataset.latest
     assert new.number == 2 and new.row_count == 3 and new.parent == answered
     assert [m[-1]["content"] for m in stored_messages(new)] == ["answer 0", "a better answer", "answer 3"]
-    assert b"Saved answers@2: 1 answer(s) edited, 1 row(s) dropped, 3 rows." in r.content
+    assert b"Saved answers@2: 1 answer edited, 1 row dropped, 3 rows." in r.content
     assert new.meta == {"reviewed": "answers@1", "edited": [1], "dropped": [2]}
     r = alice_client.post(url, {"answer_0": "answer 0"}, follow=True)
     assert b"No changes." in r.content
@@ -751,3 +751,33 @@ def test_an_anonymous_visitor_is_sent_to_log_in(client, alice, alice_project):
 def test_an_action_error_is_not_a_rejection(alice, alice_project):
     with pytest.raises(ActionError, match="needs a name"):
         import_dataset(alice_project, alice, "  ", io.BytesIO(b"hi\n"))
+
+
+# --- a new user's first hour ------------------------------------------------------
+
+def test_a_derived_version_shows_the_source_lines_of_the_rows_it_came_from(alice_client, alice, alice_project):
+    upload = import_dataset(alice_project, alice, "q", io.BytesIO(b"first\n\nsecond\nthird\n"), filename="q.txt",
+                            eval_percent=0)
+    lines = dict(upload.rows.values_list("index", "line"))
+    assert lines == {0: 1, 1: 3, 2: 4}  # the blank line 2 is skipped
+    # the teacher answers rows 2 and 0 (parent index, messages), in that order
+    answered = [(i, [*upload.rows.get(index=i).messages, {"role": "assistant", "content": f"answer {i}"}])
+                for i in (2, 0)]
+    teacher = dataset_actions.derive_version(upload, alice, answered, kind=DatasetVersion.TEACHER)
+    assert list(teacher.rows.order_by("index").values_list("line", flat=True)) == [4, 1]
+    body = alice_client.get(teacher.get_absolute_url()).content.decode()
+    assert re.findall(r"#\d+ · \w+ · line \d+", body) == ["#1 · train · line 4", "#2 · train · line 1"]
+    # a review of the teacher's answers keeps the upload's lines too
+    reviewed = review_version(teacher, alice, {0: "a better answer"}, set())
+    assert list(reviewed.rows.order_by("index").values_list("line", flat=True)) == [4, 1]
+
+
+def test_a_refused_review_keeps_what_was_typed_and_ticked(alice_client, alice, answered):
+    url = reverse("dataset_review", args=[answered.dataset.project.slug, answered.dataset_id, 1])
+    r = alice_client.post(url, {"answer_0": "  ", "answer_1": "a much better answer", "drop": ["3"]})
+    body = r.content.decode()
+    assert r.status_code == 400 and "An answer cannot be empty" in body and "Nothing was saved" in body
+    assert '<textarea name="answer_1" rows="4">a much better answer</textarea>' in body
+    assert 'name="answer_0" rows="4" aria-invalid="true">  </textarea>' in body
+    assert 'value="3" checked' in body and 'value="2" checked' not in body
+    assert answered.dataset.versions.count() == 1

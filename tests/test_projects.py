@@ -48,7 +48,7 @@ def test_it_gives_unique_slugs(alice):
     from workbench.actions.projects import create_project
 
     assert create_project(alice, "Same").slug == "same"
-    assert create_project(alice, "Same").slug == "same-2"
+    assert create_project(alice, "Same!").slug == "same-2"
 
 
 def test_owner_adds_a_member_who_then_sees_the_project(alice_client, alice_project, bob, client):
@@ -120,3 +120,38 @@ def test_it_refuses_a_ping_to_an_unknown_queue(alice_client):
         send_ping("cpu")
     r = alice_client.post(reverse("ping_workers"), {"queue": "cpu"}, follow=True)
     assert b"Unknown queue" in r.content and not WorkerPing.objects.exists()
+
+
+# --- a new user's first hour ------------------------------------------------------
+
+def test_project_names_are_unique_ignoring_case(alice_client, alice, bob):
+    from django.db import IntegrityError, transaction
+
+    from workbench.actions import ActionError
+    from workbench.actions.projects import create_project
+
+    create_project(alice, "Support bot")
+    r = alice_client.post(reverse("project_create"), {"name": " support BOT ", "description": "Ours"})
+    body = r.content.decode()
+    assert r.status_code == 400 and "Name: A project named “Support bot” already exists" in body
+    assert 'value=" support BOT "' in body and ">Ours</textarea>" in body and 'aria-invalid="true"' in body
+    with pytest.raises(ActionError, match="already exists"):
+        create_project(bob, "SUPPORT BOT")
+    with pytest.raises(IntegrityError), transaction.atomic():  # the database holds the rule too
+        Project.objects.create(name="support Bot", slug="other")
+    assert Project.objects.count() == 1
+
+
+def test_models_and_serving_keeps_the_project_the_user_came_from(alice_client, alice_project, bob_project):
+    assert alice_client.get(reverse("models")).context["project"] is None
+    alice_client.get(reverse("prompt_list", args=[alice_project.slug]))
+    r = alice_client.get(reverse("models"))
+    assert r.context["project"] == alice_project
+    assert f'href="{reverse("prompt_list", args=[alice_project.slug])}"'.encode() in r.content
+    # ?project= picks another of the user's projects, never someone else's
+    assert alice_client.get(reverse("models") + f"?project={bob_project.slug}").context["project"] is None
+
+
+def test_the_login_form_keeps_the_username_after_a_wrong_password(client, alice):
+    r = client.post(reverse("login"), {"username": "alice", "password": "wrong"})
+    assert r.status_code == 200 and b"didn't match" in r.content and b'value="alice"' in r.content

@@ -56,17 +56,22 @@ class PromptTextForm(forms.Form):
 
 
 class PromptForm(PromptTextForm):
-    """A new prompt: name, text and optionally its rules as JSON."""
+    """A new prompt: name, text and optionally its rules as JSON. With
+    version_of (a prompt's id, sent by the explicit "new version of X" button
+    when the name is taken), a new version of that prompt."""
 
     name = forms.CharField(max_length=200, error_messages={"required": "A prompt needs a name."})
     rules = forms.CharField(required=False, widget=forms.Textarea)
+    version_of = forms.IntegerField(required=False, widget=forms.HiddenInput)
 
     field_order = ["name", "text", "file", "rules", "note"]
 
     def clean_rules(self) -> Any:
+        """The parsed JSON, or None when left empty (a new prompt then has
+        no rules, a new version keeps those it has)."""
         raw = self.cleaned_data["rules"]
-        if not raw:
-            return []
+        if not raw.strip():
+            return None
         try:
             return json.loads(raw)
         except json.JSONDecodeError as exc:

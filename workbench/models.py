@@ -1,9 +1,11 @@
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import Any
 
 from django.conf import settings
 from django.db import models
+from django.db.models.functions import Lower
 from django.urls import reverse
 from django.utils import timezone
 from django.utils.text import slugify
@@ -31,6 +33,10 @@ class Project(models.Model):
 
     class Meta:
         ordering = ["name"]
+        constraints = [
+            models.UniqueConstraint(Lower("name"), name="unique_project_name_ci",
+                                    violation_error_message="A project with this name already exists."),
+        ]
 
     def __str__(self) -> str:
         return self.name
@@ -159,6 +165,10 @@ class PromptVersion(models.Model):
     sha256 = models.CharField(max_length=64)
     rules = models.JSONField(default=list, blank=True)
     note = models.CharField(max_length=300, blank=True)
+    token_counts = models.JSONField(
+        default=dict, blank=True,
+        help_text="Token cost under each base model (by name), computed once: see cost_under",
+    )
     author = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
     created_at = models.DateTimeField(default=timezone.now)
 
@@ -171,6 +181,34 @@ class PromptVersion(models.Model):
 
     def get_absolute_url(self) -> str:
         return reverse("prompt_version", args=[self.prompt.project.slug, self.prompt_id, self.number])
+
+    def cost_under(self, base_model: BaseModel) -> dict[str, Any]:
+        """The text's token cost under the base model's tokenizer and chat
+        template (see workbench.prompt_costs.breakdown). The text never changes,
+        so the counts are kept on the row, keyed by model name and checked
+        against the model's path (a re-registered model is counted again)."""
+        cached = self.token_counts.get(base_model.name)
+        if cached and cached.get("path") == base_model.path:
+            return cached
+        from workbench.prompt_costs import breakdown  # loads a tokenizer
+
+        cost = {"path": base_model.path, **breakdown(base_model.path, self.text)}
+        self.token_counts = {**self.token_counts, base_model.name: cost}
+        if self.pk:
+            PromptVersion.objects.filter(pk=self.pk).update(token_counts=self.token_counts)
+        return cost
+
+    def too_long_for(self, base_model: BaseModel) -> str | None:
+        """Why this text cannot be used with the base model (a request with it
+        does not fit the model's context), or None when it fits. Later steps
+        (teacher generation, fine-tunes, evals) refuse a version that is too long."""
+        cost = self.cost_under(base_model)
+        context = cost.get("context")
+        if context is None or cost["request_total"] < context:
+            return None
+        return (f"{self} is {cost['request_total']:,} tokens per request with {base_model.name}'s chat "
+                f"template; the model reads at most {context:,} tokens, so no room is left for a "
+                f"query and an answer. Shorten the prompt.")
 
 
 class Dataset(models.Model):

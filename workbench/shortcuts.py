@@ -19,9 +19,28 @@ class HtmxHttpRequest(HttpRequest):
     htmx: HtmxDetails
 
 
+LAST_PROJECT = "workbench_last_project"
+
+
 def get_project(request: HttpRequest, slug: str) -> Project:
-    """The one way views find a project: 404 unless the user is a member."""
-    return get_object_or_404(Project.objects.for_user(request.user), slug=slug)
+    """The one way views find a project: 404 unless the user is a member.
+    The project is remembered in the session, so pages outside any project
+    (Models & serving) keep the project nav of the one the user came from."""
+    project = get_object_or_404(Project.objects.for_user(request.user), slug=slug)
+    session = getattr(request, "session", None)  # none on an API request
+    if session is not None and session.get(LAST_PROJECT) != project.slug:
+        session[LAST_PROJECT] = project.slug
+    return project
+
+
+def current_project(request: HttpRequest) -> Project | None:
+    """The project a page outside any project belongs with: ?project=SLUG,
+    else the last project the user opened; None when neither is (still) theirs."""
+    session = getattr(request, "session", None)
+    slug = request.GET.get("project") or (session.get(LAST_PROJECT) if session is not None else None)
+    if not slug:
+        return None
+    return Project.objects.for_user(request.user).filter(slug=slug).first()
 
 
 def get_for_project(

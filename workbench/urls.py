@@ -20,6 +20,8 @@ urlpatterns = [
     path("p/<slug:slug>/prompts/<int:prompt_id>/", prompts.prompt_detail, name="prompt_detail"),
     path("p/<slug:slug>/prompts/<int:prompt_id>/v<int:number>", prompts.prompt_version, name="prompt_version"),
     path("p/<slug:slug>/prompts/<int:prompt_id>/save", prompts.prompt_save, name="prompt_save"),
+    path("p/<slug:slug>/prompts/<int:prompt_id>/v<int:number>/restore", prompts.prompt_restore,
+         name="prompt_restore"),
     path("p/<slug:slug>/prompts/<int:prompt_id>/rules", prompts.prompt_rules, name="prompt_rules"),
     path("p/<slug:slug>/prompts/<int:prompt_id>/rules/remove", prompts.prompt_rule_remove,
          name="prompt_rule_remove"),

@@ -167,8 +167,9 @@ def derive_version(
     flags: dict[int, list[str]] | None = None,
 ) -> DatasetVersion:
     """A new version of the same dataset from edited rows (teacher answers,
-    review edits). With keep_split, a row keeps the split of the parent row
-    it came from (rows are given as (parent index, messages))."""
+    review edits), given as (parent index, messages). Each row keeps the
+    source line of the parent row it came from (the line in the uploaded
+    file) and, with keep_split, its split."""
     dataset = Dataset.objects.select_for_update().get(pk=parent.dataset_id)
     number = (dataset.versions.aggregate(n=Max("number"))["n"] or 0) + 1
     version = DatasetVersion.objects.create(
@@ -177,12 +178,13 @@ def derive_version(
         meta=meta or {}, sha256="",
     )
     parent_split = dict(parent.rows.values_list("index", "split")) if keep_split else {}
+    parent_line = dict(parent.rows.values_list("index", "line"))
     source: list[int] = []
 
     def numbered() -> Iterable[tuple[int, list[dict[str, str]]]]:
         for parent_index, messages in rows:
             source.append(parent_index)
-            yield parent_index, messages
+            yield parent_line.get(parent_index, 0), messages
 
     digest = _store_rows(version, numbered())
     if not source:

@@ -4,20 +4,37 @@ from __future__ import annotations
 
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import AbstractBaseUser
-from django.db import transaction
+from django.db import IntegrityError, transaction
 
 from workbench.actions import ActionError
 from workbench.models import Membership, Project
 
 
+def _name_taken(name: str) -> ActionError | None:
+    existing = Project.objects.filter(name__iexact=name).first()
+    if existing is None:
+        return None
+    return ActionError(f"A project named “{existing.name}” already exists (names are unique, ignoring case); "
+                       "choose another name.")
+
+
 @transaction.atomic
 def create_project(user: AbstractBaseUser, name: str, description: str = "") -> Project:
+    """A new project, its creator its owner. Names are unique, ignoring case."""
     name = name.strip()
     if not name:
         raise ActionError("A project needs a name.")
-    project = Project.objects.create(
-        name=name, slug=Project.unique_slug(name), description=description, created_by=user
-    )
+    if taken := _name_taken(name):
+        raise taken
+    try:
+        with transaction.atomic():  # a savepoint: the same name created at the same moment
+            project = Project.objects.create(
+                name=name, slug=Project.unique_slug(name), description=description, created_by=user
+            )
+    except IntegrityError as exc:
+        if taken := _name_taken(name):
+            raise taken from exc
+        raise
     Membership.objects.create(project=project, user=user, role=Membership.OWNER)
     return project
 

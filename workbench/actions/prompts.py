@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,7 +13,6 @@ from django.contrib.auth.models import AbstractBaseUser
 from django.db import transaction
 
 from engines import rules
-from engines.tokens import load_tokenizer, prompt_cost
 from workbench.actions import ActionError
 from workbench.models import BaseModel, Project, Prompt, PromptVersion
 
@@ -31,35 +31,75 @@ def decode_prompt_file(data: bytes, filename: str = "") -> str:
         raise ActionError(f"{filename or 'prompt file'}: not valid UTF-8 on line {line}; save it as UTF-8.") from exc
 
 
+class PromptNameTaken(ActionError):
+    """A new prompt was given the name of an existing one."""
+
+    def __init__(self, prompt: Prompt) -> None:
+        super().__init__(f"A prompt named “{prompt.name}” already exists in this project.")
+        self.prompt = prompt
+
+
+def _checked_text(text: str) -> str:
+    text = text.replace("\r\n", "\n")
+    if not text.strip():
+        raise ActionError("The prompt text is empty.")
+    if len(text) > settings.PROMPT_MAX_CHARS:
+        raise ActionError(f"The prompt has {len(text):,} characters; the limit is {settings.PROMPT_MAX_CHARS:,}.")
+    return text
+
+
+def _checked_rules(rules_data: object) -> list[dict[str, Any]]:
+    try:
+        return rules.rules_to_json(rules.validate_rules(rules_data))
+    except rules.RulesError as exc:
+        raise ActionError("Invalid rules:\n" + "\n".join(exc.errors)) from exc
+
+
+@transaction.atomic
+def create_prompt(
+    project: Project, user: AbstractBaseUser | None, name: str, text: str,
+    rules_data: object = None, note: str = "",
+) -> PromptVersion:
+    """A new prompt with its first version. A name already in use is refused
+    (PromptNameTaken): a new version of an existing prompt is saved on its
+    page, where its rules are kept, never by reusing its name here."""
+    name = name.strip()
+    if not name:
+        raise ActionError("A prompt needs a name.")
+    text = _checked_text(text)
+    rule_list = _checked_rules([] if rules_data is None else rules_data)
+    existing = project.prompts.filter(name=name).first()
+    if existing is not None:
+        raise PromptNameTaken(existing)
+    prompt = Prompt.objects.create(project=project, name=name, created_by=user)
+    return PromptVersion.objects.create(
+        prompt=prompt, number=1, text=text, sha256=hashlib.sha256(text.encode("utf-8")).hexdigest(),
+        rules=rule_list, note=note[:300], author=user,
+    )
+
+
 @transaction.atomic
 def save_prompt(
     project: Project, user: AbstractBaseUser | None, name: str, text: str,
     rules_data: object = None, note: str = "",
 ) -> PromptSaved:
     """Save a new version of the named prompt (created if new). rules_data
-    None keeps the latest version's rules."""
+    None keeps the latest version's rules; a version that changes the rules
+    without a note gets one naming the rules added, removed and changed."""
     name = name.strip()
     if not name:
         raise ActionError("A prompt needs a name.")
-    text = text.replace("\r\n", "\n")
-    if not text.strip():
-        raise ActionError("The prompt text is empty.")
-    if len(text) > settings.PROMPT_MAX_CHARS:
-        raise ActionError(f"The prompt has {len(text):,} characters; the limit is {settings.PROMPT_MAX_CHARS:,}.")
+    text = _checked_text(text)
     prompt, _ = Prompt.objects.get_or_create(project=project, name=name, defaults={"created_by": user})
     # Lock the prompt row so two saves cannot take the same version number.
     prompt = Prompt.objects.select_for_update().get(pk=prompt.pk)
     latest = prompt.latest
-    if rules_data is None:
-        rule_list = latest.rules if latest else []
-    else:
-        try:
-            rule_list = rules.rules_to_json(rules.validate_rules(rules_data))
-        except rules.RulesError as exc:
-            raise ActionError("Invalid rules:\n" + "\n".join(exc.errors)) from exc
+    rule_list = (latest.rules if latest else []) if rules_data is None else _checked_rules(rules_data)
     sha = hashlib.sha256(text.encode("utf-8")).hexdigest()
     if latest and latest.sha256 == sha and latest.rules == rule_list:
         return PromptSaved(latest, created=False)
+    if not note and latest and latest.rules != rule_list:
+        note = "; ".join(c.summary for c in rule_changes(latest.rules, rule_list))
     version = PromptVersion.objects.create(
         prompt=prompt, number=(latest.number + 1 if latest else 1), text=text, sha256=sha,
         rules=rule_list, note=note[:300], author=user,
@@ -78,19 +118,30 @@ def _latest_locked(prompt: Prompt) -> PromptVersion:
 
 @transaction.atomic
 def add_rule(prompt: Prompt, user: AbstractBaseUser | None, rule: dict[str, Any]) -> PromptSaved:
-    """A new version with the same text and one more rule."""
+    """A new version with the same text and one more rule; its note names the rule."""
     latest = _latest_locked(prompt)
-    return save_prompt(prompt.project, user, prompt.name, latest.text, [*latest.rules, rule], "rules edited")
+    return save_prompt(prompt.project, user, prompt.name, latest.text, [*latest.rules, rule],
+                       f"added rule {rule.get('name', '')}")
 
 
 @transaction.atomic
 def remove_rule(prompt: Prompt, user: AbstractBaseUser | None, name: str) -> PromptSaved:
-    """A new version with the same text, without the named rule."""
+    """A new version with the same text, without the named rule; its note names the rule."""
     latest = _latest_locked(prompt)
     kept = [r for r in latest.rules if r["name"] != name]
     if len(kept) == len(latest.rules):
         raise ActionError(f"The prompt has no rule named '{name}'.")
-    return save_prompt(prompt.project, user, prompt.name, latest.text, kept, "rules edited")
+    return save_prompt(prompt.project, user, prompt.name, latest.text, kept, f"removed rule {name}")
+
+
+@transaction.atomic
+def restore_version(prompt: Prompt, user: AbstractBaseUser | None, number: int) -> PromptSaved:
+    """A new version with the text and rules of an older one (which stays as it was)."""
+    _latest_locked(prompt)
+    old = prompt.versions.filter(number=number).first()
+    if old is None:
+        raise ActionError(f"The prompt {prompt.name} has no version {number}.")
+    return save_prompt(prompt.project, user, prompt.name, old.text, old.rules, f"restored version {number}")
 
 
 def find_prompt_version(project: Project, spec: str) -> PromptVersion:
@@ -104,6 +155,45 @@ def find_prompt_version(project: Project, spec: str) -> PromptVersion:
 
 
 @dataclass
+class RuleChange:
+    change: str  # added | removed | changed
+    name: str
+    details: list[str]  # a description of the rule (added, removed) or "param: old → new" (changed)
+
+    @property
+    def summary(self) -> str:
+        return f"{self.change} rule {self.name}"
+
+
+def _value(rule: dict[str, Any], key: str) -> str:
+    return json.dumps(rule[key], ensure_ascii=False) if key in rule else "(not set)"
+
+
+def _describe(rule: dict[str, Any]) -> str:
+    try:
+        return rules.describe(rules.validate_rules([rule])[0])
+    except rules.RulesError:
+        return rule.get("kind", "")
+
+
+def rule_changes(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[RuleChange]:
+    """The rules added, removed and changed (by name) from `old` to `new`,
+    with the parameters that changed."""
+    before = {r["name"]: r for r in old}
+    after = {r["name"]: r for r in new}
+    changes = [RuleChange("removed", name, [_describe(r)]) for name, r in before.items() if name not in after]
+    for name, rule in after.items():
+        if name not in before:
+            changes.append(RuleChange("added", name, [_describe(rule)]))
+        elif before[name] != rule:
+            was = before[name]
+            details = [f"{key}: {_value(was, key)} → {_value(rule, key)}" for key in dict.fromkeys([*was, *rule])
+                       if key != "name" and (key in was, was.get(key)) != (key in rule, rule.get(key))]
+            changes.append(RuleChange("changed", name, details))
+    return changes
+
+
+@dataclass
 class PromptDiff:
     a: PromptVersion
     b: PromptVersion
@@ -112,6 +202,10 @@ class PromptDiff:
     @property
     def rules_changed(self) -> bool:
         return self.a.rules != self.b.rules
+
+    @property
+    def rule_changes(self) -> list[RuleChange]:
+        return rule_changes(self.a.rules, self.b.rules)
 
 
 def diff_versions(a: PromptVersion, b: PromptVersion) -> PromptDiff:
@@ -125,12 +219,13 @@ def diff_versions(a: PromptVersion, b: PromptVersion) -> PromptDiff:
     return PromptDiff(a, b, lines)
 
 
-def token_costs(text: str) -> list[dict[str, Any]]:
-    """What the text costs per request under each registered base model."""
+def token_costs(version: PromptVersion) -> list[dict[str, Any]]:
+    """What the version costs per request under each registered base model,
+    explained (see workbench.prompt_costs), and whether it fits the model."""
     costs = []
     for model in BaseModel.objects.all():
         try:
-            costs.append({"model": model, **prompt_cost(load_tokenizer(model.path), text)})
+            costs.append({"model": model, **version.cost_under(model), "too_long": version.too_long_for(model)})
         except Exception as exc:  # a broken model directory must not break the prompt page
             costs.append({"model": model, "error": str(exc)[:200]})
     return costs

@@ -6,9 +6,10 @@ from collections.abc import Iterator
 from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
-from django.core.paginator import Paginator
+from django.core.paginator import Page, Paginator
 from django.http import Http404, HttpRequest, HttpResponse, StreamingHttpResponse
 from django.shortcuts import redirect, render
+from django.template.defaultfilters import pluralize
 from django.urls import reverse
 from django.views.decorators.http import require_POST
 
@@ -60,7 +61,8 @@ def dataset_upload(request: HttpRequest, slug: str) -> HttpResponse:
         return _list_page(request, project, form, status=400)
     except DatasetRejected as rejected:
         return _list_page(request, project, form, status=400, rejected=rejected)
-    messages.success(request, f"Stored {version}: {version.row_count:,} rows ({version.format}).")
+    messages.success(request, f"Stored {version}: {version.row_count:,} row{pluralize(version.row_count)} "
+                              f"({version.format}).")
     return redirect(version)
 
 
@@ -132,6 +134,20 @@ def dataset_export(request: HttpRequest, slug: str, dataset_id: int, number: int
     return response
 
 
+def _review_page(request: HttpRequest, version: DatasetVersion, page: Page, flagged: bool, *,
+                 typed: dict[int, str] | None = None, dropped: set[int] | None = None, error: str = "",
+                 status: int = 200) -> HttpResponse:
+    """The review form; after a refused save it holds what was typed and ticked."""
+    rows = list(page)
+    for row in rows:
+        row.typed_answer = (typed or {}).get(row.index)
+        row.dropped = row.index in (dropped or ())
+    ctx = {"project": version.dataset.project, "dataset": version.dataset, "version": version, "page": page,
+           "rows": rows, "flagged_count": version.rows.exclude(flags=[]).count(), "flagged": flagged,
+           "error": error}
+    return render(request, "workbench/dataset_review.html", ctx, status=status)
+
+
 @login_required
 def dataset_review(request: HttpRequest, slug: str, dataset_id: int, number: int) -> HttpResponse:
     """Review answers (teacher output): edit answers, drop rows; saving makes
@@ -147,15 +163,15 @@ def dataset_review(request: HttpRequest, slug: str, dataset_id: int, number: int
         try:
             new = review_version(version, request.user, edits, drop)
         except ActionError as exc:
-            messages.error(request, str(exc))
-            return redirect(request.get_full_path())
+            return _review_page(request, version, page, flagged, typed=edits, dropped=drop, error=str(exc),
+                                status=400)
         if new is None:
             messages.info(request, "No changes.")
             return redirect(request.get_full_path())
-        messages.success(request, f"Saved {new}: {len(new.meta['edited'])} answer(s) edited, "
-                                  f"{len(new.meta['dropped'])} row(s) dropped, {new.row_count} rows.")
+        edited, dropped = len(new.meta["edited"]), len(new.meta["dropped"])
+        messages.success(request, f"Saved {new}: {edited} answer{pluralize(edited)} edited, "
+                                  f"{dropped} row{pluralize(dropped)} dropped, "
+                                  f"{new.row_count:,} row{pluralize(new.row_count)}.")
         return redirect(reverse("dataset_review", args=[slug, dataset_id, new.number]) +
                         f"?page={page.number}" + ("&flagged=1" if flagged else ""))
-    ctx = {"project": version.dataset.project, "dataset": version.dataset, "version": version, "page": page,
-           "flagged_count": version.rows.exclude(flags=[]).count(), "flagged": flagged}
-    return render(request, "workbench/dataset_review.html", ctx)
+    return _review_page(request, version, page, flagged)

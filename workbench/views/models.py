@@ -12,7 +12,7 @@ from django_htmx.http import HttpResponseClientRefresh
 from workbench.actions import ActionError
 from workbench.actions.models import send_ping
 from workbench.models import BaseModel, WorkerHeartbeat, WorkerPing
-from workbench.shortcuts import HtmxHttpRequest
+from workbench.shortcuts import HtmxHttpRequest, current_project
 
 
 def healthz(request: HttpRequest) -> HttpResponse:
@@ -22,6 +22,7 @@ def healthz(request: HttpRequest) -> HttpResponse:
 @login_required
 def models_page(request: HtmxHttpRequest) -> HttpResponse:
     ctx = {
+        "project": current_project(request),  # keeps the project nav of the project the user came from
         "base_models": BaseModel.objects.all(),
         "workers": WorkerHeartbeat.objects.all(),
         "pings": WorkerPing.objects.order_by("-created_at")[:5],

@@ -30,8 +30,8 @@ def project_create(request: HttpRequest) -> HttpResponse:
     if form.is_valid():
         try:
             project = create_project(request.user, form.cleaned_data["name"], form.cleaned_data["description"])
-        except ActionError as exc:
-            form.add_error(None, str(exc))
+        except ActionError as exc:  # every refusal is about the name
+            form.add_error("name", str(exc))
         else:
             messages.success(request, f"Project “{project.name}” created.")
             return redirect(project)

@@ -8,7 +8,16 @@ from django.views.decorators.http import require_POST
 
 from engines import rules
 from workbench.actions import ActionError
-from workbench.actions.prompts import add_rule, diff_versions, remove_rule, save_prompt, token_costs
+from workbench.actions.prompts import (
+    PromptNameTaken,
+    add_rule,
+    create_prompt,
+    diff_versions,
+    remove_rule,
+    restore_version,
+    save_prompt,
+    token_costs,
+)
 from workbench.forms import DiffForm, PromptForm, PromptTextForm, RuleForm
 from workbench.models import Project, Prompt, PromptVersion
 from workbench.shortcuts import get_for_project, get_project
@@ -18,8 +27,10 @@ def _get_prompt(request: HttpRequest, slug: str, prompt_id: int) -> Prompt:
     return get_for_project(request, slug, Prompt.objects.select_related("project"), pk=prompt_id)
 
 
-def _list_page(request: HttpRequest, project: Project, form: PromptForm, status: int = 200) -> HttpResponse:
-    ctx = {"project": project, "prompts": project.prompts.prefetch_related("versions"), "form": form}
+def _list_page(request: HttpRequest, project: Project, form: PromptForm, status: int = 200,
+               existing: Prompt | None = None) -> HttpResponse:
+    ctx = {"project": project, "prompts": project.prompts.prefetch_related("versions"), "form": form,
+           "existing": existing}
     return render(request, "workbench/prompt_list.html", ctx, status=status)
 
 
@@ -31,31 +42,48 @@ def prompt_list(request: HttpRequest, slug: str) -> HttpResponse:
 @login_required
 @require_POST
 def prompt_create(request: HttpRequest, slug: str) -> HttpResponse:
+    """A new prompt; with `version_of` (the explicit offer made when the name
+    is taken), a new version of that prompt, keeping its rules unless rules
+    were typed."""
     project = get_project(request, slug)
     form = PromptForm(request.POST, request.FILES)
+    existing = None
     if form.is_valid():
         data = form.cleaned_data
         try:
-            saved = save_prompt(project, request.user, data["name"], form.prompt_text, data["rules"], data["note"])
+            if data["version_of"]:
+                existing = get_object_or_404(project.prompts, pk=data["version_of"])
+                saved = save_prompt(project, request.user, existing.name, form.prompt_text, data["rules"],
+                                    data["note"])
+                v = saved.version
+                messages.success(request, f"Saved {v.prompt.name} version {v.number}." if saved.created
+                                 else f"{v.prompt.name} is unchanged (version {v.number}).")
+            else:
+                v = create_prompt(project, request.user, data["name"], form.prompt_text, data["rules"],
+                                  data["note"])
+                messages.success(request, f"Saved {v.prompt.name} version {v.number}.")
+        except PromptNameTaken as exc:
+            existing = exc.prompt
+            form.add_error("name", str(exc))
         except ActionError as exc:
             form.add_error(None, str(exc))
         else:
-            v = saved.version
-            messages.success(request, f"Saved {v.prompt.name} version {v.number}." if saved.created
-                             else f"{v.prompt.name} is unchanged (version {v.number}).")
             return redirect(v.prompt)
-    return _list_page(request, project, form, status=400)
+    return _list_page(request, project, form, status=400, existing=existing)
 
 
 def _version_page(
     request: HttpRequest, prompt: Prompt, version: PromptVersion | None, *,
     save_form: PromptTextForm | None = None, rule_form: RuleForm | None = None, status: int = 200,
 ) -> HttpResponse:
+    """A version's page. Only the latest version is edited (its text fills the
+    editor); an older one offers to restore it as a new version."""
     latest = prompt.latest
     ctx = {
         "project": prompt.project, "prompt": prompt, "version": version, "latest": latest,
+        "is_latest": version is not None and latest is not None and version.number == latest.number,
         "versions": prompt.versions.select_related("author"),
-        "costs": token_costs(version.text) if version else [],
+        "costs": token_costs(version) if version else [],
         "rule_list": [(r, rules.describe(rules.validate_rules([r])[0])) for r in version.rules] if version else [],
         "kinds": rules.KINDS,
         "save_form": save_form or PromptTextForm(initial={"text": latest.text if latest else ""}),
@@ -92,6 +120,21 @@ def prompt_save(request: HttpRequest, slug: str, prompt_id: int) -> HttpResponse
             messages.success(request, f"Saved version {saved.version.number}." if saved.created else "No change.")
             return redirect(prompt)
     return _version_page(request, prompt, prompt.latest, save_form=form, status=400)
+
+
+@login_required
+@require_POST
+def prompt_restore(request: HttpRequest, slug: str, prompt_id: int, number: int) -> HttpResponse:
+    """An older version's text and rules saved as a new version."""
+    prompt = _get_prompt(request, slug, prompt_id)
+    try:
+        saved = restore_version(prompt, request.user, number)
+    except ActionError as exc:
+        messages.error(request, str(exc))
+        return redirect(prompt)
+    messages.success(request, f"Version {number} restored as version {saved.version.number}." if saved.created
+                     else f"Version {number} is already the latest text and rules.")
+    return redirect(prompt)
 
 
 @login_required

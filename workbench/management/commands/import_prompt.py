@@ -9,6 +9,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from workbench.actions import ActionError
 from workbench.actions.prompts import decode_prompt_file, save_prompt
 from workbench.management.commands._common import project_by_slug
+from workbench.models import BaseModel
 
 
 class Command(BaseCommand):
@@ -44,3 +45,10 @@ class Command(BaseCommand):
         state = "stored as" if saved.created else "unchanged, still"
         self.stdout.write(f"{project.slug}/{v.prompt.name}: {state} version {v.number} "
                           f"({len(v.text):,} characters, {len(v.rules)} rules, sha256 {v.sha256[:12]})")
+        for model in BaseModel.objects.all():
+            try:
+                reason = v.too_long_for(model)
+            except Exception as exc:  # a broken model directory does not undo the import
+                reason = f"could not count its tokens under {model.name}: {exc}"
+            if reason:
+                self.stderr.write(f"warning: {reason}")

@@ -38,7 +38,10 @@ def ensure_demo_user(data_dir: Path) -> tuple[str, str]:
     creds.write_text(password + "\n")
     creds.chmod(0o600)
     if not Project.objects.for_user(user).exists():
-        create_project(user, "Demo", "A first project to try the path: prompt, data, absorb, eval.")
+        # Project names are unique: a "Demo" left by an earlier demo user is not taken over.
+        name = next(n for n in ("Demo", *(f"Demo {i}" for i in range(2, 1000)))
+                    if not Project.objects.filter(name__iexact=n).exists())
+        create_project(user, name, "A first project to try the path: prompt, data, absorb, eval.")
     return DEMO_USER, password
 
 
