@@ -15,10 +15,12 @@ and gives the same tokens as plain batched generation (see
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
@@ -114,6 +116,23 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     stop_token_ids: tuple[int, ...]
+
+    @property
+    def has_adapter(self) -> bool:
+        """Whether an unmerged peft adapter is attached (a merged one is part
+        of the weights and cannot be switched off)."""
+        peft = sys.modules.get("peft")  # no PeftModel can exist unless peft was imported
+        return peft is not None and isinstance(self.model, peft.PeftModel)
+
+    @contextlib.contextmanager
+    def adapter_disabled(self) -> Iterator[None]:
+        """Inside the block the base model answers alone (the eval arms floor
+        and teacher), through peft's `disable_adapter`; a no-op without an adapter."""
+        if not self.has_adapter:
+            yield
+            return
+        with self.model.disable_adapter():
+            yield
 
 
 @dataclass(frozen=True)
