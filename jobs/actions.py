@@ -16,12 +16,24 @@ from workbench.actions import ActionError
 from workbench.models import BaseModel, DatasetRow, DatasetVersion, Project, PromptVersion
 
 
-def _check(project: Project, prompt_version: PromptVersion, dataset_version: DatasetVersion) -> None:
+def check_prompt_fits(prompt_version: PromptVersion, base_model: BaseModel) -> None:
+    """Refuse a prompt that leaves the model no room for a query and an answer."""
+    try:
+        reason = prompt_version.too_long_for(base_model)
+    except (OSError, ValueError):
+        return  # the model's tokenizer cannot be read: the job itself reports that, with the path
+    if reason:
+        raise ActionError(reason)
+
+
+def _check(project: Project, prompt_version: PromptVersion, dataset_version: DatasetVersion,
+           base_model: BaseModel) -> None:
     # Both inputs must belong to the project: ids in a form can be forged.
     if prompt_version.prompt.project_id != project.pk or dataset_version.dataset.project_id != project.pk:
         raise ActionError("The prompt and the dataset must belong to this project.")
     if not dataset_version.rows.filter(split=DatasetRow.TRAIN).exists():
         raise ActionError(f"{dataset_version} has no rows in its train split.")
+    check_prompt_fits(prompt_version, base_model)
 
 
 def _generation(value: GenerationSettings | Mapping[str, Any] | None) -> GenerationSettings:
@@ -43,7 +55,7 @@ def start_absorb(
     """Queue teacher generation and (unless the team reviews the answers
     first) the fine-tune that trains on them once the teacher finishes.
     Bad settings raise SettingsError / ConfigError naming each field."""
-    _check(project, prompt_version, dataset_version)
+    _check(project, prompt_version, dataset_version, base_model)
     gen, train = _generation(generation), _training(training)
     teacher = Job.objects.create(project=project, kind="teacher", base_model=base_model,
                                  prompt_version=prompt_version, dataset_version=dataset_version,
@@ -66,7 +78,7 @@ def start_finetune(
 ) -> Job:
     """Train on a dataset version that already holds the answers (teacher
     answers after review, or a dataset uploaded with answers)."""
-    _check(project, prompt_version, dataset_version)
+    _check(project, prompt_version, dataset_version, base_model)
     train = _training(training)
     sample = dataset_version.rows.filter(split=DatasetRow.TRAIN).values_list("messages", flat=True)[:50]
     if not any(m[-1]["role"] == "assistant" for m in sample):

@@ -8,11 +8,16 @@ from django.conf import settings
 from django.db import models
 from django.db.models import F, Q, Value
 from django.db.models.functions import Concat
+from django.dispatch import Signal
 from django.urls import reverse
 from django.utils import timezone
 
 from engines.progress import Progress
 from workbench.models import BaseModel, DatasetVersion, Project, PromptVersion, Variant
+
+# Sent after a job reached a terminal state (kwargs: job, status), so apps
+# above jobs can follow up (evals starts the four-arm comparison of a new variant).
+job_finished = Signal()
 
 
 class Job(models.Model):
@@ -124,6 +129,7 @@ class Job(models.Model):
         if status != self.SUCCEEDED:
             for dep in self.dependents.filter(status=self.QUEUED):
                 dep.mark_cancelled(f"cancelled: {self} {status}")
+        job_finished.send(sender=Job, job=self, status=status)
         return True
 
     def succeed(self, **changes: Any) -> bool:

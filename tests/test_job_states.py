@@ -179,3 +179,16 @@ def test_the_50th_poll_of_a_1000_step_job_transfers_only_new_points(alice_projec
     assert len(json.loads(full.content.decode().split('class="new-points">')[1].split("</script>")[0])) == 1000
     status = alice_client.get(reverse("job_status", args=[alice_project.slug, job.pk]), {"after": 990}).json()
     assert [p["seq"] for p in status["points"]] == list(range(991, 1001))
+
+
+def test_a_prompt_longer_than_the_context_is_refused_before_anything_trains(alice, alice_project, tiny_model_dir):
+    from engines.training import TrainConfig
+    from jobs.actions import start_absorb
+    from workbench.actions import ActionError
+
+    base = BaseModel.objects.create(name="tiny", path=str(tiny_model_dir))
+    long = save_prompt(alice_project, alice, "long", "Follow the policy. " * 3000).version
+    data = import_dataset(alice_project, alice, "d", io.BytesIO(b"hi\nho\n"), filename="d.txt")
+    with pytest.raises(ActionError, match="the model reads at most 8,192 tokens"):
+        start_absorb(alice_project, alice, long, data, base, training=TrainConfig())
+    assert not Job.objects.exists()

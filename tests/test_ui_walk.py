@@ -8,6 +8,8 @@ import pytest
 from django.urls import reverse
 from playwright.sync_api import expect
 
+from evals.actions import create_suite
+from evals.models import ArmComparison, EvalResult, EvalRun, Rating
 from jobs.models import Job, JobPoint
 from workbench.actions.datasets import derive_version, import_dataset
 from workbench.actions.prompts import save_prompt
@@ -48,15 +50,35 @@ def world(alice, alice_project, tiny_model_dir, tmp_path):
     JobPoint.append(finetune, [{"step": i, "loss": 2.0 / i, "lr": 3e-4} for i in (1, 2, 3)])
     queued = Job.objects.create(project=project, kind="finetune", base_model=base, prompt_version=prompt,
                                 dataset_version=answered)
+    suite = create_suite(project, alice, "held out", upload, prompt_version=prompt)
+    comparison = ArmComparison.objects.create(project=project, suite=suite, variant=variant, absorb_job=finetune,
+                                              headline={"metric": "all_rules", "tokens_saved_per_1000": 12000,
+                                                        "retained": {"value": 0.8, "low": 0.5, "high": 1.1, "n": 1},
+                                                        "data_compliance": {"all_rules": 1.0}})
+    for i, (arm, with_variant, with_prompt) in enumerate([("floor", False, False), ("teacher", False, True),
+                                                          ("student", True, False), ("student+prompt", True, True)]):
+        run = EvalRun.objects.create(project=project, suite=suite, comparison=comparison, base_model=base, arm=arm,
+                                     variant=variant if with_variant else None,
+                                     prompt_version=prompt if with_prompt else None,
+                                     summary={"complete": True, "prompt_tokens": 40 + 20 * with_prompt,
+                                              "latency": {"p50": 0.4 + i / 10, "p95": 0.9},
+                                              "metrics": {"all_rules": {"value": i / 4, "low": 0, "high": 1, "n": 1},
+                                                          "rule:greeting": {"value": i / 3, "low": 0, "high": 1,
+                                                                            "n": 1}}})
+        EvalResult.objects.create(run=run, example=suite.examples.first(), output=f"Hello from {arm}",
+                                  checks={"all_rules": float(i % 2), "rule:greeting": 1.0})
     return {"project": project, "prompt": prompt, "upload": upload, "answered": answered, "teacher": teacher,
-            "finetune": finetune, "queued": queued, "variant": variant}
+            "finetune": finetune, "queued": queued, "variant": variant, "suite": suite, "comparison": comparison,
+            "run": run}
 
 
 def watch(page):
     problems: list[str] = []
     page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
     page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
-    page.on("requestfailed", lambda r: problems.append(f"request failed: {r.url} {r.failure}"))
+    # ERR_ABORTED: a load the next navigation cancelled, not a failure.
+    page.on("requestfailed", lambda r: problems.append(f"request failed: {r.url} {r.failure}")
+            if "ERR_ABORTED" not in (r.failure or "") else None)
     page.on("response", lambda r: problems.append(f"HTTP {r.status}: {r.url}") if r.status >= 400 else None)
     return problems
 
@@ -66,6 +88,7 @@ def log_in(page):
     page.get_by_label("Username").fill("alice")
     page.get_by_label("Password").fill("alice-password")
     page.get_by_role("button", name="Log in").click()
+    page.wait_for_load_state("networkidle")
 
 
 def test_every_page_loads_without_a_console_error_or_failed_request(page, world, tmp_path):
@@ -83,6 +106,9 @@ def test_every_page_loads_without_a_console_error_or_failed_request(page, world,
         reverse("job_list", args=[slug]), w["teacher"].get_absolute_url(), w["finetune"].get_absolute_url(),
         w["queued"].get_absolute_url(), reverse("variant_detail", args=[slug, w["variant"].pk]),
         reverse("models"),
+        reverse("evals_home", args=[slug]), w["suite"].get_absolute_url(),
+        reverse("side_by_side", args=[slug, w["suite"].pk]), w["run"].get_absolute_url(),
+        w["comparison"].get_absolute_url(),
     ]
     for n, url in enumerate(urls):
         page.goto(url)
@@ -138,6 +164,19 @@ def test_checkbox_labels_do_not_overlap_their_help(page, world):
         help_box = checks.nth(i).locator("xpath=following-sibling::small[1]").bounding_box()
         assert label and help_box
         assert label["y"] + label["height"] <= help_box["y"] + 1, (checks.nth(i).inner_text(), label, help_box)
+
+
+def test_the_leaderboard_draws_its_charts_and_a_rating_is_stored(page, world):
+    log_in(page)
+    page.goto(world["suite"].get_absolute_url())
+    page.wait_for_function("() => window.Chart && Chart.getChart('ci-chart') && Chart.getChart('heat-chart')")
+    assert page.evaluate("() => Chart.getChart('ci-chart').data.labels.length") == 4
+    assert page.evaluate("() => Chart.getChart('heat-chart').data.datasets[0].data.length") == 4 * 2
+    assert page.evaluate("() => Chart.getChart('latency-chart').data.datasets[0].data.length") == 4
+    page.get_by_role("button", name="Side by side").click()
+    page.get_by_role("button", name="B better").first.click()
+    expect(page.get_by_role("button", name="B better").first).not_to_have_class("small-btn outline")
+    assert Rating.objects.get().choice == "b"
 
 
 def test_the_loss_chart_draws_the_points_as_they_are(page, world):

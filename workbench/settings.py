@@ -205,6 +205,9 @@ JOB_STALE_SECONDS = envint("JOB_STALE_SECONDS", 90)
 JOB_REAP_SECONDS = envint("JOB_REAP_SECONDS", 15)
 # A running job stores its progress (and appends curve points) at most this often.
 JOB_PROGRESS_SECONDS = float(os.getenv("JOB_PROGRESS_SECONDS", "2"))
+# A variant made by an absorb gets its four-arm comparison on the held-out queries.
+AUTO_EVAL = envbool("WORKBENCH_AUTO_EVAL", "true")
+EVAL_MAX_NEW_TOKENS = envint("WORKBENCH_EVAL_MAX_NEW_TOKENS", 128)
 # Modules that register job runners (jobs.registry); apps may add their own.
 JOB_RUNNER_MODULES = ["jobs.runners.teacher", "jobs.runners.finetune",
                       *envlist("WORKBENCH_EXTRA_JOB_RUNNERS", "")]

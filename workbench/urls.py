@@ -40,6 +40,7 @@ urlpatterns = [
     path("p/<slug:slug>/datasets/<int:dataset_id>/v<int:number>/export.jsonl", datasets.dataset_export,
          name="dataset_export"),
     path("", include("jobs.urls")),
+    path("", include("evals.urls")),
     path("models/", models.models_page, name="models"),
     path("models/ping", models.ping_workers, name="ping_workers"),
     path("models/ping/<int:ping_id>", models.ping_status, name="ping_status"),

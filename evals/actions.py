@@ -1,0 +1,198 @@
+"""Verbs of the evals app: atomic, jobs sent on commit."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from django.conf import settings
+from django.contrib.auth.models import AbstractBaseUser
+from django.db import transaction
+
+from engines.inference import GenerationSettings
+from engines.rules import RulesError, rules_to_json, validate_rules
+from evals.models import ArmComparison, EvalExample, EvalRun, EvalSuite, Rating
+from jobs.actions import check_prompt_fits
+from jobs.models import Job
+from jobs.tasks import enqueue
+from workbench.actions import ActionError
+from workbench.models import BaseModel, DatasetRow, DatasetVersion, Project, PromptVersion, Variant
+
+LM_EVAL_BUILTIN = ("suite", "general_skills")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """What answers: a base model, optionally a variant's adapter, optionally a prompt."""
+
+    base_model: BaseModel
+    variant: Variant | None = None
+    prompt_version: PromptVersion | None = None
+    arm: str = ""
+
+
+def _same_project(project: Project, *objects: Any) -> None:
+    for obj in objects:
+        owner = getattr(obj, "project_id", None)
+        if owner is None and isinstance(obj, PromptVersion):
+            owner = obj.prompt.project_id
+        if owner is None and isinstance(obj, DatasetVersion):
+            owner = obj.dataset.project_id
+        if obj is not None and owner is not None and owner != project.pk:
+            raise ActionError(f"{obj} belongs to another project.")
+
+
+def eval_source(version: DatasetVersion) -> DatasetVersion:
+    """The version whose eval split holds the held-out queries: teacher
+    answers cover only the train split, so walk up to the upload."""
+    current: DatasetVersion | None = version
+    while current is not None:
+        if current.rows.filter(split=DatasetRow.EVAL).exists():
+            return current
+        current = current.parent
+    return version
+
+
+@transaction.atomic
+def create_suite(
+    project: Project, user: AbstractBaseUser | None, name: str, dataset_version: DatasetVersion, *,
+    prompt_version: PromptVersion | None = None, main_metric: str = "", judge: Variant | None = None,
+    judge_base: BaseModel | None = None, judge_rubric: str = "", lm_eval_tasks: Sequence[str] = (),
+    rules: Any = None,
+) -> EvalSuite:
+    """A suite from the eval split of a dataset version (copied, so it never
+    changes). Rules default to the prompt version's."""
+    name = name.strip()
+    if not name:
+        raise ActionError("An eval suite needs a name.")
+    _same_project(project, dataset_version, prompt_version, judge)
+    if EvalSuite.objects.filter(project=project, name=name).exists():
+        raise ActionError(f"There is already a suite named “{name}” in this project.")
+    rows = list(dataset_version.rows.filter(split=DatasetRow.EVAL).order_by("index").values_list("index", "messages"))
+    if not rows:
+        raise ActionError(f"{dataset_version} has no eval split: upload it with an eval percentage above 0.")
+    try:
+        rule_list = rules_to_json(validate_rules(prompt_version.rules if rules is None and prompt_version
+                                                 else rules or []))
+    except RulesError as exc:
+        raise ActionError("Invalid rules:\n" + "\n".join(exc.errors)) from exc
+    if (judge or judge_base) and not judge_rubric.strip():
+        raise ActionError("A judge needs a rubric: say what a good answer is.")
+    unknown = [t for t in lm_eval_tasks if not t.strip()]
+    if unknown:
+        raise ActionError("An lm-eval task name cannot be empty.")
+    has_reference = any(m[-1]["role"] == "assistant" for _, m in rows)
+    metric = main_metric or ("all_rules" if rule_list else "rouge_l" if has_reference else "judge")
+    suite = EvalSuite.objects.create(
+        project=project, name=name, dataset_version=dataset_version, prompt_version=prompt_version,
+        rules=rule_list, main_metric=metric, judge=judge, judge_base=judge_base, judge_rubric=judge_rubric,
+        lm_eval_tasks=list(lm_eval_tasks), created_by=user)
+    EvalExample.objects.bulk_create([
+        EvalExample(suite=suite, index=i, source_index=index,
+                    messages=messages[:-1] if messages[-1]["role"] == "assistant" else messages,
+                    reference=messages[-1]["content"] if messages[-1]["role"] == "assistant" else "")
+        for i, (index, messages) in enumerate(rows)])
+    return suite
+
+
+def _generation(value: GenerationSettings | Mapping[str, Any] | None) -> GenerationSettings:
+    if isinstance(value, GenerationSettings):
+        return value
+    # Evals answer short by default: long generations cost minutes per arm on a CPU.
+    defaults = {"max_new_tokens": settings.EVAL_MAX_NEW_TOKENS, "batch_size": 16}
+    return GenerationSettings.from_dict({**defaults, **(value or {})})
+
+
+@transaction.atomic
+def start_runs(
+    project: Project, user: AbstractBaseUser | None, suite: EvalSuite, specs: Sequence[RunSpec],
+    generation: GenerationSettings | Mapping[str, Any] | None = None, comparison: ArmComparison | None = None,
+) -> list[EvalRun]:
+    """Queue eval runs; runs that share a base model and adapter share one
+    job (one model load)."""
+    if suite.project_id != project.pk:
+        raise ActionError("The suite belongs to another project.")
+    if not specs:
+        raise ActionError("Choose at least one variant to evaluate.")
+    gen = _generation(generation)
+    # One job loads one base model and at most one adapter; runs without an
+    # adapter join a job of their base (the adapter is switched off for them).
+    groups: dict[tuple[int, str], list[RunSpec]] = {}
+    for spec in specs:
+        _same_project(project, spec.variant, spec.prompt_version)
+        if spec.prompt_version is not None:
+            check_prompt_fits(spec.prompt_version, spec.base_model)
+        if spec.variant is not None:
+            groups.setdefault((spec.base_model.pk, spec.variant.adapter_path), []).append(spec)
+    for spec in specs:
+        if spec.variant is None:
+            key = next((k for k in groups if k[0] == spec.base_model.pk), (spec.base_model.pk, ""))
+            groups.setdefault(key, []).append(spec)
+    runs: list[EvalRun] = []
+    for group in groups.values():
+        job = Job.objects.create(project=project, kind="eval", base_model=group[0].base_model,
+                                 params={"generation": gen.to_dict(), "suite": suite.pk}, created_by=user)
+        for spec in group:
+            runs.append(EvalRun.objects.create(
+                project=project, suite=suite, job=job, comparison=comparison, base_model=spec.base_model,
+                variant=spec.variant, prompt_version=spec.prompt_version, arm=spec.arm,
+                generation=gen.to_dict(), created_by=user))
+        enqueue(job)
+    return runs
+
+
+@transaction.atomic
+def start_comparison(
+    project: Project, user: AbstractBaseUser | None, suite: EvalSuite, variant: Variant, *,
+    absorb_job: Job | None = None, generation: GenerationSettings | Mapping[str, Any] | None = None,
+) -> ArmComparison:
+    """The four arms of an absorbed variant on one suite, in one job."""
+    if variant.project_id != project.pk:
+        raise ActionError("The variant belongs to another project.")
+    prompt = suite.prompt_version or variant.prompt_version
+    if prompt is None:
+        raise ActionError("The four arms need the prompt that was absorbed: give the suite a prompt version.")
+    if not variant.adapter_path:
+        raise ActionError(f"{variant} has no adapter: the four arms compare an absorbed adapter with its base.")
+    comparison = ArmComparison.objects.create(project=project, suite=suite, variant=variant, absorb_job=absorb_job)
+    base = variant.base_model
+    specs = [RunSpec(base, None, prompt, "teacher"), RunSpec(base, None, None, "floor"),
+             RunSpec(base, variant, None, "student"), RunSpec(base, variant, prompt, "student+prompt")]
+    runs = start_runs(project, user, suite, specs, generation, comparison=comparison)
+    comparison.job = runs[0].job
+    comparison.save(update_fields=["job"])
+    return comparison
+
+
+def suite_for_variant(variant: Variant, user: AbstractBaseUser | None = None) -> EvalSuite | None:
+    """The suite that holds out the queries of the data a variant learned
+    from (made on first use), or None when that data has no eval split."""
+    if variant.dataset_version is None:
+        return None
+    source = eval_source(variant.dataset_version)
+    if not source.rows.filter(split=DatasetRow.EVAL).exists():
+        return None
+    existing = EvalSuite.objects.filter(project=variant.project, dataset_version=source,
+                                        prompt_version=variant.prompt_version).order_by("pk").first()
+    if existing is not None:
+        return existing
+    name = f"{source} held out"
+    if variant.prompt_version is not None:
+        name += f" · {variant.prompt_version}"
+    n = 1
+    while EvalSuite.objects.filter(project=variant.project, name=name).exists():
+        n += 1
+        name = f"{source} held out ({n})"
+    return create_suite(variant.project, user, name, source, prompt_version=variant.prompt_version)
+
+
+@transaction.atomic
+def rate(user: AbstractBaseUser, run_a: EvalRun, run_b: EvalRun, example: EvalExample, choice: str) -> Rating:
+    if choice not in dict(Rating.CHOICES):
+        raise ActionError(f"Unknown rating {choice!r}: use a, b or tie.")
+    if not (run_a.suite_id == run_b.suite_id == example.suite_id):
+        raise ActionError("Both runs and the example must belong to the same suite.")
+    rating, _ = Rating.objects.update_or_create(run_a=run_a, run_b=run_b, example=example, user=user,
+                                                defaults={"choice": choice})
+    return rating

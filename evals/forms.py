@@ -1,0 +1,67 @@
+from __future__ import annotations
+
+from typing import Any
+
+from django import forms
+
+from evals.models import METRICS, EvalSuite
+from workbench.models import BaseModel, DatasetVersion, Project, PromptVersion, Variant
+
+
+class SuiteForm(forms.Form):
+    name = forms.CharField(max_length=200)
+    dataset_version = forms.ModelChoiceField(queryset=DatasetVersion.objects.none(), empty_label=None,
+                                             help_text="Its eval split becomes the suite's queries; row answers "
+                                                       "become reference answers.")
+    prompt_version = forms.ModelChoiceField(queryset=PromptVersion.objects.none(), required=False,
+                                            help_text="Its rules are checked, and the 'with prompt' arms get it.")
+    main_metric = forms.ChoiceField(choices=[("", "auto (all rules when there are rules)"), *METRICS.items()],
+                                    required=False)
+    judge = forms.ModelChoiceField(queryset=Variant.objects.none(), required=False, label="Judge (a variant)")
+    judge_base = forms.ModelChoiceField(queryset=BaseModel.objects.all(), required=False,
+                                        label="Judge (a base model)")
+    judge_rubric = forms.CharField(widget=forms.Textarea(attrs={"rows": 3}), required=False,
+                                   help_text="What a good answer is; the judge answers with reasoning and a 1-10 score.")
+    lm_eval_tasks = forms.CharField(required=False, label="lm-eval tasks",
+                                    help_text="Comma-separated: suite (a task built from these queries and their "
+                                              "references), general_skills (short questions shipped with the "
+                                              "workbench) or any installed lm-eval task whose data is on disk.")
+
+    def __init__(self, project: Project, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.fields["dataset_version"].queryset = DatasetVersion.objects.filter(  # type: ignore[attr-defined]
+            dataset__project=project).select_related("dataset")
+        self.fields["prompt_version"].queryset = PromptVersion.objects.filter(  # type: ignore[attr-defined]
+            prompt__project=project).select_related("prompt")
+        self.fields["judge"].queryset = Variant.objects.filter(project=project)  # type: ignore[attr-defined]
+
+    def clean_lm_eval_tasks(self) -> list[str]:
+        return [t.strip() for t in self.cleaned_data["lm_eval_tasks"].split(",") if t.strip()]
+
+
+class RunForm(forms.Form):
+    suite = forms.ModelChoiceField(queryset=EvalSuite.objects.none(), empty_label=None)
+    variants = forms.ModelMultipleChoiceField(queryset=Variant.objects.none(), required=False,
+                                              widget=forms.CheckboxSelectMultiple, label="Variants (adapters)")
+    base_models = forms.ModelMultipleChoiceField(queryset=BaseModel.objects.all(), required=False,
+                                                 widget=forms.CheckboxSelectMultiple, label="Base models")
+    with_prompt = forms.BooleanField(required=False, label="send the suite's prompt",
+                                     help_text="Off: each answers without a system prompt (how an absorbed "
+                                               "adapter is served).")
+
+    def __init__(self, project: Project, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.fields["suite"].queryset = EvalSuite.objects.filter(project=project)  # type: ignore[attr-defined]
+        self.fields["variants"].queryset = Variant.objects.filter(  # type: ignore[attr-defined]
+            project=project).select_related("base_model")
+
+    def clean(self) -> dict[str, Any]:
+        data = super().clean() or {}
+        if not data.get("variants") and not data.get("base_models"):
+            raise forms.ValidationError("Choose at least one variant or base model.")
+        return data
+
+
+class RatingForm(forms.Form):
+    choice = forms.ChoiceField(choices=[("a", "A better"), ("b", "B better"), ("tie", "Tie")])
+    example = forms.IntegerField()

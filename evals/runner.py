@@ -1,0 +1,261 @@
+"""Eval runs as a kind of job: every run of one job shares one loaded base
+model (adapters are switched off for the base arms, never reloaded); each
+example's output and checks are stored, then the run's summary, then the
+four-arm headline when the runs are a comparison."""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from django.db import transaction
+
+from engines import evaluation as ev
+from engines.evaluation import EvalError
+from engines.inference import GenerationSettings, LoadedModel, generate, load_model
+from engines.progress import Progress
+from engines.rules import Rule, check_all, validate_rules
+from evals.models import ArmComparison, EvalExample, EvalResult, EvalRun, EvalSuite
+from jobs.registry import JobCancelled, JobRunner, register
+from workbench.models import DatasetRow
+
+LATENCY_SAMPLE = 4  # single requests timed per run for p50/p95 (each costs a full generation)
+ARM_ORDER = {"teacher": 0, "floor": 1, "student": 2, "student+prompt": 3, "": 4}
+
+
+def estimate_json(e: ev.Estimate) -> dict[str, Any]:
+    return {"value": e.value, "low": e.low, "high": e.high, "n": e.n, "note": e.note}
+
+
+def teacher_answers(suite: EvalSuite) -> dict[int, str]:
+    """Example id -> the prompted base model's answer, from the suite's
+    latest finished teacher run (what agreement is measured against)."""
+    run = (suite.runs.filter(arm="teacher", summary__complete=True).order_by("-created_at").first()
+           or suite.runs.filter(variant__isnull=True, prompt_version__isnull=False, summary__complete=True)
+           .order_by("-created_at").first())
+    if run is None:
+        return {}
+    return dict(run.results.values_list("example_id", "output"))
+
+
+def data_compliance(run_rules: Sequence[Rule], comparison: ArmComparison) -> dict[str, float]:
+    """Per-rule pass rate of the answers the student was trained on: the
+    ceiling it learned from."""
+    version = comparison.variant.dataset_version
+    if version is None or not run_rules:
+        return {}
+    passed: dict[str, int] = {}
+    n = 0
+    rows = version.rows.filter(split=DatasetRow.TRAIN).values_list("messages", flat=True)
+    for messages in rows.iterator(chunk_size=2000):
+        if messages[-1]["role"] != "assistant":
+            continue
+        n += 1
+        checks = check_all(run_rules, messages[-1]["content"])
+        for name, ok in checks.items():
+            passed[f"rule:{name}"] = passed.get(f"rule:{name}", 0) + int(ok)
+        passed["all_rules"] = passed.get("all_rules", 0) + int(all(checks.values()))
+    return {k: v / n for k, v in passed.items()} if n else {}
+
+
+@register
+class EvalRunner(JobRunner):
+    kind = "eval"
+    label = "Eval run"
+    requires = ("base_model",)
+    user_errors = (EvalError,)
+
+    def run(self) -> None:
+        job = self.job
+        assert job.base_model is not None
+        runs = sorted(EvalRun.objects.filter(job=job).select_related("suite", "variant", "prompt_version",
+                                                                     "base_model"),
+                      key=lambda r: (ARM_ORDER.get(r.arm, 9), r.pk))
+        if not runs:
+            self.log("no eval runs attached to this job")
+            return
+        suite = runs[0].suite
+        examples = list(suite.examples.order_by("index"))
+        rules = validate_rules(suite.rules)
+        settings = GenerationSettings.from_dict(job.params.get("generation"))
+        adapters = {r.variant.adapter_path for r in runs if r.variant_id and r.variant and r.variant.adapter_path}
+        if len(adapters) > 1:
+            raise ValueError("one eval job loads one base model and at most one adapter")  # a bug in the caller
+        todo = [r for r in runs if not r.summary.get("complete")]
+        self.log(f"eval: {len(runs)} run(s) on {suite} ({len(examples)} examples), base {job.base_model.name}"
+                 f"{', adapter ' + next(iter(adapters)) if adapters else ''}; {len(runs) - len(todo)} already done")
+        started = time.monotonic()
+        total = len(todo) * len(examples)
+        done = 0
+        self.loads = 0  # base model loads of this job: one, whatever the number of arms
+        if todo:
+            loaded = load_model(job.base_model.path, next(iter(adapters)) if adapters else None)
+            self.loads += 1
+            for run in todo:
+                def progress(p: Progress, offset: int = done) -> None:
+                    self.progress(Progress.since(started, offset + p.done, total, "generations"))
+
+                self._generate(loaded, run, examples, settings, progress)
+                done += len(examples)
+                if self.should_stop():
+                    raise JobCancelled()
+            del loaded
+        for run in runs:
+            self._score(run, examples, rules)
+        if suite.has_judge:
+            self._judge(suite, runs, examples)
+        for task in suite.lm_eval_tasks:
+            self._lm_eval(suite, runs, task)
+        for run in runs:
+            self._summarize(run, rules)
+        comparison = runs[0].comparison
+        if comparison is not None:
+            self._headline(comparison, runs, rules)
+        self.log(f"eval: done in {time.monotonic() - started:.0f} s")
+
+    # --- steps -------------------------------------------------------------------
+
+    def _generate(self, loaded: LoadedModel, run: EvalRun, examples: list[EvalExample],
+                  settings: GenerationSettings, progress: Any) -> None:
+        conversations = [e.messages for e in examples]
+        prompt = run.prompt_version.text if run.prompt_version else None
+        with _adapter(loaded, run.variant_id is not None):
+            began = time.monotonic()
+            completions = generate(loaded, conversations, prompt, settings, reuse_prefix=True, progress=progress,
+                                   should_stop=self.should_stop)
+            wall = time.monotonic() - began
+            latencies = ev.single_request_latency(loaded, conversations, prompt, settings,
+                                                 sample=int(self.job.params.get("latency_sample", LATENCY_SAMPLE)))
+        with transaction.atomic():
+            EvalResult.objects.filter(run=run).delete()
+            EvalResult.objects.bulk_create([
+                EvalResult(run=run, example=e, output=c.text, finish_reason=c.finish_reason,
+                           prompt_tokens=c.prompt_tokens, completion_tokens=c.completion_tokens, seconds=c.seconds)
+                for e, c in zip(examples, completions, strict=True)])
+            run.generation = settings.to_dict()
+            run.summary = {"wall_seconds": wall, "seconds_per_example": wall / max(1, len(examples)),
+                           "batch_size": settings.batch_size, "latency": ev.latency_summary(latencies),
+                           "generated": True}
+            run.save(update_fields=["generation", "summary"])
+        self.log(f"{run.label}: {len(examples)} answers in {wall:.1f} s")
+
+    def _score(self, run: EvalRun, examples: list[EvalExample], rules: Sequence[Rule]) -> None:
+        teacher = teacher_answers(run.suite) if run.arm != "teacher" else {}
+        results = list(run.results.select_related("example"))
+        for r in results:
+            score = ev.score_example(r.output, rules=rules, reference=r.example.reference or None,
+                                     teacher=teacher.get(r.example_id))
+            r.checks = score.metrics()
+        EvalResult.objects.bulk_update(results, ["checks"], batch_size=500)
+
+    def _judge(self, suite: EvalSuite, runs: list[EvalRun], examples: list[EvalExample]) -> None:
+        judge_variant = suite.judge
+        base = judge_variant.base_model if judge_variant else suite.judge_base
+        assert base is not None
+        judge = load_model(base.path, judge_variant.adapter_path if judge_variant and judge_variant.adapter_path
+                           else None)
+        settings = GenerationSettings(max_new_tokens=256, batch_size=8)
+        for run in runs:
+            results = list(run.results.select_related("example"))
+            prompts = [ev.judge_messages(suite.judge_rubric, r.example.query, r.output, r.example.reference or None)
+                       for r in results]
+            verdicts = generate(judge, prompts, None, settings, reuse_prefix=True, should_stop=self.should_stop)
+            for r, out in zip(results, verdicts, strict=True):
+                verdict = ev.parse_judge(out.text)
+                r.judge_score = verdict.score
+                r.judge_reasoning = verdict.reasoning if verdict.score is not None else \
+                    f"{verdict.error}\n---\n{out.text}"
+            EvalResult.objects.bulk_update(results, ["judge_score", "judge_reasoning"], batch_size=500)
+        self.log(f"judge: {base.name}{' + ' + judge_variant.name if judge_variant else ''} scored {len(runs)} run(s)")
+
+    def _lm_eval(self, suite: EvalSuite, runs: list[EvalRun], task: str) -> None:
+        with tempfile.TemporaryDirectory(prefix="wb-lmeval-") as tmp:
+            task_dir = Path(tmp)
+            name = task
+            if task == "suite":
+                rows = [{"query": e.query, "answer": e.reference} for e in suite.examples.order_by("index")
+                        if e.reference]
+                if not rows:
+                    self.log("lm-eval: the suite has no reference answers; task 'suite' skipped")
+                    return
+                name = ev.write_task(task_dir, f"wb_suite_{suite.pk}", rows)
+            elif task == "general_skills":
+                name = ev.general_skills_task(task_dir)
+            for run in runs:
+                result = ev.run_lm_eval(
+                    run.base_model.path, [name], task_dir=task_dir,
+                    adapter_dir=run.variant.adapter_path if run.variant_id and run.variant else None,
+                    system_prompt=run.prompt_version.text if run.prompt_version else None)
+                task_result = result.tasks[name]
+                lm = dict(run.summary.get("lm_eval") or {})
+                lm[task] = {"task": name, "metric": task_result.metric, "samples": task_result.correct,
+                            "metrics": {k: {"value": v.value, "stderr": v.stderr}
+                                        for k, v in task_result.metrics.items()}}
+                run.summary = {**run.summary, "lm_eval": lm}
+                run.save(update_fields=["summary"])
+        self.log(f"lm-eval {task}: {len(runs)} run(s)")
+
+    def _summarize(self, run: EvalRun, rules: Sequence[Rule]) -> None:
+        results = list(run.results.order_by("example__index").values("checks", "judge_score", "prompt_tokens",
+                                                                      "completion_tokens"))
+        metrics: dict[str, Any] = {}
+        names = sorted({k for r in results for k in r["checks"]})
+        for name in names:
+            values = [float(r["checks"][name]) for r in results if name in r["checks"]]
+            metrics[name] = estimate_json(ev.mean_ci(values))
+        judged = [float(r["judge_score"]) for r in results if r["judge_score"] is not None]
+        if judged:
+            metrics["judge"] = estimate_json(ev.mean_ci(judged))
+        for task, data in (run.summary.get("lm_eval") or {}).items():
+            metrics[f"lm_eval:{task}"] = estimate_json(ev.mean_ci([float(x) for x in data.get("samples", [])]))
+        n = max(1, len(results))
+        run.summary = {**run.summary, "metrics": metrics, "examples": len(results),
+                       "prompt_tokens": sum(r["prompt_tokens"] for r in results) / n,
+                       "completion_tokens": sum(r["completion_tokens"] for r in results) / n,
+                       "model_loads": self.loads, "complete": True}
+        run.save(update_fields=["summary"])
+
+    def _headline(self, comparison: ArmComparison, runs: list[EvalRun], rules: Sequence[Rule]) -> None:
+        by_arm = {r.arm: r for r in runs}
+        metric = comparison.suite.main_metric
+
+        def per_example(arm: str, name: str) -> list[float]:
+            run = by_arm.get(arm)
+            if run is None:
+                return []
+            rows = run.results.order_by("example__index").values_list("checks", "judge_score")
+            if name == "judge":
+                return [float(j) if j is not None else 0.0 for _c, j in rows]
+            return [float(c.get(name, 0.0)) for c, _j in rows]
+
+        headline: dict[str, Any] = {"metric": metric}
+        if {"floor", "teacher", "student"} <= set(by_arm):
+            retained = ev.prompt_effect_retained(per_example("student", metric), per_example("floor", metric),
+                                                 per_example("teacher", metric))
+            headline["retained"] = estimate_json(retained)
+            headline["absolute"] = {arm: (by_arm[arm].metric(metric) or {}).get("value") for arm in by_arm}
+            saved = by_arm["teacher"].summary.get("prompt_tokens", 0) - by_arm["student"].summary.get("prompt_tokens", 0)
+            headline["tokens_saved_per_1000"] = round(saved * 1000)
+            for task in comparison.suite.lm_eval_tasks:
+                floor = (by_arm["floor"].summary.get("lm_eval") or {}).get(task, {}).get("samples") or []
+                student = (by_arm["student"].summary.get("lm_eval") or {}).get(task, {}).get("samples") or []
+                if floor and len(floor) == len(student):
+                    diff = ev.paired_difference([float(x) for x in student], [float(x) for x in floor])
+                    headline.setdefault("lm_eval", {})[task] = estimate_json(diff)
+        headline["data_compliance"] = data_compliance(rules, comparison)
+        headline["model_loads"] = self.loads
+        comparison.headline = headline
+        comparison.save(update_fields=["headline"])
+
+
+@contextlib.contextmanager
+def _adapter(loaded: LoadedModel, enabled: bool) -> Iterator[None]:
+    if enabled or not loaded.has_adapter:
+        yield
+    else:
+        with loaded.adapter_disabled():
+            yield

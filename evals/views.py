@@ -1,0 +1,262 @@
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.core.paginator import Paginator
+from django.db.models import Count
+from django.http import HttpRequest, HttpResponse
+from django.shortcuts import get_object_or_404, redirect, render
+from django.urls import reverse
+from django.views.decorators.http import require_POST
+
+from engines.evaluation import ARMS, judge_human_agreement
+from evals import actions
+from evals.forms import RatingForm, RunForm, SuiteForm
+from evals.models import ArmComparison, EvalRun, EvalSuite, Rating, metric_label
+from jobs.models import Job
+from workbench.actions import ActionError
+from workbench.models import Project
+from workbench.shortcuts import get_for_project, get_project
+
+RUNS = EvalRun.objects.select_related("project", "job", "variant", "prompt_version__prompt", "base_model")
+
+
+def _json(data: Any) -> str:
+    # For a <script type="application/json"> element: no "<" may end it early.
+    return json.dumps(data).replace("<", "\\u003c")
+
+
+def _home_context(project: Project, suite_form: SuiteForm, run_form: RunForm) -> dict[str, Any]:
+    return {"project": project, "suite_form": suite_form, "run_form": run_form,
+            "suites": project.eval_suites.annotate(n_examples=Count("examples", distinct=True),
+                                                   n_runs=Count("runs", distinct=True)),
+            "comparisons": project.arm_comparisons.select_related("variant", "suite", "job")[:20]}
+
+
+@login_required
+def evals_home(request: HttpRequest, slug: str) -> HttpResponse:
+    project = get_project(request, slug)
+    return render(request, "evals/home.html", _home_context(project, SuiteForm(project), RunForm(project)))
+
+
+@login_required
+@require_POST
+def suite_create(request: HttpRequest, slug: str) -> HttpResponse:
+    project = get_project(request, slug)
+    form = SuiteForm(project, request.POST)
+    if form.is_valid():
+        d = form.cleaned_data
+        try:
+            suite = actions.create_suite(project, request.user, d["name"], d["dataset_version"],
+                                         prompt_version=d["prompt_version"], main_metric=d["main_metric"],
+                                         judge=d["judge"], judge_base=d["judge_base"],
+                                         judge_rubric=d["judge_rubric"], lm_eval_tasks=d["lm_eval_tasks"])
+        except ActionError as exc:
+            form.add_error(None, str(exc))
+        else:
+            messages.success(request, f"Suite “{suite.name}” created with {suite.examples.count()} queries.")
+            return redirect(suite)
+    return render(request, "evals/home.html", _home_context(project, form, RunForm(project)), status=400)
+
+
+@login_required
+@require_POST
+def runs_start(request: HttpRequest, slug: str) -> HttpResponse:
+    project = get_project(request, slug)
+    form = RunForm(project, request.POST)
+    if form.is_valid():
+        d = form.cleaned_data
+        suite = d["suite"]
+        prompt = suite.prompt_version if d["with_prompt"] else None
+        specs = [actions.RunSpec(v.base_model, v, prompt) for v in d["variants"]]
+        specs += [actions.RunSpec(m, None, prompt) for m in d["base_models"]]
+        try:
+            runs = actions.start_runs(project, request.user, suite, specs)
+        except ActionError as exc:
+            form.add_error(None, str(exc))
+        else:
+            messages.success(request, f"{len(runs)} eval run{'s' if len(runs) != 1 else ''} queued.")
+            return redirect(suite)
+    return render(request, "evals/home.html", _home_context(project, SuiteForm(project), form), status=400)
+
+
+def _leaderboard(runs: list[EvalRun], metric: str, sort: str) -> list[dict[str, Any]]:
+    rows = []
+    for run in runs:
+        m = run.metric(metric) or {}
+        latency = (run.summary.get("latency") or {}).get("p50")
+        rows.append({"run": run, "value": m.get("value"), "low": m.get("low"), "high": m.get("high"),
+                     "latency": latency, "prompt_tokens": run.summary.get("prompt_tokens"),
+                     "seconds_per_example": run.summary.get("seconds_per_example")})
+    key = {"latency": lambda r: (r["latency"] is None, r["latency"] or 0),
+           "tokens": lambda r: (r["prompt_tokens"] is None, r["prompt_tokens"] or 0),
+           "created": lambda r: -r["run"].pk}.get(sort, lambda r: (r["value"] is None, -(r["value"] or 0)))
+    return sorted(rows, key=key)
+
+
+@login_required
+def suite_detail(request: HttpRequest, slug: str, suite_id: int) -> HttpResponse:
+    """The leaderboard: a constant number of queries whatever the number of runs."""
+    suite = get_for_project(request, slug, EvalSuite.objects.select_related("project", "prompt_version__prompt",
+                                                                            "dataset_version__dataset"),
+                            pk=suite_id)
+    runs = list(RUNS.filter(suite=suite))
+    names = sorted({k for r in runs for k in (r.summary.get("metrics") or {})})
+    metric = request.GET.get("metric") or suite.main_metric
+    rows = _leaderboard(runs, metric, request.GET.get("sort", "metric"))
+    done = [r for r in rows if r["value"] is not None]
+    rules = [n for n in names if n.startswith("rule:")] + (["all_rules"] if "all_rules" in names else [])
+    charts = {
+        "metric": metric_label(metric),
+        "labels": [r["run"].label for r in done],
+        "ci": [{"y": r["value"], "yMin": r["low"], "yMax": r["high"]} for r in done],
+        "latency": [{"x": r["latency"], "y": r["value"], "label": r["run"].label} for r in done if r["latency"]],
+        "tokens": [{"x": r["prompt_tokens"], "y": r["value"], "label": r["run"].label} for r in done
+                   if r["prompt_tokens"] is not None],
+        "heat": [{"x": metric_label(rule), "y": r["run"].label, "v": (r["run"].metric(rule) or {}).get("value")}
+                 for r in done for rule in rules],
+        "rules": [metric_label(rule) for rule in rules],
+    }
+    ctx = {"project": suite.project, "suite": suite, "rows": rows, "metric": metric, "metric_name": metric_label(metric),
+           "metric_choices": [(n, metric_label(n)) for n in names], "charts": _json(charts),
+           "polling": any(r["run"].status in Job.ACTIVE for r in rows), "runs": runs}
+    if request.htmx and request.htmx.target == "leaderboard":
+        return render(request, "evals/suite_detail.html#leaderboard", ctx)
+    return render(request, "evals/suite_detail.html", ctx)
+
+
+@login_required
+def run_detail(request: HttpRequest, slug: str, run_id: int) -> HttpResponse:
+    run = get_for_project(request, slug, RUNS.select_related("suite", "project"), pk=run_id)
+    results = run.results.select_related("example").order_by("example__index")
+    failing = request.GET.get("failing", "")
+    if failing not in (run.summary.get("metrics") or {}):
+        failing = ""
+    if failing:
+        results = results.filter(**{f"checks__{failing}": 0.0})
+    page = Paginator(results, 25).get_page(request.GET.get("page"))
+    ctx = {"project": run.project, "run": run, "page": page, "failing": failing,
+           "metrics": [(n, metric_label(n), m) for n, m in sorted((run.summary.get("metrics") or {}).items())]}
+    if request.htmx and request.htmx.target == "run-live":
+        return render(request, "evals/run_detail.html#live", ctx)
+    return render(request, "evals/run_detail.html", ctx)
+
+
+def _differs(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool:
+    if a is None or b is None:
+        return (a is None) != (b is None)
+    keys = [k for k in {*a["checks"], *b["checks"]} if k.startswith("rule:") or k in ("all_rules", "exact_match")]
+    return any(a["checks"].get(k) != b["checks"].get(k) for k in keys) or (
+        a["judge_score"] is not None and b["judge_score"] is not None and a["judge_score"] != b["judge_score"])
+
+
+@login_required
+def side_by_side(request: HttpRequest, slug: str, suite_id: int) -> HttpResponse:
+    """Two runs of one suite, example by example. Queries: constant."""
+    suite = get_for_project(request, slug, EvalSuite.objects.select_related("project"), pk=suite_id)
+    runs = {r.pk: r for r in RUNS.filter(suite=suite)}
+    choices = sorted(runs.values(), key=lambda r: -r.pk)
+    ids = [request.GET.get("a", ""), request.GET.get("b", "")]
+    a = runs.get(int(ids[0])) if ids[0].isdigit() else (choices[1] if len(choices) > 1 else None)
+    b = runs.get(int(ids[1])) if ids[1].isdigit() else (choices[0] if choices else None)
+    if (ids[0] and a is None) or (ids[1] and b is None):
+        return render(request, "404.html", {"project": suite.project}, status=404)
+    rows: list[dict[str, Any]] = []
+    only = request.GET.get("only", "")
+    rule_names: list[str] = []
+    if a is not None and b is not None:
+        fields = ("example_id", "output", "checks", "judge_score", "judge_reasoning", "finish_reason")
+        res_a = {r["example_id"]: r for r in a.results.values(*fields)}
+        res_b = {r["example_id"]: r for r in b.results.values(*fields)}
+        ratings = dict(Rating.objects.filter(run_a=a, run_b=b, user=request.user).values_list("example_id", "choice"))
+        rule_names = sorted({k for r in [*res_a.values(), *res_b.values()] for k in r["checks"]
+                             if k.startswith("rule:") or k == "all_rules"})
+        for ex in suite.examples.order_by("index"):
+            ra, rb = res_a.get(ex.pk), res_b.get(ex.pk)
+            if only == "disagree" and not _differs(ra, rb):
+                continue
+            if only.startswith("fail:") and not any(r and r["checks"].get(only[5:]) == 0.0 for r in (ra, rb)):
+                continue
+            rows.append({"example": ex, "a": ra, "b": rb, "rating": ratings.get(ex.pk, "")})
+    page = Paginator(rows, 20).get_page(request.GET.get("page"))
+    ctx = {"project": suite.project, "suite": suite, "a": a, "b": b, "choices": choices, "page": page,
+           "only": only, "rule_names": [(n, metric_label(n)) for n in rule_names], "form": RatingForm(),
+           "agreement": _judge_agreement(a, b, res_a, res_b) if a is not None and b is not None else None}
+    return render(request, "evals/side_by_side.html", ctx)
+
+
+def _judge_agreement(a: EvalRun, b: EvalRun, res_a: dict[int, Any], res_b: dict[int, Any]) -> dict[str, Any] | None:
+    """How often the judge prefers what people preferred, on the examples
+    both rated: preferences as +1 (A), 0 (tie), -1 (B)."""
+    judge_prefs: list[float] = []
+    human_prefs: list[float] = []
+    value = {Rating.A: 1.0, Rating.TIE: 0.0, Rating.B: -1.0}
+    for example_id, choice in Rating.objects.filter(run_a=a, run_b=b).values_list("example_id", "choice"):
+        ra, rb = res_a.get(example_id), res_b.get(example_id)
+        if ra is None or rb is None or ra["judge_score"] is None or rb["judge_score"] is None:
+            continue
+        diff = ra["judge_score"] - rb["judge_score"]
+        judge_prefs.append(1.0 if diff > 0 else -1.0 if diff < 0 else 0.0)
+        human_prefs.append(value[choice])
+    if not judge_prefs:
+        return None
+    return judge_human_agreement(judge_prefs, human_prefs)
+
+
+@login_required
+@require_POST
+def rate(request: HttpRequest, slug: str, suite_id: int) -> HttpResponse:
+    suite = get_for_project(request, slug, EvalSuite.objects.all(), pk=suite_id)
+    run_a = get_object_or_404(EvalRun, pk=request.GET.get("a", "0"), suite=suite)
+    run_b = get_object_or_404(EvalRun, pk=request.GET.get("b", "0"), suite=suite)
+    form = RatingForm(request.POST)
+    if not form.is_valid():
+        return HttpResponse("Choose A better, B better or tie.", status=400)
+    example = get_object_or_404(suite.examples, pk=form.cleaned_data["example"])
+    rating = actions.rate(request.user, run_a, run_b, example, form.cleaned_data["choice"])
+    if request.htmx:
+        return render(request, "evals/_rating.html", {"rating": rating.choice, "example": example,
+                                                                    "suite": suite, "project": suite.project,
+                                                                    "a": run_a, "b": run_b})
+    return redirect(reverse("side_by_side", args=[slug, suite.pk]) + f"?a={run_a.pk}&b={run_b.pk}")
+
+
+@login_required
+def comparison_detail(request: HttpRequest, slug: str, comparison_id: int) -> HttpResponse:
+    comparison = get_for_project(request, slug, ArmComparison.objects.select_related(
+        "project", "suite", "variant", "job", "absorb_job"), pk=comparison_id)
+    runs = {r.arm: r for r in RUNS.filter(comparison=comparison)}
+    arms = [(arm, runs.get(arm)) for arm in ARMS]
+    names = sorted({k for r in runs.values() for k in (r.summary.get("metrics") or {})},
+                   key=lambda n: (not n.startswith("all_rules"), not n.startswith("rule:"), n))
+    data = comparison.headline.get("data_compliance") or {}
+    table = [{"name": n, "label": metric_label(n), "cells": [(r.metric(n) if r else None) for _a, r in arms],
+              "data": data.get(n)} for n in names]
+    ctx = {"project": comparison.project, "comparison": comparison, "arms": arms, "table": table,
+           "metric_name": metric_label(comparison.headline.get("metric") or comparison.suite.main_metric),
+           "headline": comparison.headline, "job": comparison.job,
+           "polling": comparison.job is not None and comparison.job.status in Job.ACTIVE}
+    if request.htmx and request.htmx.target == "comparison-live":
+        return render(request, "evals/comparison_detail.html#live", ctx)
+    return render(request, "evals/comparison_detail.html", ctx)
+
+
+@login_required
+@require_POST
+def comparison_start(request: HttpRequest, slug: str) -> HttpResponse:
+    """On demand: the four arms of a variant on its held-out queries."""
+    project = get_project(request, slug)
+    variant = get_object_or_404(project.variants, pk=request.POST.get("variant", "0"))
+    try:
+        suite = actions.suite_for_variant(variant, request.user)
+        if suite is None:
+            raise ActionError(f"{variant} learned from data without an eval split: create a suite first.")
+        comparison = actions.start_comparison(project, request.user, suite, variant)
+    except ActionError as exc:
+        messages.error(request, str(exc))
+        return redirect("evals_home", slug)
+    messages.success(request, f"Four-arm comparison of {variant} queued.")
+    return redirect(comparison)
