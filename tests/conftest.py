@@ -26,6 +26,38 @@ def tiny_model_dir(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
     return build_tiny_llama(smollm2_dir, tmp_path_factory.mktemp("tiny-llama"))
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """The tiny model's ops are too small to split across threads, and on a
+    busy machine the thread barriers cost more than the work."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def lively_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny random model with larger weights: default-initialised it
+    answers every prompt with the same token, which would make every
+    comparison of outputs pass trivially."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path_factory.mktemp("lively")
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() > 1:
+                param.normal_(0, 0.3)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(str(tiny_model_dir)).save_pretrained(out)
+    return out
+
+
 def build_tiny_llama(tokenizer_dir: Path, out_dir: Path, seed: int = 0) -> Path:
     """A 3M-parameter random Llama with a real tokenizer, for fast tests."""
     import torch

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from engines.evaluation import (
     ARMS,
@@ -30,6 +30,9 @@ from engines.evaluation import (
 from engines.inference import GenerationCancelled, GenerationSettings, generate, load_model
 from engines.rules import validate_rules
 
+# One torch thread: see the one_torch_thread fixture.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 SYSTEM = "\n".join(
     ["You are the support assistant of Lumen Cloud Backup."]
     + [f"Rule {i}: answer in at most {i + 2} sentences and mention plan number {i}." for i in range(1, 8)]
@@ -41,30 +44,6 @@ CONVERSATIONS = [
     [{"role": "user", "content": "Is my data encrypted?"}],
     [{"role": "user", "content": "x"}],
 ]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def lively_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny model with larger weights: default-initialised it answers
-    every prompt with the same token, and every comparison would pass."""
-    out = tmp_path_factory.mktemp("lively")
-    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.dim() > 1:
-                param.normal_(0, 0.3)
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(str(tiny_model_dir)).save_pretrained(out)
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from engines import inference
 from engines.chat import prompt_completion, render
@@ -16,6 +16,9 @@ from engines.inference import (
     generate,
     load_model,
 )
+
+# One torch thread: see the one_torch_thread fixture.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 SYSTEM = "\n".join(
     [
@@ -37,33 +40,6 @@ CONVERSATIONS = [
     [{"role": "user", "content": "Is my data encrypted?"}],
     [{"role": "user", "content": "x"}],
 ]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The tiny model's ops are too small to split across threads, and on a
-    # busy machine the thread barriers cost more than the work.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def lively_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny random model with larger weights: default-initialised it
-    answers every prompt with the same token, which would make every
-    comparison below pass trivially."""
-    out = tmp_path_factory.mktemp("lively")
-    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.dim() > 1:
-                param.normal_(0, 0.3)
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(str(tiny_model_dir)).save_pretrained(out)
-    return out
 
 
 @pytest.fixture(scope="module")
