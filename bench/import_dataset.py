@@ -1,17 +1,21 @@
 """Dataset import: throughput and peak memory of `import_dataset` (stream,
-validate, bulk-insert, tee to disk) on chat JSONL of 10,000 and 100,000 rows.
+validate, bulk-insert, tee to disk) on 10,000 and 100,000 rows, as chat JSONL
+and as an Alpaca JSON array (indent 4, like alpaca_data.json).
 
-    .venv/bin/python bench/import_dataset.py [--sizes 10000 100000]
+    .venv/bin/python bench/import_dataset.py [--sizes 10000 100000] [--formats jsonl array]
 
 Each import runs in a child process of its own, on a copy of a freshly
 migrated throwaway SQLite database and data directory, so one size cannot
-warm or inflate the other. Two children per size:
+warm or inflate the other. Three children per size and format:
 
 - timed: rows/s, and peak RSS growth during the import (ru_maxrss after the
   import minus the RSS just before it; the child does nothing heavy before,
   migrations ran in another process);
 - traced: tracemalloc's peak of Python allocations during the import (slow,
-  so it is not timed).
+  so it is not timed);
+- parse: `engines.formats.validate` alone (no Django, no database), CPU
+  time, best of --parse-repeats runs, then once under tracemalloc: the
+  parser's own share, which the end-to-end figure hides behind the ORM.
 
 Target: peak memory does not grow with the file, i.e. 100k/10k ~ 1.
 """
@@ -29,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -49,18 +54,41 @@ def words(rng: random.Random, lo: int, hi: int) -> str:
     return " ".join(rng.choices(WORDS, k=rng.randint(lo, hi)))
 
 
-def write_chat_jsonl(path: Path, n: int, seed: int = 0) -> None:
-    """Support-style rows: a question of 20-60 words, an answer of 40-120
-    words, a system message on about a third of them."""
+def support_rows(n: int, seed: int = 0) -> Iterator[tuple[str | None, str, str]]:
+    """(system or None, question, answer): a question of 20-60 words, an
+    answer of 40-120 words, a system message on about a third of them."""
     rng = random.Random(seed)
+    for i in range(n):
+        topic = rng.choice(TOPICS)
+        system = rng.choice(SYSTEMS) if rng.random() < 0.3 else None
+        question = f"Hi, #{i} about {topic}: {words(rng, 16, 56)}?"
+        yield system, question, f"Thanks for asking about {topic}. {words(rng, 35, 115).capitalize()}."
+
+
+def write_chat_jsonl(path: Path, n: int, seed: int = 0) -> None:
     with path.open("w", encoding="utf-8") as f:
-        for i in range(n):
-            topic = rng.choice(TOPICS)
-            messages = [{"role": "system", "content": rng.choice(SYSTEMS)}] if rng.random() < 0.3 else []
-            messages.append({"role": "user", "content": f"Hi, #{i} about {topic}: {words(rng, 16, 56)}?"})
-            messages.append({"role": "assistant", "content": f"Thanks for asking about {topic}. "
-                                                             f"{words(rng, 35, 115).capitalize()}."})
+        for system, question, answer in support_rows(n, seed):
+            messages = [{"role": "system", "content": system}] if system else []
+            messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
             f.write(json.dumps({"messages": messages}, ensure_ascii=False) + "\n")
+
+
+def write_alpaca_array(path: Path, n: int, seed: int = 0) -> None:
+    """The same rows as one Alpaca JSON array, laid out like alpaca_data.json
+    (indent 4: six lines a record), written record by record."""
+    with path.open("w", encoding="utf-8") as f:
+        f.write("[")
+        for i, (system, question, answer) in enumerate(support_rows(n, seed)):
+            record = {"instruction": question, "input": "", "output": answer, **({"system": system} if system else {})}
+            text = json.dumps(record, ensure_ascii=False, indent=4).replace("\n", "\n    ")
+            f.write(("," if i else "") + "\n    " + text)
+        f.write("\n]\n")
+
+
+WRITERS: dict[str, tuple[Callable[[Path, int], None], str]] = {
+    "jsonl": (write_chat_jsonl, "chat-{n}.jsonl"),
+    "array": (write_alpaca_array, "alpaca-{n}.json"),
+}
 
 
 def django_env(data_dir: Path) -> dict[str, str]:
@@ -100,8 +128,8 @@ def child_import(data_dir: Path, file: Path, traced: bool) -> None:
 
     from django.contrib.auth.models import User
 
-    from workbench.actions import create_project
-    from workbench.actions_data import import_dataset
+    from workbench.actions.datasets import import_dataset
+    from workbench.actions.projects import create_project
 
     user = User.objects.create_user("bench")
     project = create_project(user, "Bench", "")
@@ -126,6 +154,28 @@ def child_import(data_dir: Path, file: Path, traced: bool) -> None:
     print(json.dumps(result))
 
 
+def child_parse(file: Path, repeats: int) -> None:
+    """The parser alone: best of `repeats` timed runs, then one traced run."""
+    sys.path.insert(0, str(REPO))
+    import tracemalloc
+
+    from engines import formats
+
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.process_time()  # CPU time: the machine may be shared, and the parser uses one core
+        with file.open("rb") as f:
+            result = formats.validate(f, limits=formats.Limits())
+        best = min(best, time.process_time() - t0)
+        assert result.error_count == 0, result.errors[:3]
+    tracemalloc.start()
+    with file.open("rb") as f:
+        formats.validate(f, limits=formats.Limits())
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    print(json.dumps({"parse_rows": result.row_count, "parse_seconds": best, "parse_traced_peak_kb": peak // 1024}))
+
+
 # --- parent -----------------------------------------------------------------------
 
 def run_child(args: list[str], data_dir: Path) -> dict[str, object]:
@@ -137,7 +187,9 @@ def run_child(args: list[str], data_dir: Path) -> dict[str, object]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
-    parser.add_argument("--child", choices=["migrate", "import"], help=argparse.SUPPRESS)
+    parser.add_argument("--formats", nargs="+", choices=list(WRITERS), default=list(WRITERS))
+    parser.add_argument("--parse-repeats", type=int, default=3)
+    parser.add_argument("--child", choices=["migrate", "import", "parse"], help=argparse.SUPPRESS)
     parser.add_argument("--data-dir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--file", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--traced", action="store_true", help=argparse.SUPPRESS)
@@ -146,43 +198,54 @@ def main() -> None:
         return child_migrate(args.data_dir)
     if args.child == "import":
         return child_import(args.data_dir, args.file, args.traced)
+    if args.child == "parse":
+        return child_parse(args.file, args.parse_repeats)
 
     with tempfile.TemporaryDirectory(prefix="bench-import-") as tmp:
         root = Path(tmp)
         template = root / "template"
         template.mkdir()
         run_child(["--child", "migrate", "--data-dir", str(template)], template)
-        results: dict[int, dict[str, object]] = {}
-        for n in args.sizes:
-            file = root / f"chat-{n}.jsonl"
-            write_chat_jsonl(file, n)
-            res: dict[str, object] = {}
-            for traced in (False, True):
-                data_dir = root / f"data-{n}-{'traced' if traced else 'timed'}"
-                shutil.copytree(template, data_dir)
-                cmd = ["--child", "import", "--data-dir", str(data_dir), "--file", str(file)]
-                out = run_child(cmd + (["--traced"] if traced else []), data_dir)
-                if traced:
-                    out.pop("seconds")  # tracemalloc slows the import: not a timing
-                res.update(out)
-                shutil.rmtree(data_dir)
-            file.unlink()
-            assert res["rows"] == n, res
-            results[n] = res
+        results: dict[tuple[str, int], dict[str, object]] = {}
+        for fmt in args.formats:
+            write, pattern = WRITERS[fmt]
+            for n in args.sizes:
+                file = root / pattern.format(n=n)
+                write(file, n)
+                res: dict[str, object] = {}
+                for traced in (False, True):
+                    data_dir = root / f"data-{fmt}-{n}-{'traced' if traced else 'timed'}"
+                    shutil.copytree(template, data_dir)
+                    cmd = ["--child", "import", "--data-dir", str(data_dir), "--file", str(file)]
+                    out = run_child(cmd + (["--traced"] if traced else []), data_dir)
+                    if traced:
+                        out.pop("seconds")  # tracemalloc slows the import: not a timing
+                    res.update(out)
+                    shutil.rmtree(data_dir)
+                res.update(run_child(["--child", "parse", "--file", str(file),
+                                      "--parse-repeats", str(args.parse_repeats)], template))
+                file.unlink()
+                assert res["rows"] == res["parse_rows"] == n, res
+                results[fmt, n] = res
 
-    print(f"{'rows':>9} {'file MB':>8} {'seconds':>8} {'rows/s':>9} {'MB/s':>6} {'peak RSS +MB':>13} "
-          f"{'tracemalloc peak MB':>20}")
-    for n, r in results.items():
+    print(f"{'format':>6} {'rows':>9} {'file MB':>8} {'seconds':>8} {'rows/s':>9} {'MB/s':>6} {'peak RSS +MB':>13} "
+          f"{'tracemalloc peak MB':>20} {'parse-only rows/s (CPU)':>24} {'parse tracemalloc MB':>21}")
+    for (fmt, n), r in results.items():
         secs = float(r["seconds"])  # type: ignore[arg-type]
+        parse_secs = float(r["parse_seconds"])  # type: ignore[arg-type]
         mb = int(r["bytes"]) / 1e6  # type: ignore[call-overload]
-        print(f"{n:>9,} {mb:>8.1f} {secs:>8.2f} {n / secs:>9,.0f} {mb / secs:>6.1f} "
-              f"{int(r['rss_peak_delta_kb']) / 1024:>13.1f} {int(r['traced_peak_kb']) / 1024:>20.1f}")  # type: ignore[call-overload]
-    if len(results) >= 2:
-        small, large = min(results), max(results)
-        rss = int(results[large]["rss_peak_delta_kb"]) / int(results[small]["rss_peak_delta_kb"])  # type: ignore[call-overload]
-        traced = int(results[large]["traced_peak_kb"]) / int(results[small]["traced_peak_kb"])  # type: ignore[call-overload]
-        print(f"peak memory {large:,}/{small:,} rows: RSS growth x{rss:.2f}, tracemalloc peak x{traced:.2f} "
-              f"(file x{large / small:.0f})")
+        print(f"{fmt:>6} {n:>9,} {mb:>8.1f} {secs:>8.2f} {n / secs:>9,.0f} {mb / secs:>6.1f} "
+              f"{int(r['rss_peak_delta_kb']) / 1024:>13.1f} {int(r['traced_peak_kb']) / 1024:>20.1f} "  # type: ignore[call-overload]
+              f"{n / parse_secs:>24,.0f} {int(r['parse_traced_peak_kb']) / 1024:>21.1f}")  # type: ignore[call-overload]
+    for fmt in args.formats:
+        sizes = [n for f, n in results if f == fmt]
+        if len(sizes) < 2:
+            continue
+        small, large = results[fmt, min(sizes)], results[fmt, max(sizes)]
+        rss, traced, parse = (int(large[k]) / int(small[k])  # type: ignore[call-overload]
+                              for k in ("rss_peak_delta_kb", "traced_peak_kb", "parse_traced_peak_kb"))
+        print(f"{fmt}: peak memory {max(sizes):,}/{min(sizes):,} rows: RSS growth x{rss:.2f}, "
+              f"tracemalloc peak x{traced:.2f}, parser alone x{parse:.2f} (file x{max(sizes) / min(sizes):.0f})")
 
 
 if __name__ == "__main__":

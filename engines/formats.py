@@ -6,12 +6,14 @@ form per row, ``{"messages": [{"role": "system"|"user"|"assistant",
 
 The file is read as a stream of bytes in fixed-size chunks, so memory does
 not grow with the file: JSONL, CSV and plain text are read line by line, and
-a JSON array is split into its records by a small scanner that keeps only the
-record in progress. Every bad row becomes a `RowError` that says where (line,
-and for a JSON array also the record) and what was wrong. A few problems stop
-parsing altogether (`RowError.fatal`): the size and row limits, a CSV header
-without the chosen column, a file that is not UTF-8 at all (UTF-16) or a JSON
-array that is never closed.
+a JSON array is parsed record by record with ijson (its C backend, yajl2_c,
+when installed), holding only the record in progress. Every bad row becomes a
+`RowError` that says where (line, and for a JSON array also the record; only
+the record for an array item that is not an object) and what was wrong. A few
+problems stop parsing altogether (`RowError.fatal`): the size and row limits,
+a CSV header without the chosen column, a file that is not UTF-8 at all
+(UTF-16), and in a JSON array any syntax error (ijson cannot resume after
+one) or a record too long to hold.
 
 Typical use (iterate once, write the good rows out, keep the first errors)::
 
@@ -24,13 +26,18 @@ Typical use (iterate once, write the good rows out, keep the first errors)::
 
 from __future__ import annotations
 
+import ast
 import csv
 import hashlib
 import json
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import BinaryIO, NamedTuple
+from typing import Any, BinaryIO, NamedTuple
+
+import ijson  # picks its fastest backend installed: yajl2_c (C) with the usual wheels
+
+from engines._types import type_name
 
 Message = dict[str, str]
 
@@ -96,7 +103,8 @@ class Row:
 @dataclass(frozen=True)
 class RowError:
     """A rejected row, or (fatal=True) a problem that stopped parsing.
-    line 0 means the whole file rather than one line."""
+    line 0 means the whole file rather than one line, or with a record, a
+    JSON array item whose line is not tracked (one that is not an object)."""
 
     line: int
     reason: str
@@ -105,7 +113,7 @@ class RowError:
 
     def __str__(self) -> str:
         if self.line == 0:
-            return self.reason
+            return self.reason if self.record is None else f"record {self.record}: {self.reason}"
         if self.record is None:
             return f"line {self.line}: {self.reason}"
         return f"line {self.line} (record {self.record}): {self.reason}"
@@ -290,27 +298,15 @@ class _RecordAbort(Exception):
     """Raised from inside csv.reader's line source to give up on a record."""
 
 
+def _json_reason(err: json.JSONDecodeError) -> str:
+    return err.msg.removesuffix(" at")  # "Invalid control character at", then json's position
+
+
 def _human_bytes(n: int) -> str:
     for unit, size in (("GB", 1024**3), ("MB", 1024**2), ("KB", 1024)):
         if n >= size and n % size == 0:
             return f"{n // size:,} {unit}"
     return f"{n:,} bytes"
-
-
-def _type_name(value: object) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, int | float):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, list):
-        return "list"
-    if isinstance(value, dict):
-        return "object"
-    return type(value).__name__
 
 
 def _at(where: str, message: str) -> str:
@@ -348,26 +344,44 @@ class _Source:
         self._eof = False
         self._over = False
 
-    def fill(self) -> bool:
-        """Append one chunk, dropping the consumed bytes (before `pos`) first.
-        False at the end of the file."""
+    def read_chunk(self) -> bytes:
+        """The next chunk of the file, counted against the limit; b"" at
+        the end. Bypasses `buf`: for parsers that buffer on their own."""
         if self._over:
             raise _TooLarge
         if self._eof:
-            return False
+            return b""
         data = self._file.read(_CHUNK)
         if not data:
             self._eof = True
-            return False
+            return b""
         self.bytes_read += len(data)
         if self.bytes_read > self._max_bytes:
             self._over = True
             raise _TooLarge
+        return data
+
+    def fill(self) -> bool:
+        """Append one chunk, dropping the consumed bytes (before `pos`) first.
+        False at the end of the file."""
+        data = self.read_chunk()
+        if not data:
+            return False
         if self.pos:
             del self.buf[: self.pos]
             self.pos = 0
         self.buf += data
         return True
+
+    def chunks(self) -> Iterator[bytes]:
+        """The rest of the file: what is buffered, then chunk by chunk."""
+        rest = bytes(self.buf[self.pos :])
+        self.buf.clear()
+        self.pos = 0
+        if rest:
+            yield rest
+        while data := self.read_chunk():
+            yield data
 
     def peek(self, n: int) -> bytes:
         try:
@@ -474,9 +488,11 @@ class _Parser:
             empty = self.src.bytes_read == 0
             yield RowError(0, "the file is empty" if empty else "the file contains no rows", fatal=True)
 
-    # --- plain text ---
+    # --- plain text and JSON Lines ---
 
-    def _lines(self) -> Iterator[Row | RowError]:
+    def _text_lines(self) -> Iterator[tuple[int, str] | RowError]:
+        """(line number, text without its line ending) of every line that is
+        not blank, counted as a row; errors for lines too long or not UTF-8."""
         line_no = 0
         while True:
             raw, complete = self.src.readline(self.max_row_bytes)
@@ -500,52 +516,37 @@ class _Parser:
             self.count()
             if len(text) > self.limits.max_row_chars:
                 yield RowError(line_no, f"line is {self.too_long}")
-            elif "\x00" in text:
-                yield RowError(line_no, "line contains a NUL byte (is this a binary file?)")
             else:
-                yield Row(line_no, [{"role": "user", "content": text}])
+                yield line_no, text
 
-    # --- JSON Lines ---
+    def _lines(self) -> Iterator[Row | RowError]:
+        for item in self._text_lines():
+            if isinstance(item, RowError):
+                yield item
+            elif "\x00" in item[1]:
+                yield RowError(item[0], "line contains a NUL byte (is this a binary file?)")
+            else:
+                yield Row(item[0], [{"role": "user", "content": item[1]}])
 
     def _jsonl(self) -> Iterator[Row | RowError]:
-        line_no = 0
-        while True:
-            raw, complete = self.src.readline(self.max_row_bytes)
-            if not raw:
-                return
-            line_no += 1
-            if not complete:
-                self.src.skip_line()
-                self.count()
-                yield RowError(line_no, f"line is {self.too_long}")
+        for item in self._text_lines():
+            if isinstance(item, RowError):
+                yield item
                 continue
-            if not raw.strip():
-                continue
-            self.count()
+            line_no, text = item
             try:
-                text = raw.decode("utf-8").rstrip("\r\n")
-            except UnicodeDecodeError as err:
-                yield RowError(line_no, _utf8_reason(raw, err))
-                continue
-            if len(text) > self.limits.max_row_chars:
-                yield RowError(line_no, f"line is {self.too_long}")
-                continue
-            yield self._json_row(text, line_no, None, 0)
-
-    def _json_row(self, text: str, line: int, record: int | None, column: int) -> Row | RowError:
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as err:
-            if record is None:
-                where = f"column {err.colno}"
+                obj = json.loads(text)
+            except json.JSONDecodeError as err:
+                yield RowError(line_no, f"invalid JSON: {_json_reason(err)} (column {err.colno})")
+            except RecursionError:
+                yield RowError(line_no, "invalid JSON: nested too deeply")
+            except ValueError as err:  # e.g. an integer with too many digits
+                yield RowError(line_no, f"invalid JSON: {err}")
             else:
-                col = err.colno + (column if err.lineno == 1 else 0)
-                where = f"line {line + err.lineno - 1}, column {col}"
-            return RowError(line, f"invalid JSON: {err.msg} ({where})", record)
-        except RecursionError:
-            return RowError(line, "invalid JSON: nested too deeply", record)
-        except ValueError as err:  # e.g. an integer with too many digits
-            return RowError(line, f"invalid JSON: {err}", record)
+                yield self._row(obj, line_no)
+
+    def _row(self, obj: object, line: int, record: int | None = None) -> Row | RowError:
+        """The row of one parsed JSON record, or why it is rejected."""
         try:
             if self.format == "alpaca":
                 messages = _from_alpaca(obj)
@@ -560,18 +561,7 @@ class _Parser:
     # --- JSON array ---
 
     def _json_array(self) -> Iterator[Row | RowError]:
-        scanner = _ArrayScanner(self.src, self.max_row_bytes)
-        for item in scanner.records(self.count):
-            if isinstance(item, RowError):
-                yield item
-                continue
-            index, line, column, text, problem = item
-            if problem is not None:
-                yield RowError(line, problem, index)
-            elif text is None or len(text) > self.limits.max_row_chars:
-                yield RowError(line, f"record is {self.too_long}", index)
-            else:
-                yield self._json_row(text, line, index, column)
+        return _JsonArray(self).events()
 
     # --- CSV ---
 
@@ -706,194 +696,310 @@ class _CsvLines:
         return text
 
 
-# Byte patterns for the JSON array scanner. Python 3.11 regexes support
-# possessive quantifiers, which keep long strings from backtracking.
-_WS = re.compile(rb"[ \t\r\n]*")
-# Everything up to the next bracket, whole strings included, in one step; it
-# stops at a quote only when that string is not complete in the buffer yet.
-_FLAT = re.compile(rb'(?:[^"\[\]{}]++|"(?:[^"\\]++|\\.)*+")*+', re.DOTALL)
-_STRING_BODY = re.compile(rb'(?:[^"\\]++|\\.)*+', re.DOTALL)
-_SCALAR = re.compile(rb'[^ \t\r\n,\[\]{}"]*')
-_QUOTE, _COMMA = ord('"'), ord(",")
-_OPEN_CLOSE = {ord("{"): ord("}"), ord("["): ord("]")}
-_CLOSE_ARRAY = ord("]")
+# --- JSON array ----------------------------------------------------------------
 
-# (record index, start line, start column, text or None if too long, problem or None)
-_ArrayRecord = tuple[int, int, int, str | None, str | None]
+_BLANKS = " \t\r\n"
 
 
-class _ArrayScanner:
-    """Splits a top-level JSON array into the text of its records, tracking
-    lines and columns, without holding more than the record in progress."""
+def _no_constant(name: str) -> object:
+    raise ValueError(f"{name} is not valid JSON")
 
-    def __init__(self, src: _Source, max_record_bytes: int) -> None:
-        self.src = src
-        self.max_record_bytes = max_record_bytes
-        self.line = 1
-        self.col = 0  # characters before the current position on its line
 
-    def _consume(self, buf: bytearray, a: int, b: int) -> None:
-        n = buf.count(b"\n", a, b)
-        if n:
-            self.line += n
-            self.col = b - buf.rfind(b"\n", a, b) - 1
-        else:
-            self.col += b - a
+# Re-reads a broken record to say where it breaks, in json's words; it refuses
+# NaN and Infinity as yajl does.
+_JSON = json.JSONDecoder(parse_constant=_no_constant)
 
-    def _consume_text(self, text: str) -> None:
-        n = text.count("\n")
-        if n:
-            self.line += n
-            self.col = len(text) - text.rfind("\n") - 1
-        else:
-            self.col += len(text)
 
-    def _peek(self) -> int | None:
-        """Skip whitespace; the next byte, or None at the end of the file."""
-        src = self.src
-        while True:
-            m = _WS.match(src.buf, src.pos)
-            assert m is not None
-            self._consume(src.buf, src.pos, m.end())
-            src.pos = m.end()
-            if src.pos < len(src.buf):
-                return src.buf[src.pos]
-            if not src.fill():
+def _utf8_cut(data: bytes) -> int:
+    """len(data), or where a character cut off at the end of `data` starts."""
+    n = len(data)
+    for back in range(1, min(4, n) + 1):
+        byte = data[n - back]
+        if byte < 0x80:
+            return n
+        if byte >= 0xC0:
+            size = 2 if byte < 0xE0 else 3 if byte < 0xF0 else 4
+            return n - back if back < size else n
+    return n
+
+
+def _yajl_error(exc: Exception) -> tuple[str, bool, bytes | None]:
+    """ijson's reason for a syntax error, whether yajl's lexer (not its
+    parser) raised it, and yajl's context line, which shows up to 30 bytes
+    either side of the error, the error at index 40."""
+    text = str(exc)
+    raw: bytes = text.encode("utf-8", "surrogateescape")
+    if text[:2] in ("b'", 'b"'):  # the context cut a character in two: ijson gives the repr
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = None
+        if isinstance(value, bytes):
+            raw = value
+    lines = raw.split(b"\n")
+    reason = lines[0].decode("utf-8", "replace")
+    lexical = reason.startswith("lexical error: ")
+    for prefix in ("parse error: ", "lexical error: "):
+        reason = reason.removeprefix(prefix)
+    context = lines[1] if len(lines) > 2 and lines[2].strip().startswith(b"(right here)") else None
+    return reason.rstrip("."), lexical, context
+
+
+def _error_offset(context: bytes, piece: bytes) -> int | None:
+    """Where in `piece` yajl's context line puts the error; None unless
+    exactly one place fits. yajl pads the (up to 30) bytes before the error
+    with spaces to 40 and shows newlines as spaces."""
+    shown = piece.replace(b"\n", b" ").replace(b"\r", b" ")
+    before, after = context[:40], context[40:]
+    fits: list[int] = []
+    for o in _find_all(shown, after) if after else iter([len(shown)]):
+        if len(after) == min(30, len(shown) - o) and before == b" " * (40 - min(o, 30)) + shown[max(0, o - 30) : o]:
+            fits.append(o)
+            if len(fits) > 1:
                 return None
+    return fits[0] if fits else None
 
-    def _skip(self) -> None:
-        self._consume(self.src.buf, self.src.pos, self.src.pos + 1)
-        self.src.pos += 1
 
-    def _scan_value(self) -> tuple[bytes | None, bool]:
-        """Consume one JSON value. Returns (its bytes, or None when it grew
-        past the size limit; closed: False if the file ended inside it)."""
-        src = self.src
-        start = i = src.pos
-        first = src.buf[i]
-        stack: list[int] = []
-        in_string = scalar = dropped = False
-        if first == _QUOTE:
-            in_string, i = True, i + 1
-        elif first in _OPEN_CLOSE:
-            stack.append(_OPEN_CLOSE[first])
-            i += 1
+def _find_all(data: bytes, sub: bytes) -> Iterator[int]:
+    i = data.find(sub)
+    while i >= 0:
+        yield i
+        i = data.find(sub, i + 1)
+
+
+_WORD = frozenset(b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ+-.")
+
+
+def _token_start(piece: bytes, end: int, reason: str, lexical: bool) -> int:
+    """Where the offending token starts, given yajl's offset: the parser's
+    points past that token, the lexer's at the bad byte (past it for a byte
+    that starts no token)."""
+    if lexical:
+        return end - 1 if reason == "invalid char in json text" and end else end
+    if end == 0:
+        return 0
+    last = piece[end - 1]
+    if last == ord('"'):  # back to the opening quote: the nearest one not escaped
+        i = end - 1
+        while (i := piece.rfind(b'"', 0, i)) >= 0:
+            if (i - len(piece[:i].rstrip(b"\\"))) % 2 == 0:
+                return i
+        return end - 1  # the string opened in an earlier piece
+    start = end - 1
+    while start > 0 and last in _WORD and piece[start - 1] in _WORD:
+        start -= 1
+    return start
+
+
+def _record_chars(data: bytes) -> int:
+    """Characters of a record's text, less what follows its closing bracket
+    in `data` (a comma, the array's end, blanks)."""
+    text = data.decode("utf-8", "replace").rstrip(_BLANKS)
+    if text.endswith((",", "]")):
+        text = text[:-1].rstrip(_BLANKS)
+    return len(text)
+
+
+class _JsonArray:
+    """Reads a top-level JSON array with ijson, record by record.
+
+    The bytes go to ijson in pieces that each start at a "{" (or at a chunk
+    boundary), so the first object ijson creates after a record ended (its
+    `map_type` hook) is the next record, and that record starts where the
+    piece does: record start lines and sizes cost one find() per object, not
+    a look at every byte. Items that are not objects are errors anyway; their
+    line is not tracked, only their number.
+
+    Memory: the chunk, the record in progress (built by ijson; its bytes from
+    earlier chunks are kept, to measure it or to explain a syntax error in
+    it) and nothing else. A record still open max_row_bytes past its start
+    stops parsing: ijson cannot skip it.
+    """
+
+    def __init__(self, parser: _Parser) -> None:
+        self.parser = parser
+        self.start: int | None = None  # file offset of the object record in progress
+        self.started = False  # a record started in the piece just fed
+        self.start_line = self.start_col = 0  # where it starts, once known
+        self.kept: list[bytes] = []  # its bytes in earlier chunks
+        self.done: list[tuple[object, int | None]] = []  # records the last piece completed, and their start
+        self.records = 0
+        self.last_done = 0  # end of the piece in which the last record ended
+        self.piece_start = 0
+        self.chunk = b""
+        self.base = 0  # file offset of chunk[0]
+        # Line and column (characters before it on its line) at file offset `counted`.
+        self.counted = 0
+        self.line, self.col = 1, 0
+
+    # ijson calls these two while a piece is fed.
+
+    def new_map(self) -> dict[str, object]:
+        if self.start is None:
+            self.start = self.piece_start
+            self.started = True
+        return {}
+
+    def send(self, record: object) -> None:
+        self.done.append((record, self.start))
+        self.start = None
+
+    def events(self) -> Iterator[Row | RowError]:
+        coro = ijson.items_coro(self, "item", map_type=self.new_map)
+        carry = b""
+        for data in self.parser.src.chunks():
+            if carry:
+                data = carry + data
+            cut = _utf8_cut(data)  # pieces hold whole characters: columns and UTF-8 errors are exact
+            carry = data[cut:]
+            if cut:
+                yield from self._feed(coro, data[:cut] if carry else data)
+        if carry:  # the file ends inside a character
+            yield from self._feed(coro, carry)
+        end = self.base + len(self.chunk)
+        try:
+            coro.close()
+        except (ijson.JSONError, ValueError) as exc:
+            yield from self._records(end)
+            raise _Stop(self._end_error(exc)) from None
+        yield from self._records(end)
+
+    def _feed(self, coro: Any, chunk: bytes) -> Iterator[Row | RowError]:
+        self.base += len(self.chunk)
+        self.chunk = chunk
+        base, n = self.base, len(chunk)
+        send, find = coro.send, chunk.find
+        pos = 0
+        while pos < n:  # the hot loop: one turn per object
+            end = find(b"{", pos + 1)
+            if end < 0:
+                end = n
+            self.piece_start = base + pos
+            try:
+                send(chunk[pos:end])
+            except (ijson.JSONError, ValueError) as exc:
+                self._note_start()
+                yield from self._records(base + end)
+                raise _Stop(self._syntax_error(exc, pos, end)) from None
+            if self.started:
+                self._note_start()
+            if self.done:
+                yield from self._records(base + end)
+            pos = end
+        self._advance(base + n)
+        # Checked once a chunk: memory grows by at most a chunk in between.
+        max_row_bytes = self.parser.max_row_bytes
+        if self.start is not None:
+            self.kept.append(chunk[max(self.start - base, 0) :])
+            if base + n - self.start > max_row_bytes:
+                raise _Stop(self._too_long(self.start_line))
+        elif base + n - self.last_done > max_row_bytes:
+            raise _Stop(self._too_long(0))
+
+    def _note_start(self) -> None:
+        if self.started:
+            self.started = False
+            self.start_line, self.start_col = self._advance(self.piece_start)
+
+    def _advance(self, offset: int) -> tuple[int, int]:
+        """Line and column (characters before it on its line) of `offset`,
+        which lies in the current chunk, not before the last one asked for."""
+        chunk, a, b = self.chunk, self.counted - self.base, offset - self.base
+        nl = chunk.rfind(b"\n", a, b)
+        if nl < 0:
+            self.col += len(chunk[a:b].decode("utf-8", "replace"))
         else:
-            scalar = True
-        while True:
-            buf = src.buf
-            n = len(buf)
-            done = False
-            if scalar:
-                m = _SCALAR.match(buf, i)
-                assert m is not None
-                i = m.end()
-                if i < n:
-                    i = max(i, start + 1)  # a stray byte such as '}' or ':' is a (bad) value of its own
-                    done = True
+            self.line += chunk.count(b"\n", a, nl + 1)
+            self.col = len(chunk[nl + 1 : b].decode("utf-8", "replace"))
+        self.counted = offset
+        return self.line, self.col
+
+    def _record_bytes(self, start: int, end: int) -> bytes:
+        """The bytes of the record from `start` up to `end` (in the current chunk)."""
+        here = self.chunk[max(start - self.base, 0) : end - self.base]
+        return b"".join([*self.kept, here]) if self.kept else here
+
+    def _records(self, piece_end: int) -> Iterator[Row | RowError]:
+        """The records the last piece (which ends at `piece_end`) completed."""
+        parser = self.parser
+        max_chars = parser.limits.max_row_chars
+        for record, start in self.done:
+            self.records += 1
+            parser.count()
+            if start is None or not isinstance(record, dict):
+                yield parser._row(record, 0, self.records)
+            elif piece_end - start > max_chars and _record_chars(self._record_bytes(start, piece_end)) > max_chars:
+                yield RowError(self.start_line, f"record is {parser.too_long}", self.records)
             else:
-                while i < n:
-                    if in_string:
-                        m = _STRING_BODY.match(buf, i)
-                        assert m is not None
-                        j = m.end()
-                        if j < n and buf[j] == _QUOTE:
-                            i, in_string = j + 1, False
-                            if not stack:
-                                done = True
-                                break
-                        else:
-                            i = j  # the string (or an escape) goes on in the next chunk
-                            break
-                    else:
-                        m = _FLAT.match(buf, i)
-                        assert m is not None
-                        if m.end() == n:
-                            i = n
-                            break
-                        c, i = buf[m.end()], m.end() + 1
-                        if c == _QUOTE:
-                            in_string = True
-                        elif c in _OPEN_CLOSE:
-                            stack.append(_OPEN_CLOSE[c])
-                        elif stack.pop() != c or not stack:
-                            # Closed, or a mismatched bracket: either way the
-                            # record ends here and json.loads says what is wrong.
-                            done = True
-                            break
-            if done:
-                break
-            if i - start > self.max_record_bytes:
-                self._consume(buf, start, i)
-                start, dropped = i, True
-            offset = i - start
-            src.pos = start
-            if not src.fill():
-                src.pos = i = start + offset
-                if scalar:
-                    break
-                if not dropped:
-                    self._consume(src.buf, start, i)
-                return None, False
-            start = src.pos
-            i = start + offset
-        if dropped or i - start > self.max_record_bytes:
-            self._consume(src.buf, start, i)
-            src.pos = i
-            return None, True
-        data = bytes(src.buf[start:i])
-        src.pos = i
-        return data, True
+                yield parser._row(record, self.start_line, self.records)
+            if start is not None:
+                self.kept = []
+        self.done.clear()
+        self.last_done = piece_end
 
-    def records(self, count: Callable[[], None]) -> Iterator[_ArrayRecord | RowError]:
-        if self._peek() != ord("["):
-            raise _Stop(RowError(self.line, "expected a JSON array", fatal=True))
-        self._skip()
-        index = 0
-        c = self._peek()
-        if c == _CLOSE_ARRAY:
-            self._skip()
-            c = None
-        else:
-            while True:
-                if c is None:
-                    raise _Stop(RowError(self.line, f"the JSON array is not closed (file ends after record {index})",
-                                         fatal=True))
-                index += 1
-                line, col = self.line, self.col
-                count()
-                data, closed = self._scan_value()
-                if not closed:
-                    raise _Stop(RowError(
-                        line, "the file ends inside this record (an unclosed string, object or list)",
-                        index, fatal=True,
-                    ))
-                if data is None:
-                    yield index, line, col, None, None
-                else:
-                    try:
-                        text = data.decode("utf-8")
-                    except UnicodeDecodeError as err:
-                        self._consume(bytearray(data), 0, len(data))
-                        yield index, line, col, None, _utf8_reason(data, err, line, start_column=col)
-                    else:
-                        self._consume_text(text)
-                        yield index, line, col, text, None
-                c = self._peek()
-                if c == _COMMA:
-                    self._skip()
-                    c = self._peek()
-                    if c == _CLOSE_ARRAY:
-                        yield RowError(self.line, f"trailing comma after record {index}")
-                        self._skip()
-                        break
-                elif c == _CLOSE_ARRAY:
-                    self._skip()
-                    break
-                elif c is not None:
-                    yield RowError(self.line, f"expected ',' or ']' after record {index}, found {chr(c)!r}")
-        if self._peek() is not None:
-            raise _Stop(RowError(self.line, "unexpected data after the end of the JSON array", fatal=True))
+    def _too_long(self, line: int) -> RowError:
+        return RowError(line, f"record is {self.parser.too_long} (a JSON array cannot be read past it)",
+                        self.records + 1, fatal=True)
+
+    def _syntax_error(self, exc: Exception, pos: int, end: int) -> RowError:
+        """Why ijson stopped in chunk[pos:end], and where."""
+        reason, lexical, context = _yajl_error(exc)
+        record = self.records + 1
+        piece = self.chunk[pos:end]
+        if self.start is not None:
+            # Inside an object record: its bytes are at hand, json says where it breaks.
+            data = self._record_bytes(self.start, self.base + end)
+            line, col = self.start_line, self.start_col
+            try:
+                text = data.decode("utf-8")
+            except UnicodeDecodeError as err:
+                return RowError(line, _utf8_reason(data, err, line, start_column=col), record, fatal=True)
+            try:
+                _JSON.raw_decode(text)
+            except json.JSONDecodeError as err:
+                column = err.colno + (col if err.lineno == 1 else 0)
+                where = f"line {line + err.lineno - 1}, column {column}"
+                return RowError(line, f"invalid JSON: {_json_reason(err)} ({where})", record, fatal=True)
+            except (ValueError, RecursionError):
+                pass  # what json takes and yajl does not (NaN): yajl's words below
+        try:
+            piece.decode("utf-8")
+        except UnicodeDecodeError as err:
+            line, col = self._advance(self.base + pos)
+            return RowError(line + piece.count(b"\n", 0, err.start), _utf8_reason(piece, err, start_column=col),
+                            fatal=True)
+        offset = _error_offset(context, piece) if context is not None else None
+        if offset is not None:
+            offset = _token_start(piece, offset, reason, lexical)
+        line, col = self._advance(self.base + pos + (offset or 0))
+        where = f"line {line}" if offset is None else f"line {line}, column {col + 1}"
+        if self.start is not None:
+            return RowError(self.start_line, f"invalid JSON: {reason} ({where})", record, fatal=True)
+        if reason == "trailing garbage":
+            return RowError(line, "unexpected data after the end of the JSON array", fatal=True)
+        # The usual slips between records; not sure signs of them inside an
+        # item that is not an object, which is rare (and an error anyway).
+        found = piece[offset] if offset is not None and offset < len(piece) else None
+        if self.records and found == ord("{") and reason.startswith("after array element"):
+            return RowError(line, f"expected ',' or ']' after record {self.records}, found '{{'", fatal=True)
+        if self.records and found == ord("]") and reason.startswith("unallowed token"):
+            return RowError(line, f"trailing comma after record {self.records}", fatal=True)
+        return RowError(line, f"invalid JSON: {reason}" + ("" if offset is None else f" (column {col + 1})"),
+                        fatal=True)
+
+    def _end_error(self, exc: Exception) -> RowError:
+        """ijson's complaint at the end of the file."""
+        reason, _, _ = _yajl_error(exc)
+        line, _ = self._advance(self.base + len(self.chunk))
+        if self.start is not None:
+            return RowError(self.start_line, "the file ends inside this record (an unclosed string, object or list)",
+                            self.records + 1, fatal=True)
+        if reason == "premature EOF":
+            return RowError(line, f"the JSON array is not closed (file ends after record {self.records})",
+                            fatal=True)
+        if reason == "trailing garbage":
+            return RowError(line, "unexpected data after the end of the JSON array", fatal=True)
+        return RowError(line, f"invalid JSON: {reason}", fatal=True)
 
 
 # --- normalisation -----------------------------------------------------------
@@ -901,7 +1007,7 @@ class _ArrayScanner:
 
 def _object(obj: object, where: str = "") -> dict[str, object]:
     if not isinstance(obj, dict):
-        raise _Bad(_at(where, f"expected a JSON object, got {_type_name(obj)}"))
+        raise _Bad(_at(where, f"expected a JSON object, got {type_name(obj)}"))
     return obj
 
 
@@ -912,7 +1018,7 @@ def _path(where: str, key: str) -> str:
 def _optional_string(obj: dict[str, object], key: str, where: str = "") -> str | None:
     value = obj.get(key)
     if value is not None and not isinstance(value, str):
-        raise _Bad(f"{_path(where, key)}: expected a string, got {_type_name(value)}")
+        raise _Bad(f"{_path(where, key)}: expected a string, got {type_name(value)}")
     return value
 
 
@@ -921,7 +1027,7 @@ def _required_string(obj: dict[str, object], key: str, where: str = "") -> str:
         raise _Bad(_at(where, f"missing field '{key}'") + ("" if where else _found_keys(obj)))
     value = obj[key]
     if not isinstance(value, str):
-        raise _Bad(f"{_path(where, key)}: expected a string, got {_type_name(value)}")
+        raise _Bad(f"{_path(where, key)}: expected a string, got {type_name(value)}")
     return value
 
 
@@ -942,7 +1048,7 @@ def _list(obj: dict[str, object], key: str) -> list[object]:
         raise _Bad(f"missing field '{key}'{_found_keys(obj)}")
     value = obj[key]
     if not isinstance(value, list):
-        raise _Bad(f"{key}: expected a list, got {_type_name(value)}")
+        raise _Bad(f"{key}: expected a list, got {type_name(value)}")
     return value
 
 

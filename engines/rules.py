@@ -16,6 +16,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from engines._types import type_name
+
 
 @dataclass(frozen=True)
 class Param:
@@ -108,24 +110,6 @@ def _copy(params: Mapping[str, Any]) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, list) else v for k, v in params.items()}
 
 
-def _type_name(value: object) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, int):
-        return "integer"
-    if isinstance(value, float):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, list):
-        return "list"
-    if isinstance(value, dict):
-        return "object"
-    return type(value).__name__
-
-
 def _one_of(names: Iterable[str]) -> str:
     names = list(names)
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
@@ -134,7 +118,7 @@ def _one_of(names: Iterable[str]) -> str:
 def validate_rules(data: object) -> list[Rule]:
     """Rules from their JSON form; raises RulesError listing every problem."""
     if not isinstance(data, list):
-        raise RulesError([f"rules must be a list, got {_type_name(data)}"])
+        raise RulesError([f"rules must be a list, got {type_name(data)}"])
     errors: list[str] = []
     rules: list[Rule] = []
     first_with_name: dict[str, int] = {}
@@ -157,14 +141,14 @@ def validate_rules(data: object) -> list[Rule]:
 def _validate_one(number: int, item: object, errors: list[str]) -> Rule | None:
     where = f"rule {number}"
     if not isinstance(item, dict):
-        errors.append(f"{where}: expected an object with 'name' and 'kind', got {_type_name(item)}")
+        errors.append(f"{where}: expected an object with 'name' and 'kind', got {type_name(item)}")
         return None
     count = len(errors)
     name = item.get("name")
     if "name" not in item:
         errors.append(f"{where}: missing 'name'")
     elif not isinstance(name, str):
-        errors.append(f"{where}: 'name' must be a string, got {_type_name(name)}")
+        errors.append(f"{where}: 'name' must be a string, got {type_name(name)}")
     elif not name.strip():
         errors.append(f"{where}: 'name' must not be empty")
     else:
@@ -175,7 +159,7 @@ def _validate_one(number: int, item: object, errors: list[str]) -> Rule | None:
     if "kind" not in item:
         errors.append(f"{where}: missing 'kind'")
     elif not isinstance(kind_name, str):
-        errors.append(f"{where}: 'kind' must be a string, got {_type_name(kind_name)}")
+        errors.append(f"{where}: 'kind' must be a string, got {type_name(kind_name)}")
     elif kind_name not in KINDS:
         close = difflib.get_close_matches(kind_name, KINDS, n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
@@ -218,20 +202,20 @@ def _check_param(param: Param, value: object) -> str | None:
     label = f"parameter '{param.name}'"
     if param.type == "string":
         if not isinstance(value, str):
-            return f"{label} must be a string, got {_type_name(value)}"
+            return f"{label} must be a string, got {type_name(value)}"
         if not value.strip():
             return f"{label} must not be empty"
     elif param.type == "boolean":
         if not isinstance(value, bool):
-            return f"{label} must be true or false, got {_type_name(value)}"
+            return f"{label} must be true or false, got {type_name(value)}"
     elif param.type == "integer":
         if isinstance(value, bool) or not isinstance(value, int):
-            return f"{label} must be a positive integer, got {_type_name(value)}"
+            return f"{label} must be a positive integer, got {type_name(value)}"
         if value < 1:
             return f"{label} must be a positive integer, got {value}"
     elif param.type == "flags":
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            return f"{label} must be a list of flag names, got {_type_name(value)}"
+            return f"{label} must be a list of flag names, got {type_name(value)}"
         for flag in value:
             if flag not in param.choices:
                 return f"{label}: unknown flag {flag!r} (expected {_one_of(param.choices)})"

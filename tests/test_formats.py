@@ -55,6 +55,22 @@ def chat(*messages: dict[str, str]) -> dict[str, object]:
     return {"messages": list(messages)}
 
 
+class _CountingReader(io.BytesIO):
+    """A file that notes the largest read asked of it and how far it was read."""
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__(data)
+        self.largest_read = 0
+        self.position = 0
+
+    def read(self, size: int | None = -1, /) -> bytes:
+        assert size is not None and size > 0, "the whole file was asked for"
+        self.largest_read = max(self.largest_read, size)
+        data = super().read(size)
+        self.position += len(data)
+        return data
+
+
 # --- formats and detection ---
 
 
@@ -207,7 +223,7 @@ def test_it_reports_wrong_types():
     assert errors(jsonl({"messages": "hi"})) == ["line 1: messages: expected a list, got string"]
     assert errors(jsonl({"messages": ["hi"]})) == ["line 1: messages[0]: expected a JSON object, got string"]
     assert errors(b'"a"\n', "chat") == ["line 1: expected a JSON object, got string"]
-    assert errors(b'["a"]\n', "chat") == ["line 1 (record 1): expected a JSON object, got string"]
+    assert errors(b'["a"]\n', "chat") == ["record 1: expected a JSON object, got string"]
     assert errors(jsonl({"instruction": "x", "output": 5})) == ["line 1: output: expected a string, got number"]
 
 
@@ -320,38 +336,118 @@ def test_it_reports_bad_records_of_a_json_array_and_goes_on():
     data = (
         b"[\n"
         b'  {"instruction": "a"},\n'
-        b'  {"instruction": "b" "c"},\n'
         b'  {"instruction": 3},\n'
         b"  {\n"
-        b'    "instruction":\n'
-        b'      "d" "e"\n'
+        b'    "input": "b"\n'
         b"  },\n"
-        b'  {"instruction": "' + "é".encode("latin-1") + b'"},\n'
+        b'  "just a string",\n'
+        b'  ["a", {"instruction": "in a list"}],\n'
         b'  {"instruction": "f"}\n'
         b"]\n"
     )
     out = events(data)
     assert [str(e) for e in out if isinstance(e, RowError)] == [
-        "line 3 (record 2): invalid JSON: Expecting ',' delimiter (line 3, column 23)",
-        "line 4 (record 3): instruction: expected a string, got number",
-        "line 5 (record 4): invalid JSON: Expecting ',' delimiter (line 7, column 11)",
-        "line 9 (record 5): not valid UTF-8 (byte 0xe9 at column 20); save the file as UTF-8",
+        "line 3 (record 2): instruction: expected a string, got number",
+        "line 4 (record 3): missing field 'instruction' (found 'input')",
+        "record 4: expected a JSON object, got string",
+        "record 5: expected a JSON object, got list",
     ]
-    assert [(r.record, r.line) for r in out if isinstance(r, Row)] == [(1, 2), (6, 10)]
+    assert [(r.record, r.line) for r in out if isinstance(r, Row)] == [(1, 2), (6, 9)]
+    assert not any(e.fatal for e in out if isinstance(e, RowError))
+
+
+def test_it_stops_at_a_syntax_error_in_a_json_array_naming_its_line_and_column():
+    head = b'[\n  {"instruction": "a"},\n'
+    tail = b'  {"instruction": "f"}\n]\n'
+    cases = [
+        (b'  {"instruction": "b" "c"},\n',
+         "line 3 (record 2): invalid JSON: Expecting ',' delimiter (line 3, column 23)"),
+        (b'  {\n    "instruction":\n      "d" "e"\n  },\n',
+         "line 3 (record 2): invalid JSON: Expecting ',' delimiter (line 5, column 11)"),
+        (b'  {"instruction": "' + "é".encode("latin-1") + b'"},\n',
+         "line 3 (record 2): not valid UTF-8 (byte 0xe9 at column 20); save the file as UTF-8"),
+        (b'  {\n    "instruction": "\xe9"},\n',
+         "line 3 (record 2): not valid UTF-8 on line 4 (byte 0xe9 at column 21); save the file as UTF-8"),
+        (b'  {"instruction": "tab\there"},\n',
+         "line 3 (record 2): invalid JSON: Invalid control character (line 3, column 23)"),
+        # json would take NaN; yajl does not, and says so in its words.
+        (b'  {"instruction": NaN},\n', "line 3 (record 2): invalid JSON: invalid char in json text (line 3, column 19)"),
+        # Outside an object record: yajl's words, with the line and column it points at.
+        (b'  [1,\n   2 3],\n', "line 4: invalid JSON: after array element, I expect ',' or ']' (column 6)"),
+        (b'  "caf\xe9",\n', "line 3: not valid UTF-8 (byte 0xe9 at column 7); save the file as UTF-8"),
+    ]
+    for bad, message in cases:
+        out = events(head + bad + tail)
+        assert [str(e) for e in out] == [str(Row(2, [user("a")], 1)), message], bad
+        assert isinstance(out[-1], RowError) and out[-1].fatal
+    assert errors(head + b'  "x" "y",\n' + tail) == [
+        "record 2: expected a JSON object, got string",
+        "line 3: invalid JSON: after array element, I expect ',' or ']' (column 7)",
+    ]
+
+
+def test_it_reports_the_line_of_a_syntax_error_past_the_first_chunk(monkeypatch):
+    records = [{"instruction": f"task {i}", "output": "done"} for i in range(3_000)]
+    good = json.dumps(records, indent=2).encode()
+    assert len(good) > 2 * 64 * 1024
+    bad = good.replace(b'"task 1500",', b'"task 1500" "oops",')
+    line = good[: good.index(b'"task 1500"')].count(b"\n") + 1
+    expected = f"line {line - 1} (record 1501): invalid JSON: Expecting ',' delimiter (line {line}, column 32)"
+    for chunk in (7, 4096, 64 * 1024):
+        monkeypatch.setattr(formats, "_CHUNK", chunk)
+        assert errors(bad) == [expected]
+        out = events(b"[" + b" " * chunk + b'{"instruction": "x"}\n\n]]', "alpaca")
+        assert str(out[-1]) == "line 3: unexpected data after the end of the JSON array"
 
 
 def test_it_reports_the_structure_of_a_broken_json_array():
     ok = b'{"instruction": "x"}'
     assert errors(b"[" + ok + b" " + ok + b"]") == ["line 1: expected ',' or ']' after record 1, found '{'"]
     assert errors(b"[" + ok + b",\n]") == ["line 2: trailing comma after record 1"]
+    # A truncated file.
     assert errors(b"[" + ok + b",\n" + ok) == ["line 2: the JSON array is not closed (file ends after record 2)"]
-    assert errors(b"[\n" + ok + b"] []") == ["line 2: unexpected data after the end of the JSON array"]
-    assert errors(b'[\n{"instruction": "x}]\n') == [
+    assert errors(b"[" + ok + b",\n" + ok + b",\n") == [
+        "line 3: the JSON array is not closed (file ends after record 2)"
+    ]
+    assert errors(b'[\n{"instruction": "x}]') == [
         "line 2 (record 1): the file ends inside this record (an unclosed string, object or list)"
+    ]
+    assert errors(b"[\n" + ok + b',\n{"instruction": "x", "input": [\n') == [
+        "line 3 (record 2): the file ends inside this record (an unclosed string, object or list)"
+    ]
+    # A string left open at the end of a line: JSON strings hold no raw newline.
+    assert errors(b'[\n{"instruction": "x}]\n') == [
+        "line 2 (record 1): invalid JSON: Invalid control character (line 2, column 21)"
     ]
     assert errors(b'[{"instruction": [1}, ' + ok + b"]") == [
         "line 1 (record 1): invalid JSON: Expecting ',' delimiter (line 1, column 20)"
     ]
+    # Garbage after the array.
+    assert errors(b"[\n" + ok + b"] []") == ["line 2: unexpected data after the end of the JSON array"]
+    assert errors(b"[\n" + ok + b"]\n\n{}\n") == ["line 4: unexpected data after the end of the JSON array"]
+    assert errors(b"[\n" + ok + b"]\n 3") == ["line 3: unexpected data after the end of the JSON array"]
+    # Items that are not objects: their line is not tracked, their number is.
+    assert errors(b'[1, "two", null, [' + ok + b"], " + ok + b"]", "alpaca") == [
+        "record 1: expected a JSON object, got number",
+        "record 2: expected a JSON object, got string",
+        "record 3: expected a JSON object, got null",
+        "record 4: expected a JSON object, got list",
+    ]
+
+
+def test_it_stops_at_a_syntax_error_whatever_the_chunk_size(monkeypatch):
+    ok = b'{"instruction": "x"}'
+    cases = {
+        b"[" + ok + b" " + ok + b"]": "line 1: expected ',' or ']' after record 1, found '{'",
+        b"[" + ok + b",\n]": "line 2: trailing comma after record 1",
+        b"[\n" + ok + b",\n  " + ok + b"\n\n" + ok + b"]": "line 5: expected ',' or ']' after record 2, found '{'",
+        b'[\n  {"instruction":\n  "b" "c"}]': "line 2 (record 1): invalid JSON: Expecting ',' delimiter (line 3, column 7)",
+        b"[\n" + ok + b"]\n\n[]": "line 4: unexpected data after the end of the JSON array",
+    }
+    for chunk in (1, 2, 3, 7, 64 * 1024):
+        monkeypatch.setattr(formats, "_CHUNK", chunk)
+        for data, message in cases.items():
+            assert errors(data) == [message], (chunk, data)
 
 
 def test_it_reports_json_array_records_that_are_too_long():
@@ -361,6 +457,34 @@ def test_it_reports_json_array_records_that_are_too_long():
         "line 1 (record 1): record is longer than the 100-character limit",
         str(Row(1, [user("ok")], 2)),
     ]
+    # Characters, not bytes, and only the record's own (not the comma or
+    # blanks after it): exactly at the limit is fine.
+    record = '{"instruction": "' + "✓" * 80 + '"}'
+    assert len(record) == 99
+    for text in (f"[{record}]", f"[\n  {record},\n  {record}\n]\n"):
+        assert errors(text.encode(), limits=Limits(max_row_chars=99)) == []
+        assert len(errors(text.encode(), limits=Limits(max_row_chars=98))) == text.count(record)
+
+
+def test_it_stops_at_a_json_array_record_too_long_to_hold():
+    # ijson builds a record whole, so one still open 4 bytes a character past
+    # the limit stops the parse instead of filling the memory.
+    big = {"instruction": "x" * 300_000, "input": [{"k": "v"}] * 1000}
+    data = json.dumps([{"instruction": "ok"}, big, {"instruction": "never read"}], indent=1).encode()
+    reader = _CountingReader(data)
+    out = list(parse(reader, limits=Limits(max_row_chars=10_000)))
+    assert [str(e) for e in out] == [
+        str(Row(2, [user("ok")], 1)),
+        "line 5 (record 2): record is longer than the 10,000-character limit (a JSON array cannot be read past it)",
+    ]
+    assert isinstance(out[-1], RowError) and out[-1].fatal
+    assert reader.position < len(data) / 2
+    # So does an item that is not an object (its start is not tracked).
+    out = list(parse(io.BytesIO(b'[{"instruction": "ok"}, "' + b"x" * 300_000 + b'"]'), "alpaca",
+                     limits=Limits(max_row_chars=10_000)))
+    assert str(out[-1]) == (
+        "record 2: record is longer than the 10,000-character limit (a JSON array cannot be read past it)"
+    )
 
 
 def test_it_splits_json_arrays_across_any_chunk_boundary(monkeypatch):
@@ -369,10 +493,14 @@ def test_it_splits_json_arrays_across_any_chunk_boundary(monkeypatch):
     for indent in (None, 1):
         data = json.dumps(records, indent=indent, ensure_ascii=indent is None).encode()
         expected = rows(data)
+        where = [(r.line, r.record) for r in events(data) if isinstance(r, Row)]
         assert len(expected) == len(records)
+        starts = [1] * len(records) if indent is None else [2 + 12 * i for i in range(len(records))]
+        assert where == list(zip(starts, range(1, len(records) + 1), strict=True))
         for chunk in (1, 2, 3, 7):
             monkeypatch.setattr(formats, "_CHUNK", chunk)
             assert rows(data) == expected
+            assert [(r.line, r.record) for r in events(data) if isinstance(r, Row)] == where
             assert rows(jsonl(*records)) == expected
         monkeypatch.undo()
 
@@ -452,6 +580,21 @@ def test_it_hashes_normalised_rows_stably():
     assert row_sha(a) == row_sha(b) == Row(1, b).sha
     assert row_sha(a) != row_sha([user("q")])
     assert len(row_sha(a)) == 64
+
+
+def test_it_reads_a_big_json_array_chunk_by_chunk():
+    records = [{"instruction": f"question {i} " + "word " * 50, "output": "answer"} for i in range(20_000)]
+    data = json.dumps(records, indent=4).encode()
+    reader = _CountingReader(data)
+    stream = parse(reader, limits=LIMITS)
+    first = next(stream)
+    assert isinstance(first, Row) and (first.line, first.record) == (2, 1)
+    assert reader.position <= 2 * formats.HEAD_BYTES < len(data) / 20  # the first row came before the rest was read
+    rest = list(stream)
+    assert len(rest) == 19_999 and all(isinstance(r, Row) for r in rest)
+    assert (rest[-1].line, rest[-1].record) == (2 + 4 * 19_999, 20_000)
+    assert reader.position == len(data)
+    assert reader.largest_read <= 64 * 1024
 
 
 def _peak_while_parsing(path: Path) -> tuple[int, int]:

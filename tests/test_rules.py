@@ -123,7 +123,7 @@ def test_it_reports_bad_names():
         {"name": " ", "kind": "lowercase"},
     ]) == [
         "rule 1: missing 'name'",
-        "rule 2: 'name' must be a string, got integer",
+        "rule 2: 'name' must be a string, got number",
         "rule 3: 'name' must not be empty",
     ]
 
@@ -179,7 +179,7 @@ def test_it_reports_parameters_of_the_wrong_type():
         {"name": "i", "kind": "regex", "pattern": "x", "flags": ["ignorecase", "x"]},
         {"name": "j", "kind": "regex", "pattern": "x", "must_match": 1},
     ]) == [
-        "rule 1 (\"a\"): parameter 'text' must be a string, got integer",
+        "rule 1 (\"a\"): parameter 'text' must be a string, got number",
         "rule 2 (\"b\"): parameter 'text' must not be empty",
         "rule 3 (\"c\"): parameter 'case_sensitive' must be true or false, got string",
         "rule 4 (\"d\"): parameter 'n' must be a positive integer, got string",
@@ -188,7 +188,7 @@ def test_it_reports_parameters_of_the_wrong_type():
         "rule 7 (\"g\"): parameter 'n' must be a positive integer, got number",
         "rule 8 (\"h\"): parameter 'flags' must be a list of flag names, got string",
         "rule 9 (\"i\"): parameter 'flags': unknown flag 'x' (expected ignorecase, multiline or dotall)",
-        "rule 10 (\"j\"): parameter 'must_match' must be true or false, got integer",
+        "rule 10 (\"j\"): parameter 'must_match' must be true or false, got number",
     ]
 
 
