@@ -156,7 +156,7 @@ def detect_format(head: bytes, filename: str = "") -> str:
         return "chat"
     if ext == "txt":
         return "lines"
-    first_line = text.split("\n", 1)[0].rstrip("\r")
+    first_line = _first_line(text)
     cells = next(csv.reader([first_line], delimiter=_delimiter(first_line, filename)), [])
     known = {c.strip().lower() for c in cells} & set(QUERY_COLUMNS)
     if known and (len(cells) > 1 or cells[0].strip().lower() in QUERY_COLUMNS[:3]):
@@ -185,6 +185,22 @@ def _json_guess(text: str) -> str | None:
     # The first record may be cut off at the end of the head.
     m = _KEY_SNIFF.search(text)
     return _FORMAT_OF_KEY[m.group(1)] if m else None
+
+
+def _first_line(text: str) -> str:
+    # "\n", "\r\n" or an old Mac "\r": a line ending left inside would make csv fail.
+    return re.split(r"\r\n|\r|\n", text, maxsplit=1)[0]
+
+
+def looks_binary(head: bytes) -> bool:
+    """True for bytes no dataset file has: many NUL bytes, control
+    characters and invalid UTF-8 (an executable, an archive, an image). A
+    text file with a stray bad byte is not binary: its line is reported."""
+    if not head:
+        return False
+    text = head.decode("utf-8", "replace")
+    odd = sum(1 for c in text if c == "\ufffd" or (ord(c) < 32 and c not in "\t\n\r\f"))
+    return odd > max(8, len(text) // 10)
 
 
 def _delimiter(header_line: str, filename: str) -> str:
@@ -391,38 +407,57 @@ class _Source:
             pass  # raised again by the next fill, once the head has been parsed
         return bytes(self.buf[self.pos : self.pos + n])
 
+    def _line_end(self, start: int, end: int) -> int:
+        """Index just past the first line ending ("\n", "\r\n" or a lone
+        "\r", as old Mac files have) in buf[start:end], or -1. A "\r" that
+        ends the buffer waits for the next byte, which may be its "\n"."""
+        lf = self.buf.find(b"\n", start, end)
+        cr = self.buf.find(b"\r", start, lf if lf >= 0 else end)
+        if cr < 0:
+            return lf + 1 if lf >= 0 else -1
+        if cr + 1 >= len(self.buf):
+            if not self._eof:
+                return -2  # need more bytes to know
+            return cr + 1
+        return cr + 2 if self.buf[cr + 1] == ord("\n") else cr + 1
+
     def readline(self, limit: int) -> tuple[bytes, bool]:
-        """The next line with its newline, at most `limit` bytes. Returns
+        """The next line with its line ending, at most `limit` bytes. Returns
         (line, complete); complete is False when the line was cut at `limit`.
         b"" means the end of the file."""
-        searched = 0
         while True:
             end = min(len(self.buf), self.pos + limit)
-            i = self.buf.find(b"\n", self.pos + searched, end)
+            i = self._line_end(self.pos, end)
             if i >= 0:
-                line = bytes(self.buf[self.pos : i + 1])
-                self.pos = i + 1
+                line = bytes(self.buf[self.pos : i])
+                self.pos = i
                 return line, True
-            if len(self.buf) - self.pos >= limit:
+            if i == -1 and len(self.buf) - self.pos >= limit:
                 line = bytes(self.buf[self.pos : self.pos + limit])
                 self.pos += limit
                 return line, False
-            searched = len(self.buf) - self.pos
             if not self.fill():
+                self._eof = True
+                if self._line_end(self.pos, len(self.buf)) >= 0:
+                    continue
                 line = bytes(self.buf[self.pos :])
                 self.pos = len(self.buf)
                 return line, True
 
     def skip_line(self) -> None:
-        """Discard up to and including the next newline."""
+        """Discard up to and including the next line ending."""
         while True:
-            i = self.buf.find(b"\n", self.pos)
+            i = self._line_end(self.pos, len(self.buf))
             if i >= 0:
-                self.pos = i + 1
+                self.pos = i
                 return
-            self.pos = len(self.buf)
+            if i == -1:
+                self.pos = len(self.buf)
             if not self.fill():
-                return
+                self._eof = True
+                if self._line_end(self.pos, len(self.buf)) < 0:
+                    self.pos = len(self.buf)
+                    return
 
 
 class _Parser:
@@ -448,7 +483,8 @@ class _Parser:
             self.src.pos += len(_BOM)
             head = head[len(_BOM) :]
         self.head = head
-        self.format = detect_format(head, filename) if fmt == "auto" else fmt
+        self.binary = not self.utf16 and looks_binary(head)
+        self.format = fmt if fmt != "auto" else "lines" if self.binary else detect_format(head, filename)
         if fmt == "auto" and self.format == "lines" and query_column is not None:
             self.format = "csv"  # naming a column says it is a table
         self.records = 0
@@ -466,6 +502,10 @@ class _Parser:
         try:
             if self.utf16:
                 raise _Stop(RowError(0, "the file is UTF-16 encoded; save it as UTF-8", fatal=True))
+            if self.binary:
+                raise _Stop(RowError(0, f"{self.filename or 'the file'} looks like a binary file (control or "
+                                        "unreadable bytes throughout its start), not text: upload chat JSONL, Alpaca or "
+                                        "ShareGPT JSON, CSV, or plain text with one query per line", fatal=True))
             if self.format == "csv":
                 source = self._csv()
             elif self.format == "lines":
@@ -566,8 +606,7 @@ class _Parser:
     # --- CSV ---
 
     def _csv(self) -> Iterator[Row | RowError]:
-        first_line = self.head.decode("utf-8", "replace").split("\n", 1)[0]
-        delimiter = _delimiter(first_line, self.filename)
+        delimiter = _delimiter(_first_line(self.head.decode("utf-8", "replace")), self.filename)
         lines = _CsvLines(self)
         reader = csv.reader(lines, delimiter=delimiter)
         # csv's own per-field limit (131072 by default) would cut in before ours.

@@ -33,7 +33,17 @@ class DatasetRejected(Exception):
     row_count: int
     format: str = ""
 
+    @property
+    def file_problem(self) -> formats.RowError | None:
+        """The one problem of the whole file (empty, binary, too large...),
+        when that is all there is to say: it is not a bad row."""
+        if self.error_count == 1 and self.errors and self.errors[0].line == 0 and self.errors[0].record is None:
+            return self.errors[0]
+        return None
+
     def __str__(self) -> str:
+        if self.file_problem is not None:
+            return f"{self.file_problem}; nothing was stored"
         return f"{self.error_count} bad row(s); nothing was stored"
 
 
