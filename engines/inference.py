@@ -9,8 +9,8 @@ transformers load on first use), so the web process can use its settings.
 Teacher generation runs many queries behind one long system prompt. With
 `reuse_prefix`, the token prefix that every rendered input shares is encoded
 once and its KV cache is copied into every batch, which is 3-5x faster on CPU
-and gives the same tokens as plain batched generation (see
-/work/shared/STACK-NOTES.md, "Shared-prefix KV reuse").
+and gives the same tokens as plain batched generation (bench/teacher_throughput.py
+measures both; figures in bench/README.md).
 """
 
 from __future__ import annotations

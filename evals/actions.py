@@ -184,7 +184,8 @@ def suite_for_variant(variant: Variant, user: AbstractBaseUser | None = None) ->
     while EvalSuite.objects.filter(project=variant.project, name=name).exists():
         n += 1
         name = f"{source} held out ({n})"
-    return create_suite(variant.project, user, name, source, prompt_version=variant.prompt_version)
+    return create_suite(variant.project, user, name, source, prompt_version=variant.prompt_version,
+                        lm_eval_tasks=settings.EVAL_AUTO_LM_EVAL_TASKS)
 
 
 @transaction.atomic

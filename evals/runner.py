@@ -173,6 +173,9 @@ class EvalRunner(JobRunner):
         self.log(f"judge: {base.name}{' + ' + judge_variant.name if judge_variant else ''} scored {len(runs)} run(s)")
 
     def _lm_eval(self, suite: EvalSuite, runs: list[EvalRun], task: str) -> None:
+        if runs[0].comparison_id is not None:
+            # What the four arms ask of lm-eval: did the student forget what the base knew?
+            runs = [r for r in runs if r.arm in ("floor", "student")]
         with tempfile.TemporaryDirectory(prefix="wb-lmeval-") as tmp:
             task_dir = Path(tmp)
             name = task

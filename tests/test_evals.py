@@ -267,3 +267,10 @@ def test_an_absorb_starts_its_four_arm_comparison_when_it_finishes(world, tiny_m
     assert comparison.suite.dataset_version == world["data"]  # the upload's held-out queries
     assert comparison.runs.count() == 4 and comparison.headline["model_loads"] == 1
     assert "four-arm comparison queued" in Job.objects.get(pk=finetune.pk).log
+    # General skills through lm-eval, floor against student, with a paired CI.
+    assert comparison.suite.lm_eval_tasks == ["general_skills"]
+    skills = comparison.headline["lm_eval"]["general_skills"]
+    assert skills["n"] == 42 and skills["low"] <= skills["value"] <= skills["high"]
+    arms = {r.arm: r for r in comparison.runs.all()}
+    assert "lm_eval:general_skills" in arms["student"].summary["metrics"]
+    assert "lm_eval" not in arms["teacher"].summary

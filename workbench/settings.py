@@ -208,6 +208,8 @@ JOB_PROGRESS_SECONDS = float(os.getenv("JOB_PROGRESS_SECONDS", "2"))
 # A variant made by an absorb gets its four-arm comparison on the held-out queries.
 AUTO_EVAL = envbool("WORKBENCH_AUTO_EVAL", "true")
 EVAL_MAX_NEW_TOKENS = envint("WORKBENCH_EVAL_MAX_NEW_TOKENS", 128)
+# lm-eval tasks of the suites made for absorbed variants: did the student forget general skills?
+EVAL_AUTO_LM_EVAL_TASKS = envlist("WORKBENCH_EVAL_LM_EVAL_TASKS", "general_skills")
 # Modules that register job runners (jobs.registry); apps may add their own.
 JOB_RUNNER_MODULES = ["jobs.runners.teacher", "jobs.runners.finetune",
                       *envlist("WORKBENCH_EXTRA_JOB_RUNNERS", "")]
