@@ -188,3 +188,10 @@ def test_the_loss_chart_draws_the_points_as_they_are(page, world):
     data = page.evaluate("() => Chart.getChart('loss-chart').data.datasets[0].data")
     assert tension == 0 and data == [2.0, 1.0, 2.0 / 3]
 
+
+
+def test_the_server_error_page_is_styled_and_needs_no_context():
+    from django.template.loader import get_template
+
+    html = get_template("500.html").render()  # how Django renders it: no request, no context
+    assert "Something went wrong on our side" in html and "css/app.css" in html and "favicon.svg" in html
