@@ -84,10 +84,10 @@ def test_it_shows_base_models_and_workers(alice_client):
     from workbench.models import BaseModel, WorkerHeartbeat
 
     BaseModel.objects.create(name="Tiny", path="/m/tiny", is_default=True, parameters=3_200_000)
-    WorkerHeartbeat.objects.create(hostname="w1@host", queues="default,gpu")
+    WorkerHeartbeat.objects.create(hostname="w1@host", queues="default,gpu", pid=4242)
     r = alice_client.get(reverse("models"))
     assert b"Tiny" in r.content and b"3,200,000" in r.content
-    assert b"w1@host" in r.content and b"alive" in r.content
+    assert b"w1@host" in r.content and b"alive" in r.content and b"pid 4242" in r.content
     fragment = alice_client.get(reverse("models") + "?fragment=workers", headers={"HX-Request": "true"})
     assert fragment.content.strip().startswith(b'<div id="workers"') and b"<html" not in fragment.content
 
