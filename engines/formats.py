@@ -13,7 +13,13 @@ the record for an array item that is not an object) and what was wrong. A few
 problems stop parsing altogether (`RowError.fatal`): the size and row limits,
 a CSV header without the chosen column, a file that is not UTF-8 at all
 (UTF-16), and in a JSON array any syntax error (ijson cannot resume after
-one) or a record too long to hold.
+one) or a record too long to hold, and a file that is one JSON object.
+
+Fields that change what a row means and that no format here can honour
+(KTO labels, images, tool calls, DPO rejected answers unless the caller asks
+for the chosen ones) reject the row, naming the field; fields that change
+nothing (ids, sources) are kept with the row as `Row.extra`. Self-instruct
+seed tasks become one row per instance.
 
 Typical use (iterate once, write the good rows out, keep the first errors)::
 
@@ -45,6 +51,8 @@ FORMATS: dict[str, str] = {
     "chat": 'OpenAI chat: {"messages": [{"role", "content"}, ...]} per line (JSONL) or in a JSON array',
     "alpaca": 'Alpaca: {"instruction", "input", "output"} as a JSON array or JSONL',
     "sharegpt": 'ShareGPT: {"conversations": [{"from", "value"}, ...]} as JSONL or a JSON array',
+    "completion": 'OpenAI legacy completions: {"prompt", "completion"} as JSONL or a JSON array',
+    "fields": "JSON or JSONL with the query (and answer) fields you name",
     "csv": "CSV with a header row: a query column and optionally an answer column",
     "lines": "Plain text: one query per line",
 }
@@ -62,6 +70,22 @@ QUERY_COLUMNS = ("query", "question", "prompt", "instruction", "input", "user", 
 ANSWER_COLUMNS = ("answer", "response", "output", "completion", "assistant", "reply")
 HEAD_BYTES = 64 * 1024
 MAX_KEPT_ERRORS = 50
+MAX_KEPT_FIELDS = 50
+MULTIMODAL_FIELDS = ("images", "image", "audios", "audio", "videos", "video")
+TOOL_FIELDS = ("tools", "functions", "function_description")
+TOOL_REASON = "tool calls need a tool-capable chat template; this workbench's base models have none"
+KTO_REASON = ("label: KTO preference data: label false marks an undesirable answer; the workbench trains on "
+              "answers it should imitate — remove the rows labelled false or drop the label field")
+DPO_REASON = ("chosen/rejected: DPO preference pairs; the workbench trains on one answer per query — "
+              "use --use-chosen (upload form: \"use only the chosen answers\") to load the chosen answers "
+              "and drop the rejected ones")
+# Fields each format reads; any other field of a row is kept with it as `extra`.
+_USED_FIELDS = {
+    "chat": {"messages"},
+    "sharegpt": {"conversations", "system"},
+    "alpaca": {"instruction", "input", "output", "system"},
+    "completion": {"prompt", "completion"},
+}
 
 _BOM = b"\xef\xbb\xbf"
 _CHUNK = 64 * 1024
@@ -90,6 +114,8 @@ class Row:
     line: int
     messages: list[Message]
     record: int | None = None
+    # Fields of the record no format reads and that change nothing (ids, sources...).
+    extra: dict[str, object] | None = None
 
     def to_json(self) -> str:
         """The row as one JSONL line (without the newline)."""
@@ -137,8 +163,8 @@ def row_sha(messages: Sequence[Message]) -> str:
 
 # --- detection -------------------------------------------------------------
 
-_KEY_SNIFF = re.compile(r'"(messages|conversations|instruction)"\s*:')
-_FORMAT_OF_KEY = {"messages": "chat", "conversations": "sharegpt", "instruction": "alpaca"}
+_KEY_SNIFF = re.compile(r'"(messages|conversations|instruction|prompt)"\s*:')
+_FORMAT_OF_KEY = {"messages": "chat", "conversations": "sharegpt", "instruction": "alpaca", "prompt": "completion"}
 
 
 def detect_format(head: bytes, filename: str = "") -> str:
@@ -222,10 +248,12 @@ def parse(
     query_column: str | None = None,
     answer_column: str | None = None,
     filename: str = "",
+    use_chosen: bool = False,
 ) -> Iterator[Row | RowError]:
     """Stream the file's rows and errors in file order. After a fatal error
-    the stream ends. Reads the first bytes right away (to detect the format)."""
-    return _Parser(fileobj, fmt, limits, query_column, answer_column, filename).events()
+    the stream ends. Reads the first bytes right away (to detect the format).
+    With use_chosen, DPO pairs (chosen/rejected) become their chosen answer."""
+    return _Parser(fileobj, fmt, limits, query_column, answer_column, filename, use_chosen).events()
 
 
 class DatasetReader:
@@ -242,8 +270,9 @@ class DatasetReader:
         answer_column: str | None = None,
         filename: str = "",
         keep_errors: int = MAX_KEPT_ERRORS,
+        use_chosen: bool = False,
     ) -> None:
-        self._parser = _Parser(fileobj, fmt, limits, query_column, answer_column, filename)
+        self._parser = _Parser(fileobj, fmt, limits, query_column, answer_column, filename, use_chosen)
         self.format: str = self._parser.format
         self.keep_errors = keep_errors
         self.row_count = 0
@@ -255,6 +284,21 @@ class DatasetReader:
     @property
     def ok(self) -> bool:
         return self._started and self.error_count == 0
+
+    @property
+    def kept_fields(self) -> list[str]:
+        """Names of the extra fields kept with the rows (first MAX_KEPT_FIELDS)."""
+        return list(self._parser.kept_fields)
+
+    @property
+    def notes(self) -> list[str]:
+        """What the reader did beyond reading rows as they are (expanded, dropped)."""
+        return list(self._parser.notes)
+
+    @property
+    def warnings(self) -> list[str]:
+        """Doubts about the chosen format that do not stop the import."""
+        return list(self._parser.warnings)
 
     def __iter__(self) -> Iterator[Row]:
         if self._started:
@@ -308,6 +352,30 @@ class _Stop(Exception):
 
 class _Bad(Exception):
     """A row is rejected; the message is the reason."""
+
+
+def _json_object_line(text: str) -> bool:
+    """True when one of the first lines after the first is a whole JSON
+    object (JSONL with a broken first line, not a pretty-printed object)."""
+    for line in re.split(r"\r\n|\r|\n", text)[1:6]:
+        try:
+            if isinstance(json.loads(line), dict):
+                return True
+        except (ValueError, RecursionError):
+            pass
+    return False
+
+
+class _ChunkReader:
+    """A file-like `read` over an iterator of byte chunks, for ijson."""
+
+    def __init__(self, chunks: Iterator[bytes]) -> None:
+        self._chunks = chunks
+
+    def read(self, n: int = -1) -> bytes:
+        if n == 0:  # ijson reads 0 bytes to learn the type
+            return b""
+        return next(self._chunks, b"")
 
 
 class _RecordAbort(Exception):
@@ -469,6 +537,7 @@ class _Parser:
         query_column: str | None,
         answer_column: str | None,
         filename: str,
+        use_chosen: bool = False,
     ) -> None:
         if fmt != "auto" and fmt not in FORMATS:
             raise ValueError(f"unknown format {fmt!r} (expected auto or one of {', '.join(FORMATS)})")
@@ -485,8 +554,17 @@ class _Parser:
         self.head = head
         self.binary = not self.utf16 and looks_binary(head)
         self.format = fmt if fmt != "auto" else "lines" if self.binary else detect_format(head, filename)
-        if fmt == "auto" and self.format == "lines" and query_column is not None:
-            self.format = "csv"  # naming a column says it is a table
+        if fmt == "auto" and query_column is not None:
+            if self.format == "lines":
+                self.format = "csv"  # naming a column says it is a table
+            elif self.format != "csv":
+                self.format = "fields"  # JSON or JSONL: the named fields hold the query and answer
+        self.use_chosen = use_chosen
+        self.kept_fields: dict[str, None] = {}
+        self.notes: dict[str, None] = {}
+        self.warnings: list[str] = []
+        if fmt == "lines" and not self.binary and not self.utf16:
+            self._warn_if_jsonl(head)
         self.records = 0
         # Bytes of one row as read: up to 4 bytes per character, plus "\r\n".
         self.max_row_bytes = limits.max_row_chars * 4 + 2
@@ -513,6 +591,7 @@ class _Parser:
             elif self.head.lstrip()[:1] == b"[":
                 source = self._json_array()
             else:
+                self._refuse_single_object()
                 source = self._jsonl()
             for item in source:
                 if isinstance(item, RowError):
@@ -583,20 +662,118 @@ class _Parser:
             except ValueError as err:  # e.g. an integer with too many digits
                 yield RowError(line_no, f"invalid JSON: {err}")
             else:
-                yield self._row(obj, line_no)
+                yield from self._rows(obj, line_no)
 
-    def _row(self, obj: object, line: int, record: int | None = None) -> Row | RowError:
-        """The row of one parsed JSON record, or why it is rejected."""
+    def _rows(self, obj: object, line: int, record: int | None = None) -> Iterator[Row | RowError]:
+        """The row (or, for self-instruct seed tasks, rows) of one parsed JSON
+        record, or why it is rejected."""
         try:
-            if self.format == "alpaca":
-                messages = _from_alpaca(obj)
+            row = _object(obj)
+            _refuse_meaning_fields(row)
+            if "chosen" in row or "rejected" in row:
+                if not self.use_chosen:
+                    raise _Bad(DPO_REASON)
+                self.notes["preference pairs: only the chosen answers were loaded; the rejected answers "
+                           "were dropped"] = None
+                messages, used = _from_chosen(row)
+                yield Row(line, messages, record, self._extra(row, used))
+                return
+            if isinstance(row.get("instances"), list):
+                rows = _from_instances(row)
+                self.notes["self-instruct seed tasks: each instance became a row (query: the instruction "
+                           "and the instance input; answer: the instance output)"] = None
+                extra = self._extra(row, {"instruction", "instances", "system"})
+                for i, messages in enumerate(rows):
+                    if i:
+                        self.count()
+                    yield Row(line, messages, record, extra)
+                return
+            if self.format == "fields":
+                messages, used = _from_fields(row, self.query_column or "", self.answer_column)
+            elif self.format == "alpaca":
+                messages, used = _from_alpaca(row), _USED_FIELDS["alpaca"]
             elif self.format == "sharegpt":
-                messages = _from_sharegpt(obj)
+                messages, used = _from_sharegpt(row), _USED_FIELDS["sharegpt"]
+            elif self.format == "completion":
+                messages, used = _from_completion(row), _USED_FIELDS["completion"]
             else:
-                messages = _from_chat(obj)
+                messages, used = _from_chat(row), _USED_FIELDS["chat"]
         except _Bad as bad:
-            return RowError(line, str(bad), record)
-        return Row(line, messages, record)
+            reason = str(bad)
+            if reason.startswith("missing field '") and isinstance(obj, dict):
+                reason += _how_to_load(obj)
+            yield RowError(line, reason, record)
+            return
+        yield Row(line, messages, record, self._extra(row, used))
+
+    def _extra(self, row: dict[str, object], used: set[str]) -> dict[str, object] | None:
+        extra = {k: v for k, v in row.items() if k not in used and v is not None}
+        for key in extra:
+            if len(self.kept_fields) >= MAX_KEPT_FIELDS:
+                break
+            self.kept_fields.setdefault(key, None)
+        return extra or None
+
+    def _warn_if_jsonl(self, head: bytes) -> None:
+        lines = head.decode("utf-8", "replace").splitlines()
+        if len(head) >= HEAD_BYTES:
+            lines = lines[:-1]  # may be cut off
+        lines = [ln for ln in lines if ln.strip()][:20]
+        objects = 0
+        for ln in lines:
+            try:
+                objects += isinstance(json.loads(ln), dict)
+            except (ValueError, RecursionError):
+                pass
+        if lines and objects * 2 > len(lines):
+            self.warnings.append(
+                f"{objects} of the first {len(lines)} lines are JSON objects: the file looks like JSONL, but with "
+                "format 'lines' every line is stored as raw JSON text; to read its fields, upload it with "
+                "format auto (--format auto) or name the fields (--query-column/--answer-column)"
+            )
+
+    def _refuse_single_object(self) -> None:
+        """A file that is one JSON object (pretty-printed over many lines,
+        e.g. {"data": [...]}) is neither a JSON array nor JSONL: say so once
+        instead of an error for each of its lines."""
+        text = self.head.decode("utf-8", "replace").lstrip()
+        if not text.startswith("{"):
+            return
+        first = _first_line(text)
+        try:
+            if isinstance(json.loads(first), dict):
+                return  # JSONL
+        except (ValueError, RecursionError):
+            pass
+        keys: list[str] = []
+        try:
+            whole, end = _JSON.raw_decode(text)
+        except (ValueError, RecursionError):
+            whole, end = None, 0
+        if isinstance(whole, dict):
+            if text[end:].strip():
+                return  # more than one object: per-line errors tell more
+            keys = list(whole)
+        elif first.rstrip().endswith(("{", "[", ",", ":")) and len(self.head) >= HEAD_BYTES \
+                and not _json_object_line(text):
+            # Cut off at the end of the head: read the top-level keys as a stream.
+            broken = ""
+            try:
+                for prefix, event, value in ijson.parse(_ChunkReader(self.src.chunks())):
+                    if prefix == "" and event == "map_key":
+                        keys.append(str(value))
+            except (ijson.JSONError, ValueError) as exc:
+                reason = _yajl_error(exc)[0]
+                broken = " (and the file ends inside it)" if reason == "premature EOF" else \
+                    f" (and it is not valid JSON: {reason})"
+            listed = ", ".join(keys[:10]) + (", ..." if len(keys) > 10 else "")
+            raise _Stop(RowError(0, f"the file is a single JSON object with keys {listed or '(none read)'}{broken}; "
+                                    "the rows must be a JSON array or one object per line (JSONL)", fatal=True))
+        else:
+            return
+        listed = ", ".join(keys[:10]) + (", ..." if len(keys) > 10 else "")
+        raise _Stop(RowError(0, f"the file is a single JSON object with keys {listed}; the rows must be a JSON "
+                                "array or one object per line (JSONL)", fatal=True))
 
     # --- JSON array ---
 
@@ -661,7 +838,9 @@ class _Parser:
                 return names.index(wanted.strip())
             if wanted.strip().lower() in lowered:
                 return lowered.index(wanted.strip().lower())
-            raise _Stop(RowError(1, f"no column {wanted!r} in the header (columns: {listed})", fatal=True))
+            raise _Stop(RowError(1, f"no column {wanted!r} in the header (columns: {listed}); name one of them "
+                                    "with --query-column/--answer-column (upload form: query/answer column)",
+                                 fatal=True))
 
         if self.query_column is not None:
             qi = find(self.query_column)
@@ -674,7 +853,8 @@ class _Parser:
             else:
                 raise _Stop(RowError(
                     1,
-                    f"cannot tell which column holds the queries; choose one of the columns ({listed})",
+                    f"cannot tell which column holds the queries; choose one of the columns ({listed}) "
+                    "with --query-column (upload form: query column)",
                     fatal=True,
                 ))
         ai: int | None = None
@@ -966,11 +1146,11 @@ class _JsonArray:
             self.records += 1
             parser.count()
             if start is None or not isinstance(record, dict):
-                yield parser._row(record, 0, self.records)
+                yield from parser._rows(record, 0, self.records)
             elif piece_end - start > max_chars and _record_chars(self._record_bytes(start, piece_end)) > max_chars:
                 yield RowError(self.start_line, f"record is {parser.too_long}", self.records)
             else:
-                yield parser._row(record, self.start_line, self.records)
+                yield from parser._rows(record, self.start_line, self.records)
             if start is not None:
                 self.kept = []
         self.done.clear()
@@ -1103,17 +1283,166 @@ def _check_turns(messages: list[Message], field: str) -> list[Message]:
     return messages
 
 
+def _refuse_meaning_fields(row: dict[str, object]) -> None:
+    """Fields no format here reads and that change what a row means:
+    loading the row without them would teach the wrong thing."""
+    for key in TOOL_FIELDS:
+        if row.get(key):
+            raise _Bad(f"{key}: {TOOL_REASON}")
+    chat = row.get("chat")
+    if isinstance(chat, str) and ("<functioncall>" in chat or "FUNCTION RESPONSE" in chat):
+        raise _Bad(f"chat: glaive-style function calling: {TOOL_REASON}")
+    for key in ("messages", "conversations"):
+        turns = row.get(key)
+        if not isinstance(turns, list):
+            continue
+        for i, turn in enumerate(turns):
+            if not isinstance(turn, dict):
+                continue
+            for call in ("tool_calls", "function_call"):
+                if turn.get(call):
+                    raise _Bad(f"{key}[{i}].{call}: {TOOL_REASON}")
+            role = turn.get("role", turn.get("from"))
+            if isinstance(role, str) and role.lower() in ("tool", "function", "function_call", "observation",
+                                                          "ipython"):
+                raise _Bad(f"{key}[{i}]: a {role!r} turn: {TOOL_REASON}")
+    if isinstance(row.get("label"), bool):
+        raise _Bad(KTO_REASON)
+    for key in MULTIMODAL_FIELDS:
+        if row.get(key):
+            raise _Bad(f"{key}: multimodal rows: the base models here read text only — drop the {key} field "
+                       "and any <image> placeholders, or the rows that need them")
+
+
+def _how_to_load(obj: dict[str, object]) -> str:
+    """What would load a row whose format field is missing."""
+    keys = [k for k in obj if isinstance(obj[k], str)]
+    lowered = {k.lower(): k for k in keys}
+    query = next((lowered[c] for c in QUERY_COLUMNS if c in lowered), keys[0] if keys else None)
+    answer = next((lowered[c] for c in ANSWER_COLUMNS if c in lowered and lowered[c] != query), None)
+    hint = ("; supported formats: chat (messages), alpaca (instruction/input/output), sharegpt (conversations), "
+            "completion (prompt/completion) — choose with --format, or name the fields with ")
+    option = "--query-column/--answer-column" if query is None else \
+        f"--query-column {query}" + (f" --answer-column {answer}" if answer else "")
+    return hint + option + " (upload form: query/answer column)"
+
+
+def _text_parts(parts: list[object], where: str) -> str:
+    """OpenAI multi-part content: the text parts joined with a newline."""
+    texts: list[str] = []
+    for j, item in enumerate(parts):
+        part = _object(item, f"{where}[{j}]")
+        kind = part.get("type")
+        if kind != "text":
+            raise _Bad(f"{where}[{j}]: a part of type {kind!r}; only text parts can be loaded (the base models "
+                       "here read text only)")
+        texts.append(_required_string(part, "text", f"{where}[{j}]"))
+    text = "\n".join(texts)
+    if not text.strip():
+        raise _Bad(f"{where}: empty content")
+    return text
+
+
 def _from_chat(obj: object) -> list[Message]:
     row = _object(obj)
     out: list[Message] = []
-    for i, item in enumerate(_list(row, "messages")):
+    items = _list(row, "messages")
+    for i, item in enumerate(items):
         where = f"messages[{i}]"
         message = _object(item, where)
         role = _required_string(message, "role", where)
         if role not in ROLES:
             raise _Bad(f"{where}.role: unknown role {role!r} (expected system, user or assistant)")
-        out.append({"role": role, "content": _content(message, "content", where)})
+        value = message.get("content")
+        if role == "assistant" and i == len(items) - 1 and i > 0 and isinstance(value, str) and not value.strip():
+            break  # an empty last answer: a query-only row
+        if isinstance(value, list):
+            out.append({"role": role, "content": _text_parts(value, f"{where}.content")})
+        else:
+            out.append({"role": role, "content": _content(message, "content", where)})
+    if not out:
+        raise _Bad("no user turn (a row must contain at least one user message)")
     return _check_turns(out, "messages")
+
+
+def _from_completion(obj: object) -> list[Message]:
+    row = _object(obj)
+    out: list[Message] = [{"role": "user", "content": _content(row, "prompt")}]
+    completion = _optional_string(row, "completion")
+    if completion and completion.strip():
+        out.append({"role": "assistant", "content": completion})
+    return out
+
+
+def _from_fields(row: dict[str, object], query: str, answer: str | None) -> tuple[list[Message], set[str]]:
+    out: list[Message] = [{"role": "user", "content": _content(row, query)}]
+    if answer is not None:
+        out.append({"role": "assistant", "content": _content(row, answer)})
+        return out, {query, answer}
+    return out, {query}
+
+
+def _from_chosen(row: dict[str, object]) -> tuple[list[Message], set[str]]:
+    """A DPO pair read as its chosen answer: the prompt from prompt/question/
+    instruction, or the chosen conversation's turns before its last answer."""
+    chosen = row.get("chosen")
+    used = {"chosen", "rejected", "system"}
+    system = _optional_string(row, "system")
+    out: list[Message] = [{"role": "system", "content": system}] if system and system.strip() else []
+    prompt_key = next((k for k in ("prompt", "question", "instruction") if k in row), None)
+    if prompt_key is not None:
+        used.add(prompt_key)
+    if isinstance(chosen, str):
+        if prompt_key is None:
+            raise _Bad("chosen: a chosen answer without a prompt (expected a prompt, question or instruction "
+                       "field)")
+        prompt = row[prompt_key]
+        if isinstance(prompt, list):
+            out += _from_chat({"messages": prompt})
+        else:
+            out.append({"role": "user", "content": _content(row, prompt_key)})
+        if not chosen.strip():
+            raise _Bad("chosen: empty content")
+        out.append({"role": "assistant", "content": chosen})
+        return out, used
+    if not isinstance(chosen, list):
+        raise _Bad(f"chosen: expected a string or a list of messages, got {type_name(chosen)}")
+    prompt_turns: list[Message] = []
+    roles = [m.get("role") for m in chosen if isinstance(m, dict) and m.get("role") != "system"]
+    if roles[:1] == ["user"]:
+        pass  # the chosen conversation holds its prompt (UltraFeedback): the prompt field repeats it
+    elif prompt_key is not None and isinstance(row[prompt_key], list):
+        prompt_turns = _from_chat({"messages": row[prompt_key]})
+    elif prompt_key is not None:
+        prompt_turns = [{"role": "user", "content": _content(row, prompt_key)}]
+    turns = _from_chat({"messages": [*[dict(m) for m in prompt_turns], *chosen]}) if prompt_turns else \
+        _from_chat({"messages": chosen})
+    if turns[-1]["role"] != "assistant":
+        raise _Bad("chosen: the chosen conversation has no answer")
+    return out + turns if not (out and turns[0]["role"] == "system") else turns, used
+
+
+def _from_instances(row: dict[str, object]) -> list[list[Message]]:
+    """Self-instruct seed tasks: one row per instance."""
+    instruction = _content(row, "instruction")
+    system = _optional_string(row, "system")
+    rows: list[list[Message]] = []
+    instances = row["instances"]
+    assert isinstance(instances, list)
+    if not instances:
+        raise _Bad("instances: the list is empty")
+    for i, item in enumerate(instances):
+        where = f"instances[{i}]"
+        instance = _object(item, where)
+        extra = _optional_string(instance, "input", where)
+        output = _optional_string(instance, "output", where)
+        out: list[Message] = [{"role": "system", "content": system}] if system and system.strip() else []
+        query = f"{instruction}\n\n{extra}" if extra and extra.strip() else instruction
+        out.append({"role": "user", "content": query})
+        if output and output.strip():
+            out.append({"role": "assistant", "content": output})
+        rows.append(out)
+    return rows
 
 
 def _from_sharegpt(obj: object) -> list[Message]:
@@ -1122,13 +1451,17 @@ def _from_sharegpt(obj: object) -> list[Message]:
     system = _optional_string(row, "system")
     if system and system.strip():
         out.append({"role": "system", "content": system})
-    for i, item in enumerate(_list(row, "conversations")):
+    turns = _list(row, "conversations")
+    for i, item in enumerate(turns):
         where = f"conversations[{i}]"
         turn = _object(item, where)
         speaker = _required_string(turn, "from", where)
         role = SHAREGPT_ROLES.get(speaker.lower())
         if role is None:
             raise _Bad(f"{where}.from: unknown role {speaker!r} (expected system, human or gpt)")
+        value = turn.get("value")
+        if role == "assistant" and i == len(turns) - 1 and out and isinstance(value, str) and not value.strip():
+            break  # an empty last answer: a query-only row
         out.append({"role": role, "content": _content(turn, "value", where)})
     if not out:
         raise _Bad("no user turn (a row must contain at least one user message)")

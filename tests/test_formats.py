@@ -171,7 +171,7 @@ def test_it_lets_the_caller_override_the_detected_format():
 def test_it_exposes_the_resolved_format():
     reader = DatasetReader(io.BytesIO(b'[{"instruction": "x"}]'), limits=LIMITS)
     assert reader.format == "alpaca"
-    assert set(FORMATS) == {"chat", "alpaca", "sharegpt", "csv", "lines"}
+    assert set(FORMATS) == {"chat", "alpaca", "sharegpt", "completion", "fields", "csv", "lines"}
 
 
 def test_it_refuses_an_unknown_format_name():
@@ -188,11 +188,12 @@ def test_it_reports_invalid_json_with_the_column():
 
 
 def test_it_reports_a_missing_field_naming_the_keys_found():
-    assert errors(jsonl({"prompt": "x", "completion": "y"}), "chat") == [
-        "line 1: missing field 'messages' (found 'prompt', 'completion')"
-    ]
+    [error] = errors(jsonl({"prompt": "x", "completion": "y"}), "chat")
+    assert error.startswith("line 1: missing field 'messages' (found 'prompt', 'completion'); supported formats:")
+    assert "--query-column prompt --answer-column completion" in error
     assert errors(jsonl(chat({"role": "user"}))) == ["line 1: messages[0]: missing field 'content'"]
-    assert errors(jsonl({"input": "x"}), "alpaca") == ["line 1: missing field 'instruction' (found 'input')"]
+    [error] = errors(jsonl({"input": "x"}), "alpaca")
+    assert error.startswith("line 1: missing field 'instruction' (found 'input');")
     assert errors(jsonl({"conversations": [{"value": "x"}]})) == [
         "line 1: conversations[0]: missing field 'from'"
     ]
@@ -201,8 +202,8 @@ def test_it_reports_a_missing_field_naming_the_keys_found():
 def test_it_reports_an_unknown_role():
     data = jsonl(chat(user("a"), assistant("b"), {"role": "bot", "content": "c"}))
     assert errors(data) == ["line 1: messages[2].role: unknown role 'bot' (expected system, user or assistant)"]
-    data = jsonl({"conversations": [{"from": "human", "value": "q"}, {"from": "tool", "value": "r"}]})
-    assert errors(data) == ["line 1: conversations[1].from: unknown role 'tool' (expected system, human or gpt)"]
+    data = jsonl({"conversations": [{"from": "human", "value": "q"}, {"from": "bot", "value": "r"}]})
+    assert errors(data) == ["line 1: conversations[1].from: unknown role 'bot' (expected system, human or gpt)"]
 
 
 def test_it_reports_empty_content():
@@ -214,8 +215,8 @@ def test_it_reports_empty_content():
 
 
 def test_it_reports_wrong_types():
-    assert errors(jsonl(chat({"role": "user", "content": ["a"]}))) == [
-        "line 1: messages[0].content: expected a string, got list"
+    assert errors(jsonl(chat({"role": "user", "content": {"a": 1}}))) == [
+        "line 1: messages[0].content: expected a string, got object"
     ]
     assert errors(jsonl(chat({"role": 1, "content": "a"}))) == [
         "line 1: messages[0].role: expected a string, got number"
@@ -348,7 +349,7 @@ def test_it_reports_bad_records_of_a_json_array_and_goes_on():
     out = events(data)
     assert [str(e) for e in out if isinstance(e, RowError)] == [
         "line 3 (record 2): instruction: expected a string, got number",
-        "line 4 (record 3): missing field 'instruction' (found 'input')",
+        "line 4 (record 3): missing field 'instruction' (found 'input'); " + formats._how_to_load({"input": "b"})[2:],
         "record 4: expected a JSON object, got string",
         "record 5: expected a JSON object, got list",
     ]
@@ -520,13 +521,16 @@ def test_it_handles_a_bom_and_quoted_newlines_in_csv():
 def test_it_reports_a_missing_csv_column_naming_the_columns():
     data = b"id,text,label\n1,hi,x\n"
     assert errors(data, "csv", query_column="question") == [
-        "line 1: no column 'question' in the header (columns: 'id', 'text', 'label')"
+        "line 1: no column 'question' in the header (columns: 'id', 'text', 'label'); name one of them with "
+        "--query-column/--answer-column (upload form: query/answer column)"
     ]
     assert errors(data, "csv", answer_column="reply") == [
-        "line 1: no column 'reply' in the header (columns: 'id', 'text', 'label')"
+        "line 1: no column 'reply' in the header (columns: 'id', 'text', 'label'); name one of them with "
+        "--query-column/--answer-column (upload form: query/answer column)"
     ]
     assert errors(b"a,b\n1,2\n", "csv") == [
-        "line 1: cannot tell which column holds the queries; choose one of the columns ('a', 'b')"
+        "line 1: cannot tell which column holds the queries; choose one of the columns ('a', 'b') "
+        "with --query-column (upload form: query column)"
     ]
 
 
@@ -633,3 +637,43 @@ def test_it_parses_a_json_array_in_constant_memory(tmp_path):
     assert (n_small, n_big) == (2_000, 20_000)
     assert peak_big / peak_small < 1.2
     assert peak_big < big.stat().st_size / 20
+
+
+def test_it_reads_dpo_pairs_as_their_chosen_answer_only_when_asked():
+    ultrafeedback = {"prompt": "Hi?", "chosen": [user("Hi?"), assistant("Hello")],
+                     "rejected": [user("Hi?"), assistant("Go")], "prompt_id": "p1"}
+    orca = {"system": "Be brief.", "question": "2+2?", "chosen": "4", "rejected": "5"}
+    trl = {"prompt": [user("Yo")], "chosen": [assistant("Hey")], "rejected": [assistant("No")]}
+    data = jsonl(ultrafeedback, orca, trl)
+    assert all("--use-chosen" in e for e in errors(data))
+    reader = DatasetReader(io.BytesIO(data), limits=LIMITS, use_chosen=True)
+    out = list(reader)
+    assert [r.messages for r in out] == [
+        [user("Hi?"), assistant("Hello")],  # the prompt field repeats the chosen conversation's user turn
+        [system("Be brief."), user("2+2?"), assistant("4")],
+        [user("Yo"), assistant("Hey")],
+    ]
+    assert out[0].extra == {"prompt_id": "p1"} and reader.kept_fields == ["prompt_id"]
+    assert reader.notes and "rejected answers were dropped" in reader.notes[0]
+
+
+def test_it_names_a_pretty_printed_single_object_longer_than_the_head():
+    big = json.dumps({"data": [{"question": f"q{i} " * 20, "answer": "a"} for i in range(2000)], "version": "1"},
+                     indent=2).encode()
+    assert len(big) > formats.HEAD_BYTES
+    assert errors(big, filename="x.json") == [
+        "the file is a single JSON object with keys data, version; the rows must be a JSON array or one object "
+        "per line (JSONL)"
+    ]
+    # several pretty-printed objects are not one: their lines are reported
+    assert len(errors(json.dumps(chat(user("a")), indent=2).encode() * 2)) > 1
+
+
+def test_it_refuses_tool_calls_before_their_null_content():
+    row = chat(user("Weather?"), {"role": "assistant", "content": None,  # type: ignore[dict-item]
+                                  "tool_calls": [{"id": "c1", "type": "function"}]})
+    assert errors(jsonl(row)) == ["line 1: messages[1].tool_calls: tool calls need a tool-capable chat template; "
+                                  "this workbench's base models have none"]
+    glaive_sharegpt = {"conversations": [{"from": "human", "value": "q"}, {"from": "function_call", "value": "{}"}],
+                       "tools": ""}
+    assert "a 'function_call' turn: tool calls need" in errors(jsonl(glaive_sharegpt))[0]

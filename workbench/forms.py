@@ -154,6 +154,8 @@ class DatasetUploadForm(forms.Form):
     )
     seed = forms.IntegerField(label="Split seed", required=False, initial=0,
                               error_messages={"invalid": "Invalid number: the split seed is a whole number."})
+    skip_bad = forms.BooleanField(label="skip bad rows (store the good ones and list the rest)", required=False)
+    use_chosen = forms.BooleanField(label="use only the chosen answers (DPO pairs)", required=False)
 
     def clean_file(self) -> Any:
         upload = self.cleaned_data["file"]

@@ -286,6 +286,7 @@ class DatasetRow(models.Model):
     sha256 = models.CharField(max_length=64)
     split = models.CharField(max_length=5, default=TRAIN)
     flags = models.JSONField(default=list, blank=True)
+    extra = models.JSONField(default=dict, blank=True, help_text="Fields of the uploaded row no format reads")
 
     class Meta:
         ordering = ["version", "index"]

@@ -24,6 +24,7 @@ from workbench.models import BaseModel, Dataset, DatasetRow, DatasetVersion, Pro
 from workbench.tasks import compute_token_stats
 
 ROW_BATCH = 2000
+MAX_SKIPPED_KEPT = 1000
 
 
 @dataclass
@@ -80,9 +81,15 @@ def import_dataset(
     project: Project, user: AbstractBaseUser | None, name: str, fileobj: BinaryIO, *,
     filename: str = "", fmt: str = "auto", query_column: str | None = None,
     answer_column: str | None = None, eval_percent: int = 10, seed: int = 0,
+    skip_bad: bool = False, use_chosen: bool = False,
 ) -> DatasetVersion:
     """Validate the upload as a stream and store it as a new dataset version,
-    or raise DatasetRejected/ActionError having stored nothing: no row, no file."""
+    or raise DatasetRejected/ActionError having stored nothing: no row, no file.
+
+    With skip_bad, rows that are bad on their own are left out and listed in
+    the version's meta (the first MAX_SKIPPED_KEPT, and their count); a file
+    with no good row, or a problem that stops parsing, still stores nothing.
+    With use_chosen, DPO pairs load their chosen answers."""
     name = name.strip()
     if not name:
         raise ActionError("A dataset needs a name.")
@@ -90,6 +97,8 @@ def import_dataset(
         raise ActionError(f"Unknown format '{fmt}' (expected auto or one of {', '.join(formats.FORMATS)}).")
     if not 0 <= eval_percent <= 90:
         raise ActionError("The eval split must be between 0 and 90 percent.")
+    if fmt == "fields" and not query_column:
+        raise ActionError("The 'fields' format needs the name of the query field (--query-column).")
     tmp = tempfile.NamedTemporaryFile(dir=datasets_dir(), prefix=".upload-", delete=False)
     final: Path | None = None
     try:
@@ -104,13 +113,18 @@ def import_dataset(
             tee = _Tee(fileobj, tmp)
             # fmt was checked above: any error the reader raises here is a bug, not the user's.
             reader = formats.DatasetReader(
-                tee, fmt, limits=_limits(), query_column=query_column,
-                answer_column=answer_column, filename=filename,
+                tee, fmt, limits=_limits(), query_column=query_column, answer_column=answer_column,
+                filename=filename, use_chosen=use_chosen,
+                keep_errors=MAX_SKIPPED_KEPT if skip_bad else formats.MAX_KEPT_ERRORS,
             )
-            digest = _store_rows(version, ((r.line, r.messages) for r in reader))
-            if reader.error_count or reader.row_count == 0:
-                errors = reader.errors or [formats.RowError(0, "the file has no rows")]
+            digest = _store_rows(version, ((r.line, r.messages, r.extra) for r in reader))
+            if reader.row_count == 0 or reader.stopped or (reader.error_count and not skip_bad):
+                errors = reader.errors[:formats.MAX_KEPT_ERRORS] or [formats.RowError(0, "the file has no rows")]
+                fatal = [e for e in reader.errors if e.fatal]
+                if fatal and fatal[0] not in errors:
+                    errors.append(fatal[0])
                 raise DatasetRejected(errors, reader.error_count or 1, reader.row_count, reader.format)
+            version.meta = _import_meta(reader, skip_bad, use_chosen)
             tmp.close()
             ext = {"csv": "csv", "lines": "txt"}.get(reader.format, "json" if tee.is_json_array() else "jsonl")
             # A generated name: the user's filename is never a path.
@@ -128,14 +142,36 @@ def import_dataset(
     return version
 
 
-def _store_rows(version: DatasetVersion, rows: Iterable[tuple[int, list[dict[str, str]]]]) -> Any:
-    """Insert rows in batches (memory stays flat); returns the content hash."""
+def _import_meta(reader: formats.DatasetReader, skip_bad: bool, use_chosen: bool) -> dict[str, Any]:
+    """What the version's page shows about its import beyond the rows."""
+    meta: dict[str, Any] = {}
+    if reader.kept_fields:
+        meta["kept_fields"] = reader.kept_fields
+    if reader.notes:
+        meta["notes"] = reader.notes
+    if reader.warnings:
+        meta["warnings"] = reader.warnings
+    options = [name for name, on in (("skip_bad", skip_bad), ("use_chosen", use_chosen)) if on]
+    if options:
+        meta["options"] = options
+    if reader.error_count:
+        meta["skipped"] = {"count": reader.error_count, "rows": [str(e) for e in reader.errors]}
+    return meta
+
+
+def _store_rows(
+    version: DatasetVersion, rows: Iterable[tuple[int, list[dict[str, str]]]
+                                            | tuple[int, list[dict[str, str]], dict[str, object] | None]],
+) -> Any:
+    """Insert rows in batches (memory stays flat); returns the content hash.
+    A row is (line, messages) or (line, messages, extra fields kept)."""
     digest = hashlib.sha256()
     batch: list[DatasetRow] = []
-    for index, (line, messages) in enumerate(rows):
+    for index, (line, messages, *rest) in enumerate(rows):
         row = formats.Row(line, messages)
         digest.update(row.to_json().encode("utf-8") + b"\n")
-        batch.append(DatasetRow(version=version, index=index, line=line, messages=messages, sha256=row.sha))
+        batch.append(DatasetRow(version=version, index=index, line=line, messages=messages, sha256=row.sha,
+                                extra=rest[0] if rest and rest[0] else {}))
         if len(batch) >= ROW_BATCH:
             DatasetRow.objects.bulk_create(batch)
             batch = []

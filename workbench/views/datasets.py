@@ -55,6 +55,7 @@ def dataset_upload(request: HttpRequest, slug: str) -> HttpResponse:
             project, request.user, data["name"], data["file"].file, filename=data["file"].name,
             fmt=data["format"], query_column=data["query_column"], answer_column=data["answer_column"],
             eval_percent=data["eval_percent"], seed=data["seed"],
+            skip_bad=data["skip_bad"], use_chosen=data["use_chosen"],
         )
     except ActionError as exc:
         form.add_error(None, str(exc))
@@ -63,6 +64,10 @@ def dataset_upload(request: HttpRequest, slug: str) -> HttpResponse:
         return _list_page(request, project, form, status=400, rejected=rejected)
     messages.success(request, f"Stored {version}: {version.row_count:,} row{pluralize(version.row_count)} "
                               f"({version.format}).")
+    skipped = version.meta.get("skipped")
+    if skipped:
+        messages.warning(request, f"Skipped {skipped['count']:,} bad row{pluralize(skipped['count'])}; "
+                                  "they are listed on the version page.")
     return redirect(version)
 
 

@@ -25,6 +25,10 @@ class Command(BaseCommand):
         parser.add_argument("--answer-column")
         parser.add_argument("--eval-percent", type=int, default=10)
         parser.add_argument("--seed", type=int, default=0)
+        parser.add_argument("--skip-bad", action="store_true",
+                            help="Store the good rows and list the bad ones on the version instead of storing nothing")
+        parser.add_argument("--use-chosen", action="store_true",
+                            help="DPO pairs (chosen/rejected): load only the chosen answers")
 
     def handle(self, *args: Any, **opts: Any) -> None:
         project = project_by_slug(opts["project"])
@@ -37,6 +41,7 @@ class Command(BaseCommand):
                     project, None, opts["name"], f, filename=path.name, fmt=opts["format"],
                     query_column=opts["query_column"], answer_column=opts["answer_column"],
                     eval_percent=opts["eval_percent"], seed=opts["seed"],
+                    skip_bad=opts["skip_bad"], use_chosen=opts["use_chosen"],
                 )
         except ActionError as exc:
             raise CommandError(str(exc)) from exc
@@ -45,8 +50,24 @@ class Command(BaseCommand):
                 self.stderr.write(str(error))
             if rej.error_count > len(rej.errors):
                 self.stderr.write(f"... and {rej.error_count - len(rej.errors):,} more")
-            self.stderr.write(f"{path}: {rej.error_count:,} bad row(s); nothing was stored.")
+            if rej.file_problem is not None:
+                self.stderr.write(f"{path}: nothing was stored.")
+            else:
+                self.stderr.write(f"{path}: {rej.error_count:,} bad row(s); nothing was stored.")
             sys.exit(1)
+        for warning in version.meta.get("warnings", []):
+            self.stderr.write(f"warning: {warning}")
+        skipped = version.meta.get("skipped")
+        if skipped:
+            for reason in skipped["rows"]:
+                self.stderr.write(f"skipped {reason}")
+            if skipped["count"] > len(skipped["rows"]):
+                self.stderr.write(f"... and {skipped['count'] - len(skipped['rows']):,} more")
+            self.stderr.write(f"{path}: skipped {skipped['count']:,} bad row(s) (--skip-bad).")
+        for note in version.meta.get("notes", []):
+            self.stdout.write(f"note: {note}")
+        if version.meta.get("kept_fields"):
+            self.stdout.write(f"kept fields: {', '.join(version.meta['kept_fields'])}")
         self.stdout.write(
             f"{project.slug}/{version}: {version.row_count:,} rows ({version.format}), "
             f"{version.eval_count:,} eval / {version.row_count - version.eval_count:,} train, "
