@@ -575,6 +575,14 @@ def test_an_exported_dataset_imports_to_the_same_rows(alice_client, alice, alice
     assert again.sha256 == first.sha256
 
 
+def test_the_export_keeps_the_extra_fields_of_each_row(alice_client, alice, alice_project):
+    rows = [{"id": f"r{i}", "source": "faq", **chat_row(q, a)} for i, (q, a) in enumerate(QA)]
+    version = import_dataset(alice_project, alice, "a", io.BytesIO(jsonl(*rows)), filename="a.jsonl")
+    r = alice_client.get(reverse("dataset_export", args=[alice_project.slug, version.dataset_id, 1]))
+    exported = [json.loads(line) for line in b"".join(r.streaming_content).decode().splitlines()]
+    assert [(e["id"], e["source"]) for e in exported] == [(f"r{i}", "faq") for i in range(len(QA))]
+
+
 # --- token statistics -----------------------------------------------------------
 
 @pytest.fixture

@@ -126,12 +126,14 @@ def dataset_stats_fragment(request: HttpRequest, slug: str, dataset_id: int, num
 
 @login_required
 def dataset_export(request: HttpRequest, slug: str, dataset_id: int, number: int) -> StreamingHttpResponse:
-    """The normalised rows as chat JSONL, with their split."""
+    """The normalised rows as chat JSONL, with their split and the extra
+    fields kept from the upload (under their own names, as they came)."""
     version = _get_version(request, slug, dataset_id, number)
 
     def lines() -> Iterator[str]:
-        for messages_, split in version.rows.values_list("messages", "split").iterator(chunk_size=2000):
-            yield json.dumps({"messages": messages_, "split": split}, ensure_ascii=False) + "\n"
+        rows = version.rows.values_list("messages", "split", "extra").iterator(chunk_size=2000)
+        for messages_, split, extra in rows:
+            yield json.dumps({**(extra or {}), "messages": messages_, "split": split}, ensure_ascii=False) + "\n"
 
     response = StreamingHttpResponse(lines(), content_type="application/jsonl; charset=utf-8")
     filename = f"{version.dataset.project.slug}-{version.dataset_id}-v{version.number}.jsonl"
