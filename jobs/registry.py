@@ -47,6 +47,13 @@ class JobRunner:
     def progress(self, progress: Progress) -> None:
         self._report(progress)
 
+    def succeed(self, **changes: Any) -> bool:
+        """End the job with its outputs (call it inside the transaction that
+        stores them). The latest progress is stored first: after the move a
+        running-only progress write would be refused."""
+        self._report.flush()
+        return self.job.succeed(**changes)
+
     def should_stop(self) -> bool:
         return self.job.cancel_is_requested()
 

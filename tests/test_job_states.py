@@ -132,6 +132,15 @@ def test_a_registered_kind_runs_through_the_lifecycle(alice_project):
     assert [p["step"] for p in JobPoint.after(first)] == [1, 2, 3, 4, 5]
 
 
+def test_a_runner_that_ends_its_job_itself_keeps_its_last_progress(alice_project, settings):
+    settings.JOB_PROGRESS_SECONDS = 3600  # only the first report is written on the way
+    job = Job.objects.create(project=alice_project, kind="test-sleepy", params={"succeed_itself": True})
+    execute(job.pk, "w1")
+    job.refresh_from_db()
+    assert job.status == Job.SUCCEEDED and job.progress["done"] == 5
+    assert [p["step"] for p in JobPoint.after(job)] == [1, 2, 3, 4, 5]
+
+
 def test_a_bug_in_a_runner_keeps_its_traceback(alice_project):
     job = Job.objects.create(project=alice_project, kind="test-sleepy", params={"bug": True})
     execute(job.pk, "w1")

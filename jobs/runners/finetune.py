@@ -70,7 +70,7 @@ class FinetuneRunner(JobRunner):
                 hyperparameters=config.to_dict(), final_loss=result.final_loss,
                 duration_seconds=result.duration_seconds, metrics=result.to_dict(), created_by=job.created_by,
             )
-            if not job.succeed(variant=variant):
+            if not self.succeed(variant=variant):
                 raise transaction.TransactionManagementError("job was moved while finishing")
         loss = "?" if result.final_loss is None else f"{result.final_loss:.4f}"
         self.log(f"fine-tune done: {result.steps} steps, final loss {loss}, "

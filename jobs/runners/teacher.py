@@ -75,7 +75,7 @@ class TeacherRunner(JobRunner):
         with transaction.atomic():
             version = derive_version(job.dataset_version, job.created_by, rows, kind=DatasetVersion.TEACHER,
                                      meta=meta, flags=flags)
-            if not job.succeed(output_dataset=version, progress=final.to_json()):
+            if not self.succeed(output_dataset=version, progress=final.to_json()):
                 raise transaction.TransactionManagementError("job was moved while finishing")  # rolls back
             # The fine-tune that waits for these answers trains on them.
             job.dependents.filter(status=Job.QUEUED, dataset_version__isnull=True).update(dataset_version=version)
