@@ -308,6 +308,9 @@ class Variant(models.Model):
     prompt_version = models.ForeignKey(PromptVersion, null=True, blank=True, on_delete=models.SET_NULL,
                                        related_name="variants")
     prompt_sha256 = models.CharField(max_length=64, blank=True)
+    # An absorbed variant records the prompt it absorbed (lineage) and is served
+    # without it; a "prompted" variant (a base + a prompt) gets it prepended.
+    prepend_prompt = models.BooleanField(default=False, help_text="Serve with prompt_version as the system prompt")
     dataset_version = models.ForeignKey(DatasetVersion, null=True, blank=True, on_delete=models.SET_NULL,
                                         related_name="variants")
     hyperparameters = models.JSONField(default=dict, blank=True)
@@ -322,3 +325,26 @@ class Variant(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+    @property
+    def is_base(self) -> bool:
+        """A registered base model as served: no adapter, no prompt."""
+        return not self.adapter_path and not self.prepend_prompt
+
+    @property
+    def engine_model(self) -> str:
+        """The name the inference engine knows this variant by: the base's
+        served name, or the adapter's name (one LoRA slot per adapter variant)."""
+        return f"variant-{self.pk}" if self.adapter_path else self.base_model.name
+
+    @property
+    def system_prompt(self) -> str | None:
+        return self.prompt_version.text if self.prepend_prompt and self.prompt_version else None
+
+    def newer_prompt_version(self) -> "PromptVersion | None":
+        """The latest version of the absorbed prompt when it is newer than the
+        one this adapter learned: the variant is stale."""
+        if not self.adapter_path or self.prompt_version is None:
+            return None
+        latest = self.prompt_version.prompt.versions.order_by("-number").first()
+        return latest if latest and latest.number > self.prompt_version.number else None

@@ -79,6 +79,7 @@ INSTALLED_APPS = [
     "workbench",
     "jobs",
     "evals",
+    "serving",
 ]
 
 MIDDLEWARE = [
