@@ -1,0 +1,94 @@
+"""Best-of-N choice, openings and recorded repairs on hand-made answers."""
+
+import pytest
+
+from engines.curation import REPAIRS, opening, pass_rates, pick_best, repair
+from engines.rules import check, check_all, validate_rules
+
+RULES = validate_rules([
+    {"name": "greeting", "kind": "starts_with", "text": "hi there!"},
+    {"name": "sign-off", "kind": "ends_with", "text": "- lumen support"},
+    {"name": "short", "kind": "max_words", "n": 25},
+    {"name": "lower", "kind": "lowercase"},
+    {"name": "no lists", "kind": "no_list_markup"},
+    {"name": "no sorry", "kind": "not_contains", "text": "sorry", "case_sensitive": False},
+])
+
+
+def by_name(name):
+    return next(r for r in RULES if r.name == name)
+
+
+def test_best_of_n_keeps_the_sample_passing_most_rules():
+    samples = [
+        "Hello. Sorry about that.",
+        "hi there! we fixed it. - lumen support",
+        "hi there! Here is a long answer - lumen support",
+    ]
+    best, passed = pick_best(samples, RULES)
+    assert best == 1
+    assert passed[1] == 6 and passed[1] > passed[2] > passed[0]
+
+
+def test_best_of_n_ties_go_to_the_judge_then_the_shortest():
+    samples = ["hi there! a b c", "hi there! a", "hi there! a b"]
+    assert pick_best(samples, RULES)[0] == 1
+    assert pick_best(samples, RULES, judge_scores=[0.2, 0.1, 0.9])[0] == 2
+    with pytest.raises(ValueError):
+        pick_best([], RULES)
+
+
+def test_opening_is_the_starts_with_text():
+    assert opening(RULES) == "hi there!"
+    assert opening([by_name("short")]) is None
+
+
+def test_each_repair_on_its_own():
+    fixed = repair("Sure. Sorry for the wait. It works now.", RULES, enabled={"not_contains"})
+    assert fixed.text == "Sure. It works now."
+    assert fixed.repairs == ["not_contains"]
+    assert fixed.changes[0].before == "Sure. Sorry for the wait. It works now."
+
+    fixed = repair("Do this:\n- open settings\n- click save", RULES, enabled={"no_list_markup"})
+    assert check(by_name("no lists"), fixed.text)
+    assert fixed.text == "Do this: open settings. click save."
+
+    long = " ".join(f"Sentence number {i} is here." for i in range(10))
+    fixed = repair(long, RULES, enabled={"max_words"})
+    # 25 words minus the 3 of the sign-off it does not end with yet: whole sentences only.
+    assert len(fixed.text.split()) <= 22 and fixed.text.endswith(".")
+    assert fixed.text == " ".join(f"Sentence number {i} is here." for i in range(4))
+
+    fixed = repair("hi there! The App Works. - lumen support", RULES, enabled={"lowercase"})
+    assert fixed.text == "hi there! the app works. - lumen support"
+    # A phrase another rule requires verbatim keeps its case (the rules conflict; the data says so).
+    named = validate_rules([{"name": "lower", "kind": "lowercase"},
+                            {"name": "name", "kind": "contains", "text": "Lumen Cloud"}])
+    assert repair("Try Lumen Cloud Today.", named).text == "try Lumen Cloud today."
+
+    fixed = repair("all done.", RULES, enabled={"ends_with"})
+    assert fixed.text == "all done. - lumen support"
+
+
+def test_all_repairs_together_make_a_failing_answer_pass_and_record_each_step():
+    answer = ("hi there! Sorry, I cannot do that. Here is what you can do:\n1. Open The App\n2. Tap Sync\n"
+              + "This keeps going with many more words than allowed in a short answer, " * 3)
+    fixed = repair(answer, RULES)
+    results = check_all(RULES, fixed.text)
+    assert all(results.values()), (fixed.text, results)
+    assert set(fixed.repairs) == {"not_contains", "no_list_markup", "max_words", "lowercase", "ends_with"}
+    for change in fixed.changes:
+        assert change.repair in REPAIRS and change.before != change.after
+
+
+def test_a_passing_answer_is_untouched_and_unknown_repairs_are_refused():
+    good = "hi there! it works. - lumen support"
+    assert repair(good, RULES).changes == []
+    with pytest.raises(ValueError, match="unknown repair"):
+        repair(good, RULES, enabled={"capitalise"})
+
+
+def test_pass_rates():
+    report = pass_rates(["hi there! ok - lumen support", "nope"], RULES)
+    assert report["rows"] == 2 and report["all_rules"] == 0.5
+    assert report["rules"]["greeting"] == 0.5 and report["rules"]["lower"] == 1.0
