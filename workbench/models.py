@@ -287,6 +287,9 @@ class DatasetRow(models.Model):
     split = models.CharField(max_length=5, default=TRAIN)
     flags = models.JSONField(default=list, blank=True)
     extra = models.JSONField(default=dict, blank=True, help_text="Fields of the uploaded row no format reads")
+    failing = models.JSONField(default=list, blank=True, help_text="Names of the version's rules the answer fails")
+    curation = models.JSONField(default=dict, blank=True,
+                                help_text="How the answer was made: samples, pick, opening, repairs")
 
     class Meta:
         ordering = ["version", "index"]
@@ -341,7 +344,7 @@ class Variant(models.Model):
     def system_prompt(self) -> str | None:
         return self.prompt_version.text if self.prepend_prompt and self.prompt_version else None
 
-    def newer_prompt_version(self) -> "PromptVersion | None":
+    def newer_prompt_version(self) -> PromptVersion | None:
         """The latest version of the absorbed prompt when it is newer than the
         one this adapter learned: the variant is stale."""
         if not self.adapter_path or self.prompt_version is None:

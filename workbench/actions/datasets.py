@@ -19,6 +19,7 @@ from django.db import transaction
 from django.db.models import Count, Max
 
 from engines import formats
+from workbench import data_quality
 from workbench.actions import ActionError
 from workbench.models import BaseModel, Dataset, DatasetRow, DatasetVersion, Project
 from workbench.tasks import compute_token_stats
@@ -159,19 +160,22 @@ def _import_meta(reader: formats.DatasetReader, skip_bad: bool, use_chosen: bool
     return meta
 
 
-def _store_rows(
-    version: DatasetVersion, rows: Iterable[tuple[int, list[dict[str, str]]]
-                                            | tuple[int, list[dict[str, str]], dict[str, object] | None]],
-) -> Any:
+ROW_FIELDS = ("flags", "failing", "curation")  # what a derived row may set besides its messages
+
+
+def _store_rows(version: DatasetVersion, rows: Iterable[tuple[Any, ...]]) -> Any:
     """Insert rows in batches (memory stays flat); returns the content hash.
-    A row is (line, messages) or (line, messages, extra fields kept)."""
+    A row is (line, messages), (line, messages, extra fields kept) or
+    (line, messages, extra, {flags, failing, curation})."""
     digest = hashlib.sha256()
     batch: list[DatasetRow] = []
     for index, (line, messages, *rest) in enumerate(rows):
         row = formats.Row(line, messages)
         digest.update(row.to_json().encode("utf-8") + b"\n")
+        more = rest[1] if len(rest) > 1 and rest[1] else {}
         batch.append(DatasetRow(version=version, index=index, line=line, messages=messages, sha256=row.sha,
-                                extra=rest[0] if rest and rest[0] else {}))
+                                extra=rest[0] if rest and rest[0] else {},
+                                **{k: more[k] for k in ROW_FIELDS if k in more}))
         if len(batch) >= ROW_BATCH:
             DatasetRow.objects.bulk_create(batch)
             batch = []
@@ -208,14 +212,15 @@ def apply_split(version: DatasetVersion) -> None:
 
 @transaction.atomic
 def derive_version(
-    parent: DatasetVersion, user: AbstractBaseUser | None, rows: Iterable[tuple[int, list[dict[str, str]]]],
+    parent: DatasetVersion, user: AbstractBaseUser | None, rows: Iterable[tuple[Any, ...]],
     kind: str = DatasetVersion.EDIT, meta: dict[str, Any] | None = None, keep_split: bool = True,
     flags: dict[int, list[str]] | None = None,
 ) -> DatasetVersion:
     """A new version of the same dataset from edited rows (teacher answers,
-    review edits), given as (parent index, messages). Each row keeps the
-    source line of the parent row it came from (the line in the uploaded
-    file) and, with keep_split, its split."""
+    review edits), given as (parent index, messages) or (parent index,
+    messages, {flags, failing, curation}). Each row keeps the source line and
+    the extra fields of the parent row it came from and, with keep_split,
+    its split."""
     dataset = Dataset.objects.select_for_update().get(pk=parent.dataset_id)
     number = (dataset.versions.aggregate(n=Max("number"))["n"] or 0) + 1
     version = DatasetVersion.objects.create(
@@ -224,13 +229,14 @@ def derive_version(
         meta=meta or {}, sha256="",
     )
     parent_split = dict(parent.rows.values_list("index", "split")) if keep_split else {}
-    parent_line = dict(parent.rows.values_list("index", "line"))
+    parent_row = {i: (line, extra) for i, line, extra in parent.rows.values_list("index", "line", "extra")}
     source: list[int] = []
 
-    def numbered() -> Iterable[tuple[int, list[dict[str, str]]]]:
-        for parent_index, messages in rows:
+    def numbered() -> Iterable[tuple[Any, ...]]:
+        for parent_index, messages, *more in rows:
             source.append(parent_index)
-            yield parent_line.get(parent_index, 0), messages
+            line, extra = parent_row.get(parent_index, (0, {}))
+            yield line, messages, extra, (more[0] if more else None)
 
     digest = _store_rows(version, numbered())
     if not source:
@@ -271,19 +277,68 @@ def review_version(
         return None
     if any(not text.strip() for text in changed.values()):
         raise ActionError("An answer cannot be empty; drop the row instead.")
-    kept_flags: dict[int, list[str]] = {}
-    rows: list[tuple[int, list[dict[str, str]]]] = []
-    source = version.rows.order_by("index").values_list("index", "messages", "flags")
-    for index, messages, row_flags in source.iterator(chunk_size=2000):
+    rules = data_quality.rules_of(version)
+    rows: list[tuple[int, list[dict[str, str]], dict[str, Any]]] = []
+    train: list[list[dict[str, str]]] = []
+    source = version.rows.order_by("index").values_list("index", "messages", "flags", "failing", "curation", "split")
+    for index, messages, row_flags, row_failing, curation, split in source.iterator(chunk_size=2000):
         if index in drop:
             continue
         if index in changed:
             messages = [*messages[:-1], {"role": "assistant", "content": changed[index]}]
-        elif row_flags:
-            kept_flags[len(rows)] = row_flags
-        rows.append((index, messages))
-    meta = {"reviewed": str(version), "edited": sorted(changed), "dropped": sorted(drop)}
-    return derive_version(version, user, rows, kind=DatasetVersion.EDIT, meta=meta, flags=kept_flags)
+            # An edited answer is checked again; the reviewer's edit clears the old warnings.
+            row_failing = data_quality.failing(rules, messages)
+            row_flags = [f"fails rule: {name}" for name in row_failing]
+            curation = {**curation, "edited": True}
+        rows.append((index, messages, {"flags": row_flags, "failing": row_failing, "curation": curation}))
+        if split == DatasetRow.TRAIN:
+            train.append(messages)
+    meta: dict[str, Any] = {"reviewed": str(version), "edited": sorted(changed), "dropped": sorted(drop)}
+    return derive_version(version, user, rows, kind=DatasetVersion.EDIT, meta=_carry_quality(version, meta, train))
+
+
+def _carry_quality(parent: DatasetVersion, meta: dict[str, Any], train: list[list[dict[str, str]]]) -> dict[str, Any]:
+    """A reviewed version keeps the parent's rules and report, with the
+    human edits measured as one more step."""
+    if parent.meta.get("rules"):
+        meta["rules"] = parent.meta["rules"]
+    quality = data_quality.with_human_edits(parent, train)
+    if quality:
+        meta["quality"] = quality
+    return meta
+
+
+@transaction.atomic
+def review_bulk(version: DatasetVersion, user: AbstractBaseUser | None, action: str,
+                rule: str = "") -> DatasetVersion:
+    """The review queue's bulk actions, each making a new version:
+    "drop_failing" drops every row that fails `rule`; "accept_all" keeps
+    every answer as it is and clears the rows' warnings (their failing
+    rules stay recorded, and in the report)."""
+    source = version.rows.order_by("index").values_list("index", "messages", "flags", "failing", "curation", "split")
+    rows: list[tuple[int, list[dict[str, str]], dict[str, Any]]] = []
+    train: list[list[dict[str, str]]] = []
+    dropped: list[int] = []
+    if action == "drop_failing":
+        if rule not in {r.name for r in data_quality.rules_of(version)}:
+            raise ActionError(f"{version} has no rule called {rule!r}.")
+    elif action != "accept_all":
+        raise ActionError(f"Unknown review action {action!r}.")
+    for index, messages, row_flags, row_failing, curation, split in source.iterator(chunk_size=2000):
+        if action == "drop_failing" and rule in row_failing:
+            dropped.append(index)
+            continue
+        if action == "accept_all":
+            row_flags = []
+        rows.append((index, messages, {"flags": row_flags, "failing": row_failing, "curation": curation}))
+        if split == DatasetRow.TRAIN:
+            train.append(messages)
+    if action == "drop_failing" and not dropped:
+        raise ActionError(f"No row fails the rule {rule!r}: nothing to drop.")
+    meta: dict[str, Any] = {"reviewed": str(version), "edited": [], "dropped": dropped,
+                            "bulk": f"dropped every row failing {rule!r}" if action == "drop_failing"
+                            else "accepted every answer as it is"}
+    return derive_version(version, user, rows, kind=DatasetVersion.EDIT, meta=_carry_quality(version, meta, train))
 
 
 @transaction.atomic

@@ -7,14 +7,22 @@ from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.paginator import Page, Paginator
+from django.db.models import Case, IntegerField, QuerySet, Value, When
 from django.http import Http404, HttpRequest, HttpResponse, StreamingHttpResponse
 from django.shortcuts import redirect, render
 from django.template.defaultfilters import pluralize
 from django.urls import reverse
 from django.views.decorators.http import require_POST
 
+from workbench import data_quality
 from workbench.actions import ActionError
-from workbench.actions.datasets import DatasetRejected, import_dataset, queue_token_stats, review_version
+from workbench.actions.datasets import (
+    DatasetRejected,
+    import_dataset,
+    queue_token_stats,
+    review_bulk,
+    review_version,
+)
 from workbench.forms import DatasetUploadForm, TokenStatsForm
 from workbench.models import BaseModel, Dataset, DatasetRow, DatasetVersion, Project
 from workbench.shortcuts import HtmxHttpRequest, get_for_project, get_project
@@ -149,10 +157,31 @@ def _review_page(request: HttpRequest, version: DatasetVersion, page: Page, flag
     for row in rows:
         row.typed_answer = (typed or {}).get(row.index)
         row.dropped = row.index in (dropped or ())
+    rules = data_quality.rules_of(version)
+    failing_counts = {r.name: 0 for r in rules}
+    for row_failing in version.rows.exclude(failing=[]).values_list("failing", flat=True):
+        for name in row_failing:
+            failing_counts[name] = failing_counts.get(name, 0) + 1
     ctx = {"project": version.dataset.project, "dataset": version.dataset, "version": version, "page": page,
            "rows": rows, "flagged_count": version.rows.exclude(flags=[]).count(), "flagged": flagged,
-           "error": error}
+           "failing_count": version.rows.exclude(failing=[]).count(), "failing_counts": failing_counts,
+           "rule": request.GET.get("rule", ""), "error": error}
     return render(request, "workbench/dataset_review.html", ctx, status=status)
+
+
+def _review_rows(version: DatasetVersion, flagged: bool, rule: str) -> QuerySet[DatasetRow]:
+    """The review queue: rows that still fail a rule first, then flagged
+    ones, then the rest; optionally only the rows failing one rule."""
+    rows = version.rows.all()
+    if flagged:
+        rows = rows.exclude(flags=[])
+    if rule:
+        # JSON containment is not portable (SQLite): pick the rows in Python.
+        ids = [pk for pk, f in version.rows.exclude(failing=[]).values_list("pk", "failing") if rule in f]
+        rows = rows.filter(pk__in=ids)
+    first = Case(When(failing=[], then=Value(1)), default=Value(0), output_field=IntegerField())
+    then = Case(When(flags=[], then=Value(1)), default=Value(0), output_field=IntegerField())
+    return rows.annotate(_fails=first, _flagged=then).order_by("_fails", "_flagged", "index")
 
 
 @login_required
@@ -161,8 +190,15 @@ def dataset_review(request: HttpRequest, slug: str, dataset_id: int, number: int
     a new version, the reviewed one stays as it was."""
     version = _get_version(request, slug, dataset_id, number)
     flagged = bool(request.GET.get("flagged"))
-    rows = version.rows.exclude(flags=[]) if flagged else version.rows.all()
+    rows = _review_rows(version, flagged, request.GET.get("rule", ""))
     page = Paginator(rows, 10).get_page(request.GET.get("page"))
+    if request.method == "POST" and request.POST.get("bulk"):
+        try:
+            new = review_bulk(version, request.user, request.POST["bulk"], request.POST.get("rule", ""))
+        except ActionError as exc:
+            return _review_page(request, version, page, flagged, error=str(exc), status=400)
+        messages.success(request, f"Saved {new}: {new.meta['bulk']}; {new.row_count:,} row{pluralize(new.row_count)}.")
+        return redirect(reverse("dataset_review", args=[slug, dataset_id, new.number]))
     if request.method == "POST":
         # Fields are named by row index: answer_<index> (edited text) and drop=<index>.
         drop = {int(i) for i in request.POST.getlist("drop") if i.isdigit()}

@@ -1,0 +1,89 @@
+"""The review queue of curated teacher data: failing rows first, bulk
+actions, and the data-quality report carried through human edits."""
+
+import io
+from pathlib import Path
+
+import pytest
+from django.urls import reverse
+
+from engines.rules import validate_rules
+from workbench import data_quality
+from workbench.actions import ActionError
+from workbench.actions.datasets import derive_version, import_dataset, review_bulk, review_version
+from workbench.models import DatasetVersion
+
+RULES = [
+    {"name": "opening", "kind": "starts_with", "text": "hi."},
+    {"name": "short", "kind": "max_words", "n": 5},
+]
+
+
+@pytest.fixture(autouse=True)
+def media_root(settings, tmp_path: Path) -> Path:
+    settings.MEDIA_ROOT = tmp_path / "media"
+    return settings.MEDIA_ROOT
+
+
+@pytest.fixture
+def teacher_version(alice, alice_project):
+    upload = import_dataset(alice_project, alice, "q", io.BytesIO(b"".join(b"q%d\n" % i for i in range(6))),
+                            eval_percent=0)
+    answers = ["hi. fine.", "hello there.", "hi. one two three four five six.", "nope, this is far too long.",
+               "hi. ok.", "hi. yes."]
+    rules = validate_rules(RULES)
+    rows = []
+    for row, answer in zip(upload.rows.order_by("index"), answers, strict=True):
+        messages = [*row.messages, {"role": "assistant", "content": answer}]
+        failing = data_quality.failing(rules, messages)
+        rows.append((row.index, messages, {"failing": failing, "flags": [f"fails rule: {n}" for n in failing],
+                                           "curation": {"samples": 2, "picked": 1, "passed": [0, 2]}}))
+    quality = {"rule_names": ["opening", "short"],
+               "steps": [data_quality.step("raw", answers, rules)], "settings": {"best_of": 2}}
+    return derive_version(upload, alice, rows, kind=DatasetVersion.TEACHER, meta={"rules": RULES, "quality": quality})
+
+
+def test_the_report_counts_a_known_dataset(teacher_version):
+    step = teacher_version.meta["quality"]["steps"][0]
+    # opening fails on rows 1 and 3; short fails on rows 2 and 3: 3 of 6 pass both.
+    assert step == {"step": "raw", "rows": 6, "all_rules": 0.5, "rules": {"opening": 4 / 6, "short": 4 / 6}}
+
+
+def test_failing_rows_come_first_and_show_how_they_were_made(alice_client, alice_project, teacher_version):
+    url = reverse("dataset_review", args=[alice_project.slug, teacher_version.dataset_id, teacher_version.number])
+    page = alice_client.get(url).content.decode()
+    order = [page.index(f"#{i}") for i in (2, 3, 4, 1, 5, 6)]
+    assert order == sorted(order)
+    assert "3 rows still fail a rule" in page and "sample 2 of 2" in page
+    assert "Data quality" in page
+    only = alice_client.get(url + "?rule=short").content.decode()
+    assert "#3 " in only and "#4 " in only and "#2 " not in only
+
+
+def test_drop_all_failing_one_rule(alice, alice_client, alice_project, teacher_version):
+    url = reverse("dataset_review", args=[alice_project.slug, teacher_version.dataset_id, teacher_version.number])
+    r = alice_client.post(url, {"bulk": "drop_failing", "rule": "short"})
+    assert r.status_code == 302
+    new = DatasetVersion.objects.get(dataset=teacher_version.dataset, number=teacher_version.number + 1)
+    assert new.row_count == 4 and new.meta["dropped"] == [2, 3]
+    assert sorted(sum(new.rows.values_list("failing", flat=True), [])) == ["opening"]
+    human = new.meta["quality"]["steps"][-1]
+    assert human["step"] == "human edits" and human["rules"]["short"] == 1.0 and human["all_rules"] == 0.75
+    with pytest.raises(ActionError, match="No row fails"):
+        review_bulk(new, alice, "drop_failing", "short")
+    with pytest.raises(ActionError, match="no rule called"):
+        review_bulk(new, alice, "drop_failing", "nonsense")
+
+
+def test_accept_all_clears_the_warnings_but_keeps_the_facts(alice, teacher_version):
+    new = review_bulk(teacher_version, alice, "accept_all")
+    assert new.rows.exclude(flags=[]).count() == 0
+    assert new.rows.exclude(failing=[]).count() == 3
+    assert new.rows.first().curation["samples"] == 2
+
+
+def test_an_edit_is_checked_again(alice, teacher_version):
+    new = review_version(teacher_version, alice, {1: "hi. fixed."}, set())
+    row = new.rows.get(index=1)
+    assert row.failing == [] and row.flags == [] and row.curation["edited"] is True
+    assert new.meta["quality"]["steps"][-1]["rules"]["opening"] == 5 / 6
