@@ -70,8 +70,14 @@ class GenerationSettings:
     # Conversations per generate call. 16 measured 3.7x plain batching with
     # the shared prompt prefix on 2 CPU cores (bench/README.md).
     batch_size: int = 16
+    repetition_penalty: float = 1.0  # 1 means none
+    no_repeat_ngram_size: int = 0  # 0 means none
+    # The completion ends before the first of these strings (which is not part of it).
+    stop: tuple[str, ...] = ()
 
-    LIMITS: ClassVar[dict[str, tuple[int, int]]] = {"max_new_tokens": (1, 4096), "batch_size": (1, 256)}
+    LIMITS: ClassVar[dict[str, tuple[int, int]]] = {
+        "max_new_tokens": (1, 4096), "batch_size": (1, 256), "no_repeat_ngram_size": (0, 64)}
+    MAX_STOP_STRINGS: ClassVar[int] = 8
 
     def __post_init__(self) -> None:
         errors: dict[str, str] = {}
@@ -88,6 +94,15 @@ class GenerationSettings:
             errors["top_p"] = f"must be in (0, 1], got {self.top_p!r}"
         if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
             errors["seed"] = f"must be a whole number or empty, got {self.seed!r}"
+        penalty = self.repetition_penalty
+        if not isinstance(penalty, (int, float)) or isinstance(penalty, bool) or not math.isfinite(penalty) \
+                or penalty <= 0:
+            errors["repetition_penalty"] = f"must be positive (1 means none), got {penalty!r}"
+        stop_error = _stop_error(self.stop)
+        if stop_error:
+            errors["stop"] = stop_error
+        else:  # a list given in Python is kept as a tuple, so settings stay hashable
+            object.__setattr__(self, "stop", tuple(self.stop))
         if errors:
             raise SettingsError(errors)
 
@@ -100,13 +115,25 @@ class GenerationSettings:
         unknown = sorted(set(data) - names)
         if unknown:
             raise SettingsError({k: "unknown setting" for k in unknown})
-        for name in ("max_new_tokens", "batch_size", "seed"):
+        for name in ("max_new_tokens", "batch_size", "seed", "no_repeat_ngram_size"):
             if isinstance(data.get(name), float) and data[name].is_integer():
                 data[name] = int(data[name])
+        if isinstance(data.get("stop"), str):
+            data["stop"] = (data["stop"],)
+        elif data.get("stop") is None:
+            data.pop("stop", None)
         return cls(**{k: v for k, v in data.items() if v is not None or k == "seed"})
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _stop_error(stop: Any) -> str | None:
+    if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop):
+        return f"must be a list of non-empty strings, got {stop!r}"
+    if len(stop) > GenerationSettings.MAX_STOP_STRINGS:
+        return f"at most {GenerationSettings.MAX_STOP_STRINGS} stop strings, got {len(stop)}"
+    return None
 
 
 @dataclass
@@ -255,10 +282,12 @@ def load_model(
     return LoadedModel(model=model, tokenizer=tokenizer, device=picked_device, dtype=dtype, stop_token_ids=stop_ids)
 
 
-def encode(tokenizer: Any, messages: Sequence[Message], system_prompt: str | None) -> list[int]:
-    """Token ids of the rendered prompt, exactly as `generate` feeds them."""
+def encode(tokenizer: Any, messages: Sequence[Message], system_prompt: str | None,
+           opening: str | None = None) -> list[int]:
+    """Token ids of the rendered prompt, exactly as `generate` feeds them;
+    with `opening`, the assistant's answer already begins with that text."""
     # The template writes any BOS itself, so the tokenizer must not add one.
-    text = render(tokenizer, messages, system_prompt, add_generation_prompt=True)
+    text = render(tokenizer, messages, system_prompt, add_generation_prompt=True) + (opening or "")
     return [int(t) for t in tokenizer(text, add_special_tokens=False)["input_ids"]]
 
 
@@ -277,20 +306,142 @@ def _common_prefix_length(rows: Sequence[Sequence[int]]) -> int:
     return n
 
 
-def _generation_config(loaded: LoadedModel, settings: GenerationSettings) -> Any:
+def generation_config(loaded: LoadedModel, settings: GenerationSettings) -> Any:
+    """The transformers GenerationConfig for these settings: the one used by
+    teacher generation, evals and the serving engine alike. Stop strings and
+    per-row limits are not in it: `RowStops` applies them."""
     from transformers import GenerationConfig
 
     sample = settings.temperature > 0
+    extra: dict[str, Any] = {}
+    if settings.repetition_penalty != 1.0:
+        extra["repetition_penalty"] = float(settings.repetition_penalty)
+    if settings.no_repeat_ngram_size:
+        extra["no_repeat_ngram_size"] = settings.no_repeat_ngram_size
     return GenerationConfig(
         max_new_tokens=settings.max_new_tokens,
         do_sample=sample,
         # Unset fields fall back to transformers' defaults (top_k=50): switch it off.
         **({"temperature": settings.temperature, "top_p": settings.top_p, "top_k": 0} if sample else {}),
+        **extra,
         eos_token_id=list(loaded.stop_token_ids),
         pad_token_id=loaded.tokenizer.pad_token_id,
         # Compiling would recompile for every batch shape.
         disable_compile=True,
     )
+
+
+_generation_config = generation_config
+
+
+@dataclass
+class _Row:
+    max_tokens: int
+    tokens: list[int] = dataclasses.field(default_factory=list)
+    text: str = ""
+    done: bool = False
+    finish_reason: FinishReason = "length"
+    emitted: int = 0  # characters of `text` already handed out by `take_text`
+
+
+class RowStops:
+    """Per-row ends of one batched `generate` call: the stop tokens, each row's
+    own max_tokens and the stop strings (the text is cut before the first one
+    and that row stops generating). Fed each step's new tokens by the stopping
+    criterion from `stopping_criteria()`, it also gives each row's text as it
+    grows, for streaming (`take_text`).
+
+    With `live` (forced when there are stop strings) every step decodes each
+    running row's tokens so far: decoding the cumulative ids, not token by
+    token, keeps multi-byte characters split across tokens whole."""
+
+    def __init__(self, loaded: LoadedModel, max_tokens: Sequence[int], stop: Sequence[str] = (),
+                 live: bool = False) -> None:
+        self.tokenizer = loaded.tokenizer
+        self.stop_ids = frozenset(loaded.stop_token_ids)
+        self.stop = tuple(stop)
+        self.live = live or bool(self.stop)
+        self.rows = [_Row(max_tokens=m) for m in max_tokens]
+        self.cancelled: set[int] = set()
+
+    def step(self, new_tokens: Sequence[int]) -> list[bool]:
+        """Take one new token per row; return which rows are done."""
+        for i, token in enumerate(new_tokens):
+            row = self.rows[i]
+            if row.done:
+                continue
+            if i in self.cancelled:
+                row.done, row.finish_reason = True, "stop"
+                continue
+            row.tokens.append(int(token))
+            if token in self.stop_ids:
+                row.done, row.finish_reason = True, "stop"
+                continue
+            if self.live:
+                row.text = self.tokenizer.decode(row.tokens, skip_special_tokens=True)
+                cut = self._first_stop(row.text)
+                if cut is not None:
+                    row.text = row.text[:cut]
+                    row.done, row.finish_reason = True, "stop"
+                    continue
+            if len(row.tokens) >= row.max_tokens:
+                row.done, row.finish_reason = True, "length"
+        return [row.done for row in self.rows]
+
+    def _first_stop(self, text: str) -> int | None:
+        found = [i for i in (text.find(s) for s in self.stop) if i >= 0]
+        return min(found) if found else None
+
+    def finish(self) -> None:
+        """After generate: decode what was not decoded live."""
+        for row in self.rows:
+            row.done = True
+            if not self.live:
+                answer = row.tokens[:-1] if row.tokens and row.tokens[-1] in self.stop_ids else row.tokens
+                row.text = self.tokenizer.decode(answer, skip_special_tokens=True)
+
+    def take_text(self, i: int) -> str:
+        """Row i's text not handed out yet that is final: while the row runs,
+        a trailing partial character or the start of a possible stop string is held back."""
+        row = self.rows[i]
+        end = len(row.text)
+        if not row.done:
+            while end and row.text[end - 1] == "\ufffd":
+                end -= 1
+            end -= self._held_for_stop(row.text[:end])
+        if end <= row.emitted:
+            return ""
+        piece = row.text[row.emitted:end]
+        row.emitted = end
+        return piece
+
+    def _held_for_stop(self, text: str) -> int:
+        longest = 0
+        for s in self.stop:
+            for n in range(min(len(s) - 1, len(text)), longest, -1):
+                if text.endswith(s[:n]):
+                    longest = n
+                    break
+        return longest
+
+    def completion(self, i: int, prompt_tokens: int, seconds: float) -> Completion:
+        row = self.rows[i]
+        return Completion(text=row.text, prompt_tokens=prompt_tokens, completion_tokens=len(row.tokens),
+                          finish_reason=row.finish_reason, seconds=seconds)
+
+    def stopping_criteria(self) -> Any:
+        """A transformers StoppingCriteriaList that feeds this object each step."""
+        import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        rows = self
+
+        class _Criterion(StoppingCriteria):
+            def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+                done = rows.step(input_ids[:, -1].tolist())
+                return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+        return StoppingCriteriaList([_Criterion()])
 
 
 def _encode_prefix(loaded: LoadedModel, prefix: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
@@ -342,13 +493,15 @@ def generate(
     reuse_prefix: bool = True,
     progress: ProgressFn | None = None,
     should_stop: StopFn | None = None,
+    opening: str | None = None,
 ) -> list[Completion]:
     """Answer every conversation (the assistant's next turn), in input order.
 
     `system_prompt` replaces any system message in the conversations; None
     means no system message (see `engines.chat`). `progress` gets a Progress
     (unit "conversations") after each batch; `should_stop()` is checked
-    before each batch and raises GenerationCancelled."""
+    before each batch and raises GenerationCancelled. With `opening`, every
+    answer starts with that text (prefilled) and the model continues it."""
     settings = settings or GenerationSettings()
     batch_size = settings.batch_size
     started = time.monotonic()
@@ -356,11 +509,11 @@ def generate(
     if total == 0:
         return []
     tokenizer = loaded.tokenizer
-    rows = [encode(tokenizer, conv, system_prompt) for conv in conversations]
+    rows = [encode(tokenizer, conv, system_prompt, opening) for conv in conversations]
     # Longest first: similar lengths share a batch (less padding), and an
     # out-of-memory error comes at once rather than at the end.
     order = sorted(range(total), key=lambda i: -len(rows[i]))
-    gen_config = _generation_config(loaded, settings)
+    gen_config = generation_config(loaded, settings)
     pad_id = int(tokenizer.pad_token_id)
     results: list[Completion | None] = [None] * total
     import torch
@@ -395,6 +548,10 @@ def generate(
                 input_ids[row, input_ids.shape[1] - len(suffix):] = torch.tensor(suffix)
                 mask[row, input_ids.shape[1] - len(suffix):] = 1
             kwargs: dict[str, Any] = {}
+            rows_stops = None
+            if settings.stop:
+                rows_stops = RowStops(loaded, [settings.max_new_tokens] * len(batch), settings.stop)
+                kwargs["stopping_criteria"] = rows_stops.stopping_criteria()
             if prefix_kv is not None:
                 max_len = input_ids.shape[1] + settings.max_new_tokens
                 kwargs["cache"] = _cache_for_batch(loaded, prefix_kv, len(batch), max_len)
@@ -406,10 +563,37 @@ def generate(
             )
             new = out[:, input_ids.shape[1]:].tolist()
             seconds = time.perf_counter() - began
+            if rows_stops is not None:
+                rows_stops.finish()
             for row, i in enumerate(batch):
-                results[i] = _finish(loaded, new[row], len(rows[i]), seconds)
+                results[i] = (_finish(loaded, new[row], len(rows[i]), seconds) if rows_stops is None
+                              else rows_stops.completion(row, len(rows[i]), seconds))
             done += len(batch)
             if progress is not None:
                 progress(Progress.since(started, done, total, "conversations"))
 
-    return [r for r in results if r is not None]
+    done_results = [r for r in results if r is not None]
+    if opening:
+        done_results = [dataclasses.replace(r, text=opening + r.text) for r in done_results]
+    return done_results
+
+
+def generate_samples(
+    loaded: LoadedModel,
+    conversations: Sequence[Sequence[Message]],
+    system_prompt: str | None,
+    settings: GenerationSettings,
+    samples: int,
+    opening: str | None = None,
+    progress: ProgressFn | None = None,
+    should_stop: StopFn | None = None,
+) -> list[list[Completion]]:
+    """`samples` answers to each conversation (best-of-N). The copies of a
+    conversation sit side by side in the same batches, so they share the
+    encoded prompt prefix and each generate call."""
+    if samples < 1:
+        raise SettingsError({"samples": f"must be at least 1, got {samples}"})
+    expanded = [conv for conv in conversations for _ in range(samples)]
+    flat = generate(loaded, expanded, system_prompt, settings, progress=progress, should_stop=should_stop,
+                    opening=opening)
+    return [flat[i:i + samples] for i in range(0, len(flat), samples)]

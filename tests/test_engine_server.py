@@ -1,0 +1,354 @@
+"""The hf engine server (engines/engine_server.py): the OpenAI-compatible
+protocol over the in-process engine, spoken to by the real `openai` client."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from engines.engine_server import EngineServer
+from engines.inference import GenerationSettings, SettingsError, encode, generate
+from engines.serving_engine import parse_chat_request
+
+REPO = Path(__file__).resolve().parent.parent
+HELLO = [{"role": "user", "content": "hello there"}]
+PROMPTS = ["hello there", "what is the capital of France?", "tell me a joke", "x", "Write a haiku about rain."]
+
+
+def make_adapter(base_dir: Path, out: Path, seed: int) -> Path:
+    """A tiny LoRA whose random lora_B makes it change the model's answers."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    peft = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    peft.save_pretrained(str(out))
+    assert (out / "adapter_model.safetensors").is_file()
+    return out
+
+
+@pytest.fixture(scope="module")
+def adapters(lively_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    return {name: make_adapter(lively_dir, root / name, seed) for seed, name in enumerate(["a1", "a2"], 1)}
+
+
+@pytest.fixture(scope="module")
+def server(lively_dir, one_torch_thread):
+    # fp32 so that a row's greedy tokens do not depend on what shares its batch.
+    with EngineServer({"tiny": lively_dir}, dtype="float32", threads=1) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+
+
+def ask(client, model="tiny", messages=HELLO, **kwargs):
+    kwargs.setdefault("temperature", 0)
+    kwargs.setdefault("max_tokens", 12)
+    return client.chat.completions.create(model=model, messages=messages, **kwargs)
+
+
+def streamed(client, **kwargs):
+    texts: dict[int, str] = {}
+    finish: dict[int, str] = {}
+    usage = None
+    for chunk in ask(client, stream=True, stream_options={"include_usage": True}, **kwargs):
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            texts[choice.index] = texts.get(choice.index, "") + (choice.delta.content or "")
+            if choice.finish_reason:
+                finish[choice.index] = choice.finish_reason
+    return texts, finish, usage
+
+
+def test_it_streams_the_same_greedy_text_and_counts_the_rendered_prompt(server, client):
+    messages = [{"role": "system", "content": "You are terse."}, *HELLO]
+    answer = ask(client, messages=messages)
+    texts, finish, usage = streamed(client, messages=messages)
+    assert answer.choices[0].message.content
+    assert texts == {0: answer.choices[0].message.content}
+    assert finish == {0: answer.choices[0].finish_reason}
+    tokenizer = server.engine.loaded("tiny").tokenizer
+    prompt_ids = encode(tokenizer, HELLO, "You are terse.")
+    assert answer.usage.prompt_tokens == usage.prompt_tokens == len(prompt_ids)
+    assert answer.usage.completion_tokens == usage.completion_tokens
+    assert answer.usage.total_tokens == len(prompt_ids) + answer.usage.completion_tokens
+
+
+def test_it_cuts_at_max_tokens_with_finish_reason_length(client):
+    answer = ask(client, max_tokens=5)
+    assert answer.choices[0].finish_reason == "length"
+    assert answer.usage.completion_tokens == 5
+
+
+def test_it_returns_n_choices_and_sums_their_tokens(client):
+    answer = ask(client, n=2, temperature=1.0, seed=1, max_tokens=6)
+    assert [c.index for c in answer.choices] == [0, 1]
+    assert answer.usage.completion_tokens == 12
+    assert answer.usage.prompt_tokens == ask(client, max_tokens=1).usage.prompt_tokens
+    texts, finish, usage = streamed(client, n=2, temperature=1.0, seed=1, max_tokens=6)
+    assert set(texts) == {0, 1} and finish == {0: "length", 1: "length"}
+    assert usage.completion_tokens == 12
+
+
+def test_it_cuts_the_text_at_a_stop_string(client):
+    full = ask(client, max_tokens=16).choices[0].message.content
+    stop = full[6:9]
+    expected = full[:full.find(stop)]
+    answer = ask(client, max_tokens=16, stop=[stop, "never-said"])
+    assert answer.choices[0].message.content == expected
+    assert answer.choices[0].finish_reason == "stop"
+    assert answer.usage.completion_tokens < 16
+    texts, finish, _ = streamed(client, max_tokens=16, stop=stop)
+    assert texts == {0: expected} and finish == {0: "stop"}
+
+
+def test_it_tokenizes_exactly_as_training_renders(server):
+    messages = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "héllo 👋"}]
+    reply = httpx.post(server.url + "/tokenize", json={"model": "tiny", "messages": messages,
+                                                       "add_generation_prompt": True}).json()
+    expected = encode(server.engine.loaded("tiny").tokenizer, messages[1:], "Be kind.")
+    assert reply["tokens"] == expected and reply["count"] == len(expected)
+    assert reply["max_model_len"] == 8192
+
+
+def test_it_loads_serves_mixes_and_unloads_adapters(server, client, adapters):
+    for name, path in adapters.items():
+        r = httpx.post(server.url + "/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(path)})
+        assert r.status_code == 200, r.text
+    # Loading the same adapter again is a no-op.
+    again = httpx.post(server.url + "/v1/load_lora_adapter", json={"lora_name": "a1", "lora_path": str(adapters["a1"])})
+    assert again.status_code == 200
+    cards = {m.id: m for m in client.models.list().data}
+    assert set(cards) == {"tiny", "a1", "a2"}
+    assert cards["a1"].parent == "tiny" and cards["a1"].root == str(adapters["a1"])
+    assert cards["tiny"].parent is None
+
+    models = ["tiny", "a1", "a2"]
+    alone = {(m, p): ask(client, m, [{"role": "user", "content": p}]).choices[0].message.content
+             for m in models for p in PROMPTS}
+    assert any(alone[("a1", p)] != alone[("tiny", p)] for p in PROMPTS)
+    assert any(alone[("a2", p)] != alone[("a1", p)] for p in PROMPTS)
+
+    # One generate call for a batch that mixes both adapters and the bare base.
+    engine = server.engine
+    calls = engine.generate_calls
+    pairs = [(m, p) for p in PROMPTS for m in models]
+    tickets = engine.submit_many([parse_chat_request({"model": m, "messages": [{"role": "user", "content": p}],
+                                                      "temperature": 0, "max_tokens": 12}) for m, p in pairs])
+    mixed = {pair: t.result(60).choices[0].text for pair, t in zip(pairs, tickets, strict=True)}
+    assert engine.generate_calls == calls + 1
+    assert mixed == alone
+
+    assert httpx.post(server.url + "/v1/unload_lora_adapter", json={"lora_name": "a1"}).status_code == 200
+    assert ask(client, "a2", [{"role": "user", "content": PROMPTS[0]}]).choices[0].message.content \
+        == alone[("a2", PROMPTS[0])]
+    assert httpx.post(server.url + "/v1/unload_lora_adapter", json={"lora_name": "a2"}).status_code == 200
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    with pytest.raises(openai.NotFoundError):
+        ask(client, "a1")
+    # With every adapter gone the base answers as before.
+    assert ask(client, "tiny", [{"role": "user", "content": PROMPTS[1]}]).choices[0].message.content \
+        == alone[("tiny", PROMPTS[1])]
+    gone = httpx.post(server.url + "/v1/unload_lora_adapter", json={"lora_name": "a1"})
+    assert gone.status_code == 404
+
+
+def test_it_refuses_adapters_that_are_missing_or_not_safetensors(server, tmp_path, adapters):
+    missing = httpx.post(server.url + "/v1/load_lora_adapter",
+                         json={"lora_name": "x", "lora_path": str(tmp_path / "nope")})
+    assert missing.status_code == 404 and missing.json()["error"]["param"] == "lora_path"
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "adapter_config.json").write_text((adapters["a1"] / "adapter_config.json").read_text())
+    (pickled / "adapter_model.bin").write_bytes(b"not loaded")
+    refused = httpx.post(server.url + "/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": str(pickled)})
+    assert refused.status_code == 400 and "safetensors" in refused.json()["error"]["message"]
+    no_name = httpx.post(server.url + "/v1/load_lora_adapter", json={"lora_path": str(adapters["a1"])})
+    assert no_name.status_code == 400 and no_name.json()["error"]["param"] == "lora_name"
+    assert "x" not in [m["id"] for m in httpx.get(server.url + "/v1/models").json()["data"]]
+
+
+@pytest.mark.parametrize("params, param", [
+    ({"temperature": -1}, "temperature"),
+    ({"top_p": 0}, "top_p"),
+    ({"top_p": 1.5}, "top_p"),
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"n": 0}, "n"),
+    ({"n": 17}, "n"),
+    ({"stop": [""]}, "stop"),
+    ({"repetition_penalty": 0}, "repetition_penalty"),
+    ({"messages": []}, "messages"),
+    ({"messages": [{"role": "tool", "content": "x"}]}, "messages"),
+    ({"messages": [{"role": "user"}]}, "messages"),
+])
+def test_it_answers_400_naming_the_bad_parameter(client, params, param):
+    kwargs = {"messages": HELLO, **params}
+    extra = {"repetition_penalty": kwargs.pop("repetition_penalty")} if "repetition_penalty" in kwargs else None
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="tiny", extra_body=extra, **kwargs)
+    error = caught.value.body
+    assert error["param"] == param and error["type"] == "invalid_request_error" and error["message"]
+
+
+def test_it_answers_400_to_a_body_that_is_not_json_and_ignores_unknown_fields(server):
+    bad = httpx.post(server.url + "/v1/chat/completions", content=b"{not json",
+                     headers={"Content-Type": "application/json"})
+    assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request_error"
+    ok = httpx.post(server.url + "/v1/chat/completions",
+                    json={"model": "tiny", "messages": HELLO, "max_tokens": 2, "whatever": {"x": 1}})
+    assert ok.status_code == 200 and ok.json()["object"] == "chat.completion"
+
+
+def test_it_answers_404_for_an_unknown_model(client):
+    with pytest.raises(openai.NotFoundError) as caught:
+        ask(client, "no-such-model")
+    assert caught.value.body["code"] == "model_not_found"
+
+
+def test_it_batches_concurrent_requests_into_fewer_generate_calls(server, client):
+    calls = server.engine.generate_calls
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(lambda i: ask(client, messages=[{"role": "user", "content": f"count to {i}"}],
+                                              max_tokens=16), range(16)))
+    assert all(a.choices[0].message.content for a in answers)
+    used = server.engine.generate_calls - calls
+    assert 1 <= used < 16, used
+
+
+def test_it_answers_429_when_the_queue_is_full_and_503_when_stopping(lively_dir, one_torch_thread):
+    with EngineServer({"tiny": lively_dir}, dtype="float32", max_queue=1, max_batch=1) as small:
+        flood = openai.OpenAI(base_url=small.url + "/v1", api_key="unused", max_retries=0)
+        start = threading.Barrier(12)
+
+        def call(_: int) -> int:
+            start.wait()
+            try:
+                ask(flood, max_tokens=40)
+                return 200
+            except openai.RateLimitError as exc:
+                assert exc.body["type"] == "rate_limit_error" and exc.body["message"]
+                return 429
+
+        with ThreadPoolExecutor(12) as pool:
+            statuses = list(pool.map(call, range(12)))
+        assert statuses.count(429) >= 1 and statuses.count(200) >= 2, statuses
+        small.engine.stop()
+        with pytest.raises(openai.InternalServerError) as caught:
+            ask(flood)
+        assert caught.value.status_code == 503
+
+
+def test_the_command_serves_until_sigterm_and_finishes_what_it_accepted(lively_dir):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "engines.engine_server", "--port", str(port), "--model", f"tiny={lively_dir}",
+         "--dtype", "float32", "--batch-window-ms", "5"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert proc.stdout.readline().strip() == f"engine ready on http://127.0.0.1:{port}"
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        assert [m.id for m in client.models.list().data] == ["tiny"]
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(ask, client, max_tokens=2000)
+            time.sleep(0.5)  # in flight: 2,000 tokens take seconds
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.2)
+            with pytest.raises(openai.InternalServerError) as refused:
+                ask(client)
+            assert refused.value.status_code == 503
+            answer = pending.result(timeout=60)
+        assert answer.usage.completion_tokens == 2000
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_generation_settings_take_repetition_penalty_ngrams_and_stop_strings():
+    settings = GenerationSettings.from_dict({"stop": ["###", "\n\n"], "repetition_penalty": 1.2,
+                                             "no_repeat_ngram_size": 3.0})
+    assert settings.stop == ("###", "\n\n") and settings.no_repeat_ngram_size == 3
+    assert GenerationSettings.from_dict(json.loads(json.dumps(settings.to_dict()))) == settings
+    assert GenerationSettings.from_dict({"stop": "END"}).stop == ("END",)
+    with pytest.raises(SettingsError) as caught:
+        GenerationSettings.from_dict({"stop": ["ok", ""], "repetition_penalty": 0, "no_repeat_ngram_size": -1})
+    assert set(caught.value.errors) == {"stop", "repetition_penalty", "no_repeat_ngram_size"}
+    with pytest.raises(SettingsError, match="at most 8"):
+        GenerationSettings(stop=tuple(str(i) for i in range(9)))
+
+
+def test_teacher_generation_and_the_server_answer_alike(server, client):
+    """One generation config and one stop logic: engines.inference.generate
+    (teacher, evals) gives the server's text for the same settings."""
+    loaded = server.engine.loaded("tiny")
+    full = ask(client, max_tokens=16).choices[0].message.content
+    stop = full[4:7]
+    for settings, extra in [(GenerationSettings(max_new_tokens=16, stop=(stop,)), {"stop": [stop]}),
+                            (GenerationSettings(max_new_tokens=16, repetition_penalty=0.05),
+                             {"extra_body": {"repetition_penalty": 0.05}})]:
+        [teacher] = generate(loaded, [HELLO], None, settings)
+        served = ask(client, max_tokens=16, **extra)
+        assert teacher.text == served.choices[0].message.content
+        assert teacher.finish_reason == served.choices[0].finish_reason
+        assert teacher.completion_tokens == served.usage.completion_tokens
+    assert teacher.text != full  # the penalty (below 1: repeat!) changed the answer
+
+
+def test_it_loads_base_models_on_request_and_asks_which_base_an_adapter_is_for(lively_dir, tiny_model_dir,
+                                                                               adapters, one_torch_thread):
+    with EngineServer(dtype="float32") as bare:
+        url = bare.url
+        assert httpx.get(url + "/v1/models").json() == {"object": "list", "data": []}
+        for name, path in [("lively", lively_dir), ("plain", tiny_model_dir)]:
+            r = httpx.post(url + "/v1/load_model", json={"model": name, "path": str(path)}, timeout=60)
+            assert r.status_code == 200 and r.json()["loaded"] is True
+        again = httpx.post(url + "/v1/load_model", json={"model": "lively", "path": str(lively_dir)})
+        assert again.status_code == 200 and again.json()["loaded"] is False
+        clash = httpx.post(url + "/v1/load_model", json={"model": "lively", "path": str(tiny_model_dir)})
+        assert clash.status_code == 400
+        not_a_model = httpx.post(url + "/v1/load_model", json={"model": "x", "path": str(adapters["a1"])})
+        assert not_a_model.status_code == 400 and "not a model directory" in not_a_model.json()["error"]["message"]
+
+        body = {"lora_name": "a1", "lora_path": str(adapters["a1"])}
+        which = httpx.post(url + "/v1/load_lora_adapter", json=body)
+        assert which.status_code == 400 and which.json()["error"]["param"] == "base_model_name"
+        loaded = httpx.post(url + "/v1/load_lora_adapter", json={**body, "base_model_name": "lively"})
+        assert loaded.status_code == 200
+        cards = {m["id"]: m["parent"] for m in httpx.get(url + "/v1/models").json()["data"]}
+        assert cards == {"lively": None, "plain": None, "a1": "lively"}
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        assert ask(client, "plain").choices[0].message.content is not None
+        assert ask(client, "a1").choices[0].message.content
+
+
+def test_streamed_pieces_add_up_to_the_answer_for_every_prompt(client):
+    # Random tokens split multi-byte characters: pieces are cut from the cumulative decoding.
+    for prompt in PROMPTS:
+        messages = [{"role": "user", "content": prompt}]
+        answer = ask(client, messages=messages, max_tokens=24).choices[0].message.content
+        texts, _, _ = streamed(client, messages=messages, max_tokens=24)
+        assert texts == {0: answer}
