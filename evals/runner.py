@@ -21,6 +21,7 @@ from engines.progress import Progress
 from engines.rules import Rule, check_all, validate_rules
 from evals.models import ArmComparison, EvalExample, EvalResult, EvalRun, EvalSuite
 from jobs.registry import JobCancelled, JobRunner, register
+from jobs.runners.engine import RemoteModel, remote_model
 from workbench.models import DatasetRow
 
 LATENCY_SAMPLE = 4  # single requests timed per run for p50/p95 (each costs a full generation)
@@ -93,13 +94,17 @@ class EvalRunner(JobRunner):
         done = 0
         self.loads = 0  # base model loads of this job: one, whatever the number of arms
         if todo:
-            loaded = load_model(job.base_model.path, next(iter(adapters)) if adapters else None)
-            self.loads += 1
+            # INFERENCE_BACKEND=vllm: each arm asks the vLLM server for its base or adapter; no local load.
+            remote = remote_model(job.base_model) is not None
+            loaded = None if remote else load_model(job.base_model.path, next(iter(adapters)) if adapters else None)
+            self.loads += 0 if remote else 1
             for run in todo:
                 def progress(p: Progress, offset: int = done) -> None:
                     self.progress(Progress.since(started, offset + p.done, total, "generations"))
 
-                self._generate(loaded, run, examples, settings, progress)
+                engine = remote_model(run.base_model, run.variant if run.variant_id else None) if remote else loaded
+                assert engine is not None
+                self._generate(engine, run, examples, settings, progress)
                 done += len(examples)
                 if self.should_stop():
                     raise JobCancelled()
@@ -119,17 +124,20 @@ class EvalRunner(JobRunner):
 
     # --- steps -------------------------------------------------------------------
 
-    def _generate(self, loaded: LoadedModel, run: EvalRun, examples: list[EvalExample],
+    def _generate(self, loaded: LoadedModel | RemoteModel, run: EvalRun, examples: list[EvalExample],
                   settings: GenerationSettings, progress: Any) -> None:
         conversations = [e.messages for e in examples]
         prompt = run.prompt_version.text if run.prompt_version else None
-        with _adapter(loaded, run.variant_id is not None):
+        sample = int(self.job.params.get("latency_sample", LATENCY_SAMPLE))
+        if isinstance(loaded, RemoteModel):
             began = time.monotonic()
-            completions = generate(loaded, conversations, prompt, settings, reuse_prefix=True, progress=progress,
-                                   should_stop=self.should_stop)
+            completions = loaded.generate(conversations, prompt, settings, progress=progress,
+                                          should_stop=self.should_stop)
             wall = time.monotonic() - began
-            latencies = ev.single_request_latency(loaded, conversations, prompt, settings,
-                                                 sample=int(self.job.params.get("latency_sample", LATENCY_SAMPLE)))
+            latencies = loaded.single_request_latency(conversations, prompt, settings, sample=sample)
+        else:
+            completions, wall, latencies = self._generate_local(loaded, run, conversations, prompt, settings,
+                                                                progress, sample)
         with transaction.atomic():
             EvalResult.objects.filter(run=run).delete()
             EvalResult.objects.bulk_create([
@@ -142,6 +150,16 @@ class EvalRunner(JobRunner):
                            "generated": True}
             run.save(update_fields=["generation", "summary"])
         self.log(f"{run.label}: {len(examples)} answers in {wall:.1f} s")
+
+    def _generate_local(self, loaded: LoadedModel, run: EvalRun, conversations: list[Any], prompt: str | None,
+                        settings: GenerationSettings, progress: Any, sample: int) -> tuple[list[Any], float, list[float]]:
+        with _adapter(loaded, run.variant_id is not None):
+            began = time.monotonic()
+            completions = generate(loaded, conversations, prompt, settings, reuse_prefix=True, progress=progress,
+                                   should_stop=self.should_stop)
+            wall = time.monotonic() - began
+            latencies = ev.single_request_latency(loaded, conversations, prompt, settings, sample=sample)
+        return completions, wall, latencies
 
     def _score(self, run: EvalRun, examples: list[EvalExample], rules: Sequence[Rule]) -> None:
         teacher = teacher_answers(run.suite) if run.arm != "teacher" else {}

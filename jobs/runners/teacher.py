@@ -14,6 +14,7 @@ from engines.leakage import leak_flags, prompt_spans
 from engines.progress import Progress
 from jobs.models import Job
 from jobs.registry import JobError, JobRunner, register
+from jobs.runners.engine import remote_model
 from workbench.actions.datasets import derive_version
 from workbench.models import DatasetRow, DatasetVersion
 
@@ -54,12 +55,18 @@ class TeacherRunner(JobRunner):
             self.progress(Progress.since(started, done, total, "queries", rate_done=generated + p.done))
 
         if todo:
-            loaded = load_model(job.base_model.path)
+            # INFERENCE_BACKEND=vllm: the vLLM server answers (its prefix cache shares the prompt).
+            remote = remote_model(job.base_model)
+            loaded = load_model(job.base_model.path) if remote is None else None
             with done_file.open("a") as out:
                 for start in range(0, len(todo), CHUNK):
                     chunk = todo[start:start + CHUNK]
-                    completions = generate(loaded, [m for _, m in chunk], system_prompt, gen, reuse_prefix=True,
-                                           progress=progress, should_stop=self.should_stop)
+                    if remote is not None:
+                        completions = remote.generate([m for _, m in chunk], system_prompt, gen,
+                                                      progress=progress, should_stop=self.should_stop)
+                    else:
+                        completions = generate(loaded, [m for _, m in chunk], system_prompt, gen,
+                                               reuse_prefix=True, progress=progress, should_stop=self.should_stop)
                     for (index, _), c in zip(chunk, completions, strict=True):
                         answers[index] = {"index": index, "text": c.text, "finish_reason": c.finish_reason}
                         out.write(json.dumps(answers[index], ensure_ascii=False) + "\n")

