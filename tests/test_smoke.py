@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import urllib.error
 import urllib.parse
 import urllib.request
 
@@ -25,9 +26,9 @@ def free_port() -> int:
 
 
 def test_it_runs_web_and_worker_until_ctrl_c(tmp_path, smollm2_dir):
-    port = free_port()
+    port, engine_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "CELERY_BROKER_URL")}
-    env.update(WORKBENCH_DATA_DIR=str(tmp_path / "data"), WORKBENCH_MODELS_DIR=str(smollm2_dir.parent),
+    env.update(ENGINE_URL=f"http://127.0.0.1:{engine_port}", WORKBENCH_DATA_DIR=str(tmp_path / "data"), WORKBENCH_MODELS_DIR=str(smollm2_dir.parent),
                DJANGO_SETTINGS_MODULE="workbench.settings", WORKER_HEARTBEAT_SECONDS="1")
     log = tmp_path / "run.log"
     with open(log, "wb") as out:
@@ -60,6 +61,13 @@ def test_it_runs_web_and_worker_until_ctrl_c(tmp_path, smollm2_dir):
         assert "SmolLM2-135M-Instruct" in get("/models/")[1]
         post("/models/ping", {"queue": "gpu"})
         wait_for(lambda: "answered by worker-" in get("/models/")[1], 60, "test task", proc, log)
+        # The inference engine holds the default model, and the gateway asks for a key.
+        engine = f"http://127.0.0.1:{engine_port}/v1/models"
+        wait_for(lambda: "SmolLM2-135M-Instruct" in (urllib.request.urlopen(engine, timeout=5).read().decode()
+                                                     if get_ok(engine) else ""), 120, "engine", proc, log)
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(base + "/v1/models", timeout=5)
+        assert refused.value.code == 401
     finally:
         proc.send_signal(signal.SIGINT)
         code = proc.wait(30)
@@ -68,3 +76,12 @@ def test_it_runs_web_and_worker_until_ctrl_c(tmp_path, smollm2_dir):
     assert get("/login/")[0] == 0  # the web server is gone
     ps = subprocess.run(["pgrep", "-f", f"worker-{proc.pid}@"], capture_output=True, text=True)
     assert ps.stdout.strip() == "", "the worker outlived Ctrl-C"
+    assert not get_ok(f"http://127.0.0.1:{engine_port}/health"), "the engine outlived Ctrl-C"
+
+
+def get_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return r.status == 200
+    except OSError:
+        return False

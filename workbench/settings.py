@@ -230,3 +230,44 @@ LOGGING = {
     "root": {"handlers": ["console"], "level": os.getenv("LOG_LEVEL", "INFO")},
     "loggers": {"django.db.backends": {"level": "WARNING"}},
 }
+
+# Serving: the /v1 gateway and its inference engine ----------------------------
+# `hf`: the in-process transformers engine (engines.engine_server), started by
+# `make run`; `vllm`: a vLLM OpenAI server, given by VLLM_URL or, when that is
+# empty, started by the workbench from its own venv (engines.vllm_server).
+INFERENCE_BACKEND = os.getenv("INFERENCE_BACKEND", "hf").strip().lower()
+if INFERENCE_BACKEND not in ("hf", "vllm"):
+    raise ImproperlyConfigured(f"INFERENCE_BACKEND={os.getenv('INFERENCE_BACKEND')!r} is not a backend: "
+                               "use hf or vllm.")
+
+
+def envurl(name: str, default: str) -> str:
+    value = os.getenv(name, default).strip().rstrip("/")
+    if value and not value.startswith(("http://", "https://")):
+        raise ImproperlyConfigured(f"{name}={os.getenv(name)!r} is not an http(s) URL, "
+                                   "e.g. http://127.0.0.1:8001")
+    return value
+
+
+def envnumber(name: str, default: float, minimum: float, whole: bool = False) -> float:
+    """Strict: a number (a whole one with `whole`) no smaller than `minimum`, or the setting raises."""
+    raw = os.getenv(name, "").strip()
+    try:
+        value = (int(raw) if whole else float(raw)) if raw else default
+    except ValueError:
+        raise ImproperlyConfigured(f"{name}={raw!r} is not a {'whole ' if whole else ''}number.") from None
+    if value < minimum:
+        raise ImproperlyConfigured(f"{name}={raw!r} must be at least {minimum:g}.")
+    return value
+
+
+# Where the gateway finds the engine (the hf engine, or a vLLM the workbench starts, listens here).
+ENGINE_URL = envurl("ENGINE_URL", "http://127.0.0.1:8001")
+# A vLLM server run by the team: with the vllm backend the gateway uses it and starts none.
+VLLM_URL = envurl("VLLM_URL", "")
+# Torch threads of the engine process. `make run` gives the worker the other cores.
+ENGINE_THREADS = int(envnumber("ENGINE_THREADS", 1, 1, whole=True))
+# The longest the gateway waits for the engine's answer (a long generation on a CPU takes minutes).
+ENGINE_TIMEOUT_SECONDS = envnumber("ENGINE_TIMEOUT_SECONDS", 300, 1)
+# The largest max_tokens a /v1 client may ask for.
+GATEWAY_MAX_TOKENS = int(envnumber("GATEWAY_MAX_TOKENS", 2048, 1, whole=True))

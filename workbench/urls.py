@@ -43,6 +43,7 @@ urlpatterns = [
     path("", include("evals.urls")),
     path("", include("serving.urls")),
     path("", include("serving.export_urls")),
+    path("", include("serving.log_urls")),
     path("v1/", include("serving.api_urls")),
     path("models/", models.models_page, name="models"),
     path("models/ping", models.ping_workers, name="ping_workers"),

@@ -1,6 +1,6 @@
 """Start the whole workbench on one machine: migrate, provision the default
-model, ensure a demo user, then run the web server and a Celery worker as two
-child processes until Ctrl-C."""
+model, ensure a demo user, then run the web server, a Celery worker and the
+inference engine of the /v1 gateway as child processes until Ctrl-C."""
 
 from __future__ import annotations
 
@@ -45,14 +45,23 @@ def ensure_demo_user(data_dir: Path) -> tuple[str, str]:
     return DEMO_USER, password
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (a container's or taskset's share, not the host's)."""
+    affinity = getattr(os, "sched_getaffinity", None)
+    return len(affinity(0)) if affinity else os.cpu_count() or 1
+
+
 class Command(BaseCommand):
-    help = "Run the web UI and a Celery worker (embedded SQLite broker by default). Ctrl-C stops both."
+    help = ("Run the web UI, a Celery worker (embedded SQLite broker by default) and the inference engine "
+            "of /v1. Ctrl-C stops them all.")
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--host", default="127.0.0.1")
         parser.add_argument("--port", type=int, default=8000)
         parser.add_argument("--skip-provision", action="store_true", help="Don't provision the default model")
         parser.add_argument("--web-workers", type=int, default=2)
+        parser.add_argument("--no-engine", action="store_true",
+                            help="Don't start the inference engine (/v1 then answers 503 until one runs)")
 
     def handle(self, *args: Any, **opts: Any) -> None:
         settings.DATA_DIR.mkdir(parents=True, exist_ok=True)
@@ -64,14 +73,23 @@ class Command(BaseCommand):
         url = f"http://{opts['host']}:{opts['port']}/"
         env = {**os.environ, "DJANGO_SETTINGS_MODULE": "workbench.settings"}
         bin_dir = Path(sys.executable).parent
+        # A /v1 request holds its thread while the engine generates (a stream for its whole length):
+        # threads, not cores, bound how many requests reach the engine together to be batched.
         web = [str(bin_dir / "gunicorn"), "workbench.wsgi:application", "--bind", f"{opts['host']}:{opts['port']}",
-               "--workers", str(opts["web_workers"]), "--threads", "4", "--access-logfile", "-",
+               "--workers", str(opts["web_workers"]), "--threads", "16", "--access-logfile", "-",
                "--graceful-timeout", "5"]
         # One task per child process: model memory is returned to the system after each job.
         worker = [str(bin_dir / "celery"), "-A", "workbench", "worker", "-Q", "gpu,default",
                   "--concurrency", "1", "--max-tasks-per-child", "1", "--loglevel", "INFO",
                   "-n", f"worker-{os.getpid()}@%h"]
+        engine = self._engine_command(opts["no_engine"])
+        # The engine's torch threads and the worker's together stay within the machine's cores:
+        # oversubscribed CPU threads wait at barriers and throughput collapses.
+        worker_env = {**env}
+        if engine and "OMP_NUM_THREADS" not in os.environ:
+            worker_env["OMP_NUM_THREADS"] = str(max(1, usable_cores() - settings.ENGINE_THREADS))
         procs: list[subprocess.Popen[bytes]] = []
+        engine_proc: subprocess.Popen[bytes] | None = None
         stopping = False
 
         def stop(*_a: Any) -> None:
@@ -84,25 +102,48 @@ class Command(BaseCommand):
             # Children get their own process group, so a terminal Ctrl-C reaches
             # only this supervisor, which stops them in order.
             procs.append(subprocess.Popen(web, env=env, start_new_session=True))
-            procs.append(subprocess.Popen(worker, env=env, start_new_session=True))
+            procs.append(subprocess.Popen(worker, env=worker_env, start_new_session=True))
+            engine_proc = subprocess.Popen(engine, env=env, start_new_session=True) if engine else None
             self.stdout.write(self.style.SUCCESS(
                 f"\nWorkbench is running at {url}\n  log in as: {username} / {password}\n"
                 f"  data directory: {settings.DATA_DIR}\n  broker: {settings.CELERY_BROKER_URL.split('://')[0]}\n"
-                "Press Ctrl-C to stop the web server and the worker.\n"
+                f"  OpenAI-compatible API: {url}v1 (model PROJECT_SLUG/ALIAS, a project API key)\n"
+                f"  inference engine: {self._engine_description(engine)}\n"
+                "Press Ctrl-C to stop the web server, the worker and the engine.\n"
             ))
             while not stopping:
                 for p in procs:
                     if p.poll() is not None:
                         self.stderr.write(f"{p.args[0]} exited with {p.returncode}; stopping.")
                         stopping = True
+                if engine_proc is not None and engine_proc.poll() is not None:
+                    # The UI and the worker stay up: only /v1 needs the engine, and it answers 503 meanwhile.
+                    self.stderr.write(f"The inference engine exited with {engine_proc.returncode} (see above); "
+                                      "/v1 answers 503 until it runs again (`python manage.py serve_engine`).")
+                    engine_proc = None
                 time.sleep(0.2)
         finally:
-            code = self._shutdown(procs)
+            code = self._shutdown(procs + ([engine_proc] if engine_proc is not None else []))
         if code:
             sys.exit(code)
 
+    def _engine_command(self, skip: bool) -> list[str] | None:
+        """`manage.py serve_engine` (the hf engine, or a vLLM the workbench starts); none
+        when skipped or when the team's vLLM is given by VLLM_URL."""
+        if skip or (settings.INFERENCE_BACKEND == "vllm" and settings.VLLM_URL):
+            return None
+        return [sys.executable, str(Path(settings.BASE_DIR) / "manage.py"), "serve_engine"]
+
+    def _engine_description(self, engine: list[str] | None) -> str:
+        if engine:
+            threads = f", {settings.ENGINE_THREADS} thread(s)" if settings.INFERENCE_BACKEND == "hf" else ""
+            return f"{settings.INFERENCE_BACKEND} at {settings.ENGINE_URL}{threads}"
+        if settings.INFERENCE_BACKEND == "vllm" and settings.VLLM_URL:
+            return f"vllm at {settings.VLLM_URL} (run by the team)"
+        return f"not started (--no-engine); the gateway expects it at {settings.ENGINE_URL}"
+
     def _shutdown(self, procs: list[subprocess.Popen[bytes]]) -> int:
-        self.stdout.write("Stopping web server and worker...")
+        self.stdout.write("Stopping web server, worker and engine...")
         for p in procs:
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)  # celery: warm shutdown; gunicorn: graceful stop

@@ -1,0 +1,267 @@
+"""The gateway's HTTP client to the inference engine (the hf engine server or
+vLLM: both speak the protocol of engines.engine_server's docstring).
+
+It makes sure the engine holds what a variant needs (its base model, its
+adapter) before a request names it. What was loaded is remembered per process;
+the engine is the truth, so a request the engine answers with "model not
+found" (restarted engine, adapter unloaded by another process) loads it again
+and is retried once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from django.conf import settings
+
+from workbench.models import Variant
+
+log = logging.getLogger(__name__)
+
+ADAPTER_PREFIX = "variant-"
+CONNECT_SECONDS = 5.0
+
+
+@dataclass
+class EngineError(Exception):
+    """An error to hand to the client as is: an HTTP status and an OpenAI-shaped error."""
+
+    status: int
+    message: str
+    type: str = "engine_error"
+    code: str | None = None
+    param: str | None = None
+
+    def __str__(self) -> str:
+        return self.message
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def engine_url() -> str:
+    """The engine's base URL: a team's vLLM when given, else the one the workbench starts."""
+    if settings.INFERENCE_BACKEND == "vllm" and settings.VLLM_URL:
+        return str(settings.VLLM_URL)
+    return str(settings.ENGINE_URL)
+
+
+def unavailable(url: str, exc: Exception | str) -> EngineError:
+    return EngineError(503, f"The inference engine at {url} is not reachable ({exc}). "
+                            "Start it with `make run` or `python manage.py serve_engine`.",
+                       type="engine_unavailable", code="engine_unavailable")
+
+
+def _error_from(response: httpx.Response) -> EngineError:
+    """The engine's error, in OpenAI's shape whatever shape it came in."""
+    try:
+        data = response.json()
+    except ValueError:
+        data = None
+    err = data.get("error") if isinstance(data, dict) else None
+    if isinstance(err, dict):
+        message = str(err.get("message") or response.reason_phrase)
+        code = err.get("code")
+        return EngineError(response.status_code, message, type=str(err.get("type") or "engine_error"),
+                           code=None if code is None else str(code), param=err.get("param"))
+    if isinstance(data, dict) and "detail" in data:  # FastAPI's own errors (vLLM)
+        message = data["detail"] if isinstance(data["detail"], str) else json.dumps(data["detail"])
+    elif isinstance(err, str):
+        message = err
+    else:
+        message = response.text[:1000] or response.reason_phrase
+    kind = "invalid_request_error" if response.status_code < 500 else "engine_error"
+    return EngineError(response.status_code, message, type=kind)
+
+
+def _model_not_found(err: EngineError) -> bool:
+    return err.status == 404 or err.code == "model_not_found"
+
+
+class EngineClient:
+    """One per engine URL and process (see `client()`); thread-safe."""
+
+    def __init__(self, url: str, timeout: float, backend: str = "hf") -> None:
+        self.url = url.rstrip("/")
+        self.backend = backend
+        self.http = httpx.Client(base_url=self.url, timeout=httpx.Timeout(timeout, connect=CONNECT_SECONDS))
+        self._loaded: set[str] = set()  # engine model names known to be loaded
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        self.http.close()
+
+    # --- plain calls --------------------------------------------------------
+
+    def _request(self, method: str, path: str, body: dict[str, Any] | None = None,
+                 timeout: float | None = None) -> httpx.Response:
+        try:
+            kwargs: dict[str, Any] = {"json": body} if body is not None else {}
+            if timeout is not None:
+                kwargs["timeout"] = httpx.Timeout(timeout, connect=CONNECT_SECONDS)
+            return self.http.request(method, path, **kwargs)
+        except httpx.TimeoutException as exc:
+            if isinstance(exc, httpx.ConnectTimeout):
+                raise unavailable(self.url, exc) from exc
+            raise EngineError(503, f"The inference engine at {self.url} did not answer within "
+                                   f"{settings.ENGINE_TIMEOUT_SECONDS:g} s; it may be saturated.",
+                              type="engine_unavailable", code="engine_timeout") from exc
+        except httpx.HTTPError as exc:
+            raise unavailable(self.url, exc) from exc
+
+    def _post_ok(self, path: str, body: dict[str, Any]) -> httpx.Response:
+        response = self._request("POST", path, body)
+        if response.status_code >= 400:
+            raise _error_from(response)
+        return response
+
+    def models(self) -> list[dict[str, Any]]:
+        response = self._request("GET", "/v1/models", timeout=30)
+        if response.status_code != 200:
+            raise _error_from(response)
+        return list(response.json().get("data", []))
+
+    def load_base(self, name: str, path: str) -> None:
+        self._post_ok("/v1/load_model", {"model": name, "path": path})
+
+    def load_adapter(self, name: str, path: str, base_name: str) -> None:
+        body = {"lora_name": name, "lora_path": path}
+        if self.backend == "hf":
+            body["base_model_name"] = base_name
+        try:
+            self._post_ok("/v1/load_lora_adapter", body)
+        except EngineError as exc:
+            # vLLM refuses a second load of a name instead of ignoring it.
+            if not (exc.status == 400 and "already" in exc.message.lower()):
+                raise
+
+    def unload_adapter(self, name: str) -> None:
+        with self._lock:
+            self._loaded.discard(name)
+        try:
+            self._post_ok("/v1/unload_lora_adapter", {"lora_name": name})
+        except EngineError as exc:
+            if exc.status != 404:  # already gone
+                raise
+
+    # --- what a variant needs -------------------------------------------------
+
+    def forget(self, name: str) -> None:
+        with self._lock:
+            self._loaded.discard(name)
+
+    def ensure_loaded(self, variant: Variant, refresh: bool = False) -> None:
+        """Load the variant's base and adapter into the engine unless they are
+        there. Raises EngineError (503) when the engine cannot load them."""
+        name = variant.engine_model
+        base = variant.base_model
+        if not refresh:
+            with self._lock:
+                if name in self._loaded:
+                    return
+        served = {m.get("id") for m in self.models()}
+        try:
+            if base.name not in served:
+                if self.backend != "hf":
+                    raise EngineError(503, f"The engine at {self.url} does not serve the base model "
+                                           f"{base.name}: start it with that model.",
+                                      type="engine_unavailable", code="model_not_loaded")
+                self.load_base(base.name, base.path)
+            if variant.adapter_path and name not in served:
+                self.load_adapter(name, variant.adapter_path, base.name)
+        except EngineError as exc:
+            if exc.status >= 500 and exc.type == "engine_unavailable":
+                raise
+            raise EngineError(503, f"The engine could not load {name} for variant {variant.pk} "
+                                   f"({variant.name}): {exc.message}",
+                              type="engine_unavailable", code="model_load_failed") from exc
+        with self._lock:
+            self._loaded.add(name)
+            self._loaded.add(base.name)
+
+    # --- chat completions ------------------------------------------------------
+
+    def chat(self, variant: Variant, body: dict[str, Any]) -> dict[str, Any]:
+        """A non-streamed completion (body["model"] is set here)."""
+        self.ensure_loaded(variant)
+        payload = {**body, "model": variant.engine_model}
+        response = self._request("POST", "/v1/chat/completions", payload)
+        if response.status_code == 404:
+            self.ensure_loaded(variant, refresh=True)
+            response = self._request("POST", "/v1/chat/completions", payload)
+        if response.status_code >= 400:
+            raise self._chat_error(response, variant)
+        data: dict[str, Any] = response.json()
+        return data
+
+    @contextmanager
+    def stream(self, variant: Variant, body: dict[str, Any]) -> Iterator[Iterator[str]]:
+        """A streamed completion: yields an iterator of the SSE `data:`
+        payloads (JSON text or "[DONE]"). Errors before the first byte raise
+        EngineError, so the caller can still answer with a status."""
+        self.ensure_loaded(variant)
+        payload = {**body, "model": variant.engine_model, "stream": True}
+        response = self._open_stream(payload)
+        if response.status_code == 404:
+            response.read()
+            response.close()
+            self.ensure_loaded(variant, refresh=True)
+            response = self._open_stream(payload)
+        try:
+            if response.status_code >= 400:
+                response.read()
+                raise self._chat_error(response, variant)
+            yield self._events(response)
+        finally:
+            response.close()
+
+    def _open_stream(self, payload: dict[str, Any]) -> httpx.Response:
+        try:
+            request = self.http.build_request("POST", "/v1/chat/completions", json=payload)
+            return self.http.send(request, stream=True)
+        except httpx.TimeoutException as exc:
+            raise EngineError(503, f"The inference engine at {self.url} did not start answering within "
+                                   f"{settings.ENGINE_TIMEOUT_SECONDS:g} s; it may be saturated.",
+                              type="engine_unavailable", code="engine_timeout") from exc
+        except httpx.HTTPError as exc:
+            raise unavailable(self.url, exc) from exc
+
+    def _events(self, response: httpx.Response) -> Iterator[str]:
+        try:
+            for line in response.iter_lines():
+                if line.startswith("data:"):
+                    yield line[5:].strip()
+        except httpx.HTTPError as exc:
+            raise unavailable(self.url, f"the stream broke off: {exc}") from exc
+
+    def _chat_error(self, response: httpx.Response, variant: Variant) -> EngineError:
+        err = _error_from(response)
+        if _model_not_found(err):
+            # Loaded a moment ago and still unknown: the engine, not the client, is wrong.
+            self.forget(variant.engine_model)
+            return EngineError(503, f"The engine lost {variant.engine_model} right after loading it: "
+                                    f"{err.message}", type="engine_unavailable", code="model_load_failed")
+        if err.status >= 500 and err.status != 503:
+            err.status = 502
+        return err
+
+
+_clients: dict[tuple[str, str, float], EngineClient] = {}
+_clients_lock = threading.Lock()
+
+
+def client() -> EngineClient:
+    """This process's client for the configured engine (settings may change in tests)."""
+    key = (engine_url(), settings.INFERENCE_BACKEND, float(settings.ENGINE_TIMEOUT_SECONDS))
+    with _clients_lock:
+        found = _clients.get(key)
+        if found is None:
+            found = _clients[key] = EngineClient(key[0], key[2], backend=key[1])
+        return found

@@ -1,0 +1,379 @@
+"""The OpenAI-compatible /v1 gateway: per-project API keys, model names
+(PROJECT_SLUG/ALIAS or a variant id) resolved to variants, requests checked
+and forwarded to the inference engine, answers (streamed or not) relayed with
+the client's model name, and the request log of aliases that keep one.
+
+Every error is OpenAI-shaped ({"error": {"message", "type", "param", "code"}});
+bad input is a 4xx, never a 500."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from django.conf import settings
+from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
+from django.utils import timezone
+from django.views.decorators.csrf import csrf_exempt
+
+from serving import engine_client
+from serving.engine_client import EngineError
+from serving.models import Alias, ApiKey, RequestLog, hash_key
+from workbench.models import Variant
+
+ROLES = ("system", "user", "assistant")
+# Both engines get an explicit max_tokens: vLLM's own default is "until the context is full".
+DEFAULT_MAX_TOKENS = 256
+MAX_N = 16
+MAX_STOP = 8
+LAST_USED_EVERY = timedelta(seconds=60)
+VARIANT_NAME = re.compile(r"variant-(\d{1,18})")
+
+
+@dataclass
+class GatewayError(Exception):
+    status: int
+    message: str
+    type: str = "invalid_request_error"
+    param: str | None = None
+    code: str | None = None
+
+    def response(self) -> JsonResponse:
+        return error_response(self.status, self.message, self.type, self.param, self.code)
+
+
+def error_response(status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                   code: str | None = None) -> JsonResponse:
+    return JsonResponse({"error": {"message": message, "type": type, "param": param, "code": code}},
+                        status=status)
+
+
+# --- keys and model names ------------------------------------------------------
+
+def authenticate(request: HttpRequest) -> ApiKey:
+    header = request.headers.get("Authorization", "")
+    scheme, _, raw = header.partition(" ")
+    raw = raw.strip()
+    if scheme.lower() != "bearer" or not raw:
+        raise GatewayError(401, "No API key: send it as `Authorization: Bearer YOUR_KEY`. A project's keys are "
+                                "created on its API keys page or with `python manage.py create_api_key`.",
+                           code="invalid_api_key")
+    key = (ApiKey.objects.select_related("project").filter(hashed=hash_key(raw), revoked_at__isnull=True)
+           .first())
+    if key is None:
+        raise GatewayError(401, "Incorrect API key (unknown or revoked).", code="invalid_api_key")
+    now = timezone.now()
+    if key.last_used_at is None or now - key.last_used_at > LAST_USED_EVERY:
+        # At most one write a minute per key, not one per request.
+        ApiKey.objects.filter(pk=key.pk).update(last_used_at=now)
+    return key
+
+
+def model_not_found(name: str) -> GatewayError:
+    # The same answer for a foreign project's model as for none at all: a key cannot probe other projects.
+    return GatewayError(404, f"The model '{name}' does not exist or this API key cannot use it. "
+                             "GET /v1/models lists the models of the key's project.",
+                        param="model", code="model_not_found")
+
+
+def resolve_model(key: ApiKey, name: str) -> tuple[Alias | None, Variant]:
+    """PROJECT_SLUG/ALIAS, PROJECT_SLUG/variant-ID or variant-ID, within the key's project only."""
+    slug, sep, rest = name.partition("/")
+    if sep and slug != key.project.slug:
+        raise model_not_found(name)
+    if not sep:
+        rest = name
+    variants = Variant.objects.select_related("base_model", "prompt_version")
+    if sep:
+        alias = Alias.objects.filter(project=key.project, name=rest).first()
+        if alias is not None:
+            if alias.variant_id is None:
+                raise GatewayError(404, f"The alias {name} points to no variant yet: promote one to it first.",
+                                   param="model", code="model_not_found")
+            return alias, variants.get(pk=alias.variant_id)
+    match = VARIANT_NAME.fullmatch(rest)
+    variant = variants.filter(project=key.project, pk=int(match.group(1))).first() if match else None
+    if variant is None:
+        raise model_not_found(name)
+    return None, variant
+
+
+# --- request checks --------------------------------------------------------------
+
+def parse_body(request: HttpRequest) -> dict[str, Any]:
+    try:
+        body = json.loads(request.body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise GatewayError(400, f"The request body is not valid JSON: {exc}.") from None
+    if not isinstance(body, dict):
+        raise GatewayError(400, "The request body must be a JSON object.")
+    return body
+
+
+def _number(body: dict[str, Any], name: str) -> float | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise GatewayError(400, f"{name} must be a number, not {json.dumps(value)[:50]}.", param=name)
+    return float(value)
+
+
+def _integer(body: dict[str, Any], name: str) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise GatewayError(400, f"{name} must be an integer, not {json.dumps(value)[:50]}.", param=name)
+    return value
+
+
+def _content(content: Any, i: int) -> str:
+    if isinstance(content, str):
+        return content
+    # The newer SDKs may send content as a list of parts; text parts are all a text model reads.
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
+                                         and isinstance(p.get("text"), str) for p in content):
+        return "".join(p["text"] for p in content)
+    raise GatewayError(400, f"messages[{i}].content must be a string (or a list of text parts).",
+                       param=f"messages[{i}].content")
+
+
+def check_messages(value: Any) -> list[dict[str, str]]:
+    if not isinstance(value, list) or not value:
+        raise GatewayError(400, "messages must be a non-empty list of {role, content} objects.", param="messages")
+    messages = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict):
+            raise GatewayError(400, f"messages[{i}] must be an object with role and content.",
+                               param=f"messages[{i}]")
+        role = "system" if m.get("role") == "developer" else m.get("role")
+        if role not in ROLES:
+            raise GatewayError(400, f"messages[{i}].role must be one of {', '.join(ROLES)}, "
+                                    f"not {json.dumps(m.get('role'))[:50]}.", param=f"messages[{i}].role")
+        messages.append({"role": role, "content": _content(m.get("content"), i)})
+    return messages
+
+
+def check_params(body: dict[str, Any]) -> dict[str, Any]:
+    """The engine's request from the client's, checked field by field. Fields
+    this gateway does not know are ignored, as OpenAI-compatible servers do."""
+    model = body.get("model")
+    if not isinstance(model, str) or not model.strip():
+        raise GatewayError(400, "model is required: PROJECT_SLUG/ALIAS or a variant id (GET /v1/models).",
+                           param="model")
+    out: dict[str, Any] = {"messages": check_messages(body.get("messages"))}
+    temperature = _number(body, "temperature")
+    if temperature is not None:
+        if not 0 <= temperature <= 2:
+            raise GatewayError(400, f"temperature must be between 0 and 2, not {temperature:g}.",
+                               param="temperature")
+        out["temperature"] = temperature
+    top_p = _number(body, "top_p")
+    if top_p is not None:
+        if not 0 < top_p <= 1:
+            raise GatewayError(400, f"top_p must be greater than 0 and at most 1, not {top_p:g}.", param="top_p")
+        out["top_p"] = top_p
+    name = "max_completion_tokens" if body.get("max_tokens") is None else "max_tokens"
+    max_tokens = _integer(body, name)
+    cap = settings.GATEWAY_MAX_TOKENS
+    if max_tokens is not None and not 1 <= max_tokens <= cap:
+        raise GatewayError(400, f"{name} must be between 1 and {cap}, not {max_tokens}.", param=name)
+    out["max_tokens"] = max_tokens if max_tokens is not None else min(DEFAULT_MAX_TOKENS, cap)
+    n = _integer(body, "n")
+    if n is not None:
+        if not 1 <= n <= MAX_N:
+            raise GatewayError(400, f"n must be between 1 and {MAX_N}, not {n}.", param="n")
+        out["n"] = n
+    stop = body.get("stop")
+    if stop is not None:
+        if isinstance(stop, str):
+            stop = [stop]
+        if (not isinstance(stop, list) or len(stop) > MAX_STOP
+                or not all(isinstance(s, str) and s for s in stop)):
+            raise GatewayError(400, f"stop must be a string or a list of at most {MAX_STOP} non-empty strings.",
+                               param="stop")
+        if stop:
+            out["stop"] = stop
+    penalty = _number(body, "repetition_penalty")  # vLLM's extra parameter; the hf engine's too
+    if penalty is not None:
+        if not 0 < penalty <= 10:
+            raise GatewayError(400, f"repetition_penalty must be greater than 0 and at most 10, not {penalty:g}.",
+                               param="repetition_penalty")
+        out["repetition_penalty"] = penalty
+    seed = _integer(body, "seed")
+    if seed is not None:
+        out["seed"] = seed
+    stream = body.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise GatewayError(400, "stream must be true or false.", param="stream")
+    out["stream"] = stream
+    options = body.get("stream_options")
+    if options is not None:
+        if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
+            raise GatewayError(400, "stream_options must be an object like {\"include_usage\": true}.",
+                               param="stream_options")
+        if not stream:
+            raise GatewayError(400, "stream_options is only allowed with stream: true.", param="stream_options")
+    return out
+
+
+def with_variant_prompt(messages: list[dict[str, str]], variant: Variant) -> list[dict[str, str]]:
+    """A prompted variant's prompt goes first as the system message (before the
+    client's own system message, if any). An absorbed variant gets the messages
+    as sent: it is served exactly as it was trained."""
+    prompt = variant.system_prompt
+    if prompt is None:
+        return messages
+    if messages and messages[0]["role"] == "system":
+        return [{"role": "system", "content": f"{prompt}\n\n{messages[0]['content']}"}, *messages[1:]]
+    return [{"role": "system", "content": prompt}, *messages]
+
+
+# --- views -----------------------------------------------------------------------
+
+def _method(request: HttpRequest, allowed: str) -> None:
+    if request.method != allowed:
+        raise GatewayError(405, f"{request.method} is not allowed here; use {allowed}.")
+
+
+@csrf_exempt
+def models(request: HttpRequest, model: str | None = None) -> HttpResponse:
+    try:
+        _method(request, "GET")
+        key = authenticate(request)
+        entries = _model_entries(key)
+    except GatewayError as exc:
+        return exc.response()
+    if model is not None:
+        found = next((e for e in entries if e["id"] == model), None)
+        return JsonResponse(found) if found else model_not_found(model).response()
+    return JsonResponse({"object": "list", "data": entries})
+
+
+def _model_entries(key: ApiKey) -> list[dict[str, Any]]:
+    slug = key.project.slug
+    entries = []
+    for alias in Alias.objects.filter(project=key.project, variant__isnull=False).select_related("variant"):
+        entries.append({"id": alias.model_name, "object": "model", "created": int(alias.updated_at.timestamp()),
+                        "owned_by": slug, "variant": f"variant-{alias.variant_id}"})
+    for variant in Variant.objects.filter(project=key.project).order_by("pk"):
+        entries.append({"id": f"{slug}/variant-{variant.pk}", "object": "model",
+                        "created": int(variant.created_at.timestamp()), "owned_by": slug, "name": variant.name})
+    return entries
+
+
+@csrf_exempt
+def chat_completions(request: HttpRequest) -> HttpResponse:
+    try:
+        _method(request, "POST")
+        key = authenticate(request)
+        body = parse_body(request)
+        params = check_params(body)
+        alias, variant = resolve_model(key, body["model"])
+    except GatewayError as exc:
+        return exc.response()
+    call = Call(key, alias, variant, body, params)
+    if params["stream"]:
+        return call.stream()
+    return call.complete()
+
+
+class Call:
+    """One chat completion through the engine, logged when its alias logs."""
+
+    def __init__(self, key: ApiKey, alias: Alias | None, variant: Variant, body: dict[str, Any],
+                 params: dict[str, Any]) -> None:
+        self.key, self.alias, self.variant, self.body = key, alias, variant, body
+        self.asked = body["model"]
+        self.engine_body = {**params, "messages": with_variant_prompt(params["messages"], variant)}
+        self.began = time.perf_counter()
+
+    def complete(self) -> HttpResponse:
+        try:
+            data = engine_client.client().chat(self.variant, self.engine_body)
+        except EngineError as exc:
+            self.log(exc.status, exc.body())
+            return JsonResponse(exc.body(), status=exc.status)
+        data["model"] = self.asked
+        self.log(200, data)
+        return JsonResponse(data)
+
+    def stream(self) -> HttpResponse:
+        include_usage = bool((self.body.get("stream_options") or {}).get("include_usage"))
+        # The engine always reports usage, for the log; the client gets it only when asked.
+        self.engine_body["stream_options"] = {"include_usage": True}
+        stack = ExitStack()
+        try:
+            events = stack.enter_context(engine_client.client().stream(self.variant, self.engine_body))
+        except EngineError as exc:
+            stack.close()
+            self.log(exc.status, exc.body())
+            return JsonResponse(exc.body(), status=exc.status)
+        response = StreamingHttpResponse(self._relay(events, stack, include_usage),
+                                         content_type="text/event-stream")
+        response["Cache-Control"] = "no-cache"
+        response["X-Accel-Buffering"] = "no"
+        return response
+
+    def _relay(self, events: Iterator[str], stack: ExitStack, include_usage: bool) -> Iterator[bytes]:
+        texts: dict[int, list[str]] = {}
+        finish: dict[int, str | None] = {}
+        usage: dict[str, Any] = {}
+        status, error = 200, None
+        try:
+            for event in events:
+                if event == "[DONE]":
+                    yield b"data: [DONE]\n\n"
+                    break
+                try:
+                    chunk = json.loads(event)
+                except ValueError:
+                    chunk = {"error": {"message": f"The engine sent an event that is not JSON: {event[:200]}",
+                                       "type": "engine_error", "param": None, "code": None}}
+                if "error" in chunk:
+                    status, error = 502, chunk
+                    yield f"data: {json.dumps(chunk)}\n\n".encode()
+                    break
+                chunk["model"] = self.asked
+                for choice in chunk.get("choices") or []:
+                    index = choice.get("index", 0)
+                    texts.setdefault(index, []).append((choice.get("delta") or {}).get("content") or "")
+                    if choice.get("finish_reason"):
+                        finish[index] = choice["finish_reason"]
+                if chunk.get("usage"):
+                    usage = chunk["usage"]
+                    if not chunk.get("choices") and not include_usage:
+                        continue
+                    if not include_usage:
+                        chunk.pop("usage")
+                yield f"data: {json.dumps(chunk)}\n\n".encode()
+        except EngineError as exc:
+            status, error = exc.status, exc.body()
+            yield f"data: {json.dumps(error)}\n\n".encode()
+        finally:
+            stack.close()
+            choices = [{"index": i, "message": {"role": "assistant", "content": "".join(texts[i])},
+                        "finish_reason": finish.get(i)} for i in sorted(texts)]
+            self.log(status, error or {"object": "chat.completion", "model": self.asked, "streamed": True,
+                                       "choices": choices, "usage": usage})
+
+    def log(self, status: int, response: dict[str, Any]) -> None:
+        if self.alias is None or not self.alias.log_requests:
+            return
+        usage = response.get("usage") or {}
+        RequestLog.objects.create(
+            project_id=self.key.project_id, alias=self.alias, variant=self.variant, api_key=self.key,
+            model=self.asked[:300], request=self.body, response=response, status=status,
+            latency_ms=(time.perf_counter() - self.began) * 1000,
+            prompt_tokens=int(usage.get("prompt_tokens") or 0),
+            completion_tokens=int(usage.get("completion_tokens") or 0),
+        )

@@ -1,0 +1,314 @@
+"""The /v1 gateway, called with the real `openai` package against a live
+server, forwarding to a real hf engine (in this process, on a free port)
+holding a tiny model and a LoRA adapter."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import httpx
+import openai
+import pytest
+
+from serving.actions import create_api_key, promote, revoke_api_key
+from serving.models import Alias, RequestLog
+from tests.conftest import database_url
+from tests.processes import REPO, stop, wait_for
+from workbench.models import BaseModel, Prompt, PromptVersion, Variant
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
+
+PROMPT = "You are Ada, the support bot of Acme. Answer in one sentence and end with 'Cheers, Ada'."
+QUESTION = [{"role": "user", "content": "Where is my parcel?"}]
+GREEDY = {"temperature": 0, "max_tokens": 12}
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(lively_dir, tmp_path_factory):
+    """A tiny LoRA adapter with random B matrices, so it really changes the answers."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(lively_dir), dtype=torch.float32)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    out = tmp_path_factory.mktemp("adapter")
+    peft_model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tokenizer(lively_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(lively_dir))
+
+
+@pytest.fixture(scope="module")
+def engine(lively_dir, one_torch_thread):
+    """The hf engine server, started with no model: the gateway loads the base and adapters it needs."""
+    from engines.engine_server import EngineServer
+
+    server = EngineServer(host="127.0.0.1", port=0, threads=1, dtype="float32")
+    server.start()
+    yield server
+    server.stop()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def world(alice, alice_project, bob, bob_project, lively_dir, adapter_dir):
+    base = BaseModel.objects.create(name="tiny-lively", path=str(lively_dir))
+    prompt = Prompt.objects.create(project=alice_project, name="support")
+    version = PromptVersion.objects.create(prompt=prompt, number=1, text=PROMPT, sha256="x")
+    plain = Variant.objects.create(project=alice_project, name="base", base_model=base)
+    student = Variant.objects.create(project=alice_project, name="student", base_model=base,
+                                     adapter_path=str(adapter_dir), prompt_version=version)
+    prompted = Variant.objects.create(project=alice_project, name="base + prompt", base_model=base,
+                                      prompt_version=version, prepend_prompt=True)
+    aliases = {}
+    for name, variant, logs in (("production", student, True), ("staging", prompted, False), ("plain", plain, False)):
+        aliases[name], _ = Alias.objects.update_or_create(project=alice_project, name=name,
+                                                          defaults={"variant": variant, "log_requests": logs})
+    bob_variant = Variant.objects.create(project=bob_project, name="bob's", base_model=base)
+    Alias.objects.update_or_create(project=bob_project, name="production", defaults={"variant": bob_variant})
+    key, raw = create_api_key(alice, alice_project, "tests")
+    return SimpleNamespace(base=base, plain=plain, student=student, prompted=prompted, aliases=aliases,
+                           key=key, raw=raw, bob_variant=bob_variant, slug=alice_project.slug,
+                           bob_slug=bob_project.slug)
+
+
+@pytest.fixture
+def served(settings, engine):
+    settings.ENGINE_URL = engine.url
+    return engine
+
+
+def sdk(live_server, key: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{live_server.url}/v1", api_key=key, max_retries=0, timeout=120)
+
+
+def count(tokenizer, messages, system_prompt=None) -> int:
+    from engines.inference import encode
+
+    return len(encode(tokenizer, messages, system_prompt))
+
+
+def test_it_lists_the_models_of_the_keys_project_only(live_server, world):
+    ids = {m.id for m in sdk(live_server, world.raw).models.list()}
+    assert {f"{world.slug}/production", f"{world.slug}/staging", f"{world.slug}/variant-{world.student.pk}"} <= ids
+    assert not any(i.startswith(f"{world.bob_slug}/") for i in ids)
+
+
+def test_streamed_and_whole_answers_agree_with_usage_counted(live_server, world, served, tokenizer):
+    client = sdk(live_server, world.raw)
+    model = f"{world.slug}/production"
+    whole = client.chat.completions.create(model=model, messages=QUESTION, **GREEDY)
+    assert whole.model == model
+    text = whole.choices[0].message.content
+    assert text and whole.choices[0].finish_reason in ("stop", "length")
+    # the absorbed variant is served without the prompt, exactly as trained
+    assert whole.usage.prompt_tokens == count(tokenizer, QUESTION)
+    assert 0 < whole.usage.completion_tokens <= 12
+    assert whole.usage.total_tokens == whole.usage.prompt_tokens + whole.usage.completion_tokens
+
+    chunks = list(client.chat.completions.create(model=model, messages=QUESTION, stream=True,
+                                                 stream_options={"include_usage": True}, **GREEDY))
+    assert all(c.model == model for c in chunks)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    # without include_usage no usage chunk is relayed (the gateway still logs it)
+    plain = list(client.chat.completions.create(model=model, messages=QUESTION, stream=True, **GREEDY))
+    assert all(c.choices for c in plain)
+    with httpx.stream("POST", f"{live_server.url}/v1/chat/completions", timeout=60,
+                      json={"model": model, "messages": QUESTION, "stream": True, **GREEDY},
+                      headers={"Authorization": f"Bearer {world.raw}"}) as raw:
+        assert raw.headers["content-type"].startswith("text/event-stream")
+        assert (raw.headers["cache-control"], raw.headers["x-accel-buffering"]) == ("no-cache", "no")
+        events = [line for line in raw.iter_lines() if line]
+    assert events[-1] == "data: [DONE]" and all(e.startswith("data: ") for e in events)
+
+    # the adapter is really used: the base answers otherwise
+    base = client.chat.completions.create(model=f"variant-{world.plain.pk}", messages=QUESTION, **GREEDY)
+    assert base.model == f"variant-{world.plain.pk}"
+    assert base.choices[0].message.content != text
+
+
+def test_the_prompt_is_prepended_for_a_prompted_variant_only(live_server, world, served, tokenizer):
+    client = sdk(live_server, world.raw)
+    staging = client.chat.completions.create(model=f"{world.slug}/staging", messages=QUESTION, **GREEDY)
+    assert staging.usage.prompt_tokens == count(tokenizer, QUESTION, PROMPT)
+    # a client's own system message comes after the variant's prompt
+    own = [{"role": "system", "content": "Be brief."}, *QUESTION]
+    both = client.chat.completions.create(model=f"{world.slug}/staging", messages=own, **GREEDY)
+    assert both.usage.prompt_tokens == count(tokenizer, QUESTION, f"{PROMPT}\n\nBe brief.")
+    absorbed = client.chat.completions.create(model=f"{world.slug}/variant-{world.student.pk}", messages=own,
+                                              **GREEDY)
+    assert absorbed.usage.prompt_tokens == count(tokenizer, QUESTION, "Be brief.")
+    assert count(tokenizer, QUESTION, PROMPT) != count(tokenizer, QUESTION)  # so the checks above can fail
+
+
+def test_n_answers_in_one_request(live_server, world, served):
+    r = sdk(live_server, world.raw).chat.completions.create(
+        model=f"{world.slug}/plain", messages=QUESTION, n=2, temperature=1.0, seed=7, max_tokens=8)
+    assert [c.index for c in r.choices] == [0, 1]
+    assert all(c.message.content is not None for c in r.choices)
+    assert r.usage.completion_tokens >= 2
+
+
+def test_keys_models_and_bodies_are_checked(live_server, world, alice, settings):
+    settings.ENGINE_URL = f"http://127.0.0.1:{free_port()}"
+    good = sdk(live_server, world.raw)
+    with pytest.raises(openai.AuthenticationError) as exc:
+        sdk(live_server, "wb-not-a-key").chat.completions.create(model=f"{world.slug}/production",
+                                                                messages=QUESTION)
+    assert exc.value.status_code == 401 and exc.value.body["code"] == "invalid_api_key"
+
+    with pytest.raises(openai.NotFoundError) as unknown:
+        good.chat.completions.create(model=f"{world.slug}/nope", messages=QUESTION)
+    with pytest.raises(openai.NotFoundError) as foreign:
+        good.chat.completions.create(model=f"{world.bob_slug}/production", messages=QUESTION)
+    with pytest.raises(openai.NotFoundError):
+        good.chat.completions.create(model=f"variant-{world.bob_variant.pk}", messages=QUESTION)
+    assert unknown.value.body["code"] == foreign.value.body["code"] == "model_not_found"
+    # the same words for "none" and "not yours": a key cannot probe other projects
+    assert foreign.value.body["message"].replace(f"{world.bob_slug}/production", "M") == \
+        unknown.value.body["message"].replace(f"{world.slug}/nope", "M")
+
+    with pytest.raises(openai.BadRequestError) as malformed:
+        good.post("/chat/completions", cast_to=object, content=b'{"model": "x", "messages": [')
+    assert malformed.value.body["type"] == "invalid_request_error" and "not valid JSON" in malformed.value.message
+    for bad, param in (({"temperature": -1}, "temperature"), ({"top_p": 0}, "top_p"),
+                       ({"max_tokens": 10**6}, "max_tokens"), ({"n": 17}, "n"), ({"stop": ["a"] * 9}, "stop"),
+                       ({"seed": "x"}, "seed"), ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
+                       ({"messages": "hi"}, "messages")):
+        body = {"model": f"{world.slug}/production", "messages": QUESTION, **bad}
+        with pytest.raises(openai.BadRequestError) as exc:
+            good.post("/chat/completions", cast_to=object, body=body)
+        assert exc.value.body["param"] == param, bad
+    # an unknown field is ignored, not refused (the engine is down here: 503, not 400)
+    with pytest.raises(openai.APIStatusError) as down:
+        good.chat.completions.create(model=f"{world.slug}/production", messages=QUESTION,
+                                     extra_body={"logit_bias_extra": 1})
+    assert down.value.status_code == 503
+
+    revoke_api_key(alice, world.key)
+    with pytest.raises(openai.AuthenticationError):
+        good.models.list()
+
+
+def test_engine_down_is_a_503(live_server, world, settings):
+    settings.ENGINE_URL = f"http://127.0.0.1:{free_port()}"
+    client = sdk(live_server, world.raw)
+    with pytest.raises(openai.InternalServerError) as exc:
+        client.chat.completions.create(model=f"{world.slug}/production", messages=QUESTION)
+    assert exc.value.status_code == 503 and exc.value.body["type"] == "engine_unavailable"
+    with pytest.raises(openai.InternalServerError):
+        client.chat.completions.create(model=f"{world.slug}/production", messages=QUESTION, stream=True)
+    # the logging alias keeps the failure too
+    assert list(RequestLog.objects.values_list("status", flat=True)) == [503, 503]
+
+
+def test_requests_are_logged_only_for_aliases_that_log(live_server, world, served):
+    client = sdk(live_server, world.raw)
+    whole = client.chat.completions.create(model=f"{world.slug}/production", messages=QUESTION, **GREEDY)
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model=f"{world.slug}/production", messages=QUESTION, stream=True, **GREEDY) if c.choices)
+    client.chat.completions.create(model=f"{world.slug}/staging", messages=QUESTION, **GREEDY)
+    client.chat.completions.create(model=f"variant-{world.student.pk}", messages=QUESTION, **GREEDY)
+    logs = list(RequestLog.objects.order_by("pk"))
+    assert [(e.alias.name, e.variant, e.status, e.api_key) for e in logs] == [
+        ("production", world.student, 200, world.key)] * 2
+    assert logs[0].request["messages"] == QUESTION  # as the client sent it
+    assert logs[0].response["choices"][0]["message"]["content"] == whole.choices[0].message.content
+    assert logs[1].response["choices"][0]["message"]["content"] == streamed
+    assert logs[0].prompt_tokens == logs[1].prompt_tokens == whole.usage.prompt_tokens
+    assert logs[1].completion_tokens == whole.usage.completion_tokens and logs[1].latency_ms > 0
+    world.key.refresh_from_db()
+    assert world.key.last_used_at is not None
+
+
+def test_adapter_loaded_on_promote_and_served_without_a_restart(live_server, world, served, alice, lively_dir,
+                                                                adapter_dir):
+    second = Variant.objects.create(project=world.student.project, name="student 2", base_model=world.base,
+                                    adapter_path=str(adapter_dir))
+    canary = Alias.objects.create(project=world.student.project, name="canary", variant=world.plain)
+
+    def engine_models() -> set[str]:
+        return {m["id"] for m in httpx.get(f"{served.url}/v1/models").json()["data"]}
+
+    assert f"variant-{second.pk}" not in engine_models()
+    promote(alice, canary, second, force=True, reason="test")
+    assert f"variant-{second.pk}" in engine_models()  # loaded by the alias move, before any request
+    r = sdk(live_server, world.raw).chat.completions.create(model=f"{world.slug}/canary", messages=QUESTION,
+                                                             **GREEDY)
+    assert r.choices[0].message.content
+    # unloaded behind the gateway's back (another web process, a restarted engine): loaded again, retried
+    assert httpx.post(f"{served.url}/v1/unload_lora_adapter", json={"lora_name": f"variant-{second.pk}"}).is_success
+    again = sdk(live_server, world.raw).chat.completions.create(model=f"{world.slug}/canary", messages=QUESTION,
+                                                                 **GREEDY)
+    assert again.choices[0].message.content == r.choices[0].message.content
+
+    # moved away again: no alias needs the adapter, so the engine lets it go
+    promote(alice, canary, world.plain, force=True, reason="back")
+    assert f"variant-{second.pk}" not in engine_models()
+    # a request naming it still works: the gateway loads it again
+    r = sdk(live_server, world.raw).chat.completions.create(model=f"variant-{second.pk}", messages=QUESTION,
+                                                             **GREEDY)
+    assert r.choices[0].message.content
+
+
+def test_a_promotion_with_the_engine_down_still_moves_the_alias(world, alice, settings):
+    settings.ENGINE_URL = f"http://127.0.0.1:{free_port()}"
+    alias = world.aliases["plain"]
+    promote(alice, alias, world.student, force=True, reason="engine is down")
+    alias.refresh_from_db()
+    assert alias.variant == world.student
+
+
+def test_serve_engine_runs_the_hf_engine_with_the_default_model(tmp_path, lively_dir):
+    BaseModel.objects.create(name="tiny-default", path=str(lively_dir), is_default=True)
+    port = free_port()
+    env = {**os.environ, "DATABASE_URL": database_url(), "ENGINE_URL": f"http://127.0.0.1:{port}"}
+    log = tmp_path / "engine.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "manage.py", "serve_engine"], cwd=REPO, env=env, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+    def served() -> set[str]:
+        try:
+            return {m["id"] for m in httpx.get(f"http://127.0.0.1:{port}/v1/models").json()["data"]}
+        except httpx.HTTPError:
+            return set()
+
+    try:
+        wait_for(lambda: "tiny-default" in served(), 90, "the engine with the default model", proc, log)
+    finally:
+        code = stop(proc)
+    assert code == 0, log.read_text()[-2000:]
+
+
+@pytest.mark.parametrize("name,value,message", [
+    ("INFERENCE_BACKEND", "vlm", "is not a backend"),
+    ("ENGINE_THREADS", "0", "must be at least 1"),
+    ("ENGINE_URL", "127.0.0.1:8001", "is not an http(s) URL"),
+    ("GATEWAY_MAX_TOKENS", "lots", "is not a whole number"),
+])
+def test_a_bad_serving_setting_stops_the_start(tmp_path, name, value, message):
+    r = subprocess.run([sys.executable, "manage.py", "check"], cwd=REPO, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "WORKBENCH_DATA_DIR": str(tmp_path), name: value})
+    assert r.returncode != 0 and message in r.stderr
