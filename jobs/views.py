@@ -30,7 +30,11 @@ def _list_context(project: Project, form: AbsorbForm) -> dict[str, Any]:
 def job_list(request: HttpRequest, slug: str) -> HttpResponse:
     project = get_project(request, slug)
     preselect = request.GET.get("dataset_version", "")
-    form = AbsorbForm(project, initial={"dataset_version": preselect, "mode": "finetune"} if preselect else None)
+    initial = {"dataset_version": preselect, "mode": "finetune"} if preselect else {}
+    if request.GET.get("prompt_version"):
+        # Re-absorbing a stale variant: its new prompt needs new teacher answers.
+        initial.update({k: v for k in ("prompt_version", "base_model") if (v := request.GET.get(k))}, mode="absorb")
+    form = AbsorbForm(project, initial=initial or None)
     ctx = _list_context(project, form)
     if request.htmx and request.htmx.target == "job-table":
         return render(request, "jobs/job_list.html#job-table", ctx)

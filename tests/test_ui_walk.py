@@ -109,6 +109,9 @@ def test_every_page_loads_without_a_console_error_or_failed_request(page, world,
         reverse("evals_home", args=[slug]), w["suite"].get_absolute_url(),
         reverse("side_by_side", args=[slug, w["suite"].pk]), w["run"].get_absolute_url(),
         w["comparison"].get_absolute_url(),
+        reverse("serving_home", args=[slug]), reverse("serving_alias", args=[slug, "production"]),
+        reverse("serving_promote", args=[slug]) + f"?alias=production&variant={w['variant'].pk}",
+        reverse("serving_variants", args=[slug]), reverse("serving_keys", args=[slug]),
     ]
     for n, url in enumerate(urls):
         page.goto(url)

@@ -1,0 +1,60 @@
+from __future__ import annotations
+
+from typing import Any
+
+from django import forms
+
+from evals.models import EvalSuite
+from serving.models import Alias
+from workbench.models import Project, Variant
+
+
+class AliasForm(forms.Form):
+    name = forms.SlugField(max_length=50, label="New alias",
+                           help_text="Lowercase letters, digits, - and _; clients call PROJECT/NAME.")
+
+
+class GateForm(forms.ModelForm):
+    class Meta:
+        model = Alias
+        fields = ["gating_suite", "min_all_rules", "min_retained_lower", "max_regression", "log_requests"]
+        labels = {"gating_suite": "Gating suite", "min_all_rules": "Minimum all-rules compliance",
+                  "min_retained_lower": "Minimum prompt effect retained (lower CI bound)",
+                  "max_regression": "Largest drop on the main metric vs the holder",
+                  "log_requests": "log requests"}
+
+    def __init__(self, project: Project, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        suite = self.fields["gating_suite"]
+        suite.queryset = EvalSuite.objects.filter(project=project)  # type: ignore[attr-defined]
+        suite.empty_label = "none: promotions are not gated"  # type: ignore[attr-defined]
+        suite.help_text = "A candidate needs a finished eval run on it; the rules below are measured there."
+        for name in ("min_all_rules", "min_retained_lower", "max_regression"):
+            self.fields[name].widget.attrs.update(step="any", placeholder="no rule")
+
+
+class PromoteForm(forms.Form):
+    variant = forms.ModelChoiceField(queryset=Variant.objects.none(), empty_label=None)
+
+    def __init__(self, project: Project, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        field = self.fields["variant"]
+        field.queryset = Variant.objects.filter(project=project).select_related(  # type: ignore[attr-defined]
+            "base_model")
+        field.label_from_instance = variant_label  # type: ignore[attr-defined]
+
+
+class ConfirmForm(forms.Form):
+    variant = forms.IntegerField(widget=forms.HiddenInput)
+    reason = forms.CharField(widget=forms.Textarea(attrs={"rows": 2}), required=False,
+                             help_text="Kept in the audit trail. Required to override a failed gate.")
+    force = forms.BooleanField(required=False, widget=forms.HiddenInput)
+
+
+class ApiKeyForm(forms.Form):
+    name = forms.CharField(max_length=100, required=False, help_text="Who or what uses it, e.g. “support bot”.")
+
+
+def variant_label(v: Variant) -> str:
+    kind = "base" if v.is_base else ("adapter" if v.adapter_path else "prompted")
+    return f"#{v.pk} {v.name} ({kind}, {v.base_model.name})"

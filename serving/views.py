@@ -1,0 +1,228 @@
+"""Pages of promotion: aliases and their audit trail, the gated promote
+flow (verdict shown before the user confirms), variants with lineage, and
+the project's API keys."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.db.models import Prefetch
+from django.http import HttpRequest, HttpResponse
+from django.shortcuts import get_object_or_404, redirect, render
+from django.urls import reverse
+from django.views.decorators.http import require_POST
+
+from serving import actions
+from serving.forms import AliasForm, ApiKeyForm, ConfirmForm, GateForm, PromoteForm
+from serving.gate import evaluate_gate
+from serving.models import Alias, AliasMove
+from workbench.actions import ActionError
+from workbench.models import DatasetVersion, Project, PromptVersion, Variant
+from workbench.shortcuts import get_project
+
+LAST_MOVES = Prefetch("moves", queryset=AliasMove.objects.select_related("user", "from_variant", "to_variant"))
+
+
+def _alias(project: Project, name: str) -> Alias:
+    return get_object_or_404(Alias.objects.select_related("project", "variant__base_model", "gating_suite"),
+                             project=project, name=name)
+
+
+def _home(request: HttpRequest, project: Project, alias_form: AliasForm, status: int = 200) -> HttpResponse:
+    actions.ensure_default_aliases(project)
+    aliases = list(project.aliases.select_related("variant__base_model", "gating_suite").prefetch_related(LAST_MOVES))
+    rows = [{"alias": a, "last": next(iter(a.moves.all()), None), "moves": len(a.moves.all())} for a in aliases]
+    return render(request, "serving/home.html", {"project": project, "rows": rows, "alias_form": alias_form,
+                                                 "api_base": _api_base(request)}, status=status)
+
+
+def _api_base(request: HttpRequest) -> str:
+    return request.build_absolute_uri("/v1")
+
+
+@login_required
+def serving_home(request: HttpRequest, slug: str) -> HttpResponse:
+    return _home(request, get_project(request, slug), AliasForm())
+
+
+@login_required
+@require_POST
+def alias_create(request: HttpRequest, slug: str) -> HttpResponse:
+    project = get_project(request, slug)
+    form = AliasForm(request.POST)
+    if form.is_valid():
+        try:
+            alias = actions.create_alias(request.user, project, form.cleaned_data["name"])
+        except ActionError as exc:
+            form.add_error("name", str(exc))
+        else:
+            messages.success(request, f"Alias {alias.model_name} created: promote a variant to it.")
+            return redirect("serving_alias", slug, alias.name)
+    return _home(request, project, form, status=400)
+
+
+def _detail(request: HttpRequest, alias: Alias, gate_form: GateForm, status: int = 200) -> HttpResponse:
+    project = alias.project
+    actions.ensure_base_variants(project)
+    moves = alias.moves.select_related("user", "from_variant", "to_variant")
+    last, target = actions.rollback_target(alias)
+    ctx = {"project": project, "alias": alias, "moves": moves, "gate_form": gate_form,
+           "promote_form": PromoteForm(project), "rollback_to": target,
+           "holder_verdict": evaluate_gate(alias, alias.variant) if alias.variant else None}
+    return render(request, "serving/alias_detail.html", ctx, status=status)
+
+
+@login_required
+def alias_detail(request: HttpRequest, slug: str, alias_name: str) -> HttpResponse:
+    alias = _alias(get_project(request, slug), alias_name)
+    return _detail(request, alias, GateForm(alias.project, instance=alias))
+
+
+@login_required
+@require_POST
+def alias_gate(request: HttpRequest, slug: str, alias_name: str) -> HttpResponse:
+    alias = _alias(get_project(request, slug), alias_name)
+    form = GateForm(alias.project, request.POST, instance=Alias.objects.get(pk=alias.pk))
+    if form.is_valid():
+        d = form.cleaned_data
+        try:
+            actions.update_gate(request.user, alias, gating_suite=d["gating_suite"], min_all_rules=d["min_all_rules"],
+                                min_retained_lower=d["min_retained_lower"], max_regression=d["max_regression"],
+                                log_requests=d["log_requests"])
+        except ActionError as exc:
+            form.add_error(None, str(exc))
+        else:
+            messages.success(request, f"Gate of {alias.model_name} saved.")
+            return redirect("serving_alias", slug, alias.name)
+    return _detail(request, alias, form, status=400)
+
+
+@login_required
+@require_POST
+def alias_rollback(request: HttpRequest, slug: str, alias_name: str) -> HttpResponse:
+    alias = _alias(get_project(request, slug), alias_name)
+    try:
+        move = actions.rollback(request.user, alias, request.POST.get("reason", ""))
+    except ActionError as exc:
+        messages.error(request, str(exc))
+    else:
+        messages.success(request, f"{alias.model_name} rolled back to {move.to_variant}.")
+    return redirect("serving_alias", slug, alias.name)
+
+
+@login_required
+def promote(request: HttpRequest, slug: str) -> HttpResponse:
+    """GET ?alias=&variant=: the verdict with its numbers and a confirm form;
+    POST: promote (or override, with a reason). Without an alias or a
+    variant the page asks for it."""
+    project = get_project(request, slug)
+    actions.ensure_base_variants(project)
+    actions.ensure_default_aliases(project)
+    data = request.POST if request.method == "POST" else request.GET
+    aliases = list(project.aliases.all())
+    alias = next((a for a in aliases if a.name == data.get("alias")), None)
+    variant_id = data.get("variant", "")
+    variant = (get_object_or_404(Variant.objects.select_related("base_model", "prompt_version__prompt"),
+                                 project=project, pk=variant_id) if variant_id.isdigit() else None)
+    if data.get("alias") and alias is None:
+        return render(request, "404.html", {"project": project}, status=404)
+    if alias is None or variant is None:
+        return render(request, "serving/promote_pick.html", {
+            "project": project, "aliases": aliases, "alias": alias, "variant": variant,
+            "form": PromoteForm(project, initial={"variant": variant.pk} if variant else None)})
+    alias = _alias(project, alias.name)
+    form = ConfirmForm(request.POST if request.method == "POST" else None,
+                       initial={"variant": variant.pk})
+    status = 200
+    if request.method == "POST" and form.is_valid():
+        force = bool(form.cleaned_data["force"])
+        try:
+            move = actions.promote(request.user, alias, variant, force=force, reason=form.cleaned_data["reason"])
+        except ActionError as exc:
+            form.add_error(None, str(exc))
+            status = 400
+        else:
+            how = ", the gate overridden" if move.action == AliasMove.OVERRIDE else ""
+            messages.success(request, f"{alias.model_name} now serves {variant}{how}.")
+            return redirect("serving_alias", slug, alias.name)
+    elif request.method == "POST":
+        status = 400
+    verdict = evaluate_gate(alias, variant)
+    ctx = {"project": project, "alias": alias, "variant": variant, "verdict": verdict, "form": form,
+           "already": alias.variant_id == variant.pk}
+    return render(request, "serving/promote_confirm.html", ctx, status=status)
+
+
+def _lineage(project: Project, variants: list[Variant]) -> list[dict[str, Any]]:
+    # Variant.newer_prompt_version() for all variants at once: one query, not one per variant.
+    latest: dict[int, PromptVersion] = {}
+    for pv in PromptVersion.objects.filter(prompt__project=project).select_related("prompt").order_by("number"):
+        latest[pv.prompt_id] = pv
+    rows = []
+    for v in variants:
+        top = latest.get(v.prompt_version.prompt_id) if v.adapter_path and v.prompt_version else None
+        newer = top if top is not None and v.prompt_version and top.number > v.prompt_version.number else None
+        rows.append({"variant": v, "newer": newer, "aliases": [a.name for a in v.aliases.all()],
+                     "jobs": list(v.jobs.all()), "source": _source(v.dataset_version)})
+    return rows
+
+
+def _source(version: DatasetVersion | None) -> DatasetVersion | None:
+    """The data a re-absorb starts from: the upload the teacher answered,
+    not the old teacher answers."""
+    while version is not None and version.kind != DatasetVersion.UPLOAD and version.parent_id:
+        version = version.parent
+    return version
+
+
+@login_required
+def variant_list(request: HttpRequest, slug: str) -> HttpResponse:
+    project = get_project(request, slug)
+    actions.ensure_base_variants(project)
+    variants = list(project.variants.select_related("base_model", "prompt_version__prompt",
+                                                    "dataset_version__dataset", "dataset_version__parent")
+                    .prefetch_related("aliases", "jobs"))
+    return render(request, "serving/variants.html", {"project": project, "rows": _lineage(project, variants)})
+
+
+def _keys_page(request: HttpRequest, project: Project, form: ApiKeyForm, new: tuple[Any, str] | None = None,
+               status: int = 200) -> HttpResponse:
+    keys = project.api_keys.select_related("created_by")
+    actions.ensure_default_aliases(project)
+    example_alias = "production"
+    return render(request, "serving/keys.html", {
+        "project": project, "keys": keys, "form": form, "new_key": new[0] if new else None,
+        "raw_key": new[1] if new else None, "api_base": _api_base(request),
+        "example_model": f"{project.slug}/{example_alias}"}, status=status)
+
+
+@login_required
+def api_keys(request: HttpRequest, slug: str) -> HttpResponse:
+    """GET: the keys; POST: a new key, whose raw value is in this response
+    only (never stored, never shown again)."""
+    project = get_project(request, slug)
+    if request.method != "POST":
+        return _keys_page(request, project, ApiKeyForm())
+    form = ApiKeyForm(request.POST)
+    if not form.is_valid():
+        return _keys_page(request, project, form, status=400)
+    key, raw = actions.create_api_key(request.user, project, form.cleaned_data["name"])
+    response = _keys_page(request, project, ApiKeyForm(), new=(key, raw))
+    response["Cache-Control"] = "no-store"
+    return response
+
+
+@login_required
+@require_POST
+def api_key_revoke(request: HttpRequest, slug: str, key_id: int) -> HttpResponse:
+    project = get_project(request, slug)
+    key = get_object_or_404(project.api_keys, pk=key_id)
+    try:
+        actions.revoke_api_key(request.user, key)
+    except ActionError as exc:
+        messages.error(request, str(exc))
+    else:
+        messages.success(request, f"Key {key.prefix}… revoked: requests with it now get 401.")
+    return redirect(reverse("serving_keys", args=[slug]))
