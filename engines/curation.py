@@ -222,3 +222,82 @@ def pass_rates(answers: Sequence[str], rules: Sequence[Rule]) -> dict[str, Any]:
         "all_rules": sum(all(c.values()) for c in checks) / total,
         "rules": {r.name: sum(c[r.name] for c in checks) / total for r in rules},
     }
+
+
+@dataclass(frozen=True)
+class CurationSettings:
+    """How teacher answers are curated. The defaults are what the workbench
+    does when a prompt has checkable rules."""
+
+    best_of: int = 4
+    temperature: float = 0.7  # sampling for best-of-N (N=1 keeps the generation settings)
+    top_p: float = 0.95
+    prefill: bool = True
+    repairs: tuple[str, ...] = tuple(REPAIRS)
+
+    def __post_init__(self) -> None:
+        errors = []
+        if not isinstance(self.best_of, int) or isinstance(self.best_of, bool) or not 1 <= self.best_of <= 16:
+            errors.append(f"best_of must be a whole number from 1 to 16, got {self.best_of!r}")
+        if not isinstance(self.temperature, (int, float)) or not 0 <= self.temperature <= 5:
+            errors.append(f"temperature must be between 0 and 5, got {self.temperature!r}")
+        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+            errors.append(f"top_p must be in (0, 1], got {self.top_p!r}")
+        unknown = [r for r in self.repairs if r not in REPAIRS]
+        if unknown:
+            errors.append(f"unknown repair(s) {', '.join(unknown)} (known: {', '.join(REPAIRS)})")
+        if errors:
+            raise ValueError("; ".join(errors))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> CurationSettings:
+        data = dict(data or {})
+        if "repairs" in data:
+            data["repairs"] = tuple(data["repairs"])
+        unknown = set(data) - {"best_of", "temperature", "top_p", "prefill", "repairs"}
+        if unknown:
+            raise ValueError(f"unknown curation setting(s): {', '.join(sorted(unknown))}")
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"best_of": self.best_of, "temperature": self.temperature, "top_p": self.top_p,
+                "prefill": self.prefill, "repairs": list(self.repairs)}
+
+
+@dataclass
+class Curated:
+    """One query's final answer and how it was made."""
+
+    text: str
+    raw: str  # the first sample, as generated
+    picked: str  # the best-of-N pick, before repairs
+    record: dict[str, Any]
+    failing: list[str]
+
+
+def curate(samples: Sequence[str], rules: Sequence[Rule], settings: CurationSettings,
+           opening: str | None = None) -> Curated:
+    """Pick the best sample and repair it; the record says which sample won,
+    each sample's rule count, the opening used and every repair made."""
+    best, passed = pick_best(samples, rules)
+    fixed = repair(samples[best], rules, enabled=settings.repairs)
+    failing = [name for name, ok in check_all(rules, fixed.text).items() if not ok]
+    record: dict[str, Any] = {"samples": len(samples), "picked": best, "passed": passed,
+                              "repairs": [c.to_dict() for c in fixed.changes]}
+    if opening:
+        record["opening"] = opening
+    return Curated(text=fixed.text, raw=samples[0], picked=samples[best], record=record, failing=failing)
+
+
+def quality_report(curated: Sequence[Curated], rules: Sequence[Rule], settings: CurationSettings,
+                   opening: str | None) -> dict[str, Any]:
+    """Pass rates of the answers after each step: the first sample (with the
+    opening when prefilled), the best-of-N pick, the repairs."""
+    steps = [{"step": "raw (first sample" + (", prefilled)" if opening else ")"),
+              **pass_rates([c.raw for c in curated], rules)}]
+    if settings.best_of > 1:
+        steps.append({"step": f"best of {settings.best_of}", **pass_rates([c.picked for c in curated], rules)})
+    if settings.repairs:
+        steps.append({"step": "repairs", **pass_rates([c.text for c in curated], rules)})
+    return {"rule_names": [r.name for r in rules], "steps": steps,
+            "settings": {**settings.to_dict(), "opening": opening}}

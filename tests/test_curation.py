@@ -92,3 +92,40 @@ def test_pass_rates():
     report = pass_rates(["hi there! ok - lumen support", "nope"], RULES)
     assert report["rows"] == 2 and report["all_rules"] == 0.5
     assert report["rules"]["greeting"] == 0.5 and report["rules"]["lower"] == 1.0
+
+
+@pytest.fixture(scope="module")
+def lively(lively_dir, one_torch_thread):
+    from engines.inference import load_model
+
+    return load_model(lively_dir, device="cpu", dtype=__import__("torch").float32)
+
+
+def test_an_opening_starts_every_answer_and_the_model_continues_it(lively):
+    from engines.inference import GenerationSettings, encode, generate
+
+    convs = [[{"role": "user", "content": q}] for q in ("where is my photo?", "how much is the plan?", "hi")]
+    settings = GenerationSettings(max_new_tokens=6, temperature=0.0)
+    answers = generate(lively, convs, "You are a bot.", settings, opening="hi there!")
+    assert all(a.text.startswith("hi there!") and len(a.text) > len("hi there!") for a in answers)
+    # The prompt tokens include the opening: the model continues it rather than starting over.
+    assert answers[0].prompt_tokens == len(encode(lively.tokenizer, convs[0], "You are a bot.", "hi there!"))
+
+
+def test_best_of_n_picks_the_rule_maximising_sample_on_a_seeded_model(lively):
+    from engines.inference import GenerationSettings, generate_samples
+
+    rules = validate_rules([{"name": "short", "kind": "max_words", "n": 3},
+                            {"name": "no e", "kind": "not_contains", "text": "e"}])
+    convs = [[{"role": "user", "content": f"question {i}"}] for i in range(3)]
+    settings = GenerationSettings(max_new_tokens=8, temperature=1.0, top_p=1.0, seed=7)
+    groups = generate_samples(lively, convs, None, settings, samples=4)
+    again = generate_samples(lively, convs, None, settings, samples=4)
+    assert [[c.text for c in g] for g in groups] == [[c.text for c in g] for g in again]  # seeded
+    assert [len(g) for g in groups] == [4, 4, 4]
+    assert any(len({c.text for c in g}) > 1 for g in groups)  # sampling gives different answers
+    for group in groups:
+        texts = [c.text for c in group]
+        best, passed = pick_best(texts, rules)
+        assert passed[best] == max(passed)
+        assert passed == [sum(check_all(rules, t).values()) for t in texts]
