@@ -9,6 +9,7 @@ at a time, and the answers come back in input order. Plain Python: no Django.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Sequence
@@ -99,6 +100,7 @@ def generate_remote(
     timeout: float = DEFAULT_TIMEOUT,
     progress: ProgressFn | None = None,
     should_stop: StopFn | None = None,
+    opening: str | None = None,
 ) -> list[Completion]:
     """Answer every conversation through `base_url` (the server root, without
     /v1) as `model` (a base name or a loaded adapter name), in input order.
@@ -107,7 +109,10 @@ def generate_remote(
     system message, None means none; `progress` gets a Progress (unit
     "conversations") as answers arrive; `should_stop()` is checked before each
     request and raises GenerationCancelled. Any failed request raises
-    RemoteGenerationError naming the URL (nothing partial is returned)."""
+    RemoteGenerationError naming the URL (nothing partial is returned).
+    With `opening`, every answer begins with that text: it is sent as the
+    final assistant message to continue (vLLM's `continue_final_message`,
+    which the hf engine server speaks too)."""
     import httpx
 
     settings = settings or GenerationSettings()
@@ -127,7 +132,11 @@ def generate_remote(
         if cancelled.is_set() or (should_stop is not None and should_stop()):
             cancelled.set()
             return
-        body = request_body(model, conversation_messages(conversations[index], system_prompt), settings)
+        messages = conversation_messages(conversations[index], system_prompt)
+        body = request_body(model, messages, settings)
+        if opening:
+            body["messages"] = [*messages, {"role": "assistant", "content": opening}]
+            body.update(continue_final_message=True, add_generation_prompt=False)
         began = time.perf_counter()
         try:
             response = client.post(url, json=body, headers=headers)
@@ -137,6 +146,8 @@ def generate_remote(
             raise RemoteGenerationError(
                 f"the engine at {url} answered {response.status_code} for model {model!r}: {_error_detail(response)}")
         completion = _completion(response.json(), time.perf_counter() - began, url)
+        if opening:
+            completion = dataclasses.replace(completion, text=opening + completion.text)
         with lock:
             results[index] = completion
             done += 1

@@ -99,6 +99,9 @@ class ChatRequest:
     n: int = 1
     stream: bool = False
     include_usage: bool = False
+    # vLLM's continue_final_message: the answer already begins with this text
+    # (the final assistant message) and the model continues it.
+    opening: str | None = None
 
     @property
     def system_prompt(self) -> str | None:
@@ -179,8 +182,17 @@ def parse_chat_request(body: Any) -> ChatRequest:
         first = next(iter(exc.errors))
         detail = "; ".join(f"{PARAM_OF_SETTING.get(k, k)} {v}" for k, v in exc.errors.items())
         raise bad_request(detail, PARAM_OF_SETTING.get(first, first)) from exc
+    opening = None
+    continue_final = body.get("continue_final_message")
+    if continue_final is not None and not isinstance(continue_final, bool):
+        raise bad_request(f"continue_final_message must be true or false, got {continue_final!r}",
+                          "continue_final_message")
+    if continue_final:
+        if messages[-1]["role"] != "assistant":
+            raise bad_request("continue_final_message needs a final assistant message to continue", "messages")
+        opening, messages = messages[-1]["content"], messages[:-1]
     return ChatRequest(model=model, messages=messages, settings=settings, n=n, stream=bool(stream),
-                       include_usage=bool((options or {}).get("include_usage")))
+                       include_usage=bool((options or {}).get("include_usage")), opening=opening)
 
 
 # --- tickets: one per request, what the HTTP thread waits on --------------------
@@ -571,7 +583,7 @@ class ServingEngine:
 
     def _ticket(self, request: ChatRequest) -> Ticket:
         base, adapter = self._resolve(request.model)
-        ids = encode(base.loaded.tokenizer, request.messages, request.system_prompt)
+        ids = encode(base.loaded.tokenizer, request.messages, request.system_prompt, request.opening)
         limit = base.max_model_len
         if len(ids) + request.settings.max_new_tokens > limit:
             too_long = len(ids) >= limit

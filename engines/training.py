@@ -23,6 +23,7 @@ Contract of `train`:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -549,9 +550,12 @@ def _classes() -> tuple[type, type, type]:
         The teacher is the same base model with the adapter disabled, reading
         the answer after the teacher's system prompt."""
 
-        def __init__(self, *args: Any, kl_weight: float = 0.0, kl_temperature: float = 1.0, **kwargs: Any):
+        def __init__(self, *args: Any, kl_weight: float = 0.0, kl_temperature: float = 1.0,
+                     teacher_model: Any = None, **kwargs: Any):
             self.kl_weight = kl_weight
             self.kl_temperature = kl_temperature
+            # Another model as the teacher (same tokenizer); None: the student's base, adapter off.
+            self.teacher_model = teacher_model
             super().__init__(*args, **kwargs)
 
         def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
@@ -578,11 +582,15 @@ def _classes() -> tuple[type, type, type]:
                 hidden = backbone(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
                                   use_cache=False).last_hidden_state
                 logits = lm_head(hidden[:, :-1][sel]).float()
-                with torch.no_grad(), peft_model.disable_adapter():
-                    t_hidden = backbone(input_ids=inputs["teacher_input_ids"],
-                                        attention_mask=inputs["teacher_attention_mask"],
-                                        use_cache=False).last_hidden_state
-                    t_logits = lm_head(t_hidden[:, :-1][inputs["teacher_kl_mask"][:, 1:].bool()]).float()
+                teacher = self.teacher_model
+                t_backbone, t_head = ((teacher.base_model, teacher.get_output_embeddings()) if teacher is not None
+                                      else (backbone, lm_head))
+                off = peft_model.disable_adapter() if teacher is None else contextlib.nullcontext()
+                with torch.no_grad(), off:
+                    t_hidden = t_backbone(input_ids=inputs["teacher_input_ids"],
+                                          attention_mask=inputs["teacher_attention_mask"],
+                                          use_cache=False).last_hidden_state
+                    t_logits = t_head(t_hidden[:, :-1][inputs["teacher_kl_mask"][:, 1:].bool()]).float()
             kl_rows = inputs["kl_mask"][:, 1:][sel].bool()
             if int(kl_rows.sum()) != t_logits.shape[0]:
                 raise RuntimeError("student and teacher answer tokens are misaligned")
@@ -599,6 +607,15 @@ def _classes() -> tuple[type, type, type]:
             return loss, float(ce.detach()), float(kl.detach())
 
     return ProgressCallback, DistillCollator, AbsorbTrainer
+
+
+def tokenizers_match(a: Path | str, b: Path | str) -> bool:
+    """Whether two models' tokenizers map every token to the same id (what a
+    token-level KL between them needs)."""
+    from transformers import AutoTokenizer
+
+    ta, tb = (AutoTokenizer.from_pretrained(str(d), trust_remote_code=False) for d in (a, b))
+    return bool(ta.get_vocab() == tb.get_vocab())
 
 
 def lora_config(config: TrainConfig) -> Any:
@@ -654,10 +671,13 @@ def train(
     progress: ProgressFn | None = None,
     should_stop: StopFn | None = None,
     resume: bool = True,
+    teacher_dir: Path | str | None = None,
 ) -> TrainResult:
     """Train a LoRA adapter on (messages -> answer) rendered without a system
     prompt; loss on the answer tokens (and end-of-turn) only. See the module
-    docstring for the layout, the exceptions and cancellation."""
+    docstring for the layout, the exceptions and cancellation. With KL on,
+    `teacher_dir` names another model as the teacher; it must share the
+    student's tokenizer (token-level KL compares the same vocabulary)."""
     t_start = time.monotonic()
     config = config or TrainConfig()
     model_dir, output_dir = Path(model_dir), Path(output_dir)
@@ -684,10 +704,17 @@ def train(
     if should_stop is not None and should_stop():
         return result(resumed_step or 0, 0, 0.0, 0, 0.0, None, None, True, 0)
 
+    teacher = Path(teacher_dir) if distill and teacher_dir is not None else None
+    if teacher is not None and teacher.resolve() == model_dir.resolve():
+        teacher = None  # the student's own base, with the adapter switched off
+    if teacher is not None and not tokenizers_match(model_dir, teacher):
+        raise ConfigError({"kl_weight": f"KL needs a teacher that shares the student's tokenizer; {teacher} does "
+                                        f"not (train on its answers with kl_weight 0 instead)"})
+
     oom: str | None = None
     try:
         trainer, callback, skipped = _fit(model_dir, examples, config, ckpt_dir, device, use_bf16, distill,
-                                          progress, should_stop, resume_from)
+                                          progress, should_stop, resume_from, teacher)
     except BaseException as exc:
         if not _is_oom(exc):
             raise
@@ -717,7 +744,7 @@ def train(
 
 def _fit(model_dir: Path, examples: Sequence[Example], config: TrainConfig, ckpt_dir: Path, device: str,
          use_bf16: bool, distill: bool, progress: ProgressFn | None, should_stop: StopFn | None,
-         resume_from: Path | None) -> tuple[Any, Any, int]:
+         resume_from: Path | None, teacher_dir: Path | None = None) -> tuple[Any, Any, int]:
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback
@@ -731,6 +758,12 @@ def _fit(model_dir: Path, examples: Sequence[Example], config: TrainConfig, ckpt
                            "raise max_length.")
     dtype = torch.bfloat16 if use_bf16 and device == "cuda" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
+    teacher_model: Any = None
+    if teacher_dir is not None:
+        teacher_model = AutoModelForCausalLM.from_pretrained(str(teacher_dir), dtype=dtype)
+        teacher_model.to(device)
+        teacher_model.eval()
+        teacher_model.requires_grad_(False)
     ProgressCallback, DistillCollator, AbsorbTrainer = _classes()
     callback = ProgressCallback(progress, should_stop)
     trainer = AbsorbTrainer(
@@ -743,6 +776,7 @@ def _fit(model_dir: Path, examples: Sequence[Example], config: TrainConfig, ckpt
         callbacks=[callback],
         kl_weight=config.kl_weight,
         kl_temperature=config.kl_temperature,
+        teacher_model=teacher_model,
     )
     trainer.remove_callback(PrinterCallback)
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)

@@ -8,8 +8,9 @@ from typing import Any
 from django.contrib.auth.models import AbstractBaseUser
 from django.db import transaction
 
+from engines.curation import CurationSettings
 from engines.inference import GenerationSettings
-from engines.training import TrainConfig
+from engines.training import TrainConfig, tokenizers_match
 from jobs.models import Job
 from jobs.tasks import enqueue
 from workbench.actions import ActionError
@@ -44,28 +45,67 @@ def _training(value: TrainConfig | Mapping[str, Any] | None) -> TrainConfig:
     return value if isinstance(value, TrainConfig) else TrainConfig.from_dict(value or {})
 
 
+def _curation(prompt_version: PromptVersion, value: CurationSettings | Mapping[str, Any] | bool | None,
+              ) -> dict[str, Any] | None:
+    """What the teacher job curates with: on by default when the prompt has
+    checkable rules (False or None turns it off)."""
+    if value is False or value is None or not prompt_version.rules:
+        return None
+    if value is True:
+        return CurationSettings().to_dict()
+    try:
+        settings = value if isinstance(value, CurationSettings) else CurationSettings.from_dict(dict(value))
+    except (TypeError, ValueError) as exc:
+        raise ActionError(f"Curation settings: {exc}") from exc
+    return settings.to_dict()
+
+
+def check_teacher(base_model: BaseModel, teacher_model: BaseModel, train: TrainConfig) -> None:
+    """Any registered model can teach (answers are text, so SFT works across
+    tokenizers); the KL term compares token distributions and needs the same
+    tokenizer."""
+    if train.kl_weight <= 0 or teacher_model.pk == base_model.pk:
+        return
+    try:
+        same = tokenizers_match(base_model.path, teacher_model.path)
+    except (OSError, ValueError) as exc:
+        raise ActionError(f"Cannot compare the tokenizers of {base_model.name} and {teacher_model.name}: {exc}") \
+            from exc
+    if not same:
+        raise ActionError(f"KL needs a teacher that shares the student's tokenizer: {teacher_model.name} and "
+                          f"{base_model.name} tokenize differently. Set kl_weight to 0 to train on its answers.")
+
+
 @transaction.atomic
 def start_absorb(
     project: Project, user: AbstractBaseUser | None, prompt_version: PromptVersion,
     dataset_version: DatasetVersion, base_model: BaseModel,
     generation: GenerationSettings | Mapping[str, Any] | None = None,
     training: TrainConfig | Mapping[str, Any] | None = None, *,
-    keep_existing: bool = True, review_first: bool = False,
+    keep_existing: bool = True, review_first: bool = False, teacher_model: BaseModel | None = None,
+    curation: CurationSettings | Mapping[str, Any] | bool | None = True,
 ) -> tuple[Job, Job | None]:
     """Queue teacher generation and (unless the team reviews the answers
     first) the fine-tune that trains on them once the teacher finishes.
+    The teacher is `teacher_model` (default: the student's base) WITH the
+    prompt; its answers are curated when the prompt has rules (`curation`).
     Bad settings raise SettingsError / ConfigError naming each field."""
+    teacher_model = teacher_model or base_model
     _check(project, prompt_version, dataset_version, base_model)
+    check_prompt_fits(prompt_version, teacher_model)
     gen, train = _generation(generation), _training(training)
-    teacher = Job.objects.create(project=project, kind="teacher", base_model=base_model,
+    check_teacher(base_model, teacher_model, train)
+    teacher = Job.objects.create(project=project, kind="teacher", base_model=teacher_model,
                                  prompt_version=prompt_version, dataset_version=dataset_version,
-                                 params={"generation": gen.to_dict(), "keep_existing": keep_existing},
+                                 params={"generation": gen.to_dict(), "keep_existing": keep_existing,
+                                         "curation": _curation(prompt_version, curation)},
                                  created_by=user)
     finetune = None
     if not review_first:
         finetune = Job.objects.create(project=project, kind="finetune", base_model=base_model,
                                       prompt_version=prompt_version, depends_on=teacher,
-                                      params={"train": train.to_dict()}, created_by=user)
+                                      params={"train": train.to_dict(), "teacher_model": teacher_model.pk},
+                                      created_by=user)
     enqueue(teacher)
     return teacher, finetune
 

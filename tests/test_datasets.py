@@ -372,8 +372,8 @@ def test_a_crash_after_the_file_was_moved_in_place_leaves_nothing(alice, alice_p
 
 def test_it_refuses_bad_options_without_storing(alice_client, alice_project, media_root):
     data = jsonl(chat_row("hi"))
-    r = upload(alice_client, alice_project, data, name="x", eval_percent=95)
-    assert r.status_code == 400 and b"between 0 and 90 percent" in r.content
+    r = upload(alice_client, alice_project, data, name="x", eval_percent=101)
+    assert r.status_code == 400 and b"between 0 and 100 percent" in r.content
     r = upload(alice_client, alice_project, data, name="x", seed="abc")
     assert r.status_code == 400 and b"Invalid number" in r.content
     r = upload(alice_client, alice_project, data, name="x", format="parquet")
@@ -390,8 +390,8 @@ def test_the_command_refuses_a_missing_file_or_project(alice_project, tmp_path, 
     path.write_bytes(jsonl(chat_row("hi")))
     with pytest.raises(CommandError, match="No project 'nope'"):
         call_command("import_dataset", str(path), "--project", "nope", "--name", "x")
-    with pytest.raises(CommandError, match="between 0 and 90"):
-        command(alice_project, path, "x", "--eval-percent", "91")
+    with pytest.raises(CommandError, match="between 0 and 100"):
+        command(alice_project, path, "x", "--eval-percent", "101")
     assert_nothing_stored(media_root)
 
 
@@ -487,6 +487,8 @@ def test_the_split_is_deterministic_and_exact(alice, alice_project):
     zero = imp("zero", 0, 7)
     assert zero.eval_count == 0 and zero.rows.filter(split=DatasetRow.TRAIN).count() == 237
     assert imp("ten", 10, 0).eval_count == 24  # round(23.7)
+    held_out = imp("held-out", 100, 0)  # an eval set: every row
+    assert held_out.eval_count == 237 and held_out.rows.filter(split=DatasetRow.TRAIN).count() == 0
 
 
 def test_a_derived_version_keeps_the_split_and_counts_duplicates(alice, alice_project):
@@ -681,14 +683,14 @@ def test_two_models_queued_at_once_are_both_kept(alice, alice_project, tiny, mon
 
 def test_a_bad_upload_form_keeps_what_was_typed(alice_client, alice_project, media_root):
     r = upload(alice_client, alice_project, jsonl(chat_row("hi")), "q.csv", name="typed", format="csv",
-               query_column="Customer question", eval_percent="95", seed="abc")
+               query_column="Customer question", eval_percent="101", seed="abc")
     body = r.content.decode()
     assert r.status_code == 400
-    assert "The eval split must be between 0 and 90 percent." in body
+    assert "The eval split must be between 0 and 100 percent." in body
     assert "Invalid number: the split seed is a whole number." in body
     assert r.context["form"].errors.keys() == {"eval_percent", "seed"}
     assert 'value="typed"' in body and 'value="Customer question"' in body
-    assert 'value="95" aria-invalid="true"' in body and 'value="abc" aria-invalid="true"' in body
+    assert 'value="101" aria-invalid="true"' in body and 'value="abc" aria-invalid="true"' in body
     assert '<option value="csv" selected>' in body and "<details open>" in body
     assert_nothing_stored(media_root)
 

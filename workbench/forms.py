@@ -147,10 +147,11 @@ class DatasetUploadForm(forms.Form):
     query_column = forms.CharField(max_length=200, required=False)
     answer_column = forms.CharField(max_length=200, required=False)
     eval_percent = forms.IntegerField(
-        label="Eval split %", min_value=0, max_value=90, required=False, initial=10,
-        error_messages={"invalid": "Invalid number: the eval split is a whole percent from 0 to 90.",
-                        "min_value": "The eval split must be between 0 and 90 percent.",
-                        "max_value": "The eval split must be between 0 and 90 percent."},
+        label="Eval split %", min_value=0, max_value=100, required=False, initial=10,
+        help_text="100 makes a held-out set: every row is for evals, none for training.",
+        error_messages={"invalid": "Invalid number: the eval split is a whole percent from 0 to 100.",
+                        "min_value": "The eval split must be between 0 and 100 percent.",
+                        "max_value": "The eval split must be between 0 and 100 percent."},
     )
     seed = forms.IntegerField(label="Split seed", required=False, initial=0,
                               error_messages={"invalid": "Invalid number: the split seed is a whole number."})

@@ -35,12 +35,13 @@ class RemoteModel:
 
     def generate(self, conversations: Sequence[Sequence[Message]], system_prompt: str | None,
                  gen: GenerationSettings, progress: ProgressFn | None = None,
-                 should_stop: StopFn | None = None, concurrency: int | None = None) -> list[Completion]:
+                 should_stop: StopFn | None = None, concurrency: int | None = None,
+                 opening: str | None = None) -> list[Completion]:
         # The batch size a job asks for is how many requests the engine gets at once.
         try:
             return generate_remote(self.url, self.name, conversations, system_prompt, gen,
                                    concurrency=concurrency or gen.batch_size, api_key=self.api_key,
-                                   progress=progress, should_stop=should_stop)
+                                   progress=progress, should_stop=should_stop, opening=opening)
         except RemoteGenerationError as exc:
             raise JobError(f"generation on the vLLM backend failed: {exc}") from exc
 

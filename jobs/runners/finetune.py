@@ -11,7 +11,7 @@ from django.db import transaction
 from engines.progress import Progress
 from engines.training import TrainConfig, train
 from jobs.registry import JobCancelled, JobError, JobRunner, register
-from workbench.models import DatasetRow, DatasetVersion, Variant
+from workbench.models import BaseModel, DatasetRow, DatasetVersion, Variant
 
 
 def training_examples(version: DatasetVersion, system_prompt: str) -> list[dict[str, Any]]:
@@ -54,8 +54,12 @@ class FinetuneRunner(JobRunner):
                  f"alpha={config.alpha}, lr {config.learning_rate}, {config.epochs} epochs, batch {config.batch_size}")
         # Checkpoints and the adapter live in the job's directory: a requeued
         # attempt resumes from there, and the adapter is stored once.
+        teacher = BaseModel.objects.filter(pk=job.params.get("teacher_model")).first()
+        if teacher is not None and teacher.pk != base.pk:
+            self.log(f"teacher model: {teacher.name}" + (" (KL against it)" if config.kl_weight > 0 else ""))
         result = train(base.path, examples, job.data_dir, config, progress=self._progress,
-                       should_stop=self.should_stop, resume=True)
+                       should_stop=self.should_stop, resume=True,
+                       teacher_dir=teacher.path if teacher is not None else None)
         if result.cancelled:
             raise JobCancelled()
         if result.resumed_from_step:

@@ -1,17 +1,27 @@
-"""Teacher generation: the base model WITH the prompt answers every train
-query; the answers become a dataset version the team can review."""
+"""Teacher generation: a model WITH the prompt answers every train query;
+the answers become a dataset version the team can review.
+
+When the prompt has checkable rules the answers are curated (engines.curation):
+N samples per query and the one passing the most rules kept, answers opened
+with the text a starts_with rule requires, mechanical repairs recorded; the
+version keeps each row's record, the rules it still fails, and a report of
+how each step moved the pass rates."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import time
 from typing import Any
 
 from django.db import transaction
 
-from engines.inference import GenerationSettings, generate, load_model
+from engines import curation
+from engines.inference import GenerationSettings, generate_samples, load_model
 from engines.leakage import leak_flags, prompt_spans
 from engines.progress import Progress
+from engines.rules import Rule, rules_to_json, validate_rules
 from jobs.models import Job
 from jobs.registry import JobError, JobRunner, register
 from jobs.runners.engine import remote_model
@@ -37,6 +47,15 @@ class TeacherRunner(JobRunner):
         if not to_answer and not kept:
             raise JobError(f"{job.dataset_version} has no rows in its train split.")
         system_prompt = job.prompt_version.text
+        rules = validate_rules(job.prompt_version.rules or [])
+        curate = self._curation(rules)
+        opening = curation.opening(rules) if curate and curate.prefill else None
+        samples = curate.best_of if curate else 1
+        sample_gen = gen
+        if curate:
+            sample_gen = self._capped(gen, rules)
+            if samples > 1:
+                sample_gen = dataclasses.replace(sample_gen, temperature=curate.temperature, top_p=curate.top_p)
         job.data_dir.mkdir(parents=True, exist_ok=True)
         done_file = job.data_dir / "teacher-answers.jsonl"
         answers = self._answers_so_far(done_file)
@@ -45,14 +64,20 @@ class TeacherRunner(JobRunner):
         todo.sort(key=lambda im: -sum(len(m["content"]) for m in im[1]))
         total = len(to_answer)
         self.log(f"teacher: {total} queries to answer ({len(answers)} already done), {len(kept)} keep their "
-                 f"answer; batch {gen.batch_size}, max {gen.max_new_tokens} new tokens")
+                 f"answer; batch {gen.batch_size}, max {sample_gen.max_new_tokens} new tokens")
+        if curate:
+            self.log(f"curation: best of {samples} (temperature {sample_gen.temperature}, top-p {sample_gen.top_p})"
+                     f"{f', answers open with {opening!r}' if opening else ''}, repairs: "
+                     f"{', '.join(curate.repairs) or 'none'}; {len(rules)} rules")
         started = time.monotonic()
         generated = 0
         self.progress(Progress(done=len(answers), total=total, unit="queries"))
 
         def progress(p: Progress) -> None:
-            done = len(answers) + int(p.done)
-            self.progress(Progress.since(started, done, total, "queries", rate_done=generated + p.done))
+            # The engines count generated answers: N per query with best-of-N.
+            done_now = int(p.done) // samples
+            self.progress(Progress.since(started, len(answers) + done_now, total, "queries",
+                                         rate_done=generated + done_now))
 
         if todo:
             # INFERENCE_BACKEND=vllm: the vLLM server answers (its prefix cache shares the prompt).
@@ -61,27 +86,37 @@ class TeacherRunner(JobRunner):
             with done_file.open("a") as out:
                 for start in range(0, len(todo), CHUNK):
                     chunk = todo[start:start + CHUNK]
+                    convs = [m for _, m in chunk]
                     if remote is not None:
-                        completions = remote.generate([m for _, m in chunk], system_prompt, gen,
-                                                      progress=progress, should_stop=self.should_stop)
+                        flat = remote.generate([c for c in convs for _ in range(samples)], system_prompt, sample_gen,
+                                               progress=progress, should_stop=self.should_stop, opening=opening)
+                        groups = [flat[i:i + samples] for i in range(0, len(flat), samples)]
                     else:
-                        completions = generate(loaded, [m for _, m in chunk], system_prompt, gen,
-                                               reuse_prefix=True, progress=progress, should_stop=self.should_stop)
-                    for (index, _), c in zip(chunk, completions, strict=True):
-                        answers[index] = {"index": index, "text": c.text, "finish_reason": c.finish_reason}
+                        groups = generate_samples(loaded, convs, system_prompt, sample_gen, samples, opening=opening,
+                                                  progress=progress, should_stop=self.should_stop)
+                    for (index, _), group in zip(chunk, groups, strict=True):
+                        answers[index] = {"index": index, "text": group[0].text,
+                                          "finish_reason": group[0].finish_reason,
+                                          "samples": [c.text for c in group],
+                                          "finish_reasons": [c.finish_reason for c in group]}
                         out.write(json.dumps(answers[index], ensure_ascii=False) + "\n")
                     out.flush()
                     generated += len(chunk)
         elapsed = time.monotonic() - started
-        rows, flags = self._rows(to_answer, kept, answers, system_prompt, gen)
-        meta = {"prompt_version": str(job.prompt_version), "prompt_sha256": job.prompt_version.sha256,
-                "base_model": job.base_model.name, "generation": gen.to_dict(), "job": job.pk,
-                "source": str(job.dataset_version), "seconds": round(elapsed, 1)}
+        rows, flags, made = self._rows(to_answer, kept, answers, system_prompt, sample_gen, rules, curate, opening)
+        meta: dict[str, Any] = {
+            "prompt_version": str(job.prompt_version), "prompt_sha256": job.prompt_version.sha256,
+            "base_model": job.base_model.name, "teacher_model": job.base_model.name,
+            "generation": sample_gen.to_dict(), "job": job.pk, "source": str(job.dataset_version),
+            "seconds": round(elapsed, 1), "rules": rules_to_json(rules)}
+        if rules:
+            meta["quality"] = self._quality(rows, made, rules, curate, opening)
+            meta["curation"] = curate.to_dict() if curate else None
         final = Progress(done=total, total=total, unit="queries", elapsed=elapsed, eta_seconds=0,
                          rate=generated / elapsed if elapsed else None)
         with transaction.atomic():
             version = derive_version(job.dataset_version, job.created_by, rows, kind=DatasetVersion.TEACHER,
-                                     meta=meta, flags=flags)
+                                     meta=meta)
             if not self.succeed(output_dataset=version, progress=final.to_json()):
                 raise transaction.TransactionManagementError("job was moved while finishing")  # rolls back
             # The fine-tune that waits for these answers trains on them.
@@ -117,24 +152,82 @@ class TeacherRunner(JobRunner):
                 answers[item["index"]] = item
         return answers
 
+    def _curation(self, rules: list[Rule]) -> curation.CurationSettings | None:
+        """The job's curation settings; None (plain teacher answers) when
+        switched off or when the prompt has no checkable rules."""
+        raw = self.job.params.get("curation")
+        if raw is None or not rules:
+            return None
+        try:
+            return curation.CurationSettings.from_dict(raw)
+        except (TypeError, ValueError) as exc:
+            raise JobError(f"bad curation settings: {exc}") from exc
+
+    def _capped(self, gen: GenerationSettings, rules: list[Rule]) -> GenerationSettings:
+        """Answers past a max_words limit are cut by the repair anyway:
+        generating far beyond it only costs time (about 1.6 tokens a word)."""
+        limits = [r.params["n"] for r in rules if r.kind == "max_words"]
+        if not limits:
+            return gen
+        cap = math.ceil(min(limits) * 1.6) + 16
+        if cap >= gen.max_new_tokens:
+            return gen
+        self.log(f"curation: at most {cap} new tokens (a {min(limits)}-word limit; was {gen.max_new_tokens})")
+        return dataclasses.replace(gen, max_new_tokens=cap)
+
     @staticmethod
     def _rows(to_answer: list[tuple[int, Messages]], kept: dict[int, Messages], answers: dict[int, dict[str, Any]],
-              system_prompt: str, gen: GenerationSettings) -> tuple[list[tuple[int, Messages]], dict[int, list[str]]]:
+              system_prompt: str, gen: GenerationSettings, rules: list[Rule],
+              curate: curation.CurationSettings | None, opening: str | None,
+              ) -> tuple[list[tuple[int, Messages, dict[str, Any]]], dict[int, list[str]], dict[int, curation.Curated]]:
         spans = prompt_spans(system_prompt)
-        rows: list[tuple[int, Messages]] = []
+        rows: list[tuple[int, Messages, dict[str, Any]]] = []
         flags: dict[int, list[str]] = {}
+        made_by_index: dict[int, curation.Curated] = {}
         queries = dict(to_answer)
         for index in sorted([*queries, *kept]):
             if index in kept:
-                rows.append((index, kept[index]))
+                messages = kept[index]
+                failing = [n for n, ok in curation.check_all(rules, messages[-1]["content"]).items() if not ok]
+                rows.append((index, messages, {"failing": failing, "flags": [f"fails rule: {n}" for n in failing]}))
                 continue
             item = answers[index]
-            row_flags = leak_flags(item["text"], system_prompt, spans)
-            if not item["text"].strip():
+            samples = item.get("samples") or [item["text"]]
+            reasons = item.get("finish_reasons") or [item["finish_reason"]]
+            record: dict[str, Any] = {}
+            text, failing = samples[0], []
+            if curate is not None:
+                made = curation.curate(samples, rules, curate, opening)
+                text, failing, record = made.text, made.failing, made.record
+                record["raw"] = made.raw
+                made_by_index[index] = made
+            elif rules:
+                failing = [n for n, ok in curation.check_all(rules, text).items() if not ok]
+            picked = record.get("picked", 0)
+            row_flags = leak_flags(text, system_prompt, spans)
+            if not text.strip():
                 row_flags.append("empty answer")
-            if item["finish_reason"] == "length":
+            if reasons[picked] == "length" and not record.get("repairs"):
                 row_flags.append(f"cut off at {gen.max_new_tokens} tokens")
+            row_flags += [f"fails rule: {n}" for n in failing]
             if row_flags:
                 flags[len(rows)] = row_flags
-            rows.append((index, [*queries[index], {"role": "assistant", "content": item["text"]}]))
-        return rows, flags
+            rows.append((index, [*queries[index], {"role": "assistant", "content": text}],
+                         {"flags": row_flags, "failing": failing, "curation": record}))
+        return rows, flags, made_by_index
+
+    def _quality(self, rows: list[tuple[int, Messages, dict[str, Any]]], made_by_index: dict[int, curation.Curated],
+                 rules: list[Rule], curate: curation.CurationSettings | None, opening: str | None) -> dict[str, Any]:
+        """Pass rates of the train answers after each step (rows kept from
+        the dataset count as they are)."""
+        assert self.job.dataset_version is not None
+        train = set(self.job.dataset_version.rows.filter(split=DatasetRow.TRAIN).values_list("index", flat=True))
+        made: list[curation.Curated] = []
+        for index, messages, more in rows:
+            if index in train:
+                final = messages[-1]["content"]
+                made.append(made_by_index.get(index) or curation.Curated(final, final, final, {}, more["failing"]))
+        if curate is None:
+            return {"rule_names": [r.name for r in rules], "settings": None,
+                    "steps": [{"step": "teacher answers", **curation.pass_rates([c.text for c in made], rules)}]}
+        return curation.quality_report(made, rules, curate, opening)

@@ -96,8 +96,8 @@ def import_dataset(
         raise ActionError("A dataset needs a name.")
     if fmt != "auto" and fmt not in formats.FORMATS:
         raise ActionError(f"Unknown format '{fmt}' (expected auto or one of {', '.join(formats.FORMATS)}).")
-    if not 0 <= eval_percent <= 90:
-        raise ActionError("The eval split must be between 0 and 90 percent.")
+    if not 0 <= eval_percent <= 100:
+        raise ActionError("The eval split must be between 0 and 100 percent.")
     if fmt == "fields" and not query_column:
         raise ActionError("The 'fields' format needs the name of the query field (--query-column).")
     tmp = tempfile.NamedTemporaryFile(dir=datasets_dir(), prefix=".upload-", delete=False)
@@ -196,11 +196,14 @@ def _finish_version(version: DatasetVersion, digest: Any) -> None:
 
 def apply_split(version: DatasetVersion) -> None:
     """Deterministic split: exactly round(N * percent / 100) eval rows (but at
-    least one, and never every row, when percent > 0 and N > 1), chosen by a
-    seeded sample of row indices (same seed, same rows)."""
+    least one, and never every row, when 0 < percent < 100 and N > 1), chosen
+    by a seeded sample of row indices (same seed, same rows). 100 percent is
+    a held-out set: every row is eval."""
     n = version.row_count
     k = round(n * version.eval_percent / 100)
-    if version.eval_percent and n > 1:
+    if version.eval_percent == 100:
+        k = n
+    elif version.eval_percent and n > 1:
         k = max(1, min(k, n - 1))
     else:
         k = 0

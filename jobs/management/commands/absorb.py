@@ -8,6 +8,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
+from engines.curation import REPAIRS, CurationSettings
 from engines.inference import GenerationSettings, SettingsError
 from engines.training import ConfigError
 from jobs import actions
@@ -35,6 +36,24 @@ class Command(BaseCommand):
         parser.add_argument("--teacher-batch", type=int, default=gen.batch_size, help="Teacher generation batch size")
         parser.add_argument("--temperature", type=float, default=gen.temperature, help="Teacher sampling (0 = greedy)")
         parser.add_argument("--seed", type=int, help="Teacher sampling seed")
+        parser.add_argument("--repetition-penalty", type=float, default=gen.repetition_penalty,
+                            help="Penalise repeated tokens (>1; small models loop without it)")
+        parser.add_argument("--no-repeat-ngram-size", type=int, default=gen.no_repeat_ngram_size,
+                            help="Never repeat an n-gram of this size (0 = off)")
+        parser.add_argument("--stop", action="append", default=[], help="Stop string (repeatable)")
+        parser.add_argument("--teacher-model", help="Registered model that answers WITH the prompt "
+                            "(default: the student's base model)")
+        cur = CurationSettings()
+        curation = parser.add_argument_group("curation (on by default when the prompt has checkable rules)")
+        curation.add_argument("--no-curation", action="store_true", help="Keep the teacher's raw answers")
+        curation.add_argument("--best-of", type=int, default=cur.best_of,
+                              help="Samples per query; the one passing most rules is kept")
+        curation.add_argument("--sample-temperature", type=float, default=cur.temperature)
+        curation.add_argument("--sample-top-p", type=float, default=cur.top_p)
+        curation.add_argument("--no-prefill", action="store_true",
+                              help="Don't start answers with the text a starts_with rule requires")
+        curation.add_argument("--repairs", default=",".join(cur.repairs),
+                              help=f"Comma-separated repairs to apply, or 'none' (all: {','.join(REPAIRS)})")
         parser.add_argument("--train-config", type=Path, help="JSON file of training settings")
         parser.add_argument("--skip-teacher", action="store_true",
                             help="The dataset already holds the answers: fine-tune only")
@@ -67,11 +86,25 @@ class Command(BaseCommand):
             if opts["skip_teacher"]:
                 jobs = [actions.start_finetune(project, None, prompt_version, version, base, training)]
             else:
+                teacher_model = base
+                if opts["teacher_model"]:
+                    teacher_model = BaseModel.objects.filter(name=opts["teacher_model"]).first()
+                    if teacher_model is None:
+                        raise CommandError(f"No registered model {opts['teacher_model']!r} to teach.")
+                repairs = [r for r in opts["repairs"].split(",") if r.strip() and r.strip() != "none"]
+                curation: dict[str, Any] | bool = False if opts["no_curation"] else {
+                    "best_of": opts["best_of"], "temperature": opts["sample_temperature"],
+                    "top_p": opts["sample_top_p"], "prefill": not opts["no_prefill"],
+                    "repairs": [r.strip() for r in repairs]}
                 teacher, finetune = actions.start_absorb(project, None, prompt_version, version, base,
                                                          {"max_new_tokens": opts["max_new_tokens"],
                                                           "temperature": opts["temperature"],
                                                           "batch_size": opts["teacher_batch"],
-                                                          "seed": opts["seed"]}, training)
+                                                          "seed": opts["seed"],
+                                                          "repetition_penalty": opts["repetition_penalty"],
+                                                          "no_repeat_ngram_size": opts["no_repeat_ngram_size"],
+                                                          "stop": opts["stop"]}, training,
+                                                         teacher_model=teacher_model, curation=curation)
                 jobs = [teacher, *([finetune] if finetune else [])]
         except (ActionError, ConfigError, SettingsError) as exc:
             raise CommandError(str(exc)) from exc

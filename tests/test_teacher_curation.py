@@ -1,0 +1,123 @@
+"""Curated teacher data on a tiny model: on by default when the prompt has
+rules, every answer opened and repaired, each step recorded and reported;
+off on request; KL refused across tokenizers."""
+
+import io
+
+import pytest
+
+from engines.training import ConfigError, TrainConfig, tokenizers_match, train
+from jobs import lifecycle
+from jobs.actions import start_absorb
+from jobs.models import Job
+from workbench.actions import ActionError
+from workbench.actions.datasets import import_dataset
+from workbench.actions.prompts import save_prompt
+from workbench.models import BaseModel
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+RULES = [
+    {"name": "opening", "kind": "starts_with", "text": "ahoy, this is support."},
+    {"name": "sign-off", "kind": "ends_with", "text": "fair winds, the crew"},
+    {"name": "short", "kind": "max_words", "n": 30},
+    {"name": "lowercase", "kind": "lowercase"},
+    {"name": "no lists", "kind": "no_list_markup"},
+    {"name": "no sorry", "kind": "not_contains", "text": "sorry", "case_sensitive": False},
+]
+QUERIES = [f"Question {i}: how do I {v} my {t}?" for i, (v, t) in enumerate(
+    [("reset", "password"), ("cancel", "order"), ("track", "parcel"), ("update", "address"), ("close", "account"),
+     ("change", "plan")])]
+
+
+@pytest.fixture
+def world(alice, alice_project, lively_dir, settings, tmp_path):
+    settings.DATA_DIR = tmp_path / "data"
+    base = BaseModel.objects.create(name="lively", path=str(lively_dir), is_default=True)
+    prompt = save_prompt(alice_project, alice, "crew", "You are the crew's helper. Follow the rules.", RULES).version
+    data = import_dataset(alice_project, alice, "queries", io.BytesIO("\n".join(QUERIES).encode()),
+                          filename="q.txt", eval_percent=0)
+    return alice_project, alice, base, prompt, data
+
+
+def run_teacher(world, **kwargs):
+    project, alice, base, prompt, data = world
+    teacher, _ = start_absorb(project, alice, prompt, data, base, {"max_new_tokens": 24, "batch_size": 8,
+                                                                    "seed": 3}, review_first=True, **kwargs)
+    lifecycle.execute(teacher.pk, "test")
+    teacher.refresh_from_db()
+    assert teacher.status == Job.SUCCEEDED, teacher.error
+    return teacher
+
+
+def test_curation_is_on_by_default_and_every_row_is_opened_repaired_and_recorded(world):
+    teacher = run_teacher(world, curation={"best_of": 3, "temperature": 1.0, "top_p": 1.0})
+    assert teacher.params["curation"]["best_of"] == 3
+    version = teacher.output_dataset
+    rows = list(version.rows.order_by("index"))
+    assert len(rows) == len(QUERIES)
+    for row in rows:
+        answer = row.messages[-1]["content"]
+        assert answer.startswith("ahoy, this is support.")
+        assert row.failing == [], (answer, row.failing)
+        assert row.curation["samples"] == 3 and len(row.curation["passed"]) == 3
+        assert row.curation["raw"].startswith("ahoy, this is support.")
+    # A random model needs repairs: at least the sign-off, recorded with before and after.
+    changes = [c for row in rows for c in row.curation["repairs"]]
+    assert any(c["repair"] == "ends_with" for c in changes)
+    assert all(c["before"] != c["after"] for c in changes)
+    quality = version.meta["quality"]
+    assert [s["step"] for s in quality["steps"]] == ["raw (first sample, prefilled)", "best of 3", "repairs"]
+    assert quality["steps"][0]["rules"]["opening"] == 1.0
+    assert quality["steps"][-1]["all_rules"] == 1.0 and quality["steps"][-1]["rows"] == len(QUERIES)
+    assert [r["name"] for r in version.meta["rules"]] == [r["name"] for r in RULES]
+
+
+def test_curation_can_be_switched_off(world):
+    teacher = run_teacher(world, curation=False)
+    version = teacher.output_dataset
+    assert teacher.params["curation"] is None
+    rows = list(version.rows.order_by("index"))
+    assert all(r.curation == {} for r in rows)
+    assert not any(r.messages[-1]["content"].startswith("ahoy") for r in rows)  # no opening
+    assert all("sign-off" in r.failing for r in rows) and all("fails rule: sign-off" in r.flags for r in rows)
+    assert [s["step"] for s in version.meta["quality"]["steps"]] == ["teacher answers"]
+    assert version.meta["quality"]["steps"][0]["all_rules"] == 0.0
+
+
+def test_the_absorb_command_turns_curation_on_by_default(world):
+    from django.core.management import call_command
+
+    project, *_ = world
+    call_command("absorb", "--project", project.slug, "--prompt", "crew", "--dataset", "queries",
+                 "--best-of", "2", "--repairs", "ends_with,lowercase", "--max-new-tokens", "8")
+    teacher = Job.objects.get(kind="teacher")
+    assert teacher.params["curation"] == {"best_of": 2, "temperature": 0.7, "top_p": 0.95, "prefill": True,
+                                          "repairs": ["ends_with", "lowercase"]}
+    call_command("absorb", "--project", project.slug, "--prompt", "crew", "--dataset", "queries",
+                 "--no-curation", "--max-new-tokens", "8")
+    assert Job.objects.filter(kind="teacher").order_by("-pk").first().params["curation"] is None
+
+
+def test_kl_is_refused_across_tokenizers(world, tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    project, alice, base, prompt, data = world
+    other_dir = tmp_path / "other"
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    tokenizer.add_tokens(["<ship>"])
+    tokenizer.save_pretrained(other_dir)
+    AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).save_pretrained(other_dir)
+    other = BaseModel.objects.create(name="other", path=str(other_dir))
+    assert not tokenizers_match(base.path, other.path) and tokenizers_match(base.path, tiny_model_dir)
+    with pytest.raises(ActionError, match="shares the student's tokenizer"):
+        start_absorb(project, alice, prompt, data, base, training={"kl_weight": 0.5}, teacher_model=other)
+    # Without KL the other model can teach (its answers are text).
+    teacher, finetune = start_absorb(project, alice, prompt, data, base, training={"kl_weight": 0.0},
+                                     teacher_model=other)
+    assert teacher.base_model == other and finetune.base_model == base
+    assert finetune.params["teacher_model"] == other.pk
+    examples = [{"messages": [{"role": "user", "content": "hi"}], "answer": "ahoy", "system_prompt": "p"}]
+    with pytest.raises(ConfigError, match="tokenizer"):
+        train(base.path, examples, tmp_path / "out", TrainConfig(kl_weight=0.5, max_steps=1),
+              teacher_dir=other.path)
