@@ -8,9 +8,12 @@ import dataclasses
 from typing import Any
 
 from django import forms
+from django.conf import settings
 
+from engines.curation import REPAIRS, CurationSettings
 from engines.inference import GenerationSettings, SettingsError
 from engines.training import DEVICES, LR_SCHEDULERS, ConfigError, TrainConfig
+from workbench.data_quality import final_compliance, warning
 from workbench.models import BaseModel, DatasetVersion, Project, PromptVersion
 
 TRAIN_HELP: dict[str, str] = {
@@ -43,8 +46,11 @@ GEN_HELP = {
     "max_new_tokens": "Longest teacher answer in tokens; longer answers are cut and flagged.",
     "batch_size": "Queries generated together. The system prompt is encoded once and reused for every batch.",
     "temperature": "0 = greedy (deterministic). Above 0 samples.",
+    "repetition_penalty": "Above 1 penalises repeated tokens: small models loop without it (1 = off).",
+    "no_repeat_ngram_size": "Never repeat an n-gram of this many tokens (0 = off).",
 }
-GEN_FIELDS = ("max_new_tokens", "batch_size", "temperature")
+GEN_FIELDS = ("max_new_tokens", "batch_size", "temperature", "repetition_penalty", "no_repeat_ngram_size")
+CURATION_FIELDS = ("curate", "best_of", "sample_temperature", "sample_top_p", "prefill", "repairs")
 CHOICES: dict[str, list[tuple[Any, str]]] = {
     "lr_scheduler": [(c, c) for c in LR_SCHEDULERS],
     "device": [(c, c) for c in DEVICES],
@@ -65,6 +71,12 @@ def _train_field(f: dataclasses.Field[Any], default: Any) -> forms.Field:
     return forms.FloatField(required=False, initial=default, help_text=help_text)
 
 
+def _version_label(dv: DatasetVersion) -> str:
+    label = f"{dv} · {dv.get_kind_display()} · {dv.row_count} rows"
+    all_rules = final_compliance(dv)
+    return label if all_rules is None else f"{label} · {all_rules:.0%} pass all rules"
+
+
 class AbsorbForm(forms.Form):
     MODES = [("absorb", "Teacher, then fine-tune"),
              ("finetune", "Fine-tune only (the dataset already holds reviewed answers)")]
@@ -74,10 +86,34 @@ class AbsorbForm(forms.Form):
     dataset_version = forms.ModelChoiceField(queryset=DatasetVersion.objects.none(), label="Dataset version",
                                              empty_label=None)
     base_model = forms.ModelChoiceField(queryset=BaseModel.objects.all(), label="Base model", empty_label=None)
+    teacher_model = forms.ModelChoiceField(
+        queryset=BaseModel.objects.all(), required=False, label="Teacher model",
+        empty_label="the base model (same as the student)",
+        help_text="Any registered model can answer WITH the prompt, e.g. a larger one on GPU workers. "
+                  "KL distillation needs a teacher with the student's tokenizer.")
+    g_stop = forms.CharField(required=False, label="stop", widget=forms.Textarea(attrs={"rows": 2}),
+                             help_text="Stop strings, one per line: the answer ends before the first one.")
+    curate = forms.BooleanField(
+        required=False, initial=True, label="curate the answers when the prompt has checkable rules",
+        help_text="Best-of-N by rules, prefilled openings and recorded repairs: data better than the raw teacher.")
+    best_of = forms.IntegerField(min_value=1, max_value=16, initial=CurationSettings.best_of, label="best of N",
+                                 help_text="Samples per query; the one passing the most rules is kept.")
+    sample_temperature = forms.FloatField(min_value=0, initial=CurationSettings.temperature,
+                                          label="sampling temperature (best-of-N)")
+    sample_top_p = forms.FloatField(min_value=0.01, max_value=1, initial=CurationSettings.top_p,
+                                    label="sampling top-p (best-of-N)")
+    prefill = forms.BooleanField(required=False, initial=True, label="prefill the opening a starts_with rule fixes")
+    repairs = forms.MultipleChoiceField(
+        required=False, choices=[(k, f"{k}: {v}") for k, v in REPAIRS.items()], initial=list(REPAIRS),
+        widget=forms.CheckboxSelectMultiple, label="repairs",
+        help_text="Each repair changes only answers failing its rule; every change is recorded for review.")
     mode = forms.ChoiceField(choices=MODES, initial="absorb", widget=forms.RadioSelect)
     keep_existing = forms.BooleanField(
         required=False, initial=True, label="keep existing answers",
         help_text="Rows that already have an assistant answer keep it instead of asking the teacher.")
+    train_anyway = forms.BooleanField(
+        required=False, label="train anyway on answers that fail rules",
+        help_text="Asked when more than the set share of the training answers fail a checkable rule.")
     review_first = forms.BooleanField(
         required=False, label="Review the teacher's answers before training",
         help_text="Only the teacher job is queued; start the fine-tune from the reviewed dataset version.")
@@ -89,13 +125,12 @@ class AbsorbForm(forms.Form):
         datasets = DatasetVersion.objects.filter(dataset__project=project).select_related("dataset")
         self.fields["prompt_version"].queryset = prompts  # type: ignore[attr-defined]
         self.fields["dataset_version"].queryset = datasets  # type: ignore[attr-defined]
-        self.fields["dataset_version"].label_from_instance = (  # type: ignore[attr-defined]
-            lambda dv: f"{dv} · {dv.get_kind_display()} · {dv.row_count} rows")
+        self.fields["dataset_version"].label_from_instance = _version_label  # type: ignore[attr-defined]
         gen = GenerationSettings()
         for name in GEN_FIELDS:
             default = getattr(gen, name)
             field: forms.Field = (forms.FloatField(min_value=0) if isinstance(default, float)
-                                  else forms.IntegerField(min_value=1))
+                                  else forms.IntegerField(min_value=0 if default == 0 else 1))
             field.initial, field.help_text, field.label = default, GEN_HELP[name], name
             self.fields[f"g_{name}"] = field
         for f in dataclasses.fields(TrainConfig):
@@ -105,16 +140,24 @@ class AbsorbForm(forms.Form):
             self.fields[f"t_{f.name}"] = field
         self.generation: GenerationSettings | None = None
         self.training: TrainConfig | None = None
+        self.curation: dict[str, Any] | bool = False
 
     def generation_fields(self) -> list[forms.BoundField]:
-        return [self[f"g_{name}"] for name in GEN_FIELDS]
+        return [self[f"g_{name}"] for name in (*GEN_FIELDS, "stop")]
+
+    def curation_fields(self) -> list[forms.BoundField]:
+        return [self[name] for name in CURATION_FIELDS]
 
     def train_fields(self) -> list[forms.BoundField]:
         return [self[name] for name in self.fields if name.startswith("t_")]
 
     def clean(self) -> dict[str, Any]:
         data = super().clean() or {}
-        gen = {name: data.get(f"g_{name}") for name in GEN_FIELDS if data.get(f"g_{name}") is not None}
+        gen: dict[str, Any] = {name: data.get(f"g_{name}") for name in GEN_FIELDS
+                               if data.get(f"g_{name}") is not None}
+        stops = [line for line in (data.get("g_stop") or "").splitlines() if line.strip()]
+        if stops:
+            gen["stop"] = stops
         try:
             self.generation = GenerationSettings.from_dict(gen)
         except SettingsError as exc:
@@ -129,6 +172,20 @@ class AbsorbForm(forms.Form):
                 value = {"true": True, "false": False}.get(value, value)
             if value is not None and value != "":
                 train[f.name] = value
+        version = data.get("dataset_version")
+        if data.get("mode") == "finetune" and version is not None and not data.get("train_anyway"):
+            warn = warning(version, settings.DATA_FAIL_WARN_SHARE)
+            if warn:
+                self.add_error("train_anyway", warn)
+        if data.get("curate"):
+            try:
+                self.curation = CurationSettings(
+                    best_of=data.get("best_of") or CurationSettings.best_of,
+                    temperature=data.get("sample_temperature", CurationSettings.temperature),
+                    top_p=data.get("sample_top_p") or CurationSettings.top_p,
+                    prefill=bool(data.get("prefill")), repairs=tuple(data.get("repairs") or ())).to_dict()
+            except ValueError as exc:
+                self.add_error("best_of", str(exc))
         try:
             self.training = TrainConfig.from_dict(train)
         except ConfigError as exc:

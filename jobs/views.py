@@ -57,7 +57,8 @@ def absorb_start(request: HttpRequest, slug: str) -> HttpResponse:
             return redirect(job)
         teacher, finetune = actions.start_absorb(
             project, request.user, data["prompt_version"], data["dataset_version"], data["base_model"],
-            form.generation, form.training, keep_existing=data["keep_existing"], review_first=data["review_first"])
+            form.generation, form.training, keep_existing=data["keep_existing"], review_first=data["review_first"],
+            teacher_model=data.get("teacher_model"), curation=form.curation)
     except ActionError as exc:
         form.add_error(None, str(exc))
         return render(request, "jobs/job_list.html", _list_context(project, form), status=400)

@@ -121,3 +121,56 @@ def test_kl_is_refused_across_tokenizers(world, tiny_model_dir, tmp_path):
     with pytest.raises(ConfigError, match="tokenizer"):
         train(base.path, examples, tmp_path / "out", TrainConfig(kl_weight=0.5, max_steps=1),
               teacher_dir=other.path)
+
+
+def form_post(form_cls, project, **changes):
+    """The absorb form as a browser posts it with its defaults, then `changes`."""
+    form = form_cls(project)
+    data = {}
+    for name in form.fields:
+        value = form[name].value()
+        if value is None or value is False or value == "":
+            continue
+        data[name] = "on" if value is True else value
+    data.update(changes)
+    return {k: v for k, v in data.items() if v is not None}
+
+
+def test_the_absorb_form_curates_by_default_and_takes_every_setting(world, alice_client):
+    from django.urls import reverse
+
+    from jobs.forms import AbsorbForm
+
+    project, alice, base, prompt, data = world
+    post = form_post(AbsorbForm, project, prompt_version=prompt.pk, dataset_version=data.pk, base_model=base.pk,
+                     mode="absorb", best_of="3", repairs=["ends_with", "max_words"], g_repetition_penalty="1.3",
+                     g_stop="###\nEND")
+    r = alice_client.post(reverse("absorb_start", args=[project.slug]), post)
+    assert r.status_code == 302, r.content.decode()[-3000:]
+    teacher = Job.objects.get(kind="teacher")
+    assert teacher.params["curation"]["best_of"] == 3 and teacher.params["curation"]["prefill"] is True
+    assert teacher.params["curation"]["repairs"] == ["ends_with", "max_words"]
+    assert teacher.params["generation"]["repetition_penalty"] == 1.3
+    assert teacher.params["generation"]["stop"] == ["###", "END"]
+    post.pop("curate")
+    alice_client.post(reverse("absorb_start", args=[project.slug]), post)
+    assert Job.objects.filter(kind="teacher").order_by("-pk").first().params["curation"] is None
+
+
+def test_the_form_warns_before_training_on_answers_that_fail_rules(world, alice_client):
+    from django.urls import reverse
+
+    from jobs.forms import AbsorbForm
+
+    project, alice, base, prompt, data = world
+    version = run_teacher(world, curation=False).output_dataset  # raw answers: every one fails the sign-off
+    post = form_post(AbsorbForm, project, prompt_version=prompt.pk, dataset_version=version.pk, base_model=base.pk,
+                     mode="finetune")
+    page = alice_client.get(reverse("job_list", args=[project.slug])).content.decode()
+    assert "0% pass all rules" in page
+    r = alice_client.post(reverse("absorb_start", args=[project.slug]), post)
+    assert r.status_code == 400
+    assert "100% of the training answers" in r.content.decode() and "sign-off: 6" in r.content.decode()
+    assert not Job.objects.filter(kind="finetune").exists()
+    r = alice_client.post(reverse("absorb_start", args=[project.slug]), {**post, "train_anyway": "on"})
+    assert r.status_code == 302 and Job.objects.filter(kind="finetune").count() == 1

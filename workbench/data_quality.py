@@ -61,3 +61,28 @@ def final_compliance(version: DatasetVersion | None) -> float | None:
     if version is None or not version.meta.get("quality"):
         return None
     return version.meta["quality"]["steps"][-1].get("all_rules")
+
+
+def failing_share(version: DatasetVersion) -> tuple[float, dict[str, int]] | None:
+    """Share of train rows whose answer fails at least one of the version's
+    rules, and how many rows fail each rule; None without rules."""
+    if not version.meta.get("rules"):
+        return None
+    rows = version.rows.filter(split=DatasetRow.TRAIN).values_list("failing", flat=True)
+    total, failing, by_rule = 0, 0, {}
+    for names in rows.iterator(chunk_size=2000):
+        total += 1
+        failing += bool(names)
+        for name in names:
+            by_rule[name] = by_rule.get(name, 0) + 1
+    return (failing / total if total else 0.0), by_rule
+
+
+def warning(version: DatasetVersion, limit: float) -> str | None:
+    """A sentence for the team when too many training answers fail a rule."""
+    share = failing_share(version)
+    if share is None or share[0] <= limit:
+        return None
+    worst = ", ".join(f"{name}: {n}" for name, n in sorted(share[1].items(), key=lambda kv: -kv[1]))
+    return (f"{share[0]:.0%} of the training answers in {version} fail a checkable rule ({worst}); the student "
+            f"learns what the data shows. Review them, or train anyway.")

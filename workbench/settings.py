@@ -271,3 +271,6 @@ ENGINE_THREADS = int(envnumber("ENGINE_THREADS", 1, 1, whole=True))
 ENGINE_TIMEOUT_SECONDS = envnumber("ENGINE_TIMEOUT_SECONDS", 300, 1)
 # The largest max_tokens a /v1 client may ask for.
 GATEWAY_MAX_TOKENS = int(envnumber("GATEWAY_MAX_TOKENS", 2048, 1, whole=True))
+# Training data whose answers fail a checkable rule on more than this share of
+# rows gets a warning (the absorb form asks to confirm; the fine-tune logs it).
+DATA_FAIL_WARN_SHARE = envnumber("WORKBENCH_DATA_FAIL_WARN_SHARE", 0.2, 0)

@@ -6,11 +6,13 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from django.conf import settings
 from django.db import transaction
 
 from engines.progress import Progress
 from engines.training import TrainConfig, train
 from jobs.registry import JobCancelled, JobError, JobRunner, register
+from workbench import data_quality
 from workbench.models import BaseModel, DatasetRow, DatasetVersion, Variant
 
 
@@ -50,6 +52,9 @@ class FinetuneRunner(JobRunner):
         if not examples:
             raise JobError(f"{version} has no train rows with an assistant answer to learn from.")
         config = TrainConfig.from_dict(job.params.get("train", {}))
+        warn = data_quality.warning(version, settings.DATA_FAIL_WARN_SHARE)
+        if warn:
+            self.log(f"warning: {warn}")
         self.log(f"fine-tune: {len(examples)} examples from {version}, base {base.name}, LoRA r={config.rank} "
                  f"alpha={config.alpha}, lr {config.learning_rate}, {config.epochs} epochs, batch {config.batch_size}")
         # Checkpoints and the adapter live in the job's directory: a requeued

@@ -1,0 +1,138 @@
+"""A whole absorb on a scenario (scenarios/NAME: prompt.md, rules.json,
+train.jsonl, heldout.jsonl) with the default model, through the workbench's
+own actions and job runners, in this process (no worker, no server): curated
+teacher data -> LoRA fine-tune -> four arms on the held-out queries. Prints
+the per-rule table for floor, teacher, data and student, and wall times.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/scenario.py lumen [--best-of 4] [--epochs 3] [--no-curation]
+
+Everything lands in a throwaway data directory (SQLite), printed at the start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("scenario")
+    parser.add_argument("--best-of", type=int, default=None, help="default: the workbench default")
+    parser.add_argument("--no-curation", action="store_true")
+    parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--train-limit", type=int, default=None, help="use only the first N train queries")
+    parser.add_argument("--heldout-limit", type=int, default=None)
+    parser.add_argument("--data-dir", type=Path, default=None)
+    args = parser.parse_args()
+
+    data_dir = args.data_dir or Path(tempfile.mkdtemp(prefix=f"scenario-{args.scenario}-"))
+    os.environ.update(WORKBENCH_DATA_DIR=str(data_dir), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+                      DJANGO_SETTINGS_MODULE="workbench.settings")
+    os.environ.pop("DATABASE_URL", None)
+    os.environ.pop("CELERY_BROKER_URL", None)
+    import django
+
+    django.setup()
+    from django.contrib.auth import get_user_model
+    from django.core.management import call_command
+
+    from engines.curation import CurationSettings
+    from evals.actions import create_suite, start_comparison
+    from jobs import lifecycle
+    from jobs.actions import start_absorb
+    from jobs.models import Job
+    from workbench.actions.datasets import import_dataset
+    from workbench.actions.projects import create_project
+    from workbench.actions.prompts import save_prompt
+    from workbench.models import BaseModel
+
+    print(f"data directory: {data_dir}", flush=True)
+    call_command("migrate", verbosity=0)
+    call_command("provision_model", verbosity=0)
+    folder = REPO / "scenarios" / args.scenario
+    user = get_user_model().objects.create(username="bench")
+    project = create_project(user, f"scenario {args.scenario}", "")
+    rules = json.loads((folder / "rules.json").read_text())
+    prompt = save_prompt(project, user, args.scenario, (folder / "prompt.md").read_text(), rules).version
+
+    def lines(name: str, limit: int | None) -> bytes:
+        rows = (folder / name).read_text().splitlines()
+        return "\n".join(rows[:limit] if limit else rows).encode() + b"\n"
+
+    train = import_dataset(project, user, "train", __import__("io").BytesIO(lines("train.jsonl", args.train_limit)),
+                           filename="train.jsonl", eval_percent=0)
+    heldout = import_dataset(project, user, "heldout",
+                             __import__("io").BytesIO(lines("heldout.jsonl", args.heldout_limit)),
+                             filename="heldout.jsonl", eval_percent=100)
+    base = BaseModel.objects.get(is_default=True)
+    curation: dict | bool = False if args.no_curation else CurationSettings().to_dict()
+    if args.best_of and curation:
+        curation["best_of"] = args.best_of
+    training = {"epochs": args.epochs} if args.epochs else {}
+    times: dict[str, float] = {}
+    began = time.monotonic()
+    teacher, finetune = start_absorb(project, user, prompt, train, base, {}, training, curation=curation)
+
+    def run(job: Job, name: str) -> Job:
+        t = time.monotonic()
+        lifecycle.execute(job.pk, "bench")
+        job.refresh_from_db()
+        times[name] = time.monotonic() - t
+        print(f"{name}: {job.status} in {times[name]:.0f} s", flush=True)
+        if job.status != Job.SUCCEEDED:
+            print(job.error, job.log[-3000:], sep="\n")
+            sys.exit(1)
+        return job
+
+    teacher = run(teacher, "teacher")
+    assert finetune is not None
+    finetune = run(finetune, "fine-tune")
+    suite = create_suite(project, user, "held out", heldout, prompt_version=prompt)
+    comparison = start_comparison(project, user, suite, finetune.variant)
+    assert comparison.job is not None
+    run(comparison.job, "four arms")
+    times["total"] = time.monotonic() - began
+    comparison.refresh_from_db()
+
+    quality = teacher.output_dataset.meta.get("quality") or {}
+    data = (quality.get("steps") or [{}])[-1]
+    runs = {r.arm: r for r in comparison.runs.all()}
+    names = [r["name"] for r in rules]
+    print(f"\n{args.scenario}: {len(names)} rules, prompt {prompt.token_counts}, {train.row_count} train queries, "
+          f"{heldout.row_count} held out; curation {curation}")
+    print("data quality steps:")
+    for step in quality.get("steps", []):
+        print(f"  {step['step']:<32} all rules {step['all_rules']:.2f}  " +
+              "  ".join(f"{k} {v:.2f}" for k, v in step["rules"].items()))
+    header = f"{'rule':<16}" + "".join(f"{c:>16}" for c in ("floor", "teacher", "data", "student", "student+prompt"))
+    print(header)
+
+    def value(arm: str, metric: str) -> str:
+        m = (runs[arm].summary.get("metrics") or {}).get(metric) if arm in runs else None
+        return f"{m['value']:.2f}" if m else "-"
+
+    for name in ["all_rules", *names]:
+        metric = name if name == "all_rules" else f"rule:{name}"
+        d = data.get("all_rules") if name == "all_rules" else (data.get("rules") or {}).get(name)
+        print(f"{name:<16}" + "".join(f"{value(a, metric):>16}" for a in ("floor", "teacher")) +
+              f"{'-' if d is None else f'{d:.2f}':>16}" +
+              "".join(f"{value(a, metric):>16}" for a in ("student", "student+prompt")))
+    for arm, r in runs.items():
+        lat = r.summary.get("latency") or {}
+        print(f"  {arm:<15} prompt tokens {r.summary.get('prompt_tokens', 0):.0f}, completion tokens "
+              f"{r.summary.get('completion_tokens', 0):.0f}, latency {json.dumps(lat)[:120]}")
+    print("headline:", json.dumps({k: v for k, v in comparison.headline.items() if k != "lm_eval"})[:600])
+    print("wall times (s):", {k: round(v) for k, v in times.items()})
+
+
+if __name__ == "__main__":
+    main()
