@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/pip --disable-pip-version-check -q
 
-.PHONY: run test lint typecheck bench browser clean vllm-venv
+.PHONY: run demo test lint typecheck bench browser clean vllm-venv
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -21,6 +21,10 @@ $(VENV)/.dev-installed: requirements-dev.txt $(VENV)/.runtime-installed
 
 run: $(VENV)/.runtime-installed
 	$(BIN)/python manage.py run
+
+# The whole path on the shipped lumen scenario, on this machine's workers; prints a summary.
+demo: $(VENV)/.runtime-installed
+	$(BIN)/python manage.py demo $(DEMO_ARGS)
 
 # Browser tests drive Debian's chromium; install it when we may (root, apt).
 browser:

@@ -129,3 +129,19 @@ def test_best_of_n_picks_the_rule_maximising_sample_on_a_seeded_model(lively):
         best, passed = pick_best(texts, rules)
         assert passed[best] == max(passed)
         assert passed == [sum(check_all(rules, t).values()) for t in texts]
+
+
+def test_an_opening_through_the_engine_protocol_matches_the_in_process_one(lively, lively_dir):
+    """continue_final_message on the hf engine server (vLLM's parameter) gives
+    the same prefilled answers as in-process generation."""
+    from engines.engine_server import EngineServer
+    from engines.inference import GenerationSettings, generate
+    from engines.remote import generate_remote
+
+    convs = [[{"role": "user", "content": q}] for q in ("where is my photo?", "how much is the plan?")]
+    settings = GenerationSettings(max_new_tokens=6, temperature=0.0)
+    local = generate(lively, convs, "Be brief.", settings, opening="hi there!")
+    with EngineServer({"lively": lively_dir}, dtype="float32", threads=1) as server:
+        remote = generate_remote(server.url, "lively", convs, "Be brief.", settings, opening="hi there!")
+    assert [c.text for c in remote] == [c.text for c in local]
+    assert all(c.text.startswith("hi there!") for c in remote)

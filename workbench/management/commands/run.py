@@ -111,6 +111,7 @@ class Command(BaseCommand):
                 f"  inference engine: {self._engine_description(engine)}\n"
                 "Press Ctrl-C to stop the web server, the worker and the engine.\n"
             ))
+            self.started(url, username, opts, stop)
             while not stopping:
                 for p in procs:
                     if p.poll() is not None:
@@ -126,6 +127,10 @@ class Command(BaseCommand):
             code = self._shutdown(procs + ([engine_proc] if engine_proc is not None else []))
         if code:
             sys.exit(code)
+
+    def started(self, url: str, username: str, opts: dict[str, Any], stop: Any) -> None:
+        """Called once the processes run; a command built on this one (the
+        demo) drives them from here and calls `stop()` to end the run."""
 
     def _engine_command(self, skip: bool) -> list[str] | None:
         """`manage.py serve_engine` (the hf engine, or a vLLM the workbench starts); none
