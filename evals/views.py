@@ -7,7 +7,7 @@ from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.paginator import Paginator
 from django.db.models import Count
-from django.http import HttpRequest, HttpResponse
+from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
 from django.views.decorators.http import require_POST
@@ -163,7 +163,7 @@ def side_by_side(request: HttpRequest, slug: str, suite_id: int) -> HttpResponse
     a = runs.get(int(ids[0])) if ids[0].isdigit() else (choices[1] if len(choices) > 1 else None)
     b = runs.get(int(ids[1])) if ids[1].isdigit() else (choices[0] if choices else None)
     if (ids[0] and a is None) or (ids[1] and b is None):
-        return render(request, "404.html", {"project": suite.project}, status=404)
+        raise Http404("No such run in this suite.")
     rows: list[dict[str, Any]] = []
     only = request.GET.get("only", "")
     rule_names: list[str] = []
