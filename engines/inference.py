@@ -594,6 +594,10 @@ def generate_samples(
     if samples < 1:
         raise SettingsError({"samples": f"must be at least 1, got {samples}"})
     expanded = [conv for conv in conversations for _ in range(samples)]
-    flat = generate(loaded, expanded, system_prompt, settings, progress=progress, should_stop=should_stop,
+    # N samples of a query ride in one batch N times as wide: a decode step of
+    # a wider batch costs far less than N steps (at most 64 rows: KV memory).
+    wide = dataclasses.replace(settings, batch_size=max(settings.batch_size,
+                                                        min(settings.batch_size * samples, 64)))
+    flat = generate(loaded, expanded, system_prompt, wide, progress=progress, should_stop=should_stop,
                     opening=opening)
     return [flat[i:i + samples] for i in range(0, len(flat), samples)]
