@@ -32,6 +32,8 @@ def main() -> None:
     parser.add_argument("--train-limit", type=int, default=None, help="use only the first N train queries")
     parser.add_argument("--heldout-limit", type=int, default=None)
     parser.add_argument("--data-dir", type=Path, default=None)
+    parser.add_argument("--from-teacher", action="store_true",
+                        help="reuse the finished teacher job of --data-dir and train again from its answers")
     args = parser.parse_args()
 
     data_dir = args.data_dir or Path(tempfile.mkdtemp(prefix=f"scenario-{args.scenario}-"))
@@ -56,6 +58,8 @@ def main() -> None:
     from workbench.models import BaseModel
 
     print(f"data directory: {data_dir}", flush=True)
+    if args.from_teacher:
+        return resume(args, data_dir)
     call_command("migrate", verbosity=0)
     call_command("provision_model", verbosity=0)
     folder = REPO / "scenarios" / args.scenario
@@ -101,6 +105,46 @@ def main() -> None:
     assert comparison.job is not None
     run(comparison.job, "four arms")
     times["total"] = time.monotonic() - began
+    report(args, comparison, teacher, train, heldout, prompt, rules, curation, times)
+
+
+def resume(args: argparse.Namespace, data_dir: Path) -> None:
+    """Train and evaluate again on the answers of the scenario's finished teacher job."""
+    from evals.actions import create_suite, start_comparison
+    from jobs import lifecycle
+    from jobs.actions import start_finetune
+    from jobs.models import Job
+    from workbench.models import Dataset
+
+    teacher = Job.objects.filter(kind="teacher", status=Job.SUCCEEDED).latest("pk")
+    Job.objects.filter(kind="finetune").exclude(status__in=Job.TERMINAL).update(status=Job.CANCELLED)
+    project, user, prompt = teacher.project, teacher.created_by, teacher.prompt_version
+    heldout = Dataset.objects.get(project=project, name="heldout").latest
+    training = {"epochs": args.epochs} if args.epochs else {}
+    times: dict[str, float] = {"teacher": float(teacher.output_dataset.meta.get("seconds", 0))}
+    began = time.monotonic()
+    finetune = start_finetune(project, user, prompt, teacher.output_dataset, teacher.base_model, training)
+    t = time.monotonic()
+    lifecycle.execute(finetune.pk, "bench")
+    finetune.refresh_from_db()
+    times["fine-tune"] = time.monotonic() - t
+    print(f"fine-tune: {finetune.status} in {times['fine-tune']:.0f} s", flush=True)
+    if finetune.status != Job.SUCCEEDED:
+        print(finetune.error, finetune.log[-3000:], sep="\n")
+        sys.exit(1)
+    suite = create_suite(project, user, f"held out {finetune.pk}", heldout, prompt_version=prompt)
+    comparison = start_comparison(project, user, suite, finetune.variant)
+    t = time.monotonic()
+    lifecycle.execute(comparison.job.pk, "bench")
+    times["four arms"] = time.monotonic() - t
+    print(f"four arms in {times['four arms']:.0f} s", flush=True)
+    times["total"] = time.monotonic() - began + times["teacher"]
+    rules = json.loads((REPO / "scenarios" / args.scenario / "rules.json").read_text())
+    report(args, comparison, teacher, teacher.dataset_version, heldout, prompt, rules,
+           teacher.params.get("curation"), times)
+
+
+def report(args, comparison, teacher, train, heldout, prompt, rules, curation, times) -> None:
     comparison.refresh_from_db()
 
     quality = teacher.output_dataset.meta.get("quality") or {}

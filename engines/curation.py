@@ -194,15 +194,19 @@ def repair(answer: str, rules: Sequence[Rule], enabled: Collection[str] | None =
     result = Repaired(answer)
     for step in steps:
         for rule in rules:
-            if rule.kind != step or check(rule, result.text):
+            if rule.kind != step:
                 continue
             before = result.text
+            # An ending still to be appended needs its words under the limit too.
+            room = (rule.params["n"] - (reserve if "ends_with" in steps and not all(check(e, before) for e in endings)
+                                        else 0)) if step == "max_words" else 0
+            if (len(before.split()) <= room) if step == "max_words" else check(rule, before):
+                continue
             if step == "not_contains":
                 after = _drop_sentences(before, rule.params["text"], rule.params["case_sensitive"])
             elif step == "no_list_markup":
                 after = _unlist(before)
             elif step == "max_words":
-                room = rule.params["n"] - (reserve if not all(check(e, before) for e in endings) else 0)
                 after = _cut_words(before, room)
             elif step == "lowercase":
                 after = _lower_outside(before, protected)

@@ -55,9 +55,10 @@ def test_each_repair_on_its_own():
 
     long = " ".join(f"Sentence number {i} is here." for i in range(10))
     fixed = repair(long, RULES, enabled={"max_words"})
-    # 25 words minus the 3 of the sign-off it does not end with yet: whole sentences only.
-    assert len(fixed.text.split()) <= 22 and fixed.text.endswith(".")
-    assert fixed.text == " ".join(f"Sentence number {i} is here." for i in range(4))
+    assert fixed.text == " ".join(f"Sentence number {i} is here." for i in range(5))  # 25 words, whole sentences
+    # With the sign-off still to append: 25 words minus its 3.
+    fixed = repair(long, RULES, enabled={"max_words", "ends_with"})
+    assert fixed.text == " ".join(f"Sentence number {i} is here." for i in range(4)) + " - lumen support"
 
     fixed = repair("hi there! The App Works. - lumen support", RULES, enabled={"lowercase"})
     assert fixed.text == "hi there! the app works. - lumen support"
@@ -68,6 +69,12 @@ def test_each_repair_on_its_own():
 
     fixed = repair("all done.", RULES, enabled={"ends_with"})
     assert fixed.text == "all done. - lumen support"
+
+    # Under the limit now, over it once the sign-off is appended: cut first, leaving room.
+    near = "Sentence one is here. " + " ".join(["word"] * 19) + "."
+    fixed = repair(near, RULES, enabled={"max_words", "ends_with"})
+    assert check(by_name("short"), fixed.text) and check(by_name("sign-off"), fixed.text)
+    assert fixed.text == "Sentence one is here. - lumen support"
 
 
 def test_all_repairs_together_make_a_failing_answer_pass_and_record_each_step():
