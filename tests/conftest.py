@@ -58,6 +58,27 @@ def lively_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
     return out
 
 
+def build_random_lora(base_dir: Path, out: Path, seed: int = 0, r: int = 4, alpha: int = 8,
+                      std: float = 0.5) -> Path:
+    """A LoRA adapter (q_proj, v_proj) with random B as well as A: a fresh
+    one has B = 0 and would change nothing. Saved as safetensors."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, target_modules=["q_proj", "v_proj"],
+                                                  lora_dropout=0.0, task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, std)
+    peft_model.save_pretrained(str(out))
+    assert (Path(out) / "adapter_model.safetensors").is_file()
+    return Path(out)
+
+
 def build_tiny_llama(tokenizer_dir: Path, out_dir: Path, seed: int = 0) -> Path:
     """A 3M-parameter random Llama with a real tokenizer, for fast tests."""
     import torch

@@ -19,6 +19,7 @@ import pytest
 from engines.engine_server import EngineServer
 from engines.inference import GenerationSettings, SettingsError, encode, generate
 from engines.serving_engine import parse_chat_request
+from tests.conftest import build_random_lora
 
 REPO = Path(__file__).resolve().parent.parent
 HELLO = [{"role": "user", "content": "hello there"}]
@@ -27,20 +28,7 @@ PROMPTS = ["hello there", "what is the capital of France?", "tell me a joke", "x
 
 def make_adapter(base_dir: Path, out: Path, seed: int) -> Path:
     """A tiny LoRA whose random lora_B makes it change the model's answers."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
-    peft = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for name, param in peft.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.5)
-    peft.save_pretrained(str(out))
-    assert (out / "adapter_model.safetensors").is_file()
-    return out
+    return build_random_lora(base_dir, out, seed)
 
 
 @pytest.fixture(scope="module")

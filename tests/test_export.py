@@ -14,6 +14,7 @@ from django.urls import reverse
 from engines.inference import GenerationSettings, generate, load_model
 from evals import actions as eval_actions
 from evals.models import ArmComparison, EvalRun
+from tests.conftest import build_random_lora
 from workbench.actions.datasets import import_dataset
 from workbench.actions.prompts import save_prompt
 from workbench.models import BaseModel, Variant
@@ -26,20 +27,7 @@ PROMPTS = ["What is the capital of France?", "Name three primary colours.", "Wri
 
 def random_lora(base_dir: Path, out: Path, seed: int = 3) -> Path:
     """A PEFT LoRA with random A and B (a fresh one has B = 0 and changes nothing)."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
-    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
-                                                  lora_dropout=0.0, task_type="CAUSAL_LM"))
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.3)
-    peft_model.save_pretrained(str(out))
-    return out
+    return build_random_lora(base_dir, out, seed, r=8, alpha=16, std=0.3)
 
 
 @pytest.fixture

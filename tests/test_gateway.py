@@ -16,7 +16,7 @@ import pytest
 
 from serving.actions import create_api_key, promote, revoke_api_key
 from serving.models import Alias, RequestLog
-from tests.conftest import database_url
+from tests.conftest import build_random_lora, database_url
 from tests.processes import REPO, stop, wait_for
 from workbench.models import BaseModel, Prompt, PromptVersion, Variant
 
@@ -30,20 +30,7 @@ GREEDY = {"temperature": 0, "max_tokens": 12}
 @pytest.fixture(scope="module")
 def adapter_dir(lively_dir, tmp_path_factory):
     """A tiny LoRA adapter with random B matrices, so it really changes the answers."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(lively_dir), dtype=torch.float32)
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.5)
-    out = tmp_path_factory.mktemp("adapter")
-    peft_model.save_pretrained(out)
-    return out
+    return build_random_lora(lively_dir, tmp_path_factory.mktemp("adapter"), seed=1)
 
 
 @pytest.fixture(scope="module")

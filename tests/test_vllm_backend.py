@@ -38,6 +38,7 @@ from engines.vllm_server import (
     vllm_python,
     wait_ready,
 )
+from tests.conftest import build_random_lora
 from tests.test_parity import (
     CONVERSATIONS,
     GREEDY_PROMPTS,
@@ -78,29 +79,14 @@ def vllm_bin() -> Path:
     return python
 
 
-def build_random_lora(model_dir: Path, out: Path, seed: int) -> Path:
-    """A PEFT LoRA adapter (r=8 on q_proj, v_proj) with random A and B, so it
-    visibly changes the model's answers (a fresh LoRA has B = 0: a no-op)."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
-                                                  lora_dropout=0.0, task_type="CAUSAL_LM"))
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.3)
-    peft_model.save_pretrained(str(out), safe_serialization=True)
-    return out
+def random_lora(model_dir: Path, out: Path, seed: int) -> Path:
+    return build_random_lora(model_dir, out, seed, r=8, alpha=16, std=0.3)
 
 
 @pytest.fixture(scope="module")
 def adapters(smollm2_dir, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("vllm-adapters")
-    return {name: build_random_lora(smollm2_dir, root / name, seed) for name, seed in (("a1", 1), ("a2", 2))}
+    return {name: random_lora(smollm2_dir, root / name, seed) for name, seed in (("a1", 1), ("a2", 2))}
 
 
 @pytest.fixture(scope="module")
