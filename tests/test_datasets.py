@@ -787,7 +787,7 @@ def test_a_refused_review_keeps_what_was_typed_and_ticked(alice_client, alice, a
     r = alice_client.post(url, {"answer_0": "  ", "answer_1": "a much better answer", "drop": ["3"]})
     body = r.content.decode()
     assert r.status_code == 400 and "An answer cannot be empty" in body and "Nothing was saved" in body
-    assert '<textarea name="answer_1" rows="4">a much better answer</textarea>' in body
-    assert 'name="answer_0" rows="4" aria-invalid="true">  </textarea>' in body
+    assert '<textarea name="answer_1" rows="4">\na much better answer</textarea>' in body
+    assert 'name="answer_0" rows="4" aria-invalid="true">\n  </textarea>' in body
     assert 'value="3" checked' in body and 'value="2" checked' not in body
     assert answered.dataset.versions.count() == 1

@@ -87,3 +87,14 @@ def test_an_edit_is_checked_again(alice, teacher_version):
     row = new.rows.get(index=1)
     assert row.failing == [] and row.flags == [] and row.curation["edited"] is True
     assert new.meta["quality"]["steps"][-1]["rules"]["opening"] == 5 / 6
+
+
+def test_an_answer_that_starts_with_a_newline_is_not_an_edit(alice_client, alice_project, teacher_version):
+    """HTML drops one newline after <textarea>: the page must write one, or
+    a browser posts the answer without its leading newline as an edit."""
+    row = teacher_version.rows.get(index=0)
+    teacher_version.rows.filter(pk=row.pk).update(
+        messages=[*row.messages[:-1], {"role": "assistant", "content": "\nhi. fine."}])
+    url = reverse("dataset_review", args=[alice_project.slug, teacher_version.dataset_id, teacher_version.number])
+    page = alice_client.get(url).content.decode()
+    assert 'name="answer_0" rows="4">\n\nhi. fine.</textarea>' in page
