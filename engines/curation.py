@@ -21,9 +21,6 @@ from typing import Any
 
 from engines.rules import Rule, check, check_all
 
-__all__ = ["REPAIRS", "CurationSettings", "Curated", "check_all", "curate", "opening", "pass_rates",
-           "pick_best", "quality_report", "repair"]
-
 # The repairs, in the order they run: content first, then length, then case,
 # and the fixed sign-off last so that no other repair can cut or change it.
 REPAIRS: dict[str, str] = {

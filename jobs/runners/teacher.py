@@ -25,6 +25,7 @@ from engines.rules import Rule, rules_to_json, validate_rules
 from jobs.models import Job
 from jobs.registry import JobError, JobRunner, register
 from jobs.runners.engine import remote_model
+from workbench import data_quality
 from workbench.actions.datasets import derive_version
 from workbench.models import DatasetRow, DatasetVersion
 
@@ -188,7 +189,7 @@ class TeacherRunner(JobRunner):
         for index in sorted([*queries, *kept]):
             if index in kept:
                 messages = kept[index]
-                failing = [n for n, ok in curation.check_all(rules, messages[-1]["content"]).items() if not ok]
+                failing = data_quality.failing(rules, messages)
                 rows.append((index, messages, {"failing": failing, "flags": [f"fails rule: {n}" for n in failing]}))
                 continue
             item = answers[index]
@@ -202,7 +203,7 @@ class TeacherRunner(JobRunner):
                 record["raw"] = made.raw
                 made_by_index[index] = made
             elif rules:
-                failing = [n for n, ok in curation.check_all(rules, text).items() if not ok]
+                failing = data_quality.failing(rules, [{"role": "assistant", "content": text}])
             picked = record.get("picked", 0)
             row_flags = leak_flags(text, system_prompt, spans)
             if not text.strip():

@@ -217,7 +217,6 @@ def apply_split(version: DatasetVersion) -> None:
 def derive_version(
     parent: DatasetVersion, user: AbstractBaseUser | None, rows: Iterable[tuple[Any, ...]],
     kind: str = DatasetVersion.EDIT, meta: dict[str, Any] | None = None, keep_split: bool = True,
-    flags: dict[int, list[str]] | None = None,
 ) -> DatasetVersion:
     """A new version of the same dataset from edited rows (teacher answers,
     review edits), given as (parent index, messages) or (parent index,
@@ -253,9 +252,6 @@ def derive_version(
             version.rows.filter(index__in=evals[i:i + 500]).update(split=DatasetRow.EVAL)
     else:
         apply_split(version)
-    if flags:
-        for index, row_flags in flags.items():
-            version.rows.filter(index=index).update(flags=row_flags)
     version.save()
     return version
 
