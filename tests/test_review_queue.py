@@ -98,3 +98,20 @@ def test_an_answer_that_starts_with_a_newline_is_not_an_edit(alice_client, alice
     url = reverse("dataset_review", args=[alice_project.slug, teacher_version.dataset_id, teacher_version.number])
     page = alice_client.get(url).content.decode()
     assert 'name="answer_0" rows="4">\n\nhi. fine.</textarea>' in page
+
+
+def test_a_stray_carriage_return_is_not_an_edit(alice_client, alice_project, teacher_version):
+    """A browser turns CR and CR LF into LF inside <textarea> and posts CR LF:
+    posting back what the page showed changes nothing; a real edit still does."""
+    for index, content in ((0, "hi.\rfine."), (1, "hi.\r\nthere\0.")):
+        row = teacher_version.rows.get(index=index)
+        teacher_version.rows.filter(pk=row.pk).update(
+            messages=[*row.messages[:-1], {"role": "assistant", "content": content}])
+    url = reverse("dataset_review", args=[alice_project.slug, teacher_version.dataset_id, teacher_version.number])
+    as_posted = {"answer_0": "hi.\r\nfine.", "answer_1": "hi.\r\nthere\ufffd."}
+    before = teacher_version.dataset.versions.count()
+    r = alice_client.post(url, as_posted)
+    assert r.status_code == 302 and teacher_version.dataset.versions.count() == before
+    r = alice_client.post(url, {**as_posted, "answer_1": "hi. there."})
+    new = teacher_version.dataset.versions.order_by("-number").first()
+    assert r.status_code == 302 and new.meta["edited"] == [1]

@@ -256,12 +256,19 @@ def derive_version(
     return version
 
 
+def _as_posted(text: str) -> str:
+    """The text as a browser posts it back from a <textarea>: HTML turns CR LF
+    and a lone CR into LF and NUL into U+FFFD; the form sends CR LF."""
+    return text.replace("\r\n", "\n").replace("\r", "\n").replace("\0", "\ufffd")
+
+
 def edits_changed(version: DatasetVersion, edits: dict[int, str]) -> dict[int, str]:
-    """Only the edits whose text differs from the stored answer."""
+    """Only the edits whose text differs from the stored answer as the page
+    showed it (a model's stray CR is not the reviewer's edit)."""
     current = dict(version.rows.filter(index__in=list(edits)).values_list("index", "messages"))
-    return {i: text.replace("\r\n", "\n") for i, text in edits.items()
+    return {i: _as_posted(text) for i, text in edits.items()
             if i in current and current[i][-1]["role"] == "assistant"
-            and current[i][-1]["content"] != text.replace("\r\n", "\n")}
+            and _as_posted(current[i][-1]["content"]) != _as_posted(text)}
 
 
 @transaction.atomic
