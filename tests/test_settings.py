@@ -85,6 +85,9 @@ def test_the_compose_file_refers_to_things_that_exist():
             assert "-A workbench" in command
         if "gunicorn" in command:
             assert "workbench.wsgi:application" in command
+    # /v1 on the default backend needs the engine process; the app's services find it by name.
+    assert "serve_engine" in " ".join(services["engine"]["command"])
+    assert services["web"]["environment"]["ENGINE_URL"].endswith("//engine:8001}")
     gpu = services["worker-gpu"]
     assert "-Q gpu" in " ".join(gpu["command"])
     devices = gpu["deploy"]["resources"]["reservations"]["devices"]
