@@ -127,6 +127,16 @@ class GenerationSettings:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    # What keeps a small model from looping: set where a variant is made, kept
+    # with it, and applied wherever it answers (evals, /v1) unless overridden.
+    GUARD_RAILS: ClassVar[tuple[str, ...]] = ("repetition_penalty", "no_repeat_ngram_size", "stop")
+
+    def guard_rails(self) -> dict[str, Any]:
+        """The guard-rail settings that differ from the defaults, as JSON."""
+        default = GenerationSettings()
+        return {name: list(v) if isinstance(v := getattr(self, name), tuple) else v
+                for name in self.GUARD_RAILS if getattr(self, name) != getattr(default, name)}
+
 
 def _stop_error(stop: Any) -> str | None:
     if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop):

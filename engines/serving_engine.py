@@ -173,6 +173,8 @@ def parse_chat_request(body: Any) -> ChatRequest:
         "top_p": 1.0 if body.get("top_p") is None else body["top_p"],
         "seed": body.get("seed"),
         "repetition_penalty": 1.0 if body.get("repetition_penalty") is None else body["repetition_penalty"],
+        # An extra parameter (like vLLM's repetition_penalty): small models loop without one of the two.
+        "no_repeat_ngram_size": 0 if body.get("no_repeat_ngram_size") is None else body["no_repeat_ngram_size"],
         "stop": () if stop is None else (stop,) if isinstance(stop, str) else stop,
     }
     if isinstance(values["stop"], list):

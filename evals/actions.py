@@ -147,7 +147,9 @@ def start_comparison(
     project: Project, user: AbstractBaseUser | None, suite: EvalSuite, variant: Variant, *,
     absorb_job: Job | None = None, generation: GenerationSettings | Mapping[str, Any] | None = None,
 ) -> ArmComparison:
-    """The four arms of an absorbed variant on one suite, in one job."""
+    """The four arms of an absorbed variant on one suite, in one job. All
+    four answer with the variant's guard rails (its teacher's), so the
+    student is measured as it is served and the arms stay comparable."""
     if variant.project_id != project.pk:
         raise ActionError("The variant belongs to another project.")
     prompt = suite.prompt_version or variant.prompt_version
@@ -159,6 +161,8 @@ def start_comparison(
     base = variant.base_model
     specs = [RunSpec(base, None, prompt, "teacher"), RunSpec(base, None, None, "floor"),
              RunSpec(base, variant, None, "student"), RunSpec(base, variant, prompt, "student+prompt")]
+    if not isinstance(generation, GenerationSettings):
+        generation = {**variant.generation, **(generation or {})}
     runs = start_runs(project, user, suite, specs, generation, comparison=comparison)
     comparison.job = runs[0].job
     comparison.save(update_fields=["job"])

@@ -188,6 +188,6 @@ def variant_json(variant: Variant, aliases: list[str] | None = None) -> dict[str
             "prompt_version": variant.prompt_version_id, "prompt": str(variant.prompt_version)
             if variant.prompt_version_id else None,
             "prepend_prompt": variant.prepend_prompt, "dataset_version": variant.dataset_version_id,
-            "is_base": variant.is_base, "stale": newer is not None,
+            "is_base": variant.is_base, "generation": variant.generation, "stale": newer is not None,
             "newer_prompt_version": newer.pk if newer else None,
             "aliases": aliases if aliases is not None else [a.name for a in variant.aliases.all()]}

@@ -207,6 +207,12 @@ def check_params(body: dict[str, Any]) -> dict[str, Any]:
             raise GatewayError(400, f"repetition_penalty must be greater than 0 and at most 10, not {penalty:g}.",
                                param="repetition_penalty")
         out["repetition_penalty"] = penalty
+    no_repeat = _integer(body, "no_repeat_ngram_size")  # the hf engine's extra parameter
+    if no_repeat is not None:
+        if not 0 <= no_repeat <= 64:
+            raise GatewayError(400, f"no_repeat_ngram_size must be between 0 and 64, not {no_repeat}.",
+                               param="no_repeat_ngram_size")
+        out["no_repeat_ngram_size"] = no_repeat
     seed = _integer(body, "seed")
     if seed is not None:
         out["seed"] = seed
@@ -294,7 +300,9 @@ class Call:
                  params: dict[str, Any]) -> None:
         self.key, self.alias, self.variant, self.body = key, alias, variant, body
         self.asked = body["model"]
-        self.engine_body = {**params, "messages": with_variant_prompt(params["messages"], variant)}
+        # The variant's guard rails (its teacher's repetition penalty, ...) unless the request sets them.
+        self.engine_body = {**variant.generation, **params,
+                            "messages": with_variant_prompt(params["messages"], variant)}
         self.began = time.perf_counter()
 
     def complete(self) -> HttpResponse:

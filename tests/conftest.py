@@ -160,6 +160,45 @@ def redis_or_skip() -> str:
     return REDIS_URL
 
 
+# --- the whole path on real processes (browser walk, demo) --------------------
+
+# The four-arm eval answers short and skips lm-eval: the path, not the numbers, is under test.
+PATH_WORKER_ENV = {
+    "JOB_HEARTBEAT_SECONDS": "1", "JOB_PROGRESS_SECONDS": "0.5", "OMP_NUM_THREADS": "1",
+    "WORKBENCH_EVAL_MAX_NEW_TOKENS": "8", "WORKBENCH_EVAL_LM_EVAL_TASKS": "",
+}
+
+
+@pytest.fixture
+def tiny_base(lively_dir):
+    from workbench.models import BaseModel
+
+    return BaseModel.objects.create(name="tiny-lively", path=str(lively_dir), is_default=True)
+
+
+@pytest.fixture
+def worker(tiny_base, tmp_path):
+    """A real Celery worker process on the test database."""
+    from django.conf import settings
+
+    from tests.processes import celery_worker
+
+    with celery_worker(settings.CELERY_BROKER_URL, database_url(), tmp_path, extra_env=PATH_WORKER_ENV) as w:
+        yield w
+
+
+@pytest.fixture
+def engine(lively_dir, one_torch_thread, settings):
+    """The hf engine the gateway forwards to, holding the base under its registered name."""
+    from engines.engine_server import EngineServer
+
+    server = EngineServer({"tiny-lively": str(lively_dir)}, host="127.0.0.1", port=0, threads=1, dtype="float32")
+    server.start()
+    settings.ENGINE_URL = server.url
+    yield server
+    server.stop()
+
+
 # --- browser ------------------------------------------------------------------
 
 CHROMIUM = "/usr/bin/chromium"

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import openai
 import pytest
-from django.conf import settings
 from playwright.sync_api import Page, expect
 
 from evals.models import ArmComparison, EvalRun, Rating
@@ -28,10 +27,9 @@ from jobs.forms import _version_label
 from jobs.models import Job
 from serving.forms import variant_label
 from serving.models import Alias, AliasMove
-from tests.conftest import database_url
-from tests.processes import celery_worker, wait_for
+from tests.processes import wait_for
 from tests.test_ui_walk import watch
-from workbench.models import BaseModel, DatasetVersion, Project, PromptVersion
+from workbench.models import DatasetVersion, Project, PromptVersion
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
@@ -45,11 +43,6 @@ QUERIES = [f"How do I {verb} my {thing}?" for verb, thing in [
     ("check", "delivery time"), ("add", "second address"), ("pause", "deliveries"), ("rate", "courier")]]
 BAD_JSONL = (b'{"messages": [{"role": "user", "content": "Where is my order?"}]}\n'
              b'{"messages": [{"role": "user", "content": "cut off\n')
-FAST_WORKER = {
-    "JOB_HEARTBEAT_SECONDS": "1", "JOB_PROGRESS_SECONDS": "0.5", "OMP_NUM_THREADS": "1",
-    # The four-arm eval answers short and skips lm-eval: the path, not the numbers, is under test.
-    "WORKBENCH_EVAL_MAX_NEW_TOKENS": "8", "WORKBENCH_EVAL_LM_EVAL_TASKS": "",
-}
 # Reads the live job fragment: progress, bar and status, as the user sees them.
 RECORD_PROGRESS = """() => {
   window.__walkMarker = "same document";
@@ -94,29 +87,6 @@ class Walk:
         unexpected = [p for p in self.problems if p != response and not p.startswith(console)]
         assert response in self.problems and not unexpected, f"{step}: {self.problems}"
         self.problems.clear()
-
-
-@pytest.fixture
-def tiny_base(lively_dir):
-    return BaseModel.objects.create(name="tiny-lively", path=str(lively_dir), is_default=True)
-
-
-@pytest.fixture
-def worker(tiny_base, tmp_path):
-    with celery_worker(settings.CELERY_BROKER_URL, database_url(), tmp_path, extra_env=FAST_WORKER) as w:
-        yield w
-
-
-@pytest.fixture
-def engine(lively_dir, one_torch_thread, settings):
-    """The hf engine the gateway forwards to, holding the base under its registered name."""
-    from engines.engine_server import EngineServer
-
-    server = EngineServer({"tiny-lively": str(lively_dir)}, host="127.0.0.1", port=0, threads=1, dtype="float32")
-    server.start()
-    settings.ENGINE_URL = server.url
-    yield server
-    server.stop()
 
 
 def screenshots_dir(tmp_path: Path) -> Path:

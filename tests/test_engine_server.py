@@ -186,13 +186,14 @@ def test_it_refuses_adapters_that_are_missing_or_not_safetensors(server, tmp_pat
     ({"n": 17}, "n"),
     ({"stop": [""]}, "stop"),
     ({"repetition_penalty": 0}, "repetition_penalty"),
+    ({"no_repeat_ngram_size": -1}, "no_repeat_ngram_size"),
     ({"messages": []}, "messages"),
     ({"messages": [{"role": "tool", "content": "x"}]}, "messages"),
     ({"messages": [{"role": "user"}]}, "messages"),
 ])
 def test_it_answers_400_naming_the_bad_parameter(client, params, param):
     kwargs = {"messages": HELLO, **params}
-    extra = {"repetition_penalty": kwargs.pop("repetition_penalty")} if "repetition_penalty" in kwargs else None
+    extra = {k: kwargs.pop(k) for k in ("repetition_penalty", "no_repeat_ngram_size") if k in kwargs} or None
     with pytest.raises(openai.BadRequestError) as caught:
         client.chat.completions.create(model="tiny", extra_body=extra, **kwargs)
     error = caught.value.body
@@ -287,6 +288,9 @@ def test_generation_settings_take_repetition_penalty_ngrams_and_stop_strings():
     assert set(caught.value.errors) == {"stop", "repetition_penalty", "no_repeat_ngram_size"}
     with pytest.raises(SettingsError, match="at most 8"):
         GenerationSettings(stop=tuple(str(i) for i in range(9)))
+    # The guard rails a variant keeps: only what differs from the defaults, as JSON.
+    assert settings.guard_rails() == {"repetition_penalty": 1.2, "no_repeat_ngram_size": 3, "stop": ["###", "\n\n"]}
+    assert GenerationSettings(temperature=0.7, max_new_tokens=9).guard_rails() == {}
 
 
 def test_teacher_generation_and_the_server_answer_alike(server, client):

@@ -194,6 +194,21 @@ def test_runs_that_share_a_base_and_adapter_share_one_job(world):
         "floor": (False, False), "teacher": (False, True), "student": (True, False), "student+prompt": (True, True)}
 
 
+def test_the_four_arms_answer_with_the_variants_guard_rails(world):
+    """An absorbed variant keeps its teacher's repetition penalty; all four arms
+    use it (the student as served, the arms comparable); an explicit setting wins."""
+    suite = actions.create_suite(world["project"], world["user"], "held out", world["data"],
+                                 prompt_version=world["prompt"])
+    variant = Variant.objects.create(project=world["project"], name="v", base_model=world["base"], adapter_path="/a",
+                                     generation={"repetition_penalty": 1.3, "stop": ["\n\n"]})
+    comparison = actions.start_comparison(world["project"], world["user"], suite, variant)
+    gens = [r.generation for r in comparison.runs.all()]
+    assert all(g["repetition_penalty"] == 1.3 and g["stop"] == ["\n\n"] for g in gens), gens
+    again = actions.start_comparison(world["project"], world["user"], suite, variant,
+                                     generation={"repetition_penalty": 1.1})
+    assert {r.generation["repetition_penalty"] for r in again.runs.all()} == {1.1}
+
+
 # --- through a real worker ----------------------------------------------------------------------
 
 @pytest.fixture

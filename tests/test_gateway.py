@@ -149,6 +149,20 @@ def test_the_prompt_is_prepended_for_a_prompted_variant_only(live_server, world,
     assert count(tokenizer, QUESTION, PROMPT) != count(tokenizer, QUESTION)  # so the checks above can fail
 
 
+def test_a_variant_answers_with_its_guard_rails_unless_the_request_sets_them(live_server, world, served):
+    client = sdk(live_server, world.raw)
+    model = f"{world.slug}/plain"
+    full = client.chat.completions.create(model=model, messages=QUESTION, **GREEDY).choices[0].message.content
+    cut = full[len(full) // 2:][:3]
+    assert cut.strip() and full.index(cut) > 0
+    world.plain.generation = {"stop": [cut], "no_repeat_ngram_size": 0}
+    world.plain.save(update_fields=["generation"])
+    stopped = client.chat.completions.create(model=model, messages=QUESTION, **GREEDY).choices[0]
+    assert stopped.message.content == full[:full.index(cut)] and stopped.finish_reason == "stop"
+    own = client.chat.completions.create(model=model, messages=QUESTION, stop=["\x00never"], **GREEDY)
+    assert own.choices[0].message.content == full
+
+
 def test_n_answers_in_one_request(live_server, world, served):
     r = sdk(live_server, world.raw).chat.completions.create(
         model=f"{world.slug}/plain", messages=QUESTION, n=2, temperature=1.0, seed=7, max_tokens=8)

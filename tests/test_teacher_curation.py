@@ -174,3 +174,17 @@ def test_the_form_warns_before_training_on_answers_that_fail_rules(world, alice_
     assert not Job.objects.filter(kind="finetune").exists()
     r = alice_client.post(reverse("absorb_start", args=[project.slug]), {**post, "train_anyway": "on"})
     assert r.status_code == 302 and Job.objects.filter(kind="finetune").count() == 1
+
+
+def test_an_absorbed_variant_keeps_its_teachers_guard_rails():
+    """The fine-tune copies the teacher run's repetition penalty, no-repeat
+    n-grams and stop strings to the variant (evals and /v1 then use them)."""
+    from types import SimpleNamespace
+
+    from jobs.runners.finetune import _guard_rails
+
+    teacher_run = {"repetition_penalty": 1.3, "stop": ["###"], "max_new_tokens": 112, "temperature": 0.7}
+    assert _guard_rails(SimpleNamespace(meta={"generation": teacher_run})) == {"repetition_penalty": 1.3,
+                                                                               "stop": ["###"]}
+    assert _guard_rails(SimpleNamespace(meta={})) == {}  # an uploaded dataset: no teacher run
+    assert _guard_rails(SimpleNamespace(meta={"generation": {"repetition_penalty": 0}})) == {}

@@ -317,6 +317,10 @@ class Variant(models.Model):
     dataset_version = models.ForeignKey(DatasetVersion, null=True, blank=True, on_delete=models.SET_NULL,
                                         related_name="variants")
     hyperparameters = models.JSONField(default=dict, blank=True)
+    generation = models.JSONField(
+        default=dict, blank=True,
+        help_text="Generation guard rails it answers with in evals and /v1 unless a request sets them "
+                  "(repetition_penalty, no_repeat_ngram_size, stop); an absorbed variant takes its teacher's")
     final_loss = models.FloatField(null=True, blank=True)
     duration_seconds = models.FloatField(null=True, blank=True)
     metrics = models.JSONField(default=dict, blank=True)

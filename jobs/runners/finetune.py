@@ -9,6 +9,7 @@ from typing import Any
 from django.conf import settings
 from django.db import transaction
 
+from engines.inference import GenerationSettings, SettingsError
 from engines.progress import Progress
 from engines.training import TrainConfig, train
 from jobs.registry import JobCancelled, JobError, JobRunner, register
@@ -76,7 +77,8 @@ class FinetuneRunner(JobRunner):
                 project=job.project, name=f"{prompt_version.prompt.name}-absorbed-{job.pk}",
                 base_model=base, adapter_path=str(result.adapter_dir), prompt_version=prompt_version,
                 prompt_sha256=prompt_version.sha256, dataset_version=version,
-                hyperparameters=config.to_dict(), final_loss=result.final_loss,
+                hyperparameters=config.to_dict(), generation=_guard_rails(version),
+                final_loss=result.final_loss,
                 duration_seconds=result.duration_seconds, metrics=result.to_dict(), created_by=job.created_by,
             )
             if not self.succeed(variant=variant):
@@ -84,3 +86,12 @@ class FinetuneRunner(JobRunner):
         loss = "?" if result.final_loss is None else f"{result.final_loss:.4f}"
         self.log(f"fine-tune done: {result.steps} steps, final loss {loss}, "
                  f"{result.tokens_per_second:.0f} tok/s; variant {variant.name}")
+
+
+def _guard_rails(version: DatasetVersion) -> dict[str, Any]:
+    """The teacher's guard rails (repetition penalty, no-repeat n-grams,
+    stop strings): the same base model loops the same way without them."""
+    try:
+        return GenerationSettings.from_dict(version.meta.get("generation")).guard_rails()
+    except SettingsError:
+        return {}
