@@ -83,12 +83,14 @@ def start_absorb(
     generation: GenerationSettings | Mapping[str, Any] | None = None,
     training: TrainConfig | Mapping[str, Any] | None = None, *,
     keep_existing: bool = True, review_first: bool = False, teacher_model: BaseModel | None = None,
-    curation: CurationSettings | Mapping[str, Any] | bool | None = True,
+    curation: CurationSettings | Mapping[str, Any] | bool | None = True, passing_only: bool = True,
 ) -> tuple[Job, Job | None]:
     """Queue teacher generation and (unless the team reviews the answers
     first) the fine-tune that trains on them once the teacher finishes.
     The teacher is `teacher_model` (default: the student's base) WITH the
-    prompt; its answers are curated when the prompt has rules (`curation`).
+    prompt; its answers are curated when the prompt has rules (`curation`),
+    and the fine-tune learns only from those that pass every rule
+    (`passing_only`, while enough do).
     Bad settings raise SettingsError / ConfigError naming each field."""
     teacher_model = teacher_model or base_model
     _check(project, prompt_version, dataset_version, base_model)
@@ -104,7 +106,8 @@ def start_absorb(
     if not review_first:
         finetune = Job.objects.create(project=project, kind="finetune", base_model=base_model,
                                       prompt_version=prompt_version, depends_on=teacher,
-                                      params={"train": train.to_dict(), "teacher_model": teacher_model.pk},
+                                      params={"train": train.to_dict(), "teacher_model": teacher_model.pk,
+                                              "passing_only": passing_only},
                                       created_by=user)
     enqueue(teacher)
     return teacher, finetune
@@ -114,10 +117,11 @@ def start_absorb(
 def start_finetune(
     project: Project, user: AbstractBaseUser | None, prompt_version: PromptVersion,
     dataset_version: DatasetVersion, base_model: BaseModel,
-    training: TrainConfig | Mapping[str, Any] | None = None,
+    training: TrainConfig | Mapping[str, Any] | None = None, *, passing_only: bool = True,
 ) -> Job:
     """Train on a dataset version that already holds the answers (teacher
-    answers after review, or a dataset uploaded with answers)."""
+    answers after review, or a dataset uploaded with answers); with
+    `passing_only`, on those not flagged as failing a rule while enough are."""
     _check(project, prompt_version, dataset_version, base_model)
     train = _training(training)
     sample = dataset_version.rows.filter(split=DatasetRow.TRAIN).values_list("messages", flat=True)[:50]
@@ -125,7 +129,7 @@ def start_finetune(
         raise ActionError(f"{dataset_version} has no assistant answers: run the teacher first.")
     job = Job.objects.create(project=project, kind="finetune", base_model=base_model,
                              prompt_version=prompt_version, dataset_version=dataset_version,
-                             params={"train": train.to_dict()}, created_by=user)
+                             params={"train": train.to_dict(), "passing_only": passing_only}, created_by=user)
     enqueue(job)
     return job
 

@@ -111,6 +111,10 @@ class AbsorbForm(forms.Form):
     keep_existing = forms.BooleanField(
         required=False, initial=True, label="keep existing answers",
         help_text="Rows that already have an assistant answer keep it instead of asking the teacher.")
+    passing_only = forms.BooleanField(
+        required=False, initial=True, label="train only on answers that pass every rule",
+        help_text="Answers still failing a checkable rule (not repaired, edited or accepted in review) are left "
+                  "out while at least a quarter of the rows (and 32) pass; the student learns what the data shows.")
     train_anyway = forms.BooleanField(
         required=False, label="train anyway on answers that fail rules",
         help_text="Asked when more than the set share of the training answers fail a checkable rule.")

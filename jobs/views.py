@@ -52,13 +52,13 @@ def absorb_start(request: HttpRequest, slug: str) -> HttpResponse:
     try:
         if data["mode"] == "finetune":
             job = actions.start_finetune(project, request.user, data["prompt_version"], data["dataset_version"],
-                                         data["base_model"], form.training)
+                                         data["base_model"], form.training, passing_only=data["passing_only"])
             messages.success(request, f"{job} queued.")
             return redirect(job)
         teacher, finetune = actions.start_absorb(
             project, request.user, data["prompt_version"], data["dataset_version"], data["base_model"],
             form.generation, form.training, keep_existing=data["keep_existing"], review_first=data["review_first"],
-            teacher_model=data.get("teacher_model"), curation=form.curation)
+            teacher_model=data.get("teacher_model"), curation=form.curation, passing_only=data["passing_only"])
     except ActionError as exc:
         form.add_error(None, str(exc))
         return render(request, "jobs/job_list.html", _list_context(project, form), status=400)

@@ -115,3 +115,19 @@ def test_a_stray_carriage_return_is_not_an_edit(alice_client, alice_project, tea
     r = alice_client.post(url, {**as_posted, "answer_1": "hi. there."})
     new = teacher_version.dataset.versions.order_by("-number").first()
     assert r.status_code == 302 and new.meta["edited"] == [1]
+
+
+def test_the_fine_tune_learns_only_from_answers_that_pass_while_enough_do(alice, teacher_version, monkeypatch):
+    from jobs.runners import finetune
+
+    monkeypatch.setattr(finetune, "MIN_PASSING_ROWS", 2)
+    examples, left_out = finetune.training_examples(teacher_version, "SYS", passing_only=True)
+    assert [e["answer"] for e in examples] == ["hi. fine.", "hi. ok.", "hi. yes."] and left_out == 3
+    assert all(e["system_prompt"] == "SYS" for e in examples)
+    everything, none = finetune.training_examples(teacher_version, "SYS")
+    assert len(everything) == 6 and none == 0
+    monkeypatch.setattr(finetune, "MIN_PASSING_ROWS", 4)  # too few pass: it learns from all of them
+    assert finetune.training_examples(teacher_version, "SYS", passing_only=True)[1] == 0
+    monkeypatch.setattr(finetune, "MIN_PASSING_ROWS", 2)
+    accepted = review_bulk(teacher_version, alice, "accept_all")  # accepted in review: learned from
+    assert finetune.training_examples(accepted, "SYS", passing_only=True)[1] == 0

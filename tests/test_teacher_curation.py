@@ -152,9 +152,12 @@ def test_the_absorb_form_curates_by_default_and_takes_every_setting(world, alice
     assert teacher.params["curation"]["repairs"] == ["ends_with", "max_words"]
     assert teacher.params["generation"]["repetition_penalty"] == 1.3
     assert teacher.params["generation"]["stop"] == ["###", "END"]
+    assert Job.objects.get(kind="finetune").params["passing_only"] is True  # ticked by default
     post.pop("curate")
+    post.pop("passing_only")
     alice_client.post(reverse("absorb_start", args=[project.slug]), post)
     assert Job.objects.filter(kind="teacher").order_by("-pk").first().params["curation"] is None
+    assert Job.objects.filter(kind="finetune").order_by("-pk").first().params["passing_only"] is False
 
 
 def test_the_form_warns_before_training_on_answers_that_fail_rules(world, alice_client):

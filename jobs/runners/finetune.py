@@ -16,15 +16,28 @@ from jobs.registry import JobCancelled, JobError, JobRunner, register
 from workbench import data_quality
 from workbench.models import BaseModel, DatasetRow, DatasetVersion, Variant
 
+# Training only on answers that pass every rule needs enough of them left.
+MIN_PASSING_ROWS = 32
+MIN_PASSING_SHARE = 0.25
 
-def training_examples(version: DatasetVersion, system_prompt: str) -> list[dict[str, Any]]:
-    examples = []
-    rows = version.rows.filter(split=DatasetRow.TRAIN).order_by("index").values_list("messages", flat=True)
-    for messages in rows.iterator(chunk_size=2000):
+
+def training_examples(version: DatasetVersion, system_prompt: str,
+                      passing_only: bool = False) -> tuple[list[dict[str, Any]], int]:
+    """The examples to learn from and how many rows were left out. With
+    passing_only, answers still flagged as failing a checkable rule (not
+    repaired, edited or accepted in review) are left out, as long as enough
+    others remain: the student learns what the data shows."""
+    examples, failing = [], []
+    rows = version.rows.filter(split=DatasetRow.TRAIN).order_by("index").values_list("messages", "flags")
+    for messages, flags in rows.iterator(chunk_size=2000):
         if messages[-1]["role"] == "assistant" and messages[-1]["content"].strip():
-            examples.append({"messages": messages[:-1], "answer": messages[-1]["content"],
-                             "system_prompt": system_prompt})
-    return examples
+            example = {"messages": messages[:-1], "answer": messages[-1]["content"], "system_prompt": system_prompt}
+            fails = passing_only and any(f.startswith("fails rule: ") for f in flags)
+            (failing if fails else examples).append(example)
+    enough = max(MIN_PASSING_ROWS, MIN_PASSING_SHARE * (len(examples) + len(failing)))
+    if failing and len(examples) < enough:
+        return examples + failing, 0
+    return examples, len(failing)
 
 
 @register
@@ -49,9 +62,15 @@ class FinetuneRunner(JobRunner):
         job = self.job
         version, prompt_version, base = job.dataset_version, job.prompt_version, job.base_model
         assert version is not None and prompt_version is not None and base is not None
-        examples = training_examples(version, prompt_version.text)
+        passing_only = bool(job.params.get("passing_only", False))
+        examples, left_out = training_examples(version, prompt_version.text, passing_only)
         if not examples:
             raise JobError(f"{version} has no train rows with an assistant answer to learn from.")
+        if left_out:
+            self.log(f"training on the {len(examples)} answers that pass every rule; {left_out} still failing a "
+                     f"rule are left out (review them to bring them in, or untick 'only answers that pass')")
+        elif passing_only and data_quality.failing_share(version) not in (None, (0.0, {})):
+            self.log("too few answers pass every rule to train on them alone: training on all of them")
         config = TrainConfig.from_dict(job.params.get("train", {}))
         warn = data_quality.warning(version, settings.DATA_FAIL_WARN_SHARE)
         if warn:
@@ -79,7 +98,8 @@ class FinetuneRunner(JobRunner):
                 prompt_sha256=prompt_version.sha256, dataset_version=version,
                 hyperparameters=config.to_dict(), generation=_guard_rails(version),
                 final_loss=result.final_loss,
-                duration_seconds=result.duration_seconds, metrics=result.to_dict(), created_by=job.created_by,
+                duration_seconds=result.duration_seconds, metrics={**result.to_dict(), "rows_left_out_failing": left_out},
+                created_by=job.created_by,
             )
             if not self.succeed(variant=variant):
                 raise transaction.TransactionManagementError("job was moved while finishing")

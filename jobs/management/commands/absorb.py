@@ -57,6 +57,9 @@ class Command(BaseCommand):
         parser.add_argument("--train-config", type=Path, help="JSON file of training settings")
         parser.add_argument("--skip-teacher", action="store_true",
                             help="The dataset already holds the answers: fine-tune only")
+        parser.add_argument("--train-on-failing", action="store_true",
+                            help="Also train on answers that still fail a checkable rule (default: leave them out "
+                                 "while at least a quarter of the rows pass)")
         parser.add_argument("--wait", action="store_true", help="Follow the jobs; exit non-zero if one fails")
         parser.add_argument("--json", action="store_true", help="Print the result as JSON (implies --wait)")
 
@@ -84,7 +87,8 @@ class Command(BaseCommand):
                 training[key] = opts[key]
         try:
             if opts["skip_teacher"]:
-                jobs = [actions.start_finetune(project, None, prompt_version, version, base, training)]
+                jobs = [actions.start_finetune(project, None, prompt_version, version, base, training,
+                                               passing_only=not opts["train_on_failing"])]
             else:
                 teacher_model = base
                 if opts["teacher_model"]:
@@ -104,7 +108,8 @@ class Command(BaseCommand):
                                                           "repetition_penalty": opts["repetition_penalty"],
                                                           "no_repeat_ngram_size": opts["no_repeat_ngram_size"],
                                                           "stop": opts["stop"]}, training,
-                                                         teacher_model=teacher_model, curation=curation)
+                                                         teacher_model=teacher_model, curation=curation,
+                                                         passing_only=not opts["train_on_failing"])
                 jobs = [teacher, *([finetune] if finetune else [])]
         except (ActionError, ConfigError, SettingsError) as exc:
             raise CommandError(str(exc)) from exc
