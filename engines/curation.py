@@ -14,6 +14,7 @@ explicit and recorded:
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
@@ -23,10 +24,13 @@ from engines.rules import Rule, check, check_all
 
 # The repairs, in the order they run: content first, then length, then case,
 # and the fixed sign-off last so that no other repair can cut or change it.
+# The max_words repair cuts to this share of the limit, not to the limit.
+MAX_WORDS_TARGET = 0.75
+
 REPAIRS: dict[str, str] = {
     "not_contains": "drop each sentence that contains the forbidden text",
     "no_list_markup": "turn list items into sentences",
-    "max_words": "cut at a sentence boundary under the word limit (leaving room for a fixed ending)",
+    "max_words": "cut at a sentence boundary to 3/4 of the word limit (leaving room for a fixed ending)",
     "lowercase": "lowercase everything outside protected phrases",
     "ends_with": "append the required ending",
 }
@@ -194,10 +198,14 @@ def repair(answer: str, rules: Sequence[Rule], enabled: Collection[str] | None =
             if rule.kind != step:
                 continue
             before = result.text
-            # An ending still to be appended needs its words under the limit too.
-            room = (rule.params["n"] - (reserve if "ends_with" in steps and not all(check(e, before) for e in endings)
-                                        else 0)) if step == "max_words" else 0
-            if (len(before.split()) <= room) if step == "max_words" else check(rule, before):
+            if step == "max_words":
+                # An ending still to be appended needs its words under the limit too.
+                ending = reserve if "ends_with" in steps and not all(check(e, before) for e in endings) else 0
+                if len(before.split()) <= rule.params["n"] - ending:
+                    continue
+                # Cut well under the limit: a student's answer lengths scatter around its data's.
+                room = max(1, math.floor(rule.params["n"] * MAX_WORDS_TARGET) - ending)
+            elif check(rule, before):
                 continue
             if step == "not_contains":
                 after = _drop_sentences(before, rule.params["text"], rule.params["case_sensitive"])

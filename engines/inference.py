@@ -316,6 +316,39 @@ def _common_prefix_length(rows: Sequence[Sequence[int]]) -> int:
     return n
 
 
+class CompletionNoRepeatNGram:
+    """Bans any n-gram the completion already holds (from `start`, where the
+    prompt ends): small models loop, greedy ones most of all. Unlike
+    transformers' no_repeat_ngram_size, the prompt's n-grams stay allowed,
+    so an answer may still say what the system prompt or the question says."""
+
+    def __init__(self, n: int, start: int) -> None:
+        self.n, self.start = n, start
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        n = self.n
+        generated = input_ids[:, self.start:].tolist()
+        if not generated or len(generated[0]) < n:
+            return scores
+        for row, tokens in enumerate(generated):
+            tail = tokens[len(tokens) - n + 1:]
+            banned = [tokens[i + n - 1] for i in range(len(tokens) - n + 1) if tokens[i:i + n - 1] == tail]
+            if banned:
+                scores[row, banned] = -float("inf")
+        return scores
+
+
+def completion_processors(settings: GenerationSettings, prompt_length: int) -> Any:
+    """The logits processors `generation_config` cannot express, for a batch
+    whose prompts (left-padded) end at `prompt_length`."""
+    from transformers import LogitsProcessorList
+
+    processors = LogitsProcessorList()
+    if settings.no_repeat_ngram_size:
+        processors.append(CompletionNoRepeatNGram(settings.no_repeat_ngram_size, prompt_length))
+    return processors
+
+
 def generation_config(loaded: LoadedModel, settings: GenerationSettings) -> Any:
     """The transformers GenerationConfig for these settings: the one used by
     teacher generation, evals and the serving engine alike. Stop strings and
@@ -326,8 +359,8 @@ def generation_config(loaded: LoadedModel, settings: GenerationSettings) -> Any:
     extra: dict[str, Any] = {}
     if settings.repetition_penalty != 1.0:
         extra["repetition_penalty"] = float(settings.repetition_penalty)
-    if settings.no_repeat_ngram_size:
-        extra["no_repeat_ngram_size"] = settings.no_repeat_ngram_size
+    # no_repeat_ngram_size is applied by `completion_processors`, not here: transformers'
+    # own bans every n-gram of the prompt too (a sign-off the system prompt spells out).
     return GenerationConfig(
         max_new_tokens=settings.max_new_tokens,
         do_sample=sample,
@@ -569,6 +602,7 @@ def generate(
                 input_ids=input_ids.to(loaded.device),
                 attention_mask=mask.to(loaded.device),
                 generation_config=gen_config,
+                logits_processor=completion_processors(settings, input_ids.shape[1]),
                 **kwargs,
             )
             new = out[:, input_ids.shape[1]:].tolist()

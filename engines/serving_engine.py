@@ -44,6 +44,7 @@ from engines.inference import (
     ModelLoadError,
     RowStops,
     SettingsError,
+    completion_processors,
     encode,
     generation_config,
     load_model,
@@ -710,6 +711,7 @@ class ServingEngine:
                 model.generate(
                     input_ids=input_ids.to(loaded.device), attention_mask=mask.to(loaded.device),
                     generation_config=generation_config(loaded, settings),
+                    logits_processor=completion_processors(settings, input_ids.shape[1]),
                     stopping_criteria=stops.stopping_criteria(), streamer=_streamer(stops, rows),
                     **kwargs,
                 )

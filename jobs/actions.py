@@ -37,8 +37,22 @@ def _check(project: Project, prompt_version: PromptVersion, dataset_version: Dat
     check_prompt_fits(prompt_version, base_model)
 
 
-def _generation(value: GenerationSettings | Mapping[str, Any] | None) -> GenerationSettings:
-    return value if isinstance(value, GenerationSettings) else GenerationSettings.from_dict(value)
+# What an absorb's teacher generates with unless told otherwise. Small models loop (greedy ones
+# most), and the variant keeps these guard rails for its evals and /v1; the n-gram ban covers the
+# completion only (engines.inference), so the prompt's phrases stay allowed. On the lumen scenario
+# it took the student from 0.42 to 0.70 all-rules on held-out queries (bench/README.md).
+ABSORB_GENERATION: dict[str, Any] = {"no_repeat_ngram_size": 4}
+
+
+def absorb_generation() -> GenerationSettings:
+    return GenerationSettings.from_dict(ABSORB_GENERATION)
+
+
+def _generation(value: GenerationSettings | Mapping[str, Any] | None,
+                defaults: Mapping[str, Any] | None = None) -> GenerationSettings:
+    if isinstance(value, GenerationSettings):
+        return value
+    return GenerationSettings.from_dict({**(defaults or {}), **(value or {})})
 
 
 def _training(value: TrainConfig | Mapping[str, Any] | None) -> TrainConfig:
@@ -95,7 +109,7 @@ def start_absorb(
     teacher_model = teacher_model or base_model
     _check(project, prompt_version, dataset_version, base_model)
     check_prompt_fits(prompt_version, teacher_model)
-    gen, train = _generation(generation), _training(training)
+    gen, train = _generation(generation, ABSORB_GENERATION), _training(training)
     check_teacher(base_model, teacher_model, train)
     teacher = Job.objects.create(project=project, kind="teacher", base_model=teacher_model,
                                  prompt_version=prompt_version, dataset_version=dataset_version,

@@ -13,6 +13,7 @@ from django.conf import settings
 from engines.curation import REPAIRS, CurationSettings
 from engines.inference import GenerationSettings, SettingsError
 from engines.training import DEVICES, LR_SCHEDULERS, ConfigError, TrainConfig
+from jobs.actions import absorb_generation
 from workbench.data_quality import final_compliance, warning
 from workbench.models import BaseModel, DatasetVersion, Project, PromptVersion
 
@@ -130,7 +131,7 @@ class AbsorbForm(forms.Form):
         self.fields["prompt_version"].queryset = prompts  # type: ignore[attr-defined]
         self.fields["dataset_version"].queryset = datasets  # type: ignore[attr-defined]
         self.fields["dataset_version"].label_from_instance = _version_label  # type: ignore[attr-defined]
-        gen = GenerationSettings()
+        gen = absorb_generation()
         for name in GEN_FIELDS:
             default = getattr(gen, name)
             field: forms.Field = (forms.FloatField(min_value=0) if isinstance(default, float)

@@ -190,3 +190,35 @@ def test_it_follows_the_pirate_prompt_on_smollm2(smollm2_dir):
         GenerationSettings(max_new_tokens=8),
     )
     assert "Arr" in completions[0].text
+
+
+def test_the_no_repeat_ngram_ban_covers_the_completion_only():
+    import torch
+
+    ban = inference.CompletionNoRepeatNGram(3, start=4)
+    # prompt 1 2 9 5 | completion 1 2 3 1 2: "1 2 3" was written, so 3 may not follow "1 2" again;
+    # "1 2 9" is in the prompt only, so 9 may.
+    scores = ban(torch.tensor([[1, 2, 9, 5, 1, 2, 3, 1, 2]]), torch.zeros(1, 12))
+    assert scores[0, 3] == -float("inf") and scores[0, 9] == 0 and int(torch.isinf(scores).sum()) == 1
+    assert torch.equal(ban(torch.tensor([[1, 2, 9, 5, 1, 2]]), torch.zeros(1, 12)), torch.zeros(1, 12))
+
+
+def test_no_completion_repeats_an_ngram_with_the_ban(tiny_model_dir):
+    import torch
+
+    looping = load_model(tiny_model_dir)  # default-initialised: it repeats one token forever
+    ids = torch.tensor([looping.tokenizer.encode("Tell me about the item.")])
+
+    def completion(n: int) -> list[int]:
+        s = GenerationSettings(max_new_tokens=40, no_repeat_ngram_size=n)
+        out = looping.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                     generation_config=inference.generation_config(looping, s),
+                                    logits_processor=inference.completion_processors(s, ids.shape[1]))
+        return out[0, ids.shape[1]:].tolist()
+
+    def repeats(tokens: list[int]) -> int:
+        pairs = list(zip(tokens, tokens[1:], strict=False))
+        return len(pairs) - len(set(pairs))
+
+    assert repeats(completion(0)) > 30
+    assert repeats(completion(2)) == 0

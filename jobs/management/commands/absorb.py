@@ -9,7 +9,7 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from engines.curation import REPAIRS, CurationSettings
-from engines.inference import GenerationSettings, SettingsError
+from engines.inference import SettingsError
 from engines.training import ConfigError
 from jobs import actions
 from jobs.models import Job
@@ -31,7 +31,7 @@ class Command(BaseCommand):
         parser.add_argument("--epochs", type=int)
         parser.add_argument("--max-steps", type=int)
         parser.add_argument("--batch-size", type=int)
-        gen = GenerationSettings()
+        gen = actions.absorb_generation()
         parser.add_argument("--max-new-tokens", type=int, default=gen.max_new_tokens)
         parser.add_argument("--teacher-batch", type=int, default=gen.batch_size, help="Teacher generation batch size")
         parser.add_argument("--temperature", type=float, default=gen.temperature, help="Teacher sampling (0 = greedy)")
