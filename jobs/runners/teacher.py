@@ -54,7 +54,7 @@ class TeacherRunner(JobRunner):
         samples = curate.best_of if curate else 1
         sample_gen = gen
         if curate:
-            sample_gen = self._capped(gen, rules)
+            sample_gen = self._capped(gen, rules, curate)
             if samples > 1:
                 sample_gen = dataclasses.replace(sample_gen, temperature=curate.temperature, top_p=curate.top_p)
         job.data_dir.mkdir(parents=True, exist_ok=True)
@@ -164,13 +164,16 @@ class TeacherRunner(JobRunner):
         except (TypeError, ValueError) as exc:
             raise JobError(f"bad curation settings: {exc}") from exc
 
-    def _capped(self, gen: GenerationSettings, rules: list[Rule]) -> GenerationSettings:
-        """Answers past a max_words limit are cut by the repair anyway:
-        generating far beyond it only costs time (about 1.6 tokens a word)."""
+    def _capped(self, gen: GenerationSettings, rules: list[Rule],
+                curate: curation.CurationSettings) -> GenerationSettings:
+        """Answers past a max_words limit are cut by the repair anyway (to
+        3/4 of it): generating far beyond that only costs time (about 1.6
+        tokens a word)."""
         limits = [r.params["n"] for r in rules if r.kind == "max_words"]
         if not limits:
             return gen
-        cap = math.ceil(min(limits) * 1.6) + 16
+        target = curation.MAX_WORDS_TARGET if "max_words" in curate.repairs else 1.0
+        cap = math.ceil(min(limits) * target * 1.6) + 24
         if cap >= gen.max_new_tokens:
             return gen
         self.log(f"curation: at most {cap} new tokens (a {min(limits)}-word limit; was {gen.max_new_tokens})")
