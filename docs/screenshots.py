@@ -34,6 +34,7 @@ def pages(project: Any) -> Iterator[tuple[str, str]]:
     answers = teacher.output_dataset
     yield "project", reverse("project_detail", args=[slug])
     yield "prompt", project.prompts.first().get_absolute_url()
+    yield "jobs", reverse("job_list", args=[slug])
     yield "teacher-job", reverse("job_detail", args=[slug, teacher.pk])
     yield "finetune-job", reverse("job_detail", args=[slug, finetune.pk])
     yield "teacher-data", answers.get_absolute_url()
@@ -44,6 +45,7 @@ def pages(project: Any) -> Iterator[tuple[str, str]]:
     yield "variant", reverse("variant_detail", args=[slug, finetune.variant_id])
     yield "staging", reverse("serving_alias", args=[slug, "staging"])
     yield "serving", reverse("serving_home", args=[slug])
+    yield "keys", reverse("serving_keys", args=[slug])
 
 
 def main() -> None:
