@@ -421,7 +421,7 @@ class RowStops:
                 row.done, row.finish_reason = True, "stop"
                 continue
             if self.live:
-                row.text = self.tokenizer.decode(row.tokens, skip_special_tokens=True)
+                row.text = decode_text(self.tokenizer, row.tokens)
                 cut = self._first_stop(row.text)
                 if cut is not None:
                     row.text = row.text[:cut]
@@ -441,7 +441,7 @@ class RowStops:
             row.done = True
             if not self.live:
                 answer = row.tokens[:-1] if row.tokens and row.tokens[-1] in self.stop_ids else row.tokens
-                row.text = self.tokenizer.decode(answer, skip_special_tokens=True)
+                row.text = decode_text(self.tokenizer, answer)
 
     def take_text(self, i: int) -> str:
         """Row i's text not handed out yet that is final: while the row runs,
@@ -515,12 +515,18 @@ def _cache_for_batch(
     return cache
 
 
+def decode_text(tokenizer: Any, ids: Sequence[int]) -> str:
+    """Generated ids as text. A NUL (a byte-level token a small model may
+    emit) becomes U+FFFD: PostgreSQL cannot store it in text or JSON."""
+    return str(tokenizer.decode(ids, skip_special_tokens=True)).replace("\x00", "\ufffd")
+
+
 def _finish(loaded: LoadedModel, new_tokens: list[int], prompt_tokens: int, seconds: float) -> Completion:
     stops = set(loaded.stop_token_ids)
     end = next((i for i, t in enumerate(new_tokens) if t in stops), None)
     answer = new_tokens if end is None else new_tokens[:end]
     return Completion(
-        text=loaded.tokenizer.decode(answer, skip_special_tokens=True),
+        text=decode_text(loaded.tokenizer, answer),
         prompt_tokens=prompt_tokens,
         completion_tokens=len(new_tokens) if end is None else end + 1,
         finish_reason="length" if end is None else "stop",

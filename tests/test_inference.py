@@ -222,3 +222,11 @@ def test_no_completion_repeats_an_ngram_with_the_ban(tiny_model_dir):
 
     assert repeats(completion(0)) > 30
     assert repeats(completion(2)) == 0
+
+
+def test_a_generated_nul_becomes_a_replacement_character(lively):
+    """PostgreSQL stores no NUL in text or JSON: a teacher answer holding one
+    would fail the whole job there."""
+    ids = lively.tokenizer.encode("a\x00b", add_special_tokens=False)
+    assert "\x00" in lively.tokenizer.decode(ids)
+    assert inference.decode_text(lively.tokenizer, ids) == "a\ufffdb"

@@ -258,8 +258,8 @@ def derive_version(
 
 def _as_posted(text: str) -> str:
     """The text as a browser posts it back from a <textarea>: HTML turns CR LF
-    and a lone CR into LF and NUL into U+FFFD; the form sends CR LF."""
-    return text.replace("\r\n", "\n").replace("\r", "\n").replace("\0", "\ufffd")
+    and a lone CR into LF; the form sends CR LF."""
+    return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
 def edits_changed(version: DatasetVersion, edits: dict[int, str]) -> dict[int, str]:
