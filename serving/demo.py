@@ -191,9 +191,10 @@ def summary(project: Project, comparison: ArmComparison, teacher: Job, rules: li
     data = (quality.get("steps") or [{}])[-1]
     names = [r["name"] for r in rules]
     cols = ("floor", "teacher", "data", "student", "student+prompt")
+    width = max(16, *(len(n) + 1 for n in names))  # long rule names keep the columns aligned
     lines = [f"Demo summary: project {project.name!r} ({project.slug})", "",
              "Compliance on held-out queries (share of answers passing):",
-             f"  {'rule':<16}" + "".join(f"{c:>15}" for c in cols)]
+             f"  {'rule':<{width}}" + "".join(f"{c:>15}" for c in cols)]
 
     def cell(arm: str, metric: str) -> str:
         if arm == "data":
@@ -205,7 +206,7 @@ def summary(project: Project, comparison: ArmComparison, teacher: Job, rules: li
 
     for name in ["all_rules", *names]:
         metric = name if name == "all_rules" else f"rule:{name}"
-        lines.append(f"  {name:<16}" + "".join(f"{cell(c, metric):>15}" for c in cols))
+        lines.append(f"  {name:<{width}}" + "".join(f"{cell(c, metric):>15}" for c in cols))
     lines.append("  (data = the curated training answers: the ceiling the student learned from)")
     retained = comparison.headline.get("retained") or {}
     if retained.get("value") is not None:

@@ -20,6 +20,7 @@ RULES = [
     {"name": "sign-off", "kind": "ends_with", "text": "bye!"},
     {"name": "short", "kind": "max_words", "n": 12},
     {"name": "lowercase", "kind": "lowercase"},
+    {"name": "never says unfortunately", "kind": "not_contains", "text": "unfortunately"},
 ]
 PROMPT = ("You are the support assistant of Parcelly. Start every reply with \"hello.\", end it with \"bye!\", "
           "write in lowercase and use at most 12 words.\n") * 4
@@ -68,6 +69,8 @@ def test_the_demo_walks_the_whole_path_and_prints_its_summary(alice, tiny_base, 
     assert "Prompt effect retained" in text and "Wall time per stage: seed" in text
     assert "One request through /v1/chat/completions" in text and "  A: " in text
     # The data column is the curated training set's compliance (the repairs make these rules hold).
+    rows = [line for line in text.splitlines() if line.startswith("  ") and line.rstrip()[-1:].isdigit()]
+    assert len({len(line) for line in rows[:len(RULES) + 1]}) == 1, rows  # columns aligned, long names too
     data_column = text.split("\n  all_rules")[1].split()[2]
     steps = teacher.output_dataset.meta["quality"]["steps"]
     assert data_column == f"{steps[-1]['all_rules']:.2f}" and float(data_column) >= 0.75, text
