@@ -25,7 +25,7 @@ class Command(RunCommand):
     def add_arguments(self, parser: CommandParser) -> None:
         super().add_arguments(parser)
         parser.add_argument("--scenario", default="lumen", help="A folder of scenarios/ (default: lumen)")
-        # Best of 2, not the workbench's 4: on 2 CPU cores best-of-4 alone takes ~25 of the 30 minutes
+        # Best of 2, not absorb's 4: on 2 CPU cores best-of-4 would add ~9 minutes to a ~29-minute demo
         # (bench/README.md), and the repairs, not the extra samples, lift the lumen data to all rules.
         parser.add_argument("--best-of", type=int, default=2,
                             help="Samples per query (default 2; absorb's default is 4)")
