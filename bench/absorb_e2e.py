@@ -37,7 +37,8 @@ def main() -> int:
 
     data = Path(tempfile.mkdtemp(prefix="wb-bench-"))
     os.environ.update(WORKBENCH_DATA_DIR=str(data), DJANGO_SETTINGS_MODULE="workbench.settings",
-                      WORKBENCH_MODELS_DIR=str(REPO / ".cache" / "models"), HF_HUB_OFFLINE="1")
+                      WORKBENCH_MODELS_DIR=str(REPO / ".cache" / "models"), HF_HUB_OFFLINE="1",
+                      WORKBENCH_LOCAL_SECRET_KEY="true")
     os.environ.pop("DATABASE_URL", None)
     os.environ.pop("CELERY_BROKER_URL", None)
     import django

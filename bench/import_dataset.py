@@ -93,7 +93,7 @@ WRITERS: dict[str, tuple[Callable[[Path, int], None], str]] = {
 
 def django_env(data_dir: Path) -> dict[str, str]:
     env = {**os.environ, "WORKBENCH_DATA_DIR": str(data_dir), "DJANGO_SETTINGS_MODULE": "workbench.settings",
-           "DEBUG": "false", "PYTHONPATH": str(REPO)}
+           "DEBUG": "false", "PYTHONPATH": str(REPO), "WORKBENCH_LOCAL_SECRET_KEY": "true"}
     env.pop("DATABASE_URL", None)  # always the throwaway SQLite file under data_dir
     return env
 

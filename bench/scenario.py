@@ -38,7 +38,7 @@ def main() -> None:
 
     data_dir = args.data_dir or Path(tempfile.mkdtemp(prefix=f"scenario-{args.scenario}-"))
     os.environ.update(WORKBENCH_DATA_DIR=str(data_dir), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-                      DJANGO_SETTINGS_MODULE="workbench.settings")
+                      DJANGO_SETTINGS_MODULE="workbench.settings", WORKBENCH_LOCAL_SECRET_KEY="true")
     os.environ.pop("DATABASE_URL", None)
     os.environ.pop("CELERY_BROKER_URL", None)
     import django

@@ -10,6 +10,8 @@ os.environ.setdefault(
     "WORKBENCH_DATA_DIR", str(Path(__file__).resolve().parent.parent / "var" / "test" / f"session-{os.getpid()}")
 )
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Production settings refuse to start without a key; processes the tests start inherit this one.
+os.environ.setdefault("SECRET_KEY", "test-only-key-" + "x" * 40)
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from workbench.settings import *  # noqa: F403

@@ -43,12 +43,7 @@ def envpath(name: str, default: Path) -> Path:
 
 
 DEBUG = envbool("DEBUG", "false")
-SECRET_KEY = os.getenv("SECRET_KEY", "")
-if not SECRET_KEY:
-    if not DEBUG and os.getenv("WORKBENCH_REQUIRE_SECRET_KEY"):
-        raise RuntimeError("SECRET_KEY must be set in production")
-    SECRET_KEY = "insecure-dev-key-set-SECRET_KEY-in-production"
-ALLOWED_HOSTS = envlist("ALLOWED_HOSTS", "127.0.0.1,localhost,testserver")
+ALLOWED_HOSTSALLOWED_HOSTS = envlist("ALLOWED_HOSTS", "127.0.0.1,localhost,testserver")
 CSRF_TRUSTED_ORIGINS = envlist("CSRF_TRUSTED_ORIGINS", "")
 
 # Everything the app writes (uploads, models, adapters, checkpoints, the
@@ -58,6 +53,37 @@ MODELS_DIR = envpath("WORKBENCH_MODELS_DIR", DATA_DIR / "models")
 MEDIA_ROOT = DATA_DIR / "files"
 # SQLite and the embedded broker need the directory before the first connection.
 DATA_DIR.mkdir(parents=True, exist_ok=True)
+
+# Placeholders that are public (this repo's .env.example) are no secret.
+_PUBLIC_KEYS = {"change-me-to-a-long-random-string", "insecure-dev-key-set-SECRET_KEY-in-production"}
+SECRET_KEY_FILE = DATA_DIR / "secret_key"
+
+
+def _local_secret_key() -> str:
+    """The key `manage.py run`/`demo` generate once and keep (mode 0600) in the data dir."""
+    if not SECRET_KEY_FILE.is_file() and envbool("WORKBENCH_LOCAL_SECRET_KEY", "false"):
+        import secrets
+
+        try:
+            fd = os.open(SECRET_KEY_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:  # another process of the same start wrote it first
+            pass
+        else:
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_urlsafe(50) + "\n")
+    return SECRET_KEY_FILE.read_text().strip() if SECRET_KEY_FILE.is_file() else ""
+
+
+SECRET_KEY = os.getenv("SECRET_KEY", "").strip() or _local_secret_key()
+if SECRET_KEY in _PUBLIC_KEYS:
+    raise ImproperlyConfigured("SECRET_KEY is a published placeholder: set a long random value "
+                               "(python -c 'import secrets; print(secrets.token_urlsafe(50))').")
+if not SECRET_KEY:
+    if not DEBUG:
+        raise ImproperlyConfigured(
+            f"SECRET_KEY is not set and {SECRET_KEY_FILE} does not exist: set SECRET_KEY, or start the "
+            "workbench once with `make run` (it generates a local key there).")
+    SECRET_KEY = "insecure-dev-key-for-DEBUG-only"
 
 # Models are never fetched from a hub at run time unless explicitly allowed.
 HF_OFFLINE = envbool("WORKBENCH_HF_OFFLINE", "true")
@@ -76,6 +102,7 @@ INSTALLED_APPS = [
     "django.contrib.humanize",
     "django_htmx",
     "template_partials",
+    "axes",
     "workbench",
     "jobs",
     "evals",
@@ -92,6 +119,8 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "django_htmx.middleware.HtmxMiddleware",
+    # Last, as its docs ask: it turns a locked-out login into the lockout page.
+    "axes.middleware.AxesMiddleware",
 ]
 
 ROOT_URLCONF = "workbench.urls"
@@ -129,10 +158,31 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     }
     DATABASES["default"]["TEST"] = {"NAME": str(DATA_DIR / "test.sqlite3")}
 
+# Counters shared by the web processes (the /v1 per-key limits). Local memory by default, so each
+# gunicorn process counts on its own; CACHE_URL (redis://host:6379/2) makes the limits global.
+CACHE_URL = os.getenv("CACHE_URL", "").strip()
+CACHES = {
+    "default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": CACHE_URL}
+    if CACHE_URL
+    else {"BACKEND": "django.core.cache.backends.locmem.LocMemCache", "LOCATION": "workbench"}
+}
+
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
 ]
+# Logins are throttled (django-axes): after LOGIN_FAILURE_LIMIT failures for one username from one
+# address, that pair is locked out for LOGIN_LOCKOUT_MINUTES; a success resets the count.
+AUTHENTICATION_BACKENDS = ["axes.backends.AxesStandaloneBackend", "django.contrib.auth.backends.ModelBackend"]
+AXES_FAILURE_LIMIT = envint("LOGIN_FAILURE_LIMIT", 5)
+AXES_COOLOFF_TIME = envint("LOGIN_LOCKOUT_MINUTES", 15) / 60  # hours
+AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
+AXES_RESET_ON_SUCCESS = True
+AXES_LOCKOUT_TEMPLATE = "registration/locked_out.html"
+AXES_VERBOSE = False
 LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "project_list"
 LOGOUT_REDIRECT_URL = "login"
