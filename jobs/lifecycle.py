@@ -6,9 +6,9 @@ requeue the jobs of dead workers. Knows nothing of Celery: jobs.tasks wraps
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 import time
-import traceback
 from datetime import timedelta
 from typing import Any
 
@@ -25,8 +25,8 @@ from workbench.actions import ActionError
 
 log = logging.getLogger(__name__)
 
-# Errors whose message says all the user needs; anything else is a bug and
-# keeps its traceback in the job log.
+# Errors whose message says all the user needs; anything else is a bug: its
+# traceback goes to the worker's log under an incident id, and members see the id.
 USER_ERRORS: tuple[type[BaseException], ...] = (JobError, ActionError, TrainingError, ModelLoadError, SettingsError)
 
 
@@ -107,8 +107,12 @@ def execute(job_id: int, worker: str) -> list[int]:
     except (*USER_ERRORS, *runner_class.user_errors) as exc:
         job.fail(str(exc))
     except Exception as exc:
-        job.append_log(traceback.format_exc())
-        job.fail(f"{type(exc).__name__}: {exc}")
+        # Tracebacks and messages of unexpected errors name server paths and internals: they stay here.
+        incident = secrets.token_hex(4)
+        log.exception("job %s (%s) failed, incident %s", job.pk, job.kind, incident)
+        job.append_log(f"internal error (incident {incident}); the traceback is in the worker's log")
+        job.fail(f"internal error ({type(exc).__name__}), incident {incident}: an administrator finds the "
+                 "details in the worker's log")
     finally:
         heartbeat.stop()
     job.refresh_from_db()

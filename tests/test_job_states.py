@@ -141,12 +141,18 @@ def test_a_runner_that_ends_its_job_itself_keeps_its_last_progress(alice_project
     assert [p["step"] for p in JobPoint.after(job)] == [1, 2, 3, 4, 5]
 
 
-def test_a_bug_in_a_runner_keeps_its_traceback(alice_project):
+def test_a_bug_in_a_runner_keeps_its_traceback_in_the_worker_log_not_on_the_page(alice_project, caplog):
     job = Job.objects.create(project=alice_project, kind="test-sleepy", params={"bug": True})
-    execute(job.pk, "w1")
+    with caplog.at_level("ERROR", logger="jobs.lifecycle"):
+        execute(job.pk, "w1")
     job.refresh_from_db()
-    assert job.status == Job.FAILED and job.error == "KeyError: 'a real bug'"
-    assert "Traceback" in job.log and "raise KeyError" in job.log
+    assert job.status == Job.FAILED and job.error.startswith("internal error (KeyError), incident ")
+    incident = job.error.split("incident ")[1].split(":")[0]
+    # members see the incident id, never the traceback, the message or a server path
+    assert "Traceback" not in job.log and "a real bug" not in job.log + job.error and incident in job.log
+    assert "/" not in job.error
+    (record,) = [r for r in caplog.records if incident in r.getMessage()]
+    assert record.exc_info and "a real bug" in str(record.exc_info[1])
 
 
 # --- progress that scales -------------------------------------------------------------
