@@ -43,7 +43,7 @@ def envpath(name: str, default: Path) -> Path:
 
 
 DEBUG = envbool("DEBUG", "false")
-ALLOWED_HOSTSALLOWED_HOSTS = envlist("ALLOWED_HOSTS", "127.0.0.1,localhost,testserver")
+ALLOWED_HOSTS = envlist("ALLOWED_HOSTS", "127.0.0.1,localhost,testserver")
 CSRF_TRUSTED_ORIGINS = envlist("CSRF_TRUSTED_ORIGINS", "")
 
 # Everything the app writes (uploads, models, adapters, checkpoints, the
