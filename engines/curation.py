@@ -20,7 +20,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from engines.rules import Rule, check, check_all
+from engines.rules import Rule, check, check_all, outcomes
 
 # The repairs, in the order they run: content first, then length, then case,
 # and the fixed sign-off last so that no other repair can cut or change it.
@@ -293,9 +293,13 @@ def curate(samples: Sequence[str], rules: Sequence[Rule], settings: CurationSett
     each sample's rule count, the opening used and every repair made."""
     best, passed = pick_best(samples, rules)
     fixed = repair(samples[best], rules, enabled=settings.repairs)
-    failing = [name for name, ok in check_all(rules, fixed.text).items() if not ok]
+    final = outcomes(rules, fixed.text)
+    failing = [name for name, o in final.items() if not o.passed]
     record: dict[str, Any] = {"samples": len(samples), "picked": best, "passed": passed,
                               "repairs": [c.to_dict() for c in fixed.changes]}
+    undecided = {name: o.reason for name, o in final.items() if o.reason}
+    if undecided:  # e.g. a pattern that ran out of time: the check failed, and this says why
+        record["rule_errors"] = undecided
     if opening:
         record["opening"] = opening
     return Curated(text=fixed.text, raw=samples[0], picked=samples[best], record=record, failing=failing)

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from engines.chat import Message
 from engines.progress import Progress, ProgressFn, StopFn
-from engines.rules import Rule, check_all
+from engines.rules import Rule, outcomes
 
 if TYPE_CHECKING:
     from engines.inference import Completion, GenerationSettings, LoadedModel
@@ -86,6 +86,8 @@ class ExampleScore:
     chrf: float | None
     rouge_l: float | None
     agreement: float | None  # ROUGE-L F1 with the teacher's answer; None without one
+    # Why a failed rule check could not be decided (a pattern that ran out of time), by rule name.
+    rule_errors: dict[str, str] = field(default_factory=dict)
 
     def metrics(self) -> dict[str, float]:
         """Flat metric names -> values, only the metrics present."""
@@ -113,9 +115,11 @@ def score_example(
     teacher's answer to the same query. Agreement is ROUGE-L F1 with the
     teacher: word overlap in order, cheap and symmetric; it says how close the
     student stays to what it was trained to imitate, not whether either is right."""
-    checks = check_all(rules, answer) if rules else {}
+    results = outcomes(rules, answer) if rules else {}
+    checks = {name: o.passed for name, o in results.items()}
     score = ExampleScore(rules=checks, all_rules=all(checks.values()) if checks else None,
-                         exact_match=None, chrf=None, rouge_l=None, agreement=None)
+                         exact_match=None, chrf=None, rouge_l=None, agreement=None,
+                         rule_errors={name: o.reason for name, o in results.items() if o.reason})
     if reference is not None:
         score.exact_match = float(normalize_answer(answer) == normalize_answer(reference))
         score.chrf = chrf(answer, reference)

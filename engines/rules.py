@@ -5,18 +5,43 @@ Plain Python: no Django. A rule is stored as JSON,
 of those into `Rule` objects (or raises `RulesError` listing every problem),
 `check` / `check_all` score an answer and `rules_to_json` writes them back.
 `KINDS` describes each kind and its parameters, for forms and documentation.
+
+Rules come from users, so every one is bounded: at most `MAX_RULES` per list,
+names, texts and patterns have length limits, lone surrogates are refused
+(they cannot be stored as UTF-8 nor rendered), and a regex pattern is compiled
+when it is validated, refused when it would expand too much, and matched with
+a time limit (`REGEX_TIMEOUT_S`): a pattern that runs past it fails that check
+with a reason (`outcome`), it never hangs the caller.
 """
 
 from __future__ import annotations
 
 import difflib
+import functools
 import json
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from re import _constants as sre_constants  # type: ignore[attr-defined]
+from re import _parser as sre_parser  # type: ignore[attr-defined]
 from typing import Any
 
+# The `regex` package, not `re`: it reads the same (Python) syntax, takes a
+# match timeout, and releases the GIL while it matches, so a slow pattern
+# neither hangs the caller nor stops the process's other threads.
+import regex
+
 from engines._types import type_name
+
+MAX_RULES = 100
+MAX_NAME_CHARS = 200
+MAX_PATTERN_CHARS = 1_000
+MAX_TEXT_CHARS = 10_000
+MAX_INTEGER = 1_000_000_000
+# `regex` compiles a fixed repeat such as a{100000} as that many copies (a{10**7}
+# takes GBs): the pattern's size with its fixed repeats expanded is bounded.
+MAX_PATTERN_SIZE = 50_000
+REGEX_TIMEOUT_S = 0.2
 
 
 @dataclass(frozen=True)
@@ -27,6 +52,7 @@ class Param:
     required: bool = True
     default: Any = None
     choices: tuple[str, ...] = ()
+    max_chars: int = MAX_TEXT_CHARS  # for strings
 
 
 @dataclass(frozen=True)
@@ -40,7 +66,7 @@ class Kind:
         return tuple(p.name for p in self.params)
 
 
-REGEX_FLAGS: dict[str, re.RegexFlag] = {
+REGEX_FLAGS: dict[str, int] = {
     "ignorecase": re.IGNORECASE,
     "multiline": re.MULTILINE,
     "dotall": re.DOTALL,
@@ -68,7 +94,8 @@ KINDS: dict[str, Kind] = {
         Kind("not_contains", "The answer does not contain the text anywhere.",
              (_text("Text the answer must not contain."), _CASE)),
         Kind("regex", "A regular expression (Python syntax) is searched for anywhere in the answer.", (
-            Param("pattern", "string", "The regular expression, e.g. ^Dear \\w+,"),
+            Param("pattern", "string", "The regular expression, e.g. ^Dear \\w+,",
+                  max_chars=MAX_PATTERN_CHARS),
             Param("flags", "flags", "Regex flags: ignorecase, multiline (^ and $ match at every line), "
                   "dotall (. matches newlines).", required=False, default=(),
                   choices=tuple(REGEX_FLAGS)),
@@ -85,6 +112,24 @@ KINDS: dict[str, Kind] = {
 }
 
 _LIST_LINE = re.compile(r"^[ \t]*(?:[-*+•]|\d+[.)])[ \t]+\S", re.MULTILINE)
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def surrogate_problem(value: str) -> str | None:
+    """Why the text cannot be stored (a lone surrogate, which no UTF-8 file,
+    database or page can hold), naming the character; None when it can."""
+    found = _SURROGATE.search(value)
+    if found is None:
+        return None
+    return (f"contains a lone surrogate ({ascii(found.group())[1:-1]}) at character {found.start() + 1:,}; "
+            f"only valid Unicode text is accepted")
+
+
+def _show(value: object, limit: int = 60) -> str:
+    """A value quoted for a message: ASCII-escaped and cut short, so a hostile
+    value is never echoed whole or unrenderable."""
+    text = ascii(value)
+    return text if len(text) <= limit else text[: limit - 4] + "...'"
 
 
 class RulesError(ValueError):
@@ -119,13 +164,15 @@ def validate_rules(data: object) -> list[Rule]:
     """Rules from their JSON form; raises RulesError listing every problem."""
     if not isinstance(data, list):
         raise RulesError([f"rules must be a list, got {type_name(data)}"])
+    if len(data) > MAX_RULES:
+        raise RulesError([f"{len(data):,} rules; the limit is {MAX_RULES} rules per prompt version"])
     errors: list[str] = []
     rules: list[Rule] = []
     first_with_name: dict[str, int] = {}
     for number, item in enumerate(data, start=1):
         rule = _validate_one(number, item, errors)
         name = item.get("name") if isinstance(item, dict) else None
-        if isinstance(name, str) and name.strip():
+        if isinstance(name, str) and name.strip() and _name_problem(name) is None:
             if name in first_with_name:
                 errors.append(f'rule {number} ("{name}"): duplicate name '
                               f"(rule {first_with_name[name]} has the same name)")
@@ -151,8 +198,14 @@ def _validate_one(number: int, item: object, errors: list[str]) -> Rule | None:
         errors.append(f"{where}: 'name' must be a string, got {type_name(name)}")
     elif not name.strip():
         errors.append(f"{where}: 'name' must not be empty")
+    elif problem := _name_problem(name):
+        errors.append(f"{where}: 'name' {problem}")
     else:
         where = f'{where} ("{name}")'
+    for key in item:
+        if not isinstance(key, str) or _SURROGATE.search(key) or len(key) > MAX_NAME_CHARS:
+            errors.append(f"{where}: invalid key {_show(key)} (keys are short names without lone surrogates)")
+            return None
 
     kind_name = item.get("kind")
     kind: Kind | None = None
@@ -161,9 +214,9 @@ def _validate_one(number: int, item: object, errors: list[str]) -> Rule | None:
     elif not isinstance(kind_name, str):
         errors.append(f"{where}: 'kind' must be a string, got {type_name(kind_name)}")
     elif kind_name not in KINDS:
-        close = difflib.get_close_matches(kind_name, KINDS, n=1)
+        close = difflib.get_close_matches(kind_name, KINDS, n=1) if len(kind_name) <= MAX_NAME_CHARS else []
         hint = f"; did you mean '{close[0]}'?" if close else ""
-        errors.append(f"{where}: unknown kind '{kind_name}' (expected one of {', '.join(KINDS)}){hint}")
+        errors.append(f"{where}: unknown kind {_show(kind_name)} (expected one of {', '.join(KINDS)}){hint}")
     else:
         kind = KINDS[kind_name]
     if kind is None:
@@ -186,16 +239,22 @@ def _validate_one(number: int, item: object, errors: list[str]) -> Rule | None:
         if key not in ("name", "kind") and key not in kind.param_names:
             takes = (f"takes {', '.join(repr(p) for p in kind.param_names)}" if kind.params
                      else "takes no parameters")
-            errors.append(f"{where}: unknown parameter {key!r} (kind '{kind.name}' {takes})")
+            errors.append(f"{where}: unknown parameter {_show(key)} (kind '{kind.name}' {takes})")
     if kind.name == "regex" and "pattern" in params and "flags" in params:
         try:
-            re.compile(params["pattern"], _flags(params["flags"]))
-        except re.error as err:
-            errors.append(f"{where}: invalid regex {params['pattern']!r}: {err}")
+            _compiled(params["pattern"], _flags(params["flags"]))
+        except ValueError as err:
+            errors.append(f"{where}: invalid regex {_show(params['pattern'])}: {err}")
     if len(errors) > count:
         return None
     assert isinstance(name, str)
     return Rule(name, kind.name, _copy(params))
+
+
+def _name_problem(name: str) -> str | None:
+    if len(name) > MAX_NAME_CHARS:
+        return f"has {len(name):,} characters; the limit is {MAX_NAME_CHARS}"
+    return surrogate_problem(name)
 
 
 def _check_param(param: Param, value: object) -> str | None:
@@ -203,6 +262,10 @@ def _check_param(param: Param, value: object) -> str | None:
     if param.type == "string":
         if not isinstance(value, str):
             return f"{label} must be a string, got {type_name(value)}"
+        if len(value) > param.max_chars:
+            return f"{label} has {len(value):,} characters; the limit is {param.max_chars:,}"
+        if problem := surrogate_problem(value):
+            return f"{label} {problem}"
         if not value.strip():
             return f"{label} must not be empty"
     elif param.type == "boolean":
@@ -213,12 +276,14 @@ def _check_param(param: Param, value: object) -> str | None:
             return f"{label} must be a positive integer, got {type_name(value)}"
         if value < 1:
             return f"{label} must be a positive integer, got {value}"
+        if value > MAX_INTEGER:
+            return f"{label} must be at most {MAX_INTEGER:,}"
     elif param.type == "flags":
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             return f"{label} must be a list of flag names, got {type_name(value)}"
         for flag in value:
             if flag not in param.choices:
-                return f"{label}: unknown flag {flag!r} (expected {_one_of(param.choices)})"
+                return f"{label}: unknown flag {_show(flag)} (expected {_one_of(param.choices)})"
     return None
 
 
@@ -229,8 +294,97 @@ def _flags(names: Iterable[str]) -> int:
     return flags
 
 
+_REPEATS = {sre_constants.MAX_REPEAT, sre_constants.MIN_REPEAT,
+            getattr(sre_constants, "POSSESSIVE_REPEAT", sre_constants.MAX_REPEAT)}
+
+
+def _expanded_size(tree: Any) -> int:
+    """Pieces of a parsed pattern with its fixed repeats written out, the way
+    `regex` compiles them (a{1000} is 1000 pieces, a{1,1000} one)."""
+    total = 0
+    for op, av in tree:
+        if op in _REPEATS:
+            low, _high, sub = av
+            total += _expanded_size(sub) * max(int(low), 1)
+        elif op is sre_constants.SUBPATTERN:
+            total += 1 + _expanded_size(av[-1])
+        elif op is sre_constants.BRANCH:
+            total += 1 + sum(_expanded_size(b) for b in av[1])
+        elif op in (sre_constants.ASSERT, sre_constants.ASSERT_NOT):
+            total += 1 + _expanded_size(av[1])
+        elif op is getattr(sre_constants, "ATOMIC_GROUP", None):
+            total += 1 + _expanded_size(av)
+        elif op is sre_constants.GROUPREF_EXISTS:
+            total += 1 + _expanded_size(av[1]) + (_expanded_size(av[2]) if av[2] is not None else 0)
+        else:
+            total += 1
+        if total > MAX_PATTERN_SIZE:
+            break
+    return total
+
+
+@functools.lru_cache(maxsize=256)
+def _compiled(pattern: str, flags: int) -> Any:
+    """The compiled pattern; ValueError says why it is refused. Python's own
+    parser reads it first (the documented syntax, and its size is measured
+    before `regex` expands it)."""
+    if len(pattern) > MAX_PATTERN_CHARS:
+        raise ValueError(f"the pattern has {len(pattern):,} characters; the limit is {MAX_PATTERN_CHARS:,}")
+    try:
+        tree = sre_parser.parse(pattern, flags)
+    except re.error as err:
+        raise ValueError(str(err)) from None
+    except RecursionError:
+        raise ValueError("the pattern nests too deeply") from None
+    if _expanded_size(tree) > MAX_PATTERN_SIZE:
+        raise ValueError(f"the pattern's repeat counts make it too large (over {MAX_PATTERN_SIZE:,} pieces "
+                         f"when written out); use smaller counts or an open repeat such as {{1,}}")
+    try:
+        return regex.compile(pattern, flags)
+    except (regex.error, OverflowError, MemoryError) as err:
+        raise ValueError(str(err)) from None
+
+
+def compile_pattern(pattern: str, flags: Iterable[str] = ()) -> None:
+    """Raise ValueError saying why the pattern would be refused (syntax, size)."""
+    unknown = [f for f in flags if f not in REGEX_FLAGS]
+    if unknown:
+        raise ValueError(f"unknown flag {_show(unknown[0])} (expected {_one_of(REGEX_FLAGS)})")
+    _compiled(pattern, _flags(flags))
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One check of one answer: passed, or failed with `reason` set when the
+    check could not be decided (a pattern that ran out of time)."""
+
+    passed: bool
+    reason: str = ""
+
+
+def outcome(rule: Rule, answer: str, timeout: float = REGEX_TIMEOUT_S) -> Outcome:
+    """Whether the answer follows the rule; a regex that takes longer than
+    `timeout` seconds on the answer fails the check with a reason."""
+    if rule.kind == "regex":
+        p = rule.params
+        try:
+            found = _compiled(p["pattern"], _flags(p["flags"])).search(answer, timeout=timeout) is not None
+        except TimeoutError:
+            return Outcome(False, f"pattern took longer than {timeout:g} s on this answer, so the check fails; "
+                                  f"simplify the pattern (nested repeats such as (a+)+ backtrack without end)")
+        except ValueError as err:  # a stored pattern refused by today's limits
+            return Outcome(False, f"invalid pattern: {err}")
+        return Outcome(found == p["must_match"])
+    return Outcome(check(rule, answer))
+
+
+def outcomes(rules: Iterable[Rule], answer: str, timeout: float = REGEX_TIMEOUT_S) -> dict[str, Outcome]:
+    """Rule name -> the outcome of its check on the answer."""
+    return {rule.name: outcome(rule, answer, timeout) for rule in rules}
+
+
 def check(rule: Rule, answer: str) -> bool:
-    """Whether the answer follows the rule."""
+    """Whether the answer follows the rule (a regex that runs out of time fails)."""
     p = rule.params
     if rule.kind in ("starts_with", "ends_with", "contains", "not_contains"):
         text, subject = p["text"], answer
@@ -244,8 +398,7 @@ def check(rule: Rule, answer: str) -> bool:
             return text in subject
         return text not in subject
     if rule.kind == "regex":
-        found = re.search(p["pattern"], answer, _flags(p["flags"])) is not None
-        return found == p["must_match"]
+        return outcome(rule, answer).passed
     if rule.kind == "max_words":
         return len(answer.split()) <= p["n"]
     if rule.kind == "lowercase":

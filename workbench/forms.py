@@ -3,7 +3,6 @@ shown again with what was typed (status 400); the actions check the rest."""
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from django import forms
@@ -13,7 +12,7 @@ from django.template.defaultfilters import filesizeformat
 
 from engines import formats, rules
 from workbench.actions import ActionError
-from workbench.actions.prompts import decode_prompt_file
+from workbench.actions.prompts import parse_rules_json, read_prompt_file
 from workbench.models import BaseModel, Membership
 
 
@@ -33,19 +32,26 @@ class MemberForm(forms.Form):
 
 # --- prompts ------------------------------------------------------------------
 
+def _unicode_text(value: str) -> None:
+    """Refuse a lone surrogate: it cannot be stored as UTF-8 nor rendered."""
+    problem = rules.surrogate_problem(value)
+    if problem:
+        raise ValidationError(f"The text {problem}.")
+
+
 class PromptTextForm(forms.Form):
     """A new version's text, typed or uploaded (the file wins)."""
 
-    text = forms.CharField(required=False, strip=False, widget=forms.Textarea)
+    text = forms.CharField(required=False, strip=False, widget=forms.Textarea, validators=[_unicode_text])
     file = forms.FileField(required=False, allow_empty_file=True)
-    note = forms.CharField(max_length=300, required=False)
+    note = forms.CharField(max_length=300, required=False, validators=[_unicode_text])
 
     def clean_file(self) -> str | None:
         upload = self.cleaned_data["file"]
         if not upload:
             return None
         try:
-            return decode_prompt_file(upload.read(), upload.name)
+            return read_prompt_file(upload, upload.name)
         except ActionError as exc:
             raise ValidationError(str(exc)) from exc
 
@@ -60,7 +66,8 @@ class PromptForm(PromptTextForm):
     version_of (a prompt's id, sent by the explicit "new version of X" button
     when the name is taken), a new version of that prompt."""
 
-    name = forms.CharField(max_length=200, error_messages={"required": "A prompt needs a name."})
+    name = forms.CharField(max_length=200, error_messages={"required": "A prompt needs a name."},
+                           validators=[_unicode_text])
     rules = forms.CharField(required=False, widget=forms.Textarea)
     version_of = forms.IntegerField(required=False, widget=forms.HiddenInput)
 
@@ -73,30 +80,41 @@ class PromptForm(PromptTextForm):
         if not raw.strip():
             return None
         try:
-            return json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise ValidationError(f"Rules are not valid JSON: {exc}") from exc
+            data = parse_rules_json(raw)
+        except ActionError as exc:
+            raise ValidationError(str(exc)) from exc
+        try:
+            return rules.rules_to_json(rules.validate_rules(data))
+        except rules.RulesError as exc:
+            raise ValidationError([f"Rules: {e}" for e in exc.errors]) from exc
 
 
 def _param_field(param: rules.Param) -> forms.Field:
-    common = {"label": param.name, "help_text": param.help}
+    common: dict[str, Any] = {"label": param.name, "help_text": param.help}
     if param.type == "boolean":  # a checkbox: absent means unchecked
         return forms.BooleanField(required=False, initial=param.default, **common)
     if param.type == "integer":
-        return forms.IntegerField(min_value=1, required=param.required, **common,
+        return forms.IntegerField(min_value=1, max_value=rules.MAX_INTEGER, required=param.required, **common,
                                   error_messages={"invalid": "Enter a positive whole number.",
-                                                  "min_value": "Enter a positive whole number."})
+                                                  "min_value": "Enter a positive whole number.",
+                                                  "max_value": f"Enter at most {rules.MAX_INTEGER:,}."})
     if param.type == "flags":
         return forms.MultipleChoiceField(choices=[(c, c) for c in param.choices], required=False,
                                          initial=list(param.default or ()), **common)
-    return forms.CharField(required=param.required, strip=False, **common)
+    return forms.CharField(required=param.required, strip=False, max_length=param.max_chars,
+                           validators=[_unicode_text], **common,
+                           error_messages={"max_length": f"{param.name} is at most {param.max_chars:,} characters "
+                                                         "(it has %(show_value)s)."})
 
 
 class RuleForm(forms.Form):
     """A rule's name, kind, and the parameters of that kind (engines.rules.KINDS),
     typed by the form. The rule as a whole is checked by the action."""
 
-    rule_name = forms.CharField(max_length=200, error_messages={"required": "A rule needs a name."})
+    rule_name = forms.CharField(max_length=rules.MAX_NAME_CHARS, validators=[_unicode_text],
+                                error_messages={"required": "A rule needs a name.",
+                                                "max_length": f"A rule name is at most {rules.MAX_NAME_CHARS} "
+                                                              "characters (it has %(show_value)s)."})
     kind = forms.ChoiceField(choices=[(k, k) for k in rules.KINDS],
                              error_messages={"required": "Choose a kind of rule.",
                                              "invalid_choice": "Unknown kind of rule '%(value)s'."})
@@ -107,6 +125,17 @@ class RuleForm(forms.Form):
         self.rule_kind: rules.Kind | None = rules.KINDS.get(kind_name)
         for param in self.rule_kind.params if self.rule_kind else ():
             self.fields[param.name] = _param_field(param)
+
+    def clean(self) -> dict[str, Any]:
+        data = super().clean()
+        # The pattern is compiled when the rule is saved, so a bad one is an error here, naming the rule.
+        if self.rule_kind and self.rule_kind.name == "regex" and data.get("pattern"):
+            try:
+                rules.compile_pattern(data["pattern"], data.get("flags") or ())
+            except ValueError as exc:
+                name = data.get("rule_name", "").strip()
+                self.add_error("pattern", f"Rule “{name}”: invalid regex: {exc}")
+        return data
 
     @property
     def params(self) -> list[tuple[rules.Param, forms.BoundField]]:
@@ -153,8 +182,13 @@ class DatasetUploadForm(forms.Form):
                         "min_value": "The eval split must be between 0 and 100 percent.",
                         "max_value": "The eval split must be between 0 and 100 percent."},
     )
-    seed = forms.IntegerField(label="Split seed", required=False, initial=0,
-                              error_messages={"invalid": "Invalid number: the split seed is a whole number."})
+    seed = forms.IntegerField(label="Split seed", required=False, initial=0, min_value=0, max_value=2**31 - 1,
+                              error_messages={"invalid": "Invalid number: the split seed is a whole number.",
+                                              "min_value": "The split seed must be from 0 to 2,147,483,647.",
+                                              "max_value": "The split seed must be from 0 to 2,147,483,647."})
+    records_key = forms.CharField(
+        label="Records key", max_length=200, required=False,
+        help_text="For a file that is one JSON object holding the rows under a key, e.g. {\"qa\": [...]}: that key.")
     skip_bad = forms.BooleanField(label="skip bad rows (store the good ones and list the rest)", required=False)
     use_chosen = forms.BooleanField(label="use only the chosen answers (DPO pairs)", required=False)
 
@@ -182,6 +216,9 @@ class DatasetUploadForm(forms.Form):
     def clean_seed(self) -> int:
         value = self.cleaned_data["seed"]
         return 0 if value is None else value
+
+    def clean_records_key(self) -> str | None:
+        return self.cleaned_data["records_key"].strip() or None
 
     def clean(self) -> dict[str, Any]:
         data = super().clean()

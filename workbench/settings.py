@@ -272,6 +272,10 @@ FILE_UPLOAD_MAX_MEMORY_SIZE = 2 * 1024 * 1024
 DATASET_MAX_ROWS = envint("DATASET_MAX_ROWS", 1_000_000)
 DATASET_MAX_ROW_CHARS = envint("DATASET_MAX_ROW_CHARS", 200_000)
 PROMPT_MAX_CHARS = envint("PROMPT_MAX_CHARS", 1_000_000)
+# The most bytes of a prompt file read (UTF-8 takes at most 4 bytes a character, a BOM 3).
+PROMPT_MAX_BYTES = envint("PROMPT_MAX_BYTES", 4 * PROMPT_MAX_CHARS + 3)
+# The largest rules JSON (textarea or file) accepted.
+PROMPT_RULES_MAX_CHARS = envint("PROMPT_RULES_MAX_CHARS", 2_000_000)
 
 LOGGING = {
     "version": 1,

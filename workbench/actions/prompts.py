@@ -6,13 +6,13 @@ import difflib
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import IO, Any
 
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
 from django.db import transaction
 
-from engines import rules
+from engines import jsonguard, rules
 from workbench.actions import ActionError
 from workbench.models import BaseModel, Project, Prompt, PromptVersion
 
@@ -31,6 +31,48 @@ def decode_prompt_file(data: bytes, filename: str = "") -> str:
         raise ActionError(f"{filename or 'prompt file'}: not valid UTF-8 on line {line}; save it as UTF-8.") from exc
 
 
+def prompt_max_bytes() -> int:
+    """The most bytes a prompt file may have: a UTF-8 character is at most 4 bytes, a BOM 3."""
+    return int(getattr(settings, "PROMPT_MAX_BYTES", 4 * settings.PROMPT_MAX_CHARS + 3))
+
+
+def read_prompt_file(stream: IO[bytes], filename: str = "") -> str:
+    """A prompt file's text, reading at most one byte past the limit: a larger
+    file is refused without reading the rest."""
+    limit = prompt_max_bytes()
+    data = stream.read(limit + 1)
+    if len(data) > limit:
+        raise ActionError(f"{filename or 'prompt file'}: the file is larger than {limit:,} bytes; a prompt is "
+                          f"at most {settings.PROMPT_MAX_CHARS:,} characters.")
+    return decode_prompt_file(data, filename)
+
+
+def rules_json_max_chars() -> int:
+    return int(getattr(settings, "PROMPT_RULES_MAX_CHARS", 2_000_000))
+
+
+def parse_rules_json(raw: str | bytes, source: str = "Rules") -> Any:
+    """Rules typed or uploaded as JSON, with their size and nesting bounded
+    (engines.jsonguard); ActionError names the line."""
+    limit = rules_json_max_chars()
+    if len(raw) > limit:
+        raise ActionError(f"{source}: the JSON has {len(raw):,} characters; the limit is {limit:,}.")
+    try:
+        return jsonguard.loads(raw)
+    except jsonguard.TooDeep as exc:
+        raise ActionError(f"{source}: line {exc.line}: {exc.reason}") from None
+    except json.JSONDecodeError as exc:
+        raise ActionError(f"{source}: line {exc.lineno}: invalid JSON: {exc.msg} (column {exc.colno})") from None
+    except (ValueError, RecursionError) as exc:  # e.g. an integer of more than 4,300 digits
+        raise ActionError(f"{source}: invalid JSON: {exc}") from None
+
+
+def _unicode_problem(what: str, value: str) -> None:
+    problem = rules.surrogate_problem(value)
+    if problem:
+        raise ActionError(f"The {what} {problem}.")
+
+
 class PromptNameTaken(ActionError):
     """A new prompt was given the name of an existing one."""
 
@@ -45,7 +87,19 @@ def _checked_text(text: str) -> str:
         raise ActionError("The prompt text is empty.")
     if len(text) > settings.PROMPT_MAX_CHARS:
         raise ActionError(f"The prompt has {len(text):,} characters; the limit is {settings.PROMPT_MAX_CHARS:,}.")
+    _unicode_problem("prompt text", text)
     return text
+
+
+def _checked_name_and_note(name: str, note: str) -> tuple[str, str]:
+    name = name.strip()
+    if not name:
+        raise ActionError("A prompt needs a name.")
+    if len(name) > 200:
+        raise ActionError(f"The prompt name has {len(name):,} characters; the limit is 200.")
+    _unicode_problem("prompt name", name)
+    _unicode_problem("note", note)
+    return name, note
 
 
 def _checked_rules(rules_data: object) -> list[dict[str, Any]]:
@@ -63,9 +117,7 @@ def create_prompt(
     """A new prompt with its first version. A name already in use is refused
     (PromptNameTaken): a new version of an existing prompt is saved on its
     page, where its rules are kept, never by reusing its name here."""
-    name = name.strip()
-    if not name:
-        raise ActionError("A prompt needs a name.")
+    name, note = _checked_name_and_note(name, note)
     text = _checked_text(text)
     rule_list = _checked_rules([] if rules_data is None else rules_data)
     existing = project.prompts.filter(name=name).first()
@@ -86,9 +138,7 @@ def save_prompt(
     """Save a new version of the named prompt (created if new). rules_data
     None keeps the latest version's rules; a version that changes the rules
     without a note gets one naming the rules added, removed and changed."""
-    name = name.strip()
-    if not name:
-        raise ActionError("A prompt needs a name.")
+    name, note = _checked_name_and_note(name, note)
     text = _checked_text(text)
     prompt, _ = Prompt.objects.get_or_create(project=project, name=name, defaults={"created_by": user})
     # Lock the prompt row so two saves cannot take the same version number.
@@ -169,11 +219,13 @@ def _value(rule: dict[str, Any], key: str) -> str:
     return json.dumps(rule[key], ensure_ascii=False) if key in rule else "(not set)"
 
 
-def _describe(rule: dict[str, Any]) -> str:
+def describe_rule(rule: dict[str, Any]) -> str:
+    """A stored rule described; one that today's limits refuse (stored before
+    them) is shown as such instead of breaking the page."""
     try:
         return rules.describe(rules.validate_rules([rule])[0])
-    except rules.RulesError:
-        return rule.get("kind", "")
+    except rules.RulesError as exc:
+        return f"{rule.get('kind', '')} (invalid: {'; '.join(exc.errors)[:300]})"
 
 
 def rule_changes(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[RuleChange]:
@@ -181,10 +233,10 @@ def rule_changes(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[R
     with the parameters that changed."""
     before = {r["name"]: r for r in old}
     after = {r["name"]: r for r in new}
-    changes = [RuleChange("removed", name, [_describe(r)]) for name, r in before.items() if name not in after]
+    changes = [RuleChange("removed", name, [describe_rule(r)]) for name, r in before.items() if name not in after]
     for name, rule in after.items():
         if name not in before:
-            changes.append(RuleChange("added", name, [_describe(rule)]))
+            changes.append(RuleChange("added", name, [describe_rule(rule)]))
         elif before[name] != rule:
             was = before[name]
             details = [f"{key}: {_value(was, key)} → {_value(rule, key)}" for key in dict.fromkeys([*was, *rule])

@@ -2,6 +2,9 @@ from __future__ import annotations
 
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
+from django.core.paginator import Paginator
+from django.db.models import Count, OuterRef, Subquery
+from django.db.models.functions import Length, Substr
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
@@ -12,6 +15,7 @@ from workbench.actions.prompts import (
     PromptNameTaken,
     add_rule,
     create_prompt,
+    describe_rule,
     diff_versions,
     remove_rule,
     restore_version,
@@ -27,10 +31,27 @@ def _get_prompt(request: HttpRequest, slug: str, prompt_id: int) -> Prompt:
     return get_for_project(request, slug, Prompt.objects.select_related("project"), pk=prompt_id)
 
 
+PROMPTS_PER_PAGE = 25
+VERSIONS_PER_PAGE = 50
+PREVIEW_CHARS = 300
+# What a list shows of a version: never its text (up to PROMPT_MAX_CHARS each).
+VERSION_FIELDS = ("id", "prompt_id", "number", "sha256", "note", "author", "created_at")
+
+
 def _list_page(request: HttpRequest, project: Project, form: PromptForm, status: int = 200,
                existing: Prompt | None = None) -> HttpResponse:
-    ctx = {"project": project, "prompts": project.prompts.prefetch_related("versions"), "form": form,
-           "existing": existing}
+    """One page of prompts; counts, text lengths and previews come from SQL,
+    so a page costs the same whatever the size of the texts."""
+    latest_id = PromptVersion.objects.filter(prompt=OuterRef("pk")).order_by("-number").values("pk")[:1]
+    prompts = project.prompts.annotate(version_count=Count("versions"), latest_id=Subquery(latest_id))
+    page = Paginator(prompts.order_by("name", "pk"), PROMPTS_PER_PAGE).get_page(request.GET.get("page"))
+    latest = {v.pk: v for v in PromptVersion.objects.filter(pk__in=[p.latest_id for p in page])
+              .only(*VERSION_FIELDS, "rules").select_related("author")
+              .annotate(text_chars=Length("text"), preview=Substr("text", 1, PREVIEW_CHARS + 1))}
+    for p in page:
+        p.latest_version = latest.get(p.latest_id)
+    ctx = {"project": project, "prompts": page, "page": page, "form": form, "existing": existing,
+           "existing_rules": len(existing.latest.rules) if existing and existing.latest else 0}
     return render(request, "workbench/prompt_list.html", ctx, status=status)
 
 
@@ -78,15 +99,17 @@ def _version_page(
 ) -> HttpResponse:
     """A version's page. Only the latest version is edited (its text fills the
     editor); an older one offers to restore it as a new version."""
-    latest = prompt.latest
+    latest = prompt.versions.only(*VERSION_FIELDS).order_by("-number").first()
+    is_latest = version is not None and latest is not None and version.number == latest.number
+    versions = Paginator(prompt.versions.only(*VERSION_FIELDS).select_related("author").order_by("-number"),
+                         VERSIONS_PER_PAGE).get_page(request.GET.get("versions"))
     ctx = {
         "project": prompt.project, "prompt": prompt, "version": version, "latest": latest,
-        "is_latest": version is not None and latest is not None and version.number == latest.number,
-        "versions": prompt.versions.select_related("author"),
+        "is_latest": is_latest, "versions": versions,
         "costs": token_costs(version) if version else [],
-        "rule_list": [(r, rules.describe(rules.validate_rules([r])[0])) for r in version.rules] if version else [],
+        "rule_list": [(r, describe_rule(r)) for r in version.rules] if version else [],
         "kinds": rules.KINDS,
-        "save_form": save_form or PromptTextForm(initial={"text": latest.text if latest else ""}),
+        "save_form": save_form or PromptTextForm(initial={"text": version.text if version and is_latest else ""}),
         "rule_form": rule_form or RuleForm(),
     }
     return render(request, "workbench/prompt_detail.html", ctx, status=status)
@@ -179,13 +202,12 @@ def rule_params(request: HttpRequest, slug: str) -> HttpResponse:
 @login_required
 def prompt_diff(request: HttpRequest, slug: str, prompt_id: int) -> HttpResponse:
     prompt = _get_prompt(request, slug, prompt_id)
-    latest = prompt.latest
+    latest = prompt.versions.only("id", "number").order_by("-number").first()
     if latest is None:
         return redirect(prompt)
     form = DiffForm(request.GET)
     chosen = form.cleaned_data if form.is_valid() else {}  # a bad number falls back to the latest two
     a = get_object_or_404(prompt.versions, number=chosen.get("a") or max(1, latest.number - 1))
     b = get_object_or_404(prompt.versions, number=chosen.get("b") or latest.number)
-    ctx = {"project": prompt.project, "prompt": prompt, "diff": diff_versions(a, b),
-           "versions": prompt.versions.all()}
+    ctx = {"project": prompt.project, "prompt": prompt, "diff": diff_versions(a, b)}
     return render(request, "workbench/prompt_diff.html", ctx)

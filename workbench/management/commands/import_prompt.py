@@ -1,13 +1,12 @@
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from workbench.actions import ActionError
-from workbench.actions.prompts import decode_prompt_file, save_prompt
+from workbench.actions.prompts import parse_rules_json, read_prompt_file, rules_json_max_chars, save_prompt
 from workbench.management.commands._common import project_by_slug
 from workbench.models import BaseModel
 
@@ -29,16 +28,21 @@ class Command(BaseCommand):
         if not path.is_file():
             raise CommandError(f"{path}: no such file")
         rules_data = None
-        if opts["rules"]:
-            try:
-                rules_data = json.loads(opts["rules"].read_text(encoding="utf-8"))
-            except (OSError, UnicodeDecodeError) as exc:
-                raise CommandError(f"{opts['rules']}: {exc}") from exc
-            except json.JSONDecodeError as exc:
-                raise CommandError(f"{opts['rules']}: line {exc.lineno}: invalid JSON: {exc.msg}") from exc
         try:
-            saved = save_prompt(project, None, opts["name"], decode_prompt_file(path.read_bytes(), str(path)),
-                                rules_data, opts["note"])
+            if opts["rules"]:
+                rules_path: Path = opts["rules"]
+                try:
+                    with rules_path.open("rb") as f:
+                        # Past the limit by one byte is enough to refuse it; the rest is never read.
+                        raw = f.read(4 * rules_json_max_chars() + 1)
+                    rules_data = parse_rules_json(raw.decode("utf-8"), str(rules_path))
+                except (OSError, UnicodeDecodeError) as exc:
+                    raise CommandError(f"{rules_path}: {exc}") from exc
+            with path.open("rb") as f:
+                text = read_prompt_file(f, str(path))
+            saved = save_prompt(project, None, opts["name"], text, rules_data, opts["note"])
+        except OSError as exc:
+            raise CommandError(f"{path}: {exc}") from exc
         except ActionError as exc:
             raise CommandError(str(exc)) from exc
         v = saved.version
