@@ -164,11 +164,18 @@ class EvalRunner(JobRunner):
     def _score(self, run: EvalRun, examples: list[EvalExample], rules: Sequence[Rule]) -> None:
         teacher = teacher_answers(run.suite) if run.arm != "teacher" else {}
         results = list(run.results.select_related("example"))
+        unchecked: dict[str, tuple[int, str]] = {}  # rule -> (answers, first reason)
         for r in results:
             score = ev.score_example(r.output, rules=rules, reference=r.example.reference or None,
                                      teacher=teacher.get(r.example_id))
             r.checks = score.metrics()
+            for name, reason in score.rule_errors.items():
+                count, first = unchecked.get(name, (0, reason))
+                unchecked[name] = (count + 1, first)
         EvalResult.objects.bulk_update(results, ["checks"], batch_size=500)
+        # A check that could not run (a pattern past its time limit) counts as failed: say why.
+        for name, (count, reason) in unchecked.items():
+            self.log(f"{run.arm or 'run'}: rule {name!r} failed on {count} answer(s) without a verdict: {reason}")
 
     def _judge(self, suite: EvalSuite, runs: list[EvalRun], examples: list[EvalExample]) -> None:
         judge_variant = suite.judge
