@@ -1,5 +1,6 @@
 """The job reaper runs in every worker's main process: it requeues jobs whose
-worker died (no heartbeat), whatever the broker."""
+worker died (no heartbeat), whatever the broker. Dataset imports staged by
+workbench become jobs here, and an import that ends unfinished is discarded."""
 
 from __future__ import annotations
 
@@ -8,6 +9,11 @@ import threading
 from typing import Any
 
 from celery.signals import worker_ready, worker_shutdown
+from django.dispatch import receiver
+
+from jobs.models import Job, job_finished
+from jobs.runners.dataset_import import DatasetImportRunner
+from workbench.actions.datasets import discard_staging, import_requested
 
 log = logging.getLogger(__name__)
 _stop = threading.Event()
@@ -41,3 +47,28 @@ def start_reaper(**_kw: Any) -> None:
 @worker_shutdown.connect
 def stop_reaper(**_kw: Any) -> None:
     _stop.set()
+
+
+# --- dataset imports: workbench stages the version, jobs runs the import ------
+
+def queue_dataset_import(version: Any, user: Any = None) -> Job:
+    """The import job of a staging version, sent to a worker on commit."""
+    from jobs.tasks import enqueue
+
+    job = Job.objects.create(project=version.dataset.project, kind=DatasetImportRunner.kind, output_dataset=version,
+                             params={"file": version.source_filename}, max_attempts=2,
+                             created_by=user if getattr(user, "is_authenticated", False) else None)
+    enqueue(job)
+    return job
+
+
+@receiver(import_requested)
+def import_as_job(sender: Any, version: Any, user: Any = None, **_kw: Any) -> Job:
+    return queue_dataset_import(version, user)
+
+
+@receiver(job_finished)
+def discard_unfinished_import(sender: Any, job: Job, status: str, **_kw: Any) -> None:
+    """A cancelled (even while queued), failed or reaped import leaves no rows."""
+    if job.kind == DatasetImportRunner.kind and status != Job.SUCCEEDED and job.output_dataset_id:
+        discard_staging(job.output_dataset_id)

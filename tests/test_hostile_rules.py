@@ -252,11 +252,13 @@ class CountingFile(io.BytesIO):
 
 @pytest.mark.django_db
 def test_a_prompt_file_over_the_limit_is_refused_without_reading_it_all(alice_client, alice_project, settings):
-    settings.PROMPT_MAX_CHARS = 1000  # at most 4,003 bytes of UTF-8
+    settings.PROMPT_MAX_CHARS = 1000
+    settings.PROMPT_MAX_BYTES = 4003  # at most 4,003 bytes of UTF-8
     url = reverse("prompt_create", args=[alice_project.slug])
+    # the upload handler stops the file at the byte past the limit
     r = alice_client.post(url, {"name": "big", "file": SimpleUploadedFile("big.md", b"x" * 50_000)})
-    assert r.status_code == 400
-    assert b"big.md: the file is larger than 4,003 bytes; a prompt is at most 1,000 characters" in r.content
+    assert r.status_code == 413
+    assert b"big.md is larger than the 3.9\xc2\xa0KB limit; the upload was stopped there" in r.content
     r = alice_client.post(url, {"name": "big", "file": SimpleUploadedFile("big.md", b"x" * 1001)})
     assert r.status_code == 400 and b"The prompt has 1,001 characters; the limit is 1,000." in r.content
     assert not Prompt.objects.exists()
@@ -272,6 +274,7 @@ def test_a_prompt_file_over_the_limit_is_refused_without_reading_it_all(alice_cl
 @pytest.mark.django_db
 def test_the_import_command_reads_a_prompt_file_up_to_its_limit(alice_project, tmp_path, settings):
     settings.PROMPT_MAX_CHARS = 1000
+    settings.PROMPT_MAX_BYTES = 4003
     big = tmp_path / "big.md"
     big.write_bytes(b"x" * 100_000)
     with pytest.raises(CommandError, match="the file is larger than 4,003 bytes"):

@@ -131,3 +131,56 @@ def test_the_fine_tune_learns_only_from_answers_that_pass_while_enough_do(alice,
     monkeypatch.setattr(finetune, "MIN_PASSING_ROWS", 2)
     accepted = review_bulk(teacher_version, alice, "accept_all")  # accepted in review: learned from
     assert finetune.training_examples(accepted, "SYS", passing_only=True)[1] == 0
+
+
+def test_a_rule_filter_over_more_rows_than_sqlite_has_query_variables(alice_client, alice_project, teacher_version):
+    """40,000 failing rows: a list of their ids passed SQLite's 32,766-variable limit."""
+    from workbench.models import DatasetRow
+
+    version = DatasetVersion.objects.create(dataset=teacher_version.dataset, number=9, kind=DatasetVersion.TEACHER,
+                                            meta={"rules": RULES}, row_count=40_000, sha256="")
+    answer = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "far too many words in this one"}]
+    DatasetRow.objects.bulk_create(
+        (DatasetRow(version=version, index=i, messages=answer, sha256=str(i), failing=["short"] if i % 4 else
+                    ["opening", "short"], flags=["fails rule: short"]) for i in range(40_000)), batch_size=2000)
+    url = reverse("dataset_review", args=[alice_project.slug, version.dataset_id, version.number])
+    r = alice_client.get(url + "?rule=opening")
+    assert r.status_code == 200
+    page = r.content.decode()
+    assert "40,000 rows still fail a rule" in page and "page 1 of 1000" in page  # 10,000 fail "opening"
+    assert ">10,000<" in page and ">40,000<" in page  # the counts per rule, in SQL
+    assert "#1 " in page and "#2 " not in page and "#5 " in page
+    assert "page 1 of 4000" in alice_client.get(url + "?rule=short").content.decode()
+    assert "No rows here" in alice_client.get(url + "?rule=nope").content.decode()
+
+
+@pytest.fixture
+def long_version(alice, alice_project):
+    upload = import_dataset(alice_project, alice, "long", io.BytesIO(b"".join(b"q%d\n" % i for i in range(25))),
+                            eval_percent=0)
+    rows = [(r.index, [*r.messages, {"role": "assistant", "content": f"answer {r.index}"}])
+            for r in upload.rows.order_by("index")]
+    return derive_version(upload, alice, rows, kind=DatasetVersion.TEACHER)
+
+
+def test_edits_on_one_page_are_kept_when_the_reviewer_moves_to_another(alice_client, alice_project, long_version):
+    url = reverse("dataset_review", args=[alice_project.slug, long_version.dataset_id, long_version.number])
+    page = alice_client.get(url).content.decode()
+    # moving on is a submit of the page's edits, and leaving with unsaved edits warns
+    assert 'name="goto" value="2"' in page and "beforeunload" in page
+    r = alice_client.post(url + "?page=1", {"answer_0": "edited on page 1", "drop": "3", "goto": "2"})
+    second = DatasetVersion.objects.get(number=long_version.number + 1)
+    assert r.status_code == 302 and r["Location"] == reverse(
+        "dataset_review", args=[alice_project.slug, second.dataset_id, second.number]) + "?page=2"
+    page2 = alice_client.get(r["Location"]).content.decode()
+    assert "page 2 of 3" in page2 and "answer 11" in page2  # row 3 was dropped: page 2 starts at row 11
+    r = alice_client.post(r["Location"], {"answer_15": "edited on page 2"})
+    assert r.status_code == 302
+    final = DatasetVersion.objects.get(number=long_version.number + 2)
+    answers = {i: m[-1]["content"] for i, m in final.rows.values_list("index", "messages")}
+    assert final.row_count == 24 and "answer 3" not in answers.values()
+    assert "edited on page 1" in answers.values() and "edited on page 2" in answers.values()
+    # no edits, just moving on: no new version
+    r = alice_client.post(r["Location"], {"goto": "3"})
+    assert r.status_code == 302 and r["Location"].endswith("?page=3")
+    assert DatasetVersion.objects.filter(dataset=long_version.dataset).count() == 4

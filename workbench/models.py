@@ -234,6 +234,16 @@ class Dataset(models.Model):
         return self.versions.order_by("-number").first()
 
 
+class VisibleVersionManager(models.Manager["DatasetVersion"]):
+    """The default manager: only versions whose rows are all stored. An import
+    in progress inserts its rows in many short transactions into a staging
+    version; no list, picker, export, job or eval sees it until its last step
+    makes it ready (and related managers, `dataset.versions`, filter the same)."""
+
+    def get_queryset(self) -> models.QuerySet[DatasetVersion]:
+        return super().get_queryset().filter(state=DatasetVersion.READY)
+
+
 class DatasetVersion(models.Model):
     """An immutable set of normalised rows (see engines.formats), with a
     deterministic train/eval split. Edits make a new version."""
@@ -242,6 +252,9 @@ class DatasetVersion(models.Model):
     TEACHER = "teacher"
     EDIT = "edit"
     KINDS = [(UPLOAD, "Upload"), (TEACHER, "Teacher answers"), (EDIT, "Edited")]
+    READY = "ready"
+    IMPORTING = "importing"
+    STATES = [(READY, "Ready"), (IMPORTING, "Importing")]
 
     dataset = models.ForeignKey(Dataset, on_delete=models.CASCADE, related_name="versions")
     number = models.PositiveIntegerField()
@@ -257,8 +270,14 @@ class DatasetVersion(models.Model):
     split_seed = models.IntegerField(default=0)
     token_stats = models.JSONField(default=dict, blank=True)
     meta = models.JSONField(default=dict, blank=True, help_text="Lineage and options")
+    state = models.CharField(max_length=10, choices=STATES, default=READY,
+                             help_text="importing: a staging version, invisible until all its rows are stored")
     created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
     created_at = models.DateTimeField(default=timezone.now)
+
+    objects = VisibleVersionManager()
+    # Staging versions too (imports and their cleanup). noqa: ruff takes a Manager() for a field.
+    all_objects = models.Manager()  # noqa: DJ012
 
     class Meta:
         ordering = ["dataset", "-number"]

@@ -262,13 +262,22 @@ EVAL_MAX_NEW_TOKENS = envint("WORKBENCH_EVAL_MAX_NEW_TOKENS", 128)
 # lm-eval tasks of the suites made for absorbed variants: did the student forget general skills?
 EVAL_AUTO_LM_EVAL_TASKS = envlist("WORKBENCH_EVAL_LM_EVAL_TASKS", "general_skills")
 # Modules that register job runners (jobs.registry); apps may add their own.
-JOB_RUNNER_MODULES = ["jobs.runners.teacher", "jobs.runners.finetune",
+JOB_RUNNER_MODULES = ["jobs.runners.teacher", "jobs.runners.finetune", "jobs.runners.dataset_import",
                       *envlist("WORKBENCH_EXTRA_JOB_RUNNERS", "")]
 
 # Limits on uploads (bytes, rows, characters) --------------------------------
 UPLOAD_MAX_BYTES = envint("UPLOAD_MAX_BYTES", 512 * 1024 * 1024)
 DATA_UPLOAD_MAX_MEMORY_SIZE = 10 * 1024 * 1024
 FILE_UPLOAD_MAX_MEMORY_SIZE = 2 * 1024 * 1024
+# Every multipart body is refused from its Content-Length, or stopped at the byte past the limit,
+# before it is written anywhere (the upload views set their own limit the same way).
+FILE_UPLOAD_HANDLERS = [
+    "workbench.uploads.LimitedUploadHandler",
+    "django.core.files.uploadhandler.MemoryFileUploadHandler",
+    "django.core.files.uploadhandler.TemporaryFileUploadHandler",
+]
+# Uploads up to this size are imported during the request; larger ones by a job (progress, cancel).
+DATASET_SYNC_IMPORT_BYTES = envint("DATASET_SYNC_IMPORT_BYTES", 2 * 1024 * 1024)
 DATASET_MAX_ROWS = envint("DATASET_MAX_ROWS", 1_000_000)
 DATASET_MAX_ROW_CHARS = envint("DATASET_MAX_ROW_CHARS", 200_000)
 PROMPT_MAX_CHARS = envint("PROMPT_MAX_CHARS", 1_000_000)

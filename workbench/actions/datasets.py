@@ -7,8 +7,9 @@ import hashlib
 import os
 import random
 import tempfile
+import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -17,8 +18,10 @@ from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
 from django.db import transaction
 from django.db.models import Count, Max
+from django.dispatch import Signal
 
 from engines import formats
+from engines.progress import Progress, ProgressFn, StopFn
 from workbench import data_quality
 from workbench.actions import ActionError
 from workbench.models import BaseModel, Dataset, DatasetRow, DatasetVersion, Project
@@ -49,22 +52,28 @@ class DatasetRejected(Exception):
         return f"{self.error_count} bad row(s); nothing was stored"
 
 
-class _Tee:
-    """Reads from the upload and writes the same bytes to the stored copy."""
+class ImportCancelled(Exception):
+    """The import was asked to stop; its staging rows are deleted."""
 
-    def __init__(self, src: BinaryIO, dst: Any) -> None:
-        self.src, self.dst = src, dst
-        self.head = b""  # the first bytes, to name the stored copy
+
+# Sent once a staging version awaits its rows (kwargs: version, user). A
+# receiver that queues the import as a job (jobs.signals) returns the job;
+# with none, the caller imports in-process. workbench never imports jobs.
+import_requested = Signal()
+
+MAX_SEED = 2**31 - 1  # split_seed is a 32-bit integer column
+
+
+class _Counting:
+    """Counts the bytes read, for the import's progress."""
+
+    def __init__(self, src: BinaryIO) -> None:
+        self.src, self.bytes_read = src, 0
 
     def read(self, n: int = -1) -> bytes:
         data = self.src.read(n)
-        self.dst.write(data)
-        if len(self.head) < 4096:
-            self.head += data[:4096 - len(self.head)]
+        self.bytes_read += len(data)
         return data
-
-    def is_json_array(self) -> bool:
-        return self.head.removeprefix(b"\xef\xbb\xbf").lstrip().startswith(b"[")
 
 
 def _limits() -> formats.Limits:
@@ -78,69 +87,178 @@ def datasets_dir() -> Path:
     return path
 
 
-def import_dataset(
-    project: Project, user: AbstractBaseUser | None, name: str, fileobj: BinaryIO, *,
-    filename: str = "", fmt: str = "auto", query_column: str | None = None,
-    answer_column: str | None = None, eval_percent: int = 10, seed: int = 0,
-    skip_bad: bool = False, use_chosen: bool = False,
-) -> DatasetVersion:
-    """Validate the upload as a stream and store it as a new dataset version,
-    or raise DatasetRejected/ActionError having stored nothing: no row, no file.
-
-    With skip_bad, rows that are bad on their own are left out and listed in
-    the version's meta (the first MAX_SKIPPED_KEPT, and their count); a file
-    with no good row, or a problem that stops parsing, still stores nothing.
-    With use_chosen, DPO pairs load their chosen answers."""
-    name = name.strip()
-    if not name:
+def check_import_options(name: str, fmt: str, eval_percent: int, seed: int, query_column: str | None) -> None:
+    if not name.strip():
         raise ActionError("A dataset needs a name.")
     if fmt != "auto" and fmt not in formats.FORMATS:
         raise ActionError(f"Unknown format '{fmt}' (expected auto or one of {', '.join(formats.FORMATS)}).")
     if not 0 <= eval_percent <= 100:
         raise ActionError("The eval split must be between 0 and 100 percent.")
+    if not 0 <= seed <= MAX_SEED:
+        raise ActionError(f"The split seed must be a whole number from 0 to {MAX_SEED:,}.")
     if fmt == "fields" and not query_column:
         raise ActionError("The 'fields' format needs the name of the query field (--query-column).")
+
+
+def store_upload(fileobj: BinaryIO) -> Path:
+    """Copy the upload into the data dir under a generated name (the user's
+    filename is never a path). At most one byte past the limit is kept: the
+    reader then says the file is too large."""
     tmp = tempfile.NamedTemporaryFile(dir=datasets_dir(), prefix=".upload-", delete=False)
-    final: Path | None = None
     try:
+        with tmp:
+            left = settings.UPLOAD_MAX_BYTES + 1
+            while left > 0 and (chunk := fileobj.read(min(left, 1 << 20))):
+                tmp.write(chunk)
+                left -= len(chunk)
+    except BaseException:
+        Path(tmp.name).unlink(missing_ok=True)
+        raise
+    return Path(tmp.name)
+
+
+def stage_import(
+    project: Project, user: AbstractBaseUser | None, name: str, path: Path, *,
+    filename: str = "", fmt: str = "auto", query_column: str | None = None,
+    answer_column: str | None = None, eval_percent: int = 10, seed: int = 0,
+    skip_bad: bool = False, use_chosen: bool = False, records_key: str | None = None,
+) -> DatasetVersion:
+    """A staging version (invisible) for the stored file at `path` (inside
+    the data dir, which the version then owns), in one short transaction;
+    `run_import` fills it. On a refused option the file is deleted."""
+    name = name.strip()
+    try:
+        check_import_options(name, fmt, eval_percent, seed, query_column)
         with transaction.atomic():
             dataset, _ = Dataset.objects.get_or_create(project=project, name=name, defaults={"created_by": user})
             dataset = Dataset.objects.select_for_update().get(pk=dataset.pk)
-            number = (dataset.versions.aggregate(n=Max("number"))["n"] or 0) + 1
-            version = DatasetVersion.objects.create(
+            number = (DatasetVersion.all_objects.filter(dataset=dataset).aggregate(n=Max("number"))["n"] or 0) + 1
+            options = {"format": fmt, "query_column": query_column, "answer_column": answer_column,
+                       "skip_bad": skip_bad, "use_chosen": use_chosen, "records_key": records_key}
+            return DatasetVersion.all_objects.create(
                 dataset=dataset, number=number, kind=DatasetVersion.UPLOAD, source_filename=filename[:255],
                 eval_percent=eval_percent, split_seed=seed, created_by=user, sha256="",
+                state=DatasetVersion.IMPORTING, file=str(path.relative_to(settings.MEDIA_ROOT)),
+                meta={"import": options},
             )
-            tee = _Tee(fileobj, tmp)
-            # fmt was checked above: any error the reader raises here is a bug, not the user's.
-            reader = formats.DatasetReader(
-                tee, fmt, limits=_limits(), query_column=query_column, answer_column=answer_column,
-                filename=filename, use_chosen=use_chosen,
-                keep_errors=MAX_SKIPPED_KEPT if skip_bad else formats.MAX_KEPT_ERRORS,
-            )
-            digest = _store_rows(version, ((r.line, r.messages, r.extra) for r in reader))
-            if reader.row_count == 0 or reader.stopped or (reader.error_count and not skip_bad):
-                errors = reader.errors[:formats.MAX_KEPT_ERRORS] or [formats.RowError(0, "the file has no rows")]
-                fatal = [e for e in reader.errors if e.fatal]
-                if fatal and fatal[0] not in errors:
-                    errors.append(fatal[0])
-                raise DatasetRejected(errors, reader.error_count or 1, reader.row_count, reader.format)
-            version.meta = _import_meta(reader, skip_bad, use_chosen)
-            tmp.close()
-            ext = {"csv": "csv", "lines": "txt"}.get(reader.format, "json" if tee.is_json_array() else "jsonl")
-            # A generated name: the user's filename is never a path.
-            final = datasets_dir() / f"{uuid.uuid4().hex}.{ext}"
-            os.replace(tmp.name, final)
-            version.format = reader.format
-            version.file = str(final.relative_to(settings.MEDIA_ROOT))
-            _finish_version(version, digest)
     except BaseException:
-        tmp.close()
-        Path(tmp.name).unlink(missing_ok=True)
-        if final is not None:
-            final.unlink(missing_ok=True)
+        path.unlink(missing_ok=True)
+        raise
+
+
+def queue_import(version: DatasetVersion, user: AbstractBaseUser | None) -> Any:
+    """Hand the staging version to whoever runs imports as jobs: returns the
+    job, or None when no receiver took it (then call run_import)."""
+    responses = import_requested.send(sender=DatasetVersion, version=version, user=user)
+    return next((job for _, job in responses if job is not None), None)
+
+
+def import_dataset(
+    project: Project, user: AbstractBaseUser | None, name: str, fileobj: BinaryIO, *,
+    filename: str = "", fmt: str = "auto", query_column: str | None = None,
+    answer_column: str | None = None, eval_percent: int = 10, seed: int = 0,
+    skip_bad: bool = False, use_chosen: bool = False, records_key: str | None = None,
+) -> DatasetVersion:
+    """Validate the upload as a stream and store it as a new dataset version,
+    in-process, or raise DatasetRejected/ActionError having stored nothing:
+    no row, no file.
+
+    With skip_bad, rows that are bad on their own are left out and listed in
+    the version's meta (the first MAX_SKIPPED_KEPT, and their count); a file
+    with no good row, or a problem that stops parsing, still stores nothing.
+    With use_chosen, DPO pairs load their chosen answers; with records_key,
+    the rows are the array under that key of a file that is one JSON object."""
+    check_import_options(name, fmt, eval_percent, seed, query_column)
+    version = stage_import(project, user, name, store_upload(fileobj), filename=filename, fmt=fmt,
+                           query_column=query_column, answer_column=answer_column, eval_percent=eval_percent,
+                           seed=seed, skip_bad=skip_bad, use_chosen=use_chosen, records_key=records_key)
+    return run_import(version)
+
+
+def run_import(version: DatasetVersion, progress: ProgressFn | None = None,
+               should_stop: StopFn | None = None) -> DatasetVersion:
+    """Parse the staging version's stored file and insert its rows in
+    batches, each its own short transaction (a long import never holds the
+    database's write lock for long: on SQLite that lock is the whole file),
+    then make the version visible in one short transaction. Any failure,
+    refusal or stop deletes the staging rows, the version and the file."""
+    try:
+        return _run_import(version, progress, should_stop)
+    except BaseException:
+        discard_staging(version.pk)
+        raise
+
+
+def _run_import(version: DatasetVersion, progress: ProgressFn | None, should_stop: StopFn | None) -> DatasetVersion:
+    opts = version.meta.get("import", {})
+    skip_bad, use_chosen = bool(opts.get("skip_bad")), bool(opts.get("use_chosen"))
+    path = Path(settings.MEDIA_ROOT) / version.file
+    _delete_rows(version.pk)  # a retried job starts again from the first row
+    started, total = time.monotonic(), path.stat().st_size
+    with path.open("rb") as f:
+        src = _Counting(f)
+        # The options were checked when staged: an error the reader raises here is a bug, not the user's.
+        reader = formats.DatasetReader(
+            src, opts.get("format", "auto"), limits=_limits(), query_column=opts.get("query_column"),
+            answer_column=opts.get("answer_column"), filename=version.source_filename, use_chosen=use_chosen,
+            keep_errors=MAX_SKIPPED_KEPT if skip_bad else formats.MAX_KEPT_ERRORS,
+            records_key=opts.get("records_key"),
+        )
+
+        def batch_stored(rows: int) -> None:
+            if should_stop is not None and should_stop():
+                raise ImportCancelled(f"stopped after {rows:,} rows; nothing was stored")
+            if progress is not None:
+                progress(Progress.since(started, src.bytes_read, total, "bytes", metrics={"rows": rows}))
+
+        digest = _store_rows(version, ((r.line, r.messages, r.extra) for r in reader), batch_stored)
+        f.seek(0)
+        head = f.read(4096)
+    if reader.row_count == 0 or reader.stopped or (reader.error_count and not skip_bad):
+        errors = reader.errors[:formats.MAX_KEPT_ERRORS] or [formats.RowError(0, "the file has no rows")]
+        fatal = [e for e in reader.errors if e.fatal]
+        if fatal and fatal[0] not in errors:
+            errors.append(fatal[0])
+        raise DatasetRejected(errors, reader.error_count or 1, reader.row_count, reader.format)
+    meta = _import_meta(reader, skip_bad, use_chosen)
+    if opts.get("records_key"):
+        meta["records_key"] = opts["records_key"]
+    is_array = head.removeprefix(b"\xef\xbb\xbf").lstrip().startswith(b"[")
+    ext = {"csv": "csv", "lines": "txt"}.get(reader.format, "json" if is_array else "jsonl")
+    final = datasets_dir() / f"{uuid.uuid4().hex}.{ext}"
+    version.meta, version.format = meta, reader.format
+    version.file = str(final.relative_to(settings.MEDIA_ROOT))
+    os.replace(path, final)
+    try:
+        _finish_version(version, digest)
+    except BaseException:
+        os.replace(final, path)  # discard_staging deletes the file the row names
         raise
     return version
+
+
+def discard_staging(version_id: int) -> None:
+    """Delete a staging version's rows (in short batches), its stored file,
+    the version, and its dataset if that has no version left. A version
+    that became visible is left alone."""
+    version = DatasetVersion.all_objects.filter(pk=version_id, state=DatasetVersion.IMPORTING).first()
+    if version is None:
+        return
+    _delete_rows(version_id)
+    if version.file:
+        (Path(settings.MEDIA_ROOT) / version.file).unlink(missing_ok=True)
+    with transaction.atomic():
+        DatasetVersion.all_objects.filter(pk=version_id, state=DatasetVersion.IMPORTING).delete()
+        if not DatasetVersion.all_objects.filter(dataset_id=version.dataset_id).exists():
+            Dataset.objects.filter(pk=version.dataset_id).delete()
+
+
+def _delete_rows(version_id: int) -> None:
+    while True:
+        ids = list(DatasetRow.objects.filter(version_id=version_id).values_list("pk", flat=True)[:ROW_BATCH])
+        if not ids:
+            return
+        DatasetRow.objects.filter(pk__in=ids).delete()
 
 
 def _import_meta(reader: formats.DatasetReader, skip_bad: bool, use_chosen: bool) -> dict[str, Any]:
@@ -163,12 +281,26 @@ def _import_meta(reader: formats.DatasetReader, skip_bad: bool, use_chosen: bool
 ROW_FIELDS = ("flags", "failing", "curation")  # what a derived row may set besides its messages
 
 
-def _store_rows(version: DatasetVersion, rows: Iterable[tuple[Any, ...]]) -> Any:
-    """Insert rows in batches (memory stays flat); returns the content hash.
+def _store_rows(version: DatasetVersion, rows: Iterable[tuple[Any, ...]],
+                on_batch: Callable[[int], None] | None = None) -> Any:
+    """Insert rows in batches (memory stays flat), each batch in its own
+    transaction unless the caller holds one; returns the content hash.
     A row is (line, messages), (line, messages, extra fields kept) or
-    (line, messages, extra, {flags, failing, curation})."""
+    (line, messages, extra, {flags, failing, curation}). `on_batch` gets
+    the count stored so far (it may raise to stop)."""
     digest = hashlib.sha256()
     batch: list[DatasetRow] = []
+    stored = 0
+
+    def flush() -> None:
+        nonlocal batch, stored
+        with transaction.atomic():
+            DatasetRow.objects.bulk_create(batch)
+        stored += len(batch)
+        batch = []
+        if on_batch is not None:
+            on_batch(stored)
+
     for index, (line, messages, *rest) in enumerate(rows):
         row = formats.Row(line, messages)
         digest.update(row.to_json().encode("utf-8") + b"\n")
@@ -177,21 +309,28 @@ def _store_rows(version: DatasetVersion, rows: Iterable[tuple[Any, ...]]) -> Any
                                 extra=rest[0] if rest and rest[0] else {},
                                 **{k: more[k] for k in ROW_FIELDS if k in more}))
         if len(batch) >= ROW_BATCH:
-            DatasetRow.objects.bulk_create(batch)
-            batch = []
+            flush()
     if batch:
-        DatasetRow.objects.bulk_create(batch)
+        flush()
     return digest
 
 
 def _finish_version(version: DatasetVersion, digest: Any) -> None:
+    """Count, split (short updates), then make the version visible in one
+    short transaction, unless it was discarded meanwhile."""
     rows = version.rows
     version.row_count = rows.count()
     distinct = rows.values("sha256").annotate(n=Count("id")).count()
     version.duplicate_count = version.row_count - distinct
     version.sha256 = digest.hexdigest()
     apply_split(version)
-    version.save()
+    with transaction.atomic():
+        fields = ["row_count", "duplicate_count", "sha256", "meta", "format", "file"]
+        flipped = DatasetVersion.all_objects.filter(pk=version.pk, state=DatasetVersion.IMPORTING).update(
+            state=DatasetVersion.READY, **{f: getattr(version, f) for f in fields})
+        if not flipped:
+            raise ImportCancelled(f"{version} was discarded while it was imported")
+    version.state = DatasetVersion.READY
 
 
 def apply_split(version: DatasetVersion) -> None:
@@ -207,7 +346,8 @@ def apply_split(version: DatasetVersion) -> None:
         k = max(1, min(k, n - 1))
     else:
         k = 0
-    version.rows.update(split=DatasetRow.TRAIN)
+    # Only rows already marked eval are reset: a fresh import has none, so no long update.
+    version.rows.filter(split=DatasetRow.EVAL).update(split=DatasetRow.TRAIN)
     chosen = sorted(random.Random(version.split_seed).sample(range(n), k))
     for i in range(0, len(chosen), 500):
         version.rows.filter(index__in=chosen[i:i + 500]).update(split=DatasetRow.EVAL)
@@ -224,7 +364,7 @@ def derive_version(
     the extra fields of the parent row it came from and, with keep_split,
     its split."""
     dataset = Dataset.objects.select_for_update().get(pk=parent.dataset_id)
-    number = (dataset.versions.aggregate(n=Max("number"))["n"] or 0) + 1
+    number = (DatasetVersion.all_objects.filter(dataset=dataset).aggregate(n=Max("number"))["n"] or 0) + 1
     version = DatasetVersion.objects.create(
         dataset=dataset, number=number, kind=kind, parent=parent, format=parent.format,
         eval_percent=parent.eval_percent, split_seed=parent.split_seed, created_by=user,

@@ -33,7 +33,7 @@ def decode_prompt_file(data: bytes, filename: str = "") -> str:
 
 def prompt_max_bytes() -> int:
     """The most bytes a prompt file may have: a UTF-8 character is at most 4 bytes, a BOM 3."""
-    return int(getattr(settings, "PROMPT_MAX_BYTES", 4 * settings.PROMPT_MAX_CHARS + 3))
+    return int(settings.PROMPT_MAX_BYTES)
 
 
 def read_prompt_file(stream: IO[bytes], filename: str = "") -> str:
@@ -48,7 +48,7 @@ def read_prompt_file(stream: IO[bytes], filename: str = "") -> str:
 
 
 def rules_json_max_chars() -> int:
-    return int(getattr(settings, "PROMPT_RULES_MAX_CHARS", 2_000_000))
+    return int(settings.PROMPT_RULES_MAX_CHARS)
 
 
 def parse_rules_json(raw: str | bytes, source: str = "Rules") -> Any:

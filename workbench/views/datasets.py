@@ -1,31 +1,41 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
+from pathlib import Path
 
 from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
+from django.core.files.uploadedfile import UploadedFile
 from django.core.paginator import Page, Paginator
-from django.db.models import Case, IntegerField, QuerySet, Value, When
+from django.db import connection
+from django.db.models import BooleanField, Case, Exists, IntegerField, OuterRef, QuerySet, Value, When
+from django.db.models.expressions import RawSQL
 from django.http import Http404, HttpRequest, HttpResponse, StreamingHttpResponse
 from django.shortcuts import redirect, render
 from django.template.defaultfilters import pluralize
 from django.urls import reverse
+from django.utils.http import urlencode
 from django.views.decorators.http import require_POST
 
 from workbench import data_quality
 from workbench.actions import ActionError
 from workbench.actions.datasets import (
     DatasetRejected,
-    import_dataset,
+    queue_import,
     queue_token_stats,
     review_bulk,
     review_version,
+    run_import,
+    stage_import,
+    store_upload,
 )
 from workbench.forms import DatasetUploadForm, TokenStatsForm
 from workbench.models import BaseModel, Dataset, DatasetRow, DatasetVersion, Project
 from workbench.shortcuts import HtmxHttpRequest, get_for_project, get_project
+from workbench.uploads import DataDirFile, limit_upload
 
 
 def _get_dataset(request: HttpRequest, slug: str, dataset_id: int) -> Dataset:
@@ -38,10 +48,15 @@ def _get_version(request: HttpRequest, slug: str, dataset_id: int, number: int) 
 
 
 def _list_page(request: HttpRequest, project: Project, form: DatasetUploadForm, status: int = 200,
-               rejected: DatasetRejected | None = None) -> HttpResponse:
-    ctx = {"project": project, "datasets": project.datasets.prefetch_related("versions"), "form": form,
-           "max_bytes": settings.UPLOAD_MAX_BYTES, "rejected": rejected,
-           "filename": form.cleaned_data["file"].name if rejected else ""}
+               rejected: DatasetRejected | None = None, upload_error: str = "") -> HttpResponse:
+    visible = Exists(DatasetVersion.objects.filter(dataset=OuterRef("pk")))
+    importing = DatasetVersion.all_objects.filter(dataset__project=project, state=DatasetVersion.IMPORTING)
+    ctx = {"project": project, "datasets": project.datasets.filter(visible).prefetch_related("versions"),
+           "importing": importing.select_related("dataset").prefetch_related("produced_by"),
+           "form": form, "max_bytes": settings.UPLOAD_MAX_BYTES, "rejected": rejected,
+           "upload_error": upload_error, "filename": form.cleaned_data["file"].name if rejected else "",
+           "needs_records_key": bool(rejected and rejected.file_problem
+                                     and "JSON object" in str(rejected.file_problem))}
     return render(request, "workbench/dataset_list.html", ctx, status=status)
 
 
@@ -50,24 +65,48 @@ def dataset_list(request: HttpRequest, slug: str) -> HttpResponse:
     return _list_page(request, get_project(request, slug), DatasetUploadForm())
 
 
+def _upload_refused(request: HttpRequest, message: str, slug: str) -> HttpResponse:
+    return _list_page(request, get_project(request, slug), DatasetUploadForm(), status=413, upload_error=message)
+
+
+def _stored_path(upload: UploadedFile) -> Path:
+    """The upload as a file in the data dir, which the import then owns."""
+    if isinstance(upload, DataDirFile):
+        return upload.keep()
+    return store_upload(upload.file)
+
+
 @login_required
 @require_POST
+@limit_upload(_upload_refused)
 def dataset_upload(request: HttpRequest, slug: str) -> HttpResponse:
+    """Store the upload and stage a version; a small file is imported here and
+    then, a large one by a job (progress, cancel): the page answers at once.
+    Either way rows go in short batches into a version no one sees until done."""
     project = get_project(request, slug)
     form = DatasetUploadForm(request.POST, request.FILES)
     if not form.is_valid():
         return _list_page(request, project, form, status=400)
     data = form.cleaned_data
+    upload = data["file"]
     try:
-        version = import_dataset(
-            project, request.user, data["name"], data["file"].file, filename=data["file"].name,
+        version = stage_import(
+            project, request.user, data["name"], _stored_path(upload), filename=upload.name,
             fmt=data["format"], query_column=data["query_column"], answer_column=data["answer_column"],
-            eval_percent=data["eval_percent"], seed=data["seed"],
-            skip_bad=data["skip_bad"], use_chosen=data["use_chosen"],
+            eval_percent=data["eval_percent"], seed=data["seed"], skip_bad=data["skip_bad"],
+            use_chosen=data["use_chosen"], records_key=data["records_key"],
         )
     except ActionError as exc:
         form.add_error(None, str(exc))
         return _list_page(request, project, form, status=400)
+    if upload.size > settings.DATASET_SYNC_IMPORT_BYTES:
+        job = queue_import(version, request.user)
+        if job is not None:
+            messages.info(request, f"Importing {upload.name} as {version.dataset.name}@{version.number}: the "
+                                   "version appears when every row is stored.")
+            return redirect(job)
+    try:
+        version = run_import(version)
     except DatasetRejected as rejected:
         return _list_page(request, project, form, status=400, rejected=rejected)
     messages.success(request, f"Stored {version}: {version.row_count:,} row{pluralize(version.row_count)} "
@@ -157,16 +196,26 @@ def _review_page(request: HttpRequest, version: DatasetVersion, page: Page, flag
     for row in rows:
         row.typed_answer = (typed or {}).get(row.index)
         row.dropped = row.index in (dropped or ())
-    rules = data_quality.rules_of(version)
-    failing_counts = {r.name: 0 for r in rules}
-    for row_failing in version.rows.exclude(failing=[]).values_list("failing", flat=True):
-        for name in row_failing:
-            failing_counts[name] = failing_counts.get(name, 0) + 1
+    # Counted in SQL, one query per rule: a version may have hundreds of thousands of failing rows.
+    failing_counts = {r.name: _failing(version.rows.all(), r.name).count() for r in data_quality.rules_of(version)}
     ctx = {"project": version.dataset.project, "dataset": version.dataset, "version": version, "page": page,
            "rows": rows, "flagged_count": version.rows.exclude(flags=[]).count(), "flagged": flagged,
            "failing_count": version.rows.exclude(failing=[]).count(), "failing_counts": failing_counts,
            "rule": request.GET.get("rule", ""), "error": error}
     return render(request, "workbench/dataset_review.html", ctx, status=status)
+
+
+def _failing(rows: QuerySet[DatasetRow], rule: str) -> QuerySet[DatasetRow]:
+    """The rows whose `failing` list holds `rule`, filtered in SQL (never a
+    list of ids: 250k of them pass SQLite's limit on query variables)."""
+    if connection.features.supports_json_field_contains:
+        return rows.filter(failing__contains=[rule])
+    # SQLite has no JSON containment: look inside the array with json_each.
+    table = connection.ops.quote_name(DatasetRow._meta.db_table)
+    column = connection.ops.quote_name(DatasetRow._meta.get_field("failing").column)
+    fails = RawSQL(f"EXISTS (SELECT 1 FROM json_each({table}.{column}) WHERE json_each.value = %s)", (rule,),
+                   output_field=BooleanField())
+    return rows.alias(_fails_rule=fails).filter(_fails_rule=True)
 
 
 def _review_rows(version: DatasetVersion, flagged: bool, rule: str) -> QuerySet[DatasetRow]:
@@ -176,21 +225,45 @@ def _review_rows(version: DatasetVersion, flagged: bool, rule: str) -> QuerySet[
     if flagged:
         rows = rows.exclude(flags=[])
     if rule:
-        # JSON containment is not portable (SQLite): pick the rows in Python.
-        ids = [pk for pk, f in version.rows.exclude(failing=[]).values_list("pk", "failing") if rule in f]
-        rows = rows.filter(pk__in=ids)
+        rows = _failing(rows, rule)
     first = Case(When(failing=[], then=Value(1)), default=Value(0), output_field=IntegerField())
     then = Case(When(flags=[], then=Value(1)), default=Value(0), output_field=IntegerField())
     return rows.annotate(_fails=first, _flagged=then).order_by("_fails", "_flagged", "index")
 
 
+ROW_INDEX = re.compile(r"[0-9]{1,10}")
+
+
+def _row_index(raw: str) -> int:
+    """A row index as the review form posts it; anything else is refused
+    (not a 500 on a huge number, nor silently dropped)."""
+    if not ROW_INDEX.fullmatch(raw) or int(raw) >= 2**31:
+        raise ValueError(f"'{raw[:40]}' is not a row of this version")
+    return int(raw)
+
+
+def _review_edits(request: HttpRequest) -> tuple[dict[int, str], set[int]]:
+    """Fields are named by row index: answer_<index> (edited text) and drop=<index>."""
+    drop = {_row_index(i) for i in request.POST.getlist("drop")}
+    edits = {_row_index(k[7:]): v for k, v in request.POST.items() if k.startswith("answer_")}
+    return edits, drop
+
+
+def _review_url(version: DatasetVersion, page: int, flagged: bool, rule: str) -> str:
+    query = {"page": page, **({"flagged": 1} if flagged else {}), **({"rule": rule} if rule else {})}
+    return reverse("dataset_review", args=[version.dataset.project.slug, version.dataset_id, version.number]) + \
+        "?" + urlencode(query)
+
+
 @login_required
 def dataset_review(request: HttpRequest, slug: str, dataset_id: int, number: int) -> HttpResponse:
     """Review answers (teacher output): edit answers, drop rows; saving makes
-    a new version, the reviewed one stays as it was."""
+    a new version, the reviewed one stays as it was. Moving to another page
+    submits the form: the page's edits are saved first (`goto`), never lost."""
     version = _get_version(request, slug, dataset_id, number)
     flagged = bool(request.GET.get("flagged"))
-    rows = _review_rows(version, flagged, request.GET.get("rule", ""))
+    rule = request.GET.get("rule", "")
+    rows = _review_rows(version, flagged, rule)
     page = Paginator(rows, 10).get_page(request.GET.get("page"))
     if request.method == "POST" and request.POST.get("bulk"):
         try:
@@ -200,21 +273,24 @@ def dataset_review(request: HttpRequest, slug: str, dataset_id: int, number: int
         messages.success(request, f"Saved {new}: {new.meta['bulk']}; {new.row_count:,} row{pluralize(new.row_count)}.")
         return redirect(reverse("dataset_review", args=[slug, dataset_id, new.number]))
     if request.method == "POST":
-        # Fields are named by row index: answer_<index> (edited text) and drop=<index>.
-        drop = {int(i) for i in request.POST.getlist("drop") if i.isdigit()}
-        edits = {int(k[7:]): v for k, v in request.POST.items() if k.startswith("answer_") and k[7:].isdigit()}
+        goto = request.POST.get("goto", "")
+        target = int(goto) if goto.isascii() and goto.isdigit() and len(goto) < 10 else page.number
+        try:
+            edits, drop = _review_edits(request)
+        except ValueError as exc:
+            return _review_page(request, version, page, flagged, error=f"{str(exc).capitalize()}.", status=400)
         try:
             new = review_version(version, request.user, edits, drop)
         except ActionError as exc:
             return _review_page(request, version, page, flagged, typed=edits, dropped=drop, error=str(exc),
                                 status=400)
         if new is None:
-            messages.info(request, "No changes.")
-            return redirect(request.get_full_path())
+            if target == page.number:
+                messages.info(request, "No changes.")
+            return redirect(_review_url(version, target, flagged, rule))
         edited, dropped = len(new.meta["edited"]), len(new.meta["dropped"])
         messages.success(request, f"Saved {new}: {edited} answer{pluralize(edited)} edited, "
                                   f"{dropped} row{pluralize(dropped)} dropped, "
                                   f"{new.row_count:,} row{pluralize(new.row_count)}.")
-        return redirect(reverse("dataset_review", args=[slug, dataset_id, new.number]) +
-                        f"?page={page.number}" + ("&flagged=1" if flagged else ""))
+        return redirect(_review_url(new, target, flagged, rule))
     return _review_page(request, version, page, flagged)

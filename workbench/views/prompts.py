@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.paginator import Paginator
@@ -25,6 +26,7 @@ from workbench.actions.prompts import (
 from workbench.forms import DiffForm, PromptForm, PromptTextForm, RuleForm
 from workbench.models import Project, Prompt, PromptVersion
 from workbench.shortcuts import get_for_project, get_project
+from workbench.uploads import limit_upload
 
 
 def _get_prompt(request: HttpRequest, slug: str, prompt_id: int) -> Prompt:
@@ -60,8 +62,24 @@ def prompt_list(request: HttpRequest, slug: str) -> HttpResponse:
     return _list_page(request, get_project(request, slug), PromptForm())
 
 
+def _prompt_bytes() -> int:
+    return settings.PROMPT_MAX_BYTES
+
+
+def _create_refused(request: HttpRequest, message: str, slug: str) -> HttpResponse:
+    messages.error(request, message)
+    return _list_page(request, get_project(request, slug), PromptForm(), status=413)
+
+
+def _save_refused(request: HttpRequest, message: str, slug: str, prompt_id: int) -> HttpResponse:
+    prompt = _get_prompt(request, slug, prompt_id)
+    messages.error(request, message)
+    return _version_page(request, prompt, prompt.latest, status=413)
+
+
 @login_required
 @require_POST
+@limit_upload(_create_refused, max_bytes=_prompt_bytes)
 def prompt_create(request: HttpRequest, slug: str) -> HttpResponse:
     """A new prompt; with `version_of` (the explicit offer made when the name
     is taken), a new version of that prompt, keeping its rules unless rules
@@ -129,6 +147,7 @@ def prompt_version(request: HttpRequest, slug: str, prompt_id: int, number: int)
 
 @login_required
 @require_POST
+@limit_upload(_save_refused, max_bytes=_prompt_bytes)
 def prompt_save(request: HttpRequest, slug: str, prompt_id: int) -> HttpResponse:
     """A new version with edited text (rules carried over)."""
     prompt = _get_prompt(request, slug, prompt_id)
