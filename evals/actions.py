@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -13,7 +14,7 @@ from django.db import transaction
 from engines.inference import GenerationSettings
 from engines.rules import RulesError, rules_to_json, validate_rules
 from evals.models import ArmComparison, EvalExample, EvalRun, EvalSuite, Rating
-from jobs.actions import check_prompt_fits
+from jobs.actions import check_form_token, check_prompt_fits, create_job
 from jobs.models import Job
 from jobs.tasks import enqueue
 from workbench.actions import ActionError
@@ -108,9 +109,12 @@ def _generation(value: GenerationSettings | Mapping[str, Any] | None) -> Generat
 def start_runs(
     project: Project, user: AbstractBaseUser | None, suite: EvalSuite, specs: Sequence[RunSpec],
     generation: GenerationSettings | Mapping[str, Any] | None = None, comparison: ArmComparison | None = None,
+    form_token: uuid.UUID | None = None,
 ) -> list[EvalRun]:
     """Queue eval runs; runs that share a base model and adapter share one
-    job (one model load)."""
+    job (one model load). The first job keeps `form_token`: a form posted
+    again with it raises jobs.actions.AlreadyStarted."""
+    check_form_token(project, form_token)
     if suite.project_id != project.pk:
         raise ActionError("The suite belongs to another project.")
     if not specs:
@@ -130,9 +134,9 @@ def start_runs(
             key = next((k for k in groups if k[0] == spec.base_model.pk), (spec.base_model.pk, ""))
             groups.setdefault(key, []).append(spec)
     runs: list[EvalRun] = []
-    for group in groups.values():
-        job = Job.objects.create(project=project, kind="eval", base_model=group[0].base_model,
-                                 params={"generation": gen.to_dict(), "suite": suite.pk}, created_by=user)
+    for n, group in enumerate(groups.values()):
+        job = create_job(project, form_token if n == 0 else None, kind="eval", base_model=group[0].base_model,
+                         params={"generation": gen.to_dict(), "suite": suite.pk}, created_by=user)
         for spec in group:
             runs.append(EvalRun.objects.create(
                 project=project, suite=suite, job=job, comparison=comparison, base_model=spec.base_model,
@@ -146,10 +150,12 @@ def start_runs(
 def start_comparison(
     project: Project, user: AbstractBaseUser | None, suite: EvalSuite, variant: Variant, *,
     absorb_job: Job | None = None, generation: GenerationSettings | Mapping[str, Any] | None = None,
+    form_token: uuid.UUID | None = None,
 ) -> ArmComparison:
     """The four arms of an absorbed variant on one suite, in one job. All
     four answer with the variant's guard rails (its teacher's), so the
     student is measured as it is served and the arms stay comparable."""
+    check_form_token(project, form_token)
     if variant.project_id != project.pk:
         raise ActionError("The variant belongs to another project.")
     prompt = suite.prompt_version or variant.prompt_version
@@ -163,7 +169,7 @@ def start_comparison(
              RunSpec(base, variant, None, "student"), RunSpec(base, variant, prompt, "student+prompt")]
     if not isinstance(generation, GenerationSettings):
         generation = {**variant.generation, **(generation or {})}
-    runs = start_runs(project, user, suite, specs, generation, comparison=comparison)
+    runs = start_runs(project, user, suite, specs, generation, comparison=comparison, form_token=form_token)
     comparison.job = runs[0].job
     comparison.save(update_fields=["job"])
     return comparison

@@ -5,7 +5,15 @@ from typing import Any
 from django import forms
 
 from evals.models import METRICS, EvalSuite
+from jobs.forms import form_token_field
 from workbench.models import BaseModel, DatasetVersion, Project, PromptVersion, Variant
+
+# Ids are BigAutoField: anything outside 1..2**63-1 is a form error, not an overflow in the database.
+MAX_ID = 2**63 - 1
+
+
+def id_field(**kwargs: Any) -> forms.IntegerField:
+    return forms.IntegerField(min_value=1, max_value=MAX_ID, **kwargs)
 
 
 class SuiteForm(forms.Form):
@@ -48,6 +56,7 @@ class RunForm(forms.Form):
     with_prompt = forms.BooleanField(required=False, label="send the suite's prompt",
                                      help_text="Off: each answers without a system prompt (how an absorbed "
                                                "adapter is served).")
+    form_token = form_token_field()
 
     def __init__(self, project: Project, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -64,4 +73,32 @@ class RunForm(forms.Form):
 
 class RatingForm(forms.Form):
     choice = forms.ChoiceField(choices=[("a", "A better"), ("b", "B better"), ("tie", "Tie")])
-    example = forms.IntegerField()
+    example = id_field()
+
+
+class RunPairForm(forms.Form):
+    """The two runs of a rating, from the query string (?a=&b=)."""
+
+    a = id_field(label="run a")
+    b = id_field(label="run b")
+
+
+class ComparisonForm(forms.Form):
+    """Start the four arms of one of the project's variants."""
+
+    variant = forms.ModelChoiceField(queryset=Variant.objects.none(), empty_label=None,
+                                     error_messages={"invalid_choice": "No such variant in this project."})
+    form_token = form_token_field()
+
+    def __init__(self, project: Project, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.fields["variant"].queryset = Variant.objects.filter(project=project)  # type: ignore[attr-defined]
+
+
+def error_text(form: forms.Form) -> str:
+    """A form's errors in one line, each with the field it is about."""
+    parts = []
+    for name, errors in form.errors.items():
+        label = form.fields[name].label or name if name in form.fields else ""
+        parts.append(f"{label}: {' '.join(errors)}" if label else " ".join(errors))
+    return "; ".join(parts)

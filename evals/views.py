@@ -6,7 +6,9 @@ from typing import Any
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.paginator import Paginator
-from django.db.models import Count
+from django.db.models import Count, F, FilteredRelation, Q, TextField, Value
+from django.db.models.fields.json import KeyTextTransform, KeyTransform
+from django.db.models.functions import Coalesce
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
@@ -14,8 +16,10 @@ from django.views.decorators.http import require_POST
 
 from engines.evaluation import ARMS, judge_human_agreement
 from evals import actions
-from evals.forms import RatingForm, RunForm, SuiteForm
-from evals.models import ArmComparison, EvalRun, EvalSuite, Rating, metric_label
+from evals.forms import ComparisonForm, RatingForm, RunForm, RunPairForm, SuiteForm, error_text
+from evals.models import ArmComparison, EvalResult, EvalRun, EvalSuite, Rating, metric_label
+from jobs.actions import AlreadyStarted
+from jobs.forms import with_form_token
 from jobs.models import Job
 from workbench.actions import ActionError
 from workbench.models import Project
@@ -39,7 +43,8 @@ def _home_context(project: Project, suite_form: SuiteForm, run_form: RunForm) ->
 @login_required
 def evals_home(request: HttpRequest, slug: str) -> HttpResponse:
     project = get_project(request, slug)
-    return render(request, "evals/home.html", _home_context(project, SuiteForm(project), RunForm(project)))
+    return render(request, "evals/home.html", _home_context(project, SuiteForm(project),
+                                                            RunForm(project, initial=with_form_token())))
 
 
 @login_required
@@ -59,7 +64,8 @@ def suite_create(request: HttpRequest, slug: str) -> HttpResponse:
         else:
             messages.success(request, f"Suite “{suite.name}” created with {suite.examples.count()} queries.")
             return redirect(suite)
-    return render(request, "evals/home.html", _home_context(project, form, RunForm(project)), status=400)
+    return render(request, "evals/home.html", _home_context(project, form, RunForm(project, initial=with_form_token())),
+                  status=400)
 
 
 @login_required
@@ -74,7 +80,10 @@ def runs_start(request: HttpRequest, slug: str) -> HttpResponse:
         specs = [actions.RunSpec(v.base_model, v, prompt) for v in d["variants"]]
         specs += [actions.RunSpec(m, None, prompt) for m in d["base_models"]]
         try:
-            runs = actions.start_runs(project, request.user, suite, specs)
+            runs = actions.start_runs(project, request.user, suite, specs, form_token=d.get("form_token"))
+        except AlreadyStarted as exc:
+            messages.info(request, f"{exc} Nothing new was queued.")
+            return redirect(suite)
         except ActionError as exc:
             form.add_error(None, str(exc))
         else:
@@ -145,17 +154,51 @@ def run_detail(request: HttpRequest, slug: str, run_id: int) -> HttpResponse:
     return render(request, "evals/run_detail.html", ctx)
 
 
-def _differs(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool:
-    if a is None or b is None:
-        return (a is None) != (b is None)
-    keys = [k for k in {*a["checks"], *b["checks"]} if k.startswith("rule:") or k in ("all_rules", "exact_match")]
-    return any(a["checks"].get(k) != b["checks"].get(k) for k in keys) or (
-        a["judge_score"] is not None and b["judge_score"] is not None and a["judge_score"] != b["judge_score"])
+SIDE_BY_SIDE_PAGE = 20
+RESULT_FIELDS = ("example_id", "output", "checks", "judge_score", "judge_reasoning", "finish_reason")
+
+
+def _check_names(suite: EvalSuite, *runs: EvalRun) -> list[str]:
+    """Rule metrics of the runs (from their summaries and the suite's rules),
+    without reading a single result."""
+    names = {k for r in runs for k in (r.summary.get("metrics") or {}) if k.startswith("rule:") or k == "all_rules"}
+    names |= {f"rule:{r['name']}" for r in suite.rules if isinstance(r, dict) and r.get("name")}
+    if suite.rules:
+        names.add("all_rules")
+    return sorted(names)
+
+
+def _side_by_side_examples(suite: EvalSuite, a: EvalRun, b: EvalRun, only: str, rule_names: list[str]) -> Any:
+    """The suite's examples with the filter applied in SQL: each joined to
+    its result in run A and in run B."""
+    examples = suite.examples.order_by("index")
+    if only.startswith("fail:") and only[5:] in rule_names:
+        failing = Q()
+        for run in (a, b):
+            failing |= Q(pk__in=EvalResult.objects.filter(run=run).alias(
+                v=KeyTransform(only[5:], "checks")).filter(v=0.0).values("example_id"))
+        return examples.filter(failing)
+    if only != "disagree":
+        return examples
+    examples = examples.alias(ra=FilteredRelation("results", condition=Q(results__run=a)),
+                              rb=FilteredRelation("results", condition=Q(results__run=b)))
+    # One answer missing, a rule (or exact match) scored differently, or two judge scores that differ.
+    differs = Q(ra__id__isnull=True, rb__id__isnull=False) | Q(ra__id__isnull=False, rb__id__isnull=True)
+    differs |= Q(ra__judge_score__isnull=False, rb__judge_score__isnull=False) & ~Q(ra__judge_score=F(
+        "rb__judge_score"))
+    for n, key in enumerate([*rule_names, "exact_match"]):
+        examples = examples.alias(**{f"ka{n}": Coalesce(KeyTextTransform(key, "ra__checks"), Value("-"), output_field=TextField()),
+                                     f"kb{n}": Coalesce(KeyTextTransform(key, "rb__checks"), Value("-"),
+                                                         output_field=TextField())})
+        differs |= Q(ra__id__isnull=False, rb__id__isnull=False) & ~Q(**{f"ka{n}": F(f"kb{n}")})
+    return examples.filter(differs)
 
 
 @login_required
 def side_by_side(request: HttpRequest, slug: str, suite_id: int) -> HttpResponse:
-    """Two runs of one suite, example by example. Queries: constant."""
+    """Two runs of one suite, example by example: one page of examples and
+    their two results are read, the filter and the count run in SQL.
+    Queries: constant."""
     suite = get_for_project(request, slug, EvalSuite.objects.select_related("project"), pk=suite_id)
     runs = {r.pk: r for r in RUNS.filter(suite=suite)}
     choices = sorted(runs.values(), key=lambda r: -r.pk)
@@ -164,41 +207,42 @@ def side_by_side(request: HttpRequest, slug: str, suite_id: int) -> HttpResponse
     b = runs.get(int(ids[1])) if ids[1].isdigit() else (choices[0] if choices else None)
     if (ids[0] and a is None) or (ids[1] and b is None):
         raise Http404("No such run in this suite.")
-    rows: list[dict[str, Any]] = []
     only = request.GET.get("only", "")
     rule_names: list[str] = []
+    page = Paginator([], SIDE_BY_SIDE_PAGE).get_page(1)
     if a is not None and b is not None:
-        fields = ("example_id", "output", "checks", "judge_score", "judge_reasoning", "finish_reason")
-        res_a = {r["example_id"]: r for r in a.results.values(*fields)}
-        res_b = {r["example_id"]: r for r in b.results.values(*fields)}
-        ratings = dict(Rating.objects.filter(run_a=a, run_b=b, user=request.user).values_list("example_id", "choice"))
-        rule_names = sorted({k for r in [*res_a.values(), *res_b.values()] for k in r["checks"]
-                             if k.startswith("rule:") or k == "all_rules"})
-        for ex in suite.examples.order_by("index"):
-            ra, rb = res_a.get(ex.pk), res_b.get(ex.pk)
-            if only == "disagree" and not _differs(ra, rb):
-                continue
-            if only.startswith("fail:") and not any(r and r["checks"].get(only[5:]) == 0.0 for r in (ra, rb)):
-                continue
-            rows.append({"example": ex, "a": ra, "b": rb, "rating": ratings.get(ex.pk, "")})
-    page = Paginator(rows, 20).get_page(request.GET.get("page"))
+        rule_names = _check_names(suite, a, b)
+        page = Paginator(_side_by_side_examples(suite, a, b, only, rule_names), SIDE_BY_SIDE_PAGE).get_page(
+            request.GET.get("page"))
+        shown = [ex.pk for ex in page.object_list]
+        results = {(r["run_id"], r["example_id"]): r for r in EvalResult.objects.filter(
+            run__in=[a, b], example_id__in=shown).values("run_id", *RESULT_FIELDS)}
+        ratings = dict(Rating.objects.filter(run_a=a, run_b=b, user=request.user, example_id__in=shown)
+                       .values_list("example_id", "choice"))
+        page.object_list = [{"example": ex, "a": results.get((a.pk, ex.pk)), "b": results.get((b.pk, ex.pk)),
+                             "rating": ratings.get(ex.pk, "")} for ex in page.object_list]
     ctx = {"project": suite.project, "suite": suite, "a": a, "b": b, "choices": choices, "page": page,
            "only": only, "rule_names": [(n, metric_label(n)) for n in rule_names], "form": RatingForm(),
-           "agreement": _judge_agreement(a, b, res_a, res_b) if a is not None and b is not None else None}
+           "agreement": _judge_agreement(a, b) if a is not None and b is not None else None}
     return render(request, "evals/side_by_side.html", ctx)
 
 
-def _judge_agreement(a: EvalRun, b: EvalRun, res_a: dict[int, Any], res_b: dict[int, Any]) -> dict[str, Any] | None:
+def _judge_agreement(a: EvalRun, b: EvalRun) -> dict[str, Any] | None:
     """How often the judge prefers what people preferred, on the examples
-    both rated: preferences as +1 (A), 0 (tie), -1 (B)."""
+    both rated: preferences as +1 (A), 0 (tie), -1 (B). Reads the judge
+    scores of the rated examples only."""
     judge_prefs: list[float] = []
     human_prefs: list[float] = []
     value = {Rating.A: 1.0, Rating.TIE: 0.0, Rating.B: -1.0}
-    for example_id, choice in Rating.objects.filter(run_a=a, run_b=b).values_list("example_id", "choice"):
-        ra, rb = res_a.get(example_id), res_b.get(example_id)
-        if ra is None or rb is None or ra["judge_score"] is None or rb["judge_score"] is None:
+    rated = Rating.objects.filter(run_a=a, run_b=b)
+    scores = dict(((r, e), s) for r, e, s in EvalResult.objects.filter(
+        run__in=[a, b], example_id__in=rated.values("example_id"), judge_score__isnull=False)
+        .values_list("run_id", "example_id", "judge_score"))
+    for example_id, choice in rated.values_list("example_id", "choice"):
+        sa, sb = scores.get((a.pk, example_id)), scores.get((b.pk, example_id))
+        if sa is None or sb is None:
             continue
-        diff = ra["judge_score"] - rb["judge_score"]
+        diff = sa - sb
         judge_prefs.append(1.0 if diff > 0 else -1.0 if diff < 0 else 0.0)
         human_prefs.append(value[choice])
     if not judge_prefs:
@@ -206,15 +250,24 @@ def _judge_agreement(a: EvalRun, b: EvalRun, res_a: dict[int, Any], res_b: dict[
     return judge_human_agreement(judge_prefs, human_prefs)
 
 
+def _bad_request(message: str) -> HttpResponse:
+    return HttpResponse(message, status=400, content_type="text/plain; charset=utf-8")
+
+
 @login_required
 @require_POST
 def rate(request: HttpRequest, slug: str, suite_id: int) -> HttpResponse:
     suite = get_for_project(request, slug, EvalSuite.objects.all(), pk=suite_id)
-    run_a = get_object_or_404(EvalRun, pk=request.GET.get("a", "0"), suite=suite)
-    run_b = get_object_or_404(EvalRun, pk=request.GET.get("b", "0"), suite=suite)
+    pair = RunPairForm(request.GET)
+    if not pair.is_valid():
+        return _bad_request(f"The runs to rate (?a=&b= in the address): {error_text(pair)}")
+    run_a = get_object_or_404(EvalRun, pk=pair.cleaned_data["a"], suite=suite)
+    run_b = get_object_or_404(EvalRun, pk=pair.cleaned_data["b"], suite=suite)
     form = RatingForm(request.POST)
     if not form.is_valid():
-        return HttpResponse("Choose A better, B better or tie.", status=400)
+        if "choice" in form.errors:
+            return _bad_request("Choose A better, B better or tie.")
+        return _bad_request(f"The rating: {error_text(form)}")
     example = get_object_or_404(suite.examples, pk=form.cleaned_data["example"])
     rating = actions.rate(request.user, run_a, run_b, example, form.cleaned_data["choice"])
     if request.htmx:
@@ -249,12 +302,20 @@ def comparison_detail(request: HttpRequest, slug: str, comparison_id: int) -> Ht
 def comparison_start(request: HttpRequest, slug: str) -> HttpResponse:
     """On demand: the four arms of a variant on its held-out queries."""
     project = get_project(request, slug)
-    variant = get_object_or_404(project.variants, pk=request.POST.get("variant", "0"))
+    form = ComparisonForm(project, request.POST)
+    if not form.is_valid():
+        return _bad_request(f"The comparison to start: {error_text(form)}")
+    variant = form.cleaned_data["variant"]
     try:
         suite = actions.suite_for_variant(variant, request.user)
         if suite is None:
             raise ActionError(f"{variant} learned from data without an eval split: create a suite first.")
-        comparison = actions.start_comparison(project, request.user, suite, variant)
+        comparison = actions.start_comparison(project, request.user, suite, variant,
+                                              form_token=form.cleaned_data.get("form_token"))
+    except AlreadyStarted as exc:
+        messages.info(request, f"{exc} Nothing new was queued.")
+        done = exc.job.comparisons.first()
+        return redirect(done if done is not None else exc.job)
     except ActionError as exc:
         messages.error(request, str(exc))
         return redirect("evals_home", slug)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Mapping
 from typing import Any
 
 from django.contrib.auth.models import AbstractBaseUser
-from django.db import transaction
+from django.db import IntegrityError, transaction
 
 from engines.curation import CurationSettings
 from engines.inference import GenerationSettings
@@ -15,6 +16,37 @@ from jobs.models import Job
 from jobs.tasks import enqueue
 from workbench.actions import ActionError
 from workbench.models import BaseModel, DatasetRow, DatasetVersion, Project, PromptVersion
+
+
+class AlreadyStarted(ActionError):
+    """The form with this token already started `job`: nothing new was queued."""
+
+    def __init__(self, job: Job) -> None:
+        super().__init__(f"This form was already submitted: it started {job}.")
+        self.job = job
+
+
+def check_form_token(project: Project, token: uuid.UUID | None) -> None:
+    """Raise AlreadyStarted when a job of the project carries the token."""
+    if token is None:
+        return
+    job = Job.objects.filter(project=project, form_token=token).first()
+    if job is not None:
+        raise AlreadyStarted(job)
+
+
+def create_job(project: Project, form_token: uuid.UUID | None = None, **fields: Any) -> Job:
+    """A job row carrying the form token; the same token posted twice at once
+    meets the unique constraint, and the loser is told which job won."""
+    check_form_token(project, form_token)
+    try:
+        with transaction.atomic():  # a savepoint: the caller's transaction survives the conflict
+            return Job.objects.create(project=project, form_token=form_token, **fields)
+    except IntegrityError:
+        job = Job.objects.filter(project=project, form_token=form_token).first() if form_token else None
+        if job is None:
+            raise
+        raise AlreadyStarted(job) from None
 
 
 def check_prompt_fits(prompt_version: PromptVersion, base_model: BaseModel) -> None:
@@ -98,24 +130,27 @@ def start_absorb(
     training: TrainConfig | Mapping[str, Any] | None = None, *,
     keep_existing: bool = True, review_first: bool = False, teacher_model: BaseModel | None = None,
     curation: CurationSettings | Mapping[str, Any] | bool | None = True, passing_only: bool = True,
+    form_token: uuid.UUID | None = None,
 ) -> tuple[Job, Job | None]:
     """Queue teacher generation and (unless the team reviews the answers
     first) the fine-tune that trains on them once the teacher finishes.
     The teacher is `teacher_model` (default: the student's base) WITH the
     prompt; its answers are curated when the prompt has rules (`curation`),
     and the fine-tune learns only from those that pass every rule
-    (`passing_only`, while enough do).
+    (`passing_only`, while enough do). A `form_token` some job already
+    carries raises AlreadyStarted (a resubmitted form starts nothing).
     Bad settings raise SettingsError / ConfigError naming each field."""
+    check_form_token(project, form_token)
     teacher_model = teacher_model or base_model
     _check(project, prompt_version, dataset_version, base_model)
     check_prompt_fits(prompt_version, teacher_model)
     gen, train = _generation(generation, ABSORB_GENERATION), _training(training)
     check_teacher(base_model, teacher_model, train)
-    teacher = Job.objects.create(project=project, kind="teacher", base_model=teacher_model,
-                                 prompt_version=prompt_version, dataset_version=dataset_version,
-                                 params={"generation": gen.to_dict(), "keep_existing": keep_existing,
-                                         "curation": _curation(prompt_version, curation)},
-                                 created_by=user)
+    teacher = create_job(project, form_token, kind="teacher", base_model=teacher_model,
+                         prompt_version=prompt_version, dataset_version=dataset_version,
+                         params={"generation": gen.to_dict(), "keep_existing": keep_existing,
+                                 "curation": _curation(prompt_version, curation)},
+                         created_by=user)
     finetune = None
     if not review_first:
         finetune = Job.objects.create(project=project, kind="finetune", base_model=base_model,
@@ -132,18 +167,20 @@ def start_finetune(
     project: Project, user: AbstractBaseUser | None, prompt_version: PromptVersion,
     dataset_version: DatasetVersion, base_model: BaseModel,
     training: TrainConfig | Mapping[str, Any] | None = None, *, passing_only: bool = True,
+    form_token: uuid.UUID | None = None,
 ) -> Job:
     """Train on a dataset version that already holds the answers (teacher
     answers after review, or a dataset uploaded with answers); with
     `passing_only`, on those not flagged as failing a rule while enough are."""
+    check_form_token(project, form_token)
     _check(project, prompt_version, dataset_version, base_model)
     train = _training(training)
     sample = dataset_version.rows.filter(split=DatasetRow.TRAIN).values_list("messages", flat=True)[:50]
     if not any(m[-1]["role"] == "assistant" for m in sample):
         raise ActionError(f"{dataset_version} has no assistant answers: run the teacher first.")
-    job = Job.objects.create(project=project, kind="finetune", base_model=base_model,
-                             prompt_version=prompt_version, dataset_version=dataset_version,
-                             params={"train": train.to_dict(), "passing_only": passing_only}, created_by=user)
+    job = create_job(project, form_token, kind="finetune", base_model=base_model,
+                     prompt_version=prompt_version, dataset_version=dataset_version,
+                     params={"train": train.to_dict(), "passing_only": passing_only}, created_by=user)
     enqueue(job)
     return job
 

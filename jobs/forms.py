@@ -5,6 +5,7 @@ settings objects (GenerationSettings, TrainConfig), never from here."""
 from __future__ import annotations
 
 import dataclasses
+import uuid
 from typing import Any
 
 from django import forms
@@ -59,6 +60,19 @@ CHOICES: dict[str, list[tuple[Any, str]]] = {
 }
 
 
+def form_token_field() -> forms.UUIDField:
+    """The hidden token of a job-starting form (see with_form_token): the job
+    row keeps it, so posting the same form twice starts one job."""
+    return forms.UUIDField(required=False, widget=forms.HiddenInput)
+
+
+def with_form_token(initial: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Initial data for a freshly rendered job-starting form: a new token.
+    (Set by the page, not the form: a form built without it, by a script,
+    simply has no token.)"""
+    return {**(initial or {}), "form_token": uuid.uuid4()}
+
+
 def _train_field(f: dataclasses.Field[Any], default: Any) -> forms.Field:
     help_text = TRAIN_HELP.get(f.name, "")
     if f.name in CHOICES:
@@ -109,6 +123,7 @@ class AbsorbForm(forms.Form):
         widget=forms.CheckboxSelectMultiple, label="repairs",
         help_text="Each repair changes only answers failing its rule; every change is recorded for review.")
     mode = forms.ChoiceField(choices=MODES, initial="absorb", widget=forms.RadioSelect)
+    form_token = form_token_field()
     keep_existing = forms.BooleanField(
         required=False, initial=True, label="keep existing answers",
         help_text="Rows that already have an assistant answer keep it instead of asking the teacher.")

@@ -63,12 +63,16 @@ class Job(models.Model):
     worker = models.CharField(max_length=255, blank=True)
     heartbeat_at = models.DateTimeField(null=True, blank=True)
     created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
+    # The token of the form that started the job: a resubmitted form (Back, reload) finds this job
+    # instead of starting a second one.
+    form_token = models.UUIDField(null=True, blank=True, editable=False)
     created_at = models.DateTimeField(default=timezone.now)
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["-created_at", "-id"]
+        constraints = [models.UniqueConstraint(fields=["project", "form_token"], name="unique_job_form_token")]
 
     def __str__(self) -> str:
         return f"{self.label} #{self.pk}"

@@ -11,7 +11,8 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
 from jobs import actions
-from jobs.forms import AbsorbForm
+from jobs.actions import AlreadyStarted
+from jobs.forms import AbsorbForm, with_form_token
 from jobs.models import Job, JobPoint
 from workbench.actions import ActionError
 from workbench.models import Project, Variant
@@ -34,7 +35,7 @@ def job_list(request: HttpRequest, slug: str) -> HttpResponse:
     if request.GET.get("prompt_version"):
         # Re-absorbing a stale variant: its new prompt needs new teacher answers.
         initial.update({k: v for k in ("prompt_version", "base_model") if (v := request.GET.get(k))}, mode="absorb")
-    form = AbsorbForm(project, initial=initial or None)
+    form = AbsorbForm(project, initial=with_form_token(initial))
     ctx = _list_context(project, form)
     if request.htmx and request.htmx.target == "job-table":
         return render(request, "jobs/job_list.html#job-table", ctx)
@@ -49,16 +50,22 @@ def absorb_start(request: HttpRequest, slug: str) -> HttpResponse:
     if not form.is_valid():
         return render(request, "jobs/job_list.html", _list_context(project, form), status=400)
     data = form.cleaned_data
+    token = data.get("form_token")
     try:
         if data["mode"] == "finetune":
             job = actions.start_finetune(project, request.user, data["prompt_version"], data["dataset_version"],
-                                         data["base_model"], form.training, passing_only=data["passing_only"])
+                                         data["base_model"], form.training, passing_only=data["passing_only"],
+                                         form_token=token)
             messages.success(request, f"{job} queued.")
             return redirect(job)
         teacher, finetune = actions.start_absorb(
             project, request.user, data["prompt_version"], data["dataset_version"], data["base_model"],
             form.generation, form.training, keep_existing=data["keep_existing"], review_first=data["review_first"],
-            teacher_model=data.get("teacher_model"), curation=form.curation, passing_only=data["passing_only"])
+            teacher_model=data.get("teacher_model"), curation=form.curation, passing_only=data["passing_only"],
+            form_token=token)
+    except AlreadyStarted as exc:
+        messages.info(request, f"{exc} Nothing new was queued.")
+        return redirect(exc.job)
     except ActionError as exc:
         form.add_error(None, str(exc))
         return render(request, "jobs/job_list.html", _list_context(project, form), status=400)

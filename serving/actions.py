@@ -12,6 +12,8 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from evals.models import EvalSuite
+from jobs.models import Job
+from jobs.tasks import enqueue
 from serving.gate import Verdict, evaluate_gate
 from serving.models import DEFAULT_ALIASES, Alias, AliasMove, ApiKey, alias_moved, hash_key
 from workbench.actions import ActionError
@@ -178,6 +180,31 @@ def revoke_api_key(user: User, key: ApiKey) -> ApiKey:
         raise ActionError(f"The key {key.prefix}… is already revoked.")
     key.refresh_from_db(fields=["revoked_at"])
     return key
+
+
+# --- merged model exports ------------------------------------------------------------------
+
+MERGE = "merge"  # the job kind of serving.runners.MergeRunner
+
+
+def latest_merge(variant: Variant) -> Job | None:
+    return (Job.objects.filter(project_id=variant.project_id, kind=MERGE, params__variant=variant.pk)
+            .order_by("-created_at", "-pk").first())
+
+
+def start_merge(user: User, variant: Variant) -> Job:
+    """The merge job that makes the variant's merged zip: the one already
+    queued or running, else a new one. The variant's row lock makes two
+    downloads at once start one job."""
+    with transaction.atomic():
+        Variant.objects.select_for_update().filter(pk=variant.pk).first()
+        job = (Job.objects.filter(project_id=variant.project_id, kind=MERGE, params__variant=variant.pk,
+                                  status__in=Job.ACTIVE).order_by("pk").first())
+        if job is None:
+            job = Job.objects.create(project_id=variant.project_id, kind=MERGE, base_model_id=variant.base_model_id,
+                                     params={"variant": variant.pk}, created_by=user, max_attempts=2)
+            enqueue(job)
+    return job
 
 
 def variant_json(variant: Variant, aliases: list[str] | None = None) -> dict[str, Any]:

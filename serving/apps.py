@@ -6,7 +6,9 @@ class ServingConfig(AppConfig):
     verbose_name = "Promote & serve"
 
     def ready(self) -> None:
-        from serving import receivers
+        from serving import receivers, runners  # noqa: F401  (runners registers the merge job kind)
         from serving.models import alias_moved
+        from workbench.signals import member_removed
 
         alias_moved.connect(receivers.on_alias_moved, dispatch_uid="serving.load_adapters_on_alias_move")
+        member_removed.connect(receivers.on_member_removed, dispatch_uid="serving.revoke_keys_of_removed_member")

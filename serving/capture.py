@@ -24,6 +24,20 @@ from workbench.actions.datasets import derive_version, import_dataset
 from workbench.models import Dataset, DatasetVersion, Project
 
 CAPTURE_FILENAME = "captured-requests.jsonl"
+MAX_ID = 2**63 - 1  # ids are BigAutoField
+
+
+def parse_ids(values: Sequence[str], what: str) -> list[int]:
+    """Ids posted by a form, checked: ActionError naming the first that is
+    not a whole number in the id range (a huge one would overflow the database)."""
+    ids = []
+    for raw in values:
+        text = raw.strip()
+        if not text.isascii() or not text.isdigit() or not 1 <= int(text) <= MAX_ID:
+            shown = text if len(text) <= 40 else text[:40] + "…"
+            raise ActionError(f"{what}: {shown!r} is not an id (a whole number from 1 to {MAX_ID}).")
+        ids.append(int(text))
+    return ids
 
 
 def conversation(entry: RequestLog) -> list[dict[str, Any]]:
@@ -60,10 +74,14 @@ def capture(
     dataset called `name`, or the next version of `dataset` (its latest rows
     followed by the captured ones with `append`, only the captured ones
     without). The requests are marked as captured into it."""
+    if any(not 1 <= i <= MAX_ID for i in log_ids):
+        raise ActionError(f"A logged request id is out of range (1 to {MAX_ID}).")
     entries = list(RequestLog.objects.select_for_update().filter(project=project, pk__in=list(log_ids), status=200)
                    .order_by("created_at", "pk"))
     if not entries:
         raise ActionError("Select at least one logged request that succeeded.")
+    if len(entries) > settings.DATASET_MAX_ROWS:
+        raise ActionError(f"Select at most {settings.DATASET_MAX_ROWS:,} requests at once (a dataset's row limit).")
     rows = _rows(entries)
     meta = {"captured_requests": [e.pk for e in entries]}
     if dataset is None:

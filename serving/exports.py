@@ -4,15 +4,20 @@ folded into the base weights, tokenizer with the chat template, and a
 generation config whose EOS includes the template's end-of-turn token), each
 as a zip.
 
-A zip is written to a temporary file and streamed from disk (a merged
-SmolLM2 is ~540 MB): the file is unlinked as soon as it is open, so nothing
-is left behind whatever happens to the download.
+The adapter zip is small: written to a temporary file per request and
+unlinked as soon as it is open. The merged model is not made in a request
+(a 7B merge takes tens of GB and minutes): a `merge` job (serving.runners)
+writes it once per variant into the data directory, in the checkpoint's
+dtype, under a temporary name renamed when complete; the download serves
+that file, and until it exists answers 202 with the job that prepares it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import struct
 import tempfile
 import zipfile
 from collections.abc import Iterable
@@ -21,11 +26,15 @@ from typing import Any
 
 from django.conf import settings
 from django.contrib.auth.decorators import login_required
-from django.http import FileResponse, HttpRequest, HttpResponse, HttpResponseNotFound
+from django.http import FileResponse, HttpRequest, HttpResponse, HttpResponseNotFound, JsonResponse
+from django.shortcuts import render
+from django.urls import reverse
 from django.utils import timezone
 from django.utils.text import slugify
 
 from evals.models import ArmComparison, EvalRun
+from jobs.models import Job
+from serving.actions import latest_merge, start_merge
 from workbench.models import Variant
 from workbench.shortcuts import get_for_project
 
@@ -166,28 +175,54 @@ def write_adapter_zip(variant: Variant, dest: Path) -> Path:
                       [(f"{folder}/README.md", readme(variant))])
 
 
-def _checkpoint_dtype(model_dir: Path) -> str:
+DTYPES = ("float32", "bfloat16", "float16")
+SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+
+
+def _weights_dtype(model_dir: Path) -> str | None:
+    """The dtype of the first floating tensor in the first safetensors file
+    (read from its JSON header: no weights are loaded)."""
+    for path in sorted(model_dir.glob("*.safetensors")):
+        try:
+            with path.open("rb") as f:
+                (size,) = struct.unpack("<Q", f.read(8))
+                if size > 100_000_000:
+                    return None
+                header = json.loads(f.read(size))
+        except (OSError, ValueError, struct.error):
+            return None
+        for name, entry in header.items():
+            if name != "__metadata__" and isinstance(entry, dict) and entry.get("dtype") in SAFETENSORS_DTYPES:
+                return SAFETENSORS_DTYPES[entry["dtype"]]
+    return None
+
+
+def checkpoint_dtype(model_dir: Path) -> str:
+    """The base checkpoint's dtype: its config's (torch_)dtype, else its
+    weights', else float32."""
     try:
         config = json.loads((model_dir / "config.json").read_text())
     except (OSError, ValueError):
-        return "float32"
-    dtype = config.get("dtype") or config.get("torch_dtype") or "float32"
-    return dtype if dtype in ("float32", "bfloat16", "float16") else "float32"
+        config = {}
+    dtype = config.get("dtype") or config.get("torch_dtype") if isinstance(config, dict) else None
+    if dtype in DTYPES:
+        return str(dtype)
+    return _weights_dtype(model_dir) or "float32"
 
 
 def save_merged(variant: Variant, out_dir: Path) -> Path:
-    """The adapter merged into the base weights (in float32, then saved in the
-    base checkpoint's dtype), the tokenizer with its chat template, and a
-    generation config whose eos_token_id lists every stop token the engines use."""
+    """The adapter merged into the base weights in the base checkpoint's
+    dtype (a bf16 7B needs ~15 GB, not the ~28 GB of float32), the tokenizer
+    with its chat template, and a generation config whose eos_token_id lists
+    every stop token the engines use."""
     import torch
 
     from engines.inference import load_model
 
     source = adapter_dir(variant)
     base_dir = Path(variant.base_model.path)
-    loaded = load_model(base_dir, source, device="cpu", dtype=torch.float32, merge=True)
+    loaded = load_model(base_dir, source, device="cpu", dtype=getattr(torch, checkpoint_dtype(base_dir)), merge=True)
     model = loaded.model
-    model = model.to(getattr(torch, _checkpoint_dtype(base_dir)))
     out_dir.mkdir(parents=True, exist_ok=True)
     # load_model gave it a generation config with only bos/pad and eos = the stop tokens
     # (the template's end-of-turn included): what a plain `generate` needs to stop.
@@ -208,6 +243,51 @@ def write_merged_zip(variant: Variant, dest: Path) -> Path:
         folder = export_name(variant) + "-merged"
         files = [(f"{folder}/{p.relative_to(merged)}", p) for p in sorted(merged.rglob("*")) if p.is_file()]
         return _write_zip(dest, files)
+
+
+# --- the merged model's cache -------------------------------------------------
+
+def merged_cache_path(variant: Variant) -> Path:
+    # Named by what the merge depends on, not the id alone: SQLite may give a deleted
+    # variant's id to a new one.
+    key = f"{variant.pk}|{variant.created_at.isoformat()}|{variant.base_model.path}|{variant.adapter_path}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return Path(settings.DATA_DIR) / "exports" / f"variant-{variant.pk}" / f"merged-{digest}.zip"
+
+
+def cached_merged_zip(variant: Variant) -> Path | None:
+    """The finished merged zip of the variant, or None (never made, or its
+    adapter is newer than it)."""
+    path = merged_cache_path(variant)
+    try:
+        made = path.stat().st_mtime
+    except OSError:
+        return None
+    try:
+        if (Path(variant.adapter_path) / "adapter_model.safetensors").stat().st_mtime > made:
+            return None
+    except OSError:
+        pass  # the adapter is gone: the zip is all that is left of it
+    return path
+
+
+def build_merged_zip(variant: Variant) -> Path:
+    """Merge and zip into the cache: written under a temporary name in the
+    same folder and renamed when complete, so a download never sees half a
+    zip, and a crash leaves only a temporary file behind."""
+    dest = merged_cache_path(variant)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=".merging-", suffix=".zip.partial", dir=dest.parent)
+    os.close(fd)
+    try:
+        write_merged_zip(variant, Path(name))
+        os.replace(name, dest)
+    finally:
+        Path(name).unlink(missing_ok=True)
+    for old in dest.parent.glob("merged-*.zip"):  # an earlier variant of the same id
+        if old != dest:
+            old.unlink(missing_ok=True)
+    return dest
 
 
 # --- views --------------------------------------------------------------------
@@ -245,6 +325,56 @@ def export_adapter(request: HttpRequest, slug: str, variant_id: int) -> HttpResp
     return _send_zip(_variant(request, slug, variant_id), "-adapter", write_adapter_zip)
 
 
+def _wants_html(request: HttpRequest) -> bool:
+    return "text/html" in request.headers.get("Accept", "")
+
+
+def _preparing(request: HttpRequest, variant: Variant, job: Job) -> HttpResponse:
+    """202 while the merge job runs (a page that reloads itself for a
+    browser, JSON for a client); 409 when the last merge failed."""
+    failed = job.status in (Job.FAILED, Job.CANCELLED)
+    url = request.build_absolute_uri(reverse("variant_export_merged", args=[variant.project.slug, variant.pk]))
+    retry_url = f"{url}?retry=1"
+    status = 409 if failed else 202
+    message = (f"Preparing the merged model failed ({job.status}): {job.error or 'see the job'}. "
+               "Ask again with ?retry=1 to start a new merge." if failed else
+               f"The merged model of {variant.name} is being prepared by {job} ({job.status}); "
+               "ask again in a moment to download it.")
+    if _wants_html(request):
+        response = render(request, "serving/merge_preparing.html", {
+            "project": variant.project, "variant": variant, "job": job, "failed": failed, "message": message,
+            "retry_url": retry_url}, status=status)
+    else:
+        response = JsonResponse({
+            "status": "failed" if failed else "preparing", "message": message, "job": job.pk,
+            "job_status": job.status, "job_url": request.build_absolute_uri(job.get_absolute_url()),
+            "status_url": request.build_absolute_uri(reverse("job_status", args=[variant.project.slug, job.pk])),
+            "download_url": retry_url if failed else url}, status=status)
+    if not failed:
+        response["Retry-After"] = "10"
+    response["Cache-Control"] = "no-store"
+    return response
+
+
 @login_required
 def export_merged(request: HttpRequest, slug: str, variant_id: int) -> HttpResponse:
-    return _send_zip(_variant(request, slug, variant_id), "-merged", write_merged_zip)
+    """The cached merged zip; without one, start (or show) the merge job
+    that makes it and answer at once."""
+    variant = _variant(request, slug, variant_id)
+    try:
+        adapter_dir(variant)
+    except ExportError as exc:
+        return HttpResponseNotFound(str(exc), content_type="text/plain; charset=utf-8")
+    cached = cached_merged_zip(variant)
+    if cached is not None:
+        try:
+            handle = cached.open("rb")
+        except OSError:
+            cached = None  # removed since the check: prepare it again
+        else:
+            return FileResponse(handle, as_attachment=True, filename=f"{export_name(variant)}-merged.zip",
+                                content_type="application/zip")
+    last = latest_merge(variant)
+    if last is not None and last.status in (Job.FAILED, Job.CANCELLED) and "retry" not in request.GET:
+        return _preparing(request, variant, last)  # no new merge on every reload of a failure
+    return _preparing(request, variant, start_merge(request.user, variant))

@@ -5,6 +5,7 @@ from typing import Any
 from django import forms
 
 from evals.models import EvalSuite
+from jobs.forms import form_token_field
 from serving.models import Alias
 from workbench.models import Project, Variant
 
@@ -53,6 +54,8 @@ class ConfirmForm(forms.Form):
 
 class ApiKeyForm(forms.Form):
     name = forms.CharField(max_length=100, required=False, help_text="Who or what uses it, e.g. “support bot”.")
+    # A resubmitted form (Back, double click) makes no second key.
+    form_token = form_token_field()
 
 
 def variant_label(v: Variant) -> str:

@@ -6,12 +6,12 @@ from __future__ import annotations
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.paginator import Paginator
-from django.http import HttpRequest, HttpResponse
+from django.http import HttpRequest, HttpResponse, HttpResponseBadRequest
 from django.shortcuts import redirect, render
 from django.urls import reverse
 from django.views.decorators.http import require_POST
 
-from serving.capture import capture
+from serving.capture import capture, parse_ids
 from serving.models import Alias, RequestLog
 from workbench.actions import ActionError
 from workbench.models import Dataset
@@ -41,11 +41,15 @@ def request_log(request: HttpRequest, slug: str) -> HttpResponse:
 @require_POST
 def request_capture(request: HttpRequest, slug: str) -> HttpResponse:
     project = get_project(request, slug)
-    ids = [int(i) for i in request.POST.getlist("log") if i.isdigit()]
-    dataset_id = request.POST.get("dataset", "")
-    dataset = Dataset.objects.filter(project=project, pk=int(dataset_id)).first() if dataset_id.isdigit() else None
+    dataset_id = request.POST.get("dataset", "").strip()
+    try:
+        ids = parse_ids(request.POST.getlist("log"), "Selected request")
+        [dataset_pk] = parse_ids([dataset_id], "Dataset") if dataset_id else [None]
+    except ActionError as exc:
+        return HttpResponseBadRequest(str(exc), content_type="text/plain; charset=utf-8")
+    dataset = Dataset.objects.filter(project=project, pk=dataset_pk).first() if dataset_pk else None
     back = reverse("request_log", args=[project.slug])
-    if dataset_id.isdigit() and dataset is None:
+    if dataset_pk and dataset is None:
         messages.error(request, "That dataset does not exist in this project.")
         return redirect(back)
     try:

@@ -9,12 +9,14 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from django.utils import timezone
+
 from evals.models import EvalRun
 from jobs.models import Job
 from serving import engine_client
 from serving.engine_client import ADAPTER_PREFIX, EngineError
-from serving.models import Alias
-from workbench.models import Variant
+from serving.models import Alias, ApiKey
+from workbench.models import Project, Variant
 
 log = logging.getLogger(__name__)
 
@@ -62,3 +64,19 @@ def on_alias_moved(sender: Any = None, alias: Alias | None = None, **_kw: Any) -
         return
     log.info("Alias %s moved: engine serves %s%s", alias, loaded,
              f"; unloaded {', '.join(unloaded)}" if unloaded else "")
+
+
+def on_member_removed(sender: Any = None, project: Project | None = None, user: Any = None, **_kw: Any) -> str | None:
+    """A removed member's keys of the project stop working with the removal
+    (same transaction): they no longer reach its /v1 models."""
+    if project is None or user is None:
+        return None
+    keys = ApiKey.objects.select_for_update().filter(project=project, created_by=user, revoked_at__isnull=True)
+    revoked = list(keys.order_by("created_at").values_list("pk", "prefix", "name"))
+    if not revoked:
+        return None
+    ApiKey.objects.filter(pk__in=[pk for pk, _, _ in revoked]).update(revoked_at=timezone.now())
+    listed = ", ".join(f"{prefix}…" + (f" ({name})" if name else "") for _, prefix, name in revoked)
+    log.info("Member %s removed from %s: revoked %d API key(s)", user, project.slug, len(revoked))
+    return (f"{len(revoked)} API key{'s' if len(revoked) != 1 else ''} {user} created in this project "
+            f"{'were' if len(revoked) != 1 else 'was'} revoked: {listed}.")

@@ -4,6 +4,7 @@ the project's API keys."""
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 from django.contrib import messages
@@ -14,6 +15,7 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
 from django.views.decorators.http import require_POST
 
+from jobs.models import Job
 from serving import actions
 from serving.forms import AliasForm, ApiKeyForm, ConfirmForm, GateForm, PromoteForm
 from serving.gate import evaluate_gate
@@ -155,10 +157,22 @@ def promote(request: HttpRequest, slug: str) -> HttpResponse:
     return render(request, "serving/promote_confirm.html", ctx, status=status)
 
 
+# What the variants page never shows and can be large: prompt texts and rules, datasets' stats and
+# lineage notes, a variant's own metrics.
+LARGE_VARIANT_FIELDS = ("prompt_version__text", "prompt_version__rules", "prompt_version__token_counts",
+                        "dataset_version__token_stats", "dataset_version__meta", "dataset_version__parent__token_stats",
+                        "dataset_version__parent__meta", "metrics")
+# A job's log and progress can be megabytes; the page shows only its name.
+LINEAGE_JOBS = Prefetch("jobs", queryset=Job.objects.only("pk", "kind", "variant_id", "created_at"))
+
+
 def _lineage(project: Project, variants: list[Variant]) -> list[dict[str, Any]]:
     # Variant.newer_prompt_version() for all variants at once: one query, not one per variant.
     latest: dict[int, PromptVersion] = {}
-    for pv in PromptVersion.objects.filter(prompt__project=project).select_related("prompt").order_by("number"):
+    # Only the numbers: a prompt version's text can be megabytes.
+    versions = PromptVersion.objects.filter(prompt__project=project).select_related("prompt").only(
+        "pk", "number", "prompt__name", "prompt__project_id")
+    for pv in versions.order_by("number"):
         latest[pv.prompt_id] = pv
     rows = []
     for v in variants:
@@ -183,35 +197,52 @@ def variant_list(request: HttpRequest, slug: str) -> HttpResponse:
     actions.ensure_base_variants(project)
     variants = list(project.variants.select_related("base_model", "prompt_version__prompt",
                                                     "dataset_version__dataset", "dataset_version__parent")
-                    .prefetch_related("aliases", "jobs"))
+                    .defer(*LARGE_VARIANT_FIELDS).prefetch_related("aliases", LINEAGE_JOBS))
     return render(request, "serving/variants.html", {"project": project, "rows": _lineage(project, variants)})
 
 
-def _keys_page(request: HttpRequest, project: Project, form: ApiKeyForm, new: tuple[Any, str] | None = None,
-               status: int = 200) -> HttpResponse:
+NEW_KEY_SESSION = "serving.new_api_key"
+KEY_TOKENS_SESSION = "serving.api_key_form_tokens"
+
+
+def _keys_page(request: HttpRequest, project: Project, form: ApiKeyForm, status: int = 200) -> HttpResponse:
     keys = project.api_keys.select_related("created_by")
     actions.ensure_default_aliases(project)
     example_alias = "production"
-    return render(request, "serving/keys.html", {
-        "project": project, "keys": keys, "form": form, "new_key": new[0] if new else None,
-        "raw_key": new[1] if new else None, "api_base": _api_base(request),
+    # The new key's raw value waits in the session for this one GET after the POST, then is gone.
+    new = request.session.pop(f"{NEW_KEY_SESSION}:{project.pk}", None) if request.method == "GET" else None
+    new_key = next((k for k in keys if k.pk == new["id"]), None) if new else None
+    response = render(request, "serving/keys.html", {
+        "project": project, "keys": keys, "form": form, "new_key": new_key,
+        "raw_key": new["raw"] if new_key else None, "api_base": _api_base(request),
         "example_model": f"{project.slug}/{example_alias}"}, status=status)
+    if new_key:
+        response["Cache-Control"] = "no-store"
+    return response
 
 
 @login_required
 def api_keys(request: HttpRequest, slug: str) -> HttpResponse:
-    """GET: the keys; POST: a new key, whose raw value is in this response
-    only (never stored, never shown again)."""
+    """GET: the keys (and, once, the raw value of the key just made); POST:
+    a new key, then a redirect (a reload makes no second key). The form's
+    token makes a resubmitted form (Back, double click) make one key."""
     project = get_project(request, slug)
     if request.method != "POST":
-        return _keys_page(request, project, ApiKeyForm())
+        return _keys_page(request, project, ApiKeyForm(initial={"form_token": uuid.uuid4()}))
     form = ApiKeyForm(request.POST)
     if not form.is_valid():
         return _keys_page(request, project, form, status=400)
+    token = form.cleaned_data.get("form_token")
+    used: dict[str, int] = request.session.get(KEY_TOKENS_SESSION, {})
+    if token is not None and str(token) in used:
+        messages.info(request, "This form was already submitted: that key exists, nothing new was made.")
+        return redirect(reverse("serving_keys", args=[slug]))
     key, raw = actions.create_api_key(request.user, project, form.cleaned_data["name"])
-    response = _keys_page(request, project, ApiKeyForm(), new=(key, raw))
-    response["Cache-Control"] = "no-store"
-    return response
+    if token is not None:
+        used[str(token)] = key.pk
+        request.session[KEY_TOKENS_SESSION] = dict(list(used.items())[-20:])  # the latest forms only
+    request.session[f"{NEW_KEY_SESSION}:{project.pk}"] = {"id": key.pk, "raw": raw}
+    return redirect(reverse("serving_keys", args=[slug]))
 
 
 @login_required

@@ -32,7 +32,9 @@ def test_a_key_is_stored_hashed_and_the_raw_key_nowhere(alice, alice_project):
 
 def test_the_page_shows_a_new_key_once(alice_client, alice_project):
     url = reverse("serving_keys", args=[alice_project.slug])
-    created = alice_client.post(url, {"name": "ci"})
+    posted = alice_client.post(url, {"name": "ci"})
+    assert posted.status_code == 302 and posted["Location"] == url  # POST/redirect/GET: a reload makes no key
+    created = alice_client.get(url)
     page = created.content.decode()
     raw = page.split('id="raw-key" class="mono"')[0].rsplit('value="', 1)[1].split('"')[0]
     key = ApiKey.objects.get()

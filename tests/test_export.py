@@ -86,12 +86,45 @@ def test_the_adapter_zip_holds_the_adapter_and_a_lineage_readme(variant, alice_c
         assert expected in readme, expected
 
 
+def prepare_merged(client, variant: Variant) -> Path:
+    """GET merged.zip: 202 and a merge job (one, however often it is asked);
+    run the job here, as a worker would; the zip is then in the cache."""
+    from jobs import lifecycle
+    from jobs.models import Job
+    from serving.exports import merged_cache_path
+
+    first = download(client, "variant_export_merged", variant)
+    assert first.status_code == 202, first.content[:500]
+    answer = first.json()
+    assert answer["status"] == "preparing" and first["Retry-After"]
+    again = download(client, "variant_export_merged", variant)
+    assert again.status_code == 202 and again.json()["job"] == answer["job"]
+    [job] = Job.objects.filter(kind="merge")
+    assert job.pk == answer["job"] and job.params == {"variant": variant.pk}
+    lifecycle.execute(job.pk, "test")
+    job.refresh_from_db()
+    assert job.status == Job.SUCCEEDED, job.log
+    path = merged_cache_path(variant)
+    assert path.is_file() and not [p for p in path.parent.iterdir() if p != path]  # no temporary left
+    return path
+
+
 def test_the_merged_model_answers_exactly_as_the_adapter(variant, alice_client, tmp_path, one_torch_thread):
+    import time
+
     import torch
 
+    cached = prepare_merged(alice_client, variant)
+    made = cached.stat().st_mtime_ns
+    began = time.perf_counter()
     response = download(alice_client, "variant_export_merged", variant)
-    assert response.status_code == 200
-    zipfile.ZipFile(io.BytesIO(body(response))).extractall(tmp_path / "unzipped")
+    served_in = time.perf_counter() - began
+    assert response.status_code == 200 and response["Content-Type"] == "application/zip"
+    assert "attachment" in response["Content-Disposition"] and "merged.zip" in response["Content-Disposition"]
+    content = body(response)
+    assert content == cached.read_bytes()  # the cached file, not a new merge
+    assert cached.stat().st_mtime_ns == made and served_in < 2.0  # no model loaded (a merge takes seconds)
+    zipfile.ZipFile(io.BytesIO(content)).extractall(tmp_path / "unzipped")
     [merged_dir] = list((tmp_path / "unzipped").iterdir())
     files = {p.name for p in merged_dir.iterdir()}
     assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
@@ -141,3 +174,61 @@ def test_the_variant_page_links_to_both_downloads(variant, alice_client):
     page = alice_client.get(reverse("variant_detail", args=[variant.project.slug, variant.pk])).content.decode()
     assert reverse("variant_export_adapter", args=[variant.project.slug, variant.pk]) in page
     assert reverse("variant_export_merged", args=[variant.project.slug, variant.pk]) in page
+
+
+def safetensors_dtypes(path: Path) -> set[str]:
+    import struct
+
+    with path.open("rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+    return {entry["dtype"] for name, entry in header.items() if name != "__metadata__"}
+
+
+def test_a_bf16_base_is_merged_and_exported_in_bf16(alice, alice_project, alice_client, tiny_model_dir, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from serving.exports import checkpoint_dtype
+
+    bf16_dir = tmp_path / "bf16-base"
+    AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.bfloat16).save_pretrained(bf16_dir)
+    AutoTokenizer.from_pretrained(str(tiny_model_dir)).save_pretrained(bf16_dir)
+    assert safetensors_dtypes(bf16_dir / "model.safetensors") == {"BF16"}
+    base = BaseModel.objects.create(name="tiny-bf16", path=str(bf16_dir))
+    variant = Variant.objects.create(project=alice_project, name="bf16-student", base_model=base,
+                                     adapter_path=str(build_random_lora(bf16_dir, tmp_path / "adapter", r=4)))
+    cached = prepare_merged(alice_client, variant)
+    with zipfile.ZipFile(cached) as zf:
+        [weights] = [n for n in zf.namelist() if n.endswith(".safetensors")]
+        zf.extract(weights, tmp_path / "out")
+        config = json.loads(zf.read(next(n for n in zf.namelist() if n.endswith("/config.json"))))
+    assert safetensors_dtypes(tmp_path / "out" / weights) == {"BF16"}  # not float32: half the size
+    assert (config.get("dtype") or config.get("torch_dtype")) == "bfloat16"
+    # A config that does not say: the weights' own dtype decides.
+    config_path = bf16_dir / "config.json"
+    plain = {k: v for k, v in json.loads(config_path.read_text()).items() if k not in ("dtype", "torch_dtype")}
+    config_path.write_text(json.dumps(plain))
+    assert checkpoint_dtype(bf16_dir) == "bfloat16"
+
+
+def test_a_browser_gets_a_page_that_waits_and_a_failed_merge_is_not_retried_on_reload(variant, alice_client):
+    from jobs import lifecycle
+    from jobs.models import Job
+
+    url = reverse("variant_export_merged", args=[variant.project.slug, variant.pk])
+    page = alice_client.get(url, headers={"Accept": "text/html"})
+    assert page.status_code == 202 and "being prepared" in page.content.decode()
+    assert '<meta http-equiv="refresh"' in page.content.decode()
+    job = Job.objects.get(kind="merge")
+    assert f'href="{url}"' in alice_client.get(job.get_absolute_url()).content.decode()  # the job page links back
+    (Path(variant.adapter_path) / "adapter_model.safetensors").unlink()  # the adapter vanished meanwhile
+    lifecycle.execute(job.pk, "test")
+    job.refresh_from_db()
+    assert job.status == Job.FAILED and "missing" in job.error
+    (Path(variant.adapter_path) / "adapter_model.safetensors").write_bytes(b"")  # back (but broken)
+    failed = alice_client.get(url)
+    assert failed.status_code == 409 and failed.json()["status"] == "failed"
+    assert Job.objects.filter(kind="merge").count() == 1  # a reload of a failure starts nothing
+    retried = alice_client.get(url + "?retry=1")
+    assert retried.status_code == 202 and Job.objects.filter(kind="merge").count() == 2

@@ -155,3 +155,30 @@ def test_models_and_serving_keeps_the_project_the_user_came_from(alice_client, a
 def test_the_login_form_keeps_the_username_after_a_wrong_password(client, alice):
     r = client.post(reverse("login"), {"username": "alice", "password": "wrong"})
     assert r.status_code == 200 and b"didn't match" in r.content and b'value="alice"' in r.content
+
+
+def test_removing_a_member_revokes_their_keys_and_the_owner_is_told(alice, alice_client, alice_project, bob,
+                                                                    bob_project, client):
+    from serving.actions import create_api_key
+    from serving.models import ApiKey
+
+    membership = Membership.objects.create(project=alice_project, user=bob, role=Membership.MEMBER)
+    bobs_key, bobs_raw = create_api_key(bob, alice_project, "bob's script")
+    _, alices_raw = create_api_key(alice, alice_project, "alice's")
+    _, own_raw = create_api_key(bob, bob_project, "bob's own project")
+    for raw in (bobs_raw, alices_raw, own_raw):
+        assert client.get("/v1/models", headers={"Authorization": f"Bearer {raw}"}).status_code == 200
+
+    r = alice_client.post(reverse("member_remove", args=[alice_project.slug, membership.pk]), follow=True)
+    page = r.content.decode()
+    assert "Member removed." in page
+    assert f"{bobs_key.prefix}… (bob&#x27;s script)" in page and "was revoked" in page
+    refused = client.post("/v1/chat/completions", {"model": f"{alice_project.slug}/production",
+                                                   "messages": [{"role": "user", "content": "hi"}]},
+                          content_type="application/json", headers={"Authorization": f"Bearer {bobs_raw}"})
+    assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key"
+    assert client.get("/v1/models", headers={"Authorization": f"Bearer {bobs_raw}"}).status_code == 401
+    # The owner's keys, and bob's keys of his own project, still work.
+    assert client.get("/v1/models", headers={"Authorization": f"Bearer {alices_raw}"}).status_code == 200
+    assert client.get("/v1/models", headers={"Authorization": f"Bearer {own_raw}"}).status_code == 200
+    assert list(ApiKey.objects.filter(revoked_at__isnull=False)) == [bobs_key]

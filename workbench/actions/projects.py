@@ -8,6 +8,7 @@ from django.db import IntegrityError, transaction
 
 from workbench.actions import ActionError
 from workbench.models import Membership, Project
+from workbench.signals import member_removed
 
 
 def _name_taken(name: str) -> ActionError | None:
@@ -55,7 +56,10 @@ def add_member(project: Project, actor: AbstractBaseUser, username: str, role: s
 
 
 @transaction.atomic
-def remove_member(project: Project, actor: AbstractBaseUser, membership_id: int) -> None:
+def remove_member(project: Project, actor: AbstractBaseUser, membership_id: int) -> list[str]:
+    """Remove the member; what they held in the project through the apps
+    above (their API keys) goes with them. Returns what those apps report
+    they revoked, for the owner."""
     if project.role_of(actor) != Membership.OWNER:
         raise ActionError("Only an owner can remove members.")
     membership = project.memberships.filter(pk=membership_id).first()
@@ -64,4 +68,7 @@ def remove_member(project: Project, actor: AbstractBaseUser, membership_id: int)
     owners = project.memberships.filter(role=Membership.OWNER)
     if membership.role == Membership.OWNER and owners.count() == 1:
         raise ActionError("A project keeps at least one owner.")
+    user = membership.user
     membership.delete()
+    replies = member_removed.send(sender=Membership, project=project, user=user, actor=actor)
+    return [reply for _receiver, reply in replies if reply]

@@ -75,8 +75,11 @@ def member_add(request: HttpRequest, slug: str) -> HttpResponse:
 def member_remove(request: HttpRequest, slug: str, membership_id: int) -> HttpResponse:
     project = get_project(request, slug)
     try:
-        remove_member(project, request.user, membership_id)
-        messages.success(request, "Member removed.")
+        revoked = remove_member(project, request.user, membership_id)
     except ActionError as exc:
         messages.error(request, str(exc))
+    else:
+        messages.success(request, "Member removed.")
+        for note in revoked:
+            messages.warning(request, note)
     return redirect(project)
