@@ -28,6 +28,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from engines import jsonguard
 from engines.serving_engine import (
     EngineError,
     ServingEngine,
@@ -42,6 +43,11 @@ log = logging.getLogger(__name__)
 
 # How long a handler waits for its answer before giving up (a stuck engine must not hang clients forever).
 ANSWER_TIMEOUT_S = 600.0
+# Bodies past this size are refused unread; nesting past MAX_DEPTH before parsing (the stdlib recurses).
+MAX_BODY_BYTES = 32 * 1024 * 1024
+MAX_DEPTH = 32
+# The request's fairness bucket (the gateway sends the project); requests without one share a bucket.
+PROJECT_HEADER = "X-Project"
 
 
 class _HTTPServer(ThreadingHTTPServer):
@@ -58,13 +64,15 @@ class EngineServer:
 
     def __init__(self, models: Mapping[str, str | Path] | None = None, *, host: str = "127.0.0.1",
                  port: int = 0, threads: int | None = 1, max_batch: int = 16, batch_window_ms: float = 25.0,
-                 max_queue: int = 256, dtype: str | None = "auto", device: str | None = None) -> None:
+                 max_queue: int = 256, max_queue_per_project: int | None = None, dtype: str | None = "auto",
+                 device: str | None = None) -> None:
         self.models = dict(models or {})
         self.host = host
         self.port = port
         self.threads = threads
         self.engine = ServingEngine(max_batch=max_batch, batch_window_ms=batch_window_ms, max_queue=max_queue,
-                                    dtype=dtype, device=device, threads=threads)
+                                    max_queue_per_project=max_queue_per_project, dtype=dtype, device=device,
+                                    threads=threads)
         self._http: _HTTPServer | None = None
         self._thread: threading.Thread | None = None
         self._active = 0
@@ -116,7 +124,9 @@ class EngineServer:
 
 def _json_body(handler: _Handler) -> Any:
     try:
-        return json.loads(handler.raw_body or b"null")
+        return jsonguard.loads(handler.raw_body or b"null", MAX_DEPTH)
+    except jsonguard.TooDeep as exc:
+        raise bad_request(f"the request body is {exc.reason}") from exc
     except ValueError as exc:
         raise bad_request(f"the request body is not valid JSON: {exc}") from exc
 
@@ -177,9 +187,11 @@ class _Handler(BaseHTTPRequestHandler):
             length = int(self.headers.get("Content-Length") or 0)
         except ValueError:
             length = -1
-        if length < 0:
-            self.close_connection = True
-            self._serve(lambda: self._send_json(400, bad_request("bad Content-Length header").body()))
+        if length < 0 or length > MAX_BODY_BYTES:
+            self.close_connection = True  # the unread body must not be taken for the next request
+            error = (bad_request("bad Content-Length header") if length < 0 else
+                     EngineError(413, f"the request body is {length} bytes, more than {MAX_BODY_BYTES}"))
+            self._serve(lambda: self._send_json(error.status, error.body()))
             return
         self.raw_body = self.rfile.read(length) if length else b""
         routes = {
@@ -238,7 +250,8 @@ class _Handler(BaseHTTPRequestHandler):
         self._send_json(200, {"tokens": ids, "count": len(ids), "max_model_len": max_len})
 
     def _chat(self) -> None:
-        request = parse_chat_request(_json_body(self))
+        project = (self.headers.get(PROJECT_HEADER) or "").strip()[:200] or None
+        request = parse_chat_request(_json_body(self), project)
         ticket = self.engine.submit(request)
         try:
             if request.stream:
@@ -327,6 +340,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="how long an idle engine waits for more requests to batch (25 ms: 16 clients "
                         "arrive spread over 35-50 ms; 5 ms split them into two calls, 5.6x vs 11.2x)")
     parser.add_argument("--max-queue", type=int, default=256, help="waiting rows before answering 429")
+    parser.add_argument("--max-queue-per-project", type=int, default=None,
+                        help="waiting rows of one project before answering it 429 (default: half the queue)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32", "float16"])
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: the best there is)")
     args = parser.parse_args(argv)
@@ -334,7 +349,8 @@ def main(argv: list[str] | None = None) -> int:
 
     server = EngineServer(dict(args.model), host=args.host, port=args.port, threads=args.threads,
                           max_batch=args.max_batch, batch_window_ms=args.batch_window_ms,
-                          max_queue=args.max_queue, dtype=args.dtype, device=args.device)
+                          max_queue=args.max_queue, max_queue_per_project=args.max_queue_per_project,
+                          dtype=args.dtype, device=args.device)
     try:
         server.start()
     except (EngineError, OSError, ValueError) as exc:

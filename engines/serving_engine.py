@@ -6,7 +6,10 @@ OpenAI-compatible subset that vLLM's server speaks).
   each is wrapped in one peft PeftModel that holds every LoRA adapter loaded
   over it, and a batch may mix adapters and the bare base: peft's
   `generate(..., adapter_names=[...])` applies each row's own adapter.
-- Requests wait in one queue. One background thread (the batcher) runs every
+- Requests wait in one queue, taken round-robin by project (the `project`
+  of each request; None is a project of its own), so a flood of one project
+  cannot starve another's small request; no project may hold more than
+  `max_queue_per_project` waiting rows. One background thread (the batcher) runs every
   `generate`: the requests that arrive within `batch_window_ms` of each
   other while the engine is idle (up to WINDOW_CAP windows after the first),
   plus everything that queued while a generate ran, share a call
@@ -57,6 +60,8 @@ MAX_N = 16
 # An idle engine waits for more requests while they keep coming, at most this many batch windows.
 WINDOW_CAP = 10
 ROLES = ("system", "user", "assistant")
+# torch.manual_seed and vLLM take a 64-bit seed; a larger one overflowed inside generate (a 500).
+SEED_RANGE = (-(2**63), 2**63 - 1)
 # The request fields that map onto GenerationSettings fields of another name.
 PARAM_OF_SETTING = {"max_new_tokens": "max_tokens"}
 
@@ -104,6 +109,7 @@ class ChatRequest:
     # vLLM's continue_final_message: the answer already begins with this text
     # (the final assistant message) and the model continues it.
     opening: str | None = None
+    project: str | None = None  # the fairness bucket (None: requests that name none)
 
     @property
     def system_prompt(self) -> str | None:
@@ -150,9 +156,10 @@ def _whole(value: Any, name: str, low: int, high: int) -> int:
     return value
 
 
-def parse_chat_request(body: Any) -> ChatRequest:
+def parse_chat_request(body: Any, project: str | None = None) -> ChatRequest:
     """Validate a /v1/chat/completions body; unknown fields are ignored. Raises
-    EngineError 400 naming the bad field in `param`."""
+    EngineError 400 naming the bad field in `param`. `project` is the queue's
+    fairness bucket."""
     if not isinstance(body, dict):
         raise bad_request("the request body must be a JSON object")
     model = body.get("model")
@@ -167,6 +174,9 @@ def parse_chat_request(body: Any) -> ChatRequest:
     if options is not None and not isinstance(options, dict):
         raise bad_request("stream_options must be an object", "stream_options")
     max_tokens = body.get("max_tokens", body.get("max_completion_tokens"))
+    seed = body.get("seed")
+    if isinstance(seed, int) and not isinstance(seed, bool) and not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+        raise bad_request(f"seed must be a whole number from {SEED_RANGE[0]} to {SEED_RANGE[1]}, got {seed}", "seed")
     stop = body.get("stop")
     values = {
         "max_new_tokens": 256 if max_tokens is None else max_tokens,
@@ -196,7 +206,8 @@ def parse_chat_request(body: Any) -> ChatRequest:
             raise bad_request("continue_final_message needs a final assistant message to continue", "messages")
         opening, messages = messages[-1]["content"], messages[:-1]
     return ChatRequest(model=model, messages=messages, settings=settings, n=n, stream=bool(stream),
-                       include_usage=bool((options or {}).get("include_usage")), opening=opening)
+                       include_usage=bool((options or {}).get("include_usage")), opening=opening,
+                       project=project)
 
 
 # --- tickets: one per request, what the HTTP thread waits on --------------------
@@ -382,10 +393,13 @@ class ServingEngine:
     """Base models with their adapters, a request queue and the batcher thread."""
 
     def __init__(self, *, max_batch: int = 16, batch_window_ms: float = 25.0, max_queue: int = 256,
-                 dtype: str | None = "auto", device: str | None = None, threads: int | None = None) -> None:
+                 max_queue_per_project: int | None = None, dtype: str | None = "auto", device: str | None = None,
+                 threads: int | None = None) -> None:
         self.max_batch = max_batch
         self.batch_window = batch_window_ms / 1000
         self.max_queue = max_queue
+        # Half the queue by default: one project's flood leaves room for everyone else's requests.
+        self.max_queue_per_project = max_queue_per_project or max(max_queue // 2, max_batch)
         self.dtype = resolve_dtype(dtype)
         self.device = device
         self.threads = threads
@@ -394,6 +408,7 @@ class ServingEngine:
         self._bases: dict[str, _Base] = {}
         self._loading: dict[str, str] = {}
         self._queue: list[Ticket] = []
+        self._served: list[str | None] = []  # projects, least recently served first
         self._cond = threading.Condition()
         self._registry = threading.Lock()  # bases, adapters, loading
         self._model_lock = threading.Lock()  # held while a generate runs or an adapter (un)loads
@@ -581,6 +596,13 @@ class ServingEngine:
             if waiting + rows > self.max_queue:
                 raise EngineError(429, f"the engine is saturated ({waiting} rows waiting, at most "
                                        f"{self.max_queue}): retry later", "rate_limit_error", code="queue_full")
+            for project in {t.request.project for t in tickets}:
+                mine = sum(t.rows for t in self._queue if t.request.project == project)
+                asked = sum(t.rows for t in tickets if t.request.project == project)
+                if mine + asked > self.max_queue_per_project:
+                    raise EngineError(429, f"this project has {mine} rows waiting, at most "
+                                           f"{self.max_queue_per_project}: retry later", "rate_limit_error",
+                                      code="project_queue_full")
             self._queue.extend(tickets)
             self._cond.notify_all()
         return tickets
@@ -646,19 +668,44 @@ class ServingEngine:
             self._queue = [t for t in self._queue if not t.cancelled]
             if not self._queue:
                 return []
-            key = self._queue[0].request.batch_key(self._queue[0].base)
-            group: list[Ticket] = []
-            rows = 0
-            for ticket in self._queue:
-                if ticket.request.batch_key(ticket.base) != key:
-                    continue
-                if group and rows + ticket.rows > self.max_batch:
-                    break
-                group.append(ticket)
-                rows += ticket.rows
+            group = self._fair_group()
             taken = set(map(id, group))
             self._queue = [t for t in self._queue if id(t) not in taken]
             return group
+
+    def _fair_group(self) -> list[Ticket]:
+        """The next batch, round-robin by project: it is led by the oldest request
+        of the project served least recently, and filled with compatible requests
+        one project at a time (first come within a project). Holds `_cond`."""
+        by_project: dict[str | None, list[Ticket]] = {}
+        for ticket in self._queue:
+            by_project.setdefault(ticket.request.project, []).append(ticket)
+        rank = {p: i for i, p in enumerate(self._served)}
+        # Never served projects first, then the least recently served; ties by arrival.
+        order = sorted(by_project, key=lambda p: rank.get(p, -1))
+        lead = by_project[order[0]][0]
+        key = lead.request.batch_key(lead.base)
+        pending = [[t for t in by_project[p] if t.request.batch_key(t.base) == key] for p in order]
+        group: list[Ticket] = []
+        rows = 0
+        while any(pending):
+            for tickets in pending:
+                if not tickets:
+                    continue
+                if group and rows + tickets[0].rows > self.max_batch:
+                    tickets.clear()  # first come within a project: none of its later ones jump ahead
+                    continue
+                ticket = tickets.pop(0)
+                group.append(ticket)
+                rows += ticket.rows
+        for project in dict.fromkeys(t.request.project for t in group):
+            if project in self._served:
+                self._served.remove(project)
+            self._served.append(project)
+        # Projects with nothing queued are forgotten, so the list stays as small as the queue.
+        live = set(by_project)
+        self._served = [p for p in self._served if p in live]
+        return group
 
     def _generate(self, group: list[Ticket]) -> None:
         if not group:

@@ -1,6 +1,7 @@
-"""The OpenAI-compatible API, mounted under /v1/ (see serving.gateway)."""
+"""The OpenAI-compatible API, mounted under /v1/ (see serving.gateway).
+Any other path under /v1 is an OpenAI-shaped 404, never Django's HTML page."""
 
-from django.urls import path
+from django.urls import path, re_path
 
 from serving import gateway
 
@@ -8,4 +9,5 @@ urlpatterns = [
     path("models", gateway.models, name="v1_models"),
     path("models/<path:model>", gateway.models, name="v1_model"),
     path("chat/completions", gateway.chat_completions, name="v1_chat_completions"),
+    re_path(r"^(?P<path>.*)$", gateway.not_found, name="v1_not_found"),
 ]

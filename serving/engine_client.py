@@ -27,20 +27,25 @@ log = logging.getLogger(__name__)
 
 ADAPTER_PREFIX = "variant-"
 CONNECT_SECONDS = 5.0
+# The hf engine takes work round-robin by this header, so one project's flood cannot starve another.
+PROJECT_HEADER = "X-Project"
 
 
 @dataclass
 class EngineError(Exception):
-    """An error to hand to the client as is: an HTTP status and an OpenAI-shaped error."""
+    """An error for the client: an HTTP status and an OpenAI-shaped error.
+    `message` is what the client reads; `detail` (the engine's URL, what it
+    answered) is for the server's log only."""
 
     status: int
     message: str
     type: str = "engine_error"
     code: str | None = None
     param: str | None = None
+    detail: str = ""
 
     def __str__(self) -> str:
-        return self.message
+        return f"{self.message} [{self.detail}]" if self.detail else self.message
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -54,9 +59,16 @@ def engine_url() -> str:
 
 
 def unavailable(url: str, exc: Exception | str) -> EngineError:
-    return EngineError(503, f"The inference engine at {url} is not reachable ({exc}). "
-                            "Start it with `make run` or `python manage.py serve_engine`.",
-                       type="engine_unavailable", code="engine_unavailable")
+    return EngineError(503, "The inference engine is not reachable; try again later.",
+                       type="engine_unavailable", code="engine_unavailable",
+                       detail=f"the engine at {url} is not reachable ({exc}); start it with `make run` or "
+                              "`python manage.py serve_engine`")
+
+
+def timed_out(url: str, what: str) -> EngineError:
+    return EngineError(503, f"The inference engine did not {what} within {settings.ENGINE_TIMEOUT_SECONDS:g} s; "
+                            "it may be saturated.", type="engine_unavailable", code="engine_timeout",
+                       detail=f"the engine at {url} timed out")
 
 
 def _error_from(response: httpx.Response) -> EngineError:
@@ -101,18 +113,18 @@ class EngineClient:
     # --- plain calls --------------------------------------------------------
 
     def _request(self, method: str, path: str, body: dict[str, Any] | None = None,
-                 timeout: float | None = None) -> httpx.Response:
+                 timeout: float | None = None, headers: dict[str, str] | None = None) -> httpx.Response:
         try:
             kwargs: dict[str, Any] = {"json": body} if body is not None else {}
+            if headers:
+                kwargs["headers"] = headers
             if timeout is not None:
                 kwargs["timeout"] = httpx.Timeout(timeout, connect=CONNECT_SECONDS)
             return self.http.request(method, path, **kwargs)
         except httpx.TimeoutException as exc:
             if isinstance(exc, httpx.ConnectTimeout):
                 raise unavailable(self.url, exc) from exc
-            raise EngineError(503, f"The inference engine at {self.url} did not answer within "
-                                   f"{settings.ENGINE_TIMEOUT_SECONDS:g} s; it may be saturated.",
-                              type="engine_unavailable", code="engine_timeout") from exc
+            raise timed_out(self.url, "answer") from exc
         except httpx.HTTPError as exc:
             raise unavailable(self.url, exc) from exc
 
@@ -170,50 +182,53 @@ class EngineClient:
         try:
             if base.name not in served:
                 if self.backend != "hf":
-                    raise EngineError(503, f"The engine at {self.url} does not serve the base model "
-                                           f"{base.name}: start it with that model.",
-                                      type="engine_unavailable", code="model_not_loaded")
+                    raise EngineError(503, f"The inference engine does not serve variant {variant.pk}'s base "
+                                           "model.", type="engine_unavailable", code="model_not_loaded",
+                                      detail=f"the engine at {self.url} does not serve the base model "
+                                             f"{base.name}: start it with that model")
                 self.load_base(base.name, base.path)
             if variant.adapter_path and name not in served:
                 self.load_adapter(name, variant.adapter_path, base.name)
         except EngineError as exc:
             if exc.status >= 500 and exc.type == "engine_unavailable":
                 raise
-            raise EngineError(503, f"The engine could not load {name} for variant {variant.pk} "
-                                   f"({variant.name}): {exc.message}",
-                              type="engine_unavailable", code="model_load_failed") from exc
+            raise EngineError(503, f"The inference engine could not load variant {variant.pk}.",
+                              type="engine_unavailable", code="model_load_failed",
+                              detail=f"loading {name} ({variant.name}) failed: {exc}") from exc
         with self._lock:
             self._loaded.add(name)
             self._loaded.add(base.name)
 
     # --- chat completions ------------------------------------------------------
 
-    def chat(self, variant: Variant, body: dict[str, Any]) -> dict[str, Any]:
-        """A non-streamed completion (body["model"] is set here)."""
+    def chat(self, variant: Variant, body: dict[str, Any], project: str | None = None) -> dict[str, Any]:
+        """A non-streamed completion (body["model"] is set here), queued under `project`."""
         self.ensure_loaded(variant)
         payload = {**body, "model": variant.engine_model}
-        response = self._request("POST", "/v1/chat/completions", payload)
+        headers = {PROJECT_HEADER: project} if project else None
+        response = self._request("POST", "/v1/chat/completions", payload, headers=headers)
         if response.status_code == 404:
             self.ensure_loaded(variant, refresh=True)
-            response = self._request("POST", "/v1/chat/completions", payload)
+            response = self._request("POST", "/v1/chat/completions", payload, headers=headers)
         if response.status_code >= 400:
             raise self._chat_error(response, variant)
         data: dict[str, Any] = response.json()
         return data
 
     @contextmanager
-    def stream(self, variant: Variant, body: dict[str, Any]) -> Iterator[Iterator[str]]:
+    def stream(self, variant: Variant, body: dict[str, Any], project: str | None = None) -> Iterator[Iterator[str]]:
         """A streamed completion: yields an iterator of the SSE `data:`
         payloads (JSON text or "[DONE]"). Errors before the first byte raise
         EngineError, so the caller can still answer with a status."""
         self.ensure_loaded(variant)
         payload = {**body, "model": variant.engine_model, "stream": True}
-        response = self._open_stream(payload)
+        headers = {PROJECT_HEADER: project} if project else {}
+        response = self._open_stream(payload, headers)
         if response.status_code == 404:
             response.read()
             response.close()
             self.ensure_loaded(variant, refresh=True)
-            response = self._open_stream(payload)
+            response = self._open_stream(payload, headers)
         try:
             if response.status_code >= 400:
                 response.read()
@@ -222,14 +237,12 @@ class EngineClient:
         finally:
             response.close()
 
-    def _open_stream(self, payload: dict[str, Any]) -> httpx.Response:
+    def _open_stream(self, payload: dict[str, Any], headers: dict[str, str]) -> httpx.Response:
         try:
-            request = self.http.build_request("POST", "/v1/chat/completions", json=payload)
+            request = self.http.build_request("POST", "/v1/chat/completions", json=payload, headers=headers)
             return self.http.send(request, stream=True)
         except httpx.TimeoutException as exc:
-            raise EngineError(503, f"The inference engine at {self.url} did not start answering within "
-                                   f"{settings.ENGINE_TIMEOUT_SECONDS:g} s; it may be saturated.",
-                              type="engine_unavailable", code="engine_timeout") from exc
+            raise timed_out(self.url, "start answering") from exc
         except httpx.HTTPError as exc:
             raise unavailable(self.url, exc) from exc
 
@@ -246,10 +259,15 @@ class EngineClient:
         if _model_not_found(err):
             # Loaded a moment ago and still unknown: the engine, not the client, is wrong.
             self.forget(variant.engine_model)
-            return EngineError(503, f"The engine lost {variant.engine_model} right after loading it: "
-                                    f"{err.message}", type="engine_unavailable", code="model_load_failed")
-        if err.status >= 500 and err.status != 503:
-            err.status = 502
+            return EngineError(503, f"The inference engine lost variant {variant.pk} right after loading it.",
+                               type="engine_unavailable", code="model_load_failed",
+                               detail=f"{variant.engine_model}: {err.message}")
+        if err.status >= 500:
+            # The engine's own failure: its words (paths, tracebacks) stay in the log.
+            return EngineError(503 if err.status == 503 else 502,
+                               "The inference engine is unavailable; try again later." if err.status == 503
+                               else "The inference engine failed to answer.", type=err.type, code=err.code,
+                               detail=f"the engine answered {err.status}: {err.message}")
         return err
 
 

@@ -4,36 +4,59 @@ and forwarded to the inference engine, answers (streamed or not) relayed with
 the client's model name, and the request log of aliases that keep one.
 
 Every error is OpenAI-shaped ({"error": {"message", "type", "param", "code"}});
-bad input is a 4xx, never a 500."""
+bad input is a 4xx, never a 500. Every /v1 response carries an `x-request-id`
+header; error messages end with that id, and what went wrong inside (the
+engine's address, its own words) is in the server log under it, never in the
+answer. Per-key limits (serving.limits) answer 429 with Retry-After."""
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import re
 import time
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
 from django.conf import settings
+from django.core.exceptions import RequestDataTooBig
 from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.utils import timezone
 from django.views.decorators.csrf import csrf_exempt
 
-from serving import engine_client
+from engines import jsonguard
+from serving import engine_client, limits
 from serving.engine_client import EngineError
 from serving.models import Alias, ApiKey, RequestLog, hash_key
 from workbench.models import Variant
+
+log = logging.getLogger(__name__)
 
 ROLES = ("system", "user", "assistant")
 # Both engines get an explicit max_tokens: vLLM's own default is "until the context is full".
 DEFAULT_MAX_TOKENS = 256
 MAX_N = 16
 MAX_STOP = 8
+MAX_STOP_CHARS = 1000  # each stop string is searched for in every step's text
+MAX_MODEL_CHARS = 300
+# torch.manual_seed and vLLM take a 64-bit seed; 2**70 overflowed inside the engine.
+SEED_RANGE = (-(2**63), 2**63 - 1)
 LAST_USED_EVERY = timedelta(seconds=60)
 VARIANT_NAME = re.compile(r"variant-(\d{1,18})")
+ROUTES = "GET /v1/models, GET /v1/models/{model} and POST /v1/chat/completions"
+
+
+def max_body_bytes() -> int:
+    return int(getattr(settings, "V1_MAX_BODY_BYTES", settings.DATA_UPLOAD_MAX_MEMORY_SIZE))
+
+
+def max_json_depth() -> int:
+    return int(getattr(settings, "V1_MAX_JSON_DEPTH", jsonguard.DEFAULT_MAX_DEPTH))
 
 
 @dataclass
@@ -43,15 +66,69 @@ class GatewayError(Exception):
     type: str = "invalid_request_error"
     param: str | None = None
     code: str | None = None
+    headers: dict[str, str] = field(default_factory=dict)
 
-    def response(self) -> JsonResponse:
-        return error_response(self.status, self.message, self.type, self.param, self.code)
+    def response(self, request_id: str) -> JsonResponse:
+        response = error_response(request_id, self.status, self.message, self.type, self.param, self.code)
+        for name, value in self.headers.items():
+            response[name] = value
+        return response
 
 
-def error_response(status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                   code: str | None = None) -> JsonResponse:
-    return JsonResponse({"error": {"message": message, "type": type, "param": param, "code": code}},
-                        status=status)
+def with_id(message: str, request_id: str) -> str:
+    return f"{message.rstrip()} (request id {request_id})"
+
+
+def error_body(request_id: str, message: str, type: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": with_id(message, request_id), "type": type, "param": param, "code": code}}
+
+
+def error_response(request_id: str, status: int, message: str, type: str = "invalid_request_error",
+                   param: str | None = None, code: str | None = None) -> JsonResponse:
+    return JsonResponse(error_body(request_id, message, type, param, code), status=status)
+
+
+def engine_error_response(request_id: str, exc: EngineError) -> JsonResponse:
+    response = JsonResponse(engine_error_body(request_id, exc), status=exc.status)
+    if exc.status == 429:
+        response["Retry-After"] = str(limits.BUSY_RETRY_AFTER)
+    return response
+
+
+def engine_error_body(request_id: str, exc: EngineError) -> dict[str, Any]:
+    if exc.detail or exc.status >= 500:
+        log.warning("v1 %s: engine error %s: %s", request_id, exc.status, exc)
+    return error_body(request_id, exc.message, exc.type, exc.param, exc.code)
+
+
+def api_view(method: str | None) -> Callable[[Callable[..., HttpResponse]], Callable[..., HttpResponse]]:
+    """A /v1 view: a request id on every answer, OpenAI-shaped errors for a wrong
+    method, a GatewayError or a bug (logged under the id, never shown)."""
+
+    def wrap(view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
+        @csrf_exempt
+        @functools.wraps(view)
+        def inner(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+            request_id = f"req_{uuid.uuid4().hex}"
+            request.request_id = request_id  # type: ignore[attr-defined]
+            try:
+                if method is not None and request.method != method:
+                    raise GatewayError(405, f"{request.method} is not allowed on {request.path[:200]}; "
+                                            f"use {method}.", code="method_not_allowed", headers={"Allow": method})
+                response = view(request, *args, **kwargs)
+            except GatewayError as exc:
+                response = exc.response(request_id)
+            except Exception:
+                log.exception("v1 %s: %s %s failed", request_id, request.method, request.path[:200])
+                response = error_response(request_id, 500, "The server failed to answer this request.",
+                                          "server_error")
+            response["x-request-id"] = request_id
+            return response
+
+        return inner
+
+    return wrap
 
 
 # --- keys and model names ------------------------------------------------------
@@ -84,6 +161,8 @@ def model_not_found(name: str) -> GatewayError:
 
 def resolve_model(key: ApiKey, name: str) -> tuple[Alias | None, Variant]:
     """PROJECT_SLUG/ALIAS, PROJECT_SLUG/variant-ID or variant-ID, within the key's project only."""
+    if len(name) > MAX_MODEL_CHARS or "\x00" in name:  # no name is that long; PostgreSQL refuses NUL
+        raise model_not_found(name[:MAX_MODEL_CHARS])
     slug, sep, rest = name.partition("/")
     if sep and slug != key.project.slug:
         raise model_not_found(name)
@@ -106,14 +185,63 @@ def resolve_model(key: ApiKey, name: str) -> tuple[Alias | None, Variant]:
 
 # --- request checks --------------------------------------------------------------
 
-def parse_body(request: HttpRequest) -> dict[str, Any]:
+def read_body(request: HttpRequest) -> bytes:
+    """The body, refused (413) by its Content-Length before it is read when it is too large."""
+    limit = max_body_bytes()
     try:
-        body = json.loads(request.body)
-    except (ValueError, UnicodeDecodeError) as exc:
+        length = int(request.META.get("CONTENT_LENGTH") or 0)
+    except ValueError:
+        raise GatewayError(400, "The Content-Length header is not a number.") from None
+    too_large = GatewayError(413, f"The request body is {length:,} bytes; the limit is {limit:,} bytes.",
+                             code="request_too_large")
+    if length > limit:
+        raise too_large
+    try:
+        return request.body
+    except RequestDataTooBig:  # Django's own limit (DATA_UPLOAD_MAX_MEMORY_SIZE) is lower
+        too_large.message = (f"The request body is {length:,} bytes; the limit is "
+                             f"{settings.DATA_UPLOAD_MAX_MEMORY_SIZE:,} bytes.")
+        raise too_large from None
+
+
+def parse_body(request: HttpRequest) -> dict[str, Any]:
+    raw = read_body(request)
+    try:
+        body = jsonguard.loads(raw, max_json_depth())
+    except jsonguard.TooDeep as exc:
+        raise GatewayError(400, f"The request body is not accepted: line {exc.line}: {exc.reason}.") from None
+    except (ValueError, RecursionError) as exc:
         raise GatewayError(400, f"The request body is not valid JSON: {exc}.") from None
     if not isinstance(body, dict):
         raise GatewayError(400, "The request body must be a JSON object.")
+    check_text(body)
     return body
+
+
+def check_text(body: dict[str, Any]) -> None:
+    """Refuse lone surrogates (JSON's \\ud800 escape): they are not Unicode text,
+    and neither the engine, the tokenizer nor PostgreSQL can take them."""
+    stack: list[tuple[str, Any]] = [("", body)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, dict):
+            for k, v in value.items():
+                _check_string(path or "the body", k, "a key")
+                stack.append((f"{path}.{k}" if path else str(k), v))
+        elif isinstance(value, list):
+            stack.extend((f"{path}[{i}]", v) for i, v in enumerate(value))
+        elif isinstance(value, str):
+            _check_string(path, value, "")
+
+
+def _check_string(path: str, value: str, what: str) -> None:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        where = f"{what} of {path}" if what else path
+        raise GatewayError(400, f"{where} is not valid Unicode text: it holds a lone surrogate "
+                                f"({ascii(value[exc.start])}) at character {exc.start}.",
+                           param=path if not what else None) from None
 
 
 def _number(body: dict[str, Any], name: str) -> float | None:
@@ -191,14 +319,19 @@ def check_params(body: dict[str, Any]) -> dict[str, Any]:
         if not 1 <= n <= MAX_N:
             raise GatewayError(400, f"n must be between 1 and {MAX_N}, not {n}.", param="n")
         out["n"] = n
+    asked, cap = (n or 1) * out["max_tokens"], limits.max_n_times_tokens()
+    if asked > cap:
+        shown = name if max_tokens is not None else "max_tokens"
+        raise GatewayError(400, f"n x {shown} asks for {asked} tokens (n={n or 1}, {shown}={out['max_tokens']}); "
+                                f"one request may ask for at most {cap}: lower n or {shown}.", param=shown)
     stop = body.get("stop")
     if stop is not None:
         if isinstance(stop, str):
             stop = [stop]
         if (not isinstance(stop, list) or len(stop) > MAX_STOP
-                or not all(isinstance(s, str) and s for s in stop)):
-            raise GatewayError(400, f"stop must be a string or a list of at most {MAX_STOP} non-empty strings.",
-                               param="stop")
+                or not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stop)):
+            raise GatewayError(400, f"stop must be a string or a list of at most {MAX_STOP} non-empty strings "
+                                    f"of at most {MAX_STOP_CHARS} characters.", param="stop")
         if stop:
             out["stop"] = stop
     penalty = _number(body, "repetition_penalty")  # vLLM's extra parameter; the hf engine's too
@@ -215,6 +348,9 @@ def check_params(body: dict[str, Any]) -> dict[str, Any]:
         out["no_repeat_ngram_size"] = no_repeat
     seed = _integer(body, "seed")
     if seed is not None:
+        if not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+            raise GatewayError(400, f"seed must be a 64-bit integer, from {SEED_RANGE[0]} to {SEED_RANGE[1]}.",
+                               param="seed")
         out["seed"] = seed
     stream = body.get("stream", False)
     if stream is None:
@@ -246,22 +382,15 @@ def with_variant_prompt(messages: list[dict[str, str]], variant: Variant) -> lis
 
 # --- views -----------------------------------------------------------------------
 
-def _method(request: HttpRequest, allowed: str) -> None:
-    if request.method != allowed:
-        raise GatewayError(405, f"{request.method} is not allowed here; use {allowed}.")
-
-
-@csrf_exempt
+@api_view("GET")
 def models(request: HttpRequest, model: str | None = None) -> HttpResponse:
-    try:
-        _method(request, "GET")
-        key = authenticate(request)
-        entries = _model_entries(key)
-    except GatewayError as exc:
-        return exc.response()
+    key = authenticate(request)
+    entries = _model_entries(key)
     if model is not None:
         found = next((e for e in entries if e["id"] == model), None)
-        return JsonResponse(found) if found else model_not_found(model).response()
+        if found is None:
+            raise model_not_found(model[:MAX_MODEL_CHARS])
+        return JsonResponse(found)
     return JsonResponse({"object": "list", "data": entries})
 
 
@@ -277,29 +406,60 @@ def _model_entries(key: ApiKey) -> list[dict[str, Any]]:
     return entries
 
 
-@csrf_exempt
+@api_view(None)
+def not_found(request: HttpRequest, path: str = "") -> HttpResponse:
+    raise GatewayError(404, f"Unknown API route {request.method} {request.path[:200]}: this server answers "
+                            f"{ROUTES}.", code="unknown_url")
+
+
+@api_view("POST")
 def chat_completions(request: HttpRequest) -> HttpResponse:
+    key = authenticate(request)
+    body = parse_body(request)
+    params = check_params(body)
+    alias, variant = resolve_model(key, body["model"])
     try:
-        _method(request, "POST")
-        key = authenticate(request)
-        body = parse_body(request)
-        params = check_params(body)
-        alias, variant = resolve_model(key, body["model"])
-    except GatewayError as exc:
-        return exc.response()
-    call = Call(key, alias, variant, body, params)
+        lease = limits.acquire(key.pk, params.get("n", 1) * params["max_tokens"])
+    except limits.RateLimited as exc:
+        raise GatewayError(429, exc.message, "rate_limit_error", code=exc.code,
+                           headers={"Retry-After": str(exc.retry_after)}) from None
+    try:
+        call = Call(request.request_id, key, alias, variant, body, params, lease)  # type: ignore[attr-defined]
+    except BaseException:
+        lease.release()
+        raise
     if params["stream"]:
         return call.stream()
     return call.complete()
 
 
+class _Relay:
+    """The streamed body: closing it (Django does, even before the first chunk)
+    ends the engine stream and releases the key's lease."""
+
+    def __init__(self, chunks: Iterator[bytes], close: Callable[[], None]) -> None:
+        self.chunks, self._close = chunks, close
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self.chunks
+
+    def close(self) -> None:
+        try:
+            self.chunks.close()  # type: ignore[attr-defined]
+        finally:
+            self._close()
+
+
 class Call:
     """One chat completion through the engine, logged when its alias logs."""
 
-    def __init__(self, key: ApiKey, alias: Alias | None, variant: Variant, body: dict[str, Any],
-                 params: dict[str, Any]) -> None:
-        self.key, self.alias, self.variant, self.body = key, alias, variant, body
+    def __init__(self, request_id: str, key: ApiKey, alias: Alias | None, variant: Variant, body: dict[str, Any],
+                 params: dict[str, Any], lease: limits.Lease) -> None:
+        self.request_id, self.key, self.alias, self.variant, self.body = request_id, key, alias, variant, body
+        self.lease = lease
         self.asked = body["model"]
+        # The engine queues work round-robin by project (its fairness bucket).
+        self.project = key.project.slug
         # The variant's guard rails (its teacher's repetition penalty, ...) unless the request sets them.
         self.engine_body = {**variant.generation, **params,
                             "messages": with_variant_prompt(params["messages"], variant)}
@@ -307,10 +467,13 @@ class Call:
 
     def complete(self) -> HttpResponse:
         try:
-            data = engine_client.client().chat(self.variant, self.engine_body)
+            data = engine_client.client().chat(self.variant, self.engine_body, project=self.project)
         except EngineError as exc:
-            self.log(exc.status, exc.body())
-            return JsonResponse(exc.body(), status=exc.status)
+            response = engine_error_response(self.request_id, exc)
+            self.log(exc.status, json.loads(response.content))
+            return response
+        finally:
+            self.lease.release()
         data["model"] = self.asked
         self.log(200, data)
         return JsonResponse(data)
@@ -320,17 +483,32 @@ class Call:
         # The engine always reports usage, for the log; the client gets it only when asked.
         self.engine_body["stream_options"] = {"include_usage": True}
         stack = ExitStack()
+        stack.callback(self.lease.release)
         try:
-            events = stack.enter_context(engine_client.client().stream(self.variant, self.engine_body))
+            events = stack.enter_context(engine_client.client().stream(self.variant, self.engine_body,
+                                                                       project=self.project))
         except EngineError as exc:
             stack.close()
-            self.log(exc.status, exc.body())
-            return JsonResponse(exc.body(), status=exc.status)
-        response = StreamingHttpResponse(self._relay(events, stack, include_usage),
+            response = engine_error_response(self.request_id, exc)
+            self.log(exc.status, json.loads(response.content))
+            return response
+        except BaseException:
+            stack.close()
+            raise
+        response = StreamingHttpResponse(_Relay(self._relay(events, stack, include_usage), stack.close),
                                          content_type="text/event-stream")
         response["Cache-Control"] = "no-cache"
         response["X-Accel-Buffering"] = "no"
         return response
+
+    def _stream_error(self, chunk: dict[str, Any]) -> dict[str, Any]:
+        """The engine's in-stream error, with its words kept in the log."""
+        err = chunk.get("error")
+        err = err if isinstance(err, dict) else {"message": str(err)}
+        log.warning("v1 %s: the engine stream failed: %s", self.request_id, json.dumps(err)[:2000])
+        code = err.get("code")
+        return error_body(self.request_id, "The inference engine failed while answering.",
+                          str(err.get("type") or "engine_error"), None, None if code is None else str(code))
 
     def _relay(self, events: Iterator[str], stack: ExitStack, include_usage: bool) -> Iterator[bytes]:
         texts: dict[int, list[str]] = {}
@@ -345,11 +523,10 @@ class Call:
                 try:
                     chunk = json.loads(event)
                 except ValueError:
-                    chunk = {"error": {"message": f"The engine sent an event that is not JSON: {event[:200]}",
-                                       "type": "engine_error", "param": None, "code": None}}
-                if "error" in chunk:
-                    status, error = 502, chunk
-                    yield f"data: {json.dumps(chunk)}\n\n".encode()
+                    chunk = {"error": {"message": f"an event that is not JSON: {event[:200]}"}}
+                if not isinstance(chunk, dict) or "error" in chunk:
+                    status, error = 502, self._stream_error(chunk if isinstance(chunk, dict) else {"error": chunk})
+                    yield f"data: {json.dumps(error)}\n\n".encode()
                     break
                 chunk["model"] = self.asked
                 for choice in chunk.get("choices") or []:
@@ -365,7 +542,7 @@ class Call:
                         chunk.pop("usage")
                 yield f"data: {json.dumps(chunk)}\n\n".encode()
         except EngineError as exc:
-            status, error = exc.status, exc.body()
+            status, error = exc.status, engine_error_body(self.request_id, exc)
             yield f"data: {json.dumps(error)}\n\n".encode()
         finally:
             stack.close()
@@ -380,8 +557,20 @@ class Call:
         usage = response.get("usage") or {}
         RequestLog.objects.create(
             project_id=self.key.project_id, alias=self.alias, variant=self.variant, api_key=self.key,
-            model=self.asked[:300], request=self.body, response=response, status=status,
+            model=self.asked[:300].replace("\x00", "\ufffd"), request=storable(self.body),
+            response=storable(response), status=status,
             latency_ms=(time.perf_counter() - self.began) * 1000,
             prompt_tokens=int(usage.get("prompt_tokens") or 0),
             completion_tokens=int(usage.get("completion_tokens") or 0),
         )
+
+
+def storable(value: Any) -> Any:
+    """`value` with NUL characters replaced: PostgreSQL's jsonb cannot hold \\u0000."""
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd")
+    if isinstance(value, dict):
+        return {storable(k): storable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [storable(v) for v in value]
+    return value

@@ -187,6 +187,7 @@ def test_it_refuses_adapters_that_are_missing_or_not_safetensors(server, tmp_pat
     ({"stop": [""]}, "stop"),
     ({"repetition_penalty": 0}, "repetition_penalty"),
     ({"no_repeat_ngram_size": -1}, "no_repeat_ngram_size"),
+    ({"seed": 2**70, "temperature": 1}, "seed"),  # was a 500: torch's seed overflowed inside generate
     ({"messages": []}, "messages"),
     ({"messages": [{"role": "tool", "content": "x"}]}, "messages"),
     ({"messages": [{"role": "user"}]}, "messages"),
@@ -344,3 +345,64 @@ def test_streamed_pieces_add_up_to_the_answer_for_every_prompt(client):
         answer = ask(client, messages=messages, max_tokens=24).choices[0].message.content
         texts, _, _ = streamed(client, messages=messages, max_tokens=24)
         assert texts == {0: answer}
+
+
+def test_it_refuses_a_deep_or_oversized_body_before_parsing_it(server, monkeypatch):
+    import engines.engine_server as engine_server
+
+    deep = b'{"model": "tiny", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    answer = httpx.post(server.url + "/v1/chat/completions", content=deep)
+    assert answer.status_code == 400 and "nested more than 32 levels" in answer.json()["error"]["message"]
+    monkeypatch.setattr(engine_server, "MAX_BODY_BYTES", 100)
+    big = httpx.post(server.url + "/v1/chat/completions", json={"model": "tiny", "messages": HELLO, "pad": "x" * 200})
+    assert big.status_code == 413 and big.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_it_serves_projects_round_robin_not_first_come(lively_dir, one_torch_thread):
+    """A flood of project A queued first: B's one request goes in the next batch, not after A's queue."""
+    with EngineServer({"tiny": lively_dir}, dtype="float32", max_batch=2) as fair:
+        finished: list[str] = []
+        lock = threading.Lock()
+
+        def call(project: str) -> int:
+            r = httpx.post(fair.url + "/v1/chat/completions", timeout=120, headers={"X-Project": project},
+                           json={"model": "tiny", "messages": HELLO, "temperature": 0, "max_tokens": 16})
+            with lock:
+                finished.append(project)
+            return r.status_code
+
+        with ThreadPoolExecutor(14) as pool:
+            with fair.engine._model_lock:  # the batcher waits with its first batch; the rest queue
+                flood = [pool.submit(call, "A") for _ in range(12)]
+                deadline = time.monotonic() + 30
+                while fair.engine.queued_rows() < 10 and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                time.sleep(0.5)
+                before = fair.engine.queued_rows()
+                small = pool.submit(call, "B")
+                while fair.engine.queued_rows() < before + 1 and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                assert fair.engine.queued_rows() == before + 1
+            assert [f.result() for f in flood] == [200] * 12 and small.result() == 200
+    assert finished.index("B") <= 3, finished  # first come would serve it 13th
+
+
+def test_no_project_may_fill_the_queue(lively_dir, one_torch_thread):
+    with EngineServer({"tiny": lively_dir}, dtype="float32", max_batch=1, max_queue=8) as small:
+        engine = small.engine
+        assert engine.max_queue_per_project == 4
+
+        def request(project):
+            return parse_chat_request({"model": "tiny", "messages": HELLO, "max_tokens": 2}, project)
+
+        with engine._model_lock:
+            tickets = [engine.submit(request("A"))]
+            deadline = time.monotonic() + 30
+            while engine.queued_rows() and time.monotonic() < deadline:  # the batcher holds it at the lock
+                time.sleep(0.02)
+            tickets += engine.submit_many([request("A") for _ in range(4)])
+            with pytest.raises(Exception) as caught:
+                engine.submit(request("A"))
+            assert caught.value.status == 429 and caught.value.code == "project_queue_full"
+            tickets += [engine.submit(request("B")), engine.submit(request(None))]
+        assert all(t.result(timeout=60).choices for t in tickets)

@@ -5,6 +5,7 @@ holding a tiny model and a LoRA adapter."""
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -87,6 +88,10 @@ def served(settings, engine):
 
 def sdk(live_server, key: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{live_server.url}/v1", api_key=key, max_retries=0, timeout=120)
+
+
+def without_id(message: str) -> str:
+    return re.sub(r" \(request id req_\w+\)$", "", message)
 
 
 def count(tokenizer, messages, system_prompt=None) -> int:
@@ -186,9 +191,11 @@ def test_keys_models_and_bodies_are_checked(live_server, world, alice, settings)
     with pytest.raises(openai.NotFoundError):
         good.chat.completions.create(model=f"variant-{world.bob_variant.pk}", messages=QUESTION)
     assert unknown.value.body["code"] == foreign.value.body["code"] == "model_not_found"
-    # the same words for "none" and "not yours": a key cannot probe other projects
-    assert foreign.value.body["message"].replace(f"{world.bob_slug}/production", "M") == \
-        unknown.value.body["message"].replace(f"{world.slug}/nope", "M")
+    # the same words for "none" and "not yours": a key cannot probe other projects (only the request ids differ)
+    for exc in (foreign, unknown):
+        assert exc.value.body["message"].endswith(f"(request id {exc.value.response.headers['x-request-id']})")
+    assert without_id(foreign.value.body["message"]).replace(f"{world.bob_slug}/production", "M") == \
+        without_id(unknown.value.body["message"]).replace(f"{world.slug}/nope", "M")
 
     with pytest.raises(openai.BadRequestError) as malformed:
         good.post("/chat/completions", cast_to=object, content=b'{"model": "x", "messages": [')

@@ -1,6 +1,6 @@
 from django.contrib import admin
 from django.contrib.auth import views as auth_views
-from django.urls import include, path
+from django.urls import include, path, re_path
 
 from workbench.views import datasets, models, projects, prompts
 
@@ -45,6 +45,8 @@ urlpatterns = [
     path("", include("serving.export_urls")),
     path("", include("serving.log_urls")),
     path("v1/", include("serving.api_urls")),
+    # "/v1" itself too: the API answers every path in JSON (no slash redirect, no HTML 404).
+    re_path(r"^v1$", include("serving.api_urls")),
     path("models/", models.models_page, name="models"),
     path("models/ping", models.ping_workers, name="ping_workers"),
     path("models/ping/<int:ping_id>", models.ping_status, name="ping_status"),
