@@ -52,11 +52,11 @@ ROUTES = "GET /v1/models, GET /v1/models/{model} and POST /v1/chat/completions"
 
 
 def max_body_bytes() -> int:
-    return int(getattr(settings, "V1_MAX_BODY_BYTES", settings.DATA_UPLOAD_MAX_MEMORY_SIZE))
+    return settings.V1_MAX_BODY_BYTES
 
 
 def max_json_depth() -> int:
-    return int(getattr(settings, "V1_MAX_JSON_DEPTH", jsonguard.DEFAULT_MAX_DEPTH))
+    return settings.V1_MAX_JSON_DEPTH
 
 
 @dataclass

@@ -9,8 +9,7 @@ counter expires: an open request is counted in the time bucket it began in
 gives back what it took from that bucket, so the share of a process that
 crashed mid-request is forgotten at most two leases later.
 
-Settings (read with defaults until workbench/settings.py names them):
-V1_MAX_CONCURRENT_PER_KEY, V1_MAX_TOKENS_IN_FLIGHT_PER_KEY,
+Settings: V1_MAX_CONCURRENT_PER_KEY, V1_MAX_TOKENS_IN_FLIGHT_PER_KEY,
 V1_REQUESTS_PER_MINUTE_PER_KEY, V1_MAX_N_TIMES_TOKENS, V1_LEASE_SECONDS.
 """
 
@@ -23,40 +22,33 @@ from dataclasses import dataclass, field
 from django.conf import settings
 from django.core.cache import cache
 
-# 16 concurrent requests at the largest max_tokens (GATEWAY_MAX_TOKENS, 2048), or 4 at the per-request cap.
-DEFAULT_CONCURRENT = 16
-DEFAULT_TOKENS_IN_FLIGHT = 32768
-DEFAULT_PER_MINUTE = 600
-# n x max_tokens of one request: n=1 up to 8192 tokens, n=4 at 2048, n=16 at 512.
-DEFAULT_N_TIMES_TOKENS = 8192
 # A slot retries this soon: nothing says when another request of the key ends.
 BUSY_RETRY_AFTER = 1
 
 
 def max_concurrent() -> int:
-    return int(getattr(settings, "V1_MAX_CONCURRENT_PER_KEY", DEFAULT_CONCURRENT))
+    return settings.V1_MAX_CONCURRENT_PER_KEY
 
 
 def max_tokens_in_flight() -> int:
-    return int(getattr(settings, "V1_MAX_TOKENS_IN_FLIGHT_PER_KEY", DEFAULT_TOKENS_IN_FLIGHT))
+    return settings.V1_MAX_TOKENS_IN_FLIGHT_PER_KEY
 
 
 def max_per_minute() -> int:
-    return int(getattr(settings, "V1_REQUESTS_PER_MINUTE_PER_KEY", DEFAULT_PER_MINUTE))
+    return settings.V1_REQUESTS_PER_MINUTE_PER_KEY
 
 
 def max_n_times_tokens() -> int:
     """The most tokens one request may ask for (never more than a key may hold in flight,
     or the request could never be served)."""
-    return min(int(getattr(settings, "V1_MAX_N_TIMES_TOKENS", DEFAULT_N_TIMES_TOKENS)), max_tokens_in_flight())
+    return min(settings.V1_MAX_N_TIMES_TOKENS, max_tokens_in_flight())
 
 
 def lease_seconds() -> int:
     """How long an open request is surely counted (it is forgotten 1-2 leases
     after it began): by default the longest a request waits on the engine,
     plus a margin for the relay."""
-    default = int(getattr(settings, "ENGINE_TIMEOUT_SECONDS", 300)) + 60
-    return max(1, int(getattr(settings, "V1_LEASE_SECONDS", default)))
+    return settings.V1_LEASE_SECONDS
 
 
 @dataclass

@@ -334,6 +334,19 @@ ENGINE_THREADS = int(envnumber("ENGINE_THREADS", 1, 1, whole=True))
 ENGINE_TIMEOUT_SECONDS = envnumber("ENGINE_TIMEOUT_SECONDS", 300, 1)
 # The largest max_tokens a /v1 client may ask for.
 GATEWAY_MAX_TOKENS = int(envnumber("GATEWAY_MAX_TOKENS", 2048, 1, whole=True))
+# Per-key limits of /v1 (serving.limits), counted in the cache: per gunicorn process with the
+# default local-memory cache, across all of them with CACHE_URL. Refusals are 429 + Retry-After.
+V1_MAX_CONCURRENT_PER_KEY = int(envnumber("V1_MAX_CONCURRENT_PER_KEY", 16, 1, whole=True))
+# n x max_tokens summed over a key's open requests (16 requests at the largest max_tokens).
+V1_MAX_TOKENS_IN_FLIGHT_PER_KEY = int(envnumber("V1_MAX_TOKENS_IN_FLIGHT_PER_KEY", 16 * 2048, 1, whole=True))
+V1_REQUESTS_PER_MINUTE_PER_KEY = int(envnumber("V1_REQUESTS_PER_MINUTE_PER_KEY", 600, 1, whole=True))
+# n x max_tokens of one request (a 400 above it): n=1 up to 8192 tokens, n=4 at 2048, n=16 at 512.
+V1_MAX_N_TIMES_TOKENS = int(envnumber("V1_MAX_N_TIMES_TOKENS", 8192, 1, whole=True))
+# How long an open request surely counts; one whose process died is forgotten 1-2 leases after it began.
+V1_LEASE_SECONDS = int(envnumber("V1_LEASE_SECONDS", ENGINE_TIMEOUT_SECONDS + 60, 1, whole=True))
+# The largest /v1 body (413 from its Content-Length) and the deepest JSON nesting in it (400).
+V1_MAX_BODY_BYTES = int(envnumber("V1_MAX_BODY_BYTES", DATA_UPLOAD_MAX_MEMORY_SIZE, 1, whole=True))
+V1_MAX_JSON_DEPTH = int(envnumber("V1_MAX_JSON_DEPTH", 32, 2, whole=True))
 # Training data whose answers fail a checkable rule on more than this share of
 # rows gets a warning (the absorb form asks to confirm; the fine-tune logs it).
 DATA_FAIL_WARN_SHARE = envnumber("WORKBENCH_DATA_FAIL_WARN_SHARE", 0.2, 0)
