@@ -37,12 +37,14 @@ import csv
 import hashlib
 import json
 import re
+import shlex
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, BinaryIO, NamedTuple
 
 import ijson  # picks its fastest backend installed: yajl2_c (C) with the usual wheels
 
+from engines import jsonguard
 from engines._types import type_name
 
 Message = dict[str, str]
@@ -98,9 +100,12 @@ class Limits:
     # Characters of one row as written in the file (a JSONL line, a JSON array
     # record, a CSV record), not of its message contents.
     max_row_chars: int = 1_000_000
+    # Nesting of the JSON, counted from the file's top level: deeper input is
+    # refused before any parser sees it (parsers pay for depth in memory).
+    max_depth: int = jsonguard.DEFAULT_MAX_DEPTH
 
     def __post_init__(self) -> None:
-        for name in ("max_bytes", "max_rows", "max_row_chars"):
+        for name in ("max_bytes", "max_rows", "max_row_chars", "max_depth"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"Limits.{name} must be a positive integer, got {value!r}")
@@ -167,14 +172,24 @@ _KEY_SNIFF = re.compile(r'"(messages|conversations|instruction|prompt)"\s*:')
 _FORMAT_OF_KEY = {"messages": "chat", "conversations": "sharegpt", "instruction": "alpaca", "prompt": "completion"}
 
 
-def detect_format(head: bytes, filename: str = "") -> str:
+def detect_format(head: bytes, filename: str = "", *, records_key: str | None = None,
+                  max_depth: int = jsonguard.DEFAULT_MAX_DEPTH) -> str:
     """Guess the format from the first bytes of the file (and its name).
-    Returns one of FORMATS; "lines" when nothing else fits."""
+    Returns one of FORMATS; "lines" when nothing else fits. With
+    `records_key`, the records are those under that key of a top-level object."""
     ext = filename.lower().rsplit(".", 1)[-1] if "." in filename else ""
     if ext in ("csv", "tsv"):
         return "csv"
     text = head.removeprefix(_BOM).decode("utf-8", "replace").lstrip()
+    if records_key is not None and text[:1] == "{":
+        text = _records_text(text, records_key)
     if text[:1] in ("{", "["):
+        try:
+            jsonguard.check(text, max_depth)
+        except jsonguard.TooDeep:
+            # Nothing here is decoded; the parser refuses the file, naming the line.
+            m = _KEY_SNIFF.search(text)
+            return _FORMAT_OF_KEY[m.group(1)] if m else "chat"
         guess = _json_guess(text)
         if guess:
             return guess
@@ -190,7 +205,14 @@ def detect_format(head: bytes, filename: str = "") -> str:
     return "lines"
 
 
+def _records_text(text: str, key: str) -> str:
+    """The head from the list under `key` on, to guess the format of its records."""
+    m = re.search(re.escape(json.dumps(key, ensure_ascii=False)) + r"\s*:\s*\[", text)
+    return text[m.end() - 1 :] if m else text
+
+
 def _json_guess(text: str) -> str | None:
+    """The format of a JSON head already checked against the depth limit."""
     decoder = json.JSONDecoder()
     first: object = None
     try:
@@ -249,11 +271,14 @@ def parse(
     answer_column: str | None = None,
     filename: str = "",
     use_chosen: bool = False,
+    records_key: str | None = None,
 ) -> Iterator[Row | RowError]:
     """Stream the file's rows and errors in file order. After a fatal error
     the stream ends. Reads the first bytes right away (to detect the format).
-    With use_chosen, DPO pairs (chosen/rejected) become their chosen answer."""
-    return _Parser(fileobj, fmt, limits, query_column, answer_column, filename, use_chosen).events()
+    With use_chosen, DPO pairs (chosen/rejected) become their chosen answer.
+    With records_key, the file is one JSON object and the records are the
+    items of the list under that key (read as a stream, like a JSON array)."""
+    return _Parser(fileobj, fmt, limits, query_column, answer_column, filename, use_chosen, records_key).events()
 
 
 class DatasetReader:
@@ -271,8 +296,10 @@ class DatasetReader:
         filename: str = "",
         keep_errors: int = MAX_KEPT_ERRORS,
         use_chosen: bool = False,
+        records_key: str | None = None,
     ) -> None:
-        self._parser = _Parser(fileobj, fmt, limits, query_column, answer_column, filename, use_chosen)
+        self._parser = _Parser(fileobj, fmt, limits, query_column, answer_column, filename, use_chosen,
+                               records_key)
         self.format: str = self._parser.format
         self.keep_errors = keep_errors
         self.row_count = 0
@@ -307,7 +334,7 @@ class DatasetReader:
         for item in self._parser.events():
             if isinstance(item, RowError):
                 self.error_count += 1
-                if len(self.errors) < self.keep_errors:
+                if len(self.errors) < self.keep_errors or item.fatal:  # the error that stopped parsing is kept
                     self.errors.append(item)
                 self.stopped = self.stopped or item.fatal
             else:
@@ -324,11 +351,13 @@ def validate(
     answer_column: str | None = None,
     filename: str = "",
     keep_errors: int = MAX_KEPT_ERRORS,
+    use_chosen: bool = False,
+    records_key: str | None = None,
 ) -> Validation:
     """Consume the whole stream without keeping rows."""
     reader = DatasetReader(
         fileobj, fmt, limits=limits, query_column=query_column, answer_column=answer_column,
-        filename=filename, keep_errors=keep_errors,
+        filename=filename, keep_errors=keep_errors, use_chosen=use_chosen, records_key=records_key,
     )
     for _ in reader:
         pass
@@ -354,16 +383,142 @@ class _Bad(Exception):
     """A row is rejected; the message is the reason."""
 
 
-def _json_object_line(text: str) -> bool:
+def _json_object_line(text: str, max_depth: int) -> bool:
     """True when one of the first lines after the first is a whole JSON
     object (JSONL with a broken first line, not a pretty-printed object)."""
     for line in re.split(r"\r\n|\r|\n", text)[1:6]:
         try:
-            if isinstance(json.loads(line), dict):
+            if isinstance(jsonguard.loads(line, max_depth), dict):
                 return True
-        except (ValueError, RecursionError):
+        except ValueError:
             pass
     return False
+
+
+# Fields that make a top-level object a row of some format, not a file of rows.
+_ROW_FIELDS = frozenset({"messages", "conversations", "instruction", "input", "output", "prompt", "completion",
+                         "chosen", "rejected", "instances"})
+_KINDS = {"start_map": "object", "start_array": "list", "string": "string", "number": "number",
+          "integer": "number", "double": "number", "boolean": "boolean", "null": "null"}
+
+
+class _Value:
+    """What a top-level key holds: its kind and, for a list, how many items and objects among them."""
+
+    __slots__ = ("kind", "items", "objects")
+
+    def __init__(self, kind: str | None = None) -> None:
+        self.kind = kind
+        self.items = 0
+        self.objects = 0
+
+
+def _describe(obj: dict[str, object]) -> dict[str, _Value]:
+    keys: dict[str, _Value] = {}
+    for key, value in obj.items():
+        info = keys[key] = _Value(type_name(value))
+        if isinstance(value, list):
+            info.items = len(value)
+            info.objects = sum(isinstance(item, dict) for item in value)
+    return keys
+
+
+def _records_keys(keys: dict[str, _Value]) -> list[tuple[str, _Value]]:
+    """The keys holding lists of objects, the longest first."""
+    found = [(k, v) for k, v in keys.items() if v.kind == "list" and v.objects]
+    return sorted(found, key=lambda kv: -kv[1].objects)
+
+
+def _a(kind: str) -> str:
+    return kind if kind == "null" else f"an {kind}" if kind[0] in "aeiou" else f"a {kind}"
+
+
+def _single_object_error(keys: dict[str, _Value], broken: str = "") -> RowError:
+    found = _records_keys(keys)
+    if found:
+        key, value = found[0]
+        shown = _shown(key)
+        also = "".join(f'; "{_shown(k)}" holds {v.items:,}' for k, v in found[1:4])
+        return RowError(0, f'the file is one JSON object; its records are under the key "{shown}" '
+                           f"({value.items:,} items{also}){broken}: load it with records key \"{shown}\" "
+                           f"(--records-key {shlex.quote(shown)}; upload form: records key)", fatal=True)
+    listed = ", ".join(_shown(k) for k in list(keys)[:10]) + (", ..." if len(keys) > 10 else "")
+    return RowError(0, f"the file is a single JSON object with keys {listed or '(none read)'}{broken}; the rows "
+                       "must be a JSON array or one object per line (JSONL)", fatal=True)
+
+
+
+
+class _TopLevel:
+    """The top level of a JSON text fed in pieces, without building it: the
+    kind of the value, and for an object its keys and what each holds.
+    yajl's events, no prefixes: memory is the keys; with `max_depth`, the
+    pieces pass the depth guard first (a _Stop naming the line)."""
+
+    def __init__(self, max_depth: int | None = None, first_line: int = 1) -> None:
+        self.guard = jsonguard.DepthGuard(max_depth, first_line) if max_depth is not None else None
+        self.events = ijson.sendable_list()
+        self.coro = ijson.basic_parse_coro(self.events)
+        self.kind: str | None = None
+        self.keys: dict[str, _Value] = {}
+        self.closed = False  # the top-level value is complete
+        self.trailing = False  # and more follows it
+        self.broken = ""  # why the text is not JSON, as " (and ...)"
+        self._depth = 0
+        self._value: _Value | None = None
+
+    def feed(self, piece: bytes) -> None:
+        if self.broken:
+            return
+        if self.guard is not None:
+            try:
+                self.guard.feed(piece)
+            except jsonguard.TooDeep as deep:
+                raise _Stop(RowError(deep.line, deep.reason, fatal=True)) from None
+        try:
+            self.coro.send(piece)
+        except (ijson.JSONError, ValueError) as exc:
+            self._fail(exc)
+        self._walk()
+
+    def close(self) -> None:
+        if self.broken:
+            return
+        try:
+            self.coro.close()
+        except (ijson.JSONError, ValueError) as exc:
+            self._fail(exc)
+        self._walk()
+
+    def _fail(self, exc: Exception) -> None:
+        reason = _yajl_error(exc)[0]
+        self.trailing = reason == "trailing garbage"
+        self.broken = " (and the file ends inside it)" if reason == "premature EOF" else \
+            " (and more JSON follows it)" if self.trailing else f" (and it is not valid JSON: {reason})"
+
+    def _walk(self) -> None:
+        depth, value = self._depth, self._value
+        for event, item in self.events:
+            if event == "map_key":
+                if depth == 1:
+                    value = self.keys[str(item)] = _Value()
+                continue
+            if event in ("end_map", "end_array"):
+                depth -= 1
+                self.closed = depth == 0
+                continue
+            kind = _KINDS.get(event, event)
+            if depth == 0:
+                self.kind = kind
+            elif depth == 1 and value is not None and self.kind == "object":
+                value.kind = kind
+            elif depth == 2 and value is not None and value.kind == "list":
+                value.items += 1
+                value.objects += kind == "object"
+            if event in ("start_map", "start_array"):
+                depth += 1
+        self.events.clear()
+        self._depth, self._value = depth, value
 
 
 class _ChunkReader:
@@ -512,14 +667,19 @@ class _Source:
                 self.pos = len(self.buf)
                 return line, True
 
-    def skip_line(self) -> None:
-        """Discard up to and including the next line ending."""
+    def skip_line(self, sink: Any = None) -> None:
+        """Discard up to and including the next line ending; `sink`, when
+        given, is called with each piece discarded."""
         while True:
             i = self._line_end(self.pos, len(self.buf))
             if i >= 0:
+                if sink is not None:
+                    sink(bytes(self.buf[self.pos : i]))
                 self.pos = i
                 return
             if i == -1:
+                if sink is not None:
+                    sink(bytes(self.buf[self.pos :]))
                 self.pos = len(self.buf)
             if not self.fill():
                 self._eof = True
@@ -538,9 +698,13 @@ class _Parser:
         answer_column: str | None,
         filename: str,
         use_chosen: bool = False,
+        records_key: str | None = None,
     ) -> None:
         if fmt != "auto" and fmt not in FORMATS:
             raise ValueError(f"unknown format {fmt!r} (expected auto or one of {', '.join(FORMATS)})")
+        if records_key is not None and not isinstance(records_key, str):
+            raise ValueError(f"records_key must be a string, got {type_name(records_key)}")
+        self.records_key = records_key or None
         self.limits = limits
         self.query_column = query_column
         self.answer_column = answer_column
@@ -553,7 +717,8 @@ class _Parser:
             head = head[len(_BOM) :]
         self.head = head
         self.binary = not self.utf16 and looks_binary(head)
-        self.format = fmt if fmt != "auto" else "lines" if self.binary else detect_format(head, filename)
+        self.format = fmt if fmt != "auto" else "lines" if self.binary else detect_format(
+            head, filename, records_key=self.records_key, max_depth=limits.max_depth)
         if fmt == "auto" and query_column is not None:
             if self.format == "lines":
                 self.format = "csv"  # naming a column says it is a table
@@ -584,7 +749,9 @@ class _Parser:
                 raise _Stop(RowError(0, f"{self.filename or 'the file'} looks like a binary file (control or "
                                         "unreadable bytes throughout its start), not text: upload chat JSONL, Alpaca or "
                                         "ShareGPT JSON, CSV, or plain text with one query per line", fatal=True))
-            if self.format == "csv":
+            if self.records_key is not None:
+                source = self._records_under_key()
+            elif self.format == "csv":
                 source = self._csv()
             elif self.format == "lines":
                 source = self._lines()
@@ -603,23 +770,38 @@ class _Parser:
         except _Stop as stop:
             yield stop.error
             return
+        except RecursionError:  # the depth guard should make this unreachable: still never a crash
+            yield RowError(0, "the file is nested too deeply to parse", fatal=True)
+            return
+        except MemoryError:
+            yield RowError(0, "the file needs more memory to parse than this server has", fatal=True)
+            return
         if self.records == 0 and errors == 0:
             empty = self.src.bytes_read == 0
             yield RowError(0, "the file is empty" if empty else "the file contains no rows", fatal=True)
 
     # --- plain text and JSON Lines ---
 
-    def _text_lines(self) -> Iterator[tuple[int, str] | RowError]:
+    def _text_lines(self, describe_long_first_line: bool = False) -> Iterator[tuple[int, str] | RowError]:
         """(line number, text without its line ending) of every line that is
-        not blank, counted as a row; errors for lines too long or not UTF-8."""
+        not blank, counted as a row; errors for lines too long or not UTF-8.
+        With describe_long_first_line, a first line too long that is the
+        whole file and one JSON object holding the records is refused as such."""
         line_no = 0
+        seen = False
         while True:
             raw, complete = self.src.readline(self.max_row_bytes)
             if not raw:
                 return
             line_no += 1
+            first = not seen and not raw.isspace()
+            seen = seen or first
+            long_object = describe_long_first_line and first and raw.lstrip()[:1] == b"{"
             if not complete:
-                self.src.skip_line()
+                if long_object:
+                    self._refuse_long_records_object(raw, line_no, rest=True)
+                else:
+                    self.src.skip_line()
                 self.count()
                 yield RowError(line_no, f"line is {self.too_long}")
                 continue
@@ -634,9 +816,22 @@ class _Parser:
                 continue
             self.count()
             if len(text) > self.limits.max_row_chars:
+                if long_object:
+                    self._refuse_long_records_object(raw, line_no)
                 yield RowError(line_no, f"line is {self.too_long}")
             else:
                 yield line_no, text
+
+    def _refuse_long_records_object(self, raw: bytes, line_no: int, rest: bool = False) -> None:
+        """A first line too long to be a row: stop if it is the whole file and one
+        object holding the records. With `rest`, the line goes on past `raw`."""
+        walker = _TopLevel(self.limits.max_depth, line_no)
+        walker.feed(raw)
+        if rest:
+            self.src.skip_line(walker.feed)
+        walker.close()
+        if walker.closed and not walker.trailing and self._rest_is_blank():
+            self._refuse_records_object(walker.keys)
 
     def _lines(self) -> Iterator[Row | RowError]:
         for item in self._text_lines():
@@ -648,20 +843,31 @@ class _Parser:
                 yield Row(item[0], [{"role": "user", "content": item[1]}])
 
     def _jsonl(self) -> Iterator[Row | RowError]:
-        for item in self._text_lines():
+        max_depth = self.limits.max_depth
+        first = 0
+        for item in self._text_lines(describe_long_first_line=True):
+            if not first:
+                first = item.line if isinstance(item, RowError) else item[0]
             if isinstance(item, RowError):
                 yield item
                 continue
             line_no, text = item
+            # Counting brackets is cheap and bounds the depth: only lines with
+            # many are walked by the guard.
+            if text.count("[") + text.count("{") > max_depth:
+                try:
+                    jsonguard.check(text, max_depth)
+                except jsonguard.TooDeep as deep:
+                    raise _Stop(RowError(line_no + deep.line - 1, deep.reason, fatal=True)) from None
             try:
                 obj = json.loads(text)
             except json.JSONDecodeError as err:
                 yield RowError(line_no, f"invalid JSON: {_json_reason(err)} (column {err.colno})")
-            except RecursionError:
-                yield RowError(line_no, "invalid JSON: nested too deeply")
             except ValueError as err:  # e.g. an integer with too many digits
                 yield RowError(line_no, f"invalid JSON: {err}")
             else:
+                if line_no == first and isinstance(obj, dict) and self._rest_is_blank():
+                    self._refuse_records_object(_describe(obj))
                 yield from self._rows(obj, line_no)
 
     def _rows(self, obj: object, line: int, record: int | None = None) -> Iterator[Row | RowError]:
@@ -673,46 +879,43 @@ class _Parser:
             if "chosen" in row or "rejected" in row:
                 if not self.use_chosen:
                     raise _Bad(DPO_REASON)
+                messages, used = _from_chosen(row)
                 self.notes["preference pairs: only the chosen answers were loaded; the rejected answers "
                            "were dropped"] = None
-                messages, used = _from_chosen(row)
-                yield Row(line, messages, record, self._extra(row, used))
-                return
-            if isinstance(row.get("instances"), list):
+                rows = [messages]
+            elif isinstance(row.get("instances"), list):
                 rows = _from_instances(row)
+                used = {"instruction", "instances", "system"}
                 self.notes["self-instruct seed tasks: each instance became a row (query: the instruction "
                            "and the instance input; answer: the instance output)"] = None
-                extra = self._extra(row, {"instruction", "instances", "system"})
-                for i, messages in enumerate(rows):
-                    if i:
-                        self.count()
-                    yield Row(line, messages, record, extra)
-                return
-            if self.format == "fields":
+            elif self.format == "fields":
                 messages, used = _from_fields(row, self.query_column or "", self.answer_column)
-            elif self.format == "alpaca":
-                messages, used = _from_alpaca(row), _USED_FIELDS["alpaca"]
-            elif self.format == "sharegpt":
-                messages, used = _from_sharegpt(row), _USED_FIELDS["sharegpt"]
-            elif self.format == "completion":
-                messages, used = _from_completion(row), _USED_FIELDS["completion"]
+                rows = [messages]
             else:
-                messages, used = _from_chat(row), _USED_FIELDS["chat"]
+                read, used = _READERS.get(self.format, _READERS["chat"])
+                rows = [read(row)]
+            # Whatever a format reads passed _check_text; this keeps any
+            # future path from storing text PostgreSQL and exports refuse.
+            for messages in rows:
+                for i, m in enumerate(messages):
+                    if not m["content"].isascii():
+                        _check_text(m["content"], f"messages[{i}].content")
+            extra = _extra_fields(row, used)
         except _Bad as bad:
             reason = str(bad)
             if reason.startswith("missing field '") and isinstance(obj, dict):
                 reason += _how_to_load(obj)
             yield RowError(line, reason, record)
             return
-        yield Row(line, messages, record, self._extra(row, used))
-
-    def _extra(self, row: dict[str, object], used: set[str]) -> dict[str, object] | None:
-        extra = {k: v for k, v in row.items() if k not in used and v is not None}
-        for key in extra:
-            if len(self.kept_fields) >= MAX_KEPT_FIELDS:
-                break
-            self.kept_fields.setdefault(key, None)
-        return extra or None
+        if extra:
+            for key in extra:
+                if len(self.kept_fields) >= MAX_KEPT_FIELDS:
+                    break
+                self.kept_fields.setdefault(key, None)
+        for i, messages in enumerate(rows):
+            if i:
+                self.count()
+            yield Row(line, messages, record, extra)
 
     def _warn_if_jsonl(self, head: bytes) -> None:
         lines = head.decode("utf-8", "replace").splitlines()
@@ -722,8 +925,8 @@ class _Parser:
         objects = 0
         for ln in lines:
             try:
-                objects += isinstance(json.loads(ln), dict)
-            except (ValueError, RecursionError):
+                objects += isinstance(jsonguard.loads(ln, self.limits.max_depth), dict)
+            except ValueError:
                 pass
         if lines and objects * 2 > len(lines):
             self.warnings.append(
@@ -732,48 +935,72 @@ class _Parser:
                 "format auto (--format auto) or name the fields (--query-column/--answer-column)"
             )
 
+    def _rest_is_blank(self) -> bool:
+        """Nothing but blanks after the current position (looks ahead, reads nothing)."""
+        rest = self.src.peek(HEAD_BYTES)
+        return len(rest) < HEAD_BYTES and not rest.strip()
+
+    def _is_row(self, keys: dict[str, _Value]) -> bool:
+        """Whether a top-level object with these keys reads as a row of some format."""
+        return bool(keys.keys() & _ROW_FIELDS) or (self.query_column is not None and self.query_column in keys)
+
+    def _refuse_records_object(self, keys: dict[str, _Value]) -> None:
+        """Stop on a file that is one object holding its records in a list
+        (not a row): name the key and how to load it."""
+        if not self._is_row(keys) and _records_keys(keys):
+            raise _Stop(_single_object_error(keys))
+
     def _refuse_single_object(self) -> None:
         """A file that is one JSON object (pretty-printed over many lines,
         e.g. {"data": [...]}) is neither a JSON array nor JSONL: say so once
-        instead of an error for each of its lines."""
+        instead of an error for each of its lines. (One on a single line is
+        found by _jsonl: it may be a JSONL file of one row.)"""
         text = self.head.decode("utf-8", "replace").lstrip()
         if not text.startswith("{"):
             return
+        max_depth = self.limits.max_depth
         first = _first_line(text)
         try:
-            if isinstance(json.loads(first), dict):
+            if isinstance(jsonguard.loads(first, max_depth), dict):
                 return  # JSONL
-        except (ValueError, RecursionError):
+        except ValueError:
             pass
-        keys: list[str] = []
         try:
+            # Depth summed over the whole head: lines of JSONL cut short add up, so
+            # too deep here is no verdict (the lines, or the walk below, give one).
+            jsonguard.check(text, max_depth)
             whole, end = _JSON.raw_decode(text)
-        except (ValueError, RecursionError):
+        except ValueError:
             whole, end = None, 0
         if isinstance(whole, dict):
             if text[end:].strip():
                 return  # more than one object: per-line errors tell more
-            keys = list(whole)
-        elif first.rstrip().endswith(("{", "[", ",", ":")) and len(self.head) >= HEAD_BYTES \
-                and not _json_object_line(text):
-            # Cut off at the end of the head: read the top-level keys as a stream.
-            broken = ""
-            try:
-                for prefix, event, value in ijson.parse(_ChunkReader(self.src.chunks())):
-                    if prefix == "" and event == "map_key":
-                        keys.append(str(value))
-            except (ijson.JSONError, ValueError) as exc:
-                reason = _yajl_error(exc)[0]
-                broken = " (and the file ends inside it)" if reason == "premature EOF" else \
-                    f" (and it is not valid JSON: {reason})"
-            listed = ", ".join(keys[:10]) + (", ..." if len(keys) > 10 else "")
-            raise _Stop(RowError(0, f"the file is a single JSON object with keys {listed or '(none read)'}{broken}; "
-                                    "the rows must be a JSON array or one object per line (JSONL)", fatal=True))
-        else:
-            return
-        listed = ", ".join(keys[:10]) + (", ..." if len(keys) > 10 else "")
-        raise _Stop(RowError(0, f"the file is a single JSON object with keys {listed}; the rows must be a JSON "
-                                "array or one object per line (JSONL)", fatal=True))
+            raise _Stop(_single_object_error(_describe(whole)))
+        if first.rstrip().endswith(("{", "[", ",", ":")) and len(self.head) >= HEAD_BYTES \
+                and not _json_object_line(text, max_depth):
+            # Cut off at the end of the head: read the top level as a stream.
+            walker = _TopLevel(max_depth)
+            for chunk in self.src.chunks():
+                walker.feed(chunk)
+                if walker.broken:
+                    break
+            walker.close()
+            raise _Stop(_single_object_error(walker.keys, walker.broken))
+
+    def _records_under_key(self) -> Iterator[Row | RowError]:
+        key = self.records_key
+        assert key is not None
+        if self.format in ("csv", "lines"):
+            raise _Stop(RowError(0, f"a records key (\"{_shown(key)}\") applies to a JSON file that is one object; "
+                                    f"format {self.format} has no keys", fatal=True))
+        start = self.head.lstrip()[:1]
+        if start == b"[":
+            raise _Stop(RowError(0, f"the file is a JSON array, not one JSON object: its records are read without a "
+                                    f"records key (\"{_shown(key)}\" was given)", fatal=True))
+        if start not in (b"{", b""):
+            raise _Stop(RowError(0, f"with a records key (\"{_shown(key)}\") the file must be one JSON object "
+                                    "holding the records in a list under that key", fatal=True))
+        return _JsonArray(self, key).events()
 
     # --- JSON array ---
 
@@ -1010,6 +1237,19 @@ def _token_start(piece: bytes, end: int, reason: str, lexical: bool) -> int:
     return start
 
 
+# What starts a surrogate escape (\\ud800-\\udfff) or, rarely, text like "\\\\ud": a record
+# that holds one is decoded again, so a false match costs time, not truth.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD]")
+
+
+def _line_start(data: bytes, lines: int) -> int:
+    """Where the line `lines` lines after the first of `data` starts."""
+    pos = 0
+    for _ in range(lines):
+        pos = data.index(b"\n", pos) + 1
+    return pos
+
+
 def _record_chars(data: bytes) -> int:
     """Characters of a record's text, less what follows its closing bracket
     in `data` (a comma, the array's end, blanks)."""
@@ -1033,10 +1273,23 @@ class _JsonArray:
     earlier chunks are kept, to measure it or to explain a syntax error in
     it) and nothing else. A record still open max_row_bytes past its start
     stops parsing: ijson cannot skip it.
+
+    Every chunk passes the depth guard before ijson sees any of it (ijson's
+    memory grows with the square of the depth). Surrogate escapes (\\udxxx)
+    are hidden from ijson (yajl turns a lone one into "?" or fails) and the
+    few records that hold one are decoded again by json, which keeps them.
+
+    With `records_key`, the records are the items of the list under that key
+    of a top-level object, read the same way.
     """
 
-    def __init__(self, parser: _Parser) -> None:
+    def __init__(self, parser: _Parser, records_key: str | None = None) -> None:
         self.parser = parser
+        self.records_key = records_key
+        self.container = "the JSON array" if records_key is None else "the JSON object"
+        # Watches the top level until the key's value starts (then it must be a list).
+        self.top: _TopLevel | None = None if records_key is None else _TopLevel()
+        self.escapes: list[int] = []  # file offsets of surrogate escapes not yet behind a record
         self.start: int | None = None  # file offset of the object record in progress
         self.started = False  # a record started in the piece just fed
         self.start_line = self.start_col = 0  # where it starts, once known
@@ -1064,12 +1317,26 @@ class _JsonArray:
         self.start = None
 
     def events(self) -> Iterator[Row | RowError]:
-        coro = ijson.items_coro(self, "item", map_type=self.new_map)
+        prefix = "item" if self.records_key is None else f"{self.records_key}.item"
+        coro = ijson.items_coro(self, prefix, map_type=self.new_map)
+        guard = jsonguard.DepthGuard(self.parser.limits.max_depth)
         carry = b""
         for data in self.parser.src.chunks():
+            first_line = guard.line
+            try:
+                guard.feed(data)
+            except jsonguard.TooDeep as deep:
+                # The lines before the one too deep are within the limit: their records come first.
+                safe = _line_start(data, deep.line - first_line)
+                if safe:
+                    yield from self._feed(coro, carry + data[:safe])
+                raise _Stop(RowError(deep.line, deep.reason, fatal=True)) from None
             if carry:
                 data = carry + data
             cut = _utf8_cut(data)  # pieces hold whole characters: columns and UTF-8 errors are exact
+            back = data.rfind(b"\\", max(cut - 2, 0), cut)
+            if back >= 0:
+                cut = back  # and whole "\\u" escape starts, for the surrogate check
             carry = data[cut:]
             if cut:
                 yield from self._feed(coro, data[:cut] if carry else data)
@@ -1087,7 +1354,14 @@ class _JsonArray:
         self.base += len(self.chunk)
         self.chunk = chunk
         base, n = self.base, len(chunk)
-        send, find = coro.send, chunk.find
+        fed = chunk
+        if b"\\ud" in chunk or b"\\uD" in chunk:
+            # Same length, no surrogate: offsets, lines and columns stay exact.
+            self.escapes += [base + m.start() for m in _SURROGATE_ESCAPE.finditer(chunk)]
+            fed = _SURROGATE_ESCAPE.sub(b"\\\\u0", chunk)
+        if self.top is not None:
+            self._watch_top(fed)
+        send, find = coro.send, fed.find
         pos = 0
         while pos < n:  # the hot loop: one turn per object
             end = find(b"{", pos + 1)
@@ -1095,7 +1369,7 @@ class _JsonArray:
                 end = n
             self.piece_start = base + pos
             try:
-                send(chunk[pos:end])
+                send(fed[pos:end])
             except (ijson.JSONError, ValueError) as exc:
                 self._note_start()
                 yield from self._records(base + end)
@@ -1150,11 +1424,43 @@ class _JsonArray:
             elif piece_end - start > max_chars and _record_chars(self._record_bytes(start, piece_end)) > max_chars:
                 yield RowError(self.start_line, f"record is {parser.too_long}", self.records)
             else:
+                if self.escapes and self.escapes[0] < piece_end:
+                    record = self._decoded(start, piece_end, record)
                 yield from parser._rows(record, self.start_line, self.records)
             if start is not None:
                 self.kept = []
+        if self.escapes and self.escapes[0] < piece_end:
+            self.escapes = [e for e in self.escapes if e >= piece_end]
         self.done.clear()
         self.last_done = piece_end
+
+    def _decoded(self, start: int, end: int, record: object) -> object:
+        """The record as json reads it: it holds surrogate escapes, which yajl cannot read."""
+        try:
+            return _JSON.raw_decode(self._record_bytes(start, end).decode("utf-8"))[0]
+        except (ValueError, RecursionError):  # the bytes passed ijson and the depth guard: not expected
+            return record
+
+    def _watch_top(self, piece: bytes) -> None:
+        """Until the value under the records key starts: stop if there is no such key or its value is no list."""
+        top = self.top
+        assert top is not None and self.records_key is not None
+        top.feed(piece)
+        key = _shown(self.records_key)
+        value = top.keys.get(self.records_key)
+        if value is not None and value.kind is not None:
+            self.top = None
+            if value.kind != "list":
+                raise _Stop(RowError(0, f'the value under the records key "{key}" is {_a(value.kind)}, not a '
+                                        "list of records", fatal=True))
+        elif top.closed:
+            found = ", ".join(f'"{_shown(k)}"' for k in list(top.keys)[:10]) or "none"
+            hint = _records_keys(top.keys)
+            also = f'; the records look to be under "{_shown(hint[0][0])}"' if hint else ""
+            raise _Stop(RowError(0, f'no key "{key}" in the top-level object (its keys: {found}){also}',
+                                 fatal=True))
+        elif top.broken:
+            self.top = None  # the syntax error is ijson's to report, where it is
 
     def _too_long(self, line: int) -> RowError:
         return RowError(line, f"record is {self.parser.too_long} (a JSON array cannot be read past it)",
@@ -1195,7 +1501,7 @@ class _JsonArray:
         if self.start is not None:
             return RowError(self.start_line, f"invalid JSON: {reason} ({where})", record, fatal=True)
         if reason == "trailing garbage":
-            return RowError(line, "unexpected data after the end of the JSON array", fatal=True)
+            return RowError(line, f"unexpected data after the end of {self.container}", fatal=True)
         # The usual slips between records; not sure signs of them inside an
         # item that is not an object, which is rare (and an error anyway).
         found = piece[offset] if offset is not None and offset < len(piece) else None
@@ -1214,10 +1520,10 @@ class _JsonArray:
             return RowError(self.start_line, "the file ends inside this record (an unclosed string, object or list)",
                             self.records + 1, fatal=True)
         if reason == "premature EOF":
-            return RowError(line, f"the JSON array is not closed (file ends after record {self.records})",
+            return RowError(line, f"{self.container} is not closed (file ends after record {self.records})",
                             fatal=True)
         if reason == "trailing garbage":
-            return RowError(line, "unexpected data after the end of the JSON array", fatal=True)
+            return RowError(line, f"unexpected data after the end of {self.container}", fatal=True)
         return RowError(line, f"invalid JSON: {reason}", fatal=True)
 
 
@@ -1234,10 +1540,50 @@ def _path(where: str, key: str) -> str:
     return f"{where}.{key}" if where else key
 
 
+def _shown(text: str) -> str:
+    """`text` fit to show in a message: unpaired surrogates as \\udxxx escapes."""
+    return text if text.isascii() else text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _check_text(value: str, where: str) -> str:
+    """`value`, unless it holds an unpaired surrogate (a JSON escape such as
+    \\ud800 alone): not Unicode, so PostgreSQL and any UTF-8 export refuse it."""
+    if not value.isascii():  # the common case costs one scan
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise _Bad(f"{where} holds an unpaired surrogate \\u{ord(value[err.start]):04x} (not valid Unicode)") \
+                from None
+    return value
+
+
+def _check_value(value: object, where: str) -> None:
+    """Every string of a parsed JSON value, keys included (its depth is bounded by the guard)."""
+    if isinstance(value, str):
+        _check_text(value, where)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_text(key, f"the field name {_path(where, _shown(key))}")
+            _check_value(item, _path(where, _shown(key)))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_value(item, f"{where}[{i}]")
+
+
+def _extra_fields(row: dict[str, object], used: set[str]) -> dict[str, object] | None:
+    """The fields of a row that no format reads, kept with it."""
+    extra = {k: v for k, v in row.items() if k not in used and v is not None}
+    if extra:
+        _check_value(extra, "")
+    return extra or None
+
+
 def _optional_string(obj: dict[str, object], key: str, where: str = "") -> str | None:
     value = obj.get(key)
     if value is not None and not isinstance(value, str):
         raise _Bad(f"{_path(where, key)}: expected a string, got {type_name(value)}")
+    if value is not None and not value.isascii():  # the hot path: no call, no path built
+        _check_text(value, _path(where, key))
     return value
 
 
@@ -1247,6 +1593,8 @@ def _required_string(obj: dict[str, object], key: str, where: str = "") -> str:
     value = obj[key]
     if not isinstance(value, str):
         raise _Bad(f"{_path(where, key)}: expected a string, got {type_name(value)}")
+    if not value.isascii():
+        _check_text(value, _path(where, key))
     return value
 
 
@@ -1323,7 +1671,7 @@ def _how_to_load(obj: dict[str, object]) -> str:
     hint = ("; supported formats: chat (messages), alpaca (instruction/input/output), sharegpt (conversations), "
             "completion (prompt/completion) — choose with --format, or name the fields with ")
     option = "--query-column/--answer-column" if query is None else \
-        f"--query-column {query}" + (f" --answer-column {answer}" if answer else "")
+        f"--query-column {_shown(query)}" + (f" --answer-column {_shown(answer)}" if answer else "")
     return hint + option + " (upload form: query/answer column)"
 
 
@@ -1403,7 +1751,7 @@ def _from_chosen(row: dict[str, object]) -> tuple[list[Message], set[str]]:
             out.append({"role": "user", "content": _content(row, prompt_key)})
         if not chosen.strip():
             raise _Bad("chosen: empty content")
-        out.append({"role": "assistant", "content": chosen})
+        out.append({"role": "assistant", "content": _check_text(chosen, "chosen")})
         return out, used
     if not isinstance(chosen, list):
         raise _Bad(f"chosen: expected a string or a list of messages, got {type_name(chosen)}")
@@ -1482,3 +1830,12 @@ def _from_alpaca(obj: object) -> list[Message]:
     if output and output.strip():
         out.append({"role": "assistant", "content": output})
     return out
+
+
+# Format -> (reader of one record, the fields it reads); "fields" needs the caller's names.
+_READERS: dict[str, tuple[Any, set[str]]] = {
+    "chat": (_from_chat, _USED_FIELDS["chat"]),
+    "alpaca": (_from_alpaca, _USED_FIELDS["alpaca"]),
+    "sharegpt": (_from_sharegpt, _USED_FIELDS["sharegpt"]),
+    "completion": (_from_completion, _USED_FIELDS["completion"]),
+}

@@ -3,8 +3,9 @@
 Parsers pay for depth: the stdlib's recursive decoder raises RecursionError on
 a 100,000-deep array, and ijson builds a prefix string per level, so its memory
 grows with the square of the depth (a 400 KB upload of brackets took 17 GB).
-`DepthGuard` reads the bytes as they stream past, in C-speed steps (strings are
-cut out with one regex, the brackets left are summed with `accumulate`), and
+`DepthGuard` reads the bytes as they stream past, in C-speed steps (escapes dropped, all
+but quotes and brackets deleted, the brackets outside strings summed with
+`accumulate`), and
 raises `TooDeep` naming the line as soon as the nesting passes the limit.
 
     guard = DepthGuard(limit=32)
@@ -25,12 +26,11 @@ from itertools import accumulate, count
 from typing import Any
 
 DEFAULT_MAX_DEPTH = 32
+_SLICE = 16 * 1024
 
-# A complete string (unrolled loop: fast on long strings), and what is left of
-# one that runs on from the previous chunk.
-_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
+# What is left of a string from a given position (the slow walk that finds the line).
 _STRING_TAIL = re.compile(rb'[^"\\]*(?:\\.[^"\\]*)*', re.S)
-_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_NOT_MARKS = bytes(b for b in range(256) if b not in b'"[]{}')
 # Opening brackets become 2, closing ones 0: the running sum minus the index is the depth.
 _STEP = bytes.maketrans(b"[{]}", b"\x02\x02\x00\x00")
 
@@ -62,24 +62,26 @@ class DepthGuard:
         self._escape = False
 
     def feed(self, piece: bytes | bytearray | memoryview) -> None:
-        data = bytes(piece)
-        if not data:
-            return
+        # In slices: each step copies its input a few times, so memory stays a few slices.
+        view = memoryview(piece)
+        for i in range(0, len(view), _SLICE):
+            self._feed(bytes(view[i : i + _SLICE]))
+
+    def _feed(self, data: bytes) -> None:
         start_state = (self.depth, self._in_string, self._escape)
-        depth, in_string, escape = start_state
-        pos = 0
-        if in_string:
-            pos, in_string, escape = _string_end(data, 0, escape)
-        structural = b""
-        if not in_string and pos < len(data):
-            rest = _STRING.sub(b"", data[pos:])
-            quote = rest.find(b'"')
-            if quote >= 0:  # a string that runs past this piece
-                tail = rest[quote + 1 :]
-                rest = rest[:quote]
-                in_string = True
-                escape = (len(tail) - len(tail.rstrip(b"\\"))) % 2 == 1
-            structural = rest.translate(None, _NOT_BRACKETS)
+        body = data[1:] if self._escape else data  # the byte a trailing backslash escaped
+        stripped = body.rstrip(b"\\")
+        escape = (len(body) - len(stripped)) % 2 == 1
+        if escape:
+            body = body[:-1]
+        # Escapes pair from the left, so dropping "\\\\" then '\\"' leaves only the quotes that
+        # open or close strings; then everything but quotes and brackets goes, and every other
+        # piece between quotes is outside a string.
+        marks = body.replace(b"\\\\", b"").replace(b'\\"', b"").translate(None, _NOT_MARKS)
+        pieces = marks.split(b'"')
+        structural = b"".join(pieces[1 if self._in_string else 0 :: 2])
+        in_string = self._in_string ^ (len(pieces) % 2 == 0)
+        depth = self.depth
         if structural:
             steps = structural.translate(_STEP)
             deepest = depth + max(map(operator.sub, accumulate(steps), count(1)))

@@ -94,8 +94,8 @@ REFUSED = [
                     "(messages), alpaca (instruction/input/output), sharegpt (conversations), completion "
                     "(prompt/completion) — choose with --format, or name the fields with --query-column question "
                     "--answer-column answer (upload form: query/answer column)"),
-    ("single_object.json", "the file is a single JSON object with keys data, version; the rows must be a JSON "
-                           "array or one object per line (JSONL)"),
+    ("single_object.json", 'the file is one JSON object; its records are under the key "data" (2 items): load it '
+                           'with records key "data" (--records-key data; upload form: records key)'),
 ]
 
 
@@ -118,7 +118,7 @@ def test_it_shows_the_refusal_on_the_upload_page(alice_client, alice_project, me
     r = upload(alice_client, alice_project, "kto.jsonl")
     assert r.status_code == 400 and b"KTO preference data" in r.content
     r = upload(alice_client, alice_project, "single_object.json")
-    assert r.status_code == 400 and b"the file is a single JSON object with keys data, version" in r.content
+    assert r.status_code == 400 and b"the file is one JSON object; its records are under the key" in r.content
     assert b'name="use_chosen"' in r.content and b'name="skip_bad"' in r.content
     assert_nothing_stored(media_root)
 

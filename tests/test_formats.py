@@ -662,6 +662,12 @@ def test_it_names_a_pretty_printed_single_object_longer_than_the_head():
                      indent=2).encode()
     assert len(big) > formats.HEAD_BYTES
     assert errors(big, filename="x.json") == [
+        'the file is one JSON object; its records are under the key "data" (2,000 items): load it with records '
+        'key "data" (--records-key data; upload form: records key)'
+    ]
+    # no list of records in it: the keys are named
+    plain = json.dumps({"data": {"question": "q " * 40_000}, "version": "1"}, indent=2).encode()
+    assert errors(plain, filename="x.json") == [
         "the file is a single JSON object with keys data, version; the rows must be a JSON array or one object "
         "per line (JSONL)"
     ]
