@@ -5,7 +5,7 @@ from typing import Any
 from django import forms
 
 from evals.models import METRICS, EvalSuite
-from jobs.forms import form_token_field
+from workbench.forms import form_token_field
 from workbench.models import BaseModel, DatasetVersion, Project, PromptVersion, Variant
 
 # Ids are BigAutoField: anything outside 1..2**63-1 is a form error, not an overflow in the database.

@@ -19,9 +19,9 @@ from evals import actions
 from evals.forms import ComparisonForm, RatingForm, RunForm, RunPairForm, SuiteForm, error_text
 from evals.models import ArmComparison, EvalResult, EvalRun, EvalSuite, Rating, metric_label
 from jobs.actions import AlreadyStarted
-from jobs.forms import with_form_token
 from jobs.models import Job
 from workbench.actions import ActionError
+from workbench.forms import with_form_token
 from workbench.models import Project
 from workbench.shortcuts import get_for_project, get_project
 

@@ -5,7 +5,6 @@ settings objects (GenerationSettings, TrainConfig), never from here."""
 from __future__ import annotations
 
 import dataclasses
-import uuid
 from typing import Any
 
 from django import forms
@@ -16,6 +15,7 @@ from engines.inference import GenerationSettings, SettingsError
 from engines.training import DEVICES, LR_SCHEDULERS, ConfigError, TrainConfig
 from jobs.actions import absorb_generation
 from workbench.data_quality import final_compliance, warning
+from workbench.forms import form_token_field
 from workbench.models import BaseModel, DatasetVersion, Project, PromptVersion
 
 TRAIN_HELP: dict[str, str] = {
@@ -58,19 +58,6 @@ CHOICES: dict[str, list[tuple[Any, str]]] = {
     "device": [(c, c) for c in DEVICES],
     "bf16": [("auto", "auto"), ("true", "true"), ("false", "false")],
 }
-
-
-def form_token_field() -> forms.UUIDField:
-    """The hidden token of a job-starting form (see with_form_token): the job
-    row keeps it, so posting the same form twice starts one job."""
-    return forms.UUIDField(required=False, widget=forms.HiddenInput)
-
-
-def with_form_token(initial: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Initial data for a freshly rendered job-starting form: a new token.
-    (Set by the page, not the form: a form built without it, by a script,
-    simply has no token.)"""
-    return {**(initial or {}), "form_token": uuid.uuid4()}
 
 
 def _train_field(f: dataclasses.Field[Any], default: Any) -> forms.Field:

@@ -12,9 +12,10 @@ from django.views.decorators.http import require_POST
 
 from jobs import actions
 from jobs.actions import AlreadyStarted
-from jobs.forms import AbsorbForm, with_form_token
+from jobs.forms import AbsorbForm
 from jobs.models import Job, JobPoint
 from workbench.actions import ActionError
+from workbench.forms import with_form_token
 from workbench.models import Project, Variant
 from workbench.shortcuts import get_project
 

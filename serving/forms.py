@@ -5,8 +5,8 @@ from typing import Any
 from django import forms
 
 from evals.models import EvalSuite
-from jobs.forms import form_token_field
 from serving.models import Alias
+from workbench.forms import form_token_field
 from workbench.models import Project, Variant
 
 

@@ -827,6 +827,8 @@ def test_a_large_upload_answers_at_once_and_imports_as_a_job(alice_client, alice
     assert alice_client.get(reverse("dataset_export", args=[alice_project.slug, staging.dataset_id, 1])).status_code \
         == 404
     assert not AbsorbForm(alice_project).fields["dataset_version"].queryset.exists()
+    page = alice_client.get(job.get_absolute_url()).content.decode()
+    assert "Imported as" not in page and "Teacher answers" not in page
 
     assert execute(job.pk, "test-worker") == []
     job.refresh_from_db()
@@ -835,6 +837,8 @@ def test_a_large_upload_answers_at_once_and_imports_as_a_job(alice_client, alice
     assert version.row_count == 3000 and version.eval_count == 300 and job.percent == 100
     assert job.progress["metrics"]["rows"] == 3000 and job.progress["unit"] == "bytes"
     assert stored_files(media_root) == [Path(version.file).name]
+    page = alice_client.get(job.get_absolute_url()).content.decode()
+    assert f'Imported as <a href="{version.get_absolute_url()}">' in page
 
 
 def test_a_rejected_import_job_says_why_and_leaves_nothing(alice, alice_project, media_root):

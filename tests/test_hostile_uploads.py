@@ -124,6 +124,29 @@ def test_a_prompt_upload_is_refused_from_its_content_length_too(alice_client, al
     assert body.bytes_read == 0 and prompt.prompt.versions.count() == 1
 
 
+@pytest.mark.parametrize("large", [False, True])
+def test_posting_the_upload_form_twice_stores_one_version(alice_client, alice_project, media_root, settings, large):
+    """Back + resubmit (or a double click) of one rendered form: one version, one import job."""
+    from jobs.models import Job
+
+    settings.DATASET_SYNC_IMPORT_BYTES = 1_000 if large else 10_000_000
+    page = alice_client.get(reverse("dataset_list", args=[alice_project.slug])).content.decode()
+    token = page.split('name="form_token" value="')[1].split('"')[0]
+    url = reverse("dataset_upload", args=[alice_project.slug])
+    first = alice_client.post(url, {"name": "qs", "form_token": token,
+                                    "file": SimpleUploadedFile("qs.jsonl", chat_lines(50))})
+    again = alice_client.post(url, {"name": "qs", "form_token": token,
+                                    "file": SimpleUploadedFile("qs.jsonl", chat_lines(50))}, follow=True)
+    assert first.status_code == 302 and again.redirect_chain[0][0] == first["Location"]
+    assert "This upload was already submitted: it made qs@1." in again.content.decode()
+    assert DatasetVersion.all_objects.count() == 1
+    assert Job.objects.filter(kind="dataset-import").count() == (1 if large else 0)
+    assert len(files_under(media_root)) == 1  # the second file was not kept
+    # a new rendering of the form has a new token: a real second upload is a new version
+    other = alice_client.get(reverse("dataset_list", args=[alice_project.slug])).content.decode()
+    assert other.split('name="form_token" value="')[1].split('"')[0] != token
+
+
 # --- item 9: out-of-range numbers are form errors ------------------------------
 
 @pytest.mark.parametrize("seed", ["-1", str(2**31), "99999999999999999999"])

@@ -3,6 +3,7 @@ shown again with what was typed (status 400); the actions check the rest."""
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 from django import forms
@@ -28,6 +29,19 @@ class MemberForm(forms.Form):
 
     def clean_role(self) -> str:
         return self.cleaned_data["role"] or Membership.MEMBER
+
+
+def form_token_field() -> forms.UUIDField:
+    """The hidden token of a form that starts work (an import, a job): what it
+    made keeps the token, so posting the same form twice (Back + resubmit, a
+    double click) makes one."""
+    return forms.UUIDField(required=False, widget=forms.HiddenInput)
+
+
+def with_form_token(initial: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Initial data for a freshly rendered form: a new token. (Set by the page,
+    not the form: a form built without it, by a script, simply has no token.)"""
+    return {**(initial or {}), "form_token": uuid.uuid4()}
 
 
 # --- prompts ------------------------------------------------------------------
@@ -190,6 +204,7 @@ class DatasetUploadForm(forms.Form):
         label="Records key", max_length=200, required=False,
         help_text="For a file that is one JSON object holding the rows under a key, e.g. {\"qa\": [...]}: that key.")
     skip_bad = forms.BooleanField(label="skip bad rows (store the good ones and list the rest)", required=False)
+    form_token = form_token_field()
     use_chosen = forms.BooleanField(label="use only the chosen answers (DPO pairs)", required=False)
 
     def clean_file(self) -> Any:

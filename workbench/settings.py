@@ -42,6 +42,26 @@ def envpath(name: str, default: Path) -> Path:
     return Path(value).expanduser().resolve() if value else default
 
 
+def envurl(name: str, default: str) -> str:
+    value = os.getenv(name, default).strip().rstrip("/")
+    if value and not value.startswith(("http://", "https://")):
+        raise ImproperlyConfigured(f"{name}={os.getenv(name)!r} is not an http(s) URL, "
+                                   "e.g. http://127.0.0.1:8001")
+    return value
+
+
+def envnumber(name: str, default: float, minimum: float, whole: bool = False) -> float:
+    """Strict: a number (a whole one with `whole`) no smaller than `minimum`, or the setting raises."""
+    raw = os.getenv(name, "").strip()
+    try:
+        value = (int(raw) if whole else float(raw)) if raw else default
+    except ValueError:
+        raise ImproperlyConfigured(f"{name}={raw!r} is not a {'whole ' if whole else ''}number.") from None
+    if value < minimum:
+        raise ImproperlyConfigured(f"{name}={raw!r} must be at least {minimum:g}.")
+    return value
+
+
 DEBUG = envbool("DEBUG", "false")
 ALLOWED_HOSTS = envlist("ALLOWED_HOSTS", "127.0.0.1,localhost,testserver")
 CSRF_TRUSTED_ORIGINS = envlist("CSRF_TRUSTED_ORIGINS", "")
@@ -280,6 +300,8 @@ FILE_UPLOAD_HANDLERS = [
 DATASET_SYNC_IMPORT_BYTES = envint("DATASET_SYNC_IMPORT_BYTES", 2 * 1024 * 1024)
 DATASET_MAX_ROWS = envint("DATASET_MAX_ROWS", 1_000_000)
 DATASET_MAX_ROW_CHARS = envint("DATASET_MAX_ROW_CHARS", 200_000)
+# How deep uploaded JSON may nest (a chat row with content parts needs 5; deeper is refused at once).
+DATASET_MAX_JSON_DEPTH = int(envnumber("DATASET_MAX_JSON_DEPTH", 32, 8, whole=True))
 PROMPT_MAX_CHARS = envint("PROMPT_MAX_CHARS", 1_000_000)
 # The most bytes of a prompt file read (UTF-8 takes at most 4 bytes a character, a BOM 3).
 PROMPT_MAX_BYTES = envint("PROMPT_MAX_BYTES", 4 * PROMPT_MAX_CHARS + 3)
@@ -302,26 +324,6 @@ INFERENCE_BACKEND = os.getenv("INFERENCE_BACKEND", "hf").strip().lower()
 if INFERENCE_BACKEND not in ("hf", "vllm"):
     raise ImproperlyConfigured(f"INFERENCE_BACKEND={os.getenv('INFERENCE_BACKEND')!r} is not a backend: "
                                "use hf or vllm.")
-
-
-def envurl(name: str, default: str) -> str:
-    value = os.getenv(name, default).strip().rstrip("/")
-    if value and not value.startswith(("http://", "https://")):
-        raise ImproperlyConfigured(f"{name}={os.getenv(name)!r} is not an http(s) URL, "
-                                   "e.g. http://127.0.0.1:8001")
-    return value
-
-
-def envnumber(name: str, default: float, minimum: float, whole: bool = False) -> float:
-    """Strict: a number (a whole one with `whole`) no smaller than `minimum`, or the setting raises."""
-    raw = os.getenv(name, "").strip()
-    try:
-        value = (int(raw) if whole else float(raw)) if raw else default
-    except ValueError:
-        raise ImproperlyConfigured(f"{name}={raw!r} is not a {'whole ' if whole else ''}number.") from None
-    if value < minimum:
-        raise ImproperlyConfigured(f"{name}={raw!r} must be at least {minimum:g}.")
-    return value
 
 
 # Where the gateway finds the engine (the hf engine, or a vLLM the workbench starts, listens here).

@@ -52,6 +52,14 @@ class DatasetRejected(Exception):
         return f"{self.error_count} bad row(s); nothing was stored"
 
 
+class AlreadyUploaded(ActionError):
+    """The upload form with this token already made `version` (Back + resubmit): nothing new was stored."""
+
+    def __init__(self, version: DatasetVersion) -> None:
+        super().__init__(f"This upload was already submitted: it made {version.dataset.name}@{version.number}.")
+        self.version = version
+
+
 class ImportCancelled(Exception):
     """The import was asked to stop; its staging rows are deleted."""
 
@@ -78,7 +86,7 @@ class _Counting:
 
 def _limits() -> formats.Limits:
     return formats.Limits(max_bytes=settings.UPLOAD_MAX_BYTES, max_rows=settings.DATASET_MAX_ROWS,
-                          max_row_chars=settings.DATASET_MAX_ROW_CHARS)
+                          max_row_chars=settings.DATASET_MAX_ROW_CHARS, max_depth=settings.DATASET_MAX_JSON_DEPTH)
 
 
 def datasets_dir() -> Path:
@@ -122,16 +130,23 @@ def stage_import(
     filename: str = "", fmt: str = "auto", query_column: str | None = None,
     answer_column: str | None = None, eval_percent: int = 10, seed: int = 0,
     skip_bad: bool = False, use_chosen: bool = False, records_key: str | None = None,
+    form_token: uuid.UUID | None = None,
 ) -> DatasetVersion:
     """A staging version (invisible) for the stored file at `path` (inside
     the data dir, which the version then owns), in one short transaction;
-    `run_import` fills it. On a refused option the file is deleted."""
+    `run_import` fills it. On a refused option, or a form token that already
+    made a version (AlreadyUploaded), the file is deleted."""
     name = name.strip()
     try:
         check_import_options(name, fmt, eval_percent, seed, query_column)
         with transaction.atomic():
             dataset, _ = Dataset.objects.get_or_create(project=project, name=name, defaults={"created_by": user})
             dataset = Dataset.objects.select_for_update().get(pk=dataset.pk)
+            if form_token is not None:  # checked under the dataset's lock: a double post makes one version
+                made = (DatasetVersion.all_objects.select_related("dataset")
+                        .filter(dataset__project=project, meta__form_token=str(form_token)).first())
+                if made is not None:
+                    raise AlreadyUploaded(made)
             number = (DatasetVersion.all_objects.filter(dataset=dataset).aggregate(n=Max("number"))["n"] or 0) + 1
             options = {"format": fmt, "query_column": query_column, "answer_column": answer_column,
                        "skip_bad": skip_bad, "use_chosen": use_chosen, "records_key": records_key}
@@ -139,7 +154,7 @@ def stage_import(
                 dataset=dataset, number=number, kind=DatasetVersion.UPLOAD, source_filename=filename[:255],
                 eval_percent=eval_percent, split_seed=seed, created_by=user, sha256="",
                 state=DatasetVersion.IMPORTING, file=str(path.relative_to(settings.MEDIA_ROOT)),
-                meta={"import": options},
+                meta={"import": options, **({"form_token": str(form_token)} if form_token else {})},
             )
     except BaseException:
         path.unlink(missing_ok=True)
@@ -223,6 +238,8 @@ def _run_import(version: DatasetVersion, progress: ProgressFn | None, should_sto
     meta = _import_meta(reader, skip_bad, use_chosen)
     if opts.get("records_key"):
         meta["records_key"] = opts["records_key"]
+    if version.meta.get("form_token"):
+        meta["form_token"] = version.meta["form_token"]
     is_array = head.removeprefix(b"\xef\xbb\xbf").lstrip().startswith(b"[")
     ext = {"csv": "csv", "lines": "txt"}.get(reader.format, "json" if is_array else "jsonl")
     final = datasets_dir() / f"{uuid.uuid4().hex}.{ext}"

@@ -23,6 +23,7 @@ from django.views.decorators.http import require_POST
 from workbench import data_quality
 from workbench.actions import ActionError
 from workbench.actions.datasets import (
+    AlreadyUploaded,
     DatasetRejected,
     queue_import,
     queue_token_stats,
@@ -32,7 +33,7 @@ from workbench.actions.datasets import (
     stage_import,
     store_upload,
 )
-from workbench.forms import DatasetUploadForm, TokenStatsForm
+from workbench.forms import DatasetUploadForm, TokenStatsForm, with_form_token
 from workbench.models import BaseModel, Dataset, DatasetRow, DatasetVersion, Project
 from workbench.shortcuts import HtmxHttpRequest, get_for_project, get_project
 from workbench.uploads import DataDirFile, limit_upload
@@ -62,7 +63,7 @@ def _list_page(request: HttpRequest, project: Project, form: DatasetUploadForm, 
 
 @login_required
 def dataset_list(request: HttpRequest, slug: str) -> HttpResponse:
-    return _list_page(request, get_project(request, slug), DatasetUploadForm())
+    return _list_page(request, get_project(request, slug), DatasetUploadForm(initial=with_form_token()))
 
 
 def _upload_refused(request: HttpRequest, message: str, slug: str) -> HttpResponse:
@@ -94,8 +95,15 @@ def dataset_upload(request: HttpRequest, slug: str) -> HttpResponse:
             project, request.user, data["name"], _stored_path(upload), filename=upload.name,
             fmt=data["format"], query_column=data["query_column"], answer_column=data["answer_column"],
             eval_percent=data["eval_percent"], seed=data["seed"], skip_bad=data["skip_bad"],
-            use_chosen=data["use_chosen"], records_key=data["records_key"],
+            use_chosen=data["use_chosen"], records_key=data["records_key"], form_token=data["form_token"],
         )
+    except AlreadyUploaded as done:
+        messages.info(request, str(done))
+        made = done.version
+        if made.state == DatasetVersion.READY:
+            return redirect(made)
+        job = made.produced_by.order_by("-pk").first()  # its import job, while it runs
+        return redirect(job) if job is not None else redirect("dataset_list", slug)
     except ActionError as exc:
         form.add_error(None, str(exc))
         return _list_page(request, project, form, status=400)
