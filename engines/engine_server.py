@@ -1,5 +1,5 @@
 """The `hf` engine server: an OpenAI-compatible HTTP server over the
-in-process transformers engine (engines/serving_engine.py), speaking the
+in-process transformers engine (engines/serving_engine/), speaking the
 subset of vLLM's server that the gateway uses:
 /health, /v1/models, /v1/chat/completions (with SSE streaming),
 /v1/load_lora_adapter, /v1/unload_lora_adapter, /tokenize, /v1/load_model.
@@ -29,15 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from engines import jsonguard
-from engines.serving_engine import (
-    EngineError,
-    ServingEngine,
-    Ticket,
-    bad_request,
-    parse_chat_request,
-    parse_messages,
-    unavailable,
-)
+from engines.protocol import OpenAIError, parse_messages
+from engines.serving_engine import ServingEngine, Ticket, bad_request, parse_chat_request, unavailable
 
 log = logging.getLogger(__name__)
 
@@ -163,16 +156,20 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             route()
         except (BrokenPipeError, ConnectionResetError):
+            log.info("%s %s: the client went away", self.command, self.path)
             self.close_connection = True
-        except Exception as exc:
+        except OpenAIError as exc:  # what the client caused or must hear (400, 404, 429, 503...)
             if self.streaming:  # the stream has begun: all that is left is to end it
-                log.exception("engine server error in a stream")
+                log.warning("%s %s: %s after the stream began", self.command, self.path, exc.message)
                 self.close_connection = True
-            elif isinstance(exc, EngineError):
+            else:
                 self._send_json(exc.status, exc.body())
-            else:  # a bug, not bad input: still answer in OpenAI's shape
-                log.exception("engine server error")
-                self._send_json(500, EngineError(500, f"internal error: {exc}", "server_error").body())
+        except Exception:  # a bug, not bad input: a 500 in OpenAI's shape, the details in the log
+            log.exception("%s %s failed", self.command, self.path)
+            if self.streaming:
+                self.close_connection = True
+            else:
+                self._send_json(500, OpenAIError(500, "internal error (see the engine's log)", "server_error").body())
         finally:
             app._track(-1)
 
@@ -190,7 +187,7 @@ class _Handler(BaseHTTPRequestHandler):
         if length < 0 or length > MAX_BODY_BYTES:
             self.close_connection = True  # the unread body must not be taken for the next request
             error = (bad_request("bad Content-Length header") if length < 0 else
-                     EngineError(413, f"the request body is {length} bytes, more than {MAX_BODY_BYTES}"))
+                     OpenAIError(413, f"the request body is {length} bytes, more than {MAX_BODY_BYTES}"))
             self._serve(lambda: self._send_json(error.status, error.body()))
             return
         self.raw_body = self.rfile.read(length) if length else b""
@@ -204,7 +201,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._serve(routes.get(self.path.split("?")[0], self._not_found))
 
     def _not_found(self) -> None:
-        raise EngineError(404, f"no route {self.command} {self.path}", code="not_found")
+        raise OpenAIError(404, f"no route {self.command} {self.path}", code="not_found")
 
     @property
     def engine(self) -> ServingEngine:
@@ -289,7 +286,7 @@ class _Handler(BaseHTTPRequestHandler):
                     send([{"index": index, "delta": {"content": value}, "finish_reason": None}])
                 else:
                     send([{"index": index, "delta": {}, "finish_reason": value}])
-        except EngineError as exc:  # the headers are sent: report it in the stream
+        except OpenAIError as exc:  # the headers are sent: report it in the stream
             self.wfile.write(b"data: " + json.dumps(exc.body()).encode() + b"\n\n")
         else:
             if request.include_usage:
@@ -353,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
                           dtype=args.dtype, device=args.device)
     try:
         server.start()
-    except (EngineError, OSError, ValueError) as exc:
+    except (OpenAIError, OSError, ValueError) as exc:
         print(f"engine failed to start: {exc}", file=sys.stderr)
         return 1
     stop = threading.Event()

@@ -18,6 +18,7 @@ import pytest
 
 from engines.engine_server import EngineServer
 from engines.inference import GenerationSettings, SettingsError, encode, generate
+from engines.protocol import OpenAIError
 from engines.serving_engine import parse_chat_request
 from tests.conftest import build_random_lora
 
@@ -120,6 +121,34 @@ def test_it_tokenizes_exactly_as_training_renders(server):
     assert reply["max_model_len"] == 8192
 
 
+
+def test_it_joins_content_parts_as_uploads_do(server, client):
+    """Was a training/serving skew: the engine joined text parts with "" where uploads join them with "\n"."""
+    parts = [{"type": "text", "text": "Part one."}, {"type": "text", "text": "Part two."}]
+    joined = [{"role": "user", "content": "Part one.\nPart two."}]
+    expected = encode(server.engine.loaded("tiny").tokenizer, joined, None)
+    reply = httpx.post(server.url + "/tokenize", json={"model": "tiny", "messages": [{"role": "user", "content": parts}]})
+    assert reply.json()["tokens"] == expected
+    assert parse_chat_request({"model": "tiny", "messages": [{"role": "user", "content": parts}]}).messages \
+        == tuple(joined)
+    assert ask(client, messages=[{"role": "user", "content": parts}]).usage.prompt_tokens == len(expected)
+    # "developer" is OpenAI's newer name for the system role.
+    developer = parse_chat_request({"model": "tiny", "messages": [{"role": "developer", "content": "Be kind."}, *HELLO]})
+    assert developer.system_prompt == "Be kind."
+
+
+def test_a_bug_is_a_logged_500_with_a_short_message_not_a_400(server, monkeypatch, caplog):
+    def broken():
+        raise KeyError("secret internals")
+
+    monkeypatch.setattr(server.engine, "list_models", broken)
+    with caplog.at_level("ERROR", logger="engines.engine_server"):
+        answer = httpx.get(server.url + "/v1/models")
+    assert answer.status_code == 500
+    error = answer.json()["error"]
+    assert error["type"] == "server_error" and "secret" not in error["message"]
+    assert any(r.exc_info and "secret internals" in str(r.exc_info[1]) for r in caplog.records)
+
 def test_it_loads_serves_mixes_and_unloads_adapters(server, client, adapters):
     for name, path in adapters.items():
         r = httpx.post(server.url + "/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(path)})
@@ -172,6 +201,12 @@ def test_it_refuses_adapters_that_are_missing_or_not_safetensors(server, tmp_pat
     (pickled / "adapter_model.bin").write_bytes(b"not loaded")
     refused = httpx.post(server.url + "/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": str(pickled)})
     assert refused.status_code == 400 and "safetensors" in refused.json()["error"]["message"]
+    garbled = tmp_path / "garbled"
+    garbled.mkdir()
+    (garbled / "adapter_config.json").write_text((adapters["a1"] / "adapter_config.json").read_text())
+    (garbled / "adapter_model.safetensors").write_bytes(b"not safetensors")
+    unreadable = httpx.post(server.url + "/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": str(garbled)})
+    assert unreadable.status_code == 400 and "could not read" in unreadable.json()["error"]["message"]
     no_name = httpx.post(server.url + "/v1/load_lora_adapter", json={"lora_path": str(adapters["a1"])})
     assert no_name.status_code == 400 and no_name.json()["error"]["param"] == "lora_name"
     assert "x" not in [m["id"] for m in httpx.get(server.url + "/v1/models").json()["data"]]
@@ -189,8 +224,10 @@ def test_it_refuses_adapters_that_are_missing_or_not_safetensors(server, tmp_pat
     ({"no_repeat_ngram_size": -1}, "no_repeat_ngram_size"),
     ({"seed": 2**70, "temperature": 1}, "seed"),  # was a 500: torch's seed overflowed inside generate
     ({"messages": []}, "messages"),
-    ({"messages": [{"role": "tool", "content": "x"}]}, "messages"),
-    ({"messages": [{"role": "user"}]}, "messages"),
+    ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
+    ({"messages": [{"role": "user"}]}, "messages[0].content"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+     "messages[0].content"),
 ])
 def test_it_answers_400_naming_the_bad_parameter(client, params, param):
     kwargs = {"messages": HELLO, **params}
@@ -401,7 +438,7 @@ def test_no_project_may_fill_the_queue(lively_dir, one_torch_thread):
             while engine.queued_rows() and time.monotonic() < deadline:  # the batcher holds it at the lock
                 time.sleep(0.02)
             tickets += engine.submit_many([request("A") for _ in range(4)])
-            with pytest.raises(Exception) as caught:
+            with pytest.raises(OpenAIError) as caught:
                 engine.submit(request("A"))
             assert caught.value.status == 429 and caught.value.code == "project_queue_full"
             tickets += [engine.submit(request("B")), engine.submit(request(None))]

@@ -1,0 +1,46 @@
+"""The model holder and dynamic batcher behind the `hf` engine server
+(engines/engine_server.py holds the HTTP layer; the protocol is the
+OpenAI-compatible subset that vLLM's server speaks, parsed by engines.protocol).
+
+- registry: base models are loaded once by name with `engines.inference.load_model`;
+  each is wrapped in one peft PeftModel that holds every LoRA adapter loaded
+  over it, and a batch may mix adapters and the bare base: peft's
+  `generate(..., adapter_names=[...])` applies each row's own adapter.
+- batcher: requests wait in one queue, taken round-robin by project (the `project`
+  of each request; None is a project of its own), so a flood of one project
+  cannot starve another's small request; no project may hold more than
+  `max_queue_per_project` waiting rows. One background thread (the batcher) runs every
+  `generate`: the requests that arrive within `batch_window_ms` of each
+  other while the engine is idle (up to WINDOW_CAP windows after the first),
+  plus everything that queued while a generate ran, share a call
+  when they use the same base and the same sampling settings (up to
+  `max_batch` rows). On a 2-core CPU one generate at batch 16 gives 6-11x the
+  tokens/s of 16 requests one by one, so batching is where the speed is.
+- requests and tickets: a parsed request, and what its HTTP thread waits on.
+  Prompts are rendered with `engines.inference.encode` and the generation
+  config comes from `engines.inference.generation_config`, exactly as
+  teacher generation and evals do (template parity).
+
+Seeds: a request with a seed sets torch's generator before its generate
+call, so it gets the same answer again for the same batch composition. Rows
+sampled in one batch share that generator, so a seeded request that shares
+a call with other requests can sample differently than alone.
+"""
+
+from engines.serving_engine.batcher import ServingEngine
+from engines.serving_engine.errors import bad_request, unavailable
+from engines.serving_engine.registry import resolve_dtype
+from engines.serving_engine.requests import ChatRequest, parse_chat_request
+from engines.serving_engine.tickets import ChatResult, Choice, Ticket
+
+__all__ = [
+    "ChatRequest",
+    "ChatResult",
+    "Choice",
+    "ServingEngine",
+    "Ticket",
+    "bad_request",
+    "parse_chat_request",
+    "resolve_dtype",
+    "unavailable",
+]
