@@ -211,3 +211,41 @@ def test_it_rejects_bad_examples(tiny_model_dir: Path, tmp_path: Path) -> None:
     no_prompt[0]["system_prompt"] = None
     with pytest.raises(ExampleError, match="example 0: 'system_prompt' is required"):
         train(tiny_model_dir, no_prompt, tmp_path / "run", fast_config(kl_weight=1.0))
+
+
+class _Booby:
+    """Unpickling this creates a directory: proof that a pickle was loaded."""
+
+    def __init__(self, sentinel: Path):
+        self.sentinel = sentinel
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        import os
+
+        return os.mkdir, (str(self.sentinel),)
+
+
+def pickled_only(model_dir: Path, out: Path, sentinel: Path) -> Path:
+    """The model directory with its safetensors weights swapped for a pickle."""
+    import pickle
+
+    shutil.copytree(model_dir, out)
+    for weights in out.glob("*.safetensors"):
+        weights.unlink()
+    (out / "pytorch_model.bin").write_bytes(pickle.dumps(_Booby(sentinel)))
+    return out
+
+
+def test_it_refuses_pickled_weights_without_loading_them(tiny_model_dir: Path, tmp_path: Path) -> None:
+    sentinel = tmp_path / "unpickled"
+    pickled = pickled_only(tiny_model_dir, tmp_path / "pickled", sentinel)
+
+    with pytest.raises(TrainingError, match=r"cannot train on .*pickled.*safetensors"):
+        train(pickled, make_examples(), tmp_path / "run", fast_config())
+    # The teacher goes through the same loader.
+    with pytest.raises(TrainingError, match=r"cannot train on .*pickled.*safetensors"):
+        train(tiny_model_dir, make_examples(), tmp_path / "run-kl", fast_config(kl_weight=0.5),
+              teacher_dir=pickled)
+
+    assert not sentinel.exists()
+    assert not (tmp_path / "run" / "adapter").exists() and not (tmp_path / "run-kl" / "adapter").exists()

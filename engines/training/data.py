@@ -1,0 +1,152 @@
+"""The examples a run learns from: validation, tokenization into labelled
+features with the KL masks, and the loss terms that read those masks (they
+must agree on which positions are answer tokens, so they live together)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from engines.chat import prompt_completion
+from engines.training.config import ExampleError
+
+if TYPE_CHECKING:
+    import torch
+
+Example = Mapping[str, Any]
+# The label of a position that is not trained (a prompt token), as HF's losses expect.
+IGNORE_INDEX = -100
+
+
+def validate_examples(examples: Sequence[Example], need_system_prompt: bool = False) -> None:
+    if not examples:
+        raise ExampleError("No training examples.")
+    for i, ex in enumerate(examples):
+        where = f"example {i}"
+        if not isinstance(ex, Mapping):
+            raise ExampleError(f"{where}: must be an object, got {type(ex).__name__}")
+        msgs = ex.get("messages")
+        if not isinstance(msgs, list) or not msgs:
+            raise ExampleError(f"{where}: 'messages' must be a non-empty list of turns")
+        for j, m in enumerate(msgs):
+            if not (isinstance(m, Mapping) and isinstance(m.get("role"), str)
+                    and isinstance(m.get("content"), str)):
+                raise ExampleError(f"{where}: messages[{j}] must have string 'role' and 'content'")
+        if not isinstance(ex.get("answer"), str) or not ex["answer"].strip():
+            raise ExampleError(f"{where}: 'answer' must be a non-empty string")
+        sp = ex.get("system_prompt")
+        if sp is not None and not isinstance(sp, str):
+            raise ExampleError(f"{where}: 'system_prompt' must be a string or null")
+        if need_system_prompt and not sp:
+            raise ExampleError(f"{where}: 'system_prompt' is required when kl_weight > 0 (the teacher's prompt)")
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _common_suffix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(reversed(a), reversed(b), strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def split_ids(tokenizer: Any, prompts: list[str], fulls: list[str]) -> list[tuple[list[int], int]]:
+    """(full ids, index of the first completion token). The chat template
+    already holds the special tokens, so none are added here."""
+    p_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    f_ids = tokenizer(fulls, add_special_tokens=False)["input_ids"]
+    # Tokens can merge across the prompt/answer boundary; the completion then
+    # starts where the two tokenizations diverge.
+    return [(list(f), _common_prefix(p, f)) for p, f in zip(p_ids, f_ids, strict=True)]
+
+
+def tokenize_examples(
+    tokenizer: Any, examples: Sequence[Example], max_length: int, teacher: bool = False
+) -> tuple[list[dict[str, list[int]]], int]:
+    """Student features rendered WITHOUT a system prompt: `input_ids` and
+    `labels` (-100 on prompt tokens; answer + end-of-turn trained), truncated
+    to max_length (keep start). With teacher=True, also the teacher rendering
+    (WITH ex["system_prompt"]) and masks marking the answer tokens the two
+    renderings share (`kl_mask`, `teacher_kl_mask`, same count per example).
+    Returns (features, number of examples skipped because the prompt alone
+    fills max_length)."""
+    student = [prompt_completion(tokenizer, ex["messages"], ex["answer"], system_prompt=None) for ex in examples]
+    s_split = split_ids(tokenizer, [p for p, _ in student], [p + c for p, c in student])
+    t_split: list[tuple[list[int], int]] = []
+    if teacher:
+        rendered = [prompt_completion(tokenizer, ex["messages"], ex["answer"], system_prompt=ex["system_prompt"])
+                    for ex in examples]
+        t_split = split_ids(tokenizer, [p for p, _ in rendered], [p + c for p, c in rendered])
+    features: list[dict[str, list[int]]] = []
+    skipped = 0
+    for i, (ids, start) in enumerate(s_split):
+        if start >= max_length or start >= len(ids):
+            skipped += 1
+            continue
+        ids = ids[:max_length]
+        feat = {"input_ids": ids, "labels": [IGNORE_INDEX] * start + ids[start:]}
+        if teacher:
+            t_ids, t_start = t_split[i]
+            s_comp, t_comp = s_split[i][0][start:], t_ids[t_start:]
+            # Align from the end: the answer tokens are the same in both
+            # renderings except, rarely, a merge at the boundary.
+            k = _common_suffix(s_comp, t_comp)
+            a_s, a_t = start + len(s_comp) - k, t_start + len(t_comp) - k
+            n = max(0, min(k, len(ids) - a_s))
+            t_ids = t_ids[:a_t + n]
+            feat["kl_mask"] = [0] * a_s + [1] * n + [0] * (len(ids) - a_s - n)
+            feat["teacher_input_ids"] = t_ids
+            feat["teacher_kl_mask"] = [0] * a_t + [1] * n
+        features.append(feat)
+    return features, skipped
+
+
+def tokenizers_match(a: Path | str, b: Path | str) -> bool:
+    """Whether two models' tokenizers map every token to the same id (what a
+    token-level KL between them needs)."""
+    from transformers import AutoTokenizer
+
+    ta, tb = (AutoTokenizer.from_pretrained(str(d), trust_remote_code=False) for d in (a, b))
+    return bool(ta.get_vocab() == tb.get_vocab())
+
+
+# ---------------------------------------------------------------- the loss over these features
+
+
+def answer_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Where the student predicts a trained token: logits at t predict t+1."""
+    return labels[:, 1:] != IGNORE_INDEX
+
+
+def teacher_positions(teacher_kl_mask: torch.Tensor) -> torch.Tensor:
+    """Where the teacher predicts an answer token the student also reads."""
+    return teacher_kl_mask[:, 1:].bool()
+
+
+def distill_terms(logits: torch.Tensor, t_logits: torch.Tensor, labels: torch.Tensor, kl_mask: torch.Tensor,
+                  temperature: float, denom: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cross-entropy, KL(teacher || student)) summed over answer tokens and
+    divided by `denom`. `logits` are the student's at `answer_positions`,
+    `t_logits` the teacher's at `teacher_positions`, in the same order."""
+    import torch.nn.functional as F
+
+    sel = answer_positions(labels)
+    kl_rows = kl_mask[:, 1:][sel].bool()
+    if int(kl_rows.sum()) != t_logits.shape[0]:
+        raise RuntimeError("student and teacher answer tokens are misaligned")
+    ce = F.cross_entropy(logits, labels[:, 1:][sel], reduction="sum") / denom
+    s_logp = F.log_softmax(logits[kl_rows] / temperature, dim=-1)
+    t_logp = F.log_softmax(t_logits / temperature, dim=-1)
+    # T^2 keeps the gradient scale independent of the temperature (Hinton et al.).
+    kl = F.kl_div(s_logp, t_logp, log_target=True, reduction="sum") * temperature * temperature / denom
+    return ce, kl

@@ -1,0 +1,147 @@
+"""The TRL pieces: the trainer with its optional KL term, the collator that
+pads the teacher rendering, and the callback that reports progress and
+honours a cancel. Importing this module imports torch, transformers and trl,
+so `engines.training` imports it only when a run starts."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Any
+
+import torch
+from torch.nn.utils.rnn import pad_sequence
+from transformers import TrainerCallback
+from trl import SFTTrainer
+from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+from engines.progress import Progress, ProgressFn, StopFn
+from engines.training.data import answer_positions, distill_terms, teacher_positions
+
+
+class ProgressCallback(TrainerCallback):
+    def __init__(self, progress: ProgressFn | None, should_stop: StopFn | None):
+        self.progress = progress
+        self.should_stop = should_stop
+        self.cancelled = False
+        self.last_loss: float | None = None
+        self.t0 = time.monotonic()
+        self.loop_seconds = 0.0
+        self.start_step = 0
+        self.start_tokens = 0
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        # After a resume, state already holds the checkpoint's step and token count.
+        self.t0 = time.monotonic()
+        self.start_step = state.global_step
+        self.start_tokens = state.num_input_tokens_seen
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.loop_seconds = time.monotonic() - self.t0
+        if state.global_step >= state.max_steps:
+            # The final adapter is saved by train(); a full checkpoint here is wasted I/O.
+            control.should_save = False
+        if self.should_stop is not None and self.should_stop():
+            self.cancelled = True
+            control.should_training_stop = True
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None,
+               **kwargs: Any) -> None:
+        if not logs or "loss" not in logs:
+            return  # the end-of-training summary
+        self.last_loss = float(logs["loss"])
+        if self.progress is None:
+            return
+        done = state.global_step - self.start_step
+        tokens = state.num_input_tokens_seen - self.start_tokens
+        elapsed = time.monotonic() - self.t0
+        metrics: dict[str, Any] = {
+            "loss": self.last_loss,
+            "learning_rate": logs.get("learning_rate"),
+            "grad_norm": logs.get("grad_norm"),
+            "epoch": state.epoch,
+            "tokens_per_second": tokens / elapsed if elapsed > 0 else 0.0,
+            "train_tokens": state.num_input_tokens_seen,
+        }
+        for key in ("ce_loss", "kl_loss", "mean_token_accuracy"):
+            if key in logs:
+                metrics[key] = logs[key]
+        point = {"step": state.global_step, "loss": self.last_loss, "lr": logs.get("learning_rate")}
+        self.progress(Progress.since(self.t0, state.global_step, state.max_steps, "steps", rate_done=done,
+                                     metrics=metrics, point=point))
+
+
+class DistillCollator:
+    """Pads the student batch as TRL does, plus the teacher rendering."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+        self.base = DataCollatorForLanguageModeling(pad_token_id=pad_token_id)
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = self.base([{"input_ids": f["input_ids"], "labels": f["labels"]} for f in features])
+
+        def padded(key: str, value: int) -> torch.Tensor:
+            return pad_sequence([torch.tensor(f[key]) for f in features], batch_first=True, padding_value=value)
+
+        out["kl_mask"] = padded("kl_mask", 0)
+        out["teacher_input_ids"] = padded("teacher_input_ids", self.pad_token_id)
+        out["teacher_attention_mask"] = pad_sequence(
+            [torch.ones(len(f["teacher_input_ids"]), dtype=torch.long) for f in features],
+            batch_first=True, padding_value=0)
+        out["teacher_kl_mask"] = padded("teacher_kl_mask", 0)
+        return out
+
+
+class AbsorbTrainer(SFTTrainer):
+    """SFTTrainer plus an optional token-level KL(teacher || student) term.
+    The teacher is the same base model with the adapter disabled, reading
+    the answer after the teacher's system prompt."""
+
+    def __init__(self, *args: Any, kl_weight: float = 0.0, kl_temperature: float = 1.0,
+                 teacher_model: Any = None, **kwargs: Any):
+        self.kl_weight = kl_weight
+        self.kl_temperature = kl_temperature
+        # Another model as the teacher (same tokenizer); None: the student's base, adapter off.
+        self.teacher_model = teacher_model
+        super().__init__(*args, **kwargs)
+
+    def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> Any:
+        if self.kl_weight <= 0 or "teacher_input_ids" not in inputs:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        loss, ce, kl = self.distill_loss(model, inputs, num_items_in_batch)
+        self._metrics["train"]["ce_loss"].append(ce)
+        self._metrics["train"]["kl_loss"].append(kl)
+        return (loss, None) if return_outputs else loss
+
+    def distill_loss(self, model: Any, inputs: dict[str, Any],
+                     num_items_in_batch: Any = None) -> tuple[torch.Tensor, float, float]:
+        peft_model = self.accelerator.unwrap_model(model)
+        base = peft_model.get_base_model()
+        # LoRA layers sit inside the backbone, so calling it directly trains
+        # the adapter; logits are then taken only at answer positions
+        # instead of (batch x length x vocab).
+        backbone, lm_head = base.base_model, base.get_output_embeddings()
+        labels = inputs["labels"]
+        sel = answer_positions(labels)
+        # Accelerate's autocast wraps model.forward only; the backbone is called directly.
+        with self.accelerator.autocast():
+            hidden = backbone(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                              use_cache=False).last_hidden_state
+            logits = lm_head(hidden[:, :-1][sel]).float()
+            teacher = self.teacher_model
+            t_backbone, t_head = ((teacher.base_model, teacher.get_output_embeddings()) if teacher is not None
+                                  else (backbone, lm_head))
+            off = peft_model.disable_adapter() if teacher is None else contextlib.nullcontext()
+            with torch.no_grad(), off:
+                t_hidden = t_backbone(input_ids=inputs["teacher_input_ids"],
+                                      attention_mask=inputs["teacher_attention_mask"],
+                                      use_cache=False).last_hidden_state
+                t_logits = t_head(t_hidden[:, :-1][teacher_positions(inputs["teacher_kl_mask"])]).float()
+        denom = num_items_in_batch if num_items_in_batch is not None else sel.sum().clamp(min=1)
+        ce, kl = distill_terms(logits, t_logits, labels, inputs["kl_mask"], self.kl_temperature, denom)
+        loss = ce + self.kl_weight * kl
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes
+        return loss, float(ce.detach()), float(kl.detach())
