@@ -89,7 +89,8 @@ REFUSED = [
     ("openai_tools.jsonl", f"line 1: tools: {TOOLS}"),
     ("openai_tool_calls_only.jsonl", f"line 1: messages[1].tool_calls: {TOOLS}"),
     ("glaive.jsonl", f"line 1: chat: glaive-style function calling: {TOOLS}"),
-    ("multipart_image.jsonl", "line 1: messages[0].content[1]: a part of type 'image_url'; only text parts"),
+    # Worded by engines.protocol, which the gateway shares.
+    ("multipart_image.jsonl", "line 1: messages[0].content[1] must be a text part"),
     ("gsm8k.jsonl", "line 1: missing field 'messages' (found 'question', 'answer'); supported formats: chat "
                     "(messages), alpaca (instruction/input/output), sharegpt (conversations), completion "
                     "(prompt/completion) — choose with --format, or name the fields with --query-column question "

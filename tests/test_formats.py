@@ -1,11 +1,14 @@
 import io
 import json
+import sys
 import tracemalloc
+from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import pytest
 
-from engines import formats
+from engines import formats, protocol
 from engines.formats import (
     FORMATS,
     DatasetReader,
@@ -13,16 +16,35 @@ from engines.formats import (
     Row,
     RowError,
     detect_format,
-    parse,
-    row_sha,
-    validate,
 )
 
 LIMITS = Limits()
 
+class ShortReads(io.BytesIO):
+    """A file that returns at most READS["size"] bytes a read: the reader's chunks end at any place."""
+
+    def read(self, n: int | None = -1) -> bytes:
+        size = READS["size"]
+        return super().read(size if n is None or n < 0 else min(n, size))
+
+
+# Bytes a read of ShortReads returns; tests set it with monkeypatch.setitem.
+READS = {"size": 64 * 1024}
+
+
+def stream(fileobj: BinaryIO, fmt: str = "auto", limits: Limits = LIMITS, **kw: str) -> Iterator[Row | RowError]:
+    """The rows and every error in file order, through the public reader."""
+    reader = DatasetReader(fileobj, fmt, limits=limits, keep_errors=sys.maxsize, **kw)  # type: ignore[arg-type]
+    seen = 0
+    for row in reader:
+        yield from reader.errors[seen:]
+        seen = len(reader.errors)
+        yield row
+    yield from reader.errors[seen:]
+
 
 def events(data: bytes, fmt: str = "auto", limits: Limits = LIMITS, **kw: str) -> list[Row | RowError]:
-    return list(parse(io.BytesIO(data), fmt, limits=limits, **kw))
+    return list(stream(ShortReads(data), fmt, limits, **kw))
 
 
 def rows(data: bytes, fmt: str = "auto", **kw: str) -> list[list[dict[str, str]]]:
@@ -176,7 +198,7 @@ def test_it_exposes_the_resolved_format():
 
 def test_it_refuses_an_unknown_format_name():
     with pytest.raises(ValueError, match="unknown format 'xml'"):
-        parse(io.BytesIO(b""), "xml", limits=LIMITS)
+        DatasetReader(io.BytesIO(b""), "xml", limits=LIMITS)
 
 
 # --- bad rows ---
@@ -201,9 +223,26 @@ def test_it_reports_a_missing_field_naming_the_keys_found():
 
 def test_it_reports_an_unknown_role():
     data = jsonl(chat(user("a"), assistant("b"), {"role": "bot", "content": "c"}))
-    assert errors(data) == ["line 1: messages[2].role: unknown role 'bot' (expected system, user or assistant)"]
+    assert errors(data) == [
+        "line 1: messages[2].role: unknown role 'bot' (expected one of system, user, assistant, developer)"
+    ]
     data = jsonl({"conversations": [{"from": "human", "value": "q"}, {"from": "bot", "value": "r"}]})
     assert errors(data) == ["line 1: conversations[1].from: unknown role 'bot' (expected system, human or gpt)"]
+
+
+def test_it_reads_the_developer_role_as_system_as_the_gateway_does():
+    data = jsonl(chat({"role": "developer", "content": "Be brief."}, user("q"), assistant("a")))
+    assert rows(data) == [[system("Be brief."), user("q"), assistant("a")]]
+    data = jsonl(chat(user("q"), {"role": "developer", "content": "Late."}))
+    assert errors(data) == ["line 1: messages[1]: a system message may only come first"]
+
+
+def test_it_joins_content_parts_as_the_gateway_does():
+    parts = [{"type": "text", "text": "Part one."}, {"type": "text", "text": "Part two."}]
+    data = jsonl(chat({"role": "user", "content": parts}, assistant("a")))
+    joined = protocol.content_text(parts, "messages[0].content")
+    assert rows(data) == [[user(joined), assistant("a")]]
+    assert joined == "Part one." + protocol.TEXT_PART_SEPARATOR + "Part two."
 
 
 def test_it_reports_empty_content():
@@ -295,7 +334,8 @@ def test_it_stops_at_the_byte_limit():
     assert isinstance(out[-1], RowError) and out[-1].fatal
     out = events(data, limits=Limits(max_bytes=1024))
     assert str(out[-1]) == "file is larger than the 1 KB limit"
-    assert formats._human_bytes(512 * 1024**2) == "512 MB"
+    out = events(b"q\n" * (512 * 1024 + 1), limits=Limits(max_bytes=1024**2))
+    assert str(out[-1]) == "file is larger than the 1 MB limit"
 
 
 def test_it_stops_at_the_byte_limit_inside_the_head():
@@ -349,7 +389,9 @@ def test_it_reports_bad_records_of_a_json_array_and_goes_on():
     out = events(data)
     assert [str(e) for e in out if isinstance(e, RowError)] == [
         "line 3 (record 2): instruction: expected a string, got number",
-        "line 4 (record 3): missing field 'instruction' (found 'input'); " + formats._how_to_load({"input": "b"})[2:],
+        "line 4 (record 3): missing field 'instruction' (found 'input'); supported formats: chat (messages), alpaca "
+        "(instruction/input/output), sharegpt (conversations), completion (prompt/completion) — choose with --format, "
+        "or name the fields with --query-column input (upload form: query/answer column)",
         "record 4: expected a JSON object, got string",
         "record 5: expected a JSON object, got list",
     ]
@@ -395,7 +437,7 @@ def test_it_reports_the_line_of_a_syntax_error_past_the_first_chunk(monkeypatch)
     line = good[: good.index(b'"task 1500"')].count(b"\n") + 1
     expected = f"line {line - 1} (record 1501): invalid JSON: Expecting ',' delimiter (line {line}, column 32)"
     for chunk in (7, 4096, 64 * 1024):
-        monkeypatch.setattr(formats, "_CHUNK", chunk)
+        monkeypatch.setitem(READS, "size", chunk)
         assert errors(bad) == [expected]
         out = events(b"[" + b" " * chunk + b'{"instruction": "x"}\n\n]]', "alpaca")
         assert str(out[-1]) == "line 3: unexpected data after the end of the JSON array"
@@ -446,7 +488,7 @@ def test_it_stops_at_a_syntax_error_whatever_the_chunk_size(monkeypatch):
         b"[\n" + ok + b"]\n\n[]": "line 4: unexpected data after the end of the JSON array",
     }
     for chunk in (1, 2, 3, 7, 64 * 1024):
-        monkeypatch.setattr(formats, "_CHUNK", chunk)
+        monkeypatch.setitem(READS, "size", chunk)
         for data, message in cases.items():
             assert errors(data) == [message], (chunk, data)
 
@@ -473,7 +515,7 @@ def test_it_stops_at_a_json_array_record_too_long_to_hold():
     big = {"instruction": "x" * 300_000, "input": [{"k": "v"}] * 1000}
     data = json.dumps([{"instruction": "ok"}, big, {"instruction": "never read"}], indent=1).encode()
     reader = _CountingReader(data)
-    out = list(parse(reader, limits=Limits(max_row_chars=10_000)))
+    out = list(stream(reader, limits=Limits(max_row_chars=10_000)))
     assert [str(e) for e in out] == [
         str(Row(2, [user("ok")], 1)),
         "line 5 (record 2): record is longer than the 10,000-character limit (a JSON array cannot be read past it)",
@@ -481,8 +523,7 @@ def test_it_stops_at_a_json_array_record_too_long_to_hold():
     assert isinstance(out[-1], RowError) and out[-1].fatal
     assert reader.position < len(data) / 2
     # So does an item that is not an object (its start is not tracked).
-    out = list(parse(io.BytesIO(b'[{"instruction": "ok"}, "' + b"x" * 300_000 + b'"]'), "alpaca",
-                     limits=Limits(max_row_chars=10_000)))
+    out = events(b'[{"instruction": "ok"}, "' + b"x" * 300_000 + b'"]', "alpaca", Limits(max_row_chars=10_000))
     assert str(out[-1]) == (
         "record 2: record is longer than the 10,000-character limit (a JSON array cannot be read past it)"
     )
@@ -499,7 +540,7 @@ def test_it_splits_json_arrays_across_any_chunk_boundary(monkeypatch):
         starts = [1] * len(records) if indent is None else [2 + 12 * i for i in range(len(records))]
         assert where == list(zip(starts, range(1, len(records) + 1), strict=True))
         for chunk in (1, 2, 3, 7):
-            monkeypatch.setattr(formats, "_CHUNK", chunk)
+            monkeypatch.setitem(READS, "size", chunk)
             assert rows(data) == expected
             assert [(r.line, r.record) for r in events(data) if isinstance(r, Row)] == where
             assert rows(jsonl(*records)) == expected
@@ -550,14 +591,15 @@ def test_it_stops_a_runaway_csv_quote_at_the_row_limit():
     assert [str(e) for e in out] == ["line 2: row is longer than the 100-character limit", str(Row(3, [user("ok")]))]
 
 
-# --- the reader, validate, hashing, memory ---
+# --- the reader, hashing, memory ---
 
 
 def test_it_counts_every_error_and_keeps_the_first_fifty():
     data = b"".join(b'{"messages": %d}\n' % i for i in range(120)) + jsonl(chat(user("ok")))
-    result = validate(io.BytesIO(data), limits=LIMITS)
-    row_count, kept, error_count = result
-    assert (row_count, error_count, len(kept)) == (1, 120, 50)
+    reader = DatasetReader(io.BytesIO(data), limits=LIMITS)
+    assert len(list(reader)) == 1
+    kept = reader.errors
+    assert (reader.row_count, reader.error_count, len(kept)) == (1, 120, 50)
     assert str(kept[0]) == "line 1: messages: expected a list, got number"
     assert kept[-1].line == 50
 
@@ -581,20 +623,20 @@ def test_it_notes_when_a_reader_stopped_early():
 def test_it_hashes_normalised_rows_stably():
     a = rows(jsonl(chat(user("q"), assistant("a"))))[0]
     b = rows(b"question,answer\nq,a\n", "csv")[0]
-    assert row_sha(a) == row_sha(b) == Row(1, b).sha
-    assert row_sha(a) != row_sha([user("q")])
-    assert len(row_sha(a)) == 64
+    assert Row(1, a).sha == Row(3, b, 2).sha
+    assert Row(1, a).sha != Row(1, [user("q")]).sha
+    assert len(Row(1, a).sha) == 64
 
 
 def test_it_reads_a_big_json_array_chunk_by_chunk():
     records = [{"instruction": f"question {i} " + "word " * 50, "output": "answer"} for i in range(20_000)]
     data = json.dumps(records, indent=4).encode()
     reader = _CountingReader(data)
-    stream = parse(reader, limits=LIMITS)
-    first = next(stream)
+    rows_read = stream(reader)
+    first = next(rows_read)
     assert isinstance(first, Row) and (first.line, first.record) == (2, 1)
     assert reader.position <= 2 * formats.HEAD_BYTES < len(data) / 20  # the first row came before the rest was read
-    rest = list(stream)
+    rest = list(rows_read)
     assert len(rest) == 19_999 and all(isinstance(r, Row) for r in rest)
     assert (rest[-1].line, rest[-1].record) == (2 + 4 * 19_999, 20_000)
     assert reader.position == len(data)
@@ -605,7 +647,7 @@ def _peak_while_parsing(path: Path) -> tuple[int, int]:
     tracemalloc.start()
     try:
         with path.open("rb") as f:
-            count = sum(1 for item in parse(f, limits=LIMITS) if isinstance(item, Row))
+            count = sum(1 for _ in DatasetReader(f, limits=LIMITS))
         return count, tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()

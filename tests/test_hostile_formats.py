@@ -1,4 +1,4 @@
-"""Hostile and careless dataset files against the parser (engines/formats.py):
+"""Hostile and careless dataset files against the parser (engines/formats/):
 nesting that would make ijson's memory grow with the square of the depth (issue
 18 item 1, measured in a child process), one JSON object holding the records
 under a key (item 15), unpaired surrogates (item 9), and a fuzz of brackets and
@@ -16,12 +16,23 @@ from pathlib import Path
 import pytest
 
 from engines import formats
-from engines.formats import DatasetReader, Limits, Row, RowError, detect_format, parse, validate
+from engines.formats import DatasetReader, Limits, Row, RowError, detect_format
 from workbench.actions.datasets import DatasetRejected, import_dataset
 from workbench.models import DatasetRow, DatasetVersion
 
 REPO = Path(__file__).resolve().parent.parent
 LIMITS = Limits()
+
+class ShortReads(io.BytesIO):
+    """A file that returns at most READS["size"] bytes a read: the reader's chunks end at any place."""
+
+    def read(self, n: int | None = -1) -> bytes:
+        size = READS["size"]
+        return super().read(size if n is None or n < 0 else min(n, size))
+
+
+# Bytes a read of ShortReads returns; tests set it with monkeypatch.setitem.
+READS = {"size": 64 * 1024}
 DEEP = "JSON nested more than 32 levels deep (the limit is 32)"
 
 
@@ -30,7 +41,15 @@ def chat_record(i: int) -> dict[str, object]:
 
 
 def events(data: bytes, fmt: str = "auto", limits: Limits = LIMITS, **kw: object) -> list[Row | RowError]:
-    return list(parse(io.BytesIO(data), fmt, limits=limits, **kw))  # type: ignore[arg-type]
+    """The rows and every error in file order, through the public reader."""
+    reader = DatasetReader(ShortReads(data), fmt, limits=limits, keep_errors=sys.maxsize, **kw)  # type: ignore[arg-type]
+    out: list[Row | RowError] = []
+    seen = 0
+    for row in reader:
+        out += reader.errors[seen:]
+        seen = len(reader.errors)
+        out.append(row)
+    return out + reader.errors[seen:]
 
 
 def errors(data: bytes, fmt: str = "auto", **kw: object) -> list[str]:
@@ -149,7 +168,7 @@ def test_content_parts_and_brackets_inside_strings_still_load():
 
 
 def test_rows_before_a_deep_line_are_read_first(monkeypatch):
-    monkeypatch.setattr(formats, "_CHUNK", 256)
+    monkeypatch.setitem(READS, "size", 256)
     data = ("[\n" + ",\n".join(json.dumps(chat_record(i)) for i in range(20)) + ",\n" + nested(5_000) + "\n]").encode()
     out = events(data)
     assert [e.record for e in out if isinstance(e, Row)] == list(range(1, 21))
@@ -218,9 +237,9 @@ def test_records_key_detects_the_format_of_the_records_and_passes_through_the_re
     reader = DatasetReader(io.BytesIO(data), "auto", limits=LIMITS, records_key="qa")
     assert reader.format == "alpaca"
     assert len(list(reader)) == 3_000 and reader.ok
-    assert validate(io.BytesIO(data), limits=LIMITS, records_key="qa").row_count == 3_000
-    monkeypatch.setattr(formats, "_CHUNK", 97)  # keys and records cut at any place
-    assert validate(io.BytesIO(data), limits=LIMITS, records_key="qa").row_count == 3_000
+    monkeypatch.setitem(READS, "size", 97)  # keys and records cut at any place
+    reader = DatasetReader(ShortReads(data), "auto", limits=LIMITS, records_key="qa")
+    assert len(list(reader)) == 3_000 and reader.ok
 
 
 def test_records_key_refuses_what_it_cannot_read():
@@ -287,7 +306,7 @@ def test_surrogate_pairs_and_escaped_backslashes_load_as_they_read(monkeypatch):
     assert "\\ud83d\\ude00" in text
     lone = json.dumps({"messages": [{"role": "user", "content": "a\udc00"}]})
     for chunk in (3, 7, 64 * 1024):  # escapes cut at any place
-        monkeypatch.setattr(formats, "_CHUNK", chunk)
+        monkeypatch.setitem(READS, "size", chunk)
         out = events(f"[{text}, {text}]".encode())
         assert [(e.messages, e.extra) for e in out] == [(record["messages"], {"id": "\U0001F600"})] * 2  # type: ignore[union-attr]
         out = events(f"[{text},\n{lone}]".encode())
@@ -342,14 +361,14 @@ def test_fuzzed_nestings_brackets_and_strings_never_crash_the_reader(monkeypatch
     for i in range(300):
         data = fuzz_text(rng).encode("utf-8", "surrogatepass")
         if i % 3 == 0:
-            monkeypatch.setattr(formats, "_CHUNK", rng.choice([5, 64, 1000]))
+            monkeypatch.setitem(READS, "size", rng.choice([5, 64, 1000]))
         else:
-            monkeypatch.setattr(formats, "_CHUNK", 64 * 1024)
+            monkeypatch.setitem(READS, "size", 64 * 1024)
         fmt = rng.choice(["auto", "chat", "alpaca", "sharegpt", "completion", "fields", "csv", "lines"])
         kw: dict[str, object] = {"query_column": "q"} if fmt == "fields" else {}
         if rng.random() < 0.2 and fmt not in ("csv", "lines"):
             kw["records_key"] = "qa"
-        reader = DatasetReader(io.BytesIO(data), fmt, limits=Limits(max_row_chars=5_000), filename="f.json",
+        reader = DatasetReader(ShortReads(data), fmt, limits=Limits(max_row_chars=5_000), filename="f.json",
                                **kw)  # type: ignore[arg-type]
         rows = list(reader)
         assert all(isinstance(r, Row) for r in rows)
