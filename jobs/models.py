@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,7 @@ from django.urls import reverse
 from django.utils import timezone
 
 from engines.progress import Progress
+from jobs.registry import label_of
 from workbench.models import BaseModel, DatasetVersion, Project, PromptVersion, Variant
 
 # Sent after a job reached a terminal state (kwargs: job, status), so apps
@@ -82,8 +85,6 @@ class Job(models.Model):
 
     @property
     def label(self) -> str:
-        from jobs.registry import label_of
-
         return label_of(self.kind)
 
     @property
@@ -178,6 +179,23 @@ class Job(models.Model):
         if self.status != self.SUCCEEDED:
             return []
         return list(self.dependents.filter(status=self.QUEUED))
+
+    def wait(self, timeout: float | None = None, poll: float = 1.0,
+             on_poll: Callable[[Job], None] | None = None) -> bool:
+        """Follow the job to its end from outside a worker (a command, a
+        script, a test): refresh every `poll` seconds and call `on_poll`
+        after each refresh, the last one included. True once the job ended;
+        False when `timeout` seconds passed first."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            self.refresh_from_db()
+            if on_poll is not None:
+                on_poll(self)
+            if self.is_terminal:
+                return True
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            time.sleep(poll)
 
     # --- while running --------------------------------------------------------
 

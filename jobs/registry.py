@@ -8,13 +8,33 @@ the JOB_RUNNER_MODULES setting."""
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 from django.conf import settings
 
-if TYPE_CHECKING:
-    from engines.progress import Progress
-    from jobs.models import Job
+from engines.progress import Progress
+
+
+class RunnableJob(Protocol):
+    """What a runner needs of its job row (jobs.models.Job is one). The
+    registry sits below the models: it names this, never the Job class."""
+
+    pk: Any
+    kind: str
+
+    def succeed(self, **changes: Any) -> bool: ...
+
+    def cancel_is_requested(self) -> bool: ...
+
+    def append_log(self, line: str, only_if: str | None = None) -> None: ...
+
+
+class ProgressSink(Protocol):
+    """Where a runner's progress goes (jobs.lifecycle.ProgressWriter is one)."""
+
+    def __call__(self, progress: Progress) -> None: ...
+
+    def flush(self) -> None: ...
 
 
 class JobError(Exception):
@@ -33,9 +53,12 @@ class JobRunner:
     # Errors whose message is enough for the user (no traceback in the log).
     user_errors: ClassVar[tuple[type[BaseException], ...]] = ()
 
-    def __init__(self, job: Job, report: Any) -> None:
+    # Runners read their kind's fields (job.dataset_version, job.params, ...): a Job row in practice.
+    job: Any
+
+    def __init__(self, job: RunnableJob, report: ProgressSink) -> None:
         self.job = job
-        self._report = report  # a jobs.lifecycle.ProgressWriter
+        self._report = report
 
     def run(self) -> None:
         """Do the work. Return normally to succeed (or call job.succeed with
@@ -61,7 +84,7 @@ class JobRunner:
         self.job.append_log(line)
 
     @classmethod
-    def check_inputs(cls, job: Job) -> str | None:
+    def check_inputs(cls, job: RunnableJob) -> str | None:
         """Why this job cannot run, or None."""
         missing = [name for name in cls.requires if getattr(job, f"{name}_id", getattr(job, name, None)) is None]
         if missing:

@@ -25,8 +25,23 @@ def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None
         if proc is not None and proc.poll() is not None:
             break
         time.sleep(0.2)
-    tail = log.read_text()[-3000:] if log and log.exists() else ""
-    raise AssertionError(f"timed out waiting for {what}\n{tail}")
+    raise AssertionError(f"timed out waiting for {what}\n{_tail(log)}")
+
+
+def wait_for_job(job, timeout: float, what: str, proc: subprocess.Popen | None = None, log: Path | None = None):
+    """Job.wait under a deadline, giving up early when the worker process died."""
+
+    def worker_alive(polled) -> None:
+        if proc is not None and proc.poll() is not None and not polled.is_terminal:
+            raise AssertionError(f"the worker exited while waiting for {what}\n{_tail(log)}")
+
+    if not job.wait(timeout, poll=0.2, on_poll=worker_alive):
+        raise AssertionError(f"timed out waiting for {what} (job {job.pk} is {job.status})\n{_tail(log)}")
+    return job
+
+
+def _tail(log: Path | None) -> str:
+    return log.read_text()[-3000:] if log and log.exists() else ""
 
 
 @contextmanager

@@ -9,7 +9,7 @@ from django.db import transaction
 from jobs.models import Job, JobPoint
 from jobs.tasks import enqueue
 from tests.conftest import database_url
-from tests.processes import celery_worker, wait_for
+from tests.processes import celery_worker, wait_for_job
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
@@ -22,7 +22,7 @@ def test_a_kind_registered_by_the_tests_runs_on_a_real_worker(alice_project, tmp
             then = Job.objects.create(project=alice_project, kind="test-sleepy", params={"naps": 2},
                                       depends_on=first)
             enqueue(first)
-        wait_for(lambda: Job.objects.get(pk=then.pk).is_terminal, 60, "both jobs to finish")
+        wait_for_job(then, 60, "both jobs to finish")
     first, then = Job.objects.get(pk=first.pk), Job.objects.get(pk=then.pk)
     assert (first.status, then.status) == (Job.SUCCEEDED, Job.SUCCEEDED), first.log + then.log
     assert "slept 3 naps in alpha" in first.log and "slept 2 naps" in then.log
@@ -35,6 +35,6 @@ def test_a_kind_the_worker_does_not_know_fails_clearly(alice_project, tmp_path):
         with transaction.atomic():
             job = Job.objects.create(project=alice_project, kind="test-sleepy")
             enqueue(job)
-        wait_for(lambda: Job.objects.get(pk=job.pk).is_terminal, 60, "the job to fail")
+        wait_for_job(job, 60, "the job to fail")
     job = Job.objects.get(pk=job.pk)
     assert job.status == Job.FAILED and "no runner is registered for job kind 'test-sleepy'" in job.error

@@ -207,3 +207,19 @@ def test_a_prompt_longer_than_the_context_is_refused_before_anything_trains(alic
     with pytest.raises(ActionError, match="the model reads at most 8,192 tokens"):
         start_absorb(alice_project, alice, long, data, base, training=TrainConfig())
     assert not Job.objects.exists()
+
+
+def test_wait_follows_a_job_to_its_end_or_its_deadline(job):
+    seen = []
+    assert not job.wait(timeout=0.05, poll=0.01, on_poll=lambda j: seen.append(j.status))
+    assert set(seen) == {Job.QUEUED} and len(seen) >= 2
+
+    def finish_on_the_third_poll(polled: Job) -> None:
+        seen.append(polled.status)
+        if len(seen) == 3:
+            Job.objects.filter(pk=polled.pk).update(status=Job.SUCCEEDED)
+
+    seen.clear()
+    assert job.wait(poll=0.01, on_poll=finish_on_the_third_poll)
+    assert job.status == Job.SUCCEEDED and seen == [Job.QUEUED, Job.QUEUED, Job.QUEUED, Job.SUCCEEDED]
+

@@ -36,7 +36,7 @@ def teacher_version(alice, alice_project):
     for row, answer in zip(upload.rows.order_by("index"), answers, strict=True):
         messages = [*row.messages, {"role": "assistant", "content": answer}]
         failing = data_quality.failing(rules, messages)
-        rows.append((row.index, messages, {"failing": failing, "flags": [f"fails rule: {n}" for n in failing],
+        rows.append((row.index, messages, {"failing": failing,
                                            "curation": {"samples": 2, "picked": 1, "passed": [0, 2]}}))
     quality = {"rule_names": ["opening", "short"],
                "steps": [data_quality.step("raw", answers, rules)], "settings": {"best_of": 2}}
@@ -77,15 +77,16 @@ def test_drop_all_failing_one_rule(alice, alice_client, alice_project, teacher_v
 
 def test_accept_all_clears_the_warnings_but_keeps_the_facts(alice, teacher_version):
     new = review_bulk(teacher_version, alice, "accept_all")
-    assert new.rows.exclude(flags=[]).count() == 0
-    assert new.rows.exclude(failing=[]).count() == 3
+    assert new.rows.flagged().count() == 0 and new.rows.unresolved().count() == 0
+    assert new.rows.exclude(failing=[]).count() == 3 and set(new.rows.values_list("review", flat=True)) == {"accepted"}
+    assert all(row.flags == [] for row in new.rows.all())
     assert new.rows.first().curation["samples"] == 2
 
 
 def test_an_edit_is_checked_again(alice, teacher_version):
     new = review_version(teacher_version, alice, {1: "hi. fixed."}, set())
     row = new.rows.get(index=1)
-    assert row.failing == [] and row.flags == [] and row.curation["edited"] is True
+    assert row.failing == [] and row.flags == [] and row.curation["edited"] is True and row.review == "edited"
     assert new.meta["quality"]["steps"][-1]["rules"]["opening"] == 5 / 6
 
 
@@ -142,7 +143,7 @@ def test_a_rule_filter_over_more_rows_than_sqlite_has_query_variables(alice_clie
     answer = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "far too many words in this one"}]
     DatasetRow.objects.bulk_create(
         (DatasetRow(version=version, index=i, messages=answer, sha256=str(i), failing=["short"] if i % 4 else
-                    ["opening", "short"], flags=["fails rule: short"]) for i in range(40_000)), batch_size=2000)
+                    ["opening", "short"]) for i in range(40_000)), batch_size=2000)
     url = reverse("dataset_review", args=[alice_project.slug, version.dataset_id, version.number])
     r = alice_client.get(url + "?rule=opening")
     assert r.status_code == 200
@@ -184,3 +185,33 @@ def test_edits_on_one_page_are_kept_when_the_reviewer_moves_to_another(alice_cli
     r = alice_client.post(r["Location"], {"goto": "3"})
     assert r.status_code == 302 and r["Location"].endswith("?page=3")
     assert DatasetVersion.objects.filter(dataset=long_version.dataset).count() == 4
+
+
+def test_rules_that_no_longer_validate_stop_review_instead_of_passing_every_answer(alice, alice_client, alice_project,
+                                                                                  teacher_version, caplog):
+    """Invalid stored rules used to read as "no rules": an edit was then
+    checked against nothing and saved as passing."""
+    meta = {**teacher_version.meta, "rules": [{"name": "gone", "kind": "no_such_kind"}]}
+    DatasetVersion.objects.filter(pk=teacher_version.pk).update(meta=meta)
+    teacher_version.refresh_from_db()
+    with pytest.raises(data_quality.StoredRulesError, match="no longer valid"):
+        data_quality.rules_of(teacher_version)
+    assert "are invalid" in caplog.text
+    with pytest.raises(ActionError, match="no longer valid"):
+        review_version(teacher_version, alice, {1: "still no greeting"}, set())
+    with pytest.raises(ActionError, match="no longer valid"):
+        review_bulk(teacher_version, alice, "accept_all")
+    url = reverse("dataset_review", args=[alice_project.slug, teacher_version.dataset_id, teacher_version.number])
+    page = alice_client.get(url)
+    assert page.status_code == 200 and "no longer valid" in page.content.decode()
+    assert teacher_version.dataset.versions.count() == 2  # the upload and the teacher answers: nothing saved
+
+
+def test_one_count_of_failing_rows_per_rule(teacher_version):
+    counts = data_quality.failing_counts(teacher_version.rows.all(), ["opening", "short", "unknown"])
+    assert (counts.rows, counts.failing, counts.by_rule) == (6, 3, {"opening": 2, "short": 2, "unknown": 0})
+    assert counts.share == 0.5
+    assert data_quality.failing_share(teacher_version) == data_quality.failing_counts(  # all rows train here
+        teacher_version.rows.all(), ["opening", "short"])
+    assert "50% of the training answers" in data_quality.warning(teacher_version, 0.2)
+    assert data_quality.warning(teacher_version, 0.5) is None

@@ -86,3 +86,29 @@ def test_settings_route_every_task_and_the_ping_follows_its_queue_argument():
         send_ping("gpu")
         assert queued(conn, "gpu") == 1
         conn.default_channel.queue_purge("gpu")
+
+
+def test_a_heartbeat_database_error_is_logged_and_retried_and_a_bug_is_raised(monkeypatch, caplog):
+    """Every error used to be swallowed without a word, bugs included."""
+    from django.db import OperationalError
+
+    from workbench.celery import _touch
+
+    WorkerHeartbeat.objects.create(hostname="w1")
+    manager = WorkerHeartbeat.objects
+
+    def lost_connection(*args, **kwargs):
+        raise OperationalError("server closed the connection unexpectedly")
+
+    monkeypatch.setattr(manager, "filter", lost_connection)
+    assert _touch("w1") is False
+    assert "heartbeat of w1 not written" in caplog.text and "server closed" in caplog.text
+
+    def bug(*args, **kwargs):
+        raise TypeError("a bug")
+
+    monkeypatch.setattr(manager, "filter", bug)
+    with pytest.raises(TypeError):
+        _touch("w1")
+    monkeypatch.undo()
+    assert _touch("w1") is True

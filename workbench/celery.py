@@ -3,6 +3,7 @@ GPU memory is returned after each job) and `default` (everything else)."""
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from typing import Any
@@ -28,10 +29,31 @@ def route_to_queue_argument(name: str, args: Any, kwargs: Any, options: Any, tas
 
 
 _stop = threading.Event()
+log = logging.getLogger(__name__)
 
 
-def _beat(hostname: str, queues: str, interval: int) -> None:
-    from django.db import close_old_connections, connection
+def _touch(hostname: str) -> bool:
+    """One beat. A database error (a restart, a dropped connection) is
+    logged and the next beat tries again on a fresh connection; any other
+    error is a bug and ends the heartbeat loudly (the worker then shows as
+    dead, which is the truth about its beats)."""
+    from django.db import DatabaseError, close_old_connections, connection
+    from django.utils import timezone
+
+    from workbench.models import WorkerHeartbeat
+
+    try:
+        close_old_connections()
+        WorkerHeartbeat.objects.filter(hostname=hostname).update(last_seen=timezone.now(), stopped=False)
+    except DatabaseError:
+        log.warning("worker heartbeat of %s not written; retrying on a new connection", hostname, exc_info=True)
+        connection.close()
+        return False
+    return True
+
+
+def _beat(hostname: str, queues: str, interval: float, stop: threading.Event = _stop) -> None:
+    from django.db import connection
     from django.utils import timezone
 
     from workbench.models import WorkerHeartbeat
@@ -41,12 +63,8 @@ def _beat(hostname: str, queues: str, interval: int) -> None:
         hostname=hostname,
         defaults={"queues": queues, "pid": os.getpid(), "started_at": now, "last_seen": now, "stopped": False},
     )
-    while not _stop.wait(interval):
-        try:
-            close_old_connections()
-            WorkerHeartbeat.objects.filter(hostname=hostname).update(last_seen=timezone.now(), stopped=False)
-        except Exception:  # a database hiccup must not kill the worker's heartbeat
-            connection.close()
+    while not stop.wait(interval):
+        _touch(hostname)
     WorkerHeartbeat.objects.filter(hostname=hostname).update(stopped=True, last_seen=timezone.now())
     connection.close()
 

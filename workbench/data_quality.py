@@ -3,14 +3,22 @@ fails, and the report of how each curation step moved the pass rates."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from engines.curation import pass_rates
 from engines.rules import Rule, RulesError, check_all, validate_rules
-from workbench.models import DatasetRow, DatasetVersion
+from workbench.models import DatasetRow, DatasetRowQuerySet, DatasetVersion
 
 Messages = list[dict[str, str]]
+log = logging.getLogger(__name__)
+
+
+class StoredRulesError(Exception):
+    """The rules kept with a version no longer validate: checking against
+    "no rules" instead would let every answer pass."""
 
 
 def rules_of(version: DatasetVersion) -> list[Rule]:
@@ -18,8 +26,31 @@ def rules_of(version: DatasetVersion) -> list[Rule]:
     meta by the teacher run that made it); none for plain uploads."""
     try:
         return validate_rules(version.meta.get("rules") or [])
-    except RulesError:
-        return []
+    except RulesError as exc:
+        log.warning("the rules stored with %s (pk %s) are invalid: %s", version, version.pk, exc)
+        raise StoredRulesError(f"The rules stored with {version} are no longer valid ({exc}); answers cannot "
+                               f"be checked against them.") from exc
+
+
+@dataclass(frozen=True)
+class FailingCounts:
+    rows: int
+    failing: int  # rows failing at least one rule
+    by_rule: dict[str, int]
+
+    @property
+    def share(self) -> float:
+        return self.failing / self.rows if self.rows else 0.0
+
+
+def failing_counts(rows: DatasetRowQuerySet, rule_names: Iterable[str]) -> FailingCounts:
+    """How many of `rows` fail a rule, in all and per rule: the one count the
+    review page and the data-quality warning (absorb form, fine-tune log)
+    read; pass `rows.unresolved()` for the rows a passing-only fine-tune
+    leaves out. Counted in SQL, one query per rule (a version may hold
+    hundreds of thousands of failing rows)."""
+    return FailingCounts(rows.count(), rows.exclude(failing=[]).count(),
+                         {name: rows.failing_rule(name).count() for name in rule_names})
 
 
 def answer_of(messages: Messages) -> str | None:
@@ -36,11 +67,6 @@ def failing(rules: Sequence[Rule], messages: Messages) -> list[str]:
 def step(name: str, answers: Sequence[str], rules: Sequence[Rule]) -> dict[str, Any]:
     """One row of the report: the pass rate of each rule and of all of them."""
     return {"step": name, **pass_rates(answers, rules)}
-
-
-def train_answers(version: DatasetVersion) -> list[str]:
-    rows = version.rows.filter(split=DatasetRow.TRAIN).values_list("messages", flat=True)
-    return [a for a in (answer_of(m) for m in rows.iterator(chunk_size=2000)) if a is not None]
 
 
 def with_human_edits(parent: DatasetVersion, rows: Iterable[Messages]) -> dict[str, Any] | None:
@@ -63,26 +89,19 @@ def final_compliance(version: DatasetVersion | None) -> float | None:
     return version.meta["quality"]["steps"][-1].get("all_rules")
 
 
-def failing_share(version: DatasetVersion) -> tuple[float, dict[str, int]] | None:
-    """Share of train rows whose answer fails at least one of the version's
-    rules, and how many rows fail each rule; None without rules."""
+def failing_share(version: DatasetVersion) -> FailingCounts | None:
+    """How many train rows fail each of the version's rules; None without rules."""
     if not version.meta.get("rules"):
         return None
-    rows = version.rows.filter(split=DatasetRow.TRAIN).values_list("failing", flat=True)
-    total, failing, by_rule = 0, 0, {}
-    for names in rows.iterator(chunk_size=2000):
-        total += 1
-        failing += bool(names)
-        for name in names:
-            by_rule[name] = by_rule.get(name, 0) + 1
-    return (failing / total if total else 0.0), by_rule
+    names = [r.get("name", "") for r in version.meta["rules"] if isinstance(r, dict)]
+    return failing_counts(version.rows.filter(split=DatasetRow.TRAIN), names)
 
 
 def warning(version: DatasetVersion, limit: float) -> str | None:
     """A sentence for the team when too many training answers fail a rule."""
-    share = failing_share(version)
-    if share is None or share[0] <= limit:
+    counts = failing_share(version)
+    if counts is None or counts.share <= limit:
         return None
-    worst = ", ".join(f"{name}: {n}" for name, n in sorted(share[1].items(), key=lambda kv: -kv[1]))
-    return (f"{share[0]:.0%} of the training answers in {version} fail a checkable rule ({worst}); the student "
+    worst = ", ".join(f"{name}: {n}" for name, n in sorted(counts.by_rule.items(), key=lambda kv: -kv[1]) if n)
+    return (f"{counts.share:.0%} of the training answers in {version} fail a checkable rule ({worst}); the student "
             f"learns what the data shows. Review them, or train anyway.")

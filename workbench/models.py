@@ -4,7 +4,9 @@ from datetime import timedelta
 from typing import Any
 
 from django.conf import settings
-from django.db import models
+from django.db import connection, models
+from django.db.models import Q
+from django.db.models.expressions import RawSQL
 from django.db.models.functions import Lower
 from django.urls import reverse
 from django.utils import timezone
@@ -294,9 +296,41 @@ class DatasetVersion(models.Model):
         return self.rows.filter(split=DatasetRow.EVAL).count()
 
 
+class DatasetRowQuerySet(models.QuerySet["DatasetRow"]):
+    def failing_rule(self, rule: str) -> DatasetRowQuerySet:
+        """The rows whose answer fails `rule`, filtered in SQL (never a list
+        of ids: 250k of them pass SQLite's limit on query variables)."""
+        if connection.features.supports_json_field_contains:
+            return self.filter(failing__contains=[rule])
+        # SQLite has no JSON containment: look inside the array with json_each.
+        table = connection.ops.quote_name(DatasetRow._meta.db_table)
+        column = connection.ops.quote_name(DatasetRow._meta.get_field("failing").column)
+        fails = RawSQL(f"EXISTS (SELECT 1 FROM json_each({table}.{column}) WHERE json_each.value = %s)", (rule,),
+                       output_field=models.BooleanField())
+        return self.alias(_fails_rule=fails).filter(_fails_rule=True)
+
+    def unresolved(self) -> DatasetRowQuerySet:
+        """Rows still failing a rule: not accepted in review (see DatasetRow.is_unresolved)."""
+        return self.filter(DatasetRow.UNRESOLVED)
+
+    def flagged(self) -> DatasetRowQuerySet:
+        """Rows that show a flag on the review page (see DatasetRow.flags)."""
+        return self.filter(DatasetRow.FLAGGED)
+
+
 class DatasetRow(models.Model):
+    """One normalised conversation. What review decided is data: `failing`
+    (the rules the answer fails), `notes` (other warnings about the answer:
+    a prompt leak, empty, cut off) and `review` (edited, accepted); the flags
+    shown on the page are derived from them, never read back."""
+
     TRAIN = "train"
     EVAL = "eval"
+    NOT_REVIEWED = ""
+    EDITED = "edited"
+    ACCEPTED = "accepted"
+    # A dropped row is not in the reviewed version at all.
+    REVIEW_STATES = [(NOT_REVIEWED, "Not reviewed"), (EDITED, "Edited"), (ACCEPTED, "Accepted as it is")]
 
     version = models.ForeignKey(DatasetVersion, on_delete=models.CASCADE, related_name="rows")
     index = models.PositiveIntegerField()
@@ -304,11 +338,20 @@ class DatasetRow(models.Model):
     messages = models.JSONField()
     sha256 = models.CharField(max_length=64)
     split = models.CharField(max_length=5, default=TRAIN)
-    flags = models.JSONField(default=list, blank=True)
+    notes = models.JSONField(default=list, blank=True,
+                             help_text="Warnings about the answer other than rules: prompt leaks, empty, cut off")
     extra = models.JSONField(default=dict, blank=True, help_text="Fields of the uploaded row no format reads")
     failing = models.JSONField(default=list, blank=True, help_text="Names of the version's rules the answer fails")
+    review = models.CharField(max_length=10, choices=REVIEW_STATES, default=NOT_REVIEWED, blank=True,
+                              help_text="What a reviewer did: edited the answer, or accepted it as it is")
     curation = models.JSONField(default=dict, blank=True,
                                 help_text="How the answer was made: samples, pick, opening, repairs")
+
+    objects = DatasetRowQuerySet.as_manager()
+
+    # An accepted answer no longer warns; an edited one is checked again, so its `failing` is current.
+    UNRESOLVED = ~Q(failing=[]) & ~Q(review=ACCEPTED)
+    FLAGGED = ~Q(review=ACCEPTED) & (~Q(failing=[]) | ~Q(notes=[]))
 
     class Meta:
         ordering = ["version", "index"]
@@ -317,6 +360,17 @@ class DatasetRow(models.Model):
 
     def __str__(self) -> str:
         return f"{self.version} row {self.index}"
+
+    @property
+    def is_unresolved(self) -> bool:
+        return bool(self.failing) and self.review != self.ACCEPTED
+
+    @property
+    def flags(self) -> list[str]:
+        """What the review page shows beside the row (display only)."""
+        if self.review == self.ACCEPTED:
+            return []
+        return [*self.notes, *(f"fails rule: {name}" for name in self.failing)]
 
 
 class Variant(models.Model):

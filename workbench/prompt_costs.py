@@ -5,11 +5,16 @@ the prompt replaces, the net added per request, and the model's context."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
+from jinja2 import TemplateError
+
 from engines.chat import Message, render
 from engines.tokens import load_tokenizer, prompt_cost
+
+log = logging.getLogger(__name__)
 
 # Far outside any real system prompt, so it shares no first or last character
 # with the default system line it is compared with.
@@ -51,6 +56,12 @@ def context_length(tokenizer: Any, model_dir: str) -> int | None:
     return value if isinstance(value, int) and value > 0 else None
 
 
+class TokenCountError(ValueError):
+    """The base model's tokenizer or chat template cannot count a prompt (a
+    missing or broken model directory, a template that fails to render).
+    Pages show it beside the model; any other error is a bug and is raised."""
+
+
 def breakdown(model_dir: str, text: str) -> dict[str, Any]:
     """text: the prompt's own tokens; default_system (and default_tokens): the
     template's default system line, which a system prompt replaces;
@@ -58,8 +69,14 @@ def breakdown(model_dir: str, text: str) -> dict[str, Any]:
     with it minus the request without any system message, so it is negative
     when the prompt is shorter than the default line); request_total: a short
     request with the prompt; context: the most tokens the model reads."""
-    tokenizer = load_tokenizer(model_dir)
-    cost = prompt_cost(tokenizer, text)
+    try:
+        tokenizer = load_tokenizer(model_dir)
+        cost = prompt_cost(tokenizer, text)
+    except (OSError, ValueError, TemplateError) as exc:
+        # transformers says OSError or ValueError for a directory it cannot load;
+        # jinja raises TemplateError for a chat template that does not render.
+        log.warning("cannot count tokens under %s: %s", model_dir, exc)
+        raise TokenCountError(f"cannot count tokens with the tokenizer in {model_dir}: {exc}") from exc
     default = default_system_line(tokenizer)
     default_tokens = len(tokenizer(default, add_special_tokens=False)["input_ids"]) if default else 0
     return {**cost, "default_system": default, "default_tokens": default_tokens,

@@ -8,6 +8,7 @@ from typing import Any
 
 from django.conf import settings
 from django.db import transaction
+from django.db.models import Case, Value, When
 
 from engines.inference import GenerationSettings, SettingsError
 from engines.progress import Progress
@@ -28,12 +29,12 @@ def training_examples(version: DatasetVersion, system_prompt: str,
     repaired, edited or accepted in review) are left out, as long as enough
     others remain: the student learns what the data shows."""
     examples, failing = [], []
-    rows = version.rows.filter(split=DatasetRow.TRAIN).order_by("index").values_list("messages", "flags")
-    for messages, flags in rows.iterator(chunk_size=2000):
+    unresolved = Case(When(DatasetRow.UNRESOLVED, then=Value(True)), default=Value(False))
+    rows = version.rows.filter(split=DatasetRow.TRAIN).annotate(_unresolved=unresolved).order_by("index")
+    for messages, fails in rows.values_list("messages", "_unresolved").iterator(chunk_size=2000):
         if messages[-1]["role"] == "assistant" and messages[-1]["content"].strip():
             example = {"messages": messages[:-1], "answer": messages[-1]["content"], "system_prompt": system_prompt}
-            fails = passing_only and any(f.startswith("fails rule: ") for f in flags)
-            (failing if fails else examples).append(example)
+            (failing if passing_only and fails else examples).append(example)
     enough = max(MIN_PASSING_ROWS, MIN_PASSING_SHARE * (len(examples) + len(failing)))
     if failing and len(examples) < enough:
         return examples + failing, 0
@@ -69,9 +70,10 @@ class FinetuneRunner(JobRunner):
         if left_out:
             self.log(f"training on the {len(examples)} answers that pass every rule; {left_out} still failing a "
                      f"rule are left out (review them to bring them in, or untick 'only answers that pass')")
-        elif passing_only and data_quality.failing_share(version) not in (None, (0.0, {})):
+        elif passing_only and version.rows.filter(split=DatasetRow.TRAIN).unresolved().exists():
             self.log("too few answers pass every rule to train on them alone: training on all of them")
         config = TrainConfig.from_dict(job.params.get("train", {}))
+        guard_rails = _guard_rails(version)
         warn = data_quality.warning(version, settings.DATA_FAIL_WARN_SHARE)
         if warn:
             self.log(f"warning: {warn}")
@@ -96,7 +98,7 @@ class FinetuneRunner(JobRunner):
                 project=job.project, name=f"{prompt_version.prompt.name}-absorbed-{job.pk}",
                 base_model=base, adapter_path=str(result.adapter_dir), prompt_version=prompt_version,
                 prompt_sha256=prompt_version.sha256, dataset_version=version,
-                hyperparameters=config.to_dict(), generation=_guard_rails(version),
+                hyperparameters=config.to_dict(), generation=guard_rails,
                 final_loss=result.final_loss,
                 duration_seconds=result.duration_seconds, metrics={**result.to_dict(), "rows_left_out_failing": left_out},
                 created_by=job.created_by,
@@ -110,8 +112,16 @@ class FinetuneRunner(JobRunner):
 
 def _guard_rails(version: DatasetVersion) -> dict[str, Any]:
     """The teacher's guard rails (repetition penalty, no-repeat n-grams,
-    stop strings): the same base model loops the same way without them."""
+    stop strings): the same base model loops the same way without them, so
+    stored rails that no longer validate stop the job (before it trains)
+    rather than make a variant served without them. The teacher's other
+    settings do not matter here."""
+    stored = version.meta.get("generation") or {}
+    if not isinstance(stored, dict):
+        raise JobError(f"the teacher's generation settings stored with {version} are not an object: {stored!r:.80}")
+    rails = {k: v for k, v in stored.items() if k in GenerationSettings.GUARD_RAILS}
     try:
-        return GenerationSettings.from_dict(version.meta.get("generation")).guard_rails()
-    except SettingsError:
-        return {}
+        return GenerationSettings.from_dict(rails).guard_rails()
+    except SettingsError as exc:
+        raise JobError(f"the teacher's guard rails stored with {version} are invalid ({exc}); a variant "
+                       f"served without them loops. Generate the teacher answers again.") from exc

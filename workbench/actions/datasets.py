@@ -22,6 +22,7 @@ from django.dispatch import Signal
 
 from engines import formats
 from engines.progress import Progress, ProgressFn, StopFn
+from engines.rules import Rule
 from workbench import data_quality
 from workbench.actions import ActionError
 from workbench.models import BaseModel, Dataset, DatasetRow, DatasetVersion, Project
@@ -295,7 +296,7 @@ def _import_meta(reader: formats.DatasetReader, skip_bad: bool, use_chosen: bool
     return meta
 
 
-ROW_FIELDS = ("flags", "failing", "curation")  # what a derived row may set besides its messages
+ROW_FIELDS = ("notes", "failing", "review", "curation")  # what a derived row may set besides its messages
 
 
 def _store_rows(version: DatasetVersion, rows: Iterable[tuple[Any, ...]],
@@ -303,7 +304,7 @@ def _store_rows(version: DatasetVersion, rows: Iterable[tuple[Any, ...]],
     """Insert rows in batches (memory stays flat), each batch in its own
     transaction unless the caller holds one; returns the content hash.
     A row is (line, messages), (line, messages, extra fields kept) or
-    (line, messages, extra, {flags, failing, curation}). `on_batch` gets
+    (line, messages, extra, {notes, failing, review, curation}). `on_batch` gets
     the count stored so far (it may raise to stop)."""
     digest = hashlib.sha256()
     batch: list[DatasetRow] = []
@@ -377,7 +378,7 @@ def derive_version(
 ) -> DatasetVersion:
     """A new version of the same dataset from edited rows (teacher answers,
     review edits), given as (parent index, messages) or (parent index,
-    messages, {flags, failing, curation}). Each row keeps the source line and
+    messages, {notes, failing, review, curation}). Each row keeps the source line and
     the extra fields of the parent row it came from and, with keep_split,
     its split."""
     dataset = Dataset.objects.select_for_update().get(pk=parent.dataset_id)
@@ -428,34 +429,63 @@ def edits_changed(version: DatasetVersion, edits: dict[int, str]) -> dict[int, s
             and _as_posted(current[i][-1]["content"]) != _as_posted(text)}
 
 
+Reviewed = tuple[int, list[dict[str, str]], dict[str, Any]]
+
+
+def _reviewed_rows(version: DatasetVersion, row: Callable[[Reviewed], Reviewed | None],
+                   ) -> tuple[list[Reviewed], list[list[dict[str, str]]], list[int]]:
+    """The review actions' one walk over a version: each row as `row` keeps
+    it (None drops it), the train conversations kept (for the report) and
+    the indices dropped."""
+    rows: list[Reviewed] = []
+    train: list[list[dict[str, str]]] = []
+    dropped: list[int] = []
+    source = version.rows.order_by("index").values_list(
+        "index", "messages", "notes", "failing", "review", "curation", "split")
+    for index, messages, notes, failing, review, curation, split in source.iterator(chunk_size=2000):
+        kept = row((index, messages, {"notes": notes, "failing": failing, "review": review, "curation": curation}))
+        if kept is None:
+            dropped.append(index)
+            continue
+        rows.append(kept)
+        if split == DatasetRow.TRAIN:
+            train.append(kept[1])
+    return rows, train, dropped
+
+
+def _rules_of(version: DatasetVersion) -> list[Rule]:
+    try:
+        return data_quality.rules_of(version)
+    except data_quality.StoredRulesError as exc:
+        raise ActionError(f"{exc} Nothing was saved.") from exc
+
+
 @transaction.atomic
 def review_version(
     version: DatasetVersion, user: AbstractBaseUser | None, edits: dict[int, str], drop: set[int],
 ) -> DatasetVersion | None:
     """A new version with edited answers and dropped rows, or None when
-    nothing changes. Row flags of unedited rows are carried over."""
+    nothing changes. Unedited rows keep their review state."""
     changed = edits_changed(version, edits)
     drop = {i for i in drop if version.rows.filter(index=i).exists()}
     if not changed and not drop:
         return None
     if any(not text.strip() for text in changed.values()):
         raise ActionError("An answer cannot be empty; drop the row instead.")
-    rules = data_quality.rules_of(version)
-    rows: list[tuple[int, list[dict[str, str]], dict[str, Any]]] = []
-    train: list[list[dict[str, str]]] = []
-    source = version.rows.order_by("index").values_list("index", "messages", "flags", "failing", "curation", "split")
-    for index, messages, row_flags, row_failing, curation, split in source.iterator(chunk_size=2000):
+    rules = _rules_of(version)
+
+    def row(r: Reviewed) -> Reviewed | None:
+        index, messages, more = r
         if index in drop:
-            continue
-        if index in changed:
-            messages = [*messages[:-1], {"role": "assistant", "content": changed[index]}]
-            # An edited answer is checked again; the reviewer's edit clears the old warnings.
-            row_failing = data_quality.failing(rules, messages)
-            row_flags = [f"fails rule: {name}" for name in row_failing]
-            curation = {**curation, "edited": True}
-        rows.append((index, messages, {"flags": row_flags, "failing": row_failing, "curation": curation}))
-        if split == DatasetRow.TRAIN:
-            train.append(messages)
+            return None
+        if index not in changed:
+            return r
+        messages = [*messages[:-1], {"role": "assistant", "content": changed[index]}]
+        # An edited answer is checked again; the notes were about the old answer.
+        return index, messages, {"notes": [], "failing": data_quality.failing(rules, messages),
+                                 "review": DatasetRow.EDITED, "curation": {**more["curation"], "edited": True}}
+
+    rows, train, _ = _reviewed_rows(version, row)
     meta: dict[str, Any] = {"reviewed": str(version), "edited": sorted(changed), "dropped": sorted(drop)}
     return derive_version(version, user, rows, kind=DatasetVersion.EDIT, meta=_carry_quality(version, meta, train))
 
@@ -465,7 +495,10 @@ def _carry_quality(parent: DatasetVersion, meta: dict[str, Any], train: list[lis
     human edits measured as one more step."""
     if parent.meta.get("rules"):
         meta["rules"] = parent.meta["rules"]
-    quality = data_quality.with_human_edits(parent, train)
+    try:
+        quality = data_quality.with_human_edits(parent, train)
+    except data_quality.StoredRulesError as exc:
+        raise ActionError(f"{exc} Nothing was saved.") from exc
     if quality:
         meta["quality"] = quality
     return meta
@@ -475,27 +508,22 @@ def _carry_quality(parent: DatasetVersion, meta: dict[str, Any], train: list[lis
 def review_bulk(version: DatasetVersion, user: AbstractBaseUser | None, action: str,
                 rule: str = "") -> DatasetVersion:
     """The review queue's bulk actions, each making a new version:
-    "drop_failing" drops every row that fails `rule`; "accept_all" keeps
-    every answer as it is and clears the rows' warnings (their failing
+    "drop_failing" drops every row that fails `rule`; "accept_all" accepts
+    every answer as it is, which clears the rows' warnings (their failing
     rules stay recorded, and in the report)."""
-    source = version.rows.order_by("index").values_list("index", "messages", "flags", "failing", "curation", "split")
-    rows: list[tuple[int, list[dict[str, str]], dict[str, Any]]] = []
-    train: list[list[dict[str, str]]] = []
-    dropped: list[int] = []
     if action == "drop_failing":
-        if rule not in {r.name for r in data_quality.rules_of(version)}:
+        if rule not in {r.name for r in _rules_of(version)}:
             raise ActionError(f"{version} has no rule called {rule!r}.")
     elif action != "accept_all":
         raise ActionError(f"Unknown review action {action!r}.")
-    for index, messages, row_flags, row_failing, curation, split in source.iterator(chunk_size=2000):
-        if action == "drop_failing" and rule in row_failing:
-            dropped.append(index)
-            continue
+
+    def row(r: Reviewed) -> Reviewed | None:
+        index, messages, more = r
         if action == "accept_all":
-            row_flags = []
-        rows.append((index, messages, {"flags": row_flags, "failing": row_failing, "curation": curation}))
-        if split == DatasetRow.TRAIN:
-            train.append(messages)
+            return index, messages, {**more, "review": DatasetRow.ACCEPTED}
+        return None if rule in more["failing"] else r
+
+    rows, train, dropped = _reviewed_rows(version, row)
     if action == "drop_failing" and not dropped:
         raise ActionError(f"No row fails the rule {rule!r}: nothing to drop.")
     meta: dict[str, Any] = {"reviewed": str(version), "edited": [], "dropped": dropped,

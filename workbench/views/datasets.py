@@ -10,9 +10,7 @@ from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.files.uploadedfile import UploadedFile
 from django.core.paginator import Page, Paginator
-from django.db import connection
-from django.db.models import BooleanField, Case, Exists, IntegerField, OuterRef, QuerySet, Value, When
-from django.db.models.expressions import RawSQL
+from django.db.models import Case, Exists, IntegerField, OuterRef, Value, When
 from django.http import Http404, HttpRequest, HttpResponse, StreamingHttpResponse
 from django.shortcuts import redirect, render
 from django.template.defaultfilters import pluralize
@@ -34,7 +32,7 @@ from workbench.actions.datasets import (
     store_upload,
 )
 from workbench.forms import DatasetUploadForm, TokenStatsForm, with_form_token
-from workbench.models import BaseModel, Dataset, DatasetRow, DatasetVersion, Project
+from workbench.models import BaseModel, Dataset, DatasetRow, DatasetRowQuerySet, DatasetVersion, Project
 from workbench.shortcuts import HtmxHttpRequest, get_for_project, get_project
 from workbench.uploads import DataDirFile, limit_upload
 
@@ -148,7 +146,7 @@ def dataset_version(request: HtmxHttpRequest, slug: str, dataset_id: int, number
     if split in (DatasetRow.TRAIN, DatasetRow.EVAL):
         rows = rows.filter(split=split)
     if request.GET.get("flagged"):
-        rows = rows.exclude(flags=[])
+        rows = rows.flagged()
     page = Paginator(rows, 20).get_page(request.GET.get("page"))
     eval_count = version.eval_count
     ctx = {
@@ -204,38 +202,29 @@ def _review_page(request: HttpRequest, version: DatasetVersion, page: Page, flag
     for row in rows:
         row.typed_answer = (typed or {}).get(row.index)
         row.dropped = row.index in (dropped or ())
-    # Counted in SQL, one query per rule: a version may have hundreds of thousands of failing rows.
-    failing_counts = {r.name: _failing(version.rows.all(), r.name).count() for r in data_quality.rules_of(version)}
+    rules_error = ""
+    try:
+        names = [r.name for r in data_quality.rules_of(version)]
+    except data_quality.StoredRulesError as exc:
+        names, rules_error = [], str(exc)
+    counts = data_quality.failing_counts(version.rows.all(), names)
     ctx = {"project": version.dataset.project, "dataset": version.dataset, "version": version, "page": page,
-           "rows": rows, "flagged_count": version.rows.exclude(flags=[]).count(), "flagged": flagged,
-           "failing_count": version.rows.exclude(failing=[]).count(), "failing_counts": failing_counts,
-           "rule": request.GET.get("rule", ""), "error": error}
+           "rows": rows, "flagged_count": version.rows.flagged().count(), "flagged": flagged,
+           "failing_count": counts.failing, "failing_counts": counts.by_rule,
+           "rule": request.GET.get("rule", ""), "error": error, "rules_error": rules_error}
     return render(request, "workbench/dataset_review.html", ctx, status=status)
 
 
-def _failing(rows: QuerySet[DatasetRow], rule: str) -> QuerySet[DatasetRow]:
-    """The rows whose `failing` list holds `rule`, filtered in SQL (never a
-    list of ids: 250k of them pass SQLite's limit on query variables)."""
-    if connection.features.supports_json_field_contains:
-        return rows.filter(failing__contains=[rule])
-    # SQLite has no JSON containment: look inside the array with json_each.
-    table = connection.ops.quote_name(DatasetRow._meta.db_table)
-    column = connection.ops.quote_name(DatasetRow._meta.get_field("failing").column)
-    fails = RawSQL(f"EXISTS (SELECT 1 FROM json_each({table}.{column}) WHERE json_each.value = %s)", (rule,),
-                   output_field=BooleanField())
-    return rows.alias(_fails_rule=fails).filter(_fails_rule=True)
-
-
-def _review_rows(version: DatasetVersion, flagged: bool, rule: str) -> QuerySet[DatasetRow]:
+def _review_rows(version: DatasetVersion, flagged: bool, rule: str) -> DatasetRowQuerySet:
     """The review queue: rows that still fail a rule first, then flagged
     ones, then the rest; optionally only the rows failing one rule."""
     rows = version.rows.all()
     if flagged:
-        rows = rows.exclude(flags=[])
+        rows = rows.flagged()
     if rule:
-        rows = _failing(rows, rule)
+        rows = rows.failing_rule(rule)
     first = Case(When(failing=[], then=Value(1)), default=Value(0), output_field=IntegerField())
-    then = Case(When(flags=[], then=Value(1)), default=Value(0), output_field=IntegerField())
+    then = Case(When(DatasetRow.FLAGGED, then=Value(0)), default=Value(1), output_field=IntegerField())
     return rows.annotate(_fails=first, _flagged=then).order_by("_fails", "_flagged", "index")
 
 
