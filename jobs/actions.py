@@ -16,6 +16,7 @@ from jobs.models import Job
 from jobs.tasks import enqueue
 from workbench.actions import ActionError
 from workbench.models import BaseModel, DatasetRow, DatasetVersion, Project, PromptVersion
+from workbench.prompt_costs import TokenCountError
 
 
 class AlreadyStarted(ActionError):
@@ -53,7 +54,7 @@ def check_prompt_fits(prompt_version: PromptVersion, base_model: BaseModel) -> N
     """Refuse a prompt that leaves the model no room for a query and an answer."""
     try:
         reason = prompt_version.too_long_for(base_model)
-    except (OSError, ValueError):
+    except TokenCountError:
         return  # the model's tokenizer cannot be read: the job itself reports that, with the path
     if reason:
         raise ActionError(reason)

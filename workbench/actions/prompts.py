@@ -15,6 +15,7 @@ from django.db import transaction
 from engines import jsonguard, rules
 from workbench.actions import ActionError
 from workbench.models import BaseModel, Project, Prompt, PromptVersion
+from workbench.prompt_costs import TokenCountError
 
 
 @dataclass
@@ -278,6 +279,6 @@ def token_costs(version: PromptVersion) -> list[dict[str, Any]]:
     for model in BaseModel.objects.all():
         try:
             costs.append({"model": model, **version.cost_under(model), "too_long": version.too_long_for(model)})
-        except Exception as exc:  # a broken model directory must not break the prompt page
+        except TokenCountError as exc:  # a broken model directory must not break the prompt page
             costs.append({"model": model, "error": str(exc)[:200]})
     return costs

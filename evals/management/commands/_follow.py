@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -15,17 +14,16 @@ from jobs.models import Job
 
 def wait(jobs: Sequence[Job], out: OutputWrapper, poll: float = 1.0) -> None:
     """Follow jobs to their end with a one-line progress display; fail if one fails."""
+    def draw(polled: Job) -> None:
+        p = polled.current_progress
+        detail = f"{p.done:.0f}/{'?' if p.total is None else f'{p.total:.0f}'} {p.unit}" if p else ""
+        out.write(f"\r{polled} {polled.percent:3d}% {detail} {polled.status}".ljust(90), ending="")
+        out.flush()
+        if polled.is_terminal:
+            out.write("")
+
     for job in jobs:
-        while True:
-            job.refresh_from_db()
-            p = job.current_progress
-            detail = f"{p.done:.0f}/{'?' if p.total is None else f'{p.total:.0f}'} {p.unit}" if p else ""
-            out.write(f"\r{job} {job.percent:3d}% {detail} {job.status}".ljust(90), ending="")
-            out.flush()
-            if job.is_terminal:
-                out.write("")
-                break
-            time.sleep(poll)
+        job.wait(poll=poll, on_poll=draw)
         if job.status != Job.SUCCEEDED:
             raise CommandError(f"{job} {job.status}: {job.error or 'see the job log'}")
 

@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -132,24 +131,24 @@ class Command(BaseCommand):
 
     def _follow(self, job: Job, out: Any) -> None:
         width = 30
-        while True:
-            job.refresh_from_db()
-            p = job.current_progress
+
+        def draw(polled: Job) -> None:
+            p = polled.current_progress
             detail, eta = "", None
             if p is not None:
                 loss = p.metrics.get("loss")
                 detail = (f"{p.done:.0f}/{'?' if p.total is None else f'{p.total:.0f}'} {p.unit}"
                           + (f" loss {loss:.4f}" if isinstance(loss, (int, float)) else ""))
                 eta = p.eta_seconds
-            bar = "#" * (job.percent * width // 100)
-            line = (f"\r{job.label:<18} [{bar:<{width}}] {job.percent:3d}% {detail}"
-                    f"{f' eta {eta:.0f}s' if eta and not job.is_terminal else ''} {job.status}")
+            bar = "#" * (polled.percent * width // 100)
+            line = (f"\r{polled.label:<18} [{bar:<{width}}] {polled.percent:3d}% {detail}"
+                    f"{f' eta {eta:.0f}s' if eta and not polled.is_terminal else ''} {polled.status}")
             out.write(line.ljust(100), ending="")
             out.flush()
-            if job.is_terminal:
+            if polled.is_terminal:
                 out.write("")
-                break
-            time.sleep(1)
+
+        job.wait(poll=1, on_poll=draw)
         if job.status != Job.SUCCEEDED:
             out.write(f"{job} {job.status}: {job.error or 'see the job log'}")
             sys.exit(1)

@@ -9,6 +9,7 @@ from workbench.actions import ActionError
 from workbench.actions.prompts import parse_rules_json, read_prompt_file, rules_json_max_chars, save_prompt
 from workbench.management.commands._common import project_by_slug
 from workbench.models import BaseModel
+from workbench.prompt_costs import TokenCountError
 
 
 class Command(BaseCommand):
@@ -52,7 +53,7 @@ class Command(BaseCommand):
         for model in BaseModel.objects.all():
             try:
                 reason = v.too_long_for(model)
-            except Exception as exc:  # a broken model directory does not undo the import
+            except TokenCountError as exc:  # a broken model directory does not undo the import
                 reason = f"could not count its tokens under {model.name}: {exc}"
             if reason:
                 self.stderr.write(f"warning: {reason}")
