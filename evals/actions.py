@@ -11,6 +11,7 @@ from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
 from django.db import transaction
 
+from engines.evaluation import ARM_SPECS
 from engines.inference import GenerationSettings
 from engines.rules import RulesError, rules_to_json, validate_rules
 from evals.models import ArmComparison, EvalExample, EvalRun, EvalSuite, Rating
@@ -165,8 +166,8 @@ def start_comparison(
         raise ActionError(f"{variant} has no adapter: the four arms compare an absorbed adapter with its base.")
     comparison = ArmComparison.objects.create(project=project, suite=suite, variant=variant, absorb_job=absorb_job)
     base = variant.base_model
-    specs = [RunSpec(base, None, prompt, "teacher"), RunSpec(base, None, None, "floor"),
-             RunSpec(base, variant, None, "student"), RunSpec(base, variant, prompt, "student+prompt")]
+    specs = [RunSpec(base, variant if arm.with_adapter else None, prompt if arm.with_prompt else None, arm.name)
+             for arm in sorted(ARM_SPECS, key=lambda a: a.run_order)]
     if not isinstance(generation, GenerationSettings):
         generation = {**variant.generation, **(generation or {})}
     runs = start_runs(project, user, suite, specs, generation, comparison=comparison, form_token=form_token)

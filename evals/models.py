@@ -7,6 +7,7 @@ from django.db import models
 from django.urls import reverse
 from django.utils import timezone
 
+from engines.evaluation import ARM_SPECS
 from jobs.models import Job
 from workbench.models import BaseModel, DatasetVersion, Project, PromptVersion, Variant
 
@@ -116,8 +117,7 @@ class EvalRun(models.Model):
     """One variant (a base model, an optional adapter, an optional prompt)
     on one suite: every example's output and checks, and the summary."""
 
-    ARMS = [("floor", "base, no prompt"), ("teacher", "base + prompt"), ("student", "adapter, no prompt"),
-            ("student+prompt", "adapter + prompt")]
+    ARMS = [(a.name, a.label) for a in ARM_SPECS]
 
     project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="eval_runs")
     suite = models.ForeignKey(EvalSuite, on_delete=models.CASCADE, related_name="runs")

@@ -1,31 +1,44 @@
-"""Eval runs as a kind of job: every run of one job shares one loaded base
-model (adapters are switched off for the base arms, never reloaded); each
-example's output and checks are stored, then the run's summary, then the
-four-arm headline when the runs are a comparison."""
+"""Eval runs as a kind of job: every run of one job shares one generator (one
+loaded base model, or one server; the adapter is switched off for the base
+arms, never reloaded); each example's output and checks are stored, then the
+run's summary, then the four-arm headline when the runs are a comparison."""
 
 from __future__ import annotations
 
-import contextlib
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from django.db import transaction
 
 from engines import evaluation as ev
-from engines.evaluation import EvalError
-from engines.inference import GenerationSettings, LoadedModel, generate, load_model
+from engines.evaluation import ARM_BY_NAME, EvalError
+from engines.generator import Generator, LocalGenerator
+from engines.inference import GenerationSettings
 from engines.progress import Progress
+from engines.remote import RemoteGenerationError
 from engines.rules import Rule, check_all, validate_rules
 from evals.models import ArmComparison, EvalExample, EvalResult, EvalRun, EvalSuite
+from jobs.backend import generator, remote_generator
 from jobs.registry import JobCancelled, JobRunner, register
-from jobs.runners.engine import RemoteModel, remote_model
 from workbench.models import DatasetRow
 
 LATENCY_SAMPLE = 4  # single requests timed per run for p50/p95 (each costs a full generation)
-ARM_ORDER = {"teacher": 0, "floor": 1, "student": 2, "student+prompt": 3, "": 4}
+NOT_AN_ARM = len(ARM_BY_NAME)  # plain runs come after the arms
+
+
+def run_order(run: EvalRun) -> tuple[int, int]:
+    arm = ARM_BY_NAME.get(run.arm)
+    return (arm.run_order if arm else NOT_AN_ARM, run.pk)
+
+
+def with_adapter(run: EvalRun) -> bool:
+    """Whether the job's adapter answers for this run: as its arm says, or
+    (a plain run) when the run names a variant."""
+    arm = ARM_BY_NAME.get(run.arm)
+    return arm.with_adapter if arm else run.variant_id is not None
 
 
 def estimate_json(e: ev.Estimate) -> dict[str, Any]:
@@ -35,7 +48,7 @@ def estimate_json(e: ev.Estimate) -> dict[str, Any]:
 def teacher_answers(suite: EvalSuite) -> dict[int, str]:
     """Example id -> the prompted base model's answer, from the suite's
     latest finished teacher run (what agreement is measured against)."""
-    run = (suite.runs.filter(arm="teacher", summary__complete=True).order_by("-created_at").first()
+    run = (suite.runs.filter(arm=ev.TEACHER, summary__complete=True).order_by("-created_at").first()
            or suite.runs.filter(variant__isnull=True, prompt_version__isnull=False, summary__complete=True)
            .order_by("-created_at").first())
     if run is None:
@@ -68,14 +81,14 @@ class EvalRunner(JobRunner):
     kind = "eval"
     label = "Eval run"
     requires = ("base_model",)
-    user_errors = (EvalError,)
+    user_errors = (EvalError, RemoteGenerationError)
 
     def run(self) -> None:
         job = self.job
         assert job.base_model is not None
         runs = sorted(EvalRun.objects.filter(job=job).select_related("suite", "variant", "prompt_version",
                                                                      "base_model"),
-                      key=lambda r: (ARM_ORDER.get(r.arm, 9), r.pk))
+                      key=run_order)
         if not runs:
             self.log("no eval runs attached to this job")
             return
@@ -83,32 +96,29 @@ class EvalRunner(JobRunner):
         examples = list(suite.examples.order_by("index"))
         rules = validate_rules(suite.rules)
         settings = GenerationSettings.from_dict(job.params.get("generation"))
-        adapters = {r.variant.adapter_path for r in runs if r.variant_id and r.variant and r.variant.adapter_path}
-        if len(adapters) > 1:
+        variants = {r.variant.adapter_path: r.variant for r in runs if r.variant_id and r.variant
+                    and r.variant.adapter_path}
+        if len(variants) > 1:
             raise ValueError("one eval job loads one base model and at most one adapter")  # a bug in the caller
         todo = [r for r in runs if not r.summary.get("complete")]
         self.log(f"eval: {len(runs)} run(s) on {suite} ({len(examples)} examples), base {job.base_model.name}"
-                 f"{', adapter ' + next(iter(adapters)) if adapters else ''}; {len(runs) - len(todo)} already done")
+                 f"{', adapter ' + next(iter(variants)) if variants else ''}; {len(runs) - len(todo)} already done")
         started = time.monotonic()
         total = len(todo) * len(examples)
         done = 0
-        self.loads = 0  # base model loads of this job: one, whatever the number of arms
+        self.loads = 0  # base model loads of this job: one in process, whatever the number of arms
         if todo:
-            # INFERENCE_BACKEND=vllm: each arm asks the vLLM server for its base or adapter; no local load.
-            remote = remote_model(job.base_model) is not None
-            loaded = None if remote else load_model(job.base_model.path, next(iter(adapters)) if adapters else None)
-            self.loads += 0 if remote else 1
+            answerer = generator(job.base_model, next(iter(variants.values()), None))
+            self.loads += isinstance(answerer, LocalGenerator)
             for run in todo:
                 def progress(p: Progress, offset: int = done) -> None:
                     self.progress(Progress.since(started, offset + p.done, total, "generations"))
 
-                engine = remote_model(run.base_model, run.variant if run.variant_id else None) if remote else loaded
-                assert engine is not None
-                self._generate(engine, run, examples, settings, progress)
+                self._generate(answerer, run, examples, settings, progress)
                 done += len(examples)
                 if self.should_stop():
                     raise JobCancelled()
-            del loaded
+            del answerer
         for run in runs:
             self._score(run, examples, rules)
         if suite.has_judge:
@@ -124,20 +134,18 @@ class EvalRunner(JobRunner):
 
     # --- steps -------------------------------------------------------------------
 
-    def _generate(self, loaded: LoadedModel | RemoteModel, run: EvalRun, examples: list[EvalExample],
+    def _generate(self, answerer: Generator, run: EvalRun, examples: list[EvalExample],
                   settings: GenerationSettings, progress: Any) -> None:
         conversations = [e.messages for e in examples]
         prompt = run.prompt_version.text if run.prompt_version else None
         sample = int(self.job.params.get("latency_sample", LATENCY_SAMPLE))
-        if isinstance(loaded, RemoteModel):
-            began = time.monotonic()
-            completions = loaded.generate(conversations, prompt, settings, progress=progress,
-                                          should_stop=self.should_stop)
-            wall = time.monotonic() - began
-            latencies = loaded.single_request_latency(conversations, prompt, settings, sample=sample)
-        else:
-            completions, wall, latencies = self._generate_local(loaded, run, conversations, prompt, settings,
-                                                                progress, sample)
+        adapter = with_adapter(run)
+        began = time.monotonic()
+        completions = answerer.generate(conversations, prompt, settings, adapter=adapter, progress=progress,
+                                        should_stop=self.should_stop)
+        wall = time.monotonic() - began
+        latencies = ev.single_request_latency(answerer, conversations, prompt, settings, sample=sample,
+                                              adapter=adapter)
         with transaction.atomic():
             EvalResult.objects.filter(run=run).delete()
             EvalResult.objects.bulk_create([
@@ -151,18 +159,8 @@ class EvalRunner(JobRunner):
             run.save(update_fields=["generation", "summary"])
         self.log(f"{run.label}: {len(examples)} answers in {wall:.1f} s")
 
-    def _generate_local(self, loaded: LoadedModel, run: EvalRun, conversations: list[Any], prompt: str | None,
-                        settings: GenerationSettings, progress: Any, sample: int) -> tuple[list[Any], float, list[float]]:
-        with _adapter(loaded, run.variant_id is not None):
-            began = time.monotonic()
-            completions = generate(loaded, conversations, prompt, settings, reuse_prefix=True, progress=progress,
-                                   should_stop=self.should_stop)
-            wall = time.monotonic() - began
-            latencies = ev.single_request_latency(loaded, conversations, prompt, settings, sample=sample)
-        return completions, wall, latencies
-
     def _score(self, run: EvalRun, examples: list[EvalExample], rules: Sequence[Rule]) -> None:
-        teacher = teacher_answers(run.suite) if run.arm != "teacher" else {}
+        teacher = teacher_answers(run.suite) if run.arm != ev.TEACHER else {}
         results = list(run.results.select_related("example"))
         unchecked: dict[str, tuple[int, str]] = {}  # rule -> (answers, first reason)
         for r in results:
@@ -181,26 +179,23 @@ class EvalRunner(JobRunner):
         judge_variant = suite.judge
         base = judge_variant.base_model if judge_variant else suite.judge_base
         assert base is not None
-        judge = load_model(base.path, judge_variant.adapter_path if judge_variant and judge_variant.adapter_path
-                           else None)
+        judge = generator(base, judge_variant)
         settings = GenerationSettings(max_new_tokens=256, batch_size=8)
         for run in runs:
             results = list(run.results.select_related("example"))
-            prompts = [ev.judge_messages(suite.judge_rubric, r.example.query, r.output, r.example.reference or None)
-                       for r in results]
-            verdicts = generate(judge, prompts, None, settings, reuse_prefix=True, should_stop=self.should_stop)
-            for r, out in zip(results, verdicts, strict=True):
-                verdict = ev.parse_judge(out.text)
+            verdicts = ev.judge_answers(judge, suite.judge_rubric,
+                                        [(r.example.query, r.output, r.example.reference or None) for r in results],
+                                        settings, should_stop=self.should_stop)
+            for r, (verdict, text) in zip(results, verdicts, strict=True):
                 r.judge_score = verdict.score
-                r.judge_reasoning = verdict.reasoning if verdict.score is not None else \
-                    f"{verdict.error}\n---\n{out.text}"
+                r.judge_reasoning = verdict.reasoning if verdict.score is not None else f"{verdict.error}\n---\n{text}"
             EvalResult.objects.bulk_update(results, ["judge_score", "judge_reasoning"], batch_size=500)
         self.log(f"judge: {base.name}{' + ' + judge_variant.name if judge_variant else ''} scored {len(runs)} run(s)")
 
     def _lm_eval(self, suite: EvalSuite, runs: list[EvalRun], task: str) -> None:
         if runs[0].comparison_id is not None:
             # What the four arms ask of lm-eval: did the student forget what the base knew?
-            runs = [r for r in runs if r.arm in ("floor", "student")]
+            runs = [r for r in runs if r.arm in (ev.FLOOR, ev.STUDENT)]
         with tempfile.TemporaryDirectory(prefix="wb-lmeval-") as tmp:
             task_dir = Path(tmp)
             name = task
@@ -214,10 +209,13 @@ class EvalRunner(JobRunner):
             elif task == "general_skills":
                 name = ev.general_skills_task(task_dir)
             for run in runs:
+                variant = run.variant if run.variant_id and run.variant else None
+                # In process lm-eval loads the model itself (its own hf model); on the vLLM backend the server answers.
                 result = ev.run_lm_eval(
                     run.base_model.path, [name], task_dir=task_dir,
-                    adapter_dir=run.variant.adapter_path if run.variant_id and run.variant else None,
-                    system_prompt=run.prompt_version.text if run.prompt_version else None)
+                    adapter_dir=variant.adapter_path if variant else None,
+                    system_prompt=run.prompt_version.text if run.prompt_version else None,
+                    generator=remote_generator(run.base_model, variant), adapter=with_adapter(run))
                 task_result = result.tasks[name]
                 lm = dict(run.summary.get("lm_eval") or {})
                 lm[task] = {"task": name, "metric": task_result.metric, "samples": task_result.correct,
@@ -261,16 +259,16 @@ class EvalRunner(JobRunner):
             return [float(c.get(name, 0.0)) for c, _j in rows]
 
         headline: dict[str, Any] = {"metric": metric}
-        if {"floor", "teacher", "student"} <= set(by_arm):
-            retained = ev.prompt_effect_retained(per_example("student", metric), per_example("floor", metric),
-                                                 per_example("teacher", metric))
+        if {ev.FLOOR, ev.TEACHER, ev.STUDENT} <= set(by_arm):
+            retained = ev.prompt_effect_retained(per_example(ev.STUDENT, metric), per_example(ev.FLOOR, metric),
+                                                 per_example(ev.TEACHER, metric))
             headline["retained"] = estimate_json(retained)
             headline["absolute"] = {arm: (by_arm[arm].metric(metric) or {}).get("value") for arm in by_arm}
-            saved = by_arm["teacher"].summary.get("prompt_tokens", 0) - by_arm["student"].summary.get("prompt_tokens", 0)
+            saved = by_arm[ev.TEACHER].summary.get("prompt_tokens", 0) - by_arm[ev.STUDENT].summary.get("prompt_tokens", 0)
             headline["tokens_saved_per_1000"] = round(saved * 1000)
             for task in comparison.suite.lm_eval_tasks:
-                floor = (by_arm["floor"].summary.get("lm_eval") or {}).get(task, {}).get("samples") or []
-                student = (by_arm["student"].summary.get("lm_eval") or {}).get(task, {}).get("samples") or []
+                floor = (by_arm[ev.FLOOR].summary.get("lm_eval") or {}).get(task, {}).get("samples") or []
+                student = (by_arm[ev.STUDENT].summary.get("lm_eval") or {}).get(task, {}).get("samples") or []
                 if floor and len(floor) == len(student):
                     diff = ev.paired_difference([float(x) for x in student], [float(x) for x in floor])
                     headline.setdefault("lm_eval", {})[task] = estimate_json(diff)
@@ -279,11 +277,3 @@ class EvalRunner(JobRunner):
         comparison.headline = headline
         comparison.save(update_fields=["headline"])
 
-
-@contextlib.contextmanager
-def _adapter(loaded: LoadedModel, enabled: bool) -> Iterator[None]:
-    if enabled or not loaded.has_adapter:
-        yield
-    else:
-        with loaded.adapter_disabled():
-            yield

@@ -9,7 +9,7 @@ from __future__ import annotations
 import io
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +17,7 @@ from typing import Any
 from django.conf import settings
 from django.contrib.auth import get_user_model
 
+from engines.evaluation import ARM_SPECS, ARMS, STUDENT, TEACHER
 from evals.actions import create_suite, start_comparison
 from evals.models import ArmComparison, EvalRun
 from jobs.actions import start_absorb
@@ -29,7 +30,6 @@ from workbench.actions.prompts import save_prompt
 from workbench.models import BaseModel, Project
 
 SCENARIOS = Path(settings.BASE_DIR) / "scenarios"
-ARMS = ("floor", "teacher", "student", "student+prompt")
 Say = Callable[[str], None]
 
 
@@ -129,7 +129,7 @@ def run_demo(scenario: str, base_url: str, username: str, say: Say, *, best_of: 
     t = time.monotonic()
     ensure_default_aliases(project)
     staging = Alias.objects.get(project=project, name="staging")
-    teacher_run = comparison.runs.get(arm="teacher")
+    teacher_run = comparison.runs.get(arm=TEACHER)
     bar = max(0.5, float((teacher_run.metric("all_rules") or {}).get("value") or 0.0))
     staging = update_gate(user, staging, gating_suite=suite, min_all_rules=round(bar, 2), min_retained_lower=None,
                           max_regression=0.05, log_requests=True)
@@ -151,7 +151,7 @@ def run_demo(scenario: str, base_url: str, username: str, say: Say, *, best_of: 
 
     result = DemoResult(project=project, stages=stages)
     result.summary = summary(project, comparison, teacher, rules, stages, model, answer)
-    result.passed = _student_all_rules(comparison) >= _arm_all_rules(comparison, "teacher")
+    result.passed = student_reaches_teacher(comparison.runs.all())
     return result
 
 
@@ -175,13 +175,11 @@ def _ask(base_url: str, key: str, model: str, row: dict[str, Any]) -> dict[str, 
             "seconds": time.perf_counter() - began}
 
 
-def _arm_all_rules(comparison: ArmComparison, arm: str) -> float:
-    run = comparison.runs.filter(arm=arm).first()
-    return float(((run.metric("all_rules") if run else None) or {}).get("value") or 0.0)
-
-
-def _student_all_rules(comparison: ArmComparison) -> float:
-    return _arm_all_rules(comparison, "student")
+def student_reaches_teacher(runs: Iterable[EvalRun]) -> bool:
+    """The demo's verdict: the student, without the prompt, passes all rules
+    at least as often as the prompted base. A missing arm or metric counts as 0."""
+    scores = {r.arm: float((r.metric("all_rules") or {}).get("value") or 0.0) for r in runs}
+    return scores.get(STUDENT, 0.0) >= scores.get(TEACHER, 0.0)
 
 
 def summary(project: Project, comparison: ArmComparison, teacher: Job, rules: list[dict[str, Any]],
@@ -190,7 +188,8 @@ def summary(project: Project, comparison: ArmComparison, teacher: Job, rules: li
     quality = (teacher.output_dataset.meta.get("quality") or {}) if teacher.output_dataset else {}
     data = (quality.get("steps") or [{}])[-1]
     names = [r["name"] for r in rules]
-    cols = ("floor", "teacher", "data", "student", "student+prompt")
+    # The training data sits between the base arms and the adapter arms it taught.
+    cols = (*(a.name for a in ARM_SPECS if not a.with_adapter), "data", *(a.name for a in ARM_SPECS if a.with_adapter))
     width = max(16, *(len(n) + 1 for n in names))  # long rule names keep the columns aligned
     lines = [f"Demo summary: project {project.name!r} ({project.slug})", "",
              "Compliance on held-out queries (share of answers passing):",

@@ -14,6 +14,7 @@ from engines.evaluation import (
     general_skills_rows,
     general_skills_task,
     generate_arms,
+    judge_answers,
     judge_human_agreement,
     judge_messages,
     latency_summary,
@@ -27,7 +28,8 @@ from engines.evaluation import (
     single_request_latency,
     write_task,
 )
-from engines.inference import GenerationCancelled, GenerationSettings, generate, load_model
+from engines.generator import LocalGenerator
+from engines.inference import Completion, GenerationCancelled, GenerationSettings, generate, load_model
 from engines.rules import validate_rules
 
 # One torch thread: see the one_torch_thread fixture.
@@ -244,6 +246,36 @@ def test_it_reports_malformed_judge_output(text, error):
     assert parse_judge("8/10", scale=(1, 5)).score is None  # not this scale's fraction
 
 
+class RecordingJudge:
+    """A judge that answers every chat with a fixed verdict and keeps what it was given."""
+
+    has_adapter = False
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str | None, list]] = []
+
+    def generate(self, conversations, system_prompt, settings=None, *, adapter=True, progress=None,
+                 should_stop=None, opening=None):
+        self.calls.append((system_prompt, [list(c) for c in conversations]))
+        return [Completion(f"It follows the rubric.\nScore: {len(self.calls) + 5}", 10, 5, "stop", 0.1)
+                for _ in conversations]
+
+
+def test_the_judge_is_given_its_rubric():
+    """The judge's instructions are its system prompt: a generator replaces any
+    system message, so they must be passed as one (they were dropped before)."""
+    judge = RecordingJudge()
+    items = [("q1", "a1", "ref1"), ("q2", "a2", None), ("q3", "a3", "ref3")]
+    verdicts = judge_answers(judge, "Be concise.", items)
+    assert len(judge.calls) == 2  # with and without a reference answer: two instructions
+    for system, chats in judge.calls:
+        assert system is not None and "## Rubric\nBe concise." in system and "Score: N" in system
+        assert all(m["role"] == "user" for chat in chats for m in chat)
+    assert "reference answer" in judge.calls[0][0] and "reference answer" not in judge.calls[1][0]
+    assert [v.score for v, _text in verdicts] == [6.0, 7.0, 6.0]  # input order kept across the groups
+    assert verdicts[1][0].reasoning == "It follows the rubric." and verdicts[1][1].endswith("Score: 7")
+
+
 # --- four arms, one loaded model ------------------------------------------------------
 
 
@@ -365,7 +397,17 @@ def test_it_runs_lm_eval_offline_with_and_without_an_adapter(lively_dir, adapter
     assert diff.n == 3
 
     prompted = run_lm_eval(lively_dir, [name], task_dir=tmp_path, system_prompt=SYSTEM, limit=3)
-    assert [r.strip() for r in prompted.tasks[name].responses] == first_lines(load_model(lively_dir), SYSTEM)
+    prompted_lines = first_lines(load_model(lively_dir), SYSTEM)
+    assert [r.strip() for r in prompted.tasks[name].responses] == prompted_lines
+
+    # Through a Generator (what the vLLM backend uses), lm-eval gets the same answers and scores.
+    engine = LocalGenerator(load_model(lively_dir, adapter_dir=adapter_dir))
+    for adapter, prompt, expected in ((False, None, floor), (True, None, student), (False, SYSTEM, prompted_lines)):
+        via = run_lm_eval(None, [name], task_dir=tmp_path, system_prompt=prompt, limit=3, generator=engine,
+                          adapter=adapter).tasks[name]
+        assert [r.strip() for r in via.responses] == expected, (adapter, prompt)
+        assert via.correct == [float(normalize_answer(line) == normalize_answer(row["answer"]))
+                               for line, row in zip(expected, rows, strict=False)]
 
 
 def test_it_fails_clearly_when_a_dataset_is_not_on_disk(lively_dir, tmp_path):

@@ -184,10 +184,13 @@ def test_an_absorbed_variant_keeps_its_teachers_guard_rails():
     n-grams and stop strings to the variant (evals and /v1 then use them)."""
     from types import SimpleNamespace
 
+    from jobs.registry import JobError
     from jobs.runners.finetune import _guard_rails
 
     teacher_run = {"repetition_penalty": 1.3, "stop": ["###"], "max_new_tokens": 112, "temperature": 0.7}
     assert _guard_rails(SimpleNamespace(meta={"generation": teacher_run})) == {"repetition_penalty": 1.3,
                                                                                "stop": ["###"]}
     assert _guard_rails(SimpleNamespace(meta={})) == {}  # an uploaded dataset: no teacher run
-    assert _guard_rails(SimpleNamespace(meta={"generation": {"repetition_penalty": 0}})) == {}
+    # Rails that no longer validate stop the fine-tune (issue 19 item 9): served without them, the variant loops.
+    with pytest.raises(JobError, match="guard rails stored with .* are invalid"):
+        _guard_rails(SimpleNamespace(meta={"generation": {"repetition_penalty": 0}}))

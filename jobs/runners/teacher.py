@@ -18,13 +18,14 @@ from typing import Any
 from django.db import transaction
 
 from engines import curation
-from engines.inference import GenerationSettings, generate_samples, load_model
+from engines.inference import GenerationSettings
 from engines.leakage import leak_flags, prompt_spans
 from engines.progress import Progress
+from engines.remote import RemoteGenerationError
 from engines.rules import Rule, rules_to_json, validate_rules
+from jobs.backend import generator
 from jobs.models import Job
 from jobs.registry import JobError, JobRunner, register
-from jobs.runners.engine import remote_model
 from workbench import data_quality
 from workbench.actions.datasets import derive_version
 from workbench.models import DatasetRow, DatasetVersion
@@ -39,6 +40,7 @@ class TeacherRunner(JobRunner):
     kind = "teacher"
     label = "Teacher generation"
     requires = ("base_model", "prompt_version", "dataset_version")
+    user_errors = (RemoteGenerationError,)
 
     def run(self) -> None:
         job = self.job
@@ -81,20 +83,14 @@ class TeacherRunner(JobRunner):
                                          rate_done=generated + done_now))
 
         if todo:
-            # INFERENCE_BACKEND=vllm: the vLLM server answers (its prefix cache shares the prompt).
-            remote = remote_model(job.base_model)
-            loaded = load_model(job.base_model.path) if remote is None else None
+            # In process, or on the vLLM server (its prefix cache shares the prompt): jobs.backend decides.
+            teacher = generator(job.base_model)
             with done_file.open("a") as out:
                 for start in range(0, len(todo), CHUNK):
                     chunk = todo[start:start + CHUNK]
-                    convs = [m for _, m in chunk]
-                    if remote is not None:
-                        flat = remote.generate([c for c in convs for _ in range(samples)], system_prompt, sample_gen,
-                                               progress=progress, should_stop=self.should_stop, opening=opening)
-                        groups = [flat[i:i + samples] for i in range(0, len(flat), samples)]
-                    else:
-                        groups = generate_samples(loaded, convs, system_prompt, sample_gen, samples, opening=opening,
-                                                  progress=progress, should_stop=self.should_stop)
+                    groups = teacher.generate_samples([m for _, m in chunk], system_prompt, sample_gen, samples,
+                                                      opening=opening, progress=progress,
+                                                      should_stop=self.should_stop)
                     for (index, _), group in zip(chunk, groups, strict=True):
                         answers[index] = {"index": index, "text": group[0].text,
                                           "finish_reason": group[0].finish_reason,
@@ -193,7 +189,7 @@ class TeacherRunner(JobRunner):
             if index in kept:
                 messages = kept[index]
                 failing = data_quality.failing(rules, messages)
-                rows.append((index, messages, {"failing": failing, "flags": [f"fails rule: {n}" for n in failing]}))
+                rows.append((index, messages, {"failing": failing}))
                 continue
             item = answers[index]
             samples = item.get("samples") or [item["text"]]
@@ -208,16 +204,15 @@ class TeacherRunner(JobRunner):
             elif rules:
                 failing = data_quality.failing(rules, [{"role": "assistant", "content": text}])
             picked = record.get("picked", 0)
-            row_flags = leak_flags(text, system_prompt, spans)
+            notes = leak_flags(text, system_prompt, spans)
             if not text.strip():
-                row_flags.append("empty answer")
+                notes.append("empty answer")
             if reasons[picked] == "length" and not record.get("repairs"):
-                row_flags.append(f"cut off at {gen.max_new_tokens} tokens")
-            row_flags += [f"fails rule: {n}" for n in failing]
-            if row_flags:
-                flags[len(rows)] = row_flags
+                notes.append(f"cut off at {gen.max_new_tokens} tokens")
+            if notes or failing:
+                flags[len(rows)] = [*notes, *failing]
             rows.append((index, [*queries[index], {"role": "assistant", "content": text}],
-                         {"flags": row_flags, "failing": failing, "curation": record}))
+                         {"notes": notes, "failing": failing, "curation": record}))
         return rows, flags, made_by_index
 
     def _quality(self, rows: list[tuple[int, Messages, dict[str, Any]]], made_by_index: dict[int, curation.Curated],
