@@ -52,21 +52,21 @@ def _project_name(base: str) -> str:
 
 
 def _wait(job: Job, say: Say, what: str, timeout: float) -> Job:
-    began, shown = time.monotonic(), 0.0
-    while True:
-        job.refresh_from_db()
-        if job.is_terminal:
-            break
+    shown = time.monotonic()
+
+    def report(polled: Job) -> None:
+        nonlocal shown
         now = time.monotonic()
-        if now - began > timeout:
-            raise DemoError(f"{what} did not finish within {timeout / 60:.0f} minutes (job {job.pk} is {job.status})")
-        if now - shown >= 20:
-            shown = now
-            p = job.current_progress
-            detail = f"{p.done:.0f}/{p.total or 0:.0f} {p.unit}" if p is not None else job.status
-            eta = f", about {p.eta_seconds / 60:.0f} min left" if p is not None and p.eta_seconds else ""
-            say(f"  {what}: {detail}{eta}")
-        time.sleep(2)
+        if polled.is_terminal or now - shown < 20:
+            return
+        shown = now
+        p = polled.current_progress
+        detail = f"{p.done:.0f}/{p.total or 0:.0f} {p.unit}" if p is not None else polled.status
+        eta = f", about {p.eta_seconds / 60:.0f} min left" if p is not None and p.eta_seconds else ""
+        say(f"  {what}: {detail}{eta}")
+
+    if not job.wait(timeout, poll=2, on_poll=report):
+        raise DemoError(f"{what} did not finish within {timeout / 60:.0f} minutes (job {job.pk} is {job.status})")
     if job.status != Job.SUCCEEDED:
         raise DemoError(f"{what} {job.status}: {job.error or 'see the job page'}")
     return job
