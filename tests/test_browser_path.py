@@ -149,7 +149,7 @@ def test_a_new_user_walks_the_whole_path_in_a_browser(page, alice, tiny_base, wo
     page.get_by_label("File").set_input_files({"name": "queries.txt", "mimeType": "text/plain",
                                                "buffer": "\n".join(QUERIES).encode()})
     page.get_by_label("Name", exact=True).fill("queries")
-    page.get_by_text("Query/answer columns or fields, split").click()
+    page.get_by_text("Query/answer columns or fields, records key, split").click()
     page.get_by_label("Eval split %").fill("20")
     page.get_by_role("button", name="Upload and validate").click()
     expect(page.get_by_text(f"Stored queries@1: {len(QUERIES)} rows")).to_be_visible()
