@@ -16,14 +16,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from engines.protocol import apply_system_prompt
+
 Message = dict[str, str]
-
-
-def _with_system(messages: Sequence[Message], system_prompt: str | None) -> list[Message]:
-    rest = [dict(m) for m in messages if m["role"] != "system"]
-    if system_prompt is None:
-        return rest
-    return [{"role": "system", "content": system_prompt}, *rest]
 
 
 def render(
@@ -35,7 +30,7 @@ def render(
     """Render messages (any system message in them is replaced by
     system_prompt; None means no system message at all)."""
     text = tokenizer.apply_chat_template(
-        _with_system(messages, system_prompt),
+        apply_system_prompt(messages, system_prompt),
         tokenize=False,
         add_generation_prompt=add_generation_prompt,
     )

@@ -19,6 +19,7 @@ from typing import Any
 from engines.chat import Message
 from engines.inference import Completion, GenerationCancelled, GenerationSettings
 from engines.progress import Progress, ProgressFn, StopFn
+from engines.protocol import apply_system_prompt
 
 DEFAULT_TIMEOUT = 600.0  # seconds per request: a long answer on a busy CPU engine takes minutes
 
@@ -29,36 +30,17 @@ class RemoteGenerationError(Exception):
 
 def conversation_messages(messages: Sequence[Message], system_prompt: str | None) -> list[Message]:
     """What is sent: the conversation with any system message replaced by
-    `system_prompt` (None: no system message), exactly as `engines.chat.render`
-    builds it, so the engine's chat template sees what `generate` would render."""
-    rest = [{"role": m["role"], "content": m["content"]} for m in messages if m["role"] != "system"]
-    return rest if system_prompt is None else [{"role": "system", "content": system_prompt}, *rest]
+    `system_prompt` (None: no system message), by the rule `engines.chat.render`
+    applies, so the engine's chat template sees what `generate` would render."""
+    return apply_system_prompt(messages, system_prompt)
 
 
 def request_body(model: str, messages: list[Message], settings: GenerationSettings) -> dict[str, Any]:
-    """The /v1/chat/completions body for one conversation under `settings`."""
-    greedy = settings.temperature == 0
-    body: dict[str, Any] = {
-        "model": model,
-        "messages": messages,
-        "max_tokens": settings.max_new_tokens,
-        "temperature": 0.0 if greedy else float(settings.temperature),
-        "top_p": 1.0 if greedy else float(settings.top_p),
-        "n": 1,
-        "stream": False,
-    }
-    if settings.seed is not None:
-        body["seed"] = settings.seed
-    # Fields GenerationSettings may carry (added for serving); sent only when they change something.
-    repetition_penalty = getattr(settings, "repetition_penalty", None)
-    if repetition_penalty not in (None, 1, 1.0):
-        body["repetition_penalty"] = float(repetition_penalty)  # a vLLM extra parameter, the hf engine's too
-    no_repeat = getattr(settings, "no_repeat_ngram_size", None)
-    if no_repeat:
-        body["no_repeat_ngram_size"] = int(no_repeat)  # the hf engine's; vLLM ignores it (with a warning)
-    stop = getattr(settings, "stop", None)
-    if stop:
-        body["stop"] = [stop] if isinstance(stop, str) else list(stop)
+    """The /v1/chat/completions body for one conversation under `settings`
+    (GenerationSettings.to_openai: the inverse of from_openai)."""
+    body: dict[str, Any] = {"model": model, "messages": messages, **settings.to_openai(), "n": 1, "stream": False}
+    if settings.temperature == 0:  # greedy: top_p means nothing, and a seed neither
+        body.update(temperature=0.0, top_p=1.0)
     return body
 
 

@@ -31,6 +31,12 @@ class VLLMError(Exception):
     """vLLM could not be started or did not become ready; the message carries its log tail."""
 
 
+def api_key_from_env() -> str | None:
+    """VLLM_API_KEY: vLLM's own variable (like its --api-key); a vLLM started
+    here inherits it and then refuses /v1 requests without it as a Bearer token."""
+    return os.environ.get("VLLM_API_KEY") or None
+
+
 def vllm_python(venv: str | Path | None = None) -> Path:
     """The python of the vLLM venv (env VLLM_VENV, else .venv-vllm in the repo)."""
     return Path(venv or os.environ.get("VLLM_VENV") or DEFAULT_VENV) / "bin" / "python"
@@ -69,7 +75,7 @@ def vllm_command(
 
 def vllm_env(kv_cache_gib: int = 2, base: Mapping[str, str] | None = None) -> dict[str, str]:
     """The environment vLLM needs: its KV cache size (CPU build), runtime
-    adapter loading, and no network."""
+    adapter loading, and no network. VLLM_API_KEY, when set, passes through."""
     env = dict(os.environ if base is None else base)
     env.update({
         "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib),
@@ -129,19 +135,22 @@ def log_tail(log_path: str | Path | None, chars: int = 4000) -> str:
 
 def wait_ready(
     url: str, proc: subprocess.Popen[bytes] | None, timeout: float = 180, log_path: str | Path | None = None,
+    api_key: str | None = None,
 ) -> float:
     """Poll GET {url}/v1/models until it answers 200; returns the seconds
     waited. Raises VLLMError (with the log tail) when the process exits or
-    the timeout passes."""
+    the timeout passes. `api_key` defaults to the environment's VLLM_API_KEY,
+    which a vLLM started from this environment requires on /v1."""
     began = time.monotonic()
     deadline = began + timeout
-    models_url = url.rstrip("/") + "/v1/models"
+    request = urllib.request.Request(url.rstrip("/") + "/v1/models",
+                                     headers=_headers(api_key if api_key is not None else api_key_from_env()))
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             raise VLLMError(f"vLLM exited with code {proc.returncode} before it was ready at {url}\n"
                             f"{log_tail(log_path)}")
         try:
-            with urllib.request.urlopen(models_url, timeout=2) as resp:
+            with urllib.request.urlopen(request, timeout=2) as resp:
                 if resp.status == 200:
                     json.load(resp)
                     return time.monotonic() - began

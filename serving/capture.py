@@ -11,13 +11,13 @@ from __future__ import annotations
 import io
 import json
 from collections.abc import Sequence
-from typing import Any
 
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
 from django.db import transaction
 
 from engines import formats
+from engines.protocol import OpenAIError, parse_messages
 from serving.models import RequestLog
 from workbench.actions import ActionError
 from workbench.actions.datasets import derive_version, import_dataset
@@ -40,10 +40,11 @@ def parse_ids(values: Sequence[str], what: str) -> list[int]:
     return ids
 
 
-def conversation(entry: RequestLog) -> list[dict[str, Any]]:
-    """The client's messages (as it sent them: a prompted variant's prompt is
-    not in them) and the first answer served."""
-    messages = [m for m in (entry.request.get("messages") or []) if isinstance(m, dict)]
+def conversation(entry: RequestLog) -> list[dict[str, str]]:
+    """The client's messages read as the gateway read them (engines.protocol:
+    developer is system, text parts joined; a prompted variant's prompt is not
+    in them) and the first answer served. OpenAIError if they cannot be read."""
+    messages = parse_messages(entry.request.get("messages"))
     choices = entry.response.get("choices") or [{}]
     answer = ((choices[0] or {}).get("message") or {}).get("content") or ""
     return [*messages, {"role": "assistant", "content": answer}]
@@ -52,11 +53,17 @@ def conversation(entry: RequestLog) -> list[dict[str, Any]]:
 def _rows(entries: Sequence[RequestLog]) -> list[formats.Row]:
     """The conversations read as an uploaded chat JSONL would be: the same
     normalisation and the same checks. A conversation no upload could hold
-    (e.g. tool messages) is refused with its log id."""
-    text = "".join(json.dumps({"messages": conversation(e)}, ensure_ascii=False) + "\n" for e in entries)
+    is refused with its log id."""
+    lines = []
+    for entry in entries:
+        try:
+            lines.append(json.dumps({"messages": conversation(entry)}, ensure_ascii=False) + "\n")
+        except OpenAIError as exc:
+            raise ActionError(f"Logged request {entry.pk} cannot become a dataset row: {exc.message}") from None
     limits = formats.Limits(max_bytes=settings.UPLOAD_MAX_BYTES, max_rows=settings.DATASET_MAX_ROWS,
                             max_row_chars=settings.DATASET_MAX_ROW_CHARS)
-    reader = formats.DatasetReader(io.BytesIO(text.encode()), "chat", limits=limits, filename=CAPTURE_FILENAME)
+    reader = formats.DatasetReader(io.BytesIO("".join(lines).encode()), "chat", limits=limits,
+                                   filename=CAPTURE_FILENAME)
     rows = list(reader)
     if reader.error_count:
         first = reader.errors[0]

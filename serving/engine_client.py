@@ -15,12 +15,12 @@ import logging
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import httpx
 from django.conf import settings
 
+from engines.protocol import OpenAIError
 from workbench.models import Variant
 
 log = logging.getLogger(__name__)
@@ -31,24 +31,14 @@ CONNECT_SECONDS = 5.0
 PROJECT_HEADER = "X-Project"
 
 
-@dataclass
-class EngineError(Exception):
-    """An error for the client: an HTTP status and an OpenAI-shaped error.
-    `message` is what the client reads; `detail` (the engine's URL, what it
-    answered) is for the server's log only."""
+# One OpenAI error class (engines.protocol); this name stays while serving/receivers.py imports it.
+EngineError = OpenAIError
 
-    status: int
-    message: str
-    type: str = "engine_error"
-    code: str | None = None
-    param: str | None = None
-    detail: str = ""
 
-    def __str__(self) -> str:
-        return f"{self.message} [{self.detail}]" if self.detail else self.message
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+def engine_api_key() -> str:
+    """VLLM_API_KEY: the key a vLLM server requires (vLLM reads the same
+    variable, so one the workbench starts inherits it), sent as a Bearer token."""
+    return str(getattr(settings, "VLLM_API_KEY", "") or "")
 
 
 def engine_url() -> str:
@@ -100,10 +90,12 @@ def _model_not_found(err: EngineError) -> bool:
 class EngineClient:
     """One per engine URL and process (see `client()`); thread-safe."""
 
-    def __init__(self, url: str, timeout: float, backend: str = "hf") -> None:
+    def __init__(self, url: str, timeout: float, backend: str = "hf", api_key: str = "") -> None:
         self.url = url.rstrip("/")
         self.backend = backend
-        self.http = httpx.Client(base_url=self.url, timeout=httpx.Timeout(timeout, connect=CONNECT_SECONDS))
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+        self.http = httpx.Client(base_url=self.url, timeout=httpx.Timeout(timeout, connect=CONNECT_SECONDS),
+                                 headers=headers)
         self._loaded: set[str] = set()  # engine model names known to be loaded
         self._lock = threading.Lock()
 
@@ -271,15 +263,15 @@ class EngineClient:
         return err
 
 
-_clients: dict[tuple[str, str, float], EngineClient] = {}
+_clients: dict[tuple[str, str, float, str], EngineClient] = {}
 _clients_lock = threading.Lock()
 
 
 def client() -> EngineClient:
     """This process's client for the configured engine (settings may change in tests)."""
-    key = (engine_url(), settings.INFERENCE_BACKEND, float(settings.ENGINE_TIMEOUT_SECONDS))
+    key = (engine_url(), settings.INFERENCE_BACKEND, float(settings.ENGINE_TIMEOUT_SECONDS), engine_api_key())
     with _clients_lock:
         found = _clients.get(key)
         if found is None:
-            found = _clients[key] = EngineClient(key[0], key[2], backend=key[1])
+            found = _clients[key] = EngineClient(key[0], key[2], backend=key[1], api_key=key[3])
         return found

@@ -19,7 +19,6 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
-from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
@@ -30,19 +29,15 @@ from django.utils import timezone
 from django.views.decorators.csrf import csrf_exempt
 
 from engines import jsonguard
+from engines.inference import OPENAI_DEFAULT_MAX_TOKENS, GenerationSettings, openai_n
+from engines.inference.settings import OPENAI_PARAMS
+from engines.protocol import SYSTEM_JOIN, OpenAIError, apply_system_prompt, parse_messages, system_prompt_of
 from serving import engine_client, limits
-from serving.engine_client import EngineError
 from serving.models import Alias, ApiKey, RequestLog, hash_key
 from workbench.models import Variant
 
 log = logging.getLogger(__name__)
 
-ROLES = ("system", "user", "assistant")
-# Both engines get an explicit max_tokens: vLLM's own default is "until the context is full".
-DEFAULT_MAX_TOKENS = 256
-MAX_N = 16
-MAX_STOP = 8
-MAX_STOP_CHARS = 1000  # each stop string is searched for in every step's text
 MAX_MODEL_CHARS = 300
 # torch.manual_seed and vLLM take a 64-bit seed; 2**70 overflowed inside the engine.
 SEED_RANGE = (-(2**63), 2**63 - 1)
@@ -59,52 +54,33 @@ def max_json_depth() -> int:
     return settings.V1_MAX_JSON_DEPTH
 
 
-@dataclass
-class GatewayError(Exception):
-    status: int
-    message: str
-    type: str = "invalid_request_error"
-    param: str | None = None
-    code: str | None = None
-    headers: dict[str, str] = field(default_factory=dict)
-
-    def response(self, request_id: str) -> JsonResponse:
-        response = error_response(request_id, self.status, self.message, self.type, self.param, self.code)
-        for name, value in self.headers.items():
-            response[name] = value
-        return response
-
-
 def with_id(message: str, request_id: str) -> str:
     return f"{message.rstrip()} (request id {request_id})"
 
 
-def error_body(request_id: str, message: str, type: str = "invalid_request_error", param: str | None = None,
-               code: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": with_id(message, request_id), "type": type, "param": param, "code": code}}
-
-
-def error_response(request_id: str, status: int, message: str, type: str = "invalid_request_error",
-                   param: str | None = None, code: str | None = None) -> JsonResponse:
-    return JsonResponse(error_body(request_id, message, type, param, code), status=status)
-
-
-def engine_error_response(request_id: str, exc: EngineError) -> JsonResponse:
-    response = JsonResponse(engine_error_body(request_id, exc), status=exc.status)
-    if exc.status == 429:
-        response["Retry-After"] = str(limits.BUSY_RETRY_AFTER)
-    return response
-
-
-def engine_error_body(request_id: str, exc: EngineError) -> dict[str, Any]:
+def error_body(request_id: str, exc: OpenAIError) -> dict[str, Any]:
+    """The client's error body: the message ends with the request id; the
+    detail (what the engine said, where it is) goes to the log only."""
     if exc.detail or exc.status >= 500:
-        log.warning("v1 %s: engine error %s: %s", request_id, exc.status, exc)
-    return error_body(request_id, exc.message, exc.type, exc.param, exc.code)
+        log.warning("v1 %s: error %s: %s", request_id, exc.status, exc)
+    body = exc.body()
+    body["error"]["message"] = with_id(exc.message, request_id)
+    return body
+
+
+def error_response(request_id: str, exc: OpenAIError) -> JsonResponse:
+    response = JsonResponse(error_body(request_id, exc), status=exc.status)
+    headers = dict(exc.headers)
+    if exc.status == 429:  # the engine is saturated: when to come back
+        headers.setdefault("Retry-After", str(limits.BUSY_RETRY_AFTER))
+    for name, value in headers.items():
+        response[name] = value
+    return response
 
 
 def api_view(method: str | None) -> Callable[[Callable[..., HttpResponse]], Callable[..., HttpResponse]]:
     """A /v1 view: a request id on every answer, OpenAI-shaped errors for a wrong
-    method, a GatewayError or a bug (logged under the id, never shown)."""
+    method, an OpenAIError or a bug (logged under the id, never shown)."""
 
     def wrap(view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
         @csrf_exempt
@@ -114,15 +90,15 @@ def api_view(method: str | None) -> Callable[[Callable[..., HttpResponse]], Call
             request.request_id = request_id  # type: ignore[attr-defined]
             try:
                 if method is not None and request.method != method:
-                    raise GatewayError(405, f"{request.method} is not allowed on {request.path[:200]}; "
-                                            f"use {method}.", code="method_not_allowed", headers={"Allow": method})
+                    raise OpenAIError(405, f"{request.method} is not allowed on {request.path[:200]}; "
+                                           f"use {method}.", code="method_not_allowed", headers={"Allow": method})
                 response = view(request, *args, **kwargs)
-            except GatewayError as exc:
-                response = exc.response(request_id)
+            except OpenAIError as exc:
+                response = error_response(request_id, exc)
             except Exception:
                 log.exception("v1 %s: %s %s failed", request_id, request.method, request.path[:200])
-                response = error_response(request_id, 500, "The server failed to answer this request.",
-                                          "server_error")
+                response = error_response(request_id, OpenAIError(
+                    500, "The server failed to answer this request.", "server_error"))
             response["x-request-id"] = request_id
             return response
 
@@ -138,13 +114,13 @@ def authenticate(request: HttpRequest) -> ApiKey:
     scheme, _, raw = header.partition(" ")
     raw = raw.strip()
     if scheme.lower() != "bearer" or not raw:
-        raise GatewayError(401, "No API key: send it as `Authorization: Bearer YOUR_KEY`. A project's keys are "
-                                "created on its API keys page or with `python manage.py create_api_key`.",
-                           code="invalid_api_key")
+        raise OpenAIError(401, "No API key: send it as `Authorization: Bearer YOUR_KEY`. A project's keys are "
+                               "created on its API keys page or with `python manage.py create_api_key`.",
+                          code="invalid_api_key")
     key = (ApiKey.objects.select_related("project").filter(hashed=hash_key(raw), revoked_at__isnull=True)
            .first())
     if key is None:
-        raise GatewayError(401, "Incorrect API key (unknown or revoked).", code="invalid_api_key")
+        raise OpenAIError(401, "Incorrect API key (unknown or revoked).", code="invalid_api_key")
     now = timezone.now()
     if key.last_used_at is None or now - key.last_used_at > LAST_USED_EVERY:
         # At most one write a minute per key, not one per request.
@@ -152,11 +128,11 @@ def authenticate(request: HttpRequest) -> ApiKey:
     return key
 
 
-def model_not_found(name: str) -> GatewayError:
+def model_not_found(name: str) -> OpenAIError:
     # The same answer for a foreign project's model as for none at all: a key cannot probe other projects.
-    return GatewayError(404, f"The model '{name}' does not exist or this API key cannot use it. "
-                             "GET /v1/models lists the models of the key's project.",
-                        param="model", code="model_not_found")
+    return OpenAIError(404, f"The model '{name}' does not exist or this API key cannot use it. "
+                            "GET /v1/models lists the models of the key's project.",
+                       param="model", code="model_not_found")
 
 
 def resolve_model(key: ApiKey, name: str) -> tuple[Alias | None, Variant]:
@@ -173,8 +149,8 @@ def resolve_model(key: ApiKey, name: str) -> tuple[Alias | None, Variant]:
         alias = Alias.objects.filter(project=key.project, name=rest).first()
         if alias is not None:
             if alias.variant_id is None:
-                raise GatewayError(404, f"The alias {name} points to no variant yet: promote one to it first.",
-                                   param="model", code="model_not_found")
+                raise OpenAIError(404, f"The alias {name} points to no variant yet: promote one to it first.",
+                                  param="model", code="model_not_found")
             return alias, variants.get(pk=alias.variant_id)
     match = VARIANT_NAME.fullmatch(rest)
     variant = variants.filter(project=key.project, pk=int(match.group(1))).first() if match else None
@@ -191,9 +167,9 @@ def read_body(request: HttpRequest) -> bytes:
     try:
         length = int(request.META.get("CONTENT_LENGTH") or 0)
     except ValueError:
-        raise GatewayError(400, "The Content-Length header is not a number.") from None
-    too_large = GatewayError(413, f"The request body is {length:,} bytes; the limit is {limit:,} bytes.",
-                             code="request_too_large")
+        raise OpenAIError(400, "The Content-Length header is not a number.") from None
+    too_large = OpenAIError(413, f"The request body is {length:,} bytes; the limit is {limit:,} bytes.",
+                            code="request_too_large")
     if length > limit:
         raise too_large
     try:
@@ -209,11 +185,11 @@ def parse_body(request: HttpRequest) -> dict[str, Any]:
     try:
         body = jsonguard.loads(raw, max_json_depth())
     except jsonguard.TooDeep as exc:
-        raise GatewayError(400, f"The request body is not accepted: line {exc.line}: {exc.reason}.") from None
+        raise OpenAIError(400, f"The request body is not accepted: line {exc.line}: {exc.reason}.") from None
     except (ValueError, RecursionError) as exc:
-        raise GatewayError(400, f"The request body is not valid JSON: {exc}.") from None
+        raise OpenAIError(400, f"The request body is not valid JSON: {exc}.") from None
     if not isinstance(body, dict):
-        raise GatewayError(400, "The request body must be a JSON object.")
+        raise OpenAIError(400, "The request body must be a JSON object.")
     check_text(body)
     return body
 
@@ -239,145 +215,66 @@ def _check_string(path: str, value: str, what: str) -> None:
         value.encode("utf-8")
     except UnicodeEncodeError as exc:
         where = f"{what} of {path}" if what else path
-        raise GatewayError(400, f"{where} is not valid Unicode text: it holds a lone surrogate "
-                                f"({ascii(value[exc.start])}) at character {exc.start}.",
-                           param=path if not what else None) from None
-
-
-def _number(body: dict[str, Any], name: str) -> float | None:
-    value = body.get(name)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise GatewayError(400, f"{name} must be a number, not {json.dumps(value)[:50]}.", param=name)
-    return float(value)
-
-
-def _integer(body: dict[str, Any], name: str) -> int | None:
-    value = body.get(name)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise GatewayError(400, f"{name} must be an integer, not {json.dumps(value)[:50]}.", param=name)
-    return value
-
-
-def _content(content: Any, i: int) -> str:
-    if isinstance(content, str):
-        return content
-    # The newer SDKs may send content as a list of parts; text parts are all a text model reads.
-    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
-                                         and isinstance(p.get("text"), str) for p in content):
-        return "".join(p["text"] for p in content)
-    raise GatewayError(400, f"messages[{i}].content must be a string (or a list of text parts).",
-                       param=f"messages[{i}].content")
-
-
-def check_messages(value: Any) -> list[dict[str, str]]:
-    if not isinstance(value, list) or not value:
-        raise GatewayError(400, "messages must be a non-empty list of {role, content} objects.", param="messages")
-    messages = []
-    for i, m in enumerate(value):
-        if not isinstance(m, dict):
-            raise GatewayError(400, f"messages[{i}] must be an object with role and content.",
-                               param=f"messages[{i}]")
-        role = "system" if m.get("role") == "developer" else m.get("role")
-        if role not in ROLES:
-            raise GatewayError(400, f"messages[{i}].role must be one of {', '.join(ROLES)}, "
-                                    f"not {json.dumps(m.get('role'))[:50]}.", param=f"messages[{i}].role")
-        messages.append({"role": role, "content": _content(m.get("content"), i)})
-    return messages
+        raise OpenAIError(400, f"{where} is not valid Unicode text: it holds a lone surrogate "
+                               f"({ascii(value[exc.start])}) at character {exc.start}.",
+                          param=path if not what else None) from None
 
 
 def check_params(body: dict[str, Any]) -> dict[str, Any]:
-    """The engine's request from the client's, checked field by field. Fields
-    this gateway does not know are ignored, as OpenAI-compatible servers do."""
+    """The engine's request from the client's: the messages and the generation
+    fields the client gave, checked by the one protocol and the one table of
+    bounds (GenerationSettings), then this gateway's policy (its caps).
+    Fields it does not know are ignored, as OpenAI-compatible servers do."""
     model = body.get("model")
     if not isinstance(model, str) or not model.strip():
-        raise GatewayError(400, "model is required: PROJECT_SLUG/ALIAS or a variant id (GET /v1/models).",
-                           param="model")
-    out: dict[str, Any] = {"messages": check_messages(body.get("messages"))}
-    temperature = _number(body, "temperature")
-    if temperature is not None:
-        if not 0 <= temperature <= 2:
-            raise GatewayError(400, f"temperature must be between 0 and 2, not {temperature:g}.",
-                               param="temperature")
-        out["temperature"] = temperature
-    top_p = _number(body, "top_p")
-    if top_p is not None:
-        if not 0 < top_p <= 1:
-            raise GatewayError(400, f"top_p must be greater than 0 and at most 1, not {top_p:g}.", param="top_p")
-        out["top_p"] = top_p
+        raise OpenAIError(400, "model is required: PROJECT_SLUG/ALIAS or a variant id (GET /v1/models).",
+                         param="model")
+    messages = parse_messages(body.get("messages"))
+    generation = GenerationSettings.from_openai(body)
+    n = openai_n(body)
     name = "max_completion_tokens" if body.get("max_tokens") is None else "max_tokens"
-    max_tokens = _integer(body, name)
+    given = body.get(name) is not None
     cap = settings.GATEWAY_MAX_TOKENS
-    if max_tokens is not None and not 1 <= max_tokens <= cap:
-        raise GatewayError(400, f"{name} must be between 1 and {cap}, not {max_tokens}.", param=name)
-    out["max_tokens"] = max_tokens if max_tokens is not None else min(DEFAULT_MAX_TOKENS, cap)
-    n = _integer(body, "n")
-    if n is not None:
-        if not 1 <= n <= MAX_N:
-            raise GatewayError(400, f"n must be between 1 and {MAX_N}, not {n}.", param="n")
+    if given and generation.max_new_tokens > cap:
+        raise OpenAIError(400, f"{name} must be between 1 and {cap}, not {generation.max_new_tokens}.", param=name)
+    # Both engines get an explicit max_tokens: vLLM's own default is "until the context is full".
+    max_tokens = generation.max_new_tokens if given else min(OPENAI_DEFAULT_MAX_TOKENS, cap)
+    asked, most = n * max_tokens, limits.max_n_times_tokens()
+    if asked > most:
+        shown = name if given else "max_tokens"
+        raise OpenAIError(400, f"n x {shown} asks for {asked} tokens (n={n}, {shown}={max_tokens}); "
+                              f"one request may ask for at most {most}: lower n or {shown}.", param=shown)
+    # Only what the client gave: the variant's guard rails fill the rest.
+    out: dict[str, Any] = {"messages": messages,
+                           **generation.to_openai(p for p in OPENAI_PARAMS if body.get(p) is not None),
+                           "max_tokens": max_tokens}
+    if body.get("n") is not None:
         out["n"] = n
-    asked, cap = (n or 1) * out["max_tokens"], limits.max_n_times_tokens()
-    if asked > cap:
-        shown = name if max_tokens is not None else "max_tokens"
-        raise GatewayError(400, f"n x {shown} asks for {asked} tokens (n={n or 1}, {shown}={out['max_tokens']}); "
-                                f"one request may ask for at most {cap}: lower n or {shown}.", param=shown)
-    stop = body.get("stop")
-    if stop is not None:
-        if isinstance(stop, str):
-            stop = [stop]
-        if (not isinstance(stop, list) or len(stop) > MAX_STOP
-                or not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stop)):
-            raise GatewayError(400, f"stop must be a string or a list of at most {MAX_STOP} non-empty strings "
-                                    f"of at most {MAX_STOP_CHARS} characters.", param="stop")
-        if stop:
-            out["stop"] = stop
-    penalty = _number(body, "repetition_penalty")  # vLLM's extra parameter; the hf engine's too
-    if penalty is not None:
-        if not 0 < penalty <= 10:
-            raise GatewayError(400, f"repetition_penalty must be greater than 0 and at most 10, not {penalty:g}.",
-                               param="repetition_penalty")
-        out["repetition_penalty"] = penalty
-    no_repeat = _integer(body, "no_repeat_ngram_size")  # the hf engine's extra parameter
-    if no_repeat is not None:
-        if not 0 <= no_repeat <= 64:
-            raise GatewayError(400, f"no_repeat_ngram_size must be between 0 and 64, not {no_repeat}.",
-                               param="no_repeat_ngram_size")
-        out["no_repeat_ngram_size"] = no_repeat
-    seed = _integer(body, "seed")
-    if seed is not None:
-        if not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
-            raise GatewayError(400, f"seed must be a 64-bit integer, from {SEED_RANGE[0]} to {SEED_RANGE[1]}.",
-                               param="seed")
-        out["seed"] = seed
     stream = body.get("stream", False)
     if stream is None:
         stream = False
     if not isinstance(stream, bool):
-        raise GatewayError(400, "stream must be true or false.", param="stream")
+        raise OpenAIError(400, "stream must be true or false.", param="stream")
     out["stream"] = stream
     options = body.get("stream_options")
     if options is not None:
         if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
-            raise GatewayError(400, "stream_options must be an object like {\"include_usage\": true}.",
-                               param="stream_options")
+            raise OpenAIError(400, "stream_options must be an object like {\"include_usage\": true}.",
+                             param="stream_options")
         if not stream:
-            raise GatewayError(400, "stream_options is only allowed with stream: true.", param="stream_options")
+            raise OpenAIError(400, "stream_options is only allowed with stream: true.", param="stream_options")
     return out
 
 
 def with_variant_prompt(messages: list[dict[str, str]], variant: Variant) -> list[dict[str, str]]:
-    """A prompted variant's prompt goes first as the system message (before the
-    client's own system message, if any). An absorbed variant gets the messages
-    as sent: it is served exactly as it was trained."""
+    """A prompted variant's prompt goes first in the system message, before
+    the client's own system messages, if any. An absorbed variant gets the
+    messages as sent: it is served exactly as it was trained."""
     prompt = variant.system_prompt
     if prompt is None:
         return messages
-    if messages and messages[0]["role"] == "system":
-        return [{"role": "system", "content": f"{prompt}\n\n{messages[0]['content']}"}, *messages[1:]]
-    return [{"role": "system", "content": prompt}, *messages]
+    client = system_prompt_of(messages)
+    return apply_system_prompt(messages, prompt if client is None else f"{prompt}{SYSTEM_JOIN}{client}")
 
 
 # --- views -----------------------------------------------------------------------
@@ -408,8 +305,8 @@ def _model_entries(key: ApiKey) -> list[dict[str, Any]]:
 
 @api_view(None)
 def not_found(request: HttpRequest, path: str = "") -> HttpResponse:
-    raise GatewayError(404, f"Unknown API route {request.method} {request.path[:200]}: this server answers "
-                            f"{ROUTES}.", code="unknown_url")
+    raise OpenAIError(404, f"Unknown API route {request.method} {request.path[:200]}: this server answers "
+                           f"{ROUTES}.", code="unknown_url")
 
 
 @api_view("POST")
@@ -421,8 +318,8 @@ def chat_completions(request: HttpRequest) -> HttpResponse:
     try:
         lease = limits.acquire(key.pk, params.get("n", 1) * params["max_tokens"])
     except limits.RateLimited as exc:
-        raise GatewayError(429, exc.message, "rate_limit_error", code=exc.code,
-                           headers={"Retry-After": str(exc.retry_after)}) from None
+        raise OpenAIError(429, exc.message, "rate_limit_error", code=exc.code,
+                          headers={"Retry-After": str(exc.retry_after)}) from None
     try:
         call = Call(request.request_id, key, alias, variant, body, params, lease)  # type: ignore[attr-defined]
     except BaseException:
@@ -468,8 +365,8 @@ class Call:
     def complete(self) -> HttpResponse:
         try:
             data = engine_client.client().chat(self.variant, self.engine_body, project=self.project)
-        except EngineError as exc:
-            response = engine_error_response(self.request_id, exc)
+        except OpenAIError as exc:
+            response = error_response(self.request_id, exc)
             self.log(exc.status, json.loads(response.content))
             return response
         finally:
@@ -487,11 +384,11 @@ class Call:
         try:
             events = stack.enter_context(engine_client.client().stream(self.variant, self.engine_body,
                                                                        project=self.project))
-        except EngineError as exc:
+        except OpenAIError as exc:
             stack.close()
-            response = engine_error_response(self.request_id, exc)
-            self.log(exc.status, json.loads(response.content))
-            return response
+            refused = error_response(self.request_id, exc)
+            self.log(exc.status, json.loads(refused.content))
+            return refused
         except BaseException:
             stack.close()
             raise
@@ -505,10 +402,10 @@ class Call:
         """The engine's in-stream error, with its words kept in the log."""
         err = chunk.get("error")
         err = err if isinstance(err, dict) else {"message": str(err)}
-        log.warning("v1 %s: the engine stream failed: %s", self.request_id, json.dumps(err)[:2000])
         code = err.get("code")
-        return error_body(self.request_id, "The inference engine failed while answering.",
-                          str(err.get("type") or "engine_error"), None, None if code is None else str(code))
+        return error_body(self.request_id, OpenAIError(
+            502, "The inference engine failed while answering.", str(err.get("type") or "engine_error"),
+            code=None if code is None else str(code), detail=f"the engine stream failed: {json.dumps(err)[:2000]}"))
 
     def _relay(self, events: Iterator[str], stack: ExitStack, include_usage: bool) -> Iterator[bytes]:
         texts: dict[int, list[str]] = {}
@@ -541,8 +438,8 @@ class Call:
                     if not include_usage:
                         chunk.pop("usage")
                 yield f"data: {json.dumps(chunk)}\n\n".encode()
-        except EngineError as exc:
-            status, error = exc.status, engine_error_body(self.request_id, exc)
+        except OpenAIError as exc:
+            status, error = exc.status, error_body(self.request_id, exc)
             yield f"data: {json.dumps(error)}\n\n".encode()
         finally:
             stack.close()

@@ -14,8 +14,10 @@ from engines.inference import (
     SettingsError,
     count_tokens,
     generate,
+    generation,
     load_model,
 )
+from engines.protocol import OpenAIError
 
 # One torch thread: see the one_torch_thread fixture.
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -54,13 +56,13 @@ def texts(completions: list[inference.Completion]) -> list[tuple[str, int, str]]
 @pytest.mark.parametrize("batch_size", [1, 3, 8])
 def test_it_gives_the_same_greedy_tokens_with_and_without_prefix_reuse(lively, monkeypatch, batch_size):
     prefix_lengths = []
-    encode_prefix = inference._encode_prefix
+    encode_prefix = generation._encode_prefix
 
     def recording(loaded, prefix):
         prefix_lengths.append(len(prefix))
         return encode_prefix(loaded, prefix)
 
-    monkeypatch.setattr(inference, "_encode_prefix", recording)
+    monkeypatch.setattr(generation, "_encode_prefix", recording)
     settings = GenerationSettings(max_new_tokens=8)
     plain = generate(lively, CONVERSATIONS, SYSTEM, replace(settings, batch_size=batch_size), reuse_prefix=False)
     assert prefix_lengths == []
@@ -82,8 +84,10 @@ def test_it_returns_results_in_input_order(lively):
 def test_it_counts_the_tokens_of_the_rendered_prompt(lively):
     tok = lively.tokenizer
     messages = CONVERSATIONS[3]
-    text = render(tok, messages, SYSTEM)
-    assert count_tokens(tok, messages, SYSTEM) == len(tok(text, add_special_tokens=False)["input_ids"])
+    # The ids are the rendered prompt, nothing added: they decode back to it.
+    assert tok.decode(inference.encode(tok, messages, SYSTEM)) == render(tok, messages, SYSTEM)
+    [answer] = generate(lively, [messages], SYSTEM, GenerationSettings(max_new_tokens=1))
+    assert count_tokens(tok, messages, SYSTEM) == answer.prompt_tokens
     # The template's default system message still costs tokens.
     assert 20 < count_tokens(tok, messages, None) < count_tokens(tok, messages, SYSTEM)
 
@@ -230,3 +234,67 @@ def test_a_generated_nul_becomes_a_replacement_character(lively):
     ids = lively.tokenizer.encode("a\x00b", add_special_tokens=False)
     assert "\x00" in lively.tokenizer.decode(ids)
     assert inference.decode_text(lively.tokenizer, ids) == "a\ufffdb"
+
+
+def test_settings_and_the_gateway_share_one_table_of_bounds():
+    """Teacher and eval jobs used to accept temperature 5, which /v1 refused."""
+    for bad in ({"temperature": 5}, {"repetition_penalty": 11}, {"seed": 2**70}):
+        with pytest.raises(SettingsError) as err:
+            GenerationSettings.from_dict(bad)
+        assert set(err.value.errors) == set(bad)
+        with pytest.raises(OpenAIError) as refused:
+            GenerationSettings.from_openai(bad)
+        assert refused.value.status == 400 and refused.value.param == next(iter(bad))
+    assert GenerationSettings.from_dict({"temperature": 2, "seed": 2**63 - 1}).temperature == 2
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"max_tokens": 0}, "max_tokens"), ({"max_completion_tokens": 5000}, "max_completion_tokens"),
+    ({"max_tokens": 2.5}, "max_tokens"), ({"temperature": "hot"}, "temperature"), ({"temperature": True}, "temperature"),
+    ({"top_p": 0}, "top_p"), ({"stop": ["a"] * 9}, "stop"), ({"stop": [""]}, "stop"), ({"stop": ["x" * 1001]}, "stop"),
+    ({"seed": "x"}, "seed"), ({"n": 17}, "n"), ({"n": 0}, "n"), ({"no_repeat_ngram_size": 65}, "no_repeat_ngram_size"),
+    ({"repetition_penalty": 0}, "repetition_penalty"),
+])
+def test_from_openai_names_the_openai_parameter(body, param):
+    with pytest.raises(OpenAIError) as err:
+        GenerationSettings.from_openai(body)
+    assert err.value.status == 400 and err.value.param == param and err.value.message.startswith(param)
+    assert err.value.body()["error"]["param"] == param
+
+
+def test_from_openai_takes_openai_defaults_then_the_given_defaults():
+    plain = GenerationSettings.from_openai({"messages": [], "model": "m", "n": 2, "logit_bias": {}})
+    assert (plain.max_new_tokens, plain.temperature, plain.top_p, plain.stop) == (256, 1.0, 1.0, ())
+    railed = GenerationSettings.from_openai({"max_completion_tokens": 9, "stop": "END"},
+                                            defaults={"repetition_penalty": 1.3, "stop": ["x"]})
+    assert (railed.max_new_tokens, railed.repetition_penalty, railed.stop) == (9, 1.3, ("END",))
+    assert GenerationSettings.from_openai(railed.to_openai()) == railed
+    assert railed.to_openai(["max_completion_tokens", "stop"]) == {"max_tokens": 9, "stop": ["END"]}
+
+
+def test_left_pad_lines_rows_up_on_the_right_after_a_shared_prefix():
+    ids, mask = inference.left_pad([[5, 6], [7]], pad_id=0)
+    assert ids.tolist() == [[5, 6], [0, 7]] and mask.tolist() == [[1, 1], [0, 1]]
+    ids, mask = inference.left_pad([[5, 6], [7]], pad_id=0, prefix=[1, 2])
+    assert ids.tolist() == [[1, 2, 5, 6], [1, 2, 0, 7]] and mask.tolist() == [[1, 1, 1, 1], [1, 1, 0, 1]]
+
+
+def test_a_template_that_refuses_the_probe_is_logged_and_other_errors_raise(caplog):
+    from jinja2 import TemplateError
+
+    from engines.inference import loading
+
+    class Refusing:
+        def apply_chat_template(self, *args, **kwargs):
+            raise TemplateError("Conversation roles must alternate")
+
+    with caplog.at_level("WARNING", logger="engines.inference.loading"):
+        assert loading._end_of_turn_id(Refusing()) is None
+    assert "roles must alternate" in caplog.text
+
+    class Broken:
+        def apply_chat_template(self, *args, **kwargs):
+            raise KeyError("a bug, not a template without assistant turns")
+
+    with pytest.raises(KeyError):
+        loading._end_of_turn_id(Broken())

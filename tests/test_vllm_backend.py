@@ -282,28 +282,28 @@ def test_greedy_outputs_agree_with_the_hf_engine(vllm_url, smollm2_dir, one_torc
 
 def test_jobs_on_the_vllm_backend_load_the_variant_adapter(vllm_url, adapters, smollm2_dir, alice_project,
                                                            settings):
-    """What teacher and eval jobs do with INFERENCE_BACKEND=vllm (jobs.runners.engine)."""
-    from jobs.runners.engine import remote_model
+    """What teacher and eval jobs do with INFERENCE_BACKEND=vllm (jobs.backend)."""
+    from jobs.backend import remote_generator
     from workbench.models import BaseModel, Variant
 
     base = BaseModel.objects.create(name=BASE, path=str(smollm2_dir))
     variant = Variant.objects.create(project=alice_project, name="student", base_model=base,
                                      adapter_path=str(adapters["a2"]))
     settings.INFERENCE_BACKEND = "hf"
-    assert remote_model(base, variant) is None
+    assert remote_generator(base, variant) is None
     settings.INFERENCE_BACKEND, settings.VLLM_URL = "vllm", vllm_url
-    student = remote_model(base, variant)
-    assert student is not None and student.name == f"variant-{variant.pk}"
-    assert student.name in served_models(vllm_url)
-    teacher = remote_model(base)
-    assert teacher is not None and teacher.name == BASE
+    student = remote_generator(base, variant)
+    assert student is not None and student.served_name() == f"variant-{variant.pk}"
+    assert student.served_name() in served_models(vllm_url)
+    teacher = remote_generator(base)
+    assert teacher is not None and teacher.served_name() == BASE
     conversations = [[{"role": "user", "content": "Name a fruit."}]]
     gen = GenerationSettings(max_new_tokens=8)
     [answer] = student.generate(conversations, None, gen)
     [base_answer] = teacher.generate(conversations, None, gen)
     assert answer.text != base_answer.text
-    assert len(student.single_request_latency(conversations, None, gen, sample=1)) == 1
-    unload_adapter(vllm_url, student.name)
+    assert student.generate(conversations, None, gen, adapter=False)[0].text == base_answer.text
+    unload_adapter(vllm_url, student.served_name())
 
 
 def test_a_teacher_job_generates_on_the_vllm_backend(vllm_url, smollm2_dir, alice, alice_project, settings):
