@@ -20,7 +20,10 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from engines.inference import BOUNDS
 from engines.rules import Rule, check, check_all, outcomes
+
+_BOUND = {b.setting: b for b in BOUNDS if b.setting in ("temperature", "top_p")}
 
 # The repairs, in the order they run: content first, then length, then case,
 # and the fixed sign-off last so that no other repair can cut or change it.
@@ -251,10 +254,11 @@ class CurationSettings:
         errors = []
         if not isinstance(self.best_of, int) or isinstance(self.best_of, bool) or not 1 <= self.best_of <= 16:
             errors.append(f"best_of must be a whole number from 1 to 16, got {self.best_of!r}")
-        if not isinstance(self.temperature, (int, float)) or not 0 <= self.temperature <= 5:
-            errors.append(f"temperature must be between 0 and 5, got {self.temperature!r}")
-        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
-            errors.append(f"top_p must be in (0, 1], got {self.top_p!r}")
+        # The samples are generated with these: the generation bounds are theirs.
+        for name in ("temperature", "top_p"):
+            problem = _BOUND[name].error(getattr(self, name))
+            if problem:
+                errors.append(f"{name} {problem}")
         unknown = [r for r in self.repairs if r not in REPAIRS]
         if unknown:
             errors.append(f"unknown repair(s) {', '.join(unknown)} (known: {', '.join(REPAIRS)})")

@@ -21,8 +21,6 @@ from jobs.tasks import enqueue
 from workbench.actions import ActionError
 from workbench.models import BaseModel, DatasetRow, DatasetVersion, Project, PromptVersion, Variant
 
-LM_EVAL_BUILTIN = ("suite", "general_skills")
-
 
 @dataclass(frozen=True)
 class RunSpec:

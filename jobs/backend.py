@@ -1,6 +1,6 @@
 """Which backend answers the jobs' generation (teacher, evals, judge,
-lm-eval), chosen here and nowhere else from the INFERENCE_BACKEND setting, so
-a variant answers the same there as in serving.
+lm-eval), on the backend workbench.backend reads from settings, so a variant
+answers the same there as in serving.
 
 `hf` (default): the job loads the model in its own process
 (`engines.generator.LocalGenerator`). `vllm`: the job asks the vLLM server
@@ -11,26 +11,12 @@ it under the variant's engine name.
 
 from __future__ import annotations
 
-from django.conf import settings
-
 from engines.generator import Generator, LocalGenerator, RemoteGenerator
 from engines.inference import load_model
 from engines.vllm_server import VLLMError, load_adapter
 from jobs.registry import JobError
+from workbench.backend import api_key, engine_url, remote
 from workbench.models import BaseModel, Variant
-
-
-def remote() -> bool:
-    """Whether jobs generate on a server rather than in their own process."""
-    return getattr(settings, "INFERENCE_BACKEND", "hf") == "vllm"
-
-
-def engine_url() -> str:
-    """The root URL of the engine server: the team's vLLM when VLLM_URL is
-    given with the vllm backend, else the one the workbench runs (ENGINE_URL)."""
-    if remote() and getattr(settings, "VLLM_URL", ""):
-        return str(settings.VLLM_URL)
-    return str(getattr(settings, "ENGINE_URL", ""))
 
 
 def remote_generator(base_model: BaseModel, variant: Variant | None = None) -> RemoteGenerator | None:
@@ -42,15 +28,15 @@ def remote_generator(base_model: BaseModel, variant: Variant | None = None) -> R
     url = engine_url()
     if not url:
         raise JobError("INFERENCE_BACKEND is vllm but neither VLLM_URL nor ENGINE_URL is set")
-    api_key = getattr(settings, "VLLM_API_KEY", None) or None
+    key = api_key()
     adapter = None
     if variant is not None and variant.adapter_path:
         try:
-            load_adapter(url, variant.engine_model, variant.adapter_path, api_key=api_key)
+            load_adapter(url, variant.engine_model, variant.adapter_path, api_key=key)
         except VLLMError as exc:
             raise JobError(f"could not load the adapter of {variant} into the vLLM backend: {exc}") from exc
         adapter = variant.engine_model
-    return RemoteGenerator(url, base_model.name, adapter, api_key)
+    return RemoteGenerator(url, base_model.name, adapter, key)
 
 
 def generator(base_model: BaseModel, variant: Variant | None = None) -> Generator:

@@ -100,7 +100,7 @@ class AbsorbForm(forms.Form):
         help_text="Best-of-N by rules, prefilled openings and recorded repairs: data better than the raw teacher.")
     best_of = forms.IntegerField(min_value=1, max_value=16, initial=CurationSettings.best_of, label="best of N",
                                  help_text="Samples per query; the one passing the most rules is kept.")
-    sample_temperature = forms.FloatField(min_value=0, initial=CurationSettings.temperature,
+    sample_temperature = forms.FloatField(min_value=0, max_value=2, initial=CurationSettings.temperature,
                                           label="sampling temperature (best-of-N)")
     sample_top_p = forms.FloatField(min_value=0.01, max_value=1, initial=CurationSettings.top_p,
                                     label="sampling top-p (best-of-N)")

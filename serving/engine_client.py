@@ -21,6 +21,7 @@ import httpx
 from django.conf import settings
 
 from engines.protocol import OpenAIError
+from workbench.backend import api_key, engine_url
 from workbench.models import Variant
 
 log = logging.getLogger(__name__)
@@ -31,37 +32,20 @@ CONNECT_SECONDS = 5.0
 PROJECT_HEADER = "X-Project"
 
 
-# One OpenAI error class (engines.protocol); this name stays while serving/receivers.py imports it.
-EngineError = OpenAIError
-
-
-def engine_api_key() -> str:
-    """VLLM_API_KEY: the key a vLLM server requires (vLLM reads the same
-    variable, so one the workbench starts inherits it), sent as a Bearer token."""
-    return str(getattr(settings, "VLLM_API_KEY", "") or "")
-
-
-def engine_url() -> str:
-    """The engine's base URL: a team's vLLM when given, else the one the workbench starts."""
-    if settings.INFERENCE_BACKEND == "vllm" and settings.VLLM_URL:
-        return str(settings.VLLM_URL)
-    return str(settings.ENGINE_URL)
-
-
-def unavailable(url: str, exc: Exception | str) -> EngineError:
-    return EngineError(503, "The inference engine is not reachable; try again later.",
+def unavailable(url: str, exc: Exception | str) -> OpenAIError:
+    return OpenAIError(503, "The inference engine is not reachable; try again later.",
                        type="engine_unavailable", code="engine_unavailable",
                        detail=f"the engine at {url} is not reachable ({exc}); start it with `make run` or "
                               "`python manage.py serve_engine`")
 
 
-def timed_out(url: str, what: str) -> EngineError:
-    return EngineError(503, f"The inference engine did not {what} within {settings.ENGINE_TIMEOUT_SECONDS:g} s; "
+def timed_out(url: str, what: str) -> OpenAIError:
+    return OpenAIError(503, f"The inference engine did not {what} within {settings.ENGINE_TIMEOUT_SECONDS:g} s; "
                             "it may be saturated.", type="engine_unavailable", code="engine_timeout",
                        detail=f"the engine at {url} timed out")
 
 
-def _error_from(response: httpx.Response) -> EngineError:
+def _error_from(response: httpx.Response) -> OpenAIError:
     """The engine's error, in OpenAI's shape whatever shape it came in."""
     try:
         data = response.json()
@@ -71,7 +55,7 @@ def _error_from(response: httpx.Response) -> EngineError:
     if isinstance(err, dict):
         message = str(err.get("message") or response.reason_phrase)
         code = err.get("code")
-        return EngineError(response.status_code, message, type=str(err.get("type") or "engine_error"),
+        return OpenAIError(response.status_code, message, type=str(err.get("type") or "engine_error"),
                            code=None if code is None else str(code), param=err.get("param"))
     if isinstance(data, dict) and "detail" in data:  # FastAPI's own errors (vLLM)
         message = data["detail"] if isinstance(data["detail"], str) else json.dumps(data["detail"])
@@ -80,10 +64,10 @@ def _error_from(response: httpx.Response) -> EngineError:
     else:
         message = response.text[:1000] or response.reason_phrase
     kind = "invalid_request_error" if response.status_code < 500 else "engine_error"
-    return EngineError(response.status_code, message, type=kind)
+    return OpenAIError(response.status_code, message, type=kind)
 
 
-def _model_not_found(err: EngineError) -> bool:
+def _model_not_found(err: OpenAIError) -> bool:
     return err.status == 404 or err.code == "model_not_found"
 
 
@@ -141,7 +125,7 @@ class EngineClient:
             body["base_model_name"] = base_name
         try:
             self._post_ok("/v1/load_lora_adapter", body)
-        except EngineError as exc:
+        except OpenAIError as exc:
             # vLLM refuses a second load of a name instead of ignoring it.
             if not (exc.status == 400 and "already" in exc.message.lower()):
                 raise
@@ -151,7 +135,7 @@ class EngineClient:
             self._loaded.discard(name)
         try:
             self._post_ok("/v1/unload_lora_adapter", {"lora_name": name})
-        except EngineError as exc:
+        except OpenAIError as exc:
             if exc.status != 404:  # already gone
                 raise
 
@@ -163,7 +147,7 @@ class EngineClient:
 
     def ensure_loaded(self, variant: Variant, refresh: bool = False) -> None:
         """Load the variant's base and adapter into the engine unless they are
-        there. Raises EngineError (503) when the engine cannot load them."""
+        there. Raises OpenAIError (503) when the engine cannot load them."""
         name = variant.engine_model
         base = variant.base_model
         if not refresh:
@@ -174,17 +158,17 @@ class EngineClient:
         try:
             if base.name not in served:
                 if self.backend != "hf":
-                    raise EngineError(503, f"The inference engine does not serve variant {variant.pk}'s base "
+                    raise OpenAIError(503, f"The inference engine does not serve variant {variant.pk}'s base "
                                            "model.", type="engine_unavailable", code="model_not_loaded",
                                       detail=f"the engine at {self.url} does not serve the base model "
                                              f"{base.name}: start it with that model")
                 self.load_base(base.name, base.path)
             if variant.adapter_path and name not in served:
                 self.load_adapter(name, variant.adapter_path, base.name)
-        except EngineError as exc:
+        except OpenAIError as exc:
             if exc.status >= 500 and exc.type == "engine_unavailable":
                 raise
-            raise EngineError(503, f"The inference engine could not load variant {variant.pk}.",
+            raise OpenAIError(503, f"The inference engine could not load variant {variant.pk}.",
                               type="engine_unavailable", code="model_load_failed",
                               detail=f"loading {name} ({variant.name}) failed: {exc}") from exc
         with self._lock:
@@ -211,7 +195,7 @@ class EngineClient:
     def stream(self, variant: Variant, body: dict[str, Any], project: str | None = None) -> Iterator[Iterator[str]]:
         """A streamed completion: yields an iterator of the SSE `data:`
         payloads (JSON text or "[DONE]"). Errors before the first byte raise
-        EngineError, so the caller can still answer with a status."""
+        OpenAIError, so the caller can still answer with a status."""
         self.ensure_loaded(variant)
         payload = {**body, "model": variant.engine_model, "stream": True}
         headers = {PROJECT_HEADER: project} if project else {}
@@ -246,17 +230,17 @@ class EngineClient:
         except httpx.HTTPError as exc:
             raise unavailable(self.url, f"the stream broke off: {exc}") from exc
 
-    def _chat_error(self, response: httpx.Response, variant: Variant) -> EngineError:
+    def _chat_error(self, response: httpx.Response, variant: Variant) -> OpenAIError:
         err = _error_from(response)
         if _model_not_found(err):
             # Loaded a moment ago and still unknown: the engine, not the client, is wrong.
             self.forget(variant.engine_model)
-            return EngineError(503, f"The inference engine lost variant {variant.pk} right after loading it.",
+            return OpenAIError(503, f"The inference engine lost variant {variant.pk} right after loading it.",
                                type="engine_unavailable", code="model_load_failed",
                                detail=f"{variant.engine_model}: {err.message}")
         if err.status >= 500:
             # The engine's own failure: its words (paths, tracebacks) stay in the log.
-            return EngineError(503 if err.status == 503 else 502,
+            return OpenAIError(503 if err.status == 503 else 502,
                                "The inference engine is unavailable; try again later." if err.status == 503
                                else "The inference engine failed to answer.", type=err.type, code=err.code,
                                detail=f"the engine answered {err.status}: {err.message}")
@@ -269,7 +253,7 @@ _clients_lock = threading.Lock()
 
 def client() -> EngineClient:
     """This process's client for the configured engine (settings may change in tests)."""
-    key = (engine_url(), settings.INFERENCE_BACKEND, float(settings.ENGINE_TIMEOUT_SECONDS), engine_api_key())
+    key = (engine_url(), settings.INFERENCE_BACKEND, float(settings.ENGINE_TIMEOUT_SECONDS), api_key() or "")
     with _clients_lock:
         found = _clients.get(key)
         if found is None:

@@ -11,10 +11,11 @@ from typing import Any
 
 from django.utils import timezone
 
+from engines.protocol import OpenAIError
 from evals.models import EvalRun
 from jobs.models import Job
 from serving import engine_client
-from serving.engine_client import ADAPTER_PREFIX, EngineError
+from serving.engine_client import ADAPTER_PREFIX
 from serving.models import Alias, ApiKey
 from workbench.models import Project, Variant
 
@@ -58,7 +59,7 @@ def on_alias_moved(sender: Any = None, alias: Alias | None = None, **_kw: Any) -
         return
     try:
         loaded, unloaded = sync_engine(alias)
-    except EngineError as exc:
+    except OpenAIError as exc:
         log.warning("Alias %s moved, but the engine could not be updated (it will load on the first "
                     "request): %s", alias, exc)
         return

@@ -156,3 +156,15 @@ def test_an_opening_through_the_engine_protocol_matches_the_in_process_one(livel
         remote = generate_remote(server.url, "lively", convs, "Be brief.", settings, opening="hi there!")
     assert [c.text for c in remote] == [c.text for c in local]
     assert all(c.text.startswith("hi there!") for c in remote)
+
+
+def test_curation_sampling_follows_the_generation_bounds():
+    # The samples are generated with these settings: a value the generation table refuses
+    # (temperature above 2) is refused here, not by the teacher job after it started.
+    from engines.curation import CurationSettings
+
+    with pytest.raises(ValueError, match="temperature must be between 0 and 2"):
+        CurationSettings(temperature=3)
+    with pytest.raises(ValueError, match="top_p must be greater than 0"):
+        CurationSettings(top_p=0)
+    assert CurationSettings(temperature=2, top_p=1).temperature == 2

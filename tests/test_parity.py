@@ -18,7 +18,7 @@ import pytest
 from engines.chat import prompt_completion
 from engines.inference import encode
 from engines.remote import conversation_messages
-from engines.training import _split_ids
+from engines.training import split_ids
 
 pytestmark = pytest.mark.slow
 
@@ -62,7 +62,7 @@ def training_prompt_ids(tokenizer: Any, messages: list[dict[str, str]], system_p
     engines.training makes them: render prompt and prompt+answer with the
     template, tokenize both without special tokens, the prompt ends where they diverge."""
     prompt, completion = prompt_completion(tokenizer, messages, "Sure, here it is.", system_prompt)
-    [(full_ids, start)] = _split_ids(tokenizer, [prompt], [prompt + completion])
+    [(full_ids, start)] = split_ids(tokenizer, [prompt], [prompt + completion])
     return full_ids[:start]
 
 

@@ -5,7 +5,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from engines.chat import render
-from engines.inference import count_tokens, encode, load_model
+from engines.inference import encode
 from engines.training import tokenize_examples
 
 CONVERSATIONS = [
@@ -44,9 +44,3 @@ def test_the_teacher_rendering_differs_only_by_the_system_prompt(tokenizer):
     with_prompt = tokenizer.decode(encode(tokenizer, msgs, "You are a pirate."))
     assert with_prompt == render(tokenizer, msgs, "You are a pirate.")
     assert with_prompt.startswith("<|im_start|>system\nYou are a pirate.<|im_end|>\n<|im_start|>user\n")
-
-
-def test_a_loaded_model_counts_what_it_is_fed(tiny_model_dir):
-    loaded = load_model(tiny_model_dir)
-    assert count_tokens(loaded.tokenizer, CONVERSATIONS[0], None) == len(
-        loaded.tokenizer(render(loaded.tokenizer, CONVERSATIONS[0], None), add_special_tokens=False)["input_ids"])

@@ -330,6 +330,9 @@ if INFERENCE_BACKEND not in ("hf", "vllm"):
 ENGINE_URL = envurl("ENGINE_URL", "http://127.0.0.1:8001")
 # A vLLM server run by the team: with the vllm backend the gateway uses it and starts none.
 VLLM_URL = envurl("VLLM_URL", "")
+# The API key a vLLM server requires (vLLM's own variable, so one the workbench starts inherits it):
+# jobs and the /v1 gateway send it as a Bearer token.
+VLLM_API_KEY = os.getenv("VLLM_API_KEY", "").strip()
 # Torch threads of the engine process. `make run` gives the worker the other cores.
 ENGINE_THREADS = int(envnumber("ENGINE_THREADS", 1, 1, whole=True))
 # The longest the gateway waits for the engine's answer (a long generation on a CPU takes minutes).

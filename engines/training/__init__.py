@@ -48,9 +48,6 @@ from engines.training.device import resolve_bf16, resolve_device
 if TYPE_CHECKING:
     from engines.training.trainer import AbsorbTrainer, DistillCollator, ProgressCallback
 
-# The old private name, still imported by tests/test_parity.py.
-_split_ids = split_ids
-
 _LAZY = {"AbsorbTrainer", "DistillCollator", "ProgressCallback"}
 
 

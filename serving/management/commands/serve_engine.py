@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
+from workbench.backend import remote, team_vllm
 from workbench.models import BaseModel
 
 
@@ -45,8 +46,8 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, **opts: Any) -> None:
         model = BaseModel.objects.filter(is_default=True).first() or BaseModel.objects.first()
-        if settings.INFERENCE_BACKEND == "vllm":
-            if settings.VLLM_URL:
+        if remote():
+            if team_vllm():
                 raise CommandError(f"VLLM_URL is set ({settings.VLLM_URL}): the gateway uses that vLLM, "
                                    "so there is no engine to start here.")
             self._serve_vllm(model, opts["port"])

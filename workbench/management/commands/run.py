@@ -19,6 +19,7 @@ from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandParser
 
 from workbench.actions.projects import create_project
+from workbench.backend import team_vllm
 from workbench.models import Project
 
 DEMO_USER = "demo"
@@ -135,7 +136,7 @@ class Command(BaseCommand):
     def _engine_command(self, skip: bool) -> list[str] | None:
         """`manage.py serve_engine` (the hf engine, or a vLLM the workbench starts); none
         when skipped or when the team's vLLM is given by VLLM_URL."""
-        if skip or (settings.INFERENCE_BACKEND == "vllm" and settings.VLLM_URL):
+        if skip or (team_vllm()):
             return None
         return [sys.executable, str(Path(settings.BASE_DIR) / "manage.py"), "serve_engine"]
 
@@ -143,7 +144,7 @@ class Command(BaseCommand):
         if engine:
             threads = f", {settings.ENGINE_THREADS} thread(s)" if settings.INFERENCE_BACKEND == "hf" else ""
             return f"{settings.INFERENCE_BACKEND} at {settings.ENGINE_URL}{threads}"
-        if settings.INFERENCE_BACKEND == "vllm" and settings.VLLM_URL:
+        if team_vllm():
             return f"vllm at {settings.VLLM_URL} (run by the team)"
         return f"not started (--no-engine); the gateway expects it at {settings.ENGINE_URL}"
 
