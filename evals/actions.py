@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from django.conf import settings
-from django.contrib.auth.models import AbstractBaseUser
+from django.contrib.auth.models import User
 from django.db import transaction
 
 from engines.evaluation import ARM_SPECS
@@ -56,7 +56,7 @@ def eval_source(version: DatasetVersion) -> DatasetVersion:
 
 @transaction.atomic
 def create_suite(
-    project: Project, user: AbstractBaseUser | None, name: str, dataset_version: DatasetVersion, *,
+    project: Project, user: User | None, name: str, dataset_version: DatasetVersion, *,
     prompt_version: PromptVersion | None = None, main_metric: str = "", judge: Variant | None = None,
     judge_base: BaseModel | None = None, judge_rubric: str = "", lm_eval_tasks: Sequence[str] = (),
     rules: Any = None,
@@ -106,7 +106,7 @@ def _generation(value: GenerationSettings | Mapping[str, Any] | None) -> Generat
 
 @transaction.atomic
 def start_runs(
-    project: Project, user: AbstractBaseUser | None, suite: EvalSuite, specs: Sequence[RunSpec],
+    project: Project, user: User | None, suite: EvalSuite, specs: Sequence[RunSpec],
     generation: GenerationSettings | Mapping[str, Any] | None = None, comparison: ArmComparison | None = None,
     form_token: uuid.UUID | None = None,
 ) -> list[EvalRun]:
@@ -147,7 +147,7 @@ def start_runs(
 
 @transaction.atomic
 def start_comparison(
-    project: Project, user: AbstractBaseUser | None, suite: EvalSuite, variant: Variant, *,
+    project: Project, user: User | None, suite: EvalSuite, variant: Variant, *,
     absorb_job: Job | None = None, generation: GenerationSettings | Mapping[str, Any] | None = None,
     form_token: uuid.UUID | None = None,
 ) -> ArmComparison:
@@ -174,7 +174,7 @@ def start_comparison(
     return comparison
 
 
-def suite_for_variant(variant: Variant, user: AbstractBaseUser | None = None) -> EvalSuite | None:
+def suite_for_variant(variant: Variant, user: User | None = None) -> EvalSuite | None:
     """The suite that holds out the queries of the data a variant learned
     from (made on first use), or None when that data has no eval split."""
     if variant.dataset_version is None:
@@ -198,7 +198,7 @@ def suite_for_variant(variant: Variant, user: AbstractBaseUser | None = None) ->
 
 
 @transaction.atomic
-def rate(user: AbstractBaseUser, run_a: EvalRun, run_b: EvalRun, example: EvalExample, choice: str) -> Rating:
+def rate(user: User, run_a: EvalRun, run_b: EvalRun, example: EvalExample, choice: str) -> Rating:
     if choice not in dict(Rating.CHOICES):
         raise ActionError(f"Unknown rating {choice!r}: use a, b or tie.")
     if not (run_a.suite_id == run_b.suite_id == example.suite_id):

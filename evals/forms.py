@@ -5,7 +5,7 @@ from typing import Any
 from django import forms
 
 from evals.models import METRICS, EvalSuite
-from workbench.forms import form_token_field
+from workbench.forms import form_token_field, model_choice
 from workbench.models import BaseModel, DatasetVersion, Project, PromptVersion, Variant
 
 # Ids are BigAutoField: anything outside 1..2**63-1 is a form error, not an overflow in the database.
@@ -37,11 +37,11 @@ class SuiteForm(forms.Form):
 
     def __init__(self, project: Project, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.fields["dataset_version"].queryset = DatasetVersion.objects.filter(  # type: ignore[attr-defined]
+        model_choice(self, "dataset_version").queryset = DatasetVersion.objects.filter(
             dataset__project=project).select_related("dataset")
-        self.fields["prompt_version"].queryset = PromptVersion.objects.filter(  # type: ignore[attr-defined]
+        model_choice(self, "prompt_version").queryset = PromptVersion.objects.filter(
             prompt__project=project).select_related("prompt")
-        self.fields["judge"].queryset = Variant.objects.filter(project=project)  # type: ignore[attr-defined]
+        model_choice(self, "judge").queryset = Variant.objects.filter(project=project)
 
     def clean_lm_eval_tasks(self) -> list[str]:
         return [t.strip() for t in self.cleaned_data["lm_eval_tasks"].split(",") if t.strip()]
@@ -60,8 +60,8 @@ class RunForm(forms.Form):
 
     def __init__(self, project: Project, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.fields["suite"].queryset = EvalSuite.objects.filter(project=project)  # type: ignore[attr-defined]
-        self.fields["variants"].queryset = Variant.objects.filter(  # type: ignore[attr-defined]
+        model_choice(self, "suite").queryset = EvalSuite.objects.filter(project=project)
+        model_choice(self, "variants").queryset = Variant.objects.filter(
             project=project).select_related("base_model")
 
     def clean(self) -> dict[str, Any]:
@@ -92,7 +92,7 @@ class ComparisonForm(forms.Form):
 
     def __init__(self, project: Project, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.fields["variant"].queryset = Variant.objects.filter(project=project)  # type: ignore[attr-defined]
+        model_choice(self, "variant").queryset = Variant.objects.filter(project=project)
 
 
 def error_text(form: forms.Form) -> str:
@@ -100,5 +100,6 @@ def error_text(form: forms.Form) -> str:
     parts = []
     for name, errors in form.errors.items():
         label = form.fields[name].label or name if name in form.fields else ""
-        parts.append(f"{label}: {' '.join(errors)}" if label else " ".join(errors))
+        text = " ".join(map(str, errors))  # an ErrorList already yields its messages as text
+        parts.append(f"{label}: {text}" if label else text)
     return "; ".join(parts)

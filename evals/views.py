@@ -5,11 +5,11 @@ from typing import Any
 
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
-from django.core.paginator import Paginator
+from django.core.paginator import Page, Paginator
 from django.db.models import Count, F, FilteredRelation, Q, TextField, Value
 from django.db.models.fields.json import KeyTextTransform, KeyTransform
 from django.db.models.functions import Coalesce
-from django.http import Http404, HttpRequest, HttpResponse
+from django.http import Http404, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
 from django.views.decorators.http import require_POST
@@ -23,7 +23,7 @@ from jobs.models import Job
 from workbench.actions import ActionError
 from workbench.forms import with_form_token
 from workbench.models import Project
-from workbench.shortcuts import get_for_project, get_project
+from workbench.shortcuts import AuthedHttpRequest, get_for_project, get_project
 
 RUNS = EvalRun.objects.select_related("project", "job", "variant", "prompt_version__prompt", "base_model")
 
@@ -41,7 +41,7 @@ def _home_context(project: Project, suite_form: SuiteForm, run_form: RunForm) ->
 
 
 @login_required
-def evals_home(request: HttpRequest, slug: str) -> HttpResponse:
+def evals_home(request: AuthedHttpRequest, slug: str) -> HttpResponse:
     project = get_project(request, slug)
     return render(request, "evals/home.html", _home_context(project, SuiteForm(project),
                                                             RunForm(project, initial=with_form_token())))
@@ -49,7 +49,7 @@ def evals_home(request: HttpRequest, slug: str) -> HttpResponse:
 
 @login_required
 @require_POST
-def suite_create(request: HttpRequest, slug: str) -> HttpResponse:
+def suite_create(request: AuthedHttpRequest, slug: str) -> HttpResponse:
     project = get_project(request, slug)
     form = SuiteForm(project, request.POST)
     if form.is_valid():
@@ -70,7 +70,7 @@ def suite_create(request: HttpRequest, slug: str) -> HttpResponse:
 
 @login_required
 @require_POST
-def runs_start(request: HttpRequest, slug: str) -> HttpResponse:
+def runs_start(request: AuthedHttpRequest, slug: str) -> HttpResponse:
     project = get_project(request, slug)
     form = RunForm(project, request.POST)
     if form.is_valid():
@@ -107,7 +107,7 @@ def _leaderboard(runs: list[EvalRun], metric: str, sort: str) -> list[dict[str, 
 
 
 @login_required
-def suite_detail(request: HttpRequest, slug: str, suite_id: int) -> HttpResponse:
+def suite_detail(request: AuthedHttpRequest, slug: str, suite_id: int) -> HttpResponse:
     """The leaderboard: a constant number of queries whatever the number of runs."""
     suite = get_for_project(request, slug, EvalSuite.objects.select_related("project", "prompt_version__prompt",
                                                                             "dataset_version__dataset"),
@@ -138,7 +138,7 @@ def suite_detail(request: HttpRequest, slug: str, suite_id: int) -> HttpResponse
 
 
 @login_required
-def run_detail(request: HttpRequest, slug: str, run_id: int) -> HttpResponse:
+def run_detail(request: AuthedHttpRequest, slug: str, run_id: int) -> HttpResponse:
     run = get_for_project(request, slug, RUNS.select_related("suite", "project"), pk=run_id)
     results = run.results.select_related("example").order_by("example__index")
     failing = request.GET.get("failing", "")
@@ -195,7 +195,7 @@ def _side_by_side_examples(suite: EvalSuite, a: EvalRun, b: EvalRun, only: str, 
 
 
 @login_required
-def side_by_side(request: HttpRequest, slug: str, suite_id: int) -> HttpResponse:
+def side_by_side(request: AuthedHttpRequest, slug: str, suite_id: int) -> HttpResponse:
     """Two runs of one suite, example by example: one page of examples and
     their two results are read, the filter and the count run in SQL.
     Queries: constant."""
@@ -209,7 +209,7 @@ def side_by_side(request: HttpRequest, slug: str, suite_id: int) -> HttpResponse
         raise Http404("No such run in this suite.")
     only = request.GET.get("only", "")
     rule_names: list[str] = []
-    page = Paginator([], SIDE_BY_SIDE_PAGE).get_page(1)
+    page: Page[Any] = Paginator([], SIDE_BY_SIDE_PAGE).get_page(1)
     if a is not None and b is not None:
         rule_names = _check_names(suite, a, b)
         page = Paginator(_side_by_side_examples(suite, a, b, only, rule_names), SIDE_BY_SIDE_PAGE).get_page(
@@ -256,7 +256,7 @@ def _bad_request(message: str) -> HttpResponse:
 
 @login_required
 @require_POST
-def rate(request: HttpRequest, slug: str, suite_id: int) -> HttpResponse:
+def rate(request: AuthedHttpRequest, slug: str, suite_id: int) -> HttpResponse:
     suite = get_for_project(request, slug, EvalSuite.objects.all(), pk=suite_id)
     pair = RunPairForm(request.GET)
     if not pair.is_valid():
@@ -278,7 +278,7 @@ def rate(request: HttpRequest, slug: str, suite_id: int) -> HttpResponse:
 
 
 @login_required
-def comparison_detail(request: HttpRequest, slug: str, comparison_id: int) -> HttpResponse:
+def comparison_detail(request: AuthedHttpRequest, slug: str, comparison_id: int) -> HttpResponse:
     comparison = get_for_project(request, slug, ArmComparison.objects.select_related(
         "project", "suite", "variant", "job", "absorb_job"), pk=comparison_id)
     runs = {r.arm: r for r in RUNS.filter(comparison=comparison)}
@@ -299,7 +299,7 @@ def comparison_detail(request: HttpRequest, slug: str, comparison_id: int) -> Ht
 
 @login_required
 @require_POST
-def comparison_start(request: HttpRequest, slug: str) -> HttpResponse:
+def comparison_start(request: AuthedHttpRequest, slug: str) -> HttpResponse:
     """On demand: the four arms of a variant on its held-out queries."""
     project = get_project(request, slug)
     form = ComparisonForm(project, request.POST)

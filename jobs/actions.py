@@ -6,7 +6,7 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
-from django.contrib.auth.models import AbstractBaseUser
+from django.contrib.auth.models import User
 from django.db import IntegrityError, transaction
 
 from engines.curation import CurationSettings
@@ -125,7 +125,7 @@ def check_teacher(base_model: BaseModel, teacher_model: BaseModel, train: TrainC
 
 @transaction.atomic
 def start_absorb(
-    project: Project, user: AbstractBaseUser | None, prompt_version: PromptVersion,
+    project: Project, user: User | None, prompt_version: PromptVersion,
     dataset_version: DatasetVersion, base_model: BaseModel,
     generation: GenerationSettings | Mapping[str, Any] | None = None,
     training: TrainConfig | Mapping[str, Any] | None = None, *,
@@ -165,7 +165,7 @@ def start_absorb(
 
 @transaction.atomic
 def start_finetune(
-    project: Project, user: AbstractBaseUser | None, prompt_version: PromptVersion,
+    project: Project, user: User | None, prompt_version: PromptVersion,
     dataset_version: DatasetVersion, base_model: BaseModel,
     training: TrainConfig | Mapping[str, Any] | None = None, *, passing_only: bool = True,
     form_token: uuid.UUID | None = None,

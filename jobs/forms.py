@@ -15,7 +15,7 @@ from engines.inference import GenerationSettings, SettingsError
 from engines.training import DEVICES, LR_SCHEDULERS, ConfigError, TrainConfig
 from jobs.actions import absorb_generation
 from workbench.data_quality import final_compliance, warning
-from workbench.forms import form_token_field
+from workbench.forms import form_token_field, model_choice
 from workbench.models import BaseModel, DatasetVersion, Project, PromptVersion
 
 TRAIN_HELP: dict[str, str] = {
@@ -130,9 +130,10 @@ class AbsorbForm(forms.Form):
         self.project = project
         prompts = PromptVersion.objects.filter(prompt__project=project).select_related("prompt")
         datasets = DatasetVersion.objects.filter(dataset__project=project).select_related("dataset")
-        self.fields["prompt_version"].queryset = prompts  # type: ignore[attr-defined]
-        self.fields["dataset_version"].queryset = datasets  # type: ignore[attr-defined]
-        self.fields["dataset_version"].label_from_instance = _version_label  # type: ignore[attr-defined]
+        model_choice(self, "prompt_version").queryset = prompts
+        model_choice(self, "dataset_version").queryset = datasets
+        # Django calls the field's label_from_instance(obj): this form's labels, set on its instance.
+        model_choice(self, "dataset_version").label_from_instance = _version_label  # type: ignore[method-assign,assignment]
         gen = absorb_generation()
         for name in GEN_FIELDS:
             default = getattr(gen, name)
@@ -172,7 +173,7 @@ class AbsorbForm(forms.Form):
                 self.add_error(f"g_{name}" if f"g_{name}" in self.fields else None, message)
         train: dict[str, Any] = {}
         for f in dataclasses.fields(TrainConfig):
-            value = data.get(f"t_{f.name}")
+            value: Any = data.get(f"t_{f.name}")
             if f.name == "target_modules":
                 value = [m.strip() for m in (value or "").split(",") if m.strip()] or None
             elif f.name == "bf16":

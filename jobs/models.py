@@ -238,7 +238,8 @@ class JobPoint(models.Model):
     def append(cls, job: Job, points: list[dict[str, Any]]) -> None:
         # Only the job's one running attempt appends, so max + 1 cannot race.
         last = cls.objects.filter(job=job).aggregate(m=models.Max("seq"))["m"] or 0
-        cls.objects.bulk_create([cls(job=job, seq=last + i, data=p) for i, p in enumerate(points, start=1)])
+        rows = [JobPoint(job=job, seq=last + i, data=p) for i, p in enumerate(points, start=1)]
+        JobPoint.objects.bulk_create(rows)  # by name: the stubs type cls(...) as JobPoint, not Self
 
     @classmethod
     def after(cls, job: Job, seq: int = 0) -> list[dict[str, Any]]:

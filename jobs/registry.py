@@ -21,6 +21,7 @@ class RunnableJob(Protocol):
 
     pk: Any
     kind: str
+    params: dict[str, Any]  # the kind's options
 
     def succeed(self, **changes: Any) -> bool: ...
 

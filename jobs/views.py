@@ -17,7 +17,7 @@ from jobs.models import Job, JobPoint
 from workbench.actions import ActionError
 from workbench.forms import with_form_token
 from workbench.models import Project, Variant
-from workbench.shortcuts import get_project
+from workbench.shortcuts import AuthedHttpRequest, get_project
 
 
 def _list_context(project: Project, form: AbsorbForm) -> dict[str, Any]:
@@ -29,7 +29,7 @@ def _list_context(project: Project, form: AbsorbForm) -> dict[str, Any]:
 
 
 @login_required
-def job_list(request: HttpRequest, slug: str) -> HttpResponse:
+def job_list(request: AuthedHttpRequest, slug: str) -> HttpResponse:
     project = get_project(request, slug)
     preselect = request.GET.get("dataset_version", "")
     initial = {"dataset_version": preselect, "mode": "finetune"} if preselect else {}
@@ -45,7 +45,7 @@ def job_list(request: HttpRequest, slug: str) -> HttpResponse:
 
 @login_required
 @require_POST
-def absorb_start(request: HttpRequest, slug: str) -> HttpResponse:
+def absorb_start(request: AuthedHttpRequest, slug: str) -> HttpResponse:
     project = get_project(request, slug)
     form = AbsorbForm(project, request.POST)
     if not form.is_valid():
@@ -88,7 +88,7 @@ def _after(request: HttpRequest) -> int:
 
 
 @login_required
-def job_detail(request: HttpRequest, slug: str, job_id: int) -> HttpResponse:
+def job_detail(request: AuthedHttpRequest, slug: str, job_id: int) -> HttpResponse:
     """The job page; its htmx poll sends `after` (the last point it has) and
     gets back the live fragment with only the newer curve points."""
     job = _get_job(request, slug, job_id)
@@ -104,7 +104,7 @@ def job_detail(request: HttpRequest, slug: str, job_id: int) -> HttpResponse:
 
 
 @login_required
-def job_status(request: HttpRequest, slug: str, job_id: int) -> JsonResponse:
+def job_status(request: AuthedHttpRequest, slug: str, job_id: int) -> JsonResponse:
     """Machine-readable state, for scripts; `?after=N` returns only newer curve points."""
     job = _get_job(request, slug, job_id)
     return JsonResponse({"id": job.pk, "kind": job.kind, "status": job.status, "attempts": job.attempts,
@@ -114,7 +114,7 @@ def job_status(request: HttpRequest, slug: str, job_id: int) -> JsonResponse:
 
 @login_required
 @require_POST
-def job_cancel(request: HttpRequest, slug: str, job_id: int) -> HttpResponse:
+def job_cancel(request: AuthedHttpRequest, slug: str, job_id: int) -> HttpResponse:
     job = _get_job(request, slug, job_id)
     if not actions.cancel_job(job):
         messages.info(request, f"{job} already {job.status}; nothing to cancel.")
@@ -124,7 +124,7 @@ def job_cancel(request: HttpRequest, slug: str, job_id: int) -> HttpResponse:
 
 
 @login_required
-def variant_detail(request: HttpRequest, slug: str, variant_id: int) -> HttpResponse:
+def variant_detail(request: AuthedHttpRequest, slug: str, variant_id: int) -> HttpResponse:
     project = get_project(request, slug)
     variant = get_object_or_404(Variant.objects.select_related("base_model", "prompt_version__prompt",
                                                                "dataset_version__dataset"),

@@ -7,7 +7,7 @@ import re
 import secrets
 from typing import Any
 
-from django.contrib.auth.models import AbstractBaseUser
+from django.contrib.auth.models import User
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
@@ -19,7 +19,7 @@ from serving.models import DEFAULT_ALIASES, Alias, AliasMove, ApiKey, alias_move
 from workbench.actions import ActionError
 from workbench.models import BaseModel, Project, Variant
 
-User = AbstractBaseUser | None
+Actor = User | None  # None: a command run without --user
 ALIAS_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,49}$")
 
 
@@ -61,7 +61,7 @@ def ensure_default_aliases(project: Project) -> None:
 
 
 @transaction.atomic
-def create_alias(user: User, project: Project, name: str) -> Alias:
+def create_alias(user: Actor, project: Project, name: str) -> Alias:
     name = name.strip().lower()
     if not ALIAS_NAME.match(name):
         raise ActionError(f"“{name}” is not a valid alias name: use lowercase letters, digits, - and _ "
@@ -72,7 +72,7 @@ def create_alias(user: User, project: Project, name: str) -> Alias:
 
 
 @transaction.atomic
-def update_gate(user: User, alias: Alias, *, gating_suite: EvalSuite | None, min_all_rules: float | None,
+def update_gate(user: Actor, alias: Alias, *, gating_suite: EvalSuite | None, min_all_rules: float | None,
                 min_retained_lower: float | None, max_regression: float | None, log_requests: bool) -> Alias:
     if gating_suite is not None and gating_suite.project_id != alias.project_id:
         raise ActionError(f"The suite “{gating_suite}” belongs to another project.")
@@ -103,7 +103,7 @@ def _sync(alias: Alias, locked: Alias) -> None:
     alias.variant, alias.variant_id, alias.updated_at = locked.variant, locked.variant_id, locked.updated_at
 
 
-def promote(user: User, alias: Alias, variant: Variant, force: bool = False, reason: str = "") -> AliasMove:
+def promote(user: Actor, alias: Alias, variant: Variant, force: bool = False, reason: str = "") -> AliasMove:
     """Move the alias to the variant if the gate passes (or the user forces
     it with a reason). The gate is evaluated again under the alias's row lock,
     so two promotions at once run one after the other, each judged against
@@ -141,7 +141,7 @@ def rollback_target(alias: Alias) -> tuple[AliasMove | None, Variant | None]:
     return last, (last.from_variant if last else None)
 
 
-def rollback(user: User, alias: Alias, reason: str = "") -> AliasMove:
+def rollback(user: Actor, alias: Alias, reason: str = "") -> AliasMove:
     """Move the alias back to the holder before its latest move (a rollback
     of a rollback goes forward again). Not gated: it is the way out."""
     with transaction.atomic():
@@ -165,7 +165,7 @@ def rollback(user: User, alias: Alias, reason: str = "") -> AliasMove:
 # --- API keys ------------------------------------------------------------------------------
 
 @transaction.atomic
-def create_api_key(user: User, project: Project, name: str = "") -> tuple[ApiKey, str]:
+def create_api_key(user: Actor, project: Project, name: str = "") -> tuple[ApiKey, str]:
     """A new key; the raw key is returned once and only its hash is kept."""
     raw = ApiKey.PREFIX + secrets.token_urlsafe(32)
     key = ApiKey.objects.create(project=project, name=name.strip()[:100], prefix=raw[:10], hashed=hash_key(raw),
@@ -174,7 +174,7 @@ def create_api_key(user: User, project: Project, name: str = "") -> tuple[ApiKey
 
 
 @transaction.atomic
-def revoke_api_key(user: User, key: ApiKey) -> ApiKey:
+def revoke_api_key(user: Actor, key: ApiKey) -> ApiKey:
     updated = ApiKey.objects.filter(pk=key.pk, revoked_at__isnull=True).update(revoked_at=timezone.now())
     if not updated:
         raise ActionError(f"The key {key.prefix}… is already revoked.")
@@ -192,7 +192,7 @@ def latest_merge(variant: Variant) -> Job | None:
             .order_by("-created_at", "-pk").first())
 
 
-def start_merge(user: User, variant: Variant) -> Job:
+def start_merge(user: Actor, variant: Variant) -> Job:
     """The merge job that makes the variant's merged zip: the one already
     queued or running, else a new one. The variant's row lock makes two
     downloads at once start one job."""

@@ -13,7 +13,7 @@ import json
 from collections.abc import Sequence
 
 from django.conf import settings
-from django.contrib.auth.models import AbstractBaseUser
+from django.contrib.auth.models import User
 from django.db import transaction
 
 from engines import formats
@@ -74,7 +74,7 @@ def _rows(entries: Sequence[RequestLog]) -> list[formats.Row]:
 
 @transaction.atomic
 def capture(
-    project: Project, user: AbstractBaseUser | None, log_ids: Sequence[int], *,
+    project: Project, user: User | None, log_ids: Sequence[int], *,
     dataset: Dataset | None = None, name: str = "", append: bool = True,
 ) -> DatasetVersion:
     """A new dataset version from the selected successful requests: a new

@@ -26,7 +26,14 @@ from typing import Any
 
 from django.conf import settings
 from django.contrib.auth.decorators import login_required
-from django.http import FileResponse, HttpRequest, HttpResponse, HttpResponseNotFound, JsonResponse
+from django.http import (
+    FileResponse,
+    HttpRequest,
+    HttpResponse,
+    HttpResponseBase,
+    HttpResponseNotFound,
+    JsonResponse,
+)
 from django.shortcuts import render
 from django.urls import reverse
 from django.utils import timezone
@@ -36,7 +43,7 @@ from evals.models import ArmComparison, EvalRun
 from jobs.models import Job
 from serving.actions import latest_merge, start_merge
 from workbench.models import Variant
-from workbench.shortcuts import get_for_project
+from workbench.shortcuts import AuthedHttpRequest, get_for_project
 
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
 
@@ -299,7 +306,7 @@ def _tmp_dir() -> Path:
     return path
 
 
-def _send_zip(variant: Variant, suffix: str, write: Any) -> HttpResponse:
+def _send_zip(variant: Variant, suffix: str, write: Any) -> HttpResponseBase:
     fd, name = tempfile.mkstemp(prefix="wb-export-", suffix=".zip", dir=_tmp_dir())
     os.close(fd)
     path = Path(name)
@@ -321,7 +328,7 @@ def _variant(request: HttpRequest, slug: str, variant_id: int) -> Variant:
 
 
 @login_required
-def export_adapter(request: HttpRequest, slug: str, variant_id: int) -> HttpResponse:
+def export_adapter(request: AuthedHttpRequest, slug: str, variant_id: int) -> HttpResponseBase:
     return _send_zip(_variant(request, slug, variant_id), "-adapter", write_adapter_zip)
 
 
@@ -357,7 +364,7 @@ def _preparing(request: HttpRequest, variant: Variant, job: Job) -> HttpResponse
 
 
 @login_required
-def export_merged(request: HttpRequest, slug: str, variant_id: int) -> HttpResponse:
+def export_merged(request: AuthedHttpRequest, slug: str, variant_id: int) -> HttpResponseBase:
     """The cached merged zip; without one, start (or show) the merge job
     that makes it and answer at once."""
     variant = _variant(request, slug, variant_id)

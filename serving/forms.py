@@ -6,7 +6,7 @@ from django import forms
 
 from evals.models import EvalSuite
 from serving.models import Alias
-from workbench.forms import form_token_field
+from workbench.forms import form_token_field, model_choice
 from workbench.models import Project, Variant
 
 
@@ -26,9 +26,9 @@ class GateForm(forms.ModelForm):
 
     def __init__(self, project: Project, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        suite = self.fields["gating_suite"]
-        suite.queryset = EvalSuite.objects.filter(project=project)  # type: ignore[attr-defined]
-        suite.empty_label = "none: promotions are not gated"  # type: ignore[attr-defined]
+        suite = model_choice(self, "gating_suite")
+        suite.queryset = EvalSuite.objects.filter(project=project)
+        suite.empty_label = "none: promotions are not gated"
         suite.help_text = "A candidate needs a finished eval run on it; the rules below are measured there."
         for name in ("min_all_rules", "min_retained_lower", "max_regression"):
             self.fields[name].widget.attrs.update(step="any", placeholder="no rule")
@@ -39,10 +39,10 @@ class PromoteForm(forms.Form):
 
     def __init__(self, project: Project, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        field = self.fields["variant"]
-        field.queryset = Variant.objects.filter(project=project).select_related(  # type: ignore[attr-defined]
-            "base_model")
-        field.label_from_instance = variant_label  # type: ignore[attr-defined]
+        field = model_choice(self, "variant")
+        field.queryset = Variant.objects.filter(project=project).select_related("base_model")
+        # Django calls the field's label_from_instance(obj): this form's labels, set on its instance.
+        field.label_from_instance = variant_label  # type: ignore[method-assign,assignment]
 
 
 class ConfirmForm(forms.Form):

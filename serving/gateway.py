@@ -24,7 +24,7 @@ from typing import Any
 
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
-from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
+from django.http import HttpRequest, HttpResponse, HttpResponseBase, JsonResponse, StreamingHttpResponse
 from django.utils import timezone
 from django.views.decorators.csrf import csrf_exempt
 
@@ -78,16 +78,22 @@ def error_response(request_id: str, exc: OpenAIError) -> JsonResponse:
     return response
 
 
-def api_view(method: str | None) -> Callable[[Callable[..., HttpResponse]], Callable[..., HttpResponse]]:
+class ApiRequest(HttpRequest):
+    """The request of a /v1 view: api_view gives it its id."""
+
+    request_id: str
+
+
+def api_view(method: str | None) -> Callable[[Callable[..., HttpResponseBase]], Callable[..., HttpResponseBase]]:
     """A /v1 view: a request id on every answer, OpenAI-shaped errors for a wrong
     method, an OpenAIError or a bug (logged under the id, never shown)."""
 
-    def wrap(view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
+    def wrap(view: Callable[..., HttpResponseBase]) -> Callable[..., HttpResponseBase]:
         @csrf_exempt
         @functools.wraps(view)
-        def inner(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+        def inner(request: ApiRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
             request_id = f"req_{uuid.uuid4().hex}"
-            request.request_id = request_id  # type: ignore[attr-defined]
+            request.request_id = request_id
             try:
                 if method is not None and request.method != method:
                     raise OpenAIError(405, f"{request.method} is not allowed on {request.path[:200]}; "
@@ -310,7 +316,7 @@ def not_found(request: HttpRequest, path: str = "") -> HttpResponse:
 
 
 @api_view("POST")
-def chat_completions(request: HttpRequest) -> HttpResponse:
+def chat_completions(request: ApiRequest) -> HttpResponseBase:
     key = authenticate(request)
     body = parse_body(request)
     params = check_params(body)
@@ -321,7 +327,7 @@ def chat_completions(request: HttpRequest) -> HttpResponse:
         raise OpenAIError(429, exc.message, "rate_limit_error", code=exc.code,
                           headers={"Retry-After": str(exc.retry_after)}) from None
     try:
-        call = Call(request.request_id, key, alias, variant, body, params, lease)  # type: ignore[attr-defined]
+        call = Call(request.request_id, key, alias, variant, body, params, lease)
     except BaseException:
         lease.release()
         raise
@@ -342,7 +348,7 @@ class _Relay:
 
     def close(self) -> None:
         try:
-            self.chunks.close()  # type: ignore[attr-defined]
+            self.chunks.close()  # type: ignore[attr-defined]  # a generator in practice; Iterator has no close
         finally:
             self._close()
 
@@ -375,7 +381,7 @@ class Call:
         self.log(200, data)
         return JsonResponse(data)
 
-    def stream(self) -> HttpResponse:
+    def stream(self) -> HttpResponseBase:
         include_usage = bool((self.body.get("stream_options") or {}).get("include_usage"))
         # The engine always reports usage, for the log; the client gets it only when asked.
         self.engine_body["stream_options"] = {"include_usage": True}

@@ -91,7 +91,7 @@ class Lease:
 def in_flight(key_id: int) -> tuple[int, int]:
     """(open requests, tokens asked for) of an API key, as the limits count them."""
     bucket = int(time.time() // lease_seconds())
-    return tuple(  # type: ignore[return-value]
+    return tuple(  # type: ignore[return-value]  # two names, so two ints
         sum(int(cache.get(f"v1:{name}:{key_id}:{b}") or 0) for b in (bucket, bucket - 1))
         for name in ("open", "tokens"))
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.paginator import Paginator
-from django.http import HttpRequest, HttpResponse, HttpResponseBadRequest
+from django.http import HttpResponse, HttpResponseBadRequest
 from django.shortcuts import redirect, render
 from django.urls import reverse
 from django.views.decorators.http import require_POST
@@ -15,13 +15,13 @@ from serving.capture import capture, parse_ids
 from serving.models import Alias, RequestLog
 from workbench.actions import ActionError
 from workbench.models import Dataset
-from workbench.shortcuts import get_project
+from workbench.shortcuts import AuthedHttpRequest, get_project
 
 PAGE_SIZE = 50
 
 
 @login_required
-def request_log(request: HttpRequest, slug: str) -> HttpResponse:
+def request_log(request: AuthedHttpRequest, slug: str) -> HttpResponse:
     project = get_project(request, slug)
     logs = RequestLog.objects.filter(project=project).select_related("alias", "variant", "captured_into__dataset")
     alias_name = request.GET.get("alias", "")
@@ -39,7 +39,7 @@ def request_log(request: HttpRequest, slug: str) -> HttpResponse:
 
 @login_required
 @require_POST
-def request_capture(request: HttpRequest, slug: str) -> HttpResponse:
+def request_capture(request: AuthedHttpRequest, slug: str) -> HttpResponse:
     project = get_project(request, slug)
     dataset_id = request.POST.get("dataset", "").strip()
     try:

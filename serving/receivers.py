@@ -39,7 +39,9 @@ def sync_engine(alias: Alias) -> tuple[str | None, list[str]]:
     adapters no alias needs. Returns (loaded name, unloaded names)."""
     client = engine_client.client()
     loaded = None
-    variant = Variant.objects.select_related("base_model").filter(pk=alias.variant_id).first()
+    variant = None
+    if alias.variant_id is not None:
+        variant = Variant.objects.select_related("base_model").filter(pk=alias.variant_id).first()
     if variant is not None:
         client.ensure_loaded(variant, refresh=True)
         loaded = variant.engine_model

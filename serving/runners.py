@@ -7,8 +7,7 @@ from __future__ import annotations
 import time
 
 from engines.progress import Progress
-from jobs.models import Job
-from jobs.registry import JobCancelled, JobError, JobRunner, register
+from jobs.registry import JobCancelled, JobError, JobRunner, RunnableJob, register
 from serving.actions import MERGE
 from serving.exports import ExportError, build_merged_zip, cached_merged_zip
 from workbench.models import Variant
@@ -21,7 +20,7 @@ class MergeRunner(JobRunner):
     user_errors = (ExportError,)
 
     @classmethod
-    def check_inputs(cls, job: Job) -> str | None:
+    def check_inputs(cls, job: RunnableJob) -> str | None:
         if not isinstance(job.params.get("variant"), int):
             return "a merge job needs the variant to merge (params.variant), and this one has none"
         return None

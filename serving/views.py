@@ -22,7 +22,7 @@ from serving.gate import evaluate_gate
 from serving.models import Alias, AliasMove
 from workbench.actions import ActionError
 from workbench.models import DatasetVersion, Project, PromptVersion, Variant
-from workbench.shortcuts import get_project
+from workbench.shortcuts import AuthedHttpRequest, get_project
 
 LAST_MOVES = Prefetch("moves", queryset=AliasMove.objects.select_related("user", "from_variant", "to_variant"))
 
@@ -45,13 +45,13 @@ def _api_base(request: HttpRequest) -> str:
 
 
 @login_required
-def serving_home(request: HttpRequest, slug: str) -> HttpResponse:
+def serving_home(request: AuthedHttpRequest, slug: str) -> HttpResponse:
     return _home(request, get_project(request, slug), AliasForm())
 
 
 @login_required
 @require_POST
-def alias_create(request: HttpRequest, slug: str) -> HttpResponse:
+def alias_create(request: AuthedHttpRequest, slug: str) -> HttpResponse:
     project = get_project(request, slug)
     form = AliasForm(request.POST)
     if form.is_valid():
@@ -77,14 +77,14 @@ def _detail(request: HttpRequest, alias: Alias, gate_form: GateForm, status: int
 
 
 @login_required
-def alias_detail(request: HttpRequest, slug: str, alias_name: str) -> HttpResponse:
+def alias_detail(request: AuthedHttpRequest, slug: str, alias_name: str) -> HttpResponse:
     alias = _alias(get_project(request, slug), alias_name)
     return _detail(request, alias, GateForm(alias.project, instance=alias))
 
 
 @login_required
 @require_POST
-def alias_gate(request: HttpRequest, slug: str, alias_name: str) -> HttpResponse:
+def alias_gate(request: AuthedHttpRequest, slug: str, alias_name: str) -> HttpResponse:
     alias = _alias(get_project(request, slug), alias_name)
     form = GateForm(alias.project, request.POST, instance=Alias.objects.get(pk=alias.pk))
     if form.is_valid():
@@ -103,7 +103,7 @@ def alias_gate(request: HttpRequest, slug: str, alias_name: str) -> HttpResponse
 
 @login_required
 @require_POST
-def alias_rollback(request: HttpRequest, slug: str, alias_name: str) -> HttpResponse:
+def alias_rollback(request: AuthedHttpRequest, slug: str, alias_name: str) -> HttpResponse:
     alias = _alias(get_project(request, slug), alias_name)
     try:
         move = actions.rollback(request.user, alias, request.POST.get("reason", ""))
@@ -115,7 +115,7 @@ def alias_rollback(request: HttpRequest, slug: str, alias_name: str) -> HttpResp
 
 
 @login_required
-def promote(request: HttpRequest, slug: str) -> HttpResponse:
+def promote(request: AuthedHttpRequest, slug: str) -> HttpResponse:
     """GET ?alias=&variant=: the verdict with its numbers and a confirm form;
     POST: promote (or override, with a reason). Without an alias or a
     variant the page asks for it."""
@@ -192,7 +192,7 @@ def _source(version: DatasetVersion | None) -> DatasetVersion | None:
 
 
 @login_required
-def variant_list(request: HttpRequest, slug: str) -> HttpResponse:
+def variant_list(request: AuthedHttpRequest, slug: str) -> HttpResponse:
     project = get_project(request, slug)
     actions.ensure_base_variants(project)
     variants = list(project.variants.select_related("base_model", "prompt_version__prompt",
@@ -214,7 +214,7 @@ def _keys_page(request: HttpRequest, project: Project, form: ApiKeyForm, status:
     new_key = next((k for k in keys if k.pk == new["id"]), None) if new else None
     response = render(request, "serving/keys.html", {
         "project": project, "keys": keys, "form": form, "new_key": new_key,
-        "raw_key": new["raw"] if new_key else None, "api_base": _api_base(request),
+        "raw_key": new["raw"] if new and new_key else None, "api_base": _api_base(request),
         "example_model": f"{project.slug}/{example_alias}"}, status=status)
     if new_key:
         response["Cache-Control"] = "no-store"
@@ -222,7 +222,7 @@ def _keys_page(request: HttpRequest, project: Project, form: ApiKeyForm, status:
 
 
 @login_required
-def api_keys(request: HttpRequest, slug: str) -> HttpResponse:
+def api_keys(request: AuthedHttpRequest, slug: str) -> HttpResponse:
     """GET: the keys (and, once, the raw value of the key just made); POST:
     a new key, then a redirect (a reload makes no second key). The form's
     token makes a resubmitted form (Back, double click) make one key."""
@@ -247,7 +247,7 @@ def api_keys(request: HttpRequest, slug: str) -> HttpResponse:
 
 @login_required
 @require_POST
-def api_key_revoke(request: HttpRequest, slug: str, key_id: int) -> HttpResponse:
+def api_key_revoke(request: AuthedHttpRequest, slug: str, key_id: int) -> HttpResponse:
     project = get_project(request, slug)
     key = get_object_or_404(project.api_keys, pk=key_id)
     try:

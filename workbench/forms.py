@@ -4,7 +4,7 @@ shown again with what was typed (status 400); the actions check the rest."""
 from __future__ import annotations
 
 import uuid
-from typing import Any
+from typing import Any, cast
 
 from django import forms
 from django.conf import settings
@@ -36,6 +36,12 @@ def form_token_field() -> forms.UUIDField:
     made keeps the token, so posting the same form twice (Back + resubmit, a
     double click) makes one."""
     return forms.UUIDField(required=False, widget=forms.HiddenInput)
+
+
+def model_choice(form: forms.BaseForm, name: str) -> forms.ModelChoiceField[Any]:
+    """The form's model choice field `name` (also a multiple one), typed as
+    such: `form.fields` types each as a plain Field."""
+    return cast("forms.ModelChoiceField[Any]", form.fields[name])  # generic in the stubs only
 
 
 def with_form_token(initial: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -141,7 +147,8 @@ class RuleForm(forms.Form):
             self.fields[param.name] = _param_field(param)
 
     def clean(self) -> dict[str, Any]:
-        data = super().clean()
+        super().clean()
+        data = self.cleaned_data  # what Form.clean returns, typed as never None
         # The pattern is compiled when the rule is saved, so a bad one is an error here, naming the rule.
         if self.rule_kind and self.rule_kind.name == "regex" and data.get("pattern"):
             try:
@@ -236,7 +243,8 @@ class DatasetUploadForm(forms.Form):
         return self.cleaned_data["records_key"].strip() or None
 
     def clean(self) -> dict[str, Any]:
-        data = super().clean()
+        super().clean()
+        data = self.cleaned_data  # what Form.clean returns, typed as never None
         if not data.get("name") and data.get("file"):
             data["name"] = data["file"].name.rsplit(".", 1)[0]  # named after the file
         return data

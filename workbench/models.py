@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
 from django.db import connection, models
@@ -12,12 +12,15 @@ from django.urls import reverse
 from django.utils import timezone
 from django.utils.text import slugify
 
+if TYPE_CHECKING:
+    from django.contrib.auth.models import AnonymousUser, User
+
 
 class ProjectQuerySet(models.QuerySet["Project"]):
-    def for_user(self, user: object) -> ProjectQuerySet:
+    def for_user(self, user: User | AnonymousUser) -> ProjectQuerySet:
         """Projects the user is a member of. Every project-scoped lookup goes
         through this, so a non-member never sees another team's data."""
-        if not getattr(user, "is_authenticated", False):
+        if not user.is_authenticated:
             return self.none()
         return self.filter(memberships__user=user).distinct()
 
@@ -54,7 +57,7 @@ class Project(models.Model):
             slug, n = f"{base}-{n}", n + 1
         return slug
 
-    def role_of(self, user: object) -> str | None:
+    def role_of(self, user: User) -> str | None:
         m = self.memberships.filter(user=user).first()
         return m.role if m else None
 

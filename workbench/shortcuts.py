@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any, TypeVar
 
+from django.contrib.auth.models import User
 from django.db.models import Model, QuerySet
 from django.http import HttpRequest
 from django.shortcuts import get_object_or_404
@@ -17,6 +18,12 @@ M = TypeVar("M", bound=Model)
 
 class HtmxHttpRequest(HttpRequest):
     htmx: HtmxDetails
+
+
+class AuthedHttpRequest(HtmxHttpRequest):
+    """The request of a @login_required page: its user is signed in, never anonymous."""
+
+    user: User
 
 
 LAST_PROJECT = "workbench_last_project"

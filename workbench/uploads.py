@@ -13,7 +13,7 @@ import tempfile
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from django.conf import settings
 from django.core.files.uploadedfile import UploadedFile
@@ -45,9 +45,10 @@ class LimitedUploadHandler(FileUploadHandler):
 
     def _refuse(self, message: str) -> None:
         if self.request is not None:
-            self.request.upload_refused = message  # type: ignore[attr-defined]
+            self.request.upload_refused = message  # type: ignore[attr-defined]  # read back by refused()
 
-    def handle_raw_input(self, input_data: Any, META: dict[str, Any], content_length: int, boundary: bytes,
+    # Django passes the boundary as bytes; django-stubs says str.
+    def handle_raw_input(self, input_data: Any, META: dict[str, Any], content_length: int, boundary: bytes | str,
                          encoding: str | None = None) -> tuple[QueryDict, MultiValueDict[str, Any]] | None:
         if content_length > self.max_bytes + FORM_OVERHEAD_BYTES:
             self._refuse(f"The upload is {filesizeformat(content_length)}; the limit is "
@@ -72,8 +73,10 @@ class DataDirFile(UploadedFile):
     """An upload written to a hidden temporary file in a directory of the
     data dir; deleted on close unless it was moved (`keep`)."""
 
+    file: IO[bytes]  # never None: opened in __init__
+
     def __init__(self, directory: Path, name: str, content_type: str, size: int, charset: str | None,
-                 content_type_extra: dict[str, str] | None = None) -> None:
+                 content_type_extra: dict[str, bytes] | None = None) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         file = tempfile.NamedTemporaryFile(dir=directory, prefix=".upload-", delete=False)
         super().__init__(file, name, content_type, size, charset, content_type_extra)
@@ -101,10 +104,10 @@ class DataDirUploadHandler(FileUploadHandler):
         super().__init__(request)
         self.directory = directory or Path(settings.MEDIA_ROOT) / "datasets"
 
-    def new_file(self, *args: Any, **kwargs: Any) -> None:
-        super().new_file(*args, **kwargs)
-        self.file = DataDirFile(self.directory, self.file_name, self.content_type, 0, self.charset,
-                                self.content_type_extra)
+    def new_file(self, field_name: str, file_name: str, content_type: str, content_length: int | None,
+                 charset: str | None = None, content_type_extra: dict[str, bytes] | None = None) -> None:
+        super().new_file(field_name, file_name, content_type, content_length, charset, content_type_extra)
+        self.file = DataDirFile(self.directory, file_name, content_type, 0, charset, content_type_extra)
 
     def receive_data_chunk(self, raw_data: bytes, start: int) -> None:
         self.file.write(raw_data)

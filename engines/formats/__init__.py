@@ -39,7 +39,7 @@ Typical use (iterate once, write the good rows out, keep the first errors)::
 from engines.formats.base import Limits, Row, RowError
 from engines.formats.detect import detect_format
 from engines.formats.reader import MAX_KEPT_ERRORS, DatasetReader
-from engines.formats.source import HEAD_BYTES
+from engines.formats.source import HEAD_BYTES, ByteReader
 from engines.formats.specs import FORMATS
 
-__all__ = ["FORMATS", "HEAD_BYTES", "MAX_KEPT_ERRORS", "DatasetReader", "Limits", "Row", "RowError", "detect_format"]
+__all__ = ["FORMATS", "HEAD_BYTES", "MAX_KEPT_ERRORS", "ByteReader", "DatasetReader", "Limits", "Row", "RowError", "detect_format"]

@@ -6,7 +6,6 @@ keeps the errors as they stream by."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import BinaryIO
 
 from engines._types import type_name
 from engines.formats.base import Bad, Limits, Row, RowError, Stop, TooLarge, human_bytes
@@ -16,7 +15,7 @@ from engines.formats.json_array import JsonArray, records_under_key
 from engines.formats.jsonl import jsonl_rows
 from engines.formats.lines import plain_lines
 from engines.formats.policy import refuse_meaning_fields
-from engines.formats.source import BOM, HEAD_BYTES, Source
+from engines.formats.source import BOM, HEAD_BYTES, ByteReader, Source
 from engines.formats.specs import (
     CHOSEN_NOTE,
     FORMATS,
@@ -40,7 +39,7 @@ class DatasetReader:
 
     def __init__(
         self,
-        fileobj: BinaryIO,
+        fileobj: ByteReader,
         fmt: str = "auto",
         *,
         limits: Limits,
@@ -100,7 +99,7 @@ class Parser:
 
     def __init__(
         self,
-        fileobj: BinaryIO,
+        fileobj: ByteReader,
         fmt: str,
         limits: Limits,
         query_column: str | None,

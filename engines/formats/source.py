@@ -5,7 +5,7 @@ length; and how to say that bytes are not UTF-8."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any, BinaryIO
+from typing import Any, Protocol
 
 from engines.formats.base import TooLarge
 
@@ -33,11 +33,17 @@ def utf8_reason(
     return f"not valid UTF-8{on} (byte 0x{data[err.start]:02x} at column {column}); save the file as UTF-8"
 
 
+class ByteReader(Protocol):
+    """All a Source needs of its file: a binary file, or a wrapper counting what is read."""
+
+    def read(self, n: int = -1, /) -> bytes: ...
+
+
 class Source:
     """Buffered reader over a binary file that counts bytes against the limit.
     Only `read(n)` is needed from the file object."""
 
-    def __init__(self, fileobj: BinaryIO, max_bytes: int) -> None:
+    def __init__(self, fileobj: ByteReader, max_bytes: int) -> None:
         self._file = fileobj
         self._max_bytes = max_bytes
         self.buf = bytearray()

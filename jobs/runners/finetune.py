@@ -28,7 +28,8 @@ def training_examples(version: DatasetVersion, system_prompt: str,
     passing_only, answers still flagged as failing a checkable rule (not
     repaired, edited or accepted in review) are left out, as long as enough
     others remain: the student learns what the data shows."""
-    examples, failing = [], []
+    examples: list[dict[str, Any]] = []
+    failing: list[dict[str, Any]] = []
     unresolved = Case(When(DatasetRow.UNRESOLVED, then=Value(True)), default=Value(False))
     rows = version.rows.filter(split=DatasetRow.TRAIN).annotate(_unresolved=unresolved).order_by("index")
     for messages, fails in rows.values_list("messages", "_unresolved").iterator(chunk_size=2000):
@@ -47,6 +48,7 @@ class FinetuneRunner(JobRunner):
     label = "Fine-tune"
     requires = ("base_model", "prompt_version", "dataset_version")
     LOG_EVERY = 30.0  # seconds between progress lines in the job log
+    _logged_at: float  # set when the run starts
 
     def _progress(self, p: Progress) -> None:
         self.progress(p)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from django.conf import settings
-from django.contrib.auth.models import AbstractBaseUser
+from django.contrib.auth.models import User
 from django.db import transaction
 from django.db.models import Count, Max
 from django.dispatch import Signal
@@ -109,7 +109,7 @@ def check_import_options(name: str, fmt: str, eval_percent: int, seed: int, quer
         raise ActionError("The 'fields' format needs the name of the query field (--query-column).")
 
 
-def store_upload(fileobj: BinaryIO) -> Path:
+def store_upload(fileobj: formats.ByteReader) -> Path:
     """Copy the upload into the data dir under a generated name (the user's
     filename is never a path). At most one byte past the limit is kept: the
     reader then says the file is too large."""
@@ -127,7 +127,7 @@ def store_upload(fileobj: BinaryIO) -> Path:
 
 
 def stage_import(
-    project: Project, user: AbstractBaseUser | None, name: str, path: Path, *,
+    project: Project, user: User | None, name: str, path: Path, *,
     filename: str = "", fmt: str = "auto", query_column: str | None = None,
     answer_column: str | None = None, eval_percent: int = 10, seed: int = 0,
     skip_bad: bool = False, use_chosen: bool = False, records_key: str | None = None,
@@ -162,7 +162,7 @@ def stage_import(
         raise
 
 
-def queue_import(version: DatasetVersion, user: AbstractBaseUser | None) -> Any:
+def queue_import(version: DatasetVersion, user: User | None) -> Any:
     """Hand the staging version to whoever runs imports as jobs: returns the
     job, or None when no receiver took it (then call run_import)."""
     responses = import_requested.send(sender=DatasetVersion, version=version, user=user)
@@ -170,7 +170,7 @@ def queue_import(version: DatasetVersion, user: AbstractBaseUser | None) -> Any:
 
 
 def import_dataset(
-    project: Project, user: AbstractBaseUser | None, name: str, fileobj: BinaryIO, *,
+    project: Project, user: User | None, name: str, fileobj: BinaryIO, *,
     filename: str = "", fmt: str = "auto", query_column: str | None = None,
     answer_column: str | None = None, eval_percent: int = 10, seed: int = 0,
     skip_bad: bool = False, use_chosen: bool = False, records_key: str | None = None,
@@ -373,7 +373,7 @@ def apply_split(version: DatasetVersion) -> None:
 
 @transaction.atomic
 def derive_version(
-    parent: DatasetVersion, user: AbstractBaseUser | None, rows: Iterable[tuple[Any, ...]],
+    parent: DatasetVersion, user: User | None, rows: Iterable[tuple[Any, ...]],
     kind: str = DatasetVersion.EDIT, meta: dict[str, Any] | None = None, keep_split: bool = True,
 ) -> DatasetVersion:
     """A new version of the same dataset from edited rows (teacher answers,
@@ -462,7 +462,7 @@ def _rules_of(version: DatasetVersion) -> list[Rule]:
 
 @transaction.atomic
 def review_version(
-    version: DatasetVersion, user: AbstractBaseUser | None, edits: dict[int, str], drop: set[int],
+    version: DatasetVersion, user: User | None, edits: dict[int, str], drop: set[int],
 ) -> DatasetVersion | None:
     """A new version with edited answers and dropped rows, or None when
     nothing changes. Unedited rows keep their review state."""
@@ -505,7 +505,7 @@ def _carry_quality(parent: DatasetVersion, meta: dict[str, Any], train: list[lis
 
 
 @transaction.atomic
-def review_bulk(version: DatasetVersion, user: AbstractBaseUser | None, action: str,
+def review_bulk(version: DatasetVersion, user: User | None, action: str,
                 rule: str = "") -> DatasetVersion:
     """The review queue's bulk actions, each making a new version:
     "drop_failing" drops every row that fails `rule`; "accept_all" accepts

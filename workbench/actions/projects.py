@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from django.contrib.auth import get_user_model
-from django.contrib.auth.models import AbstractBaseUser
+from django.contrib.auth.models import User
 from django.db import IntegrityError, transaction
 
 from workbench.actions import ActionError
@@ -20,7 +20,7 @@ def _name_taken(name: str) -> ActionError | None:
 
 
 @transaction.atomic
-def create_project(user: AbstractBaseUser, name: str, description: str = "") -> Project:
+def create_project(user: User, name: str, description: str = "") -> Project:
     """A new project, its creator its owner. Names are unique, ignoring case."""
     name = name.strip()
     if not name:
@@ -41,7 +41,7 @@ def create_project(user: AbstractBaseUser, name: str, description: str = "") -> 
 
 
 @transaction.atomic
-def add_member(project: Project, actor: AbstractBaseUser, username: str, role: str) -> Membership:
+def add_member(project: Project, actor: User, username: str, role: str) -> Membership:
     if project.role_of(actor) != Membership.OWNER:
         raise ActionError("Only an owner can add members.")
     if role not in dict(Membership.ROLES):
@@ -56,7 +56,7 @@ def add_member(project: Project, actor: AbstractBaseUser, username: str, role: s
 
 
 @transaction.atomic
-def remove_member(project: Project, actor: AbstractBaseUser, membership_id: int) -> list[str]:
+def remove_member(project: Project, actor: User, membership_id: int) -> list[str]:
     """Remove the member; what they held in the project through the apps
     above (their API keys) goes with them. Returns what those apps report
     they revoked, for the owner."""

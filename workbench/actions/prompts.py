@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 from django.conf import settings
-from django.contrib.auth.models import AbstractBaseUser
+from django.contrib.auth.models import User
 from django.db import transaction
 
 from engines import jsonguard, rules
@@ -112,7 +112,7 @@ def _checked_rules(rules_data: object) -> list[dict[str, Any]]:
 
 @transaction.atomic
 def create_prompt(
-    project: Project, user: AbstractBaseUser | None, name: str, text: str,
+    project: Project, user: User | None, name: str, text: str,
     rules_data: object = None, note: str = "",
 ) -> PromptVersion:
     """A new prompt with its first version. A name already in use is refused
@@ -133,7 +133,7 @@ def create_prompt(
 
 @transaction.atomic
 def save_prompt(
-    project: Project, user: AbstractBaseUser | None, name: str, text: str,
+    project: Project, user: User | None, name: str, text: str,
     rules_data: object = None, note: str = "",
 ) -> PromptSaved:
     """Save a new version of the named prompt (created if new). rules_data
@@ -168,7 +168,7 @@ def _latest_locked(prompt: Prompt) -> PromptVersion:
 
 
 @transaction.atomic
-def add_rule(prompt: Prompt, user: AbstractBaseUser | None, rule: dict[str, Any]) -> PromptSaved:
+def add_rule(prompt: Prompt, user: User | None, rule: dict[str, Any]) -> PromptSaved:
     """A new version with the same text and one more rule; its note names the rule."""
     latest = _latest_locked(prompt)
     return save_prompt(prompt.project, user, prompt.name, latest.text, [*latest.rules, rule],
@@ -176,7 +176,7 @@ def add_rule(prompt: Prompt, user: AbstractBaseUser | None, rule: dict[str, Any]
 
 
 @transaction.atomic
-def remove_rule(prompt: Prompt, user: AbstractBaseUser | None, name: str) -> PromptSaved:
+def remove_rule(prompt: Prompt, user: User | None, name: str) -> PromptSaved:
     """A new version with the same text, without the named rule; its note names the rule."""
     latest = _latest_locked(prompt)
     kept = [r for r in latest.rules if r["name"] != name]
@@ -186,7 +186,7 @@ def remove_rule(prompt: Prompt, user: AbstractBaseUser | None, name: str) -> Pro
 
 
 @transaction.atomic
-def restore_version(prompt: Prompt, user: AbstractBaseUser | None, number: int) -> PromptSaved:
+def restore_version(prompt: Prompt, user: User | None, number: int) -> PromptSaved:
     """A new version with the text and rules of an older one (which stays as it was)."""
     _latest_locked(prompt)
     old = prompt.versions.filter(number=number).first()

@@ -33,7 +33,7 @@ from workbench.actions.datasets import (
 )
 from workbench.forms import DatasetUploadForm, TokenStatsForm, with_form_token
 from workbench.models import BaseModel, Dataset, DatasetRow, DatasetRowQuerySet, DatasetVersion, Project
-from workbench.shortcuts import HtmxHttpRequest, get_for_project, get_project
+from workbench.shortcuts import AuthedHttpRequest, get_for_project, get_project
 from workbench.uploads import DataDirFile, limit_upload
 
 
@@ -60,7 +60,7 @@ def _list_page(request: HttpRequest, project: Project, form: DatasetUploadForm, 
 
 
 @login_required
-def dataset_list(request: HttpRequest, slug: str) -> HttpResponse:
+def dataset_list(request: AuthedHttpRequest, slug: str) -> HttpResponse:
     return _list_page(request, get_project(request, slug), DatasetUploadForm(initial=with_form_token()))
 
 
@@ -72,13 +72,13 @@ def _stored_path(upload: UploadedFile) -> Path:
     """The upload as a file in the data dir, which the import then owns."""
     if isinstance(upload, DataDirFile):
         return upload.keep()
-    return store_upload(upload.file)
+    return store_upload(upload)  # an UploadedFile reads from its file
 
 
 @login_required
 @require_POST
 @limit_upload(_upload_refused)
-def dataset_upload(request: HttpRequest, slug: str) -> HttpResponse:
+def dataset_upload(request: AuthedHttpRequest, slug: str) -> HttpResponse:
     """Store the upload and stage a version; a small file is imported here and
     then, a large one by a job (progress, cancel): the page answers at once.
     Either way rows go in short batches into a version no one sees until done."""
@@ -125,7 +125,7 @@ def dataset_upload(request: HttpRequest, slug: str) -> HttpResponse:
 
 
 @login_required
-def dataset_detail(request: HtmxHttpRequest, slug: str, dataset_id: int) -> HttpResponse:
+def dataset_detail(request: AuthedHttpRequest, slug: str, dataset_id: int) -> HttpResponse:
     latest = _get_dataset(request, slug, dataset_id).latest
     if latest is None:
         return redirect("dataset_list", slug)
@@ -139,7 +139,7 @@ def _stats_context(version: DatasetVersion) -> dict[str, object]:
 
 
 @login_required
-def dataset_version(request: HtmxHttpRequest, slug: str, dataset_id: int, number: int) -> HttpResponse:
+def dataset_version(request: AuthedHttpRequest, slug: str, dataset_id: int, number: int) -> HttpResponse:
     version = _get_version(request, slug, dataset_id, number)
     split = request.GET.get("split", "")
     rows = version.rows.all()
@@ -161,7 +161,7 @@ def dataset_version(request: HtmxHttpRequest, slug: str, dataset_id: int, number
 
 @login_required
 @require_POST
-def dataset_stats(request: HttpRequest, slug: str, dataset_id: int, number: int) -> HttpResponse:
+def dataset_stats(request: AuthedHttpRequest, slug: str, dataset_id: int, number: int) -> HttpResponse:
     """Queue token-length statistics under a base model's tokenizer."""
     version = _get_version(request, slug, dataset_id, number)
     form = TokenStatsForm(request.POST)
@@ -172,13 +172,13 @@ def dataset_stats(request: HttpRequest, slug: str, dataset_id: int, number: int)
 
 
 @login_required
-def dataset_stats_fragment(request: HttpRequest, slug: str, dataset_id: int, number: int) -> HttpResponse:
+def dataset_stats_fragment(request: AuthedHttpRequest, slug: str, dataset_id: int, number: int) -> HttpResponse:
     version = _get_version(request, slug, dataset_id, number)
     return render(request, "workbench/dataset_version.html#stats", _stats_context(version))
 
 
 @login_required
-def dataset_export(request: HttpRequest, slug: str, dataset_id: int, number: int) -> StreamingHttpResponse:
+def dataset_export(request: AuthedHttpRequest, slug: str, dataset_id: int, number: int) -> StreamingHttpResponse:
     """The normalised rows as chat JSONL, with their split and the extra
     fields kept from the upload (under their own names, as they came)."""
     version = _get_version(request, slug, dataset_id, number)
@@ -242,18 +242,19 @@ def _row_index(raw: str) -> int:
 def _review_edits(request: HttpRequest) -> tuple[dict[int, str], set[int]]:
     """Fields are named by row index: answer_<index> (edited text) and drop=<index>."""
     drop = {_row_index(i) for i in request.POST.getlist("drop")}
-    edits = {_row_index(k[7:]): v for k, v in request.POST.items() if k.startswith("answer_")}
+    # A posted field always has a value (str); the stubs also allow an empty list.
+    edits = {_row_index(k[7:]): v for k, v in request.POST.items() if k.startswith("answer_") and isinstance(v, str)}
     return edits, drop
 
 
 def _review_url(version: DatasetVersion, page: int, flagged: bool, rule: str) -> str:
-    query = {"page": page, **({"flagged": 1} if flagged else {}), **({"rule": rule} if rule else {})}
+    query: dict[str, str | int] = {"page": page, **({"flagged": 1} if flagged else {}), **({"rule": rule} if rule else {})}
     return reverse("dataset_review", args=[version.dataset.project.slug, version.dataset_id, version.number]) + \
         "?" + urlencode(query)
 
 
 @login_required
-def dataset_review(request: HttpRequest, slug: str, dataset_id: int, number: int) -> HttpResponse:
+def dataset_review(request: AuthedHttpRequest, slug: str, dataset_id: int, number: int) -> HttpResponse:
     """Review answers (teacher output): edit answers, drop rows; saving makes
     a new version, the reviewed one stays as it was. Moving to another page
     submits the form: the page's edits are saved first (`goto`), never lost."""
@@ -277,17 +278,17 @@ def dataset_review(request: HttpRequest, slug: str, dataset_id: int, number: int
         except ValueError as exc:
             return _review_page(request, version, page, flagged, error=f"{str(exc).capitalize()}.", status=400)
         try:
-            new = review_version(version, request.user, edits, drop)
+            reviewed = review_version(version, request.user, edits, drop)
         except ActionError as exc:
             return _review_page(request, version, page, flagged, typed=edits, dropped=drop, error=str(exc),
                                 status=400)
-        if new is None:
+        if reviewed is None:
             if target == page.number:
                 messages.info(request, "No changes.")
             return redirect(_review_url(version, target, flagged, rule))
-        edited, dropped = len(new.meta["edited"]), len(new.meta["dropped"])
-        messages.success(request, f"Saved {new}: {edited} answer{pluralize(edited)} edited, "
+        edited, dropped = len(reviewed.meta["edited"]), len(reviewed.meta["dropped"])
+        messages.success(request, f"Saved {reviewed}: {edited} answer{pluralize(edited)} edited, "
                                   f"{dropped} row{pluralize(dropped)} dropped, "
-                                  f"{new.row_count:,} row{pluralize(new.row_count)}.")
-        return redirect(_review_url(new, target, flagged, rule))
+                                  f"{reviewed.row_count:,} row{pluralize(reviewed.row_count)}.")
+        return redirect(_review_url(reviewed, target, flagged, rule))
     return _review_page(request, version, page, flagged)

@@ -12,7 +12,7 @@ from django_htmx.http import HttpResponseClientRefresh
 from workbench.actions import ActionError
 from workbench.actions.models import send_ping
 from workbench.models import BaseModel, WorkerHeartbeat, WorkerPing
-from workbench.shortcuts import HtmxHttpRequest, current_project
+from workbench.shortcuts import AuthedHttpRequest, current_project
 
 
 def healthz(request: HttpRequest) -> HttpResponse:
@@ -20,7 +20,7 @@ def healthz(request: HttpRequest) -> HttpResponse:
 
 
 @login_required
-def models_page(request: HtmxHttpRequest) -> HttpResponse:
+def models_page(request: AuthedHttpRequest) -> HttpResponse:
     ctx = {
         "project": current_project(request),  # keeps the project nav of the project the user came from
         "base_models": BaseModel.objects.all(),
@@ -34,7 +34,7 @@ def models_page(request: HtmxHttpRequest) -> HttpResponse:
 
 @login_required
 @require_POST
-def ping_workers(request: HtmxHttpRequest) -> HttpResponse:
+def ping_workers(request: AuthedHttpRequest) -> HttpResponse:
     try:
         send_ping(request.POST.get("queue", "default"))
     except ActionError as exc:
@@ -45,6 +45,6 @@ def ping_workers(request: HtmxHttpRequest) -> HttpResponse:
 
 
 @login_required
-def ping_status(request: HttpRequest, ping_id: int) -> HttpResponse:
+def ping_status(request: AuthedHttpRequest, ping_id: int) -> HttpResponse:
     ping = get_object_or_404(WorkerPing, pk=ping_id)
     return render(request, "workbench/models.html#ping", {"ping": ping})

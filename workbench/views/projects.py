@@ -10,7 +10,7 @@ from workbench.actions import ActionError
 from workbench.actions.projects import add_member, create_project, remove_member
 from workbench.forms import MemberForm, ProjectForm
 from workbench.models import Membership, Project
-from workbench.shortcuts import get_project
+from workbench.shortcuts import AuthedHttpRequest, get_project
 
 
 def _list_page(request: HttpRequest, form: ProjectForm, status: int = 200) -> HttpResponse:
@@ -19,13 +19,13 @@ def _list_page(request: HttpRequest, form: ProjectForm, status: int = 200) -> Ht
 
 
 @login_required
-def project_list(request: HttpRequest) -> HttpResponse:
+def project_list(request: AuthedHttpRequest) -> HttpResponse:
     return _list_page(request, ProjectForm())
 
 
 @login_required
 @require_POST
-def project_create(request: HttpRequest) -> HttpResponse:
+def project_create(request: AuthedHttpRequest) -> HttpResponse:
     form = ProjectForm(request.POST)
     if form.is_valid():
         try:
@@ -38,7 +38,7 @@ def project_create(request: HttpRequest) -> HttpResponse:
     return _list_page(request, form, status=400)
 
 
-def _detail_page(request: HttpRequest, project: Project, form: MemberForm, status: int = 200) -> HttpResponse:
+def _detail_page(request: AuthedHttpRequest, project: Project, form: MemberForm, status: int = 200) -> HttpResponse:
     ctx = {
         "project": project,
         "memberships": project.memberships.select_related("user"),
@@ -50,13 +50,13 @@ def _detail_page(request: HttpRequest, project: Project, form: MemberForm, statu
 
 
 @login_required
-def project_detail(request: HttpRequest, slug: str) -> HttpResponse:
+def project_detail(request: AuthedHttpRequest, slug: str) -> HttpResponse:
     return _detail_page(request, get_project(request, slug), MemberForm())
 
 
 @login_required
 @require_POST
-def member_add(request: HttpRequest, slug: str) -> HttpResponse:
+def member_add(request: AuthedHttpRequest, slug: str) -> HttpResponse:
     project = get_project(request, slug)
     form = MemberForm(request.POST)
     if form.is_valid():
@@ -72,7 +72,7 @@ def member_add(request: HttpRequest, slug: str) -> HttpResponse:
 
 @login_required
 @require_POST
-def member_remove(request: HttpRequest, slug: str, membership_id: int) -> HttpResponse:
+def member_remove(request: AuthedHttpRequest, slug: str, membership_id: int) -> HttpResponse:
     project = get_project(request, slug)
     try:
         revoked = remove_member(project, request.user, membership_id)

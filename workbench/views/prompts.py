@@ -25,7 +25,7 @@ from workbench.actions.prompts import (
 )
 from workbench.forms import DiffForm, PromptForm, PromptTextForm, RuleForm
 from workbench.models import Project, Prompt, PromptVersion
-from workbench.shortcuts import get_for_project, get_project
+from workbench.shortcuts import AuthedHttpRequest, get_for_project, get_project
 from workbench.uploads import limit_upload
 
 
@@ -51,14 +51,14 @@ def _list_page(request: HttpRequest, project: Project, form: PromptForm, status:
               .only(*VERSION_FIELDS, "rules").select_related("author")
               .annotate(text_chars=Length("text"), preview=Substr("text", 1, PREVIEW_CHARS + 1))}
     for p in page:
-        p.latest_version = latest.get(p.latest_id)
+        p.latest_version = latest.get(p.latest_id)  # type: ignore[attr-defined]  # for the template only
     ctx = {"project": project, "prompts": page, "page": page, "form": form, "existing": existing,
            "existing_rules": len(existing.latest.rules) if existing and existing.latest else 0}
     return render(request, "workbench/prompt_list.html", ctx, status=status)
 
 
 @login_required
-def prompt_list(request: HttpRequest, slug: str) -> HttpResponse:
+def prompt_list(request: AuthedHttpRequest, slug: str) -> HttpResponse:
     return _list_page(request, get_project(request, slug), PromptForm())
 
 
@@ -80,7 +80,7 @@ def _save_refused(request: HttpRequest, message: str, slug: str, prompt_id: int)
 @login_required
 @require_POST
 @limit_upload(_create_refused, max_bytes=_prompt_bytes)
-def prompt_create(request: HttpRequest, slug: str) -> HttpResponse:
+def prompt_create(request: AuthedHttpRequest, slug: str) -> HttpResponse:
     """A new prompt; with `version_of` (the explicit offer made when the name
     is taken), a new version of that prompt, keeping its rules unless rules
     were typed."""
@@ -134,13 +134,13 @@ def _version_page(
 
 
 @login_required
-def prompt_detail(request: HttpRequest, slug: str, prompt_id: int) -> HttpResponse:
+def prompt_detail(request: AuthedHttpRequest, slug: str, prompt_id: int) -> HttpResponse:
     prompt = _get_prompt(request, slug, prompt_id)
     return _version_page(request, prompt, prompt.latest)
 
 
 @login_required
-def prompt_version(request: HttpRequest, slug: str, prompt_id: int, number: int) -> HttpResponse:
+def prompt_version(request: AuthedHttpRequest, slug: str, prompt_id: int, number: int) -> HttpResponse:
     prompt = _get_prompt(request, slug, prompt_id)
     return _version_page(request, prompt, get_object_or_404(prompt.versions, number=number))
 
@@ -148,7 +148,7 @@ def prompt_version(request: HttpRequest, slug: str, prompt_id: int, number: int)
 @login_required
 @require_POST
 @limit_upload(_save_refused, max_bytes=_prompt_bytes)
-def prompt_save(request: HttpRequest, slug: str, prompt_id: int) -> HttpResponse:
+def prompt_save(request: AuthedHttpRequest, slug: str, prompt_id: int) -> HttpResponse:
     """A new version with edited text (rules carried over)."""
     prompt = _get_prompt(request, slug, prompt_id)
     form = PromptTextForm(request.POST, request.FILES)
@@ -166,7 +166,7 @@ def prompt_save(request: HttpRequest, slug: str, prompt_id: int) -> HttpResponse
 
 @login_required
 @require_POST
-def prompt_restore(request: HttpRequest, slug: str, prompt_id: int, number: int) -> HttpResponse:
+def prompt_restore(request: AuthedHttpRequest, slug: str, prompt_id: int, number: int) -> HttpResponse:
     """An older version's text and rules saved as a new version."""
     prompt = _get_prompt(request, slug, prompt_id)
     try:
@@ -181,7 +181,7 @@ def prompt_restore(request: HttpRequest, slug: str, prompt_id: int, number: int)
 
 @login_required
 @require_POST
-def prompt_rules(request: HttpRequest, slug: str, prompt_id: int) -> HttpResponse:
+def prompt_rules(request: AuthedHttpRequest, slug: str, prompt_id: int) -> HttpResponse:
     """Add a rule: a new version with the same text."""
     prompt = _get_prompt(request, slug, prompt_id)
     form = RuleForm(request.POST)
@@ -198,7 +198,7 @@ def prompt_rules(request: HttpRequest, slug: str, prompt_id: int) -> HttpRespons
 
 @login_required
 @require_POST
-def prompt_rule_remove(request: HttpRequest, slug: str, prompt_id: int) -> HttpResponse:
+def prompt_rule_remove(request: AuthedHttpRequest, slug: str, prompt_id: int) -> HttpResponse:
     """Remove a rule: a new version with the same text."""
     prompt = _get_prompt(request, slug, prompt_id)
     try:
@@ -211,7 +211,7 @@ def prompt_rule_remove(request: HttpRequest, slug: str, prompt_id: int) -> HttpR
 
 
 @login_required
-def rule_params(request: HttpRequest, slug: str) -> HttpResponse:
+def rule_params(request: AuthedHttpRequest, slug: str) -> HttpResponse:
     """The parameter fields of one rule kind (htmx swaps them into the form)."""
     get_project(request, slug)
     form = RuleForm(initial={"kind": request.GET.get("kind", "")})
@@ -219,7 +219,7 @@ def rule_params(request: HttpRequest, slug: str) -> HttpResponse:
 
 
 @login_required
-def prompt_diff(request: HttpRequest, slug: str, prompt_id: int) -> HttpResponse:
+def prompt_diff(request: AuthedHttpRequest, slug: str, prompt_id: int) -> HttpResponse:
     prompt = _get_prompt(request, slug, prompt_id)
     latest = prompt.versions.only("id", "number").order_by("-number").first()
     if latest is None:

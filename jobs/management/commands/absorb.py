@@ -89,7 +89,7 @@ class Command(BaseCommand):
                 jobs = [actions.start_finetune(project, None, prompt_version, version, base, training,
                                                passing_only=not opts["train_on_failing"])]
             else:
-                teacher_model = base
+                teacher_model: BaseModel | None = base
                 if opts["teacher_model"]:
                     teacher_model = BaseModel.objects.filter(name=opts["teacher_model"]).first()
                     if teacher_model is None:

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from django.contrib.auth import get_user_model
-from django.contrib.auth.models import AbstractBaseUser
+from django.contrib.auth.models import User
 from django.core.management.base import CommandError
 
 from serving.models import Alias
@@ -24,7 +24,7 @@ def variant_by_id(project: Project, variant_id: int) -> Variant:
     return variant
 
 
-def user_by_name(username: str | None) -> AbstractBaseUser | None:
+def user_by_name(username: str | None) -> User | None:
     if not username:
         return None
     user = get_user_model().objects.filter(username=username).first()

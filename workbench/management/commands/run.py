@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
@@ -116,7 +116,8 @@ class Command(BaseCommand):
             while not stopping:
                 for p in procs:
                     if p.poll() is not None:
-                        self.stderr.write(f"{p.args[0]} exited with {p.returncode}; stopping.")
+                        program = cast(list[str], p.args)[0]  # started from lists of str above
+                        self.stderr.write(f"{program} exited with {p.returncode}; stopping.")
                         stopping = True
                 if engine_proc is not None and engine_proc.poll() is not None:
                     # The UI and the worker stay up: only /v1 needs the engine, and it answers 503 meanwhile.
