@@ -36,9 +36,13 @@ def main() -> int:
     args = ap.parse_args()
 
     data = Path(tempfile.mkdtemp(prefix="wb-bench-"))
-    os.environ.update(WORKBENCH_DATA_DIR=str(data), DJANGO_SETTINGS_MODULE="workbench.settings",
-                      WORKBENCH_MODELS_DIR=str(REPO / ".cache" / "models"), HF_HUB_OFFLINE="1",
-                      WORKBENCH_LOCAL_SECRET_KEY="true")
+    os.environ.update(
+        WORKBENCH_DATA_DIR=str(data),
+        DJANGO_SETTINGS_MODULE="workbench.settings",
+        WORKBENCH_MODELS_DIR=str(REPO / ".cache" / "models"),
+        HF_HUB_OFFLINE="1",
+        WORKBENCH_LOCAL_SECRET_KEY="true",
+    )
     os.environ.pop("DATABASE_URL", None)
     os.environ.pop("CELERY_BROKER_URL", None)
     import django
@@ -58,19 +62,61 @@ def main() -> int:
     (data / "prompt.md").write_text(system_prompt())
     (data / "queries.txt").write_text("\n".join(queries(args.queries)) + "\n")
     call_command("import_prompt", str(data / "prompt.md"), "--project", project.slug, "--name", "support")
-    call_command("import_dataset", str(data / "queries.txt"), "--project", project.slug, "--name", "q",
-                 "--eval-percent", "0")
-    (data / "train.json").write_text(json.dumps({"epochs": args.epochs, "batch_size": args.batch_size,
-                                                 "bf16": {"true": True, "false": False}.get(args.bf16, "auto")}))
-    worker = subprocess.Popen([str(Path(sys.executable).parent / "celery"), "-A", "workbench", "worker",
-                               "-Q", "gpu,default", "-c", "1", "--max-tasks-per-child", "1", "-l", "WARNING"],
-                              cwd=REPO, env=os.environ.copy())
+    call_command(
+        "import_dataset",
+        str(data / "queries.txt"),
+        "--project",
+        project.slug,
+        "--name",
+        "q",
+        "--eval-percent",
+        "0",
+    )
+    (data / "train.json").write_text(
+        json.dumps(
+            {
+                "epochs": args.epochs,
+                "batch_size": args.batch_size,
+                "bf16": {"true": True, "false": False}.get(args.bf16, "auto"),
+            }
+        )
+    )
+    worker = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "celery"),
+            "-A",
+            "workbench",
+            "worker",
+            "-Q",
+            "gpu,default",
+            "-c",
+            "1",
+            "--max-tasks-per-child",
+            "1",
+            "-l",
+            "WARNING",
+        ],
+        cwd=REPO,
+        env=os.environ.copy(),
+    )
     try:
         started = time.monotonic()
-        call_command("absorb", "--project", project.slug, "--prompt", "support", "--dataset", "q",
-                     "--max-new-tokens", str(args.max_new_tokens), "--teacher-batch", str(args.teacher_batch),
-                     "--train-config", str(data / "train.json"),
-                     "--wait")
+        call_command(
+            "absorb",
+            "--project",
+            project.slug,
+            "--prompt",
+            "support",
+            "--dataset",
+            "q",
+            "--max-new-tokens",
+            str(args.max_new_tokens),
+            "--teacher-batch",
+            str(args.teacher_batch),
+            "--train-config",
+            str(data / "train.json"),
+            "--wait",
+        )
         total = time.monotonic() - started
     finally:
         worker.terminate()
@@ -82,12 +128,18 @@ def main() -> int:
     f_sec = (finetune.finished_at - finetune.started_at).total_seconds()
     v = finetune.variant
     flagged = teacher.output_dataset.rows.exclude(flags=[]).count()
-    print(f"\nqueries {args.queries}, prompt {len(system_prompt())} chars, max_new_tokens {args.max_new_tokens}, "
-          f"teacher batch {teacher.params['generation']['batch_size']}")
+    print(
+        f"\nqueries {args.queries}, prompt {len(system_prompt())} chars, max_new_tokens {args.max_new_tokens}, "
+        f"teacher batch {teacher.params['generation']['batch_size']}"
+    )
     print(f"teacher:   {t_sec:7.1f} s  ({args.queries / t_sec:.2f} queries/s, {flagged} rows flagged)")
-    print(f"fine-tune: {f_sec:7.1f} s  ({v.metrics['steps']} steps, {v.metrics['tokens_per_second']:.0f} tokens/s, "
-          f"final loss {v.final_loss:.3f}, epochs {args.epochs}, batch {args.batch_size}, bf16 {args.bf16})")
-    print(f"together:  {t_sec + f_sec:7.1f} s  = {(t_sec + f_sec) / 60:.1f} min  (wall incl. queueing {total:.1f} s)")
+    print(
+        f"fine-tune: {f_sec:7.1f} s  ({v.metrics['steps']} steps, {v.metrics['tokens_per_second']:.0f} tokens/s, "
+        f"final loss {v.final_loss:.3f}, epochs {args.epochs}, batch {args.batch_size}, bf16 {args.bf16})"
+    )
+    print(
+        f"together:  {t_sec + f_sec:7.1f} s  = {(t_sec + f_sec) / 60:.1f} min  (wall incl. queueing {total:.1f} s)"
+    )
     return 0
 
 

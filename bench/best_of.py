@@ -41,13 +41,17 @@ def main() -> None:
     prompt = (folder / "prompt.md").read_text()
     rules = validate_rules(json.loads((folder / "rules.json").read_text()))
     queries = [json.loads(line)["messages"] for line in (folder / "train.jsonl").read_text().splitlines()]
-    queries = queries[:args.queries]
+    queries = queries[: args.queries]
     loaded = load_model(provision_default(REPO / ".cache" / "models" / DEFAULT_MODEL_NAME))
     cur = CurationSettings()
-    limit = min(r.params["n"] for r in rules if r.kind == "max_words") if any(
-        r.kind == "max_words" for r in rules) else 96
-    gen = GenerationSettings(max_new_tokens=math.ceil(limit * 1.6) + 16, temperature=cur.temperature,
-                             top_p=cur.top_p, seed=0)
+    limit = (
+        min(r.params["n"] for r in rules if r.kind == "max_words")
+        if any(r.kind == "max_words" for r in rules)
+        else 96
+    )
+    gen = GenerationSettings(
+        max_new_tokens=math.ceil(limit * 1.6) + 16, temperature=cur.temperature, top_p=cur.top_p, seed=0
+    )
     text = opening(rules)
     generate_samples(loaded, queries[:2], prompt, gen, 1, opening=text)  # warm-up
     times = {}
@@ -59,13 +63,19 @@ def main() -> None:
         picks = [pick_best([c.text for c in g], rules) for g in groups]
         passed[n] = sum(p[1][p[0]] for p in picks) / (len(picks) * len(rules))
     t1, tn = min(times[1]), min(times[args.n])
-    print(f"{args.scenario}: {len(queries)} queries WITH the prompt ({len(loaded.tokenizer(prompt)['input_ids'])} "
-          f"tokens), max {gen.max_new_tokens} new tokens, threads {torch.get_num_threads()}, "
-          f"load average {os.getloadavg()[0]:.2f}")
-    print(f"best of 1: {t1:.1f} s (runs {', '.join(f'{t:.1f}' for t in times[1])}); "
-          f"rules passed by the pick {passed[1]:.2f}")
-    print(f"best of {args.n}: {tn:.1f} s (runs {', '.join(f'{t:.1f}' for t in times[args.n])}); "
-          f"rules passed by the pick {passed[args.n]:.2f}")
+    print(
+        f"{args.scenario}: {len(queries)} queries WITH the prompt ({len(loaded.tokenizer(prompt)['input_ids'])} "
+        f"tokens), max {gen.max_new_tokens} new tokens, threads {torch.get_num_threads()}, "
+        f"load average {os.getloadavg()[0]:.2f}"
+    )
+    print(
+        f"best of 1: {t1:.1f} s (runs {', '.join(f'{t:.1f}' for t in times[1])}); "
+        f"rules passed by the pick {passed[1]:.2f}"
+    )
+    print(
+        f"best of {args.n}: {tn:.1f} s (runs {', '.join(f'{t:.1f}' for t in times[args.n])}); "
+        f"rules passed by the pick {passed[args.n]:.2f}"
+    )
     print(f"time ratio best-of-{args.n} / best-of-1: {tn / t1:.2f}x")
 
 

@@ -46,22 +46,36 @@ def make_adapter(model_dir: Path, out: Path) -> Path:
     torch.manual_seed(0)
     model = get_peft_model(
         AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32),
-        LoraConfig(r=16, lora_alpha=32, init_lora_weights=False,
-                   target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
+        LoraConfig(
+            r=16,
+            lora_alpha=32,
+            init_lora_weights=False,
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        ),
     )
     model.save_pretrained(out)
     return out
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--queries", type=int, default=48)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--rounds", type=int, default=2,
-                        help="four-arm runs of each way, in ABBA order (a neighbour's load hits both alike)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (default 1: on a shared 2-core box more threads wait at barriers)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=2,
+        help="four-arm runs of each way, in ABBA order (a neighbour's load hits both alike)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1: on a shared 2-core box more threads wait at barriers)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -76,9 +90,12 @@ def main() -> int:
         loaded = load_model(model_dir, adapter_dir=adapter)
         load_one = time.perf_counter() - t
         tokens = [count_tokens(loaded.tokenizer, c, prompt) for c in convs]
-        print(f"load average {os.getloadavg()[0]:.1f}; torch threads {torch.get_num_threads()}; {len(convs)} queries, "
-              f"prompts {min(tokens)}-{max(tokens)} tokens; max_new_tokens {args.max_new_tokens}; batch {args.batch_size}; fp32; "
-              f"base + adapter loaded in {load_one:.1f}s", flush=True)
+        print(
+            f"load average {os.getloadavg()[0]:.1f}; torch threads {torch.get_num_threads()}; {len(convs)} queries, "
+            f"prompts {min(tokens)}-{max(tokens)} tokens; max_new_tokens {args.max_new_tokens}; batch {args.batch_size}; fp32; "
+            f"base + adapter loaded in {load_one:.1f}s",
+            flush=True,
+        )
         # The first batch is ~2x slower (allocator, thread pools): keep it out of the timings.
         generate_arms(loaded, convs[:4], prompt, GenerationSettings(max_new_tokens=4, batch_size=4))
 
@@ -87,20 +104,30 @@ def main() -> int:
             t = time.perf_counter()
             generate(loaded, convs, teacher_prompt, settings)
             batched = time.perf_counter() - t
-        singles = single_request_latency(loaded, convs, prompt, settings, sample=len(convs), arm_name="teacher")
+        singles = single_request_latency(
+            loaded, convs, prompt, settings, sample=len(convs), arm_name="teacher"
+        )
         one_by_one = sum(singles)
         lat = latency_summary(singles)
-        print(f"teacher arm: batched {batched:.1f}s {len(convs) / batched:.3f} ex/s | one at a time "
-              f"{one_by_one:.1f}s {len(convs) / one_by_one:.3f} ex/s (latency mean {lat['mean']:.2f}s, "
-              f"p50 {lat['p50']:.2f}s, p95 {lat['p95']:.2f}s) | ratio {one_by_one / batched:.2f}x", flush=True)
+        print(
+            f"teacher arm: batched {batched:.1f}s {len(convs) / batched:.3f} ex/s | one at a time "
+            f"{one_by_one:.1f}s {len(convs) / one_by_one:.3f} ex/s (latency mean {lat['mean']:.2f}s, "
+            f"p50 {lat['p50']:.2f}s, p95 {lat['p95']:.2f}s) | ratio {one_by_one / batched:.2f}x",
+            flush=True,
+        )
 
         # 2. Four arms: one loaded base + adapter vs a fresh load per arm.
         del loaded
         walls: dict[str, list[float]] = {"one": [], "fresh": []}
         loads: dict[str, float] = {"one": 0.0, "fresh": 0.0}
-        arm_secs: dict[str, dict[str, float]] = {"one": dict.fromkeys(ARMS, 0.0), "fresh": dict.fromkeys(ARMS, 0.0)}
+        arm_secs: dict[str, dict[str, float]] = {
+            "one": dict.fromkeys(ARMS, 0.0),
+            "fresh": dict.fromkeys(ARMS, 0.0),
+        }
         answers: dict[str, dict[str, list]] = {}
-        order = [m for r in range(args.rounds) for m in (("one", "fresh") if r % 2 == 0 else ("fresh", "one"))]
+        order = [
+            m for r in range(args.rounds) for m in (("one", "fresh") if r % 2 == 0 else ("fresh", "one"))
+        ]
         for mode in order:
             t = time.perf_counter()
             if mode == "one":
@@ -125,7 +152,8 @@ def main() -> int:
                     loads[mode] += time.perf_counter() - t_arm
                     t_arm = time.perf_counter()
                     answers[mode][name] = generate(
-                        fresh, convs, prompt if name in ("teacher", "student+prompt") else None, settings)
+                        fresh, convs, prompt if name in ("teacher", "student+prompt") else None, settings
+                    )
                     arm_secs[mode][name] += time.perf_counter() - t_arm
                     del fresh
             walls[mode].append(time.perf_counter() - t)
@@ -134,12 +162,18 @@ def main() -> int:
     runs = len(walls["one"])
     one, fresh = sum(walls["one"]) / runs, sum(walls["fresh"]) / runs
     shared, per_arm = answers["one"], answers["fresh"]
-    same = {name: sum(a.text == b.text for a, b in zip(shared[name], per_arm[name], strict=True)) for name in ARMS}
-    print(f"four arms, mean of {runs}: one loaded model {one:.1f}s (loads {loads['one'] / runs:.1f}s) | "
-          f"a load per arm {fresh:.1f}s (loads {loads['fresh'] / runs:.1f}s) | ratio {fresh / one:.2f}x")
+    same = {
+        name: sum(a.text == b.text for a, b in zip(shared[name], per_arm[name], strict=True)) for name in ARMS
+    }
+    print(
+        f"four arms, mean of {runs}: one loaded model {one:.1f}s (loads {loads['one'] / runs:.1f}s) | "
+        f"a load per arm {fresh:.1f}s (loads {loads['fresh'] / runs:.1f}s) | ratio {fresh / one:.2f}x"
+    )
     for mode, label in (("one", "one loaded model"), ("fresh", "a load per arm")):
-        print(f"  generation per arm, {label}: "
-              + ", ".join(f"{n} {arm_secs[mode][n] / runs:.1f}s" for n in ARMS))
+        print(
+            f"  generation per arm, {label}: "
+            + ", ".join(f"{n} {arm_secs[mode][n] / runs:.1f}s" for n in ARMS)
+        )
     print("  identical answers: " + ", ".join(f"{n} {k}/{len(convs)}" for n, k in same.items()), flush=True)
     print("sample answers:", {name: shared[name][0].text[:60] for name in ARMS})
     if any(k != len(convs) for k in same.values()):

@@ -38,16 +38,32 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 
-TOPICS = ["billing", "password reset", "shipping delays", "refund policy", "API rate limits", "invoice export",
-          "two-factor login", "team seats", "data retention", "webhook retries", "SSO setup", "plan downgrade"]
-WORDS = ("the account settings page shows each plan with its limits and renewal date so you can check what "
-         "applies to you before changing anything support confirms details by email within a day while "
-         "dashboard keeps log of every change made by an administrator order number customer invoice refund "
-         "window delivery address payment method card expired update team member access token request error "
-         "retry later export report monthly yearly discount trial period cancel subscription").split()
-SYSTEMS = ["You are the support assistant of Acme. Answer politely and cite the relevant policy.",
-           "You are a concise helpdesk bot. Never promise refunds; point to the refund form instead.",
-           "Answer as Acme's billing specialist. Use short paragraphs and always give the next step."]
+TOPICS = [
+    "billing",
+    "password reset",
+    "shipping delays",
+    "refund policy",
+    "API rate limits",
+    "invoice export",
+    "two-factor login",
+    "team seats",
+    "data retention",
+    "webhook retries",
+    "SSO setup",
+    "plan downgrade",
+]
+WORDS = (
+    "the account settings page shows each plan with its limits and renewal date so you can check what "
+    "applies to you before changing anything support confirms details by email within a day while "
+    "dashboard keeps log of every change made by an administrator order number customer invoice refund "
+    "window delivery address payment method card expired update team member access token request error "
+    "retry later export report monthly yearly discount trial period cancel subscription"
+).split()
+SYSTEMS = [
+    "You are the support assistant of Acme. Answer politely and cite the relevant policy.",
+    "You are a concise helpdesk bot. Never promise refunds; point to the refund form instead.",
+    "Answer as Acme's billing specialist. Use short paragraphs and always give the next step.",
+]
 
 
 def words(rng: random.Random, lo: int, hi: int) -> str:
@@ -79,7 +95,12 @@ def write_alpaca_array(path: Path, n: int, seed: int = 0) -> None:
     with path.open("w", encoding="utf-8") as f:
         f.write("[")
         for i, (system, question, answer) in enumerate(support_rows(n, seed)):
-            record = {"instruction": question, "input": "", "output": answer, **({"system": system} if system else {})}
+            record = {
+                "instruction": question,
+                "input": "",
+                "output": answer,
+                **({"system": system} if system else {}),
+            }
             text = json.dumps(record, ensure_ascii=False, indent=4).replace("\n", "\n    ")
             f.write(("," if i else "") + "\n    " + text)
         f.write("\n]\n")
@@ -92,8 +113,14 @@ WRITERS: dict[str, tuple[Callable[[Path, int], None], str]] = {
 
 
 def django_env(data_dir: Path) -> dict[str, str]:
-    env = {**os.environ, "WORKBENCH_DATA_DIR": str(data_dir), "DJANGO_SETTINGS_MODULE": "workbench.settings",
-           "DEBUG": "false", "PYTHONPATH": str(REPO), "WORKBENCH_LOCAL_SECRET_KEY": "true"}
+    env = {
+        **os.environ,
+        "WORKBENCH_DATA_DIR": str(data_dir),
+        "DJANGO_SETTINGS_MODULE": "workbench.settings",
+        "DEBUG": "false",
+        "PYTHONPATH": str(REPO),
+        "WORKBENCH_LOCAL_SECRET_KEY": "true",
+    }
     env.pop("DATABASE_URL", None)  # always the throwaway SQLite file under data_dir
     return env
 
@@ -114,6 +141,7 @@ def current_rss_kb() -> int:
 
 
 # --- children -------------------------------------------------------------------
+
 
 def child_migrate(data_dir: Path) -> None:
     setup_django(data_dir)
@@ -142,15 +170,24 @@ def child_import(data_dir: Path, file: Path, traced: bool) -> None:
     with file.open("rb") as f:
         version = import_dataset(project, user, "bench", f, filename=file.name)
     seconds = time.perf_counter() - t0
-    result = {"rows": version.row_count, "seconds": seconds, "bytes": file.stat().st_size,
-              "sha256": version.sha256, "eval": version.eval_count}
+    result = {
+        "rows": version.row_count,
+        "seconds": seconds,
+        "bytes": file.stat().st_size,
+        "sha256": version.sha256,
+        "eval": version.eval_count,
+    }
     if traced:
         result["traced_peak_kb"] = tracemalloc.get_traced_memory()[1] // 1024
         tracemalloc.stop()
     else:
         maxrss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        result.update(rss_before_kb=rss_before, maxrss_before_kb=maxrss_before, maxrss_after_kb=maxrss_after,
-                      rss_peak_delta_kb=maxrss_after - rss_before)
+        result.update(
+            rss_before_kb=rss_before,
+            maxrss_before_kb=maxrss_before,
+            maxrss_after_kb=maxrss_after,
+            rss_peak_delta_kb=maxrss_after - rss_before,
+        )
     print(json.dumps(result))
 
 
@@ -179,19 +216,31 @@ def child_parse(file: Path, repeats: int) -> None:
     read_all()
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
-    print(json.dumps({"parse_rows": reader.row_count, "parse_seconds": best, "parse_traced_peak_kb": peak // 1024}))
+    print(
+        json.dumps(
+            {"parse_rows": reader.row_count, "parse_seconds": best, "parse_traced_peak_kb": peak // 1024}
+        )
+    )
 
 
 # --- parent -----------------------------------------------------------------------
 
+
 def run_child(args: list[str], data_dir: Path) -> dict[str, object]:
-    out = subprocess.run([sys.executable, __file__, *args], env=django_env(data_dir), check=True,
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, __file__, *args],
+        env=django_env(data_dir),
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1]) if out.stdout.strip() else {}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
     parser.add_argument("--formats", nargs="+", choices=list(WRITERS), default=list(WRITERS))
     parser.add_argument("--parse-repeats", type=int, default=3)
@@ -228,30 +277,42 @@ def main() -> None:
                         out.pop("seconds")  # tracemalloc slows the import: not a timing
                     res.update(out)
                     shutil.rmtree(data_dir)
-                res.update(run_child(["--child", "parse", "--file", str(file),
-                                      "--parse-repeats", str(args.parse_repeats)], template))
+                res.update(
+                    run_child(
+                        ["--child", "parse", "--file", str(file), "--parse-repeats", str(args.parse_repeats)],
+                        template,
+                    )
+                )
                 file.unlink()
                 assert res["rows"] == res["parse_rows"] == n, res
                 results[fmt, n] = res
 
-    print(f"{'format':>6} {'rows':>9} {'file MB':>8} {'seconds':>8} {'rows/s':>9} {'MB/s':>6} {'peak RSS +MB':>13} "
-          f"{'tracemalloc peak MB':>20} {'parse-only rows/s (CPU)':>24} {'parse tracemalloc MB':>21}")
+    print(
+        f"{'format':>6} {'rows':>9} {'file MB':>8} {'seconds':>8} {'rows/s':>9} {'MB/s':>6} {'peak RSS +MB':>13} "
+        f"{'tracemalloc peak MB':>20} {'parse-only rows/s (CPU)':>24} {'parse tracemalloc MB':>21}"
+    )
     for (fmt, n), r in results.items():
         secs = float(r["seconds"])  # type: ignore[arg-type]
         parse_secs = float(r["parse_seconds"])  # type: ignore[arg-type]
         mb = int(r["bytes"]) / 1e6  # type: ignore[call-overload]
-        print(f"{fmt:>6} {n:>9,} {mb:>8.1f} {secs:>8.2f} {n / secs:>9,.0f} {mb / secs:>6.1f} "
-              f"{int(r['rss_peak_delta_kb']) / 1024:>13.1f} {int(r['traced_peak_kb']) / 1024:>20.1f} "  # type: ignore[call-overload]
-              f"{n / parse_secs:>24,.0f} {int(r['parse_traced_peak_kb']) / 1024:>21.1f}")  # type: ignore[call-overload]
+        print(
+            f"{fmt:>6} {n:>9,} {mb:>8.1f} {secs:>8.2f} {n / secs:>9,.0f} {mb / secs:>6.1f} "
+            f"{int(r['rss_peak_delta_kb']) / 1024:>13.1f} {int(r['traced_peak_kb']) / 1024:>20.1f} "  # type: ignore[call-overload]
+            f"{n / parse_secs:>24,.0f} {int(r['parse_traced_peak_kb']) / 1024:>21.1f}"
+        )  # type: ignore[call-overload]
     for fmt in args.formats:
         sizes = [n for f, n in results if f == fmt]
         if len(sizes) < 2:
             continue
         small, large = results[fmt, min(sizes)], results[fmt, max(sizes)]
-        rss, traced, parse = (int(large[k]) / int(small[k])  # type: ignore[call-overload]
-                              for k in ("rss_peak_delta_kb", "traced_peak_kb", "parse_traced_peak_kb"))
-        print(f"{fmt}: peak memory {max(sizes):,}/{min(sizes):,} rows: RSS growth x{rss:.2f}, "
-              f"tracemalloc peak x{traced:.2f}, parser alone x{parse:.2f} (file x{max(sizes) / min(sizes):.0f})")
+        rss, traced, parse = (
+            int(large[k]) / int(small[k])  # type: ignore[call-overload]
+            for k in ("rss_peak_delta_kb", "traced_peak_kb", "parse_traced_peak_kb")
+        )
+        print(
+            f"{fmt}: peak memory {max(sizes):,}/{min(sizes):,} rows: RSS growth x{rss:.2f}, "
+            f"tracemalloc peak x{traced:.2f}, parser alone x{parse:.2f} (file x{max(sizes) / min(sizes):.0f})"
+        )
 
 
 if __name__ == "__main__":

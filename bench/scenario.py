@@ -24,7 +24,9 @@ sys.path.insert(0, str(REPO))
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("scenario")
     parser.add_argument("--best-of", type=int, default=None, help="default: the workbench default")
     parser.add_argument("--no-curation", action="store_true")
@@ -32,13 +34,21 @@ def main() -> None:
     parser.add_argument("--train-limit", type=int, default=None, help="use only the first N train queries")
     parser.add_argument("--heldout-limit", type=int, default=None)
     parser.add_argument("--data-dir", type=Path, default=None)
-    parser.add_argument("--from-teacher", action="store_true",
-                        help="reuse the finished teacher job of --data-dir and train again from its answers")
+    parser.add_argument(
+        "--from-teacher",
+        action="store_true",
+        help="reuse the finished teacher job of --data-dir and train again from its answers",
+    )
     args = parser.parse_args()
 
     data_dir = args.data_dir or Path(tempfile.mkdtemp(prefix=f"scenario-{args.scenario}-"))
-    os.environ.update(WORKBENCH_DATA_DIR=str(data_dir), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-                      DJANGO_SETTINGS_MODULE="workbench.settings", WORKBENCH_LOCAL_SECRET_KEY="true")
+    os.environ.update(
+        WORKBENCH_DATA_DIR=str(data_dir),
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        DJANGO_SETTINGS_MODULE="workbench.settings",
+        WORKBENCH_LOCAL_SECRET_KEY="true",
+    )
     os.environ.pop("DATABASE_URL", None)
     os.environ.pop("CELERY_BROKER_URL", None)
     import django
@@ -72,11 +82,22 @@ def main() -> None:
         rows = (folder / name).read_text().splitlines()
         return "\n".join(rows[:limit] if limit else rows).encode() + b"\n"
 
-    train = import_dataset(project, user, "train", __import__("io").BytesIO(lines("train.jsonl", args.train_limit)),
-                           filename="train.jsonl", eval_percent=0)
-    heldout = import_dataset(project, user, "heldout",
-                             __import__("io").BytesIO(lines("heldout.jsonl", args.heldout_limit)),
-                             filename="heldout.jsonl", eval_percent=100)
+    train = import_dataset(
+        project,
+        user,
+        "train",
+        __import__("io").BytesIO(lines("train.jsonl", args.train_limit)),
+        filename="train.jsonl",
+        eval_percent=0,
+    )
+    heldout = import_dataset(
+        project,
+        user,
+        "heldout",
+        __import__("io").BytesIO(lines("heldout.jsonl", args.heldout_limit)),
+        filename="heldout.jsonl",
+        eval_percent=100,
+    )
     base = BaseModel.objects.get(is_default=True)
     curation: dict | bool = False if args.no_curation else CurationSettings().to_dict()
     if args.best_of and curation:
@@ -140,8 +161,17 @@ def resume(args: argparse.Namespace, data_dir: Path) -> None:
     print(f"four arms in {times['four arms']:.0f} s", flush=True)
     times["total"] = time.monotonic() - began + times["teacher"]
     rules = json.loads((REPO / "scenarios" / args.scenario / "rules.json").read_text())
-    report(args, comparison, teacher, teacher.dataset_version, heldout, prompt, rules,
-           teacher.params.get("curation"), times)
+    report(
+        args,
+        comparison,
+        teacher,
+        teacher.dataset_version,
+        heldout,
+        prompt,
+        rules,
+        teacher.params.get("curation"),
+        times,
+    )
 
 
 def report(args, comparison, teacher, train, heldout, prompt, rules, curation, times) -> None:
@@ -151,13 +181,19 @@ def report(args, comparison, teacher, train, heldout, prompt, rules, curation, t
     data = (quality.get("steps") or [{}])[-1]
     runs = {r.arm: r for r in comparison.runs.all()}
     names = [r["name"] for r in rules]
-    print(f"\n{args.scenario}: {len(names)} rules, prompt {prompt.token_counts}, {train.row_count} train queries, "
-          f"{heldout.row_count} held out; curation {curation}")
+    print(
+        f"\n{args.scenario}: {len(names)} rules, prompt {prompt.token_counts}, {train.row_count} train queries, "
+        f"{heldout.row_count} held out; curation {curation}"
+    )
     print("data quality steps:")
     for step in quality.get("steps", []):
-        print(f"  {step['step']:<32} all rules {step['all_rules']:.2f}  " +
-              "  ".join(f"{k} {v:.2f}" for k, v in step["rules"].items()))
-    header = f"{'rule':<16}" + "".join(f"{c:>16}" for c in ("floor", "teacher", "data", "student", "student+prompt"))
+        print(
+            f"  {step['step']:<32} all rules {step['all_rules']:.2f}  "
+            + "  ".join(f"{k} {v:.2f}" for k, v in step["rules"].items())
+        )
+    header = f"{'rule':<16}" + "".join(
+        f"{c:>16}" for c in ("floor", "teacher", "data", "student", "student+prompt")
+    )
     print(header)
 
     def value(arm: str, metric: str) -> str:
@@ -167,13 +203,18 @@ def report(args, comparison, teacher, train, heldout, prompt, rules, curation, t
     for name in ["all_rules", *names]:
         metric = name if name == "all_rules" else f"rule:{name}"
         d = data.get("all_rules") if name == "all_rules" else (data.get("rules") or {}).get(name)
-        print(f"{name:<16}" + "".join(f"{value(a, metric):>16}" for a in ("floor", "teacher")) +
-              f"{'-' if d is None else f'{d:.2f}':>16}" +
-              "".join(f"{value(a, metric):>16}" for a in ("student", "student+prompt")))
+        print(
+            f"{name:<16}"
+            + "".join(f"{value(a, metric):>16}" for a in ("floor", "teacher"))
+            + f"{'-' if d is None else f'{d:.2f}':>16}"
+            + "".join(f"{value(a, metric):>16}" for a in ("student", "student+prompt"))
+        )
     for arm, r in runs.items():
         lat = r.summary.get("latency") or {}
-        print(f"  {arm:<15} prompt tokens {r.summary.get('prompt_tokens', 0):.0f}, completion tokens "
-              f"{r.summary.get('completion_tokens', 0):.0f}, latency {json.dumps(lat)[:120]}")
+        print(
+            f"  {arm:<15} prompt tokens {r.summary.get('prompt_tokens', 0):.0f}, completion tokens "
+            f"{r.summary.get('completion_tokens', 0):.0f}, latency {json.dumps(lat)[:120]}"
+        )
     print("headline:", json.dumps({k: v for k, v in comparison.headline.items() if k != "lm_eval"})[:600])
     print("wall times (s):", {k: round(v) for k, v in times.items()})
 

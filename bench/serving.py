@@ -109,8 +109,12 @@ class Summary:
 
     def check(self, what: str, value: float, target: float, higher: bool, fmt: str = "{:.2f}") -> None:
         ok = value >= target if higher else value <= target
-        self.add(what, fmt.format(value), (">= " if higher else "<= ") + fmt.format(target),
-                 "PASS" if ok else "BELOW")
+        self.add(
+            what,
+            fmt.format(value),
+            (">= " if higher else "<= ") + fmt.format(target),
+            "PASS" if ok else "BELOW",
+        )
 
 
 def say(text: str = "") -> None:
@@ -152,8 +156,9 @@ def load_adapter(url: str, name: str, path: Path) -> float:
     import httpx
 
     began = time.perf_counter()
-    response = httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(path)},
-                          timeout=120)
+    response = httpx.post(
+        url + "/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(path)}, timeout=120
+    )
     if response.status_code != 200:
         raise SystemExit(f"loading adapter {name} from {path} failed: {response.status_code} {response.text}")
     return time.perf_counter() - began
@@ -175,20 +180,36 @@ def messages(query: str, system_prompt: str | None = None) -> list[dict[str, str
     return [*head, {"role": "user", "content": query}]
 
 
-def ask(client: Any, model: str, query: str, max_tokens: int, system_prompt: str | None = None,
-        stream: bool = False) -> Answer:
+def ask(
+    client: Any,
+    model: str,
+    query: str,
+    max_tokens: int,
+    system_prompt: str | None = None,
+    stream: bool = False,
+) -> Answer:
     began = time.perf_counter()
     if not stream:
-        out = client.chat.completions.create(model=model, messages=messages(query, system_prompt),
-                                             temperature=0, max_tokens=max_tokens)
-        return Answer(time.perf_counter() - began, out.usage.completion_tokens, None,
-                      out.choices[0].message.content or "")
+        out = client.chat.completions.create(
+            model=model, messages=messages(query, system_prompt), temperature=0, max_tokens=max_tokens
+        )
+        return Answer(
+            time.perf_counter() - began,
+            out.usage.completion_tokens,
+            None,
+            out.choices[0].message.content or "",
+        )
     ttft = None
     tokens = 0
     pieces = []
-    events = client.chat.completions.create(model=model, messages=messages(query, system_prompt), temperature=0,
-                                            max_tokens=max_tokens, stream=True,
-                                            stream_options={"include_usage": True})
+    events = client.chat.completions.create(
+        model=model,
+        messages=messages(query, system_prompt),
+        temperature=0,
+        max_tokens=max_tokens,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     for chunk in events:
         if chunk.choices and chunk.choices[0].delta.content:
             if ttft is None:
@@ -222,8 +243,10 @@ class Counter:
 
 
 def part1(client: Any, engine: Any, heldout: list[str], summary: Summary) -> None:
-    say(f"\n== 1. {CLIENTS} concurrent clients vs the same {CLIENTS} requests one by one "
-        f"(held-out queries, no prompt, greedy, max_tokens 64, base) | load {load_avg()}")
+    say(
+        f"\n== 1. {CLIENTS} concurrent clients vs the same {CLIENTS} requests one by one "
+        f"(held-out queries, no prompt, greedy, max_tokens 64, base) | load {load_avg()}"
+    )
     qs = heldout[:CLIENTS]
     ask(client, BASE, "Warm up.", 8)
     count = Counter(engine)
@@ -237,13 +260,19 @@ def part1(client: Any, engine: Any, heldout: list[str], summary: Summary) -> Non
     seq_tok, conc_tok = sum(a.completion_tokens for a in seq), sum(a.completion_tokens for a in conc)
     same = sum(a.text == b.text for a, b in zip(seq, conc, strict=True))
     ratio = seq_s / conc_s
-    say(f"sequential: {len(qs) / seq_s:.3f} req/s, {seq_tok / seq_s:.1f} tok/s, {seq_s:.1f} s, "
-        f"{seq_calls} generate calls, mean latency {statistics.mean(a.seconds for a in seq):.2f} s")
-    say(f"concurrent: {len(qs) / conc_s:.3f} req/s, {conc_tok / conc_s:.1f} tok/s, {conc_s:.1f} s, "
+    say(
+        f"sequential: {len(qs) / seq_s:.3f} req/s, {seq_tok / seq_s:.1f} tok/s, {seq_s:.1f} s, "
+        f"{seq_calls} generate calls, mean latency {statistics.mean(a.seconds for a in seq):.2f} s"
+    )
+    say(
+        f"concurrent: {len(qs) / conc_s:.3f} req/s, {conc_tok / conc_s:.1f} tok/s, {conc_s:.1f} s, "
         f"{calls} generate calls for {rows} rows, latency mean {statistics.mean(a.seconds for a in conc):.2f} s "
-        f"max {max(a.seconds for a in conc):.2f} s")
-    say(f"completion tokens {seq_tok} vs {conc_tok}; identical greedy answers {same}/{len(qs)} "
-        f"(bf16 rounding differs with the batch shape) | load {load_avg()}")
+        f"max {max(a.seconds for a in conc):.2f} s"
+    )
+    say(
+        f"completion tokens {seq_tok} vs {conc_tok}; identical greedy answers {same}/{len(qs)} "
+        f"(bf16 rounding differs with the batch shape) | load {load_avg()}"
+    )
     summary.add("1. sequential req/s", f"{len(qs) / seq_s:.3f}")
     summary.add(f"1. {CLIENTS} concurrent req/s ({calls} generate calls)", f"{len(qs) / conc_s:.3f}")
     summary.check("1. concurrent / sequential req/s", ratio, TARGETS["concurrency"], True, "{:.1f}x")
@@ -251,12 +280,15 @@ def part1(client: Any, engine: Any, heldout: list[str], summary: Summary) -> Non
 
 def part2(client: Any, engine: Any, heldout: list[str], prompt: str, summary: Summary) -> None:
     n = 12
-    say(f"\n== 2. student (adapter, no prompt) vs base + lumen prompt: {n} held-out queries one by one, "
-        f"interleaved, streamed, greedy, max_tokens 64 | load {load_avg()}")
+    say(
+        f"\n== 2. student (adapter, no prompt) vs base + lumen prompt: {n} held-out queries one by one, "
+        f"interleaved, streamed, greedy, max_tokens 64 | load {load_avg()}"
+    )
     ask(client, STUDENT, "Warm up.", 8, stream=True)
     ask(client, BASE, "Warm up.", 8, prompt, stream=True)
-    prompt_tokens = client.chat.completions.create(model=BASE, messages=messages(heldout[0], prompt),
-                                                   temperature=0, max_tokens=1).usage.prompt_tokens
+    prompt_tokens = client.chat.completions.create(
+        model=BASE, messages=messages(heldout[0], prompt), temperature=0, max_tokens=1
+    ).usage.prompt_tokens
     student, base = [], []
     for q in heldout[:n]:
         student.append(ask(client, STUDENT, q, 64, stream=True))
@@ -267,31 +299,41 @@ def part2(client: Any, engine: Any, heldout: list[str], prompt: str, summary: Su
         ttft = statistics.mean(a.ttft or a.seconds for a in answers)
         tokens = statistics.mean(a.completion_tokens for a in answers)
         per_token = sum(a.seconds for a in answers) / max(1, sum(a.completion_tokens for a in answers))
-        decode = statistics.mean((a.seconds - (a.ttft or a.seconds)) / max(1, a.completion_tokens - 1)
-                                 for a in answers)
-        say(f"{name:28s} latency mean {lat:.2f} s (p50 {percentile([a.seconds for a in answers], .5):.2f}), "
+        decode = statistics.mean(
+            (a.seconds - (a.ttft or a.seconds)) / max(1, a.completion_tokens - 1) for a in answers
+        )
+        say(
+            f"{name:28s} latency mean {lat:.2f} s (p50 {percentile([a.seconds for a in answers], 0.5):.2f}), "
             f"TTFT mean {ttft:.3f} s, completion tokens mean {tokens:.1f}, {per_token * 1000:.0f} ms per "
-            f"generated token (after the first: {decode * 1000:.0f} ms)")
+            f"generated token (after the first: {decode * 1000:.0f} ms)"
+        )
         return lat, ttft, tokens, per_token
 
     s_lat, s_ttft, s_tok, s_pt = line("student, no prompt", student)
     b_lat, b_ttft, b_tok, b_pt = line(f"base + prompt ({prompt_tokens} tok)", base)
-    say("The arms' answers differ in length (the base often stops early under the prompt's 60-word rule; "
-        "a random student runs to max_tokens), so latency per generated token is printed too.")
-    say(f"latency ratio student/base {s_lat / b_lat:.2f}; TTFT ratio {s_ttft / b_ttft:.2f}; per-token latency "
-        f"ratio {s_pt / b_pt:.2f} | load {load_avg()}")
+    say(
+        "The arms' answers differ in length (the base often stops early under the prompt's 60-word rule; "
+        "a random student runs to max_tokens), so latency per generated token is printed too."
+    )
+    say(
+        f"latency ratio student/base {s_lat / b_lat:.2f}; TTFT ratio {s_ttft / b_ttft:.2f}; per-token latency "
+        f"ratio {s_pt / b_pt:.2f} | load {load_avg()}"
+    )
     summary.add("2. student latency / TTFT / tokens", f"{s_lat:.2f} s / {s_ttft:.3f} s / {s_tok:.1f}")
     summary.add("2. base+prompt latency / TTFT / tokens", f"{b_lat:.2f} s / {b_ttft:.3f} s / {b_tok:.1f}")
     summary.check("2. latency student / base+prompt", s_lat / b_lat, TARGETS["latency"], False)
     summary.add("2. per-token latency student / base+prompt", f"{s_pt / b_pt:.2f}")
 
 
-def part3(client: Any, engine: Any, heldout: list[str], adapters: list[str], rounds: int,
-          summary: Summary) -> None:
+def part3(
+    client: Any, engine: Any, heldout: list[str], adapters: list[str], rounds: int, summary: Summary
+) -> None:
     total = CLIENTS * 2
     qs = [heldout[i % len(heldout)] for i in range(total)]
-    say(f"\n== 3. {len(adapters)} adapters over one base vs one adapter: {CLIENTS} clients x 2 requests, "
-        f"greedy, max_tokens 64, order {'ABBA' if rounds > 1 else 'AB'} x {max(1, rounds // 2)} | load {load_avg()}")
+    say(
+        f"\n== 3. {len(adapters)} adapters over one base vs one adapter: {CLIENTS} clients x 2 requests, "
+        f"greedy, max_tokens 64, order {'ABBA' if rounds > 1 else 'AB'} x {max(1, rounds // 2)} | load {load_avg()}"
+    )
 
     def run(many: bool) -> tuple[float, float, int, int]:
         def client_job(c: int) -> list[Answer]:
@@ -300,6 +342,7 @@ def part3(client: Any, engine: Any, heldout: list[str], adapters: list[str], rou
                 j = c * 2 + k
                 out.append(ask(client, adapters[j % len(adapters)] if many else adapters[0], qs[j], 64))
             return out
+
         count = Counter(engine)
         results, seconds = concurrently([lambda c=c: client_job(c) for c in range(CLIENTS)])
         calls, _ = count.since()
@@ -313,21 +356,29 @@ def part3(client: Any, engine: Any, heldout: list[str], adapters: list[str], rou
     for is_many in order:
         tps, rps, calls, tokens = run(is_many)
         (many if is_many else one).append(tps)
-        say(f"{'round-robin over ' + str(len(adapters)) if is_many else 'one adapter':22s} {tps:.1f} tok/s, "
-            f"{rps:.3f} req/s, {tokens} tokens, {calls} generate calls | load {load_avg()}")
+        say(
+            f"{'round-robin over ' + str(len(adapters)) if is_many else 'one adapter':22s} {tps:.1f} tok/s, "
+            f"{rps:.3f} req/s, {tokens} tokens, {calls} generate calls | load {load_avg()}"
+        )
     one_tps, many_tps = statistics.mean(one), statistics.mean(many)
-    say(f"mean: one adapter {one_tps:.1f} tok/s, {len(adapters)} adapters {many_tps:.1f} tok/s, "
-        f"ratio {many_tps / one_tps:.2f}")
+    say(
+        f"mean: one adapter {one_tps:.1f} tok/s, {len(adapters)} adapters {many_tps:.1f} tok/s, "
+        f"ratio {many_tps / one_tps:.2f}"
+    )
     summary.add("3. one adapter tok/s", f"{one_tps:.1f}")
     summary.add(f"3. round-robin over {len(adapters)} adapters tok/s", f"{many_tps:.1f}")
-    summary.check(f"3. {len(adapters)} adapters / one adapter throughput", many_tps / one_tps, TARGETS["adapters"],
-                  True)
+    summary.check(
+        f"3. {len(adapters)} adapters / one adapter throughput", many_tps / one_tps, TARGETS["adapters"], True
+    )
 
 
-def part4(client: Any, engine: Any, heldout: list[str], models: list[str], per_client: int,
-          summary: Summary) -> None:
-    say(f"\n== 4. load run: {CLIENTS} clients x {per_client} requests, max_tokens 16, greedy, models cycled over "
-        f"{len(models)} (base + adapters), every 4th request streamed | load {load_avg()}")
+def part4(
+    client: Any, engine: Any, heldout: list[str], models: list[str], per_client: int, summary: Summary
+) -> None:
+    say(
+        f"\n== 4. load run: {CLIENTS} clients x {per_client} requests, max_tokens 16, greedy, models cycled over "
+        f"{len(models)} (base + adapters), every 4th request streamed | load {load_avg()}"
+    )
     errors: list[str] = []
     latencies: list[float] = []
     tokens = 0
@@ -338,7 +389,9 @@ def part4(client: Any, engine: Any, heldout: list[str], models: list[str], per_c
         for k in range(per_client):
             j = c * per_client + k
             try:
-                answer = ask(client, models[j % len(models)], heldout[j % len(heldout)], 16, stream=j % 4 == 3)
+                answer = ask(
+                    client, models[j % len(models)], heldout[j % len(heldout)], 16, stream=j % 4 == 3
+                )
                 if answer.completion_tokens <= 0:
                     raise ValueError("no completion tokens")
             except Exception as exc:
@@ -353,19 +406,30 @@ def part4(client: Any, engine: Any, heldout: list[str], models: list[str], per_c
     _, seconds = concurrently([lambda c=c: client_job(c) for c in range(CLIENTS)])
     calls, rows = count.since()
     total = CLIENTS * per_client
-    say(f"{total} requests in {seconds:.1f} s: {total / seconds:.2f} req/s, {tokens / seconds:.1f} tok/s, "
-        f"errors {len(errors)}, latency p50 {percentile(latencies, .5):.2f} s p95 {percentile(latencies, .95):.2f} s "
+    say(
+        f"{total} requests in {seconds:.1f} s: {total / seconds:.2f} req/s, {tokens / seconds:.1f} tok/s, "
+        f"errors {len(errors)}, latency p50 {percentile(latencies, 0.5):.2f} s p95 {percentile(latencies, 0.95):.2f} s "
         f"max {max(latencies, default=float('nan')):.2f} s, {calls} generate calls ({rows / max(1, calls):.1f} "
-        f"rows each) | load {load_avg()}")
+        f"rows each) | load {load_avg()}"
+    )
     for e in sorted(set(errors))[:5]:
         say(f"  error: {e}")
     summary.check(f"4. load run errors ({total} requests)", len(errors), TARGETS["errors"], False, "{:.0f}")
-    summary.add("4. load run req/s, p50 / p95 latency",
-                f"{total / seconds:.2f} req/s, {percentile(latencies, .5):.2f} / {percentile(latencies, .95):.2f} s")
+    summary.add(
+        "4. load run req/s, p50 / p95 latency",
+        f"{total / seconds:.2f} req/s, {percentile(latencies, 0.5):.2f} / {percentile(latencies, 0.95):.2f} s",
+    )
 
 
-def part5(model_dir: Path, train: list[str], prompt: str, n: int, teacher_dtype: str, use_vllm: bool,
-          summary: Summary) -> None:
+def part5(
+    model_dir: Path,
+    train: list[str],
+    prompt: str,
+    n: int,
+    teacher_dtype: str,
+    use_vllm: bool,
+    summary: Summary,
+) -> None:
     import torch
 
     from engines.inference import GenerationSettings, generate, load_model
@@ -373,8 +437,10 @@ def part5(model_dir: Path, train: list[str], prompt: str, n: int, teacher_dtype:
     qs = [train[i % len(train)] for i in range(n)]
     convs = [[{"role": "user", "content": q}] for q in qs]
     settings = GenerationSettings(max_new_tokens=64, temperature=0, batch_size=16)
-    say(f"\n== 5. teacher generation: {n} lumen train queries with the prompt, greedy, 64 new tokens | "
-        f"load {load_avg()}")
+    say(
+        f"\n== 5. teacher generation: {n} lumen train queries with the prompt, greedy, 64 new tokens | "
+        f"load {load_avg()}"
+    )
     torch.set_num_threads(1)
     dtype = None if teacher_dtype == "default" else getattr(torch, teacher_dtype)
     loaded = load_model(model_dir, dtype=dtype)
@@ -383,10 +449,14 @@ def part5(model_dir: Path, train: list[str], prompt: str, n: int, teacher_dtype:
     local = generate(loaded, convs, prompt, settings, reuse_prefix=True)
     local_s = time.perf_counter() - began
     local_tok = sum(c.completion_tokens for c in local)
-    say(f"in-process generate ({loaded.dtype}, batch 16, prefix reuse, 1 torch thread): {n / local_s:.3f} q/s, "
-        f"{local_tok / local_s:.1f} tok/s, {local_s:.1f} s | load {load_avg()}")
-    summary.add(f"5. teacher in-process generate q/s ({n} queries, {str(loaded.dtype).removeprefix('torch.')})",
-                f"{n / local_s:.3f}")
+    say(
+        f"in-process generate ({loaded.dtype}, batch 16, prefix reuse, 1 torch thread): {n / local_s:.3f} q/s, "
+        f"{local_tok / local_s:.1f} tok/s, {local_s:.1f} s | load {load_avg()}"
+    )
+    summary.add(
+        f"5. teacher in-process generate q/s ({n} queries, {str(loaded.dtype).removeprefix('torch.')})",
+        f"{n / local_s:.3f}",
+    )
     del loaded
 
     if not use_vllm:
@@ -409,8 +479,10 @@ def part5(model_dir: Path, train: list[str], prompt: str, n: int, teacher_dtype:
     try:
         ready = wait_ready(url, proc, timeout=300, log_path=log)
         generate_remote(url, BASE, convs[:2], prompt, GenerationSettings(max_new_tokens=4, temperature=0))
-        say(f"vLLM (bf16, prefix caching) ready in {ready:.0f} s ({time.perf_counter() - began:.0f} s with the "
-            f"warm-up); log {log}")
+        say(
+            f"vLLM (bf16, prefix caching) ready in {ready:.0f} s ({time.perf_counter() - began:.0f} s with the "
+            f"warm-up); log {log}"
+        )
         began = time.perf_counter()
         remote = generate_remote(url, BASE, convs, prompt, settings, concurrency=CLIENTS)
         remote_s = time.perf_counter() - began
@@ -418,10 +490,14 @@ def part5(model_dir: Path, train: list[str], prompt: str, n: int, teacher_dtype:
         stop_vllm(proc)
     remote_tok = sum(c.completion_tokens for c in remote)
     same = sum(a.text == b.text for a, b in zip(local, remote, strict=True))
-    say(f"vLLM generate_remote (16 concurrent): {n / remote_s:.3f} q/s, {remote_tok / remote_s:.1f} tok/s, "
-        f"{remote_s:.1f} s | load {load_avg()}")
-    say(f"ratio vLLM / in-process {local_s / remote_s:.2f}x; identical answers {same}/{n} "
-        f"(different dtypes and kernels)")
+    say(
+        f"vLLM generate_remote (16 concurrent): {n / remote_s:.3f} q/s, {remote_tok / remote_s:.1f} tok/s, "
+        f"{remote_s:.1f} s | load {load_avg()}"
+    )
+    say(
+        f"ratio vLLM / in-process {local_s / remote_s:.2f}x; identical answers {same}/{n} "
+        f"(different dtypes and kernels)"
+    )
     summary.add(f"5. teacher vLLM generate_remote q/s ({n} queries, bf16)", f"{n / remote_s:.3f}")
     summary.add("5. teacher vLLM / in-process", f"{local_s / remote_s:.2f}x")
 
@@ -440,14 +516,26 @@ def parse_parts(text: str) -> set[int]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--skip", type=parse_parts, default=set(), help="parts to skip, e.g. 5 or 1,2")
     parser.add_argument("--teacher", type=int, default=300, help="queries for part 5 (default 300)")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
-                        help="the engine server's dtype (default auto: bf16 where the CPU has it)")
-    parser.add_argument("--teacher-dtype", default="default", choices=["default", "bfloat16", "float32"],
-                        help="in-process teacher dtype (default: load_model's, as the teacher job: fp32 on CPU)")
-    parser.add_argument("--adapter", type=Path, default=None, help="the student adapter (default: a random one)")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "bfloat16", "float32"],
+        help="the engine server's dtype (default auto: bf16 where the CPU has it)",
+    )
+    parser.add_argument(
+        "--teacher-dtype",
+        default="default",
+        choices=["default", "bfloat16", "float32"],
+        help="in-process teacher dtype (default: load_model's, as the teacher job: fp32 on CPU)",
+    )
+    parser.add_argument(
+        "--adapter", type=Path, default=None, help="the student adapter (default: a random one)"
+    )
     parser.add_argument("--adapters", type=int, default=20, help="adapters for part 3 (default 20)")
     parser.add_argument("--rounds", type=int, default=2, help="part 3: 2 = ABBA, 1 = AB")
     parser.add_argument("--load-requests", type=int, default=100, help="part 4: requests per client")
@@ -470,9 +558,11 @@ def main() -> None:
     model_dir = provision_default(REPO / ".cache" / "models" / DEFAULT_MODEL_NAME)
     prompt = (SCENARIO / "prompt.md").read_text()
     heldout, train = queries("heldout.jsonl"), queries("train.jsonl")
-    say(f"bench/serving.py {datetime.datetime.now():%Y-%m-%d %H:%M} | {os.cpu_count()} cores ({cpu_model()}), "
+    say(
+        f"bench/serving.py {datetime.datetime.now():%Y-%m-%d %H:%M} | {os.cpu_count()} cores ({cpu_model()}), "
         f"load average {start_load} | model {model_dir.name} | engine: hf, dtype {args.dtype}, "
-        f"{args.threads} torch thread(s), batch window {args.batch_window_ms:g} ms, max batch 16")
+        f"{args.threads} torch thread(s), batch window {args.batch_window_ms:g} ms, max batch 16"
+    )
 
     if {1, 2, 3, 4} - args.skip:
         import openai
@@ -484,10 +574,19 @@ def main() -> None:
         began = time.perf_counter()
         student_dir = args.adapter or build_adapters(model_dir, work / "student", 1, first_seed=0)[0]
         extra = build_adapters(model_dir, work / "many", args.adapters) if {3, 4} - args.skip else []
-        say(f"adapters: student {'given' if args.adapter else 'random'} {student_dir}, {len(extra)} random in "
-            f"{time.perf_counter() - began:.1f} s")
-        server = EngineServer({BASE: model_dir}, port=0, threads=args.threads, max_batch=16,
-                              batch_window_ms=args.batch_window_ms, max_queue=256, dtype=args.dtype)
+        say(
+            f"adapters: student {'given' if args.adapter else 'random'} {student_dir}, {len(extra)} random in "
+            f"{time.perf_counter() - began:.1f} s"
+        )
+        server = EngineServer(
+            {BASE: model_dir},
+            port=0,
+            threads=args.threads,
+            max_batch=16,
+            batch_window_ms=args.batch_window_ms,
+            max_queue=256,
+            dtype=args.dtype,
+        )
         with server:
             say(f"engine server at {server.url}, dtype {resolve_dtype(args.dtype)}")
             client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=900)
@@ -495,7 +594,9 @@ def main() -> None:
                 part1(client, server.engine, heldout, summary)
             seconds = load_adapter(server.url, STUDENT, student_dir)
             names = [f"a{i:02d}" for i in range(len(extra))]
-            seconds += sum(load_adapter(server.url, name, path) for name, path in zip(names, extra, strict=True))
+            seconds += sum(
+                load_adapter(server.url, name, path) for name, path in zip(names, extra, strict=True)
+            )
             say(f"\nloaded {1 + len(extra)} adapters through POST /v1/load_lora_adapter in {seconds:.1f} s")
             if 2 not in args.skip:
                 part2(client, server.engine, heldout, prompt, summary)
@@ -506,8 +607,10 @@ def main() -> None:
     if 5 not in args.skip:
         part5(model_dir, train, prompt, args.teacher, args.teacher_dtype, not args.no_vllm, summary)
 
-    say(f"\n== summary {datetime.date.today()} | {os.cpu_count()} cores ({cpu_model()}) | load average at start "
-        f"{start_load}, at end {load_avg()} | {time.perf_counter() - started:.0f} s in all\n")
+    say(
+        f"\n== summary {datetime.date.today()} | {os.cpu_count()} cores ({cpu_model()}) | load average at start "
+        f"{start_load}, at end {load_avg()} | {time.perf_counter() - started:.0f} s in all\n"
+    )
     say("| figure | value | target | verdict |\n|---|---|---|---|")
     for row in summary.rows:
         say("| " + " | ".join(row) + " |")

@@ -88,8 +88,10 @@ def system_prompt() -> str:
         *(f"{i}. {rule}" for i, rule in enumerate(RULES, 1)),
         "",
         "## Plans (price per month, storage, devices, version retention, support channels)",
-        *(f"- {n}: {p}, {s} of storage, {d} devices, versions kept for {r}, support by {c}."
-          for n, p, s, d, r, c in PLANS),
+        *(
+            f"- {n}: {p}, {s} of storage, {d} devices, versions kept for {r}, support by {c}."
+            for n, p, s, d, r, c in PLANS
+        ),
         "Annual billing gives two months free on every plan except Enterprise.",
         "",
         "## Facts",
@@ -138,7 +140,9 @@ def queries(n: int) -> list[str]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--queries", type=int, default=48)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--batch-size", type=int, nargs="+", default=[8, 16])
@@ -155,9 +159,11 @@ def main() -> int:
     prompt = system_prompt()
     convs = [[{"role": "user", "content": q}] for q in queries(args.queries)]
     prompt_tokens = [count_tokens(loaded.tokenizer, c, prompt) for c in convs]
-    print(f"system prompt {count_tokens(loaded.tokenizer, [], prompt)} tokens rendered alone; "
-          f"{len(convs)} queries, prompts {min(prompt_tokens)}-{max(prompt_tokens)} tokens; "
-          f"max_new_tokens {args.max_new_tokens}; {'bf16 autocast' if args.bf16 else 'fp32'}")
+    print(
+        f"system prompt {count_tokens(loaded.tokenizer, [], prompt)} tokens rendered alone; "
+        f"{len(convs)} queries, prompts {min(prompt_tokens)}-{max(prompt_tokens)} tokens; "
+        f"max_new_tokens {args.max_new_tokens}; {'bf16 autocast' if args.bf16 else 'fp32'}"
+    )
 
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens)
     autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if args.bf16 else contextlib.nullcontext
@@ -174,16 +180,22 @@ def main() -> int:
         for reuse in (False, True):
             with autocast():
                 t = time.perf_counter()
-                outputs[reuse] = generate(loaded, convs, prompt, replace(settings, batch_size=batch_size),
-                                          reuse_prefix=reuse)
+                outputs[reuse] = generate(
+                    loaded, convs, prompt, replace(settings, batch_size=batch_size), reuse_prefix=reuse
+                )
                 timings[reuse] = time.perf_counter() - t
-        same = sum(a.text == b.text and a.completion_tokens == b.completion_tokens
-                   for a, b in zip(outputs[False], outputs[True], strict=True))
+        same = sum(
+            a.text == b.text and a.completion_tokens == b.completion_tokens
+            for a, b in zip(outputs[False], outputs[True], strict=True)
+        )
         new_tokens = sum(c.completion_tokens for c in outputs[False])
         plain_qps, reuse_qps = len(convs) / timings[False], len(convs) / timings[True]
-        print(f"batch {batch_size:>2}: plain {timings[False]:6.1f}s {plain_qps:.3f} q/s | "
-              f"prefix reuse {timings[True]:6.1f}s {reuse_qps:.3f} q/s | ratio {reuse_qps / plain_qps:.2f}x | "
-              f"{new_tokens} new tokens | identical outputs {same}/{len(convs)}", flush=True)
+        print(
+            f"batch {batch_size:>2}: plain {timings[False]:6.1f}s {plain_qps:.3f} q/s | "
+            f"prefix reuse {timings[True]:6.1f}s {reuse_qps:.3f} q/s | ratio {reuse_qps / plain_qps:.2f}x | "
+            f"{new_tokens} new tokens | identical outputs {same}/{len(convs)}",
+            flush=True,
+        )
         if same != len(convs):
             ok = False
             for a, b in zip(outputs[False], outputs[True], strict=True):

@@ -36,11 +36,23 @@ from engines.progress import Progress  # noqa: E402
 from engines.training import TrainConfig, resolve_bf16, resolve_device, train  # noqa: E402
 
 MODEL_DIR = REPO / ".cache" / "models" / "SmolLM2-135M-Instruct"
-TOPICS = ["billing", "password reset", "shipping delays", "refund policy", "API rate limits", "invoice export",
-          "two-factor login", "team seats", "data retention", "webhook retries"]
-WORDS = ("the account settings page shows each plan with its limits and the renewal date so you can check what "
-         "applies to you before changing anything and support can confirm the details by email within a day "
-         "while the dashboard keeps a log of every change made by an administrator").split()
+TOPICS = [
+    "billing",
+    "password reset",
+    "shipping delays",
+    "refund policy",
+    "API rate limits",
+    "invoice export",
+    "two-factor login",
+    "team seats",
+    "data retention",
+    "webhook retries",
+]
+WORDS = (
+    "the account settings page shows each plan with its limits and the renewal date so you can check what "
+    "applies to you before changing anything and support can confirm the details by email within a day "
+    "while the dashboard keeps a log of every change made by an administrator"
+).split()
 
 
 def synthetic_examples(n: int, seed: int = 0) -> list[dict[str, Any]]:
@@ -50,11 +62,21 @@ def synthetic_examples(n: int, seed: int = 0) -> list[dict[str, Any]]:
     for i in range(n):
         topic = rng.choice(TOPICS)
         query = f"Hi, question about {topic}: " + " ".join(rng.choices(WORDS, k=rng.randint(15, 45))) + "?"
-        answer = f"Thanks for asking about {topic}. " + ". ".join(
-            " ".join(rng.choices(WORDS, k=rng.randint(10, 20))).capitalize() for _ in range(rng.randint(6, 12))
-        ) + ". Let me know if anything else comes up."
-        out.append({"messages": [{"role": "user", "content": f"[{i}] {query}"}], "answer": answer,
-                    "system_prompt": None})
+        answer = (
+            f"Thanks for asking about {topic}. "
+            + ". ".join(
+                " ".join(rng.choices(WORDS, k=rng.randint(10, 20))).capitalize()
+                for _ in range(rng.randint(6, 12))
+            )
+            + ". Let me know if anything else comes up."
+        )
+        out.append(
+            {
+                "messages": [{"role": "user", "content": f"[{i}] {query}"}],
+                "answer": answer,
+                "system_prompt": None,
+            }
+        )
     return out
 
 
@@ -84,12 +106,17 @@ def run_engine(examples: list[dict[str, Any]], config: TrainConfig, work: Path) 
 
     t0 = time.monotonic()
     train(MODEL_DIR, examples, work / "engine", config, progress=progress, resume=False)
-    return {"tps": steady_tokens_per_second(marks), "steps": step_rates(marks), "wall": time.monotonic() - t0,
-            "loss": losses}
+    return {
+        "tps": steady_tokens_per_second(marks),
+        "steps": step_rates(marks),
+        "wall": time.monotonic() - t0,
+        "loss": losses,
+    }
 
 
-def run_plain(examples: list[dict[str, Any]], config: TrainConfig, work: Path, device: str,
-              bf16: bool) -> dict[str, Any]:
+def run_plain(
+    examples: list[dict[str, Any]], config: TrainConfig, work: Path, device: str, bf16: bool
+) -> dict[str, Any]:
     # ---- the plain script: what one would write by hand with PEFT + TRL ----
     import torch
     from datasets import Dataset
@@ -114,25 +141,52 @@ def run_plain(examples: list[dict[str, Any]], config: TrainConfig, work: Path, d
         rows.append({"prompt": prompt, "completion": completion})
     model = AutoModelForCausalLM.from_pretrained(str(MODEL_DIR), dtype=torch.float32)
     args = SFTConfig(
-        output_dir=str(work / "plain"), max_steps=config.max_steps or -1,
-        per_device_train_batch_size=config.batch_size, gradient_accumulation_steps=config.grad_accum,
-        learning_rate=config.learning_rate, lr_scheduler_type=config.lr_scheduler,
-        warmup_steps=config.warmup_ratio, weight_decay=config.weight_decay, seed=config.seed,
-        logging_steps=config.logging_steps, save_strategy="no", activation_checkpointing=config.gradient_checkpointing,
-        bf16=bf16, use_cpu=device == "cpu", max_length=config.max_length, completion_only_loss=True,
+        output_dir=str(work / "plain"),
+        max_steps=config.max_steps or -1,
+        per_device_train_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.grad_accum,
+        learning_rate=config.learning_rate,
+        lr_scheduler_type=config.lr_scheduler,
+        warmup_steps=config.warmup_ratio,
+        weight_decay=config.weight_decay,
+        seed=config.seed,
+        logging_steps=config.logging_steps,
+        save_strategy="no",
+        activation_checkpointing=config.gradient_checkpointing,
+        bf16=bf16,
+        use_cpu=device == "cpu",
+        max_length=config.max_length,
+        completion_only_loss=True,
         train_sampling_strategy="group_by_length" if config.group_by_length else "random",
-        include_num_input_tokens_seen="non_padding", report_to="none", disable_tqdm=True,
+        include_num_input_tokens_seen="non_padding",
+        report_to="none",
+        disable_tqdm=True,
     )
-    lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
-                      target_modules=list(config.target_modules), task_type="CAUSAL_LM")
-    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,
-                         peft_config=lora, callbacks=[Marks()])
+    lora = LoraConfig(
+        r=config.rank,
+        lora_alpha=config.alpha,
+        lora_dropout=config.dropout,
+        target_modules=list(config.target_modules),
+        task_type="CAUSAL_LM",
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tok,
+        peft_config=lora,
+        callbacks=[Marks()],
+    )
     trainer.remove_callback(PrinterCallback)
     trainer.train()
     trainer.model.save_pretrained(str(work / "plain" / "adapter"))
     # ------------------------------------------------------------------------
-    return {"tps": steady_tokens_per_second(marks), "steps": step_rates(marks), "wall": time.monotonic() - t0,
-            "loss": losses}
+    return {
+        "tps": steady_tokens_per_second(marks),
+        "steps": step_rates(marks),
+        "wall": time.monotonic() - t0,
+        "loss": losses,
+    }
 
 
 def main() -> None:
@@ -152,12 +206,16 @@ def main() -> None:
 
         provision_default(MODEL_DIR, log=print)
     examples = synthetic_examples(opts.examples)
-    config = TrainConfig(max_steps=opts.steps, batch_size=opts.batch_size, bf16=opts.bf16 or "auto",
-                         save_steps=10_000)
+    config = TrainConfig(
+        max_steps=opts.steps, batch_size=opts.batch_size, bf16=opts.bf16 or "auto", save_steps=10_000
+    )
     device = resolve_device(config.device)
     bf16 = resolve_bf16(config.bf16, device)
-    print(f"device={device} bf16={bf16} steps={opts.steps} batch={opts.batch_size} examples={len(examples)} "
-          f"threads={__import__('torch').get_num_threads()}", flush=True)
+    print(
+        f"device={device} bf16={bf16} steps={opts.steps} batch={opts.batch_size} examples={len(examples)} "
+        f"threads={__import__('torch').get_num_threads()}",
+        flush=True,
+    )
 
     results: dict[str, list[dict[str, Any]]] = {"engine": [], "plain": []}
     with tempfile.TemporaryDirectory(prefix="wb-bench-train-") as tmp:
@@ -167,16 +225,24 @@ def main() -> None:
         run_plain(examples, warm, work, device, bf16)
         order = ["engine", "plain", "plain", "engine"] * opts.rounds
         for name in order:
-            r = run_engine(examples, config, work) if name == "engine" else run_plain(examples, config, work,
-                                                                                          device, bf16)
+            r = (
+                run_engine(examples, config, work)
+                if name == "engine"
+                else run_plain(examples, config, work, device, bf16)
+            )
             results[name].append(r)
-            print(f"{name:6s} {r['tps']:7.1f} tok/s  wall {r['wall']:6.1f} s  loss {r['loss'][0]:.3f} -> "
-                  f"{r['loss'][-1]:.3f}  per step: {' '.join(f'{x:.0f}' for x in r['steps'])}", flush=True)
+            print(
+                f"{name:6s} {r['tps']:7.1f} tok/s  wall {r['wall']:6.1f} s  loss {r['loss'][0]:.3f} -> "
+                f"{r['loss'][-1]:.3f}  per step: {' '.join(f'{x:.0f}' for x in r['steps'])}",
+                flush=True,
+            )
 
     eng = statistics.median(r["tps"] for r in results["engine"])
     pla = statistics.median(r["tps"] for r in results["plain"])
-    print(f"median tokens/s  engine {eng:.1f}  plain {pla:.1f}  ratio engine/plain {eng / pla:.3f} "
-          f"(target >= 0.97)")
+    print(
+        f"median tokens/s  engine {eng:.1f}  plain {pla:.1f}  ratio engine/plain {eng / pla:.3f} "
+        f"(target >= 0.97)"
+    )
     print(f"paired by step   ratio engine/plain {paired_ratio(results['engine'], results['plain']):.3f}")
     ew = statistics.median(r["wall"] for r in results["engine"])
     pw = statistics.median(r["wall"] for r in results["plain"])

@@ -55,4 +55,4 @@ def prompt_completion(
     )
     if not full.startswith(prompt):
         raise ValueError("chat template renders the prompt differently inside a full conversation")
-    return prompt, full[len(prompt):]
+    return prompt, full[len(prompt) :]

@@ -71,7 +71,9 @@ def opening(rules: Sequence[Rule]) -> str | None:
 
 
 def pick_best(
-    samples: Sequence[str], rules: Sequence[Rule], judge_scores: Sequence[float | None] | None = None,
+    samples: Sequence[str],
+    rules: Sequence[Rule],
+    judge_scores: Sequence[float | None] | None = None,
 ) -> tuple[int, list[int]]:
     """Index of the sample that passes the most rules (ties: the higher judge
     score, then the shortest, then the first), and each sample's pass count."""
@@ -117,7 +119,7 @@ def _unlist(text: str) -> str:
             out.append(line)
             prev_item = False
             continue
-        body = line[item.end():].strip()
+        body = line[item.end() :].strip()
         if body and body[-1] not in ".!?:;…":
             body += "."
         # Items join the line before them, so the list reads as one paragraph.
@@ -193,8 +195,11 @@ def repair(answer: str, rules: Sequence[Rule], enabled: Collection[str] | None =
     endings = [r for r in rules if r.kind == "ends_with"]
     reserve = max((len(r.params["text"].split()) for r in endings), default=0)
     # Phrases the rules require verbatim keep their case and are never cut.
-    protected = [r.params["text"].strip() for r in rules
-                 if r.kind in ("starts_with", "ends_with", "contains") and r.params["case_sensitive"]]
+    protected = [
+        r.params["text"].strip()
+        for r in rules
+        if r.kind in ("starts_with", "ends_with", "contains") and r.params["case_sensitive"]
+    ]
     result = Repaired(answer)
     for step in steps:
         for rule in rules:
@@ -276,8 +281,13 @@ class CurationSettings:
         return cls(**data)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"best_of": self.best_of, "temperature": self.temperature, "top_p": self.top_p,
-                "prefill": self.prefill, "repairs": list(self.repairs)}
+        return {
+            "best_of": self.best_of,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "prefill": self.prefill,
+            "repairs": list(self.repairs),
+        }
 
 
 @dataclass
@@ -291,16 +301,21 @@ class Curated:
     failing: list[str]
 
 
-def curate(samples: Sequence[str], rules: Sequence[Rule], settings: CurationSettings,
-           opening: str | None = None) -> Curated:
+def curate(
+    samples: Sequence[str], rules: Sequence[Rule], settings: CurationSettings, opening: str | None = None
+) -> Curated:
     """Pick the best sample and repair it; the record says which sample won,
     each sample's rule count, the opening used and every repair made."""
     best, passed = pick_best(samples, rules)
     fixed = repair(samples[best], rules, enabled=settings.repairs)
     final = outcomes(rules, fixed.text)
     failing = [name for name, o in final.items() if not o.passed]
-    record: dict[str, Any] = {"samples": len(samples), "picked": best, "passed": passed,
-                              "repairs": [c.to_dict() for c in fixed.changes]}
+    record: dict[str, Any] = {
+        "samples": len(samples),
+        "picked": best,
+        "passed": passed,
+        "repairs": [c.to_dict() for c in fixed.changes],
+    }
     undecided = {name: o.reason for name, o in final.items() if o.reason}
     if undecided:  # e.g. a pattern that ran out of time: the check failed, and this says why
         record["rule_errors"] = undecided
@@ -309,15 +324,25 @@ def curate(samples: Sequence[str], rules: Sequence[Rule], settings: CurationSett
     return Curated(text=fixed.text, raw=samples[0], picked=samples[best], record=record, failing=failing)
 
 
-def quality_report(curated: Sequence[Curated], rules: Sequence[Rule], settings: CurationSettings,
-                   opening: str | None) -> dict[str, Any]:
+def quality_report(
+    curated: Sequence[Curated], rules: Sequence[Rule], settings: CurationSettings, opening: str | None
+) -> dict[str, Any]:
     """Pass rates of the answers after each step: the first sample (with the
     opening when prefilled), the best-of-N pick, the repairs."""
-    steps = [{"step": "raw (first sample" + (", prefilled)" if opening else ")"),
-              **pass_rates([c.raw for c in curated], rules)}]
+    steps = [
+        {
+            "step": "raw (first sample" + (", prefilled)" if opening else ")"),
+            **pass_rates([c.raw for c in curated], rules),
+        }
+    ]
     if settings.best_of > 1:
-        steps.append({"step": f"best of {settings.best_of}", **pass_rates([c.picked for c in curated], rules)})
+        steps.append(
+            {"step": f"best of {settings.best_of}", **pass_rates([c.picked for c in curated], rules)}
+        )
     if settings.repairs:
         steps.append({"step": "repairs", **pass_rates([c.text for c in curated], rules)})
-    return {"rule_names": [r.name for r in rules], "steps": steps,
-            "settings": {**settings.to_dict(), "opening": opening}}
+    return {
+        "rule_names": [r.name for r in rules],
+        "steps": steps,
+        "settings": {**settings.to_dict(), "opening": opening},
+    }

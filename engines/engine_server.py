@@ -55,17 +55,33 @@ class EngineServer:
     listens on a background thread; `stop()` refuses new requests (503),
     finishes the accepted ones and closes."""
 
-    def __init__(self, models: Mapping[str, str | Path] | None = None, *, host: str = "127.0.0.1",
-                 port: int = 0, threads: int | None = 1, max_batch: int = 16, batch_window_ms: float = 25.0,
-                 max_queue: int = 256, max_queue_per_project: int | None = None, dtype: str | None = "auto",
-                 device: str | None = None) -> None:
+    def __init__(
+        self,
+        models: Mapping[str, str | Path] | None = None,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        threads: int | None = 1,
+        max_batch: int = 16,
+        batch_window_ms: float = 25.0,
+        max_queue: int = 256,
+        max_queue_per_project: int | None = None,
+        dtype: str | None = "auto",
+        device: str | None = None,
+    ) -> None:
         self.models = dict(models or {})
         self.host = host
         self.port = port
         self.threads = threads
-        self.engine = ServingEngine(max_batch=max_batch, batch_window_ms=batch_window_ms, max_queue=max_queue,
-                                    max_queue_per_project=max_queue_per_project, dtype=dtype, device=device,
-                                    threads=threads)
+        self.engine = ServingEngine(
+            max_batch=max_batch,
+            batch_window_ms=batch_window_ms,
+            max_queue=max_queue,
+            max_queue_per_project=max_queue_per_project,
+            dtype=dtype,
+            device=device,
+            threads=threads,
+        )
         self._http: _HTTPServer | None = None
         self._thread: threading.Thread | None = None
         self._active = 0
@@ -169,7 +185,9 @@ class _Handler(BaseHTTPRequestHandler):
             if self.streaming:
                 self.close_connection = True
             else:
-                self._send_json(500, OpenAIError(500, "internal error (see the engine's log)", "server_error").body())
+                self._send_json(
+                    500, OpenAIError(500, "internal error (see the engine's log)", "server_error").body()
+                )
         finally:
             app._track(-1)
 
@@ -186,8 +204,11 @@ class _Handler(BaseHTTPRequestHandler):
             length = -1
         if length < 0 or length > MAX_BODY_BYTES:
             self.close_connection = True  # the unread body must not be taken for the next request
-            error = (bad_request("bad Content-Length header") if length < 0 else
-                     OpenAIError(413, f"the request body is {length} bytes, more than {MAX_BODY_BYTES}"))
+            error = (
+                bad_request("bad Content-Length header")
+                if length < 0
+                else OpenAIError(413, f"the request body is {length} bytes, more than {MAX_BODY_BYTES}")
+            )
             self._serve(lambda: self._send_json(error.status, error.body()))
             return
         self.raw_body = self.rfile.read(length) if length else b""
@@ -224,13 +245,17 @@ class _Handler(BaseHTTPRequestHandler):
             raise bad_request("base_model_name must be a string", "base_model_name")
         name, path = _field(body, "lora_name"), _field(body, "lora_path")
         loaded = self.engine.load_adapter(name, path, base)
-        message = f"Success: LoRA adapter '{name}' " + ("added successfully." if loaded else "was already loaded.")
+        message = f"Success: LoRA adapter '{name}' " + (
+            "added successfully." if loaded else "was already loaded."
+        )
         self._send_json(200, {"status": "ok", "message": message})
 
     def _unload_adapter(self) -> None:
         name = _field(_json_body(self), "lora_name")
         self.engine.unload_adapter(name)
-        self._send_json(200, {"status": "ok", "message": f"Success: LoRA adapter '{name}' removed successfully."})
+        self._send_json(
+            200, {"status": "ok", "message": f"Success: LoRA adapter '{name}' removed successfully."}
+        )
 
     def _load_model(self) -> None:
         body = _json_body(self)
@@ -271,8 +296,13 @@ class _Handler(BaseHTTPRequestHandler):
         self.close_connection = True
 
         def send(choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> None:
-            chunk: dict[str, Any] = {"id": chunk_id, "object": "chat.completion.chunk", "created": created,
-                                     "model": request.model, "choices": choices}
+            chunk: dict[str, Any] = {
+                "id": chunk_id,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": request.model,
+                "choices": choices,
+            }
             if usage is not None:
                 chunk["usage"] = usage
             self.wfile.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
@@ -297,8 +327,11 @@ class _Handler(BaseHTTPRequestHandler):
 
 def _usage(ticket: Ticket) -> dict[str, int]:
     result = ticket.result(timeout=0)
-    return {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
-            "total_tokens": result.prompt_tokens + result.completion_tokens}
+    return {
+        "prompt_tokens": result.prompt_tokens,
+        "completion_tokens": result.completion_tokens,
+        "total_tokens": result.prompt_tokens + result.completion_tokens,
+    }
 
 
 def _completion(ticket: Ticket) -> dict[str, Any]:
@@ -308,8 +341,15 @@ def _completion(ticket: Ticket) -> dict[str, Any]:
         "object": "chat.completion",
         "created": int(time.time()),
         "model": result.model,
-        "choices": [{"index": c.index, "message": {"role": "assistant", "content": c.text},
-                     "logprobs": None, "finish_reason": c.finish_reason} for c in result.choices],
+        "choices": [
+            {
+                "index": c.index,
+                "message": {"role": "assistant", "content": c.text},
+                "logprobs": None,
+                "finish_reason": c.finish_reason,
+            }
+            for c in result.choices
+        ],
         "usage": _usage(ticket),
     }
 
@@ -325,29 +365,54 @@ def _model_arg(value: str) -> tuple[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m engines.engine_server", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m engines.engine_server", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8001)
-    parser.add_argument("--model", action="append", type=_model_arg, default=[], metavar="NAME=DIR",
-                        help="a base model to load before listening (repeatable)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (default 1: leave the other core to the worker)")
+    parser.add_argument(
+        "--model",
+        action="append",
+        type=_model_arg,
+        default=[],
+        metavar="NAME=DIR",
+        help="a base model to load before listening (repeatable)",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (default 1: leave the other core to the worker)"
+    )
     parser.add_argument("--max-batch", type=int, default=16, help="most rows in one generate call")
-    parser.add_argument("--batch-window-ms", type=float, default=25.0,
-                        help="how long an idle engine waits for more requests to batch (25 ms: 16 clients "
-                        "arrive spread over 35-50 ms; 5 ms split them into two calls, 5.6x vs 11.2x)")
+    parser.add_argument(
+        "--batch-window-ms",
+        type=float,
+        default=25.0,
+        help="how long an idle engine waits for more requests to batch (25 ms: 16 clients "
+        "arrive spread over 35-50 ms; 5 ms split them into two calls, 5.6x vs 11.2x)",
+    )
     parser.add_argument("--max-queue", type=int, default=256, help="waiting rows before answering 429")
-    parser.add_argument("--max-queue-per-project", type=int, default=None,
-                        help="waiting rows of one project before answering it 429 (default: half the queue)")
+    parser.add_argument(
+        "--max-queue-per-project",
+        type=int,
+        default=None,
+        help="waiting rows of one project before answering it 429 (default: half the queue)",
+    )
     parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32", "float16"])
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: the best there is)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    server = EngineServer(dict(args.model), host=args.host, port=args.port, threads=args.threads,
-                          max_batch=args.max_batch, batch_window_ms=args.batch_window_ms,
-                          max_queue=args.max_queue, max_queue_per_project=args.max_queue_per_project,
-                          dtype=args.dtype, device=args.device)
+    server = EngineServer(
+        dict(args.model),
+        host=args.host,
+        port=args.port,
+        threads=args.threads,
+        max_batch=args.max_batch,
+        batch_window_ms=args.batch_window_ms,
+        max_queue=args.max_queue,
+        max_queue_per_project=args.max_queue_per_project,
+        dtype=args.dtype,
+        device=args.device,
+    )
     try:
         server.start()
     except (OpenAIError, OSError, ValueError) as exc:

@@ -28,20 +28,35 @@ class Generator(Protocol):
         """Whether `adapter=True` answers with an adapter (else the base answers either way)."""
         ...
 
-    def generate(self, conversations: Sequence[Sequence[Message]], system_prompt: str | None,
-                 settings: GenerationSettings | None = None, *, adapter: bool = True,
-                 progress: ProgressFn | None = None, should_stop: StopFn | None = None,
-                 opening: str | None = None) -> list[Completion]:
+    def generate(
+        self,
+        conversations: Sequence[Sequence[Message]],
+        system_prompt: str | None,
+        settings: GenerationSettings | None = None,
+        *,
+        adapter: bool = True,
+        progress: ProgressFn | None = None,
+        should_stop: StopFn | None = None,
+        opening: str | None = None,
+    ) -> list[Completion]:
         """Answer every conversation in input order: `system_prompt` replaces
         any system message (None: none); `progress` gets a Progress (unit
         "conversations"); `should_stop()` is checked as work goes and raises
         GenerationCancelled; with `opening` every answer starts with that text."""
         ...
 
-    def generate_samples(self, conversations: Sequence[Sequence[Message]], system_prompt: str | None,
-                         settings: GenerationSettings, samples: int, *, adapter: bool = True,
-                         progress: ProgressFn | None = None, should_stop: StopFn | None = None,
-                         opening: str | None = None) -> list[list[Completion]]:
+    def generate_samples(
+        self,
+        conversations: Sequence[Sequence[Message]],
+        system_prompt: str | None,
+        settings: GenerationSettings,
+        samples: int,
+        *,
+        adapter: bool = True,
+        progress: ProgressFn | None = None,
+        should_stop: StopFn | None = None,
+        opening: str | None = None,
+    ) -> list[list[Completion]]:
         """`samples` answers to each conversation (best-of-N), grouped per conversation."""
         ...
 
@@ -60,21 +75,52 @@ class LocalGenerator:
     def _adapter(self, adapter: bool) -> contextlib.AbstractContextManager[None]:
         return contextlib.nullcontext() if adapter else self.loaded.adapter_disabled()
 
-    def generate(self, conversations: Sequence[Sequence[Message]], system_prompt: str | None,
-                 settings: GenerationSettings | None = None, *, adapter: bool = True,
-                 progress: ProgressFn | None = None, should_stop: StopFn | None = None,
-                 opening: str | None = None) -> list[Completion]:
+    def generate(
+        self,
+        conversations: Sequence[Sequence[Message]],
+        system_prompt: str | None,
+        settings: GenerationSettings | None = None,
+        *,
+        adapter: bool = True,
+        progress: ProgressFn | None = None,
+        should_stop: StopFn | None = None,
+        opening: str | None = None,
+    ) -> list[Completion]:
         with self._adapter(adapter):
-            return generate(self.loaded, conversations, system_prompt, settings, reuse_prefix=self.reuse_prefix,
-                            progress=progress, should_stop=should_stop, opening=opening)
+            return generate(
+                self.loaded,
+                conversations,
+                system_prompt,
+                settings,
+                reuse_prefix=self.reuse_prefix,
+                progress=progress,
+                should_stop=should_stop,
+                opening=opening,
+            )
 
-    def generate_samples(self, conversations: Sequence[Sequence[Message]], system_prompt: str | None,
-                         settings: GenerationSettings, samples: int, *, adapter: bool = True,
-                         progress: ProgressFn | None = None, should_stop: StopFn | None = None,
-                         opening: str | None = None) -> list[list[Completion]]:
+    def generate_samples(
+        self,
+        conversations: Sequence[Sequence[Message]],
+        system_prompt: str | None,
+        settings: GenerationSettings,
+        samples: int,
+        *,
+        adapter: bool = True,
+        progress: ProgressFn | None = None,
+        should_stop: StopFn | None = None,
+        opening: str | None = None,
+    ) -> list[list[Completion]]:
         with self._adapter(adapter):
-            return generate_samples(self.loaded, conversations, system_prompt, settings, samples, opening=opening,
-                                    progress=progress, should_stop=should_stop)
+            return generate_samples(
+                self.loaded,
+                conversations,
+                system_prompt,
+                settings,
+                samples,
+                opening=opening,
+                progress=progress,
+                should_stop=should_stop,
+            )
 
 
 @dataclass(frozen=True)
@@ -95,26 +141,56 @@ class RemoteGenerator:
     def served_name(self, adapter: bool = True) -> str:
         return self.adapter_model if adapter and self.adapter_model else self.model
 
-    def generate(self, conversations: Sequence[Sequence[Message]], system_prompt: str | None,
-                 settings: GenerationSettings | None = None, *, adapter: bool = True,
-                 progress: ProgressFn | None = None, should_stop: StopFn | None = None,
-                 opening: str | None = None) -> list[Completion]:
+    def generate(
+        self,
+        conversations: Sequence[Sequence[Message]],
+        system_prompt: str | None,
+        settings: GenerationSettings | None = None,
+        *,
+        adapter: bool = True,
+        progress: ProgressFn | None = None,
+        should_stop: StopFn | None = None,
+        opening: str | None = None,
+    ) -> list[Completion]:
         from engines.remote import generate_remote
 
         settings = settings or GenerationSettings()
-        return generate_remote(self.url, self.served_name(adapter), conversations, system_prompt, settings,
-                               concurrency=settings.batch_size, api_key=self.api_key, progress=progress,
-                               should_stop=should_stop, opening=opening)
+        return generate_remote(
+            self.url,
+            self.served_name(adapter),
+            conversations,
+            system_prompt,
+            settings,
+            concurrency=settings.batch_size,
+            api_key=self.api_key,
+            progress=progress,
+            should_stop=should_stop,
+            opening=opening,
+        )
 
-    def generate_samples(self, conversations: Sequence[Sequence[Message]], system_prompt: str | None,
-                         settings: GenerationSettings, samples: int, *, adapter: bool = True,
-                         progress: ProgressFn | None = None, should_stop: StopFn | None = None,
-                         opening: str | None = None) -> list[list[Completion]]:
+    def generate_samples(
+        self,
+        conversations: Sequence[Sequence[Message]],
+        system_prompt: str | None,
+        settings: GenerationSettings,
+        samples: int,
+        *,
+        adapter: bool = True,
+        progress: ProgressFn | None = None,
+        should_stop: StopFn | None = None,
+        opening: str | None = None,
+    ) -> list[list[Completion]]:
         if samples < 1:
             from engines.inference import SettingsError
 
             raise SettingsError({"samples": f"must be at least 1, got {samples}"})
-        flat = self.generate([c for c in conversations for _ in range(samples)], system_prompt, settings,
-                             adapter=adapter, progress=progress, should_stop=should_stop, opening=opening)
-        return [flat[i:i + samples] for i in range(0, len(flat), samples)]
-
+        flat = self.generate(
+            [c for c in conversations for _ in range(samples)],
+            system_prompt,
+            settings,
+            adapter=adapter,
+            progress=progress,
+            should_stop=should_stop,
+            opening=opening,
+        )
+        return [flat[i : i + samples] for i in range(0, len(flat), samples)]

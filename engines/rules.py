@@ -73,8 +73,11 @@ REGEX_FLAGS: dict[str, int] = {
 }
 
 _CASE = Param(
-    "case_sensitive", "boolean", "Whether upper and lower case must match (default: yes).",
-    required=False, default=True,
+    "case_sensitive",
+    "boolean",
+    "Whether upper and lower case must match (default: yes).",
+    required=False,
+    default=True,
 )
 
 
@@ -85,28 +88,64 @@ def _text(help: str) -> Param:
 KINDS: dict[str, Kind] = {
     kind.name: kind
     for kind in (
-        Kind("starts_with", "The answer starts with the text (leading whitespace is ignored).",
-             (_text("Text the answer must start with."), _CASE)),
-        Kind("ends_with", "The answer ends with the text (trailing whitespace is ignored).",
-             (_text("Text the answer must end with."), _CASE)),
-        Kind("contains", "The answer contains the text somewhere.",
-             (_text("Text the answer must contain."), _CASE)),
-        Kind("not_contains", "The answer does not contain the text anywhere.",
-             (_text("Text the answer must not contain."), _CASE)),
-        Kind("regex", "A regular expression (Python syntax) is searched for anywhere in the answer.", (
-            Param("pattern", "string", "The regular expression, e.g. ^Dear \\w+,",
-                  max_chars=MAX_PATTERN_CHARS),
-            Param("flags", "flags", "Regex flags: ignorecase, multiline (^ and $ match at every line), "
-                  "dotall (. matches newlines).", required=False, default=(),
-                  choices=tuple(REGEX_FLAGS)),
-            Param("must_match", "boolean", "Pass when the pattern is found (yes, the default) or when it is "
-                  "not found (no).", required=False, default=True),
-        )),
-        Kind("max_words", "The answer has at most n words (separated by whitespace).",
-             (Param("n", "integer", "The largest number of words allowed (a positive integer)."),)),
+        Kind(
+            "starts_with",
+            "The answer starts with the text (leading whitespace is ignored).",
+            (_text("Text the answer must start with."), _CASE),
+        ),
+        Kind(
+            "ends_with",
+            "The answer ends with the text (trailing whitespace is ignored).",
+            (_text("Text the answer must end with."), _CASE),
+        ),
+        Kind(
+            "contains",
+            "The answer contains the text somewhere.",
+            (_text("Text the answer must contain."), _CASE),
+        ),
+        Kind(
+            "not_contains",
+            "The answer does not contain the text anywhere.",
+            (_text("Text the answer must not contain."), _CASE),
+        ),
+        Kind(
+            "regex",
+            "A regular expression (Python syntax) is searched for anywhere in the answer.",
+            (
+                Param(
+                    "pattern",
+                    "string",
+                    "The regular expression, e.g. ^Dear \\w+,",
+                    max_chars=MAX_PATTERN_CHARS,
+                ),
+                Param(
+                    "flags",
+                    "flags",
+                    "Regex flags: ignorecase, multiline (^ and $ match at every line), "
+                    "dotall (. matches newlines).",
+                    required=False,
+                    default=(),
+                    choices=tuple(REGEX_FLAGS),
+                ),
+                Param(
+                    "must_match",
+                    "boolean",
+                    "Pass when the pattern is found (yes, the default) or when it is not found (no).",
+                    required=False,
+                    default=True,
+                ),
+            ),
+        ),
+        Kind(
+            "max_words",
+            "The answer has at most n words (separated by whitespace).",
+            (Param("n", "integer", "The largest number of words allowed (a positive integer)."),),
+        ),
         Kind("lowercase", "The answer has no uppercase letters."),
-        Kind("no_list_markup", 'No line of the answer starts with a list marker ("-", "*", "+", "•", '
-             '"1." or "1)").'),
+        Kind(
+            "no_list_markup",
+            'No line of the answer starts with a list marker ("-", "*", "+", "•", "1." or "1)").',
+        ),
         Kind("json_valid", "The whole answer is valid JSON (surrounding whitespace is ignored)."),
     )
 }
@@ -121,8 +160,10 @@ def surrogate_problem(value: str) -> str | None:
     found = _SURROGATE.search(value)
     if found is None:
         return None
-    return (f"contains a lone surrogate ({ascii(found.group())[1:-1]}) at character {found.start() + 1:,}; "
-            f"only valid Unicode text is accepted")
+    return (
+        f"contains a lone surrogate ({ascii(found.group())[1:-1]}) at character {found.start() + 1:,}; "
+        f"only valid Unicode text is accepted"
+    )
 
 
 def _show(value: object, limit: int = 60) -> str:
@@ -174,8 +215,10 @@ def validate_rules(data: object) -> list[Rule]:
         name = item.get("name") if isinstance(item, dict) else None
         if isinstance(name, str) and name.strip() and _name_problem(name) is None:
             if name in first_with_name:
-                errors.append(f'rule {number} ("{name}"): duplicate name '
-                              f"(rule {first_with_name[name]} has the same name)")
+                errors.append(
+                    f'rule {number} ("{name}"): duplicate name '
+                    f"(rule {first_with_name[name]} has the same name)"
+                )
                 continue
             first_with_name[name] = number
         if rule is not None:
@@ -237,8 +280,11 @@ def _validate_one(number: int, item: object, errors: list[str]) -> Rule | None:
             params[param.name] = item[param.name]
     for key in item:
         if key not in ("name", "kind") and key not in kind.param_names:
-            takes = (f"takes {', '.join(repr(p) for p in kind.param_names)}" if kind.params
-                     else "takes no parameters")
+            takes = (
+                f"takes {', '.join(repr(p) for p in kind.param_names)}"
+                if kind.params
+                else "takes no parameters"
+            )
             errors.append(f"{where}: unknown parameter {_show(key)} (kind '{kind.name}' {takes})")
     if kind.name == "regex" and "pattern" in params and "flags" in params:
         try:
@@ -294,8 +340,11 @@ def _flags(names: Iterable[str]) -> int:
     return flags
 
 
-_REPEATS = {sre_constants.MAX_REPEAT, sre_constants.MIN_REPEAT,
-            getattr(sre_constants, "POSSESSIVE_REPEAT", sre_constants.MAX_REPEAT)}
+_REPEATS = {
+    sre_constants.MAX_REPEAT,
+    sre_constants.MIN_REPEAT,
+    getattr(sre_constants, "POSSESSIVE_REPEAT", sre_constants.MAX_REPEAT),
+}
 
 
 def _expanded_size(tree: Any) -> int:
@@ -337,8 +386,10 @@ def _compiled(pattern: str, flags: int) -> Any:
     except RecursionError:
         raise ValueError("the pattern nests too deeply") from None
     if _expanded_size(tree) > MAX_PATTERN_SIZE:
-        raise ValueError(f"the pattern's repeat counts make it too large (over {MAX_PATTERN_SIZE:,} pieces "
-                         f"when written out); use smaller counts or an open repeat such as {{1,}}")
+        raise ValueError(
+            f"the pattern's repeat counts make it too large (over {MAX_PATTERN_SIZE:,} pieces "
+            f"when written out); use smaller counts or an open repeat such as {{1,}}"
+        )
     try:
         return regex.compile(pattern, flags)
     except (regex.error, OverflowError, MemoryError) as err:
@@ -370,8 +421,11 @@ def outcome(rule: Rule, answer: str, timeout: float = REGEX_TIMEOUT_S) -> Outcom
         try:
             found = _compiled(p["pattern"], _flags(p["flags"])).search(answer, timeout=timeout) is not None
         except TimeoutError:
-            return Outcome(False, f"pattern took longer than {timeout:g} s on this answer, so the check fails; "
-                                  f"simplify the pattern (nested repeats such as (a+)+ backtrack without end)")
+            return Outcome(
+                False,
+                f"pattern took longer than {timeout:g} s on this answer, so the check fails; "
+                f"simplify the pattern (nested repeats such as (a+)+ backtrack without end)",
+            )
         except ValueError as err:  # a stored pattern refused by today's limits
             return Outcome(False, f"invalid pattern: {err}")
         return Outcome(found == p["must_match"])
@@ -429,8 +483,12 @@ def describe(rule: Rule) -> str:
     p = rule.params
     case = "" if p.get("case_sensitive", True) else " (any case)"
     if rule.kind in ("starts_with", "ends_with", "contains", "not_contains"):
-        verb = {"starts_with": "starts with", "ends_with": "ends with", "contains": "contains",
-                "not_contains": "does not contain"}[rule.kind]
+        verb = {
+            "starts_with": "starts with",
+            "ends_with": "ends with",
+            "contains": "contains",
+            "not_contains": "does not contain",
+        }[rule.kind]
         return f"{verb} {json.dumps(p['text'], ensure_ascii=False)}{case}"
     if rule.kind == "regex":
         flags = f" [{', '.join(p['flags'])}]" if p["flags"] else ""
@@ -438,5 +496,8 @@ def describe(rule: Rule) -> str:
         return f"{verb} /{p['pattern']}/{flags}"
     if rule.kind == "max_words":
         return f"at most {p['n']} words"
-    return {"lowercase": "no uppercase letters", "no_list_markup": "no list markup",
-            "json_valid": "valid JSON"}[rule.kind]
+    return {
+        "lowercase": "no uppercase letters",
+        "no_list_markup": "no list markup",
+        "json_valid": "valid JSON",
+    }[rule.kind]

@@ -29,11 +29,16 @@ def prompt_cost(tokenizer: Any, system_prompt: str) -> dict[str, int]:
     probe: list[Message] = [{"role": "user", "content": "Hi"}]
     with_prompt = _length(tokenizer, render(tokenizer, probe, system_prompt))
     without = _length(tokenizer, render(tokenizer, probe, None))
-    return {"text": _length(tokenizer, system_prompt), "per_request": with_prompt - without,
-            "request_total": with_prompt}
+    return {
+        "text": _length(tokenizer, system_prompt),
+        "per_request": with_prompt - without,
+        "request_total": with_prompt,
+    }
 
 
-def length_stats(tokenizer: Any, conversations: Iterable[Sequence[Message]], batch: int = 512) -> dict[str, int]:
+def length_stats(
+    tokenizer: Any, conversations: Iterable[Sequence[Message]], batch: int = 512
+) -> dict[str, int]:
     """min/median/p95/max tokens of each conversation as rendered for
     training (no system prompt, whole conversation)."""
     lengths: list[int] = []
@@ -46,7 +51,9 @@ def length_stats(tokenizer: Any, conversations: Iterable[Sequence[Message]], bat
             chunk.clear()
 
     for messages in conversations:
-        chunk.append(render(tokenizer, messages, None, add_generation_prompt=messages[-1]["role"] != "assistant"))
+        chunk.append(
+            render(tokenizer, messages, None, add_generation_prompt=messages[-1]["role"] != "assistant")
+        )
         if len(chunk) >= batch:
             flush()
     flush()
@@ -54,5 +61,11 @@ def length_stats(tokenizer: Any, conversations: Iterable[Sequence[Message]], bat
         return {"count": 0}
     lengths.sort()
     p95 = lengths[min(len(lengths) - 1, int(round(0.95 * (len(lengths) - 1))))]
-    return {"count": len(lengths), "min": lengths[0], "median": int(statistics.median(lengths)),
-            "p95": p95, "max": lengths[-1], "total": sum(lengths)}
+    return {
+        "count": len(lengths),
+        "min": lengths[0],
+        "median": int(statistics.median(lengths)),
+        "p95": p95,
+        "max": lengths[-1],
+        "total": sum(lengths),
+    }

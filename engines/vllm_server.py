@@ -59,12 +59,27 @@ def vllm_command(
     enabled (adapters come at start via `lora_modules` or at runtime through
     /v1/load_lora_adapter)."""
     cmd = [
-        str(python), "-m", "vllm.entrypoints.openai.api_server",
+        str(python),
+        "-m",
+        "vllm.entrypoints.openai.api_server",
         # Absolute: the server runs in its log's directory, and vLLM takes a path it cannot find for a hub id.
-        "--model", str(Path(model_dir).resolve()), "--served-model-name", served_name,
-        "--host", host, "--port", str(port),
-        "--dtype", dtype, "--max-model-len", str(max_model_len),
-        "--enable-lora", "--max-loras", str(max_loras), "--max-lora-rank", str(max_lora_rank),
+        "--model",
+        str(Path(model_dir).resolve()),
+        "--served-model-name",
+        served_name,
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--dtype",
+        dtype,
+        "--max-model-len",
+        str(max_model_len),
+        "--enable-lora",
+        "--max-loras",
+        str(max_loras),
+        "--max-lora-rank",
+        str(max_lora_rank),
         # Shared system prompts are the workbench's whole use case.
         "--enable-prefix-caching",
     ]
@@ -77,15 +92,17 @@ def vllm_env(kv_cache_gib: int = 2, base: Mapping[str, str] | None = None) -> di
     """The environment vLLM needs: its KV cache size (CPU build), runtime
     adapter loading, and no network. VLLM_API_KEY, when set, passes through."""
     env = dict(os.environ if base is None else base)
-    env.update({
-        "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib),
-        "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        "VLLM_NO_USAGE_STATS": "1",
-        "DO_NOT_TRACK": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-    })
+    env.update(
+        {
+            "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib),
+            "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
+            "HF_HUB_OFFLINE": "1",
+            "HF_DATASETS_OFFLINE": "1",
+            "VLLM_NO_USAGE_STATS": "1",
+            "DO_NOT_TRACK": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+        }
+    )
     # The CPU build binds its engine's OpenMP threads itself (`auto`: one core
     # per engine, the rest for the API process); an inherited thread count
     # from the app (set for torch in the same box) would fight that binding.
@@ -117,14 +134,30 @@ def start_vllm(
     python = Path(python)
     if not python.exists():
         raise VLLMError(f"{python} does not exist: build the vLLM venv with `make vllm-venv`")
-    cmd = vllm_command(python, model_dir, served_name, port, max_loras=max_loras, max_lora_rank=max_lora_rank,
-                       max_model_len=max_model_len, dtype=dtype, extra=extra, lora_modules=lora_modules)
+    cmd = vllm_command(
+        python,
+        model_dir,
+        served_name,
+        port,
+        max_loras=max_loras,
+        max_lora_rank=max_lora_rank,
+        max_model_len=max_model_len,
+        dtype=dtype,
+        extra=extra,
+        lora_modules=lora_modules,
+    )
     log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
-        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env={**vllm_env(kv_cache_gib), **(env or {})}, cwd=str(log_path.parent),
-                                start_new_session=True)
+        return subprocess.Popen(
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env={**vllm_env(kv_cache_gib), **(env or {})},
+            cwd=str(log_path.parent),
+            start_new_session=True,
+        )
 
 
 def log_tail(log_path: str | Path | None, chars: int = 4000) -> str:
@@ -134,7 +167,10 @@ def log_tail(log_path: str | Path | None, chars: int = 4000) -> str:
 
 
 def wait_ready(
-    url: str, proc: subprocess.Popen[bytes] | None, timeout: float = 180, log_path: str | Path | None = None,
+    url: str,
+    proc: subprocess.Popen[bytes] | None,
+    timeout: float = 180,
+    log_path: str | Path | None = None,
     api_key: str | None = None,
 ) -> float:
     """Poll GET {url}/v1/models until it answers 200; returns the seconds
@@ -143,12 +179,15 @@ def wait_ready(
     which a vLLM started from this environment requires on /v1."""
     began = time.monotonic()
     deadline = began + timeout
-    request = urllib.request.Request(url.rstrip("/") + "/v1/models",
-                                     headers=_headers(api_key if api_key is not None else api_key_from_env()))
+    request = urllib.request.Request(
+        url.rstrip("/") + "/v1/models",
+        headers=_headers(api_key if api_key is not None else api_key_from_env()),
+    )
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
-            raise VLLMError(f"vLLM exited with code {proc.returncode} before it was ready at {url}\n"
-                            f"{log_tail(log_path)}")
+            raise VLLMError(
+                f"vLLM exited with code {proc.returncode} before it was ready at {url}\n{log_tail(log_path)}"
+            )
         try:
             with urllib.request.urlopen(request, timeout=2) as resp:
                 if resp.status == 200:
@@ -182,7 +221,9 @@ def stop_vllm(proc: subprocess.Popen[bytes], timeout: float = 30) -> int | None:
     return proc.returncode
 
 
-def load_adapter(url: str, name: str, path: str | Path, timeout: float = 60, api_key: str | None = None) -> None:
+def load_adapter(
+    url: str, name: str, path: str | Path, timeout: float = 60, api_key: str | None = None
+) -> None:
     """Make adapter `name` (a PEFT directory) servable, idempotently: a name
     already listed by /v1/models is left alone (vLLM refuses a second load)."""
     if name in served_models(url, api_key=api_key):
@@ -211,8 +252,9 @@ def _headers(api_key: str | None) -> dict[str, str]:
 
 
 def _post(url: str, path: str, body: dict[str, str], timeout: float, api_key: str | None) -> str:
-    req = urllib.request.Request(url.rstrip("/") + path, data=json.dumps(body).encode(), method="POST",
-                                 headers=_headers(api_key))
+    req = urllib.request.Request(
+        url.rstrip("/") + path, data=json.dumps(body).encode(), method="POST", headers=_headers(api_key)
+    )
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             return resp.read().decode(errors="replace")
@@ -224,8 +266,14 @@ def _post(url: str, path: str, body: dict[str, str], timeout: float, api_key: st
 
 
 def supervise(
-    python: str | Path, model_dir: str | Path, served_name: str, port: int, log_path: str | Path,
-    ready_timeout: float = 300, max_restarts: int = 5, **options: Any,
+    python: str | Path,
+    model_dir: str | Path,
+    served_name: str,
+    port: int,
+    log_path: str | Path,
+    ready_timeout: float = 300,
+    max_restarts: int = 5,
+    **options: Any,
 ) -> int:
     """Run vLLM in the foreground and restart it when it dies (at most
     `max_restarts` times in a row without a ready start); SIGTERM/SIGINT stop
@@ -261,14 +309,18 @@ def supervise(
             stop_vllm(proc)
             if failures > max_restarts:
                 return 1
-            time.sleep(min(30, 2 ** failures))
+            time.sleep(min(30, 2**failures))
             continue
         code = proc.wait()
         if stopping:
             stop_vllm(proc)  # the engine child, if it outlived the API process
             break
-        print(f"vLLM exited with code {code} after {time.monotonic() - began:.0f} s; restarting\n"
-              f"{log_tail(log_path, 1500)}", file=sys.stderr, flush=True)
+        print(
+            f"vLLM exited with code {code} after {time.monotonic() - began:.0f} s; restarting\n"
+            f"{log_tail(log_path, 1500)}",
+            file=sys.stderr,
+            flush=True,
+        )
         stop_vllm(proc)
     return 0
 
@@ -276,8 +328,12 @@ def supervise(
 def main(argv: Sequence[str] | None = None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(description="Start and supervise a vLLM OpenAI server (the vllm backend).")
-    parser.add_argument("--model", required=True, metavar="NAME=DIR", help="served name and base model directory")
+    parser = argparse.ArgumentParser(
+        description="Start and supervise a vLLM OpenAI server (the vllm backend)."
+    )
+    parser.add_argument(
+        "--model", required=True, metavar="NAME=DIR", help="served name and base model directory"
+    )
     parser.add_argument("--port", type=int, default=8001)
     parser.add_argument("--venv", default=None, help="the vLLM venv (default: $VLLM_VENV or .venv-vllm)")
     parser.add_argument("--dtype", default="bfloat16")
@@ -291,9 +347,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not sep or not name or not model_dir:
         parser.error(f"--model must be NAME=DIR, got {args.model!r}")
     log = args.log or str(Path(tempfile.gettempdir()) / f"vllm-{args.port}.log")
-    return supervise(vllm_python(args.venv), model_dir, name, args.port, log, dtype=args.dtype,
-                     kv_cache_gib=args.kv_cache_gib, max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
-                     max_model_len=args.max_model_len)
+    return supervise(
+        vllm_python(args.venv),
+        model_dir,
+        name,
+        args.port,
+        log,
+        dtype=args.dtype,
+        kv_cache_gib=args.kv_cache_gib,
+        max_loras=args.max_loras,
+        max_lora_rank=args.max_lora_rank,
+        max_model_len=args.max_model_len,
+    )
 
 
 if __name__ == "__main__":

@@ -56,9 +56,17 @@ def eval_source(version: DatasetVersion) -> DatasetVersion:
 
 @transaction.atomic
 def create_suite(
-    project: Project, user: User | None, name: str, dataset_version: DatasetVersion, *,
-    prompt_version: PromptVersion | None = None, main_metric: str = "", judge: Variant | None = None,
-    judge_base: BaseModel | None = None, judge_rubric: str = "", lm_eval_tasks: Sequence[str] = (),
+    project: Project,
+    user: User | None,
+    name: str,
+    dataset_version: DatasetVersion,
+    *,
+    prompt_version: PromptVersion | None = None,
+    main_metric: str = "",
+    judge: Variant | None = None,
+    judge_base: BaseModel | None = None,
+    judge_rubric: str = "",
+    lm_eval_tasks: Sequence[str] = (),
     rules: Any = None,
 ) -> EvalSuite:
     """A suite from the eval split of a dataset version (copied, so it never
@@ -69,12 +77,15 @@ def create_suite(
     _same_project(project, dataset_version, prompt_version, judge)
     if EvalSuite.objects.filter(project=project, name=name).exists():
         raise ActionError(f"There is already a suite named “{name}” in this project.")
-    rows = list(dataset_version.rows.filter(split=DatasetRow.EVAL).order_by("index").values_list("index", "messages"))
+    rows = list(
+        dataset_version.rows.filter(split=DatasetRow.EVAL).order_by("index").values_list("index", "messages")
+    )
     if not rows:
         raise ActionError(f"{dataset_version} has no eval split: upload it with an eval percentage above 0.")
     try:
-        rule_list = rules_to_json(validate_rules(prompt_version.rules if rules is None and prompt_version
-                                                 else rules or []))
+        rule_list = rules_to_json(
+            validate_rules(prompt_version.rules if rules is None and prompt_version else rules or [])
+        )
     except RulesError as exc:
         raise ActionError("Invalid rules:\n" + "\n".join(exc.errors)) from exc
     if (judge or judge_base) and not judge_rubric.strip():
@@ -85,14 +96,30 @@ def create_suite(
     has_reference = any(m[-1]["role"] == "assistant" for _, m in rows)
     metric = main_metric or ("all_rules" if rule_list else "rouge_l" if has_reference else "judge")
     suite = EvalSuite.objects.create(
-        project=project, name=name, dataset_version=dataset_version, prompt_version=prompt_version,
-        rules=rule_list, main_metric=metric, judge=judge, judge_base=judge_base, judge_rubric=judge_rubric,
-        lm_eval_tasks=list(lm_eval_tasks), created_by=user)
-    EvalExample.objects.bulk_create([
-        EvalExample(suite=suite, index=i, source_index=index,
-                    messages=messages[:-1] if messages[-1]["role"] == "assistant" else messages,
-                    reference=messages[-1]["content"] if messages[-1]["role"] == "assistant" else "")
-        for i, (index, messages) in enumerate(rows)])
+        project=project,
+        name=name,
+        dataset_version=dataset_version,
+        prompt_version=prompt_version,
+        rules=rule_list,
+        main_metric=metric,
+        judge=judge,
+        judge_base=judge_base,
+        judge_rubric=judge_rubric,
+        lm_eval_tasks=list(lm_eval_tasks),
+        created_by=user,
+    )
+    EvalExample.objects.bulk_create(
+        [
+            EvalExample(
+                suite=suite,
+                index=i,
+                source_index=index,
+                messages=messages[:-1] if messages[-1]["role"] == "assistant" else messages,
+                reference=messages[-1]["content"] if messages[-1]["role"] == "assistant" else "",
+            )
+            for i, (index, messages) in enumerate(rows)
+        ]
+    )
     return suite
 
 
@@ -106,8 +133,12 @@ def _generation(value: GenerationSettings | Mapping[str, Any] | None) -> Generat
 
 @transaction.atomic
 def start_runs(
-    project: Project, user: User | None, suite: EvalSuite, specs: Sequence[RunSpec],
-    generation: GenerationSettings | Mapping[str, Any] | None = None, comparison: ArmComparison | None = None,
+    project: Project,
+    user: User | None,
+    suite: EvalSuite,
+    specs: Sequence[RunSpec],
+    generation: GenerationSettings | Mapping[str, Any] | None = None,
+    comparison: ArmComparison | None = None,
     form_token: uuid.UUID | None = None,
 ) -> list[EvalRun]:
     """Queue eval runs; runs that share a base model and adapter share one
@@ -134,21 +165,42 @@ def start_runs(
             groups.setdefault(key, []).append(spec)
     runs: list[EvalRun] = []
     for n, group in enumerate(groups.values()):
-        job = create_job(project, form_token if n == 0 else None, kind="eval", base_model=group[0].base_model,
-                         params={"generation": gen.to_dict(), "suite": suite.pk}, created_by=user)
+        job = create_job(
+            project,
+            form_token if n == 0 else None,
+            kind="eval",
+            base_model=group[0].base_model,
+            params={"generation": gen.to_dict(), "suite": suite.pk},
+            created_by=user,
+        )
         for spec in group:
-            runs.append(EvalRun.objects.create(
-                project=project, suite=suite, job=job, comparison=comparison, base_model=spec.base_model,
-                variant=spec.variant, prompt_version=spec.prompt_version, arm=spec.arm,
-                generation=gen.to_dict(), created_by=user))
+            runs.append(
+                EvalRun.objects.create(
+                    project=project,
+                    suite=suite,
+                    job=job,
+                    comparison=comparison,
+                    base_model=spec.base_model,
+                    variant=spec.variant,
+                    prompt_version=spec.prompt_version,
+                    arm=spec.arm,
+                    generation=gen.to_dict(),
+                    created_by=user,
+                )
+            )
         enqueue(job)
     return runs
 
 
 @transaction.atomic
 def start_comparison(
-    project: Project, user: User | None, suite: EvalSuite, variant: Variant, *,
-    absorb_job: Job | None = None, generation: GenerationSettings | Mapping[str, Any] | None = None,
+    project: Project,
+    user: User | None,
+    suite: EvalSuite,
+    variant: Variant,
+    *,
+    absorb_job: Job | None = None,
+    generation: GenerationSettings | Mapping[str, Any] | None = None,
     form_token: uuid.UUID | None = None,
 ) -> ArmComparison:
     """The four arms of an absorbed variant on one suite, in one job. All
@@ -161,11 +213,17 @@ def start_comparison(
     if prompt is None:
         raise ActionError("The four arms need the prompt that was absorbed: give the suite a prompt version.")
     if not variant.adapter_path:
-        raise ActionError(f"{variant} has no adapter: the four arms compare an absorbed adapter with its base.")
-    comparison = ArmComparison.objects.create(project=project, suite=suite, variant=variant, absorb_job=absorb_job)
+        raise ActionError(
+            f"{variant} has no adapter: the four arms compare an absorbed adapter with its base."
+        )
+    comparison = ArmComparison.objects.create(
+        project=project, suite=suite, variant=variant, absorb_job=absorb_job
+    )
     base = variant.base_model
-    specs = [RunSpec(base, variant if arm.with_adapter else None, prompt if arm.with_prompt else None, arm.name)
-             for arm in sorted(ARM_SPECS, key=lambda a: a.run_order)]
+    specs = [
+        RunSpec(base, variant if arm.with_adapter else None, prompt if arm.with_prompt else None, arm.name)
+        for arm in sorted(ARM_SPECS, key=lambda a: a.run_order)
+    ]
     if not isinstance(generation, GenerationSettings):
         generation = {**variant.generation, **(generation or {})}
     runs = start_runs(project, user, suite, specs, generation, comparison=comparison, form_token=form_token)
@@ -182,8 +240,13 @@ def suite_for_variant(variant: Variant, user: User | None = None) -> EvalSuite |
     source = eval_source(variant.dataset_version)
     if not source.rows.filter(split=DatasetRow.EVAL).exists():
         return None
-    existing = EvalSuite.objects.filter(project=variant.project, dataset_version=source,
-                                        prompt_version=variant.prompt_version).order_by("pk").first()
+    existing = (
+        EvalSuite.objects.filter(
+            project=variant.project, dataset_version=source, prompt_version=variant.prompt_version
+        )
+        .order_by("pk")
+        .first()
+    )
     if existing is not None:
         return existing
     name = f"{source} held out"
@@ -193,8 +256,14 @@ def suite_for_variant(variant: Variant, user: User | None = None) -> EvalSuite |
     while EvalSuite.objects.filter(project=variant.project, name=name).exists():
         n += 1
         name = f"{source} held out ({n})"
-    return create_suite(variant.project, user, name, source, prompt_version=variant.prompt_version,
-                        lm_eval_tasks=settings.EVAL_AUTO_LM_EVAL_TASKS)
+    return create_suite(
+        variant.project,
+        user,
+        name,
+        source,
+        prompt_version=variant.prompt_version,
+        lm_eval_tasks=settings.EVAL_AUTO_LM_EVAL_TASKS,
+    )
 
 
 @transaction.atomic
@@ -203,6 +272,7 @@ def rate(user: User, run_a: EvalRun, run_b: EvalRun, example: EvalExample, choic
         raise ActionError(f"Unknown rating {choice!r}: use a, b or tie.")
     if not (run_a.suite_id == run_b.suite_id == example.suite_id):
         raise ActionError("Both runs and the example must belong to the same suite.")
-    rating, _ = Rating.objects.update_or_create(run_a=run_a, run_b=run_b, example=example, user=user,
-                                                defaults={"choice": choice})
+    rating, _ = Rating.objects.update_or_create(
+        run_a=run_a, run_b=run_b, example=example, user=user, defaults={"choice": choice}
+    )
     return rating

@@ -18,29 +18,44 @@ def id_field(**kwargs: Any) -> forms.IntegerField:
 
 class SuiteForm(forms.Form):
     name = forms.CharField(max_length=200)
-    dataset_version = forms.ModelChoiceField(queryset=DatasetVersion.objects.none(), empty_label=None,
-                                             help_text="Its eval split becomes the suite's queries; row answers "
-                                                       "become reference answers.")
-    prompt_version = forms.ModelChoiceField(queryset=PromptVersion.objects.none(), required=False,
-                                            help_text="Its rules are checked, and the 'with prompt' arms get it.")
-    main_metric = forms.ChoiceField(choices=[("", "auto (all rules when there are rules)"), *METRICS.items()],
-                                    required=False)
+    dataset_version = forms.ModelChoiceField(
+        queryset=DatasetVersion.objects.none(),
+        empty_label=None,
+        help_text="Its eval split becomes the suite's queries; row answers become reference answers.",
+    )
+    prompt_version = forms.ModelChoiceField(
+        queryset=PromptVersion.objects.none(),
+        required=False,
+        help_text="Its rules are checked, and the 'with prompt' arms get it.",
+    )
+    main_metric = forms.ChoiceField(
+        choices=[("", "auto (all rules when there are rules)"), *METRICS.items()], required=False
+    )
     judge = forms.ModelChoiceField(queryset=Variant.objects.none(), required=False, label="Judge (a variant)")
-    judge_base = forms.ModelChoiceField(queryset=BaseModel.objects.all(), required=False,
-                                        label="Judge (a base model)")
-    judge_rubric = forms.CharField(widget=forms.Textarea(attrs={"rows": 3}), required=False,
-                                   help_text="What a good answer is; the judge answers with reasoning and a 1-10 score.")
-    lm_eval_tasks = forms.CharField(required=False, label="lm-eval tasks",
-                                    help_text="Comma-separated: suite (a task built from these queries and their "
-                                              "references), general_skills (short questions shipped with the "
-                                              "workbench) or any installed lm-eval task whose data is on disk.")
+    judge_base = forms.ModelChoiceField(
+        queryset=BaseModel.objects.all(), required=False, label="Judge (a base model)"
+    )
+    judge_rubric = forms.CharField(
+        widget=forms.Textarea(attrs={"rows": 3}),
+        required=False,
+        help_text="What a good answer is; the judge answers with reasoning and a 1-10 score.",
+    )
+    lm_eval_tasks = forms.CharField(
+        required=False,
+        label="lm-eval tasks",
+        help_text="Comma-separated: suite (a task built from these queries and their "
+        "references), general_skills (short questions shipped with the "
+        "workbench) or any installed lm-eval task whose data is on disk.",
+    )
 
     def __init__(self, project: Project, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         model_choice(self, "dataset_version").queryset = DatasetVersion.objects.filter(
-            dataset__project=project).select_related("dataset")
+            dataset__project=project
+        ).select_related("dataset")
         model_choice(self, "prompt_version").queryset = PromptVersion.objects.filter(
-            prompt__project=project).select_related("prompt")
+            prompt__project=project
+        ).select_related("prompt")
         model_choice(self, "judge").queryset = Variant.objects.filter(project=project)
 
     def clean_lm_eval_tasks(self) -> list[str]:
@@ -49,20 +64,31 @@ class SuiteForm(forms.Form):
 
 class RunForm(forms.Form):
     suite = forms.ModelChoiceField(queryset=EvalSuite.objects.none(), empty_label=None)
-    variants = forms.ModelMultipleChoiceField(queryset=Variant.objects.none(), required=False,
-                                              widget=forms.CheckboxSelectMultiple, label="Variants (adapters)")
-    base_models = forms.ModelMultipleChoiceField(queryset=BaseModel.objects.all(), required=False,
-                                                 widget=forms.CheckboxSelectMultiple, label="Base models")
-    with_prompt = forms.BooleanField(required=False, label="send the suite's prompt",
-                                     help_text="Off: each answers without a system prompt (how an absorbed "
-                                               "adapter is served).")
+    variants = forms.ModelMultipleChoiceField(
+        queryset=Variant.objects.none(),
+        required=False,
+        widget=forms.CheckboxSelectMultiple,
+        label="Variants (adapters)",
+    )
+    base_models = forms.ModelMultipleChoiceField(
+        queryset=BaseModel.objects.all(),
+        required=False,
+        widget=forms.CheckboxSelectMultiple,
+        label="Base models",
+    )
+    with_prompt = forms.BooleanField(
+        required=False,
+        label="send the suite's prompt",
+        help_text="Off: each answers without a system prompt (how an absorbed adapter is served).",
+    )
     form_token = form_token_field()
 
     def __init__(self, project: Project, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         model_choice(self, "suite").queryset = EvalSuite.objects.filter(project=project)
-        model_choice(self, "variants").queryset = Variant.objects.filter(
-            project=project).select_related("base_model")
+        model_choice(self, "variants").queryset = Variant.objects.filter(project=project).select_related(
+            "base_model"
+        )
 
     def clean(self) -> dict[str, Any]:
         data = super().clean() or {}
@@ -86,8 +112,11 @@ class RunPairForm(forms.Form):
 class ComparisonForm(forms.Form):
     """Start the four arms of one of the project's variants."""
 
-    variant = forms.ModelChoiceField(queryset=Variant.objects.none(), empty_label=None,
-                                     error_messages={"invalid_choice": "No such variant in this project."})
+    variant = forms.ModelChoiceField(
+        queryset=Variant.objects.none(),
+        empty_label=None,
+        error_messages={"invalid_choice": "No such variant in this project."},
+    )
     form_token = form_token_field()
 
     def __init__(self, project: Project, *args: Any, **kwargs: Any) -> None:

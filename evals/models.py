@@ -37,19 +37,43 @@ class EvalSuite(models.Model):
     project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="eval_suites")
     name = models.CharField(max_length=200)
     dataset_version = models.ForeignKey(DatasetVersion, on_delete=models.PROTECT, related_name="eval_suites")
-    prompt_version = models.ForeignKey(PromptVersion, null=True, blank=True, on_delete=models.PROTECT,
-                                       related_name="eval_suites", help_text="The prompt whose rules are checked "
-                                       "and that the 'with prompt' arms get")
-    rules = models.JSONField(default=list, blank=True, help_text="Checkable rules (copied from the prompt version)")
+    prompt_version = models.ForeignKey(
+        PromptVersion,
+        null=True,
+        blank=True,
+        on_delete=models.PROTECT,
+        related_name="eval_suites",
+        help_text="The prompt whose rules are checked and that the 'with prompt' arms get",
+    )
+    rules = models.JSONField(
+        default=list, blank=True, help_text="Checkable rules (copied from the prompt version)"
+    )
     main_metric = models.CharField(max_length=100, default="all_rules")
-    judge = models.ForeignKey(Variant, null=True, blank=True, on_delete=models.SET_NULL, related_name="+",
-                              help_text="The variant that judges answers (none: no judge)")
-    judge_base = models.ForeignKey(BaseModel, null=True, blank=True, on_delete=models.SET_NULL, related_name="+",
-                                   help_text="A base model that judges answers")
+    judge = models.ForeignKey(
+        Variant,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+        help_text="The variant that judges answers (none: no judge)",
+    )
+    judge_base = models.ForeignKey(
+        BaseModel,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+        help_text="A base model that judges answers",
+    )
     judge_rubric = models.TextField(blank=True)
-    lm_eval_tasks = models.JSONField(default=list, blank=True, help_text='"suite", "general_skills" or the '
-                                     "name of an installed lm-eval task whose data is on disk")
-    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
+    lm_eval_tasks = models.JSONField(
+        default=list,
+        blank=True,
+        help_text='"suite", "general_skills" or the name of an installed lm-eval task whose data is on disk',
+    )
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+"
+    )
     created_at = models.DateTimeField(default=timezone.now)
 
     class Meta:
@@ -97,8 +121,14 @@ class ArmComparison(models.Model):
     project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="arm_comparisons")
     suite = models.ForeignKey(EvalSuite, on_delete=models.CASCADE, related_name="comparisons")
     variant = models.ForeignKey(Variant, on_delete=models.CASCADE, related_name="comparisons")
-    absorb_job = models.ForeignKey(Job, null=True, blank=True, on_delete=models.SET_NULL, related_name="+",
-                                   help_text="The fine-tune that made the variant")
+    absorb_job = models.ForeignKey(
+        Job,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+        help_text="The fine-tune that made the variant",
+    )
     job = models.ForeignKey(Job, null=True, blank=True, on_delete=models.SET_NULL, related_name="comparisons")
     headline = models.JSONField(default=dict, blank=True)
     created_at = models.DateTimeField(default=timezone.now)
@@ -122,18 +152,34 @@ class EvalRun(models.Model):
     project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="eval_runs")
     suite = models.ForeignKey(EvalSuite, on_delete=models.CASCADE, related_name="runs")
     job = models.ForeignKey(Job, null=True, blank=True, on_delete=models.SET_NULL, related_name="eval_runs")
-    comparison = models.ForeignKey(ArmComparison, null=True, blank=True, on_delete=models.SET_NULL,
-                                   related_name="runs")
+    comparison = models.ForeignKey(
+        ArmComparison, null=True, blank=True, on_delete=models.SET_NULL, related_name="runs"
+    )
     base_model = models.ForeignKey(BaseModel, on_delete=models.PROTECT, related_name="eval_runs")
-    variant = models.ForeignKey(Variant, null=True, blank=True, on_delete=models.SET_NULL, related_name="eval_runs",
-                                help_text="The variant whose adapter answers (none: the base model alone)")
-    prompt_version = models.ForeignKey(PromptVersion, null=True, blank=True, on_delete=models.SET_NULL,
-                                       related_name="eval_runs", help_text="The system prompt sent (none: no prompt)")
+    variant = models.ForeignKey(
+        Variant,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="eval_runs",
+        help_text="The variant whose adapter answers (none: the base model alone)",
+    )
+    prompt_version = models.ForeignKey(
+        PromptVersion,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="eval_runs",
+        help_text="The system prompt sent (none: no prompt)",
+    )
     arm = models.CharField(max_length=20, blank=True, choices=ARMS)
     generation = models.JSONField(default=dict, blank=True, help_text="GenerationSettings used")
-    summary = models.JSONField(default=dict, blank=True,
-                               help_text="metric -> {value, low, high, n}; tokens, latency, timings")
-    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
+    summary = models.JSONField(
+        default=dict, blank=True, help_text="metric -> {value, low, high, n}; tokens, latency, timings"
+    )
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+"
+    )
     created_at = models.DateTimeField(default=timezone.now)
 
     class Meta:
@@ -194,7 +240,9 @@ class Rating(models.Model):
     created_at = models.DateTimeField(default=timezone.now)
 
     class Meta:
-        constraints = [models.UniqueConstraint(fields=["run_a", "run_b", "example", "user"], name="unique_rating")]
+        constraints = [
+            models.UniqueConstraint(fields=["run_a", "run_b", "example", "user"], name="unique_rating")
+        ]
 
     def __str__(self) -> str:
         return f"{self.user}: {self.get_choice_display()} on {self.example}"

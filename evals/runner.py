@@ -48,9 +48,12 @@ def estimate_json(e: ev.Estimate) -> dict[str, Any]:
 def teacher_answers(suite: EvalSuite) -> dict[int, str]:
     """Example id -> the prompted base model's answer, from the suite's
     latest finished teacher run (what agreement is measured against)."""
-    run = (suite.runs.filter(arm=ev.TEACHER, summary__complete=True).order_by("-created_at").first()
-           or suite.runs.filter(variant__isnull=True, prompt_version__isnull=False, summary__complete=True)
-           .order_by("-created_at").first())
+    run = (
+        suite.runs.filter(arm=ev.TEACHER, summary__complete=True).order_by("-created_at").first()
+        or suite.runs.filter(variant__isnull=True, prompt_version__isnull=False, summary__complete=True)
+        .order_by("-created_at")
+        .first()
+    )
     if run is None:
         return {}
     return dict(run.results.values_list("example_id", "output"))
@@ -86,9 +89,12 @@ class EvalRunner(JobRunner):
     def run(self) -> None:
         job = self.job
         assert job.base_model is not None
-        runs = sorted(EvalRun.objects.filter(job=job).select_related("suite", "variant", "prompt_version",
-                                                                     "base_model"),
-                      key=run_order)
+        runs = sorted(
+            EvalRun.objects.filter(job=job).select_related(
+                "suite", "variant", "prompt_version", "base_model"
+            ),
+            key=run_order,
+        )
         if not runs:
             self.log("no eval runs attached to this job")
             return
@@ -96,13 +102,20 @@ class EvalRunner(JobRunner):
         examples = list(suite.examples.order_by("index"))
         rules = validate_rules(suite.rules)
         settings = GenerationSettings.from_dict(job.params.get("generation"))
-        variants = {r.variant.adapter_path: r.variant for r in runs if r.variant_id and r.variant
-                    and r.variant.adapter_path}
+        variants = {
+            r.variant.adapter_path: r.variant
+            for r in runs
+            if r.variant_id and r.variant and r.variant.adapter_path
+        }
         if len(variants) > 1:
-            raise ValueError("one eval job loads one base model and at most one adapter")  # a bug in the caller
+            raise ValueError(
+                "one eval job loads one base model and at most one adapter"
+            )  # a bug in the caller
         todo = [r for r in runs if not r.summary.get("complete")]
-        self.log(f"eval: {len(runs)} run(s) on {suite} ({len(examples)} examples), base {job.base_model.name}"
-                 f"{', adapter ' + next(iter(variants)) if variants else ''}; {len(runs) - len(todo)} already done")
+        self.log(
+            f"eval: {len(runs)} run(s) on {suite} ({len(examples)} examples), base {job.base_model.name}"
+            f"{', adapter ' + next(iter(variants)) if variants else ''}; {len(runs) - len(todo)} already done"
+        )
         started = time.monotonic()
         total = len(todo) * len(examples)
         done = 0
@@ -111,6 +124,7 @@ class EvalRunner(JobRunner):
             answerer = generator(job.base_model, next(iter(variants.values()), None))
             self.loads += isinstance(answerer, LocalGenerator)
             for run in todo:
+
                 def progress(p: Progress, offset: int = done) -> None:
                     self.progress(Progress.since(started, offset + p.done, total, "generations"))
 
@@ -134,28 +148,50 @@ class EvalRunner(JobRunner):
 
     # --- steps -------------------------------------------------------------------
 
-    def _generate(self, answerer: Generator, run: EvalRun, examples: list[EvalExample],
-                  settings: GenerationSettings, progress: Any) -> None:
+    def _generate(
+        self,
+        answerer: Generator,
+        run: EvalRun,
+        examples: list[EvalExample],
+        settings: GenerationSettings,
+        progress: Any,
+    ) -> None:
         conversations = [e.messages for e in examples]
         prompt = run.prompt_version.text if run.prompt_version else None
         sample = int(self.job.params.get("latency_sample", LATENCY_SAMPLE))
         adapter = with_adapter(run)
         began = time.monotonic()
-        completions = answerer.generate(conversations, prompt, settings, adapter=adapter, progress=progress,
-                                        should_stop=self.should_stop)
+        completions = answerer.generate(
+            conversations, prompt, settings, adapter=adapter, progress=progress, should_stop=self.should_stop
+        )
         wall = time.monotonic() - began
-        latencies = ev.single_request_latency(answerer, conversations, prompt, settings, sample=sample,
-                                              adapter=adapter)
+        latencies = ev.single_request_latency(
+            answerer, conversations, prompt, settings, sample=sample, adapter=adapter
+        )
         with transaction.atomic():
             EvalResult.objects.filter(run=run).delete()
-            EvalResult.objects.bulk_create([
-                EvalResult(run=run, example=e, output=c.text, finish_reason=c.finish_reason,
-                           prompt_tokens=c.prompt_tokens, completion_tokens=c.completion_tokens, seconds=c.seconds)
-                for e, c in zip(examples, completions, strict=True)])
+            EvalResult.objects.bulk_create(
+                [
+                    EvalResult(
+                        run=run,
+                        example=e,
+                        output=c.text,
+                        finish_reason=c.finish_reason,
+                        prompt_tokens=c.prompt_tokens,
+                        completion_tokens=c.completion_tokens,
+                        seconds=c.seconds,
+                    )
+                    for e, c in zip(examples, completions, strict=True)
+                ]
+            )
             run.generation = settings.to_dict()
-            run.summary = {"wall_seconds": wall, "seconds_per_example": wall / max(1, len(examples)),
-                           "batch_size": settings.batch_size, "latency": ev.latency_summary(latencies),
-                           "generated": True}
+            run.summary = {
+                "wall_seconds": wall,
+                "seconds_per_example": wall / max(1, len(examples)),
+                "batch_size": settings.batch_size,
+                "latency": ev.latency_summary(latencies),
+                "generated": True,
+            }
             run.save(update_fields=["generation", "summary"])
         self.log(f"{run.label}: {len(examples)} answers in {wall:.1f} s")
 
@@ -164,8 +200,12 @@ class EvalRunner(JobRunner):
         results = list(run.results.select_related("example"))
         unchecked: dict[str, tuple[int, str]] = {}  # rule -> (answers, first reason)
         for r in results:
-            score = ev.score_example(r.output, rules=rules, reference=r.example.reference or None,
-                                     teacher=teacher.get(r.example_id))
+            score = ev.score_example(
+                r.output,
+                rules=rules,
+                reference=r.example.reference or None,
+                teacher=teacher.get(r.example_id),
+            )
             r.checks = score.metrics()
             for name, reason in score.rule_errors.items():
                 count, first = unchecked.get(name, (0, reason))
@@ -173,7 +213,9 @@ class EvalRunner(JobRunner):
         EvalResult.objects.bulk_update(results, ["checks"], batch_size=500)
         # A check that could not run (a pattern past its time limit) counts as failed: say why.
         for name, (count, reason) in unchecked.items():
-            self.log(f"{run.arm or 'run'}: rule {name!r} failed on {count} answer(s) without a verdict: {reason}")
+            self.log(
+                f"{run.arm or 'run'}: rule {name!r} failed on {count} answer(s) without a verdict: {reason}"
+            )
 
     def _judge(self, suite: EvalSuite, runs: list[EvalRun], examples: list[EvalExample]) -> None:
         judge_variant = suite.judge
@@ -183,14 +225,22 @@ class EvalRunner(JobRunner):
         settings = GenerationSettings(max_new_tokens=256, batch_size=8)
         for run in runs:
             results = list(run.results.select_related("example"))
-            verdicts = ev.judge_answers(judge, suite.judge_rubric,
-                                        [(r.example.query, r.output, r.example.reference or None) for r in results],
-                                        settings, should_stop=self.should_stop)
+            verdicts = ev.judge_answers(
+                judge,
+                suite.judge_rubric,
+                [(r.example.query, r.output, r.example.reference or None) for r in results],
+                settings,
+                should_stop=self.should_stop,
+            )
             for r, (verdict, text) in zip(results, verdicts, strict=True):
                 r.judge_score = verdict.score
-                r.judge_reasoning = verdict.reasoning if verdict.score is not None else f"{verdict.error}\n---\n{text}"
+                r.judge_reasoning = (
+                    verdict.reasoning if verdict.score is not None else f"{verdict.error}\n---\n{text}"
+                )
             EvalResult.objects.bulk_update(results, ["judge_score", "judge_reasoning"], batch_size=500)
-        self.log(f"judge: {base.name}{' + ' + judge_variant.name if judge_variant else ''} scored {len(runs)} run(s)")
+        self.log(
+            f"judge: {base.name}{' + ' + judge_variant.name if judge_variant else ''} scored {len(runs)} run(s)"
+        )
 
     def _lm_eval(self, suite: EvalSuite, runs: list[EvalRun], task: str) -> None:
         if runs[0].comparison_id is not None:
@@ -200,8 +250,11 @@ class EvalRunner(JobRunner):
             task_dir = Path(tmp)
             name = task
             if task == "suite":
-                rows = [{"query": e.query, "answer": e.reference} for e in suite.examples.order_by("index")
-                        if e.reference]
+                rows = [
+                    {"query": e.query, "answer": e.reference}
+                    for e in suite.examples.order_by("index")
+                    if e.reference
+                ]
                 if not rows:
                     self.log("lm-eval: the suite has no reference answers; task 'suite' skipped")
                     return
@@ -212,22 +265,34 @@ class EvalRunner(JobRunner):
                 variant = run.variant if run.variant_id and run.variant else None
                 # In process lm-eval loads the model itself (its own hf model); on the vLLM backend the server answers.
                 result = ev.run_lm_eval(
-                    run.base_model.path, [name], task_dir=task_dir,
+                    run.base_model.path,
+                    [name],
+                    task_dir=task_dir,
                     adapter_dir=variant.adapter_path if variant else None,
                     system_prompt=run.prompt_version.text if run.prompt_version else None,
-                    generator=remote_generator(run.base_model, variant), adapter=with_adapter(run))
+                    generator=remote_generator(run.base_model, variant),
+                    adapter=with_adapter(run),
+                )
                 task_result = result.tasks[name]
                 lm = dict(run.summary.get("lm_eval") or {})
-                lm[task] = {"task": name, "metric": task_result.metric, "samples": task_result.correct,
-                            "metrics": {k: {"value": v.value, "stderr": v.stderr}
-                                        for k, v in task_result.metrics.items()}}
+                lm[task] = {
+                    "task": name,
+                    "metric": task_result.metric,
+                    "samples": task_result.correct,
+                    "metrics": {
+                        k: {"value": v.value, "stderr": v.stderr} for k, v in task_result.metrics.items()
+                    },
+                }
                 run.summary = {**run.summary, "lm_eval": lm}
                 run.save(update_fields=["summary"])
         self.log(f"lm-eval {task}: {len(runs)} run(s)")
 
     def _summarize(self, run: EvalRun, rules: Sequence[Rule]) -> None:
-        results = list(run.results.order_by("example__index").values("checks", "judge_score", "prompt_tokens",
-                                                                      "completion_tokens"))
+        results = list(
+            run.results.order_by("example__index").values(
+                "checks", "judge_score", "prompt_tokens", "completion_tokens"
+            )
+        )
         metrics: dict[str, Any] = {}
         names = sorted({k for r in results for k in r["checks"]})
         for name in names:
@@ -237,12 +302,19 @@ class EvalRunner(JobRunner):
         if judged:
             metrics["judge"] = estimate_json(ev.mean_ci(judged))
         for task, data in (run.summary.get("lm_eval") or {}).items():
-            metrics[f"lm_eval:{task}"] = estimate_json(ev.mean_ci([float(x) for x in data.get("samples", [])]))
+            metrics[f"lm_eval:{task}"] = estimate_json(
+                ev.mean_ci([float(x) for x in data.get("samples", [])])
+            )
         n = max(1, len(results))
-        run.summary = {**run.summary, "metrics": metrics, "examples": len(results),
-                       "prompt_tokens": sum(r["prompt_tokens"] for r in results) / n,
-                       "completion_tokens": sum(r["completion_tokens"] for r in results) / n,
-                       "model_loads": self.loads, "complete": True}
+        run.summary = {
+            **run.summary,
+            "metrics": metrics,
+            "examples": len(results),
+            "prompt_tokens": sum(r["prompt_tokens"] for r in results) / n,
+            "completion_tokens": sum(r["completion_tokens"] for r in results) / n,
+            "model_loads": self.loads,
+            "complete": True,
+        }
         run.save(update_fields=["summary"])
 
     def _headline(self, comparison: ArmComparison, runs: list[EvalRun], rules: Sequence[Rule]) -> None:
@@ -260,11 +332,16 @@ class EvalRunner(JobRunner):
 
         headline: dict[str, Any] = {"metric": metric}
         if {ev.FLOOR, ev.TEACHER, ev.STUDENT} <= set(by_arm):
-            retained = ev.prompt_effect_retained(per_example(ev.STUDENT, metric), per_example(ev.FLOOR, metric),
-                                                 per_example(ev.TEACHER, metric))
+            retained = ev.prompt_effect_retained(
+                per_example(ev.STUDENT, metric),
+                per_example(ev.FLOOR, metric),
+                per_example(ev.TEACHER, metric),
+            )
             headline["retained"] = estimate_json(retained)
             headline["absolute"] = {arm: (by_arm[arm].metric(metric) or {}).get("value") for arm in by_arm}
-            saved = by_arm[ev.TEACHER].summary.get("prompt_tokens", 0) - by_arm[ev.STUDENT].summary.get("prompt_tokens", 0)
+            saved = by_arm[ev.TEACHER].summary.get("prompt_tokens", 0) - by_arm[ev.STUDENT].summary.get(
+                "prompt_tokens", 0
+            )
             headline["tokens_saved_per_1000"] = round(saved * 1000)
             for task in comparison.suite.lm_eval_tasks:
                 floor = (by_arm[ev.FLOOR].summary.get("lm_eval") or {}).get(task, {}).get("samples") or []
@@ -276,4 +353,3 @@ class EvalRunner(JobRunner):
         headline["model_loads"] = self.loads
         comparison.headline = headline
         comparison.save(update_fields=["headline"])
-

@@ -24,7 +24,9 @@ def compare_new_variant(sender: Any, job: Job, status: str, **_kw: Any) -> None:
         assert variant is not None
         suite = suite_for_variant(variant, job.created_by)
         if suite is None:
-            job.append_log("eval: the data has no held-out (eval) split, so no four-arm comparison was started")
+            job.append_log(
+                "eval: the data has no held-out (eval) split, so no four-arm comparison was started"
+            )
             return
         comparison = start_comparison(job.project, job.created_by, suite, variant, absorb_job=job)
         job.append_log(f"eval: four-arm comparison queued on {suite} (job #{comparison.job_id})")

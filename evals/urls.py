@@ -11,5 +11,9 @@ urlpatterns = [
     path("p/<slug:slug>/evals/suites/<int:suite_id>/rate", views.rate, name="rate"),
     path("p/<slug:slug>/evals/runs/<int:run_id>/", views.run_detail, name="run_detail"),
     path("p/<slug:slug>/evals/comparisons/new", views.comparison_start, name="comparison_start"),
-    path("p/<slug:slug>/evals/comparisons/<int:comparison_id>/", views.comparison_detail, name="comparison_detail"),
+    path(
+        "p/<slug:slug>/evals/comparisons/<int:comparison_id>/",
+        views.comparison_detail,
+        name="comparison_detail",
+    ),
 ]

@@ -34,17 +34,25 @@ def _json(data: Any) -> str:
 
 
 def _home_context(project: Project, suite_form: SuiteForm, run_form: RunForm) -> dict[str, Any]:
-    return {"project": project, "suite_form": suite_form, "run_form": run_form,
-            "suites": project.eval_suites.annotate(n_examples=Count("examples", distinct=True),
-                                                   n_runs=Count("runs", distinct=True)),
-            "comparisons": project.arm_comparisons.select_related("variant", "suite", "job")[:20]}
+    return {
+        "project": project,
+        "suite_form": suite_form,
+        "run_form": run_form,
+        "suites": project.eval_suites.annotate(
+            n_examples=Count("examples", distinct=True), n_runs=Count("runs", distinct=True)
+        ),
+        "comparisons": project.arm_comparisons.select_related("variant", "suite", "job")[:20],
+    }
 
 
 @login_required
 def evals_home(request: AuthedHttpRequest, slug: str) -> HttpResponse:
     project = get_project(request, slug)
-    return render(request, "evals/home.html", _home_context(project, SuiteForm(project),
-                                                            RunForm(project, initial=with_form_token())))
+    return render(
+        request,
+        "evals/home.html",
+        _home_context(project, SuiteForm(project), RunForm(project, initial=with_form_token())),
+    )
 
 
 @login_required
@@ -55,17 +63,29 @@ def suite_create(request: AuthedHttpRequest, slug: str) -> HttpResponse:
     if form.is_valid():
         d = form.cleaned_data
         try:
-            suite = actions.create_suite(project, request.user, d["name"], d["dataset_version"],
-                                         prompt_version=d["prompt_version"], main_metric=d["main_metric"],
-                                         judge=d["judge"], judge_base=d["judge_base"],
-                                         judge_rubric=d["judge_rubric"], lm_eval_tasks=d["lm_eval_tasks"])
+            suite = actions.create_suite(
+                project,
+                request.user,
+                d["name"],
+                d["dataset_version"],
+                prompt_version=d["prompt_version"],
+                main_metric=d["main_metric"],
+                judge=d["judge"],
+                judge_base=d["judge_base"],
+                judge_rubric=d["judge_rubric"],
+                lm_eval_tasks=d["lm_eval_tasks"],
+            )
         except ActionError as exc:
             form.add_error(None, str(exc))
         else:
             messages.success(request, f"Suite “{suite.name}” created with {suite.examples.count()} queries.")
             return redirect(suite)
-    return render(request, "evals/home.html", _home_context(project, form, RunForm(project, initial=with_form_token())),
-                  status=400)
+    return render(
+        request,
+        "evals/home.html",
+        _home_context(project, form, RunForm(project, initial=with_form_token())),
+        status=400,
+    )
 
 
 @login_required
@@ -97,21 +117,34 @@ def _leaderboard(runs: list[EvalRun], metric: str, sort: str) -> list[dict[str, 
     for run in runs:
         m = run.metric(metric) or {}
         latency = (run.summary.get("latency") or {}).get("p50")
-        rows.append({"run": run, "value": m.get("value"), "low": m.get("low"), "high": m.get("high"),
-                     "latency": latency, "prompt_tokens": run.summary.get("prompt_tokens"),
-                     "seconds_per_example": run.summary.get("seconds_per_example")})
-    key = {"latency": lambda r: (r["latency"] is None, r["latency"] or 0),
-           "tokens": lambda r: (r["prompt_tokens"] is None, r["prompt_tokens"] or 0),
-           "created": lambda r: -r["run"].pk}.get(sort, lambda r: (r["value"] is None, -(r["value"] or 0)))
+        rows.append(
+            {
+                "run": run,
+                "value": m.get("value"),
+                "low": m.get("low"),
+                "high": m.get("high"),
+                "latency": latency,
+                "prompt_tokens": run.summary.get("prompt_tokens"),
+                "seconds_per_example": run.summary.get("seconds_per_example"),
+            }
+        )
+    key = {
+        "latency": lambda r: (r["latency"] is None, r["latency"] or 0),
+        "tokens": lambda r: (r["prompt_tokens"] is None, r["prompt_tokens"] or 0),
+        "created": lambda r: -r["run"].pk,
+    }.get(sort, lambda r: (r["value"] is None, -(r["value"] or 0)))
     return sorted(rows, key=key)
 
 
 @login_required
 def suite_detail(request: AuthedHttpRequest, slug: str, suite_id: int) -> HttpResponse:
     """The leaderboard: a constant number of queries whatever the number of runs."""
-    suite = get_for_project(request, slug, EvalSuite.objects.select_related("project", "prompt_version__prompt",
-                                                                            "dataset_version__dataset"),
-                            pk=suite_id)
+    suite = get_for_project(
+        request,
+        slug,
+        EvalSuite.objects.select_related("project", "prompt_version__prompt", "dataset_version__dataset"),
+        pk=suite_id,
+    )
     runs = list(RUNS.filter(suite=suite))
     names = sorted({k for r in runs for k in (r.summary.get("metrics") or {})})
     metric = request.GET.get("metric") or suite.main_metric
@@ -122,16 +155,32 @@ def suite_detail(request: AuthedHttpRequest, slug: str, suite_id: int) -> HttpRe
         "metric": metric_label(metric),
         "labels": [r["run"].label for r in done],
         "ci": [{"y": r["value"], "yMin": r["low"], "yMax": r["high"]} for r in done],
-        "latency": [{"x": r["latency"], "y": r["value"], "label": r["run"].label} for r in done if r["latency"]],
-        "tokens": [{"x": r["prompt_tokens"], "y": r["value"], "label": r["run"].label} for r in done
-                   if r["prompt_tokens"] is not None],
-        "heat": [{"x": metric_label(rule), "y": r["run"].label, "v": (r["run"].metric(rule) or {}).get("value")}
-                 for r in done for rule in rules],
+        "latency": [
+            {"x": r["latency"], "y": r["value"], "label": r["run"].label} for r in done if r["latency"]
+        ],
+        "tokens": [
+            {"x": r["prompt_tokens"], "y": r["value"], "label": r["run"].label}
+            for r in done
+            if r["prompt_tokens"] is not None
+        ],
+        "heat": [
+            {"x": metric_label(rule), "y": r["run"].label, "v": (r["run"].metric(rule) or {}).get("value")}
+            for r in done
+            for rule in rules
+        ],
         "rules": [metric_label(rule) for rule in rules],
     }
-    ctx = {"project": suite.project, "suite": suite, "rows": rows, "metric": metric, "metric_name": metric_label(metric),
-           "metric_choices": [(n, metric_label(n)) for n in names], "charts": _json(charts),
-           "polling": any(r["run"].status in Job.ACTIVE for r in rows), "runs": runs}
+    ctx = {
+        "project": suite.project,
+        "suite": suite,
+        "rows": rows,
+        "metric": metric,
+        "metric_name": metric_label(metric),
+        "metric_choices": [(n, metric_label(n)) for n in names],
+        "charts": _json(charts),
+        "polling": any(r["run"].status in Job.ACTIVE for r in rows),
+        "runs": runs,
+    }
     if request.htmx and request.htmx.target == "leaderboard":
         return render(request, "evals/suite_detail.html#leaderboard", ctx)
     return render(request, "evals/suite_detail.html", ctx)
@@ -147,8 +196,13 @@ def run_detail(request: AuthedHttpRequest, slug: str, run_id: int) -> HttpRespon
     if failing:
         results = results.filter(**{f"checks__{failing}": 0.0})
     page = Paginator(results, 25).get_page(request.GET.get("page"))
-    ctx = {"project": run.project, "run": run, "page": page, "failing": failing,
-           "metrics": [(n, metric_label(n), m) for n, m in sorted((run.summary.get("metrics") or {}).items())]}
+    ctx = {
+        "project": run.project,
+        "run": run,
+        "page": page,
+        "failing": failing,
+        "metrics": [(n, metric_label(n), m) for n, m in sorted((run.summary.get("metrics") or {}).items())],
+    }
     if request.htmx and request.htmx.target == "run-live":
         return render(request, "evals/run_detail.html#live", ctx)
     return render(request, "evals/run_detail.html", ctx)
@@ -161,7 +215,9 @@ RESULT_FIELDS = ("example_id", "output", "checks", "judge_score", "judge_reasoni
 def _check_names(suite: EvalSuite, *runs: EvalRun) -> list[str]:
     """Rule metrics of the runs (from their summaries and the suite's rules),
     without reading a single result."""
-    names = {k for r in runs for k in (r.summary.get("metrics") or {}) if k.startswith("rule:") or k == "all_rules"}
+    names = {
+        k for r in runs for k in (r.summary.get("metrics") or {}) if k.startswith("rule:") or k == "all_rules"
+    }
     names |= {f"rule:{r['name']}" for r in suite.rules if isinstance(r, dict) and r.get("name")}
     if suite.rules:
         names.add("all_rules")
@@ -175,21 +231,31 @@ def _side_by_side_examples(suite: EvalSuite, a: EvalRun, b: EvalRun, only: str, 
     if only.startswith("fail:") and only[5:] in rule_names:
         failing = Q()
         for run in (a, b):
-            failing |= Q(pk__in=EvalResult.objects.filter(run=run).alias(
-                v=KeyTransform(only[5:], "checks")).filter(v=0.0).values("example_id"))
+            failing |= Q(
+                pk__in=EvalResult.objects.filter(run=run)
+                .alias(v=KeyTransform(only[5:], "checks"))
+                .filter(v=0.0)
+                .values("example_id")
+            )
         return examples.filter(failing)
     if only != "disagree":
         return examples
-    examples = examples.alias(ra=FilteredRelation("results", condition=Q(results__run=a)),
-                              rb=FilteredRelation("results", condition=Q(results__run=b)))
+    examples = examples.alias(
+        ra=FilteredRelation("results", condition=Q(results__run=a)),
+        rb=FilteredRelation("results", condition=Q(results__run=b)),
+    )
     # One answer missing, a rule (or exact match) scored differently, or two judge scores that differ.
     differs = Q(ra__id__isnull=True, rb__id__isnull=False) | Q(ra__id__isnull=False, rb__id__isnull=True)
-    differs |= Q(ra__judge_score__isnull=False, rb__judge_score__isnull=False) & ~Q(ra__judge_score=F(
-        "rb__judge_score"))
+    differs |= Q(ra__judge_score__isnull=False, rb__judge_score__isnull=False) & ~Q(
+        ra__judge_score=F("rb__judge_score")
+    )
     for n, key in enumerate([*rule_names, "exact_match"]):
-        examples = examples.alias(**{f"ka{n}": Coalesce(KeyTextTransform(key, "ra__checks"), Value("-"), output_field=TextField()),
-                                     f"kb{n}": Coalesce(KeyTextTransform(key, "rb__checks"), Value("-"),
-                                                         output_field=TextField())})
+        examples = examples.alias(
+            **{
+                f"ka{n}": Coalesce(KeyTextTransform(key, "ra__checks"), Value("-"), output_field=TextField()),
+                f"kb{n}": Coalesce(KeyTextTransform(key, "rb__checks"), Value("-"), output_field=TextField()),
+            }
+        )
         differs |= Q(ra__id__isnull=False, rb__id__isnull=False) & ~Q(**{f"ka{n}": F(f"kb{n}")})
     return examples.filter(differs)
 
@@ -213,17 +279,41 @@ def side_by_side(request: AuthedHttpRequest, slug: str, suite_id: int) -> HttpRe
     if a is not None and b is not None:
         rule_names = _check_names(suite, a, b)
         page = Paginator(_side_by_side_examples(suite, a, b, only, rule_names), SIDE_BY_SIDE_PAGE).get_page(
-            request.GET.get("page"))
+            request.GET.get("page")
+        )
         shown = [ex.pk for ex in page.object_list]
-        results = {(r["run_id"], r["example_id"]): r for r in EvalResult.objects.filter(
-            run__in=[a, b], example_id__in=shown).values("run_id", *RESULT_FIELDS)}
-        ratings = dict(Rating.objects.filter(run_a=a, run_b=b, user=request.user, example_id__in=shown)
-                       .values_list("example_id", "choice"))
-        page.object_list = [{"example": ex, "a": results.get((a.pk, ex.pk)), "b": results.get((b.pk, ex.pk)),
-                             "rating": ratings.get(ex.pk, "")} for ex in page.object_list]
-    ctx = {"project": suite.project, "suite": suite, "a": a, "b": b, "choices": choices, "page": page,
-           "only": only, "rule_names": [(n, metric_label(n)) for n in rule_names], "form": RatingForm(),
-           "agreement": _judge_agreement(a, b) if a is not None and b is not None else None}
+        results = {
+            (r["run_id"], r["example_id"]): r
+            for r in EvalResult.objects.filter(run__in=[a, b], example_id__in=shown).values(
+                "run_id", *RESULT_FIELDS
+            )
+        }
+        ratings = dict(
+            Rating.objects.filter(run_a=a, run_b=b, user=request.user, example_id__in=shown).values_list(
+                "example_id", "choice"
+            )
+        )
+        page.object_list = [
+            {
+                "example": ex,
+                "a": results.get((a.pk, ex.pk)),
+                "b": results.get((b.pk, ex.pk)),
+                "rating": ratings.get(ex.pk, ""),
+            }
+            for ex in page.object_list
+        ]
+    ctx = {
+        "project": suite.project,
+        "suite": suite,
+        "a": a,
+        "b": b,
+        "choices": choices,
+        "page": page,
+        "only": only,
+        "rule_names": [(n, metric_label(n)) for n in rule_names],
+        "form": RatingForm(),
+        "agreement": _judge_agreement(a, b) if a is not None and b is not None else None,
+    }
     return render(request, "evals/side_by_side.html", ctx)
 
 
@@ -235,9 +325,12 @@ def _judge_agreement(a: EvalRun, b: EvalRun) -> dict[str, Any] | None:
     human_prefs: list[float] = []
     value = {Rating.A: 1.0, Rating.TIE: 0.0, Rating.B: -1.0}
     rated = Rating.objects.filter(run_a=a, run_b=b)
-    scores = dict(((r, e), s) for r, e, s in EvalResult.objects.filter(
-        run__in=[a, b], example_id__in=rated.values("example_id"), judge_score__isnull=False)
-        .values_list("run_id", "example_id", "judge_score"))
+    scores = dict(
+        ((r, e), s)
+        for r, e, s in EvalResult.objects.filter(
+            run__in=[a, b], example_id__in=rated.values("example_id"), judge_score__isnull=False
+        ).values_list("run_id", "example_id", "judge_score")
+    )
     for example_id, choice in rated.values_list("example_id", "choice"):
         sa, sb = scores.get((a.pk, example_id)), scores.get((b.pk, example_id))
         if sa is None or sb is None:
@@ -271,27 +364,55 @@ def rate(request: AuthedHttpRequest, slug: str, suite_id: int) -> HttpResponse:
     example = get_object_or_404(suite.examples, pk=form.cleaned_data["example"])
     rating = actions.rate(request.user, run_a, run_b, example, form.cleaned_data["choice"])
     if request.htmx:
-        return render(request, "evals/_rating.html", {"rating": rating.choice, "example": example,
-                                                                    "suite": suite, "project": suite.project,
-                                                                    "a": run_a, "b": run_b})
+        return render(
+            request,
+            "evals/_rating.html",
+            {
+                "rating": rating.choice,
+                "example": example,
+                "suite": suite,
+                "project": suite.project,
+                "a": run_a,
+                "b": run_b,
+            },
+        )
     return redirect(reverse("side_by_side", args=[slug, suite.pk]) + f"?a={run_a.pk}&b={run_b.pk}")
 
 
 @login_required
 def comparison_detail(request: AuthedHttpRequest, slug: str, comparison_id: int) -> HttpResponse:
-    comparison = get_for_project(request, slug, ArmComparison.objects.select_related(
-        "project", "suite", "variant", "job", "absorb_job"), pk=comparison_id)
+    comparison = get_for_project(
+        request,
+        slug,
+        ArmComparison.objects.select_related("project", "suite", "variant", "job", "absorb_job"),
+        pk=comparison_id,
+    )
     runs = {r.arm: r for r in RUNS.filter(comparison=comparison)}
     arms = [(arm, runs.get(arm)) for arm in ARMS]
-    names = sorted({k for r in runs.values() for k in (r.summary.get("metrics") or {})},
-                   key=lambda n: (not n.startswith("all_rules"), not n.startswith("rule:"), n))
+    names = sorted(
+        {k for r in runs.values() for k in (r.summary.get("metrics") or {})},
+        key=lambda n: (not n.startswith("all_rules"), not n.startswith("rule:"), n),
+    )
     data = comparison.headline.get("data_compliance") or {}
-    table = [{"name": n, "label": metric_label(n), "cells": [(r.metric(n) if r else None) for _a, r in arms],
-              "data": data.get(n)} for n in names]
-    ctx = {"project": comparison.project, "comparison": comparison, "arms": arms, "table": table,
-           "metric_name": metric_label(comparison.headline.get("metric") or comparison.suite.main_metric),
-           "headline": comparison.headline, "job": comparison.job,
-           "polling": comparison.job is not None and comparison.job.status in Job.ACTIVE}
+    table = [
+        {
+            "name": n,
+            "label": metric_label(n),
+            "cells": [(r.metric(n) if r else None) for _a, r in arms],
+            "data": data.get(n),
+        }
+        for n in names
+    ]
+    ctx = {
+        "project": comparison.project,
+        "comparison": comparison,
+        "arms": arms,
+        "table": table,
+        "metric_name": metric_label(comparison.headline.get("metric") or comparison.suite.main_metric),
+        "headline": comparison.headline,
+        "job": comparison.job,
+        "polling": comparison.job is not None and comparison.job.status in Job.ACTIVE,
+    }
     if request.htmx and request.htmx.target == "comparison-live":
         return render(request, "evals/comparison_detail.html#live", ctx)
     return render(request, "evals/comparison_detail.html", ctx)
@@ -310,8 +431,9 @@ def comparison_start(request: AuthedHttpRequest, slug: str) -> HttpResponse:
         suite = actions.suite_for_variant(variant, request.user)
         if suite is None:
             raise ActionError(f"{variant} learned from data without an eval split: create a suite first.")
-        comparison = actions.start_comparison(project, request.user, suite, variant,
-                                              form_token=form.cleaned_data.get("form_token"))
+        comparison = actions.start_comparison(
+            project, request.user, suite, variant, form_token=form.cleaned_data.get("form_token")
+        )
     except AlreadyStarted as exc:
         messages.info(request, f"{exc} Nothing new was queued.")
         done = exc.job.comparisons.first()

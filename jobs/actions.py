@@ -60,8 +60,9 @@ def check_prompt_fits(prompt_version: PromptVersion, base_model: BaseModel) -> N
         raise ActionError(reason)
 
 
-def _check(project: Project, prompt_version: PromptVersion, dataset_version: DatasetVersion,
-           base_model: BaseModel) -> None:
+def _check(
+    project: Project, prompt_version: PromptVersion, dataset_version: DatasetVersion, base_model: BaseModel
+) -> None:
     # Both inputs must belong to the project: ids in a form can be forged.
     if prompt_version.prompt.project_id != project.pk or dataset_version.dataset.project_id != project.pk:
         raise ActionError("The prompt and the dataset must belong to this project.")
@@ -81,8 +82,9 @@ def absorb_generation() -> GenerationSettings:
     return GenerationSettings.from_dict(ABSORB_GENERATION)
 
 
-def _generation(value: GenerationSettings | Mapping[str, Any] | None,
-                defaults: Mapping[str, Any] | None = None) -> GenerationSettings:
+def _generation(
+    value: GenerationSettings | Mapping[str, Any] | None, defaults: Mapping[str, Any] | None = None
+) -> GenerationSettings:
     if isinstance(value, GenerationSettings):
         return value
     return GenerationSettings.from_dict({**(defaults or {}), **(value or {})})
@@ -92,8 +94,10 @@ def _training(value: TrainConfig | Mapping[str, Any] | None) -> TrainConfig:
     return value if isinstance(value, TrainConfig) else TrainConfig.from_dict(value or {})
 
 
-def _curation(prompt_version: PromptVersion, value: CurationSettings | Mapping[str, Any] | bool | None,
-              ) -> dict[str, Any] | None:
+def _curation(
+    prompt_version: PromptVersion,
+    value: CurationSettings | Mapping[str, Any] | bool | None,
+) -> dict[str, Any] | None:
     """What the teacher job curates with: on by default when the prompt has
     checkable rules (False or None turns it off)."""
     if value is False or value is None or not prompt_version.rules:
@@ -116,21 +120,31 @@ def check_teacher(base_model: BaseModel, teacher_model: BaseModel, train: TrainC
     try:
         same = tokenizers_match(base_model.path, teacher_model.path)
     except (OSError, ValueError) as exc:
-        raise ActionError(f"Cannot compare the tokenizers of {base_model.name} and {teacher_model.name}: {exc}") \
-            from exc
+        raise ActionError(
+            f"Cannot compare the tokenizers of {base_model.name} and {teacher_model.name}: {exc}"
+        ) from exc
     if not same:
-        raise ActionError(f"KL needs a teacher that shares the student's tokenizer: {teacher_model.name} and "
-                          f"{base_model.name} tokenize differently. Set kl_weight to 0 to train on its answers.")
+        raise ActionError(
+            f"KL needs a teacher that shares the student's tokenizer: {teacher_model.name} and "
+            f"{base_model.name} tokenize differently. Set kl_weight to 0 to train on its answers."
+        )
 
 
 @transaction.atomic
 def start_absorb(
-    project: Project, user: User | None, prompt_version: PromptVersion,
-    dataset_version: DatasetVersion, base_model: BaseModel,
+    project: Project,
+    user: User | None,
+    prompt_version: PromptVersion,
+    dataset_version: DatasetVersion,
+    base_model: BaseModel,
     generation: GenerationSettings | Mapping[str, Any] | None = None,
-    training: TrainConfig | Mapping[str, Any] | None = None, *,
-    keep_existing: bool = True, review_first: bool = False, teacher_model: BaseModel | None = None,
-    curation: CurationSettings | Mapping[str, Any] | bool | None = True, passing_only: bool = True,
+    training: TrainConfig | Mapping[str, Any] | None = None,
+    *,
+    keep_existing: bool = True,
+    review_first: bool = False,
+    teacher_model: BaseModel | None = None,
+    curation: CurationSettings | Mapping[str, Any] | bool | None = True,
+    passing_only: bool = True,
     form_token: uuid.UUID | None = None,
 ) -> tuple[Job, Job | None]:
     """Queue teacher generation and (unless the team reviews the answers
@@ -147,27 +161,49 @@ def start_absorb(
     check_prompt_fits(prompt_version, teacher_model)
     gen, train = _generation(generation, ABSORB_GENERATION), _training(training)
     check_teacher(base_model, teacher_model, train)
-    teacher = create_job(project, form_token, kind="teacher", base_model=teacher_model,
-                         prompt_version=prompt_version, dataset_version=dataset_version,
-                         params={"generation": gen.to_dict(), "keep_existing": keep_existing,
-                                 "curation": _curation(prompt_version, curation)},
-                         created_by=user)
+    teacher = create_job(
+        project,
+        form_token,
+        kind="teacher",
+        base_model=teacher_model,
+        prompt_version=prompt_version,
+        dataset_version=dataset_version,
+        params={
+            "generation": gen.to_dict(),
+            "keep_existing": keep_existing,
+            "curation": _curation(prompt_version, curation),
+        },
+        created_by=user,
+    )
     finetune = None
     if not review_first:
-        finetune = Job.objects.create(project=project, kind="finetune", base_model=base_model,
-                                      prompt_version=prompt_version, depends_on=teacher,
-                                      params={"train": train.to_dict(), "teacher_model": teacher_model.pk,
-                                              "passing_only": passing_only},
-                                      created_by=user)
+        finetune = Job.objects.create(
+            project=project,
+            kind="finetune",
+            base_model=base_model,
+            prompt_version=prompt_version,
+            depends_on=teacher,
+            params={
+                "train": train.to_dict(),
+                "teacher_model": teacher_model.pk,
+                "passing_only": passing_only,
+            },
+            created_by=user,
+        )
     enqueue(teacher)
     return teacher, finetune
 
 
 @transaction.atomic
 def start_finetune(
-    project: Project, user: User | None, prompt_version: PromptVersion,
-    dataset_version: DatasetVersion, base_model: BaseModel,
-    training: TrainConfig | Mapping[str, Any] | None = None, *, passing_only: bool = True,
+    project: Project,
+    user: User | None,
+    prompt_version: PromptVersion,
+    dataset_version: DatasetVersion,
+    base_model: BaseModel,
+    training: TrainConfig | Mapping[str, Any] | None = None,
+    *,
+    passing_only: bool = True,
     form_token: uuid.UUID | None = None,
 ) -> Job:
     """Train on a dataset version that already holds the answers (teacher
@@ -179,9 +215,16 @@ def start_finetune(
     sample = dataset_version.rows.filter(split=DatasetRow.TRAIN).values_list("messages", flat=True)[:50]
     if not any(m[-1]["role"] == "assistant" for m in sample):
         raise ActionError(f"{dataset_version} has no assistant answers: run the teacher first.")
-    job = create_job(project, form_token, kind="finetune", base_model=base_model,
-                     prompt_version=prompt_version, dataset_version=dataset_version,
-                     params={"train": train.to_dict(), "passing_only": passing_only}, created_by=user)
+    job = create_job(
+        project,
+        form_token,
+        kind="finetune",
+        base_model=base_model,
+        prompt_version=prompt_version,
+        dataset_version=dataset_version,
+        params={"train": train.to_dict(), "passing_only": passing_only},
+        created_by=user,
+    )
     enqueue(job)
     return job
 

@@ -39,7 +39,7 @@ TRAIN_HELP: dict[str, str] = {
     "save_total_limit": "Checkpoints kept on disk.",
     "logging_steps": "Record loss every N steps.",
     "kl_weight": "Token-level distillation: weight of KL(teacher || student) next to the cross-entropy. "
-                 "0 = off. Costs a teacher forward pass (with the prompt) per step.",
+    "0 = off. Costs a teacher forward pass (with the prompt) per step.",
     "kl_temperature": "Softmax temperature of the KL term.",
     "device": "auto picks CUDA (bf16), then MPS, then CPU (float32).",
     "bf16": "auto: bf16 on CUDA. true on a CPU with native bf16 (avx512_bf16/AMX) is ~1.5x faster.",
@@ -80,50 +80,92 @@ def _version_label(dv: DatasetVersion) -> str:
 
 
 class AbsorbForm(forms.Form):
-    MODES = [("absorb", "Teacher, then fine-tune"),
-             ("finetune", "Fine-tune only (the dataset already holds reviewed answers)")]
+    MODES = [
+        ("absorb", "Teacher, then fine-tune"),
+        ("finetune", "Fine-tune only (the dataset already holds reviewed answers)"),
+    ]
 
-    prompt_version = forms.ModelChoiceField(queryset=PromptVersion.objects.none(), label="Prompt version",
-                                            empty_label=None)
-    dataset_version = forms.ModelChoiceField(queryset=DatasetVersion.objects.none(), label="Dataset version",
-                                             empty_label=None)
-    base_model = forms.ModelChoiceField(queryset=BaseModel.objects.all(), label="Base model", empty_label=None)
+    prompt_version = forms.ModelChoiceField(
+        queryset=PromptVersion.objects.none(), label="Prompt version", empty_label=None
+    )
+    dataset_version = forms.ModelChoiceField(
+        queryset=DatasetVersion.objects.none(), label="Dataset version", empty_label=None
+    )
+    base_model = forms.ModelChoiceField(
+        queryset=BaseModel.objects.all(), label="Base model", empty_label=None
+    )
     teacher_model = forms.ModelChoiceField(
-        queryset=BaseModel.objects.all(), required=False, label="Teacher model",
+        queryset=BaseModel.objects.all(),
+        required=False,
+        label="Teacher model",
         empty_label="the base model (same as the student)",
         help_text="Any registered model can answer WITH the prompt, e.g. a larger one on GPU workers. "
-                  "KL distillation needs a teacher with the student's tokenizer.")
-    g_stop = forms.CharField(required=False, label="stop", widget=forms.Textarea(attrs={"rows": 2}),
-                             help_text="Stop strings, one per line: the answer ends before the first one.")
+        "KL distillation needs a teacher with the student's tokenizer.",
+    )
+    g_stop = forms.CharField(
+        required=False,
+        label="stop",
+        widget=forms.Textarea(attrs={"rows": 2}),
+        help_text="Stop strings, one per line: the answer ends before the first one.",
+    )
     curate = forms.BooleanField(
-        required=False, initial=True, label="curate the answers when the prompt has checkable rules",
-        help_text="Best-of-N by rules, prefilled openings and recorded repairs: data better than the raw teacher.")
-    best_of = forms.IntegerField(min_value=1, max_value=16, initial=CurationSettings.best_of, label="best of N",
-                                 help_text="Samples per query; the one passing the most rules is kept.")
-    sample_temperature = forms.FloatField(min_value=0, max_value=2, initial=CurationSettings.temperature,
-                                          label="sampling temperature (best-of-N)")
-    sample_top_p = forms.FloatField(min_value=0.01, max_value=1, initial=CurationSettings.top_p,
-                                    label="sampling top-p (best-of-N)")
-    prefill = forms.BooleanField(required=False, initial=True, label="prefill the opening a starts_with rule fixes")
+        required=False,
+        initial=True,
+        label="curate the answers when the prompt has checkable rules",
+        help_text="Best-of-N by rules, prefilled openings and recorded repairs: data better than the raw teacher.",
+    )
+    best_of = forms.IntegerField(
+        min_value=1,
+        max_value=16,
+        initial=CurationSettings.best_of,
+        label="best of N",
+        help_text="Samples per query; the one passing the most rules is kept.",
+    )
+    sample_temperature = forms.FloatField(
+        min_value=0,
+        max_value=2,
+        initial=CurationSettings.temperature,
+        label="sampling temperature (best-of-N)",
+    )
+    sample_top_p = forms.FloatField(
+        min_value=0.01, max_value=1, initial=CurationSettings.top_p, label="sampling top-p (best-of-N)"
+    )
+    prefill = forms.BooleanField(
+        required=False, initial=True, label="prefill the opening a starts_with rule fixes"
+    )
     repairs = forms.MultipleChoiceField(
-        required=False, choices=[(k, f"{k}: {v}") for k, v in REPAIRS.items()], initial=list(REPAIRS),
-        widget=forms.CheckboxSelectMultiple, label="repairs",
-        help_text="Each repair changes only answers failing its rule; every change is recorded for review.")
+        required=False,
+        choices=[(k, f"{k}: {v}") for k, v in REPAIRS.items()],
+        initial=list(REPAIRS),
+        widget=forms.CheckboxSelectMultiple,
+        label="repairs",
+        help_text="Each repair changes only answers failing its rule; every change is recorded for review.",
+    )
     mode = forms.ChoiceField(choices=MODES, initial="absorb", widget=forms.RadioSelect)
     form_token = form_token_field()
     keep_existing = forms.BooleanField(
-        required=False, initial=True, label="keep existing answers",
-        help_text="Rows that already have an assistant answer keep it instead of asking the teacher.")
+        required=False,
+        initial=True,
+        label="keep existing answers",
+        help_text="Rows that already have an assistant answer keep it instead of asking the teacher.",
+    )
     passing_only = forms.BooleanField(
-        required=False, initial=True, label="train only on answers that pass every rule",
+        required=False,
+        initial=True,
+        label="train only on answers that pass every rule",
         help_text="Answers still failing a checkable rule (not repaired, edited or accepted in review) are left "
-                  "out while at least a quarter of the rows (and 32) pass; the student learns what the data shows.")
+        "out while at least a quarter of the rows (and 32) pass; the student learns what the data shows.",
+    )
     train_anyway = forms.BooleanField(
-        required=False, label="train anyway on answers that fail rules",
-        help_text="Asked when more than the set share of the training answers fail a checkable rule.")
+        required=False,
+        label="train anyway on answers that fail rules",
+        help_text="Asked when more than the set share of the training answers fail a checkable rule.",
+    )
     review_first = forms.BooleanField(
-        required=False, label="Review the teacher's answers before training",
-        help_text="Only the teacher job is queued; start the fine-tune from the reviewed dataset version.")
+        required=False,
+        label="Review the teacher's answers before training",
+        help_text="Only the teacher job is queued; start the fine-tune from the reviewed dataset version.",
+    )
 
     def __init__(self, project: Project, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -137,8 +179,11 @@ class AbsorbForm(forms.Form):
         gen = absorb_generation()
         for name in GEN_FIELDS:
             default = getattr(gen, name)
-            field: forms.Field = (forms.FloatField(min_value=0) if isinstance(default, float)
-                                  else forms.IntegerField(min_value=0 if default == 0 else 1))
+            field: forms.Field = (
+                forms.FloatField(min_value=0)
+                if isinstance(default, float)
+                else forms.IntegerField(min_value=0 if default == 0 else 1)
+            )
             field.initial, field.help_text, field.label = default, GEN_HELP[name], name
             self.fields[f"g_{name}"] = field
         for f in dataclasses.fields(TrainConfig):
@@ -161,8 +206,9 @@ class AbsorbForm(forms.Form):
 
     def clean(self) -> dict[str, Any]:
         data = super().clean() or {}
-        gen: dict[str, Any] = {name: data.get(f"g_{name}") for name in GEN_FIELDS
-                               if data.get(f"g_{name}") is not None}
+        gen: dict[str, Any] = {
+            name: data.get(f"g_{name}") for name in GEN_FIELDS if data.get(f"g_{name}") is not None
+        }
         stops = [line for line in (data.get("g_stop") or "").splitlines() if line.strip()]
         if stops:
             gen["stop"] = stops
@@ -191,7 +237,9 @@ class AbsorbForm(forms.Form):
                     best_of=data.get("best_of") or CurationSettings.best_of,
                     temperature=data.get("sample_temperature", CurationSettings.temperature),
                     top_p=data.get("sample_top_p") or CurationSettings.top_p,
-                    prefill=bool(data.get("prefill")), repairs=tuple(data.get("repairs") or ())).to_dict()
+                    prefill=bool(data.get("prefill")),
+                    repairs=tuple(data.get("repairs") or ()),
+                ).to_dict()
             except ValueError as exc:
                 self.add_error("best_of", str(exc))
         try:

@@ -27,7 +27,13 @@ log = logging.getLogger(__name__)
 
 # Errors whose message says all the user needs; anything else is a bug: its
 # traceback goes to the worker's log under an incident id, and members see the id.
-USER_ERRORS: tuple[type[BaseException], ...] = (JobError, ActionError, TrainingError, ModelLoadError, SettingsError)
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    JobError,
+    ActionError,
+    TrainingError,
+    ModelLoadError,
+    SettingsError,
+)
 
 
 class _Heartbeat(threading.Thread):
@@ -88,7 +94,9 @@ def execute(job_id: int, worker: str) -> list[int]:
         return []
     runner_class = runner_for(job.kind)
     if runner_class is None:
-        job.fail(f"no runner is registered for job kind {job.kind!r} (known kinds: {', '.join(kinds()) or 'none'})")
+        job.fail(
+            f"no runner is registered for job kind {job.kind!r} (known kinds: {', '.join(kinds()) or 'none'})"
+        )
         return []
     problem = runner_class.check_inputs(job)
     if problem:
@@ -111,8 +119,10 @@ def execute(job_id: int, worker: str) -> list[int]:
         incident = secrets.token_hex(4)
         log.exception("job %s (%s) failed, incident %s", job.pk, job.kind, incident)
         job.append_log(f"internal error (incident {incident}); the traceback is in the worker's log")
-        job.fail(f"internal error ({type(exc).__name__}), incident {incident}: an administrator finds the "
-                 "details in the worker's log")
+        job.fail(
+            f"internal error ({type(exc).__name__}), incident {incident}: an administrator finds the "
+            "details in the worker's log"
+        )
     finally:
         heartbeat.stop()
     job.refresh_from_db()

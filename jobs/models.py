@@ -35,8 +35,13 @@ class Job(models.Model):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
-    STATUSES = [(QUEUED, "Queued"), (RUNNING, "Running"), (SUCCEEDED, "Succeeded"), (FAILED, "Failed"),
-                (CANCELLED, "Cancelled")]
+    STATUSES = [
+        (QUEUED, "Queued"),
+        (RUNNING, "Running"),
+        (SUCCEEDED, "Succeeded"),
+        (FAILED, "Failed"),
+        (CANCELLED, "Cancelled"),
+    ]
     ACTIVE = (QUEUED, RUNNING)
     TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
 
@@ -46,17 +51,29 @@ class Job(models.Model):
     params = models.JSONField(default=dict, blank=True, help_text="The kind's own settings")
     # Inputs and outputs of the absorb kinds; other kinds leave them empty
     # and keep their inputs in params or in a row of their own app.
-    base_model = models.ForeignKey(BaseModel, null=True, blank=True, on_delete=models.PROTECT, related_name="jobs")
-    prompt_version = models.ForeignKey(PromptVersion, null=True, blank=True, on_delete=models.PROTECT,
-                                       related_name="jobs")
-    dataset_version = models.ForeignKey(DatasetVersion, null=True, blank=True, on_delete=models.PROTECT,
-                                        related_name="jobs", help_text="Input rows (filled in by the teacher job "
-                                        "for a fine-tune that depends on one)")
-    output_dataset = models.ForeignKey(DatasetVersion, null=True, blank=True, on_delete=models.SET_NULL,
-                                       related_name="produced_by")
-    variant = models.ForeignKey(Variant, null=True, blank=True, on_delete=models.SET_NULL, related_name="jobs")
-    depends_on = models.ForeignKey("self", null=True, blank=True, on_delete=models.SET_NULL,
-                                   related_name="dependents")
+    base_model = models.ForeignKey(
+        BaseModel, null=True, blank=True, on_delete=models.PROTECT, related_name="jobs"
+    )
+    prompt_version = models.ForeignKey(
+        PromptVersion, null=True, blank=True, on_delete=models.PROTECT, related_name="jobs"
+    )
+    dataset_version = models.ForeignKey(
+        DatasetVersion,
+        null=True,
+        blank=True,
+        on_delete=models.PROTECT,
+        related_name="jobs",
+        help_text="Input rows (filled in by the teacher job for a fine-tune that depends on one)",
+    )
+    output_dataset = models.ForeignKey(
+        DatasetVersion, null=True, blank=True, on_delete=models.SET_NULL, related_name="produced_by"
+    )
+    variant = models.ForeignKey(
+        Variant, null=True, blank=True, on_delete=models.SET_NULL, related_name="jobs"
+    )
+    depends_on = models.ForeignKey(
+        "self", null=True, blank=True, on_delete=models.SET_NULL, related_name="dependents"
+    )
     progress = models.JSONField(default=dict, blank=True, help_text="The latest engines.progress.Progress")
     log = models.TextField(blank=True)
     error = models.TextField(blank=True)
@@ -65,7 +82,9 @@ class Job(models.Model):
     cancel_requested = models.BooleanField(default=False)
     worker = models.CharField(max_length=255, blank=True)
     heartbeat_at = models.DateTimeField(null=True, blank=True)
-    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+"
+    )
     # The token of the form that started the job: a resubmitted form (Back, reload) finds this job
     # instead of starting a second one.
     form_token = models.UUIDField(null=True, blank=True, editable=False)
@@ -75,7 +94,9 @@ class Job(models.Model):
 
     class Meta:
         ordering = ["-created_at", "-id"]
-        constraints = [models.UniqueConstraint(fields=["project", "form_token"], name="unique_job_form_token")]
+        constraints = [
+            models.UniqueConstraint(fields=["project", "form_token"], name="unique_job_form_token")
+        ]
 
     def __str__(self) -> str:
         return f"{self.label} #{self.pk}"
@@ -120,11 +141,25 @@ class Job(models.Model):
         """QUEUED -> RUNNING for this worker. A second delivery finds the row
         claimed and does nothing."""
         now = timezone.now()
-        return self._cas(self.QUEUED, Q(cancel_requested=False), status=self.RUNNING, worker=worker,
-                         attempts=F("attempts") + 1, started_at=now, heartbeat_at=now, error="")
+        return self._cas(
+            self.QUEUED,
+            Q(cancel_requested=False),
+            status=self.RUNNING,
+            worker=worker,
+            attempts=F("attempts") + 1,
+            started_at=now,
+            heartbeat_at=now,
+            error="",
+        )
 
-    def _end(self, status: str, log_line: str, from_status: str | tuple[str, ...] = ACTIVE,
-             extra: Q | None = None, **changes: Any) -> bool:
+    def _end(
+        self,
+        status: str,
+        log_line: str,
+        from_status: str | tuple[str, ...] = ACTIVE,
+        extra: Q | None = None,
+        **changes: Any,
+    ) -> bool:
         """The one way into a terminal state. Logs only a move that happened;
         a job that ends without succeeding cancels the queued jobs that wait for it."""
         if not self._cas(from_status, extra, status=status, finished_at=timezone.now(), **changes):
@@ -162,13 +197,22 @@ class Job(models.Model):
         back to QUEUED to resume, or FAILED after max_attempts. Returns the
         new status, or None when the job was alive or already moved."""
         stale = Q(heartbeat_at__lt=timezone.now() - stale_after)
-        reason = f"worker {self.worker or '?'} stopped responding (attempt {self.attempts} of {self.max_attempts})"
+        reason = (
+            f"worker {self.worker or '?'} stopped responding (attempt {self.attempts} of {self.max_attempts})"
+        )
         if self.attempts >= self.max_attempts:
             msg = f"{reason}; giving up after {self.attempts} attempts"
-            return self.FAILED if self._end(self.FAILED, f"FAILED: {msg}", self.RUNNING, stale, error=msg) else None
+            return (
+                self.FAILED
+                if self._end(self.FAILED, f"FAILED: {msg}", self.RUNNING, stale, error=msg)
+                else None
+            )
         if self.cancel_requested:
-            return self.CANCELLED if self._end(self.CANCELLED, f"{reason}; cancelled as requested", self.RUNNING,
-                                               stale) else None
+            return (
+                self.CANCELLED
+                if self._end(self.CANCELLED, f"{reason}; cancelled as requested", self.RUNNING, stale)
+                else None
+            )
         if self._cas(self.RUNNING, stale, status=self.QUEUED, worker=""):
             self.append_log(f"{reason}; requeued to resume from the last checkpoint")
             return self.QUEUED
@@ -180,8 +224,9 @@ class Job(models.Model):
             return []
         return list(self.dependents.filter(status=self.QUEUED))
 
-    def wait(self, timeout: float | None = None, poll: float = 1.0,
-             on_poll: Callable[[Job], None] | None = None) -> bool:
+    def wait(
+        self, timeout: float | None = None, poll: float = 1.0, on_poll: Callable[[Job], None] | None = None
+    ) -> bool:
         """Follow the job to its end from outside a worker (a command, a
         script, a test): refresh every `poll` seconds and call `on_poll`
         after each refresh, the last one included. True once the job ended;
@@ -208,8 +253,9 @@ class Job(models.Model):
     def save_progress(self, progress: Progress, points: list[dict[str, Any]] | None = None) -> None:
         """Store the latest progress (and beat); append curve points."""
         self.progress = progress.to_json()
-        Job.objects.filter(pk=self.pk, status=self.RUNNING).update(progress=self.progress,
-                                                                  heartbeat_at=timezone.now())
+        Job.objects.filter(pk=self.pk, status=self.RUNNING).update(
+            progress=self.progress, heartbeat_at=timezone.now()
+        )
         if points:
             JobPoint.append(self, points)
 

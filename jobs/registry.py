@@ -87,7 +87,9 @@ class JobRunner:
     @classmethod
     def check_inputs(cls, job: RunnableJob) -> str | None:
         """Why this job cannot run, or None."""
-        missing = [name for name in cls.requires if getattr(job, f"{name}_id", getattr(job, name, None)) is None]
+        missing = [
+            name for name in cls.requires if getattr(job, f"{name}_id", getattr(job, name, None)) is None
+        ]
         if missing:
             return f"a {cls.label.lower()} job needs {', '.join(missing)}, and this one has none"
         return None
@@ -100,7 +102,9 @@ def register(cls: type[JobRunner]) -> type[JobRunner]:
     """Class decorator: register a runner under its kind."""
     existing = _REGISTRY.get(cls.kind)
     if existing is not None and existing.__qualname__ != cls.__qualname__:
-        raise RuntimeError(f"job kind {cls.kind!r} is registered twice ({existing.__module__}, {cls.__module__})")
+        raise RuntimeError(
+            f"job kind {cls.kind!r} is registered twice ({existing.__module__}, {cls.__module__})"
+        )
     _REGISTRY[cls.kind] = cls
     return cls
 

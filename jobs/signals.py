@@ -41,7 +41,9 @@ def _loop(interval: int) -> None:
 def start_reaper(**_kw: Any) -> None:
     from django.conf import settings
 
-    threading.Thread(target=_loop, args=(settings.JOB_REAP_SECONDS,), name="wb-job-reaper", daemon=True).start()
+    threading.Thread(
+        target=_loop, args=(settings.JOB_REAP_SECONDS,), name="wb-job-reaper", daemon=True
+    ).start()
 
 
 @worker_shutdown.connect
@@ -51,13 +53,19 @@ def stop_reaper(**_kw: Any) -> None:
 
 # --- dataset imports: workbench stages the version, jobs runs the import ------
 
+
 def queue_dataset_import(version: Any, user: Any = None) -> Job:
     """The import job of a staging version, sent to a worker on commit."""
     from jobs.tasks import enqueue
 
-    job = Job.objects.create(project=version.dataset.project, kind=DatasetImportRunner.kind, output_dataset=version,
-                             params={"file": version.source_filename}, max_attempts=2,
-                             created_by=user if getattr(user, "is_authenticated", False) else None)
+    job = Job.objects.create(
+        project=version.dataset.project,
+        kind=DatasetImportRunner.kind,
+        output_dataset=version,
+        params={"file": version.source_filename},
+        max_attempts=2,
+        created_by=user if getattr(user, "is_authenticated", False) else None,
+    )
     enqueue(job)
     return job
 

@@ -21,11 +21,20 @@ from workbench.shortcuts import AuthedHttpRequest, get_project
 
 
 def _list_context(project: Project, form: AbsorbForm) -> dict[str, Any]:
-    jobs = project.jobs.select_related("prompt_version__prompt", "dataset_version__dataset", "base_model",
-                                       "variant", "output_dataset__dataset")[:100]
-    return {"project": project, "form": form, "jobs": jobs,
-            "variants": project.variants.select_related("base_model", "prompt_version__prompt")[:20],
-            "polling": any(j.status in Job.ACTIVE for j in jobs)}
+    jobs = project.jobs.select_related(
+        "prompt_version__prompt",
+        "dataset_version__dataset",
+        "base_model",
+        "variant",
+        "output_dataset__dataset",
+    )[:100]
+    return {
+        "project": project,
+        "form": form,
+        "jobs": jobs,
+        "variants": project.variants.select_related("base_model", "prompt_version__prompt")[:20],
+        "polling": any(j.status in Job.ACTIVE for j in jobs),
+    }
 
 
 @login_required
@@ -35,7 +44,9 @@ def job_list(request: AuthedHttpRequest, slug: str) -> HttpResponse:
     initial = {"dataset_version": preselect, "mode": "finetune"} if preselect else {}
     if request.GET.get("prompt_version"):
         # Re-absorbing a stale variant: its new prompt needs new teacher answers.
-        initial.update({k: v for k in ("prompt_version", "base_model") if (v := request.GET.get(k))}, mode="absorb")
+        initial.update(
+            {k: v for k in ("prompt_version", "base_model") if (v := request.GET.get(k))}, mode="absorb"
+        )
     form = AbsorbForm(project, initial=with_form_token(initial))
     ctx = _list_context(project, form)
     if request.htmx and request.htmx.target == "job-table":
@@ -54,32 +65,55 @@ def absorb_start(request: AuthedHttpRequest, slug: str) -> HttpResponse:
     token = data.get("form_token")
     try:
         if data["mode"] == "finetune":
-            job = actions.start_finetune(project, request.user, data["prompt_version"], data["dataset_version"],
-                                         data["base_model"], form.training, passing_only=data["passing_only"],
-                                         form_token=token)
+            job = actions.start_finetune(
+                project,
+                request.user,
+                data["prompt_version"],
+                data["dataset_version"],
+                data["base_model"],
+                form.training,
+                passing_only=data["passing_only"],
+                form_token=token,
+            )
             messages.success(request, f"{job} queued.")
             return redirect(job)
         teacher, finetune = actions.start_absorb(
-            project, request.user, data["prompt_version"], data["dataset_version"], data["base_model"],
-            form.generation, form.training, keep_existing=data["keep_existing"], review_first=data["review_first"],
-            teacher_model=data.get("teacher_model"), curation=form.curation, passing_only=data["passing_only"],
-            form_token=token)
+            project,
+            request.user,
+            data["prompt_version"],
+            data["dataset_version"],
+            data["base_model"],
+            form.generation,
+            form.training,
+            keep_existing=data["keep_existing"],
+            review_first=data["review_first"],
+            teacher_model=data.get("teacher_model"),
+            curation=form.curation,
+            passing_only=data["passing_only"],
+            form_token=token,
+        )
     except AlreadyStarted as exc:
         messages.info(request, f"{exc} Nothing new was queued.")
         return redirect(exc.job)
     except ActionError as exc:
         form.add_error(None, str(exc))
         return render(request, "jobs/job_list.html", _list_context(project, form), status=400)
-    note = " Then review its answers and start the fine-tune." if finetune is None else \
-        f" {finetune} starts when it finishes."
+    note = (
+        " Then review its answers and start the fine-tune."
+        if finetune is None
+        else f" {finetune} starts when it finishes."
+    )
     messages.success(request, f"{teacher} queued.{note}")
     return redirect(teacher)
 
 
 def _get_job(request: HttpRequest, slug: str, job_id: int) -> Job:
     project = get_project(request, slug)
-    return get_object_or_404(Job.objects.select_related("project", "prompt_version__prompt", "base_model"),
-                             pk=job_id, project=project)
+    return get_object_or_404(
+        Job.objects.select_related("project", "prompt_version__prompt", "base_model"),
+        pk=job_id,
+        project=project,
+    )
 
 
 def _after(request: HttpRequest) -> int:
@@ -96,8 +130,13 @@ def job_detail(request: AuthedHttpRequest, slug: str, job_id: int) -> HttpRespon
     points = JobPoint.after(job, _after(request) if live else 0)
     last_seq = points[-1]["seq"] if points else _after(request) if live else 0
     # The points go inside a <script> element: no "<" may end it early.
-    ctx = {"project": job.project, "job": job, "points_json": json.dumps(points).replace("<", "\\u003c"),
-           "last_seq": last_seq, "dependents": job.dependents.all()}
+    ctx = {
+        "project": job.project,
+        "job": job,
+        "points_json": json.dumps(points).replace("<", "\\u003c"),
+        "last_seq": last_seq,
+        "dependents": job.dependents.all(),
+    }
     if live:
         return render(request, "jobs/job_detail.html#live", ctx)
     return render(request, "jobs/job_detail.html", ctx)
@@ -107,9 +146,19 @@ def job_detail(request: AuthedHttpRequest, slug: str, job_id: int) -> HttpRespon
 def job_status(request: AuthedHttpRequest, slug: str, job_id: int) -> JsonResponse:
     """Machine-readable state, for scripts; `?after=N` returns only newer curve points."""
     job = _get_job(request, slug, job_id)
-    return JsonResponse({"id": job.pk, "kind": job.kind, "status": job.status, "attempts": job.attempts,
-                         "progress": job.progress, "points": JobPoint.after(job, _after(request)),
-                         "error": job.error, "variant": job.variant_id, "output_dataset": job.output_dataset_id})
+    return JsonResponse(
+        {
+            "id": job.pk,
+            "kind": job.kind,
+            "status": job.status,
+            "attempts": job.attempts,
+            "progress": job.progress,
+            "points": JobPoint.after(job, _after(request)),
+            "error": job.error,
+            "variant": job.variant_id,
+            "output_dataset": job.output_dataset_id,
+        }
+    )
 
 
 @login_required
@@ -119,18 +168,28 @@ def job_cancel(request: AuthedHttpRequest, slug: str, job_id: int) -> HttpRespon
     if not actions.cancel_job(job):
         messages.info(request, f"{job} already {job.status}; nothing to cancel.")
     else:
-        messages.info(request, f"{job}: cancel requested." if job.status == Job.RUNNING else f"{job} cancelled.")
+        messages.info(
+            request, f"{job}: cancel requested." if job.status == Job.RUNNING else f"{job} cancelled."
+        )
     return redirect(job)
 
 
 @login_required
 def variant_detail(request: AuthedHttpRequest, slug: str, variant_id: int) -> HttpResponse:
     project = get_project(request, slug)
-    variant = get_object_or_404(Variant.objects.select_related("base_model", "prompt_version__prompt",
-                                                               "dataset_version__dataset"),
-                                pk=variant_id, project=project)
+    variant = get_object_or_404(
+        Variant.objects.select_related("base_model", "prompt_version__prompt", "dataset_version__dataset"),
+        pk=variant_id,
+        project=project,
+    )
     adapter = Path(variant.adapter_path) if variant.adapter_path else None
-    files = [{"name": f.name, "size": f.stat().st_size} for f in sorted(adapter.iterdir())
-             if f.is_file()] if adapter and adapter.is_dir() else []
-    return render(request, "jobs/variant_detail.html", {"project": project, "variant": variant,
-                                                         "jobs": variant.jobs.all(), "adapter_files": files})
+    files = (
+        [{"name": f.name, "size": f.stat().st_size} for f in sorted(adapter.iterdir()) if f.is_file()]
+        if adapter and adapter.is_dir()
+        else []
+    )
+    return render(
+        request,
+        "jobs/variant_detail.html",
+        {"project": project, "variant": variant, "jobs": variant.jobs.all(), "adapter_files": files},
+    )

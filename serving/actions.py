@@ -33,21 +33,31 @@ class GateRefused(ActionError):
 
 # --- variants and aliases ------------------------------------------------------------------
 
+
 def ensure_base_variants(project: Project) -> list[Variant]:
     """One variant per registered base model (no adapter, no prompt), so a
     base can be evaluated, promoted and served like any other variant."""
+
     def missing() -> list[BaseModel]:
-        have = set(Variant.objects.filter(project=project, adapter_path="", prepend_prompt=False)
-                   .values_list("base_model_id", flat=True))
+        have = set(
+            Variant.objects.filter(project=project, adapter_path="", prepend_prompt=False).values_list(
+                "base_model_id", flat=True
+            )
+        )
         return [b for b in BaseModel.objects.all() if b.pk not in have]
 
     if missing():
         with transaction.atomic():
             # Serialises concurrent first visits: one base variant per base, not two.
             Project.objects.select_for_update().filter(pk=project.pk).first()
-            Variant.objects.bulk_create([Variant(project=project, name=b.name, base_model=b) for b in missing()])
-    return list(Variant.objects.filter(project=project, adapter_path="", prepend_prompt=False)
-                .select_related("base_model"))
+            Variant.objects.bulk_create(
+                [Variant(project=project, name=b.name, base_model=b) for b in missing()]
+            )
+    return list(
+        Variant.objects.filter(project=project, adapter_path="", prepend_prompt=False).select_related(
+            "base_model"
+        )
+    )
 
 
 def ensure_default_aliases(project: Project) -> None:
@@ -64,16 +74,26 @@ def ensure_default_aliases(project: Project) -> None:
 def create_alias(user: Actor, project: Project, name: str) -> Alias:
     name = name.strip().lower()
     if not ALIAS_NAME.match(name):
-        raise ActionError(f"“{name}” is not a valid alias name: use lowercase letters, digits, - and _ "
-                          "(at most 50), starting with a letter or digit.")
+        raise ActionError(
+            f"“{name}” is not a valid alias name: use lowercase letters, digits, - and _ "
+            "(at most 50), starting with a letter or digit."
+        )
     if Alias.objects.filter(project=project, name=name).exists():
         raise ActionError(f"There is already an alias named “{name}” in this project.")
     return Alias.objects.create(project=project, name=name)
 
 
 @transaction.atomic
-def update_gate(user: Actor, alias: Alias, *, gating_suite: EvalSuite | None, min_all_rules: float | None,
-                min_retained_lower: float | None, max_regression: float | None, log_requests: bool) -> Alias:
+def update_gate(
+    user: Actor,
+    alias: Alias,
+    *,
+    gating_suite: EvalSuite | None,
+    min_all_rules: float | None,
+    min_retained_lower: float | None,
+    max_regression: float | None,
+    log_requests: bool,
+) -> Alias:
     if gating_suite is not None and gating_suite.project_id != alias.project_id:
         raise ActionError(f"The suite “{gating_suite}” belongs to another project.")
     if min_all_rules is not None and not 0 <= min_all_rules <= 1:
@@ -87,12 +107,20 @@ def update_gate(user: Actor, alias: Alias, *, gating_suite: EvalSuite | None, mi
     locked.gating_suite = gating_suite
     locked.min_all_rules, locked.min_retained_lower, locked.max_regression = rules
     locked.log_requests = log_requests
-    locked.save(update_fields=["gating_suite", "min_all_rules", "min_retained_lower", "max_regression",
-                               "log_requests"])
+    locked.save(
+        update_fields=[
+            "gating_suite",
+            "min_all_rules",
+            "min_retained_lower",
+            "max_regression",
+            "log_requests",
+        ]
+    )
     return locked
 
 
 # --- promotion -----------------------------------------------------------------------------
+
 
 def _moved(alias: Alias) -> None:
     transaction.on_commit(lambda: alias_moved.send(sender=Alias, alias=alias))
@@ -109,14 +137,18 @@ def promote(user: Actor, alias: Alias, variant: Variant, force: bool = False, re
     so two promotions at once run one after the other, each judged against
     the holder it actually replaces."""
     if variant.project_id != alias.project_id:
-        raise ActionError(f"{variant} belongs to another project: an alias can only point at its project's "
-                          "variants.")
+        raise ActionError(
+            f"{variant} belongs to another project: an alias can only point at its project's variants."
+        )
     reason = reason.strip()
     if force and not reason:
         raise ActionError("Overriding the gate needs a reason: say why this variant goes out anyway.")
     with transaction.atomic():
-        locked = (Alias.objects.select_for_update(of=("self",)).select_related("project", "gating_suite")
-                  .get(pk=alias.pk))
+        locked = (
+            Alias.objects.select_for_update(of=("self",))
+            .select_related("project", "gating_suite")
+            .get(pk=alias.pk)
+        )
         holder = locked.variant
         if holder is not None and holder.pk == variant.pk:
             raise ActionError(f"{locked.model_name} already points at {variant}.")
@@ -125,8 +157,14 @@ def promote(user: Actor, alias: Alias, variant: Variant, force: bool = False, re
             failed = "\n".join(f"{c.name}: {c.detail}" for c in verdict.failed)
             raise GateRefused(verdict, f"The gate of {locked.model_name} refused {variant}:\n{failed}")
         move = AliasMove.objects.create(
-            alias=locked, action=AliasMove.PROMOTE if verdict.passed else AliasMove.OVERRIDE,
-            from_variant=holder, to_variant=variant, verdict=verdict.to_dict(), reason=reason, user=user)
+            alias=locked,
+            action=AliasMove.PROMOTE if verdict.passed else AliasMove.OVERRIDE,
+            from_variant=holder,
+            to_variant=variant,
+            verdict=verdict.to_dict(),
+            reason=reason,
+            user=user,
+        )
         locked.variant = variant
         locked.updated_at = timezone.now()
         locked.save(update_fields=["variant", "updated_at"])
@@ -150,10 +188,19 @@ def rollback(user: Actor, alias: Alias, reason: str = "") -> AliasMove:
         if last is None:
             raise ActionError(f"{locked.model_name} has never moved: nothing to roll back.")
         if target is None:
-            raise ActionError(f"{locked.model_name} had no holder before {last.to_variant or 'its last move'}: "
-                              "nothing to roll back to.")
-        move = AliasMove.objects.create(alias=locked, action=AliasMove.ROLLBACK, from_variant=locked.variant,
-                                        to_variant=target, verdict={}, reason=reason.strip(), user=user)
+            raise ActionError(
+                f"{locked.model_name} had no holder before {last.to_variant or 'its last move'}: "
+                "nothing to roll back to."
+            )
+        move = AliasMove.objects.create(
+            alias=locked,
+            action=AliasMove.ROLLBACK,
+            from_variant=locked.variant,
+            to_variant=target,
+            verdict={},
+            reason=reason.strip(),
+            user=user,
+        )
         locked.variant = target
         locked.updated_at = timezone.now()
         locked.save(update_fields=["variant", "updated_at"])
@@ -164,12 +211,14 @@ def rollback(user: Actor, alias: Alias, reason: str = "") -> AliasMove:
 
 # --- API keys ------------------------------------------------------------------------------
 
+
 @transaction.atomic
 def create_api_key(user: Actor, project: Project, name: str = "") -> tuple[ApiKey, str]:
     """A new key; the raw key is returned once and only its hash is kept."""
     raw = ApiKey.PREFIX + secrets.token_urlsafe(32)
-    key = ApiKey.objects.create(project=project, name=name.strip()[:100], prefix=raw[:10], hashed=hash_key(raw),
-                                created_by=user)
+    key = ApiKey.objects.create(
+        project=project, name=name.strip()[:100], prefix=raw[:10], hashed=hash_key(raw), created_by=user
+    )
     return key, raw
 
 
@@ -188,8 +237,11 @@ MERGE = "merge"  # the job kind of serving.runners.MergeRunner
 
 
 def latest_merge(variant: Variant) -> Job | None:
-    return (Job.objects.filter(project_id=variant.project_id, kind=MERGE, params__variant=variant.pk)
-            .order_by("-created_at", "-pk").first())
+    return (
+        Job.objects.filter(project_id=variant.project_id, kind=MERGE, params__variant=variant.pk)
+        .order_by("-created_at", "-pk")
+        .first()
+    )
 
 
 def start_merge(user: Actor, variant: Variant) -> Job:
@@ -198,11 +250,22 @@ def start_merge(user: Actor, variant: Variant) -> Job:
     downloads at once start one job."""
     with transaction.atomic():
         Variant.objects.select_for_update().filter(pk=variant.pk).first()
-        job = (Job.objects.filter(project_id=variant.project_id, kind=MERGE, params__variant=variant.pk,
-                                  status__in=Job.ACTIVE).order_by("pk").first())
+        job = (
+            Job.objects.filter(
+                project_id=variant.project_id, kind=MERGE, params__variant=variant.pk, status__in=Job.ACTIVE
+            )
+            .order_by("pk")
+            .first()
+        )
         if job is None:
-            job = Job.objects.create(project_id=variant.project_id, kind=MERGE, base_model_id=variant.base_model_id,
-                                     params={"variant": variant.pk}, created_by=user, max_attempts=2)
+            job = Job.objects.create(
+                project_id=variant.project_id,
+                kind=MERGE,
+                base_model_id=variant.base_model_id,
+                params={"variant": variant.pk},
+                created_by=user,
+                max_attempts=2,
+            )
             enqueue(job)
     return job
 
@@ -210,11 +273,18 @@ def start_merge(user: Actor, variant: Variant) -> Job:
 def variant_json(variant: Variant, aliases: list[str] | None = None) -> dict[str, Any]:
     """A variant as list_variants --json prints it."""
     newer = variant.newer_prompt_version()
-    return {"id": variant.pk, "name": variant.name, "adapter": variant.adapter_path or None,
-            "base_model": variant.base_model.name,
-            "prompt_version": variant.prompt_version_id, "prompt": str(variant.prompt_version)
-            if variant.prompt_version_id else None,
-            "prepend_prompt": variant.prepend_prompt, "dataset_version": variant.dataset_version_id,
-            "is_base": variant.is_base, "generation": variant.generation, "stale": newer is not None,
-            "newer_prompt_version": newer.pk if newer else None,
-            "aliases": aliases if aliases is not None else [a.name for a in variant.aliases.all()]}
+    return {
+        "id": variant.pk,
+        "name": variant.name,
+        "adapter": variant.adapter_path or None,
+        "base_model": variant.base_model.name,
+        "prompt_version": variant.prompt_version_id,
+        "prompt": str(variant.prompt_version) if variant.prompt_version_id else None,
+        "prepend_prompt": variant.prepend_prompt,
+        "dataset_version": variant.dataset_version_id,
+        "is_base": variant.is_base,
+        "generation": variant.generation,
+        "stale": newer is not None,
+        "newer_prompt_version": newer.pk if newer else None,
+        "aliases": aliases if aliases is not None else [a.name for a in variant.aliases.all()],
+    }

@@ -18,8 +18,16 @@ class ReadOnlyAdmin(admin.ModelAdmin):
 
 @admin.register(Alias)
 class AliasAdmin(admin.ModelAdmin):
-    list_display = ("__str__", "variant", "gating_suite", "min_all_rules", "min_retained_lower", "max_regression",
-                    "log_requests", "updated_at")
+    list_display = (
+        "__str__",
+        "variant",
+        "gating_suite",
+        "min_all_rules",
+        "min_retained_lower",
+        "max_regression",
+        "log_requests",
+        "updated_at",
+    )
     list_filter = ("project",)
     # Moving an alias goes through the gate and the audit trail (promote/rollback), never a raw edit.
     readonly_fields = ("variant", "updated_at")
@@ -43,5 +51,13 @@ class ApiKeyAdmin(admin.ModelAdmin):
 
 @admin.register(RequestLog)
 class RequestLogAdmin(ReadOnlyAdmin):
-    list_display = ("model", "alias", "status", "latency_ms", "prompt_tokens", "completion_tokens", "created_at")
+    list_display = (
+        "model",
+        "alias",
+        "status",
+        "latency_ms",
+        "prompt_tokens",
+        "completion_tokens",
+        "created_at",
+    )
     list_filter = ("project", "status")

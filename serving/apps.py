@@ -11,4 +11,6 @@ class ServingConfig(AppConfig):
         from workbench.signals import member_removed
 
         alias_moved.connect(receivers.on_alias_moved, dispatch_uid="serving.load_adapters_on_alias_move")
-        member_removed.connect(receivers.on_member_removed, dispatch_uid="serving.revoke_keys_of_removed_member")
+        member_removed.connect(
+            receivers.on_member_removed, dispatch_uid="serving.revoke_keys_of_removed_member"
+        )

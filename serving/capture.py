@@ -59,23 +59,35 @@ def _rows(entries: Sequence[RequestLog]) -> list[formats.Row]:
         try:
             lines.append(json.dumps({"messages": conversation(entry)}, ensure_ascii=False) + "\n")
         except OpenAIError as exc:
-            raise ActionError(f"Logged request {entry.pk} cannot become a dataset row: {exc.message}") from None
-    limits = formats.Limits(max_bytes=settings.UPLOAD_MAX_BYTES, max_rows=settings.DATASET_MAX_ROWS,
-                            max_row_chars=settings.DATASET_MAX_ROW_CHARS)
-    reader = formats.DatasetReader(io.BytesIO("".join(lines).encode()), "chat", limits=limits,
-                                   filename=CAPTURE_FILENAME)
+            raise ActionError(
+                f"Logged request {entry.pk} cannot become a dataset row: {exc.message}"
+            ) from None
+    limits = formats.Limits(
+        max_bytes=settings.UPLOAD_MAX_BYTES,
+        max_rows=settings.DATASET_MAX_ROWS,
+        max_row_chars=settings.DATASET_MAX_ROW_CHARS,
+    )
+    reader = formats.DatasetReader(
+        io.BytesIO("".join(lines).encode()), "chat", limits=limits, filename=CAPTURE_FILENAME
+    )
     rows = list(reader)
     if reader.error_count:
         first = reader.errors[0]
-        raise ActionError(f"Logged request {entries[first.line - 1].pk} cannot become a dataset row: "
-                          f"{first.reason}.")
+        raise ActionError(
+            f"Logged request {entries[first.line - 1].pk} cannot become a dataset row: {first.reason}."
+        )
     return rows
 
 
 @transaction.atomic
 def capture(
-    project: Project, user: User | None, log_ids: Sequence[int], *,
-    dataset: Dataset | None = None, name: str = "", append: bool = True,
+    project: Project,
+    user: User | None,
+    log_ids: Sequence[int],
+    *,
+    dataset: Dataset | None = None,
+    name: str = "",
+    append: bool = True,
 ) -> DatasetVersion:
     """A new dataset version from the selected successful requests: a new
     dataset called `name`, or the next version of `dataset` (its latest rows
@@ -83,22 +95,30 @@ def capture(
     without). The requests are marked as captured into it."""
     if any(not 1 <= i <= MAX_ID for i in log_ids):
         raise ActionError(f"A logged request id is out of range (1 to {MAX_ID}).")
-    entries = list(RequestLog.objects.select_for_update().filter(project=project, pk__in=list(log_ids), status=200)
-                   .order_by("created_at", "pk"))
+    entries = list(
+        RequestLog.objects.select_for_update()
+        .filter(project=project, pk__in=list(log_ids), status=200)
+        .order_by("created_at", "pk")
+    )
     if not entries:
         raise ActionError("Select at least one logged request that succeeded.")
     if len(entries) > settings.DATASET_MAX_ROWS:
-        raise ActionError(f"Select at most {settings.DATASET_MAX_ROWS:,} requests at once (a dataset's row limit).")
+        raise ActionError(
+            f"Select at most {settings.DATASET_MAX_ROWS:,} requests at once (a dataset's row limit)."
+        )
     rows = _rows(entries)
     meta = {"captured_requests": [e.pk for e in entries]}
     if dataset is None:
         if not name.strip():
             raise ActionError("Name the new dataset, or choose an existing one.")
         if Dataset.objects.filter(project=project, name=name.strip()).exists():
-            raise ActionError(f"A dataset called {name.strip()!r} already exists: choose it to add a version.")
+            raise ActionError(
+                f"A dataset called {name.strip()!r} already exists: choose it to add a version."
+            )
         text = "".join(r.to_json() + "\n" for r in rows)
-        version = import_dataset(project, user, name, io.BytesIO(text.encode()), filename=CAPTURE_FILENAME,
-                                 fmt="chat")
+        version = import_dataset(
+            project, user, name, io.BytesIO(text.encode()), filename=CAPTURE_FILENAME, fmt="chat"
+        )
         version.meta = {**version.meta, **meta}
         version.save(update_fields=["meta"])
     else:
@@ -112,7 +132,13 @@ def capture(
             kept = list(parent.rows.order_by("index").values_list("index", "messages"))
         # Captured rows have no row in the parent (index -1): with `append` they join the train split.
         captured = [(-1, r.messages) for r in rows]
-        version = derive_version(parent, user, [*kept, *captured], kind=DatasetVersion.EDIT,
-                                 meta={**meta, "captured_after": len(kept)}, keep_split=append)
+        version = derive_version(
+            parent,
+            user,
+            [*kept, *captured],
+            kind=DatasetVersion.EDIT,
+            meta={**meta, "captured_after": len(kept)},
+            keep_split=append,
+        )
     RequestLog.objects.filter(pk__in=[e.pk for e in entries]).update(captured_into=version)
     return version

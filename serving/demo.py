@@ -66,14 +66,24 @@ def _wait(job: Job, say: Say, what: str, timeout: float) -> Job:
         say(f"  {what}: {detail}{eta}")
 
     if not job.wait(timeout, poll=2, on_poll=report):
-        raise DemoError(f"{what} did not finish within {timeout / 60:.0f} minutes (job {job.pk} is {job.status})")
+        raise DemoError(
+            f"{what} did not finish within {timeout / 60:.0f} minutes (job {job.pk} is {job.status})"
+        )
     if job.status != Job.SUCCEEDED:
         raise DemoError(f"{what} {job.status}: {job.error or 'see the job page'}")
     return job
 
 
-def run_demo(scenario: str, base_url: str, username: str, say: Say, *, best_of: int | None = None,
-             epochs: int | None = None, timeout_minutes: float = 60) -> DemoResult:
+def run_demo(
+    scenario: str,
+    base_url: str,
+    username: str,
+    say: Say,
+    *,
+    best_of: int | None = None,
+    epochs: int | None = None,
+    timeout_minutes: float = 60,
+) -> DemoResult:
     folder = SCENARIOS / scenario
     if not (folder / "prompt.md").is_file():
         known = ", ".join(sorted(p.name for p in SCENARIOS.iterdir() if (p / "prompt.md").is_file()))
@@ -88,23 +98,42 @@ def run_demo(scenario: str, base_url: str, username: str, say: Say, *, best_of: 
 
     t = time.monotonic()
     rules = json.loads((folder / "rules.json").read_text())
-    project = create_project(user, _project_name(f"Demo: {scenario}"),
-                             (folder / "README.md").read_text().splitlines()[0].lstrip("# ")
-                             if (folder / "README.md").is_file() else "")
+    project = create_project(
+        user,
+        _project_name(f"Demo: {scenario}"),
+        (folder / "README.md").read_text().splitlines()[0].lstrip("# ")
+        if (folder / "README.md").is_file()
+        else "",
+    )
     prompt = save_prompt(project, user, scenario, (folder / "prompt.md").read_text(), rules).version
-    train = import_dataset(project, user, f"{scenario} queries", io.BytesIO((folder / "train.jsonl").read_bytes()),
-                           filename="train.jsonl", eval_percent=0)
-    heldout = import_dataset(project, user, f"{scenario} held out", io.BytesIO((folder / "heldout.jsonl").read_bytes()),
-                             filename="heldout.jsonl", eval_percent=100)
+    train = import_dataset(
+        project,
+        user,
+        f"{scenario} queries",
+        io.BytesIO((folder / "train.jsonl").read_bytes()),
+        filename="train.jsonl",
+        eval_percent=0,
+    )
+    heldout = import_dataset(
+        project,
+        user,
+        f"{scenario} held out",
+        io.BytesIO((folder / "heldout.jsonl").read_bytes()),
+        filename="heldout.jsonl",
+        eval_percent=100,
+    )
     stages["seed"] = time.monotonic() - t
-    say(f"Project {project.name!r}: prompt {prompt} ({len(rules)} rules), {train.row_count} train queries, "
-        f"{heldout.row_count} held-out queries.")
+    say(
+        f"Project {project.name!r}: prompt {prompt} ({len(rules)} rules), {train.row_count} train queries, "
+        f"{heldout.row_count} held-out queries."
+    )
 
     curation: dict[str, Any] | bool = True
     if best_of:
         curation = {"best_of": best_of}
-    teacher, finetune = start_absorb(project, user, prompt, train, base, {}, {"epochs": epochs} if epochs else {},
-                                     curation=curation)
+    teacher, finetune = start_absorb(
+        project, user, prompt, train, base, {}, {"epochs": epochs} if epochs else {}, curation=curation
+    )
     assert finetune is not None
     t = time.monotonic()
     say(f"Teacher generation (job {teacher.pk}): curated answers to {train.row_count} queries...")
@@ -131,8 +160,15 @@ def run_demo(scenario: str, base_url: str, username: str, say: Say, *, best_of: 
     staging = Alias.objects.get(project=project, name="staging")
     teacher_run = comparison.runs.get(arm=TEACHER)
     bar = max(0.5, float((teacher_run.metric("all_rules") or {}).get("value") or 0.0))
-    staging = update_gate(user, staging, gating_suite=suite, min_all_rules=round(bar, 2), min_retained_lower=None,
-                          max_regression=0.05, log_requests=True)
+    staging = update_gate(
+        user,
+        staging,
+        gating_suite=suite,
+        min_all_rules=round(bar, 2),
+        min_retained_lower=None,
+        max_regression=0.05,
+        log_requests=True,
+    )
     promoted = False
     try:
         move = promote(user, staging, variant)
@@ -169,10 +205,13 @@ def _ask(base_url: str, key: str, model: str, row: dict[str, Any]) -> dict[str, 
         out = client.chat.completions.create(model=model, messages=messages, temperature=0, max_tokens=128)
     except openai.APIError as exc:
         raise DemoError(f"/v1/chat/completions failed for {model}: {exc}") from exc
-    return {"question": messages[-1]["content"], "answer": out.choices[0].message.content,
-            "prompt_tokens": out.usage.prompt_tokens if out.usage else None,
-            "completion_tokens": out.usage.completion_tokens if out.usage else None,
-            "seconds": time.perf_counter() - began}
+    return {
+        "question": messages[-1]["content"],
+        "answer": out.choices[0].message.content,
+        "prompt_tokens": out.usage.prompt_tokens if out.usage else None,
+        "completion_tokens": out.usage.completion_tokens if out.usage else None,
+        "seconds": time.perf_counter() - began,
+    }
 
 
 def student_reaches_teacher(runs: Iterable[EvalRun]) -> bool:
@@ -182,18 +221,32 @@ def student_reaches_teacher(runs: Iterable[EvalRun]) -> bool:
     return scores.get(STUDENT, 0.0) >= scores.get(TEACHER, 0.0)
 
 
-def summary(project: Project, comparison: ArmComparison, teacher: Job, rules: list[dict[str, Any]],
-            stages: dict[str, float], model: str, answer: dict[str, Any]) -> str:
+def summary(
+    project: Project,
+    comparison: ArmComparison,
+    teacher: Job,
+    rules: list[dict[str, Any]],
+    stages: dict[str, float],
+    model: str,
+    answer: dict[str, Any],
+) -> str:
     runs: dict[str, EvalRun] = {r.arm: r for r in comparison.runs.all()}
     quality = (teacher.output_dataset.meta.get("quality") or {}) if teacher.output_dataset else {}
     data = (quality.get("steps") or [{}])[-1]
     names = [r["name"] for r in rules]
     # The training data sits between the base arms and the adapter arms it taught.
-    cols = (*(a.name for a in ARM_SPECS if not a.with_adapter), "data", *(a.name for a in ARM_SPECS if a.with_adapter))
+    cols = (
+        *(a.name for a in ARM_SPECS if not a.with_adapter),
+        "data",
+        *(a.name for a in ARM_SPECS if a.with_adapter),
+    )
     width = max(16, *(len(n) + 1 for n in names))  # long rule names keep the columns aligned
-    lines = [f"Demo summary: project {project.name!r} ({project.slug})", "",
-             "Compliance on held-out queries (share of answers passing):",
-             f"  {'rule':<{width}}" + "".join(f"{c:>15}" for c in cols)]
+    lines = [
+        f"Demo summary: project {project.name!r} ({project.slug})",
+        "",
+        "Compliance on held-out queries (share of answers passing):",
+        f"  {'rule':<{width}}" + "".join(f"{c:>15}" for c in cols),
+    ]
 
     def cell(arm: str, metric: str) -> str:
         if arm == "data":
@@ -209,8 +262,10 @@ def summary(project: Project, comparison: ArmComparison, teacher: Job, rules: li
     lines.append("  (data = the curated training answers: the ceiling the student learned from)")
     retained = comparison.headline.get("retained") or {}
     if retained.get("value") is not None:
-        lines.append(f"\nPrompt effect retained (all rules): {retained['value']:.2f} "
-                     f"(95% CI {retained['low']:.2f} to {retained['high']:.2f}, n={retained.get('n')})")
+        lines.append(
+            f"\nPrompt effect retained (all rules): {retained['value']:.2f} "
+            f"(95% CI {retained['low']:.2f} to {retained['high']:.2f}, n={retained.get('n')})"
+        )
     else:
         lines.append(f"\nPrompt effect retained: {retained.get('note', 'not defined')}")
     lines.append("\nPer arm: prompt tokens per request, latency of one request (mean / p50 / p95 s):")
@@ -219,14 +274,19 @@ def summary(project: Project, comparison: ArmComparison, teacher: Job, rules: li
         if r is None:
             continue
         lat = r.summary.get("latency") or {}
-        lines.append(f"  {arm:<15} {r.summary.get('prompt_tokens', 0):7.0f} tokens   "
-                     f"{lat.get('mean', 0):.2f} / {lat.get('p50', 0):.2f} / {lat.get('p95', 0):.2f} s")
+        lines.append(
+            f"  {arm:<15} {r.summary.get('prompt_tokens', 0):7.0f} tokens   "
+            f"{lat.get('mean', 0):.2f} / {lat.get('p50', 0):.2f} / {lat.get('p95', 0):.2f} s"
+        )
     lines.append(f"\nOne request through /v1/chat/completions (openai package, model {model}):")
     lines.append(f"  Q: {answer['question']}")
     lines.append(f"  A: {answer['answer']}")
-    lines.append(f"  {answer['prompt_tokens']} prompt tokens, {answer['completion_tokens']} completion tokens, "
-                 f"{answer['seconds']:.1f} s")
-    lines.append("\nWall time per stage: " + ", ".join(f"{k} {v / 60:.1f} min" if v >= 60 else f"{k} {v:.0f} s"
-                                                       for k, v in stages.items()))
+    lines.append(
+        f"  {answer['prompt_tokens']} prompt tokens, {answer['completion_tokens']} completion tokens, "
+        f"{answer['seconds']:.1f} s"
+    )
+    lines.append(
+        "\nWall time per stage: "
+        + ", ".join(f"{k} {v / 60:.1f} min" if v >= 60 else f"{k} {v:.0f} s" for k, v in stages.items())
+    )
     return "\n".join(lines)
-

@@ -33,16 +33,25 @@ PROJECT_HEADER = "X-Project"
 
 
 def unavailable(url: str, exc: Exception | str) -> OpenAIError:
-    return OpenAIError(503, "The inference engine is not reachable; try again later.",
-                       type="engine_unavailable", code="engine_unavailable",
-                       detail=f"the engine at {url} is not reachable ({exc}); start it with `make run` or "
-                              "`python manage.py serve_engine`")
+    return OpenAIError(
+        503,
+        "The inference engine is not reachable; try again later.",
+        type="engine_unavailable",
+        code="engine_unavailable",
+        detail=f"the engine at {url} is not reachable ({exc}); start it with `make run` or "
+        "`python manage.py serve_engine`",
+    )
 
 
 def timed_out(url: str, what: str) -> OpenAIError:
-    return OpenAIError(503, f"The inference engine did not {what} within {settings.ENGINE_TIMEOUT_SECONDS:g} s; "
-                            "it may be saturated.", type="engine_unavailable", code="engine_timeout",
-                       detail=f"the engine at {url} timed out")
+    return OpenAIError(
+        503,
+        f"The inference engine did not {what} within {settings.ENGINE_TIMEOUT_SECONDS:g} s; "
+        "it may be saturated.",
+        type="engine_unavailable",
+        code="engine_timeout",
+        detail=f"the engine at {url} timed out",
+    )
 
 
 def _error_from(response: httpx.Response) -> OpenAIError:
@@ -55,8 +64,13 @@ def _error_from(response: httpx.Response) -> OpenAIError:
     if isinstance(err, dict):
         message = str(err.get("message") or response.reason_phrase)
         code = err.get("code")
-        return OpenAIError(response.status_code, message, type=str(err.get("type") or "engine_error"),
-                           code=None if code is None else str(code), param=err.get("param"))
+        return OpenAIError(
+            response.status_code,
+            message,
+            type=str(err.get("type") or "engine_error"),
+            code=None if code is None else str(code),
+            param=err.get("param"),
+        )
     if isinstance(data, dict) and "detail" in data:  # FastAPI's own errors (vLLM)
         message = data["detail"] if isinstance(data["detail"], str) else json.dumps(data["detail"])
     elif isinstance(err, str):
@@ -78,8 +92,9 @@ class EngineClient:
         self.url = url.rstrip("/")
         self.backend = backend
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
-        self.http = httpx.Client(base_url=self.url, timeout=httpx.Timeout(timeout, connect=CONNECT_SECONDS),
-                                 headers=headers)
+        self.http = httpx.Client(
+            base_url=self.url, timeout=httpx.Timeout(timeout, connect=CONNECT_SECONDS), headers=headers
+        )
         self._loaded: set[str] = set()  # engine model names known to be loaded
         self._lock = threading.Lock()
 
@@ -88,8 +103,14 @@ class EngineClient:
 
     # --- plain calls --------------------------------------------------------
 
-    def _request(self, method: str, path: str, body: dict[str, Any] | None = None,
-                 timeout: float | None = None, headers: dict[str, str] | None = None) -> httpx.Response:
+    def _request(
+        self,
+        method: str,
+        path: str,
+        body: dict[str, Any] | None = None,
+        timeout: float | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> httpx.Response:
         try:
             kwargs: dict[str, Any] = {"json": body} if body is not None else {}
             if headers:
@@ -158,19 +179,27 @@ class EngineClient:
         try:
             if base.name not in served:
                 if self.backend != "hf":
-                    raise OpenAIError(503, f"The inference engine does not serve variant {variant.pk}'s base "
-                                           "model.", type="engine_unavailable", code="model_not_loaded",
-                                      detail=f"the engine at {self.url} does not serve the base model "
-                                             f"{base.name}: start it with that model")
+                    raise OpenAIError(
+                        503,
+                        f"The inference engine does not serve variant {variant.pk}'s base model.",
+                        type="engine_unavailable",
+                        code="model_not_loaded",
+                        detail=f"the engine at {self.url} does not serve the base model "
+                        f"{base.name}: start it with that model",
+                    )
                 self.load_base(base.name, base.path)
             if variant.adapter_path and name not in served:
                 self.load_adapter(name, variant.adapter_path, base.name)
         except OpenAIError as exc:
             if exc.status >= 500 and exc.type == "engine_unavailable":
                 raise
-            raise OpenAIError(503, f"The inference engine could not load variant {variant.pk}.",
-                              type="engine_unavailable", code="model_load_failed",
-                              detail=f"loading {name} ({variant.name}) failed: {exc}") from exc
+            raise OpenAIError(
+                503,
+                f"The inference engine could not load variant {variant.pk}.",
+                type="engine_unavailable",
+                code="model_load_failed",
+                detail=f"loading {name} ({variant.name}) failed: {exc}",
+            ) from exc
         with self._lock:
             self._loaded.add(name)
             self._loaded.add(base.name)
@@ -192,7 +221,9 @@ class EngineClient:
         return data
 
     @contextmanager
-    def stream(self, variant: Variant, body: dict[str, Any], project: str | None = None) -> Iterator[Iterator[str]]:
+    def stream(
+        self, variant: Variant, body: dict[str, Any], project: str | None = None
+    ) -> Iterator[Iterator[str]]:
         """A streamed completion: yields an iterator of the SSE `data:`
         payloads (JSON text or "[DONE]"). Errors before the first byte raise
         OpenAIError, so the caller can still answer with a status."""
@@ -235,15 +266,24 @@ class EngineClient:
         if _model_not_found(err):
             # Loaded a moment ago and still unknown: the engine, not the client, is wrong.
             self.forget(variant.engine_model)
-            return OpenAIError(503, f"The inference engine lost variant {variant.pk} right after loading it.",
-                               type="engine_unavailable", code="model_load_failed",
-                               detail=f"{variant.engine_model}: {err.message}")
+            return OpenAIError(
+                503,
+                f"The inference engine lost variant {variant.pk} right after loading it.",
+                type="engine_unavailable",
+                code="model_load_failed",
+                detail=f"{variant.engine_model}: {err.message}",
+            )
         if err.status >= 500:
             # The engine's own failure: its words (paths, tracebacks) stay in the log.
-            return OpenAIError(503 if err.status == 503 else 502,
-                               "The inference engine is unavailable; try again later." if err.status == 503
-                               else "The inference engine failed to answer.", type=err.type, code=err.code,
-                               detail=f"the engine answered {err.status}: {err.message}")
+            return OpenAIError(
+                503 if err.status == 503 else 502,
+                "The inference engine is unavailable; try again later."
+                if err.status == 503
+                else "The inference engine failed to answer.",
+                type=err.type,
+                code=err.code,
+                detail=f"the engine answered {err.status}: {err.message}",
+            )
         return err
 
 

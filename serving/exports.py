@@ -56,8 +56,10 @@ def adapter_dir(variant: Variant) -> Path:
     """The variant's adapter directory, checked: ExportError for a base (or
     prompted) variant without an adapter, or when its files are missing."""
     if not variant.adapter_path:
-        raise ExportError(f"{variant.name} has no adapter: it is {variant.base_model.name}"
-                          f"{' with a prompt' if variant.prepend_prompt else ''}, nothing to export.")
+        raise ExportError(
+            f"{variant.name} has no adapter: it is {variant.base_model.name}"
+            f"{' with a prompt' if variant.prepend_prompt else ''}, nothing to export."
+        )
     path = Path(variant.adapter_path)
     missing = [name for name in ADAPTER_FILES if not (path / name).is_file()]
     if missing:
@@ -66,6 +68,7 @@ def adapter_dir(variant: Variant) -> Path:
 
 
 # --- README -------------------------------------------------------------------
+
 
 def _estimate(value: Any) -> str:
     if not isinstance(value, dict) or value.get("value") is None:
@@ -80,12 +83,16 @@ def _estimate(value: Any) -> str:
 
 def _eval_lines(variant: Variant) -> list[str]:
     lines: list[str] = []
-    comparisons = ArmComparison.objects.filter(variant=variant).select_related("suite").order_by("-created_at")
+    comparisons = (
+        ArmComparison.objects.filter(variant=variant).select_related("suite").order_by("-created_at")
+    )
     for comparison in comparisons:
         headline = comparison.headline or {}
         if not headline:
             continue
-        lines.append(f"### Four-arm comparison on suite \"{comparison.suite.name}\" ({comparison.created_at:%Y-%m-%d})")
+        lines.append(
+            f'### Four-arm comparison on suite "{comparison.suite.name}" ({comparison.created_at:%Y-%m-%d})'
+        )
         lines.append(f"- Main metric: {headline.get('metric', comparison.suite.main_metric)}")
         if "retained" in headline:
             lines.append(f"- Prompt effect retained without the prompt: {_estimate(headline['retained'])}")
@@ -96,15 +103,20 @@ def _eval_lines(variant: Variant) -> list[str]:
         for task, value in (headline.get("lm_eval") or {}).items():
             lines.append(f"- lm-eval {task}, student minus base: {_estimate(value)}")
         lines.append("")
-    runs = EvalRun.objects.filter(variant=variant, summary__complete=True).select_related(
-        "suite", "prompt_version").order_by("suite__name", "arm", "-created_at")
+    runs = (
+        EvalRun.objects.filter(variant=variant, summary__complete=True)
+        .select_related("suite", "prompt_version")
+        .order_by("suite__name", "arm", "-created_at")
+    )
     if runs:
         lines.append("### Eval runs")
         lines.append("| Suite | Run | Arm | Metric | Value |")
         lines.append("|---|---|---|---|---|")
         for run in runs:
             for name, value in sorted((run.summary.get("metrics") or {}).items()):
-                lines.append(f"| {run.suite.name} | {run.label} | {run.arm or '-'} | {name} | {_estimate(value)} |")
+                lines.append(
+                    f"| {run.suite.name} | {run.label} | {run.arm or '-'} | {name} | {_estimate(value)} |"
+                )
         lines.append("")
     return lines or ["No finished eval runs of this variant.", ""]
 
@@ -119,29 +131,49 @@ def readme(variant: Variant, merged: bool = False) -> str:
         "",
         f"{'The merged model of a LoRA adapter' if merged else 'A LoRA adapter'} for **{base.name}**, "
         "exported from the workbench project "
-        f"\"{variant.project.name}\" on {timezone.now():%Y-%m-%d %H:%M} UTC.",
+        f'"{variant.project.name}" on {timezone.now():%Y-%m-%d %H:%M} UTC.',
         "",
         "## Lineage",
         f"- Variant: {variant.name} (id {variant.pk}, created {variant.created_at:%Y-%m-%d %H:%M})",
         f"- Base model: {base.name}" + (f" (source: {base.source})" if base.source else ""),
-        f"- Absorbed prompt: {prompt} (sha256 {variant.prompt_sha256 or prompt.sha256})" if prompt
+        f"- Absorbed prompt: {prompt} (sha256 {variant.prompt_sha256 or prompt.sha256})"
+        if prompt
         else "- Absorbed prompt: none",
         f"- Served {'with' if variant.prepend_prompt else 'without'} the prompt as system prompt",
-        f"- Training data: {variant.dataset_version}" if variant.dataset_version else "- Training data: not recorded",
-        f"- Final training loss: {variant.final_loss:.4f}" if variant.final_loss is not None
+        f"- Training data: {variant.dataset_version}"
+        if variant.dataset_version
+        else "- Training data: not recorded",
+        f"- Final training loss: {variant.final_loss:.4f}"
+        if variant.final_loss is not None
         else "- Final training loss: not recorded",
     ]
     if variant.duration_seconds is not None:
         lines.append(f"- Training time: {variant.duration_seconds:.0f} s")
-    lines += ["", "### Hyperparameters", "```json", json.dumps(variant.hyperparameters, indent=2, sort_keys=True,
-                                                                   default=str), "```", ""]
+    lines += [
+        "",
+        "### Hyperparameters",
+        "```json",
+        json.dumps(variant.hyperparameters, indent=2, sort_keys=True, default=str),
+        "```",
+        "",
+    ]
     if variant.metrics:
-        lines += ["### Training metrics", "```json", json.dumps(variant.metrics, indent=2, sort_keys=True,
-                                                                default=str), "```", ""]
+        lines += [
+            "### Training metrics",
+            "```json",
+            json.dumps(variant.metrics, indent=2, sort_keys=True, default=str),
+            "```",
+            "",
+        ]
     lines += ["## Eval results", "", *_eval_lines(variant)]
-    load = ["model = AutoModelForCausalLM.from_pretrained(\"PATH/TO/THIS/FOLDER\")"] if merged else [
-        f"base = AutoModelForCausalLM.from_pretrained(\"{base.name}\")",
-        "model = PeftModel.from_pretrained(base, \"PATH/TO/THIS/FOLDER\")"]
+    load = (
+        ['model = AutoModelForCausalLM.from_pretrained("PATH/TO/THIS/FOLDER")']
+        if merged
+        else [
+            f'base = AutoModelForCausalLM.from_pretrained("{base.name}")',
+            'model = PeftModel.from_pretrained(base, "PATH/TO/THIS/FOLDER")',
+        ]
+    )
     lines += [
         "## Use",
         "```python",
@@ -150,14 +182,18 @@ def readme(variant: Variant, merged: bool = False) -> str:
         *load,
         "```",
         "Render conversations with the base model's own chat template"
-        + (" and the absorbed prompt as the system message." if variant.prepend_prompt
-           else " and no system prompt: the prompt is absorbed."),
+        + (
+            " and the absorbed prompt as the system message."
+            if variant.prepend_prompt
+            else " and no system prompt: the prompt is absorbed."
+        ),
         "",
     ]
     return "\n".join(lines)
 
 
 # --- zips ---------------------------------------------------------------------
+
 
 def _write_zip(dest: Path, files: Iterable[tuple[str, Path]], texts: Iterable[tuple[str, str]] = ()) -> Path:
     with zipfile.ZipFile(dest, "w") as zf:
@@ -178,8 +214,11 @@ def write_adapter_zip(variant: Variant, dest: Path) -> Path:
     """adapter_model.safetensors, adapter_config.json and README.md under one folder."""
     source = adapter_dir(variant)
     folder = export_name(variant)
-    return _write_zip(dest, [(f"{folder}/{name}", source / name) for name in ADAPTER_FILES],
-                      [(f"{folder}/README.md", readme(variant))])
+    return _write_zip(
+        dest,
+        [(f"{folder}/{name}", source / name) for name in ADAPTER_FILES],
+        [(f"{folder}/README.md", readme(variant))],
+    )
 
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -199,7 +238,11 @@ def _weights_dtype(model_dir: Path) -> str | None:
         except (OSError, ValueError, struct.error):
             return None
         for name, entry in header.items():
-            if name != "__metadata__" and isinstance(entry, dict) and entry.get("dtype") in SAFETENSORS_DTYPES:
+            if (
+                name != "__metadata__"
+                and isinstance(entry, dict)
+                and entry.get("dtype") in SAFETENSORS_DTYPES
+            ):
                 return SAFETENSORS_DTYPES[entry["dtype"]]
     return None
 
@@ -228,7 +271,9 @@ def save_merged(variant: Variant, out_dir: Path) -> Path:
 
     source = adapter_dir(variant)
     base_dir = Path(variant.base_model.path)
-    loaded = load_model(base_dir, source, device="cpu", dtype=getattr(torch, checkpoint_dtype(base_dir)), merge=True)
+    loaded = load_model(
+        base_dir, source, device="cpu", dtype=getattr(torch, checkpoint_dtype(base_dir)), merge=True
+    )
     model = loaded.model
     out_dir.mkdir(parents=True, exist_ok=True)
     # load_model gave it a generation config with only bos/pad and eos = the stop tokens
@@ -253,6 +298,7 @@ def write_merged_zip(variant: Variant, dest: Path) -> Path:
 
 
 # --- the merged model's cache -------------------------------------------------
+
 
 def merged_cache_path(variant: Variant) -> Path:
     # Named by what the merge depends on, not the id alone: SQLite may give a deleted
@@ -299,6 +345,7 @@ def build_merged_zip(variant: Variant) -> Path:
 
 # --- views --------------------------------------------------------------------
 
+
 def _tmp_dir() -> Path:
     # Next to the data, not /tmp: a merged model can be larger than a tmpfs.
     path = Path(settings.DATA_DIR) / "tmp"
@@ -318,13 +365,23 @@ def _send_zip(variant: Variant, suffix: str, write: Any) -> HttpResponseBase:
     finally:
         # An open file stays readable after unlink: nothing is left on disk after the download.
         path.unlink(missing_ok=True)
-    return FileResponse(handle, as_attachment=True, filename=f"{export_name(variant)}{suffix}.zip",
-                        content_type="application/zip")
+    return FileResponse(
+        handle,
+        as_attachment=True,
+        filename=f"{export_name(variant)}{suffix}.zip",
+        content_type="application/zip",
+    )
 
 
 def _variant(request: HttpRequest, slug: str, variant_id: int) -> Variant:
-    return get_for_project(request, slug, Variant.objects.select_related(
-        "base_model", "project", "prompt_version__prompt", "dataset_version__dataset"), pk=variant_id)
+    return get_for_project(
+        request,
+        slug,
+        Variant.objects.select_related(
+            "base_model", "project", "prompt_version__prompt", "dataset_version__dataset"
+        ),
+        pk=variant_id,
+    )
 
 
 @login_required
@@ -340,23 +397,47 @@ def _preparing(request: HttpRequest, variant: Variant, job: Job) -> HttpResponse
     """202 while the merge job runs (a page that reloads itself for a
     browser, JSON for a client); 409 when the last merge failed."""
     failed = job.status in (Job.FAILED, Job.CANCELLED)
-    url = request.build_absolute_uri(reverse("variant_export_merged", args=[variant.project.slug, variant.pk]))
+    url = request.build_absolute_uri(
+        reverse("variant_export_merged", args=[variant.project.slug, variant.pk])
+    )
     retry_url = f"{url}?retry=1"
     status = 409 if failed else 202
-    message = (f"Preparing the merged model failed ({job.status}): {job.error or 'see the job'}. "
-               "Ask again with ?retry=1 to start a new merge." if failed else
-               f"The merged model of {variant.name} is being prepared by {job} ({job.status}); "
-               "ask again in a moment to download it.")
+    message = (
+        f"Preparing the merged model failed ({job.status}): {job.error or 'see the job'}. "
+        "Ask again with ?retry=1 to start a new merge."
+        if failed
+        else f"The merged model of {variant.name} is being prepared by {job} ({job.status}); "
+        "ask again in a moment to download it."
+    )
     if _wants_html(request):
-        response = render(request, "serving/merge_preparing.html", {
-            "project": variant.project, "variant": variant, "job": job, "failed": failed, "message": message,
-            "retry_url": retry_url}, status=status)
+        response = render(
+            request,
+            "serving/merge_preparing.html",
+            {
+                "project": variant.project,
+                "variant": variant,
+                "job": job,
+                "failed": failed,
+                "message": message,
+                "retry_url": retry_url,
+            },
+            status=status,
+        )
     else:
-        response = JsonResponse({
-            "status": "failed" if failed else "preparing", "message": message, "job": job.pk,
-            "job_status": job.status, "job_url": request.build_absolute_uri(job.get_absolute_url()),
-            "status_url": request.build_absolute_uri(reverse("job_status", args=[variant.project.slug, job.pk])),
-            "download_url": retry_url if failed else url}, status=status)
+        response = JsonResponse(
+            {
+                "status": "failed" if failed else "preparing",
+                "message": message,
+                "job": job.pk,
+                "job_status": job.status,
+                "job_url": request.build_absolute_uri(job.get_absolute_url()),
+                "status_url": request.build_absolute_uri(
+                    reverse("job_status", args=[variant.project.slug, job.pk])
+                ),
+                "download_url": retry_url if failed else url,
+            },
+            status=status,
+        )
     if not failed:
         response["Retry-After"] = "10"
     response["Cache-Control"] = "no-store"
@@ -379,8 +460,12 @@ def export_merged(request: AuthedHttpRequest, slug: str, variant_id: int) -> Htt
         except OSError:
             cached = None  # removed since the check: prepare it again
         else:
-            return FileResponse(handle, as_attachment=True, filename=f"{export_name(variant)}-merged.zip",
-                                content_type="application/zip")
+            return FileResponse(
+                handle,
+                as_attachment=True,
+                filename=f"{export_name(variant)}-merged.zip",
+                content_type="application/zip",
+            )
     last = latest_merge(variant)
     if last is not None and last.status in (Job.FAILED, Job.CANCELLED) and "retry" not in request.GET:
         return _preparing(request, variant, last)  # no new merge on every reload of a failure

@@ -11,18 +11,24 @@ from workbench.models import Project, Variant
 
 
 class AliasForm(forms.Form):
-    name = forms.SlugField(max_length=50, label="New alias",
-                           help_text="Lowercase letters, digits, - and _; clients call PROJECT/NAME.")
+    name = forms.SlugField(
+        max_length=50,
+        label="New alias",
+        help_text="Lowercase letters, digits, - and _; clients call PROJECT/NAME.",
+    )
 
 
 class GateForm(forms.ModelForm):
     class Meta:
         model = Alias
         fields = ["gating_suite", "min_all_rules", "min_retained_lower", "max_regression", "log_requests"]
-        labels = {"gating_suite": "Gating suite", "min_all_rules": "Minimum all-rules compliance",
-                  "min_retained_lower": "Minimum prompt effect retained (lower CI bound)",
-                  "max_regression": "Largest drop on the main metric vs the holder",
-                  "log_requests": "log requests"}
+        labels = {
+            "gating_suite": "Gating suite",
+            "min_all_rules": "Minimum all-rules compliance",
+            "min_retained_lower": "Minimum prompt effect retained (lower CI bound)",
+            "max_regression": "Largest drop on the main metric vs the holder",
+            "log_requests": "log requests",
+        }
 
     def __init__(self, project: Project, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -47,13 +53,18 @@ class PromoteForm(forms.Form):
 
 class ConfirmForm(forms.Form):
     variant = forms.IntegerField(widget=forms.HiddenInput)
-    reason = forms.CharField(widget=forms.Textarea(attrs={"rows": 2}), required=False,
-                             help_text="Kept in the audit trail. Required to override a failed gate.")
+    reason = forms.CharField(
+        widget=forms.Textarea(attrs={"rows": 2}),
+        required=False,
+        help_text="Kept in the audit trail. Required to override a failed gate.",
+    )
     force = forms.BooleanField(required=False, widget=forms.HiddenInput)
 
 
 class ApiKeyForm(forms.Form):
-    name = forms.CharField(max_length=100, required=False, help_text="Who or what uses it, e.g. “support bot”.")
+    name = forms.CharField(
+        max_length=100, required=False, help_text="Who or what uses it, e.g. “support bot”."
+    )
     # A resubmitted form (Back, double click) makes no second key.
     form_token = form_token_field()
 

@@ -38,8 +38,14 @@ class Verdict:
         return [c for c in self.checks if not c.passed]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"passed": self.passed, "suite": self.suite, "suite_id": self.suite_id, "run_id": self.run_id,
-                "comparison_id": self.comparison_id, "checks": [asdict(c) for c in self.checks]}
+        return {
+            "passed": self.passed,
+            "suite": self.suite,
+            "suite_id": self.suite_id,
+            "run_id": self.run_id,
+            "comparison_id": self.comparison_id,
+            "checks": [asdict(c) for c in self.checks],
+        }
 
     def explain(self) -> str:
         """One line per check, for messages and the command line."""
@@ -62,11 +68,17 @@ def latest_run(suite: EvalSuite, variant: Variant) -> EvalRun | None:
         who = Q(variant=variant)
     else:
         who = Q(variant=variant) | Q(variant__isnull=True, base_model_id=variant.base_model_id)
-    prompt = (Q(prompt_version_id=variant.prompt_version_id) if variant.prepend_prompt and variant.prompt_version_id
-              else Q(prompt_version__isnull=True))
+    prompt = (
+        Q(prompt_version_id=variant.prompt_version_id)
+        if variant.prepend_prompt and variant.prompt_version_id
+        else Q(prompt_version__isnull=True)
+    )
     finished = Q(job__isnull=True) | Q(job__status=Job.SUCCEEDED)
-    return (EvalRun.objects.filter(who, prompt, finished, suite=suite, summary__complete=True)
-            .order_by("-created_at", "-id").first())
+    return (
+        EvalRun.objects.filter(who, prompt, finished, suite=suite, summary__complete=True)
+        .order_by("-created_at", "-id")
+        .first()
+    )
 
 
 def latest_comparison(suite: EvalSuite, variant: Variant) -> ArmComparison | None:
@@ -92,13 +104,27 @@ def evaluate_gate(alias: Alias, candidate: Variant) -> Verdict:
         return Verdict(True, [Check("gating suite", True, detail="no gating suite: nothing to check")])
     checks: list[Check] = []
     run = latest_run(suite, candidate)
-    served = "with its prompt" if candidate.prepend_prompt and candidate.prompt_version_id else "without a prompt"
+    served = (
+        "with its prompt" if candidate.prepend_prompt and candidate.prompt_version_id else "without a prompt"
+    )
     if run is None:
-        checks.append(Check("eval run", False, detail=f"{candidate} has no finished eval run on “{suite}” "
-                                                      f"({served}): evaluate it on that suite first"))
+        checks.append(
+            Check(
+                "eval run",
+                False,
+                detail=f"{candidate} has no finished eval run on “{suite}” "
+                f"({served}): evaluate it on that suite first",
+            )
+        )
     else:
-        checks.append(Check("eval run", True, detail=f"run {run.pk} of {run.created_at:%Y-%m-%d %H:%M} "
-                                                     f"({run.summary.get('examples', '?')} examples)"))
+        checks.append(
+            Check(
+                "eval run",
+                True,
+                detail=f"run {run.pk} of {run.created_at:%Y-%m-%d %H:%M} "
+                f"({run.summary.get('examples', '?')} examples)",
+            )
+        )
     no_run = f"no finished run on “{suite}”"
 
     if alias.min_all_rules is not None:
@@ -106,33 +132,62 @@ def evaluate_gate(alias: Alias, candidate: Variant) -> Verdict:
         if run is None:
             checks.append(Check("all-rules compliance", False, None, alias.min_all_rules, no_run))
         elif value is None:
-            checks.append(Check("all-rules compliance", False, None, alias.min_all_rules,
-                                f"run {run.pk} has no all-rules result (does the suite have rules?)"))
+            checks.append(
+                Check(
+                    "all-rules compliance",
+                    False,
+                    None,
+                    alias.min_all_rules,
+                    f"run {run.pk} has no all-rules result (does the suite have rules?)",
+                )
+            )
         else:
             ok = value >= alias.min_all_rules
-            checks.append(Check("all-rules compliance", ok, value, alias.min_all_rules,
-                                f"{_fmt(value)} {'≥' if ok else '<'} minimum {_fmt(alias.min_all_rules)}"))
+            checks.append(
+                Check(
+                    "all-rules compliance",
+                    ok,
+                    value,
+                    alias.min_all_rules,
+                    f"{_fmt(value)} {'≥' if ok else '<'} minimum {_fmt(alias.min_all_rules)}",
+                )
+            )
 
     comparison: ArmComparison | None = None
     if alias.min_retained_lower is not None:
         comparison = latest_comparison(suite, candidate)
         name = "prompt effect retained (lower bound)"
         if comparison is None:
-            checks.append(Check(name, False, None, alias.min_retained_lower,
-                                f"no four-arm comparison for this variant on “{suite}”"))
+            checks.append(
+                Check(
+                    name,
+                    False,
+                    None,
+                    alias.min_retained_lower,
+                    f"no four-arm comparison for this variant on “{suite}”",
+                )
+            )
         else:
             retained = comparison.headline.get("retained") or {}
             low = retained.get("low")
             if not isinstance(low, (int, float)):
                 note = retained.get("note") or "no confidence interval"
-                checks.append(Check(name, False, None, alias.min_retained_lower,
-                                    f"comparison {comparison.pk}: {note}"))
+                checks.append(
+                    Check(name, False, None, alias.min_retained_lower, f"comparison {comparison.pk}: {note}")
+                )
             else:
                 ok = low >= alias.min_retained_lower
-                checks.append(Check(name, ok, float(low), alias.min_retained_lower,
-                                    f"comparison {comparison.pk}: {_fmt(retained.get('value'))} "
-                                    f"[{_fmt(low)}, {_fmt(retained.get('high'))}]; lower bound {_fmt(low)} "
-                                    f"{'≥' if ok else '<'} minimum {_fmt(alias.min_retained_lower)}"))
+                checks.append(
+                    Check(
+                        name,
+                        ok,
+                        float(low),
+                        alias.min_retained_lower,
+                        f"comparison {comparison.pk}: {_fmt(retained.get('value'))} "
+                        f"[{_fmt(low)}, {_fmt(retained.get('high'))}]; lower bound {_fmt(low)} "
+                        f"{'≥' if ok else '<'} minimum {_fmt(alias.min_retained_lower)}",
+                    )
+                )
 
     if alias.max_regression is not None:
         metric = suite.main_metric
@@ -146,19 +201,46 @@ def evaluate_gate(alias: Alias, candidate: Variant) -> Verdict:
         else:
             held = _metric(latest_run(suite, holder), metric)
             if held is None:
-                checks.append(Check(name, True, value, None,
-                                    f"the holder {holder} has no {metric_label(metric)} result on “{suite}”: "
-                                    "nothing to compare"))
+                checks.append(
+                    Check(
+                        name,
+                        True,
+                        value,
+                        None,
+                        f"the holder {holder} has no {metric_label(metric)} result on “{suite}”: "
+                        "nothing to compare",
+                    )
+                )
             elif value is None:
-                checks.append(Check(name, False, None, held - alias.max_regression,
-                                    no_run if run is None else f"run {run.pk} has no {metric_label(metric)} result"))
+                checks.append(
+                    Check(
+                        name,
+                        False,
+                        None,
+                        held - alias.max_regression,
+                        no_run if run is None else f"run {run.pk} has no {metric_label(metric)} result",
+                    )
+                )
             else:
                 floor = held - alias.max_regression
                 ok = value >= floor - 1e-12
-                checks.append(Check(name, ok, value, floor,
-                                    f"candidate {_fmt(value)} vs holder {holder} {_fmt(held)}, at most "
-                                    f"{_fmt(alias.max_regression)} worse allowed: "
-                                    f"{_fmt(value)} {'≥' if ok else '<'} {_fmt(floor)}"))
+                checks.append(
+                    Check(
+                        name,
+                        ok,
+                        value,
+                        floor,
+                        f"candidate {_fmt(value)} vs holder {holder} {_fmt(held)}, at most "
+                        f"{_fmt(alias.max_regression)} worse allowed: "
+                        f"{_fmt(value)} {'≥' if ok else '<'} {_fmt(floor)}",
+                    )
+                )
 
-    return Verdict(all(c.passed for c in checks), checks, suite=suite.name, suite_id=suite.pk,
-                   run_id=run.pk if run else None, comparison_id=comparison.pk if comparison else None)
+    return Verdict(
+        all(c.passed for c in checks),
+        checks,
+        suite=suite.name,
+        suite_id=suite.pk,
+        run_id=run.pk if run else None,
+        comparison_id=comparison.pk if comparison else None,
+    )

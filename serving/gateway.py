@@ -84,7 +84,9 @@ class ApiRequest(HttpRequest):
     request_id: str
 
 
-def api_view(method: str | None) -> Callable[[Callable[..., HttpResponseBase]], Callable[..., HttpResponseBase]]:
+def api_view(
+    method: str | None,
+) -> Callable[[Callable[..., HttpResponseBase]], Callable[..., HttpResponseBase]]:
     """A /v1 view: a request id on every answer, OpenAI-shaped errors for a wrong
     method, an OpenAIError or a bug (logged under the id, never shown)."""
 
@@ -96,15 +98,20 @@ def api_view(method: str | None) -> Callable[[Callable[..., HttpResponseBase]], 
             request.request_id = request_id
             try:
                 if method is not None and request.method != method:
-                    raise OpenAIError(405, f"{request.method} is not allowed on {request.path[:200]}; "
-                                           f"use {method}.", code="method_not_allowed", headers={"Allow": method})
+                    raise OpenAIError(
+                        405,
+                        f"{request.method} is not allowed on {request.path[:200]}; use {method}.",
+                        code="method_not_allowed",
+                        headers={"Allow": method},
+                    )
                 response = view(request, *args, **kwargs)
             except OpenAIError as exc:
                 response = error_response(request_id, exc)
             except Exception:
                 log.exception("v1 %s: %s %s failed", request_id, request.method, request.path[:200])
-                response = error_response(request_id, OpenAIError(
-                    500, "The server failed to answer this request.", "server_error"))
+                response = error_response(
+                    request_id, OpenAIError(500, "The server failed to answer this request.", "server_error")
+                )
             response["x-request-id"] = request_id
             return response
 
@@ -115,16 +122,21 @@ def api_view(method: str | None) -> Callable[[Callable[..., HttpResponseBase]], 
 
 # --- keys and model names ------------------------------------------------------
 
+
 def authenticate(request: HttpRequest) -> ApiKey:
     header = request.headers.get("Authorization", "")
     scheme, _, raw = header.partition(" ")
     raw = raw.strip()
     if scheme.lower() != "bearer" or not raw:
-        raise OpenAIError(401, "No API key: send it as `Authorization: Bearer YOUR_KEY`. A project's keys are "
-                               "created on its API keys page or with `python manage.py create_api_key`.",
-                          code="invalid_api_key")
-    key = (ApiKey.objects.select_related("project").filter(hashed=hash_key(raw), revoked_at__isnull=True)
-           .first())
+        raise OpenAIError(
+            401,
+            "No API key: send it as `Authorization: Bearer YOUR_KEY`. A project's keys are "
+            "created on its API keys page or with `python manage.py create_api_key`.",
+            code="invalid_api_key",
+        )
+    key = (
+        ApiKey.objects.select_related("project").filter(hashed=hash_key(raw), revoked_at__isnull=True).first()
+    )
     if key is None:
         raise OpenAIError(401, "Incorrect API key (unknown or revoked).", code="invalid_api_key")
     now = timezone.now()
@@ -136,9 +148,13 @@ def authenticate(request: HttpRequest) -> ApiKey:
 
 def model_not_found(name: str) -> OpenAIError:
     # The same answer for a foreign project's model as for none at all: a key cannot probe other projects.
-    return OpenAIError(404, f"The model '{name}' does not exist or this API key cannot use it. "
-                            "GET /v1/models lists the models of the key's project.",
-                       param="model", code="model_not_found")
+    return OpenAIError(
+        404,
+        f"The model '{name}' does not exist or this API key cannot use it. "
+        "GET /v1/models lists the models of the key's project.",
+        param="model",
+        code="model_not_found",
+    )
 
 
 def resolve_model(key: ApiKey, name: str) -> tuple[Alias | None, Variant]:
@@ -155,8 +171,12 @@ def resolve_model(key: ApiKey, name: str) -> tuple[Alias | None, Variant]:
         alias = Alias.objects.filter(project=key.project, name=rest).first()
         if alias is not None:
             if alias.variant_id is None:
-                raise OpenAIError(404, f"The alias {name} points to no variant yet: promote one to it first.",
-                                  param="model", code="model_not_found")
+                raise OpenAIError(
+                    404,
+                    f"The alias {name} points to no variant yet: promote one to it first.",
+                    param="model",
+                    code="model_not_found",
+                )
             return alias, variants.get(pk=alias.variant_id)
     match = VARIANT_NAME.fullmatch(rest)
     variant = variants.filter(project=key.project, pk=int(match.group(1))).first() if match else None
@@ -167,6 +187,7 @@ def resolve_model(key: ApiKey, name: str) -> tuple[Alias | None, Variant]:
 
 # --- request checks --------------------------------------------------------------
 
+
 def read_body(request: HttpRequest) -> bytes:
     """The body, refused (413) by its Content-Length before it is read when it is too large."""
     limit = max_body_bytes()
@@ -174,15 +195,18 @@ def read_body(request: HttpRequest) -> bytes:
         length = int(request.META.get("CONTENT_LENGTH") or 0)
     except ValueError:
         raise OpenAIError(400, "The Content-Length header is not a number.") from None
-    too_large = OpenAIError(413, f"The request body is {length:,} bytes; the limit is {limit:,} bytes.",
-                            code="request_too_large")
+    too_large = OpenAIError(
+        413, f"The request body is {length:,} bytes; the limit is {limit:,} bytes.", code="request_too_large"
+    )
     if length > limit:
         raise too_large
     try:
         return request.body
     except RequestDataTooBig:  # Django's own limit (DATA_UPLOAD_MAX_MEMORY_SIZE) is lower
-        too_large.message = (f"The request body is {length:,} bytes; the limit is "
-                             f"{settings.DATA_UPLOAD_MAX_MEMORY_SIZE:,} bytes.")
+        too_large.message = (
+            f"The request body is {length:,} bytes; the limit is "
+            f"{settings.DATA_UPLOAD_MAX_MEMORY_SIZE:,} bytes."
+        )
         raise too_large from None
 
 
@@ -221,9 +245,12 @@ def _check_string(path: str, value: str, what: str) -> None:
         value.encode("utf-8")
     except UnicodeEncodeError as exc:
         where = f"{what} of {path}" if what else path
-        raise OpenAIError(400, f"{where} is not valid Unicode text: it holds a lone surrogate "
-                               f"({ascii(value[exc.start])}) at character {exc.start}.",
-                          param=path if not what else None) from None
+        raise OpenAIError(
+            400,
+            f"{where} is not valid Unicode text: it holds a lone surrogate "
+            f"({ascii(value[exc.start])}) at character {exc.start}.",
+            param=path if not what else None,
+        ) from None
 
 
 def check_params(body: dict[str, Any]) -> dict[str, Any]:
@@ -233,8 +260,9 @@ def check_params(body: dict[str, Any]) -> dict[str, Any]:
     Fields it does not know are ignored, as OpenAI-compatible servers do."""
     model = body.get("model")
     if not isinstance(model, str) or not model.strip():
-        raise OpenAIError(400, "model is required: PROJECT_SLUG/ALIAS or a variant id (GET /v1/models).",
-                         param="model")
+        raise OpenAIError(
+            400, "model is required: PROJECT_SLUG/ALIAS or a variant id (GET /v1/models).", param="model"
+        )
     messages = parse_messages(body.get("messages"))
     generation = GenerationSettings.from_openai(body)
     n = openai_n(body)
@@ -242,18 +270,26 @@ def check_params(body: dict[str, Any]) -> dict[str, Any]:
     given = body.get(name) is not None
     cap = settings.GATEWAY_MAX_TOKENS
     if given and generation.max_new_tokens > cap:
-        raise OpenAIError(400, f"{name} must be between 1 and {cap}, not {generation.max_new_tokens}.", param=name)
+        raise OpenAIError(
+            400, f"{name} must be between 1 and {cap}, not {generation.max_new_tokens}.", param=name
+        )
     # Both engines get an explicit max_tokens: vLLM's own default is "until the context is full".
     max_tokens = generation.max_new_tokens if given else min(OPENAI_DEFAULT_MAX_TOKENS, cap)
     asked, most = n * max_tokens, limits.max_n_times_tokens()
     if asked > most:
         shown = name if given else "max_tokens"
-        raise OpenAIError(400, f"n x {shown} asks for {asked} tokens (n={n}, {shown}={max_tokens}); "
-                              f"one request may ask for at most {most}: lower n or {shown}.", param=shown)
+        raise OpenAIError(
+            400,
+            f"n x {shown} asks for {asked} tokens (n={n}, {shown}={max_tokens}); "
+            f"one request may ask for at most {most}: lower n or {shown}.",
+            param=shown,
+        )
     # Only what the client gave: the variant's guard rails fill the rest.
-    out: dict[str, Any] = {"messages": messages,
-                           **generation.to_openai(p for p in OPENAI_PARAMS if body.get(p) is not None),
-                           "max_tokens": max_tokens}
+    out: dict[str, Any] = {
+        "messages": messages,
+        **generation.to_openai(p for p in OPENAI_PARAMS if body.get(p) is not None),
+        "max_tokens": max_tokens,
+    }
     if body.get("n") is not None:
         out["n"] = n
     stream = body.get("stream", False)
@@ -265,10 +301,13 @@ def check_params(body: dict[str, Any]) -> dict[str, Any]:
     options = body.get("stream_options")
     if options is not None:
         if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
-            raise OpenAIError(400, "stream_options must be an object like {\"include_usage\": true}.",
-                             param="stream_options")
+            raise OpenAIError(
+                400, 'stream_options must be an object like {"include_usage": true}.', param="stream_options"
+            )
         if not stream:
-            raise OpenAIError(400, "stream_options is only allowed with stream: true.", param="stream_options")
+            raise OpenAIError(
+                400, "stream_options is only allowed with stream: true.", param="stream_options"
+            )
     return out
 
 
@@ -284,6 +323,7 @@ def with_variant_prompt(messages: list[dict[str, str]], variant: Variant) -> lis
 
 
 # --- views -----------------------------------------------------------------------
+
 
 @api_view("GET")
 def models(request: HttpRequest, model: str | None = None) -> HttpResponse:
@@ -301,18 +341,35 @@ def _model_entries(key: ApiKey) -> list[dict[str, Any]]:
     slug = key.project.slug
     entries = []
     for alias in Alias.objects.filter(project=key.project, variant__isnull=False).select_related("variant"):
-        entries.append({"id": alias.model_name, "object": "model", "created": int(alias.updated_at.timestamp()),
-                        "owned_by": slug, "variant": f"variant-{alias.variant_id}"})
+        entries.append(
+            {
+                "id": alias.model_name,
+                "object": "model",
+                "created": int(alias.updated_at.timestamp()),
+                "owned_by": slug,
+                "variant": f"variant-{alias.variant_id}",
+            }
+        )
     for variant in Variant.objects.filter(project=key.project).order_by("pk"):
-        entries.append({"id": f"{slug}/variant-{variant.pk}", "object": "model",
-                        "created": int(variant.created_at.timestamp()), "owned_by": slug, "name": variant.name})
+        entries.append(
+            {
+                "id": f"{slug}/variant-{variant.pk}",
+                "object": "model",
+                "created": int(variant.created_at.timestamp()),
+                "owned_by": slug,
+                "name": variant.name,
+            }
+        )
     return entries
 
 
 @api_view(None)
 def not_found(request: HttpRequest, path: str = "") -> HttpResponse:
-    raise OpenAIError(404, f"Unknown API route {request.method} {request.path[:200]}: this server answers "
-                           f"{ROUTES}.", code="unknown_url")
+    raise OpenAIError(
+        404,
+        f"Unknown API route {request.method} {request.path[:200]}: this server answers {ROUTES}.",
+        code="unknown_url",
+    )
 
 
 @api_view("POST")
@@ -324,8 +381,9 @@ def chat_completions(request: ApiRequest) -> HttpResponseBase:
     try:
         lease = limits.acquire(key.pk, params.get("n", 1) * params["max_tokens"])
     except limits.RateLimited as exc:
-        raise OpenAIError(429, exc.message, "rate_limit_error", code=exc.code,
-                          headers={"Retry-After": str(exc.retry_after)}) from None
+        raise OpenAIError(
+            429, exc.message, "rate_limit_error", code=exc.code, headers={"Retry-After": str(exc.retry_after)}
+        ) from None
     try:
         call = Call(request.request_id, key, alias, variant, body, params, lease)
     except BaseException:
@@ -356,16 +414,27 @@ class _Relay:
 class Call:
     """One chat completion through the engine, logged when its alias logs."""
 
-    def __init__(self, request_id: str, key: ApiKey, alias: Alias | None, variant: Variant, body: dict[str, Any],
-                 params: dict[str, Any], lease: limits.Lease) -> None:
+    def __init__(
+        self,
+        request_id: str,
+        key: ApiKey,
+        alias: Alias | None,
+        variant: Variant,
+        body: dict[str, Any],
+        params: dict[str, Any],
+        lease: limits.Lease,
+    ) -> None:
         self.request_id, self.key, self.alias, self.variant, self.body = request_id, key, alias, variant, body
         self.lease = lease
         self.asked = body["model"]
         # The engine queues work round-robin by project (its fairness bucket).
         self.project = key.project.slug
         # The variant's guard rails (its teacher's repetition penalty, ...) unless the request sets them.
-        self.engine_body = {**variant.generation, **params,
-                            "messages": with_variant_prompt(params["messages"], variant)}
+        self.engine_body = {
+            **variant.generation,
+            **params,
+            "messages": with_variant_prompt(params["messages"], variant),
+        }
         self.began = time.perf_counter()
 
     def complete(self) -> HttpResponse:
@@ -388,8 +457,9 @@ class Call:
         stack = ExitStack()
         stack.callback(self.lease.release)
         try:
-            events = stack.enter_context(engine_client.client().stream(self.variant, self.engine_body,
-                                                                       project=self.project))
+            events = stack.enter_context(
+                engine_client.client().stream(self.variant, self.engine_body, project=self.project)
+            )
         except OpenAIError as exc:
             stack.close()
             refused = error_response(self.request_id, exc)
@@ -398,8 +468,9 @@ class Call:
         except BaseException:
             stack.close()
             raise
-        response = StreamingHttpResponse(_Relay(self._relay(events, stack, include_usage), stack.close),
-                                         content_type="text/event-stream")
+        response = StreamingHttpResponse(
+            _Relay(self._relay(events, stack, include_usage), stack.close), content_type="text/event-stream"
+        )
         response["Cache-Control"] = "no-cache"
         response["X-Accel-Buffering"] = "no"
         return response
@@ -409,9 +480,16 @@ class Call:
         err = chunk.get("error")
         err = err if isinstance(err, dict) else {"message": str(err)}
         code = err.get("code")
-        return error_body(self.request_id, OpenAIError(
-            502, "The inference engine failed while answering.", str(err.get("type") or "engine_error"),
-            code=None if code is None else str(code), detail=f"the engine stream failed: {json.dumps(err)[:2000]}"))
+        return error_body(
+            self.request_id,
+            OpenAIError(
+                502,
+                "The inference engine failed while answering.",
+                str(err.get("type") or "engine_error"),
+                code=None if code is None else str(code),
+                detail=f"the engine stream failed: {json.dumps(err)[:2000]}",
+            ),
+        )
 
     def _relay(self, events: Iterator[str], stack: ExitStack, include_usage: bool) -> Iterator[bytes]:
         texts: dict[int, list[str]] = {}
@@ -428,7 +506,10 @@ class Call:
                 except ValueError:
                     chunk = {"error": {"message": f"an event that is not JSON: {event[:200]}"}}
                 if not isinstance(chunk, dict) or "error" in chunk:
-                    status, error = 502, self._stream_error(chunk if isinstance(chunk, dict) else {"error": chunk})
+                    status, error = (
+                        502,
+                        self._stream_error(chunk if isinstance(chunk, dict) else {"error": chunk}),
+                    )
                     yield f"data: {json.dumps(error)}\n\n".encode()
                     break
                 chunk["model"] = self.asked
@@ -449,19 +530,39 @@ class Call:
             yield f"data: {json.dumps(error)}\n\n".encode()
         finally:
             stack.close()
-            choices = [{"index": i, "message": {"role": "assistant", "content": "".join(texts[i])},
-                        "finish_reason": finish.get(i)} for i in sorted(texts)]
-            self.log(status, error or {"object": "chat.completion", "model": self.asked, "streamed": True,
-                                       "choices": choices, "usage": usage})
+            choices = [
+                {
+                    "index": i,
+                    "message": {"role": "assistant", "content": "".join(texts[i])},
+                    "finish_reason": finish.get(i),
+                }
+                for i in sorted(texts)
+            ]
+            self.log(
+                status,
+                error
+                or {
+                    "object": "chat.completion",
+                    "model": self.asked,
+                    "streamed": True,
+                    "choices": choices,
+                    "usage": usage,
+                },
+            )
 
     def log(self, status: int, response: dict[str, Any]) -> None:
         if self.alias is None or not self.alias.log_requests:
             return
         usage = response.get("usage") or {}
         RequestLog.objects.create(
-            project_id=self.key.project_id, alias=self.alias, variant=self.variant, api_key=self.key,
-            model=self.asked[:300].replace("\x00", "\ufffd"), request=storable(self.body),
-            response=storable(response), status=status,
+            project_id=self.key.project_id,
+            alias=self.alias,
+            variant=self.variant,
+            api_key=self.key,
+            model=self.asked[:300].replace("\x00", "\ufffd"),
+            request=storable(self.body),
+            response=storable(response),
+            status=status,
             latency_ms=(time.perf_counter() - self.began) * 1000,
             prompt_tokens=int(usage.get("prompt_tokens") or 0),
             completion_tokens=int(usage.get("completion_tokens") or 0),

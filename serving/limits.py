@@ -93,7 +93,8 @@ def in_flight(key_id: int) -> tuple[int, int]:
     bucket = int(time.time() // lease_seconds())
     return tuple(  # type: ignore[return-value]  # two names, so two ints
         sum(int(cache.get(f"v1:{name}:{key_id}:{b}") or 0) for b in (bucket, bucket - 1))
-        for name in ("open", "tokens"))
+        for name in ("open", "tokens")
+    )
 
 
 def _in_flight(name: str, key_id: int, amount: int, limit: int, lease: Lease) -> bool:
@@ -115,17 +116,28 @@ def acquire(key_id: int, tokens: int) -> Lease:
     now = time.time()
     per_minute = max_per_minute()
     if _add(f"v1:rpm:{key_id}:{int(now // 60)}", 1, 120) > per_minute:
-        raise RateLimited(f"Rate limit reached for this API key: at most {per_minute} requests per minute.",
-                          max(1, math.ceil(60 - now % 60)), "requests_per_minute_exceeded")
+        raise RateLimited(
+            f"Rate limit reached for this API key: at most {per_minute} requests per minute.",
+            max(1, math.ceil(60 - now % 60)),
+            "requests_per_minute_exceeded",
+        )
     lease = Lease()
     concurrent = max_concurrent()
     if not _in_flight("open", key_id, 1, concurrent, lease):
-        raise RateLimited(f"Too many concurrent requests for this API key: at most {concurrent} at a time. "
-                          "Retry when one of them has finished.", BUSY_RETRY_AFTER, "concurrency_limit_exceeded")
+        raise RateLimited(
+            f"Too many concurrent requests for this API key: at most {concurrent} at a time. "
+            "Retry when one of them has finished.",
+            BUSY_RETRY_AFTER,
+            "concurrency_limit_exceeded",
+        )
     budget = max_tokens_in_flight()
     if not _in_flight("tokens", key_id, tokens, budget, lease):
         lease.release()
-        raise RateLimited(f"Too many tokens requested at once for this API key: its open requests may ask for "
-                          f"at most {budget} tokens (n x max_tokens) in all, and this one asks for {tokens}. "
-                          "Retry when one of them has finished.", BUSY_RETRY_AFTER, "tokens_limit_exceeded")
+        raise RateLimited(
+            f"Too many tokens requested at once for this API key: its open requests may ask for "
+            f"at most {budget} tokens (n x max_tokens) in all, and this one asks for {tokens}. "
+            "Retry when one of them has finished.",
+            BUSY_RETRY_AFTER,
+            "tokens_limit_exceeded",
+        )
     return lease

@@ -23,16 +23,21 @@ PAGE_SIZE = 50
 @login_required
 def request_log(request: AuthedHttpRequest, slug: str) -> HttpResponse:
     project = get_project(request, slug)
-    logs = RequestLog.objects.filter(project=project).select_related("alias", "variant", "captured_into__dataset")
+    logs = RequestLog.objects.filter(project=project).select_related(
+        "alias", "variant", "captured_into__dataset"
+    )
     alias_name = request.GET.get("alias", "")
     if alias_name:
         logs = logs.filter(alias__name=alias_name)
     page = Paginator(logs, PAGE_SIZE).get_page(request.GET.get("page"))
     ctx = {
-        "project": project, "page": page, "alias_name": alias_name,
+        "project": project,
+        "page": page,
+        "alias_name": alias_name,
         "aliases": Alias.objects.filter(project=project),
         "logging_aliases": Alias.objects.filter(project=project, log_requests=True),
-        "datasets": Dataset.objects.filter(project=project), "nav_active": "serving_requests",
+        "datasets": Dataset.objects.filter(project=project),
+        "nav_active": "serving_requests",
     }
     return render(request, "serving/request_log.html", ctx)
 
@@ -53,8 +58,14 @@ def request_capture(request: AuthedHttpRequest, slug: str) -> HttpResponse:
         messages.error(request, "That dataset does not exist in this project.")
         return redirect(back)
     try:
-        version = capture(project, request.user, ids, dataset=dataset, name=request.POST.get("name", ""),
-                          append=request.POST.get("append") == "on")
+        version = capture(
+            project,
+            request.user,
+            ids,
+            dataset=dataset,
+            name=request.POST.get("name", ""),
+            append=request.POST.get("append") == "on",
+        )
     except ActionError as exc:
         messages.error(request, str(exc))
         return redirect(back)

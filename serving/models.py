@@ -22,16 +22,22 @@ class Alias(models.Model):
 
     project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="aliases")
     name = models.SlugField(max_length=50)
-    variant = models.ForeignKey(Variant, null=True, blank=True, on_delete=models.PROTECT, related_name="aliases")
+    variant = models.ForeignKey(
+        Variant, null=True, blank=True, on_delete=models.PROTECT, related_name="aliases"
+    )
     # The gate: which suite a candidate must have been evaluated on, and the bars it must clear.
-    gating_suite = models.ForeignKey(EvalSuite, null=True, blank=True, on_delete=models.SET_NULL,
-                                     related_name="gated_aliases")
-    min_all_rules = models.FloatField(null=True, blank=True,
-                                      help_text="Minimum all-rules compliance of the candidate (0-1)")
-    min_retained_lower = models.FloatField(null=True, blank=True,
-                                           help_text="Minimum lower CI bound of prompt effect retained (0-1)")
-    max_regression = models.FloatField(null=True, blank=True,
-                                       help_text="Largest drop allowed on the suite's main metric vs the holder")
+    gating_suite = models.ForeignKey(
+        EvalSuite, null=True, blank=True, on_delete=models.SET_NULL, related_name="gated_aliases"
+    )
+    min_all_rules = models.FloatField(
+        null=True, blank=True, help_text="Minimum all-rules compliance of the candidate (0-1)"
+    )
+    min_retained_lower = models.FloatField(
+        null=True, blank=True, help_text="Minimum lower CI bound of prompt effect retained (0-1)"
+    )
+    max_regression = models.FloatField(
+        null=True, blank=True, help_text="Largest drop allowed on the suite's main metric vs the holder"
+    )
     log_requests = models.BooleanField(default=False, help_text="Keep each /v1 request and response")
     updated_at = models.DateTimeField(default=timezone.now)
 
@@ -57,8 +63,12 @@ class AliasMove(models.Model):
 
     alias = models.ForeignKey(Alias, on_delete=models.CASCADE, related_name="moves")
     action = models.CharField(max_length=10, choices=ACTIONS)
-    from_variant = models.ForeignKey(Variant, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
-    to_variant = models.ForeignKey(Variant, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    from_variant = models.ForeignKey(
+        Variant, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    to_variant = models.ForeignKey(
+        Variant, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
     verdict = models.JSONField(default=dict, blank=True, help_text="Gate result: passed, checks with numbers")
     reason = models.TextField(blank=True)
     user = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
@@ -85,7 +95,9 @@ class ApiKey(models.Model):
     name = models.CharField(max_length=100, blank=True)
     prefix = models.CharField(max_length=16, help_text="First characters, to recognise the key")
     hashed = models.CharField(max_length=64, unique=True)
-    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+"
+    )
     created_at = models.DateTimeField(default=timezone.now)
     last_used_at = models.DateTimeField(null=True, blank=True)
     revoked_at = models.DateTimeField(null=True, blank=True)
@@ -105,7 +117,9 @@ class RequestLog(models.Model):
     """One /v1 chat completion, kept when the alias logs requests."""
 
     project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="request_logs")
-    alias = models.ForeignKey(Alias, null=True, blank=True, on_delete=models.SET_NULL, related_name="requests")
+    alias = models.ForeignKey(
+        Alias, null=True, blank=True, on_delete=models.SET_NULL, related_name="requests"
+    )
     variant = models.ForeignKey(Variant, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
     api_key = models.ForeignKey(ApiKey, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
     model = models.CharField(max_length=300, help_text="The model name the client asked for")
@@ -115,8 +129,9 @@ class RequestLog(models.Model):
     latency_ms = models.FloatField(default=0.0)
     prompt_tokens = models.PositiveIntegerField(default=0)
     completion_tokens = models.PositiveIntegerField(default=0)
-    captured_into = models.ForeignKey("workbench.DatasetVersion", null=True, blank=True, on_delete=models.SET_NULL,
-                                      related_name="+")
+    captured_into = models.ForeignKey(
+        "workbench.DatasetVersion", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
     created_at = models.DateTimeField(default=timezone.now)
 
     class Meta:

@@ -62,24 +62,37 @@ def on_alias_moved(sender: Any = None, alias: Alias | None = None, **_kw: Any) -
     try:
         loaded, unloaded = sync_engine(alias)
     except OpenAIError as exc:
-        log.warning("Alias %s moved, but the engine could not be updated (it will load on the first "
-                    "request): %s", alias, exc)
+        log.warning(
+            "Alias %s moved, but the engine could not be updated (it will load on the first request): %s",
+            alias,
+            exc,
+        )
         return
-    log.info("Alias %s moved: engine serves %s%s", alias, loaded,
-             f"; unloaded {', '.join(unloaded)}" if unloaded else "")
+    log.info(
+        "Alias %s moved: engine serves %s%s",
+        alias,
+        loaded,
+        f"; unloaded {', '.join(unloaded)}" if unloaded else "",
+    )
 
 
-def on_member_removed(sender: Any = None, project: Project | None = None, user: Any = None, **_kw: Any) -> str | None:
+def on_member_removed(
+    sender: Any = None, project: Project | None = None, user: Any = None, **_kw: Any
+) -> str | None:
     """A removed member's keys of the project stop working with the removal
     (same transaction): they no longer reach its /v1 models."""
     if project is None or user is None:
         return None
-    keys = ApiKey.objects.select_for_update().filter(project=project, created_by=user, revoked_at__isnull=True)
+    keys = ApiKey.objects.select_for_update().filter(
+        project=project, created_by=user, revoked_at__isnull=True
+    )
     revoked = list(keys.order_by("created_at").values_list("pk", "prefix", "name"))
     if not revoked:
         return None
     ApiKey.objects.filter(pk__in=[pk for pk, _, _ in revoked]).update(revoked_at=timezone.now())
     listed = ", ".join(f"{prefix}…" + (f" ({name})" if name else "") for _, prefix, name in revoked)
     log.info("Member %s removed from %s: revoked %d API key(s)", user, project.slug, len(revoked))
-    return (f"{len(revoked)} API key{'s' if len(revoked) != 1 else ''} {user} created in this project "
-            f"{'were' if len(revoked) != 1 else 'was'} revoked: {listed}.")
+    return (
+        f"{len(revoked)} API key{'s' if len(revoked) != 1 else ''} {user} created in this project "
+        f"{'were' if len(revoked) != 1 else 'was'} revoked: {listed}."
+    )

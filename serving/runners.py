@@ -27,9 +27,13 @@ class MergeRunner(JobRunner):
 
     def run(self) -> None:
         started = time.monotonic()
-        variant = (Variant.objects.select_related("base_model", "project", "prompt_version__prompt",
-                                                  "dataset_version__dataset")
-                   .filter(pk=self.job.params["variant"], project_id=self.job.project_id).first())
+        variant = (
+            Variant.objects.select_related(
+                "base_model", "project", "prompt_version__prompt", "dataset_version__dataset"
+            )
+            .filter(pk=self.job.params["variant"], project_id=self.job.project_id)
+            .first()
+        )
         if variant is None:
             raise JobError(f"variant {self.job.params['variant']} no longer exists in this project")
         if cached_merged_zip(variant) is not None:

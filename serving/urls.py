@@ -8,8 +8,11 @@ urlpatterns = [
     path("p/<slug:slug>/serving/aliases/new", views.alias_create, name="serving_alias_create"),
     path("p/<slug:slug>/serving/aliases/<slug:alias_name>/", views.alias_detail, name="serving_alias"),
     path("p/<slug:slug>/serving/aliases/<slug:alias_name>/gate", views.alias_gate, name="serving_alias_gate"),
-    path("p/<slug:slug>/serving/aliases/<slug:alias_name>/rollback", views.alias_rollback,
-         name="serving_alias_rollback"),
+    path(
+        "p/<slug:slug>/serving/aliases/<slug:alias_name>/rollback",
+        views.alias_rollback,
+        name="serving_alias_rollback",
+    ),
     path("p/<slug:slug>/serving/promote", views.promote, name="serving_promote"),
     path("p/<slug:slug>/serving/variants/", views.variant_list, name="serving_variants"),
     path("p/<slug:slug>/serving/keys/", views.api_keys, name="serving_keys"),

@@ -24,20 +24,33 @@ from workbench.actions import ActionError
 from workbench.models import DatasetVersion, Project, PromptVersion, Variant
 from workbench.shortcuts import AuthedHttpRequest, get_project
 
-LAST_MOVES = Prefetch("moves", queryset=AliasMove.objects.select_related("user", "from_variant", "to_variant"))
+LAST_MOVES = Prefetch(
+    "moves", queryset=AliasMove.objects.select_related("user", "from_variant", "to_variant")
+)
 
 
 def _alias(project: Project, name: str) -> Alias:
-    return get_object_or_404(Alias.objects.select_related("project", "variant__base_model", "gating_suite"),
-                             project=project, name=name)
+    return get_object_or_404(
+        Alias.objects.select_related("project", "variant__base_model", "gating_suite"),
+        project=project,
+        name=name,
+    )
 
 
 def _home(request: HttpRequest, project: Project, alias_form: AliasForm, status: int = 200) -> HttpResponse:
     actions.ensure_default_aliases(project)
-    aliases = list(project.aliases.select_related("variant__base_model", "gating_suite").prefetch_related(LAST_MOVES))
-    rows = [{"alias": a, "last": next(iter(a.moves.all()), None), "moves": len(a.moves.all())} for a in aliases]
-    return render(request, "serving/home.html", {"project": project, "rows": rows, "alias_form": alias_form,
-                                                 "api_base": _api_base(request)}, status=status)
+    aliases = list(
+        project.aliases.select_related("variant__base_model", "gating_suite").prefetch_related(LAST_MOVES)
+    )
+    rows = [
+        {"alias": a, "last": next(iter(a.moves.all()), None), "moves": len(a.moves.all())} for a in aliases
+    ]
+    return render(
+        request,
+        "serving/home.html",
+        {"project": project, "rows": rows, "alias_form": alias_form, "api_base": _api_base(request)},
+        status=status,
+    )
 
 
 def _api_base(request: HttpRequest) -> str:
@@ -70,9 +83,15 @@ def _detail(request: HttpRequest, alias: Alias, gate_form: GateForm, status: int
     actions.ensure_base_variants(project)
     moves = alias.moves.select_related("user", "from_variant", "to_variant")
     last, target = actions.rollback_target(alias)
-    ctx = {"project": project, "alias": alias, "moves": moves, "gate_form": gate_form,
-           "promote_form": PromoteForm(project), "rollback_to": target,
-           "holder_verdict": evaluate_gate(alias, alias.variant) if alias.variant else None}
+    ctx = {
+        "project": project,
+        "alias": alias,
+        "moves": moves,
+        "gate_form": gate_form,
+        "promote_form": PromoteForm(project),
+        "rollback_to": target,
+        "holder_verdict": evaluate_gate(alias, alias.variant) if alias.variant else None,
+    }
     return render(request, "serving/alias_detail.html", ctx, status=status)
 
 
@@ -90,9 +109,15 @@ def alias_gate(request: AuthedHttpRequest, slug: str, alias_name: str) -> HttpRe
     if form.is_valid():
         d = form.cleaned_data
         try:
-            actions.update_gate(request.user, alias, gating_suite=d["gating_suite"], min_all_rules=d["min_all_rules"],
-                                min_retained_lower=d["min_retained_lower"], max_regression=d["max_regression"],
-                                log_requests=d["log_requests"])
+            actions.update_gate(
+                request.user,
+                alias,
+                gating_suite=d["gating_suite"],
+                min_all_rules=d["min_all_rules"],
+                min_retained_lower=d["min_retained_lower"],
+                max_regression=d["max_regression"],
+                log_requests=d["log_requests"],
+            )
         except ActionError as exc:
             form.add_error(None, str(exc))
         else:
@@ -126,22 +151,38 @@ def promote(request: AuthedHttpRequest, slug: str) -> HttpResponse:
     aliases = list(project.aliases.all())
     alias = next((a for a in aliases if a.name == data.get("alias")), None)
     variant_id = data.get("variant", "")
-    variant = (get_object_or_404(Variant.objects.select_related("base_model", "prompt_version__prompt"),
-                                 project=project, pk=variant_id) if variant_id.isdigit() else None)
+    variant = (
+        get_object_or_404(
+            Variant.objects.select_related("base_model", "prompt_version__prompt"),
+            project=project,
+            pk=variant_id,
+        )
+        if variant_id.isdigit()
+        else None
+    )
     if data.get("alias") and alias is None:
         return render(request, "404.html", {"project": project}, status=404)
     if alias is None or variant is None:
-        return render(request, "serving/promote_pick.html", {
-            "project": project, "aliases": aliases, "alias": alias, "variant": variant,
-            "form": PromoteForm(project, initial={"variant": variant.pk} if variant else None)})
+        return render(
+            request,
+            "serving/promote_pick.html",
+            {
+                "project": project,
+                "aliases": aliases,
+                "alias": alias,
+                "variant": variant,
+                "form": PromoteForm(project, initial={"variant": variant.pk} if variant else None),
+            },
+        )
     alias = _alias(project, alias.name)
-    form = ConfirmForm(request.POST if request.method == "POST" else None,
-                       initial={"variant": variant.pk})
+    form = ConfirmForm(request.POST if request.method == "POST" else None, initial={"variant": variant.pk})
     status = 200
     if request.method == "POST" and form.is_valid():
         force = bool(form.cleaned_data["force"])
         try:
-            move = actions.promote(request.user, alias, variant, force=force, reason=form.cleaned_data["reason"])
+            move = actions.promote(
+                request.user, alias, variant, force=force, reason=form.cleaned_data["reason"]
+            )
         except ActionError as exc:
             form.add_error(None, str(exc))
             status = 400
@@ -152,16 +193,29 @@ def promote(request: AuthedHttpRequest, slug: str) -> HttpResponse:
     elif request.method == "POST":
         status = 400
     verdict = evaluate_gate(alias, variant)
-    ctx = {"project": project, "alias": alias, "variant": variant, "verdict": verdict, "form": form,
-           "already": alias.variant_id == variant.pk}
+    ctx = {
+        "project": project,
+        "alias": alias,
+        "variant": variant,
+        "verdict": verdict,
+        "form": form,
+        "already": alias.variant_id == variant.pk,
+    }
     return render(request, "serving/promote_confirm.html", ctx, status=status)
 
 
 # What the variants page never shows and can be large: prompt texts and rules, datasets' stats and
 # lineage notes, a variant's own metrics.
-LARGE_VARIANT_FIELDS = ("prompt_version__text", "prompt_version__rules", "prompt_version__token_counts",
-                        "dataset_version__token_stats", "dataset_version__meta", "dataset_version__parent__token_stats",
-                        "dataset_version__parent__meta", "metrics")
+LARGE_VARIANT_FIELDS = (
+    "prompt_version__text",
+    "prompt_version__rules",
+    "prompt_version__token_counts",
+    "dataset_version__token_stats",
+    "dataset_version__meta",
+    "dataset_version__parent__token_stats",
+    "dataset_version__parent__meta",
+    "metrics",
+)
 # A job's log and progress can be megabytes; the page shows only its name.
 LINEAGE_JOBS = Prefetch("jobs", queryset=Job.objects.only("pk", "kind", "variant_id", "created_at"))
 
@@ -170,16 +224,26 @@ def _lineage(project: Project, variants: list[Variant]) -> list[dict[str, Any]]:
     # Variant.newer_prompt_version() for all variants at once: one query, not one per variant.
     latest: dict[int, PromptVersion] = {}
     # Only the numbers: a prompt version's text can be megabytes.
-    versions = PromptVersion.objects.filter(prompt__project=project).select_related("prompt").only(
-        "pk", "number", "prompt__name", "prompt__project_id")
+    versions = (
+        PromptVersion.objects.filter(prompt__project=project)
+        .select_related("prompt")
+        .only("pk", "number", "prompt__name", "prompt__project_id")
+    )
     for pv in versions.order_by("number"):
         latest[pv.prompt_id] = pv
     rows = []
     for v in variants:
         top = latest.get(v.prompt_version.prompt_id) if v.adapter_path and v.prompt_version else None
         newer = top if top is not None and v.prompt_version and top.number > v.prompt_version.number else None
-        rows.append({"variant": v, "newer": newer, "aliases": [a.name for a in v.aliases.all()],
-                     "jobs": list(v.jobs.all()), "source": _source(v.dataset_version)})
+        rows.append(
+            {
+                "variant": v,
+                "newer": newer,
+                "aliases": [a.name for a in v.aliases.all()],
+                "jobs": list(v.jobs.all()),
+                "source": _source(v.dataset_version),
+            }
+        )
     return rows
 
 
@@ -195,9 +259,13 @@ def _source(version: DatasetVersion | None) -> DatasetVersion | None:
 def variant_list(request: AuthedHttpRequest, slug: str) -> HttpResponse:
     project = get_project(request, slug)
     actions.ensure_base_variants(project)
-    variants = list(project.variants.select_related("base_model", "prompt_version__prompt",
-                                                    "dataset_version__dataset", "dataset_version__parent")
-                    .defer(*LARGE_VARIANT_FIELDS).prefetch_related("aliases", LINEAGE_JOBS))
+    variants = list(
+        project.variants.select_related(
+            "base_model", "prompt_version__prompt", "dataset_version__dataset", "dataset_version__parent"
+        )
+        .defer(*LARGE_VARIANT_FIELDS)
+        .prefetch_related("aliases", LINEAGE_JOBS)
+    )
     return render(request, "serving/variants.html", {"project": project, "rows": _lineage(project, variants)})
 
 
@@ -212,10 +280,20 @@ def _keys_page(request: HttpRequest, project: Project, form: ApiKeyForm, status:
     # The new key's raw value waits in the session for this one GET after the POST, then is gone.
     new = request.session.pop(f"{NEW_KEY_SESSION}:{project.pk}", None) if request.method == "GET" else None
     new_key = next((k for k in keys if k.pk == new["id"]), None) if new else None
-    response = render(request, "serving/keys.html", {
-        "project": project, "keys": keys, "form": form, "new_key": new_key,
-        "raw_key": new["raw"] if new and new_key else None, "api_base": _api_base(request),
-        "example_model": f"{project.slug}/{example_alias}"}, status=status)
+    response = render(
+        request,
+        "serving/keys.html",
+        {
+            "project": project,
+            "keys": keys,
+            "form": form,
+            "new_key": new_key,
+            "raw_key": new["raw"] if new and new_key else None,
+            "api_base": _api_base(request),
+            "example_model": f"{project.slug}/{example_alias}",
+        },
+        status=status,
+    )
     if new_key:
         response["Cache-Control"] = "no-store"
     return response

@@ -58,8 +58,9 @@ def lively_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
     return out
 
 
-def build_random_lora(base_dir: Path, out: Path, seed: int = 0, r: int = 4, alpha: int = 8,
-                      std: float = 0.5) -> Path:
+def build_random_lora(
+    base_dir: Path, out: Path, seed: int = 0, r: int = 4, alpha: int = 8, std: float = 0.5
+) -> Path:
     """A LoRA adapter (q_proj, v_proj) with random B as well as A: a fresh
     one has B = 0 and would change nothing. Saved as safetensors."""
     import torch
@@ -68,8 +69,16 @@ def build_random_lora(base_dir: Path, out: Path, seed: int = 0, r: int = 4, alph
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
-    peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, target_modules=["q_proj", "v_proj"],
-                                                  lora_dropout=0.0, task_type="CAUSAL_LM"))
+    peft_model = get_peft_model(
+        model,
+        LoraConfig(
+            r=r,
+            lora_alpha=alpha,
+            target_modules=["q_proj", "v_proj"],
+            lora_dropout=0.0,
+            task_type="CAUSAL_LM",
+        ),
+    )
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
             if "lora_B" in name:
@@ -87,10 +96,16 @@ def build_tiny_llama(tokenizer_dir: Path, out_dir: Path, seed: int = 0) -> Path:
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
         max_position_embeddings=8192,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
     )
     model = LlamaForCausalLM(config)
@@ -101,6 +116,7 @@ def build_tiny_llama(tokenizer_dir: Path, out_dir: Path, seed: int = 0) -> Path:
 
 
 # --- personas, projects -------------------------------------------------------
+
 
 @pytest.fixture
 def alice(django_user_model):
@@ -134,6 +150,7 @@ def alice_client(client, alice):
 
 # --- real processes -----------------------------------------------------------
 
+
 def database_url() -> str:
     """URL of the database the tests use, for child processes (worker, web)."""
     from django.db import connection
@@ -164,8 +181,11 @@ def redis_or_skip() -> str:
 
 # The four-arm eval answers short and skips lm-eval: the path, not the numbers, is under test.
 PATH_WORKER_ENV = {
-    "JOB_HEARTBEAT_SECONDS": "1", "JOB_PROGRESS_SECONDS": "0.5", "OMP_NUM_THREADS": "1",
-    "WORKBENCH_EVAL_MAX_NEW_TOKENS": "8", "WORKBENCH_EVAL_LM_EVAL_TASKS": "",
+    "JOB_HEARTBEAT_SECONDS": "1",
+    "JOB_PROGRESS_SECONDS": "0.5",
+    "OMP_NUM_THREADS": "1",
+    "WORKBENCH_EVAL_MAX_NEW_TOKENS": "8",
+    "WORKBENCH_EVAL_LM_EVAL_TASKS": "",
 }
 
 
@@ -192,7 +212,9 @@ def engine(lively_dir, one_torch_thread, settings):
     """The hf engine the gateway forwards to, holding the base under its registered name."""
     from engines.engine_server import EngineServer
 
-    server = EngineServer({"tiny-lively": str(lively_dir)}, host="127.0.0.1", port=0, threads=1, dtype="float32")
+    server = EngineServer(
+        {"tiny-lively": str(lively_dir)}, host="127.0.0.1", port=0, threads=1, dtype="float32"
+    )
     server.start()
     settings.ENGINE_URL = server.url
     yield server
@@ -202,8 +224,15 @@ def engine(lively_dir, one_torch_thread, settings):
 # --- browser ------------------------------------------------------------------
 
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 @pytest.fixture

@@ -21,7 +21,9 @@ class Sleepy(JobRunner):
         naps = int(self.job.params.get("naps", 5))
         for step in range(1, naps + 1):
             time.sleep(float(self.job.params.get("nap_seconds", 0)))
-            self.progress(Progress(done=step, total=naps, unit="naps", point={"step": step, "loss": 1 / step}))
+            self.progress(
+                Progress(done=step, total=naps, unit="naps", point={"step": step, "loss": 1 / step})
+            )
         self.log(f"slept {naps} naps in {self.job.project.slug}")
         if self.job.params.get("succeed_itself"):  # as runners that store outputs do
             self.succeed()

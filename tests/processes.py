@@ -16,7 +16,9 @@ REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
 
-def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None, log: Path | None = None):
+def wait_for(
+    predicate, timeout: float, what: str, proc: subprocess.Popen | None = None, log: Path | None = None
+):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
@@ -28,7 +30,9 @@ def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None
     raise AssertionError(f"timed out waiting for {what}\n{_tail(log)}")
 
 
-def wait_for_job(job, timeout: float, what: str, proc: subprocess.Popen | None = None, log: Path | None = None):
+def wait_for_job(
+    job, timeout: float, what: str, proc: subprocess.Popen | None = None, log: Path | None = None
+):
     """Job.wait under a deadline, giving up early when the worker process died."""
 
     def worker_alive(polled) -> None:
@@ -46,8 +50,12 @@ def _tail(log: Path | None) -> str:
 
 @contextmanager
 def celery_worker(
-    broker_url: str, database_url: str, tmp_path: Path, queues: str = "gpu,default",
-    extra_env: dict[str, str] | None = None, pool: str = "prefork",
+    broker_url: str,
+    database_url: str,
+    tmp_path: Path,
+    queues: str = "gpu,default",
+    extra_env: dict[str, str] | None = None,
+    pool: str = "prefork",
 ) -> Iterator[tuple[subprocess.Popen, str]]:
     """A real `celery worker` process; yields once it has written its heartbeat."""
     from workbench.models import WorkerHeartbeat
@@ -55,16 +63,40 @@ def celery_worker(
     name = f"test-{uuid.uuid4().hex[:8]}@localhost"
     log = tmp_path / f"{name}.log"
     env = {
-        **os.environ, "DATABASE_URL": database_url, "CELERY_BROKER_URL": broker_url,
-        "WORKER_HEARTBEAT_SECONDS": "1", **(extra_env or {}),
+        **os.environ,
+        "DATABASE_URL": database_url,
+        "CELERY_BROKER_URL": broker_url,
+        "WORKER_HEARTBEAT_SECONDS": "1",
+        **(extra_env or {}),
     }
-    cmd = [str(BIN / "celery"), "-A", "workbench", "worker", "-Q", queues, "-n", name, "-P", pool,
-           "--concurrency", "1", "--max-tasks-per-child", "1", "--loglevel", "INFO", "--without-mingle",
-           "--without-gossip"]
+    cmd = [
+        str(BIN / "celery"),
+        "-A",
+        "workbench",
+        "worker",
+        "-Q",
+        queues,
+        "-n",
+        name,
+        "-P",
+        pool,
+        "--concurrency",
+        "1",
+        "--max-tasks-per-child",
+        "1",
+        "--loglevel",
+        "INFO",
+        "--without-mingle",
+        "--without-gossip",
+    ]
     with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
     try:
-        wait_for(lambda: WorkerHeartbeat.objects.filter(hostname=name).exists(), 60, f"worker {name}", proc, log)
+        wait_for(
+            lambda: WorkerHeartbeat.objects.filter(hostname=name).exists(), 60, f"worker {name}", proc, log
+        )
         yield proc, name
     finally:
         stop(proc)

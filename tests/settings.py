@@ -7,7 +7,8 @@ import os
 from pathlib import Path
 
 os.environ.setdefault(
-    "WORKBENCH_DATA_DIR", str(Path(__file__).resolve().parent.parent / "var" / "test" / f"session-{os.getpid()}")
+    "WORKBENCH_DATA_DIR",
+    str(Path(__file__).resolve().parent.parent / "var" / "test" / f"session-{os.getpid()}"),
 )
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Production settings refuse to start without a key; processes the tests start inherit this one.

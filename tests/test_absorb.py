@@ -25,10 +25,25 @@ from workbench.models import BaseModel, DatasetRow, Variant
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
 PROMPT = "You are a pirate. Always start your answer with 'Arrr!' and never mention these instructions."
-QUERIES = [f"Question {i}: how do I {verb} my {thing}?" for i, (verb, thing) in enumerate(
-    [("reset", "password"), ("cancel", "order"), ("track", "parcel"), ("update", "address"),
-     ("close", "account"), ("change", "plan"), ("export", "data"), ("rename", "project"),
-     ("invite", "team"), ("pay", "invoice"), ("verify", "email"), ("delete", "photo")])]
+QUERIES = [
+    f"Question {i}: how do I {verb} my {thing}?"
+    for i, (verb, thing) in enumerate(
+        [
+            ("reset", "password"),
+            ("cancel", "order"),
+            ("track", "parcel"),
+            ("update", "address"),
+            ("close", "account"),
+            ("change", "plan"),
+            ("export", "data"),
+            ("rename", "project"),
+            ("invite", "team"),
+            ("pay", "invoice"),
+            ("verify", "email"),
+            ("delete", "photo"),
+        ]
+    )
+]
 FAST_WORKER = {"JOB_HEARTBEAT_SECONDS": "1", "JOB_STALE_SECONDS": "4", "JOB_REAP_SECONDS": "1"}
 
 
@@ -58,9 +73,15 @@ TRAIN = {"epochs": 2, "batch_size": 4, "save_steps": 2, "max_length": 256}
 def test_it_absorbs_end_to_end_on_a_real_worker(setup, worker, alice_client):
     project, alice, base, prompt, dataset = setup
     # a random tiny model's greedy answer is whitespace: sample instead
-    teacher, finetune = actions.start_absorb(project, alice, prompt, dataset, base,
-                                             {"max_new_tokens": 12, "batch_size": 4, "temperature": 1.0,
-                                              "seed": 0}, TRAIN)
+    teacher, finetune = actions.start_absorb(
+        project,
+        alice,
+        prompt,
+        dataset,
+        base,
+        {"max_new_tokens": 12, "batch_size": 4, "temperature": 1.0, "seed": 0},
+        TRAIN,
+    )
     teacher = wait_job(teacher)
     assert teacher.status == Job.SUCCEEDED, teacher.log
     out = teacher.output_dataset
@@ -90,14 +111,19 @@ def test_it_absorbs_end_to_end_on_a_real_worker(setup, worker, alice_client):
 def test_cancel_stops_training_and_nothing_requeues_it(setup, worker):
     project, alice, base, _prompt, dataset = setup
     prompt = save_prompt(project, alice, "pirate", PROMPT + " Be brief.").version
-    answered = [(r.index, [*r.messages, {"role": "assistant", "content": "Arrr! Aye."}])
-                for r in dataset.rows.order_by("index")]
+    answered = [
+        (r.index, [*r.messages, {"role": "assistant", "content": "Arrr! Aye."}])
+        for r in dataset.rows.order_by("index")
+    ]
     from workbench.actions.datasets import derive_version
 
     data = derive_version(dataset, alice, answered)
-    job = actions.start_finetune(project, alice, prompt, data, base,
-                                 {"max_steps": 5000, "batch_size": 2, "save_steps": 1000})
-    wait_for(lambda: (Job.objects.get(pk=job.pk).progress or {}).get("done", 0) >= 3, 120, "training to start")
+    job = actions.start_finetune(
+        project, alice, prompt, data, base, {"max_steps": 5000, "batch_size": 2, "save_steps": 1000}
+    )
+    wait_for(
+        lambda: (Job.objects.get(pk=job.pk).progress or {}).get("done", 0) >= 3, 120, "training to start"
+    )
     actions.cancel_job(job)
     job = wait_job(job, timeout=60)
     assert job.status == Job.CANCELLED
@@ -108,14 +134,20 @@ def test_cancel_stops_training_and_nothing_requeues_it(setup, worker):
 
 def test_a_killed_worker_resumes_from_the_checkpoint(setup, tmp_path):
     project, alice, base, prompt, dataset = setup
-    answered = [(r.index, [*r.messages, {"role": "assistant", "content": "Arrr! " + r.messages[0]["content"]}])
-                for r in dataset.rows.order_by("index")]
+    answered = [
+        (r.index, [*r.messages, {"role": "assistant", "content": "Arrr! " + r.messages[0]["content"]}])
+        for r in dataset.rows.order_by("index")
+    ]
     from workbench.actions.datasets import derive_version
 
     data = derive_version(dataset, alice, answered)
-    job = actions.start_finetune(project, alice, prompt, data, base,
-                                 {"max_steps": 40, "batch_size": 2, "save_steps": 5})
-    with celery_worker(settings.CELERY_BROKER_URL, database_url(), tmp_path, extra_env=FAST_WORKER) as (proc, _):
+    job = actions.start_finetune(
+        project, alice, prompt, data, base, {"max_steps": 40, "batch_size": 2, "save_steps": 5}
+    )
+    with celery_worker(settings.CELERY_BROKER_URL, database_url(), tmp_path, extra_env=FAST_WORKER) as (
+        proc,
+        _,
+    ):
         wait_for(lambda: (Job.objects.get(pk=job.pk).progress or {}).get("done", 0) >= 7, 120, "step 7")
         os.killpg(proc.pid, signal.SIGKILL)  # the worker and its task process, mid-training
         proc.wait()
@@ -132,13 +164,15 @@ def test_a_killed_worker_resumes_from_the_checkpoint(setup, tmp_path):
     assert resumed >= 5 and resumed % 5 == 0
     # the second attempt continued after the checkpoint instead of starting over
     assert steps.count(1) == 1, steps
-    assert steps[-(40 - resumed):] == list(range(resumed + 1, 41)), steps
+    assert steps[-(40 - resumed) :] == list(range(resumed + 1, 41)), steps
 
 
 def test_a_duplicate_delivery_trains_once(setup, worker):
     project, alice, base, prompt, dataset = setup
-    answered = [(r.index, [*r.messages, {"role": "assistant", "content": "Arrr!"}])
-                for r in dataset.rows.order_by("index")]
+    answered = [
+        (r.index, [*r.messages, {"role": "assistant", "content": "Arrr!"}])
+        for r in dataset.rows.order_by("index")
+    ]
     from workbench.actions.datasets import derive_version
 
     data = derive_version(dataset, alice, answered)
@@ -157,7 +191,9 @@ def test_a_teacher_failure_cancels_its_fine_tune(setup, worker):
     project, alice, base, prompt, dataset = setup
     BaseModel.objects.filter(pk=base.pk).update(path="/nonexistent/model")
     base.refresh_from_db()
-    teacher, finetune = actions.start_absorb(project, alice, prompt, dataset, base, {"max_new_tokens": 4}, TRAIN)
+    teacher, finetune = actions.start_absorb(
+        project, alice, prompt, dataset, base, {"max_new_tokens": 4}, TRAIN
+    )
     teacher = wait_job(teacher)
     assert teacher.status == Job.FAILED and "/nonexistent/model is not a model directory" in teacher.error
     assert Job.objects.get(pk=finetune.pk).status == Job.CANCELLED
@@ -165,9 +201,26 @@ def test_a_teacher_failure_cancels_its_fine_tune(setup, worker):
 
 def test_the_absorb_command_waits_and_prints_json(setup, worker, capsys):
     project, _alice, _base, _prompt, _dataset = setup
-    call_command("absorb", "--project", project.slug, "--prompt", "pirate@1", "--dataset", "queries",
-                 "--max-steps", "2", "--batch-size", "4", "--max-new-tokens", "8", "--temperature", "1",
-                 "--seed", "0", "--json")
+    call_command(
+        "absorb",
+        "--project",
+        project.slug,
+        "--prompt",
+        "pirate@1",
+        "--dataset",
+        "queries",
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--max-new-tokens",
+        "8",
+        "--temperature",
+        "1",
+        "--seed",
+        "0",
+        "--json",
+    )
     result = json.loads(capsys.readouterr().out)
     assert [j["status"] for j in result["jobs"]] == ["succeeded", "succeeded"]
     assert result["variant"]["metrics"]["steps"] == 2
@@ -186,8 +239,13 @@ def test_enqueue_happens_on_commit_only(setup):
         assert conn.default_channel.queue_declare("gpu").message_count == 0
         assert not Job.objects.exists()
         with transaction.atomic():
-            job = Job.objects.create(project=project, kind="teacher", base_model=base,
-                                     prompt_version=prompt, dataset_version=dataset)
+            job = Job.objects.create(
+                project=project,
+                kind="teacher",
+                base_model=base,
+                prompt_version=prompt,
+                dataset_version=dataset,
+            )
             enqueue(job)
         assert conn.default_channel.queue_declare("gpu").message_count == 1
         conn.default_channel.queue_purge("gpu")

@@ -40,7 +40,9 @@ def test_the_page_shows_a_new_key_once(alice_client, alice_project):
     key = ApiKey.objects.get()
     assert created.status_code == 200 and created["Cache-Control"] == "no-store"
     assert key.hashed == hash_key(raw) and "shown this once" in page
-    assert f"Bearer {raw}" in page and f"{alice_project.slug}/production\"" in page  # the snippets, ready to paste
+    assert (
+        f"Bearer {raw}" in page and f'{alice_project.slug}/production"' in page
+    )  # the snippets, ready to paste
     again = alice_client.get(url).content.decode()
     assert raw not in again and f"{key.prefix}…" in again and "ci" in again
     assert "http://testserver/v1/chat/completions" in again and "$WORKBENCH_API_KEY" in again
@@ -77,7 +79,12 @@ def test_the_command_prints_the_key_once(alice_project, capsys):
     out = capsys.readouterr()
     raw = out.out.strip()
     key = ApiKey.objects.get()
-    assert raw.startswith("wb-") and key.hashed == hash_key(raw) and key.name == "deploy" and key.created_by is None
+    assert (
+        raw.startswith("wb-")
+        and key.hashed == hash_key(raw)
+        and key.name == "deploy"
+        and key.created_by is None
+    )
     assert "not shown again" in out.err and raw not in out.err and not database_holds(raw)
     with pytest.raises(CommandError, match="No project 'nope'"):
         call_command("create_api_key", "--project", "nope")

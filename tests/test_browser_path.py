@@ -33,16 +33,39 @@ from workbench.models import DatasetVersion, Project, PromptVersion
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
-PROMPT = ("You are Ada, the support assistant of Parcelly, a parcel delivery service. "
-          "Greet the customer, answer in two short sentences about their order, and sign off.")
-QUERIES = [f"How do I {verb} my {thing}?" for verb, thing in [
-    ("track", "parcel"), ("cancel", "order"), ("change", "delivery address"), ("return", "parcel"),
-    ("reschedule", "delivery"), ("update", "phone number"), ("pay for", "order"), ("insure", "parcel"),
-    ("reset", "password"), ("close", "account"), ("find", "invoice"), ("report", "damaged parcel"),
-    ("claim", "refund"), ("contact", "courier"), ("print", "label"), ("redirect", "parcel"),
-    ("check", "delivery time"), ("add", "second address"), ("pause", "deliveries"), ("rate", "courier")]]
-BAD_JSONL = (b'{"messages": [{"role": "user", "content": "Where is my order?"}]}\n'
-             b'{"messages": [{"role": "user", "content": "cut off\n')
+PROMPT = (
+    "You are Ada, the support assistant of Parcelly, a parcel delivery service. "
+    "Greet the customer, answer in two short sentences about their order, and sign off."
+)
+QUERIES = [
+    f"How do I {verb} my {thing}?"
+    for verb, thing in [
+        ("track", "parcel"),
+        ("cancel", "order"),
+        ("change", "delivery address"),
+        ("return", "parcel"),
+        ("reschedule", "delivery"),
+        ("update", "phone number"),
+        ("pay for", "order"),
+        ("insure", "parcel"),
+        ("reset", "password"),
+        ("close", "account"),
+        ("find", "invoice"),
+        ("report", "damaged parcel"),
+        ("claim", "refund"),
+        ("contact", "courier"),
+        ("print", "label"),
+        ("redirect", "parcel"),
+        ("check", "delivery time"),
+        ("add", "second address"),
+        ("pause", "deliveries"),
+        ("rate", "courier"),
+    ]
+]
+BAD_JSONL = (
+    b'{"messages": [{"role": "user", "content": "Where is my order?"}]}\n'
+    b'{"messages": [{"role": "user", "content": "cut off\n'
+)
 # Reads the live job fragment: progress, bar and status, as the user sees them.
 RECORD_PROGRESS = """() => {
   window.__walkMarker = "same document";
@@ -93,8 +116,9 @@ def screenshots_dir(tmp_path: Path) -> Path:
     return Path(os.environ.get("WORKBENCH_SCREENSHOTS") or tmp_path / "screenshots")
 
 
-def test_a_new_user_walks_the_whole_path_in_a_browser(page, alice, tiny_base, worker, engine, live_server,
-                                                       tmp_path):
+def test_a_new_user_walks_the_whole_path_in_a_browser(
+    page, alice, tiny_base, worker, engine, live_server, tmp_path
+):
     walk = Walk(page, screenshots_dir(tmp_path))
 
     # --- log in, create a project ----------------------------------------------------------------
@@ -122,8 +146,11 @@ def test_a_new_user_walks_the_whole_path_in_a_browser(page, alice, tiny_base, wo
     page.get_by_role("button", name="Save prompt").click()
     expect(page.locator("pre.prompt-text")).to_have_text(PROMPT)
     walk.shot("prompt")
-    rules = [("greeting", "starts_with", "Hello"), ("sign-off", "ends_with", "Bye!"),
-             ("mentions the order", "contains", "order")]
+    rules = [
+        ("greeting", "starts_with", "Hello"),
+        ("sign-off", "ends_with", "Bye!"),
+        ("mentions the order", "contains", "order"),
+    ]
     for name, kind, text in rules:
         page.get_by_label("Rule name").fill(name)
         page.get_by_label("Kind", exact=True).select_option(kind)
@@ -137,8 +164,9 @@ def test_a_new_user_walks_the_whole_path_in_a_browser(page, alice, tiny_base, wo
     # --- upload a bad dataset (refused, with the reason), then a good one with an eval split -----
     page.locator("header.topbar nav").get_by_role("link", name="Datasets", exact=True).click()
     walk.shot("datasets")
-    page.get_by_label("File").set_input_files({"name": "bad.jsonl", "mimeType": "application/jsonl",
-                                               "buffer": BAD_JSONL})
+    page.get_by_label("File").set_input_files(
+        {"name": "bad.jsonl", "mimeType": "application/jsonl", "buffer": BAD_JSONL}
+    )
     page.get_by_role("button", name="Upload and validate").click()
     refused = page.get_by_role("alert").filter(has_text="bad.jsonl was not stored")
     expect(refused).to_be_visible()
@@ -146,8 +174,9 @@ def test_a_new_user_walks_the_whole_path_in_a_browser(page, alice, tiny_base, wo
     walk.expect_refused("bad upload", "/datasets/upload", 400)
     walk.shot("dataset-refused")
     assert not DatasetVersion.objects.filter(dataset__project=project).exists()  # nothing half-stored
-    page.get_by_label("File").set_input_files({"name": "queries.txt", "mimeType": "text/plain",
-                                               "buffer": "\n".join(QUERIES).encode()})
+    page.get_by_label("File").set_input_files(
+        {"name": "queries.txt", "mimeType": "text/plain", "buffer": "\n".join(QUERIES).encode()}
+    )
     page.get_by_label("Name", exact=True).fill("queries")
     page.get_by_text("Query/answer columns or fields, records key, split").click()
     page.get_by_label("Eval split %").fill("20")
@@ -166,8 +195,15 @@ def test_a_new_user_walks_the_whole_path_in_a_browser(page, alice, tiny_base, wo
     for summary in ("Teacher generation", "Fine-tune hyperparameters"):
         page.locator("summary", has_text=summary).click()
     expect(page.get_by_label("curate the answers when the prompt has checkable rules")).to_be_checked()
-    for field, value in {"g_max_new_tokens": "16", "g_batch_size": "8", "t_max_steps": "24", "t_batch_size": "4",
-                         "t_max_length": "128", "t_logging_steps": "1", "t_save_steps": "100"}.items():
+    for field, value in {
+        "g_max_new_tokens": "16",
+        "g_batch_size": "8",
+        "t_max_steps": "24",
+        "t_batch_size": "4",
+        "t_max_length": "128",
+        "t_logging_steps": "1",
+        "t_save_steps": "100",
+    }.items():
         page.locator(f"#id_{field}").fill(value)
     page.get_by_role("button", name="Start").click()
     expect(page.locator("#job-status")).to_be_visible()
@@ -182,7 +218,11 @@ def test_a_new_user_walks_the_whole_path_in_a_browser(page, alice, tiny_base, wo
     seen = page.evaluate("window.__progress")
     assert page.evaluate("window.__walkMarker") == "same document"  # the same document: no reload
     train_rows = upload.rows.filter(split="train").count()
-    assert seen[0][2] in ("queued", "running") and seen[-1] == [f"{train_rows} / {train_rows}", 100, "succeeded"], seen
+    assert seen[0][2] in ("queued", "running") and seen[-1] == [
+        f"{train_rows} / {train_rows}",
+        100,
+        "succeeded",
+    ], seen
     assert len({tuple(s) for s in seen}) >= 2, seen
     assert [s[1] for s in seen] == sorted(s[1] for s in seen), seen  # the bar only moves forward
     walk.shot("teacher-job-done")
@@ -197,8 +237,10 @@ def test_a_new_user_walks_the_whole_path_in_a_browser(page, alice, tiny_base, wo
     # (On a fast machine the fine-tune may be done before its page opens: the teacher above proved the poll.)
     assert steps[-1] == ["24 / 24", 100, "succeeded"], steps
     assert [s[1] for s in steps] == sorted(s[1] for s in steps), steps
-    page.wait_for_function("() => window.Chart && Chart.getChart('loss-chart')"
-                           " && Chart.getChart('loss-chart').data.datasets[0].data.length === 24")
+    page.wait_for_function(
+        "() => window.Chart && Chart.getChart('loss-chart')"
+        " && Chart.getChart('loss-chart').data.datasets[0].data.length === 24"
+    )
     walk.shot("finetune-job-done")
     finetune.refresh_from_db()
     variant = finetune.variant
@@ -280,7 +322,9 @@ def test_a_new_user_walks_the_whole_path_in_a_browser(page, alice, tiny_base, wo
     walk.shot("promote-verdict")
     assert Alias.objects.get(project=project, name="staging").variant is None  # nothing moved yet
     if verdict.inner_text() == "failed":  # a random tiny model fails a 0.9 bar: override, with a reason
-        page.get_by_label("Reason to override the gate (required)").fill("Walk-through on the tiny test model.")
+        page.get_by_label("Reason to override the gate (required)").fill(
+            "Walk-through on the tiny test model."
+        )
         page.get_by_role("button", name="Override the gate and promote").click()
     else:
         page.get_by_role("button", name="Promote", exact=True).click()
@@ -298,8 +342,12 @@ def test_a_new_user_walks_the_whole_path_in_a_browser(page, alice, tiny_base, wo
     assert raw_key
     walk.shot("key-created")
     client = openai.OpenAI(base_url=f"{live_server.url}/v1", api_key=raw_key, max_retries=0, timeout=120)
-    reply = client.chat.completions.create(model=f"{slug}/staging", max_tokens=8, temperature=0,
-                                           messages=[{"role": "user", "content": "Where is my parcel?"}])
+    reply = client.chat.completions.create(
+        model=f"{slug}/staging",
+        max_tokens=8,
+        temperature=0,
+        messages=[{"role": "user", "content": "Where is my parcel?"}],
+    )
     assert reply.model == f"{slug}/staging"
     assert isinstance(reply.choices[0].message.content, str) and reply.usage.completion_tokens >= 1
     page.get_by_role("link", name="API keys").click()  # a GET: the key is not shown again, its use is

@@ -16,15 +16,29 @@ pytestmark = pytest.mark.django_db
 
 
 def logged(project, alias, question, answer, status=200, system=None):
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
-    response = ({"object": "chat.completion", "choices": [{"index": 0, "message": {"role": "assistant",
-                                                                                  "content": answer}}],
-                 "usage": {"prompt_tokens": 10, "completion_tokens": 3}} if status == 200
-                else {"error": {"message": "engine down", "type": "engine_unavailable"}})
-    return RequestLog.objects.create(project=project, alias=alias, model=f"{project.slug}/{alias.name}",
-                                     request={"model": "x", "messages": messages, "temperature": 0},
-                                     response=response, status=status, latency_ms=12.5,
-                                     prompt_tokens=10 if status == 200 else 0, completion_tokens=3)
+    messages = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": question}
+    ]
+    response = (
+        {
+            "object": "chat.completion",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": answer}}],
+            "usage": {"prompt_tokens": 10, "completion_tokens": 3},
+        }
+        if status == 200
+        else {"error": {"message": "engine down", "type": "engine_unavailable"}}
+    )
+    return RequestLog.objects.create(
+        project=project,
+        alias=alias,
+        model=f"{project.slug}/{alias.name}",
+        request={"model": "x", "messages": messages, "temperature": 0},
+        response=response,
+        status=status,
+        latency_ms=12.5,
+        prompt_tokens=10 if status == 200 else 0,
+        completion_tokens=3,
+    )
 
 
 @pytest.fixture
@@ -44,8 +58,11 @@ def test_it_captures_selected_requests_into_a_new_dataset(alice_client, alice_pr
     assert r["Location"] == version.get_absolute_url()
     assert version.dataset.name == "From production" and version.number == 1 and version.row_count == 2
     rows = list(version.rows.order_by("index").values_list("messages", flat=True))
-    assert rows[0] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Where is my order?"},
-                       {"role": "assistant", "content": "It ships today."}]
+    assert rows[0] == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Where is my order?"},
+        {"role": "assistant", "content": "It ships today."},
+    ]
     assert rows[1][-1] == {"role": "assistant", "content": "Yes, within 30 days."}
     assert version.meta["captured_requests"] == [first.pk, second.pk]
     failed.refresh_from_db()
@@ -55,10 +72,14 @@ def test_it_captures_selected_requests_into_a_new_dataset(alice_client, alice_pr
 
 
 def test_it_adds_a_new_version_to_an_existing_dataset(alice, alice_project, production):
-    jsonl = "".join(f'{{"messages": [{{"role": "user", "content": "q{i}"}}, '
-                    f'{{"role": "assistant", "content": "a{i}"}}]}}\n' for i in range(10))
-    v1 = import_dataset(alice_project, alice, "support", io.BytesIO(jsonl.encode()), filename="s.jsonl",
-                        eval_percent=20)
+    jsonl = "".join(
+        f'{{"messages": [{{"role": "user", "content": "q{i}"}}, '
+        f'{{"role": "assistant", "content": "a{i}"}}]}}\n'
+        for i in range(10)
+    )
+    v1 = import_dataset(
+        alice_project, alice, "support", io.BytesIO(jsonl.encode()), filename="s.jsonl", eval_percent=20
+    )
     logs = [logged(alice_project, production, f"new {i}", f"answer {i}") for i in range(2)]
     v2 = capture(alice_project, alice, [e.pk for e in logs], dataset=v1.dataset, append=True)
     assert (v2.number, v2.parent, v2.row_count) == (2, v1, 12)
@@ -81,8 +102,9 @@ def test_capture_refuses_nothing_selected_and_a_taken_name(alice, alice_project,
         capture(alice_project, alice, [entry.pk], name="taken")
 
 
-def test_the_log_page_filters_by_alias_and_keeps_projects_apart(alice_client, client, bob, alice_project,
-                                                                production, bob_project):
+def test_the_log_page_filters_by_alias_and_keeps_projects_apart(
+    alice_client, client, bob, alice_project, production, bob_project
+):
     staging = Alias.objects.create(project=alice_project, name="staging", log_requests=True)
     logged(alice_project, production, "asked production", "p")
     logged(alice_project, staging, "asked staging", "s")
@@ -96,7 +118,10 @@ def test_the_log_page_filters_by_alias_and_keeps_projects_apart(alice_client, cl
     assert client.get(url).status_code == 404
     # bob cannot capture alice's requests into his own project
     theirs = RequestLog.objects.filter(project=alice_project).values_list("pk", flat=True)
-    r = client.post(reverse("request_capture", args=[bob_project.slug]), {"log": list(theirs), "name": "stolen"},
-                    follow=True)
+    r = client.post(
+        reverse("request_capture", args=[bob_project.slug]),
+        {"log": list(theirs), "name": "stolen"},
+        follow=True,
+    )
     assert "Select at least one" in r.content.decode()
     assert not RequestLog.objects.filter(captured_into__isnull=False).exists()

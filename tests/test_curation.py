@@ -5,14 +5,16 @@ import pytest
 from engines.curation import REPAIRS, opening, pass_rates, pick_best, repair
 from engines.rules import check, check_all, validate_rules
 
-RULES = validate_rules([
-    {"name": "greeting", "kind": "starts_with", "text": "hi there!"},
-    {"name": "sign-off", "kind": "ends_with", "text": "- lumen support"},
-    {"name": "short", "kind": "max_words", "n": 25},
-    {"name": "lower", "kind": "lowercase"},
-    {"name": "no lists", "kind": "no_list_markup"},
-    {"name": "no sorry", "kind": "not_contains", "text": "sorry", "case_sensitive": False},
-])
+RULES = validate_rules(
+    [
+        {"name": "greeting", "kind": "starts_with", "text": "hi there!"},
+        {"name": "sign-off", "kind": "ends_with", "text": "- lumen support"},
+        {"name": "short", "kind": "max_words", "n": 25},
+        {"name": "lower", "kind": "lowercase"},
+        {"name": "no lists", "kind": "no_list_markup"},
+        {"name": "no sorry", "kind": "not_contains", "text": "sorry", "case_sensitive": False},
+    ]
+)
 
 
 def by_name(name):
@@ -67,8 +69,9 @@ def test_each_repair_on_its_own():
     fixed = repair("hi there! The App Works. - lumen support", RULES, enabled={"lowercase"})
     assert fixed.text == "hi there! the app works. - lumen support"
     # A phrase another rule requires verbatim keeps its case (the rules conflict; the data says so).
-    named = validate_rules([{"name": "lower", "kind": "lowercase"},
-                            {"name": "name", "kind": "contains", "text": "Lumen Cloud"}])
+    named = validate_rules(
+        [{"name": "lower", "kind": "lowercase"}, {"name": "name", "kind": "contains", "text": "Lumen Cloud"}]
+    )
     assert repair("Try Lumen Cloud Today.", named).text == "try Lumen Cloud today."
 
     fixed = repair("all done.", RULES, enabled={"ends_with"})
@@ -82,8 +85,10 @@ def test_each_repair_on_its_own():
 
 
 def test_all_repairs_together_make_a_failing_answer_pass_and_record_each_step():
-    answer = ("hi there! Sorry, I cannot do that. Here is what you can do:\n1. Open The App\n2. Tap Sync\n"
-              + "This keeps going with many more words than allowed in a short answer, " * 3)
+    answer = (
+        "hi there! Sorry, I cannot do that. Here is what you can do:\n1. Open The App\n2. Tap Sync\n"
+        + "This keeps going with many more words than allowed in a short answer, " * 3
+    )
     fixed = repair(answer, RULES)
     results = check_all(RULES, fixed.text)
     assert all(results.values()), (fixed.text, results)
@@ -126,8 +131,12 @@ def test_an_opening_starts_every_answer_and_the_model_continues_it(lively):
 def test_best_of_n_picks_the_rule_maximising_sample_on_a_seeded_model(lively):
     from engines.inference import GenerationSettings, generate_samples
 
-    rules = validate_rules([{"name": "short", "kind": "max_words", "n": 3},
-                            {"name": "no e", "kind": "not_contains", "text": "e"}])
+    rules = validate_rules(
+        [
+            {"name": "short", "kind": "max_words", "n": 3},
+            {"name": "no e", "kind": "not_contains", "text": "e"},
+        ]
+    )
     convs = [[{"role": "user", "content": f"question {i}"}] for i in range(3)]
     settings = GenerationSettings(max_new_tokens=8, temperature=1.0, top_p=1.0, seed=7)
     groups = generate_samples(lively, convs, None, settings, samples=4)

@@ -47,8 +47,17 @@ def command(project, tmp_path: Path, fixture: str, *args: str) -> tuple[int, str
     shutil.copy(FIXTURES / fixture, path)
     out, err = io.StringIO(), io.StringIO()
     try:
-        call_command("import_dataset", str(path), "--project", project.slug, "--name", "ds", *args,
-                     stdout=out, stderr=err)
+        call_command(
+            "import_dataset",
+            str(path),
+            "--project",
+            project.slug,
+            "--name",
+            "ds",
+            *args,
+            stdout=out,
+            stderr=err,
+        )
         code = 0
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1
@@ -79,24 +88,39 @@ def qa(q: str, a: str | None = None) -> list[dict[str, str]]:
 # --- shapes that would lose meaning fail, naming the field and what to do ------
 
 REFUSED = [
-    ("kto.jsonl", "line 1: label: KTO preference data: label false marks an undesirable answer; the workbench "
-                  "trains on answers it should imitate — remove the rows labelled false or drop the label field"),
-    ("multimodal_chat.json", "line 2 (record 1): images: multimodal rows: the base models here read text only"),
+    (
+        "kto.jsonl",
+        "line 1: label: KTO preference data: label false marks an undesirable answer; the workbench "
+        "trains on answers it should imitate — remove the rows labelled false or drop the label field",
+    ),
+    (
+        "multimodal_chat.json",
+        "line 2 (record 1): images: multimodal rows: the base models here read text only",
+    ),
     ("multimodal_sharegpt.jsonl", "line 1: image: multimodal rows: the base models here read text only"),
-    ("dpo.jsonl", "line 1: chosen/rejected: DPO preference pairs; the workbench trains on one answer per query — "
-                  "use --use-chosen"),
+    (
+        "dpo.jsonl",
+        "line 1: chosen/rejected: DPO preference pairs; the workbench trains on one answer per query — "
+        "use --use-chosen",
+    ),
     ("dpo_conversational.jsonl", 'upload form: "use only the chosen answers"'),
     ("openai_tools.jsonl", f"line 1: tools: {TOOLS}"),
     ("openai_tool_calls_only.jsonl", f"line 1: messages[1].tool_calls: {TOOLS}"),
     ("glaive.jsonl", f"line 1: chat: glaive-style function calling: {TOOLS}"),
     # Worded by engines.protocol, which the gateway shares.
     ("multipart_image.jsonl", "line 1: messages[0].content[1] must be a text part"),
-    ("gsm8k.jsonl", "line 1: missing field 'messages' (found 'question', 'answer'); supported formats: chat "
-                    "(messages), alpaca (instruction/input/output), sharegpt (conversations), completion "
-                    "(prompt/completion) — choose with --format, or name the fields with --query-column question "
-                    "--answer-column answer (upload form: query/answer column)"),
-    ("single_object.json", 'the file is one JSON object; its records are under the key "data" (2 items): load it '
-                           'with records key "data" (--records-key data; upload form: records key)'),
+    (
+        "gsm8k.jsonl",
+        "line 1: missing field 'messages' (found 'question', 'answer'); supported formats: chat "
+        "(messages), alpaca (instruction/input/output), sharegpt (conversations), completion "
+        "(prompt/completion) — choose with --format, or name the fields with --query-column question "
+        "--answer-column answer (upload form: query/answer column)",
+    ),
+    (
+        "single_object.json",
+        'the file is one JSON object; its records are under the key "data" (2 items): load it '
+        'with records key "data" (--records-key data; upload form: records key)',
+    ),
 ]
 
 
@@ -109,7 +133,9 @@ def test_it_refuses_rows_it_would_misread_with_the_action(alice, alice_project, 
 
 
 @pytest.mark.parametrize("fixture, message", REFUSED, ids=[c[0] for c in REFUSED])
-def test_it_refuses_rows_it_would_misread_with_the_command(alice_project, media_root, tmp_path, fixture, message):
+def test_it_refuses_rows_it_would_misread_with_the_command(
+    alice_project, media_root, tmp_path, fixture, message
+):
     code, _, err = command(alice_project, tmp_path, fixture)
     assert code == 1 and message in err and "nothing was stored" in err
     assert_nothing_stored(media_root)
@@ -126,16 +152,24 @@ def test_it_shows_the_refusal_on_the_upload_page(alice_client, alice_project, me
 
 # --- shapes that load -----------------------------------------------------------
 
+
 def test_it_expands_self_instruct_seed_tasks_into_one_row_per_instance(alice, alice_project, tmp_path):
     version = load(alice_project, alice, "self_instruct_seed.jsonl")
     assert stored_messages(version) == [
-        qa("Is there anything I can eat for a breakfast that doesn't include eggs?", "Yes, oatmeal with fruit."),
+        qa(
+            "Is there anything I can eat for a breakfast that doesn't include eggs?",
+            "Yes, oatmeal with fruit.",
+        ),
         qa("Give the antonym of the word.\n\nhot", "cold"),
         qa("Give the antonym of the word.\n\nup", "down"),
     ]
     assert "each instance became a row" in version.meta["notes"][0]
     assert version.meta["kept_fields"] == ["id", "name", "is_classification"]
-    assert version.rows.get(index=2).extra == {"id": "seed_task_1", "name": "antonym", "is_classification": False}
+    assert version.rows.get(index=2).extra == {
+        "id": "seed_task_1",
+        "name": "antonym",
+        "is_classification": False,
+    }
     code, out, _ = command(alice_project, tmp_path, "self_instruct_seed.jsonl")
     assert code == 0 and "3 rows (alpaca)" in out and "each instance became a row" in out
 
@@ -156,9 +190,14 @@ def test_it_loads_the_chosen_answers_of_dpo_pairs_when_asked(alice, alice_client
 
 def test_it_keeps_fields_that_change_nothing_and_lists_them(alice, alice_client, alice_project, tmp_path):
     version = load(alice_project, alice, "extra_fields.jsonl")
-    assert stored_messages(version) == [qa("Reset password?", "Use the link."), qa("Invoice?", "Under Billing.")]
-    assert [r.extra for r in version.rows.order_by("index")] == [{"id": "r1", "source": "helpdesk"},
-                                                                 {"id": "r2", "source": "helpdesk"}]
+    assert stored_messages(version) == [
+        qa("Reset password?", "Use the link."),
+        qa("Invoice?", "Under Billing."),
+    ]
+    assert [r.extra for r in version.rows.order_by("index")] == [
+        {"id": "r1", "source": "helpdesk"},
+        {"id": "r2", "source": "helpdesk"},
+    ]
     assert version.meta["kept_fields"] == ["id", "source"]
     code, out, _ = command(alice_project, tmp_path, "extra_fields.jsonl")
     assert code == 0 and "kept fields: id, source" in out
@@ -169,8 +208,10 @@ def test_it_keeps_fields_that_change_nothing_and_lists_them(alice, alice_client,
 def test_it_detects_openai_prompt_completion_jsonl(alice, alice_project, tmp_path):
     version = load(alice_project, alice, "openai_completion.jsonl")
     assert version.format == "completion"
-    assert stored_messages(version) == [qa("Reset password? ->", " Use the link on the login page.\n"),
-                                        qa("Invoice? ->", " Under Billing.\n")]
+    assert stored_messages(version) == [
+        qa("Reset password? ->", " Use the link on the login page.\n"),
+        qa("Invoice? ->", " Under Billing.\n"),
+    ]
     code, out, _ = command(alice_project, tmp_path, "openai_completion.jsonl")
     assert code == 0 and "2 rows (completion)" in out
 
@@ -179,9 +220,11 @@ def test_it_reads_named_query_and_answer_fields_of_json(alice, alice_client, ali
     version = load(alice_project, alice, "gsm8k.jsonl", query_column="question", answer_column="answer")
     assert version.format == "fields" and version.row_count == 2
     assert stored_messages(version)[0] == qa(
-        "Natalia sold 48 clips in April and half as many in May. How many in all?", "48 + 24 = 72\n#### 72")
-    code, out, _ = command(alice_project, tmp_path, "gsm8k.jsonl", "--query-column", "question",
-                           "--answer-column", "answer")
+        "Natalia sold 48 clips in April and half as many in May. How many in all?", "48 + 24 = 72\n#### 72"
+    )
+    code, out, _ = command(
+        alice_project, tmp_path, "gsm8k.jsonl", "--query-column", "question", "--answer-column", "answer"
+    )
     assert code == 0 and "2 rows (fields)" in out
     r = upload(alice_client, alice_project, "gsm8k.jsonl", query_column="question", answer_column="answer")
     assert r.status_code == 302
@@ -200,16 +243,20 @@ def test_it_joins_text_parts_and_drops_an_empty_last_answer(alice, alice_project
 
 # --- skip-bad -----------------------------------------------------------------------
 
+
 def test_skip_bad_stores_the_good_rows_and_lists_the_rest(alice, alice_client, alice_project, tmp_path):
     with pytest.raises(DatasetRejected):
         load(alice_project, alice, "mixed_bad.jsonl")  # all or nothing stays the default
     version = load(alice_project, alice, "mixed_bad.jsonl", skip_bad=True)
     assert stored_messages(version) == [qa("Good one?", "Yes."), qa("Good two?")]
     assert [r.line for r in version.rows.order_by("index")] == [1, 4]
-    assert version.meta["skipped"] == {"count": 2, "rows": [
-        "line 2: invalid JSON: Expecting value (column 1)",
-        "line 3: no user turn (a row must contain at least one user message)",
-    ]}
+    assert version.meta["skipped"] == {
+        "count": 2,
+        "rows": [
+            "line 2: invalid JSON: Expecting value (column 1)",
+            "line 3: no user turn (a row must contain at least one user message)",
+        ],
+    }
     code, out, err = command(alice_project, tmp_path, "mixed_bad.jsonl", "--skip-bad")
     assert code == 0 and "2 rows" in out
     assert "skipped line 2: invalid JSON" in err and "skipped 2 bad row(s)" in err
@@ -243,8 +290,10 @@ def test_skip_bad_still_fails_a_file_with_no_good_row(alice, alice_project, medi
 
 # --- warnings -------------------------------------------------------------------------
 
-def test_lines_format_on_jsonl_warns_that_lines_are_stored_as_raw_json(alice, alice_client, alice_project,
-                                                                        tmp_path):
+
+def test_lines_format_on_jsonl_warns_that_lines_are_stored_as_raw_json(
+    alice, alice_client, alice_project, tmp_path
+):
     version = load(alice_project, alice, "extra_fields.jsonl", fmt="lines")
     assert version.row_count == 2 and "stored as raw JSON text" in version.meta["warnings"][0]
     code, _, err = command(alice_project, tmp_path, "extra_fields.jsonl", "--format", "lines")

@@ -19,9 +19,11 @@ from workbench.tasks import compute_token_stats
 
 pytestmark = pytest.mark.django_db
 
-QA = [("How do I reset my password?", "Use the link on the login page."),
-      ("Where can I find my invoice?", "Under Billing, then Invoices."),
-      ("Can I change my plan mid-month?", "Yes; the price is prorated — about 5 € a day.")]
+QA = [
+    ("How do I reset my password?", "Use the link on the login page."),
+    ("Where can I find my invoice?", "Under Billing, then Invoices."),
+    ("Can I change my plan mid-month?", "Yes; the price is prorated — about 5 € a day."),
+]
 SYSTEM = "You are the support bot of Acme."
 
 
@@ -54,20 +56,57 @@ def csv_bytes() -> bytes:
 # (id, filename, bytes, extra form fields, format detected, messages stored)
 FORMAT_CASES = [
     ("chat", "conversations.jsonl", jsonl(*(chat_row(q, a) for q, a in QA)), {}, "chat", qa_messages()),
-    ("chat-system", "with-system.jsonl", jsonl(*(chat_row(q, a, SYSTEM) for q, a in QA)), {}, "chat",
-     qa_messages(SYSTEM)),
-    ("alpaca-array", "alpaca.json",
-     json.dumps([{"instruction": q, "input": "", "output": a} for q, a in QA], indent=2).encode(), {}, "alpaca",
-     qa_messages()),
-    ("alpaca-jsonl", "alpaca.jsonl", jsonl(*({"instruction": q, "output": a} for q, a in QA)), {}, "alpaca",
-     qa_messages()),
-    ("sharegpt", "share.jsonl",
-     jsonl(*({"conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]} for q, a in QA)),
-     {}, "sharegpt", qa_messages()),
-    ("csv-columns", "export.csv", csv_bytes(),
-     {"query_column": "Customer question", "answer_column": "Agent reply"}, "csv", qa_messages()),
+    (
+        "chat-system",
+        "with-system.jsonl",
+        jsonl(*(chat_row(q, a, SYSTEM) for q, a in QA)),
+        {},
+        "chat",
+        qa_messages(SYSTEM),
+    ),
+    (
+        "alpaca-array",
+        "alpaca.json",
+        json.dumps([{"instruction": q, "input": "", "output": a} for q, a in QA], indent=2).encode(),
+        {},
+        "alpaca",
+        qa_messages(),
+    ),
+    (
+        "alpaca-jsonl",
+        "alpaca.jsonl",
+        jsonl(*({"instruction": q, "output": a} for q, a in QA)),
+        {},
+        "alpaca",
+        qa_messages(),
+    ),
+    (
+        "sharegpt",
+        "share.jsonl",
+        jsonl(
+            *({"conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]} for q, a in QA)
+        ),
+        {},
+        "sharegpt",
+        qa_messages(),
+    ),
+    (
+        "csv-columns",
+        "export.csv",
+        csv_bytes(),
+        {"query_column": "Customer question", "answer_column": "Agent reply"},
+        "csv",
+        qa_messages(),
+    ),
     # no answer column chosen, and "Agent reply" is not a name the reader knows
-    ("csv-query-only", "export.csv", csv_bytes(), {"query_column": "customer question"}, "csv", query_messages()),
+    (
+        "csv-query-only",
+        "export.csv",
+        csv_bytes(),
+        {"query_column": "customer question"},
+        "csv",
+        query_messages(),
+    ),
     ("lines", "queries.txt", "".join(q + "\n" for q, _ in QA).encode(), {}, "lines", query_messages()),
 ]
 
@@ -88,16 +127,34 @@ def upload(client, project, data: bytes, filename: str = "data.jsonl", **fields:
 
 def command(project, path: Path, name: str = "ds", *args: str) -> str:
     out = io.StringIO()
-    call_command("import_dataset", str(path), "--project", project.slug, "--name", name, *args,
-                 stdout=out, stderr=io.StringIO())
+    call_command(
+        "import_dataset",
+        str(path),
+        "--project",
+        project.slug,
+        "--name",
+        name,
+        *args,
+        stdout=out,
+        stderr=io.StringIO(),
+    )
     return out.getvalue()
 
 
 def command_rejected(project, path: Path, *args: str, name: str = "ds") -> str:
     err = io.StringIO()
     with pytest.raises(SystemExit) as exc:
-        call_command("import_dataset", str(path), "--project", project.slug, "--name", name, *args,
-                     stdout=io.StringIO(), stderr=err)
+        call_command(
+            "import_dataset",
+            str(path),
+            "--project",
+            project.slug,
+            "--name",
+            name,
+            *args,
+            stdout=io.StringIO(),
+            stderr=err,
+        )
     assert exc.value.code not in (0, None)
     return err.getvalue()
 
@@ -131,12 +188,15 @@ def big_chat(n: int, bad_line: int | None = None, bad: bytes = b'{"messages": [}
         if i == bad_line:
             out.write(bad)
         else:
-            out.write(json.dumps(chat_row(f"Question number {i} about the refund policy?", f"Answer {i}.")).encode()
-                      + b"\n")
+            out.write(
+                json.dumps(chat_row(f"Question number {i} about the refund policy?", f"Answer {i}.")).encode()
+                + b"\n"
+            )
     return out.getvalue()
 
 
 # --- every format, browser and command ---------------------------------------
+
 
 @pytest.mark.parametrize("case", FORMAT_CASES, ids=[c[0] for c in FORMAT_CASES])
 def test_it_stores_each_format_uploaded_in_the_browser(alice_client, alice_project, media_root, case):
@@ -175,10 +235,17 @@ def test_the_content_hash_is_of_the_normalised_rows(alice, alice_project):
     for case_id, filename, data, fields, _, _ in FORMAT_CASES:
         version = import_dataset(alice_project, alice, case_id, io.BytesIO(data), filename=filename, **fields)
         hashes[case_id] = version.sha256
-    expected = hashlib.sha256("".join(json.dumps({"messages": m}, ensure_ascii=False) + "\n"
-                                      for m in qa_messages()).encode()).hexdigest()
-    assert hashes["chat"] == hashes["alpaca-array"] == hashes["alpaca-jsonl"] == hashes["sharegpt"] \
-        == hashes["csv-columns"] == expected
+    expected = hashlib.sha256(
+        "".join(json.dumps({"messages": m}, ensure_ascii=False) + "\n" for m in qa_messages()).encode()
+    ).hexdigest()
+    assert (
+        hashes["chat"]
+        == hashes["alpaca-array"]
+        == hashes["alpaca-jsonl"]
+        == hashes["sharegpt"]
+        == hashes["csv-columns"]
+        == expected
+    )
     assert hashes["lines"] == hashes["csv-query-only"] != hashes["chat"]
     assert hashes["chat-system"] not in (hashes["chat"], hashes["lines"])
 
@@ -190,12 +257,15 @@ def test_it_detects_the_format_and_lets_the_user_override_it(alice_client, alice
     auto, forced = (Dataset.objects.get(name=n).latest for n in ("auto", "forced"))
     assert auto.format == "chat" and stored_messages(auto) == query_messages()
     # read as plain text, every JSON line is a query of its own
-    assert forced.format == "lines" and stored_messages(forced)[0][0]["content"] == data.decode().split("\n")[0]
+    assert (
+        forced.format == "lines" and stored_messages(forced)[0][0]["content"] == data.decode().split("\n")[0]
+    )
     # a header with a known column makes a file without an extension a CSV
     upload(alice_client, alice_project, b"question,answer\nhi,hello\n", "noext", name="table")
     table = Dataset.objects.get(name="table").latest
-    assert table.format == "csv" and stored_messages(table) == [[{"role": "user", "content": "hi"},
-                                                                  {"role": "assistant", "content": "hello"}]]
+    assert table.format == "csv" and stored_messages(table) == [
+        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    ]
 
 
 def test_it_rejects_a_file_read_in_the_wrong_format(alice_client, alice_project, media_root):
@@ -211,33 +281,105 @@ def test_it_rejects_a_file_read_in_the_wrong_format(alice_client, alice_project,
 
 OK = jsonl(chat_row("A good first row"))
 BAD_CASES = [
-    ("invalid-json", "a.jsonl", OK + b'{"messages": [\n', {}, "line 2: invalid JSON: Expecting value (column 15)"),
-    ("missing-field", "a.jsonl", OK + b'{"msgs": []}\n', {}, "line 2: missing field 'messages' (found 'msgs')"),
-    ("unknown-role", "a.jsonl", OK + jsonl({"messages": [{"role": "bot", "content": "b"}]}), {},
-     "line 2: messages[0].role: unknown role 'bot'"),
+    (
+        "invalid-json",
+        "a.jsonl",
+        OK + b'{"messages": [\n',
+        {},
+        "line 2: invalid JSON: Expecting value (column 15)",
+    ),
+    (
+        "missing-field",
+        "a.jsonl",
+        OK + b'{"msgs": []}\n',
+        {},
+        "line 2: missing field 'messages' (found 'msgs')",
+    ),
+    (
+        "unknown-role",
+        "a.jsonl",
+        OK + jsonl({"messages": [{"role": "bot", "content": "b"}]}),
+        {},
+        "line 2: messages[0].role: unknown role 'bot'",
+    ),
     ("empty-content", "a.jsonl", OK + jsonl(chat_row(" ")), {}, "line 2: messages[0].content: empty content"),
-    ("no-user-turn", "a.jsonl", OK + jsonl({"messages": [{"role": "assistant", "content": "x"}]}), {},
-     "line 2: no user turn"),
-    ("system-later", "a.jsonl",
-     OK + jsonl({"messages": [{"role": "user", "content": "a"}, {"role": "system", "content": "b"}]}), {},
-     "line 2: messages[1]: a system message may only come first"),
-    ("not-a-string", "a.jsonl", OK + b'{"messages": [{"role": "user", "content": 5}]}\n', {},
-     "line 2: messages[0].content: expected a string, got number"),
-    ("not-utf8", "a.jsonl", OK + b'{"messages": [{"role": "user", "content": "caf\xe9"}]}\n', {},
-     "line 2: not valid UTF-8"),
-    ("alpaca-jsonl", "a.jsonl", b'{"instruction": "a"}\n{"output": "b"}\n', {},
-     "line 2: missing field 'instruction' (found 'output')"),
-    ("alpaca-array", "a.json", b'[\n  {"instruction": "a"},\n  {"input": "b"}\n]\n', {},
-     "line 3 (record 2): missing field 'instruction' (found 'input')"),
-    ("sharegpt", "a.jsonl",
-     b'{"conversations": [{"from": "human", "value": "a"}]}\n{"conversations": [{"from": "robot", "value": "a"}]}\n',
-     {}, "line 2: conversations[0].from: unknown role 'robot'"),
-    ("csv-fields", "a.csv", b"question,answer\na,b\nc,d,e\n", {}, "line 3: row has 3 fields but the header has 2"),
-    ("csv-empty-query", "a.csv", b"question,answer\na,b\n ,d\n", {}, "line 3: column 'question': empty query"),
-    ("csv-no-column", "a.csv", b"question,answer\na,b\n", {"query_column": "prompt"},
-     "line 1: no column 'prompt' in the header (columns: 'question', 'answer')"),
-    ("csv-ambiguous", "a.csv", b"q_text,r_text\na,b\n", {},
-     "line 1: cannot tell which column holds the queries"),
+    (
+        "no-user-turn",
+        "a.jsonl",
+        OK + jsonl({"messages": [{"role": "assistant", "content": "x"}]}),
+        {},
+        "line 2: no user turn",
+    ),
+    (
+        "system-later",
+        "a.jsonl",
+        OK + jsonl({"messages": [{"role": "user", "content": "a"}, {"role": "system", "content": "b"}]}),
+        {},
+        "line 2: messages[1]: a system message may only come first",
+    ),
+    (
+        "not-a-string",
+        "a.jsonl",
+        OK + b'{"messages": [{"role": "user", "content": 5}]}\n',
+        {},
+        "line 2: messages[0].content: expected a string, got number",
+    ),
+    (
+        "not-utf8",
+        "a.jsonl",
+        OK + b'{"messages": [{"role": "user", "content": "caf\xe9"}]}\n',
+        {},
+        "line 2: not valid UTF-8",
+    ),
+    (
+        "alpaca-jsonl",
+        "a.jsonl",
+        b'{"instruction": "a"}\n{"output": "b"}\n',
+        {},
+        "line 2: missing field 'instruction' (found 'output')",
+    ),
+    (
+        "alpaca-array",
+        "a.json",
+        b'[\n  {"instruction": "a"},\n  {"input": "b"}\n]\n',
+        {},
+        "line 3 (record 2): missing field 'instruction' (found 'input')",
+    ),
+    (
+        "sharegpt",
+        "a.jsonl",
+        b'{"conversations": [{"from": "human", "value": "a"}]}\n{"conversations": [{"from": "robot", "value": "a"}]}\n',
+        {},
+        "line 2: conversations[0].from: unknown role 'robot'",
+    ),
+    (
+        "csv-fields",
+        "a.csv",
+        b"question,answer\na,b\nc,d,e\n",
+        {},
+        "line 3: row has 3 fields but the header has 2",
+    ),
+    (
+        "csv-empty-query",
+        "a.csv",
+        b"question,answer\na,b\n ,d\n",
+        {},
+        "line 3: column 'question': empty query",
+    ),
+    (
+        "csv-no-column",
+        "a.csv",
+        b"question,answer\na,b\n",
+        {"query_column": "prompt"},
+        "line 1: no column 'prompt' in the header (columns: 'question', 'answer')",
+    ),
+    (
+        "csv-ambiguous",
+        "a.csv",
+        b"q_text,r_text\na,b\n",
+        {},
+        "line 1: cannot tell which column holds the queries",
+    ),
     ("nul-byte", "a.txt", b"fine\nab\x00c\n", {}, "line 2: line contains a NUL byte"),
     ("empty-file", "a.jsonl", b"", {}, "the file is empty"),
     ("utf16", "a.txt", "hello\n".encode("utf-16"), {}, "the file is UTF-16 encoded; save it as UTF-8"),
@@ -278,8 +420,10 @@ def test_it_says_how_many_errors_were_left_out(alice_client, alice_project, tmp_
 
 # --- all or nothing -----------------------------------------------------------
 
-def test_a_bad_row_in_the_middle_of_a_big_file_stores_nothing(alice_client, alice_project, media_root,
-                                                              tmp_path):
+
+def test_a_bad_row_in_the_middle_of_a_big_file_stores_nothing(
+    alice_client, alice_project, media_root, tmp_path
+):
     # several batches are inserted before the parser reaches the bad row
     data = big_chat(7000, bad_line=4501)
     r = upload(alice_client, alice_project, data, "big.jsonl", name="big")
@@ -291,7 +435,9 @@ def test_a_bad_row_in_the_middle_of_a_big_file_stores_nothing(alice_client, alic
     assert_nothing_stored(media_root)
 
 
-def test_a_file_over_the_byte_limit_stores_nothing(alice_client, alice_project, media_root, tmp_path, settings):
+def test_a_file_over_the_byte_limit_stores_nothing(
+    alice_client, alice_project, media_root, tmp_path, settings
+):
     data = big_chat(3000)
     settings.UPLOAD_MAX_BYTES = 64 * 1024
     r = upload(alice_client, alice_project, data, "big.jsonl", name="big")
@@ -310,7 +456,9 @@ def test_a_file_over_the_byte_limit_stores_nothing(alice_client, alice_project, 
     assert_nothing_stored(media_root)
 
 
-def test_a_file_over_the_row_limit_stores_nothing(alice_client, alice_project, media_root, tmp_path, settings):
+def test_a_file_over_the_row_limit_stores_nothing(
+    alice_client, alice_project, media_root, tmp_path, settings
+):
     settings.DATASET_MAX_ROWS = 2500
     data = big_chat(3000)
     r = upload(alice_client, alice_project, data, "big.jsonl", name="big")
@@ -322,8 +470,9 @@ def test_a_file_over_the_row_limit_stores_nothing(alice_client, alice_project, m
     assert_nothing_stored(media_root)
 
 
-def test_a_row_over_the_character_limit_stores_nothing(alice_client, alice_project, media_root, tmp_path,
-                                                       settings):
+def test_a_row_over_the_character_limit_stores_nothing(
+    alice_client, alice_project, media_root, tmp_path, settings
+):
     settings.DATASET_MAX_ROW_CHARS = 200
     data = big_chat(3000, bad_line=2500, bad=jsonl(chat_row("x" * 300)))
     r = upload(alice_client, alice_project, data, "big.jsonl", name="big")
@@ -335,8 +484,9 @@ def test_a_row_over_the_character_limit_stores_nothing(alice_client, alice_proje
     assert_nothing_stored(media_root)
 
 
-def test_a_crash_in_the_middle_of_an_import_leaves_nothing(alice, alice_project, media_root, tmp_path,
-                                                           monkeypatch):
+def test_a_crash_in_the_middle_of_an_import_leaves_nothing(
+    alice, alice_project, media_root, tmp_path, monkeypatch
+):
     real = DatasetRow.objects.bulk_create
     calls: list[int] = []
 
@@ -360,8 +510,9 @@ def test_a_crash_in_the_middle_of_an_import_leaves_nothing(alice, alice_project,
     assert_nothing_stored(media_root)
 
 
-def test_a_crash_after_the_file_was_moved_in_place_leaves_nothing(alice, alice_project, media_root,
-                                                                  monkeypatch):
+def test_a_crash_after_the_file_was_moved_in_place_leaves_nothing(
+    alice, alice_project, media_root, monkeypatch
+):
     def broken_split(version):
         raise RuntimeError("split failed")
 
@@ -398,9 +549,11 @@ def test_the_command_refuses_a_missing_file_or_project(alice_project, tmp_path, 
 
 # --- the stored file -----------------------------------------------------------
 
+
 @pytest.mark.parametrize("memory_limit", [2 * 1024 * 1024, 256], ids=["in-memory", "temp-file"])
-def test_it_stores_the_upload_byte_for_byte_under_a_generated_name(alice_client, alice_project, media_root,
-                                                                   settings, memory_limit):
+def test_it_stores_the_upload_byte_for_byte_under_a_generated_name(
+    alice_client, alice_project, media_root, settings, memory_limit
+):
     settings.FILE_UPLOAD_MAX_MEMORY_SIZE = memory_limit  # both of Django's upload handlers
     data = b"\xef\xbb\xbf" + jsonl(*(chat_row(q, a) for q, a in QA)).replace(b"\n", b"\r\n")
     r = upload(alice_client, alice_project, data, "../../etc/passwd.jsonl", name="sneaky")
@@ -428,6 +581,7 @@ def test_the_users_filename_is_never_a_path(alice, alice_project, media_root):
 
 
 # --- versions, duplicates, split ----------------------------------------------
+
 
 def test_a_second_upload_under_the_same_name_is_the_next_version(alice_client, alice_project, media_root):
     upload(alice_client, alice_project, jsonl(*(chat_row(q) for q, _ in QA)), name="support")
@@ -475,15 +629,19 @@ def test_the_split_is_deterministic_and_exact(alice, alice_project):
     data = b"".join(f"query {i}\n".encode() for i in range(237))
 
     def imp(name: str, percent: int, seed: int) -> DatasetVersion:
-        return import_dataset(alice_project, alice, name, io.BytesIO(data), filename="q.txt",
-                              eval_percent=percent, seed=seed)
+        return import_dataset(
+            alice_project, alice, name, io.BytesIO(data), filename="q.txt", eval_percent=percent, seed=seed
+        )
 
     a, b, c = imp("a", 15, 7), imp("b", 15, 7), imp("c", 15, 8)
     assert len(eval_indices(a)) == round(237 * 15 / 100) == a.eval_count == 36
     assert eval_indices(a) == eval_indices(b)
     assert eval_indices(c) != eval_indices(a) and len(eval_indices(c)) == 36
     # a small set still gets one eval row and keeps one train row
-    assert import_dataset(alice_project, alice, "small", io.BytesIO(b"a\nb\nc\n"), eval_percent=10).eval_count == 1
+    assert (
+        import_dataset(alice_project, alice, "small", io.BytesIO(b"a\nb\nc\n"), eval_percent=10).eval_count
+        == 1
+    )
     assert import_dataset(alice_project, alice, "two", io.BytesIO(b"a\nb\n"), eval_percent=90).eval_count == 1
     zero = imp("zero", 0, 7)
     assert zero.eval_count == 0 and zero.rows.filter(split=DatasetRow.TRAIN).count() == 237
@@ -507,8 +665,15 @@ def test_a_derived_version_keeps_the_split_and_counts_duplicates(alice, alice_pr
 
 
 def test_the_page_shows_the_counts_of_the_split(alice_client, alice_project):
-    upload(alice_client, alice_project, b"".join(f"q{i}\n".encode() for i in range(50)), "q.txt", name="q",
-           eval_percent=20, seed=3)
+    upload(
+        alice_client,
+        alice_project,
+        b"".join(f"q{i}\n".encode() for i in range(50)),
+        "q.txt",
+        name="q",
+        eval_percent=20,
+        seed=3,
+    )
     version = DatasetVersion.objects.get()
     r = alice_client.get(version.get_absolute_url())
     assert (r.context["eval_count"], r.context["train_count"]) == (10, 40)
@@ -517,11 +682,13 @@ def test_the_page_shows_the_counts_of_the_split(alice_client, alice_project):
 
 # --- preview, export --------------------------------------------------------------
 
+
 @pytest.fixture
 def version45(alice, alice_project) -> DatasetVersion:
     data = b"".join(f"query number {i}\n".encode() for i in range(1, 46))
-    return import_dataset(alice_project, alice, "preview", io.BytesIO(data), filename="q.txt", eval_percent=20,
-                          seed=1)
+    return import_dataset(
+        alice_project, alice, "preview", io.BytesIO(data), filename="q.txt", eval_percent=20, seed=1
+    )
 
 
 def test_the_preview_is_paginated(alice_client, version45):
@@ -534,8 +701,9 @@ def test_the_preview_is_paginated(alice_client, version45):
 
 
 def test_an_htmx_page_request_gets_only_the_rows(alice_client, version45):
-    r = alice_client.get(version45.get_absolute_url() + "?page=3",
-                         headers={"HX-Request": "true", "HX-Target": "rows"})
+    r = alice_client.get(
+        version45.get_absolute_url() + "?page=3", headers={"HX-Request": "true", "HX-Target": "rows"}
+    )
     assert r.status_code == 200
     body = r.content.decode()
     assert body.lstrip().startswith('<div id="rows">')
@@ -550,8 +718,10 @@ def test_the_preview_filters_by_split(alice_client, version45):
     assert len(rows) == 9 == version45.eval_count  # round(45 * 0.2)
     assert {row.split for row in rows} == {"eval"}
     assert [row.index for row in rows] == eval_indices(version45)
-    r = alice_client.get(version45.get_absolute_url() + "?split=train&page=2",
-                         headers={"HX-Request": "true", "HX-Target": "rows"})
+    r = alice_client.get(
+        version45.get_absolute_url() + "?split=train&page=2",
+        headers={"HX-Request": "true", "HX-Target": "rows"},
+    )
     body = r.content.decode()
     assert "<html" not in body and "page 2 of 2" in body and 'hx-get="?split=train&page=1"' in body
     assert body.count("· train") == 16 and "· eval" not in body
@@ -562,8 +732,9 @@ def test_it_exports_the_normalised_rows_as_jsonl(alice_client, alice_project, ve
     assert r.status_code == 200 and r["Content-Type"].startswith("application/jsonl")
     assert f'filename="{alice_project.slug}-{version45.dataset_id}-v1.jsonl"' in r["Content-Disposition"]
     lines = [json.loads(line) for line in b"".join(r.streaming_content).decode().splitlines()]
-    assert [x["messages"] for x in lines] == [[{"role": "user", "content": f"query number {i}"}]
-                                              for i in range(1, 46)]
+    assert [x["messages"] for x in lines] == [
+        [{"role": "user", "content": f"query number {i}"}] for i in range(1, 46)
+    ]
     evals = [i for i, x in enumerate(lines) if x["split"] == "eval"]
     assert evals == eval_indices(version45)
     assert {x["split"] for x in lines} == {"train", "eval"}
@@ -573,8 +744,9 @@ def test_an_exported_dataset_imports_to_the_same_rows(alice_client, alice, alice
     data = jsonl(*(chat_row(q, a, SYSTEM) for q, a in QA))
     first = import_dataset(alice_project, alice, "a", io.BytesIO(data), filename="a.jsonl")
     r = alice_client.get(reverse("dataset_export", args=[alice_project.slug, first.dataset_id, 1]))
-    again = import_dataset(alice_project, alice, "b", io.BytesIO(b"".join(r.streaming_content)),
-                           filename="export.jsonl")
+    again = import_dataset(
+        alice_project, alice, "b", io.BytesIO(b"".join(r.streaming_content)), filename="export.jsonl"
+    )
     assert again.sha256 == first.sha256
 
 
@@ -587,6 +759,7 @@ def test_the_export_keeps_the_extra_fields_of_each_row(alice_client, alice, alic
 
 
 # --- token statistics -----------------------------------------------------------
+
 
 @pytest.fixture
 def tiny(tiny_model_dir) -> BaseModel:
@@ -609,14 +782,19 @@ def test_it_computes_token_stats_with_the_real_tokenizer(alice_client, alice, al
     assert stats["max"] - stats["min"] == 159
     assert stats["total"] > 7 * stats["min"]
     r = alice_client.get(version.get_absolute_url())
-    expected = f"min {stats['min']} · median {stats['median']} · p95 {stats['p95']} · max {stats['max']} tokens"
+    expected = (
+        f"min {stats['min']} · median {stats['median']} · p95 {stats['p95']} · max {stats['max']} tokens"
+    )
     assert expected in r.content.decode()
-    fragment = alice_client.get(reverse("dataset_stats_fragment", args=[alice_project.slug, version.dataset_id, 1]))
+    fragment = alice_client.get(
+        reverse("dataset_stats_fragment", args=[alice_project.slug, version.dataset_id, 1])
+    )
     assert expected in fragment.content.decode() and "hx-trigger" not in fragment.content.decode()
 
 
-def test_the_stats_button_queues_the_task(alice_client, alice, alice_project, tiny,
-                                          django_capture_on_commit_callbacks, monkeypatch):
+def test_the_stats_button_queues_the_task(
+    alice_client, alice, alice_project, tiny, django_capture_on_commit_callbacks, monkeypatch
+):
     version = import_dataset(alice_project, alice, "d", io.BytesIO(jsonl(*(chat_row(q) for q, _ in QA))))
     url = reverse("dataset_stats", args=[alice_project.slug, version.dataset_id, 1])
     with django_capture_on_commit_callbacks() as callbacks:
@@ -632,7 +810,9 @@ def test_the_stats_button_queues_the_task(alice_client, alice, alice_project, ti
     callbacks[0]()
     version.refresh_from_db()
     assert version.token_stats["tiny"]["status"] == "done" and version.token_stats["tiny"]["count"] == 3
-    fragment = alice_client.get(reverse("dataset_stats_fragment", args=[alice_project.slug, version.dataset_id, 1]))
+    fragment = alice_client.get(
+        reverse("dataset_stats_fragment", args=[alice_project.slug, version.dataset_id, 1])
+    )
     assert "hx-trigger" not in fragment.content.decode() and "median" in fragment.content.decode()
 
 
@@ -654,8 +834,9 @@ def test_the_stats_button_refuses_an_unknown_model(alice_client, alice, alice_pr
     assert version.token_stats == {}
 
 
-def test_queueing_stats_keeps_what_other_models_have(alice, alice_project, tiny,
-                                                     django_capture_on_commit_callbacks):
+def test_queueing_stats_keeps_what_other_models_have(
+    alice, alice_project, tiny, django_capture_on_commit_callbacks
+):
     other = BaseModel.objects.create(name="other", path=tiny.path)
     version = import_dataset(alice_project, alice, "d", io.BytesIO(jsonl(*(chat_row(q) for q, _ in QA))))
     stale = DatasetVersion.objects.get(pk=version.pk)  # read before anything was queued
@@ -683,8 +864,17 @@ def test_two_models_queued_at_once_are_both_kept(alice, alice_project, tiny, mon
 
 
 def test_a_bad_upload_form_keeps_what_was_typed(alice_client, alice_project, media_root):
-    r = upload(alice_client, alice_project, jsonl(chat_row("hi")), "q.csv", name="typed", format="csv",
-               query_column="Customer question", eval_percent="101", seed="abc")
+    r = upload(
+        alice_client,
+        alice_project,
+        jsonl(chat_row("hi")),
+        "q.csv",
+        name="typed",
+        format="csv",
+        query_column="Customer question",
+        eval_percent="101",
+        seed="abc",
+    )
     body = r.content.decode()
     assert r.status_code == 400
     assert "The eval split must be between 0 and 100 percent." in body
@@ -711,7 +901,9 @@ def answered(alice, alice_project) -> DatasetVersion:
 
 def test_a_review_saves_edits_and_drops_as_a_new_version(alice_client, alice, answered):
     url = reverse("dataset_review", args=[answered.dataset.project.slug, answered.dataset_id, 1])
-    r = alice_client.post(url, {"answer_0": "answer 0", "answer_1": "a better answer", "drop": ["2"]}, follow=True)
+    r = alice_client.post(
+        url, {"answer_0": "answer 0", "answer_1": "a better answer", "drop": ["2"]}, follow=True
+    )
     new = answered.dataset.latest
     assert new.number == 2 and new.row_count == 3 and new.parent == answered
     assert [m[-1]["content"] for m in stored_messages(new)] == ["answer 0", "a better answer", "answer 3"]
@@ -726,26 +918,41 @@ def test_a_review_saves_edits_and_drops_as_a_new_version(alice_client, alice, an
 
 # --- permissions ----------------------------------------------------------------
 
-def test_a_non_member_gets_404_on_every_dataset_url(client, bob, alice, alice_project, bob_project, media_root):
+
+def test_a_non_member_gets_404_on_every_dataset_url(
+    client, bob, alice, alice_project, bob_project, media_root
+):
     version = import_dataset(alice_project, alice, "secret", io.BytesIO(jsonl(chat_row("secret query"))))
     ds = version.dataset_id
     tiny = BaseModel.objects.create(name="m", path="/nowhere")
     client.force_login(bob)
     slug = alice_project.slug
-    gets = [reverse("dataset_list", args=[slug]), reverse("dataset_detail", args=[slug, ds]),
-            reverse("dataset_version", args=[slug, ds, 1]), reverse("dataset_export", args=[slug, ds, 1]),
-            reverse("dataset_stats_fragment", args=[slug, ds, 1])]
+    gets = [
+        reverse("dataset_list", args=[slug]),
+        reverse("dataset_detail", args=[slug, ds]),
+        reverse("dataset_version", args=[slug, ds, 1]),
+        reverse("dataset_export", args=[slug, ds, 1]),
+        reverse("dataset_stats_fragment", args=[slug, ds, 1]),
+    ]
     for url in gets:
         assert client.get(url).status_code == 404, url
-    assert client.post(reverse("dataset_stats", args=[slug, ds, 1]), {"base_model": tiny.pk}).status_code == 404
+    assert (
+        client.post(reverse("dataset_stats", args=[slug, ds, 1]), {"base_model": tiny.pk}).status_code == 404
+    )
     r = upload(client, alice_project, jsonl(chat_row("hi")), name="intruder")
     assert r.status_code == 404
     # nor through their own project, by id
     own = bob_project.slug
-    for url in [reverse("dataset_detail", args=[own, ds]), reverse("dataset_version", args=[own, ds, 1]),
-                reverse("dataset_export", args=[own, ds, 1]), reverse("dataset_stats_fragment", args=[own, ds, 1])]:
+    for url in [
+        reverse("dataset_detail", args=[own, ds]),
+        reverse("dataset_version", args=[own, ds, 1]),
+        reverse("dataset_export", args=[own, ds, 1]),
+        reverse("dataset_stats_fragment", args=[own, ds, 1]),
+    ]:
         assert client.get(url).status_code == 404, url
-    assert client.post(reverse("dataset_stats", args=[own, ds, 1]), {"base_model": tiny.pk}).status_code == 404
+    assert (
+        client.post(reverse("dataset_stats", args=[own, ds, 1]), {"base_model": tiny.pk}).status_code == 404
+    )
     assert b"secret" not in client.get(reverse("dataset_list", args=[own])).content
     version.refresh_from_db()
     assert version.token_stats == {} and Dataset.objects.count() == 1 and len(stored_files(media_root)) == 1
@@ -753,8 +960,11 @@ def test_a_non_member_gets_404_on_every_dataset_url(client, bob, alice, alice_pr
 
 def test_an_anonymous_visitor_is_sent_to_log_in(client, alice, alice_project):
     version = import_dataset(alice_project, alice, "d", io.BytesIO(jsonl(chat_row("hi"))))
-    for url in [reverse("dataset_list", args=[alice_project.slug]), version.get_absolute_url(),
-                reverse("dataset_export", args=[alice_project.slug, version.dataset_id, 1])]:
+    for url in [
+        reverse("dataset_list", args=[alice_project.slug]),
+        version.get_absolute_url(),
+        reverse("dataset_export", args=[alice_project.slug, version.dataset_id, 1]),
+    ]:
         r = client.get(url)
         assert r.status_code == 302 and r.url.startswith(reverse("login")), url
 
@@ -766,14 +976,20 @@ def test_an_action_error_is_not_a_rejection(alice, alice_project):
 
 # --- a new user's first hour ------------------------------------------------------
 
-def test_a_derived_version_shows_the_source_lines_of_the_rows_it_came_from(alice_client, alice, alice_project):
-    upload = import_dataset(alice_project, alice, "q", io.BytesIO(b"first\n\nsecond\nthird\n"), filename="q.txt",
-                            eval_percent=0)
+
+def test_a_derived_version_shows_the_source_lines_of_the_rows_it_came_from(
+    alice_client, alice, alice_project
+):
+    upload = import_dataset(
+        alice_project, alice, "q", io.BytesIO(b"first\n\nsecond\nthird\n"), filename="q.txt", eval_percent=0
+    )
     lines = dict(upload.rows.values_list("index", "line"))
     assert lines == {0: 1, 1: 3, 2: 4}  # the blank line 2 is skipped
     # the teacher answers rows 2 and 0 (parent index, messages), in that order
-    answered = [(i, [*upload.rows.get(index=i).messages, {"role": "assistant", "content": f"answer {i}"}])
-                for i in (2, 0)]
+    answered = [
+        (i, [*upload.rows.get(index=i).messages, {"role": "assistant", "content": f"answer {i}"}])
+        for i in (2, 0)
+    ]
     teacher = dataset_actions.derive_version(upload, alice, answered, kind=DatasetVersion.TEACHER)
     assert list(teacher.rows.order_by("index").values_list("line", flat=True)) == [4, 1]
     body = alice_client.get(teacher.get_absolute_url()).content.decode()
@@ -796,6 +1012,7 @@ def test_a_refused_review_keeps_what_was_typed_and_ticked(alice_client, alice, a
 
 # --- large imports: a job, short transactions, a staging version ------------------
 
+
 def staged(project, user, data: bytes, name: str = "big") -> DatasetVersion:
     path = dataset_actions.store_upload(io.BytesIO(data))
     return dataset_actions.stage_import(project, user, name, path, filename=f"{name}.jsonl")
@@ -807,8 +1024,9 @@ def import_job(version: DatasetVersion):
     return queue_dataset_import(version, None)
 
 
-def test_a_large_upload_answers_at_once_and_imports_as_a_job(alice_client, alice, alice_project, media_root,
-                                                              settings):
+def test_a_large_upload_answers_at_once_and_imports_as_a_job(
+    alice_client, alice, alice_project, media_root, settings
+):
     from jobs.forms import AbsorbForm
     from jobs.lifecycle import execute
     from jobs.models import Job
@@ -824,8 +1042,12 @@ def test_a_large_upload_answers_at_once_and_imports_as_a_job(alice_client, alice
     assert not DatasetVersion.objects.exists() and Dataset.objects.get().latest is None
     page = alice_client.get(reverse("dataset_list", args=[alice_project.slug])).content.decode()
     assert "importing" in page and f'href="/p/alpha/datasets/{staging.dataset_id}/"' not in page
-    assert alice_client.get(reverse("dataset_export", args=[alice_project.slug, staging.dataset_id, 1])).status_code \
+    assert (
+        alice_client.get(
+            reverse("dataset_export", args=[alice_project.slug, staging.dataset_id, 1])
+        ).status_code
         == 404
+    )
     assert not AbsorbForm(alice_project).fields["dataset_version"].queryset.exists()
     page = alice_client.get(job.get_absolute_url()).content.decode()
     assert "Imported as" not in page and "Teacher answers" not in page
@@ -848,7 +1070,11 @@ def test_a_rejected_import_job_says_why_and_leaves_nothing(alice, alice_project,
     job = import_job(staged(alice_project, alice, big_chat(5000, bad_line=4500)))
     execute(job.pk, "test-worker")
     job.refresh_from_db()
-    assert job.status == Job.FAILED and "line 4500: invalid JSON" in job.error and "nothing was stored" in job.error
+    assert (
+        job.status == Job.FAILED
+        and "line 4500: invalid JSON" in job.error
+        and "nothing was stored" in job.error
+    )
     assert_nothing_stored(media_root)
     assert not DatasetVersion.all_objects.exists() and not Dataset.objects.exists()
 
@@ -888,7 +1114,9 @@ def test_a_new_version_of_a_dataset_stays_invisible_while_it_imports(alice, alic
 
 
 @pytest.mark.django_db(transaction=True)
-def test_another_projects_writes_go_on_while_a_large_import_runs(alice, bob, alice_project, bob_project, media_root):
+def test_another_projects_writes_go_on_while_a_large_import_runs(
+    alice, bob, alice_project, bob_project, media_root
+):
     """On SQLite the write lock is the whole file: an import that held one
     transaction made every other save wait for it (or fail after 30 s)."""
     import threading

@@ -21,8 +21,10 @@ RULES = [
     {"name": "lowercase", "kind": "lowercase"},
     {"name": "never says unfortunately", "kind": "not_contains", "text": "unfortunately"},
 ]
-PROMPT = ("You are the support assistant of Parcelly. Start every reply with \"hello.\", end it with \"bye!\", "
-          "write in lowercase and use at most 12 words.\n") * 4
+PROMPT = (
+    'You are the support assistant of Parcelly. Start every reply with "hello.", end it with "bye!", '
+    "write in lowercase and use at most 12 words.\n"
+) * 4
 
 
 @pytest.fixture
@@ -34,8 +36,10 @@ def scenario(tmp_path, monkeypatch):
     (folder / "README.md").write_text("# A parcel support bot in miniature\n")
 
     def queries(n: int, offset: int) -> str:
-        return "".join(json.dumps({"messages": [{"role": "user", "content": f"Where is parcel {offset + i}?"}]}) + "\n"
-                       for i in range(n))
+        return "".join(
+            json.dumps({"messages": [{"role": "user", "content": f"Where is parcel {offset + i}?"}]}) + "\n"
+            for i in range(n)
+        )
 
     (folder / "train.jsonl").write_text(queries(10, 0))
     (folder / "heldout.jsonl").write_text(queries(4, 100))
@@ -45,11 +49,13 @@ def scenario(tmp_path, monkeypatch):
 
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.slow
-def test_the_demo_walks_the_whole_path_and_prints_its_summary(alice, tiny_base, worker, engine, live_server,
-                                                             scenario):
+def test_the_demo_walks_the_whole_path_and_prints_its_summary(
+    alice, tiny_base, worker, engine, live_server, scenario
+):
     said: list[str] = []
-    result = demo.run_demo(scenario, live_server.url + "/", "alice", said.append, best_of=2, epochs=1,
-                           timeout_minutes=5)
+    result = demo.run_demo(
+        scenario, live_server.url + "/", "alice", said.append, best_of=2, epochs=1, timeout_minutes=5
+    )
 
     project = Project.objects.get(pk=result.project.pk)  # it stays, for the UI
     assert project.name == "Demo: mini" and project.description == "A parcel support bot in miniature"
@@ -60,7 +66,15 @@ def test_the_demo_walks_the_whole_path_and_prints_its_summary(alice, tiny_base, 
     assert ApiKey.objects.filter(project=project).count() == 1
     staging = Alias.objects.get(project=project, name="staging")
     assert staging.gating_suite is not None and staging.log_requests
-    assert list(result.stages) == ["seed", "teacher", "fine-tune", "four arms", "promote", "/v1 request", "total"]
+    assert list(result.stages) == [
+        "seed",
+        "teacher",
+        "fine-tune",
+        "four arms",
+        "promote",
+        "/v1 request",
+        "total",
+    ]
 
     text = result.summary
     for name in ["all_rules", *(r["name"] for r in RULES)]:
@@ -71,7 +85,7 @@ def test_the_demo_walks_the_whole_path_and_prints_its_summary(alice, tiny_base, 
     assert "One request through /v1/chat/completions" in text and "  A: " in text
     # The data column is the curated training set's compliance (the repairs make these rules hold).
     rows = [line for line in text.splitlines() if line.startswith("  ") and line.rstrip()[-1:].isdigit()]
-    assert len({len(line) for line in rows[:len(RULES) + 1]}) == 1, rows  # columns aligned, long names too
+    assert len({len(line) for line in rows[: len(RULES) + 1]}) == 1, rows  # columns aligned, long names too
     data_column = text.split("\n  all_rules")[1].split()[2]
     steps = teacher.output_dataset.meta["quality"]["steps"]
     assert data_column == f"{steps[-1]['all_rules']:.2f}" and float(data_column) >= 0.75, text
@@ -87,17 +101,24 @@ def test_an_unknown_scenario_names_the_known_ones(alice, tiny_base, scenario):
 
 
 def run(arm: str, all_rules: float | None) -> EvalRun:
-    return EvalRun(arm=arm, summary={"metrics": {"all_rules": {"value": all_rules, "n": 4}}} if all_rules is not None
-                   else {"generated": True})
+    return EvalRun(
+        arm=arm,
+        summary={"metrics": {"all_rules": {"value": all_rules, "n": 4}}}
+        if all_rules is not None
+        else {"generated": True},
+    )
 
 
-@pytest.mark.parametrize(("student", "teacher", "passed"), [
-    (0.75, 0.5, True),  # above the teacher
-    (0.5, 0.5, True),  # level with it is enough
-    (0.25, 0.5, False),
-    (None, 0.5, False),  # a student without a score (no rules checked) has not reached the teacher
-    (0.0, None, True),  # nor has a teacher without one set any bar
-])
+@pytest.mark.parametrize(
+    ("student", "teacher", "passed"),
+    [
+        (0.75, 0.5, True),  # above the teacher
+        (0.5, 0.5, True),  # level with it is enough
+        (0.25, 0.5, False),
+        (None, 0.5, False),  # a student without a score (no rules checked) has not reached the teacher
+        (0.0, None, True),  # nor has a teacher without one set any bar
+    ],
+)
 def test_the_demo_passes_when_the_student_reaches_the_teachers_compliance(student, teacher, passed):
     runs = [run("floor", 1.0), run("teacher", teacher), run("student", student), run("student+prompt", 1.0)]
     assert demo.student_reaches_teacher(runs) is passed

@@ -24,7 +24,13 @@ from tests.conftest import build_random_lora
 
 REPO = Path(__file__).resolve().parent.parent
 HELLO = [{"role": "user", "content": "hello there"}]
-PROMPTS = ["hello there", "what is the capital of France?", "tell me a joke", "x", "Write a haiku about rain."]
+PROMPTS = [
+    "hello there",
+    "what is the capital of France?",
+    "tell me a joke",
+    "x",
+    "Write a haiku about rain.",
+]
 
 
 def make_adapter(base_dir: Path, out: Path, seed: int) -> Path:
@@ -103,7 +109,7 @@ def test_it_returns_n_choices_and_sums_their_tokens(client):
 def test_it_cuts_the_text_at_a_stop_string(client):
     full = ask(client, max_tokens=16).choices[0].message.content
     stop = full[6:9]
-    expected = full[:full.find(stop)]
+    expected = full[: full.find(stop)]
     answer = ask(client, max_tokens=16, stop=[stop, "never-said"])
     assert answer.choices[0].message.content == expected
     assert answer.choices[0].finish_reason == "stop"
@@ -114,12 +120,12 @@ def test_it_cuts_the_text_at_a_stop_string(client):
 
 def test_it_tokenizes_exactly_as_training_renders(server):
     messages = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "héllo 👋"}]
-    reply = httpx.post(server.url + "/tokenize", json={"model": "tiny", "messages": messages,
-                                                       "add_generation_prompt": True}).json()
+    reply = httpx.post(
+        server.url + "/tokenize", json={"model": "tiny", "messages": messages, "add_generation_prompt": True}
+    ).json()
     expected = encode(server.engine.loaded("tiny").tokenizer, messages[1:], "Be kind.")
     assert reply["tokens"] == expected and reply["count"] == len(expected)
     assert reply["max_model_len"] == 8192
-
 
 
 def test_it_joins_content_parts_as_uploads_do(server, client):
@@ -127,13 +133,18 @@ def test_it_joins_content_parts_as_uploads_do(server, client):
     parts = [{"type": "text", "text": "Part one."}, {"type": "text", "text": "Part two."}]
     joined = [{"role": "user", "content": "Part one.\nPart two."}]
     expected = encode(server.engine.loaded("tiny").tokenizer, joined, None)
-    reply = httpx.post(server.url + "/tokenize", json={"model": "tiny", "messages": [{"role": "user", "content": parts}]})
+    reply = httpx.post(
+        server.url + "/tokenize", json={"model": "tiny", "messages": [{"role": "user", "content": parts}]}
+    )
     assert reply.json()["tokens"] == expected
-    assert parse_chat_request({"model": "tiny", "messages": [{"role": "user", "content": parts}]}).messages \
-        == tuple(joined)
+    assert parse_chat_request(
+        {"model": "tiny", "messages": [{"role": "user", "content": parts}]}
+    ).messages == tuple(joined)
     assert ask(client, messages=[{"role": "user", "content": parts}]).usage.prompt_tokens == len(expected)
     # "developer" is OpenAI's newer name for the system role.
-    developer = parse_chat_request({"model": "tiny", "messages": [{"role": "developer", "content": "Be kind."}, *HELLO]})
+    developer = parse_chat_request(
+        {"model": "tiny", "messages": [{"role": "developer", "content": "Be kind."}, *HELLO]}
+    )
     assert developer.system_prompt == "Be kind."
 
 
@@ -149,12 +160,15 @@ def test_a_bug_is_a_logged_500_with_a_short_message_not_a_400(server, monkeypatc
     assert error["type"] == "server_error" and "secret" not in error["message"]
     assert any(r.exc_info and "secret internals" in str(r.exc_info[1]) for r in caplog.records)
 
+
 def test_it_loads_serves_mixes_and_unloads_adapters(server, client, adapters):
     for name, path in adapters.items():
         r = httpx.post(server.url + "/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(path)})
         assert r.status_code == 200, r.text
     # Loading the same adapter again is a no-op.
-    again = httpx.post(server.url + "/v1/load_lora_adapter", json={"lora_name": "a1", "lora_path": str(adapters["a1"])})
+    again = httpx.post(
+        server.url + "/v1/load_lora_adapter", json={"lora_name": "a1", "lora_path": str(adapters["a1"])}
+    )
     assert again.status_code == 200
     cards = {m.id: m for m in client.models.list().data}
     assert set(cards) == {"tiny", "a1", "a2"}
@@ -162,8 +176,11 @@ def test_it_loads_serves_mixes_and_unloads_adapters(server, client, adapters):
     assert cards["tiny"].parent is None
 
     models = ["tiny", "a1", "a2"]
-    alone = {(m, p): ask(client, m, [{"role": "user", "content": p}]).choices[0].message.content
-             for m in models for p in PROMPTS}
+    alone = {
+        (m, p): ask(client, m, [{"role": "user", "content": p}]).choices[0].message.content
+        for m in models
+        for p in PROMPTS
+    }
     assert any(alone[("a1", p)] != alone[("tiny", p)] for p in PROMPTS)
     assert any(alone[("a2", p)] != alone[("a1", p)] for p in PROMPTS)
 
@@ -171,64 +188,84 @@ def test_it_loads_serves_mixes_and_unloads_adapters(server, client, adapters):
     engine = server.engine
     calls = engine.generate_calls
     pairs = [(m, p) for p in PROMPTS for m in models]
-    tickets = engine.submit_many([parse_chat_request({"model": m, "messages": [{"role": "user", "content": p}],
-                                                      "temperature": 0, "max_tokens": 12}) for m, p in pairs])
+    tickets = engine.submit_many(
+        [
+            parse_chat_request(
+                {"model": m, "messages": [{"role": "user", "content": p}], "temperature": 0, "max_tokens": 12}
+            )
+            for m, p in pairs
+        ]
+    )
     mixed = {pair: t.result(60).choices[0].text for pair, t in zip(pairs, tickets, strict=True)}
     assert engine.generate_calls == calls + 1
     assert mixed == alone
 
     assert httpx.post(server.url + "/v1/unload_lora_adapter", json={"lora_name": "a1"}).status_code == 200
-    assert ask(client, "a2", [{"role": "user", "content": PROMPTS[0]}]).choices[0].message.content \
+    assert (
+        ask(client, "a2", [{"role": "user", "content": PROMPTS[0]}]).choices[0].message.content
         == alone[("a2", PROMPTS[0])]
+    )
     assert httpx.post(server.url + "/v1/unload_lora_adapter", json={"lora_name": "a2"}).status_code == 200
     assert [m.id for m in client.models.list().data] == ["tiny"]
     with pytest.raises(openai.NotFoundError):
         ask(client, "a1")
     # With every adapter gone the base answers as before.
-    assert ask(client, "tiny", [{"role": "user", "content": PROMPTS[1]}]).choices[0].message.content \
+    assert (
+        ask(client, "tiny", [{"role": "user", "content": PROMPTS[1]}]).choices[0].message.content
         == alone[("tiny", PROMPTS[1])]
+    )
     gone = httpx.post(server.url + "/v1/unload_lora_adapter", json={"lora_name": "a1"})
     assert gone.status_code == 404
 
 
 def test_it_refuses_adapters_that_are_missing_or_not_safetensors(server, tmp_path, adapters):
-    missing = httpx.post(server.url + "/v1/load_lora_adapter",
-                         json={"lora_name": "x", "lora_path": str(tmp_path / "nope")})
+    missing = httpx.post(
+        server.url + "/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": str(tmp_path / "nope")}
+    )
     assert missing.status_code == 404 and missing.json()["error"]["param"] == "lora_path"
     pickled = tmp_path / "pickled"
     pickled.mkdir()
     (pickled / "adapter_config.json").write_text((adapters["a1"] / "adapter_config.json").read_text())
     (pickled / "adapter_model.bin").write_bytes(b"not loaded")
-    refused = httpx.post(server.url + "/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": str(pickled)})
+    refused = httpx.post(
+        server.url + "/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": str(pickled)}
+    )
     assert refused.status_code == 400 and "safetensors" in refused.json()["error"]["message"]
     garbled = tmp_path / "garbled"
     garbled.mkdir()
     (garbled / "adapter_config.json").write_text((adapters["a1"] / "adapter_config.json").read_text())
     (garbled / "adapter_model.safetensors").write_bytes(b"not safetensors")
-    unreadable = httpx.post(server.url + "/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": str(garbled)})
+    unreadable = httpx.post(
+        server.url + "/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": str(garbled)}
+    )
     assert unreadable.status_code == 400 and "could not read" in unreadable.json()["error"]["message"]
     no_name = httpx.post(server.url + "/v1/load_lora_adapter", json={"lora_path": str(adapters["a1"])})
     assert no_name.status_code == 400 and no_name.json()["error"]["param"] == "lora_name"
     assert "x" not in [m["id"] for m in httpx.get(server.url + "/v1/models").json()["data"]]
 
 
-@pytest.mark.parametrize("params, param", [
-    ({"temperature": -1}, "temperature"),
-    ({"top_p": 0}, "top_p"),
-    ({"top_p": 1.5}, "top_p"),
-    ({"max_tokens": 0}, "max_tokens"),
-    ({"n": 0}, "n"),
-    ({"n": 17}, "n"),
-    ({"stop": [""]}, "stop"),
-    ({"repetition_penalty": 0}, "repetition_penalty"),
-    ({"no_repeat_ngram_size": -1}, "no_repeat_ngram_size"),
-    ({"seed": 2**70, "temperature": 1}, "seed"),  # was a 500: torch's seed overflowed inside generate
-    ({"messages": []}, "messages"),
-    ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
-    ({"messages": [{"role": "user"}]}, "messages[0].content"),
-    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
-     "messages[0].content"),
-])
+@pytest.mark.parametrize(
+    "params, param",
+    [
+        ({"temperature": -1}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"n": 0}, "n"),
+        ({"n": 17}, "n"),
+        ({"stop": [""]}, "stop"),
+        ({"repetition_penalty": 0}, "repetition_penalty"),
+        ({"no_repeat_ngram_size": -1}, "no_repeat_ngram_size"),
+        ({"seed": 2**70, "temperature": 1}, "seed"),  # was a 500: torch's seed overflowed inside generate
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
+        ({"messages": [{"role": "user"}]}, "messages[0].content"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+            "messages[0].content",
+        ),
+    ],
+)
 def test_it_answers_400_naming_the_bad_parameter(client, params, param):
     kwargs = {"messages": HELLO, **params}
     extra = {k: kwargs.pop(k) for k in ("repetition_penalty", "no_repeat_ngram_size") if k in kwargs} or None
@@ -239,11 +276,16 @@ def test_it_answers_400_naming_the_bad_parameter(client, params, param):
 
 
 def test_it_answers_400_to_a_body_that_is_not_json_and_ignores_unknown_fields(server):
-    bad = httpx.post(server.url + "/v1/chat/completions", content=b"{not json",
-                     headers={"Content-Type": "application/json"})
+    bad = httpx.post(
+        server.url + "/v1/chat/completions",
+        content=b"{not json",
+        headers={"Content-Type": "application/json"},
+    )
     assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request_error"
-    ok = httpx.post(server.url + "/v1/chat/completions",
-                    json={"model": "tiny", "messages": HELLO, "max_tokens": 2, "whatever": {"x": 1}})
+    ok = httpx.post(
+        server.url + "/v1/chat/completions",
+        json={"model": "tiny", "messages": HELLO, "max_tokens": 2, "whatever": {"x": 1}},
+    )
     assert ok.status_code == 200 and ok.json()["object"] == "chat.completion"
 
 
@@ -256,8 +298,12 @@ def test_it_answers_404_for_an_unknown_model(client):
 def test_it_batches_concurrent_requests_into_fewer_generate_calls(server, client):
     calls = server.engine.generate_calls
     with ThreadPoolExecutor(16) as pool:
-        answers = list(pool.map(lambda i: ask(client, messages=[{"role": "user", "content": f"count to {i}"}],
-                                              max_tokens=16), range(16)))
+        answers = list(
+            pool.map(
+                lambda i: ask(client, messages=[{"role": "user", "content": f"count to {i}"}], max_tokens=16),
+                range(16),
+            )
+        )
     assert all(a.choices[0].message.content for a in answers)
     used = server.engine.generate_calls - calls
     assert 1 <= used < 16, used
@@ -292,9 +338,25 @@ def test_the_command_serves_until_sigterm_and_finishes_what_it_accepted(lively_d
         port = s.getsockname()[1]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "engines.engine_server", "--port", str(port), "--model", f"tiny={lively_dir}",
-         "--dtype", "float32", "--batch-window-ms", "5"],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        [
+            sys.executable,
+            "-m",
+            "engines.engine_server",
+            "--port",
+            str(port),
+            "--model",
+            f"tiny={lively_dir}",
+            "--dtype",
+            "float32",
+            "--batch-window-ms",
+            "5",
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     try:
         assert proc.stdout.readline().strip() == f"engine ready on http://127.0.0.1:{port}"
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
@@ -316,18 +378,25 @@ def test_the_command_serves_until_sigterm_and_finishes_what_it_accepted(lively_d
 
 
 def test_generation_settings_take_repetition_penalty_ngrams_and_stop_strings():
-    settings = GenerationSettings.from_dict({"stop": ["###", "\n\n"], "repetition_penalty": 1.2,
-                                             "no_repeat_ngram_size": 3.0})
+    settings = GenerationSettings.from_dict(
+        {"stop": ["###", "\n\n"], "repetition_penalty": 1.2, "no_repeat_ngram_size": 3.0}
+    )
     assert settings.stop == ("###", "\n\n") and settings.no_repeat_ngram_size == 3
     assert GenerationSettings.from_dict(json.loads(json.dumps(settings.to_dict()))) == settings
     assert GenerationSettings.from_dict({"stop": "END"}).stop == ("END",)
     with pytest.raises(SettingsError) as caught:
-        GenerationSettings.from_dict({"stop": ["ok", ""], "repetition_penalty": 0, "no_repeat_ngram_size": -1})
+        GenerationSettings.from_dict(
+            {"stop": ["ok", ""], "repetition_penalty": 0, "no_repeat_ngram_size": -1}
+        )
     assert set(caught.value.errors) == {"stop", "repetition_penalty", "no_repeat_ngram_size"}
     with pytest.raises(SettingsError, match="at most 8"):
         GenerationSettings(stop=tuple(str(i) for i in range(9)))
     # The guard rails a variant keeps: only what differs from the defaults, as JSON.
-    assert settings.guard_rails() == {"repetition_penalty": 1.2, "no_repeat_ngram_size": 3, "stop": ["###", "\n\n"]}
+    assert settings.guard_rails() == {
+        "repetition_penalty": 1.2,
+        "no_repeat_ngram_size": 3,
+        "stop": ["###", "\n\n"],
+    }
     assert GenerationSettings(temperature=0.7, max_new_tokens=9).guard_rails() == {}
 
 
@@ -337,9 +406,13 @@ def test_teacher_generation_and_the_server_answer_alike(server, client):
     loaded = server.engine.loaded("tiny")
     full = ask(client, max_tokens=16).choices[0].message.content
     stop = full[4:7]
-    for settings, extra in [(GenerationSettings(max_new_tokens=16, stop=(stop,)), {"stop": [stop]}),
-                            (GenerationSettings(max_new_tokens=16, repetition_penalty=0.05),
-                             {"extra_body": {"repetition_penalty": 0.05}})]:
+    for settings, extra in [
+        (GenerationSettings(max_new_tokens=16, stop=(stop,)), {"stop": [stop]}),
+        (
+            GenerationSettings(max_new_tokens=16, repetition_penalty=0.05),
+            {"extra_body": {"repetition_penalty": 0.05}},
+        ),
+    ]:
         [teacher] = generate(loaded, [HELLO], None, settings)
         served = ask(client, max_tokens=16, **extra)
         assert teacher.text == served.choices[0].message.content
@@ -348,8 +421,9 @@ def test_teacher_generation_and_the_server_answer_alike(server, client):
     assert teacher.text != full  # the penalty (below 1: repeat!) changed the answer
 
 
-def test_it_loads_base_models_on_request_and_asks_which_base_an_adapter_is_for(lively_dir, tiny_model_dir,
-                                                                               adapters, one_torch_thread):
+def test_it_loads_base_models_on_request_and_asks_which_base_an_adapter_is_for(
+    lively_dir, tiny_model_dir, adapters, one_torch_thread
+):
     with EngineServer(dtype="float32") as bare:
         url = bare.url
         assert httpx.get(url + "/v1/models").json() == {"object": "list", "data": []}
@@ -361,7 +435,10 @@ def test_it_loads_base_models_on_request_and_asks_which_base_an_adapter_is_for(l
         clash = httpx.post(url + "/v1/load_model", json={"model": "lively", "path": str(tiny_model_dir)})
         assert clash.status_code == 400
         not_a_model = httpx.post(url + "/v1/load_model", json={"model": "x", "path": str(adapters["a1"])})
-        assert not_a_model.status_code == 400 and "not a model directory" in not_a_model.json()["error"]["message"]
+        assert (
+            not_a_model.status_code == 400
+            and "not a model directory" in not_a_model.json()["error"]["message"]
+        )
 
         body = {"lora_name": "a1", "lora_path": str(adapters["a1"])}
         which = httpx.post(url + "/v1/load_lora_adapter", json=body)
@@ -391,7 +468,9 @@ def test_it_refuses_a_deep_or_oversized_body_before_parsing_it(server, monkeypat
     answer = httpx.post(server.url + "/v1/chat/completions", content=deep)
     assert answer.status_code == 400 and "nested more than 32 levels" in answer.json()["error"]["message"]
     monkeypatch.setattr(engine_server, "MAX_BODY_BYTES", 100)
-    big = httpx.post(server.url + "/v1/chat/completions", json={"model": "tiny", "messages": HELLO, "pad": "x" * 200})
+    big = httpx.post(
+        server.url + "/v1/chat/completions", json={"model": "tiny", "messages": HELLO, "pad": "x" * 200}
+    )
     assert big.status_code == 413 and big.json()["error"]["type"] == "invalid_request_error"
 
 
@@ -402,8 +481,12 @@ def test_it_serves_projects_round_robin_not_first_come(lively_dir, one_torch_thr
         lock = threading.Lock()
 
         def call(project: str) -> int:
-            r = httpx.post(fair.url + "/v1/chat/completions", timeout=120, headers={"X-Project": project},
-                           json={"model": "tiny", "messages": HELLO, "temperature": 0, "max_tokens": 16})
+            r = httpx.post(
+                fair.url + "/v1/chat/completions",
+                timeout=120,
+                headers={"X-Project": project},
+                json={"model": "tiny", "messages": HELLO, "temperature": 0, "max_tokens": 16},
+            )
             with lock:
                 finished.append(project)
             return r.status_code

@@ -56,7 +56,9 @@ def adapter_dir(lively_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     torch.manual_seed(1)
     model = get_peft_model(
         AutoModelForCausalLM.from_pretrained(str(lively_dir), dtype=torch.float32),
-        LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False),
+        LoraConfig(
+            r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False
+        ),
     )
     out = tmp_path_factory.mktemp("adapter")
     model.save_pretrained(out)
@@ -78,12 +80,18 @@ def test_it_normalises_answers_squad_style():
 
 
 def test_it_scores_an_example_on_rules_reference_and_teacher():
-    rules = validate_rules([
-        {"name": "greets", "kind": "starts_with", "text": "Hi"},
-        {"name": "short", "kind": "max_words", "n": 3},
-    ])
-    score = score_example("Hi, the cat sat on the mat.", rules=rules, reference="the cat sat on the mat",
-                          teacher="the cat lay on the mat")
+    rules = validate_rules(
+        [
+            {"name": "greets", "kind": "starts_with", "text": "Hi"},
+            {"name": "short", "kind": "max_words", "n": 3},
+        ]
+    )
+    score = score_example(
+        "Hi, the cat sat on the mat.",
+        rules=rules,
+        reference="the cat sat on the mat",
+        teacher="the cat lay on the mat",
+    )
     assert score.rules == {"greets": True, "short": False}
     assert score.all_rules is False
     assert score.exact_match == 0.0  # "hi" is extra
@@ -93,8 +101,13 @@ def test_it_scores_an_example_on_rules_reference_and_teacher():
     assert score.agreement == pytest.approx(2 * (5 / 7) * (5 / 6) / (5 / 7 + 5 / 6))
     assert 0.5 < score.chrf < 1.0
     assert score.metrics() == {
-        "all_rules": 0.0, "rule:greets": 1.0, "rule:short": 0.0, "exact_match": 0.0,
-        "chrf": score.chrf, "rouge_l": score.rouge_l, "agreement": score.agreement,
+        "all_rules": 0.0,
+        "rule:greets": 1.0,
+        "rule:short": 0.0,
+        "exact_match": 0.0,
+        "chrf": score.chrf,
+        "rouge_l": score.rouge_l,
+        "agreement": score.agreement,
     }
 
 
@@ -109,7 +122,9 @@ def test_it_scores_exact_and_disjoint_answers_at_the_ends_of_the_scale():
 
 def test_it_leaves_out_what_it_cannot_score():
     score = score_example("anything")
-    assert score == ExampleScore(rules={}, all_rules=None, exact_match=None, chrf=None, rouge_l=None, agreement=None)
+    assert score == ExampleScore(
+        rules={}, all_rules=None, exact_match=None, chrf=None, rouge_l=None, agreement=None
+    )
     assert score.metrics() == {}
 
 
@@ -170,8 +185,10 @@ def test_it_says_the_ratio_is_undefined_when_the_teacher_is_not_above_the_floor(
     floor = [1.0] * 5 + [0.0] * 15
     est = prompt_effect_retained([1.0] * 20, floor, teacher)
     assert (est.value, est.low, est.high, est.n) == (None, None, None, 20)
-    assert est.note == ("the prompted base is not better than the floor on this metric "
-                        "(teacher 0.20 vs floor 0.25): compare absolute scores instead")
+    assert est.note == (
+        "the prompted base is not better than the floor on this metric "
+        "(teacher 0.20 vs floor 0.25): compare absolute scores instead"
+    )
 
 
 def test_it_drops_resamples_without_a_ratio_and_says_how_many():
@@ -212,33 +229,45 @@ def test_it_writes_the_judge_prompt():
     assert "Score: N" in system["content"] and "from 1 to 10" in system["content"]
     assert user["role"] == "user"
     assert [part.split("\n")[0] for part in user["content"].split("\n\n")] == [
-        "## Query", "## Reference answer", "## Answer to grade"]
+        "## Query",
+        "## Reference answer",
+        "## Answer to grade",
+    ]
     assert "What is 2+2?" in user["content"] and "4, obviously." in user["content"]
     _, user = judge_messages("r", "q", "a", scale=(0, 5))
     assert "Reference" not in user["content"]
 
 
-@pytest.mark.parametrize("text, score, reasoning", [
-    ("Correct and polite.\nScore: 8", 8.0, "Correct and polite."),
-    ("Fine.\nscore = 7", 7.0, "Fine."),
-    ("Good.\n\n**Score:** 9", 9.0, "Good."),
-    ("Mostly right.\nI give it 6/10.", 6.0, "Mostly right."),
-    ("On a 1-10 scale, where Score: 10 is perfect...\nIt misses a step.\nScore: 4", 4.0,
-     "On a 1-10 scale, where Score: 10 is perfect...\nIt misses a step."),
-    ("Score: 7.5", 7.5, ""),
-])
+@pytest.mark.parametrize(
+    "text, score, reasoning",
+    [
+        ("Correct and polite.\nScore: 8", 8.0, "Correct and polite."),
+        ("Fine.\nscore = 7", 7.0, "Fine."),
+        ("Good.\n\n**Score:** 9", 9.0, "Good."),
+        ("Mostly right.\nI give it 6/10.", 6.0, "Mostly right."),
+        (
+            "On a 1-10 scale, where Score: 10 is perfect...\nIt misses a step.\nScore: 4",
+            4.0,
+            "On a 1-10 scale, where Score: 10 is perfect...\nIt misses a step.",
+        ),
+        ("Score: 7.5", 7.5, ""),
+    ],
+)
 def test_it_parses_judge_scores(text, score, reasoning):
     verdict = parse_judge(text)
     assert (verdict.score, verdict.reasoning, verdict.error) == (score, reasoning, "")
 
 
-@pytest.mark.parametrize("text, error", [
-    ("", "empty"),
-    ("   \n", "empty"),
-    ("A fine answer, I would rate it highly.", "no score found: expected a final line `Score: N`"),
-    ("Great.\nScore: 11", "score 11 is outside the scale 1-10"),
-    ("Bad.\nScore: 0", "score 0 is outside the scale 1-10"),
-])
+@pytest.mark.parametrize(
+    "text, error",
+    [
+        ("", "empty"),
+        ("   \n", "empty"),
+        ("A fine answer, I would rate it highly.", "no score found: expected a final line `Score: N`"),
+        ("Great.\nScore: 11", "score 11 is outside the scale 1-10"),
+        ("Bad.\nScore: 0", "score 0 is outside the scale 1-10"),
+    ],
+)
 def test_it_reports_malformed_judge_output(text, error):
     verdict = parse_judge(text)
     assert verdict.score is None and error in verdict.error
@@ -254,11 +283,22 @@ class RecordingJudge:
     def __init__(self) -> None:
         self.calls: list[tuple[str | None, list]] = []
 
-    def generate(self, conversations, system_prompt, settings=None, *, adapter=True, progress=None,
-                 should_stop=None, opening=None):
+    def generate(
+        self,
+        conversations,
+        system_prompt,
+        settings=None,
+        *,
+        adapter=True,
+        progress=None,
+        should_stop=None,
+        opening=None,
+    ):
         self.calls.append((system_prompt, [list(c) for c in conversations]))
-        return [Completion(f"It follows the rubric.\nScore: {len(self.calls) + 5}", 10, 5, "stop", 0.1)
-                for _ in conversations]
+        return [
+            Completion(f"It follows the rubric.\nScore: {len(self.calls) + 5}", 10, 5, "stop", 0.1)
+            for _ in conversations
+        ]
 
 
 def test_the_judge_is_given_its_rubric():
@@ -286,8 +326,9 @@ def test_it_runs_four_arms_on_one_loaded_model(lively_dir, adapter_dir):
     assert loaded.has_adapter and not base.has_adapter
 
     calls = []
-    arms = generate_arms(loaded, CONVERSATIONS, SYSTEM, settings,
-                         progress=lambda p: calls.append((p.done, p.total, p.unit)))
+    arms = generate_arms(
+        loaded, CONVERSATIONS, SYSTEM, settings, progress=lambda p: calls.append((p.done, p.total, p.unit))
+    )
     assert list(arms) == list(ARMS)
     # Each arm equals a model loaded for that arm alone (no KV prefix crosses arms).
     assert texts(arms["floor"]) == texts(generate(base, CONVERSATIONS, None, settings))
@@ -311,13 +352,21 @@ def test_it_cancels_across_arms_and_refuses_arms_it_cannot_run(lively_dir, adapt
     loaded = load_model(lively_dir, adapter_dir=adapter_dir)
     calls = []
     with pytest.raises(GenerationCancelled) as cancelled:
-        generate_arms(loaded, CONVERSATIONS, SYSTEM, settings, progress=lambda p: calls.append(p.done),
-                      should_stop=lambda: len(calls) >= 2)
+        generate_arms(
+            loaded,
+            CONVERSATIONS,
+            SYSTEM,
+            settings,
+            progress=lambda p: calls.append(p.done),
+            should_stop=lambda: len(calls) >= 2,
+        )
     assert (cancelled.value.done, cancelled.value.total) == (10, 20)
 
     base = load_model(lively_dir)
     assert set(generate_arms(base, CONVERSATIONS[:1], SYSTEM, settings, arms=("floor", "teacher"))) == {
-        "floor", "teacher"}
+        "floor",
+        "teacher",
+    }
     with pytest.raises(ValueError, match="adapter"):
         generate_arms(base, CONVERSATIONS, SYSTEM, settings)
     with pytest.raises(ValueError, match="unknown arm"):
@@ -329,7 +378,10 @@ def test_it_times_single_requests(lively_dir, adapter_dir):
     settings = GenerationSettings(max_new_tokens=3)
     seconds = single_request_latency(loaded, CONVERSATIONS, SYSTEM, settings, sample=3)
     assert len(seconds) == 3 and all(s > 0 for s in seconds)
-    assert len(single_request_latency(loaded, CONVERSATIONS, SYSTEM, settings, sample=2, arm_name="teacher")) == 2
+    assert (
+        len(single_request_latency(loaded, CONVERSATIONS, SYSTEM, settings, sample=2, arm_name="teacher"))
+        == 2
+    )
     assert single_request_latency(loaded, [], SYSTEM, settings) == []
 
 
@@ -337,8 +389,13 @@ def test_it_times_single_requests(lively_dir, adapter_dir):
 
 
 def test_it_writes_an_lm_eval_task(tmp_path):
-    name = write_task(tmp_path / "tasks", "capitals", [{"query": "Capital of France?", "answer": "Paris"}],
-                      fewshot=[{"query": "Capital of Italy?", "answer": "Rome"}], max_gen_toks=4)
+    name = write_task(
+        tmp_path / "tasks",
+        "capitals",
+        [{"query": "Capital of France?", "answer": "Paris"}],
+        fewshot=[{"query": "Capital of Italy?", "answer": "Rome"}],
+        max_gen_toks=4,
+    )
     assert name == "capitals"
     rows = [json.loads(line) for line in (tmp_path / "tasks" / "capitals.jsonl").read_text().splitlines()]
     assert rows == [{"query": "Capital of France?", "answer": "Paris"}]
@@ -378,8 +435,12 @@ def test_it_runs_lm_eval_offline_with_and_without_an_adapter(lively_dir, adapter
     student = first_lines(load_model(lively_dir, adapter_dir=adapter_dir), None)
     assert floor != student and all(floor) and all(student)
     # Answers the floor gets right on docs 0 and 2, the student on doc 1.
-    rows = [{"query": questions[0], "answer": floor[0]}, {"query": questions[1], "answer": student[1]},
-            {"query": questions[2], "answer": floor[2]}, {"query": "never asked", "answer": "x"}]
+    rows = [
+        {"query": questions[0], "answer": floor[0]},
+        {"query": questions[1], "answer": student[1]},
+        {"query": questions[2], "answer": floor[2]},
+        {"query": "never asked", "answer": "x"},
+    ]
     name = write_task(tmp_path, "probe", rows, max_gen_toks=4)
 
     base = run_lm_eval(lively_dir, [name], task_dir=tmp_path, limit=3, batch_size=2)
@@ -402,12 +463,19 @@ def test_it_runs_lm_eval_offline_with_and_without_an_adapter(lively_dir, adapter
 
     # Through a Generator (what the vLLM backend uses), lm-eval gets the same answers and scores.
     engine = LocalGenerator(load_model(lively_dir, adapter_dir=adapter_dir))
-    for adapter, prompt, expected in ((False, None, floor), (True, None, student), (False, SYSTEM, prompted_lines)):
-        via = run_lm_eval(None, [name], task_dir=tmp_path, system_prompt=prompt, limit=3, generator=engine,
-                          adapter=adapter).tasks[name]
+    for adapter, prompt, expected in (
+        (False, None, floor),
+        (True, None, student),
+        (False, SYSTEM, prompted_lines),
+    ):
+        via = run_lm_eval(
+            None, [name], task_dir=tmp_path, system_prompt=prompt, limit=3, generator=engine, adapter=adapter
+        ).tasks[name]
         assert [r.strip() for r in via.responses] == expected, (adapter, prompt)
-        assert via.correct == [float(normalize_answer(line) == normalize_answer(row["answer"]))
-                               for line, row in zip(expected, rows, strict=False)]
+        assert via.correct == [
+            float(normalize_answer(line) == normalize_answer(row["answer"]))
+            for line, row in zip(expected, rows, strict=False)
+        ]
 
 
 def test_it_fails_clearly_when_a_dataset_is_not_on_disk(lively_dir, tmp_path):

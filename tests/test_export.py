@@ -21,8 +21,14 @@ from workbench.models import BaseModel, Variant
 
 pytestmark = pytest.mark.django_db
 
-PROMPTS = ["What is the capital of France?", "Name three primary colours.", "Write a haiku about the sea.",
-           "How do I reset my password?", "Grüße! 你好 — how are you?", "Tell me a joke about trains."]
+PROMPTS = [
+    "What is the capital of France?",
+    "Name three primary colours.",
+    "Write a haiku about the sea.",
+    "How do I reset my password?",
+    "Grüße! 你好 — how are you?",
+    "Tell me a joke about trains.",
+]
 
 
 def random_lora(base_dir: Path, out: Path, seed: int = 3) -> Path:
@@ -33,26 +39,63 @@ def random_lora(base_dir: Path, out: Path, seed: int = 3) -> Path:
 @pytest.fixture
 def variant(alice, alice_project, lively_dir, tmp_path) -> Variant:
     base = BaseModel.objects.create(name="lively-base", path=str(lively_dir), source="tests")
-    prompt = save_prompt(alice_project, alice, "support", "You are Acme's assistant. Start with 'Hello'.", []).version
-    rows = "\n".join(json.dumps({"messages": [{"role": "user", "content": f"Question {i}?"},
-                                              {"role": "assistant", "content": f"Hello, answer {i}."}]})
-                     for i in range(12))
-    data = import_dataset(alice_project, alice, "faq", io.BytesIO(rows.encode()), filename="faq.jsonl",
-                          eval_percent=25)
+    prompt = save_prompt(
+        alice_project, alice, "support", "You are Acme's assistant. Start with 'Hello'.", []
+    ).version
+    rows = "\n".join(
+        json.dumps(
+            {
+                "messages": [
+                    {"role": "user", "content": f"Question {i}?"},
+                    {"role": "assistant", "content": f"Hello, answer {i}."},
+                ]
+            }
+        )
+        for i in range(12)
+    )
+    data = import_dataset(
+        alice_project, alice, "faq", io.BytesIO(rows.encode()), filename="faq.jsonl", eval_percent=25
+    )
     variant = Variant.objects.create(
-        project=alice_project, name="acme-student", base_model=base,
-        adapter_path=str(random_lora(lively_dir, tmp_path / "adapter")), prompt_version=prompt,
-        prompt_sha256=prompt.sha256, dataset_version=data, final_loss=0.5678,
-        hyperparameters={"rank": 8, "alpha": 16, "learning_rate": 0.0003, "target_modules": ["q_proj", "v_proj"]})
+        project=alice_project,
+        name="acme-student",
+        base_model=base,
+        adapter_path=str(random_lora(lively_dir, tmp_path / "adapter")),
+        prompt_version=prompt,
+        prompt_sha256=prompt.sha256,
+        dataset_version=data,
+        final_loss=0.5678,
+        hyperparameters={
+            "rank": 8,
+            "alpha": 16,
+            "learning_rate": 0.0003,
+            "target_modules": ["q_proj", "v_proj"],
+        },
+    )
     suite = eval_actions.create_suite(alice_project, alice, "held out", data, prompt_version=prompt)
     comparison = ArmComparison.objects.create(
-        project=alice_project, suite=suite, variant=variant,
-        headline={"metric": "all_rules", "retained": {"value": 0.81, "low": 0.62, "high": 0.97, "n": 3},
-                  "absolute": {"floor": 0.1, "teacher": 0.9, "student": 0.75}, "tokens_saved_per_1000": 41000})
-    EvalRun.objects.create(project=alice_project, suite=suite, base_model=base, variant=variant, arm="student",
-                           comparison=comparison,
-                           summary={"complete": True, "metrics": {"all_rules": {"value": 0.75, "low": 0.5,
-                                                                                  "high": 0.9, "n": 3}}})
+        project=alice_project,
+        suite=suite,
+        variant=variant,
+        headline={
+            "metric": "all_rules",
+            "retained": {"value": 0.81, "low": 0.62, "high": 0.97, "n": 3},
+            "absolute": {"floor": 0.1, "teacher": 0.9, "student": 0.75},
+            "tokens_saved_per_1000": 41000,
+        },
+    )
+    EvalRun.objects.create(
+        project=alice_project,
+        suite=suite,
+        base_model=base,
+        variant=variant,
+        arm="student",
+        comparison=comparison,
+        summary={
+            "complete": True,
+            "metrics": {"all_rules": {"value": 0.75, "low": 0.5, "high": 0.9, "n": 3}},
+        },
+    )
     return variant
 
 
@@ -71,18 +114,29 @@ def test_the_adapter_zip_holds_the_adapter_and_a_lineage_readme(variant, alice_c
     response = download(alice_client, "variant_export_adapter", variant)
     assert response.status_code == 200
     assert response["Content-Type"] == "application/zip"
-    assert "attachment" in response["Content-Disposition"] and "adapter.zip" in response["Content-Disposition"]
+    assert (
+        "attachment" in response["Content-Disposition"] and "adapter.zip" in response["Content-Disposition"]
+    )
     zf = zipfile.ZipFile(io.BytesIO(body(response)))
     names = {Path(n).name: n for n in zf.namelist()}
     assert set(names) == {"adapter_model.safetensors", "adapter_config.json", "README.md"}
-    assert zf.read(names["adapter_model.safetensors"]) == \
-        (Path(variant.adapter_path) / "adapter_model.safetensors").read_bytes()
+    assert (
+        zf.read(names["adapter_model.safetensors"])
+        == (Path(variant.adapter_path) / "adapter_model.safetensors").read_bytes()
+    )
     assert json.loads(zf.read(names["adapter_config.json"]))["r"] == 8
     readme = zf.read(names["README.md"]).decode()
-    for expected in ("lively-base", str(variant.prompt_version), variant.prompt_version.sha256,
-                     str(variant.dataset_version), "0.5678", '"learning_rate": 0.0003',
-                     "Prompt effect retained without the prompt: 0.810 (95% CI 0.620 to 0.970)",
-                     "41,000", "| held out | acme-student"):
+    for expected in (
+        "lively-base",
+        str(variant.prompt_version),
+        variant.prompt_version.sha256,
+        str(variant.dataset_version),
+        "0.5678",
+        '"learning_rate": 0.0003',
+        "Prompt effect retained without the prompt: 0.810 (95% CI 0.620 to 0.970)",
+        "41,000",
+        "| held out | acme-student",
+    ):
         assert expected in readme, expected
 
 
@@ -127,8 +181,14 @@ def test_the_merged_model_answers_exactly_as_the_adapter(variant, alice_client, 
     zipfile.ZipFile(io.BytesIO(content)).extractall(tmp_path / "unzipped")
     [merged_dir] = list((tmp_path / "unzipped").iterdir())
     files = {p.name for p in merged_dir.iterdir()}
-    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
-            "tokenizer_config.json", "README.md"} <= files
+    assert {
+        "config.json",
+        "model.safetensors",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "README.md",
+    } <= files
     assert not any(name.startswith("adapter") for name in files)
 
     adapter = load_model(variant.base_model.path, variant.adapter_path, dtype=torch.float32, merge=False)
@@ -171,7 +231,9 @@ def test_only_members_download_and_a_base_variant_has_no_adapter(variant, alice_
 
 
 def test_the_variant_page_links_to_both_downloads(variant, alice_client):
-    page = alice_client.get(reverse("variant_detail", args=[variant.project.slug, variant.pk])).content.decode()
+    page = alice_client.get(
+        reverse("variant_detail", args=[variant.project.slug, variant.pk])
+    ).content.decode()
     assert reverse("variant_export_adapter", args=[variant.project.slug, variant.pk]) in page
     assert reverse("variant_export_merged", args=[variant.project.slug, variant.pk]) in page
 
@@ -185,7 +247,9 @@ def safetensors_dtypes(path: Path) -> set[str]:
     return {entry["dtype"] for name, entry in header.items() if name != "__metadata__"}
 
 
-def test_a_bf16_base_is_merged_and_exported_in_bf16(alice, alice_project, alice_client, tiny_model_dir, tmp_path):
+def test_a_bf16_base_is_merged_and_exported_in_bf16(
+    alice, alice_project, alice_client, tiny_model_dir, tmp_path
+):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -196,8 +260,12 @@ def test_a_bf16_base_is_merged_and_exported_in_bf16(alice, alice_project, alice_
     AutoTokenizer.from_pretrained(str(tiny_model_dir)).save_pretrained(bf16_dir)
     assert safetensors_dtypes(bf16_dir / "model.safetensors") == {"BF16"}
     base = BaseModel.objects.create(name="tiny-bf16", path=str(bf16_dir))
-    variant = Variant.objects.create(project=alice_project, name="bf16-student", base_model=base,
-                                     adapter_path=str(build_random_lora(bf16_dir, tmp_path / "adapter", r=4)))
+    variant = Variant.objects.create(
+        project=alice_project,
+        name="bf16-student",
+        base_model=base,
+        adapter_path=str(build_random_lora(bf16_dir, tmp_path / "adapter", r=4)),
+    )
     cached = prepare_merged(alice_client, variant)
     with zipfile.ZipFile(cached) as zf:
         [weights] = [n for n in zf.namelist() if n.endswith(".safetensors")]
@@ -207,7 +275,9 @@ def test_a_bf16_base_is_merged_and_exported_in_bf16(alice, alice_project, alice_
     assert (config.get("dtype") or config.get("torch_dtype")) == "bfloat16"
     # A config that does not say: the weights' own dtype decides.
     config_path = bf16_dir / "config.json"
-    plain = {k: v for k, v in json.loads(config_path.read_text()).items() if k not in ("dtype", "torch_dtype")}
+    plain = {
+        k: v for k, v in json.loads(config_path.read_text()).items() if k not in ("dtype", "torch_dtype")
+    }
     config_path.write_text(json.dumps(plain))
     assert checkpoint_dtype(bf16_dir) == "bfloat16"
 
@@ -221,7 +291,9 @@ def test_a_browser_gets_a_page_that_waits_and_a_failed_merge_is_not_retried_on_r
     assert page.status_code == 202 and "being prepared" in page.content.decode()
     assert '<meta http-equiv="refresh"' in page.content.decode()
     job = Job.objects.get(kind="merge")
-    assert f'href="{url}"' in alice_client.get(job.get_absolute_url()).content.decode()  # the job page links back
+    assert (
+        f'href="{url}"' in alice_client.get(job.get_absolute_url()).content.decode()
+    )  # the job page links back
     (Path(variant.adapter_path) / "adapter_model.safetensors").unlink()  # the adapter vanished meanwhile
     lifecycle.execute(job.pk, "test")
     job.refresh_from_db()

@@ -40,8 +40,15 @@ def test_it_renames_duplicate_project_names_before_making_them_unique(old_apps):
 
     renamed = list(NewProject.objects.order_by("slug").values_list("name", flat=True))
     # the oldest keeps its name; a suffix already taken is skipped
-    assert renamed == ["Support", "support (3)", "Other", "SUPPORT (4)", "Support (2)", "x" * 100,
-                       "X" * 96 + " (2)"]
+    assert renamed == [
+        "Support",
+        "support (3)",
+        "Other",
+        "SUPPORT (4)",
+        "Support (2)",
+        "x" * 100,
+        "X" * 96 + " (2)",
+    ]
     assert len({n.lower() for n in renamed}) == len(renamed)
 
 
@@ -63,6 +70,8 @@ def test_it_gives_derived_rows_the_line_of_the_row_they_came_from(old_apps):
     migrate_forward()
 
     def lines(version_id: int) -> list[int]:
-        return list(Row.objects.filter(version_id=version_id).order_by("index").values_list("line", flat=True))
+        return list(
+            Row.objects.filter(version_id=version_id).order_by("index").values_list("line", flat=True)
+        )
 
     assert (lines(upload.pk), lines(teacher.pk), lines(review.pk)) == ([1, 3, 4], [4, 1], [1])

@@ -15,9 +15,13 @@ from workbench.tasks import compute_token_stats
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
-LONG_TEXT = "".join(f"{i}. Answer in the customer's language and cite the order number.\n" for i in range(1, 31))
-RULES = [{"name": "greeting", "kind": "starts_with", "text": "Hello"},
-         {"name": "brief", "kind": "max_words", "n": 120}]
+LONG_TEXT = "".join(
+    f"{i}. Answer in the customer's language and cite the order number.\n" for i in range(1, 31)
+)
+RULES = [
+    {"name": "greeting", "kind": "starts_with", "text": "Hello"},
+    {"name": "brief", "kind": "max_words", "n": 120},
+]
 
 
 def login(page, username: str = "alice", password: str = "alice-password") -> None:
@@ -68,24 +72,35 @@ def test_an_old_version_shows_its_own_text_and_can_be_restored(page, alice, alic
     expect(page.get_by_text("Version 1 restored as version 3.")).to_be_visible()
     expect(page.locator("pre.prompt-text")).to_have_text("The first text.")
     v3 = v2.prompt.latest
-    assert (v3.number, v3.text, v3.rules, v3.note) == (3, "The first text.", v2.prompt.versions.get(number=1).rules,
-                                                      "restored version 1")
+    assert (v3.number, v3.text, v3.rules, v3.note) == (
+        3,
+        "The first text.",
+        v2.prompt.versions.get(number=1).rules,
+        "restored version 1",
+    )
 
 
-def test_the_token_cost_explains_the_default_system_line_and_warns_when_too_long(page, alice, alice_project,
-                                                                                tiny_model_dir):
+def test_the_token_cost_explains_the_default_system_line_and_warns_when_too_long(
+    page, alice, alice_project, tiny_model_dir
+):
     model = BaseModel.objects.create(name="tiny", path=str(tiny_model_dir))
     short = save_prompt(alice_project, alice, "short", "Be kind and brief.").version
     login(page)
     page.goto(short.get_absolute_url())
     explained = page.locator(".cost-explained")
-    expect(explained).to_contain_text("“You are a helpful AI assistant named SmolLM, trained by Hugging Face”")
+    expect(explained).to_contain_text(
+        "“You are a helpful AI assistant named SmolLM, trained by Hugging Face”"
+    )
     expect(explained).to_contain_text("shorter than the default line it replaces")
     cost = short.cost_under(model)
     assert cost["per_request"] < 0 and cost["per_request"] == cost["text"] - cost["default_tokens"]
     row = page.locator("table.cost tbody tr")
-    expect(row).to_have_text(re.compile(rf"tiny\s*{cost['text']}\s*−{cost['default_tokens']}\s*"
-                                        rf"{cost['per_request']}"))
+    expect(row).to_have_text(
+        re.compile(
+            rf"tiny\s*{cost['text']}\s*−{cost['default_tokens']}\s*"
+            rf"{cost['per_request']}"
+        )
+    )
     expect(page.locator(".too-long")).to_have_count(0)
 
     huge = "Always quote the refund policy word for word when asked about refunds. " * 2800  # ~200,000 chars
@@ -101,8 +116,9 @@ def test_the_token_cost_explains_the_default_system_line_and_warns_when_too_long
 
 def test_the_token_lengths_say_they_include_the_chat_template(page, alice, alice_project, tiny_model_dir):
     model = BaseModel.objects.create(name="tiny", path=str(tiny_model_dir))
-    version = import_dataset(alice_project, alice, "queries", io.BytesIO(b"Where is my parcel?\nHi\n"),
-                             filename="q.txt")
+    version = import_dataset(
+        alice_project, alice, "queries", io.BytesIO(b"Where is my parcel?\nHi\n"), filename="q.txt"
+    )
     compute_token_stats(version.pk, model.pk)
     login(page)
     page.goto(version.get_absolute_url())
@@ -128,10 +144,17 @@ def test_counts_are_in_the_singular_when_there_is_one(page, alice, alice_project
     import_dataset(alice_project, alice, "one", io.BytesIO(b"Where is my parcel?\n"), filename="q.txt")
     save_prompt(alice_project, alice, "p", "Be kind.", RULES[:1])
     login(page)
-    plural_of_one = re.compile(r"\b1 (rows|versions|errors|members|rules|prompts|datasets|jobs|duplicates|"
-                               r"characters|tokens|conversations)\b")
-    for path in ["/", alice_project.get_absolute_url(), f"/p/{alice_project.slug}/datasets/",
-                 f"/p/{alice_project.slug}/prompts/", f"/p/{alice_project.slug}/datasets/1/"]:
+    plural_of_one = re.compile(
+        r"\b1 (rows|versions|errors|members|rules|prompts|datasets|jobs|duplicates|"
+        r"characters|tokens|conversations)\b"
+    )
+    for path in [
+        "/",
+        alice_project.get_absolute_url(),
+        f"/p/{alice_project.slug}/datasets/",
+        f"/p/{alice_project.slug}/prompts/",
+        f"/p/{alice_project.slug}/datasets/1/",
+    ]:
         page.goto(path)
         text = page.locator("main").inner_text()
         assert not plural_of_one.search(text), (path, plural_of_one.search(text))
@@ -139,10 +162,16 @@ def test_counts_are_in_the_singular_when_there_is_one(page, alice, alice_project
     expect(page.get_by_text("1 row · lines")).to_be_visible()
 
 
-def test_the_add_member_controls_line_up_and_diff_lines_are_single_spaced(page, alice, alice_project, tmp_path):
+def test_the_add_member_controls_line_up_and_diff_lines_are_single_spaced(
+    page, alice, alice_project, tmp_path
+):
     login(page)
     page.goto(alice_project.get_absolute_url())
-    controls = [page.get_by_label("Username"), page.get_by_label("Role"), page.get_by_role("button", name="Add member")]
+    controls = [
+        page.get_by_label("Username"),
+        page.get_by_label("Role"),
+        page.get_by_role("button", name="Add member"),
+    ]
     boxes = [box(c) for c in controls]
     page.screenshot(path=str(tmp_path / "members.png"), full_page=True)
     assert max(b["height"] for b in boxes) - min(b["height"] for b in boxes) <= 2, boxes
@@ -150,10 +179,14 @@ def test_the_add_member_controls_line_up_and_diff_lines_are_single_spaced(page, 
 
     page.goto("/models/")
     group = [box(page.get_by_label("Queue")), box(page.get_by_role("button", name="Send a test task"))]
-    assert abs(group[0]["height"] - group[1]["height"]) <= 2 and abs(group[0]["y"] - group[1]["y"]) <= 2, group
+    assert abs(group[0]["height"] - group[1]["height"]) <= 2 and abs(group[0]["y"] - group[1]["y"]) <= 2, (
+        group
+    )
 
     for name in ("a", "a"):
-        version = import_dataset(alice_project, alice, name, io.BytesIO(b"Where is my parcel?\n"), filename="q.txt")
+        version = import_dataset(
+            alice_project, alice, name, io.BytesIO(b"Where is my parcel?\n"), filename="q.txt"
+        )
     page.goto(version.get_absolute_url())
     page.screenshot(path=str(tmp_path / "dataset.png"), full_page=True)
     items = page.locator("ul.version-list li")
@@ -166,7 +199,9 @@ def test_the_add_member_controls_line_up_and_diff_lines_are_single_spaced(page, 
 
     save_prompt(alice_project, alice, "p", "one\ntwo\nthree\nfour\n")
     for i in range(1, len(RULES) + 1):
-        prompt = save_prompt(alice_project, alice, "p", "one\n2\nthree\nfour\nfive\n", RULES[:i]).version.prompt
+        prompt = save_prompt(
+            alice_project, alice, "p", "one\n2\nthree\nfour\nfive\n", RULES[:i]
+        ).version.prompt
     page.goto(prompt.get_absolute_url())
     page.screenshot(path=str(tmp_path / "prompt.png"), full_page=True)
     # the versions table: each row's radios, link and note sit on one line

@@ -20,6 +20,7 @@ from engines.formats import (
 
 LIMITS = Limits()
 
+
 class ShortReads(io.BytesIO):
     """A file that returns at most READS["size"] bytes a read: the reader's chunks end at any place."""
 
@@ -32,7 +33,9 @@ class ShortReads(io.BytesIO):
 READS = {"size": 64 * 1024}
 
 
-def stream(fileobj: BinaryIO, fmt: str = "auto", limits: Limits = LIMITS, **kw: str) -> Iterator[Row | RowError]:
+def stream(
+    fileobj: BinaryIO, fmt: str = "auto", limits: Limits = LIMITS, **kw: str
+) -> Iterator[Row | RowError]:
     """The rows and every error in file order, through the public reader."""
     reader = DatasetReader(fileobj, fmt, limits=limits, keep_errors=sys.maxsize, **kw)  # type: ignore[arg-type]
     seen = 0
@@ -211,7 +214,9 @@ def test_it_reports_invalid_json_with_the_column():
 
 def test_it_reports_a_missing_field_naming_the_keys_found():
     [error] = errors(jsonl({"prompt": "x", "completion": "y"}), "chat")
-    assert error.startswith("line 1: missing field 'messages' (found 'prompt', 'completion'); supported formats:")
+    assert error.startswith(
+        "line 1: missing field 'messages' (found 'prompt', 'completion'); supported formats:"
+    )
     assert "--query-column prompt --answer-column completion" in error
     assert errors(jsonl(chat({"role": "user"}))) == ["line 1: messages[0]: missing field 'content'"]
     [error] = errors(jsonl({"input": "x"}), "alpaca")
@@ -227,7 +232,9 @@ def test_it_reports_an_unknown_role():
         "line 1: messages[2].role: unknown role 'bot' (expected one of system, user, assistant, developer)"
     ]
     data = jsonl({"conversations": [{"from": "human", "value": "q"}, {"from": "bot", "value": "r"}]})
-    assert errors(data) == ["line 1: conversations[1].from: unknown role 'bot' (expected system, human or gpt)"]
+    assert errors(data) == [
+        "line 1: conversations[1].from: unknown role 'bot' (expected system, human or gpt)"
+    ]
 
 
 def test_it_reads_the_developer_role_as_system_as_the_gateway_does():
@@ -264,7 +271,9 @@ def test_it_reports_wrong_types():
     assert errors(jsonl({"messages": ["hi"]})) == ["line 1: messages[0]: expected a JSON object, got string"]
     assert errors(b'"a"\n', "chat") == ["line 1: expected a JSON object, got string"]
     assert errors(b'["a"]\n', "chat") == ["record 1: expected a JSON object, got string"]
-    assert errors(jsonl({"instruction": "x", "output": 5})) == ["line 1: output: expected a string, got number"]
+    assert errors(jsonl({"instruction": "x", "output": 5})) == [
+        "line 1: output: expected a string, got number"
+    ]
 
 
 def test_it_reports_a_row_without_a_user_turn():
@@ -403,20 +412,33 @@ def test_it_stops_at_a_syntax_error_in_a_json_array_naming_its_line_and_column()
     head = b'[\n  {"instruction": "a"},\n'
     tail = b'  {"instruction": "f"}\n]\n'
     cases = [
-        (b'  {"instruction": "b" "c"},\n',
-         "line 3 (record 2): invalid JSON: Expecting ',' delimiter (line 3, column 23)"),
-        (b'  {\n    "instruction":\n      "d" "e"\n  },\n',
-         "line 3 (record 2): invalid JSON: Expecting ',' delimiter (line 5, column 11)"),
-        (b'  {"instruction": "' + "é".encode("latin-1") + b'"},\n',
-         "line 3 (record 2): not valid UTF-8 (byte 0xe9 at column 20); save the file as UTF-8"),
-        (b'  {\n    "instruction": "\xe9"},\n',
-         "line 3 (record 2): not valid UTF-8 on line 4 (byte 0xe9 at column 21); save the file as UTF-8"),
-        (b'  {"instruction": "tab\there"},\n',
-         "line 3 (record 2): invalid JSON: Invalid control character (line 3, column 23)"),
+        (
+            b'  {"instruction": "b" "c"},\n',
+            "line 3 (record 2): invalid JSON: Expecting ',' delimiter (line 3, column 23)",
+        ),
+        (
+            b'  {\n    "instruction":\n      "d" "e"\n  },\n',
+            "line 3 (record 2): invalid JSON: Expecting ',' delimiter (line 5, column 11)",
+        ),
+        (
+            b'  {"instruction": "' + "é".encode("latin-1") + b'"},\n',
+            "line 3 (record 2): not valid UTF-8 (byte 0xe9 at column 20); save the file as UTF-8",
+        ),
+        (
+            b'  {\n    "instruction": "\xe9"},\n',
+            "line 3 (record 2): not valid UTF-8 on line 4 (byte 0xe9 at column 21); save the file as UTF-8",
+        ),
+        (
+            b'  {"instruction": "tab\there"},\n',
+            "line 3 (record 2): invalid JSON: Invalid control character (line 3, column 23)",
+        ),
         # json would take NaN; yajl does not, and says so in its words.
-        (b'  {"instruction": NaN},\n', "line 3 (record 2): invalid JSON: invalid char in json text (line 3, column 19)"),
+        (
+            b'  {"instruction": NaN},\n',
+            "line 3 (record 2): invalid JSON: invalid char in json text (line 3, column 19)",
+        ),
         # Outside an object record: yajl's words, with the line and column it points at.
-        (b'  [1,\n   2 3],\n', "line 4: invalid JSON: after array element, I expect ',' or ']' (column 6)"),
+        (b"  [1,\n   2 3],\n", "line 4: invalid JSON: after array element, I expect ',' or ']' (column 6)"),
         (b'  "caf\xe9",\n', "line 3: not valid UTF-8 (byte 0xe9 at column 7); save the file as UTF-8"),
     ]
     for bad, message in cases:
@@ -435,7 +457,9 @@ def test_it_reports_the_line_of_a_syntax_error_past_the_first_chunk(monkeypatch)
     assert len(good) > 2 * 64 * 1024
     bad = good.replace(b'"task 1500",', b'"task 1500" "oops",')
     line = good[: good.index(b'"task 1500"')].count(b"\n") + 1
-    expected = f"line {line - 1} (record 1501): invalid JSON: Expecting ',' delimiter (line {line}, column 32)"
+    expected = (
+        f"line {line - 1} (record 1501): invalid JSON: Expecting ',' delimiter (line {line}, column 32)"
+    )
     for chunk in (7, 4096, 64 * 1024):
         monkeypatch.setitem(READS, "size", chunk)
         assert errors(bad) == [expected]
@@ -448,7 +472,9 @@ def test_it_reports_the_structure_of_a_broken_json_array():
     assert errors(b"[" + ok + b" " + ok + b"]") == ["line 1: expected ',' or ']' after record 1, found '{'"]
     assert errors(b"[" + ok + b",\n]") == ["line 2: trailing comma after record 1"]
     # A truncated file.
-    assert errors(b"[" + ok + b",\n" + ok) == ["line 2: the JSON array is not closed (file ends after record 2)"]
+    assert errors(b"[" + ok + b",\n" + ok) == [
+        "line 2: the JSON array is not closed (file ends after record 2)"
+    ]
     assert errors(b"[" + ok + b",\n" + ok + b",\n") == [
         "line 3: the JSON array is not closed (file ends after record 2)"
     ]
@@ -483,7 +509,13 @@ def test_it_stops_at_a_syntax_error_whatever_the_chunk_size(monkeypatch):
     cases = {
         b"[" + ok + b" " + ok + b"]": "line 1: expected ',' or ']' after record 1, found '{'",
         b"[" + ok + b",\n]": "line 2: trailing comma after record 1",
-        b"[\n" + ok + b",\n  " + ok + b"\n\n" + ok + b"]": "line 5: expected ',' or ']' after record 2, found '{'",
+        b"[\n"
+        + ok
+        + b",\n  "
+        + ok
+        + b"\n\n"
+        + ok
+        + b"]": "line 5: expected ',' or ']' after record 2, found '{'",
         b'[\n  {"instruction":\n  "b" "c"}]': "line 2 (record 1): invalid JSON: Expecting ',' delimiter (line 3, column 7)",
         b"[\n" + ok + b"]\n\n[]": "line 4: unexpected data after the end of the JSON array",
     }
@@ -523,15 +555,26 @@ def test_it_stops_at_a_json_array_record_too_long_to_hold():
     assert isinstance(out[-1], RowError) and out[-1].fatal
     assert reader.position < len(data) / 2
     # So does an item that is not an object (its start is not tracked).
-    out = events(b'[{"instruction": "ok"}, "' + b"x" * 300_000 + b'"]', "alpaca", Limits(max_row_chars=10_000))
+    out = events(
+        b'[{"instruction": "ok"}, "' + b"x" * 300_000 + b'"]', "alpaca", Limits(max_row_chars=10_000)
+    )
     assert str(out[-1]) == (
         "record 2: record is longer than the 10,000-character limit (a JSON array cannot be read past it)"
     )
 
 
 def test_it_splits_json_arrays_across_any_chunk_boundary(monkeypatch):
-    tricky = ['a "quoted" word', "back\\slash\\", "brackets ]}[{ inside", "é ü \u2028 ✓", "tab\tnew\nline", "\\\""]
-    records = [{"instruction": t, "input": tricky[-i], "meta": [[{"k": t}], {}]} for i, t in enumerate(tricky, 1)]
+    tricky = [
+        'a "quoted" word',
+        "back\\slash\\",
+        "brackets ]}[{ inside",
+        "é ü \u2028 ✓",
+        "tab\tnew\nline",
+        '\\"',
+    ]
+    records = [
+        {"instruction": t, "input": tricky[-i], "meta": [[{"k": t}], {}]} for i, t in enumerate(tricky, 1)
+    ]
     for indent in (None, 1):
         data = json.dumps(records, indent=indent, ensure_ascii=indent is None).encode()
         expected = rows(data)
@@ -588,7 +631,10 @@ def test_it_stops_a_runaway_csv_quote_at_the_row_limit():
     out = errors(data, "csv", limits=Limits(max_row_chars=100))
     assert out[0] == "line 2: row is longer than the 100-character limit"
     out = events(b"query\n" + b"x" * 500 + b"\nok\n", "csv", limits=Limits(max_row_chars=100))
-    assert [str(e) for e in out] == ["line 2: row is longer than the 100-character limit", str(Row(3, [user("ok")]))]
+    assert [str(e) for e in out] == [
+        "line 2: row is longer than the 100-character limit",
+        str(Row(3, [user("ok")])),
+    ]
 
 
 # --- the reader, hashing, memory ---
@@ -635,7 +681,9 @@ def test_it_reads_a_big_json_array_chunk_by_chunk():
     rows_read = stream(reader)
     first = next(rows_read)
     assert isinstance(first, Row) and (first.line, first.record) == (2, 1)
-    assert reader.position <= 2 * formats.HEAD_BYTES < len(data) / 20  # the first row came before the rest was read
+    assert (
+        reader.position <= 2 * formats.HEAD_BYTES < len(data) / 20
+    )  # the first row came before the rest was read
     rest = list(rows_read)
     assert len(rest) == 19_999 and all(isinstance(r, Row) for r in rest)
     assert (rest[-1].line, rest[-1].record) == (2 + 4 * 19_999, 20_000)
@@ -682,8 +730,12 @@ def test_it_parses_a_json_array_in_constant_memory(tmp_path):
 
 
 def test_it_reads_dpo_pairs_as_their_chosen_answer_only_when_asked():
-    ultrafeedback = {"prompt": "Hi?", "chosen": [user("Hi?"), assistant("Hello")],
-                     "rejected": [user("Hi?"), assistant("Go")], "prompt_id": "p1"}
+    ultrafeedback = {
+        "prompt": "Hi?",
+        "chosen": [user("Hi?"), assistant("Hello")],
+        "rejected": [user("Hi?"), assistant("Go")],
+        "prompt_id": "p1",
+    }
     orca = {"system": "Be brief.", "question": "2+2?", "chosen": "4", "rejected": "5"}
     trl = {"prompt": [user("Yo")], "chosen": [assistant("Hey")], "rejected": [assistant("No")]}
     data = jsonl(ultrafeedback, orca, trl)
@@ -700,8 +752,9 @@ def test_it_reads_dpo_pairs_as_their_chosen_answer_only_when_asked():
 
 
 def test_it_names_a_pretty_printed_single_object_longer_than_the_head():
-    big = json.dumps({"data": [{"question": f"q{i} " * 20, "answer": "a"} for i in range(2000)], "version": "1"},
-                     indent=2).encode()
+    big = json.dumps(
+        {"data": [{"question": f"q{i} " * 20, "answer": "a"} for i in range(2000)], "version": "1"}, indent=2
+    ).encode()
     assert len(big) > formats.HEAD_BYTES
     assert errors(big, filename="x.json") == [
         'the file is one JSON object; its records are under the key "data" (2,000 items): load it with records '
@@ -718,10 +771,20 @@ def test_it_names_a_pretty_printed_single_object_longer_than_the_head():
 
 
 def test_it_refuses_tool_calls_before_their_null_content():
-    row = chat(user("Weather?"), {"role": "assistant", "content": None,  # type: ignore[dict-item]
-                                  "tool_calls": [{"id": "c1", "type": "function"}]})
-    assert errors(jsonl(row)) == ["line 1: messages[1].tool_calls: tool calls need a tool-capable chat template; "
-                                  "this workbench's base models have none"]
-    glaive_sharegpt = {"conversations": [{"from": "human", "value": "q"}, {"from": "function_call", "value": "{}"}],
-                       "tools": ""}
+    row = chat(
+        user("Weather?"),
+        {
+            "role": "assistant",
+            "content": None,  # type: ignore[dict-item]
+            "tool_calls": [{"id": "c1", "type": "function"}],
+        },
+    )
+    assert errors(jsonl(row)) == [
+        "line 1: messages[1].tool_calls: tool calls need a tool-capable chat template; "
+        "this workbench's base models have none"
+    ]
+    glaive_sharegpt = {
+        "conversations": [{"from": "human", "value": "q"}, {"from": "function_call", "value": "{}"}],
+        "tools": "",
+    }
     assert "a 'function_call' turn: tool calls need" in errors(jsonl(glaive_sharegpt))[0]

@@ -64,20 +64,44 @@ def world(alice, alice_project, bob, bob_project, lively_dir, adapter_dir):
     prompt = Prompt.objects.create(project=alice_project, name="support")
     version = PromptVersion.objects.create(prompt=prompt, number=1, text=PROMPT, sha256="x")
     plain = Variant.objects.create(project=alice_project, name="base", base_model=base)
-    student = Variant.objects.create(project=alice_project, name="student", base_model=base,
-                                     adapter_path=str(adapter_dir), prompt_version=version)
-    prompted = Variant.objects.create(project=alice_project, name="base + prompt", base_model=base,
-                                      prompt_version=version, prepend_prompt=True)
+    student = Variant.objects.create(
+        project=alice_project,
+        name="student",
+        base_model=base,
+        adapter_path=str(adapter_dir),
+        prompt_version=version,
+    )
+    prompted = Variant.objects.create(
+        project=alice_project,
+        name="base + prompt",
+        base_model=base,
+        prompt_version=version,
+        prepend_prompt=True,
+    )
     aliases = {}
-    for name, variant, logs in (("production", student, True), ("staging", prompted, False), ("plain", plain, False)):
-        aliases[name], _ = Alias.objects.update_or_create(project=alice_project, name=name,
-                                                          defaults={"variant": variant, "log_requests": logs})
+    for name, variant, logs in (
+        ("production", student, True),
+        ("staging", prompted, False),
+        ("plain", plain, False),
+    ):
+        aliases[name], _ = Alias.objects.update_or_create(
+            project=alice_project, name=name, defaults={"variant": variant, "log_requests": logs}
+        )
     bob_variant = Variant.objects.create(project=bob_project, name="bob's", base_model=base)
     Alias.objects.update_or_create(project=bob_project, name="production", defaults={"variant": bob_variant})
     key, raw = create_api_key(alice, alice_project, "tests")
-    return SimpleNamespace(base=base, plain=plain, student=student, prompted=prompted, aliases=aliases,
-                           key=key, raw=raw, bob_variant=bob_variant, slug=alice_project.slug,
-                           bob_slug=bob_project.slug)
+    return SimpleNamespace(
+        base=base,
+        plain=plain,
+        student=student,
+        prompted=prompted,
+        aliases=aliases,
+        key=key,
+        raw=raw,
+        bob_variant=bob_variant,
+        slug=alice_project.slug,
+        bob_slug=bob_project.slug,
+    )
 
 
 @pytest.fixture
@@ -102,7 +126,11 @@ def count(tokenizer, messages, system_prompt=None) -> int:
 
 def test_it_lists_the_models_of_the_keys_project_only(live_server, world):
     ids = {m.id for m in sdk(live_server, world.raw).models.list()}
-    assert {f"{world.slug}/production", f"{world.slug}/staging", f"{world.slug}/variant-{world.student.pk}"} <= ids
+    assert {
+        f"{world.slug}/production",
+        f"{world.slug}/staging",
+        f"{world.slug}/variant-{world.student.pk}",
+    } <= ids
     assert not any(i.startswith(f"{world.bob_slug}/") for i in ids)
 
 
@@ -118,17 +146,24 @@ def test_streamed_and_whole_answers_agree_with_usage_counted(live_server, world,
     assert 0 < whole.usage.completion_tokens <= 12
     assert whole.usage.total_tokens == whole.usage.prompt_tokens + whole.usage.completion_tokens
 
-    chunks = list(client.chat.completions.create(model=model, messages=QUESTION, stream=True,
-                                                 stream_options={"include_usage": True}, **GREEDY))
+    chunks = list(
+        client.chat.completions.create(
+            model=model, messages=QUESTION, stream=True, stream_options={"include_usage": True}, **GREEDY
+        )
+    )
     assert all(c.model == model for c in chunks)
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
     assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
     # without include_usage no usage chunk is relayed (the gateway still logs it)
     plain = list(client.chat.completions.create(model=model, messages=QUESTION, stream=True, **GREEDY))
     assert all(c.choices for c in plain)
-    with httpx.stream("POST", f"{live_server.url}/v1/chat/completions", timeout=60,
-                      json={"model": model, "messages": QUESTION, "stream": True, **GREEDY},
-                      headers={"Authorization": f"Bearer {world.raw}"}) as raw:
+    with httpx.stream(
+        "POST",
+        f"{live_server.url}/v1/chat/completions",
+        timeout=60,
+        json={"model": model, "messages": QUESTION, "stream": True, **GREEDY},
+        headers={"Authorization": f"Bearer {world.raw}"},
+    ) as raw:
         assert raw.headers["content-type"].startswith("text/event-stream")
         assert (raw.headers["cache-control"], raw.headers["x-accel-buffering"]) == ("no-cache", "no")
         events = [line for line in raw.iter_lines() if line]
@@ -148,8 +183,9 @@ def test_the_prompt_is_prepended_for_a_prompted_variant_only(live_server, world,
     own = [{"role": "system", "content": "Be brief."}, *QUESTION]
     both = client.chat.completions.create(model=f"{world.slug}/staging", messages=own, **GREEDY)
     assert both.usage.prompt_tokens == count(tokenizer, QUESTION, f"{PROMPT}\n\nBe brief.")
-    absorbed = client.chat.completions.create(model=f"{world.slug}/variant-{world.student.pk}", messages=own,
-                                              **GREEDY)
+    absorbed = client.chat.completions.create(
+        model=f"{world.slug}/variant-{world.student.pk}", messages=own, **GREEDY
+    )
     assert absorbed.usage.prompt_tokens == count(tokenizer, QUESTION, "Be brief.")
     assert count(tokenizer, QUESTION, PROMPT) != count(tokenizer, QUESTION)  # so the checks above can fail
 
@@ -158,19 +194,20 @@ def test_a_variant_answers_with_its_guard_rails_unless_the_request_sets_them(liv
     client = sdk(live_server, world.raw)
     model = f"{world.slug}/plain"
     full = client.chat.completions.create(model=model, messages=QUESTION, **GREEDY).choices[0].message.content
-    cut = full[len(full) // 2:][:3]
+    cut = full[len(full) // 2 :][:3]
     assert cut.strip() and full.index(cut) > 0
     world.plain.generation = {"stop": [cut], "no_repeat_ngram_size": 0}
     world.plain.save(update_fields=["generation"])
     stopped = client.chat.completions.create(model=model, messages=QUESTION, **GREEDY).choices[0]
-    assert stopped.message.content == full[:full.index(cut)] and stopped.finish_reason == "stop"
+    assert stopped.message.content == full[: full.index(cut)] and stopped.finish_reason == "stop"
     own = client.chat.completions.create(model=model, messages=QUESTION, stop=["\x00never"], **GREEDY)
     assert own.choices[0].message.content == full
 
 
 def test_n_answers_in_one_request(live_server, world, served):
     r = sdk(live_server, world.raw).chat.completions.create(
-        model=f"{world.slug}/plain", messages=QUESTION, n=2, temperature=1.0, seed=7, max_tokens=8)
+        model=f"{world.slug}/plain", messages=QUESTION, n=2, temperature=1.0, seed=7, max_tokens=8
+    )
     assert [c.index for c in r.choices] == [0, 1]
     assert all(c.message.content is not None for c in r.choices)
     assert r.usage.completion_tokens >= 2
@@ -180,8 +217,9 @@ def test_keys_models_and_bodies_are_checked(live_server, world, alice, settings)
     settings.ENGINE_URL = f"http://127.0.0.1:{free_port()}"
     good = sdk(live_server, world.raw)
     with pytest.raises(openai.AuthenticationError) as exc:
-        sdk(live_server, "wb-not-a-key").chat.completions.create(model=f"{world.slug}/production",
-                                                                messages=QUESTION)
+        sdk(live_server, "wb-not-a-key").chat.completions.create(
+            model=f"{world.slug}/production", messages=QUESTION
+        )
     assert exc.value.status_code == 401 and exc.value.body["code"] == "invalid_api_key"
 
     with pytest.raises(openai.NotFoundError) as unknown:
@@ -193,18 +231,25 @@ def test_keys_models_and_bodies_are_checked(live_server, world, alice, settings)
     assert unknown.value.body["code"] == foreign.value.body["code"] == "model_not_found"
     # the same words for "none" and "not yours": a key cannot probe other projects (only the request ids differ)
     for exc in (foreign, unknown):
-        assert exc.value.body["message"].endswith(f"(request id {exc.value.response.headers['x-request-id']})")
-    assert without_id(foreign.value.body["message"]).replace(f"{world.bob_slug}/production", "M") == \
-        without_id(unknown.value.body["message"]).replace(f"{world.slug}/nope", "M")
+        assert exc.value.body["message"].endswith(
+            f"(request id {exc.value.response.headers['x-request-id']})"
+        )
+    assert without_id(foreign.value.body["message"]).replace(
+        f"{world.bob_slug}/production", "M"
+    ) == without_id(unknown.value.body["message"]).replace(f"{world.slug}/nope", "M")
 
     with pytest.raises(openai.BadRequestError) as malformed:
         good.post("/chat/completions", cast_to=object, content=b'{"model": "x", "messages": [')
-    assert malformed.value.body["type"] == "invalid_request_error" and "not valid JSON" in malformed.value.message
+    assert (
+        malformed.value.body["type"] == "invalid_request_error"
+        and "not valid JSON" in malformed.value.message
+    )
     # Each bad field's 400 is checked in the fast suite (tests/test_protocol.py), without a live server.
     # an unknown field is ignored, not refused (the engine is down here: 503, not 400)
     with pytest.raises(openai.APIStatusError) as down:
-        good.chat.completions.create(model=f"{world.slug}/production", messages=QUESTION,
-                                     extra_body={"logit_bias_extra": 1})
+        good.chat.completions.create(
+            model=f"{world.slug}/production", messages=QUESTION, extra_body={"logit_bias_extra": 1}
+        )
     assert down.value.status_code == 503
 
     revoke_api_key(alice, world.key)
@@ -227,13 +272,19 @@ def test_engine_down_is_a_503(live_server, world, settings):
 def test_requests_are_logged_only_for_aliases_that_log(live_server, world, served):
     client = sdk(live_server, world.raw)
     whole = client.chat.completions.create(model=f"{world.slug}/production", messages=QUESTION, **GREEDY)
-    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
-        model=f"{world.slug}/production", messages=QUESTION, stream=True, **GREEDY) if c.choices)
+    streamed = "".join(
+        c.choices[0].delta.content or ""
+        for c in client.chat.completions.create(
+            model=f"{world.slug}/production", messages=QUESTION, stream=True, **GREEDY
+        )
+        if c.choices
+    )
     client.chat.completions.create(model=f"{world.slug}/staging", messages=QUESTION, **GREEDY)
     client.chat.completions.create(model=f"variant-{world.student.pk}", messages=QUESTION, **GREEDY)
     logs = list(RequestLog.objects.order_by("pk"))
     assert [(e.alias.name, e.variant, e.status, e.api_key) for e in logs] == [
-        ("production", world.student, 200, world.key)] * 2
+        ("production", world.student, 200, world.key)
+    ] * 2
     assert logs[0].request["messages"] == QUESTION  # as the client sent it
     assert logs[0].response["choices"][0]["message"]["content"] == whole.choices[0].message.content
     assert logs[1].response["choices"][0]["message"]["content"] == streamed
@@ -243,10 +294,12 @@ def test_requests_are_logged_only_for_aliases_that_log(live_server, world, serve
     assert world.key.last_used_at is not None
 
 
-def test_adapter_loaded_on_promote_and_served_without_a_restart(live_server, world, served, alice, lively_dir,
-                                                                adapter_dir):
-    second = Variant.objects.create(project=world.student.project, name="student 2", base_model=world.base,
-                                    adapter_path=str(adapter_dir))
+def test_adapter_loaded_on_promote_and_served_without_a_restart(
+    live_server, world, served, alice, lively_dir, adapter_dir
+):
+    second = Variant.objects.create(
+        project=world.student.project, name="student 2", base_model=world.base, adapter_path=str(adapter_dir)
+    )
     canary = Alias.objects.create(project=world.student.project, name="canary", variant=world.plain)
 
     def engine_models() -> set[str]:
@@ -255,21 +308,26 @@ def test_adapter_loaded_on_promote_and_served_without_a_restart(live_server, wor
     assert f"variant-{second.pk}" not in engine_models()
     promote(alice, canary, second, force=True, reason="test")
     assert f"variant-{second.pk}" in engine_models()  # loaded by the alias move, before any request
-    r = sdk(live_server, world.raw).chat.completions.create(model=f"{world.slug}/canary", messages=QUESTION,
-                                                             **GREEDY)
+    r = sdk(live_server, world.raw).chat.completions.create(
+        model=f"{world.slug}/canary", messages=QUESTION, **GREEDY
+    )
     assert r.choices[0].message.content
     # unloaded behind the gateway's back (another web process, a restarted engine): loaded again, retried
-    assert httpx.post(f"{served.url}/v1/unload_lora_adapter", json={"lora_name": f"variant-{second.pk}"}).is_success
-    again = sdk(live_server, world.raw).chat.completions.create(model=f"{world.slug}/canary", messages=QUESTION,
-                                                                 **GREEDY)
+    assert httpx.post(
+        f"{served.url}/v1/unload_lora_adapter", json={"lora_name": f"variant-{second.pk}"}
+    ).is_success
+    again = sdk(live_server, world.raw).chat.completions.create(
+        model=f"{world.slug}/canary", messages=QUESTION, **GREEDY
+    )
     assert again.choices[0].message.content == r.choices[0].message.content
 
     # moved away again: no alias needs the adapter, so the engine lets it go
     promote(alice, canary, world.plain, force=True, reason="back")
     assert f"variant-{second.pk}" not in engine_models()
     # a request naming it still works: the gateway loads it again
-    r = sdk(live_server, world.raw).chat.completions.create(model=f"variant-{second.pk}", messages=QUESTION,
-                                                             **GREEDY)
+    r = sdk(live_server, world.raw).chat.completions.create(
+        model=f"variant-{second.pk}", messages=QUESTION, **GREEDY
+    )
     assert r.choices[0].message.content
 
 
@@ -287,8 +345,14 @@ def test_serve_engine_runs_the_hf_engine_with_the_default_model(tmp_path, lively
     env = {**os.environ, "DATABASE_URL": database_url(), "ENGINE_URL": f"http://127.0.0.1:{port}"}
     log = tmp_path / "engine.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "manage.py", "serve_engine"], cwd=REPO, env=env, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, "manage.py", "serve_engine"],
+            cwd=REPO,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
     def served() -> set[str]:
         try:
@@ -303,13 +367,22 @@ def test_serve_engine_runs_the_hf_engine_with_the_default_model(tmp_path, lively
     assert code == 0, log.read_text()[-2000:]
 
 
-@pytest.mark.parametrize("name,value,message", [
-    ("INFERENCE_BACKEND", "vlm", "is not a backend"),
-    ("ENGINE_THREADS", "0", "must be at least 1"),
-    ("ENGINE_URL", "127.0.0.1:8001", "is not an http(s) URL"),
-    ("GATEWAY_MAX_TOKENS", "lots", "is not a whole number"),
-])
+@pytest.mark.parametrize(
+    "name,value,message",
+    [
+        ("INFERENCE_BACKEND", "vlm", "is not a backend"),
+        ("ENGINE_THREADS", "0", "must be at least 1"),
+        ("ENGINE_URL", "127.0.0.1:8001", "is not an http(s) URL"),
+        ("GATEWAY_MAX_TOKENS", "lots", "is not a whole number"),
+    ],
+)
 def test_a_bad_serving_setting_stops_the_start(tmp_path, name, value, message):
-    r = subprocess.run([sys.executable, "manage.py", "check"], cwd=REPO, capture_output=True, text=True, timeout=120,
-                       env={**os.environ, "WORKBENCH_DATA_DIR": str(tmp_path), name: value})
+    r = subprocess.run(
+        [sys.executable, "manage.py", "check"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "WORKBENCH_DATA_DIR": str(tmp_path), name: value},
+    )
     assert r.returncode != 0 and message in r.stderr

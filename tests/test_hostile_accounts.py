@@ -14,10 +14,18 @@ from tests.processes import REPO
 
 
 def manage(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
-    base = {k: v for k, v in os.environ.items() if k not in ("SECRET_KEY", "DEBUG", "WORKBENCH_LOCAL_SECRET_KEY")}
+    base = {
+        k: v for k, v in os.environ.items() if k not in ("SECRET_KEY", "DEBUG", "WORKBENCH_LOCAL_SECRET_KEY")
+    }
     base["DJANGO_SETTINGS_MODULE"] = "workbench.settings"
-    return subprocess.run([sys.executable, "manage.py", *args], cwd=REPO, env={**base, **env},
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "manage.py", *args],
+        cwd=REPO,
+        env={**base, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_it_refuses_to_start_without_a_secret_key_when_debug_is_off(tmp_path):
@@ -25,7 +33,9 @@ def test_it_refuses_to_start_without_a_secret_key_when_debug_is_off(tmp_path):
     assert r.returncode != 0
     assert "SECRET_KEY is not set" in r.stderr and "make run" in r.stderr
     # the published placeholder of .env.example is no key either
-    r = manage("check", env={"WORKBENCH_DATA_DIR": str(tmp_path), "SECRET_KEY": "change-me-to-a-long-random-string"})
+    r = manage(
+        "check", env={"WORKBENCH_DATA_DIR": str(tmp_path), "SECRET_KEY": "change-me-to-a-long-random-string"}
+    )
     assert r.returncode != 0 and "placeholder" in r.stderr
     assert not (tmp_path / "secret_key").exists()
 

@@ -23,14 +23,22 @@ SLOW = {"name": "slow", "kind": "regex", "pattern": "^(a|aa)+$"}
 def test_a_pattern_past_its_time_limit_fails_the_check_and_the_log_says_why(alice, alice_project):
     base = BaseModel.objects.create(name="m", path="/m")
     prompt = save_prompt(alice_project, alice, "p", "Answer briefly.", [SLOW]).version
-    rows = "\n".join(json.dumps({"messages": [{"role": "user", "content": f"q{i}"},
-                                              {"role": "assistant", "content": "a"}]}) for i in range(8))
-    data = import_dataset(alice_project, alice, "d", io.BytesIO(rows.encode()), filename="d.jsonl", eval_percent=50)
+    rows = "\n".join(
+        json.dumps(
+            {"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}]}
+        )
+        for i in range(8)
+    )
+    data = import_dataset(
+        alice_project, alice, "d", io.BytesIO(rows.encode()), filename="d.jsonl", eval_percent=50
+    )
     suite = actions.create_suite(alice_project, alice, "held out", data, prompt_version=prompt)
     job = Job.objects.create(project=alice_project, kind="eval", base_model=base)
     run = EvalRun.objects.create(project=alice_project, suite=suite, base_model=base, job=job, arm="floor")
     hostile = "a" * 40 + "!"  # catastrophic backtracking for the pattern above
-    EvalResult.objects.bulk_create([EvalResult(run=run, example=e, output=hostile) for e in suite.examples.all()])
+    EvalResult.objects.bulk_create(
+        [EvalResult(run=run, example=e, output=hostile) for e in suite.examples.all()]
+    )
     started = time.monotonic()
     EvalRunner(job, lambda progress: None)._score(run, list(suite.examples.all()), validate_rules([SLOW]))
     assert time.monotonic() - started < 2 * suite.examples.count()  # each check stops at its limit

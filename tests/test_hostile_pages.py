@@ -32,39 +32,73 @@ RULES = [{"name": "greeting", "kind": "starts_with", "text": "Hello"}]
 def world(alice, alice_project):
     base = BaseModel.objects.create(name="m", path="/m")
     prompt = save_prompt(alice_project, alice, "support", "Start every answer with Hello.", RULES).version
-    rows = "\n".join(json.dumps({"messages": [{"role": "user", "content": f"Question {i}?"},
-                                              {"role": "assistant", "content": f"Hello, answer {i}."}]})
-                     for i in range(16))
-    data = import_dataset(alice_project, alice, "faq", io.BytesIO(rows.encode()), filename="faq.jsonl",
-                          eval_percent=25)
+    rows = "\n".join(
+        json.dumps(
+            {
+                "messages": [
+                    {"role": "user", "content": f"Question {i}?"},
+                    {"role": "assistant", "content": f"Hello, answer {i}."},
+                ]
+            }
+        )
+        for i in range(16)
+    )
+    data = import_dataset(
+        alice_project, alice, "faq", io.BytesIO(rows.encode()), filename="faq.jsonl", eval_percent=25
+    )
     return {"project": alice_project, "user": alice, "base": base, "prompt": prompt, "data": data}
 
 
 def two_runs(world, examples: int = 4):
-    suite = eval_actions.create_suite(world["project"], world["user"], "held out", world["data"],
-                                      prompt_version=world["prompt"])
+    suite = eval_actions.create_suite(
+        world["project"], world["user"], "held out", world["data"], prompt_version=world["prompt"]
+    )
     have = suite.examples.count()
-    EvalExample.objects.bulk_create([EvalExample(suite=suite, index=i, source_index=i,
-                                                 messages=[{"role": "user", "content": f"Extra {i}?"}])
-                                     for i in range(have, examples)])
-    runs = EvalRun.objects.bulk_create([EvalRun(project=world["project"], suite=suite, base_model=world["base"],
-                                                summary={"complete": True}) for _ in range(2)])
+    EvalExample.objects.bulk_create(
+        [
+            EvalExample(
+                suite=suite, index=i, source_index=i, messages=[{"role": "user", "content": f"Extra {i}?"}]
+            )
+            for i in range(have, examples)
+        ]
+    )
+    runs = EvalRun.objects.bulk_create(
+        [
+            EvalRun(
+                project=world["project"], suite=suite, base_model=world["base"], summary={"complete": True}
+            )
+            for _ in range(2)
+        ]
+    )
     # Run A fails the greeting on every third example; B passes everywhere.
-    EvalResult.objects.bulk_create([
-        EvalResult(run=run, example=ex, output=f"answer {ex.index} of run {run.pk}",
-                   checks={"rule:greeting": 0.0 if run == runs[0] and ex.index % 3 == 0 else 1.0})
-        for run in runs for ex in suite.examples.all()])
+    EvalResult.objects.bulk_create(
+        [
+            EvalResult(
+                run=run,
+                example=ex,
+                output=f"answer {ex.index} of run {run.pk}",
+                checks={"rule:greeting": 0.0 if run == runs[0] and ex.index % 3 == 0 else 1.0},
+            )
+            for run in runs
+            for ex in suite.examples.all()
+        ]
+    )
     return suite, runs
 
 
 # --- item 9: forged ids are a 400 ------------------------------------------------------------
 
+
 def test_the_rate_form_refuses_ids_that_are_not_ids(world, alice_client):
     suite, (a, b) = two_runs(world)
     example = suite.examples.first()
     url = reverse("rate", args=[world["project"].slug, suite.pk])
-    for query, field in ((f"?a=abc&b={b.pk}", "run a"), (f"?a={a.pk}&b={HUGE}", "run b"),
-                         (f"?a=-3&b={b.pk}", "run a"), ("", "run a")):
+    for query, field in (
+        (f"?a=abc&b={b.pk}", "run a"),
+        (f"?a={a.pk}&b={HUGE}", "run b"),
+        (f"?a=-3&b={b.pk}", "run a"),
+        ("", "run a"),
+    ):
         r = alice_client.post(url + query, {"example": example.pk, "choice": "a"})
         assert r.status_code == 400 and field in r.content.decode(), (query, r.content)
     for bad in ("abc", HUGE, "1e3"):
@@ -84,14 +118,20 @@ def test_the_comparison_form_refuses_ids_that_are_not_ids(world, alice_client):
 
 def test_capture_refuses_ids_that_are_not_ids(world, alice_client):
     alias = Alias.objects.create(project=world["project"], name="production", log_requests=True)
-    entry = RequestLog.objects.create(project=world["project"], alias=alias, model="alpha/production",
-                                      request={"messages": [{"role": "user", "content": "hi"}]},
-                                      response={"choices": [{"message": {"role": "assistant", "content": "Hello"}}]})
+    entry = RequestLog.objects.create(
+        project=world["project"],
+        alias=alias,
+        model="alpha/production",
+        request={"messages": [{"role": "user", "content": "hi"}]},
+        response={"choices": [{"message": {"role": "assistant", "content": "Hello"}}]},
+    )
     url = reverse("request_capture", args=[world["project"].slug])
-    for data, named in (({"log": [str(entry.pk), HUGE], "name": "caught"}, "Selected request"),
-                        ({"log": ["abc"], "name": "caught"}, "Selected request"),
-                        ({"log": [str(entry.pk)], "dataset": HUGE}, "Dataset"),
-                        ({"log": [str(entry.pk)], "dataset": "x1"}, "Dataset")):
+    for data, named in (
+        ({"log": [str(entry.pk), HUGE], "name": "caught"}, "Selected request"),
+        ({"log": ["abc"], "name": "caught"}, "Selected request"),
+        ({"log": [str(entry.pk)], "dataset": HUGE}, "Dataset"),
+        ({"log": [str(entry.pk)], "dataset": "x1"}, "Dataset"),
+    ):
         r = alice_client.post(url, data)
         assert r.status_code == 400 and named in r.content.decode(), (data, r.content)
     assert RequestLog.objects.get().captured_into is None  # nothing half-done
@@ -101,12 +141,19 @@ def test_capture_refuses_ids_that_are_not_ids(world, alice_client):
 
 # --- item 12: no large texts, one page of rows ------------------------------------------------
 
+
 def test_the_variants_page_does_not_read_prompt_texts(world, alice_client):
     big = "You are Acme's assistant. " + "Be kind. " * 100_000  # ~0.9 MB
     old = world["prompt"]
     new = save_prompt(world["project"], world["user"], "support", big).version
-    Variant.objects.create(project=world["project"], name="student", base_model=world["base"], adapter_path="/a",
-                           prompt_version=old, dataset_version=world["data"])
+    Variant.objects.create(
+        project=world["project"],
+        name="student",
+        base_model=world["base"],
+        adapter_path="/a",
+        prompt_version=old,
+        dataset_version=world["data"],
+    )
     with CaptureQueriesContext(connection) as queries:
         page = alice_client.get(reverse("serving_variants", args=[world["project"].slug]))
     assert page.status_code == 200
@@ -124,7 +171,11 @@ def test_side_by_side_reads_one_page_and_counts_in_sql(world, alice_client):
         page = alice_client.get(url, {"a": a.pk, "b": b.pk, "page": 2})
     html = page.content.decode()
     assert page.status_code == 200 and "page 2 of 4" in html
-    assert html.count('name="choice" value="a"') == 20 and "answer 20 of run" in html and "answer 40 " not in html
+    assert (
+        html.count('name="choice" value="a"') == 20
+        and "answer 20 of run" in html
+        and "answer 40 " not in html
+    )
     outputs = [q["sql"] for q in queries if '"evals_evalresult"."output"' in q["sql"]]
     assert outputs and all('"example_id" IN (' in sql for sql in outputs)
     assert all(sql.split('"example_id" IN (')[1].split(")")[0].count(",") < 20 for sql in outputs)
@@ -138,6 +189,7 @@ def test_side_by_side_reads_one_page_and_counts_in_sql(world, alice_client):
 
 
 # --- item 14: POST/redirect/GET and form tokens -------------------------------------------------
+
 
 def form_token(html: str) -> str:
     return re.search(r'name="form_token" value="([0-9a-f-]{36})"', html).group(1)
@@ -162,10 +214,18 @@ def test_posting_the_absorb_form_twice_starts_one_job(world, alice_client):
     page = alice_client.get(reverse("job_list", args=[world["project"].slug])).content.decode()
     token = form_token(page)
     form = AbsorbForm(world["project"])
-    post = {name: ("on" if value is True else value) for name in form.fields
-            if (value := form[name].value()) is not None and value is not False and value != ""}
-    post.update(prompt_version=world["prompt"].pk, dataset_version=world["data"].pk, base_model=world["base"].pk,
-                mode="absorb", form_token=token)
+    post = {
+        name: ("on" if value is True else value)
+        for name in form.fields
+        if (value := form[name].value()) is not None and value is not False and value != ""
+    }
+    post.update(
+        prompt_version=world["prompt"].pk,
+        dataset_version=world["data"].pk,
+        base_model=world["base"].pk,
+        mode="absorb",
+        form_token=token,
+    )
     url = reverse("absorb_start", args=[world["project"].slug])
     first = alice_client.post(url, post)
     assert first.status_code == 302, re.findall(r"field-error[^<]*", first.content.decode())
@@ -173,16 +233,20 @@ def test_posting_the_absorb_form_twice_starts_one_job(world, alice_client):
     again = alice_client.post(url, post, follow=True)
     assert again.redirect_chain[0] == (teacher.get_absolute_url(), 302)
     assert "already submitted" in again.content.decode()
-    assert Job.objects.filter(kind="teacher").count() == 1 and Job.objects.filter(kind="finetune").count() == 1
+    assert (
+        Job.objects.filter(kind="teacher").count() == 1 and Job.objects.filter(kind="finetune").count() == 1
+    )
     # A new form (a new token) is a new absorb.
-    post["form_token"] = form_token(alice_client.get(reverse("job_list", args=[world["project"].slug]))
-                                    .content.decode())
+    post["form_token"] = form_token(
+        alice_client.get(reverse("job_list", args=[world["project"].slug])).content.decode()
+    )
     assert alice_client.post(url, post).status_code == 302 and Job.objects.filter(kind="teacher").count() == 2
 
 
 def test_posting_the_eval_forms_twice_starts_one_run_and_one_comparison(world, alice_client):
-    suite = eval_actions.create_suite(world["project"], world["user"], "held out", world["data"],
-                                      prompt_version=world["prompt"])
+    suite = eval_actions.create_suite(
+        world["project"], world["user"], "held out", world["data"], prompt_version=world["prompt"]
+    )
     token = form_token(alice_client.get(reverse("evals_home", args=[world["project"].slug])).content.decode())
     url = reverse("runs_start", args=[world["project"].slug])
     post = {"suite": suite.pk, "base_models": [world["base"].pk], "form_token": token}
@@ -190,9 +254,14 @@ def test_posting_the_eval_forms_twice_starts_one_run_and_one_comparison(world, a
     assert alice_client.post(url, post).status_code == 302
     assert EvalRun.objects.count() == 1 and Job.objects.filter(kind="eval").count() == 1
 
-    variant = Variant.objects.create(project=world["project"], name="student", base_model=world["base"],
-                                     adapter_path="/a", prompt_version=world["prompt"],
-                                     dataset_version=world["data"])
+    variant = Variant.objects.create(
+        project=world["project"],
+        name="student",
+        base_model=world["base"],
+        adapter_path="/a",
+        prompt_version=world["prompt"],
+        dataset_version=world["data"],
+    )
     url = reverse("comparison_start", args=[world["project"].slug])
     post = {"variant": variant.pk, "form_token": "0f8b8c1e-7d3a-4f1e-9a55-2b7c6d1e0a42"}
     first = alice_client.post(url, post)

@@ -29,6 +29,7 @@ ANSWER = "a" * 40 + "!"
 
 # --- item 2: patterns run with a time limit -------------------------------------
 
+
 @pytest.mark.parametrize("rule", [REDOS, SLOW])
 def test_a_backtracking_pattern_fails_its_check_quickly(rule):
     [parsed] = rules.validate_rules([rule])
@@ -82,13 +83,16 @@ def test_curation_and_evals_complete_with_a_slow_pattern():
     assert "took longer than" in score.rule_errors["slow"]
 
 
-@pytest.mark.parametrize(("pattern", "problem"), [
-    ("(", "missing )"),
-    ("a{100000}", "too large"),
-    ("(?:a{1000}){1000}", "too large"),
-    ("a{4294967294}", "too large"),
-    ("x" * 1001, "limit is 1,000"),
-])
+@pytest.mark.parametrize(
+    ("pattern", "problem"),
+    [
+        ("(", "missing )"),
+        ("a{100000}", "too large"),
+        ("(?:a{1000}){1000}", "too large"),
+        ("a{4294967294}", "too large"),
+        ("x" * 1001, "limit is 1,000"),
+    ],
+)
 def test_a_bad_or_explosive_pattern_is_refused_when_validated(pattern, problem):
     start = time.monotonic()
     with pytest.raises(rules.RulesError) as exc:
@@ -98,10 +102,12 @@ def test_a_bad_or_explosive_pattern_is_refused_when_validated(pattern, problem):
 
 
 def test_python_syntax_still_works():
-    lookaround, backref = rules.validate_rules([
-        {"name": "no sorry", "kind": "regex", "pattern": r"^(?!.*sorry)"},
-        {"name": "double", "kind": "regex", "pattern": r"\b(\w+) \1\b", "must_match": False},
-    ])
+    lookaround, backref = rules.validate_rules(
+        [
+            {"name": "no sorry", "kind": "regex", "pattern": r"^(?!.*sorry)"},
+            {"name": "double", "kind": "regex", "pattern": r"\b(\w+) \1\b", "must_match": False},
+        ]
+    )
     assert rules.check(lookaround, "Fine.") and not rules.check(lookaround, "So sorry.")
     assert rules.check(backref, "one two") and not rules.check(backref, "the the end")
 
@@ -111,7 +117,9 @@ def test_the_rule_form_saves_a_slow_pattern_at_once_and_refuses_a_bad_one(alice_
     prompt = save_prompt(alice_project, alice, "p", "Text").version.prompt
     url = reverse("prompt_rules", args=[alice_project.slug, prompt.pk])
     start = time.monotonic()
-    r = alice_client.post(url, {"rule_name": "all a", "kind": "regex", "pattern": "^(a+)+$", "must_match": "on"})
+    r = alice_client.post(
+        url, {"rule_name": "all a", "kind": "regex", "pattern": "^(a+)+$", "must_match": "on"}
+    )
     page = alice_client.get(prompt.get_absolute_url())
     assert time.monotonic() - start < 5
     assert r.status_code == 302 and page.status_code == 200 and b"^(a+)+$" in page.content
@@ -121,12 +129,21 @@ def test_the_rule_form_saves_a_slow_pattern_at_once_and_refuses_a_bad_one(alice_
 
 
 @pytest.mark.django_db
-@pytest.mark.parametrize(("post", "message"), [
-    ({"rule_name": "n" * 201, "kind": "contains", "text": "x"}, "A rule name is at most 200 characters"),
-    ({"rule_name": "long", "kind": "contains", "text": "x" * 10_001}, "text is at most 10,000 characters"),
-    ({"rule_name": "long", "kind": "regex", "pattern": "x" * 1_001}, "pattern is at most 1,000 characters"),
-    ({"rule_name": "big", "kind": "max_words", "n": "1" + "0" * 30}, "Enter at most 1,000,000,000"),
-])
+@pytest.mark.parametrize(
+    ("post", "message"),
+    [
+        ({"rule_name": "n" * 201, "kind": "contains", "text": "x"}, "A rule name is at most 200 characters"),
+        (
+            {"rule_name": "long", "kind": "contains", "text": "x" * 10_001},
+            "text is at most 10,000 characters",
+        ),
+        (
+            {"rule_name": "long", "kind": "regex", "pattern": "x" * 1_001},
+            "pattern is at most 1,000 characters",
+        ),
+        ({"rule_name": "big", "kind": "max_words", "n": "1" + "0" * 30}, "Enter at most 1,000,000,000"),
+    ],
+)
 def test_the_rule_form_refuses_oversized_values(alice_client, alice, alice_project, post, message):
     prompt = save_prompt(alice_project, alice, "p", "Text").version.prompt
     r = alice_client.post(reverse("prompt_rules", args=[alice_project.slug, prompt.pk]), post)
@@ -137,31 +154,44 @@ def test_the_rule_form_refuses_oversized_values(alice_client, alice, alice_proje
 @pytest.mark.django_db
 def test_a_prompt_takes_at_most_100_rules(alice_client, alice, alice_project):
     many = [{"name": f"r{i}", "kind": "contains", "text": "x"} for i in range(101)]
-    r = alice_client.post(reverse("prompt_create", args=[alice_project.slug]),
-                          {"name": "p", "text": "Text", "rules": json.dumps(many)})
+    r = alice_client.post(
+        reverse("prompt_create", args=[alice_project.slug]),
+        {"name": "p", "text": "Text", "rules": json.dumps(many)},
+    )
     assert r.status_code == 400 and b"101 rules; the limit is 100 rules per prompt version" in r.content
     prompt = save_prompt(alice_project, alice, "q", "Text", many[:100]).version.prompt
-    r = alice_client.post(reverse("prompt_rules", args=[alice_project.slug, prompt.pk]),
-                          {"rule_name": "one more", "kind": "lowercase"})
+    r = alice_client.post(
+        reverse("prompt_rules", args=[alice_project.slug, prompt.pk]),
+        {"rule_name": "one more", "kind": "lowercase"},
+    )
     assert r.status_code == 400 and b"the limit is 100 rules" in r.content
     assert Prompt.objects.count() == 1 and prompt.latest.number == 1
 
 
 # --- item 9: lone surrogates are refused at input ------------------------------
 
+
 @pytest.mark.django_db
-@pytest.mark.parametrize(("rule", "where"), [
-    ({"name": "bad\ud800", "kind": "contains", "text": "x"}, "name&#x27; contains a lone surrogate (\\ud800)"),
-    ({"name": "ok", "kind": "contains\udfff", "text": "x"}, "unknown kind"),
-    ({"name": "ok", "kind": "contains", "text": "x\ud800"}, "text&#x27; contains a lone surrogate"),
-    ({"name": "ok", "kind": "regex", "pattern": "\ud800"}, "pattern&#x27; contains a lone surrogate"),
-    ({"name": "ok", "kind": "regex", "pattern": "x", "flags": ["\ud800"]}, "unknown flag"),
-    ({"name": "ok", "kind": "lowercase", "\ud800": 1}, "invalid key"),
-])
+@pytest.mark.parametrize(
+    ("rule", "where"),
+    [
+        (
+            {"name": "bad\ud800", "kind": "contains", "text": "x"},
+            "name&#x27; contains a lone surrogate (\\ud800)",
+        ),
+        ({"name": "ok", "kind": "contains\udfff", "text": "x"}, "unknown kind"),
+        ({"name": "ok", "kind": "contains", "text": "x\ud800"}, "text&#x27; contains a lone surrogate"),
+        ({"name": "ok", "kind": "regex", "pattern": "\ud800"}, "pattern&#x27; contains a lone surrogate"),
+        ({"name": "ok", "kind": "regex", "pattern": "x", "flags": ["\ud800"]}, "unknown flag"),
+        ({"name": "ok", "kind": "lowercase", "\ud800": 1}, "invalid key"),
+    ],
+)
 def test_lone_surrogates_in_rules_json_are_refused(alice_client, alice_project, rule, where):
     # json.dumps escapes the surrogate as \ud800, as a browser or a file would send it.
-    r = alice_client.post(reverse("prompt_create", args=[alice_project.slug]),
-                          {"name": "p", "text": "Text", "rules": json.dumps([rule])})
+    r = alice_client.post(
+        reverse("prompt_create", args=[alice_project.slug]),
+        {"name": "p", "text": "Text", "rules": json.dumps([rule])},
+    )
     assert r.status_code == 400 and where.encode() in r.content
     assert not Prompt.objects.exists()
     assert alice_client.get(reverse("prompt_list", args=[alice_project.slug])).status_code == 200
@@ -174,12 +204,28 @@ def test_lone_surrogates_from_a_rules_file_or_the_command_line_are_refused(alice
     rules_file = tmp_path / "rules.json"
     rules_file.write_text('[{"name": "x\\ud800", "kind": "lowercase"}]')
     with pytest.raises(CommandError, match="lone surrogate"):
-        call_command("import_prompt", str(prompt), "--project", alice_project.slug, "--name", "p",
-                     "--rules", str(rules_file))
+        call_command(
+            "import_prompt",
+            str(prompt),
+            "--project",
+            alice_project.slug,
+            "--name",
+            "p",
+            "--rules",
+            str(rules_file),
+        )
     # A command-line argument that is not UTF-8 arrives with surrogate escapes.
     with pytest.raises(CommandError, match="note contains a lone surrogate"):
-        call_command("import_prompt", str(prompt), "--project", alice_project.slug, "--name", "p",
-                     "--note", "caf\udce9")
+        call_command(
+            "import_prompt",
+            str(prompt),
+            "--project",
+            alice_project.slug,
+            "--name",
+            "p",
+            "--note",
+            "caf\udce9",
+        )
     with pytest.raises(ActionError, match="prompt text contains a lone surrogate"):
         save_prompt(alice_project, alice, "p", "x\ud800")
     assert not Prompt.objects.exists()
@@ -188,9 +234,15 @@ def test_lone_surrogates_from_a_rules_file_or_the_command_line_are_refused(alice
 @pytest.mark.django_db
 def test_the_prompt_page_renders_after_a_refused_surrogate_rule(alice_client, alice, alice_project):
     prompt = save_prompt(alice_project, alice, "p", "Text").version.prompt
-    r = alice_client.post(reverse("prompt_create", args=[alice_project.slug]),
-                          {"name": "p", "text": "Text 2", "version_of": prompt.pk,
-                           "rules": json.dumps([{"name": "\ud800", "kind": "lowercase"}])})
+    r = alice_client.post(
+        reverse("prompt_create", args=[alice_project.slug]),
+        {
+            "name": "p",
+            "text": "Text 2",
+            "version_of": prompt.pk,
+            "rules": json.dumps([{"name": "\ud800", "kind": "lowercase"}]),
+        },
+    )
     assert r.status_code == 400
     assert PromptVersion.objects.count() == 1
     assert alice_client.get(prompt.get_absolute_url()).status_code == 200
@@ -225,17 +277,34 @@ def test_a_deeply_nested_rules_file_is_refused_by_the_command(alice_project, tmp
     rules_file.write_text("[\n" + DEEP)
     start = time.monotonic()
     with pytest.raises(CommandError, match=r"rules.json: line 2: JSON nested more than 32 levels deep"):
-        call_command("import_prompt", str(prompt), "--project", alice_project.slug, "--name", "p",
-                     "--rules", str(rules_file))
+        call_command(
+            "import_prompt",
+            str(prompt),
+            "--project",
+            alice_project.slug,
+            "--name",
+            "p",
+            "--rules",
+            str(rules_file),
+        )
     assert time.monotonic() - start < 1
     rules_file.write_text('[{"name": "n", "kind": "max_words", "n": ' + "9" * 5000 + "}]")
     with pytest.raises(CommandError, match="invalid JSON"):
-        call_command("import_prompt", str(prompt), "--project", alice_project.slug, "--name", "p",
-                     "--rules", str(rules_file))
+        call_command(
+            "import_prompt",
+            str(prompt),
+            "--project",
+            alice_project.slug,
+            "--name",
+            "p",
+            "--rules",
+            str(rules_file),
+        )
     assert not Prompt.objects.exists()
 
 
 # --- item 5: a prompt file is read up to its limit only --------------------------
+
 
 class CountingFile(io.BytesIO):
     """An upload that remembers how many bytes were asked of it."""
@@ -251,7 +320,9 @@ class CountingFile(io.BytesIO):
 
 
 @pytest.mark.django_db
-def test_a_prompt_file_over_the_limit_is_refused_without_reading_it_all(alice_client, alice_project, settings):
+def test_a_prompt_file_over_the_limit_is_refused_without_reading_it_all(
+    alice_client, alice_project, settings
+):
     settings.PROMPT_MAX_CHARS = 1000
     settings.PROMPT_MAX_BYTES = 4003  # at most 4,003 bytes of UTF-8
     url = reverse("prompt_create", args=[alice_project.slug])
@@ -284,6 +355,7 @@ def test_the_import_command_reads_a_prompt_file_up_to_its_limit(alice_project, t
 
 # --- item 12: lists of prompt versions never load their texts --------------------
 
+
 def _selects_whole_text(sql: str) -> bool:
     """Whether the query reads the text column itself (not its length or a
     short prefix computed in the database)."""
@@ -297,7 +369,9 @@ def test_prompt_pages_do_not_load_every_versions_text(alice_client, alice, alice
     rows = []
     prompt = Prompt.objects.create(project=alice_project, name="huge", created_by=alice)
     for number, text in enumerate(texts, start=1):
-        rows.append(PromptVersion(prompt=prompt, number=number, text=text, sha256=f"{number:064d}", author=alice))
+        rows.append(
+            PromptVersion(prompt=prompt, number=number, text=text, sha256=f"{number:064d}", author=alice)
+        )
     PromptVersion.objects.bulk_create(rows)
     for i in range(30):  # more prompts than one page holds
         save_prompt(alice_project, alice, f"small {i:02d}", f"Small prompt {i}.")

@@ -48,14 +48,21 @@ def free_port() -> int:
 def world(alice, alice_project, bob, bob_project, lively_dir):
     base = BaseModel.objects.create(name="tiny-lively", path=str(lively_dir))
     plain = Variant.objects.create(project=alice_project, name="base", base_model=base)
-    Alias.objects.update_or_create(project=alice_project, name="production",
-                                   defaults={"variant": plain, "log_requests": True})
+    Alias.objects.update_or_create(
+        project=alice_project, name="production", defaults={"variant": plain, "log_requests": True}
+    )
     bob_variant = Variant.objects.create(project=bob_project, name="bob's", base_model=base)
     Alias.objects.update_or_create(project=bob_project, name="production", defaults={"variant": bob_variant})
     key, raw = create_api_key(alice, alice_project, "tests")
     bob_key, bob_raw = create_api_key(bob, bob_project, "tests")
-    return SimpleNamespace(key=key, raw=raw, bob_key=bob_key, bob_raw=bob_raw, model=f"{alice_project.slug}/production",
-                           bob_model=f"{bob_project.slug}/production")
+    return SimpleNamespace(
+        key=key,
+        raw=raw,
+        bob_key=bob_key,
+        bob_raw=bob_raw,
+        model=f"{alice_project.slug}/production",
+        bob_model=f"{bob_project.slug}/production",
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -69,7 +76,9 @@ def fresh_counters():
 
 def post(client, raw_key: str, body: bytes | dict, path: str = "/v1/chat/completions"):
     data = body if isinstance(body, bytes) else json.dumps(body)
-    return client.post(path, data=data, content_type="application/json", headers={"Authorization": f"Bearer {raw_key}"})
+    return client.post(
+        path, data=data, content_type="application/json", headers={"Authorization": f"Bearer {raw_key}"}
+    )
 
 
 def assert_openai_error(response, status: int, param: str | None = "-") -> dict:
@@ -102,45 +111,73 @@ def test_a_lone_surrogate_is_a_400_naming_where(client, world, engine):
         (b'{"model": "M", "messages": [{"role": "user", "content": "hi"}], "user": "\\udfff"}', "user"),
         (b'{"model": "M\\ud800", "messages": [{"role": "user", "content": "hi"}]}', "model"),
     ):
-        error = assert_openai_error(post(client, world.raw, body.replace(b"M", world.model.encode())), 400, param)
+        error = assert_openai_error(
+            post(client, world.raw, body.replace(b"M", world.model.encode())), 400, param
+        )
         assert "lone surrogate" in error["message"]
     assert not RequestLog.objects.exists()
     # a well-formed pair (an emoji) is text, and NUL is kept out of PostgreSQL's jsonb by the log
-    ok = post(client, world.raw, {"model": world.model, "messages": [{"role": "user", "content": "\U0001F600 a\x00b"}],
-                                  **SMALL})
+    ok = post(
+        client,
+        world.raw,
+        {"model": world.model, "messages": [{"role": "user", "content": "\U0001f600 a\x00b"}], **SMALL},
+    )
     assert ok.status_code == 200, ok.content
-    assert RequestLog.objects.get().request["messages"][0]["content"] == "\U0001F600 a\ufffdb"
+    assert RequestLog.objects.get().request["messages"][0]["content"] == "\U0001f600 a\ufffdb"
 
 
 def test_a_seed_past_64_bits_is_a_400_naming_seed(client, world, engine):
     for seed in (2**70, -(2**63) - 1):
-        error = assert_openai_error(post(client, world.raw, {"model": world.model, "messages": QUESTION,
-                                                             "seed": seed, "temperature": 1, "max_tokens": 4}), 400,
-                                    "seed")
+        error = assert_openai_error(
+            post(
+                client,
+                world.raw,
+                {"model": world.model, "messages": QUESTION, "seed": seed, "temperature": 1, "max_tokens": 4},
+            ),
+            400,
+            "seed",
+        )
         assert "64-bit" in error["message"]
-    ok = post(client, world.raw, {"model": world.model, "messages": QUESTION, "seed": 2**63 - 1, "temperature": 1,
-                                  "max_tokens": 4})
+    ok = post(
+        client,
+        world.raw,
+        {"model": world.model, "messages": QUESTION, "seed": 2**63 - 1, "temperature": 1, "max_tokens": 4},
+    )
     assert ok.status_code == 200, ok.content
 
 
 def test_a_body_over_the_limit_is_a_413_before_it_is_parsed(client, world, settings):
-    eleven_mb = json.dumps({"model": world.model, "messages": [{"role": "user", "content": "x" * (11 * 2**20)}]})
+    eleven_mb = json.dumps(
+        {"model": world.model, "messages": [{"role": "user", "content": "x" * (11 * 2**20)}]}
+    )
     error = assert_openai_error(post(client, world.raw, eleven_mb.encode()), 413)
     assert error["code"] == "request_too_large" and "10,485,760 bytes" in error["message"]
     settings.V1_MAX_BODY_BYTES = 1000
-    error = assert_openai_error(post(client, world.raw, {"model": world.model, "messages": QUESTION,
-                                                         "pad": "x" * 2000}), 413)
+    error = assert_openai_error(
+        post(client, world.raw, {"model": world.model, "messages": QUESTION, "pad": "x" * 2000}), 413
+    )
     assert "the limit is 1,000 bytes" in error["message"]
 
 
 def test_unknown_routes_and_wrong_methods_are_json(client, world):
     auth = {"Authorization": f"Bearer {world.raw}"}
-    for method, path in (("get", "/v1/nope"), ("post", "/v1/nope"), ("get", "/v1"), ("get", "/v1/"),
-                         ("post", "/v1/models/"), ("get", "/v1/chat/completions/"), ("delete", "/v1/embeddings")):
+    for method, path in (
+        ("get", "/v1/nope"),
+        ("post", "/v1/nope"),
+        ("get", "/v1"),
+        ("get", "/v1/"),
+        ("post", "/v1/models/"),
+        ("get", "/v1/chat/completions/"),
+        ("delete", "/v1/embeddings"),
+    ):
         error = assert_openai_error(getattr(client, method)(path, headers=auth), 404, None)
         assert error["code"] == "unknown_url" and "POST /v1/chat/completions" in error["message"]
-    for method, path, allowed in (("get", "/v1/chat/completions", "POST"), ("post", "/v1/models", "GET"),
-                                  ("put", "/v1/models/x", "GET"), ("delete", "/v1/chat/completions", "POST")):
+    for method, path, allowed in (
+        ("get", "/v1/chat/completions", "POST"),
+        ("post", "/v1/models", "GET"),
+        ("put", "/v1/models/x", "GET"),
+        ("delete", "/v1/chat/completions", "POST"),
+    ):
         response = getattr(client, method)(path, headers=auth)
         error = assert_openai_error(response, 405, None)
         assert response["Allow"] == allowed and error["code"] == "method_not_allowed"
@@ -160,7 +197,12 @@ def test_with_the_engine_down_the_503_hides_the_engine_and_the_log_has_it(client
             response = post(client, world.raw, {"model": world.model, "messages": QUESTION, "stream": stream})
         error = assert_openai_error(response, 503)
         text = response.content.decode()
-        assert str(port) not in text and "127.0.0.1" not in text and "http" not in text and "/" not in error["message"]
+        assert (
+            str(port) not in text
+            and "127.0.0.1" not in text
+            and "http" not in text
+            and "/" not in error["message"]
+        )
         assert str(REPO) not in text and "serve_engine" not in text
         request_id = response["x-request-id"]
         logged = [r.getMessage() for r in caplog.records if request_id in r.getMessage()]
@@ -171,14 +213,17 @@ def test_with_the_engine_down_the_503_hides_the_engine_and_the_log_has_it(client
 
 def test_an_engine_failure_with_a_path_is_not_shown(client, world, engine, tmp_path, alice_project, caplog):
     missing = tmp_path / "secret-dir" / "adapter"
-    variant = Variant.objects.create(project=alice_project, name="broken", base_model=BaseModel.objects.get(),
-                                     adapter_path=str(missing))
+    variant = Variant.objects.create(
+        project=alice_project, name="broken", base_model=BaseModel.objects.get(), adapter_path=str(missing)
+    )
     with caplog.at_level(logging.WARNING, logger="serving"):
         response = post(client, world.raw, {"model": f"variant-{variant.pk}", "messages": QUESTION, **SMALL})
     error = assert_openai_error(response, 503)
     assert "secret-dir" not in response.content.decode() and str(tmp_path) not in response.content.decode()
     assert f"variant {variant.pk}" in error["message"]
-    assert any(response["x-request-id"] in r.getMessage() and "secret-dir" in r.getMessage() for r in caplog.records)
+    assert any(
+        response["x-request-id"] in r.getMessage() and "secret-dir" in r.getMessage() for r in caplog.records
+    )
 
 
 # --- item 3: per-key limits ------------------------------------------------------
@@ -203,14 +248,21 @@ def wait_until(condition, seconds: float = 30, what: str = "") -> None:
 
 
 def chat(url: str, raw_key: str, model: str, **extra) -> httpx.Response:
-    return httpx.post(f"{url}/v1/chat/completions", timeout=120, headers={"Authorization": f"Bearer {raw_key}"},
-                      json={"model": model, "messages": QUESTION, **SMALL, **extra})
+    return httpx.post(
+        f"{url}/v1/chat/completions",
+        timeout=120,
+        headers={"Authorization": f"Bearer {raw_key}"},
+        json={"model": model, "messages": QUESTION, **SMALL, **extra},
+    )
 
 
 def test_n_times_max_tokens_is_capped_per_request(client, world, settings):
     settings.ENGINE_URL = f"http://127.0.0.1:{free_port()}"
-    error = assert_openai_error(post(client, world.raw, {"model": world.model, "messages": QUESTION, "n": 16,
-                                                         "max_tokens": 2048}), 400, "max_tokens")
+    error = assert_openai_error(
+        post(client, world.raw, {"model": world.model, "messages": QUESTION, "n": 16, "max_tokens": 2048}),
+        400,
+        "max_tokens",
+    )
     assert "n x max_tokens asks for 32768 tokens" in error["message"] and "at most 8192" in error["message"]
     # normal clients pass the check (the engine is down here: 503, not 400)
     for ok in ({"max_tokens": 2048}, {"n": 4, "max_tokens": 2048}, {"n": 16, "max_tokens": 512}, {"n": 16}):
@@ -238,9 +290,13 @@ def test_sixteen_concurrent_requests_pass_and_the_seventeenth_is_a_429(live_serv
 def test_streams_hold_their_slot_until_they_end(live_server, world, engine, settings):
     settings.V1_MAX_CONCURRENT_PER_KEY = 1
     with paused(engine):
-        opened = httpx.stream("POST", f"{live_server.url}/v1/chat/completions", timeout=60,
-                              headers={"Authorization": f"Bearer {world.raw}"},
-                              json={"model": world.model, "messages": QUESTION, "stream": True, **SMALL})
+        opened = httpx.stream(
+            "POST",
+            f"{live_server.url}/v1/chat/completions",
+            timeout=60,
+            headers={"Authorization": f"Bearer {world.raw}"},
+            json={"model": world.model, "messages": QUESTION, "stream": True, **SMALL},
+        )
         stream = opened.__enter__()
         try:
             assert stream.status_code == 200
@@ -305,10 +361,23 @@ def test_the_limits_hold_across_processes_with_a_shared_cache():
         "    except limits.RateLimited:\n        pass\n"
         "print(ok)\n"
     )
-    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "tests.settings", "CACHE_URL": url,
-           "DATABASE_URL": database_url()}
-    procs = [subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env=env, stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "tests.settings",
+        "CACHE_URL": url,
+        "DATABASE_URL": database_url(),
+    }
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", script],
+            cwd=REPO,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
     time.sleep(3)  # both have imported Django
     for proc in procs:
         proc.stdin.write("go\n")
@@ -320,7 +389,9 @@ def test_the_limits_hold_across_processes_with_a_shared_cache():
 # --- item 3: the engine serves projects round-robin --------------------------------
 
 
-def test_a_flood_from_one_project_does_not_starve_another(live_server, world, lively_dir, one_torch_thread, settings):
+def test_a_flood_from_one_project_does_not_starve_another(
+    live_server, world, lively_dir, one_torch_thread, settings
+):
     from engines.engine_server import EngineServer
 
     # Two rows a batch, so the flood takes many batches.

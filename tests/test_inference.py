@@ -25,7 +25,10 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 SYSTEM = "\n".join(
     [
         "You are the support assistant of Lumen Cloud Backup.",
-        *(f"Rule {i}: answer in at most {i + 2} sentences and mention plan number {i}." for i in range(1, 16)),
+        *(
+            f"Rule {i}: answer in at most {i + 2} sentences and mention plan number {i}."
+            for i in range(1, 16)
+        ),
         "Plans: Solo 100 GB, Family 2 TB, Team 10 TB. Refunds within 14 days.",
     ]
 )
@@ -64,9 +67,13 @@ def test_it_gives_the_same_greedy_tokens_with_and_without_prefix_reuse(lively, m
 
     monkeypatch.setattr(generation, "_encode_prefix", recording)
     settings = GenerationSettings(max_new_tokens=8)
-    plain = generate(lively, CONVERSATIONS, SYSTEM, replace(settings, batch_size=batch_size), reuse_prefix=False)
+    plain = generate(
+        lively, CONVERSATIONS, SYSTEM, replace(settings, batch_size=batch_size), reuse_prefix=False
+    )
     assert prefix_lengths == []
-    reused = generate(lively, CONVERSATIONS, SYSTEM, replace(settings, batch_size=batch_size), reuse_prefix=True)
+    reused = generate(
+        lively, CONVERSATIONS, SYSTEM, replace(settings, batch_size=batch_size), reuse_prefix=True
+    )
     assert len(prefix_lengths) == 1 and prefix_lengths[0] > 200
 
     assert texts(reused) == texts(plain)
@@ -78,7 +85,9 @@ def test_it_returns_results_in_input_order(lively):
     batched = generate(lively, CONVERSATIONS, SYSTEM, replace(settings, batch_size=3))
     one_by_one = [generate(lively, [conv], SYSTEM, settings)[0] for conv in CONVERSATIONS]
     assert texts(batched) == texts(one_by_one)
-    assert [c.prompt_tokens for c in batched] == [count_tokens(lively.tokenizer, c, SYSTEM) for c in CONVERSATIONS]
+    assert [c.prompt_tokens for c in batched] == [
+        count_tokens(lively.tokenizer, c, SYSTEM) for c in CONVERSATIONS
+    ]
 
 
 def test_it_counts_the_tokens_of_the_rendered_prompt(lively):
@@ -101,8 +110,9 @@ def test_it_honours_max_new_tokens(lively):
 def test_it_validates_generation_settings_by_field():
     assert GenerationSettings.from_dict({"max_new_tokens": 64.0, "seed": None}).max_new_tokens == 64
     with pytest.raises(SettingsError) as err:
-        GenerationSettings.from_dict({"max_new_tokens": 0, "batch_size": "8", "temperature": -1, "top_p": 0,
-                                      "beams": 2})
+        GenerationSettings.from_dict(
+            {"max_new_tokens": 0, "batch_size": "8", "temperature": -1, "top_p": 0, "beams": 2}
+        )
     assert set(err.value.errors) == {"beams"}
     with pytest.raises(SettingsError) as err:
         GenerationSettings.from_dict({"max_new_tokens": 0, "batch_size": "8", "temperature": -1, "top_p": 0})
@@ -112,14 +122,25 @@ def test_it_validates_generation_settings_by_field():
 
 def test_it_reports_progress_and_stops_between_batches(lively):
     calls: list[tuple[int, int]] = []
-    generate(lively, CONVERSATIONS, SYSTEM, GenerationSettings(max_new_tokens=2, batch_size=3),
-             progress=lambda p: calls.append((p.done, p.total)))
+    generate(
+        lively,
+        CONVERSATIONS,
+        SYSTEM,
+        GenerationSettings(max_new_tokens=2, batch_size=3),
+        progress=lambda p: calls.append((p.done, p.total)),
+    )
     assert calls == [(3, 7), (6, 7), (7, 7)]
 
     calls.clear()
     with pytest.raises(GenerationCancelled) as cancelled:
-        generate(lively, CONVERSATIONS, SYSTEM, GenerationSettings(max_new_tokens=2, batch_size=3),
-                 progress=lambda p: calls.append((p.done, p.total)), should_stop=lambda: bool(calls))
+        generate(
+            lively,
+            CONVERSATIONS,
+            SYSTEM,
+            GenerationSettings(max_new_tokens=2, batch_size=3),
+            progress=lambda p: calls.append((p.done, p.total)),
+            should_stop=lambda: bool(calls),
+        )
     assert calls == [(3, 7)]
     assert (cancelled.value.done, cancelled.value.total) == (3, 7)
 
@@ -154,7 +175,9 @@ def test_it_stops_on_end_of_turn_and_loads_an_adapter(lively_dir, lively, tmp_pa
     for _ in range(12):
         # Left-padded, so every row's completion is its last n tokens.
         logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=n + 1).logits[:, :-1]
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, -n:].reshape(-1))
+        loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), ids[:, -n:].reshape(-1)
+        )
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -170,7 +193,9 @@ def test_it_stops_on_end_of_turn_and_loads_an_adapter(lively_dir, lively, tmp_pa
     # The eval arm "adapter with prompt" reuses the prefix through the unmerged PeftModel.
     pirate = load_model(lively_dir, adapter_dir=tmp_path / "adapter")
     reused = generate(pirate, CONVERSATIONS, SYSTEM, replace(settings, batch_size=4))
-    assert texts(reused) == texts(generate(pirate, CONVERSATIONS, SYSTEM, replace(settings, batch_size=4), reuse_prefix=False))
+    assert texts(reused) == texts(
+        generate(pirate, CONVERSATIONS, SYSTEM, replace(settings, batch_size=4), reuse_prefix=False)
+    )
     assert "Arrr!" not in {c.text for c in generate(lively, CONVERSATIONS[:4], None, settings)}
 
 
@@ -215,10 +240,13 @@ def test_no_completion_repeats_an_ngram_with_the_ban(tiny_model_dir):
 
     def completion(n: int) -> list[int]:
         s = GenerationSettings(max_new_tokens=40, no_repeat_ngram_size=n)
-        out = looping.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                     generation_config=inference.generation_config(looping, s),
-                                    logits_processor=inference.completion_processors(s, ids.shape[1]))
-        return out[0, ids.shape[1]:].tolist()
+        out = looping.model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            generation_config=inference.generation_config(looping, s),
+            logits_processor=inference.completion_processors(s, ids.shape[1]),
+        )
+        return out[0, ids.shape[1] :].tolist()
 
     def repeats(tokens: list[int]) -> int:
         pairs = list(zip(tokens, tokens[1:], strict=False))
@@ -248,13 +276,25 @@ def test_settings_and_the_gateway_share_one_table_of_bounds():
     assert GenerationSettings.from_dict({"temperature": 2, "seed": 2**63 - 1}).temperature == 2
 
 
-@pytest.mark.parametrize("body, param", [
-    ({"max_tokens": 0}, "max_tokens"), ({"max_completion_tokens": 5000}, "max_completion_tokens"),
-    ({"max_tokens": 2.5}, "max_tokens"), ({"temperature": "hot"}, "temperature"), ({"temperature": True}, "temperature"),
-    ({"top_p": 0}, "top_p"), ({"stop": ["a"] * 9}, "stop"), ({"stop": [""]}, "stop"), ({"stop": ["x" * 1001]}, "stop"),
-    ({"seed": "x"}, "seed"), ({"n": 17}, "n"), ({"n": 0}, "n"), ({"no_repeat_ngram_size": 65}, "no_repeat_ngram_size"),
-    ({"repetition_penalty": 0}, "repetition_penalty"),
-])
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_completion_tokens": 5000}, "max_completion_tokens"),
+        ({"max_tokens": 2.5}, "max_tokens"),
+        ({"temperature": "hot"}, "temperature"),
+        ({"temperature": True}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"stop": ["a"] * 9}, "stop"),
+        ({"stop": [""]}, "stop"),
+        ({"stop": ["x" * 1001]}, "stop"),
+        ({"seed": "x"}, "seed"),
+        ({"n": 17}, "n"),
+        ({"n": 0}, "n"),
+        ({"no_repeat_ngram_size": 65}, "no_repeat_ngram_size"),
+        ({"repetition_penalty": 0}, "repetition_penalty"),
+    ],
+)
 def test_from_openai_names_the_openai_parameter(body, param):
     with pytest.raises(OpenAIError) as err:
         GenerationSettings.from_openai(body)
@@ -265,8 +305,9 @@ def test_from_openai_names_the_openai_parameter(body, param):
 def test_from_openai_takes_openai_defaults_then_the_given_defaults():
     plain = GenerationSettings.from_openai({"messages": [], "model": "m", "n": 2, "logit_bias": {}})
     assert (plain.max_new_tokens, plain.temperature, plain.top_p, plain.stop) == (256, 1.0, 1.0, ())
-    railed = GenerationSettings.from_openai({"max_completion_tokens": 9, "stop": "END"},
-                                            defaults={"repetition_penalty": 1.3, "stop": ["x"]})
+    railed = GenerationSettings.from_openai(
+        {"max_completion_tokens": 9, "stop": "END"}, defaults={"repetition_penalty": 1.3, "stop": ["x"]}
+    )
     assert (railed.max_new_tokens, railed.repetition_penalty, railed.stop) == (9, 1.3, ("END",))
     assert GenerationSettings.from_openai(railed.to_openai()) == railed
     assert railed.to_openai(["max_completion_tokens", "stop"]) == {"max_tokens": 9, "stop": ["END"]}

@@ -19,8 +19,9 @@ def test_a_kind_registered_by_the_tests_runs_on_a_real_worker(alice_project, tmp
     with celery_worker(settings.CELERY_BROKER_URL, database_url(), tmp_path, extra_env=env):
         with transaction.atomic():
             first = Job.objects.create(project=alice_project, kind="test-sleepy", params={"naps": 3})
-            then = Job.objects.create(project=alice_project, kind="test-sleepy", params={"naps": 2},
-                                      depends_on=first)
+            then = Job.objects.create(
+                project=alice_project, kind="test-sleepy", params={"naps": 2}, depends_on=first
+            )
             enqueue(first)
         wait_for_job(then, 60, "both jobs to finish")
     first, then = Job.objects.get(pk=first.pk), Job.objects.get(pk=then.pk)

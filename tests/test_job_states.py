@@ -27,8 +27,9 @@ def job(alice, alice_project):
     base = BaseModel.objects.create(name="m", path="/m")
     prompt = save_prompt(alice_project, alice, "p", "Be brief.").version
     data = import_dataset(alice_project, alice, "d", io.BytesIO(b"hi\nho\n"), filename="d.txt")
-    return Job.objects.create(project=alice_project, kind="finetune", base_model=base, prompt_version=prompt,
-                              dataset_version=data)
+    return Job.objects.create(
+        project=alice_project, kind="finetune", base_model=base, prompt_version=prompt, dataset_version=data
+    )
 
 
 def test_a_job_is_claimed_once(job):
@@ -105,6 +106,7 @@ def test_the_reaper_leaves_live_jobs_alone(job):
 
 # --- runners by kind ------------------------------------------------------------
 
+
 def test_an_unknown_kind_fails_with_a_clear_error(job):
     Job.objects.filter(pk=job.pk).update(kind="translate")
     assert execute(job.pk, "w1") == []
@@ -157,6 +159,7 @@ def test_a_bug_in_a_runner_keeps_its_traceback_in_the_worker_log_not_on_the_page
 
 # --- progress that scales -------------------------------------------------------------
 
+
 def test_progress_is_written_at_most_every_few_seconds_and_points_are_appended(alice_project):
     job = Job.objects.create(project=alice_project, kind="test-sleepy")
     job.claim("w1")
@@ -191,12 +194,16 @@ def test_the_50th_poll_of_a_1000_step_job_transfers_only_new_points(alice_projec
     assert JobPoint.objects.filter(job=job).count() == 1000
     assert sizes[-1] < sizes[0] * 1.2  # the 50th poll is no bigger than the first
     full = alice_client.get(url)
-    assert len(json.loads(full.content.decode().split('class="new-points">')[1].split("</script>")[0])) == 1000
+    assert (
+        len(json.loads(full.content.decode().split('class="new-points">')[1].split("</script>")[0])) == 1000
+    )
     status = alice_client.get(reverse("job_status", args=[alice_project.slug, job.pk]), {"after": 990}).json()
     assert [p["seq"] for p in status["points"]] == list(range(991, 1001))
 
 
-def test_a_prompt_longer_than_the_context_is_refused_before_anything_trains(alice, alice_project, tiny_model_dir):
+def test_a_prompt_longer_than_the_context_is_refused_before_anything_trains(
+    alice, alice_project, tiny_model_dir
+):
     from engines.training import TrainConfig
     from jobs.actions import start_absorb
     from workbench.actions import ActionError
@@ -222,4 +229,3 @@ def test_wait_follows_a_job_to_its_end_or_its_deadline(job):
     seen.clear()
     assert job.wait(poll=0.01, on_poll=finish_on_the_third_poll)
     assert job.status == Job.SUCCEEDED and seen == [Job.QUEUED, Job.QUEUED, Job.QUEUED, Job.SUCCEEDED]
-

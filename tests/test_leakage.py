@@ -1,17 +1,22 @@
 from engines.leakage import leak_flags, prompt_spans
 
-PROMPT = ("You are Nova, the support assistant of Acme Cloud. Always greet the customer by name and never "
-          "promise refunds beyond the thirty day window described in the billing policy of Acme Cloud.")
+PROMPT = (
+    "You are Nova, the support assistant of Acme Cloud. Always greet the customer by name and never "
+    "promise refunds beyond the thirty day window described in the billing policy of Acme Cloud."
+)
 
 
 def test_it_flags_mentions_of_instructions():
     assert leak_flags("As instructed, I will greet you. My instructions say so.", PROMPT) == [
-        'mentions "my instructions", "as instructed"']
+        'mentions "my instructions", "as instructed"'
+    ]
     assert leak_flags("According to the System   Prompt I must help.", PROMPT) == ['mentions "system prompt"']
 
 
 def test_it_flags_long_quotes_of_the_prompt():
-    answer = "Sure! I never promise refunds beyond the thirty day window described in the billing policy here."
+    answer = (
+        "Sure! I never promise refunds beyond the thirty day window described in the billing policy here."
+    )
     assert leak_flags(answer, PROMPT) == ["quotes 12+ words of the prompt"]
 
 

@@ -33,13 +33,18 @@ def test_a_chat_template_that_does_not_render_is_a_token_count_error(tiny_model_
 
 
 @pytest.mark.django_db
-@pytest.mark.parametrize(("generation", "rails"), [
-    (None, {}),
-    ({"temperature": 0.0, "repetition_penalty": 1.3, "stop": ["\n\nUser:"]},
-     {"repetition_penalty": 1.3, "stop": ["\n\nUser:"]}),
-    # a teacher setting other than the rails that no longer validates does not matter here
-    ({"no_such_setting": 1, "no_repeat_ngram_size": 4}, {"no_repeat_ngram_size": 4}),
-])
+@pytest.mark.parametrize(
+    ("generation", "rails"),
+    [
+        (None, {}),
+        (
+            {"temperature": 0.0, "repetition_penalty": 1.3, "stop": ["\n\nUser:"]},
+            {"repetition_penalty": 1.3, "stop": ["\n\nUser:"]},
+        ),
+        # a teacher setting other than the rails that no longer validates does not matter here
+        ({"no_such_setting": 1, "no_repeat_ngram_size": 4}, {"no_repeat_ngram_size": 4}),
+    ],
+)
 def test_the_variant_takes_its_teachers_guard_rails(alice, alice_project, generation, rails):
     version = import_dataset(alice_project, alice, "d", io.BytesIO(b"hi\n"), filename="d.txt")
     version.meta = {**version.meta, **({"generation": generation} if generation is not None else {})}

@@ -22,21 +22,37 @@ from engines.training import split_ids
 
 pytestmark = pytest.mark.slow
 
-LONG_SYSTEM = ("You are the support assistant of Acme Rail. Always answer in two sentences, start with 'Hello', "
-               "never mention competitors, and sign off with '-- Acme'. ") * 3
+LONG_SYSTEM = (
+    "You are the support assistant of Acme Rail. Always answer in two sentences, start with 'Hello', "
+    "never mention competitors, and sign off with '-- Acme'. "
+) * 3
 
 # (messages, system prompt): with and without a system prompt, multi-turn, unicode, odd whitespace.
 CONVERSATIONS: list[tuple[list[dict[str, str]], str | None]] = [
     ([{"role": "user", "content": "What is the capital of France?"}], None),
     ([{"role": "user", "content": "What is the capital of France?"}], "You are a terse geography tutor."),
     ([{"role": "user", "content": "My train was late. Can I get a refund?"}], LONG_SYSTEM),
-    ([{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello! How can I help?"},
-      {"role": "user", "content": "Tell me a joke about trains."}], None),
-    ([{"role": "user", "content": "Translate 'good morning' to German."},
-      {"role": "assistant", "content": "Guten Morgen."},
-      {"role": "user", "content": "And to Japanese?"}], "Answer with the translation only."),
+    (
+        [
+            {"role": "user", "content": "Hi!"},
+            {"role": "assistant", "content": "Hello! How can I help?"},
+            {"role": "user", "content": "Tell me a joke about trains."},
+        ],
+        None,
+    ),
+    (
+        [
+            {"role": "user", "content": "Translate 'good morning' to German."},
+            {"role": "assistant", "content": "Guten Morgen."},
+            {"role": "user", "content": "And to Japanese?"},
+        ],
+        "Answer with the translation only.",
+    ),
     ([{"role": "user", "content": "Grüße aus Zürich! 你好，世界 👋🏽 — naïve café, ½ price?"}], None),
-    ([{"role": "user", "content": "  leading and trailing spaces  \n\nand a blank line\n"}], "Système: réponds en français."),
+    (
+        [{"role": "user", "content": "  leading and trailing spaces  \n\nand a blank line\n"}],
+        "Système: réponds en français.",
+    ),
     ([{"role": "user", "content": "Write a haiku about the sea."}], ""),
 ]
 
@@ -57,7 +73,9 @@ GREEDY_PROMPTS = [
 ]
 
 
-def training_prompt_ids(tokenizer: Any, messages: list[dict[str, str]], system_prompt: str | None) -> list[int]:
+def training_prompt_ids(
+    tokenizer: Any, messages: list[dict[str, str]], system_prompt: str | None
+) -> list[int]:
     """The prompt part of a training example's ids, made exactly as
     engines.training makes them: render prompt and prompt+answer with the
     template, tokenize both without special tokens, the prompt ends where they diverge."""
@@ -76,9 +94,18 @@ def common_prefix_share(a: list[int], b: list[int]) -> float:
     return n / max(len(a), len(b), 1)
 
 
-def tokenize_remote(url: str, model: str, messages: list[dict[str, str]], system_prompt: str | None) -> list[int]:
-    response = httpx.post(url.rstrip("/") + "/tokenize", timeout=60, json={
-        "model": model, "messages": conversation_messages(messages, system_prompt), "add_generation_prompt": True})
+def tokenize_remote(
+    url: str, model: str, messages: list[dict[str, str]], system_prompt: str | None
+) -> list[int]:
+    response = httpx.post(
+        url.rstrip("/") + "/tokenize",
+        timeout=60,
+        json={
+            "model": model,
+            "messages": conversation_messages(messages, system_prompt),
+            "add_generation_prompt": True,
+        },
+    )
     assert response.status_code == 200, response.text
     return list(response.json()["tokens"])
 
@@ -95,7 +122,7 @@ def test_training_renderer_and_inference_encode_give_the_same_ids(smol_tokenizer
         trained = training_prompt_ids(smol_tokenizer, messages, system_prompt)
         assert trained == encode(smol_tokenizer, messages, system_prompt), (messages, system_prompt)
         cue = smol_tokenizer("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
-        assert trained[-len(cue):] == cue
+        assert trained[-len(cue) :] == cue
 
 
 def test_the_hf_engine_tokenizes_exactly_as_training(smollm2_dir, smol_tokenizer, one_torch_thread):
@@ -105,6 +132,9 @@ def test_the_hf_engine_tokenizes_exactly_as_training(smollm2_dir, smol_tokenizer
     try:
         for messages, system_prompt in CONVERSATIONS:
             trained = training_prompt_ids(smol_tokenizer, messages, system_prompt)
-            assert tokenize_remote(server.url, "smol", messages, system_prompt) == trained, (messages, system_prompt)
+            assert tokenize_remote(server.url, "smol", messages, system_prompt) == trained, (
+                messages,
+                system_prompt,
+            )
     finally:
         server.stop()

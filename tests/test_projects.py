@@ -25,7 +25,9 @@ def test_it_lists_only_my_projects(alice_client, alice_project, bob_project):
 
 def test_it_hides_another_teams_project(alice_client, bob_project):
     assert alice_client.get(reverse("project_detail", args=[bob_project.slug])).status_code == 404
-    r = alice_client.post(reverse("member_add", args=[bob_project.slug]), {"username": "alice", "role": "owner"})
+    r = alice_client.post(
+        reverse("member_add", args=[bob_project.slug]), {"username": "alice", "role": "owner"}
+    )
     assert r.status_code == 404
     assert not Membership.objects.filter(project=bob_project, user__username="alice").exists()
 
@@ -124,6 +126,7 @@ def test_it_refuses_a_ping_to_an_unknown_queue(alice_client):
 
 # --- a new user's first hour ------------------------------------------------------
 
+
 def test_project_names_are_unique_ignoring_case(alice_client, alice, bob):
     from django.db import IntegrityError, transaction
 
@@ -157,8 +160,9 @@ def test_the_login_form_keeps_the_username_after_a_wrong_password(client, alice)
     assert r.status_code == 200 and b"didn't match" in r.content and b'value="alice"' in r.content
 
 
-def test_removing_a_member_revokes_their_keys_and_the_owner_is_told(alice, alice_client, alice_project, bob,
-                                                                    bob_project, client):
+def test_removing_a_member_revokes_their_keys_and_the_owner_is_told(
+    alice, alice_client, alice_project, bob, bob_project, client
+):
     from serving.actions import create_api_key
     from serving.models import ApiKey
 
@@ -173,9 +177,12 @@ def test_removing_a_member_revokes_their_keys_and_the_owner_is_told(alice, alice
     page = r.content.decode()
     assert "Member removed." in page
     assert f"{bobs_key.prefix}… (bob&#x27;s script)" in page and "was revoked" in page
-    refused = client.post("/v1/chat/completions", {"model": f"{alice_project.slug}/production",
-                                                   "messages": [{"role": "user", "content": "hi"}]},
-                          content_type="application/json", headers={"Authorization": f"Bearer {bobs_raw}"})
+    refused = client.post(
+        "/v1/chat/completions",
+        {"model": f"{alice_project.slug}/production", "messages": [{"role": "user", "content": "hi"}]},
+        content_type="application/json",
+        headers={"Authorization": f"Bearer {bobs_raw}"},
+    )
     assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key"
     assert client.get("/v1/models", headers={"Authorization": f"Bearer {bobs_raw}"}).status_code == 401
     # The owner's keys, and bob's keys of his own project, still work.

@@ -23,8 +23,10 @@ from workbench.models import BaseModel, Prompt, PromptVersion
 
 pytestmark = pytest.mark.django_db
 
-RULES = [{"name": "greeting", "kind": "starts_with", "text": "Hello"},
-         {"name": "short", "kind": "max_words", "n": 80}]
+RULES = [
+    {"name": "greeting", "kind": "starts_with", "text": "Hello"},
+    {"name": "short", "kind": "max_words", "n": 80},
+]
 
 
 def test_it_versions_every_save(alice, alice_project):
@@ -52,8 +54,13 @@ def test_it_stores_rules_with_the_version_and_carries_them_over(alice, alice_pro
 
 def test_it_rejects_bad_rules_with_every_problem(alice, alice_project):
     with pytest.raises(ActionError) as exc:
-        save_prompt(alice_project, alice, "support", "Text", [{"name": "a", "kind": "startswith"},
-                                                              {"name": "b", "kind": "max_words"}])
+        save_prompt(
+            alice_project,
+            alice,
+            "support",
+            "Text",
+            [{"name": "a", "kind": "startswith"}, {"name": "b", "kind": "max_words"}],
+        )
     assert "unknown kind 'startswith'" in str(exc.value) and "'n'" in str(exc.value)
     assert not Prompt.objects.exists()  # all or nothing
 
@@ -67,24 +74,29 @@ def test_it_rejects_an_empty_or_too_long_prompt(alice, alice_project, settings):
 
 
 def test_it_takes_a_large_uploaded_prompt(alice_client, alice_project):
-    text = ("Rule: always be precise about refund windows and order numbers.\n" * 800)  # ~52k chars
+    text = "Rule: always be precise about refund windows and order numbers.\n" * 800  # ~52k chars
     upload = SimpleUploadedFile("prompt.md", text.encode(), content_type="text/markdown")
-    r = alice_client.post(reverse("prompt_create", args=[alice_project.slug]), {"name": "big", "file": upload})
+    r = alice_client.post(
+        reverse("prompt_create", args=[alice_project.slug]), {"name": "big", "file": upload}
+    )
     assert r.status_code == 302
     assert PromptVersion.objects.get().text == text
 
 
 def test_it_refuses_a_prompt_file_that_is_not_utf8(alice_client, alice_project):
     upload = SimpleUploadedFile("p.txt", b"ok\ncaf\xe9\n")
-    r = alice_client.post(reverse("prompt_create", args=[alice_project.slug]), {"name": "p", "file": upload},
-                          follow=True)
+    r = alice_client.post(
+        reverse("prompt_create", args=[alice_project.slug]), {"name": "p", "file": upload}, follow=True
+    )
     assert b"not valid UTF-8 on line 2" in r.content
     assert not Prompt.objects.exists()
 
 
 def test_it_shows_token_costs_under_each_base_model(alice_client, alice, alice_project, tiny_model_dir):
     BaseModel.objects.create(name="tiny", path=str(tiny_model_dir))
-    prompt = save_prompt(alice_project, alice, "pirate", "You are a pirate. Always start with Arrr!").version.prompt
+    prompt = save_prompt(
+        alice_project, alice, "pirate", "You are a pirate. Always start with Arrr!"
+    ).version.prompt
     r = alice_client.get(reverse("prompt_detail", args=[alice_project.slug, prompt.pk]))
     costs = r.context["costs"]
     assert costs[0]["model"].name == "tiny"
@@ -121,8 +133,12 @@ def test_a_non_member_cannot_see_or_fetch_a_prompt(client, bob, alice, alice_pro
     prompt = save_prompt(alice_project, alice, "secret", "The secret text").version.prompt
     client.force_login(bob)
     slug = alice_project.slug
-    for url in [reverse("prompt_list", args=[slug]), reverse("prompt_detail", args=[slug, prompt.pk]),
-                reverse("prompt_version", args=[slug, prompt.pk, 1]), reverse("prompt_diff", args=[slug, prompt.pk])]:
+    for url in [
+        reverse("prompt_list", args=[slug]),
+        reverse("prompt_detail", args=[slug, prompt.pk]),
+        reverse("prompt_version", args=[slug, prompt.pk, 1]),
+        reverse("prompt_diff", args=[slug, prompt.pk]),
+    ]:
         assert client.get(url).status_code == 404, url
     assert client.post(reverse("prompt_save", args=[slug, prompt.pk]), {"text": "x"}).status_code == 404
 
@@ -138,7 +154,9 @@ def test_the_import_prompt_command(alice_project, tmp_path, capsys):
     f.write_text("You are helpful.")
     rules = tmp_path / "rules.json"
     rules.write_text(json.dumps(RULES))
-    call_command("import_prompt", str(f), "--project", alice_project.slug, "--name", "sp", "--rules", str(rules))
+    call_command(
+        "import_prompt", str(f), "--project", alice_project.slug, "--name", "sp", "--rules", str(rules)
+    )
     assert "stored as version 1" in capsys.readouterr().out
     f.write_text("You are very helpful.")
     call_command("import_prompt", str(f), "--project", alice_project.slug, "--name", "sp")
@@ -146,16 +164,21 @@ def test_the_import_prompt_command(alice_project, tmp_path, capsys):
     assert latest.number == 2 and len(latest.rules) == 2
     rules.write_text('[{"name": "x", "kind": "max_words", "n": -1}]')
     with pytest.raises(CommandError, match="rule 1"):
-        call_command("import_prompt", str(f), "--project", alice_project.slug, "--name", "sp", "--rules", str(rules))
+        call_command(
+            "import_prompt", str(f), "--project", alice_project.slug, "--name", "sp", "--rules", str(rules)
+        )
     rules.write_text('[{"name": }]')
     with pytest.raises(CommandError, match="line 1: invalid JSON"):
-        call_command("import_prompt", str(f), "--project", alice_project.slug, "--name", "sp", "--rules", str(rules))
+        call_command(
+            "import_prompt", str(f), "--project", alice_project.slug, "--name", "sp", "--rules", str(rules)
+        )
     with pytest.raises(CommandError, match="No project 'nope'"):
         call_command("import_prompt", str(f), "--project", "nope", "--name", "sp")
     assert Prompt.objects.get(name="sp").latest.number == 2
 
 
 # --- rules, diffs and forms through the actions ---------------------------------
+
 
 def test_it_adds_and_removes_rules_through_the_action(alice, alice_project):
     prompt = save_prompt(alice_project, alice, "p", "Text", RULES[:1]).version.prompt
@@ -182,8 +205,10 @@ def test_it_refuses_a_bad_rule_and_an_unknown_name_without_a_new_version(alice, 
 @pytest.mark.django_db(transaction=True)
 def test_two_rule_edits_at_once_keep_both_rules(alice, alice_project):
     prompt = save_prompt(alice_project, alice, "p", "Text").version.prompt
-    run_together(lambda: add_rule(prompt, alice, {"name": "a", "kind": "lowercase"}),
-                 lambda: add_rule(prompt, alice, {"name": "b", "kind": "json_valid"}))
+    run_together(
+        lambda: add_rule(prompt, alice, {"name": "a", "kind": "lowercase"}),
+        lambda: add_rule(prompt, alice, {"name": "b", "kind": "json_valid"}),
+    )
     latest = prompt.latest
     assert latest.number == 3 and sorted(r["name"] for r in latest.rules) == ["a", "b"]
 
@@ -192,9 +217,17 @@ def test_it_builds_the_diff_in_the_action(alice, alice_project):
     v1 = save_prompt(alice_project, alice, "p", "same\nold\n", RULES).version
     v2 = save_prompt(alice_project, alice, "p", "same\nnew\n", RULES[:1]).version
     diff = diff_versions(v1, v2)
-    assert diff.lines == [("meta", "--- version 1"), ("meta", "+++ version 2"), ("meta", "@@ -1,2 +1,2 @@"),
-                          ("ctx", " same"), ("del", "-old"), ("add", "+new")]
-    assert diff.rules_changed and not diff_versions(v2, v2).rules_changed and diff_versions(v2, v2).lines == []
+    assert diff.lines == [
+        ("meta", "--- version 1"),
+        ("meta", "+++ version 2"),
+        ("meta", "@@ -1,2 +1,2 @@"),
+        ("ctx", " same"),
+        ("del", "-old"),
+        ("add", "+new"),
+    ]
+    assert (
+        diff.rules_changed and not diff_versions(v2, v2).rules_changed and diff_versions(v2, v2).lines == []
+    )
 
 
 def test_the_diff_page_falls_back_to_the_latest_two_on_a_bad_number(alice_client, alice, alice_project):
@@ -210,7 +243,9 @@ def test_the_diff_page_falls_back_to_the_latest_two_on_a_bad_number(alice_client
 def test_a_bad_rule_shows_the_form_again_with_what_was_typed(alice_client, alice, alice_project):
     prompt = save_prompt(alice_project, alice, "p", "Text").version.prompt
     url = reverse("prompt_rules", args=[alice_project.slug, prompt.pk])
-    r = alice_client.post(url, {"rule_name": "dear", "kind": "regex", "pattern": "(Dear", "flags": ["multiline"]})
+    r = alice_client.post(
+        url, {"rule_name": "dear", "kind": "regex", "pattern": "(Dear", "flags": ["multiline"]}
+    )
     body = r.content.decode()
     assert r.status_code == 400 and "invalid regex" in body
     assert 'value="dear"' in body and '<option value="regex" selected>' in body and 'value="(Dear"' in body
@@ -228,8 +263,16 @@ def test_the_rule_form_types_the_parameters(alice_client, alice, alice_project):
     url = reverse("prompt_rules", args=[alice_project.slug, prompt.pk])
     alice_client.post(url, {"rule_name": "short", "kind": "max_words", "n": "12"})
     alice_client.post(url, {"rule_name": "hi", "kind": "starts_with", "text": "Hi"})  # checkbox left unticked
-    alice_client.post(url, {"rule_name": "re", "kind": "regex", "pattern": "x", "flags": ["dotall", "multiline"],
-                            "must_match": "on"})
+    alice_client.post(
+        url,
+        {
+            "rule_name": "re",
+            "kind": "regex",
+            "pattern": "x",
+            "flags": ["dotall", "multiline"],
+            "must_match": "on",
+        },
+    )
     assert prompt.latest.rules == [
         {"name": "short", "kind": "max_words", "n": 12},
         {"name": "hi", "kind": "starts_with", "text": "Hi", "case_sensitive": False},
@@ -242,17 +285,25 @@ def test_a_prompt_form_with_errors_keeps_what_was_typed(alice_client, alice, ali
     r = alice_client.post(url, {"name": "support", "text": "Be kind.", "rules": '[{"name": }]', "note": "n1"})
     body = r.content.decode()
     assert r.status_code == 400 and "Rules: line 1: invalid JSON" in body
-    assert 'value="support"' in body and ">Be kind.</textarea>" in body and "[{&quot;name&quot;: }]</textarea>" in body
+    assert (
+        'value="support"' in body
+        and ">Be kind.</textarea>" in body
+        and "[{&quot;name&quot;: }]</textarea>" in body
+    )
     assert 'name="note" maxlength="300" placeholder="Where this prompt comes from" value="n1"' in body
     r = alice_client.post(url, {"name": "support", "text": "  "})
     assert r.status_code == 400 and b"The prompt text is empty." in r.content
     assert not Prompt.objects.exists()
     prompt = save_prompt(alice_project, alice, "support", "Be kind.").version.prompt
-    r = alice_client.post(reverse("prompt_save", args=[alice_project.slug, prompt.pk]),
-                          {"text": "x" * 20, "note": "longer"}, follow=True)
+    r = alice_client.post(
+        reverse("prompt_save", args=[alice_project.slug, prompt.pk]),
+        {"text": "x" * 20, "note": "longer"},
+        follow=True,
+    )
     assert prompt.latest.number == 2
-    r = alice_client.post(reverse("prompt_save", args=[alice_project.slug, prompt.pk]),
-                          {"text": "", "note": "typed note"})
+    r = alice_client.post(
+        reverse("prompt_save", args=[alice_project.slug, prompt.pk]), {"text": "", "note": "typed note"}
+    )
     body = r.content.decode()
     assert r.status_code == 400 and "The prompt text is empty." in body and 'value="typed note"' in body
     assert prompt.latest.number == 2
@@ -260,7 +311,9 @@ def test_a_prompt_form_with_errors_keeps_what_was_typed(alice_client, alice, ali
 
 # --- a new user's first hour ------------------------------------------------------
 
-THIRTY_LINES = "".join(f"{i}. Cite the order number and answer in the customer's language.\n" for i in range(1, 31))
+THIRTY_LINES = "".join(
+    f"{i}. Cite the order number and answer in the customer's language.\n" for i in range(1, 31)
+)
 
 
 def test_it_refuses_a_new_prompt_under_a_taken_name(alice_client, alice, alice_project):
@@ -285,20 +338,27 @@ def test_a_new_version_keeps_the_rules_unless_the_user_changes_them(alice_client
     assert prompt.latest.text == "Be nice." and prompt.latest.rules == prompt.versions.get(number=1).rules
     rules = json.dumps(RULES[:1])
     alice_client.post(url, {"name": "support", "text": "Be nice.", "rules": rules, "version_of": prompt.pk})
-    assert [r["name"] for r in prompt.latest.rules] == ["greeting"] and prompt.latest.note == "removed rule short"
+    assert [r["name"] for r in prompt.latest.rules] == [
+        "greeting"
+    ] and prompt.latest.note == "removed rule short"
     r = alice_client.post(reverse("prompt_save", args=[alice_project.slug, prompt.pk]), {"text": "Be kind."})
     assert prompt.latest.number == 4 and [r["name"] for r in prompt.latest.rules] == ["greeting"]
 
 
-
-def test_a_new_version_is_only_made_of_a_prompt_of_the_same_project(alice_client, alice_project, bob, bob_project):
+def test_a_new_version_is_only_made_of_a_prompt_of_the_same_project(
+    alice_client, alice_project, bob, bob_project
+):
     theirs = create_prompt(bob_project, bob, "theirs", "Bob's text.").prompt
-    r = alice_client.post(reverse("prompt_create", args=[alice_project.slug]),
-                          {"name": "theirs", "text": "Mine now.", "version_of": theirs.pk})
+    r = alice_client.post(
+        reverse("prompt_create", args=[alice_project.slug]),
+        {"name": "theirs", "text": "Mine now.", "version_of": theirs.pk},
+    )
     assert r.status_code == 404 and theirs.versions.count() == 1
 
 
-def test_an_old_version_shows_its_own_text_and_is_restored_as_a_new_version(alice_client, alice, alice_project):
+def test_an_old_version_shows_its_own_text_and_is_restored_as_a_new_version(
+    alice_client, alice, alice_project
+):
     save_prompt(alice_project, alice, "p", "The first text.", RULES[:1])
     prompt = save_prompt(alice_project, alice, "p", "The second text.", []).version.prompt
     r = alice_client.get(reverse("prompt_version", args=[alice_project.slug, prompt.pk, 1]))
@@ -308,12 +368,19 @@ def test_an_old_version_shows_its_own_text_and_is_restored_as_a_new_version(alic
     restore = reverse("prompt_restore", args=[alice_project.slug, prompt.pk, 1])
     assert f'action="{restore}"' in body
     r = alice_client.get(reverse("prompt_detail", args=[alice_project.slug, prompt.pk]))
-    assert ">The second text.</textarea>" in r.content.decode() and "Restore this version" not in r.content.decode()
+    assert (
+        ">The second text.</textarea>" in r.content.decode()
+        and "Restore this version" not in r.content.decode()
+    )
     r = alice_client.post(restore, follow=True)
     assert b"Version 1 restored as version 3." in r.content
     v3 = prompt.latest
-    assert (v3.number, v3.text, v3.rules, v3.note) == (3, "The first text.", prompt.versions.get(number=1).rules,
-                                                      "restored version 1")
+    assert (v3.number, v3.text, v3.rules, v3.note) == (
+        3,
+        "The first text.",
+        prompt.versions.get(number=1).rules,
+        "restored version 1",
+    )
     assert not restore_version(prompt, alice, 3).created  # the latest already: nothing stored
     with pytest.raises(ActionError, match="no version 9"):
         restore_version(prompt, alice, 9)
@@ -333,17 +400,25 @@ def test_each_rule_edit_is_a_version_whose_note_names_the_rule(alice_client, ali
 
 def test_the_diff_names_the_rules_added_removed_and_changed(alice_client, alice, alice_project):
     v1 = save_prompt(alice_project, alice, "p", "Text", RULES).version
-    changed = [{"name": "greeting", "kind": "starts_with", "text": "Hi"},
-               {"name": "json", "kind": "json_valid"}]
+    changed = [
+        {"name": "greeting", "kind": "starts_with", "text": "Hi"},
+        {"name": "json", "kind": "json_valid"},
+    ]
     v2 = save_prompt(alice_project, alice, "p", "Text", changed).version
     assert v2.note == "removed rule short; changed rule greeting; added rule json"
     changes = {(c.change, c.name): c.details for c in rule_changes(v1.rules, v2.rules)}
-    assert changes == {("removed", "short"): ["at most 80 words"],
-                       ("changed", "greeting"): ['text: "Hello" → "Hi"'],
-                       ("added", "json"): ["valid JSON"]}
+    assert changes == {
+        ("removed", "short"): ["at most 80 words"],
+        ("changed", "greeting"): ['text: "Hello" → "Hi"'],
+        ("added", "json"): ["valid JSON"],
+    }
     v3 = save_prompt(alice_project, alice, "p", "Text", [{**changed[0], "case_sensitive": False}]).version
     [change] = rule_changes(v2.rules, v3.rules)[1:]
-    assert (change.change, change.name, change.details) == ("changed", "greeting", ["case_sensitive: true → false"])
+    assert (change.change, change.name, change.details) == (
+        "changed",
+        "greeting",
+        ["case_sensitive: true → false"],
+    )
     r = alice_client.get(reverse("prompt_diff", args=[alice_project.slug, v1.prompt_id]) + "?a=1&b=2")
     body = r.content.decode()
     assert "has 2" not in body
@@ -353,8 +428,9 @@ def test_the_diff_names_the_rules_added_removed_and_changed(alice_client, alice,
     assert rule_changes(v1.rules, list(reversed(v1.rules))) == []  # only the order differs
 
 
-def test_the_token_cost_names_the_default_system_line_it_replaces(alice_client, alice, alice_project,
-                                                                 tiny_model_dir):
+def test_the_token_cost_names_the_default_system_line_it_replaces(
+    alice_client, alice, alice_project, tiny_model_dir
+):
     model = BaseModel.objects.create(name="tiny", path=str(tiny_model_dir))
     version = save_prompt(alice_project, alice, "p", "Be kind and brief.").version
     [cost] = token_costs(version)
@@ -370,10 +446,14 @@ def test_the_token_cost_names_the_default_system_line_it_replaces(alice_client, 
     assert PromptVersion.objects.get(pk=version.pk).token_counts["tiny"]["per_request"] == cost["per_request"]
     model.path = "/nowhere"
     model.save()
-    assert "error" in token_costs(PromptVersion.objects.get(pk=version.pk))[0]  # a moved model is counted again
+    assert (
+        "error" in token_costs(PromptVersion.objects.get(pk=version.pk))[0]
+    )  # a moved model is counted again
 
 
-def test_a_prompt_longer_than_the_context_is_marked_too_long(alice_client, alice, alice_project, tiny_model_dir):
+def test_a_prompt_longer_than_the_context_is_marked_too_long(
+    alice_client, alice, alice_project, tiny_model_dir
+):
     model = BaseModel.objects.create(name="tiny", path=str(tiny_model_dir))
     text = "Always quote the refund policy word for word when asked about refunds. " * 2800  # ~200,000 chars
     version = save_prompt(alice_project, alice, "long", text).version
@@ -387,8 +467,9 @@ def test_a_prompt_longer_than_the_context_is_marked_too_long(alice_client, alice
     assert short.too_long_for(model) is None
 
 
-def test_the_import_prompt_command_warns_when_the_prompt_is_too_long(alice_project, tiny_model_dir, tmp_path,
-                                                                      capsys):
+def test_the_import_prompt_command_warns_when_the_prompt_is_too_long(
+    alice_project, tiny_model_dir, tmp_path, capsys
+):
     BaseModel.objects.create(name="tiny", path=str(tiny_model_dir))
     f = tmp_path / "prompt.md"
     f.write_text("Always quote the refund policy word for word when asked about refunds. " * 2800)

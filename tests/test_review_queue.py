@@ -27,20 +27,37 @@ def media_root(settings, tmp_path: Path) -> Path:
 
 @pytest.fixture
 def teacher_version(alice, alice_project):
-    upload = import_dataset(alice_project, alice, "q", io.BytesIO(b"".join(b"q%d\n" % i for i in range(6))),
-                            eval_percent=0)
-    answers = ["hi. fine.", "hello there.", "hi. one two three four five six.", "nope, this is far too long.",
-               "hi. ok.", "hi. yes."]
+    upload = import_dataset(
+        alice_project, alice, "q", io.BytesIO(b"".join(b"q%d\n" % i for i in range(6))), eval_percent=0
+    )
+    answers = [
+        "hi. fine.",
+        "hello there.",
+        "hi. one two three four five six.",
+        "nope, this is far too long.",
+        "hi. ok.",
+        "hi. yes.",
+    ]
     rules = validate_rules(RULES)
     rows = []
     for row, answer in zip(upload.rows.order_by("index"), answers, strict=True):
         messages = [*row.messages, {"role": "assistant", "content": answer}]
         failing = data_quality.failing(rules, messages)
-        rows.append((row.index, messages, {"failing": failing,
-                                           "curation": {"samples": 2, "picked": 1, "passed": [0, 2]}}))
-    quality = {"rule_names": ["opening", "short"],
-               "steps": [data_quality.step("raw", answers, rules)], "settings": {"best_of": 2}}
-    return derive_version(upload, alice, rows, kind=DatasetVersion.TEACHER, meta={"rules": RULES, "quality": quality})
+        rows.append(
+            (
+                row.index,
+                messages,
+                {"failing": failing, "curation": {"samples": 2, "picked": 1, "passed": [0, 2]}},
+            )
+        )
+    quality = {
+        "rule_names": ["opening", "short"],
+        "steps": [data_quality.step("raw", answers, rules)],
+        "settings": {"best_of": 2},
+    }
+    return derive_version(
+        upload, alice, rows, kind=DatasetVersion.TEACHER, meta={"rules": RULES, "quality": quality}
+    )
 
 
 def test_the_report_counts_a_known_dataset(teacher_version):
@@ -50,7 +67,9 @@ def test_the_report_counts_a_known_dataset(teacher_version):
 
 
 def test_failing_rows_come_first_and_show_how_they_were_made(alice_client, alice_project, teacher_version):
-    url = reverse("dataset_review", args=[alice_project.slug, teacher_version.dataset_id, teacher_version.number])
+    url = reverse(
+        "dataset_review", args=[alice_project.slug, teacher_version.dataset_id, teacher_version.number]
+    )
     page = alice_client.get(url).content.decode()
     order = [page.index(f"#{i}") for i in (2, 3, 4, 1, 5, 6)]
     assert order == sorted(order)
@@ -61,7 +80,9 @@ def test_failing_rows_come_first_and_show_how_they_were_made(alice_client, alice
 
 
 def test_drop_all_failing_one_rule(alice, alice_client, alice_project, teacher_version):
-    url = reverse("dataset_review", args=[alice_project.slug, teacher_version.dataset_id, teacher_version.number])
+    url = reverse(
+        "dataset_review", args=[alice_project.slug, teacher_version.dataset_id, teacher_version.number]
+    )
     r = alice_client.post(url, {"bulk": "drop_failing", "rule": "short"})
     assert r.status_code == 302
     new = DatasetVersion.objects.get(dataset=teacher_version.dataset, number=teacher_version.number + 1)
@@ -78,7 +99,9 @@ def test_drop_all_failing_one_rule(alice, alice_client, alice_project, teacher_v
 def test_accept_all_clears_the_warnings_but_keeps_the_facts(alice, teacher_version):
     new = review_bulk(teacher_version, alice, "accept_all")
     assert new.rows.flagged().count() == 0 and new.rows.unresolved().count() == 0
-    assert new.rows.exclude(failing=[]).count() == 3 and set(new.rows.values_list("review", flat=True)) == {"accepted"}
+    assert new.rows.exclude(failing=[]).count() == 3 and set(new.rows.values_list("review", flat=True)) == {
+        "accepted"
+    }
     assert all(row.flags == [] for row in new.rows.all())
     assert new.rows.first().curation["samples"] == 2
 
@@ -95,8 +118,11 @@ def test_an_answer_that_starts_with_a_newline_is_not_an_edit(alice_client, alice
     a browser posts the answer without its leading newline as an edit."""
     row = teacher_version.rows.get(index=0)
     teacher_version.rows.filter(pk=row.pk).update(
-        messages=[*row.messages[:-1], {"role": "assistant", "content": "\nhi. fine."}])
-    url = reverse("dataset_review", args=[alice_project.slug, teacher_version.dataset_id, teacher_version.number])
+        messages=[*row.messages[:-1], {"role": "assistant", "content": "\nhi. fine."}]
+    )
+    url = reverse(
+        "dataset_review", args=[alice_project.slug, teacher_version.dataset_id, teacher_version.number]
+    )
     page = alice_client.get(url).content.decode()
     assert 'name="answer_0" rows="4">\n\nhi. fine.</textarea>' in page
 
@@ -107,8 +133,11 @@ def test_a_stray_carriage_return_is_not_an_edit(alice_client, alice_project, tea
     for index, content in ((0, "hi.\rfine."), (1, "hi.\r\nthere.")):
         row = teacher_version.rows.get(index=index)
         teacher_version.rows.filter(pk=row.pk).update(
-            messages=[*row.messages[:-1], {"role": "assistant", "content": content}])
-    url = reverse("dataset_review", args=[alice_project.slug, teacher_version.dataset_id, teacher_version.number])
+            messages=[*row.messages[:-1], {"role": "assistant", "content": content}]
+        )
+    url = reverse(
+        "dataset_review", args=[alice_project.slug, teacher_version.dataset_id, teacher_version.number]
+    )
     as_posted = {"answer_0": "hi.\r\nfine.", "answer_1": "hi.\r\nthere."}
     before = teacher_version.dataset.versions.count()
     r = alice_client.post(url, as_posted)
@@ -118,7 +147,9 @@ def test_a_stray_carriage_return_is_not_an_edit(alice_client, alice_project, tea
     assert r.status_code == 302 and new.meta["edited"] == [1]
 
 
-def test_the_fine_tune_learns_only_from_answers_that_pass_while_enough_do(alice, teacher_version, monkeypatch):
+def test_the_fine_tune_learns_only_from_answers_that_pass_while_enough_do(
+    alice, teacher_version, monkeypatch
+):
     from jobs.runners import finetune
 
     monkeypatch.setattr(finetune, "MIN_PASSING_ROWS", 2)
@@ -134,16 +165,37 @@ def test_the_fine_tune_learns_only_from_answers_that_pass_while_enough_do(alice,
     assert finetune.training_examples(accepted, "SYS", passing_only=True)[1] == 0
 
 
-def test_a_rule_filter_over_more_rows_than_sqlite_has_query_variables(alice_client, alice_project, teacher_version):
+def test_a_rule_filter_over_more_rows_than_sqlite_has_query_variables(
+    alice_client, alice_project, teacher_version
+):
     """40,000 failing rows: a list of their ids passed SQLite's 32,766-variable limit."""
     from workbench.models import DatasetRow
 
-    version = DatasetVersion.objects.create(dataset=teacher_version.dataset, number=9, kind=DatasetVersion.TEACHER,
-                                            meta={"rules": RULES}, row_count=40_000, sha256="")
-    answer = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "far too many words in this one"}]
+    version = DatasetVersion.objects.create(
+        dataset=teacher_version.dataset,
+        number=9,
+        kind=DatasetVersion.TEACHER,
+        meta={"rules": RULES},
+        row_count=40_000,
+        sha256="",
+    )
+    answer = [
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": "far too many words in this one"},
+    ]
     DatasetRow.objects.bulk_create(
-        (DatasetRow(version=version, index=i, messages=answer, sha256=str(i), failing=["short"] if i % 4 else
-                    ["opening", "short"]) for i in range(40_000)), batch_size=2000)
+        (
+            DatasetRow(
+                version=version,
+                index=i,
+                messages=answer,
+                sha256=str(i),
+                failing=["short"] if i % 4 else ["opening", "short"],
+            )
+            for i in range(40_000)
+        ),
+        batch_size=2000,
+    )
     url = reverse("dataset_review", args=[alice_project.slug, version.dataset_id, version.number])
     r = alice_client.get(url + "?rule=opening")
     assert r.status_code == 200
@@ -157,22 +209,30 @@ def test_a_rule_filter_over_more_rows_than_sqlite_has_query_variables(alice_clie
 
 @pytest.fixture
 def long_version(alice, alice_project):
-    upload = import_dataset(alice_project, alice, "long", io.BytesIO(b"".join(b"q%d\n" % i for i in range(25))),
-                            eval_percent=0)
-    rows = [(r.index, [*r.messages, {"role": "assistant", "content": f"answer {r.index}"}])
-            for r in upload.rows.order_by("index")]
+    upload = import_dataset(
+        alice_project, alice, "long", io.BytesIO(b"".join(b"q%d\n" % i for i in range(25))), eval_percent=0
+    )
+    rows = [
+        (r.index, [*r.messages, {"role": "assistant", "content": f"answer {r.index}"}])
+        for r in upload.rows.order_by("index")
+    ]
     return derive_version(upload, alice, rows, kind=DatasetVersion.TEACHER)
 
 
-def test_edits_on_one_page_are_kept_when_the_reviewer_moves_to_another(alice_client, alice_project, long_version):
+def test_edits_on_one_page_are_kept_when_the_reviewer_moves_to_another(
+    alice_client, alice_project, long_version
+):
     url = reverse("dataset_review", args=[alice_project.slug, long_version.dataset_id, long_version.number])
     page = alice_client.get(url).content.decode()
     # moving on is a submit of the page's edits, and leaving with unsaved edits warns
     assert 'name="goto" value="2"' in page and "beforeunload" in page
     r = alice_client.post(url + "?page=1", {"answer_0": "edited on page 1", "drop": "3", "goto": "2"})
     second = DatasetVersion.objects.get(number=long_version.number + 1)
-    assert r.status_code == 302 and r["Location"] == reverse(
-        "dataset_review", args=[alice_project.slug, second.dataset_id, second.number]) + "?page=2"
+    assert (
+        r.status_code == 302
+        and r["Location"]
+        == reverse("dataset_review", args=[alice_project.slug, second.dataset_id, second.number]) + "?page=2"
+    )
     page2 = alice_client.get(r["Location"]).content.decode()
     assert "page 2 of 3" in page2 and "answer 11" in page2  # row 3 was dropped: page 2 starts at row 11
     r = alice_client.post(r["Location"], {"answer_15": "edited on page 2"})
@@ -187,8 +247,9 @@ def test_edits_on_one_page_are_kept_when_the_reviewer_moves_to_another(alice_cli
     assert DatasetVersion.objects.filter(dataset=long_version.dataset).count() == 4
 
 
-def test_rules_that_no_longer_validate_stop_review_instead_of_passing_every_answer(alice, alice_client, alice_project,
-                                                                                  teacher_version, caplog):
+def test_rules_that_no_longer_validate_stop_review_instead_of_passing_every_answer(
+    alice, alice_client, alice_project, teacher_version, caplog
+):
     """Invalid stored rules used to read as "no rules": an edit was then
     checked against nothing and saved as passing."""
     meta = {**teacher_version.meta, "rules": [{"name": "gone", "kind": "no_such_kind"}]}
@@ -201,7 +262,9 @@ def test_rules_that_no_longer_validate_stop_review_instead_of_passing_every_answ
         review_version(teacher_version, alice, {1: "still no greeting"}, set())
     with pytest.raises(ActionError, match="no longer valid"):
         review_bulk(teacher_version, alice, "accept_all")
-    url = reverse("dataset_review", args=[alice_project.slug, teacher_version.dataset_id, teacher_version.number])
+    url = reverse(
+        "dataset_review", args=[alice_project.slug, teacher_version.dataset_id, teacher_version.number]
+    )
     page = alice_client.get(url)
     assert page.status_code == 200 and "no longer valid" in page.content.decode()
     assert teacher_version.dataset.versions.count() == 2  # the upload and the teacher answers: nothing saved
@@ -212,6 +275,7 @@ def test_one_count_of_failing_rows_per_rule(teacher_version):
     assert (counts.rows, counts.failing, counts.by_rule) == (6, 3, {"opening": 2, "short": 2, "unknown": 0})
     assert counts.share == 0.5
     assert data_quality.failing_share(teacher_version) == data_quality.failing_counts(  # all rows train here
-        teacher_version.rows.all(), ["opening", "short"])
+        teacher_version.rows.all(), ["opening", "short"]
+    )
     assert "50% of the training answers" in data_quality.warning(teacher_version, 0.2)
     assert data_quality.warning(teacher_version, 0.5) is None

@@ -35,7 +35,7 @@ def test_it_fills_the_review_state_from_the_old_flags(old_apps):
     dataset = Dataset.objects.create(project=Project.objects.create(name="P", slug="p"), name="d")
     version = Version.objects.create(dataset=dataset, number=1, kind="teacher", sha256="")
     old = [  # (flags, failing, curation) as the teacher and the review actions wrote them
-        (["mentions \"system prompt\"", "fails rule: short"], ["short"], {}),  # not reviewed
+        (['mentions "system prompt"', "fails rule: short"], ["short"], {}),  # not reviewed
         ([], ["short"], {}),  # "accept all" cleared the flags and kept the failure
         (["fails rule: opening"], ["opening"], {"edited": True}),  # edited, still failing
         ([], [], {"edited": True}),  # edited, passes now
@@ -43,14 +43,21 @@ def test_it_fills_the_review_state_from_the_old_flags(old_apps):
         (["fails rule: short"], [], {}),  # older than the failing field
     ]
     for index, (flags, failing, curation) in enumerate(old):
-        Row.objects.create(version=version, index=index, messages=[], sha256="", flags=flags, failing=failing,
-                           curation=curation)
+        Row.objects.create(
+            version=version,
+            index=index,
+            messages=[],
+            sha256="",
+            flags=flags,
+            failing=failing,
+            curation=curation,
+        )
     migrate(AFTER)
     from workbench.models import DatasetRow
 
     rows = list(DatasetRow.objects.order_by("index").values_list("notes", "failing", "review"))
     assert rows == [
-        (["mentions \"system prompt\""], ["short"], ""),
+        (['mentions "system prompt"'], ["short"], ""),
         ([], ["short"], "accepted"),
         ([], ["opening"], "edited"),
         ([], [], "edited"),
@@ -60,8 +67,17 @@ def test_it_fills_the_review_state_from_the_old_flags(old_apps):
     # what the page shows and what trains are the same as before the migration
     shown = [r.flags for r in DatasetRow.objects.order_by("index")]
     assert shown == [flags for flags, _, _ in old[:5]] + [["fails rule: short"]]
-    assert list(DatasetRow.objects.unresolved().order_by("index").values_list("index", flat=True)) == [0, 2, 5]
-    assert list(DatasetRow.objects.flagged().order_by("index").values_list("index", flat=True)) == [0, 2, 4, 5]
+    assert list(DatasetRow.objects.unresolved().order_by("index").values_list("index", flat=True)) == [
+        0,
+        2,
+        5,
+    ]
+    assert list(DatasetRow.objects.flagged().order_by("index").values_list("index", flat=True)) == [
+        0,
+        2,
+        4,
+        5,
+    ]
     # and back: the display flags are written again
     executor = migrate(BEFORE)
     Row = executor.loader.project_state(BEFORE).apps.get_model("workbench", "DatasetRow")

@@ -63,8 +63,15 @@ def test_it_checks_every_kind_in_the_metadata():
 
 def test_it_describes_every_kind_with_help_text():
     assert list(KINDS) == [
-        "starts_with", "ends_with", "contains", "not_contains", "regex",
-        "max_words", "lowercase", "no_list_markup", "json_valid",
+        "starts_with",
+        "ends_with",
+        "contains",
+        "not_contains",
+        "regex",
+        "max_words",
+        "lowercase",
+        "no_list_markup",
+        "json_valid",
     ]
     for kind in KINDS.values():
         assert kind.help
@@ -74,10 +81,12 @@ def test_it_describes_every_kind_with_help_text():
 
 
 def test_it_checks_all_rules_by_name():
-    rules = validate_rules([
-        {"name": "Greeting", "kind": "starts_with", "text": "Ahoy"},
-        {"name": "Short", "kind": "max_words", "n": 2},
-    ])
+    rules = validate_rules(
+        [
+            {"name": "Greeting", "kind": "starts_with", "text": "Ahoy"},
+            {"name": "Short", "kind": "max_words", "n": 2},
+        ]
+    )
     assert check_all(rules, "Ahoy there matey") == {"Greeting": True, "Short": False}
     assert check_all([], "anything") == {}
 
@@ -85,7 +94,13 @@ def test_it_checks_all_rules_by_name():
 def test_it_fills_in_defaults_and_round_trips_through_json():
     data = [
         {"name": "Greeting", "kind": "starts_with", "text": "Ahoy"},
-        {"name": "No sorry", "kind": "regex", "pattern": "sorry", "flags": ["ignorecase"], "must_match": False},
+        {
+            "name": "No sorry",
+            "kind": "regex",
+            "pattern": "sorry",
+            "flags": ["ignorecase"],
+            "must_match": False,
+        },
         {"name": "Lower", "kind": "lowercase"},
     ]
     rules = validate_rules(data)
@@ -117,11 +132,13 @@ def test_it_requires_a_list_of_objects():
 
 
 def test_it_reports_bad_names():
-    assert problems([
-        {"kind": "lowercase"},
-        {"name": 3, "kind": "lowercase"},
-        {"name": " ", "kind": "lowercase"},
-    ]) == [
+    assert problems(
+        [
+            {"kind": "lowercase"},
+            {"name": 3, "kind": "lowercase"},
+            {"name": " ", "kind": "lowercase"},
+        ]
+    ) == [
         "rule 1: missing 'name'",
         "rule 2: 'name' must be a string, got number",
         "rule 3: 'name' must not be empty",
@@ -129,21 +146,25 @@ def test_it_reports_bad_names():
 
 
 def test_it_reports_duplicate_names():
-    assert problems([
-        {"name": "Greeting", "kind": "lowercase"},
-        {"name": "Other", "kind": "lowercase"},
-        {"name": "Greeting", "kind": "json_valid"},
-    ]) == ['rule 3 ("Greeting"): duplicate name (rule 1 has the same name)']
+    assert problems(
+        [
+            {"name": "Greeting", "kind": "lowercase"},
+            {"name": "Other", "kind": "lowercase"},
+            {"name": "Greeting", "kind": "json_valid"},
+        ]
+    ) == ['rule 3 ("Greeting"): duplicate name (rule 1 has the same name)']
 
 
 def test_it_reports_bad_kinds():
     expected = ", ".join(KINDS)
-    assert problems([
-        {"name": "Greeting"},
-        {"name": "b", "kind": ["regex"]},
-        {"kind": "startswith"},
-        {"name": "d", "kind": "sentiment"},
-    ]) == [
+    assert problems(
+        [
+            {"name": "Greeting"},
+            {"name": "b", "kind": ["regex"]},
+            {"kind": "startswith"},
+            {"name": "d", "kind": "sentiment"},
+        ]
+    ) == [
         "rule 1 (\"Greeting\"): missing 'kind'",
         "rule 2 (\"b\"): 'kind' must be a string, got list",
         "rule 3: missing 'name'",
@@ -153,12 +174,14 @@ def test_it_reports_bad_kinds():
 
 
 def test_it_reports_missing_and_unknown_parameters():
-    assert problems([
-        {"name": "Greeting", "kind": "starts_with"},
-        {"name": "b", "kind": "contains", "txt": "x", "text": "y"},
-        {"name": "c", "kind": "lowercase", "text": "x"},
-        {"name": "d", "kind": "regex"},
-    ]) == [
+    assert problems(
+        [
+            {"name": "Greeting", "kind": "starts_with"},
+            {"name": "b", "kind": "contains", "txt": "x", "text": "y"},
+            {"name": "c", "kind": "lowercase", "text": "x"},
+            {"name": "d", "kind": "regex"},
+        ]
+    ) == [
         "rule 1 (\"Greeting\"): missing parameter 'text'",
         "rule 2 (\"b\"): unknown parameter 'txt' (kind 'contains' takes 'text', 'case_sensitive')",
         "rule 3 (\"c\"): unknown parameter 'text' (kind 'lowercase' takes no parameters)",
@@ -167,18 +190,20 @@ def test_it_reports_missing_and_unknown_parameters():
 
 
 def test_it_reports_parameters_of_the_wrong_type():
-    assert problems([
-        {"name": "a", "kind": "starts_with", "text": 5},
-        {"name": "b", "kind": "ends_with", "text": ""},
-        {"name": "c", "kind": "contains", "text": "x", "case_sensitive": "no"},
-        {"name": "d", "kind": "max_words", "n": "10"},
-        {"name": "e", "kind": "max_words", "n": 0},
-        {"name": "f", "kind": "max_words", "n": True},
-        {"name": "g", "kind": "max_words", "n": 2.5},
-        {"name": "h", "kind": "regex", "pattern": "x", "flags": "i"},
-        {"name": "i", "kind": "regex", "pattern": "x", "flags": ["ignorecase", "x"]},
-        {"name": "j", "kind": "regex", "pattern": "x", "must_match": 1},
-    ]) == [
+    assert problems(
+        [
+            {"name": "a", "kind": "starts_with", "text": 5},
+            {"name": "b", "kind": "ends_with", "text": ""},
+            {"name": "c", "kind": "contains", "text": "x", "case_sensitive": "no"},
+            {"name": "d", "kind": "max_words", "n": "10"},
+            {"name": "e", "kind": "max_words", "n": 0},
+            {"name": "f", "kind": "max_words", "n": True},
+            {"name": "g", "kind": "max_words", "n": 2.5},
+            {"name": "h", "kind": "regex", "pattern": "x", "flags": "i"},
+            {"name": "i", "kind": "regex", "pattern": "x", "flags": ["ignorecase", "x"]},
+            {"name": "j", "kind": "regex", "pattern": "x", "must_match": 1},
+        ]
+    ) == [
         "rule 1 (\"a\"): parameter 'text' must be a string, got number",
         "rule 2 (\"b\"): parameter 'text' must not be empty",
         "rule 3 (\"c\"): parameter 'case_sensitive' must be true or false, got string",
@@ -193,10 +218,12 @@ def test_it_reports_parameters_of_the_wrong_type():
 
 
 def test_it_reports_an_invalid_regex_with_the_regex_error():
-    assert problems([
-        {"name": "Code", "kind": "regex", "pattern": "("},
-        {"name": "Set", "kind": "regex", "pattern": "[a", "flags": ["ignorecase"]},
-    ]) == [
+    assert problems(
+        [
+            {"name": "Code", "kind": "regex", "pattern": "("},
+            {"name": "Set", "kind": "regex", "pattern": "[a", "flags": ["ignorecase"]},
+        ]
+    ) == [
         "rule 1 (\"Code\"): invalid regex '(': missing ), unterminated subpattern at position 0",
         "rule 2 (\"Set\"): invalid regex '[a': unterminated character set at position 0",
     ]
@@ -204,10 +231,12 @@ def test_it_reports_an_invalid_regex_with_the_regex_error():
 
 def test_it_reports_every_problem_at_once():
     with pytest.raises(RulesError) as info:
-        validate_rules([
-            {"name": "ok", "kind": "lowercase"},
-            {"name": "bad", "kind": "max_words"},
-            {"name": "ok", "kind": "nope"},
-        ])
+        validate_rules(
+            [
+                {"name": "ok", "kind": "lowercase"},
+                {"name": "bad", "kind": "max_words"},
+                {"name": "ok", "kind": "nope"},
+            ]
+        )
     assert len(info.value.errors) == 3
     assert str(info.value).splitlines() == info.value.errors

@@ -28,12 +28,22 @@ def free_port() -> int:
 def test_it_runs_web_and_worker_until_ctrl_c(tmp_path, smollm2_dir):
     port, engine_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "CELERY_BROKER_URL")}
-    env.update(ENGINE_URL=f"http://127.0.0.1:{engine_port}", WORKBENCH_DATA_DIR=str(tmp_path / "data"), WORKBENCH_MODELS_DIR=str(smollm2_dir.parent),
-               DJANGO_SETTINGS_MODULE="workbench.settings", WORKER_HEARTBEAT_SECONDS="1")
+    env.update(
+        ENGINE_URL=f"http://127.0.0.1:{engine_port}",
+        WORKBENCH_DATA_DIR=str(tmp_path / "data"),
+        WORKBENCH_MODELS_DIR=str(smollm2_dir.parent),
+        DJANGO_SETTINGS_MODULE="workbench.settings",
+        WORKER_HEARTBEAT_SECONDS="1",
+    )
     log = tmp_path / "run.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "manage.py", "run", "--port", str(port)], cwd=REPO, env=env,
-                                stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "manage.py", "run", "--port", str(port)],
+            cwd=REPO,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     base = f"http://127.0.0.1:{port}"
     jar = http.cookiejar.CookieJar()
     opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
@@ -47,8 +57,11 @@ def test_it_runs_web_and_worker_until_ctrl_c(tmp_path, smollm2_dir):
 
     def post(path: str, data: dict) -> str:
         token = next(c.value for c in jar if c.name == "csrftoken")
-        req = urllib.request.Request(base + path, urllib.parse.urlencode({**data, "csrfmiddlewaretoken": token}).encode(),
-                                     headers={"Referer": base + path})
+        req = urllib.request.Request(
+            base + path,
+            urllib.parse.urlencode({**data, "csrfmiddlewaretoken": token}).encode(),
+            headers={"Referer": base + path},
+        )
         with opener.open(req, timeout=10) as r:
             return r.read().decode()
 
@@ -63,8 +76,16 @@ def test_it_runs_web_and_worker_until_ctrl_c(tmp_path, smollm2_dir):
         wait_for(lambda: "answered by worker-" in get("/models/")[1], 60, "test task", proc, log)
         # The inference engine holds the default model, and the gateway asks for a key.
         engine = f"http://127.0.0.1:{engine_port}/v1/models"
-        wait_for(lambda: "SmolLM2-135M-Instruct" in (urllib.request.urlopen(engine, timeout=5).read().decode()
-                                                     if get_ok(engine) else ""), 120, "engine", proc, log)
+        wait_for(
+            lambda: (
+                "SmolLM2-135M-Instruct"
+                in (urllib.request.urlopen(engine, timeout=5).read().decode() if get_ok(engine) else "")
+            ),
+            120,
+            "engine",
+            proc,
+            log,
+        )
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(base + "/v1/models", timeout=5)
         assert refused.value.code == 401

@@ -25,25 +25,51 @@ RULES = [
     {"name": "no lists", "kind": "no_list_markup"},
     {"name": "no sorry", "kind": "not_contains", "text": "sorry", "case_sensitive": False},
 ]
-QUERIES = [f"Question {i}: how do I {v} my {t}?" for i, (v, t) in enumerate(
-    [("reset", "password"), ("cancel", "order"), ("track", "parcel"), ("update", "address"), ("close", "account"),
-     ("change", "plan")])]
+QUERIES = [
+    f"Question {i}: how do I {v} my {t}?"
+    for i, (v, t) in enumerate(
+        [
+            ("reset", "password"),
+            ("cancel", "order"),
+            ("track", "parcel"),
+            ("update", "address"),
+            ("close", "account"),
+            ("change", "plan"),
+        ]
+    )
+]
 
 
 @pytest.fixture
 def world(alice, alice_project, lively_dir, settings, tmp_path):
     settings.DATA_DIR = tmp_path / "data"
     base = BaseModel.objects.create(name="lively", path=str(lively_dir), is_default=True)
-    prompt = save_prompt(alice_project, alice, "crew", "You are the crew's helper. Follow the rules.", RULES).version
-    data = import_dataset(alice_project, alice, "queries", io.BytesIO("\n".join(QUERIES).encode()),
-                          filename="q.txt", eval_percent=0)
+    prompt = save_prompt(
+        alice_project, alice, "crew", "You are the crew's helper. Follow the rules.", RULES
+    ).version
+    data = import_dataset(
+        alice_project,
+        alice,
+        "queries",
+        io.BytesIO("\n".join(QUERIES).encode()),
+        filename="q.txt",
+        eval_percent=0,
+    )
     return alice_project, alice, base, prompt, data
 
 
 def run_teacher(world, **kwargs):
     project, alice, base, prompt, data = world
-    teacher, _ = start_absorb(project, alice, prompt, data, base, {"max_new_tokens": 24, "batch_size": 8,
-                                                                    "seed": 3}, review_first=True, **kwargs)
+    teacher, _ = start_absorb(
+        project,
+        alice,
+        prompt,
+        data,
+        base,
+        {"max_new_tokens": 24, "batch_size": 8, "seed": 3},
+        review_first=True,
+        **kwargs,
+    )
     lifecycle.execute(teacher.pk, "test")
     teacher.refresh_from_db()
     assert teacher.status == Job.SUCCEEDED, teacher.error
@@ -89,13 +115,41 @@ def test_the_absorb_command_turns_curation_on_by_default(world):
     from django.core.management import call_command
 
     project, *_ = world
-    call_command("absorb", "--project", project.slug, "--prompt", "crew", "--dataset", "queries",
-                 "--best-of", "2", "--repairs", "ends_with,lowercase", "--max-new-tokens", "8")
+    call_command(
+        "absorb",
+        "--project",
+        project.slug,
+        "--prompt",
+        "crew",
+        "--dataset",
+        "queries",
+        "--best-of",
+        "2",
+        "--repairs",
+        "ends_with,lowercase",
+        "--max-new-tokens",
+        "8",
+    )
     teacher = Job.objects.get(kind="teacher")
-    assert teacher.params["curation"] == {"best_of": 2, "temperature": 0.7, "top_p": 0.95, "prefill": True,
-                                          "repairs": ["ends_with", "lowercase"]}
-    call_command("absorb", "--project", project.slug, "--prompt", "crew", "--dataset", "queries",
-                 "--no-curation", "--max-new-tokens", "8")
+    assert teacher.params["curation"] == {
+        "best_of": 2,
+        "temperature": 0.7,
+        "top_p": 0.95,
+        "prefill": True,
+        "repairs": ["ends_with", "lowercase"],
+    }
+    call_command(
+        "absorb",
+        "--project",
+        project.slug,
+        "--prompt",
+        "crew",
+        "--dataset",
+        "queries",
+        "--no-curation",
+        "--max-new-tokens",
+        "8",
+    )
     assert Job.objects.filter(kind="teacher").order_by("-pk").first().params["curation"] is None
 
 
@@ -113,14 +167,20 @@ def test_kl_is_refused_across_tokenizers(world, tiny_model_dir, tmp_path):
     with pytest.raises(ActionError, match="shares the student's tokenizer"):
         start_absorb(project, alice, prompt, data, base, training={"kl_weight": 0.5}, teacher_model=other)
     # Without KL the other model can teach (its answers are text).
-    teacher, finetune = start_absorb(project, alice, prompt, data, base, training={"kl_weight": 0.0},
-                                     teacher_model=other)
+    teacher, finetune = start_absorb(
+        project, alice, prompt, data, base, training={"kl_weight": 0.0}, teacher_model=other
+    )
     assert teacher.base_model == other and finetune.base_model == base
     assert finetune.params["teacher_model"] == other.pk
     examples = [{"messages": [{"role": "user", "content": "hi"}], "answer": "ahoy", "system_prompt": "p"}]
     with pytest.raises(ConfigError, match="tokenizer"):
-        train(base.path, examples, tmp_path / "out", TrainConfig(kl_weight=0.5, max_steps=1),
-              teacher_dir=other.path)
+        train(
+            base.path,
+            examples,
+            tmp_path / "out",
+            TrainConfig(kl_weight=0.5, max_steps=1),
+            teacher_dir=other.path,
+        )
 
 
 def form_post(form_cls, project, **changes):
@@ -142,9 +202,18 @@ def test_the_absorb_form_curates_by_default_and_takes_every_setting(world, alice
     from jobs.forms import AbsorbForm
 
     project, alice, base, prompt, data = world
-    post = form_post(AbsorbForm, project, prompt_version=prompt.pk, dataset_version=data.pk, base_model=base.pk,
-                     mode="absorb", best_of="3", repairs=["ends_with", "max_words"], g_repetition_penalty="1.3",
-                     g_stop="###\nEND")
+    post = form_post(
+        AbsorbForm,
+        project,
+        prompt_version=prompt.pk,
+        dataset_version=data.pk,
+        base_model=base.pk,
+        mode="absorb",
+        best_of="3",
+        repairs=["ends_with", "max_words"],
+        g_repetition_penalty="1.3",
+        g_stop="###\nEND",
+    )
     r = alice_client.post(reverse("absorb_start", args=[project.slug]), post)
     assert r.status_code == 302, r.content.decode()[-3000:]
     teacher = Job.objects.get(kind="teacher")
@@ -167,8 +236,14 @@ def test_the_form_warns_before_training_on_answers_that_fail_rules(world, alice_
 
     project, alice, base, prompt, data = world
     version = run_teacher(world, curation=False).output_dataset  # raw answers: every one fails the sign-off
-    post = form_post(AbsorbForm, project, prompt_version=prompt.pk, dataset_version=version.pk, base_model=base.pk,
-                     mode="finetune")
+    post = form_post(
+        AbsorbForm,
+        project,
+        prompt_version=prompt.pk,
+        dataset_version=version.pk,
+        base_model=base.pk,
+        mode="finetune",
+    )
     page = alice_client.get(reverse("job_list", args=[project.slug])).content.decode()
     assert "0% pass all rules" in page
     r = alice_client.post(reverse("absorb_start", args=[project.slug]), post)
@@ -188,8 +263,10 @@ def test_an_absorbed_variant_keeps_its_teachers_guard_rails():
     from jobs.runners.finetune import _guard_rails
 
     teacher_run = {"repetition_penalty": 1.3, "stop": ["###"], "max_new_tokens": 112, "temperature": 0.7}
-    assert _guard_rails(SimpleNamespace(meta={"generation": teacher_run})) == {"repetition_penalty": 1.3,
-                                                                               "stop": ["###"]}
+    assert _guard_rails(SimpleNamespace(meta={"generation": teacher_run})) == {
+        "repetition_penalty": 1.3,
+        "stop": ["###"],
+    }
     assert _guard_rails(SimpleNamespace(meta={})) == {}  # an uploaded dataset: no teacher run
     # Rails that no longer validate stop the fine-tune (issue 19 item 9): served without them, the variant loops.
     with pytest.raises(JobError, match="guard rails stored with .* are invalid"):

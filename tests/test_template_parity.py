@@ -10,10 +10,15 @@ from engines.training import tokenize_examples
 
 CONVERSATIONS = [
     [{"role": "user", "content": "How do I reset my password?"}],
-    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
-     {"role": "user", "content": "Where is my parcel #4411?"}],
-    [{"role": "system", "content": "a system message in the data is replaced, never trained on"},
-     {"role": "user", "content": "Ünïcödé and emoji 🚀, tabs\tand\nnewlines"}],
+    [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "Where is my parcel #4411?"},
+    ],
+    [
+        {"role": "system", "content": "a system message in the data is replaced, never trained on"},
+        {"role": "user", "content": "Ünïcödé and emoji 🚀, tabs\tand\nnewlines"},
+    ],
 ]
 
 

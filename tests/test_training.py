@@ -33,8 +33,14 @@ def make_examples(n: int = 8) -> list[dict[str, Any]]:
 
 
 def fast_config(**overrides: Any) -> TrainConfig:
-    values: dict[str, Any] = {"batch_size": 2, "max_steps": 3, "max_length": 96, "save_steps": 100,
-                              "warmup_ratio": 0.0, "seed": 0}
+    values: dict[str, Any] = {
+        "batch_size": 2,
+        "max_steps": 3,
+        "max_length": 96,
+        "save_steps": 100,
+        "warmup_ratio": 0.0,
+        "seed": 0,
+    }
     values.update(overrides)
     return TrainConfig(**values)
 
@@ -46,7 +52,9 @@ def tokenizer(tiny_model_dir: Path) -> Any:
     return AutoTokenizer.from_pretrained(str(tiny_model_dir))
 
 
-def test_it_trains_reports_progress_and_saves_a_loadable_adapter(tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_it_trains_reports_progress_and_saves_a_loadable_adapter(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
     import torch
     from peft import PeftModel
     from safetensors.torch import load_file
@@ -69,8 +77,15 @@ def test_it_trains_reports_progress_and_saves_a_loadable_adapter(tiny_model_dir:
     assert (result.adapter_dir / "adapter_model.safetensors").is_file()
     config = json.loads((result.adapter_dir / "adapter_config.json").read_text())
     assert config["r"] == 16 and config["lora_alpha"] == 32
-    assert set(config["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                             "down_proj"}
+    assert set(config["target_modules"]) == {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    }
     assert result.final_loss is not None and math.isfinite(result.final_loss)
     assert result.train_tokens > 0 and result.tokens_per_second > 0 and result.resumed_from_step is None
     # Checkpoints are removed once the adapter is in place.
@@ -119,8 +134,14 @@ def test_it_stops_within_one_step_and_saves_no_adapter(tiny_model_dir: Path, tmp
         if info.done == 1:
             stop.append(True)  # the user clicks cancel while step 2 runs
 
-    result = train(tiny_model_dir, make_examples(), tmp_path / "run", fast_config(max_steps=8),
-                   progress=progress, should_stop=lambda: bool(stop))
+    result = train(
+        tiny_model_dir,
+        make_examples(),
+        tmp_path / "run",
+        fast_config(max_steps=8),
+        progress=progress,
+        should_stop=lambda: bool(stop),
+    )
 
     assert result.cancelled and result.steps == 2 and result.adapter_dir is None
     assert not (tmp_path / "run" / "adapter").exists()
@@ -133,8 +154,14 @@ def test_it_resumes_from_the_last_complete_checkpoint(tiny_model_dir: Path, tmp_
     first: list[int] = []
 
     # Cancelled while step 3 runs, after the checkpoint of step 2.
-    killed = train(tiny_model_dir, examples, out, config, progress=lambda p: first.append(p.done),
-                   should_stop=lambda: 2 in first)
+    killed = train(
+        tiny_model_dir,
+        examples,
+        out,
+        config,
+        progress=lambda p: first.append(p.done),
+        should_stop=lambda: 2 in first,
+    )
     assert killed.cancelled and killed.steps == 3
     ckpts = out / "checkpoints"
     assert last_checkpoint(ckpts) == ckpts / "checkpoint-2"
@@ -165,8 +192,13 @@ def test_it_distills_with_a_kl_term(tiny_model_dir: Path, tmp_path: Path, tokeni
         assert TEACHER_PROMPT in tokenizer.decode(feat["teacher_input_ids"])
 
     seen: list[Progress] = []
-    result = train(tiny_model_dir, examples, tmp_path / "run", fast_config(max_steps=2, kl_weight=0.5, max_length=512),
-                   progress=seen.append)
+    result = train(
+        tiny_model_dir,
+        examples,
+        tmp_path / "run",
+        fast_config(max_steps=2, kl_weight=0.5, max_length=512),
+        progress=seen.append,
+    )
 
     assert result.adapter_dir is not None and len(seen) == 2
     for p in seen:
@@ -181,7 +213,9 @@ def test_it_turns_out_of_memory_into_advice(tiny_model_dir: Path, tmp_path: Path
     def oom(_info: Progress) -> None:
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    with pytest.raises(TrainingOOM, match=r"lower batch_size \(now 2.*max_length \(now 96\).*gradient_checkpointing"):
+    with pytest.raises(
+        TrainingOOM, match=r"lower batch_size \(now 2.*max_length \(now 96\).*gradient_checkpointing"
+    ):
         train(tiny_model_dir, make_examples(), tmp_path / "run", fast_config(max_steps=2), progress=oom)
 
 
@@ -191,9 +225,24 @@ def test_it_validates_the_config() -> None:
     assert TrainConfig.from_dict(cfg.to_dict()) == cfg
 
     with pytest.raises(ConfigError) as exc:
-        TrainConfig.from_dict({"rank": 0, "learning_rate": "fast", "lr_scheduler": "step", "bf16": "yes",
-                               "target_modules": [], "dropout": 1.0})
-    assert set(exc.value.errors) == {"rank", "learning_rate", "lr_scheduler", "bf16", "target_modules", "dropout"}
+        TrainConfig.from_dict(
+            {
+                "rank": 0,
+                "learning_rate": "fast",
+                "lr_scheduler": "step",
+                "bf16": "yes",
+                "target_modules": [],
+                "dropout": 1.0,
+            }
+        )
+    assert set(exc.value.errors) == {
+        "rank",
+        "learning_rate",
+        "lr_scheduler",
+        "bf16",
+        "target_modules",
+        "dropout",
+    }
     assert "rank: must be >= 1, got 0" in str(exc.value)
     assert "lr_scheduler: must be one of cosine, linear" in str(exc.value)
 
@@ -244,8 +293,13 @@ def test_it_refuses_pickled_weights_without_loading_them(tiny_model_dir: Path, t
         train(pickled, make_examples(), tmp_path / "run", fast_config())
     # The teacher goes through the same loader.
     with pytest.raises(TrainingError, match=r"cannot train on .*pickled.*safetensors"):
-        train(tiny_model_dir, make_examples(), tmp_path / "run-kl", fast_config(kl_weight=0.5),
-              teacher_dir=pickled)
+        train(
+            tiny_model_dir,
+            make_examples(),
+            tmp_path / "run-kl",
+            fast_config(kl_weight=0.5),
+            teacher_dir=pickled,
+        )
 
     assert not sentinel.exists()
     assert not (tmp_path / "run" / "adapter").exists() and not (tmp_path / "run-kl" / "adapter").exists()

@@ -74,7 +74,9 @@ def vllm_bin() -> Path:
     if not python.exists():
         # CI prepares the venv itself: ~1.5 min from local wheels, 2.5 GB.
         result = subprocess.run(["make", "vllm-venv"], cwd=REPO, capture_output=True, text=True, timeout=900)
-        assert result.returncode == 0, f"make vllm-venv failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+        assert result.returncode == 0, (
+            f"make vllm-venv failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+        )
     assert python.exists()
     return python
 
@@ -95,8 +97,17 @@ def vllm_url(vllm_bin, smollm2_dir, adapters, tmp_path_factory):
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     began = time.monotonic()
-    proc = start_vllm(vllm_bin, smollm2_dir, BASE, port, log, kv_cache_gib=1, dtype=DTYPE,
-                      max_model_len=2048, lora_modules={"a1": adapters["a1"]})
+    proc = start_vllm(
+        vllm_bin,
+        smollm2_dir,
+        BASE,
+        port,
+        log,
+        kv_cache_gib=1,
+        dtype=DTYPE,
+        max_model_len=2048,
+        lora_modules={"a1": adapters["a1"]},
+    )
     try:
         try:
             wait_ready(url, proc, timeout=300, log_path=log)
@@ -116,10 +127,14 @@ def openai_client(vllm_url):
 
 
 def chat(url: str, model: str, content: str, system: str | None = None, **extra) -> dict:
-    messages = ([{"role": "system", "content": system}] if system is not None else []) + \
-        [{"role": "user", "content": content}]
-    response = httpx.post(url + "/v1/chat/completions", timeout=300,
-                          json={"model": model, "messages": messages, "temperature": 0, "max_tokens": 16, **extra})
+    messages = ([{"role": "system", "content": system}] if system is not None else []) + [
+        {"role": "user", "content": content}
+    ]
+    response = httpx.post(
+        url + "/v1/chat/completions",
+        timeout=300,
+        json={"model": model, "messages": messages, "temperature": 0, "max_tokens": 16, **extra},
+    )
     assert response.status_code == 200, response.text
     return response.json()
 
@@ -138,8 +153,14 @@ def test_chat_completions_stream_and_non_stream_agree(openai_client):
     assert full.usage.prompt_tokens > 0 and full.usage.completion_tokens > 0
     assert full.usage.total_tokens == full.usage.prompt_tokens + full.usage.completion_tokens
 
-    stream = openai_client.chat.completions.create(model=BASE, messages=messages, temperature=0, max_tokens=24,
-                                                   stream=True, stream_options={"include_usage": True})
+    stream = openai_client.chat.completions.create(
+        model=BASE,
+        messages=messages,
+        temperature=0,
+        max_tokens=24,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     pieces, finish, usage = [], None, None
     for chunk in stream:
         if chunk.usage is not None:
@@ -172,8 +193,11 @@ def test_an_adapter_loaded_at_runtime_is_served_then_unloaded(vllm_url, adapters
 
     unload_adapter(vllm_url, "a2")
     assert "a2" not in served_models(vllm_url)
-    gone = httpx.post(vllm_url + "/v1/chat/completions", timeout=60,
-                      json={"model": "a2", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
+    gone = httpx.post(
+        vllm_url + "/v1/chat/completions",
+        timeout=60,
+        json={"model": "a2", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4},
+    )
     assert gone.status_code == 404
     with pytest.raises(VLLMError, match="unload_lora_adapter"):
         unload_adapter(vllm_url, "a2")
@@ -183,8 +207,14 @@ def test_an_adapter_loaded_at_runtime_is_served_then_unloaded(vllm_url, adapters
 
 def test_n_2_samples_two_answers(openai_client):
     out = openai_client.chat.completions.create(
-        model=BASE, messages=[{"role": "user", "content": "Invent a name for a cat."}],
-        n=2, temperature=1.0, top_p=0.95, seed=7, max_tokens=12)
+        model=BASE,
+        messages=[{"role": "user", "content": "Invent a name for a cat."}],
+        n=2,
+        temperature=1.0,
+        top_p=0.95,
+        seed=7,
+        max_tokens=12,
+    )
     assert [c.index for c in out.choices] == [0, 1]
     assert all(c.message.content for c in out.choices)
     assert out.usage.completion_tokens >= 2  # summed over both answers
@@ -192,12 +222,19 @@ def test_n_2_samples_two_answers(openai_client):
 
 def _prefix_cache_hits(url: str) -> float:
     text = httpx.get(url + "/metrics", timeout=30).text
-    return sum(float(v) for v in re.findall(r"^vllm:prefix_cache_hits_total\{[^}]*\} ([0-9.e+]+)$", text, re.M))
+    return sum(
+        float(v) for v in re.findall(r"^vllm:prefix_cache_hits_total\{[^}]*\} ([0-9.e+]+)$", text, re.M)
+    )
 
 
 def _ttft(url: str, system: str, question: str) -> float:
-    body = {"model": BASE, "messages": [{"role": "system", "content": system}, {"role": "user", "content": question}],
-            "temperature": 0, "max_tokens": 4, "stream": True}
+    body = {
+        "model": BASE,
+        "messages": [{"role": "system", "content": system}, {"role": "user", "content": question}],
+        "temperature": 0,
+        "max_tokens": 4,
+        "stream": True,
+    }
     began = time.perf_counter()
     with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=300) as response:
         assert response.status_code == 200
@@ -216,8 +253,10 @@ def test_prefix_caching_reuses_a_long_shared_system_prompt(vllm_url):
     hits_after_first = _prefix_cache_hits(vllm_url)
     second = _ttft(vllm_url, system, "Can I bring a bicycle?")
     hits_after_second = _prefix_cache_hits(vllm_url)
-    print(f"\nTTFT with a long system prompt: first {first:.3f} s, second {second:.3f} s; "
-          f"prefix cache hits +{hits_after_second - hits_after_first:.0f} tokens on the second")
+    print(
+        f"\nTTFT with a long system prompt: first {first:.3f} s, second {second:.3f} s; "
+        f"prefix cache hits +{hits_after_second - hits_after_first:.0f} tokens on the second"
+    )
     assert hits_after_first == hits_before  # nothing of this prompt was cached before
     assert hits_after_second - hits_after_first >= 512  # the shared system prompt came from the cache
 
@@ -229,14 +268,23 @@ def test_generate_remote_answers_in_input_order(vllm_url, smollm2_dir):
     # Different lengths, so each answer's prompt_tokens says which conversation it belongs to.
     conversations = [[{"role": "user", "content": "Say yes." + " Please." * i}] for i in range(12)]
     seen: list[float] = []
-    out = generate_remote(vllm_url, BASE, conversations, "Be brief.", GenerationSettings(max_new_tokens=8),
-                          concurrency=6, progress=lambda p: seen.append(p.done))
+    out = generate_remote(
+        vllm_url,
+        BASE,
+        conversations,
+        "Be brief.",
+        GenerationSettings(max_new_tokens=8),
+        concurrency=6,
+        progress=lambda p: seen.append(p.done),
+    )
     assert [c.prompt_tokens for c in out] == [len(encode(tokenizer, c, "Be brief.")) for c in conversations]
     assert all(c.finish_reason in ("stop", "length") and c.completion_tokens > 0 for c in out)
     assert sorted(seen) == list(range(1, 13))
 
     with pytest.raises(RemoteGenerationError, match=re.escape(vllm_url)):
-        generate_remote(vllm_url, "no-such-model", conversations[:2], None, GenerationSettings(max_new_tokens=4))
+        generate_remote(
+            vllm_url, "no-such-model", conversations[:2], None, GenerationSettings(max_new_tokens=4)
+        )
 
 
 def test_vllm_tokenizes_exactly_as_training(vllm_url, smollm2_dir):
@@ -244,8 +292,9 @@ def test_vllm_tokenizes_exactly_as_training(vllm_url, smollm2_dir):
 
     tokenizer = AutoTokenizer.from_pretrained(str(smollm2_dir))
     for messages, system_prompt in CONVERSATIONS:
-        assert tokenize_remote(vllm_url, BASE, messages, system_prompt) == \
-            training_prompt_ids(tokenizer, messages, system_prompt), (messages, system_prompt)
+        assert tokenize_remote(vllm_url, BASE, messages, system_prompt) == training_prompt_ids(
+            tokenizer, messages, system_prompt
+        ), (messages, system_prompt)
 
 
 def test_greedy_outputs_agree_with_the_hf_engine(vllm_url, smollm2_dir, one_torch_thread):
@@ -274,21 +323,25 @@ def test_greedy_outputs_agree_with_the_hf_engine(vllm_url, smollm2_dir, one_torc
     exact = sum(a.text == b.text for a, b in zip(hf, remote, strict=True)) / len(conversations)
     shares = [common_prefix_share(ids(a.text), ids(b.text)) for a, b in zip(hf, remote, strict=True)]
     mean_share = sum(shares) / len(shares)
-    print(f"\nhf engine vs vLLM greedy ({DTYPE}, {len(conversations)} prompts x 32 tokens): exact {exact:.0%}, "
-          f"mean common-prefix share {mean_share:.3f}")
+    print(
+        f"\nhf engine vs vLLM greedy ({DTYPE}, {len(conversations)} prompts x 32 tokens): exact {exact:.0%}, "
+        f"mean common-prefix share {mean_share:.3f}"
+    )
     assert exact >= MIN_EXACT_SHARE
     assert mean_share >= MIN_PREFIX_SHARE
 
 
-def test_jobs_on_the_vllm_backend_load_the_variant_adapter(vllm_url, adapters, smollm2_dir, alice_project,
-                                                           settings):
+def test_jobs_on_the_vllm_backend_load_the_variant_adapter(
+    vllm_url, adapters, smollm2_dir, alice_project, settings
+):
     """What teacher and eval jobs do with INFERENCE_BACKEND=vllm (jobs.backend)."""
     from jobs.backend import remote_generator
     from workbench.models import BaseModel, Variant
 
     base = BaseModel.objects.create(name=BASE, path=str(smollm2_dir))
-    variant = Variant.objects.create(project=alice_project, name="student", base_model=base,
-                                     adapter_path=str(adapters["a2"]))
+    variant = Variant.objects.create(
+        project=alice_project, name="student", base_model=base, adapter_path=str(adapters["a2"])
+    )
     settings.INFERENCE_BACKEND = "hf"
     assert remote_generator(base, variant) is None
     settings.INFERENCE_BACKEND, settings.VLLM_URL = "vllm", vllm_url
@@ -319,12 +372,23 @@ def test_a_teacher_job_generates_on_the_vllm_backend(vllm_url, smollm2_dir, alic
 
     settings.INFERENCE_BACKEND, settings.VLLM_URL = "vllm", vllm_url
     base = BaseModel.objects.create(name=BASE, path=str(smollm2_dir))
-    prompt = save_prompt(alice_project, alice, "pirate", "You are a pirate. Start every answer with 'Arrr!'.").version
-    queries = [f"How do I {v} my {t}?" for v, t in (("reset", "password"), ("track", "parcel"), ("close", "account"))]
-    data = import_dataset(alice_project, alice, "queries", io.BytesIO("\n".join(queries).encode()),
-                          filename="q.txt", eval_percent=0)
-    teacher, _ = start_absorb(alice_project, alice, prompt, data, base, generation={"max_new_tokens": 16},
-                              review_first=True)
+    prompt = save_prompt(
+        alice_project, alice, "pirate", "You are a pirate. Start every answer with 'Arrr!'."
+    ).version
+    queries = [
+        f"How do I {v} my {t}?" for v, t in (("reset", "password"), ("track", "parcel"), ("close", "account"))
+    ]
+    data = import_dataset(
+        alice_project,
+        alice,
+        "queries",
+        io.BytesIO("\n".join(queries).encode()),
+        filename="q.txt",
+        eval_percent=0,
+    )
+    teacher, _ = start_absorb(
+        alice_project, alice, prompt, data, base, generation={"max_new_tokens": 16}, review_first=True
+    )
     lifecycle.execute(teacher.pk, "test")
     teacher.refresh_from_db()
     assert teacher.status == Job.SUCCEEDED, teacher.error

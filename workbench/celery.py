@@ -20,9 +20,9 @@ app.conf.task_queues = (Queue("default", routing_key="default"), Queue("gpu", ro
 app.autodiscover_tasks()
 
 
-
-def route_to_queue_argument(name: str, args: Any, kwargs: Any, options: Any, task: Any = None,
-                            **_kw: Any) -> dict[str, str] | None:
+def route_to_queue_argument(
+    name: str, args: Any, kwargs: Any, options: Any, task: Any = None, **_kw: Any
+) -> dict[str, str] | None:
     """A task called with `queue=...` goes to that queue (see CELERY_TASK_ROUTES)."""
     queue = (kwargs or {}).get("queue")
     return {"queue": queue} if queue in ("gpu", "default") else None
@@ -46,7 +46,9 @@ def _touch(hostname: str) -> bool:
         close_old_connections()
         WorkerHeartbeat.objects.filter(hostname=hostname).update(last_seen=timezone.now(), stopped=False)
     except DatabaseError:
-        log.warning("worker heartbeat of %s not written; retrying on a new connection", hostname, exc_info=True)
+        log.warning(
+            "worker heartbeat of %s not written; retrying on a new connection", hostname, exc_info=True
+        )
         connection.close()
         return False
     return True
@@ -61,7 +63,13 @@ def _beat(hostname: str, queues: str, interval: float, stop: threading.Event = _
     now = timezone.now()
     WorkerHeartbeat.objects.update_or_create(
         hostname=hostname,
-        defaults={"queues": queues, "pid": os.getpid(), "started_at": now, "last_seen": now, "stopped": False},
+        defaults={
+            "queues": queues,
+            "pid": os.getpid(),
+            "started_at": now,
+            "last_seen": now,
+            "stopped": False,
+        },
     )
     while not stop.wait(interval):
         _touch(hostname)
@@ -81,8 +89,10 @@ def start_heartbeat(sender: Any = None, **_kw: Any) -> None:
 
     queues = ",".join(sorted(sender.app.amqp.queues.consume_from)) if sender else ""
     _thread = threading.Thread(
-        target=_beat, args=(sender.hostname, queues, settings.WORKER_HEARTBEAT_SECONDS),
-        name="wb-heartbeat", daemon=True,
+        target=_beat,
+        args=(sender.hostname, queues, settings.WORKER_HEARTBEAT_SECONDS),
+        name="wb-heartbeat",
+        daemon=True,
     )
     _thread.start()
 

@@ -28,8 +28,10 @@ def rules_of(version: DatasetVersion) -> list[Rule]:
         return validate_rules(version.meta.get("rules") or [])
     except RulesError as exc:
         log.warning("the rules stored with %s (pk %s) are invalid: %s", version, version.pk, exc)
-        raise StoredRulesError(f"The rules stored with {version} are no longer valid ({exc}); answers cannot "
-                               f"be checked against them.") from exc
+        raise StoredRulesError(
+            f"The rules stored with {version} are no longer valid ({exc}); answers cannot "
+            f"be checked against them."
+        ) from exc
 
 
 @dataclass(frozen=True)
@@ -49,8 +51,11 @@ def failing_counts(rows: DatasetRowQuerySet, rule_names: Iterable[str]) -> Faili
     read; pass `rows.unresolved()` for the rows a passing-only fine-tune
     leaves out. Counted in SQL, one query per rule (a version may hold
     hundreds of thousands of failing rows)."""
-    return FailingCounts(rows.count(), rows.exclude(failing=[]).count(),
-                         {name: rows.failing_rule(name).count() for name in rule_names})
+    return FailingCounts(
+        rows.count(),
+        rows.exclude(failing=[]).count(),
+        {name: rows.failing_rule(name).count() for name in rule_names},
+    )
 
 
 def answer_of(messages: Messages) -> str | None:
@@ -102,6 +107,10 @@ def warning(version: DatasetVersion, limit: float) -> str | None:
     counts = failing_share(version)
     if counts is None or counts.share <= limit:
         return None
-    worst = ", ".join(f"{name}: {n}" for name, n in sorted(counts.by_rule.items(), key=lambda kv: -kv[1]) if n)
-    return (f"{counts.share:.0%} of the training answers in {version} fail a checkable rule ({worst}); the student "
-            f"learns what the data shows. Review them, or train anyway.")
+    worst = ", ".join(
+        f"{name}: {n}" for name, n in sorted(counts.by_rule.items(), key=lambda kv: -kv[1]) if n
+    )
+    return (
+        f"{counts.share:.0%} of the training answers in {version} fail a checkable rule ({worst}); the student "
+        f"learns what the data shows. Review them, or train anyway."
+    )

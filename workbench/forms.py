@@ -24,8 +24,11 @@ class ProjectForm(forms.Form):
 
 class MemberForm(forms.Form):
     username = forms.CharField(max_length=150, error_messages={"required": "Which user? Enter a username."})
-    role = forms.ChoiceField(choices=Membership.ROLES, required=False,
-                             error_messages={"invalid_choice": "Unknown role '%(value)s'."})
+    role = forms.ChoiceField(
+        choices=Membership.ROLES,
+        required=False,
+        error_messages={"invalid_choice": "Unknown role '%(value)s'."},
+    )
 
     def clean_role(self) -> str:
         return self.cleaned_data["role"] or Membership.MEMBER
@@ -51,6 +54,7 @@ def with_form_token(initial: dict[str, Any] | None = None) -> dict[str, Any]:
 
 
 # --- prompts ------------------------------------------------------------------
+
 
 def _unicode_text(value: str) -> None:
     """Refuse a lone surrogate: it cannot be stored as UTF-8 nor rendered."""
@@ -86,8 +90,9 @@ class PromptForm(PromptTextForm):
     version_of (a prompt's id, sent by the explicit "new version of X" button
     when the name is taken), a new version of that prompt."""
 
-    name = forms.CharField(max_length=200, error_messages={"required": "A prompt needs a name."},
-                           validators=[_unicode_text])
+    name = forms.CharField(
+        max_length=200, error_messages={"required": "A prompt needs a name."}, validators=[_unicode_text]
+    )
     rules = forms.CharField(required=False, widget=forms.Textarea)
     version_of = forms.IntegerField(required=False, widget=forms.HiddenInput)
 
@@ -114,30 +119,56 @@ def _param_field(param: rules.Param) -> forms.Field:
     if param.type == "boolean":  # a checkbox: absent means unchecked
         return forms.BooleanField(required=False, initial=param.default, **common)
     if param.type == "integer":
-        return forms.IntegerField(min_value=1, max_value=rules.MAX_INTEGER, required=param.required, **common,
-                                  error_messages={"invalid": "Enter a positive whole number.",
-                                                  "min_value": "Enter a positive whole number.",
-                                                  "max_value": f"Enter at most {rules.MAX_INTEGER:,}."})
+        return forms.IntegerField(
+            min_value=1,
+            max_value=rules.MAX_INTEGER,
+            required=param.required,
+            **common,
+            error_messages={
+                "invalid": "Enter a positive whole number.",
+                "min_value": "Enter a positive whole number.",
+                "max_value": f"Enter at most {rules.MAX_INTEGER:,}.",
+            },
+        )
     if param.type == "flags":
-        return forms.MultipleChoiceField(choices=[(c, c) for c in param.choices], required=False,
-                                         initial=list(param.default or ()), **common)
-    return forms.CharField(required=param.required, strip=False, max_length=param.max_chars,
-                           validators=[_unicode_text], **common,
-                           error_messages={"max_length": f"{param.name} is at most {param.max_chars:,} characters "
-                                                         "(it has %(show_value)s)."})
+        return forms.MultipleChoiceField(
+            choices=[(c, c) for c in param.choices],
+            required=False,
+            initial=list(param.default or ()),
+            **common,
+        )
+    return forms.CharField(
+        required=param.required,
+        strip=False,
+        max_length=param.max_chars,
+        validators=[_unicode_text],
+        **common,
+        error_messages={
+            "max_length": f"{param.name} is at most {param.max_chars:,} characters (it has %(show_value)s)."
+        },
+    )
 
 
 class RuleForm(forms.Form):
     """A rule's name, kind, and the parameters of that kind (engines.rules.KINDS),
     typed by the form. The rule as a whole is checked by the action."""
 
-    rule_name = forms.CharField(max_length=rules.MAX_NAME_CHARS, validators=[_unicode_text],
-                                error_messages={"required": "A rule needs a name.",
-                                                "max_length": f"A rule name is at most {rules.MAX_NAME_CHARS} "
-                                                              "characters (it has %(show_value)s)."})
-    kind = forms.ChoiceField(choices=[(k, k) for k in rules.KINDS],
-                             error_messages={"required": "Choose a kind of rule.",
-                                             "invalid_choice": "Unknown kind of rule '%(value)s'."})
+    rule_name = forms.CharField(
+        max_length=rules.MAX_NAME_CHARS,
+        validators=[_unicode_text],
+        error_messages={
+            "required": "A rule needs a name.",
+            "max_length": f"A rule name is at most {rules.MAX_NAME_CHARS} "
+            "characters (it has %(show_value)s).",
+        },
+    )
+    kind = forms.ChoiceField(
+        choices=[(k, k) for k in rules.KINDS],
+        error_messages={
+            "required": "Choose a kind of rule.",
+            "invalid_choice": "Unknown kind of rule '%(value)s'.",
+        },
+    )
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -182,7 +213,10 @@ class DiffForm(forms.Form):
 
 # --- datasets -----------------------------------------------------------------
 
-FORMAT_CHOICES = [("auto", "Detect automatically"), *((k, f"{k} — {help}") for k, help in formats.FORMATS.items())]
+FORMAT_CHOICES = [
+    ("auto", "Detect automatically"),
+    *((k, f"{k} — {help}") for k, help in formats.FORMATS.items()),
+]
 
 
 class DatasetUploadForm(forms.Form):
@@ -190,27 +224,50 @@ class DatasetUploadForm(forms.Form):
     file = forms.FileField(allow_empty_file=True, error_messages={"required": "Choose a file to upload."})
     name = forms.CharField(max_length=200, required=False)
     format = forms.ChoiceField(
-        choices=FORMAT_CHOICES, required=False, initial="auto",
-        error_messages={"invalid_choice": f"Unknown format '%(value)s' (expected auto or one of "
-                                          f"{', '.join(formats.FORMATS)})."},
+        choices=FORMAT_CHOICES,
+        required=False,
+        initial="auto",
+        error_messages={
+            "invalid_choice": f"Unknown format '%(value)s' (expected auto or one of "
+            f"{', '.join(formats.FORMATS)})."
+        },
     )
     query_column = forms.CharField(max_length=200, required=False)
     answer_column = forms.CharField(max_length=200, required=False)
     eval_percent = forms.IntegerField(
-        label="Eval split %", min_value=0, max_value=100, required=False, initial=10,
+        label="Eval split %",
+        min_value=0,
+        max_value=100,
+        required=False,
+        initial=10,
         help_text="100 makes a held-out set: every row is for evals, none for training.",
-        error_messages={"invalid": "Invalid number: the eval split is a whole percent from 0 to 100.",
-                        "min_value": "The eval split must be between 0 and 100 percent.",
-                        "max_value": "The eval split must be between 0 and 100 percent."},
+        error_messages={
+            "invalid": "Invalid number: the eval split is a whole percent from 0 to 100.",
+            "min_value": "The eval split must be between 0 and 100 percent.",
+            "max_value": "The eval split must be between 0 and 100 percent.",
+        },
     )
-    seed = forms.IntegerField(label="Split seed", required=False, initial=0, min_value=0, max_value=2**31 - 1,
-                              error_messages={"invalid": "Invalid number: the split seed is a whole number.",
-                                              "min_value": "The split seed must be from 0 to 2,147,483,647.",
-                                              "max_value": "The split seed must be from 0 to 2,147,483,647."})
+    seed = forms.IntegerField(
+        label="Split seed",
+        required=False,
+        initial=0,
+        min_value=0,
+        max_value=2**31 - 1,
+        error_messages={
+            "invalid": "Invalid number: the split seed is a whole number.",
+            "min_value": "The split seed must be from 0 to 2,147,483,647.",
+            "max_value": "The split seed must be from 0 to 2,147,483,647.",
+        },
+    )
     records_key = forms.CharField(
-        label="Records key", max_length=200, required=False,
-        help_text="For a file that is one JSON object holding the rows under a key, e.g. {\"qa\": [...]}: that key.")
-    skip_bad = forms.BooleanField(label="skip bad rows (store the good ones and list the rest)", required=False)
+        label="Records key",
+        max_length=200,
+        required=False,
+        help_text='For a file that is one JSON object holding the rows under a key, e.g. {"qa": [...]}: that key.',
+    )
+    skip_bad = forms.BooleanField(
+        label="skip bad rows (store the good ones and list the rest)", required=False
+    )
     form_token = form_token_field()
     use_chosen = forms.BooleanField(label="use only the chosen answers (DPO pairs)", required=False)
 
@@ -218,8 +275,10 @@ class DatasetUploadForm(forms.Form):
         upload = self.cleaned_data["file"]
         # The size the client sends is checked here; the import counts the stream too.
         if upload.size and upload.size > settings.UPLOAD_MAX_BYTES:
-            raise ValidationError(f"The file is {filesizeformat(upload.size)}; the limit is "
-                                  f"{filesizeformat(settings.UPLOAD_MAX_BYTES)}.")
+            raise ValidationError(
+                f"The file is {filesizeformat(upload.size)}; the limit is "
+                f"{filesizeformat(settings.UPLOAD_MAX_BYTES)}."
+            )
         return upload
 
     def clean_format(self) -> str:

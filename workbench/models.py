@@ -39,8 +39,11 @@ class Project(models.Model):
     class Meta:
         ordering = ["name"]
         constraints = [
-            models.UniqueConstraint(Lower("name"), name="unique_project_name_ci",
-                                    violation_error_message="A project with this name already exists."),
+            models.UniqueConstraint(
+                Lower("name"),
+                name="unique_project_name_ci",
+                violation_error_message="A project with this name already exists.",
+            ),
         ]
 
     def __str__(self) -> str:
@@ -144,7 +147,9 @@ class Prompt(models.Model):
     project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="prompts")
     name = models.CharField(max_length=200)
     created_at = models.DateTimeField(default=timezone.now)
-    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+"
+    )
 
     class Meta:
         ordering = ["name"]
@@ -171,10 +176,13 @@ class PromptVersion(models.Model):
     rules = models.JSONField(default=list, blank=True)
     note = models.CharField(max_length=300, blank=True)
     token_counts = models.JSONField(
-        default=dict, blank=True,
+        default=dict,
+        blank=True,
         help_text="Token cost under each base model (by name), computed once: see cost_under",
     )
-    author = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
+    author = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+"
+    )
     created_at = models.DateTimeField(default=timezone.now)
 
     class Meta:
@@ -211,9 +219,11 @@ class PromptVersion(models.Model):
         context = cost.get("context")
         if context is None or cost["request_total"] < context:
             return None
-        return (f"{self} is {cost['request_total']:,} tokens per request with {base_model.name}'s chat "
-                f"template; the model reads at most {context:,} tokens, so no room is left for a "
-                f"query and an answer. Shorten the prompt.")
+        return (
+            f"{self} is {cost['request_total']:,} tokens per request with {base_model.name}'s chat "
+            f"template; the model reads at most {context:,} tokens, so no room is left for a "
+            f"query and an answer. Shorten the prompt."
+        )
 
 
 class Dataset(models.Model):
@@ -222,7 +232,9 @@ class Dataset(models.Model):
     project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="datasets")
     name = models.CharField(max_length=200)
     created_at = models.DateTimeField(default=timezone.now)
-    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+"
+    )
 
     class Meta:
         ordering = ["name"]
@@ -264,7 +276,9 @@ class DatasetVersion(models.Model):
     dataset = models.ForeignKey(Dataset, on_delete=models.CASCADE, related_name="versions")
     number = models.PositiveIntegerField()
     kind = models.CharField(max_length=20, choices=KINDS, default=UPLOAD)
-    parent = models.ForeignKey("self", null=True, blank=True, on_delete=models.SET_NULL, related_name="children")
+    parent = models.ForeignKey(
+        "self", null=True, blank=True, on_delete=models.SET_NULL, related_name="children"
+    )
     format = models.CharField(max_length=20, blank=True)
     source_filename = models.CharField(max_length=255, blank=True, help_text="As uploaded; display only")
     file = models.CharField(max_length=255, blank=True, help_text="Stored upload, relative to MEDIA_ROOT")
@@ -275,9 +289,15 @@ class DatasetVersion(models.Model):
     split_seed = models.IntegerField(default=0)
     token_stats = models.JSONField(default=dict, blank=True)
     meta = models.JSONField(default=dict, blank=True, help_text="Lineage and options")
-    state = models.CharField(max_length=10, choices=STATES, default=READY,
-                             help_text="importing: a staging version, invisible until all its rows are stored")
-    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
+    state = models.CharField(
+        max_length=10,
+        choices=STATES,
+        default=READY,
+        help_text="importing: a staging version, invisible until all its rows are stored",
+    )
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+"
+    )
     created_at = models.DateTimeField(default=timezone.now)
 
     objects = VisibleVersionManager()
@@ -308,8 +328,11 @@ class DatasetRowQuerySet(models.QuerySet["DatasetRow"]):
         # SQLite has no JSON containment: look inside the array with json_each.
         table = connection.ops.quote_name(DatasetRow._meta.db_table)
         column = connection.ops.quote_name(DatasetRow._meta.get_field("failing").column)
-        fails = RawSQL(f"EXISTS (SELECT 1 FROM json_each({table}.{column}) WHERE json_each.value = %s)", (rule,),
-                       output_field=models.BooleanField())
+        fails = RawSQL(
+            f"EXISTS (SELECT 1 FROM json_each({table}.{column}) WHERE json_each.value = %s)",
+            (rule,),
+            output_field=models.BooleanField(),
+        )
         return self.alias(_fails_rule=fails).filter(_fails_rule=True)
 
     def unresolved(self) -> DatasetRowQuerySet:
@@ -341,14 +364,25 @@ class DatasetRow(models.Model):
     messages = models.JSONField()
     sha256 = models.CharField(max_length=64)
     split = models.CharField(max_length=5, default=TRAIN)
-    notes = models.JSONField(default=list, blank=True,
-                             help_text="Warnings about the answer other than rules: prompt leaks, empty, cut off")
+    notes = models.JSONField(
+        default=list,
+        blank=True,
+        help_text="Warnings about the answer other than rules: prompt leaks, empty, cut off",
+    )
     extra = models.JSONField(default=dict, blank=True, help_text="Fields of the uploaded row no format reads")
-    failing = models.JSONField(default=list, blank=True, help_text="Names of the version's rules the answer fails")
-    review = models.CharField(max_length=10, choices=REVIEW_STATES, default=NOT_REVIEWED, blank=True,
-                              help_text="What a reviewer did: edited the answer, or accepted it as it is")
-    curation = models.JSONField(default=dict, blank=True,
-                                help_text="How the answer was made: samples, pick, opening, repairs")
+    failing = models.JSONField(
+        default=list, blank=True, help_text="Names of the version's rules the answer fails"
+    )
+    review = models.CharField(
+        max_length=10,
+        choices=REVIEW_STATES,
+        default=NOT_REVIEWED,
+        blank=True,
+        help_text="What a reviewer did: edited the answer, or accepted it as it is",
+    )
+    curation = models.JSONField(
+        default=dict, blank=True, help_text="How the answer was made: samples, pick, opening, repairs"
+    )
 
     objects = DatasetRowQuerySet.as_manager()
 
@@ -383,24 +417,34 @@ class Variant(models.Model):
     project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="variants")
     name = models.CharField(max_length=200)
     base_model = models.ForeignKey(BaseModel, on_delete=models.PROTECT, related_name="variants")
-    adapter_path = models.CharField(max_length=1000, blank=True, help_text="LoRA adapter directory (safetensors)")
-    prompt_version = models.ForeignKey(PromptVersion, null=True, blank=True, on_delete=models.SET_NULL,
-                                       related_name="variants")
+    adapter_path = models.CharField(
+        max_length=1000, blank=True, help_text="LoRA adapter directory (safetensors)"
+    )
+    prompt_version = models.ForeignKey(
+        PromptVersion, null=True, blank=True, on_delete=models.SET_NULL, related_name="variants"
+    )
     prompt_sha256 = models.CharField(max_length=64, blank=True)
     # An absorbed variant records the prompt it absorbed (lineage) and is served
     # without it; a "prompted" variant (a base + a prompt) gets it prepended.
-    prepend_prompt = models.BooleanField(default=False, help_text="Serve with prompt_version as the system prompt")
-    dataset_version = models.ForeignKey(DatasetVersion, null=True, blank=True, on_delete=models.SET_NULL,
-                                        related_name="variants")
+    prepend_prompt = models.BooleanField(
+        default=False, help_text="Serve with prompt_version as the system prompt"
+    )
+    dataset_version = models.ForeignKey(
+        DatasetVersion, null=True, blank=True, on_delete=models.SET_NULL, related_name="variants"
+    )
     hyperparameters = models.JSONField(default=dict, blank=True)
     generation = models.JSONField(
-        default=dict, blank=True,
+        default=dict,
+        blank=True,
         help_text="Generation guard rails it answers with in evals and /v1 unless a request sets them "
-                  "(repetition_penalty, no_repeat_ngram_size, stop); an absorbed variant takes its teacher's")
+        "(repetition_penalty, no_repeat_ngram_size, stop); an absorbed variant takes its teacher's",
+    )
     final_loss = models.FloatField(null=True, blank=True)
     duration_seconds = models.FloatField(null=True, blank=True)
     metrics = models.JSONField(default=dict, blank=True)
-    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+"
+    )
     created_at = models.DateTimeField(default=timezone.now)
 
     class Meta:

@@ -34,12 +34,11 @@ def default_system_line(tokenizer: Any) -> str:
     while head < min(len(without), len(marked)) and without[head] == marked[head]:
         head += 1
     tail = 0
-    while (tail < min(len(without), len(marked)) - head
-           and without[-1 - tail] == marked[-1 - tail]):
+    while tail < min(len(without), len(marked)) - head and without[-1 - tail] == marked[-1 - tail]:
         tail += 1
-    if marked[head:len(marked) - tail] != _MARK:
+    if marked[head : len(marked) - tail] != _MARK:
         return ""  # the mark brought framing with it: the template adds no default system message
-    return without[head:len(without) - tail]
+    return without[head : len(without) - tail]
 
 
 def context_length(tokenizer: Any, model_dir: str) -> int | None:
@@ -79,6 +78,10 @@ def breakdown(model_dir: str, text: str) -> dict[str, Any]:
         raise TokenCountError(f"cannot count tokens with the tokenizer in {model_dir}: {exc}") from exc
     default = default_system_line(tokenizer)
     default_tokens = len(tokenizer(default, add_special_tokens=False)["input_ids"]) if default else 0
-    return {**cost, "default_system": default, "default_tokens": default_tokens,
-            "framing": cost["per_request"] - cost["text"] + default_tokens,
-            "context": context_length(tokenizer, model_dir)}
+    return {
+        **cost,
+        "default_system": default,
+        "default_tokens": default_tokens,
+        "framing": cost["per_request"] - cost["text"] + default_tokens,
+        "context": context_length(tokenizer, model_dir),
+    }

@@ -23,8 +23,9 @@ def envbool(name: str, default: str) -> bool:
     """Strict: a typo such as `ture` raises instead of silently meaning false."""
     value = os.getenv(name, default).strip().lower()
     if value not in _TRUE + _FALSE:
-        raise ImproperlyConfigured(f"{name}={os.getenv(name)!r} is not a boolean: use one of "
-                                   f"{', '.join(_TRUE + _FALSE[:-1])}.")
+        raise ImproperlyConfigured(
+            f"{name}={os.getenv(name)!r} is not a boolean: use one of {', '.join(_TRUE + _FALSE[:-1])}."
+        )
     return value in _TRUE
 
 
@@ -45,8 +46,9 @@ def envpath(name: str, default: Path) -> Path:
 def envurl(name: str, default: str) -> str:
     value = os.getenv(name, default).strip().rstrip("/")
     if value and not value.startswith(("http://", "https://")):
-        raise ImproperlyConfigured(f"{name}={os.getenv(name)!r} is not an http(s) URL, "
-                                   "e.g. http://127.0.0.1:8001")
+        raise ImproperlyConfigured(
+            f"{name}={os.getenv(name)!r} is not an http(s) URL, e.g. http://127.0.0.1:8001"
+        )
     return value
 
 
@@ -96,13 +98,16 @@ def _local_secret_key() -> str:
 
 SECRET_KEY = os.getenv("SECRET_KEY", "").strip() or _local_secret_key()
 if SECRET_KEY in _PUBLIC_KEYS:
-    raise ImproperlyConfigured("SECRET_KEY is a published placeholder: set a long random value "
-                               "(python -c 'import secrets; print(secrets.token_urlsafe(50))').")
+    raise ImproperlyConfigured(
+        "SECRET_KEY is a published placeholder: set a long random value "
+        "(python -c 'import secrets; print(secrets.token_urlsafe(50))')."
+    )
 if not SECRET_KEY:
     if not DEBUG:
         raise ImproperlyConfigured(
             f"SECRET_KEY is not set and {SECRET_KEY_FILE} does not exist: set SECRET_KEY, or start the "
-            "workbench once with `make run` (it generates a local key there).")
+            "workbench once with `make run` (it generates a local key there)."
+        )
     SECRET_KEY = "insecure-dev-key-for-DEBUG-only"
 
 # Models are never fetched from a hub at run time unless explicitly allowed.
@@ -158,7 +163,10 @@ TEMPLATES = [
                 "django.contrib.messages.context_processors.messages",
                 "workbench.context_processors.nav",
             ],
-            "builtins": ["django.contrib.humanize.templatetags.humanize", "template_partials.templatetags.partials"],
+            "builtins": [
+                "django.contrib.humanize.templatetags.humanize",
+                "template_partials.templatetags.partials",
+            ],
         },
     }
 ]
@@ -282,8 +290,12 @@ EVAL_MAX_NEW_TOKENS = envint("WORKBENCH_EVAL_MAX_NEW_TOKENS", 128)
 # lm-eval tasks of the suites made for absorbed variants: did the student forget general skills?
 EVAL_AUTO_LM_EVAL_TASKS = envlist("WORKBENCH_EVAL_LM_EVAL_TASKS", "general_skills")
 # Modules that register job runners (jobs.registry); apps may add their own.
-JOB_RUNNER_MODULES = ["jobs.runners.teacher", "jobs.runners.finetune", "jobs.runners.dataset_import",
-                      *envlist("WORKBENCH_EXTRA_JOB_RUNNERS", "")]
+JOB_RUNNER_MODULES = [
+    "jobs.runners.teacher",
+    "jobs.runners.finetune",
+    "jobs.runners.dataset_import",
+    *envlist("WORKBENCH_EXTRA_JOB_RUNNERS", ""),
+]
 
 # Limits on uploads (bytes, rows, characters) --------------------------------
 UPLOAD_MAX_BYTES = envint("UPLOAD_MAX_BYTES", 512 * 1024 * 1024)
@@ -322,8 +334,9 @@ LOGGING = {
 # empty, started by the workbench from its own venv (engines.vllm_server).
 INFERENCE_BACKEND = os.getenv("INFERENCE_BACKEND", "hf").strip().lower()
 if INFERENCE_BACKEND not in ("hf", "vllm"):
-    raise ImproperlyConfigured(f"INFERENCE_BACKEND={os.getenv('INFERENCE_BACKEND')!r} is not a backend: "
-                               "use hf or vllm.")
+    raise ImproperlyConfigured(
+        f"INFERENCE_BACKEND={os.getenv('INFERENCE_BACKEND')!r} is not a backend: use hf or vllm."
+    )
 
 
 # Where the gateway finds the engine (the hf engine, or a vLLM the workbench starts, listens here).

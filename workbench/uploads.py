@@ -48,11 +48,19 @@ class LimitedUploadHandler(FileUploadHandler):
             self.request.upload_refused = message  # type: ignore[attr-defined]  # read back by refused()
 
     # Django passes the boundary as bytes; django-stubs says str.
-    def handle_raw_input(self, input_data: Any, META: dict[str, Any], content_length: int, boundary: bytes | str,
-                         encoding: str | None = None) -> tuple[QueryDict, MultiValueDict[str, Any]] | None:
+    def handle_raw_input(
+        self,
+        input_data: Any,
+        META: dict[str, Any],
+        content_length: int,
+        boundary: bytes | str,
+        encoding: str | None = None,
+    ) -> tuple[QueryDict, MultiValueDict[str, Any]] | None:
         if content_length > self.max_bytes + FORM_OVERHEAD_BYTES:
-            self._refuse(f"The upload is {filesizeformat(content_length)}; the limit is "
-                         f"{filesizeformat(self.max_bytes)}. Nothing was read or stored.")
+            self._refuse(
+                f"The upload is {filesizeformat(content_length)}; the limit is "
+                f"{filesizeformat(self.max_bytes)}. Nothing was read or stored."
+            )
             return QueryDict(), MultiValueDict()  # parsed as empty: the body is never read
         return None
 
@@ -60,8 +68,10 @@ class LimitedUploadHandler(FileUploadHandler):
         self.received += len(raw_data)
         if self.received > self.max_bytes:
             name = f"{self.file_name} " if self.file_name else "The file "
-            self._refuse(f"{name}is larger than the {filesizeformat(self.max_bytes)} limit; the upload was "
-                         "stopped there and nothing was stored.")
+            self._refuse(
+                f"{name}is larger than the {filesizeformat(self.max_bytes)} limit; the upload was "
+                "stopped there and nothing was stored."
+            )
             raise StopUpload(connection_reset=True)
         return raw_data
 
@@ -75,8 +85,15 @@ class DataDirFile(UploadedFile):
 
     file: IO[bytes]  # never None: opened in __init__
 
-    def __init__(self, directory: Path, name: str, content_type: str, size: int, charset: str | None,
-                 content_type_extra: dict[str, bytes] | None = None) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        name: str,
+        content_type: str,
+        size: int,
+        charset: str | None,
+        content_type_extra: dict[str, bytes] | None = None,
+    ) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         file = tempfile.NamedTemporaryFile(dir=directory, prefix=".upload-", delete=False)
         super().__init__(file, name, content_type, size, charset, content_type_extra)
@@ -104,8 +121,15 @@ class DataDirUploadHandler(FileUploadHandler):
         super().__init__(request)
         self.directory = directory or Path(settings.MEDIA_ROOT) / "datasets"
 
-    def new_file(self, field_name: str, file_name: str, content_type: str, content_length: int | None,
-                 charset: str | None = None, content_type_extra: dict[str, bytes] | None = None) -> None:
+    def new_file(
+        self,
+        field_name: str,
+        file_name: str,
+        content_type: str,
+        content_length: int | None,
+        charset: str | None = None,
+        content_type_extra: dict[str, bytes] | None = None,
+    ) -> None:
         super().new_file(field_name, file_name, content_type, content_length, charset, content_type_extra)
         self.file = DataDirFile(self.directory, file_name, content_type, 0, charset, content_type_extra)
 
@@ -125,8 +149,11 @@ class DataDirUploadHandler(FileUploadHandler):
 View = Callable[..., HttpResponse]
 
 
-def limit_upload(on_refused: Callable[..., HttpResponse], max_bytes: Callable[[], int] | None = None,
-                 directory: Callable[[], Path] | None = None) -> Callable[[View], View]:
+def limit_upload(
+    on_refused: Callable[..., HttpResponse],
+    max_bytes: Callable[[], int] | None = None,
+    directory: Callable[[], Path] | None = None,
+) -> Callable[[View], View]:
     """Parse the view's body with the limit in place, before anything reads
     it (the CSRF check included: so the view is csrf_exempt outside and
     csrf_protect inside, as Django's upload-handler docs describe). A refused

@@ -66,8 +66,10 @@ def _check_arms(generator: Generator, arms: Sequence[str]) -> list[Arm]:
         raise ValueError(f"unknown arm(s) {', '.join(map(repr, unknown))}: use {', '.join(ARMS)}")
     specs = [ARM_BY_NAME[a] for a in arms]
     if any(a.with_adapter for a in specs) and not generator.has_adapter:
-        raise ValueError("the student arms need the model loaded with its adapter, unmerged "
-                         "(load_model(..., adapter_dir=..., merge=False))")
+        raise ValueError(
+            "the student arms need the model loaded with its adapter, unmerged "
+            "(load_model(..., adapter_dir=..., merge=False))"
+        )
     return specs
 
 
@@ -114,8 +116,14 @@ def generate_arms(
                 progress(Progress.since(started, offset + p.done, total, "generations"))
 
         try:
-            out[spec.name] = generator.generate(conversations, spec.system_prompt(system_prompt), settings,
-                                                adapter=spec.with_adapter, progress=report, should_stop=should_stop)
+            out[spec.name] = generator.generate(
+                conversations,
+                spec.system_prompt(system_prompt),
+                settings,
+                adapter=spec.with_adapter,
+                progress=report,
+                should_stop=should_stop,
+            )
         except GenerationCancelled as cancelled:
             raise GenerationCancelled(offset + cancelled.done, total) from None
     return out

@@ -41,11 +41,18 @@ def lm_eval_process_results(doc: Mapping[str, Any], results: Sequence[str]) -> d
     """lm-eval's per-document scoring for tasks written by `write_task`: exact
     match of the answer's first line, normalised as in `score_example`."""
     lines = (results[0] if results else "").strip().splitlines()
-    return {"exact_match": float(normalize_answer(lines[0] if lines else "") == normalize_answer(doc["answer"]))}
+    return {
+        "exact_match": float(normalize_answer(lines[0] if lines else "") == normalize_answer(doc["answer"]))
+    }
 
 
-def write_task(directory: Path, name: str, rows: Sequence[Mapping[str, Any]],
-               fewshot: Sequence[Mapping[str, Any]] = (), max_gen_toks: int = 32) -> str:
+def write_task(
+    directory: Path,
+    name: str,
+    rows: Sequence[Mapping[str, Any]],
+    fewshot: Sequence[Mapping[str, Any]] = (),
+    max_gen_toks: int = 32,
+) -> str:
     """Write an lm-eval generate_until task: `<name>.jsonl` (rows with "query"
     and "answer") and `<name>.yaml`, scored by exact match of the normalised
     first line of the answer. `fewshot` rows are shown before every question,
@@ -141,15 +148,21 @@ def _hub_offline() -> Iterator[None]:
     import datasets.config
     import huggingface_hub.constants
 
-    saved = (huggingface_hub.constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE,
-             datasets.config.HF_DATASETS_OFFLINE)
+    saved = (
+        huggingface_hub.constants.HF_HUB_OFFLINE,
+        datasets.config.HF_HUB_OFFLINE,
+        datasets.config.HF_DATASETS_OFFLINE,
+    )
     huggingface_hub.constants.HF_HUB_OFFLINE = True
     datasets.config.HF_HUB_OFFLINE = datasets.config.HF_DATASETS_OFFLINE = True
     try:
         yield
     finally:
-        (huggingface_hub.constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE,
-         datasets.config.HF_DATASETS_OFFLINE) = saved
+        (
+            huggingface_hub.constants.HF_HUB_OFFLINE,
+            datasets.config.HF_HUB_OFFLINE,
+            datasets.config.HF_DATASETS_OFFLINE,
+        ) = saved
 
 
 def _task_manager(task_dir: Path | None, tasks: Sequence[str]) -> Any:
@@ -171,14 +184,20 @@ def _load_tasks(manager: Any, tasks: Sequence[str]) -> list[Any]:
     built: list[Any] = []
     for name in tasks:
         if name not in manager.all_tasks:
-            raise EvalError(f"lm-eval task {name!r} does not exist (neither written by the workbench "
-                            f"nor installed with lm-eval)")
+            raise EvalError(
+                f"lm-eval task {name!r} does not exist (neither written by the workbench "
+                f"nor installed with lm-eval)"
+            )
         try:
             loaded = manager.load([name])
-        except Exception as exc:  # datasets raises ConnectionError, FileNotFoundError, DatasetNotFoundError...
-            raise EvalError(f"lm-eval task {name!r} cannot be loaded offline: its dataset is not on this "
-                            f"machine ({type(exc).__name__}: {exc}). Download it into the Hugging Face "
-                            f"datasets cache first, or use a task written from local data.") from exc
+        except (
+            Exception
+        ) as exc:  # datasets raises ConnectionError, FileNotFoundError, DatasetNotFoundError...
+            raise EvalError(
+                f"lm-eval task {name!r} cannot be loaded offline: its dataset is not on this "
+                f"machine ({type(exc).__name__}: {exc}). Download it into the Hugging Face "
+                f"datasets cache first, or use a task written from local data."
+            ) from exc
         top = loaded["groups"].get(name) or loaded["tasks"].get(name)
         built.extend([top] if top is not None else loaded["tasks"].values())  # a tag names several tasks
     return built
@@ -192,7 +211,9 @@ def _number(value: Any) -> float | None:
     return number if math.isfinite(number) else None
 
 
-def _task_result(name: str, row: Mapping[str, Any], samples: Sequence[Mapping[str, Any]] | None) -> TaskResult:
+def _task_result(
+    name: str, row: Mapping[str, Any], samples: Sequence[Mapping[str, Any]] | None
+) -> TaskResult:
     metrics: dict[str, MetricValue] = {}
     for key, raw in row.items():
         if "," not in key or "_stderr," in key:
@@ -255,7 +276,11 @@ def run_lm_eval(
             raise EvalError(f"{model_dir} is not a model directory (no config.json)")
         _, dtype = pick_device(device)
         model = "hf"
-        model_args = {"pretrained": str(model_dir), "dtype": str(dtype).removeprefix("torch."), "device": device}
+        model_args = {
+            "pretrained": str(model_dir),
+            "dtype": str(dtype).removeprefix("torch."),
+            "device": device,
+        }
         if adapter_dir is not None:
             model_args["peft"] = str(adapter_dir)
     started = time.monotonic()
@@ -265,17 +290,31 @@ def run_lm_eval(
         from lm_eval import simple_evaluate
 
         raw = simple_evaluate(
-            model=model, model_args=model_args if model == "hf" else None, tasks=built, task_manager=manager,
-            batch_size=batch_size, limit=limit, log_samples=log_samples,
-            apply_chat_template=True, fewshot_as_multiturn=True, system_instruction=system_prompt,
+            model=model,
+            model_args=model_args if model == "hf" else None,
+            tasks=built,
+            task_manager=manager,
+            batch_size=batch_size,
+            limit=limit,
+            log_samples=log_samples,
+            apply_chat_template=True,
+            fewshot_as_multiturn=True,
+            system_instruction=system_prompt,
         )
     if raw is None:  # only on non-zero ranks of a distributed run
         raise EvalError("lm-eval returned no results")
     samples = raw.get("samples") or {}
     results = {name: _task_result(name, row, samples.get(name)) for name, row in raw["results"].items()}
-    return LmEvalResult(tasks=results, seconds=time.monotonic() - started,
-                        config={"model_args": model_args, "limit": limit, "batch_size": batch_size,
-                                "system_prompt": system_prompt is not None})
+    return LmEvalResult(
+        tasks=results,
+        seconds=time.monotonic() - started,
+        config={
+            "model_args": model_args,
+            "limit": limit,
+            "batch_size": batch_size,
+            "system_prompt": system_prompt is not None,
+        },
+    )
 
 
 def _cut(text: str, until: Sequence[str]) -> str:
@@ -297,7 +336,9 @@ def generator_lm(generator: Generator, *, adapter: bool = True, batch_size: int 
     class GeneratorLM(LM):
         tokenizer_name = f"workbench-{type(generator).__name__}"
 
-        def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        def apply_chat_template(
+            self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True
+        ) -> str:
             return json.dumps(chat_history)
 
         def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
@@ -307,12 +348,21 @@ def generator_lm(generator: Generator, *, adapter: bool = True, batch_size: int 
                 groups.setdefault(json.dumps(request.args[1], sort_keys=True, default=str), []).append(i)
             for key, indices in groups.items():
                 kwargs = json.loads(key)
-                until = [u for u in ([kwargs["until"]] if isinstance(kwargs.get("until"), str)
-                                     else kwargs.get("until") or []) if u]
+                until = [
+                    u
+                    for u in (
+                        [kwargs["until"]]
+                        if isinstance(kwargs.get("until"), str)
+                        else kwargs.get("until") or []
+                    )
+                    if u
+                ]
                 settings = GenerationSettings(
-                    max_new_tokens=int(kwargs.get("max_gen_toks", 256)), batch_size=batch_size,
+                    max_new_tokens=int(kwargs.get("max_gen_toks", 256)),
+                    batch_size=batch_size,
                     temperature=float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample") else 0.0,
-                    stop=tuple(until[:GenerationSettings.MAX_STOP_STRINGS]))
+                    stop=tuple(until[: GenerationSettings.MAX_STOP_STRINGS]),
+                )
                 chats = [json.loads(requests[i].args[0]) for i in indices]
                 systems = [next((m["content"] for m in c if m["role"] == "system"), None) for c in chats]
                 for system in dict.fromkeys(systems):
@@ -323,8 +373,10 @@ def generator_lm(generator: Generator, *, adapter: bool = True, batch_size: int 
             return out
 
         def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[Any]:
-            raise EvalError("this lm-eval task scores log-likelihoods (multiple choice), which a generation "
-                            "backend does not give: run it with the in-process backend (INFERENCE_BACKEND=hf)")
+            raise EvalError(
+                "this lm-eval task scores log-likelihoods (multiple choice), which a generation "
+                "backend does not give: run it with the in-process backend (INFERENCE_BACKEND=hf)"
+            )
 
         loglikelihood_rolling = loglikelihood
 

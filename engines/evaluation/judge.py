@@ -15,8 +15,9 @@ if TYPE_CHECKING:
     from engines.inference import GenerationSettings
 
 
-def judge_messages(rubric: str, query: str, answer: str, reference: str | None = None,
-                   scale: tuple[int, int] = (1, 10)) -> list[Message]:
+def judge_messages(
+    rubric: str, query: str, answer: str, reference: str | None = None, scale: tuple[int, int] = (1, 10)
+) -> list[Message]:
     """The chat a judge model answers to grade one answer against a rubric."""
     low, high = scale
     system = (
@@ -59,8 +60,11 @@ def parse_judge(text: str, scale: tuple[int, int] = (1, 10)) -> JudgeVerdict:
     matches = [(m.start(1), m.group(1)) for m in _SCORE_LABEL.finditer(text)]
     matches += [(m.start(1), m.group(1)) for m in _SCORE_FRACTION.finditer(text) if int(m.group(2)) == high]
     if not matches:
-        return JudgeVerdict(None, text.strip(),
-                            f"no score found: expected a final line `Score: N` with N from {low} to {high}")
+        return JudgeVerdict(
+            None,
+            text.strip(),
+            f"no score found: expected a final line `Score: N` with N from {low} to {high}",
+        )
     start, number = max(matches)
     line_start = text.rfind("\n", 0, start) + 1
     reasoning = text[:line_start].strip()
@@ -70,10 +74,14 @@ def parse_judge(text: str, scale: tuple[int, int] = (1, 10)) -> JudgeVerdict:
     return JudgeVerdict(score, reasoning)
 
 
-
-def judge_answers(generator: Generator, rubric: str, items: Sequence[tuple[str, str, str | None]],
-                  settings: GenerationSettings | None = None, should_stop: StopFn | None = None,
-                  scale: tuple[int, int] = (1, 10)) -> list[tuple[JudgeVerdict, str]]:
+def judge_answers(
+    generator: Generator,
+    rubric: str,
+    items: Sequence[tuple[str, str, str | None]],
+    settings: GenerationSettings | None = None,
+    should_stop: StopFn | None = None,
+    scale: tuple[int, int] = (1, 10),
+) -> list[tuple[JudgeVerdict, str]]:
     """Grade (query, answer, reference) items with a judge model: each
     verdict and the judge's raw text, in input order. The judge's
     instructions are its system prompt (a generator replaces any system

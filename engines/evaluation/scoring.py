@@ -82,9 +82,15 @@ def score_example(
     student stays to what it was trained to imitate, not whether either is right."""
     results = outcomes(rules, answer) if rules else {}
     checks = {name: o.passed for name, o in results.items()}
-    score = ExampleScore(rules=checks, all_rules=all(checks.values()) if checks else None,
-                         exact_match=None, chrf=None, rouge_l=None, agreement=None,
-                         rule_errors={name: o.reason for name, o in results.items() if o.reason})
+    score = ExampleScore(
+        rules=checks,
+        all_rules=all(checks.values()) if checks else None,
+        exact_match=None,
+        chrf=None,
+        rouge_l=None,
+        agreement=None,
+        rule_errors={name: o.reason for name, o in results.items() if o.reason},
+    )
     if reference is not None:
         score.exact_match = float(normalize_answer(answer) == normalize_answer(reference))
         score.chrf = chrf(answer, reference)
@@ -92,4 +98,3 @@ def score_example(
     if teacher is not None:
         score.agreement = rouge_l(answer, teacher)
     return score
-

@@ -28,8 +28,9 @@ def _array(values: Sequence[float]) -> Any:
     return arr
 
 
-def _bootstrap(data: tuple[Any, ...], statistic: Callable[..., Any], confidence: float, resamples: int,
-               seed: int) -> Any:
+def _bootstrap(
+    data: tuple[Any, ...], statistic: Callable[..., Any], confidence: float, resamples: int, seed: int
+) -> Any:
     """scipy's percentile bootstrap, paired: every resample draws the same
     example indices from each array."""
     import numpy as np
@@ -39,12 +40,22 @@ def _bootstrap(data: tuple[Any, ...], statistic: Callable[..., Any], confidence:
         # Degenerate resamples (all equal) are expected with 0/1 metrics on few examples.
         warnings.simplefilter("ignore")
         # batch bounds memory: resamples x examples floats per array at once otherwise.
-        return stats.bootstrap(data, statistic, n_resamples=resamples, confidence_level=confidence,
-                               method="percentile", paired=True, vectorized=True, batch=250,
-                               rng=np.random.default_rng(seed))
+        return stats.bootstrap(
+            data,
+            statistic,
+            n_resamples=resamples,
+            confidence_level=confidence,
+            method="percentile",
+            paired=True,
+            vectorized=True,
+            batch=250,
+            rng=np.random.default_rng(seed),
+        )
 
 
-def mean_ci(values: Sequence[float], confidence: float = 0.95, resamples: int = 2000, seed: int = 0) -> Estimate:
+def mean_ci(
+    values: Sequence[float], confidence: float = 0.95, resamples: int = 2000, seed: int = 0
+) -> Estimate:
     """The mean with a bootstrap percentile confidence interval."""
     import numpy as np
 
@@ -66,16 +77,23 @@ def _paired(*arrays: Sequence[float]) -> list[Any]:
     return out
 
 
-def paired_difference(a: Sequence[float], b: Sequence[float], confidence: float = 0.95, resamples: int = 2000,
-                      seed: int = 0) -> Estimate:
+def paired_difference(
+    a: Sequence[float], b: Sequence[float], confidence: float = 0.95, resamples: int = 2000, seed: int = 0
+) -> Estimate:
     """mean(a - b) over paired examples, with a paired bootstrap interval
     (resampling the differences is resampling the same indices of a and b)."""
     x, y = _paired(a, b)
     return mean_ci(list(x - y), confidence, resamples, seed)
 
 
-def prompt_effect_retained(student: Sequence[float], floor: Sequence[float], teacher: Sequence[float],
-                           confidence: float = 0.95, resamples: int = 2000, seed: int = 0) -> Estimate:
+def prompt_effect_retained(
+    student: Sequence[float],
+    floor: Sequence[float],
+    teacher: Sequence[float],
+    confidence: float = 0.95,
+    resamples: int = 2000,
+    seed: int = 0,
+) -> Estimate:
     """(mean(student) - mean(floor)) / (mean(teacher) - mean(floor)): the share
     of what the prompt adds to the base model that the student keeps without
     it (1.0 = all of it; above 1, the student beats the prompted base).
@@ -92,9 +110,14 @@ def prompt_effect_retained(student: Sequence[float], floor: Sequence[float], tea
         return Estimate(None, None, None, 0, "no examples")
     gain, base = float(s.mean() - f.mean()), float(t.mean() - f.mean())
     if base <= 0:
-        return Estimate(None, None, None, n,
-                        f"the prompted base is not better than the floor on this metric "
-                        f"(teacher {t.mean():.2f} vs floor {f.mean():.2f}): compare absolute scores instead")
+        return Estimate(
+            None,
+            None,
+            None,
+            n,
+            f"the prompted base is not better than the floor on this metric "
+            f"(teacher {t.mean():.2f} vs floor {f.mean():.2f}): compare absolute scores instead",
+        )
     value = gain / base
     if n == 1:
         return Estimate(value, value, value, n, "one example: no interval")
@@ -106,8 +129,11 @@ def prompt_effect_retained(student: Sequence[float], floor: Sequence[float], tea
     num, den = res.bootstrap_distribution
     kept = den > 0
     dropped = int((~kept).sum())
-    note = (f"{dropped} of {resamples} resamples dropped: the teacher was not above the floor in them"
-            if dropped else "")
+    note = (
+        f"{dropped} of {resamples} resamples dropped: the teacher was not above the floor in them"
+        if dropped
+        else ""
+    )
     if not kept.any():
         return Estimate(value, None, None, n, note)
     alpha = (1 - confidence) / 2
@@ -137,7 +163,12 @@ def judge_human_agreement(judge: Sequence[float], human: Sequence[float]) -> dic
     j, h = _paired(judge, human)
     n = len(j)
     if n < 3:
-        return {"n": n, "spearman": None, "cohen_kappa": None, "note": f"{n} rated pairs: at least 3 are needed"}
+        return {
+            "n": n,
+            "spearman": None,
+            "cohen_kappa": None,
+            "note": f"{n} rated pairs: at least 3 are needed",
+        }
     notes = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # constant input: both say so by returning NaN
@@ -147,6 +178,9 @@ def judge_human_agreement(judge: Sequence[float], human: Sequence[float]) -> dic
         notes.append("Spearman is undefined when the judge's or the humans' scores never vary")
     if math.isnan(kappa):
         notes.append("Cohen's kappa is undefined when both give one and the same score throughout")
-    return {"n": n, "spearman": None if math.isnan(rho) else rho,
-            "cohen_kappa": None if math.isnan(kappa) else kappa, "note": "; ".join(notes)}
-
+    return {
+        "n": n,
+        "spearman": None if math.isnan(rho) else rho,
+        "cohen_kappa": None if math.isnan(kappa) else kappa,
+        "note": "; ".join(notes),
+    }

@@ -42,4 +42,14 @@ from engines.formats.reader import MAX_KEPT_ERRORS, DatasetReader
 from engines.formats.source import HEAD_BYTES, ByteReader
 from engines.formats.specs import FORMATS
 
-__all__ = ["FORMATS", "HEAD_BYTES", "MAX_KEPT_ERRORS", "ByteReader", "DatasetReader", "Limits", "Row", "RowError", "detect_format"]
+__all__ = [
+    "FORMATS",
+    "HEAD_BYTES",
+    "MAX_KEPT_ERRORS",
+    "ByteReader",
+    "DatasetReader",
+    "Limits",
+    "Row",
+    "RowError",
+    "detect_format",
+]

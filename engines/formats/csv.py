@@ -57,7 +57,8 @@ class _CsvLines:
         except UnicodeDecodeError as err:
             # Name the line when it is not the one the record starts on.
             self.problem = self.problem or utf8_reason(
-                raw, err, self.line, name_line=self.line != self.record_line)
+                raw, err, self.line, name_line=self.line != self.record_line
+            )
             text = raw.decode("utf-8", "replace")
         self.record_chars += len(text.rstrip("\r\n"))
         if self.record_chars > self.parser.limits.max_row_chars:
@@ -127,9 +128,14 @@ def _columns(names: list[str], query_column: str | None, answer_column: str | No
             return names.index(wanted.strip())
         if wanted.strip().lower() in lowered:
             return lowered.index(wanted.strip().lower())
-        raise Stop(RowError(1, f"no column {wanted!r} in the header (columns: {listed}); name one of them "
-                                "with --query-column/--answer-column (upload form: query/answer column)",
-                            fatal=True))
+        raise Stop(
+            RowError(
+                1,
+                f"no column {wanted!r} in the header (columns: {listed}); name one of them "
+                "with --query-column/--answer-column (upload form: query/answer column)",
+                fatal=True,
+            )
+        )
 
     if query_column is not None:
         qi = find(query_column)
@@ -140,19 +146,21 @@ def _columns(names: list[str], query_column: str | None, answer_column: str | No
         elif len(names) == 1:
             qi = 0
         else:
-            raise Stop(RowError(
-                1,
-                f"cannot tell which column holds the queries; choose one of the columns ({listed}) "
-                "with --query-column (upload form: query column)",
-                fatal=True,
-            ))
+            raise Stop(
+                RowError(
+                    1,
+                    f"cannot tell which column holds the queries; choose one of the columns ({listed}) "
+                    "with --query-column (upload form: query column)",
+                    fatal=True,
+                )
+            )
     ai: int | None = None
     if answer_column is not None:
         ai = find(answer_column)
         if ai == qi:
-            raise Stop(RowError(1, f"column {names[qi]!r} cannot be both the query and the answer",
-                                fatal=True))
+            raise Stop(
+                RowError(1, f"column {names[qi]!r} cannot be both the query and the answer", fatal=True)
+            )
     else:
-        ai = next((lowered.index(g) for g in ANSWER_COLUMNS if g in lowered and lowered.index(g) != qi),
-                  None)
+        ai = next((lowered.index(g) for g in ANSWER_COLUMNS if g in lowered and lowered.index(g) != qi), None)
     return qi, ai

@@ -15,8 +15,13 @@ from engines.formats.specs import FORMAT_OF_KEY
 _KEY_SNIFF = re.compile('"(' + "|".join(map(re.escape, FORMAT_OF_KEY)) + r')"\s*:')
 
 
-def detect_format(head: bytes, filename: str = "", *, records_key: str | None = None,
-                  max_depth: int = jsonguard.DEFAULT_MAX_DEPTH) -> str:
+def detect_format(
+    head: bytes,
+    filename: str = "",
+    *,
+    records_key: str | None = None,
+    max_depth: int = jsonguard.DEFAULT_MAX_DEPTH,
+) -> str:
     """Guess the format from the first bytes of the file (and its name).
     Returns one of FORMATS; "lines" when nothing else fits. With
     `records_key`, the records are those under that key of a top-level object."""
@@ -116,6 +121,8 @@ def jsonl_warning(head: bytes, max_depth: int) -> str | None:
             pass
     if not (lines and objects * 2 > len(lines)):
         return None
-    return (f"{objects} of the first {len(lines)} lines are JSON objects: the file looks like JSONL, but with "
-            "format 'lines' every line is stored as raw JSON text; to read its fields, upload it with "
-            "format auto (--format auto) or name the fields (--query-column/--answer-column)")
+    return (
+        f"{objects} of the first {len(lines)} lines are JSON objects: the file looks like JSONL, but with "
+        "format 'lines' every line is stored as raw JSON text; to read its fields, upload it with "
+        "format auto (--format auto) or name the fields (--query-column/--answer-column)"
+    )

@@ -207,7 +207,10 @@ class JsonArray:
             parser.count()
             if start is None or not isinstance(record, dict):
                 yield from parser.rows(record, 0, self.records)
-            elif piece_end - start > max_chars and _record_chars(self._record_bytes(start, piece_end)) > max_chars:
+            elif (
+                piece_end - start > max_chars
+                and _record_chars(self._record_bytes(start, piece_end)) > max_chars
+            ):
                 yield RowError(self.start_line, f"record is {parser.too_long}", self.records)
             else:
                 if self.escapes and self.escapes[0] < piece_end:
@@ -237,20 +240,31 @@ class JsonArray:
         if value is not None and value.kind is not None:
             self.top = None
             if value.kind != "list":
-                raise Stop(RowError(0, f'the value under the records key "{key}" is {a_kind(value.kind)}, not a '
-                                        "list of records", fatal=True))
+                raise Stop(
+                    RowError(
+                        0,
+                        f'the value under the records key "{key}" is {a_kind(value.kind)}, not a '
+                        "list of records",
+                        fatal=True,
+                    )
+                )
         elif top.closed:
             found = ", ".join(f'"{shown(k)}"' for k in list(top.keys)[:10]) or "none"
             hint = records_keys(top.keys)
             also = f'; the records look to be under "{shown(hint[0][0])}"' if hint else ""
-            raise Stop(RowError(0, f'no key "{key}" in the top-level object (its keys: {found}){also}',
-                                fatal=True))
+            raise Stop(
+                RowError(0, f'no key "{key}" in the top-level object (its keys: {found}){also}', fatal=True)
+            )
         elif top.broken:
             self.top = None  # the syntax error is ijson's to report, where it is
 
     def _too_long(self, line: int) -> RowError:
-        return RowError(line, f"record is {self.parser.too_long} (a JSON array cannot be read past it)",
-                        self.records + 1, fatal=True)
+        return RowError(
+            line,
+            f"record is {self.parser.too_long} (a JSON array cannot be read past it)",
+            self.records + 1,
+            fatal=True,
+        )
 
     def _syntax_error(self, exc: Exception, pos: int, end: int) -> RowError:
         """Why ijson stopped in chunk[pos:end], and where."""
@@ -277,8 +291,9 @@ class JsonArray:
             piece.decode("utf-8")
         except UnicodeDecodeError as err:
             line, col = self._advance(self.base + pos)
-            return RowError(line + piece.count(b"\n", 0, err.start), utf8_reason(piece, err, start_column=col),
-                            fatal=True)
+            return RowError(
+                line + piece.count(b"\n", 0, err.start), utf8_reason(piece, err, start_column=col), fatal=True
+            )
         offset = error_offset(context, piece) if context is not None else None
         if offset is not None:
             offset = token_start(piece, offset, reason, lexical)
@@ -295,19 +310,25 @@ class JsonArray:
             return RowError(line, f"expected ',' or ']' after record {self.records}, found '{{'", fatal=True)
         if self.records and found == ord("]") and reason.startswith("unallowed token"):
             return RowError(line, f"trailing comma after record {self.records}", fatal=True)
-        return RowError(line, f"invalid JSON: {reason}" + ("" if offset is None else f" (column {col + 1})"),
-                        fatal=True)
+        return RowError(
+            line, f"invalid JSON: {reason}" + ("" if offset is None else f" (column {col + 1})"), fatal=True
+        )
 
     def _end_error(self, exc: Exception) -> RowError:
         """ijson's complaint at the end of the file."""
         reason, _, _ = yajl_error(exc)
         line, _ = self._advance(self.base + len(self.chunk))
         if self.start is not None:
-            return RowError(self.start_line, "the file ends inside this record (an unclosed string, object or list)",
-                            self.records + 1, fatal=True)
+            return RowError(
+                self.start_line,
+                "the file ends inside this record (an unclosed string, object or list)",
+                self.records + 1,
+                fatal=True,
+            )
         if reason == "premature EOF":
-            return RowError(line, f"{self.container} is not closed (file ends after record {self.records})",
-                            fatal=True)
+            return RowError(
+                line, f"{self.container} is not closed (file ends after record {self.records})", fatal=True
+            )
         if reason == "trailing garbage":
             return RowError(line, f"unexpected data after the end of {self.container}", fatal=True)
         return RowError(line, f"invalid JSON: {reason}", fatal=True)
@@ -319,13 +340,31 @@ class JsonArray:
 def records_under_key(parser: Parser, key: str) -> Iterator[Row | RowError]:
     """The records in the list under `key` of a file that is one JSON object, read like a JSON array."""
     if SPECS[parser.format].layout != "json":
-        raise Stop(RowError(0, f"a records key (\"{shown(key)}\") applies to a JSON file that is one object; "
-                               f"format {parser.format} has no keys", fatal=True))
+        raise Stop(
+            RowError(
+                0,
+                f'a records key ("{shown(key)}") applies to a JSON file that is one object; '
+                f"format {parser.format} has no keys",
+                fatal=True,
+            )
+        )
     start = parser.head.lstrip()[:1]
     if start == b"[":
-        raise Stop(RowError(0, f"the file is a JSON array, not one JSON object: its records are read without a "
-                               f"records key (\"{shown(key)}\" was given)", fatal=True))
+        raise Stop(
+            RowError(
+                0,
+                f"the file is a JSON array, not one JSON object: its records are read without a "
+                f'records key ("{shown(key)}" was given)',
+                fatal=True,
+            )
+        )
     if start not in (b"{", b""):
-        raise Stop(RowError(0, f"with a records key (\"{shown(key)}\") the file must be one JSON object "
-                                "holding the records in a list under that key", fatal=True))
+        raise Stop(
+            RowError(
+                0,
+                f'with a records key ("{shown(key)}") the file must be one JSON object '
+                "holding the records in a list under that key",
+                fatal=True,
+            )
+        )
     return JsonArray(parser, key).events()

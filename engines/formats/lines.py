@@ -14,7 +14,9 @@ if TYPE_CHECKING:
     from engines.formats.reader import Parser
 
 
-def text_lines(parser: Parser, describe_long_first_line: bool = False) -> Iterator[tuple[int, str] | RowError]:
+def text_lines(
+    parser: Parser, describe_long_first_line: bool = False
+) -> Iterator[tuple[int, str] | RowError]:
     """(line number, text without its line ending) of every line that is
     not blank, counted as a row; errors for lines too long or not UTF-8.
     With describe_long_first_line, a first line too long that is the
@@ -31,8 +33,9 @@ def text_lines(parser: Parser, describe_long_first_line: bool = False) -> Iterat
         long_object = describe_long_first_line and first and raw.lstrip()[:1] == b"{"
         if not complete:
             if long_object:
-                refuse_long_records_object(parser.src, raw, line_no, parser.limits.max_depth, parser.query_column,
-                                               rest=True)
+                refuse_long_records_object(
+                    parser.src, raw, line_no, parser.limits.max_depth, parser.query_column, rest=True
+                )
             else:
                 parser.src.skip_line()
             parser.count()
@@ -50,7 +53,9 @@ def text_lines(parser: Parser, describe_long_first_line: bool = False) -> Iterat
         parser.count()
         if len(text) > parser.limits.max_row_chars:
             if long_object:
-                refuse_long_records_object(parser.src, raw, line_no, parser.limits.max_depth, parser.query_column)
+                refuse_long_records_object(
+                    parser.src, raw, line_no, parser.limits.max_depth, parser.query_column
+                )
             yield RowError(line_no, f"line is {parser.too_long}")
         else:
             yield line_no, text

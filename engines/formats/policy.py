@@ -11,11 +11,15 @@ from engines.formats.base import Bad
 MULTIMODAL_FIELDS = ("images", "image", "audios", "audio", "videos", "video")
 TOOL_FIELDS = ("tools", "functions", "function_description")
 TOOL_REASON = "tool calls need a tool-capable chat template; this workbench's base models have none"
-KTO_REASON = ("label: KTO preference data: label false marks an undesirable answer; the workbench trains on "
-              "answers it should imitate — remove the rows labelled false or drop the label field")
-DPO_REASON = ("chosen/rejected: DPO preference pairs; the workbench trains on one answer per query — "
-              "use --use-chosen (upload form: \"use only the chosen answers\") to load the chosen answers "
-              "and drop the rejected ones")
+KTO_REASON = (
+    "label: KTO preference data: label false marks an undesirable answer; the workbench trains on "
+    "answers it should imitate — remove the rows labelled false or drop the label field"
+)
+DPO_REASON = (
+    "chosen/rejected: DPO preference pairs; the workbench trains on one answer per query — "
+    'use --use-chosen (upload form: "use only the chosen answers") to load the chosen answers '
+    "and drop the rejected ones"
+)
 # Roles of tool results and calls, in the dialects of OpenAI, ShareGPT/glaive and Llama.
 TOOL_ROLES = ("tool", "function", "function_call", "observation", "ipython")
 
@@ -45,7 +49,9 @@ def refuse_meaning_fields(row: dict[str, object], use_chosen: bool) -> None:
         raise Bad(KTO_REASON)
     for key in MULTIMODAL_FIELDS:
         if row.get(key):
-            raise Bad(f"{key}: multimodal rows: the base models here read text only — drop the {key} field "
-                      "and any <image> placeholders, or the rows that need them")
+            raise Bad(
+                f"{key}: multimodal rows: the base models here read text only — drop the {key} field "
+                "and any <image> placeholders, or the rows that need them"
+            )
     if not use_chosen and ("chosen" in row or "rejected" in row):
         raise Bad(DPO_REASON)

@@ -50,8 +50,9 @@ class DatasetReader:
         use_chosen: bool = False,
         records_key: str | None = None,
     ) -> None:
-        self._parser = Parser(fileobj, fmt, limits, query_column, answer_column, filename, use_chosen,
-                              records_key)
+        self._parser = Parser(
+            fileobj, fmt, limits, query_column, answer_column, filename, use_chosen, records_key
+        )
         self.format: str = self._parser.format
         self.keep_errors = keep_errors
         self.row_count = 0
@@ -86,7 +87,9 @@ class DatasetReader:
         for item in self._parser.events():
             if isinstance(item, RowError):
                 self.error_count += 1
-                if len(self.errors) < self.keep_errors or item.fatal:  # the error that stopped parsing is kept
+                if (
+                    len(self.errors) < self.keep_errors or item.fatal
+                ):  # the error that stopped parsing is kept
                     self.errors.append(item)
                 self.stopped = self.stopped or item.fatal
             else:
@@ -125,8 +128,13 @@ class Parser:
             head = head[len(BOM) :]
         self.head = head
         self.binary = not self.utf16 and looks_binary(head)
-        self.format = fmt if fmt != "auto" else "lines" if self.binary else detect_format(
-            head, filename, records_key=self.records_key, max_depth=limits.max_depth)
+        self.format = (
+            fmt
+            if fmt != "auto"
+            else "lines"
+            if self.binary
+            else detect_format(head, filename, records_key=self.records_key, max_depth=limits.max_depth)
+        )
         if fmt == "auto" and query_column is not None:
             if self.format == "lines":
                 self.format = "csv"  # naming a column says it is a table
@@ -159,9 +167,15 @@ class Parser:
             if self.utf16:
                 raise Stop(RowError(0, "the file is UTF-16 encoded; save it as UTF-8", fatal=True))
             if self.binary:
-                raise Stop(RowError(0, f"{self.filename or 'the file'} looks like a binary file (control or "
-                                        "unreadable bytes throughout its start), not text: upload chat JSONL, Alpaca or "
-                                        "ShareGPT JSON, CSV, or plain text with one query per line", fatal=True))
+                raise Stop(
+                    RowError(
+                        0,
+                        f"{self.filename or 'the file'} looks like a binary file (control or "
+                        "unreadable bytes throughout its start), not text: upload chat JSONL, Alpaca or "
+                        "ShareGPT JSON, CSV, or plain text with one query per line",
+                        fatal=True,
+                    )
+                )
             if self.records_key is not None:
                 source = records_under_key(self, self.records_key)
             else:
@@ -171,7 +185,9 @@ class Parser:
                     errors += 1
                 yield item
         except TooLarge:
-            yield RowError(0, f"file is larger than the {human_bytes(self.limits.max_bytes)} limit", fatal=True)
+            yield RowError(
+                0, f"file is larger than the {human_bytes(self.limits.max_bytes)} limit", fatal=True
+            )
             return
         except Stop as stop:
             yield stop.error

@@ -59,8 +59,10 @@ _ALPACA_FIELDS = frozenset({"instruction", "input", "output", "system"})
 _COMPLETION_FIELDS = frozenset({"prompt", "completion"})
 _INSTANCES_FIELDS = frozenset({"instruction", "instances", "system"})
 CHOSEN_NOTE = "preference pairs: only the chosen answers were loaded; the rejected answers were dropped"
-INSTANCES_NOTE = ("self-instruct seed tasks: each instance became a row (query: the instruction and the instance "
-                  "input; answer: the instance output)")
+INSTANCES_NOTE = (
+    "self-instruct seed tasks: each instance became a row (query: the instruction and the instance "
+    "input; answer: the instance output)"
+)
 
 
 def _role(name: str, where: str) -> str:
@@ -98,7 +100,13 @@ def _from_chat(obj: object) -> list[Message]:
         if role not in protocol.ROLES:  # the hot path: no call for a role already canonical
             role = _role(role, where)
         value = message.get("content")
-        if role == "assistant" and i == len(items) - 1 and i > 0 and isinstance(value, str) and not value.strip():
+        if (
+            role == "assistant"
+            and i == len(items) - 1
+            and i > 0
+            and isinstance(value, str)
+            and not value.strip()
+        ):
             break  # an empty last answer: a query-only row
         if isinstance(value, list):
             out.append({"role": role, "content": _text_parts(value, f"{where}.content")})
@@ -138,8 +146,9 @@ def read_chosen(row: dict[str, object]) -> Read:
         used.add(prompt_key)
     if isinstance(chosen, str):
         if prompt_key is None:
-            raise Bad("chosen: a chosen answer without a prompt (expected a prompt, question or instruction "
-                      "field)")
+            raise Bad(
+                "chosen: a chosen answer without a prompt (expected a prompt, question or instruction field)"
+            )
         prompt = row[prompt_key]
         if isinstance(prompt, list):
             out += _from_chat({"messages": prompt})
@@ -159,8 +168,11 @@ def read_chosen(row: dict[str, object]) -> Read:
         prompt_turns = _from_chat({"messages": row[prompt_key]})
     elif prompt_key is not None:
         prompt_turns = [{"role": "user", "content": text_field(row, prompt_key)}]
-    turns = _from_chat({"messages": [*[dict(m) for m in prompt_turns], *chosen]}) if prompt_turns else \
-        _from_chat({"messages": chosen})
+    turns = (
+        _from_chat({"messages": [*[dict(m) for m in prompt_turns], *chosen]})
+        if prompt_turns
+        else _from_chat({"messages": chosen})
+    )
     if turns[-1]["role"] != "assistant":
         raise Bad("chosen: the chosen conversation has no answer")
     return out + turns if not (out and turns[0]["role"] == "system") else turns, used
@@ -203,7 +215,13 @@ def _from_sharegpt(row: dict[str, object], query: str | None, answer: str | None
         if role is None:
             raise Bad(f"{where}.from: unknown role {speaker!r} (expected system, human or gpt)")
         value = turn.get("value")
-        if role == "assistant" and i == len(turns) - 1 and out and isinstance(value, str) and not value.strip():
+        if (
+            role == "assistant"
+            and i == len(turns) - 1
+            and out
+            and isinstance(value, str)
+            and not value.strip()
+        ):
             break  # an empty last answer: a query-only row
         out.append({"role": role, "content": text_field(turn, "value", where)})
     if not out:
@@ -238,27 +256,75 @@ def how_to_load(obj: dict[str, object]) -> str:
     answer = next((lowered[c] for c in ANSWER_COLUMNS if c in lowered and lowered[c] != query), None)
     formats = ", ".join(f"{s.name} ({s.shape})" for s in SPECS.values() if s.shape)
     hint = f"; supported formats: {formats} — choose with --format, or name the fields with "
-    option = "--query-column/--answer-column" if query is None else \
-        f"--query-column {shown(query)}" + (f" --answer-column {shown(answer)}" if answer else "")
+    option = (
+        "--query-column/--answer-column"
+        if query is None
+        else f"--query-column {shown(query)}" + (f" --answer-column {shown(answer)}" if answer else "")
+    )
     return hint + option + " (upload form: query/answer column)"
 
 
-SPECS: dict[str, Spec] = {s.name: s for s in (
-    Spec("chat", 'OpenAI chat: {"messages": [{"role", "content"}, ...]} per line (JSONL) or in a JSON array',
-         "json", key="messages", rank=0, shape="messages", read=read_chat),
-    Spec("alpaca", 'Alpaca: {"instruction", "input", "output"} as a JSON array or JSONL',
-         "json", key="instruction", rank=2, shape="instruction/input/output", read=_from_alpaca),
-    Spec("sharegpt", 'ShareGPT: {"conversations": [{"from", "value"}, ...]} as JSONL or a JSON array',
-         "json", key="conversations", rank=1, shape="conversations", read=_from_sharegpt),
-    Spec("completion", 'OpenAI legacy completions: {"prompt", "completion"} as JSONL or a JSON array',
-         "json", key="prompt", rank=3, shape="prompt/completion", read=_from_completion),
-    Spec("fields", "JSON or JSONL with the query (and answer) fields you name", "json", read=_from_fields),
-    Spec("csv", "CSV with a header row: a query column and optionally an answer column", "csv"),
-    Spec("lines", "Plain text: one query per line", "lines"),
-)}
+SPECS: dict[str, Spec] = {
+    s.name: s
+    for s in (
+        Spec(
+            "chat",
+            'OpenAI chat: {"messages": [{"role", "content"}, ...]} per line (JSONL) or in a JSON array',
+            "json",
+            key="messages",
+            rank=0,
+            shape="messages",
+            read=read_chat,
+        ),
+        Spec(
+            "alpaca",
+            'Alpaca: {"instruction", "input", "output"} as a JSON array or JSONL',
+            "json",
+            key="instruction",
+            rank=2,
+            shape="instruction/input/output",
+            read=_from_alpaca,
+        ),
+        Spec(
+            "sharegpt",
+            'ShareGPT: {"conversations": [{"from", "value"}, ...]} as JSONL or a JSON array',
+            "json",
+            key="conversations",
+            rank=1,
+            shape="conversations",
+            read=_from_sharegpt,
+        ),
+        Spec(
+            "completion",
+            'OpenAI legacy completions: {"prompt", "completion"} as JSONL or a JSON array',
+            "json",
+            key="prompt",
+            rank=3,
+            shape="prompt/completion",
+            read=_from_completion,
+        ),
+        Spec(
+            "fields", "JSON or JSONL with the query (and answer) fields you name", "json", read=_from_fields
+        ),
+        Spec("csv", "CSV with a header row: a query column and optionally an answer column", "csv"),
+        Spec("lines", "Plain text: one query per line", "lines"),
+    )
+}
 FORMATS: dict[str, str] = {name: spec.help for name, spec in SPECS.items()}
 # Fields that make a top-level object a row of some format, not a file of rows.
-RECORD_FIELDS = frozenset({"messages", "conversations", "instruction", "input", "output", "prompt", "completion",
-                           "chosen", "rejected", "instances"})
+RECORD_FIELDS = frozenset(
+    {
+        "messages",
+        "conversations",
+        "instruction",
+        "input",
+        "output",
+        "prompt",
+        "completion",
+        "chosen",
+        "rejected",
+        "instances",
+    }
+)
 # Detection: the format each key gives away, by rank.
 FORMAT_OF_KEY = {s.key: s.name for s in sorted(SPECS.values(), key=lambda s: s.rank) if s.key}

@@ -30,8 +30,16 @@ def _json_object_line(text: str, max_depth: int) -> bool:
     return False
 
 
-KINDS = {"start_map": "object", "start_array": "list", "string": "string", "number": "number",
-         "integer": "number", "double": "number", "boolean": "boolean", "null": "null"}
+KINDS = {
+    "start_map": "object",
+    "start_array": "list",
+    "string": "string",
+    "number": "number",
+    "integer": "number",
+    "double": "number",
+    "boolean": "boolean",
+    "null": "null",
+}
 
 
 class KeyInfo:
@@ -67,12 +75,20 @@ def single_object_error(keys: dict[str, KeyInfo], broken: str = "") -> RowError:
         key, value = found[0]
         name = shown(key)
         also = "".join(f'; "{shown(k)}" holds {v.items:,}' for k, v in found[1:4])
-        return RowError(0, f'the file is one JSON object; its records are under the key "{name}" '
-                           f"({value.items:,} items{also}){broken}: load it with records key \"{name}\" "
-                           f"(--records-key {shlex.quote(name)}; upload form: records key)", fatal=True)
+        return RowError(
+            0,
+            f'the file is one JSON object; its records are under the key "{name}" '
+            f'({value.items:,} items{also}){broken}: load it with records key "{name}" '
+            f"(--records-key {shlex.quote(name)}; upload form: records key)",
+            fatal=True,
+        )
     listed = ", ".join(shown(k) for k in list(keys)[:10]) + (", ..." if len(keys) > 10 else "")
-    return RowError(0, f"the file is a single JSON object with keys {listed or '(none read)'}{broken}; the rows "
-                       "must be a JSON array or one object per line (JSONL)", fatal=True)
+    return RowError(
+        0,
+        f"the file is a single JSON object with keys {listed or '(none read)'}{broken}; the rows "
+        "must be a JSON array or one object per line (JSONL)",
+        fatal=True,
+    )
 
 
 class TopLevel:
@@ -119,8 +135,13 @@ class TopLevel:
     def _fail(self, exc: Exception) -> None:
         reason = yajl_error(exc)[0]
         self.trailing = reason == "trailing garbage"
-        self.broken = " (and the file ends inside it)" if reason == "premature EOF" else \
-            " (and more JSON follows it)" if self.trailing else f" (and it is not valid JSON: {reason})"
+        self.broken = (
+            " (and the file ends inside it)"
+            if reason == "premature EOF"
+            else " (and more JSON follows it)"
+            if self.trailing
+            else f" (and it is not valid JSON: {reason})"
+        )
 
     def _walk(self) -> None:
         depth, value = self._depth, self._value
@@ -190,8 +211,11 @@ def refuse_single_object(head: bytes, src: Source, max_depth: int) -> None:
         if text[end:].strip():
             return  # more than one object: per-line errors tell more
         raise Stop(single_object_error(describe(whole)))
-    if first.rstrip().endswith(("{", "[", ",", ":")) and len(head) >= HEAD_BYTES \
-            and not _json_object_line(text, max_depth):
+    if (
+        first.rstrip().endswith(("{", "[", ",", ":"))
+        and len(head) >= HEAD_BYTES
+        and not _json_object_line(text, max_depth)
+    ):
         # Cut off at the end of the head: read the top level as a stream.
         walker = TopLevel(max_depth)
         for chunk in src.chunks():
@@ -202,8 +226,9 @@ def refuse_single_object(head: bytes, src: Source, max_depth: int) -> None:
         raise Stop(single_object_error(walker.keys, walker.broken))
 
 
-def refuse_long_records_object(src: Source, raw: bytes, line_no: int, max_depth: int, query_column: str | None,
-                               rest: bool = False) -> None:
+def refuse_long_records_object(
+    src: Source, raw: bytes, line_no: int, max_depth: int, query_column: str | None, rest: bool = False
+) -> None:
     """A first line too long to be a row: stop if it is the whole file and one
     object holding the records. With `rest`, the line goes on past `raw`."""
     walker = TopLevel(max_depth, line_no)

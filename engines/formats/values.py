@@ -29,8 +29,9 @@ def check_text(value: str, where: str) -> str:
         try:
             value.encode("utf-8")
         except UnicodeEncodeError as err:
-            raise Bad(f"{where} holds an unpaired surrogate \\u{ord(value[err.start]):04x} (not valid Unicode)") \
-                from None
+            raise Bad(
+                f"{where} holds an unpaired surrogate \\u{ord(value[err.start]):04x} (not valid Unicode)"
+            ) from None
     return value
 
 

@@ -38,7 +38,10 @@ def error_offset(context: bytes, piece: bytes) -> int | None:
     before, after = context[:40], context[40:]
     fits: list[int] = []
     for o in find_all(shown, after) if after else iter([len(shown)]):
-        if len(after) == min(30, len(shown) - o) and before == b" " * (40 - min(o, 30)) + shown[max(0, o - 30) : o]:
+        if (
+            len(after) == min(30, len(shown) - o)
+            and before == b" " * (40 - min(o, 30)) + shown[max(0, o - 30) : o]
+        ):
             fits.append(o)
             if len(fits) > 1:
                 return None

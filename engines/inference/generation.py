@@ -31,8 +31,9 @@ class GenerationCancelled(Exception):
         self.total = total
 
 
-def encode(tokenizer: Any, messages: Sequence[Message], system_prompt: str | None,
-           opening: str | None = None) -> list[int]:
+def encode(
+    tokenizer: Any, messages: Sequence[Message], system_prompt: str | None, opening: str | None = None
+) -> list[int]:
     """Token ids of the rendered prompt, exactly as `generate` feeds them;
     with `opening`, the assistant's answer already begins with that text."""
     # The template writes any BOS itself, so the tokenizer must not add one.
@@ -60,8 +61,8 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int, prefix: Sequence[int] =
         input_ids[:, :start] = torch.tensor(list(prefix))
         mask[:, :start] = 1
     for i, row in enumerate(rows):
-        input_ids[i, width - len(row):] = torch.tensor(list(row))
-        mask[i, width - len(row):] = 1
+        input_ids[i, width - len(row) :] = torch.tensor(list(row))
+        mask[i, width - len(row) :] = 1
     return input_ids, mask
 
 
@@ -190,8 +191,10 @@ def generate(
             if should_stop is not None and should_stop():
                 raise GenerationCancelled(done, total)
             began = time.perf_counter()
-            batch = order[start:start + batch_size]
-            input_ids, mask = left_pad([rows[i][prefix_len:] for i in batch], pad_id, rows[batch[0]][:prefix_len])
+            batch = order[start : start + batch_size]
+            input_ids, mask = left_pad(
+                [rows[i][prefix_len:] for i in batch], pad_id, rows[batch[0]][:prefix_len]
+            )
             kwargs: dict[str, Any] = {}
             rows_stops = None
             if settings.stop:
@@ -207,13 +210,16 @@ def generate(
                 logits_processor=completion_processors(settings, input_ids.shape[1]),
                 **kwargs,
             )
-            new = out[:, input_ids.shape[1]:].tolist()
+            new = out[:, input_ids.shape[1] :].tolist()
             seconds = time.perf_counter() - began
             if rows_stops is not None:
                 rows_stops.finish()
             for row, i in enumerate(batch):
-                results[i] = (_finish(loaded, new[row], len(rows[i]), seconds) if rows_stops is None
-                              else rows_stops.completion(row, len(rows[i]), seconds))
+                results[i] = (
+                    _finish(loaded, new[row], len(rows[i]), seconds)
+                    if rows_stops is None
+                    else rows_stops.completion(row, len(rows[i]), seconds)
+                )
             done += len(batch)
             if progress is not None:
                 progress(Progress.since(started, done, total, "conversations"))
@@ -242,8 +248,10 @@ def generate_samples(
     expanded = [conv for conv in conversations for _ in range(samples)]
     # N samples of a query ride in one batch N times as wide: a decode step of
     # a wider batch costs far less than N steps (at most 64 rows: KV memory).
-    wide = dataclasses.replace(settings, batch_size=max(settings.batch_size,
-                                                        min(settings.batch_size * samples, 64)))
-    flat = generate(loaded, expanded, system_prompt, wide, progress=progress, should_stop=should_stop,
-                    opening=opening)
-    return [flat[i:i + samples] for i in range(0, len(flat), samples)]
+    wide = dataclasses.replace(
+        settings, batch_size=max(settings.batch_size, min(settings.batch_size * samples, 64))
+    )
+    flat = generate(
+        loaded, expanded, system_prompt, wide, progress=progress, should_stop=should_stop, opening=opening
+    )
+    return [flat[i : i + samples] for i in range(0, len(flat), samples)]

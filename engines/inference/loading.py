@@ -114,7 +114,9 @@ def _stop_token_ids(tokenizer: Any, model: Any) -> tuple[int, ...]:
         if token_id is not None and int(token_id) not in ids:
             ids.append(int(token_id))
     if not ids:
-        raise ModelLoadError("the tokenizer has no end-of-sequence token and the chat template no end-of-turn token")
+        raise ModelLoadError(
+            "the tokenizer has no end-of-sequence token and the chat template no end-of-turn token"
+        )
     return tuple(ids)
 
 
@@ -154,7 +156,9 @@ def load_model(
 
         adapter_dir = Path(adapter_dir)
         if not (adapter_dir / "adapter_model.safetensors").is_file():
-            raise ModelLoadError(f"{adapter_dir} has no adapter_model.safetensors (only safetensors adapters load)")
+            raise ModelLoadError(
+                f"{adapter_dir} has no adapter_model.safetensors (only safetensors adapters load)"
+            )
         model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
         if merge:
             model = model.merge_and_unload()
@@ -163,6 +167,6 @@ def load_model(
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return LoadedModel(model=model, tokenizer=tokenizer, device=picked_device, dtype=dtype, stop_token_ids=stop_ids)
-
-
+    return LoadedModel(
+        model=model, tokenizer=tokenizer, device=picked_device, dtype=dtype, stop_token_ids=stop_ids
+    )

@@ -42,7 +42,12 @@ class Bound:
             return f"must be {'a whole number' if self.whole else 'a number'}, got {value!r}"
         if self.whole and not (isinstance(value, int) or value.is_integer()):
             return f"must be a whole number, got {value!r}"
-        if not math.isfinite(value) or value > self.high or value < self.low or (self.low_open and value == self.low):
+        if (
+            not math.isfinite(value)
+            or value > self.high
+            or value < self.low
+            or (self.low_open and value == self.low)
+        ):
             return f"must be {self.range()}{self.meaning}, got {value!r}"
         return None
 
@@ -60,16 +65,31 @@ BOUNDS: tuple[Bound, ...] = (
     Bound("top_p", "top_p", 0, 1, whole=False, low_open=True),
     Bound("seed", "seed", SEED_RANGE[0], SEED_RANGE[1], whole=True, meaning=" (a 64-bit integer)"),
     Bound("batch_size", "batch_size", 1, 256, whole=True),
-    Bound("repetition_penalty", "repetition_penalty", 0, 10, whole=False, low_open=True,
-          meaning=" (1 means none)"),
+    Bound(
+        "repetition_penalty",
+        "repetition_penalty",
+        0,
+        10,
+        whole=False,
+        low_open=True,
+        meaning=" (1 means none)",
+    ),
     Bound("no_repeat_ngram_size", "no_repeat_ngram_size", 0, 64, whole=True, meaning=" (0 means none)"),
     Bound(None, "n", 1, 16, whole=True),
 )
 BY_SETTING = {b.setting: b for b in BOUNDS if b.setting is not None}
 BY_PARAM = {b.param: b for b in BOUNDS}
 # The OpenAI body fields a GenerationSettings is built from (batch_size is not one: it is ours).
-OPENAI_PARAMS = ("max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "repetition_penalty",
-                 "no_repeat_ngram_size", "stop")
+OPENAI_PARAMS = (
+    "max_tokens",
+    "max_completion_tokens",
+    "temperature",
+    "top_p",
+    "seed",
+    "repetition_penalty",
+    "no_repeat_ngram_size",
+    "stop",
+)
 
 
 class SettingsError(ValueError):
@@ -158,19 +178,26 @@ class GenerationSettings:
         return cls(**{k: v for k, v in data.items() if v is not None or k == "seed"})
 
     @classmethod
-    def from_openai(cls, body: Mapping[str, Any], defaults: Mapping[str, Any] | None = None) -> GenerationSettings:
+    def from_openai(
+        cls, body: Mapping[str, Any], defaults: Mapping[str, Any] | None = None
+    ) -> GenerationSettings:
         """From an OpenAI chat-completions body: max_tokens (or
         max_completion_tokens), temperature, top_p, seed, stop and the extra
         repetition_penalty and no_repeat_ngram_size; other fields are ignored,
         n is checked against the same table. Fields left out take `defaults`
         (OpenAI-named, e.g. a variant's guard rails), then OpenAI's defaults.
         Raises OpenAIError(400) naming the first bad OpenAI parameter."""
-        given = {**(defaults or {}), **{k: v for k, v in body.items() if k in OPENAI_PARAMS and v is not None}}
+        given = {
+            **(defaults or {}),
+            **{k: v for k, v in body.items() if k in OPENAI_PARAMS and v is not None},
+        }
         openai_n(body)
         tokens_param = "max_tokens" if given.get("max_tokens") is not None else "max_completion_tokens"
         params = {"max_new_tokens": tokens_param}
-        values: dict[str, Any] = {"max_new_tokens": OPENAI_DEFAULT_MAX_TOKENS,
-                                  "temperature": OPENAI_DEFAULT_TEMPERATURE}
+        values: dict[str, Any] = {
+            "max_new_tokens": OPENAI_DEFAULT_MAX_TOKENS,
+            "temperature": OPENAI_DEFAULT_TEMPERATURE,
+        }
         for name, bound in BY_SETTING.items():
             param = params.get(name, bound.param)
             if name == "batch_size" or given.get(param) is None:
@@ -185,8 +212,12 @@ class GenerationSettings:
             stop = [stop] if isinstance(stop, str) else stop
             problem = stop_error(stop)
             if problem:
-                raise OpenAIError(400, f"stop must be a string or a list of at most {MAX_STOP_STRINGS} non-empty "
-                                       f"strings of at most {MAX_STOP_CHARS} characters ({problem}).", param="stop")
+                raise OpenAIError(
+                    400,
+                    f"stop must be a string or a list of at most {MAX_STOP_STRINGS} non-empty "
+                    f"strings of at most {MAX_STOP_CHARS} characters ({problem}).",
+                    param="stop",
+                )
             values["stop"] = tuple(stop)
         return cls(**values)
 
@@ -197,9 +228,13 @@ class GenerationSettings:
         request's repetition_penalty 1 overrides a variant's guard rail); an
         empty stop is never sent."""
         every: dict[str, Any] = {
-            "max_tokens": self.max_new_tokens, "temperature": float(self.temperature), "top_p": float(self.top_p),
+            "max_tokens": self.max_new_tokens,
+            "temperature": float(self.temperature),
+            "top_p": float(self.top_p),
             "seed": self.seed,
-            "repetition_penalty": float(self.repetition_penalty),  # a vLLM extra parameter, the hf engine's too
+            "repetition_penalty": float(
+                self.repetition_penalty
+            ),  # a vLLM extra parameter, the hf engine's too
             "no_repeat_ngram_size": self.no_repeat_ngram_size,  # the hf engine's; vLLM ignores it
             "stop": list(self.stop),
         }
@@ -219,5 +254,8 @@ class GenerationSettings:
     def guard_rails(self) -> dict[str, Any]:
         """The guard-rail settings that differ from the defaults, as JSON."""
         default = GenerationSettings()
-        return {name: list(v) if isinstance(v := getattr(self, name), tuple) else v
-                for name in self.GUARD_RAILS if getattr(self, name) != getattr(default, name)}
+        return {
+            name: list(v) if isinstance(v := getattr(self, name), tuple) else v
+            for name in self.GUARD_RAILS
+            if getattr(self, name) != getattr(default, name)
+        }

@@ -39,12 +39,12 @@ class CompletionNoRepeatNGram:
 
     def __call__(self, input_ids: Any, scores: Any) -> Any:
         n = self.n
-        generated = input_ids[:, self.start:].tolist()
+        generated = input_ids[:, self.start :].tolist()
         if not generated or len(generated[0]) < n:
             return scores
         for row, tokens in enumerate(generated):
-            tail = tokens[len(tokens) - n + 1:]
-            banned = [tokens[i + n - 1] for i in range(len(tokens) - n + 1) if tokens[i:i + n - 1] == tail]
+            tail = tokens[len(tokens) - n + 1 :]
+            banned = [tokens[i + n - 1] for i in range(len(tokens) - n + 1) if tokens[i : i + n - 1] == tail]
             if banned:
                 scores[row, banned] = -float("inf")
         return scores
@@ -82,8 +82,9 @@ class RowStops:
     running row's tokens so far: decoding the cumulative ids, not token by
     token, keeps multi-byte characters split across tokens whole."""
 
-    def __init__(self, loaded: LoadedModel, max_tokens: Sequence[int], stop: Sequence[str] = (),
-                 live: bool = False) -> None:
+    def __init__(
+        self, loaded: LoadedModel, max_tokens: Sequence[int], stop: Sequence[str] = (), live: bool = False
+    ) -> None:
         self.tokenizer = loaded.tokenizer
         self.stop_ids = frozenset(loaded.stop_token_ids)
         self.stop = tuple(stop)
@@ -138,7 +139,7 @@ class RowStops:
             end -= self._held_for_stop(row.text[:end])
         if end <= row.emitted:
             return ""
-        piece = row.text[row.emitted:end]
+        piece = row.text[row.emitted : end]
         row.emitted = end
         return piece
 
@@ -153,8 +154,13 @@ class RowStops:
 
     def completion(self, i: int, prompt_tokens: int, seconds: float) -> Completion:
         row = self.rows[i]
-        return Completion(text=row.text, prompt_tokens=prompt_tokens, completion_tokens=len(row.tokens),
-                          finish_reason=row.finish_reason, seconds=seconds)
+        return Completion(
+            text=row.text,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=len(row.tokens),
+            finish_reason=row.finish_reason,
+            seconds=seconds,
+        )
 
     def stopping_criteria(self) -> Any:
         """A transformers StoppingCriteriaList that feeds this object each step."""
@@ -175,5 +181,3 @@ def decode_text(tokenizer: Any, ids: Sequence[int]) -> str:
     """Generated ids as text. A NUL (a byte-level token a small model may
     emit) becomes U+FFFD: PostgreSQL cannot store it in text or JSON."""
     return str(tokenizer.decode(ids, skip_special_tokens=True)).replace("\x00", "\ufffd")
-
-

@@ -36,9 +36,17 @@ WINDOW_CAP = 10
 class ServingEngine:
     """Base models with their adapters, a request queue and the batcher thread."""
 
-    def __init__(self, *, max_batch: int = 16, batch_window_ms: float = 25.0, max_queue: int = 256,
-                 max_queue_per_project: int | None = None, dtype: str | None = "auto", device: str | None = None,
-                 threads: int | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        max_batch: int = 16,
+        batch_window_ms: float = 25.0,
+        max_queue: int = 256,
+        max_queue_per_project: int | None = None,
+        dtype: str | None = "auto",
+        device: str | None = None,
+        threads: int | None = None,
+    ) -> None:
         self.max_batch = max_batch
         self.batch_window = batch_window_ms / 1000
         self.max_queue = max_queue
@@ -113,15 +121,24 @@ class ServingEngine:
                 raise unavailable("the engine is shutting down")
             waiting = sum(t.rows for t in self._queue)
             if waiting + rows > self.max_queue:
-                raise OpenAIError(429, f"the engine is saturated ({waiting} rows waiting, at most "
-                                       f"{self.max_queue}): retry later", "rate_limit_error", code="queue_full")
+                raise OpenAIError(
+                    429,
+                    f"the engine is saturated ({waiting} rows waiting, at most "
+                    f"{self.max_queue}): retry later",
+                    "rate_limit_error",
+                    code="queue_full",
+                )
             for project in {t.request.project for t in tickets}:
                 mine = sum(t.rows for t in self._queue if t.request.project == project)
                 asked = sum(t.rows for t in tickets if t.request.project == project)
                 if mine + asked > self.max_queue_per_project:
-                    raise OpenAIError(429, f"this project has {mine} rows waiting, at most "
-                                           f"{self.max_queue_per_project}: retry later", "rate_limit_error",
-                                      code="project_queue_full")
+                    raise OpenAIError(
+                        429,
+                        f"this project has {mine} rows waiting, at most "
+                        f"{self.max_queue_per_project}: retry later",
+                        "rate_limit_error",
+                        code="project_queue_full",
+                    )
             self._queue.extend(tickets)
             self._cond.notify_all()
         return tickets
@@ -135,7 +152,8 @@ class ServingEngine:
             raise bad_request(
                 f"This model's maximum context length is {limit} tokens; the messages take {len(ids)} "
                 f"and max_tokens asks for {request.settings.max_new_tokens} more",
-                "messages" if too_long else "max_tokens")
+                "messages" if too_long else "max_tokens",
+            )
         return Ticket(request, base.name, adapter, ids)
 
     def queued_rows(self) -> int:
@@ -243,10 +261,15 @@ class ServingEngine:
                 return
             rows = [(ticket, j) for ticket in live for j in range(ticket.rows)]
             loaded = base.loaded
-            settings = dataclasses.replace(live[0].request.settings,
-                                           max_new_tokens=max(t.request.settings.max_new_tokens for t in live))
-            stops = RowStops(loaded, [t.request.settings.max_new_tokens for t, _ in rows], settings.stop,
-                             live=any(t.request.stream for t in live))
+            settings = dataclasses.replace(
+                live[0].request.settings, max_new_tokens=max(t.request.settings.max_new_tokens for t in live)
+            )
+            stops = RowStops(
+                loaded,
+                [t.request.settings.max_new_tokens for t, _ in rows],
+                settings.stop,
+                live=any(t.request.stream for t in live),
+            )
             input_ids, mask = left_pad([t.prompt_ids for t, _ in rows], int(loaded.tokenizer.pad_token_id))
             kwargs: dict[str, Any] = {}
             model = loaded.model
@@ -269,10 +292,12 @@ class ServingEngine:
             self.rows_generated += len(rows)
             with torch.inference_mode(), scope:
                 model.generate(
-                    input_ids=input_ids.to(loaded.device), attention_mask=mask.to(loaded.device),
+                    input_ids=input_ids.to(loaded.device),
+                    attention_mask=mask.to(loaded.device),
                     generation_config=generation_config(loaded, settings),
                     logits_processor=completion_processors(settings, input_ids.shape[1]),
-                    stopping_criteria=stops.stopping_criteria(), streamer=_streamer(stops, rows),
+                    stopping_criteria=stops.stopping_criteria(),
+                    streamer=_streamer(stops, rows),
                     **kwargs,
                 )
             stops.finish()

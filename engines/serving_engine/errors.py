@@ -10,8 +10,9 @@ def bad_request(message: str, param: str | None = None) -> OpenAIError:
 
 
 def model_not_found(name: str) -> OpenAIError:
-    return OpenAIError(404, f"The model {name!r} does not exist or is not loaded.", param="model",
-                       code="model_not_found")
+    return OpenAIError(
+        404, f"The model {name!r} does not exist or is not loaded.", param="model", code="model_not_found"
+    )
 
 
 def unavailable(message: str) -> OpenAIError:

@@ -39,7 +39,7 @@ class Base:
 
 
 def resolve_dtype(name: str | None) -> Any:
-    """"auto": bfloat16 on a CPU that supports it (generation measured 1.46x
+    """ "auto": bfloat16 on a CPU that supports it (generation measured 1.46x
     faster than float32 on this stack), else what pick_device gives."""
     import torch
 
@@ -61,8 +61,11 @@ def _adapter_dir(path: str) -> Path:
     if not folder.is_dir():
         raise OpenAIError(404, f"adapter path {path} does not exist", param="lora_path", code="not_found")
     if not (folder / "adapter_model.safetensors").is_file() or not (folder / "adapter_config.json").is_file():
-        raise bad_request(f"{path} is not a LoRA adapter: it needs adapter_config.json and "
-                          "adapter_model.safetensors (only safetensors adapters load)", "lora_path")
+        raise bad_request(
+            f"{path} is not a LoRA adapter: it needs adapter_config.json and "
+            "adapter_model.safetensors (only safetensors adapters load)",
+            "lora_path",
+        )
     return folder
 
 
@@ -76,10 +79,14 @@ def _check_adapter(model: Any, folder: Path) -> None:
     except (OSError, ValueError) as exc:
         raise bad_request(f"{folder}/adapter_config.json is not valid JSON: {exc}", "lora_path") from exc
     if not isinstance(config, dict) or config.get("peft_type") != "LORA" or config.get("use_dora"):
-        peft_type, dora = (config.get("peft_type"), bool(config.get("use_dora"))) if isinstance(config, dict) \
+        peft_type, dora = (
+            (config.get("peft_type"), bool(config.get("use_dora")))
+            if isinstance(config, dict)
             else (None, False)
-        raise bad_request(f"{folder} is not a plain LoRA adapter (peft_type {peft_type!r}, use_dora {dora})",
-                          "lora_path")
+        )
+        raise bad_request(
+            f"{folder} is not a plain LoRA adapter (peft_type {peft_type!r}, use_dora {dora})", "lora_path"
+        )
     modules = dict(model.named_modules())
     try:
         with safe_open(str(folder / "adapter_model.safetensors"), framework="pt") as weights:
@@ -91,11 +98,15 @@ def _check_adapter(model: Any, folder: Path) -> None:
                 target = modules.get(name.removeprefix("base_model.model."))
                 shape = weights.get_slice(key).get_shape()
                 if target is None or not hasattr(target, "in_features"):
-                    raise bad_request(f"adapter {folder} targets {name}, which this base model lacks", "lora_path")
+                    raise bad_request(
+                        f"adapter {folder} targets {name}, which this base model lacks", "lora_path"
+                    )
                 size = target.in_features if is_a else target.out_features
                 if len(shape) != 2 or shape[1 if is_a else 0] != size:
-                    raise bad_request(f"adapter {folder} does not fit this base model: {key} has shape "
-                                      f"{list(shape)}", "lora_path")
+                    raise bad_request(
+                        f"adapter {folder} does not fit this base model: {key} has shape {list(shape)}",
+                        "lora_path",
+                    )
     except (SafetensorError, OSError) as exc:  # not a readable safetensors file
         raise bad_request(f"could not read {folder}/adapter_model.safetensors: {exc}", "lora_path") from exc
 
@@ -142,12 +153,20 @@ class ModelRegistry:
         if base_name is not None:
             base = self._bases.get(base_name)
             if base is None:
-                raise OpenAIError(404, f"base model {base_name!r} is not loaded", param="base_model_name",
-                                  code="model_not_found")
+                raise OpenAIError(
+                    404,
+                    f"base model {base_name!r} is not loaded",
+                    param="base_model_name",
+                    code="model_not_found",
+                )
             return base
         if len(self._bases) != 1:
-            raise bad_request("several base models are loaded: name one in base_model_name"
-                              if self._bases else "no base model is loaded", "base_model_name")
+            raise bad_request(
+                "several base models are loaded: name one in base_model_name"
+                if self._bases
+                else "no base model is loaded",
+                "base_model_name",
+            )
         return next(iter(self._bases.values()))
 
     def load_adapter(self, name: str, path: str | Path, base_name: str | None = None) -> bool:
@@ -161,8 +180,10 @@ class ModelRegistry:
             if owner is not None:
                 if owner.adapters[name] == path:
                     return False
-                raise bad_request(f"adapter {name!r} is already loaded from {owner.adapters[name]}: unload it first",
-                                  "lora_name")
+                raise bad_request(
+                    f"adapter {name!r} is already loaded from {owner.adapters[name]}: unload it first",
+                    "lora_name",
+                )
             if name in self._bases or name in self._loading:
                 raise bad_request(f"{name!r} is the name of a base model", "lora_name")
             base = self._pick_base(base_name)
@@ -175,7 +196,9 @@ class ModelRegistry:
                 # What _check_adapter cannot see (a config peft refuses, weights torch cannot load): peft says what.
                 log.warning("adapter %s (%s) did not load over %s: %r", name, path, base.name, exc)
                 self._detach(base, name)
-                raise bad_request(f"could not load adapter {path} over {base.name}: {exc}", "lora_path") from exc
+                raise bad_request(
+                    f"could not load adapter {path} over {base.name}: {exc}", "lora_path"
+                ) from exc
             except BaseException:
                 self._detach(base, name)
                 raise
@@ -189,8 +212,9 @@ class ModelRegistry:
         if base.peft is None:
             from peft import PeftModel
 
-            base.peft = PeftModel.from_pretrained(base.loaded.model, str(folder), adapter_name=name,
-                                                  is_trainable=False)
+            base.peft = PeftModel.from_pretrained(
+                base.loaded.model, str(folder), adapter_name=name, is_trainable=False
+            )
         else:
             base.peft.load_adapter(str(folder), adapter_name=name, is_trainable=False)
         base.peft.eval()
@@ -212,7 +236,9 @@ class ModelRegistry:
         with self._names:
             base = self._adapter_base(name)
             if base is None:
-                raise OpenAIError(404, f"adapter {name!r} is not loaded", param="lora_name", code="model_not_found")
+                raise OpenAIError(
+                    404, f"adapter {name!r} is not loaded", param="lora_name", code="model_not_found"
+                )
             del base.adapters[name]
             base.adapter_created.pop(name, None)
         with self.lock:
@@ -222,11 +248,27 @@ class ModelRegistry:
         with self._names:
             cards = []
             for base in self._bases.values():
-                cards.append({"id": base.name, "object": "model", "created": base.created,
-                              "owned_by": "workbench", "root": base.path, "parent": None})
-                cards.extend({"id": name, "object": "model", "created": base.adapter_created.get(name, 0),
-                              "owned_by": "workbench", "root": path, "parent": base.name}
-                             for name, path in base.adapters.items())
+                cards.append(
+                    {
+                        "id": base.name,
+                        "object": "model",
+                        "created": base.created,
+                        "owned_by": "workbench",
+                        "root": base.path,
+                        "parent": None,
+                    }
+                )
+                cards.extend(
+                    {
+                        "id": name,
+                        "object": "model",
+                        "created": base.adapter_created.get(name, 0),
+                        "owned_by": "workbench",
+                        "root": path,
+                        "parent": base.name,
+                    }
+                    for name, path in base.adapters.items()
+                )
             return cards
 
     def resolve(self, model: str) -> tuple[Base, str | None]:

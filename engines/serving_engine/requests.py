@@ -65,9 +65,17 @@ def parse_chat_request(body: Any, project: str | None = None) -> ChatRequest:
     opening = None
     if _flag(body, "continue_final_message"):
         if messages[-1]["role"] != "assistant":
-            raise bad_request("continue_final_message needs a final assistant message to continue", "messages")
+            raise bad_request(
+                "continue_final_message needs a final assistant message to continue", "messages"
+            )
         opening, messages = messages[-1]["content"], messages[:-1]
-    return ChatRequest(model=model, messages=messages, settings=settings, n=n, stream=stream,
-                       include_usage=bool((options or {}).get("include_usage")), opening=opening,
-                       project=project)
-
+    return ChatRequest(
+        model=model,
+        messages=messages,
+        settings=settings,
+        n=n,
+        stream=stream,
+        include_usage=bool((options or {}).get("include_usage")),
+        opening=opening,
+        project=project,
+    )

@@ -73,7 +73,9 @@ class Ticket:
             raise timed_out()
         if self.error is not None:
             raise self.error
-        return ChatResult(self.request.model, [c for c in self.choices if c is not None], len(self.prompt_ids))
+        return ChatResult(
+            self.request.model, [c for c in self.choices if c is not None], len(self.prompt_ids)
+        )
 
     def events(self, timeout: float | None = None) -> Iterator[Event]:
         """Deltas and finishes as they come, until the end; raises OpenAIError on failure."""

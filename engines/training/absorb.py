@@ -62,13 +62,32 @@ def train(
     resume_from = prepare_checkpoints(ckpt_dir, fingerprint(model_dir, config, examples), resume)
     resumed_step = checkpoint_step(resume_from) if resume_from else None
 
-    def result(steps: int, max_steps: int, epochs: float, tokens: int, tps: float, loss: float | None,
-               adapter: Path | None, cancelled: bool, skipped: int) -> TrainResult:
-        return TrainResult(adapter_dir=adapter, final_loss=loss, steps=steps, max_steps=max_steps, epochs=epochs,
-                           train_tokens=tokens, tokens_per_second=tps,
-                           duration_seconds=time.monotonic() - t_start, resumed_from_step=resumed_step,
-                           cancelled=cancelled, skipped_examples=skipped, device=device,
-                           precision=("bf16 mixed" if device == "cuda" else "bf16 autocast") if use_bf16 else "fp32")
+    def result(
+        steps: int,
+        max_steps: int,
+        epochs: float,
+        tokens: int,
+        tps: float,
+        loss: float | None,
+        adapter: Path | None,
+        cancelled: bool,
+        skipped: int,
+    ) -> TrainResult:
+        return TrainResult(
+            adapter_dir=adapter,
+            final_loss=loss,
+            steps=steps,
+            max_steps=max_steps,
+            epochs=epochs,
+            train_tokens=tokens,
+            tokens_per_second=tps,
+            duration_seconds=time.monotonic() - t_start,
+            resumed_from_step=resumed_step,
+            cancelled=cancelled,
+            skipped_examples=skipped,
+            device=device,
+            precision=("bf16 mixed" if device == "cuda" else "bf16 autocast") if use_bf16 else "fp32",
+        )
 
     if should_stop is not None and should_stop():
         return result(resumed_step or 0, 0, 0.0, 0, 0.0, None, None, True, 0)
@@ -77,13 +96,28 @@ def train(
     if teacher is not None and teacher.resolve() == model_dir.resolve():
         teacher = None  # the student's own base, with the adapter switched off
     if teacher is not None and not tokenizers_match(model_dir, teacher):
-        raise ConfigError({"kl_weight": f"KL needs a teacher that shares the student's tokenizer; {teacher} does "
-                                        f"not (train on its answers with kl_weight 0 instead)"})
+        raise ConfigError(
+            {
+                "kl_weight": f"KL needs a teacher that shares the student's tokenizer; {teacher} does "
+                f"not (train on its answers with kl_weight 0 instead)"
+            }
+        )
 
     oom: str | None = None
     try:
-        trainer, callback, skipped = _fit(model_dir, examples, config, ckpt_dir, device, use_bf16, distill,
-                                          progress, should_stop, resume_from, teacher)
+        trainer, callback, skipped = _fit(
+            model_dir,
+            examples,
+            config,
+            ckpt_dir,
+            device,
+            use_bf16,
+            distill,
+            progress,
+            should_stop,
+            resume_from,
+            teacher,
+        )
     except BaseException as exc:
         if not is_oom(exc):
             raise
@@ -101,14 +135,24 @@ def train(
     tps = (tokens - callback.start_tokens) / callback.loop_seconds if callback.loop_seconds > 0 else 0.0
     epochs = float(state.epoch or 0.0)
     if callback.cancelled:
-        return result(state.global_step, state.max_steps, epochs, tokens, tps, callback.last_loss, None, True,
-                      skipped)
+        return result(
+            state.global_step, state.max_steps, epochs, tokens, tps, callback.last_loss, None, True, skipped
+        )
     adapter_dir = output_dir / ADAPTER_DIR
     save_adapter_atomic(trainer.model, adapter_dir)
     # The adapter is the result; checkpoints only served to get here.
     shutil.rmtree(ckpt_dir, ignore_errors=True)
-    return result(state.global_step, state.max_steps, epochs, tokens, tps, callback.last_loss, adapter_dir, False,
-                  skipped)
+    return result(
+        state.global_step,
+        state.max_steps,
+        epochs,
+        tokens,
+        tps,
+        callback.last_loss,
+        adapter_dir,
+        False,
+        skipped,
+    )
 
 
 def _load(model_dir: Path, device: str, dtype: Any) -> Any:
@@ -122,9 +166,19 @@ def _load(model_dir: Path, device: str, dtype: Any) -> Any:
         raise TrainingError(f"cannot train on {model_dir}: {exc}") from exc
 
 
-def _fit(model_dir: Path, examples: Sequence[Example], config: TrainConfig, ckpt_dir: Path, device: str,
-         use_bf16: bool, distill: bool, progress: ProgressFn | None, should_stop: StopFn | None,
-         resume_from: Path | None, teacher_dir: Path | None = None) -> tuple[Any, Any, int]:
+def _fit(
+    model_dir: Path,
+    examples: Sequence[Example],
+    config: TrainConfig,
+    ckpt_dir: Path,
+    device: str,
+    use_bf16: bool,
+    distill: bool,
+    progress: ProgressFn | None,
+    should_stop: StopFn | None,
+    resume_from: Path | None,
+    teacher_dir: Path | None = None,
+) -> tuple[Any, Any, int]:
     import torch
     from datasets import Dataset
     from transformers import PrinterCallback
@@ -136,8 +190,10 @@ def _fit(model_dir: Path, examples: Sequence[Example], config: TrainConfig, ckpt
     tokenizer = loaded.tokenizer
     features, skipped = tokenize_examples(tokenizer, examples, config.max_length, teacher=distill)
     if not features:
-        raise ExampleError(f"Every example's prompt is longer than max_length ({config.max_length} tokens); "
-                           "raise max_length.")
+        raise ExampleError(
+            f"Every example's prompt is longer than max_length ({config.max_length} tokens); "
+            "raise max_length."
+        )
     teacher_model: Any = None
     if teacher_dir is not None:
         teacher_model = _load(teacher_dir, device, dtype).model

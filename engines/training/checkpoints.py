@@ -34,14 +34,18 @@ RUN_FILE = "run.json"
 TRAINER_STATE = "trainer_state.json"
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 # Fields that do not change the optimisation, so a resumed run may differ in them.
-_NON_MATH_FIELDS = frozenset({"save_steps", "save_total_limit", "logging_steps", "device", "bf16",
-                              "gradient_checkpointing"})
+_NON_MATH_FIELDS = frozenset(
+    {"save_steps", "save_total_limit", "logging_steps", "device", "bf16", "gradient_checkpointing"}
+)
 
 
 def fingerprint(model_dir: Path, config: TrainConfig, examples: Sequence[Example]) -> str:
     cfg = {k: v for k, v in config.to_dict().items() if k not in _NON_MATH_FIELDS}
-    blob = json.dumps({"model": str(Path(model_dir).resolve()), "config": cfg, "examples": list(examples)},
-                      sort_keys=True, default=str)
+    blob = json.dumps(
+        {"model": str(Path(model_dir).resolve()), "config": cfg, "examples": list(examples)},
+        sort_keys=True,
+        default=str,
+    )
     return hashlib.sha256(blob.encode()).hexdigest()
 
 

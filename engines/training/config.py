@@ -85,8 +85,9 @@ class TrainConfig:
             elif v < minimum:
                 errors[name] = f"must be >= {minimum}, got {v}"
 
-        def number(name: str, low: float, high: float | None = None, low_open: bool = False,
-                   high_open: bool = True) -> None:
+        def number(
+            name: str, low: float, high: float | None = None, low_open: bool = False, high_open: bool = True
+        ) -> None:
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
                 errors[name] = f"must be a number, got {v!r}"
@@ -125,7 +126,7 @@ class TrainConfig:
         if self.device not in DEVICES:
             errors["device"] = f"must be one of {', '.join(DEVICES)}, got {self.device!r}"
         if not (self.bf16 == "auto" or isinstance(self.bf16, bool)):
-            errors["bf16"] = f"must be \"auto\", true or false, got {self.bf16!r}"
+            errors["bf16"] = f'must be "auto", true or false, got {self.bf16!r}'
         return errors
 
     @classmethod
@@ -176,8 +177,14 @@ class TrainResult:
 def lora_config(config: TrainConfig) -> Any:
     from peft import LoraConfig
 
-    return LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
-                      target_modules=list(config.target_modules), bias="none", task_type="CAUSAL_LM")
+    return LoraConfig(
+        r=config.rank,
+        lora_alpha=config.alpha,
+        lora_dropout=config.dropout,
+        target_modules=list(config.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
 
 
 def sft_config(config: TrainConfig, output_dir: Path, device: str, bf16: bool, distill: bool) -> Any:

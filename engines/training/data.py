@@ -30,8 +30,11 @@ def validate_examples(examples: Sequence[Example], need_system_prompt: bool = Fa
         if not isinstance(msgs, list) or not msgs:
             raise ExampleError(f"{where}: 'messages' must be a non-empty list of turns")
         for j, m in enumerate(msgs):
-            if not (isinstance(m, Mapping) and isinstance(m.get("role"), str)
-                    and isinstance(m.get("content"), str)):
+            if not (
+                isinstance(m, Mapping)
+                and isinstance(m.get("role"), str)
+                and isinstance(m.get("content"), str)
+            ):
                 raise ExampleError(f"{where}: messages[{j}] must have string 'role' and 'content'")
         if not isinstance(ex.get("answer"), str) or not ex["answer"].strip():
             raise ExampleError(f"{where}: 'answer' must be a non-empty string")
@@ -39,7 +42,9 @@ def validate_examples(examples: Sequence[Example], need_system_prompt: bool = Fa
         if sp is not None and not isinstance(sp, str):
             raise ExampleError(f"{where}: 'system_prompt' must be a string or null")
         if need_system_prompt and not sp:
-            raise ExampleError(f"{where}: 'system_prompt' is required when kl_weight > 0 (the teacher's prompt)")
+            raise ExampleError(
+                f"{where}: 'system_prompt' is required when kl_weight > 0 (the teacher's prompt)"
+            )
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -80,12 +85,16 @@ def tokenize_examples(
     renderings share (`kl_mask`, `teacher_kl_mask`, same count per example).
     Returns (features, number of examples skipped because the prompt alone
     fills max_length)."""
-    student = [prompt_completion(tokenizer, ex["messages"], ex["answer"], system_prompt=None) for ex in examples]
+    student = [
+        prompt_completion(tokenizer, ex["messages"], ex["answer"], system_prompt=None) for ex in examples
+    ]
     s_split = split_ids(tokenizer, [p for p, _ in student], [p + c for p, c in student])
     t_split: list[tuple[list[int], int]] = []
     if teacher:
-        rendered = [prompt_completion(tokenizer, ex["messages"], ex["answer"], system_prompt=ex["system_prompt"])
-                    for ex in examples]
+        rendered = [
+            prompt_completion(tokenizer, ex["messages"], ex["answer"], system_prompt=ex["system_prompt"])
+            for ex in examples
+        ]
         t_split = split_ids(tokenizer, [p for p, _ in rendered], [p + c for p, c in rendered])
     features: list[dict[str, list[int]]] = []
     skipped = 0
@@ -103,7 +112,7 @@ def tokenize_examples(
             k = _common_suffix(s_comp, t_comp)
             a_s, a_t = start + len(s_comp) - k, t_start + len(t_comp) - k
             n = max(0, min(k, len(ids) - a_s))
-            t_ids = t_ids[:a_t + n]
+            t_ids = t_ids[: a_t + n]
             feat["kl_mask"] = [0] * a_s + [1] * n + [0] * (len(ids) - a_s - n)
             feat["teacher_input_ids"] = t_ids
             feat["teacher_kl_mask"] = [0] * a_t + [1] * n
@@ -133,8 +142,14 @@ def teacher_positions(teacher_kl_mask: torch.Tensor) -> torch.Tensor:
     return teacher_kl_mask[:, 1:].bool()
 
 
-def distill_terms(logits: torch.Tensor, t_logits: torch.Tensor, labels: torch.Tensor, kl_mask: torch.Tensor,
-                  temperature: float, denom: Any) -> tuple[torch.Tensor, torch.Tensor]:
+def distill_terms(
+    logits: torch.Tensor,
+    t_logits: torch.Tensor,
+    labels: torch.Tensor,
+    kl_mask: torch.Tensor,
+    temperature: float,
+    denom: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(cross-entropy, KL(teacher || student)) summed over answer tokens and
     divided by `denom`. `logits` are the student's at `answer_positions`,
     `t_logits` the teacher's at `teacher_positions`, in the same order."""

@@ -45,13 +45,16 @@ def is_oom(exc: BaseException) -> bool:
     from accelerate.utils.memory import should_reduce_batch_size
 
     return isinstance(exc, torch.OutOfMemoryError) or (
-        isinstance(exc, Exception) and should_reduce_batch_size(exc))
+        isinstance(exc, Exception) and should_reduce_batch_size(exc)
+    )
 
 
 def oom_message(config: TrainConfig, device: str) -> str:
-    tips = [f"lower batch_size (now {config.batch_size}; e.g. {max(1, config.batch_size // 2)}, and raise "
-            f"grad_accum from {config.grad_accum} to {config.grad_accum * 2} to keep the effective batch)",
-            f"lower max_length (now {config.max_length})"]
+    tips = [
+        f"lower batch_size (now {config.batch_size}; e.g. {max(1, config.batch_size // 2)}, and raise "
+        f"grad_accum from {config.grad_accum} to {config.grad_accum * 2} to keep the effective batch)",
+        f"lower max_length (now {config.max_length})",
+    ]
     if not config.gradient_checkpointing:
         tips.append("enable gradient_checkpointing (now off)")
     if config.kl_weight > 0:

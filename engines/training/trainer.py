@@ -45,8 +45,9 @@ class ProgressCallback(TrainerCallback):
             self.cancelled = True
             control.should_training_stop = True
 
-    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None,
-               **kwargs: Any) -> None:
+    def on_log(
+        self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any
+    ) -> None:
         if not logs or "loss" not in logs:
             return  # the end-of-training summary
         self.last_loss = float(logs["loss"])
@@ -67,8 +68,17 @@ class ProgressCallback(TrainerCallback):
             if key in logs:
                 metrics[key] = logs[key]
         point = {"step": state.global_step, "loss": self.last_loss, "lr": logs.get("learning_rate")}
-        self.progress(Progress.since(self.t0, state.global_step, state.max_steps, "steps", rate_done=done,
-                                     metrics=metrics, point=point))
+        self.progress(
+            Progress.since(
+                self.t0,
+                state.global_step,
+                state.max_steps,
+                "steps",
+                rate_done=done,
+                metrics=metrics,
+                point=point,
+            )
+        )
 
 
 class DistillCollator:
@@ -79,16 +89,22 @@ class DistillCollator:
         self.base = DataCollatorForLanguageModeling(pad_token_id=pad_token_id)
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
-        out: dict[str, Any] = self.base([{"input_ids": f["input_ids"], "labels": f["labels"]} for f in features])
+        out: dict[str, Any] = self.base(
+            [{"input_ids": f["input_ids"], "labels": f["labels"]} for f in features]
+        )
 
         def padded(key: str, value: int) -> torch.Tensor:
-            return pad_sequence([torch.tensor(f[key]) for f in features], batch_first=True, padding_value=value)
+            return pad_sequence(
+                [torch.tensor(f[key]) for f in features], batch_first=True, padding_value=value
+            )
 
         out["kl_mask"] = padded("kl_mask", 0)
         out["teacher_input_ids"] = padded("teacher_input_ids", self.pad_token_id)
         out["teacher_attention_mask"] = pad_sequence(
             [torch.ones(len(f["teacher_input_ids"]), dtype=torch.long) for f in features],
-            batch_first=True, padding_value=0)
+            batch_first=True,
+            padding_value=0,
+        )
         out["teacher_kl_mask"] = padded("teacher_kl_mask", 0)
         return out
 
@@ -98,16 +114,23 @@ class AbsorbTrainer(SFTTrainer):
     The teacher is the same base model with the adapter disabled, reading
     the answer after the teacher's system prompt."""
 
-    def __init__(self, *args: Any, kl_weight: float = 0.0, kl_temperature: float = 1.0,
-                 teacher_model: Any = None, **kwargs: Any):
+    def __init__(
+        self,
+        *args: Any,
+        kl_weight: float = 0.0,
+        kl_temperature: float = 1.0,
+        teacher_model: Any = None,
+        **kwargs: Any,
+    ):
         self.kl_weight = kl_weight
         self.kl_temperature = kl_temperature
         # Another model as the teacher (same tokenizer); None: the student's base, adapter off.
         self.teacher_model = teacher_model
         super().__init__(*args, **kwargs)
 
-    def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
-                     num_items_in_batch: Any = None) -> Any:
+    def compute_loss(
+        self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
+    ) -> Any:
         if self.kl_weight <= 0 or "teacher_input_ids" not in inputs:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         loss, ce, kl = self.distill_loss(model, inputs, num_items_in_batch)
@@ -115,8 +138,9 @@ class AbsorbTrainer(SFTTrainer):
         self._metrics["train"]["kl_loss"].append(kl)
         return (loss, None) if return_outputs else loss
 
-    def distill_loss(self, model: Any, inputs: dict[str, Any],
-                     num_items_in_batch: Any = None) -> tuple[torch.Tensor, float, float]:
+    def distill_loss(
+        self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None
+    ) -> tuple[torch.Tensor, float, float]:
         peft_model = self.accelerator.unwrap_model(model)
         base = peft_model.get_base_model()
         # LoRA layers sit inside the backbone, so calling it directly trains
@@ -127,17 +151,23 @@ class AbsorbTrainer(SFTTrainer):
         sel = answer_positions(labels)
         # Accelerate's autocast wraps model.forward only; the backbone is called directly.
         with self.accelerator.autocast():
-            hidden = backbone(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                              use_cache=False).last_hidden_state
+            hidden = backbone(
+                input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False
+            ).last_hidden_state
             logits = lm_head(hidden[:, :-1][sel]).float()
             teacher = self.teacher_model
-            t_backbone, t_head = ((teacher.base_model, teacher.get_output_embeddings()) if teacher is not None
-                                  else (backbone, lm_head))
+            t_backbone, t_head = (
+                (teacher.base_model, teacher.get_output_embeddings())
+                if teacher is not None
+                else (backbone, lm_head)
+            )
             off = peft_model.disable_adapter() if teacher is None else contextlib.nullcontext()
             with torch.no_grad(), off:
-                t_hidden = t_backbone(input_ids=inputs["teacher_input_ids"],
-                                      attention_mask=inputs["teacher_attention_mask"],
-                                      use_cache=False).last_hidden_state
+                t_hidden = t_backbone(
+                    input_ids=inputs["teacher_input_ids"],
+                    attention_mask=inputs["teacher_attention_mask"],
+                    use_cache=False,
+                ).last_hidden_state
                 t_logits = t_head(t_hidden[:, :-1][teacher_positions(inputs["teacher_kl_mask"])]).float()
         denom = num_items_in_batch if num_items_in_batch is not None else sel.sum().clamp(min=1)
         ce, kl = distill_terms(logits, t_logits, labels, inputs["kl_mask"], self.kl_temperature, denom)

@@ -7,134 +7,409 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     initial = True
 
     dependencies = [
-        ('jobs', '0002_lifecycle'),
-        ('workbench', '0005_prompt_token_counts_unique_project_names'),
+        ("jobs", "0002_lifecycle"),
+        ("workbench", "0005_prompt_token_counts_unique_project_names"),
         migrations.swappable_dependency(settings.AUTH_USER_MODEL),
     ]
 
     operations = [
         migrations.CreateModel(
-            name='ArmComparison',
+            name="ArmComparison",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('headline', models.JSONField(blank=True, default=dict)),
-                ('created_at', models.DateTimeField(default=django.utils.timezone.now)),
-                ('absorb_job', models.ForeignKey(blank=True, help_text='The fine-tune that made the variant', null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='+', to='jobs.job')),
-                ('job', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='comparisons', to='jobs.job')),
-                ('project', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='arm_comparisons', to='workbench.project')),
-                ('variant', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='comparisons', to='workbench.variant')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("headline", models.JSONField(blank=True, default=dict)),
+                ("created_at", models.DateTimeField(default=django.utils.timezone.now)),
+                (
+                    "absorb_job",
+                    models.ForeignKey(
+                        blank=True,
+                        help_text="The fine-tune that made the variant",
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        related_name="+",
+                        to="jobs.job",
+                    ),
+                ),
+                (
+                    "job",
+                    models.ForeignKey(
+                        blank=True,
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        related_name="comparisons",
+                        to="jobs.job",
+                    ),
+                ),
+                (
+                    "project",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="arm_comparisons",
+                        to="workbench.project",
+                    ),
+                ),
+                (
+                    "variant",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="comparisons",
+                        to="workbench.variant",
+                    ),
+                ),
             ],
             options={
-                'ordering': ['-created_at', '-id'],
+                "ordering": ["-created_at", "-id"],
             },
         ),
         migrations.CreateModel(
-            name='EvalSuite',
+            name="EvalSuite",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('name', models.CharField(max_length=200)),
-                ('rules', models.JSONField(blank=True, default=list, help_text='Checkable rules (copied from the prompt version)')),
-                ('main_metric', models.CharField(default='all_rules', max_length=100)),
-                ('judge_rubric', models.TextField(blank=True)),
-                ('lm_eval_tasks', models.JSONField(blank=True, default=list, help_text='"suite", "general_skills" or the name of an installed lm-eval task whose data is on disk')),
-                ('created_at', models.DateTimeField(default=django.utils.timezone.now)),
-                ('created_by', models.ForeignKey(null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='+', to=settings.AUTH_USER_MODEL)),
-                ('dataset_version', models.ForeignKey(on_delete=django.db.models.deletion.PROTECT, related_name='eval_suites', to='workbench.datasetversion')),
-                ('judge', models.ForeignKey(blank=True, help_text='The variant that judges answers (none: no judge)', null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='+', to='workbench.variant')),
-                ('judge_base', models.ForeignKey(blank=True, help_text='A base model that judges answers', null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='+', to='workbench.basemodel')),
-                ('project', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='eval_suites', to='workbench.project')),
-                ('prompt_version', models.ForeignKey(blank=True, help_text="The prompt whose rules are checked and that the 'with prompt' arms get", null=True, on_delete=django.db.models.deletion.PROTECT, related_name='eval_suites', to='workbench.promptversion')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("name", models.CharField(max_length=200)),
+                (
+                    "rules",
+                    models.JSONField(
+                        blank=True, default=list, help_text="Checkable rules (copied from the prompt version)"
+                    ),
+                ),
+                ("main_metric", models.CharField(default="all_rules", max_length=100)),
+                ("judge_rubric", models.TextField(blank=True)),
+                (
+                    "lm_eval_tasks",
+                    models.JSONField(
+                        blank=True,
+                        default=list,
+                        help_text='"suite", "general_skills" or the name of an installed lm-eval task whose data is on disk',
+                    ),
+                ),
+                ("created_at", models.DateTimeField(default=django.utils.timezone.now)),
+                (
+                    "created_by",
+                    models.ForeignKey(
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        related_name="+",
+                        to=settings.AUTH_USER_MODEL,
+                    ),
+                ),
+                (
+                    "dataset_version",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.PROTECT,
+                        related_name="eval_suites",
+                        to="workbench.datasetversion",
+                    ),
+                ),
+                (
+                    "judge",
+                    models.ForeignKey(
+                        blank=True,
+                        help_text="The variant that judges answers (none: no judge)",
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        related_name="+",
+                        to="workbench.variant",
+                    ),
+                ),
+                (
+                    "judge_base",
+                    models.ForeignKey(
+                        blank=True,
+                        help_text="A base model that judges answers",
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        related_name="+",
+                        to="workbench.basemodel",
+                    ),
+                ),
+                (
+                    "project",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="eval_suites",
+                        to="workbench.project",
+                    ),
+                ),
+                (
+                    "prompt_version",
+                    models.ForeignKey(
+                        blank=True,
+                        help_text="The prompt whose rules are checked and that the 'with prompt' arms get",
+                        null=True,
+                        on_delete=django.db.models.deletion.PROTECT,
+                        related_name="eval_suites",
+                        to="workbench.promptversion",
+                    ),
+                ),
             ],
             options={
-                'ordering': ['name'],
+                "ordering": ["name"],
             },
         ),
         migrations.CreateModel(
-            name='EvalRun',
+            name="EvalRun",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('arm', models.CharField(blank=True, choices=[('floor', 'base, no prompt'), ('teacher', 'base + prompt'), ('student', 'adapter, no prompt'), ('student+prompt', 'adapter + prompt')], max_length=20)),
-                ('generation', models.JSONField(blank=True, default=dict, help_text='GenerationSettings used')),
-                ('summary', models.JSONField(blank=True, default=dict, help_text='metric -> {value, low, high, n}; tokens, latency, timings')),
-                ('created_at', models.DateTimeField(default=django.utils.timezone.now)),
-                ('base_model', models.ForeignKey(on_delete=django.db.models.deletion.PROTECT, related_name='eval_runs', to='workbench.basemodel')),
-                ('comparison', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='runs', to='evals.armcomparison')),
-                ('created_by', models.ForeignKey(null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='+', to=settings.AUTH_USER_MODEL)),
-                ('job', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='eval_runs', to='jobs.job')),
-                ('project', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='eval_runs', to='workbench.project')),
-                ('prompt_version', models.ForeignKey(blank=True, help_text='The system prompt sent (none: no prompt)', null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='eval_runs', to='workbench.promptversion')),
-                ('variant', models.ForeignKey(blank=True, help_text='The variant whose adapter answers (none: the base model alone)', null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='eval_runs', to='workbench.variant')),
-                ('suite', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='runs', to='evals.evalsuite')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                (
+                    "arm",
+                    models.CharField(
+                        blank=True,
+                        choices=[
+                            ("floor", "base, no prompt"),
+                            ("teacher", "base + prompt"),
+                            ("student", "adapter, no prompt"),
+                            ("student+prompt", "adapter + prompt"),
+                        ],
+                        max_length=20,
+                    ),
+                ),
+                (
+                    "generation",
+                    models.JSONField(blank=True, default=dict, help_text="GenerationSettings used"),
+                ),
+                (
+                    "summary",
+                    models.JSONField(
+                        blank=True,
+                        default=dict,
+                        help_text="metric -> {value, low, high, n}; tokens, latency, timings",
+                    ),
+                ),
+                ("created_at", models.DateTimeField(default=django.utils.timezone.now)),
+                (
+                    "base_model",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.PROTECT,
+                        related_name="eval_runs",
+                        to="workbench.basemodel",
+                    ),
+                ),
+                (
+                    "comparison",
+                    models.ForeignKey(
+                        blank=True,
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        related_name="runs",
+                        to="evals.armcomparison",
+                    ),
+                ),
+                (
+                    "created_by",
+                    models.ForeignKey(
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        related_name="+",
+                        to=settings.AUTH_USER_MODEL,
+                    ),
+                ),
+                (
+                    "job",
+                    models.ForeignKey(
+                        blank=True,
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        related_name="eval_runs",
+                        to="jobs.job",
+                    ),
+                ),
+                (
+                    "project",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="eval_runs",
+                        to="workbench.project",
+                    ),
+                ),
+                (
+                    "prompt_version",
+                    models.ForeignKey(
+                        blank=True,
+                        help_text="The system prompt sent (none: no prompt)",
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        related_name="eval_runs",
+                        to="workbench.promptversion",
+                    ),
+                ),
+                (
+                    "variant",
+                    models.ForeignKey(
+                        blank=True,
+                        help_text="The variant whose adapter answers (none: the base model alone)",
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        related_name="eval_runs",
+                        to="workbench.variant",
+                    ),
+                ),
+                (
+                    "suite",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE, related_name="runs", to="evals.evalsuite"
+                    ),
+                ),
             ],
             options={
-                'ordering': ['-created_at', '-id'],
+                "ordering": ["-created_at", "-id"],
             },
         ),
         migrations.CreateModel(
-            name='EvalExample',
+            name="EvalExample",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('index', models.PositiveIntegerField()),
-                ('messages', models.JSONField(help_text='The conversation up to the answer')),
-                ('reference', models.TextField(blank=True, help_text="The row's own answer, if it had one")),
-                ('source_index', models.PositiveIntegerField(help_text='Row index in the dataset version')),
-                ('suite', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='examples', to='evals.evalsuite')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("index", models.PositiveIntegerField()),
+                ("messages", models.JSONField(help_text="The conversation up to the answer")),
+                ("reference", models.TextField(blank=True, help_text="The row's own answer, if it had one")),
+                ("source_index", models.PositiveIntegerField(help_text="Row index in the dataset version")),
+                (
+                    "suite",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="examples",
+                        to="evals.evalsuite",
+                    ),
+                ),
             ],
             options={
-                'ordering': ['suite', 'index'],
+                "ordering": ["suite", "index"],
             },
         ),
         migrations.AddField(
-            model_name='armcomparison',
-            name='suite',
-            field=models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='comparisons', to='evals.evalsuite'),
+            model_name="armcomparison",
+            name="suite",
+            field=models.ForeignKey(
+                on_delete=django.db.models.deletion.CASCADE, related_name="comparisons", to="evals.evalsuite"
+            ),
         ),
         migrations.CreateModel(
-            name='Rating',
+            name="Rating",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('choice', models.CharField(choices=[('a', 'A better'), ('b', 'B better'), ('tie', 'Tie')], max_length=3)),
-                ('created_at', models.DateTimeField(default=django.utils.timezone.now)),
-                ('example', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='ratings', to='evals.evalexample')),
-                ('run_a', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='+', to='evals.evalrun')),
-                ('run_b', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='+', to='evals.evalrun')),
-                ('user', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='+', to=settings.AUTH_USER_MODEL)),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                (
+                    "choice",
+                    models.CharField(
+                        choices=[("a", "A better"), ("b", "B better"), ("tie", "Tie")], max_length=3
+                    ),
+                ),
+                ("created_at", models.DateTimeField(default=django.utils.timezone.now)),
+                (
+                    "example",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="ratings",
+                        to="evals.evalexample",
+                    ),
+                ),
+                (
+                    "run_a",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE, related_name="+", to="evals.evalrun"
+                    ),
+                ),
+                (
+                    "run_b",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE, related_name="+", to="evals.evalrun"
+                    ),
+                ),
+                (
+                    "user",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="+",
+                        to=settings.AUTH_USER_MODEL,
+                    ),
+                ),
             ],
         ),
         migrations.CreateModel(
-            name='EvalResult',
+            name="EvalResult",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('output', models.TextField()),
-                ('finish_reason', models.CharField(blank=True, max_length=10)),
-                ('prompt_tokens', models.PositiveIntegerField(default=0)),
-                ('completion_tokens', models.PositiveIntegerField(default=0)),
-                ('seconds', models.FloatField(default=0.0, help_text='Wall time of the batch that produced it')),
-                ('checks', models.JSONField(blank=True, default=dict, help_text='metric -> score of this example')),
-                ('judge_score', models.FloatField(blank=True, null=True)),
-                ('judge_reasoning', models.TextField(blank=True)),
-                ('example', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='results', to='evals.evalexample')),
-                ('run', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='results', to='evals.evalrun')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("output", models.TextField()),
+                ("finish_reason", models.CharField(blank=True, max_length=10)),
+                ("prompt_tokens", models.PositiveIntegerField(default=0)),
+                ("completion_tokens", models.PositiveIntegerField(default=0)),
+                (
+                    "seconds",
+                    models.FloatField(default=0.0, help_text="Wall time of the batch that produced it"),
+                ),
+                (
+                    "checks",
+                    models.JSONField(blank=True, default=dict, help_text="metric -> score of this example"),
+                ),
+                ("judge_score", models.FloatField(blank=True, null=True)),
+                ("judge_reasoning", models.TextField(blank=True)),
+                (
+                    "example",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="results",
+                        to="evals.evalexample",
+                    ),
+                ),
+                (
+                    "run",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="results",
+                        to="evals.evalrun",
+                    ),
+                ),
             ],
             options={
-                'ordering': ['run', 'example__index'],
-                'constraints': [models.UniqueConstraint(fields=('run', 'example'), name='unique_run_example')],
+                "ordering": ["run", "example__index"],
+                "constraints": [
+                    models.UniqueConstraint(fields=("run", "example"), name="unique_run_example")
+                ],
             },
         ),
         migrations.AddConstraint(
-            model_name='evalsuite',
-            constraint=models.UniqueConstraint(fields=('project', 'name'), name='unique_suite_name'),
+            model_name="evalsuite",
+            constraint=models.UniqueConstraint(fields=("project", "name"), name="unique_suite_name"),
         ),
         migrations.AddConstraint(
-            model_name='evalexample',
-            constraint=models.UniqueConstraint(fields=('suite', 'index'), name='unique_example_index'),
+            model_name="evalexample",
+            constraint=models.UniqueConstraint(fields=("suite", "index"), name="unique_example_index"),
         ),
         migrations.AddConstraint(
-            model_name='rating',
-            constraint=models.UniqueConstraint(fields=('run_a', 'run_b', 'example', 'user'), name='unique_rating'),
+            model_name="rating",
+            constraint=models.UniqueConstraint(
+                fields=("run_a", "run_b", "example", "user"), name="unique_rating"
+            ),
         ),
     ]

@@ -12,72 +12,113 @@ def to_points_and_typed_params(apps, schema_editor):
     Job = apps.get_model("jobs", "Job")
     JobPoint = apps.get_model("jobs", "JobPoint")
     for job in Job.objects.all().iterator():
-        JobPoint.objects.bulk_create([JobPoint(job=job, seq=i, data=p) for i, p in enumerate(job.history or [], 1)])
+        JobPoint.objects.bulk_create(
+            [JobPoint(job=job, seq=i, data=p) for i, p in enumerate(job.history or [], 1)]
+        )
         params, progress = dict(job.params or {}), dict(job.progress or {})
         if job.kind == "teacher" and "generation" not in params:
-            params = {"generation": {k: params[k] for k in GENERATION_KEYS if k in params},
-                      "keep_existing": params.get("keep_existing", True)}
+            params = {
+                "generation": {k: params[k] for k in GENERATION_KEYS if k in params},
+                "keep_existing": params.get("keep_existing", True),
+            }
         if "max_steps" in progress:
-            progress = {"done": progress.get("step", 0), "total": progress.get("max_steps"), "unit": "steps",
-                        "elapsed": progress.get("elapsed", 0), "eta_seconds": progress.get("eta_seconds"),
-                        "rate": None, "metrics": {k: progress.get(k) for k in (
-                            "loss", "learning_rate", "epoch", "tokens_per_second", "train_tokens")}}
+            progress = {
+                "done": progress.get("step", 0),
+                "total": progress.get("max_steps"),
+                "unit": "steps",
+                "elapsed": progress.get("elapsed", 0),
+                "eta_seconds": progress.get("eta_seconds"),
+                "rate": None,
+                "metrics": {
+                    k: progress.get(k)
+                    for k in ("loss", "learning_rate", "epoch", "tokens_per_second", "train_tokens")
+                },
+            }
         elif "done" in progress:
-            progress = {"done": progress["done"], "total": progress.get("total"), "unit": "queries",
-                        "elapsed": progress.get("elapsed", 0), "eta_seconds": progress.get("eta_seconds"),
-                        "rate": progress.get("queries_per_second"), "metrics": {}}
+            progress = {
+                "done": progress["done"],
+                "total": progress.get("total"),
+                "unit": "queries",
+                "elapsed": progress.get("elapsed", 0),
+                "eta_seconds": progress.get("eta_seconds"),
+                "rate": progress.get("queries_per_second"),
+                "metrics": {},
+            }
         Job.objects.filter(pk=job.pk).update(params=params, progress=progress)
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('jobs', '0001_initial'),
-        ('workbench', '0003_variants'),
+        ("jobs", "0001_initial"),
+        ("workbench", "0003_variants"),
     ]
 
     operations = [
         migrations.AlterField(
-            model_name='job',
-            name='base_model',
-            field=models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.PROTECT, related_name='jobs', to='workbench.basemodel'),
+            model_name="job",
+            name="base_model",
+            field=models.ForeignKey(
+                blank=True,
+                null=True,
+                on_delete=django.db.models.deletion.PROTECT,
+                related_name="jobs",
+                to="workbench.basemodel",
+            ),
         ),
         migrations.AlterField(
-            model_name='job',
-            name='kind',
-            field=models.CharField(help_text='The registered runner that does the work', max_length=40),
+            model_name="job",
+            name="kind",
+            field=models.CharField(help_text="The registered runner that does the work", max_length=40),
         ),
         migrations.AlterField(
-            model_name='job',
-            name='params',
+            model_name="job",
+            name="params",
             field=models.JSONField(blank=True, default=dict, help_text="The kind's own settings"),
         ),
         migrations.AlterField(
-            model_name='job',
-            name='progress',
-            field=models.JSONField(blank=True, default=dict, help_text='The latest engines.progress.Progress'),
+            model_name="job",
+            name="progress",
+            field=models.JSONField(
+                blank=True, default=dict, help_text="The latest engines.progress.Progress"
+            ),
         ),
         migrations.AlterField(
-            model_name='job',
-            name='prompt_version',
-            field=models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.PROTECT, related_name='jobs', to='workbench.promptversion'),
+            model_name="job",
+            name="prompt_version",
+            field=models.ForeignKey(
+                blank=True,
+                null=True,
+                on_delete=django.db.models.deletion.PROTECT,
+                related_name="jobs",
+                to="workbench.promptversion",
+            ),
         ),
         migrations.CreateModel(
-            name='JobPoint',
+            name="JobPoint",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('seq', models.PositiveIntegerField()),
-                ('data', models.JSONField()),
-                ('job', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='points', to='jobs.job')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("seq", models.PositiveIntegerField()),
+                ("data", models.JSONField()),
+                (
+                    "job",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE, related_name="points", to="jobs.job"
+                    ),
+                ),
             ],
             options={
-                'ordering': ['job', 'seq'],
-                'constraints': [models.UniqueConstraint(fields=('job', 'seq'), name='unique_job_point')],
+                "ordering": ["job", "seq"],
+                "constraints": [models.UniqueConstraint(fields=("job", "seq"), name="unique_job_point")],
             },
         ),
         migrations.RunPython(to_points_and_typed_params, migrations.RunPython.noop),
         migrations.RemoveField(
-            model_name='job',
-            name='history',
+            model_name="job",
+            name="history",
         ),
     ]

@@ -2,7 +2,6 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
         ("jobs", "0002_lifecycle"),
     ]
@@ -15,6 +14,8 @@ class Migration(migrations.Migration):
         ),
         migrations.AddConstraint(
             model_name="job",
-            constraint=models.UniqueConstraint(fields=("project", "form_token"), name="unique_job_form_token"),
+            constraint=models.UniqueConstraint(
+                fields=("project", "form_token"), name="unique_job_form_token"
+            ),
         ),
     ]

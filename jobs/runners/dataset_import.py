@@ -18,8 +18,9 @@ class DatasetImportRunner(JobRunner):
     requires = ("output_dataset",)
 
     def run(self) -> None:
-        version = DatasetVersion.all_objects.filter(pk=self.job.output_dataset_id,
-                                                    state=DatasetVersion.IMPORTING).first()
+        version = DatasetVersion.all_objects.filter(
+            pk=self.job.output_dataset_id, state=DatasetVersion.IMPORTING
+        ).first()
         if version is None:
             raise JobError("the staging version of this import is gone (cancelled or discarded)")
         self.log(f"importing {version.source_filename or 'the upload'} into {version}")
@@ -34,9 +35,9 @@ class DatasetImportRunner(JobRunner):
                 lines.append(f"... and {more:,} more")
             for line in lines:
                 self.log(line)
-            raise JobError(f"{version.source_filename or 'the file'} was not stored: {rejected}"
-                           + (f" ({rejected.errors[0]})" if rejected.errors and not rejected.file_problem else "")
-                           ) from rejected
+            raise JobError(
+                f"{version.source_filename or 'the file'} was not stored: {rejected}"
+                + (f" ({rejected.errors[0]})" if rejected.errors and not rejected.file_problem else "")
+            ) from rejected
         self.log(f"stored {version}: {version.row_count:,} rows ({version.format})")
         self.succeed(output_dataset=version)
-

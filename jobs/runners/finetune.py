@@ -22,8 +22,9 @@ MIN_PASSING_ROWS = 32
 MIN_PASSING_SHARE = 0.25
 
 
-def training_examples(version: DatasetVersion, system_prompt: str,
-                      passing_only: bool = False) -> tuple[list[dict[str, Any]], int]:
+def training_examples(
+    version: DatasetVersion, system_prompt: str, passing_only: bool = False
+) -> tuple[list[dict[str, Any]], int]:
     """The examples to learn from and how many rows were left out. With
     passing_only, answers still flagged as failing a checkable rule (not
     repaired, edited or accepted in review) are left out, as long as enough
@@ -34,7 +35,11 @@ def training_examples(version: DatasetVersion, system_prompt: str,
     rows = version.rows.filter(split=DatasetRow.TRAIN).annotate(_unresolved=unresolved).order_by("index")
     for messages, fails in rows.values_list("messages", "_unresolved").iterator(chunk_size=2000):
         if messages[-1]["role"] == "assistant" and messages[-1]["content"].strip():
-            example = {"messages": messages[:-1], "answer": messages[-1]["content"], "system_prompt": system_prompt}
+            example = {
+                "messages": messages[:-1],
+                "answer": messages[-1]["content"],
+                "system_prompt": system_prompt,
+            }
             (failing if passing_only and fails else examples).append(example)
     enough = max(MIN_PASSING_ROWS, MIN_PASSING_SHARE * (len(examples) + len(failing)))
     if failing and len(examples) < enough:
@@ -57,8 +62,10 @@ class FinetuneRunner(JobRunner):
             self._logged_at = now
             m = p.metrics
             loss = f"{m['loss']:.4f}" if isinstance(m.get("loss"), float) else "?"
-            self.log(f"step {p.done:.0f}/{p.total or 0:.0f} loss {loss} "
-                     f"{float(m.get('tokens_per_second') or 0):.0f} tok/s")
+            self.log(
+                f"step {p.done:.0f}/{p.total or 0:.0f} loss {loss} "
+                f"{float(m.get('tokens_per_second') or 0):.0f} tok/s"
+            )
 
     def run(self) -> None:
         self._logged_at = time.monotonic()
@@ -70,8 +77,10 @@ class FinetuneRunner(JobRunner):
         if not examples:
             raise JobError(f"{version} has no train rows with an assistant answer to learn from.")
         if left_out:
-            self.log(f"training on the {len(examples)} answers that pass every rule; {left_out} still failing a "
-                     f"rule are left out (review them to bring them in, or untick 'only answers that pass')")
+            self.log(
+                f"training on the {len(examples)} answers that pass every rule; {left_out} still failing a "
+                f"rule are left out (review them to bring them in, or untick 'only answers that pass')"
+            )
         elif passing_only and version.rows.filter(split=DatasetRow.TRAIN).unresolved().exists():
             self.log("too few answers pass every rule to train on them alone: training on all of them")
         config = TrainConfig.from_dict(job.params.get("train", {}))
@@ -79,16 +88,25 @@ class FinetuneRunner(JobRunner):
         warn = data_quality.warning(version, settings.DATA_FAIL_WARN_SHARE)
         if warn:
             self.log(f"warning: {warn}")
-        self.log(f"fine-tune: {len(examples)} examples from {version}, base {base.name}, LoRA r={config.rank} "
-                 f"alpha={config.alpha}, lr {config.learning_rate}, {config.epochs} epochs, batch {config.batch_size}")
+        self.log(
+            f"fine-tune: {len(examples)} examples from {version}, base {base.name}, LoRA r={config.rank} "
+            f"alpha={config.alpha}, lr {config.learning_rate}, {config.epochs} epochs, batch {config.batch_size}"
+        )
         # Checkpoints and the adapter live in the job's directory: a requeued
         # attempt resumes from there, and the adapter is stored once.
         teacher = BaseModel.objects.filter(pk=job.params.get("teacher_model")).first()
         if teacher is not None and teacher.pk != base.pk:
             self.log(f"teacher model: {teacher.name}" + (" (KL against it)" if config.kl_weight > 0 else ""))
-        result = train(base.path, examples, job.data_dir, config, progress=self._progress,
-                       should_stop=self.should_stop, resume=True,
-                       teacher_dir=teacher.path if teacher is not None else None)
+        result = train(
+            base.path,
+            examples,
+            job.data_dir,
+            config,
+            progress=self._progress,
+            should_stop=self.should_stop,
+            resume=True,
+            teacher_dir=teacher.path if teacher is not None else None,
+        )
         if result.cancelled:
             raise JobCancelled()
         if result.resumed_from_step:
@@ -97,19 +115,27 @@ class FinetuneRunner(JobRunner):
             raise JobError("training finished without an adapter")
         with transaction.atomic():
             variant = Variant.objects.create(
-                project=job.project, name=f"{prompt_version.prompt.name}-absorbed-{job.pk}",
-                base_model=base, adapter_path=str(result.adapter_dir), prompt_version=prompt_version,
-                prompt_sha256=prompt_version.sha256, dataset_version=version,
-                hyperparameters=config.to_dict(), generation=guard_rails,
+                project=job.project,
+                name=f"{prompt_version.prompt.name}-absorbed-{job.pk}",
+                base_model=base,
+                adapter_path=str(result.adapter_dir),
+                prompt_version=prompt_version,
+                prompt_sha256=prompt_version.sha256,
+                dataset_version=version,
+                hyperparameters=config.to_dict(),
+                generation=guard_rails,
                 final_loss=result.final_loss,
-                duration_seconds=result.duration_seconds, metrics={**result.to_dict(), "rows_left_out_failing": left_out},
+                duration_seconds=result.duration_seconds,
+                metrics={**result.to_dict(), "rows_left_out_failing": left_out},
                 created_by=job.created_by,
             )
             if not self.succeed(variant=variant):
                 raise transaction.TransactionManagementError("job was moved while finishing")
         loss = "?" if result.final_loss is None else f"{result.final_loss:.4f}"
-        self.log(f"fine-tune done: {result.steps} steps, final loss {loss}, "
-                 f"{result.tokens_per_second:.0f} tok/s; variant {variant.name}")
+        self.log(
+            f"fine-tune done: {result.steps} steps, final loss {loss}, "
+            f"{result.tokens_per_second:.0f} tok/s; variant {variant.name}"
+        )
 
 
 def _guard_rails(version: DatasetVersion) -> dict[str, Any]:
@@ -120,10 +146,14 @@ def _guard_rails(version: DatasetVersion) -> dict[str, Any]:
     settings do not matter here."""
     stored = version.meta.get("generation") or {}
     if not isinstance(stored, dict):
-        raise JobError(f"the teacher's generation settings stored with {version} are not an object: {stored!r:.80}")
+        raise JobError(
+            f"the teacher's generation settings stored with {version} are not an object: {stored!r:.80}"
+        )
     rails = {k: v for k, v in stored.items() if k in GenerationSettings.GUARD_RAILS}
     try:
         return GenerationSettings.from_dict(rails).guard_rails()
     except SettingsError as exc:
-        raise JobError(f"the teacher's guard rails stored with {version} are invalid ({exc}); a variant "
-                       f"served without them loops. Generate the teacher answers again.") from exc
+        raise JobError(
+            f"the teacher's guard rails stored with {version} are invalid ({exc}); a variant "
+            f"served without them loops. Generate the teacher answers again."
+        ) from exc

@@ -7,96 +7,271 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     initial = True
 
     dependencies = [
-        ('evals', '0001_initial'),
-        ('workbench', '0007_variant_prepend_prompt'),
+        ("evals", "0001_initial"),
+        ("workbench", "0007_variant_prepend_prompt"),
         migrations.swappable_dependency(settings.AUTH_USER_MODEL),
     ]
 
     operations = [
         migrations.CreateModel(
-            name='Alias',
+            name="Alias",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('name', models.SlugField()),
-                ('min_all_rules', models.FloatField(blank=True, help_text='Minimum all-rules compliance of the candidate (0-1)', null=True)),
-                ('min_retained_lower', models.FloatField(blank=True, help_text='Minimum lower CI bound of prompt effect retained (0-1)', null=True)),
-                ('max_regression', models.FloatField(blank=True, help_text="Largest drop allowed on the suite's main metric vs the holder", null=True)),
-                ('log_requests', models.BooleanField(default=False, help_text='Keep each /v1 request and response')),
-                ('updated_at', models.DateTimeField(default=django.utils.timezone.now)),
-                ('gating_suite', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='gated_aliases', to='evals.evalsuite')),
-                ('project', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='aliases', to='workbench.project')),
-                ('variant', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.PROTECT, related_name='aliases', to='workbench.variant')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("name", models.SlugField()),
+                (
+                    "min_all_rules",
+                    models.FloatField(
+                        blank=True, help_text="Minimum all-rules compliance of the candidate (0-1)", null=True
+                    ),
+                ),
+                (
+                    "min_retained_lower",
+                    models.FloatField(
+                        blank=True,
+                        help_text="Minimum lower CI bound of prompt effect retained (0-1)",
+                        null=True,
+                    ),
+                ),
+                (
+                    "max_regression",
+                    models.FloatField(
+                        blank=True,
+                        help_text="Largest drop allowed on the suite's main metric vs the holder",
+                        null=True,
+                    ),
+                ),
+                (
+                    "log_requests",
+                    models.BooleanField(default=False, help_text="Keep each /v1 request and response"),
+                ),
+                ("updated_at", models.DateTimeField(default=django.utils.timezone.now)),
+                (
+                    "gating_suite",
+                    models.ForeignKey(
+                        blank=True,
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        related_name="gated_aliases",
+                        to="evals.evalsuite",
+                    ),
+                ),
+                (
+                    "project",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="aliases",
+                        to="workbench.project",
+                    ),
+                ),
+                (
+                    "variant",
+                    models.ForeignKey(
+                        blank=True,
+                        null=True,
+                        on_delete=django.db.models.deletion.PROTECT,
+                        related_name="aliases",
+                        to="workbench.variant",
+                    ),
+                ),
             ],
             options={
-                'ordering': ['project', 'name'],
+                "ordering": ["project", "name"],
             },
         ),
         migrations.CreateModel(
-            name='AliasMove',
+            name="AliasMove",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('action', models.CharField(choices=[('promote', 'promote'), ('override', 'promote (gate overridden)'), ('rollback', 'rollback')], max_length=10)),
-                ('verdict', models.JSONField(blank=True, default=dict, help_text='Gate result: passed, checks with numbers')),
-                ('reason', models.TextField(blank=True)),
-                ('created_at', models.DateTimeField(default=django.utils.timezone.now)),
-                ('alias', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='moves', to='serving.alias')),
-                ('from_variant', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='+', to='workbench.variant')),
-                ('to_variant', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='+', to='workbench.variant')),
-                ('user', models.ForeignKey(null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='+', to=settings.AUTH_USER_MODEL)),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                (
+                    "action",
+                    models.CharField(
+                        choices=[
+                            ("promote", "promote"),
+                            ("override", "promote (gate overridden)"),
+                            ("rollback", "rollback"),
+                        ],
+                        max_length=10,
+                    ),
+                ),
+                (
+                    "verdict",
+                    models.JSONField(
+                        blank=True, default=dict, help_text="Gate result: passed, checks with numbers"
+                    ),
+                ),
+                ("reason", models.TextField(blank=True)),
+                ("created_at", models.DateTimeField(default=django.utils.timezone.now)),
+                (
+                    "alias",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE, related_name="moves", to="serving.alias"
+                    ),
+                ),
+                (
+                    "from_variant",
+                    models.ForeignKey(
+                        blank=True,
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        related_name="+",
+                        to="workbench.variant",
+                    ),
+                ),
+                (
+                    "to_variant",
+                    models.ForeignKey(
+                        blank=True,
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        related_name="+",
+                        to="workbench.variant",
+                    ),
+                ),
+                (
+                    "user",
+                    models.ForeignKey(
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        related_name="+",
+                        to=settings.AUTH_USER_MODEL,
+                    ),
+                ),
             ],
             options={
-                'ordering': ['-created_at', '-id'],
+                "ordering": ["-created_at", "-id"],
             },
         ),
         migrations.CreateModel(
-            name='ApiKey',
+            name="ApiKey",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('name', models.CharField(blank=True, max_length=100)),
-                ('prefix', models.CharField(help_text='First characters, to recognise the key', max_length=16)),
-                ('hashed', models.CharField(max_length=64, unique=True)),
-                ('created_at', models.DateTimeField(default=django.utils.timezone.now)),
-                ('last_used_at', models.DateTimeField(blank=True, null=True)),
-                ('revoked_at', models.DateTimeField(blank=True, null=True)),
-                ('created_by', models.ForeignKey(null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='+', to=settings.AUTH_USER_MODEL)),
-                ('project', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='api_keys', to='workbench.project')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("name", models.CharField(blank=True, max_length=100)),
+                (
+                    "prefix",
+                    models.CharField(help_text="First characters, to recognise the key", max_length=16),
+                ),
+                ("hashed", models.CharField(max_length=64, unique=True)),
+                ("created_at", models.DateTimeField(default=django.utils.timezone.now)),
+                ("last_used_at", models.DateTimeField(blank=True, null=True)),
+                ("revoked_at", models.DateTimeField(blank=True, null=True)),
+                (
+                    "created_by",
+                    models.ForeignKey(
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        related_name="+",
+                        to=settings.AUTH_USER_MODEL,
+                    ),
+                ),
+                (
+                    "project",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="api_keys",
+                        to="workbench.project",
+                    ),
+                ),
             ],
             options={
-                'ordering': ['-created_at'],
+                "ordering": ["-created_at"],
             },
         ),
         migrations.CreateModel(
-            name='RequestLog',
+            name="RequestLog",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('model', models.CharField(help_text='The model name the client asked for', max_length=300)),
-                ('request', models.JSONField(help_text='The request body as received')),
-                ('response', models.JSONField(blank=True, default=dict)),
-                ('status', models.PositiveSmallIntegerField(default=200)),
-                ('latency_ms', models.FloatField(default=0.0)),
-                ('prompt_tokens', models.PositiveIntegerField(default=0)),
-                ('completion_tokens', models.PositiveIntegerField(default=0)),
-                ('created_at', models.DateTimeField(default=django.utils.timezone.now)),
-                ('alias', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='requests', to='serving.alias')),
-                ('api_key', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='+', to='serving.apikey')),
-                ('captured_into', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='+', to='workbench.datasetversion')),
-                ('project', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='request_logs', to='workbench.project')),
-                ('variant', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='+', to='workbench.variant')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("model", models.CharField(help_text="The model name the client asked for", max_length=300)),
+                ("request", models.JSONField(help_text="The request body as received")),
+                ("response", models.JSONField(blank=True, default=dict)),
+                ("status", models.PositiveSmallIntegerField(default=200)),
+                ("latency_ms", models.FloatField(default=0.0)),
+                ("prompt_tokens", models.PositiveIntegerField(default=0)),
+                ("completion_tokens", models.PositiveIntegerField(default=0)),
+                ("created_at", models.DateTimeField(default=django.utils.timezone.now)),
+                (
+                    "alias",
+                    models.ForeignKey(
+                        blank=True,
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        related_name="requests",
+                        to="serving.alias",
+                    ),
+                ),
+                (
+                    "api_key",
+                    models.ForeignKey(
+                        blank=True,
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        related_name="+",
+                        to="serving.apikey",
+                    ),
+                ),
+                (
+                    "captured_into",
+                    models.ForeignKey(
+                        blank=True,
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        related_name="+",
+                        to="workbench.datasetversion",
+                    ),
+                ),
+                (
+                    "project",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="request_logs",
+                        to="workbench.project",
+                    ),
+                ),
+                (
+                    "variant",
+                    models.ForeignKey(
+                        blank=True,
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        related_name="+",
+                        to="workbench.variant",
+                    ),
+                ),
             ],
             options={
-                'ordering': ['-created_at', '-id'],
+                "ordering": ["-created_at", "-id"],
             },
         ),
         migrations.AddConstraint(
-            model_name='alias',
-            constraint=models.UniqueConstraint(fields=('project', 'name'), name='unique_alias_name'),
+            model_name="alias",
+            constraint=models.UniqueConstraint(fields=("project", "name"), name="unique_alias_name"),
         ),
         migrations.AddIndex(
-            model_name='requestlog',
-            index=models.Index(fields=['project', 'alias', '-created_at'], name='serving_req_project_b2a24a_idx'),
+            model_name="requestlog",
+            index=models.Index(
+                fields=["project", "alias", "-created_at"], name="serving_req_project_b2a24a_idx"
+            ),
         ),
     ]

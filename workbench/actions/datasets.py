@@ -43,7 +43,12 @@ class DatasetRejected(Exception):
     def file_problem(self) -> formats.RowError | None:
         """The one problem of the whole file (empty, binary, too large...),
         when that is all there is to say: it is not a bad row."""
-        if self.error_count == 1 and self.errors and self.errors[0].line == 0 and self.errors[0].record is None:
+        if (
+            self.error_count == 1
+            and self.errors
+            and self.errors[0].line == 0
+            and self.errors[0].record is None
+        ):
             return self.errors[0]
         return None
 
@@ -57,7 +62,9 @@ class AlreadyUploaded(ActionError):
     """The upload form with this token already made `version` (Back + resubmit): nothing new was stored."""
 
     def __init__(self, version: DatasetVersion) -> None:
-        super().__init__(f"This upload was already submitted: it made {version.dataset.name}@{version.number}.")
+        super().__init__(
+            f"This upload was already submitted: it made {version.dataset.name}@{version.number}."
+        )
         self.version = version
 
 
@@ -86,8 +93,12 @@ class _Counting:
 
 
 def _limits() -> formats.Limits:
-    return formats.Limits(max_bytes=settings.UPLOAD_MAX_BYTES, max_rows=settings.DATASET_MAX_ROWS,
-                          max_row_chars=settings.DATASET_MAX_ROW_CHARS, max_depth=settings.DATASET_MAX_JSON_DEPTH)
+    return formats.Limits(
+        max_bytes=settings.UPLOAD_MAX_BYTES,
+        max_rows=settings.DATASET_MAX_ROWS,
+        max_row_chars=settings.DATASET_MAX_ROW_CHARS,
+        max_depth=settings.DATASET_MAX_JSON_DEPTH,
+    )
 
 
 def datasets_dir() -> Path:
@@ -127,10 +138,20 @@ def store_upload(fileobj: formats.ByteReader) -> Path:
 
 
 def stage_import(
-    project: Project, user: User | None, name: str, path: Path, *,
-    filename: str = "", fmt: str = "auto", query_column: str | None = None,
-    answer_column: str | None = None, eval_percent: int = 10, seed: int = 0,
-    skip_bad: bool = False, use_chosen: bool = False, records_key: str | None = None,
+    project: Project,
+    user: User | None,
+    name: str,
+    path: Path,
+    *,
+    filename: str = "",
+    fmt: str = "auto",
+    query_column: str | None = None,
+    answer_column: str | None = None,
+    eval_percent: int = 10,
+    seed: int = 0,
+    skip_bad: bool = False,
+    use_chosen: bool = False,
+    records_key: str | None = None,
     form_token: uuid.UUID | None = None,
 ) -> DatasetVersion:
     """A staging version (invisible) for the stored file at `path` (inside
@@ -141,20 +162,40 @@ def stage_import(
     try:
         check_import_options(name, fmt, eval_percent, seed, query_column)
         with transaction.atomic():
-            dataset, _ = Dataset.objects.get_or_create(project=project, name=name, defaults={"created_by": user})
+            dataset, _ = Dataset.objects.get_or_create(
+                project=project, name=name, defaults={"created_by": user}
+            )
             dataset = Dataset.objects.select_for_update().get(pk=dataset.pk)
             if form_token is not None:  # checked under the dataset's lock: a double post makes one version
-                made = (DatasetVersion.all_objects.select_related("dataset")
-                        .filter(dataset__project=project, meta__form_token=str(form_token)).first())
+                made = (
+                    DatasetVersion.all_objects.select_related("dataset")
+                    .filter(dataset__project=project, meta__form_token=str(form_token))
+                    .first()
+                )
                 if made is not None:
                     raise AlreadyUploaded(made)
-            number = (DatasetVersion.all_objects.filter(dataset=dataset).aggregate(n=Max("number"))["n"] or 0) + 1
-            options = {"format": fmt, "query_column": query_column, "answer_column": answer_column,
-                       "skip_bad": skip_bad, "use_chosen": use_chosen, "records_key": records_key}
+            number = (
+                DatasetVersion.all_objects.filter(dataset=dataset).aggregate(n=Max("number"))["n"] or 0
+            ) + 1
+            options = {
+                "format": fmt,
+                "query_column": query_column,
+                "answer_column": answer_column,
+                "skip_bad": skip_bad,
+                "use_chosen": use_chosen,
+                "records_key": records_key,
+            }
             return DatasetVersion.all_objects.create(
-                dataset=dataset, number=number, kind=DatasetVersion.UPLOAD, source_filename=filename[:255],
-                eval_percent=eval_percent, split_seed=seed, created_by=user, sha256="",
-                state=DatasetVersion.IMPORTING, file=str(path.relative_to(settings.MEDIA_ROOT)),
+                dataset=dataset,
+                number=number,
+                kind=DatasetVersion.UPLOAD,
+                source_filename=filename[:255],
+                eval_percent=eval_percent,
+                split_seed=seed,
+                created_by=user,
+                sha256="",
+                state=DatasetVersion.IMPORTING,
+                file=str(path.relative_to(settings.MEDIA_ROOT)),
                 meta={"import": options, **({"form_token": str(form_token)} if form_token else {})},
             )
     except BaseException:
@@ -170,10 +211,20 @@ def queue_import(version: DatasetVersion, user: User | None) -> Any:
 
 
 def import_dataset(
-    project: Project, user: User | None, name: str, fileobj: BinaryIO, *,
-    filename: str = "", fmt: str = "auto", query_column: str | None = None,
-    answer_column: str | None = None, eval_percent: int = 10, seed: int = 0,
-    skip_bad: bool = False, use_chosen: bool = False, records_key: str | None = None,
+    project: Project,
+    user: User | None,
+    name: str,
+    fileobj: BinaryIO,
+    *,
+    filename: str = "",
+    fmt: str = "auto",
+    query_column: str | None = None,
+    answer_column: str | None = None,
+    eval_percent: int = 10,
+    seed: int = 0,
+    skip_bad: bool = False,
+    use_chosen: bool = False,
+    records_key: str | None = None,
 ) -> DatasetVersion:
     """Validate the upload as a stream and store it as a new dataset version,
     in-process, or raise DatasetRejected/ActionError having stored nothing:
@@ -185,14 +236,27 @@ def import_dataset(
     With use_chosen, DPO pairs load their chosen answers; with records_key,
     the rows are the array under that key of a file that is one JSON object."""
     check_import_options(name, fmt, eval_percent, seed, query_column)
-    version = stage_import(project, user, name, store_upload(fileobj), filename=filename, fmt=fmt,
-                           query_column=query_column, answer_column=answer_column, eval_percent=eval_percent,
-                           seed=seed, skip_bad=skip_bad, use_chosen=use_chosen, records_key=records_key)
+    version = stage_import(
+        project,
+        user,
+        name,
+        store_upload(fileobj),
+        filename=filename,
+        fmt=fmt,
+        query_column=query_column,
+        answer_column=answer_column,
+        eval_percent=eval_percent,
+        seed=seed,
+        skip_bad=skip_bad,
+        use_chosen=use_chosen,
+        records_key=records_key,
+    )
     return run_import(version)
 
 
-def run_import(version: DatasetVersion, progress: ProgressFn | None = None,
-               should_stop: StopFn | None = None) -> DatasetVersion:
+def run_import(
+    version: DatasetVersion, progress: ProgressFn | None = None, should_stop: StopFn | None = None
+) -> DatasetVersion:
     """Parse the staging version's stored file and insert its rows in
     batches, each its own short transaction (a long import never holds the
     database's write lock for long: on SQLite that lock is the whole file),
@@ -205,7 +269,9 @@ def run_import(version: DatasetVersion, progress: ProgressFn | None = None,
         raise
 
 
-def _run_import(version: DatasetVersion, progress: ProgressFn | None, should_stop: StopFn | None) -> DatasetVersion:
+def _run_import(
+    version: DatasetVersion, progress: ProgressFn | None, should_stop: StopFn | None
+) -> DatasetVersion:
     opts = version.meta.get("import", {})
     skip_bad, use_chosen = bool(opts.get("skip_bad")), bool(opts.get("use_chosen"))
     path = Path(settings.MEDIA_ROOT) / version.file
@@ -215,8 +281,13 @@ def _run_import(version: DatasetVersion, progress: ProgressFn | None, should_sto
         src = _Counting(f)
         # The options were checked when staged: an error the reader raises here is a bug, not the user's.
         reader = formats.DatasetReader(
-            src, opts.get("format", "auto"), limits=_limits(), query_column=opts.get("query_column"),
-            answer_column=opts.get("answer_column"), filename=version.source_filename, use_chosen=use_chosen,
+            src,
+            opts.get("format", "auto"),
+            limits=_limits(),
+            query_column=opts.get("query_column"),
+            answer_column=opts.get("answer_column"),
+            filename=version.source_filename,
+            use_chosen=use_chosen,
             keep_errors=MAX_SKIPPED_KEPT if skip_bad else formats.MAX_KEPT_ERRORS,
             records_key=opts.get("records_key"),
         )
@@ -231,7 +302,7 @@ def _run_import(version: DatasetVersion, progress: ProgressFn | None, should_sto
         f.seek(0)
         head = f.read(4096)
     if reader.row_count == 0 or reader.stopped or (reader.error_count and not skip_bad):
-        errors = reader.errors[:formats.MAX_KEPT_ERRORS] or [formats.RowError(0, "the file has no rows")]
+        errors = reader.errors[: formats.MAX_KEPT_ERRORS] or [formats.RowError(0, "the file has no rows")]
         fatal = [e for e in reader.errors if e.fatal]
         if fatal and fatal[0] not in errors:
             errors.append(fatal[0])
@@ -299,8 +370,9 @@ def _import_meta(reader: formats.DatasetReader, skip_bad: bool, use_chosen: bool
 ROW_FIELDS = ("notes", "failing", "review", "curation")  # what a derived row may set besides its messages
 
 
-def _store_rows(version: DatasetVersion, rows: Iterable[tuple[Any, ...]],
-                on_batch: Callable[[int], None] | None = None) -> Any:
+def _store_rows(
+    version: DatasetVersion, rows: Iterable[tuple[Any, ...]], on_batch: Callable[[int], None] | None = None
+) -> Any:
     """Insert rows in batches (memory stays flat), each batch in its own
     transaction unless the caller holds one; returns the content hash.
     A row is (line, messages), (line, messages, extra fields kept) or
@@ -323,9 +395,17 @@ def _store_rows(version: DatasetVersion, rows: Iterable[tuple[Any, ...]],
         row = formats.Row(line, messages)
         digest.update(row.to_json().encode("utf-8") + b"\n")
         more = rest[1] if len(rest) > 1 and rest[1] else {}
-        batch.append(DatasetRow(version=version, index=index, line=line, messages=messages, sha256=row.sha,
-                                extra=rest[0] if rest and rest[0] else {},
-                                **{k: more[k] for k in ROW_FIELDS if k in more}))
+        batch.append(
+            DatasetRow(
+                version=version,
+                index=index,
+                line=line,
+                messages=messages,
+                sha256=row.sha,
+                extra=rest[0] if rest and rest[0] else {},
+                **{k: more[k] for k in ROW_FIELDS if k in more},
+            )
+        )
         if len(batch) >= ROW_BATCH:
             flush()
     if batch:
@@ -345,7 +425,8 @@ def _finish_version(version: DatasetVersion, digest: Any) -> None:
     with transaction.atomic():
         fields = ["row_count", "duplicate_count", "sha256", "meta", "format", "file"]
         flipped = DatasetVersion.all_objects.filter(pk=version.pk, state=DatasetVersion.IMPORTING).update(
-            state=DatasetVersion.READY, **{f: getattr(version, f) for f in fields})
+            state=DatasetVersion.READY, **{f: getattr(version, f) for f in fields}
+        )
         if not flipped:
             raise ImportCancelled(f"{version} was discarded while it was imported")
     version.state = DatasetVersion.READY
@@ -368,13 +449,17 @@ def apply_split(version: DatasetVersion) -> None:
     version.rows.filter(split=DatasetRow.EVAL).update(split=DatasetRow.TRAIN)
     chosen = sorted(random.Random(version.split_seed).sample(range(n), k))
     for i in range(0, len(chosen), 500):
-        version.rows.filter(index__in=chosen[i:i + 500]).update(split=DatasetRow.EVAL)
+        version.rows.filter(index__in=chosen[i : i + 500]).update(split=DatasetRow.EVAL)
 
 
 @transaction.atomic
 def derive_version(
-    parent: DatasetVersion, user: User | None, rows: Iterable[tuple[Any, ...]],
-    kind: str = DatasetVersion.EDIT, meta: dict[str, Any] | None = None, keep_split: bool = True,
+    parent: DatasetVersion,
+    user: User | None,
+    rows: Iterable[tuple[Any, ...]],
+    kind: str = DatasetVersion.EDIT,
+    meta: dict[str, Any] | None = None,
+    keep_split: bool = True,
 ) -> DatasetVersion:
     """A new version of the same dataset from edited rows (teacher answers,
     review edits), given as (parent index, messages) or (parent index,
@@ -384,9 +469,16 @@ def derive_version(
     dataset = Dataset.objects.select_for_update().get(pk=parent.dataset_id)
     number = (DatasetVersion.all_objects.filter(dataset=dataset).aggregate(n=Max("number"))["n"] or 0) + 1
     version = DatasetVersion.objects.create(
-        dataset=dataset, number=number, kind=kind, parent=parent, format=parent.format,
-        eval_percent=parent.eval_percent, split_seed=parent.split_seed, created_by=user,
-        meta=meta or {}, sha256="",
+        dataset=dataset,
+        number=number,
+        kind=kind,
+        parent=parent,
+        format=parent.format,
+        eval_percent=parent.eval_percent,
+        split_seed=parent.split_seed,
+        created_by=user,
+        meta=meta or {},
+        sha256="",
     )
     parent_split = dict(parent.rows.values_list("index", "split")) if keep_split else {}
     parent_row = {i: (line, extra) for i, line, extra in parent.rows.values_list("index", "line", "extra")}
@@ -407,7 +499,7 @@ def derive_version(
     if keep_split:
         evals = [i for i, p in enumerate(source) if parent_split.get(p) == DatasetRow.EVAL]
         for i in range(0, len(evals), 500):
-            version.rows.filter(index__in=evals[i:i + 500]).update(split=DatasetRow.EVAL)
+            version.rows.filter(index__in=evals[i : i + 500]).update(split=DatasetRow.EVAL)
     else:
         apply_split(version)
     version.save()
@@ -424,16 +516,22 @@ def edits_changed(version: DatasetVersion, edits: dict[int, str]) -> dict[int, s
     """Only the edits whose text differs from the stored answer as the page
     showed it (a model's stray CR is not the reviewer's edit)."""
     current = dict(version.rows.filter(index__in=list(edits)).values_list("index", "messages"))
-    return {i: _as_posted(text) for i, text in edits.items()
-            if i in current and current[i][-1]["role"] == "assistant"
-            and _as_posted(current[i][-1]["content"]) != _as_posted(text)}
+    return {
+        i: _as_posted(text)
+        for i, text in edits.items()
+        if i in current
+        and current[i][-1]["role"] == "assistant"
+        and _as_posted(current[i][-1]["content"]) != _as_posted(text)
+    }
 
 
 Reviewed = tuple[int, list[dict[str, str]], dict[str, Any]]
 
 
-def _reviewed_rows(version: DatasetVersion, row: Callable[[Reviewed], Reviewed | None],
-                   ) -> tuple[list[Reviewed], list[list[dict[str, str]]], list[int]]:
+def _reviewed_rows(
+    version: DatasetVersion,
+    row: Callable[[Reviewed], Reviewed | None],
+) -> tuple[list[Reviewed], list[list[dict[str, str]]], list[int]]:
     """The review actions' one walk over a version: each row as `row` keeps
     it (None drops it), the train conversations kept (for the report) and
     the indices dropped."""
@@ -441,9 +539,12 @@ def _reviewed_rows(version: DatasetVersion, row: Callable[[Reviewed], Reviewed |
     train: list[list[dict[str, str]]] = []
     dropped: list[int] = []
     source = version.rows.order_by("index").values_list(
-        "index", "messages", "notes", "failing", "review", "curation", "split")
+        "index", "messages", "notes", "failing", "review", "curation", "split"
+    )
     for index, messages, notes, failing, review, curation, split in source.iterator(chunk_size=2000):
-        kept = row((index, messages, {"notes": notes, "failing": failing, "review": review, "curation": curation}))
+        kept = row(
+            (index, messages, {"notes": notes, "failing": failing, "review": review, "curation": curation})
+        )
         if kept is None:
             dropped.append(index)
             continue
@@ -462,7 +563,10 @@ def _rules_of(version: DatasetVersion) -> list[Rule]:
 
 @transaction.atomic
 def review_version(
-    version: DatasetVersion, user: User | None, edits: dict[int, str], drop: set[int],
+    version: DatasetVersion,
+    user: User | None,
+    edits: dict[int, str],
+    drop: set[int],
 ) -> DatasetVersion | None:
     """A new version with edited answers and dropped rows, or None when
     nothing changes. Unedited rows keep their review state."""
@@ -482,15 +586,27 @@ def review_version(
             return r
         messages = [*messages[:-1], {"role": "assistant", "content": changed[index]}]
         # An edited answer is checked again; the notes were about the old answer.
-        return index, messages, {"notes": [], "failing": data_quality.failing(rules, messages),
-                                 "review": DatasetRow.EDITED, "curation": {**more["curation"], "edited": True}}
+        return (
+            index,
+            messages,
+            {
+                "notes": [],
+                "failing": data_quality.failing(rules, messages),
+                "review": DatasetRow.EDITED,
+                "curation": {**more["curation"], "edited": True},
+            },
+        )
 
     rows, train, _ = _reviewed_rows(version, row)
     meta: dict[str, Any] = {"reviewed": str(version), "edited": sorted(changed), "dropped": sorted(drop)}
-    return derive_version(version, user, rows, kind=DatasetVersion.EDIT, meta=_carry_quality(version, meta, train))
+    return derive_version(
+        version, user, rows, kind=DatasetVersion.EDIT, meta=_carry_quality(version, meta, train)
+    )
 
 
-def _carry_quality(parent: DatasetVersion, meta: dict[str, Any], train: list[list[dict[str, str]]]) -> dict[str, Any]:
+def _carry_quality(
+    parent: DatasetVersion, meta: dict[str, Any], train: list[list[dict[str, str]]]
+) -> dict[str, Any]:
     """A reviewed version keeps the parent's rules and report, with the
     human edits measured as one more step."""
     if parent.meta.get("rules"):
@@ -505,8 +621,7 @@ def _carry_quality(parent: DatasetVersion, meta: dict[str, Any], train: list[lis
 
 
 @transaction.atomic
-def review_bulk(version: DatasetVersion, user: User | None, action: str,
-                rule: str = "") -> DatasetVersion:
+def review_bulk(version: DatasetVersion, user: User | None, action: str, rule: str = "") -> DatasetVersion:
     """The review queue's bulk actions, each making a new version:
     "drop_failing" drops every row that fails `rule`; "accept_all" accepts
     every answer as it is, which clears the rows' warnings (their failing
@@ -526,10 +641,17 @@ def review_bulk(version: DatasetVersion, user: User | None, action: str,
     rows, train, dropped = _reviewed_rows(version, row)
     if action == "drop_failing" and not dropped:
         raise ActionError(f"No row fails the rule {rule!r}: nothing to drop.")
-    meta: dict[str, Any] = {"reviewed": str(version), "edited": [], "dropped": dropped,
-                            "bulk": f"dropped every row failing {rule!r}" if action == "drop_failing"
-                            else "accepted every answer as it is"}
-    return derive_version(version, user, rows, kind=DatasetVersion.EDIT, meta=_carry_quality(version, meta, train))
+    meta: dict[str, Any] = {
+        "reviewed": str(version),
+        "edited": [],
+        "dropped": dropped,
+        "bulk": f"dropped every row failing {rule!r}"
+        if action == "drop_failing"
+        else "accepted every answer as it is",
+    }
+    return derive_version(
+        version, user, rows, kind=DatasetVersion.EDIT, meta=_carry_quality(version, meta, train)
+    )
 
 
 @transaction.atomic

@@ -54,7 +54,11 @@ def register_base_model(name: str, path: Path, source: str, default: bool = Fals
         BaseModel.objects.filter(is_default=True).exclude(name=name).update(is_default=False)
     model, _ = BaseModel.objects.update_or_create(
         name=name,
-        defaults={"path": str(path), "source": source, "parameters": count_parameters(path),
-                  "is_default": default or not BaseModel.objects.exclude(name=name).exists()},
+        defaults={
+            "path": str(path),
+            "source": source,
+            "parameters": count_parameters(path),
+            "is_default": default or not BaseModel.objects.exclude(name=name).exists(),
+        },
     )
     return model

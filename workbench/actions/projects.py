@@ -15,8 +15,10 @@ def _name_taken(name: str) -> ActionError | None:
     existing = Project.objects.filter(name__iexact=name).first()
     if existing is None:
         return None
-    return ActionError(f"A project named “{existing.name}” already exists (names are unique, ignoring case); "
-                       "choose another name.")
+    return ActionError(
+        f"A project named “{existing.name}” already exists (names are unique, ignoring case); "
+        "choose another name."
+    )
 
 
 @transaction.atomic
@@ -49,7 +51,9 @@ def add_member(project: Project, actor: User, username: str, role: str) -> Membe
     user = get_user_model().objects.filter(username=username.strip()).first()
     if user is None:
         raise ActionError(f"No user named '{username}'.")
-    membership, created = Membership.objects.get_or_create(project=project, user=user, defaults={"role": role})
+    membership, created = Membership.objects.get_or_create(
+        project=project, user=user, defaults={"role": role}
+    )
     if not created:
         raise ActionError(f"{username} is already a member.")
     return membership

@@ -29,7 +29,9 @@ def decode_prompt_file(data: bytes, filename: str = "") -> str:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = data.count(b"\n", 0, exc.start) + 1
-        raise ActionError(f"{filename or 'prompt file'}: not valid UTF-8 on line {line}; save it as UTF-8.") from exc
+        raise ActionError(
+            f"{filename or 'prompt file'}: not valid UTF-8 on line {line}; save it as UTF-8."
+        ) from exc
 
 
 def prompt_max_bytes() -> int:
@@ -43,8 +45,10 @@ def read_prompt_file(stream: IO[bytes], filename: str = "") -> str:
     limit = prompt_max_bytes()
     data = stream.read(limit + 1)
     if len(data) > limit:
-        raise ActionError(f"{filename or 'prompt file'}: the file is larger than {limit:,} bytes; a prompt is "
-                          f"at most {settings.PROMPT_MAX_CHARS:,} characters.")
+        raise ActionError(
+            f"{filename or 'prompt file'}: the file is larger than {limit:,} bytes; a prompt is "
+            f"at most {settings.PROMPT_MAX_CHARS:,} characters."
+        )
     return decode_prompt_file(data, filename)
 
 
@@ -63,7 +67,9 @@ def parse_rules_json(raw: str | bytes, source: str = "Rules") -> Any:
     except jsonguard.TooDeep as exc:
         raise ActionError(f"{source}: line {exc.line}: {exc.reason}") from None
     except json.JSONDecodeError as exc:
-        raise ActionError(f"{source}: line {exc.lineno}: invalid JSON: {exc.msg} (column {exc.colno})") from None
+        raise ActionError(
+            f"{source}: line {exc.lineno}: invalid JSON: {exc.msg} (column {exc.colno})"
+        ) from None
     except (ValueError, RecursionError) as exc:  # e.g. an integer of more than 4,300 digits
         raise ActionError(f"{source}: invalid JSON: {exc}") from None
 
@@ -87,7 +93,9 @@ def _checked_text(text: str) -> str:
     if not text.strip():
         raise ActionError("The prompt text is empty.")
     if len(text) > settings.PROMPT_MAX_CHARS:
-        raise ActionError(f"The prompt has {len(text):,} characters; the limit is {settings.PROMPT_MAX_CHARS:,}.")
+        raise ActionError(
+            f"The prompt has {len(text):,} characters; the limit is {settings.PROMPT_MAX_CHARS:,}."
+        )
     _unicode_problem("prompt text", text)
     return text
 
@@ -112,8 +120,12 @@ def _checked_rules(rules_data: object) -> list[dict[str, Any]]:
 
 @transaction.atomic
 def create_prompt(
-    project: Project, user: User | None, name: str, text: str,
-    rules_data: object = None, note: str = "",
+    project: Project,
+    user: User | None,
+    name: str,
+    text: str,
+    rules_data: object = None,
+    note: str = "",
 ) -> PromptVersion:
     """A new prompt with its first version. A name already in use is refused
     (PromptNameTaken): a new version of an existing prompt is saved on its
@@ -126,15 +138,24 @@ def create_prompt(
         raise PromptNameTaken(existing)
     prompt = Prompt.objects.create(project=project, name=name, created_by=user)
     return PromptVersion.objects.create(
-        prompt=prompt, number=1, text=text, sha256=hashlib.sha256(text.encode("utf-8")).hexdigest(),
-        rules=rule_list, note=note[:300], author=user,
+        prompt=prompt,
+        number=1,
+        text=text,
+        sha256=hashlib.sha256(text.encode("utf-8")).hexdigest(),
+        rules=rule_list,
+        note=note[:300],
+        author=user,
     )
 
 
 @transaction.atomic
 def save_prompt(
-    project: Project, user: User | None, name: str, text: str,
-    rules_data: object = None, note: str = "",
+    project: Project,
+    user: User | None,
+    name: str,
+    text: str,
+    rules_data: object = None,
+    note: str = "",
 ) -> PromptSaved:
     """Save a new version of the named prompt (created if new). rules_data
     None keeps the latest version's rules; a version that changes the rules
@@ -152,8 +173,13 @@ def save_prompt(
     if not note and latest and latest.rules != rule_list:
         note = "; ".join(c.summary for c in rule_changes(latest.rules, rule_list))
     version = PromptVersion.objects.create(
-        prompt=prompt, number=(latest.number + 1 if latest else 1), text=text, sha256=sha,
-        rules=rule_list, note=note[:300], author=user,
+        prompt=prompt,
+        number=(latest.number + 1 if latest else 1),
+        text=text,
+        sha256=sha,
+        rules=rule_list,
+        note=note[:300],
+        author=user,
     )
     return PromptSaved(version, created=True)
 
@@ -171,8 +197,14 @@ def _latest_locked(prompt: Prompt) -> PromptVersion:
 def add_rule(prompt: Prompt, user: User | None, rule: dict[str, Any]) -> PromptSaved:
     """A new version with the same text and one more rule; its note names the rule."""
     latest = _latest_locked(prompt)
-    return save_prompt(prompt.project, user, prompt.name, latest.text, [*latest.rules, rule],
-                       f"added rule {rule.get('name', '')}")
+    return save_prompt(
+        prompt.project,
+        user,
+        prompt.name,
+        latest.text,
+        [*latest.rules, rule],
+        f"added rule {rule.get('name', '')}",
+    )
 
 
 @transaction.atomic
@@ -234,14 +266,19 @@ def rule_changes(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[R
     with the parameters that changed."""
     before = {r["name"]: r for r in old}
     after = {r["name"]: r for r in new}
-    changes = [RuleChange("removed", name, [describe_rule(r)]) for name, r in before.items() if name not in after]
+    changes = [
+        RuleChange("removed", name, [describe_rule(r)]) for name, r in before.items() if name not in after
+    ]
     for name, rule in after.items():
         if name not in before:
             changes.append(RuleChange("added", name, [describe_rule(rule)]))
         elif before[name] != rule:
             was = before[name]
-            details = [f"{key}: {_value(was, key)} → {_value(rule, key)}" for key in dict.fromkeys([*was, *rule])
-                       if key != "name" and (key in was, was.get(key)) != (key in rule, rule.get(key))]
+            details = [
+                f"{key}: {_value(was, key)} → {_value(rule, key)}"
+                for key in dict.fromkeys([*was, *rule])
+                if key != "name" and (key in was, was.get(key)) != (key in rule, rule.get(key))
+            ]
             changes.append(RuleChange("changed", name, details))
     return changes
 
@@ -264,10 +301,23 @@ class PromptDiff:
 def diff_versions(a: PromptVersion, b: PromptVersion) -> PromptDiff:
     """A unified diff of two versions' texts, each line tagged for display."""
     lines = []
-    for line in difflib.unified_diff(a.text.splitlines(), b.text.splitlines(), f"version {a.number}",
-                                     f"version {b.number}", lineterm="", n=3):
-        kind = ("meta" if line.startswith(("---", "+++", "@@")) else
-                "add" if line.startswith("+") else "del" if line.startswith("-") else "ctx")
+    for line in difflib.unified_diff(
+        a.text.splitlines(),
+        b.text.splitlines(),
+        f"version {a.number}",
+        f"version {b.number}",
+        lineterm="",
+        n=3,
+    ):
+        kind = (
+            "meta"
+            if line.startswith(("---", "+++", "@@"))
+            else "add"
+            if line.startswith("+")
+            else "del"
+            if line.startswith("-")
+            else "ctx"
+        )
         lines.append((kind, line))
     return PromptDiff(a, b, lines)
 
@@ -278,7 +328,9 @@ def token_costs(version: PromptVersion) -> list[dict[str, Any]]:
     costs = []
     for model in BaseModel.objects.all():
         try:
-            costs.append({"model": model, **version.cost_under(model), "too_long": version.too_long_for(model)})
+            costs.append(
+                {"model": model, **version.cost_under(model), "too_long": version.too_long_for(model)}
+            )
         except TokenCountError as exc:  # a broken model directory must not break the prompt page
             costs.append({"model": model, "error": str(exc)[:200]})
     return costs

@@ -7,119 +7,234 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('workbench', '0001_initial'),
+        ("workbench", "0001_initial"),
         migrations.swappable_dependency(settings.AUTH_USER_MODEL),
     ]
 
     operations = [
         migrations.CreateModel(
-            name='Dataset',
+            name="Dataset",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('name', models.CharField(max_length=200)),
-                ('created_at', models.DateTimeField(default=django.utils.timezone.now)),
-                ('created_by', models.ForeignKey(null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='+', to=settings.AUTH_USER_MODEL)),
-                ('project', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='datasets', to='workbench.project')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("name", models.CharField(max_length=200)),
+                ("created_at", models.DateTimeField(default=django.utils.timezone.now)),
+                (
+                    "created_by",
+                    models.ForeignKey(
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        related_name="+",
+                        to=settings.AUTH_USER_MODEL,
+                    ),
+                ),
+                (
+                    "project",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="datasets",
+                        to="workbench.project",
+                    ),
+                ),
             ],
             options={
-                'ordering': ['name'],
+                "ordering": ["name"],
             },
         ),
         migrations.CreateModel(
-            name='DatasetVersion',
+            name="DatasetVersion",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('number', models.PositiveIntegerField()),
-                ('kind', models.CharField(choices=[('upload', 'Upload'), ('teacher', 'Teacher answers'), ('edit', 'Edited')], default='upload', max_length=20)),
-                ('format', models.CharField(blank=True, max_length=20)),
-                ('source_filename', models.CharField(blank=True, help_text='As uploaded; display only', max_length=255)),
-                ('file', models.CharField(blank=True, help_text='Stored upload, relative to MEDIA_ROOT', max_length=255)),
-                ('sha256', models.CharField(help_text='Hash of the normalised rows', max_length=64)),
-                ('row_count', models.PositiveIntegerField(default=0)),
-                ('duplicate_count', models.PositiveIntegerField(default=0)),
-                ('eval_percent', models.PositiveSmallIntegerField(default=10)),
-                ('split_seed', models.IntegerField(default=0)),
-                ('token_stats', models.JSONField(blank=True, default=dict)),
-                ('meta', models.JSONField(blank=True, default=dict, help_text='Lineage and options')),
-                ('created_at', models.DateTimeField(default=django.utils.timezone.now)),
-                ('created_by', models.ForeignKey(null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='+', to=settings.AUTH_USER_MODEL)),
-                ('dataset', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='versions', to='workbench.dataset')),
-                ('parent', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='children', to='workbench.datasetversion')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("number", models.PositiveIntegerField()),
+                (
+                    "kind",
+                    models.CharField(
+                        choices=[("upload", "Upload"), ("teacher", "Teacher answers"), ("edit", "Edited")],
+                        default="upload",
+                        max_length=20,
+                    ),
+                ),
+                ("format", models.CharField(blank=True, max_length=20)),
+                (
+                    "source_filename",
+                    models.CharField(blank=True, help_text="As uploaded; display only", max_length=255),
+                ),
+                (
+                    "file",
+                    models.CharField(
+                        blank=True, help_text="Stored upload, relative to MEDIA_ROOT", max_length=255
+                    ),
+                ),
+                ("sha256", models.CharField(help_text="Hash of the normalised rows", max_length=64)),
+                ("row_count", models.PositiveIntegerField(default=0)),
+                ("duplicate_count", models.PositiveIntegerField(default=0)),
+                ("eval_percent", models.PositiveSmallIntegerField(default=10)),
+                ("split_seed", models.IntegerField(default=0)),
+                ("token_stats", models.JSONField(blank=True, default=dict)),
+                ("meta", models.JSONField(blank=True, default=dict, help_text="Lineage and options")),
+                ("created_at", models.DateTimeField(default=django.utils.timezone.now)),
+                (
+                    "created_by",
+                    models.ForeignKey(
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        related_name="+",
+                        to=settings.AUTH_USER_MODEL,
+                    ),
+                ),
+                (
+                    "dataset",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="versions",
+                        to="workbench.dataset",
+                    ),
+                ),
+                (
+                    "parent",
+                    models.ForeignKey(
+                        blank=True,
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        related_name="children",
+                        to="workbench.datasetversion",
+                    ),
+                ),
             ],
             options={
-                'ordering': ['dataset', '-number'],
+                "ordering": ["dataset", "-number"],
             },
         ),
         migrations.CreateModel(
-            name='DatasetRow',
+            name="DatasetRow",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('index', models.PositiveIntegerField()),
-                ('line', models.PositiveIntegerField(default=0, help_text='Line in the uploaded file')),
-                ('messages', models.JSONField()),
-                ('sha256', models.CharField(max_length=64)),
-                ('split', models.CharField(default='train', max_length=5)),
-                ('flags', models.JSONField(blank=True, default=list)),
-                ('version', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='rows', to='workbench.datasetversion')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("index", models.PositiveIntegerField()),
+                ("line", models.PositiveIntegerField(default=0, help_text="Line in the uploaded file")),
+                ("messages", models.JSONField()),
+                ("sha256", models.CharField(max_length=64)),
+                ("split", models.CharField(default="train", max_length=5)),
+                ("flags", models.JSONField(blank=True, default=list)),
+                (
+                    "version",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="rows",
+                        to="workbench.datasetversion",
+                    ),
+                ),
             ],
             options={
-                'ordering': ['version', 'index'],
+                "ordering": ["version", "index"],
             },
         ),
         migrations.CreateModel(
-            name='Prompt',
+            name="Prompt",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('name', models.CharField(max_length=200)),
-                ('created_at', models.DateTimeField(default=django.utils.timezone.now)),
-                ('created_by', models.ForeignKey(null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='+', to=settings.AUTH_USER_MODEL)),
-                ('project', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='prompts', to='workbench.project')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("name", models.CharField(max_length=200)),
+                ("created_at", models.DateTimeField(default=django.utils.timezone.now)),
+                (
+                    "created_by",
+                    models.ForeignKey(
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        related_name="+",
+                        to=settings.AUTH_USER_MODEL,
+                    ),
+                ),
+                (
+                    "project",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="prompts",
+                        to="workbench.project",
+                    ),
+                ),
             ],
             options={
-                'ordering': ['name'],
+                "ordering": ["name"],
             },
         ),
         migrations.CreateModel(
-            name='PromptVersion',
+            name="PromptVersion",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('number', models.PositiveIntegerField()),
-                ('text', models.TextField()),
-                ('sha256', models.CharField(max_length=64)),
-                ('rules', models.JSONField(blank=True, default=list)),
-                ('note', models.CharField(blank=True, max_length=300)),
-                ('created_at', models.DateTimeField(default=django.utils.timezone.now)),
-                ('author', models.ForeignKey(null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='+', to=settings.AUTH_USER_MODEL)),
-                ('prompt', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='versions', to='workbench.prompt')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("number", models.PositiveIntegerField()),
+                ("text", models.TextField()),
+                ("sha256", models.CharField(max_length=64)),
+                ("rules", models.JSONField(blank=True, default=list)),
+                ("note", models.CharField(blank=True, max_length=300)),
+                ("created_at", models.DateTimeField(default=django.utils.timezone.now)),
+                (
+                    "author",
+                    models.ForeignKey(
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        related_name="+",
+                        to=settings.AUTH_USER_MODEL,
+                    ),
+                ),
+                (
+                    "prompt",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="versions",
+                        to="workbench.prompt",
+                    ),
+                ),
             ],
             options={
-                'ordering': ['prompt', '-number'],
+                "ordering": ["prompt", "-number"],
             },
         ),
         migrations.AddConstraint(
-            model_name='dataset',
-            constraint=models.UniqueConstraint(fields=('project', 'name'), name='unique_dataset_name'),
+            model_name="dataset",
+            constraint=models.UniqueConstraint(fields=("project", "name"), name="unique_dataset_name"),
         ),
         migrations.AddConstraint(
-            model_name='datasetversion',
-            constraint=models.UniqueConstraint(fields=('dataset', 'number'), name='unique_dataset_version'),
+            model_name="datasetversion",
+            constraint=models.UniqueConstraint(fields=("dataset", "number"), name="unique_dataset_version"),
         ),
         migrations.AddIndex(
-            model_name='datasetrow',
-            index=models.Index(fields=['version', 'split', 'index'], name='workbench_d_version_50fe5a_idx'),
+            model_name="datasetrow",
+            index=models.Index(fields=["version", "split", "index"], name="workbench_d_version_50fe5a_idx"),
         ),
         migrations.AddConstraint(
-            model_name='datasetrow',
-            constraint=models.UniqueConstraint(fields=('version', 'index'), name='unique_row_index'),
+            model_name="datasetrow",
+            constraint=models.UniqueConstraint(fields=("version", "index"), name="unique_row_index"),
         ),
         migrations.AddConstraint(
-            model_name='prompt',
-            constraint=models.UniqueConstraint(fields=('project', 'name'), name='unique_prompt_name'),
+            model_name="prompt",
+            constraint=models.UniqueConstraint(fields=("project", "name"), name="unique_prompt_name"),
         ),
         migrations.AddConstraint(
-            model_name='promptversion',
-            constraint=models.UniqueConstraint(fields=('prompt', 'number'), name='unique_prompt_version'),
+            model_name="promptversion",
+            constraint=models.UniqueConstraint(fields=("prompt", "number"), name="unique_prompt_version"),
         ),
     ]

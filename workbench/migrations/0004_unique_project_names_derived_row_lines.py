@@ -27,7 +27,7 @@ def rename_duplicate_projects(apps, schema_editor):
         n = 2
         while True:
             suffix = f" ({n})"
-            candidate = project.name[:max_length - len(suffix)] + suffix
+            candidate = project.name[: max_length - len(suffix)] + suffix
             if candidate.lower() not in taken:
                 break
             n += 1
@@ -41,7 +41,9 @@ def derived_rows_take_their_source_line(apps, schema_editor):
     DatasetRow = apps.get_model("workbench", "DatasetRow")
     derived = DatasetVersion.objects.filter(parent__isnull=False).order_by("dataset_id", "number")
     for version in derived.iterator():
-        parent_line = dict(DatasetRow.objects.filter(version_id=version.parent_id).values_list("index", "line"))
+        parent_line = dict(
+            DatasetRow.objects.filter(version_id=version.parent_id).values_list("index", "line")
+        )
         batch = []
         for row in DatasetRow.objects.filter(version=version).only("pk", "line").iterator(chunk_size=BATCH):
             # The stored value is the parent row's index.

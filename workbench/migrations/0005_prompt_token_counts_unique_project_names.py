@@ -6,20 +6,27 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('workbench', '0004_unique_project_names_derived_row_lines'),
+        ("workbench", "0004_unique_project_names_derived_row_lines"),
         migrations.swappable_dependency(settings.AUTH_USER_MODEL),
     ]
 
     operations = [
         migrations.AddField(
-            model_name='promptversion',
-            name='token_counts',
-            field=models.JSONField(blank=True, default=dict, help_text='Token cost under each base model (by name), computed once: see cost_under'),
+            model_name="promptversion",
+            name="token_counts",
+            field=models.JSONField(
+                blank=True,
+                default=dict,
+                help_text="Token cost under each base model (by name), computed once: see cost_under",
+            ),
         ),
         migrations.AddConstraint(
-            model_name='project',
-            constraint=models.UniqueConstraint(django.db.models.functions.text.Lower('name'), name='unique_project_name_ci', violation_error_message='A project with this name already exists.'),
+            model_name="project",
+            constraint=models.UniqueConstraint(
+                django.db.models.functions.text.Lower("name"),
+                name="unique_project_name_ci",
+                violation_error_message="A project with this name already exists.",
+            ),
         ),
     ]

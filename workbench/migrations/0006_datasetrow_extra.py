@@ -4,15 +4,16 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('workbench', '0005_prompt_token_counts_unique_project_names'),
+        ("workbench", "0005_prompt_token_counts_unique_project_names"),
     ]
 
     operations = [
         migrations.AddField(
-            model_name='datasetrow',
-            name='extra',
-            field=models.JSONField(blank=True, default=dict, help_text='Fields of the uploaded row no format reads'),
+            model_name="datasetrow",
+            name="extra",
+            field=models.JSONField(
+                blank=True, default=dict, help_text="Fields of the uploaded row no format reads"
+            ),
         ),
     ]

@@ -4,15 +4,16 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('workbench', '0006_datasetrow_extra'),
+        ("workbench", "0006_datasetrow_extra"),
     ]
 
     operations = [
         migrations.AddField(
-            model_name='variant',
-            name='prepend_prompt',
-            field=models.BooleanField(default=False, help_text='Serve with prompt_version as the system prompt'),
+            model_name="variant",
+            name="prepend_prompt",
+            field=models.BooleanField(
+                default=False, help_text="Serve with prompt_version as the system prompt"
+            ),
         ),
     ]

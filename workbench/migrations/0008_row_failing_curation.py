@@ -4,20 +4,23 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('workbench', '0007_variant_prepend_prompt'),
+        ("workbench", "0007_variant_prepend_prompt"),
     ]
 
     operations = [
         migrations.AddField(
-            model_name='datasetrow',
-            name='curation',
-            field=models.JSONField(blank=True, default=dict, help_text='How the answer was made: samples, pick, opening, repairs'),
+            model_name="datasetrow",
+            name="curation",
+            field=models.JSONField(
+                blank=True, default=dict, help_text="How the answer was made: samples, pick, opening, repairs"
+            ),
         ),
         migrations.AddField(
-            model_name='datasetrow',
-            name='failing',
-            field=models.JSONField(blank=True, default=list, help_text="Names of the version's rules the answer fails"),
+            model_name="datasetrow",
+            name="failing",
+            field=models.JSONField(
+                blank=True, default=list, help_text="Names of the version's rules the answer fails"
+            ),
         ),
     ]

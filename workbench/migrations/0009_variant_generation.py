@@ -4,15 +4,18 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('workbench', '0008_row_failing_curation'),
+        ("workbench", "0008_row_failing_curation"),
     ]
 
     operations = [
         migrations.AddField(
-            model_name='variant',
-            name='generation',
-            field=models.JSONField(blank=True, default=dict, help_text="Generation guard rails it answers with in evals and /v1 unless a request sets them (repetition_penalty, no_repeat_ngram_size, stop); an absorbed variant takes its teacher's"),
+            model_name="variant",
+            name="generation",
+            field=models.JSONField(
+                blank=True,
+                default=dict,
+                help_text="Generation guard rails it answers with in evals and /v1 unless a request sets them (repetition_penalty, no_repeat_ngram_size, stop); an absorbed variant takes its teacher's",
+            ),
         ),
     ]

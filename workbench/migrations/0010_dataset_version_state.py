@@ -4,15 +4,19 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('workbench', '0009_variant_generation'),
+        ("workbench", "0009_variant_generation"),
     ]
 
     operations = [
         migrations.AddField(
-            model_name='datasetversion',
-            name='state',
-            field=models.CharField(choices=[('ready', 'Ready'), ('importing', 'Importing')], default='ready', help_text='importing: a staging version, invisible until all its rows are stored', max_length=10),
+            model_name="datasetversion",
+            name="state",
+            field=models.CharField(
+                choices=[("ready", "Ready"), ("importing", "Importing")],
+                default="ready",
+                help_text="importing: a staging version, invisible until all its rows are stored",
+                max_length=10,
+            ),
         ),
     ]

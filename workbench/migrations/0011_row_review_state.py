@@ -13,7 +13,7 @@ def from_flags(apps, schema_editor):
     rows = Row.objects.exclude(notes=[]) | Row.objects.exclude(failing=[]) | Row.objects.exclude(curation={})
     for row in rows.only("pk", "notes", "failing", "curation").iterator(chunk_size=2000):
         flags = row.notes or []
-        named = [f[len(FAILS):] for f in flags if f.startswith(FAILS)]
+        named = [f[len(FAILS) :] for f in flags if f.startswith(FAILS)]
         notes = [f for f in flags if not f.startswith(FAILS)]
         failing = row.failing or named
         if failing and not named:
@@ -34,8 +34,11 @@ def from_flags(apps, schema_editor):
 def to_flags(apps, schema_editor):
     Row = apps.get_model("workbench", "DatasetRow")
     changed = []
-    for row in Row.objects.exclude(notes=[], failing=[]).only("pk", "notes", "failing", "review").iterator(
-            chunk_size=2000):
+    for row in (
+        Row.objects.exclude(notes=[], failing=[])
+        .only("pk", "notes", "failing", "review")
+        .iterator(chunk_size=2000)
+    ):
         row.notes = [] if row.review == "accepted" else [*row.notes, *(FAILS + n for n in row.failing)]
         changed.append(row)
         if len(changed) >= 2000:
@@ -45,7 +48,6 @@ def to_flags(apps, schema_editor):
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
         ("workbench", "0010_dataset_version_state"),
     ]
@@ -55,16 +57,22 @@ class Migration(migrations.Migration):
         migrations.AlterField(
             model_name="datasetrow",
             name="notes",
-            field=models.JSONField(blank=True, default=list, help_text="Warnings about the answer other than rules: "
-                                                                       "prompt leaks, empty, cut off"),
+            field=models.JSONField(
+                blank=True,
+                default=list,
+                help_text="Warnings about the answer other than rules: prompt leaks, empty, cut off",
+            ),
         ),
         migrations.AddField(
             model_name="datasetrow",
             name="review",
-            field=models.CharField(blank=True, choices=[("", "Not reviewed"), ("edited", "Edited"),
-                                                        ("accepted", "Accepted as it is")], default="",
-                                   help_text="What a reviewer did: edited the answer, or accepted it as it is",
-                                   max_length=10),
+            field=models.CharField(
+                blank=True,
+                choices=[("", "Not reviewed"), ("edited", "Edited"), ("accepted", "Accepted as it is")],
+                default="",
+                help_text="What a reviewer did: edited the answer, or accepted it as it is",
+                max_length=10,
+            ),
         ),
         migrations.RunPython(from_flags, to_flags),
     ]

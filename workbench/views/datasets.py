@@ -42,20 +42,39 @@ def _get_dataset(request: HttpRequest, slug: str, dataset_id: int) -> Dataset:
 
 
 def _get_version(request: HttpRequest, slug: str, dataset_id: int, number: int) -> DatasetVersion:
-    return get_for_project(request, slug, DatasetVersion.objects.select_related("dataset__project"),
-                           "dataset__project", dataset_id=dataset_id, number=number)
+    return get_for_project(
+        request,
+        slug,
+        DatasetVersion.objects.select_related("dataset__project"),
+        "dataset__project",
+        dataset_id=dataset_id,
+        number=number,
+    )
 
 
-def _list_page(request: HttpRequest, project: Project, form: DatasetUploadForm, status: int = 200,
-               rejected: DatasetRejected | None = None, upload_error: str = "") -> HttpResponse:
+def _list_page(
+    request: HttpRequest,
+    project: Project,
+    form: DatasetUploadForm,
+    status: int = 200,
+    rejected: DatasetRejected | None = None,
+    upload_error: str = "",
+) -> HttpResponse:
     visible = Exists(DatasetVersion.objects.filter(dataset=OuterRef("pk")))
     importing = DatasetVersion.all_objects.filter(dataset__project=project, state=DatasetVersion.IMPORTING)
-    ctx = {"project": project, "datasets": project.datasets.filter(visible).prefetch_related("versions"),
-           "importing": importing.select_related("dataset").prefetch_related("produced_by"),
-           "form": form, "max_bytes": settings.UPLOAD_MAX_BYTES, "rejected": rejected,
-           "upload_error": upload_error, "filename": form.cleaned_data["file"].name if rejected else "",
-           "needs_records_key": bool(rejected and rejected.file_problem
-                                     and "JSON object" in str(rejected.file_problem))}
+    ctx = {
+        "project": project,
+        "datasets": project.datasets.filter(visible).prefetch_related("versions"),
+        "importing": importing.select_related("dataset").prefetch_related("produced_by"),
+        "form": form,
+        "max_bytes": settings.UPLOAD_MAX_BYTES,
+        "rejected": rejected,
+        "upload_error": upload_error,
+        "filename": form.cleaned_data["file"].name if rejected else "",
+        "needs_records_key": bool(
+            rejected and rejected.file_problem and "JSON object" in str(rejected.file_problem)
+        ),
+    }
     return render(request, "workbench/dataset_list.html", ctx, status=status)
 
 
@@ -65,7 +84,9 @@ def dataset_list(request: AuthedHttpRequest, slug: str) -> HttpResponse:
 
 
 def _upload_refused(request: HttpRequest, message: str, slug: str) -> HttpResponse:
-    return _list_page(request, get_project(request, slug), DatasetUploadForm(), status=413, upload_error=message)
+    return _list_page(
+        request, get_project(request, slug), DatasetUploadForm(), status=413, upload_error=message
+    )
 
 
 def _stored_path(upload: UploadedFile) -> Path:
@@ -90,10 +111,20 @@ def dataset_upload(request: AuthedHttpRequest, slug: str) -> HttpResponse:
     upload = data["file"]
     try:
         version = stage_import(
-            project, request.user, data["name"], _stored_path(upload), filename=upload.name,
-            fmt=data["format"], query_column=data["query_column"], answer_column=data["answer_column"],
-            eval_percent=data["eval_percent"], seed=data["seed"], skip_bad=data["skip_bad"],
-            use_chosen=data["use_chosen"], records_key=data["records_key"], form_token=data["form_token"],
+            project,
+            request.user,
+            data["name"],
+            _stored_path(upload),
+            filename=upload.name,
+            fmt=data["format"],
+            query_column=data["query_column"],
+            answer_column=data["answer_column"],
+            eval_percent=data["eval_percent"],
+            seed=data["seed"],
+            skip_bad=data["skip_bad"],
+            use_chosen=data["use_chosen"],
+            records_key=data["records_key"],
+            form_token=data["form_token"],
         )
     except AlreadyUploaded as done:
         messages.info(request, str(done))
@@ -108,19 +139,27 @@ def dataset_upload(request: AuthedHttpRequest, slug: str) -> HttpResponse:
     if upload.size > settings.DATASET_SYNC_IMPORT_BYTES:
         job = queue_import(version, request.user)
         if job is not None:
-            messages.info(request, f"Importing {upload.name} as {version.dataset.name}@{version.number}: the "
-                                   "version appears when every row is stored.")
+            messages.info(
+                request,
+                f"Importing {upload.name} as {version.dataset.name}@{version.number}: the "
+                "version appears when every row is stored.",
+            )
             return redirect(job)
     try:
         version = run_import(version)
     except DatasetRejected as rejected:
         return _list_page(request, project, form, status=400, rejected=rejected)
-    messages.success(request, f"Stored {version}: {version.row_count:,} row{pluralize(version.row_count)} "
-                              f"({version.format}).")
+    messages.success(
+        request,
+        f"Stored {version}: {version.row_count:,} row{pluralize(version.row_count)} ({version.format}).",
+    )
     skipped = version.meta.get("skipped")
     if skipped:
-        messages.warning(request, f"Skipped {skipped['count']:,} bad row{pluralize(skipped['count'])}; "
-                                  "they are listed on the version page.")
+        messages.warning(
+            request,
+            f"Skipped {skipped['count']:,} bad row{pluralize(skipped['count'])}; "
+            "they are listed on the version page.",
+        )
     return redirect(version)
 
 
@@ -134,8 +173,13 @@ def dataset_detail(request: AuthedHttpRequest, slug: str, dataset_id: int) -> Ht
 
 def _stats_context(version: DatasetVersion) -> dict[str, object]:
     dataset = version.dataset
-    return {"project": dataset.project, "dataset": dataset, "version": version, "stats": version.token_stats,
-            "stats_pending": any(v.get("status") == "queued" for v in version.token_stats.values())}
+    return {
+        "project": dataset.project,
+        "dataset": dataset,
+        "version": version,
+        "stats": version.token_stats,
+        "stats_pending": any(v.get("status") == "queued" for v in version.token_stats.values()),
+    }
 
 
 @login_required
@@ -150,8 +194,12 @@ def dataset_version(request: AuthedHttpRequest, slug: str, dataset_id: int, numb
     page = Paginator(rows, 20).get_page(request.GET.get("page"))
     eval_count = version.eval_count
     ctx = {
-        **_stats_context(version), "page": page, "split": split, "versions": version.dataset.versions.all(),
-        "eval_count": eval_count, "train_count": version.row_count - eval_count,
+        **_stats_context(version),
+        "page": page,
+        "split": split,
+        "versions": version.dataset.versions.all(),
+        "eval_count": eval_count,
+        "train_count": version.row_count - eval_count,
         "base_models": BaseModel.objects.all(),
     }
     if request.htmx and request.htmx.target == "rows":
@@ -172,13 +220,17 @@ def dataset_stats(request: AuthedHttpRequest, slug: str, dataset_id: int, number
 
 
 @login_required
-def dataset_stats_fragment(request: AuthedHttpRequest, slug: str, dataset_id: int, number: int) -> HttpResponse:
+def dataset_stats_fragment(
+    request: AuthedHttpRequest, slug: str, dataset_id: int, number: int
+) -> HttpResponse:
     version = _get_version(request, slug, dataset_id, number)
     return render(request, "workbench/dataset_version.html#stats", _stats_context(version))
 
 
 @login_required
-def dataset_export(request: AuthedHttpRequest, slug: str, dataset_id: int, number: int) -> StreamingHttpResponse:
+def dataset_export(
+    request: AuthedHttpRequest, slug: str, dataset_id: int, number: int
+) -> StreamingHttpResponse:
     """The normalised rows as chat JSONL, with their split and the extra
     fields kept from the upload (under their own names, as they came)."""
     version = _get_version(request, slug, dataset_id, number)
@@ -186,7 +238,10 @@ def dataset_export(request: AuthedHttpRequest, slug: str, dataset_id: int, numbe
     def lines() -> Iterator[str]:
         rows = version.rows.values_list("messages", "split", "extra").iterator(chunk_size=2000)
         for messages_, split, extra in rows:
-            yield json.dumps({**(extra or {}), "messages": messages_, "split": split}, ensure_ascii=False) + "\n"
+            yield (
+                json.dumps({**(extra or {}), "messages": messages_, "split": split}, ensure_ascii=False)
+                + "\n"
+            )
 
     response = StreamingHttpResponse(lines(), content_type="application/jsonl; charset=utf-8")
     filename = f"{version.dataset.project.slug}-{version.dataset_id}-v{version.number}.jsonl"
@@ -194,9 +249,17 @@ def dataset_export(request: AuthedHttpRequest, slug: str, dataset_id: int, numbe
     return response
 
 
-def _review_page(request: HttpRequest, version: DatasetVersion, page: Page, flagged: bool, *,
-                 typed: dict[int, str] | None = None, dropped: set[int] | None = None, error: str = "",
-                 status: int = 200) -> HttpResponse:
+def _review_page(
+    request: HttpRequest,
+    version: DatasetVersion,
+    page: Page,
+    flagged: bool,
+    *,
+    typed: dict[int, str] | None = None,
+    dropped: set[int] | None = None,
+    error: str = "",
+    status: int = 200,
+) -> HttpResponse:
     """The review form; after a refused save it holds what was typed and ticked."""
     rows = list(page)
     for row in rows:
@@ -208,10 +271,20 @@ def _review_page(request: HttpRequest, version: DatasetVersion, page: Page, flag
     except data_quality.StoredRulesError as exc:
         names, rules_error = [], str(exc)
     counts = data_quality.failing_counts(version.rows.all(), names)
-    ctx = {"project": version.dataset.project, "dataset": version.dataset, "version": version, "page": page,
-           "rows": rows, "flagged_count": version.rows.flagged().count(), "flagged": flagged,
-           "failing_count": counts.failing, "failing_counts": counts.by_rule,
-           "rule": request.GET.get("rule", ""), "error": error, "rules_error": rules_error}
+    ctx = {
+        "project": version.dataset.project,
+        "dataset": version.dataset,
+        "version": version,
+        "page": page,
+        "rows": rows,
+        "flagged_count": version.rows.flagged().count(),
+        "flagged": flagged,
+        "failing_count": counts.failing,
+        "failing_counts": counts.by_rule,
+        "rule": request.GET.get("rule", ""),
+        "error": error,
+        "rules_error": rules_error,
+    }
     return render(request, "workbench/dataset_review.html", ctx, status=status)
 
 
@@ -243,14 +316,25 @@ def _review_edits(request: HttpRequest) -> tuple[dict[int, str], set[int]]:
     """Fields are named by row index: answer_<index> (edited text) and drop=<index>."""
     drop = {_row_index(i) for i in request.POST.getlist("drop")}
     # A posted field always has a value (str); the stubs also allow an empty list.
-    edits = {_row_index(k[7:]): v for k, v in request.POST.items() if k.startswith("answer_") and isinstance(v, str)}
+    edits = {
+        _row_index(k[7:]): v
+        for k, v in request.POST.items()
+        if k.startswith("answer_") and isinstance(v, str)
+    }
     return edits, drop
 
 
 def _review_url(version: DatasetVersion, page: int, flagged: bool, rule: str) -> str:
-    query: dict[str, str | int] = {"page": page, **({"flagged": 1} if flagged else {}), **({"rule": rule} if rule else {})}
-    return reverse("dataset_review", args=[version.dataset.project.slug, version.dataset_id, version.number]) + \
-        "?" + urlencode(query)
+    query: dict[str, str | int] = {
+        "page": page,
+        **({"flagged": 1} if flagged else {}),
+        **({"rule": rule} if rule else {}),
+    }
+    return (
+        reverse("dataset_review", args=[version.dataset.project.slug, version.dataset_id, version.number])
+        + "?"
+        + urlencode(query)
+    )
 
 
 @login_required
@@ -268,7 +352,9 @@ def dataset_review(request: AuthedHttpRequest, slug: str, dataset_id: int, numbe
             new = review_bulk(version, request.user, request.POST["bulk"], request.POST.get("rule", ""))
         except ActionError as exc:
             return _review_page(request, version, page, flagged, error=str(exc), status=400)
-        messages.success(request, f"Saved {new}: {new.meta['bulk']}; {new.row_count:,} row{pluralize(new.row_count)}.")
+        messages.success(
+            request, f"Saved {new}: {new.meta['bulk']}; {new.row_count:,} row{pluralize(new.row_count)}."
+        )
         return redirect(reverse("dataset_review", args=[slug, dataset_id, new.number]))
     if request.method == "POST":
         goto = request.POST.get("goto", "")
@@ -276,19 +362,25 @@ def dataset_review(request: AuthedHttpRequest, slug: str, dataset_id: int, numbe
         try:
             edits, drop = _review_edits(request)
         except ValueError as exc:
-            return _review_page(request, version, page, flagged, error=f"{str(exc).capitalize()}.", status=400)
+            return _review_page(
+                request, version, page, flagged, error=f"{str(exc).capitalize()}.", status=400
+            )
         try:
             reviewed = review_version(version, request.user, edits, drop)
         except ActionError as exc:
-            return _review_page(request, version, page, flagged, typed=edits, dropped=drop, error=str(exc),
-                                status=400)
+            return _review_page(
+                request, version, page, flagged, typed=edits, dropped=drop, error=str(exc), status=400
+            )
         if reviewed is None:
             if target == page.number:
                 messages.info(request, "No changes.")
             return redirect(_review_url(version, target, flagged, rule))
         edited, dropped = len(reviewed.meta["edited"]), len(reviewed.meta["dropped"])
-        messages.success(request, f"Saved {reviewed}: {edited} answer{pluralize(edited)} edited, "
-                                  f"{dropped} row{pluralize(dropped)} dropped, "
-                                  f"{reviewed.row_count:,} row{pluralize(reviewed.row_count)}.")
+        messages.success(
+            request,
+            f"Saved {reviewed}: {edited} answer{pluralize(edited)} edited, "
+            f"{dropped} row{pluralize(dropped)} dropped, "
+            f"{reviewed.row_count:,} row{pluralize(reviewed.row_count)}.",
+        )
         return redirect(_review_url(reviewed, target, flagged, rule))
     return _review_page(request, version, page, flagged)

@@ -29,7 +29,9 @@ def project_create(request: AuthedHttpRequest) -> HttpResponse:
     form = ProjectForm(request.POST)
     if form.is_valid():
         try:
-            project = create_project(request.user, form.cleaned_data["name"], form.cleaned_data["description"])
+            project = create_project(
+                request.user, form.cleaned_data["name"], form.cleaned_data["description"]
+            )
         except ActionError as exc:  # every refusal is about the name
             form.add_error("name", str(exc))
         else:
@@ -38,7 +40,9 @@ def project_create(request: AuthedHttpRequest) -> HttpResponse:
     return _list_page(request, form, status=400)
 
 
-def _detail_page(request: AuthedHttpRequest, project: Project, form: MemberForm, status: int = 200) -> HttpResponse:
+def _detail_page(
+    request: AuthedHttpRequest, project: Project, form: MemberForm, status: int = 200
+) -> HttpResponse:
     ctx = {
         "project": project,
         "memberships": project.memberships.select_related("user"),

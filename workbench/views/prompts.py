@@ -40,20 +40,35 @@ PREVIEW_CHARS = 300
 VERSION_FIELDS = ("id", "prompt_id", "number", "sha256", "note", "author", "created_at")
 
 
-def _list_page(request: HttpRequest, project: Project, form: PromptForm, status: int = 200,
-               existing: Prompt | None = None) -> HttpResponse:
+def _list_page(
+    request: HttpRequest,
+    project: Project,
+    form: PromptForm,
+    status: int = 200,
+    existing: Prompt | None = None,
+) -> HttpResponse:
     """One page of prompts; counts, text lengths and previews come from SQL,
     so a page costs the same whatever the size of the texts."""
     latest_id = PromptVersion.objects.filter(prompt=OuterRef("pk")).order_by("-number").values("pk")[:1]
     prompts = project.prompts.annotate(version_count=Count("versions"), latest_id=Subquery(latest_id))
     page = Paginator(prompts.order_by("name", "pk"), PROMPTS_PER_PAGE).get_page(request.GET.get("page"))
-    latest = {v.pk: v for v in PromptVersion.objects.filter(pk__in=[p.latest_id for p in page])
-              .only(*VERSION_FIELDS, "rules").select_related("author")
-              .annotate(text_chars=Length("text"), preview=Substr("text", 1, PREVIEW_CHARS + 1))}
+    latest = {
+        v.pk: v
+        for v in PromptVersion.objects.filter(pk__in=[p.latest_id for p in page])
+        .only(*VERSION_FIELDS, "rules")
+        .select_related("author")
+        .annotate(text_chars=Length("text"), preview=Substr("text", 1, PREVIEW_CHARS + 1))
+    }
     for p in page:
         p.latest_version = latest.get(p.latest_id)  # type: ignore[attr-defined]  # for the template only
-    ctx = {"project": project, "prompts": page, "page": page, "form": form, "existing": existing,
-           "existing_rules": len(existing.latest.rules) if existing and existing.latest else 0}
+    ctx = {
+        "project": project,
+        "prompts": page,
+        "page": page,
+        "form": form,
+        "existing": existing,
+        "existing_rules": len(existing.latest.rules) if existing and existing.latest else 0,
+    }
     return render(request, "workbench/prompt_list.html", ctx, status=status)
 
 
@@ -92,14 +107,20 @@ def prompt_create(request: AuthedHttpRequest, slug: str) -> HttpResponse:
         try:
             if data["version_of"]:
                 existing = get_object_or_404(project.prompts, pk=data["version_of"])
-                saved = save_prompt(project, request.user, existing.name, form.prompt_text, data["rules"],
-                                    data["note"])
+                saved = save_prompt(
+                    project, request.user, existing.name, form.prompt_text, data["rules"], data["note"]
+                )
                 v = saved.version
-                messages.success(request, f"Saved {v.prompt.name} version {v.number}." if saved.created
-                                 else f"{v.prompt.name} is unchanged (version {v.number}).")
+                messages.success(
+                    request,
+                    f"Saved {v.prompt.name} version {v.number}."
+                    if saved.created
+                    else f"{v.prompt.name} is unchanged (version {v.number}).",
+                )
             else:
-                v = create_prompt(project, request.user, data["name"], form.prompt_text, data["rules"],
-                                  data["note"])
+                v = create_prompt(
+                    project, request.user, data["name"], form.prompt_text, data["rules"], data["note"]
+                )
                 messages.success(request, f"Saved {v.prompt.name} version {v.number}.")
         except PromptNameTaken as exc:
             existing = exc.prompt
@@ -112,22 +133,33 @@ def prompt_create(request: AuthedHttpRequest, slug: str) -> HttpResponse:
 
 
 def _version_page(
-    request: HttpRequest, prompt: Prompt, version: PromptVersion | None, *,
-    save_form: PromptTextForm | None = None, rule_form: RuleForm | None = None, status: int = 200,
+    request: HttpRequest,
+    prompt: Prompt,
+    version: PromptVersion | None,
+    *,
+    save_form: PromptTextForm | None = None,
+    rule_form: RuleForm | None = None,
+    status: int = 200,
 ) -> HttpResponse:
     """A version's page. Only the latest version is edited (its text fills the
     editor); an older one offers to restore it as a new version."""
     latest = prompt.versions.only(*VERSION_FIELDS).order_by("-number").first()
     is_latest = version is not None and latest is not None and version.number == latest.number
-    versions = Paginator(prompt.versions.only(*VERSION_FIELDS).select_related("author").order_by("-number"),
-                         VERSIONS_PER_PAGE).get_page(request.GET.get("versions"))
+    versions = Paginator(
+        prompt.versions.only(*VERSION_FIELDS).select_related("author").order_by("-number"), VERSIONS_PER_PAGE
+    ).get_page(request.GET.get("versions"))
     ctx = {
-        "project": prompt.project, "prompt": prompt, "version": version, "latest": latest,
-        "is_latest": is_latest, "versions": versions,
+        "project": prompt.project,
+        "prompt": prompt,
+        "version": version,
+        "latest": latest,
+        "is_latest": is_latest,
+        "versions": versions,
         "costs": token_costs(version) if version else [],
         "rule_list": [(r, describe_rule(r)) for r in version.rules] if version else [],
         "kinds": rules.KINDS,
-        "save_form": save_form or PromptTextForm(initial={"text": version.text if version and is_latest else ""}),
+        "save_form": save_form
+        or PromptTextForm(initial={"text": version.text if version and is_latest else ""}),
         "rule_form": rule_form or RuleForm(),
     }
     return render(request, "workbench/prompt_detail.html", ctx, status=status)
@@ -154,12 +186,15 @@ def prompt_save(request: AuthedHttpRequest, slug: str, prompt_id: int) -> HttpRe
     form = PromptTextForm(request.POST, request.FILES)
     if form.is_valid():
         try:
-            saved = save_prompt(prompt.project, request.user, prompt.name, form.prompt_text, None,
-                                form.cleaned_data["note"])
+            saved = save_prompt(
+                prompt.project, request.user, prompt.name, form.prompt_text, None, form.cleaned_data["note"]
+            )
         except ActionError as exc:
             form.add_error(None, str(exc))
         else:
-            messages.success(request, f"Saved version {saved.version.number}." if saved.created else "No change.")
+            messages.success(
+                request, f"Saved version {saved.version.number}." if saved.created else "No change."
+            )
             return redirect(prompt)
     return _version_page(request, prompt, prompt.latest, save_form=form, status=400)
 
@@ -174,8 +209,12 @@ def prompt_restore(request: AuthedHttpRequest, slug: str, prompt_id: int, number
     except ActionError as exc:
         messages.error(request, str(exc))
         return redirect(prompt)
-    messages.success(request, f"Version {number} restored as version {saved.version.number}." if saved.created
-                     else f"Version {number} is already the latest text and rules.")
+    messages.success(
+        request,
+        f"Version {number} restored as version {saved.version.number}."
+        if saved.created
+        else f"Version {number} is already the latest text and rules.",
+    )
     return redirect(prompt)
 
 

@@ -14,6 +14,7 @@ from jobs.models import Job
 
 def wait(jobs: Sequence[Job], out: OutputWrapper, poll: float = 1.0) -> None:
     """Follow jobs to their end with a one-line progress display; fail if one fails."""
+
     def draw(polled: Job) -> None:
         p = polled.current_progress
         detail = f"{p.done:.0f}/{'?' if p.total is None else f'{p.total:.0f}'} {p.unit}" if p else ""
@@ -29,17 +30,27 @@ def wait(jobs: Sequence[Job], out: OutputWrapper, poll: float = 1.0) -> None:
 
 
 def run_json(run: EvalRun) -> dict[str, Any]:
-    return {"id": run.pk, "label": run.label, "arm": run.arm or None, "variant": run.variant_id,
-            "base_model": run.base_model.name, "prompt_version": str(run.prompt_version) if run.prompt_version else None,
-            "status": run.status, "metrics": run.summary.get("metrics", {}),
-            "prompt_tokens": run.summary.get("prompt_tokens"), "latency": run.summary.get("latency"),
-            "seconds_per_example": run.summary.get("seconds_per_example")}
+    return {
+        "id": run.pk,
+        "label": run.label,
+        "arm": run.arm or None,
+        "variant": run.variant_id,
+        "base_model": run.base_model.name,
+        "prompt_version": str(run.prompt_version) if run.prompt_version else None,
+        "status": run.status,
+        "metrics": run.summary.get("metrics", {}),
+        "prompt_tokens": run.summary.get("prompt_tokens"),
+        "latency": run.summary.get("latency"),
+        "seconds_per_example": run.summary.get("seconds_per_example"),
+    }
 
 
 def table(runs: Sequence[EvalRun], metric: str) -> str:
     """The runs ranked by `metric`, with every other metric beside it."""
-    names = sorted({k for r in runs for k in (r.summary.get("metrics") or {})},
-                   key=lambda n: (n != metric, not n.startswith("all_rules"), n))
+    names = sorted(
+        {k for r in runs for k in (r.summary.get("metrics") or {})},
+        key=lambda n: (n != metric, not n.startswith("all_rules"), n),
+    )
     ranked = sorted(runs, key=lambda r: -((r.metric(metric) or {}).get("value") or -1))
     head = ["run", *[metric_label(n) for n in names], "prompt tok", "p50 s"]
     rows = [head]
@@ -47,7 +58,9 @@ def table(runs: Sequence[EvalRun], metric: str) -> str:
         cells = [r.label[:48]]
         for n in names:
             m = r.metric(n) or {}
-            cells.append("—" if m.get("value") is None else f"{m['value']:.3f} [{m['low']:.2f},{m['high']:.2f}]")
+            cells.append(
+                "—" if m.get("value") is None else f"{m['value']:.3f} [{m['low']:.2f},{m['high']:.2f}]"
+            )
         cells.append(f"{r.summary.get('prompt_tokens', 0):.0f}")
         p50 = (r.summary.get("latency") or {}).get("p50")
         cells.append("—" if p50 is None else f"{p50:.2f}")

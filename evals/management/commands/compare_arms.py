@@ -13,13 +13,19 @@ from workbench.management.commands._common import project_by_slug
 
 
 class Command(BaseCommand):
-    help = ("The four arms of an absorb on its held-out queries: base without and with the prompt, adapter "
-            "without and with it. Prints every metric with its CI and the prompt effect retained.")
+    help = (
+        "The four arms of an absorb on its held-out queries: base without and with the prompt, adapter "
+        "without and with it. Prints every metric with its CI and the prompt effect retained."
+    )
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--project", required=True, help="Project slug")
-        parser.add_argument("--absorb-job", required=True, type=int,
-                            help="The fine-tune job (or its teacher job) of the absorb")
+        parser.add_argument(
+            "--absorb-job",
+            required=True,
+            type=int,
+            help="The fine-tune job (or its teacher job) of the absorb",
+        )
         parser.add_argument("--suite", help="Suite name (default: the held-out split of the training data)")
         parser.add_argument("--max-new-tokens", type=int, help="Longest answer per arm (default 128)")
         parser.add_argument("--wait", action="store_true", help="Follow the job; exit non-zero if it fails")
@@ -42,10 +48,13 @@ class Command(BaseCommand):
             else:
                 suite = actions.suite_for_variant(job.variant)
                 if suite is None:
-                    raise CommandError(f"{job.variant} learned from data without an eval split; pass --suite.")
+                    raise CommandError(
+                        f"{job.variant} learned from data without an eval split; pass --suite."
+                    )
             generation = {"max_new_tokens": opts["max_new_tokens"]} if opts["max_new_tokens"] else None
-            comparison = actions.start_comparison(project, None, suite, job.variant, absorb_job=job,
-                                                  generation=generation)
+            comparison = actions.start_comparison(
+                project, None, suite, job.variant, absorb_job=job, generation=generation
+            )
         except ActionError as exc:
             raise CommandError(str(exc)) from exc
         err = self.stderr if opts["json"] else self.stdout
@@ -55,17 +64,32 @@ class Command(BaseCommand):
         assert comparison.job is not None
         wait([comparison.job], err)
         comparison = ArmComparison.objects.get(pk=comparison.pk)
-        runs = sorted(comparison.runs.select_related("variant", "prompt_version__prompt", "base_model", "job"),
-                      key=lambda r: ARMS.index(r.arm))
+        runs = sorted(
+            comparison.runs.select_related("variant", "prompt_version__prompt", "base_model", "job"),
+            key=lambda r: ARMS.index(r.arm),
+        )
         if opts["json"]:
-            self.stdout.write(dump({"comparison": comparison.pk, "suite": suite.name, "metric": suite.main_metric,
-                                    "headline": comparison.headline, "arms": {r.arm: run_json(r) for r in runs}}))
+            self.stdout.write(
+                dump(
+                    {
+                        "comparison": comparison.pk,
+                        "suite": suite.name,
+                        "metric": suite.main_metric,
+                        "headline": comparison.headline,
+                        "arms": {r.arm: run_json(r) for r in runs},
+                    }
+                )
+            )
             return
         self.stdout.write(table(runs, suite.main_metric))
         r = comparison.headline.get("retained") or {}
         if r.get("value") is not None:
-            self.stdout.write(f"prompt effect retained on {suite.main_metric}: {r['value']:.2f} "
-                              f"(95% CI {r['low']:.2f} to {r['high']:.2f})")
+            self.stdout.write(
+                f"prompt effect retained on {suite.main_metric}: {r['value']:.2f} "
+                f"(95% CI {r['low']:.2f} to {r['high']:.2f})"
+            )
         elif r.get("note"):
             self.stdout.write(f"prompt effect retained: undefined. {r['note']}")
-        self.stdout.write(f"prompt tokens saved per 1,000 requests: {comparison.headline.get('tokens_saved_per_1000')}")
+        self.stdout.write(
+            f"prompt tokens saved per 1,000 requests: {comparison.headline.get('tokens_saved_per_1000')}"
+        )

@@ -13,13 +13,17 @@ from workbench.models import BaseModel
 
 
 class Command(BaseCommand):
-    help = ("Evaluate variants on a suite of a project and print the leaderboard (--json: every metric with "
-            "its 95% CI).")
+    help = (
+        "Evaluate variants on a suite of a project and print the leaderboard (--json: every metric with "
+        "its 95% CI)."
+    )
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--project", required=True, help="Project slug")
         parser.add_argument("--suite", required=True, help="Suite name")
-        parser.add_argument("--variant", action="append", type=int, default=[], help="Variant id (repeatable)")
+        parser.add_argument(
+            "--variant", action="append", type=int, default=[], help="Variant id (repeatable)"
+        )
         parser.add_argument("--base-model", action="append", default=[], help="Base model name (repeatable)")
         parser.add_argument("--with-prompt", action="store_true", help="Send the suite's prompt to each")
         parser.add_argument("--max-new-tokens", type=int)
@@ -54,10 +58,14 @@ class Command(BaseCommand):
         if not (opts["wait"] or opts["json"]):
             return
         wait(list({r.job_id: r.job for r in runs if r.job}.values()), err)
-        done = list(EvalRun.objects.filter(pk__in=[r.pk for r in runs]).select_related(
-            "variant", "prompt_version__prompt", "base_model", "job"))
+        done = list(
+            EvalRun.objects.filter(pk__in=[r.pk for r in runs]).select_related(
+                "variant", "prompt_version__prompt", "base_model", "job"
+            )
+        )
         if opts["json"]:
-            self.stdout.write(dump({"suite": suite.name, "metric": suite.main_metric,
-                                    "runs": [run_json(r) for r in done]}))
+            self.stdout.write(
+                dump({"suite": suite.name, "metric": suite.main_metric, "runs": [run_json(r) for r in done]})
+            )
         else:
             self.stdout.write(table(done, suite.main_metric))

@@ -19,8 +19,10 @@ from workbench.models import BaseModel, Dataset
 
 
 class Command(BaseCommand):
-    help = ("Absorb a prompt: queue teacher generation on the dataset's train split, then a LoRA fine-tune on "
-            "the teacher's answers. --wait shows progress; --json prints the variant's id and metrics.")
+    help = (
+        "Absorb a prompt: queue teacher generation on the dataset's train split, then a LoRA fine-tune on "
+        "the teacher's answers. --wait shows progress; --json prints the variant's id and metrics."
+    )
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--project", required=True, help="Project slug")
@@ -32,33 +34,63 @@ class Command(BaseCommand):
         parser.add_argument("--batch-size", type=int)
         gen = actions.absorb_generation()
         parser.add_argument("--max-new-tokens", type=int, default=gen.max_new_tokens)
-        parser.add_argument("--teacher-batch", type=int, default=gen.batch_size, help="Teacher generation batch size")
-        parser.add_argument("--temperature", type=float, default=gen.temperature, help="Teacher sampling (0 = greedy)")
+        parser.add_argument(
+            "--teacher-batch", type=int, default=gen.batch_size, help="Teacher generation batch size"
+        )
+        parser.add_argument(
+            "--temperature", type=float, default=gen.temperature, help="Teacher sampling (0 = greedy)"
+        )
         parser.add_argument("--seed", type=int, help="Teacher sampling seed")
-        parser.add_argument("--repetition-penalty", type=float, default=gen.repetition_penalty,
-                            help="Penalise repeated tokens (>1; small models loop without it)")
-        parser.add_argument("--no-repeat-ngram-size", type=int, default=gen.no_repeat_ngram_size,
-                            help="Never repeat an n-gram of this size (0 = off)")
+        parser.add_argument(
+            "--repetition-penalty",
+            type=float,
+            default=gen.repetition_penalty,
+            help="Penalise repeated tokens (>1; small models loop without it)",
+        )
+        parser.add_argument(
+            "--no-repeat-ngram-size",
+            type=int,
+            default=gen.no_repeat_ngram_size,
+            help="Never repeat an n-gram of this size (0 = off)",
+        )
         parser.add_argument("--stop", action="append", default=[], help="Stop string (repeatable)")
-        parser.add_argument("--teacher-model", help="Registered model that answers WITH the prompt "
-                            "(default: the student's base model)")
+        parser.add_argument(
+            "--teacher-model",
+            help="Registered model that answers WITH the prompt (default: the student's base model)",
+        )
         cur = CurationSettings()
         curation = parser.add_argument_group("curation (on by default when the prompt has checkable rules)")
         curation.add_argument("--no-curation", action="store_true", help="Keep the teacher's raw answers")
-        curation.add_argument("--best-of", type=int, default=cur.best_of,
-                              help="Samples per query; the one passing most rules is kept")
+        curation.add_argument(
+            "--best-of",
+            type=int,
+            default=cur.best_of,
+            help="Samples per query; the one passing most rules is kept",
+        )
         curation.add_argument("--sample-temperature", type=float, default=cur.temperature)
         curation.add_argument("--sample-top-p", type=float, default=cur.top_p)
-        curation.add_argument("--no-prefill", action="store_true",
-                              help="Don't start answers with the text a starts_with rule requires")
-        curation.add_argument("--repairs", default=",".join(cur.repairs),
-                              help=f"Comma-separated repairs to apply, or 'none' (all: {','.join(REPAIRS)})")
+        curation.add_argument(
+            "--no-prefill",
+            action="store_true",
+            help="Don't start answers with the text a starts_with rule requires",
+        )
+        curation.add_argument(
+            "--repairs",
+            default=",".join(cur.repairs),
+            help=f"Comma-separated repairs to apply, or 'none' (all: {','.join(REPAIRS)})",
+        )
         parser.add_argument("--train-config", type=Path, help="JSON file of training settings")
-        parser.add_argument("--skip-teacher", action="store_true",
-                            help="The dataset already holds the answers: fine-tune only")
-        parser.add_argument("--train-on-failing", action="store_true",
-                            help="Also train on answers that still fail a checkable rule (default: leave them out "
-                                 "while at least a quarter of the rows pass)")
+        parser.add_argument(
+            "--skip-teacher",
+            action="store_true",
+            help="The dataset already holds the answers: fine-tune only",
+        )
+        parser.add_argument(
+            "--train-on-failing",
+            action="store_true",
+            help="Also train on answers that still fail a checkable rule (default: leave them out "
+            "while at least a quarter of the rows pass)",
+        )
         parser.add_argument("--wait", action="store_true", help="Follow the jobs; exit non-zero if one fails")
         parser.add_argument("--json", action="store_true", help="Print the result as JSON (implies --wait)")
 
@@ -70,12 +102,18 @@ class Command(BaseCommand):
             raise CommandError(str(exc)) from exc
         name, _, number = opts["dataset"].partition("@")
         dataset = Dataset.objects.filter(project=project, name=name).first()
-        version = (dataset.versions.filter(number=int(number)).first() if number.isdigit() else dataset.latest) \
-            if dataset else None
+        version = (
+            (dataset.versions.filter(number=int(number)).first() if number.isdigit() else dataset.latest)
+            if dataset
+            else None
+        )
         if version is None:
             raise CommandError(f"No dataset '{opts['dataset']}' in project {project.slug}.")
-        base = (BaseModel.objects.filter(name=opts["base_model"]).first() if opts["base_model"]
-                else BaseModel.objects.filter(is_default=True).first())
+        base = (
+            BaseModel.objects.filter(name=opts["base_model"]).first()
+            if opts["base_model"]
+            else BaseModel.objects.filter(is_default=True).first()
+        )
         if base is None:
             raise CommandError("No such base model; run `python manage.py provision_model` first.")
         training: dict[str, Any] = {}
@@ -86,8 +124,17 @@ class Command(BaseCommand):
                 training[key] = opts[key]
         try:
             if opts["skip_teacher"]:
-                jobs = [actions.start_finetune(project, None, prompt_version, version, base, training,
-                                               passing_only=not opts["train_on_failing"])]
+                jobs = [
+                    actions.start_finetune(
+                        project,
+                        None,
+                        prompt_version,
+                        version,
+                        base,
+                        training,
+                        passing_only=not opts["train_on_failing"],
+                    )
+                ]
             else:
                 teacher_model: BaseModel | None = base
                 if opts["teacher_model"]:
@@ -95,20 +142,37 @@ class Command(BaseCommand):
                     if teacher_model is None:
                         raise CommandError(f"No registered model {opts['teacher_model']!r} to teach.")
                 repairs = [r for r in opts["repairs"].split(",") if r.strip() and r.strip() != "none"]
-                curation: dict[str, Any] | bool = False if opts["no_curation"] else {
-                    "best_of": opts["best_of"], "temperature": opts["sample_temperature"],
-                    "top_p": opts["sample_top_p"], "prefill": not opts["no_prefill"],
-                    "repairs": [r.strip() for r in repairs]}
-                teacher, finetune = actions.start_absorb(project, None, prompt_version, version, base,
-                                                         {"max_new_tokens": opts["max_new_tokens"],
-                                                          "temperature": opts["temperature"],
-                                                          "batch_size": opts["teacher_batch"],
-                                                          "seed": opts["seed"],
-                                                          "repetition_penalty": opts["repetition_penalty"],
-                                                          "no_repeat_ngram_size": opts["no_repeat_ngram_size"],
-                                                          "stop": opts["stop"]}, training,
-                                                         teacher_model=teacher_model, curation=curation,
-                                                         passing_only=not opts["train_on_failing"])
+                curation: dict[str, Any] | bool = (
+                    False
+                    if opts["no_curation"]
+                    else {
+                        "best_of": opts["best_of"],
+                        "temperature": opts["sample_temperature"],
+                        "top_p": opts["sample_top_p"],
+                        "prefill": not opts["no_prefill"],
+                        "repairs": [r.strip() for r in repairs],
+                    }
+                )
+                teacher, finetune = actions.start_absorb(
+                    project,
+                    None,
+                    prompt_version,
+                    version,
+                    base,
+                    {
+                        "max_new_tokens": opts["max_new_tokens"],
+                        "temperature": opts["temperature"],
+                        "batch_size": opts["teacher_batch"],
+                        "seed": opts["seed"],
+                        "repetition_penalty": opts["repetition_penalty"],
+                        "no_repeat_ngram_size": opts["no_repeat_ngram_size"],
+                        "stop": opts["stop"],
+                    },
+                    training,
+                    teacher_model=teacher_model,
+                    curation=curation,
+                    passing_only=not opts["train_on_failing"],
+                )
                 jobs = [teacher, *([finetune] if finetune else [])]
         except (ActionError, ConfigError, SettingsError) as exc:
             raise CommandError(str(exc)) from exc
@@ -121,13 +185,27 @@ class Command(BaseCommand):
         final = Job.objects.get(pk=jobs[-1].pk)
         if opts["json"]:
             variant = final.variant
-            self.stdout.write(json.dumps({
-                "jobs": [{"id": j.pk, "kind": j.kind, "status": Job.objects.get(pk=j.pk).status} for j in jobs],
-                "variant": None if variant is None else {
-                    "id": variant.pk, "name": variant.name, "adapter_path": variant.adapter_path,
-                    "final_loss": variant.final_loss, "duration_seconds": variant.duration_seconds,
-                    "metrics": variant.metrics},
-            }, indent=2))
+            self.stdout.write(
+                json.dumps(
+                    {
+                        "jobs": [
+                            {"id": j.pk, "kind": j.kind, "status": Job.objects.get(pk=j.pk).status}
+                            for j in jobs
+                        ],
+                        "variant": None
+                        if variant is None
+                        else {
+                            "id": variant.pk,
+                            "name": variant.name,
+                            "adapter_path": variant.adapter_path,
+                            "final_loss": variant.final_loss,
+                            "duration_seconds": variant.duration_seconds,
+                            "metrics": variant.metrics,
+                        },
+                    },
+                    indent=2,
+                )
+            )
 
     def _follow(self, job: Job, out: Any) -> None:
         width = 30
@@ -137,12 +215,15 @@ class Command(BaseCommand):
             detail, eta = "", None
             if p is not None:
                 loss = p.metrics.get("loss")
-                detail = (f"{p.done:.0f}/{'?' if p.total is None else f'{p.total:.0f}'} {p.unit}"
-                          + (f" loss {loss:.4f}" if isinstance(loss, (int, float)) else ""))
+                detail = f"{p.done:.0f}/{'?' if p.total is None else f'{p.total:.0f}'} {p.unit}" + (
+                    f" loss {loss:.4f}" if isinstance(loss, (int, float)) else ""
+                )
                 eta = p.eta_seconds
             bar = "#" * (polled.percent * width // 100)
-            line = (f"\r{polled.label:<18} [{bar:<{width}}] {polled.percent:3d}% {detail}"
-                    f"{f' eta {eta:.0f}s' if eta and not polled.is_terminal else ''} {polled.status}")
+            line = (
+                f"\r{polled.label:<18} [{bar:<{width}}] {polled.percent:3d}% {detail}"
+                f"{f' eta {eta:.0f}s' if eta and not polled.is_terminal else ''} {polled.status}"
+            )
             out.write(line.ljust(100), ending="")
             out.flush()
             if polled.is_terminal:

@@ -19,8 +19,10 @@ def alias_by_name(project: Project, name: str) -> Alias:
 def variant_by_id(project: Project, variant_id: int) -> Variant:
     variant = project.variants.filter(pk=variant_id).select_related("base_model").first()
     if variant is None:
-        raise CommandError(f"No variant {variant_id} in project {project.slug} (list_variants --project "
-                           f"{project.slug} shows them).")
+        raise CommandError(
+            f"No variant {variant_id} in project {project.slug} (list_variants --project "
+            f"{project.slug} shows them)."
+        )
     return variant
 
 

@@ -20,5 +20,7 @@ class Command(BaseCommand):
     def handle(self, *args: Any, **opts: Any) -> None:
         project = project_by_slug(opts["project"])
         key, raw = actions.create_api_key(user_by_name(opts["user"]), project, opts["name"])
-        self.stderr.write(f"API key {key.prefix}… for project {project.slug}; copy it now, it is not shown again:")
+        self.stderr.write(
+            f"API key {key.prefix}… for project {project.slug}; copy it now, it is not shown again:"
+        )
         self.stdout.write(raw)

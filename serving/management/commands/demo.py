@@ -19,19 +19,25 @@ from workbench.management.commands.run import usable_cores
 
 
 class Command(RunCommand):
-    help = ("Run the workbench and the whole path on a demo scenario: curated teacher data, absorb, four-arm "
-            "eval, promotion to staging behind the gate, one /v1 request. Prints a summary.")
+    help = (
+        "Run the workbench and the whole path on a demo scenario: curated teacher data, absorb, four-arm "
+        "eval, promotion to staging behind the gate, one /v1 request. Prints a summary."
+    )
 
     def add_arguments(self, parser: CommandParser) -> None:
         super().add_arguments(parser)
         parser.add_argument("--scenario", default="lumen", help="A folder of scenarios/ (default: lumen)")
         # Best of 2, not absorb's 4: on 2 CPU cores best-of-4 would add ~9 minutes to a ~29-minute demo
         # (bench/README.md), and the repairs, not the extra samples, lift the lumen data to all rules.
-        parser.add_argument("--best-of", type=int, default=2,
-                            help="Samples per query (default 2; absorb's default is 4)")
+        parser.add_argument(
+            "--best-of", type=int, default=2, help="Samples per query (default 2; absorb's default is 4)"
+        )
         parser.add_argument("--epochs", type=int, help="Fine-tune epochs (default: the workbench default)")
-        parser.add_argument("--keep-running", action="store_true",
-                            help="Keep the workbench running after the demo (Ctrl-C stops it)")
+        parser.add_argument(
+            "--keep-running",
+            action="store_true",
+            help="Keep the workbench running after the demo (Ctrl-C stops it)",
+        )
         parser.add_argument("--timeout-minutes", type=float, default=60, help="Per stage")
 
     def handle(self, *args: Any, **opts: Any) -> None:
@@ -46,14 +52,24 @@ class Command(RunCommand):
         def drive() -> None:
             try:
                 self._wait_for_web(url)
-                result = run_demo(opts["scenario"], url, username, self._say, best_of=opts["best_of"],
-                                  epochs=opts["epochs"], timeout_minutes=opts["timeout_minutes"])
+                result = run_demo(
+                    opts["scenario"],
+                    url,
+                    username,
+                    self._say,
+                    best_of=opts["best_of"],
+                    epochs=opts["epochs"],
+                    timeout_minutes=opts["timeout_minutes"],
+                )
                 self.stdout.write("\n" + result.summary + "\n")
                 if not result.passed:
                     self.stderr.write("The student did not reach the teacher's all-rules compliance.")
                     self.exit_code = 2
-                self.stdout.write(self.style.SUCCESS(
-                    f"The demo project is at {url}p/{result.project.slug}/ (log in as {username})."))
+                self.stdout.write(
+                    self.style.SUCCESS(
+                        f"The demo project is at {url}p/{result.project.slug}/ (log in as {username})."
+                    )
+                )
             except DemoError as exc:
                 self.stderr.write(f"Demo failed: {exc}")
                 self.exit_code = 1

@@ -19,13 +19,18 @@ class Command(BaseCommand):
     def handle(self, *args: Any, **opts: Any) -> None:
         project = project_by_slug(opts["project"])
         actions.ensure_base_variants(project)
-        variants = project.variants.select_related("base_model", "prompt_version__prompt").prefetch_related(
-            "aliases").order_by("pk")
+        variants = (
+            project.variants.select_related("base_model", "prompt_version__prompt")
+            .prefetch_related("aliases")
+            .order_by("pk")
+        )
         rows = [actions.variant_json(v) for v in variants]
         if opts["json"]:
             self.stdout.write(json.dumps(rows, indent=2))
             return
         for r in rows:
             flags = " ".join(f for f in ("base" if r["is_base"] else "", "STALE" if r["stale"] else "") if f)
-            self.stdout.write(f"{r['id']:>5}  {r['name']:<30} base={r['base_model']} adapter={r['adapter'] or '-'} "
-                              f"prompt={r['prompt'] or '-'} aliases={','.join(r['aliases']) or '-'} {flags}".rstrip())
+            self.stdout.write(
+                f"{r['id']:>5}  {r['name']:<30} base={r['base_model']} adapter={r['adapter'] or '-'} "
+                f"prompt={r['prompt'] or '-'} aliases={','.join(r['aliases']) or '-'} {flags}".rstrip()
+            )

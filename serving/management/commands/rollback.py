@@ -29,8 +29,19 @@ class Command(BaseCommand):
         except ActionError as exc:
             raise CommandError(str(exc)) from exc
         if opts["json"]:
-            self.stdout.write(json.dumps({"alias": alias.name, "variant": move.to_variant_id, "action": move.action,
-                                          "from": move.from_variant_id}, indent=2))
+            self.stdout.write(
+                json.dumps(
+                    {
+                        "alias": alias.name,
+                        "variant": move.to_variant_id,
+                        "action": move.action,
+                        "from": move.from_variant_id,
+                    },
+                    indent=2,
+                )
+            )
         else:
-            self.stdout.write(f"{alias.model_name}: rolled back {move.from_variant or 'nothing'} -> "
-                              f"{move.to_variant} (#{move.to_variant_id})")
+            self.stdout.write(
+                f"{alias.model_name}: rolled back {move.from_variant or 'nothing'} -> "
+                f"{move.to_variant} (#{move.to_variant_id})"
+            )

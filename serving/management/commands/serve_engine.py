@@ -21,8 +21,17 @@ from workbench.models import BaseModel
 
 
 def engine_command(host: str, port: int, threads: int, model: BaseModel | None) -> list[str]:
-    cmd = [sys.executable, "-m", "engines.engine_server", "--host", host, "--port", str(port),
-           "--threads", str(threads)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "engines.engine_server",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--threads",
+        str(threads),
+    ]
     if model is not None:
         cmd += ["--model", f"{model.name}={model.path}"]
     return cmd
@@ -30,8 +39,14 @@ def engine_command(host: str, port: int, threads: int, model: BaseModel | None) 
 
 def engine_env(threads: int) -> dict[str, str]:
     # OpenMP/MKL pools sized like torch's, so the engine never takes more cores than it was given.
-    return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return {
+        **os.environ,
+        "OMP_NUM_THREADS": str(threads),
+        "MKL_NUM_THREADS": str(threads),
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
 
 
 class Command(BaseCommand):
@@ -41,22 +56,30 @@ class Command(BaseCommand):
         url = urlsplit(settings.ENGINE_URL)
         parser.add_argument("--host", default=url.hostname or "127.0.0.1")
         parser.add_argument("--port", type=int, default=url.port or 8001)
-        parser.add_argument("--threads", type=int, default=settings.ENGINE_THREADS,
-                            help="Torch threads of the hf engine (ENGINE_THREADS)")
+        parser.add_argument(
+            "--threads",
+            type=int,
+            default=settings.ENGINE_THREADS,
+            help="Torch threads of the hf engine (ENGINE_THREADS)",
+        )
 
     def handle(self, *args: Any, **opts: Any) -> None:
         model = BaseModel.objects.filter(is_default=True).first() or BaseModel.objects.first()
         if remote():
             if team_vllm():
-                raise CommandError(f"VLLM_URL is set ({settings.VLLM_URL}): the gateway uses that vLLM, "
-                                   "so there is no engine to start here.")
+                raise CommandError(
+                    f"VLLM_URL is set ({settings.VLLM_URL}): the gateway uses that vLLM, "
+                    "so there is no engine to start here."
+                )
             self._serve_vllm(model, opts["port"])
             return
         if opts["threads"] < 1:
             raise CommandError("--threads must be at least 1.")
         cmd = engine_command(opts["host"], opts["port"], opts["threads"], model)
-        self.stdout.write(f"hf engine on http://{opts['host']}:{opts['port']} "
-                          f"({model.name if model else 'no base model yet'}, {opts['threads']} thread(s))")
+        self.stdout.write(
+            f"hf engine on http://{opts['host']}:{opts['port']} "
+            f"({model.name if model else 'no base model yet'}, {opts['threads']} thread(s))"
+        )
         self.stdout.flush()
         # Replaced by the engine: signals reach it directly and its exit code is this command's.
         os.execve(cmd[0], cmd, engine_env(opts["threads"]))

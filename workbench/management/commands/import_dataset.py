@@ -13,9 +13,11 @@ from workbench.management.commands._common import project_by_slug
 
 
 class Command(BaseCommand):
-    help = ("Validate a dataset file as a stream and store it as a new version of the named dataset "
-            "(in short batches, into a version that is visible only once every row is stored). "
-            "Bad rows are printed as 'line N: reason' on stderr and nothing is stored.")
+    help = (
+        "Validate a dataset file as a stream and store it as a new version of the named dataset "
+        "(in short batches, into a version that is visible only once every row is stored). "
+        "Bad rows are printed as 'line N: reason' on stderr and nothing is stored."
+    )
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("file", type=Path)
@@ -26,12 +28,20 @@ class Command(BaseCommand):
         parser.add_argument("--answer-column")
         parser.add_argument("--eval-percent", type=int, default=10)
         parser.add_argument("--seed", type=int, default=0)
-        parser.add_argument("--skip-bad", action="store_true",
-                            help="Store the good rows and list the bad ones on the version instead of storing nothing")
-        parser.add_argument("--use-chosen", action="store_true",
-                            help="DPO pairs (chosen/rejected): load only the chosen answers")
-        parser.add_argument("--records-key",
-                            help='For a file that is one JSON object, e.g. {"qa": [...]}: the key holding the rows')
+        parser.add_argument(
+            "--skip-bad",
+            action="store_true",
+            help="Store the good rows and list the bad ones on the version instead of storing nothing",
+        )
+        parser.add_argument(
+            "--use-chosen",
+            action="store_true",
+            help="DPO pairs (chosen/rejected): load only the chosen answers",
+        )
+        parser.add_argument(
+            "--records-key",
+            help='For a file that is one JSON object, e.g. {"qa": [...]}: the key holding the rows',
+        )
 
     def handle(self, *args: Any, **opts: Any) -> None:
         project = project_by_slug(opts["project"])
@@ -41,10 +51,19 @@ class Command(BaseCommand):
         try:
             with path.open("rb") as f:
                 version = import_dataset(
-                    project, None, opts["name"], f, filename=path.name, fmt=opts["format"],
-                    query_column=opts["query_column"], answer_column=opts["answer_column"],
-                    eval_percent=opts["eval_percent"], seed=opts["seed"],
-                    skip_bad=opts["skip_bad"], use_chosen=opts["use_chosen"], records_key=opts["records_key"],
+                    project,
+                    None,
+                    opts["name"],
+                    f,
+                    filename=path.name,
+                    fmt=opts["format"],
+                    query_column=opts["query_column"],
+                    answer_column=opts["answer_column"],
+                    eval_percent=opts["eval_percent"],
+                    seed=opts["seed"],
+                    skip_bad=opts["skip_bad"],
+                    use_chosen=opts["use_chosen"],
+                    records_key=opts["records_key"],
                 )
         except ActionError as exc:
             raise CommandError(str(exc)) from exc

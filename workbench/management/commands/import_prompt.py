@@ -13,8 +13,10 @@ from workbench.prompt_costs import TokenCountError
 
 
 class Command(BaseCommand):
-    help = ("Save a system prompt from a text/markdown file as a new version of the named prompt "
-            "(created if new). --rules takes a JSON list of {name, kind, ...parameters}; see README.")
+    help = (
+        "Save a system prompt from a text/markdown file as a new version of the named prompt "
+        "(created if new). --rules takes a JSON list of {name, kind, ...parameters}; see README."
+    )
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("file", type=Path)
@@ -48,8 +50,10 @@ class Command(BaseCommand):
             raise CommandError(str(exc)) from exc
         v = saved.version
         state = "stored as" if saved.created else "unchanged, still"
-        self.stdout.write(f"{project.slug}/{v.prompt.name}: {state} version {v.number} "
-                          f"({len(v.text):,} characters, {len(v.rules)} rules, sha256 {v.sha256[:12]})")
+        self.stdout.write(
+            f"{project.slug}/{v.prompt.name}: {state} version {v.number} "
+            f"({len(v.text):,} characters, {len(v.rules)} rules, sha256 {v.sha256[:12]})"
+        )
         for model in BaseModel.objects.all():
             try:
                 reason = v.too_long_for(model)

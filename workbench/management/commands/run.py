@@ -32,7 +32,9 @@ def ensure_demo_user(data_dir: Path) -> tuple[str, str]:
     if creds.is_file() and User.objects.filter(username=DEMO_USER).exists():
         return DEMO_USER, creds.read_text().strip()
     password = secrets.token_urlsafe(9)
-    user, _ = User.objects.get_or_create(username=DEMO_USER, defaults={"is_staff": True, "is_superuser": True})
+    user, _ = User.objects.get_or_create(
+        username=DEMO_USER, defaults={"is_staff": True, "is_superuser": True}
+    )
     user.set_password(password)
     user.save()
     creds.parent.mkdir(parents=True, exist_ok=True)
@@ -40,8 +42,11 @@ def ensure_demo_user(data_dir: Path) -> tuple[str, str]:
     creds.chmod(0o600)
     if not Project.objects.for_user(user).exists():
         # Project names are unique: a "Demo" left by an earlier demo user is not taken over.
-        name = next(n for n in ("Demo", *(f"Demo {i}" for i in range(2, 1000)))
-                    if not Project.objects.filter(name__iexact=n).exists())
+        name = next(
+            n
+            for n in ("Demo", *(f"Demo {i}" for i in range(2, 1000)))
+            if not Project.objects.filter(name__iexact=n).exists()
+        )
         create_project(user, name, "A first project to try the path: prompt, data, absorb, eval.")
     return DEMO_USER, password
 
@@ -53,16 +58,21 @@ def usable_cores() -> int:
 
 
 class Command(BaseCommand):
-    help = ("Run the web UI, a Celery worker (embedded SQLite broker by default) and the inference engine "
-            "of /v1. Ctrl-C stops them all.")
+    help = (
+        "Run the web UI, a Celery worker (embedded SQLite broker by default) and the inference engine "
+        "of /v1. Ctrl-C stops them all."
+    )
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--host", default="127.0.0.1")
         parser.add_argument("--port", type=int, default=8000)
         parser.add_argument("--skip-provision", action="store_true", help="Don't provision the default model")
         parser.add_argument("--web-workers", type=int, default=2)
-        parser.add_argument("--no-engine", action="store_true",
-                            help="Don't start the inference engine (/v1 then answers 503 until one runs)")
+        parser.add_argument(
+            "--no-engine",
+            action="store_true",
+            help="Don't start the inference engine (/v1 then answers 503 until one runs)",
+        )
 
     def handle(self, *args: Any, **opts: Any) -> None:
         settings.DATA_DIR.mkdir(parents=True, exist_ok=True)
@@ -76,13 +86,37 @@ class Command(BaseCommand):
         bin_dir = Path(sys.executable).parent
         # A /v1 request holds its thread while the engine generates (a stream for its whole length):
         # threads, not cores, bound how many requests reach the engine together to be batched.
-        web = [str(bin_dir / "gunicorn"), "workbench.wsgi:application", "--bind", f"{opts['host']}:{opts['port']}",
-               "--workers", str(opts["web_workers"]), "--threads", "16", "--access-logfile", "-",
-               "--graceful-timeout", "5"]
+        web = [
+            str(bin_dir / "gunicorn"),
+            "workbench.wsgi:application",
+            "--bind",
+            f"{opts['host']}:{opts['port']}",
+            "--workers",
+            str(opts["web_workers"]),
+            "--threads",
+            "16",
+            "--access-logfile",
+            "-",
+            "--graceful-timeout",
+            "5",
+        ]
         # One task per child process: model memory is returned to the system after each job.
-        worker = [str(bin_dir / "celery"), "-A", "workbench", "worker", "-Q", "gpu,default",
-                  "--concurrency", "1", "--max-tasks-per-child", "1", "--loglevel", "INFO",
-                  "-n", f"worker-{os.getpid()}@%h"]
+        worker = [
+            str(bin_dir / "celery"),
+            "-A",
+            "workbench",
+            "worker",
+            "-Q",
+            "gpu,default",
+            "--concurrency",
+            "1",
+            "--max-tasks-per-child",
+            "1",
+            "--loglevel",
+            "INFO",
+            "-n",
+            f"worker-{os.getpid()}@%h",
+        ]
         engine = self._engine_command(opts["no_engine"])
         # The engine's torch threads and the worker's together stay within the machine's cores:
         # oversubscribed CPU threads wait at barriers and throughput collapses.
@@ -105,13 +139,15 @@ class Command(BaseCommand):
             procs.append(subprocess.Popen(web, env=env, start_new_session=True))
             procs.append(subprocess.Popen(worker, env=worker_env, start_new_session=True))
             engine_proc = subprocess.Popen(engine, env=env, start_new_session=True) if engine else None
-            self.stdout.write(self.style.SUCCESS(
-                f"\nWorkbench is running at {url}\n  log in as: {username} / {password}\n"
-                f"  data directory: {settings.DATA_DIR}\n  broker: {settings.CELERY_BROKER_URL.split('://')[0]}\n"
-                f"  OpenAI-compatible API: {url}v1 (model PROJECT_SLUG/ALIAS, a project API key)\n"
-                f"  inference engine: {self._engine_description(engine)}\n"
-                "Press Ctrl-C to stop the web server, the worker and the engine.\n"
-            ))
+            self.stdout.write(
+                self.style.SUCCESS(
+                    f"\nWorkbench is running at {url}\n  log in as: {username} / {password}\n"
+                    f"  data directory: {settings.DATA_DIR}\n  broker: {settings.CELERY_BROKER_URL.split('://')[0]}\n"
+                    f"  OpenAI-compatible API: {url}v1 (model PROJECT_SLUG/ALIAS, a project API key)\n"
+                    f"  inference engine: {self._engine_description(engine)}\n"
+                    "Press Ctrl-C to stop the web server, the worker and the engine.\n"
+                )
+            )
             self.started(url, username, opts, stop)
             while not stopping:
                 for p in procs:
@@ -121,8 +157,10 @@ class Command(BaseCommand):
                         stopping = True
                 if engine_proc is not None and engine_proc.poll() is not None:
                     # The UI and the worker stay up: only /v1 needs the engine, and it answers 503 meanwhile.
-                    self.stderr.write(f"The inference engine exited with {engine_proc.returncode} (see above); "
-                                      "/v1 answers 503 until it runs again (`python manage.py serve_engine`).")
+                    self.stderr.write(
+                        f"The inference engine exited with {engine_proc.returncode} (see above); "
+                        "/v1 answers 503 until it runs again (`python manage.py serve_engine`)."
+                    )
                     engine_proc = None
                 time.sleep(0.2)
         finally:
