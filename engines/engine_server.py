@@ -233,7 +233,8 @@ class _Handler(BaseHTTPRequestHandler):
     def _health(self) -> None:
         if self.engine.stopping:
             raise unavailable("the engine is shutting down")
-        self._send_json(200, {"status": "ok"})
+        # The queue depth, for operators and the workbench's serving page.
+        self._send_json(200, {"status": "ok", "queued_rows": self.engine.queued_rows()})
 
     def _models(self) -> None:
         self._send_json(200, {"object": "list", "data": self.engine.list_models()})

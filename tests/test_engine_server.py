@@ -498,11 +498,13 @@ def test_it_serves_projects_round_robin_not_first_come(lively_dir, one_torch_thr
                 while fair.engine.queued_rows() < 10 and time.monotonic() < deadline:
                     time.sleep(0.02)
                 time.sleep(0.5)
-                before = fair.engine.queued_rows()
+                # /health reports the queue depth (what operators and the serving page read)
+                before = httpx.get(fair.url + "/health").json()["queued_rows"]
+                assert before == fair.engine.queued_rows() >= 10
                 small = pool.submit(call, "B")
                 while fair.engine.queued_rows() < before + 1 and time.monotonic() < deadline:
                     time.sleep(0.02)
-                assert fair.engine.queued_rows() == before + 1
+                assert httpx.get(fair.url + "/health").json() == {"status": "ok", "queued_rows": before + 1}
             assert [f.result() for f in flood] == [200] * 12 and small.result() == 200
     assert finished.index("B") <= 3, finished  # first come would serve it 13th
 
