@@ -65,7 +65,7 @@ def main() -> None:
     from workbench.actions.datasets import import_dataset
     from workbench.actions.projects import create_project
     from workbench.actions.prompts import save_prompt
-    from workbench.models import BaseModel
+    from workbench.models import FoundationModel
 
     print(f"data directory: {data_dir}", flush=True)
     if args.from_teacher:
@@ -98,7 +98,7 @@ def main() -> None:
         filename="heldout.jsonl",
         eval_percent=100,
     )
-    base = BaseModel.objects.get(is_default=True)
+    base = FoundationModel.objects.get(is_default=True)
     curation: dict | bool = False if args.no_curation else CurationSettings().to_dict()
     if args.best_of and curation:
         curation["best_of"] = args.best_of

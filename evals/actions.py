@@ -19,14 +19,14 @@ from jobs.actions import check_form_token, check_prompt_fits, create_job
 from jobs.models import Job
 from jobs.tasks import enqueue
 from workbench.actions import ActionError
-from workbench.models import BaseModel, DatasetRow, DatasetVersion, Project, PromptVersion, Variant
+from workbench.models import DatasetRow, DatasetVersion, FoundationModel, Project, PromptVersion, Variant
 
 
 @dataclass(frozen=True)
 class RunSpec:
     """What answers: a base model, optionally a variant's adapter, optionally a prompt."""
 
-    base_model: BaseModel
+    base_model: FoundationModel
     variant: Variant | None = None
     prompt_version: PromptVersion | None = None
     arm: str = ""
@@ -64,7 +64,7 @@ def create_suite(
     prompt_version: PromptVersion | None = None,
     main_metric: str = "",
     judge: Variant | None = None,
-    judge_base: BaseModel | None = None,
+    judge_base: FoundationModel | None = None,
     judge_rubric: str = "",
     lm_eval_tasks: Sequence[str] = (),
     rules: Any = None,

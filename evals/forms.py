@@ -6,7 +6,7 @@ from django import forms
 
 from evals.models import METRICS, EvalSuite
 from workbench.forms import form_token_field, model_choice
-from workbench.models import BaseModel, DatasetVersion, Project, PromptVersion, Variant
+from workbench.models import DatasetVersion, FoundationModel, Project, PromptVersion, Variant
 
 # Ids are BigAutoField: anything outside 1..2**63-1 is a form error, not an overflow in the database.
 MAX_ID = 2**63 - 1
@@ -33,7 +33,7 @@ class SuiteForm(forms.Form):
     )
     judge = forms.ModelChoiceField(queryset=Variant.objects.none(), required=False, label="Judge (a variant)")
     judge_base = forms.ModelChoiceField(
-        queryset=BaseModel.objects.all(), required=False, label="Judge (a base model)"
+        queryset=FoundationModel.objects.all(), required=False, label="Judge (a base model)"
     )
     judge_rubric = forms.CharField(
         widget=forms.Textarea(attrs={"rows": 3}),
@@ -71,7 +71,7 @@ class RunForm(forms.Form):
         label="Variants (adapters)",
     )
     base_models = forms.ModelMultipleChoiceField(
-        queryset=BaseModel.objects.all(),
+        queryset=FoundationModel.objects.all(),
         required=False,
         widget=forms.CheckboxSelectMultiple,
         label="Base models",

@@ -9,7 +9,7 @@ from django.utils import timezone
 
 from engines.evaluation import ARM_SPECS
 from jobs.models import Job
-from workbench.models import BaseModel, DatasetVersion, Project, PromptVersion, Variant
+from workbench.models import DatasetVersion, FoundationModel, Project, PromptVersion, Variant
 
 # What a run can be ranked by; rule metrics are "rule:<name>".
 METRICS = {
@@ -58,7 +58,7 @@ class EvalSuite(models.Model):
         help_text="The variant that judges answers (none: no judge)",
     )
     judge_base = models.ForeignKey(
-        BaseModel,
+        FoundationModel,
         null=True,
         blank=True,
         on_delete=models.SET_NULL,
@@ -155,7 +155,7 @@ class EvalRun(models.Model):
     comparison = models.ForeignKey(
         ArmComparison, null=True, blank=True, on_delete=models.SET_NULL, related_name="runs"
     )
-    base_model = models.ForeignKey(BaseModel, on_delete=models.PROTECT, related_name="eval_runs")
+    base_model = models.ForeignKey(FoundationModel, on_delete=models.PROTECT, related_name="eval_runs")
     variant = models.ForeignKey(
         Variant,
         null=True,

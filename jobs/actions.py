@@ -15,7 +15,7 @@ from engines.training import TrainConfig, tokenizers_match
 from jobs.models import Job
 from jobs.tasks import enqueue
 from workbench.actions import ActionError
-from workbench.models import BaseModel, DatasetRow, DatasetVersion, Project, PromptVersion
+from workbench.models import DatasetRow, DatasetVersion, FoundationModel, Project, PromptVersion
 from workbench.prompt_costs import TokenCountError
 
 
@@ -50,7 +50,7 @@ def create_job(project: Project, form_token: uuid.UUID | None = None, **fields: 
         raise AlreadyStarted(job) from None
 
 
-def check_prompt_fits(prompt_version: PromptVersion, base_model: BaseModel) -> None:
+def check_prompt_fits(prompt_version: PromptVersion, base_model: FoundationModel) -> None:
     """Refuse a prompt that leaves the model no room for a query and an answer."""
     try:
         reason = prompt_version.too_long_for(base_model)
@@ -61,7 +61,10 @@ def check_prompt_fits(prompt_version: PromptVersion, base_model: BaseModel) -> N
 
 
 def _check(
-    project: Project, prompt_version: PromptVersion, dataset_version: DatasetVersion, base_model: BaseModel
+    project: Project,
+    prompt_version: PromptVersion,
+    dataset_version: DatasetVersion,
+    base_model: FoundationModel,
 ) -> None:
     # Both inputs must belong to the project: ids in a form can be forged.
     if prompt_version.prompt.project_id != project.pk or dataset_version.dataset.project_id != project.pk:
@@ -111,7 +114,7 @@ def _curation(
     return settings.to_dict()
 
 
-def check_teacher(base_model: BaseModel, teacher_model: BaseModel, train: TrainConfig) -> None:
+def check_teacher(base_model: FoundationModel, teacher_model: FoundationModel, train: TrainConfig) -> None:
     """Any registered model can teach (answers are text, so SFT works across
     tokenizers); the KL term compares token distributions and needs the same
     tokenizer."""
@@ -136,13 +139,13 @@ def start_absorb(
     user: User | None,
     prompt_version: PromptVersion,
     dataset_version: DatasetVersion,
-    base_model: BaseModel,
+    base_model: FoundationModel,
     generation: GenerationSettings | Mapping[str, Any] | None = None,
     training: TrainConfig | Mapping[str, Any] | None = None,
     *,
     keep_existing: bool = True,
     review_first: bool = False,
-    teacher_model: BaseModel | None = None,
+    teacher_model: FoundationModel | None = None,
     curation: CurationSettings | Mapping[str, Any] | bool | None = True,
     passing_only: bool = True,
     form_token: uuid.UUID | None = None,
@@ -200,7 +203,7 @@ def start_finetune(
     user: User | None,
     prompt_version: PromptVersion,
     dataset_version: DatasetVersion,
-    base_model: BaseModel,
+    base_model: FoundationModel,
     training: TrainConfig | Mapping[str, Any] | None = None,
     *,
     passing_only: bool = True,

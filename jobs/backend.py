@@ -16,10 +16,10 @@ from engines.inference import load_model
 from engines.vllm_server import VLLMError, load_adapter
 from jobs.registry import JobError
 from workbench.backend import api_key, engine_url, remote
-from workbench.models import BaseModel, Variant
+from workbench.models import FoundationModel, Variant
 
 
-def remote_generator(base_model: BaseModel, variant: Variant | None = None) -> RemoteGenerator | None:
+def remote_generator(base_model: FoundationModel, variant: Variant | None = None) -> RemoteGenerator | None:
     """None with the in-process backend; else the base model, with the
     variant's adapter beside it (loaded into the engine if it is not yet), on
     the vLLM server."""
@@ -39,7 +39,7 @@ def remote_generator(base_model: BaseModel, variant: Variant | None = None) -> R
     return RemoteGenerator(url, base_model.name, adapter, key)
 
 
-def generator(base_model: BaseModel, variant: Variant | None = None) -> Generator:
+def generator(base_model: FoundationModel, variant: Variant | None = None) -> Generator:
     """What answers for a job: the base model with the variant's adapter (if
     it has one; `adapter=False` asks the base alone), on the chosen backend.
     In process this loads the weights: call it once per job."""

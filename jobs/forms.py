@@ -16,7 +16,7 @@ from engines.training import DEVICES, LR_SCHEDULERS, ConfigError, TrainConfig
 from jobs.actions import absorb_generation
 from workbench.data_quality import final_compliance, warning
 from workbench.forms import form_token_field, model_choice
-from workbench.models import BaseModel, DatasetVersion, Project, PromptVersion
+from workbench.models import DatasetVersion, FoundationModel, Project, PromptVersion
 
 TRAIN_HELP: dict[str, str] = {
     "rank": "LoRA rank r: size of the low-rank update. 8-32 is typical; higher learns more, costs more.",
@@ -92,10 +92,10 @@ class AbsorbForm(forms.Form):
         queryset=DatasetVersion.objects.none(), label="Dataset version", empty_label=None
     )
     base_model = forms.ModelChoiceField(
-        queryset=BaseModel.objects.all(), label="Base model", empty_label=None
+        queryset=FoundationModel.objects.all(), label="Base model", empty_label=None
     )
     teacher_model = forms.ModelChoiceField(
-        queryset=BaseModel.objects.all(),
+        queryset=FoundationModel.objects.all(),
         required=False,
         label="Teacher model",
         empty_label="the base model (same as the student)",

@@ -16,7 +16,7 @@ from django.utils import timezone
 
 from engines.progress import Progress
 from jobs.registry import label_of
-from workbench.models import BaseModel, DatasetVersion, Project, PromptVersion, Variant
+from workbench.models import DatasetVersion, FoundationModel, Project, PromptVersion, Variant
 
 # Sent after a job reached a terminal state (kwargs: job, status), so apps
 # above jobs can follow up (evals starts the four-arm comparison of a new variant).
@@ -52,7 +52,7 @@ class Job(models.Model):
     # Inputs and outputs of the absorb kinds; other kinds leave them empty
     # and keep their inputs in params or in a row of their own app.
     base_model = models.ForeignKey(
-        BaseModel, null=True, blank=True, on_delete=models.PROTECT, related_name="jobs"
+        FoundationModel, null=True, blank=True, on_delete=models.PROTECT, related_name="jobs"
     )
     prompt_version = models.ForeignKey(
         PromptVersion, null=True, blank=True, on_delete=models.PROTECT, related_name="jobs"

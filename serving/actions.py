@@ -17,7 +17,7 @@ from jobs.tasks import enqueue
 from serving.gate import Verdict, evaluate_gate
 from serving.models import DEFAULT_ALIASES, Alias, AliasMove, ApiKey, alias_moved, hash_key
 from workbench.actions import ActionError
-from workbench.models import BaseModel, Project, Variant
+from workbench.models import FoundationModel, Project, Variant
 
 Actor = User | None  # None: a command run without --user
 ALIAS_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,49}$")
@@ -38,13 +38,13 @@ def ensure_base_variants(project: Project) -> list[Variant]:
     """One variant per registered base model (no adapter, no prompt), so a
     base can be evaluated, promoted and served like any other variant."""
 
-    def missing() -> list[BaseModel]:
+    def missing() -> list[FoundationModel]:
         have = set(
             Variant.objects.filter(project=project, adapter_path="", prepend_prompt=False).values_list(
                 "base_model_id", flat=True
             )
         )
-        return [b for b in BaseModel.objects.all() if b.pk not in have]
+        return [b for b in FoundationModel.objects.all() if b.pk not in have]
 
     if missing():
         with transaction.atomic():

@@ -27,7 +27,7 @@ from serving.models import Alias
 from workbench.actions.datasets import import_dataset
 from workbench.actions.projects import create_project
 from workbench.actions.prompts import save_prompt
-from workbench.models import BaseModel, Project
+from workbench.models import FoundationModel, Project
 
 SCENARIOS = Path(settings.BASE_DIR) / "scenarios"
 Say = Callable[[str], None]
@@ -89,7 +89,7 @@ def run_demo(
         known = ", ".join(sorted(p.name for p in SCENARIOS.iterdir() if (p / "prompt.md").is_file()))
         raise DemoError(f"No scenario {scenario!r} (known: {known})")
     user = get_user_model().objects.get(username=username)
-    base = BaseModel.objects.filter(is_default=True).first()
+    base = FoundationModel.objects.filter(is_default=True).first()
     if base is None:
         raise DemoError("No default base model: run `python manage.py provision_model`.")
     began = time.monotonic()

@@ -191,9 +191,9 @@ PATH_WORKER_ENV = {
 
 @pytest.fixture
 def tiny_base(lively_dir):
-    from workbench.models import BaseModel
+    from workbench.models import FoundationModel
 
-    return BaseModel.objects.create(name="tiny-lively", path=str(lively_dir), is_default=True)
+    return FoundationModel.objects.create(name="tiny-lively", path=str(lively_dir), is_default=True)
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from tests.processes import celery_worker, wait_for
 from workbench.actions.datasets import import_dataset
 from workbench.actions.prompts import save_prompt
 from workbench.celery import app
-from workbench.models import BaseModel, DatasetRow, Variant
+from workbench.models import DatasetRow, FoundationModel, Variant
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
@@ -49,7 +49,7 @@ FAST_WORKER = {"JOB_HEARTBEAT_SECONDS": "1", "JOB_STALE_SECONDS": "4", "JOB_REAP
 
 @pytest.fixture
 def setup(alice, alice_project, tiny_model_dir):
-    base = BaseModel.objects.create(name="tiny", path=str(tiny_model_dir), is_default=True)
+    base = FoundationModel.objects.create(name="tiny", path=str(tiny_model_dir), is_default=True)
     prompt = save_prompt(alice_project, alice, "pirate", PROMPT).version
     data = io.BytesIO("\n".join(QUERIES).encode())
     dataset = import_dataset(alice_project, alice, "queries", data, filename="q.txt", eval_percent=0)
@@ -189,7 +189,7 @@ def test_a_duplicate_delivery_trains_once(setup, worker):
 
 def test_a_teacher_failure_cancels_its_fine_tune(setup, worker):
     project, alice, base, prompt, dataset = setup
-    BaseModel.objects.filter(pk=base.pk).update(path="/nonexistent/model")
+    FoundationModel.objects.filter(pk=base.pk).update(path="/nonexistent/model")
     base.refresh_from_db()
     teacher, finetune = actions.start_absorb(
         project, alice, prompt, dataset, base, {"max_new_tokens": 4}, TRAIN

@@ -14,7 +14,7 @@ from tests.threads import run_together
 from workbench.actions import ActionError
 from workbench.actions import datasets as dataset_actions
 from workbench.actions.datasets import DatasetRejected, import_dataset, queue_token_stats, review_version
-from workbench.models import BaseModel, Dataset, DatasetRow, DatasetVersion
+from workbench.models import Dataset, DatasetRow, DatasetVersion, FoundationModel
 from workbench.tasks import compute_token_stats
 
 pytestmark = pytest.mark.django_db
@@ -762,8 +762,8 @@ def test_the_export_keeps_the_extra_fields_of_each_row(alice_client, alice, alic
 
 
 @pytest.fixture
-def tiny(tiny_model_dir) -> BaseModel:
-    return BaseModel.objects.create(name="tiny", path=str(tiny_model_dir))
+def tiny(tiny_model_dir) -> FoundationModel:
+    return FoundationModel.objects.create(name="tiny", path=str(tiny_model_dir))
 
 
 def test_it_computes_token_stats_with_the_real_tokenizer(alice_client, alice, alice_project, tiny):
@@ -817,7 +817,7 @@ def test_the_stats_button_queues_the_task(
 
 
 def test_a_tokenizer_that_fails_is_reported(alice_client, alice, alice_project, tmp_path):
-    broken = BaseModel.objects.create(name="broken", path=str(tmp_path / "no-such-model"))
+    broken = FoundationModel.objects.create(name="broken", path=str(tmp_path / "no-such-model"))
     version = import_dataset(alice_project, alice, "d", io.BytesIO(jsonl(chat_row("hi"))))
     compute_token_stats(version.pk, broken.pk)
     version.refresh_from_db()
@@ -837,7 +837,7 @@ def test_the_stats_button_refuses_an_unknown_model(alice_client, alice, alice_pr
 def test_queueing_stats_keeps_what_other_models_have(
     alice, alice_project, tiny, django_capture_on_commit_callbacks
 ):
-    other = BaseModel.objects.create(name="other", path=tiny.path)
+    other = FoundationModel.objects.create(name="other", path=tiny.path)
     version = import_dataset(alice_project, alice, "d", io.BytesIO(jsonl(*(chat_row(q) for q, _ in QA))))
     stale = DatasetVersion.objects.get(pk=version.pk)  # read before anything was queued
     with django_capture_on_commit_callbacks():
@@ -855,7 +855,7 @@ def test_queueing_stats_keeps_what_other_models_have(
 def test_two_models_queued_at_once_are_both_kept(alice, alice_project, tiny, monkeypatch):
     # the tasks run in the queueing thread once it commits, as a worker would after it
     monkeypatch.setitem(compute_token_stats.app.conf, "task_always_eager", True)
-    models = [tiny] + [BaseModel.objects.create(name=f"tiny-{i}", path=tiny.path) for i in range(3)]
+    models = [tiny] + [FoundationModel.objects.create(name=f"tiny-{i}", path=tiny.path) for i in range(3)]
     version = import_dataset(alice_project, alice, "d", io.BytesIO(jsonl(*(chat_row(q) for q, _ in QA))))
     run_together(*(lambda m=m: queue_token_stats(version, m) for m in models))
     version.refresh_from_db()
@@ -924,7 +924,7 @@ def test_a_non_member_gets_404_on_every_dataset_url(
 ):
     version = import_dataset(alice_project, alice, "secret", io.BytesIO(jsonl(chat_row("secret query"))))
     ds = version.dataset_id
-    tiny = BaseModel.objects.create(name="m", path="/nowhere")
+    tiny = FoundationModel.objects.create(name="m", path="/nowhere")
     client.force_login(bob)
     slug = alice_project.slug
     gets = [

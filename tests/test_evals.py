@@ -19,7 +19,7 @@ from tests.processes import celery_worker, wait_for
 from workbench.actions import ActionError
 from workbench.actions.datasets import derive_version, import_dataset
 from workbench.actions.prompts import save_prompt
-from workbench.models import BaseModel, Variant
+from workbench.models import FoundationModel, Variant
 
 RULES = [
     {"name": "greeting", "kind": "starts_with", "text": "Hello"},
@@ -39,7 +39,7 @@ QUERIES = [
 
 @pytest.fixture
 def world(alice, alice_project, tmp_path):
-    base = BaseModel.objects.create(name="m", path="/m")
+    base = FoundationModel.objects.create(name="m", path="/m")
     prompt = save_prompt(alice_project, alice, "support", PROMPT, RULES).version
     rows = "\n".join(
         json.dumps(
@@ -328,7 +328,7 @@ def adapter_dir(tiny_model_dir: Path, tmp_path: Path) -> Path:
 def test_the_four_arms_run_on_a_real_worker_with_one_model_load(
     world, tiny_model_dir, adapter_dir, tmp_path, alice_client
 ):
-    base = BaseModel.objects.create(name="tiny", path=str(tiny_model_dir))
+    base = FoundationModel.objects.create(name="tiny", path=str(tiny_model_dir))
     variant = Variant.objects.create(
         project=world["project"],
         name="support-absorbed",
@@ -387,7 +387,7 @@ def test_the_four_arms_run_on_a_real_worker_with_one_model_load(
 def test_an_absorb_starts_its_four_arm_comparison_when_it_finishes(world, tiny_model_dir, tmp_path):
     from jobs.actions import start_absorb
 
-    base = BaseModel.objects.create(name="tiny", path=str(tiny_model_dir))
+    base = FoundationModel.objects.create(name="tiny", path=str(tiny_model_dir))
     teacher, finetune = start_absorb(
         world["project"],
         world["user"],

@@ -17,7 +17,7 @@ from evals.models import ArmComparison, EvalRun
 from tests.conftest import build_random_lora
 from workbench.actions.datasets import import_dataset
 from workbench.actions.prompts import save_prompt
-from workbench.models import BaseModel, Variant
+from workbench.models import FoundationModel, Variant
 
 pytestmark = pytest.mark.django_db
 
@@ -38,7 +38,7 @@ def random_lora(base_dir: Path, out: Path, seed: int = 3) -> Path:
 
 @pytest.fixture
 def variant(alice, alice_project, lively_dir, tmp_path) -> Variant:
-    base = BaseModel.objects.create(name="lively-base", path=str(lively_dir), source="tests")
+    base = FoundationModel.objects.create(name="lively-base", path=str(lively_dir), source="tests")
     prompt = save_prompt(
         alice_project, alice, "support", "You are Acme's assistant. Start with 'Hello'.", []
     ).version
@@ -259,7 +259,7 @@ def test_a_bf16_base_is_merged_and_exported_in_bf16(
     AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.bfloat16).save_pretrained(bf16_dir)
     AutoTokenizer.from_pretrained(str(tiny_model_dir)).save_pretrained(bf16_dir)
     assert safetensors_dtypes(bf16_dir / "model.safetensors") == {"BF16"}
-    base = BaseModel.objects.create(name="tiny-bf16", path=str(bf16_dir))
+    base = FoundationModel.objects.create(name="tiny-bf16", path=str(bf16_dir))
     variant = Variant.objects.create(
         project=alice_project,
         name="bf16-student",

@@ -10,7 +10,7 @@ from playwright.sync_api import expect
 
 from workbench.actions.datasets import import_dataset
 from workbench.actions.prompts import save_prompt
-from workbench.models import BaseModel, PromptVersion
+from workbench.models import FoundationModel, PromptVersion
 from workbench.tasks import compute_token_stats
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
@@ -83,7 +83,7 @@ def test_an_old_version_shows_its_own_text_and_can_be_restored(page, alice, alic
 def test_the_token_cost_explains_the_default_system_line_and_warns_when_too_long(
     page, alice, alice_project, tiny_model_dir
 ):
-    model = BaseModel.objects.create(name="tiny", path=str(tiny_model_dir))
+    model = FoundationModel.objects.create(name="tiny", path=str(tiny_model_dir))
     short = save_prompt(alice_project, alice, "short", "Be kind and brief.").version
     login(page)
     page.goto(short.get_absolute_url())
@@ -115,7 +115,7 @@ def test_the_token_cost_explains_the_default_system_line_and_warns_when_too_long
 
 
 def test_the_token_lengths_say_they_include_the_chat_template(page, alice, alice_project, tiny_model_dir):
-    model = BaseModel.objects.create(name="tiny", path=str(tiny_model_dir))
+    model = FoundationModel.objects.create(name="tiny", path=str(tiny_model_dir))
     version = import_dataset(
         alice_project, alice, "queries", io.BytesIO(b"Where is my parcel?\nHi\n"), filename="q.txt"
     )

@@ -19,7 +19,7 @@ from serving.actions import create_api_key, promote, revoke_api_key
 from serving.models import Alias, RequestLog
 from tests.conftest import build_random_lora, database_url
 from tests.processes import REPO, stop, wait_for
-from workbench.models import BaseModel, Prompt, PromptVersion, Variant
+from workbench.models import FoundationModel, Prompt, PromptVersion, Variant
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
@@ -60,7 +60,7 @@ def free_port() -> int:
 
 @pytest.fixture
 def world(alice, alice_project, bob, bob_project, lively_dir, adapter_dir):
-    base = BaseModel.objects.create(name="tiny-lively", path=str(lively_dir))
+    base = FoundationModel.objects.create(name="tiny-lively", path=str(lively_dir))
     prompt = Prompt.objects.create(project=alice_project, name="support")
     version = PromptVersion.objects.create(prompt=prompt, number=1, text=PROMPT, sha256="x")
     plain = Variant.objects.create(project=alice_project, name="base", base_model=base)
@@ -340,7 +340,7 @@ def test_a_promotion_with_the_engine_down_still_moves_the_alias(world, alice, se
 
 
 def test_serve_engine_runs_the_hf_engine_with_the_default_model(tmp_path, lively_dir):
-    BaseModel.objects.create(name="tiny-default", path=str(lively_dir), is_default=True)
+    FoundationModel.objects.create(name="tiny-default", path=str(lively_dir), is_default=True)
     port = free_port()
     env = {**os.environ, "DATABASE_URL": database_url(), "ENGINE_URL": f"http://127.0.0.1:{port}"}
     log = tmp_path / "engine.log"

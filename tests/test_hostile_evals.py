@@ -14,14 +14,14 @@ from evals.runner import EvalRunner
 from jobs.models import Job
 from workbench.actions.datasets import import_dataset
 from workbench.actions.prompts import save_prompt
-from workbench.models import BaseModel
+from workbench.models import FoundationModel
 
 SLOW = {"name": "slow", "kind": "regex", "pattern": "^(a|aa)+$"}
 
 
 @pytest.mark.django_db
 def test_a_pattern_past_its_time_limit_fails_the_check_and_the_log_says_why(alice, alice_project):
-    base = BaseModel.objects.create(name="m", path="/m")
+    base = FoundationModel.objects.create(name="m", path="/m")
     prompt = save_prompt(alice_project, alice, "p", "Answer briefly.", [SLOW]).version
     rows = "\n".join(
         json.dumps(

@@ -20,7 +20,7 @@ from jobs.models import Job
 from serving.models import Alias, ApiKey, RequestLog
 from workbench.actions.datasets import import_dataset
 from workbench.actions.prompts import save_prompt
-from workbench.models import BaseModel, Variant
+from workbench.models import FoundationModel, Variant
 
 pytestmark = pytest.mark.django_db
 
@@ -30,7 +30,7 @@ RULES = [{"name": "greeting", "kind": "starts_with", "text": "Hello"}]
 
 @pytest.fixture
 def world(alice, alice_project):
-    base = BaseModel.objects.create(name="m", path="/m")
+    base = FoundationModel.objects.create(name="m", path="/m")
     prompt = save_prompt(alice_project, alice, "support", "Start every answer with Hello.", RULES).version
     rows = "\n".join(
         json.dumps(

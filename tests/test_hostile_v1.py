@@ -29,7 +29,7 @@ from serving.actions import create_api_key
 from serving.models import Alias, RequestLog
 from tests.conftest import database_url
 from tests.processes import REPO
-from workbench.models import BaseModel, Variant
+from workbench.models import FoundationModel, Variant
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -46,7 +46,7 @@ def free_port() -> int:
 
 @pytest.fixture
 def world(alice, alice_project, bob, bob_project, lively_dir):
-    base = BaseModel.objects.create(name="tiny-lively", path=str(lively_dir))
+    base = FoundationModel.objects.create(name="tiny-lively", path=str(lively_dir))
     plain = Variant.objects.create(project=alice_project, name="base", base_model=base)
     Alias.objects.update_or_create(
         project=alice_project, name="production", defaults={"variant": plain, "log_requests": True}
@@ -214,7 +214,10 @@ def test_with_the_engine_down_the_503_hides_the_engine_and_the_log_has_it(client
 def test_an_engine_failure_with_a_path_is_not_shown(client, world, engine, tmp_path, alice_project, caplog):
     missing = tmp_path / "secret-dir" / "adapter"
     variant = Variant.objects.create(
-        project=alice_project, name="broken", base_model=BaseModel.objects.get(), adapter_path=str(missing)
+        project=alice_project,
+        name="broken",
+        base_model=FoundationModel.objects.get(),
+        adapter_path=str(missing),
     )
     with caplog.at_level(logging.WARNING, logger="serving"):
         response = post(client, world.raw, {"model": f"variant-{variant.pk}", "messages": QUESTION, **SMALL})

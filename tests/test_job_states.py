@@ -17,14 +17,14 @@ from jobs.registry import kinds, runner_for
 from tests.job_kinds import Sleepy
 from workbench.actions.datasets import import_dataset
 from workbench.actions.prompts import save_prompt
-from workbench.models import BaseModel
+from workbench.models import FoundationModel
 
 pytestmark = pytest.mark.django_db
 
 
 @pytest.fixture
 def job(alice, alice_project):
-    base = BaseModel.objects.create(name="m", path="/m")
+    base = FoundationModel.objects.create(name="m", path="/m")
     prompt = save_prompt(alice_project, alice, "p", "Be brief.").version
     data = import_dataset(alice_project, alice, "d", io.BytesIO(b"hi\nho\n"), filename="d.txt")
     return Job.objects.create(
@@ -208,7 +208,7 @@ def test_a_prompt_longer_than_the_context_is_refused_before_anything_trains(
     from jobs.actions import start_absorb
     from workbench.actions import ActionError
 
-    base = BaseModel.objects.create(name="tiny", path=str(tiny_model_dir))
+    base = FoundationModel.objects.create(name="tiny", path=str(tiny_model_dir))
     long = save_prompt(alice_project, alice, "long", "Follow the policy. " * 3000).version
     data = import_dataset(alice_project, alice, "d", io.BytesIO(b"hi\nho\n"), filename="d.txt")
     with pytest.raises(ActionError, match="the model reads at most 8,192 tokens"):

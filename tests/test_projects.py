@@ -83,9 +83,9 @@ def test_it_sends_the_csrf_token_on_htmx_requests(alice_client, alice_project):
 
 
 def test_it_shows_base_models_and_workers(alice_client):
-    from workbench.models import BaseModel, WorkerHeartbeat
+    from workbench.models import FoundationModel, WorkerHeartbeat
 
-    BaseModel.objects.create(name="Tiny", path="/m/tiny", is_default=True, parameters=3_200_000)
+    FoundationModel.objects.create(name="Tiny", path="/m/tiny", is_default=True, parameters=3_200_000)
     WorkerHeartbeat.objects.create(hostname="w1@host", queues="default,gpu", pid=4242)
     r = alice_client.get(reverse("models"))
     assert b"Tiny" in r.content and b"3,200,000" in r.content

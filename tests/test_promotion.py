@@ -22,7 +22,7 @@ from tests.threads import run_together
 from workbench.actions import ActionError
 from workbench.actions.datasets import import_dataset
 from workbench.actions.prompts import save_prompt
-from workbench.models import BaseModel, Variant
+from workbench.models import FoundationModel, Variant
 
 RULES = [{"name": "greeting", "kind": "starts_with", "text": "Hello"}]
 QUERIES = "\n".join(
@@ -33,7 +33,7 @@ QUERIES = "\n".join(
 
 @pytest.fixture
 def world(alice, alice_project):
-    base = BaseModel.objects.create(name="tiny-base", path="/models/tiny")
+    base = FoundationModel.objects.create(name="tiny-base", path="/models/tiny")
     prompt = save_prompt(alice_project, alice, "support", "Start with Hello.", RULES).version
     data = import_dataset(
         alice_project, alice, "q", io.BytesIO(QUERIES.encode()), filename="q.txt", eval_percent=50
@@ -291,7 +291,7 @@ def test_two_promotions_racing_on_one_alias_end_with_one_holder_and_two_audit_ro
 
 @pytest.mark.django_db
 def test_every_base_model_is_a_variant_once(world):
-    BaseModel.objects.create(name="other-base", path="/models/other")
+    FoundationModel.objects.create(name="other-base", path="/models/other")
     first = ensure_base_variants(world["project"])
     again = ensure_base_variants(world["project"])
     assert sorted(v.name for v in first) == ["other-base", "tiny-base"] == sorted(v.name for v in again)

@@ -19,7 +19,7 @@ from workbench.actions.prompts import (
     save_prompt,
     token_costs,
 )
-from workbench.models import BaseModel, Prompt, PromptVersion
+from workbench.models import FoundationModel, Prompt, PromptVersion
 
 pytestmark = pytest.mark.django_db
 
@@ -93,7 +93,7 @@ def test_it_refuses_a_prompt_file_that_is_not_utf8(alice_client, alice_project):
 
 
 def test_it_shows_token_costs_under_each_base_model(alice_client, alice, alice_project, tiny_model_dir):
-    BaseModel.objects.create(name="tiny", path=str(tiny_model_dir))
+    FoundationModel.objects.create(name="tiny", path=str(tiny_model_dir))
     prompt = save_prompt(
         alice_project, alice, "pirate", "You are a pirate. Always start with Arrr!"
     ).version.prompt
@@ -431,7 +431,7 @@ def test_the_diff_names_the_rules_added_removed_and_changed(alice_client, alice,
 def test_the_token_cost_names_the_default_system_line_it_replaces(
     alice_client, alice, alice_project, tiny_model_dir
 ):
-    model = BaseModel.objects.create(name="tiny", path=str(tiny_model_dir))
+    model = FoundationModel.objects.create(name="tiny", path=str(tiny_model_dir))
     version = save_prompt(alice_project, alice, "p", "Be kind and brief.").version
     [cost] = token_costs(version)
     assert cost["default_system"] == "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
@@ -454,7 +454,7 @@ def test_the_token_cost_names_the_default_system_line_it_replaces(
 def test_a_prompt_longer_than_the_context_is_marked_too_long(
     alice_client, alice, alice_project, tiny_model_dir
 ):
-    model = BaseModel.objects.create(name="tiny", path=str(tiny_model_dir))
+    model = FoundationModel.objects.create(name="tiny", path=str(tiny_model_dir))
     text = "Always quote the refund policy word for word when asked about refunds. " * 2800  # ~200,000 chars
     version = save_prompt(alice_project, alice, "long", text).version
     reason = version.too_long_for(model)
@@ -470,7 +470,7 @@ def test_a_prompt_longer_than_the_context_is_marked_too_long(
 def test_the_import_prompt_command_warns_when_the_prompt_is_too_long(
     alice_project, tiny_model_dir, tmp_path, capsys
 ):
-    BaseModel.objects.create(name="tiny", path=str(tiny_model_dir))
+    FoundationModel.objects.create(name="tiny", path=str(tiny_model_dir))
     f = tmp_path / "prompt.md"
     f.write_text("Always quote the refund policy word for word when asked about refunds. " * 2800)
     call_command("import_prompt", str(f), "--project", alice_project.slug, "--name", "long")

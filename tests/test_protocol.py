@@ -167,9 +167,9 @@ def test_v1_bounds_come_from_generation_settings_and_caps_from_the_gateway(setti
 def keyed(alice, alice_project, tiny_model_dir):
     from serving.actions import create_api_key
     from serving.models import Alias
-    from workbench.models import BaseModel, Variant
+    from workbench.models import FoundationModel, Variant
 
-    base = BaseModel.objects.create(name="tiny", path=str(tiny_model_dir))
+    base = FoundationModel.objects.create(name="tiny", path=str(tiny_model_dir))
     variant = Variant.objects.create(project=alice_project, name="base", base_model=base)
     alias, _ = Alias.objects.update_or_create(
         project=alice_project, name="production", defaults={"variant": variant, "log_requests": True}

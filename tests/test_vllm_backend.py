@@ -336,9 +336,9 @@ def test_jobs_on_the_vllm_backend_load_the_variant_adapter(
 ):
     """What teacher and eval jobs do with INFERENCE_BACKEND=vllm (jobs.backend)."""
     from jobs.backend import remote_generator
-    from workbench.models import BaseModel, Variant
+    from workbench.models import FoundationModel, Variant
 
-    base = BaseModel.objects.create(name=BASE, path=str(smollm2_dir))
+    base = FoundationModel.objects.create(name=BASE, path=str(smollm2_dir))
     variant = Variant.objects.create(
         project=alice_project, name="student", base_model=base, adapter_path=str(adapters["a2"])
     )
@@ -368,10 +368,10 @@ def test_a_teacher_job_generates_on_the_vllm_backend(vllm_url, smollm2_dir, alic
     from jobs.models import Job
     from workbench.actions.datasets import import_dataset
     from workbench.actions.prompts import save_prompt
-    from workbench.models import BaseModel
+    from workbench.models import FoundationModel
 
     settings.INFERENCE_BACKEND, settings.VLLM_URL = "vllm", vllm_url
-    base = BaseModel.objects.create(name=BASE, path=str(smollm2_dir))
+    base = FoundationModel.objects.create(name=BASE, path=str(smollm2_dir))
     prompt = save_prompt(
         alice_project, alice, "pirate", "You are a pirate. Start every answer with 'Arrr!'."
     ).version

@@ -1,6 +1,6 @@
 from django.contrib import admin
 
-from workbench.models import BaseModel, Membership, Project, WorkerHeartbeat
+from workbench.models import FoundationModel, Membership, Project, WorkerHeartbeat
 
 
 class MembershipInline(admin.TabularInline):
@@ -15,7 +15,7 @@ class ProjectAdmin(admin.ModelAdmin):
     inlines = [MembershipInline]
 
 
-@admin.register(BaseModel)
+@admin.register(FoundationModel)
 class BaseModelAdmin(admin.ModelAdmin):
     list_display = ("name", "path", "source", "is_default")
 

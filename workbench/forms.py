@@ -14,7 +14,7 @@ from django.template.defaultfilters import filesizeformat
 from engines import formats, rules
 from workbench.actions import ActionError
 from workbench.actions.prompts import parse_rules_json, read_prompt_file
-from workbench.models import BaseModel, Membership
+from workbench.models import FoundationModel, Membership
 
 
 class ProjectForm(forms.Form):
@@ -310,4 +310,4 @@ class DatasetUploadForm(forms.Form):
 
 
 class TokenStatsForm(forms.Form):
-    base_model = forms.ModelChoiceField(queryset=BaseModel.objects.all())
+    base_model = forms.ModelChoiceField(queryset=FoundationModel.objects.all())

@@ -83,8 +83,10 @@ class Membership(models.Model):
         return f"{self.user} in {self.project} ({self.role})"
 
 
-class BaseModel(models.Model):
-    """A base model the workbench can load: a local safetensors directory."""
+class FoundationModel(models.Model):
+    """A base model the workbench can load (a local safetensors directory): what
+    adapters are trained over and served on. (Not "BaseModel": that reads like
+    an abstract class.)"""
 
     name = models.CharField(max_length=200, unique=True)
     path = models.CharField(max_length=1000, help_text="Local directory with config.json and safetensors")
@@ -195,7 +197,7 @@ class PromptVersion(models.Model):
     def get_absolute_url(self) -> str:
         return reverse("prompt_version", args=[self.prompt.project.slug, self.prompt_id, self.number])
 
-    def cost_under(self, base_model: BaseModel) -> dict[str, Any]:
+    def cost_under(self, base_model: FoundationModel) -> dict[str, Any]:
         """The text's token cost under the base model's tokenizer and chat
         template (see workbench.prompt_costs.breakdown). The text never changes,
         so the counts are kept on the row, keyed by model name and checked
@@ -211,7 +213,7 @@ class PromptVersion(models.Model):
             PromptVersion.objects.filter(pk=self.pk).update(token_counts=self.token_counts)
         return cost
 
-    def too_long_for(self, base_model: BaseModel) -> str | None:
+    def too_long_for(self, base_model: FoundationModel) -> str | None:
         """Why this text cannot be used with the base model (a request with it
         does not fit the model's context), or None when it fits. Later steps
         (teacher generation, fine-tunes, evals) refuse a version that is too long."""
@@ -416,7 +418,7 @@ class Variant(models.Model):
 
     project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="variants")
     name = models.CharField(max_length=200)
-    base_model = models.ForeignKey(BaseModel, on_delete=models.PROTECT, related_name="variants")
+    base_model = models.ForeignKey(FoundationModel, on_delete=models.PROTECT, related_name="variants")
     adapter_path = models.CharField(
         max_length=1000, blank=True, help_text="LoRA adapter directory (safetensors)"
     )

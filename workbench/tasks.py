@@ -7,7 +7,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from engines.tokens import length_stats, load_tokenizer
-from workbench.models import BaseModel, DatasetVersion, WorkerPing
+from workbench.models import DatasetVersion, FoundationModel, WorkerPing
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ def answer_ping(ping_id: int, queue: str = "default") -> None:
 def compute_token_stats(version_id: int, base_model_id: int) -> None:
     """Token-length statistics of a dataset version under one tokenizer."""
     version = DatasetVersion.objects.get(pk=version_id)
-    model = BaseModel.objects.get(pk=base_model_id)
+    model = FoundationModel.objects.get(pk=base_model_id)
     try:
         rows = version.rows.values_list("messages", flat=True).iterator(chunk_size=2000)
         result = {"status": "done", **length_stats(load_tokenizer(model.path), rows)}

@@ -15,7 +15,7 @@ from engines.progress import Progress
 from engines.training import TrainConfig, train
 from jobs.registry import JobCancelled, JobError, JobRunner, register
 from workbench import data_quality
-from workbench.models import BaseModel, DatasetRow, DatasetVersion, Variant
+from workbench.models import DatasetRow, DatasetVersion, FoundationModel, Variant
 
 # Training only on answers that pass every rule needs enough of them left.
 MIN_PASSING_ROWS = 32
@@ -94,7 +94,7 @@ class FinetuneRunner(JobRunner):
         )
         # Checkpoints and the adapter live in the job's directory: a requeued
         # attempt resumes from there, and the adapter is stored once.
-        teacher = BaseModel.objects.filter(pk=job.params.get("teacher_model")).first()
+        teacher = FoundationModel.objects.filter(pk=job.params.get("teacher_model")).first()
         if teacher is not None and teacher.pk != base.pk:
             self.log(f"teacher model: {teacher.name}" + (" (KL against it)" if config.kl_weight > 0 else ""))
         result = train(

@@ -25,7 +25,7 @@ from engines.progress import Progress, ProgressFn, StopFn
 from engines.rules import Rule
 from workbench import data_quality
 from workbench.actions import ActionError
-from workbench.models import BaseModel, Dataset, DatasetRow, DatasetVersion, Project
+from workbench.models import Dataset, DatasetRow, DatasetVersion, FoundationModel, Project
 from workbench.tasks import compute_token_stats
 
 ROW_BATCH = 2000
@@ -655,7 +655,7 @@ def review_bulk(version: DatasetVersion, user: User | None, action: str, rule: s
 
 
 @transaction.atomic
-def queue_token_stats(version: DatasetVersion, model: BaseModel) -> DatasetVersion:
+def queue_token_stats(version: DatasetVersion, model: FoundationModel) -> DatasetVersion:
     """Mark the statistics under `model` as queued and send the task on commit.
     The read-modify-write of token_stats is done on the locked row, so the
     entries of other models (queued or finished meanwhile) are kept."""

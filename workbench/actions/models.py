@@ -8,7 +8,7 @@ from django.db import transaction
 
 from engines.provisioning import is_model_dir
 from workbench.actions import ActionError
-from workbench.models import BaseModel, WorkerPing
+from workbench.models import FoundationModel, WorkerPing
 from workbench.tasks import answer_ping
 
 QUEUES = ("default", "gpu")
@@ -40,7 +40,7 @@ def count_parameters(model_dir: Path) -> int:
 
 
 @transaction.atomic
-def register_base_model(name: str, path: Path, source: str, default: bool = False) -> BaseModel:
+def register_base_model(name: str, path: Path, source: str, default: bool = False) -> FoundationModel:
     """Register (or update) a local safetensors model directory."""
     path = path.resolve()
     if not is_model_dir(path):
@@ -51,14 +51,14 @@ def register_base_model(name: str, path: Path, source: str, default: bool = Fals
     if not (path / "tokenizer_config.json").is_file():
         raise ActionError(f"{path} has no tokenizer (tokenizer_config.json).")
     if default:
-        BaseModel.objects.filter(is_default=True).exclude(name=name).update(is_default=False)
-    model, _ = BaseModel.objects.update_or_create(
+        FoundationModel.objects.filter(is_default=True).exclude(name=name).update(is_default=False)
+    model, _ = FoundationModel.objects.update_or_create(
         name=name,
         defaults={
             "path": str(path),
             "source": source,
             "parameters": count_parameters(path),
-            "is_default": default or not BaseModel.objects.exclude(name=name).exists(),
+            "is_default": default or not FoundationModel.objects.exclude(name=name).exists(),
         },
     )
     return model

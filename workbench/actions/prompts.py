@@ -14,7 +14,7 @@ from django.db import transaction
 
 from engines import jsonguard, rules
 from workbench.actions import ActionError
-from workbench.models import BaseModel, Project, Prompt, PromptVersion
+from workbench.models import FoundationModel, Project, Prompt, PromptVersion
 from workbench.prompt_costs import TokenCountError
 
 
@@ -326,7 +326,7 @@ def token_costs(version: PromptVersion) -> list[dict[str, Any]]:
     """What the version costs per request under each registered base model,
     explained (see workbench.prompt_costs), and whether it fits the model."""
     costs = []
-    for model in BaseModel.objects.all():
+    for model in FoundationModel.objects.all():
         try:
             costs.append(
                 {"model": model, **version.cost_under(model), "too_long": version.too_long_for(model)}

@@ -32,7 +32,7 @@ from workbench.actions.datasets import (
     store_upload,
 )
 from workbench.forms import DatasetUploadForm, TokenStatsForm, with_form_token
-from workbench.models import BaseModel, Dataset, DatasetRow, DatasetRowQuerySet, DatasetVersion, Project
+from workbench.models import Dataset, DatasetRow, DatasetRowQuerySet, DatasetVersion, FoundationModel, Project
 from workbench.shortcuts import AuthedHttpRequest, get_for_project, get_project
 from workbench.uploads import DataDirFile, limit_upload
 
@@ -200,7 +200,7 @@ def dataset_version(request: AuthedHttpRequest, slug: str, dataset_id: int, numb
         "versions": version.dataset.versions.all(),
         "eval_count": eval_count,
         "train_count": version.row_count - eval_count,
-        "base_models": BaseModel.objects.all(),
+        "base_models": FoundationModel.objects.all(),
     }
     if request.htmx and request.htmx.target == "rows":
         return render(request, "workbench/dataset_version.html#rows", ctx)

@@ -11,7 +11,7 @@ from django_htmx.http import HttpResponseClientRefresh
 
 from workbench.actions import ActionError
 from workbench.actions.models import send_ping
-from workbench.models import BaseModel, WorkerHeartbeat, WorkerPing
+from workbench.models import FoundationModel, WorkerHeartbeat, WorkerPing
 from workbench.shortcuts import AuthedHttpRequest, current_project
 
 
@@ -23,7 +23,7 @@ def healthz(request: HttpRequest) -> HttpResponse:
 def models_page(request: AuthedHttpRequest) -> HttpResponse:
     ctx = {
         "project": current_project(request),  # keeps the project nav of the project the user came from
-        "base_models": BaseModel.objects.all(),
+        "base_models": FoundationModel.objects.all(),
         "workers": WorkerHeartbeat.objects.all(),
         "pings": WorkerPing.objects.order_by("-created_at")[:5],
     }

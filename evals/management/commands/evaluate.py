@@ -9,7 +9,7 @@ from evals.management.commands._follow import dump, run_json, table, wait
 from evals.models import EvalRun
 from workbench.actions import ActionError
 from workbench.management.commands._common import project_by_slug
-from workbench.models import BaseModel
+from workbench.models import FoundationModel
 
 
 class Command(BaseCommand):
@@ -44,7 +44,7 @@ class Command(BaseCommand):
                 raise CommandError(f"No variant {variant_id} in project {project.slug}.")
             specs.append(actions.RunSpec(variant.base_model, variant, prompt))
         for name in opts["base_model"]:
-            base = BaseModel.objects.filter(name=name).first()
+            base = FoundationModel.objects.filter(name=name).first()
             if base is None:
                 raise CommandError(f"No base model '{name}'.")
             specs.append(actions.RunSpec(base, None, prompt))

@@ -15,7 +15,7 @@ from jobs.models import Job
 from workbench.actions import ActionError
 from workbench.actions.prompts import find_prompt_version
 from workbench.management.commands._common import project_by_slug
-from workbench.models import BaseModel, Dataset
+from workbench.models import Dataset, FoundationModel
 
 
 class Command(BaseCommand):
@@ -110,9 +110,9 @@ class Command(BaseCommand):
         if version is None:
             raise CommandError(f"No dataset '{opts['dataset']}' in project {project.slug}.")
         base = (
-            BaseModel.objects.filter(name=opts["base_model"]).first()
+            FoundationModel.objects.filter(name=opts["base_model"]).first()
             if opts["base_model"]
-            else BaseModel.objects.filter(is_default=True).first()
+            else FoundationModel.objects.filter(is_default=True).first()
         )
         if base is None:
             raise CommandError("No such base model; run `python manage.py provision_model` first.")
@@ -136,9 +136,9 @@ class Command(BaseCommand):
                     )
                 ]
             else:
-                teacher_model: BaseModel | None = base
+                teacher_model: FoundationModel | None = base
                 if opts["teacher_model"]:
-                    teacher_model = BaseModel.objects.filter(name=opts["teacher_model"]).first()
+                    teacher_model = FoundationModel.objects.filter(name=opts["teacher_model"]).first()
                     if teacher_model is None:
                         raise CommandError(f"No registered model {opts['teacher_model']!r} to teach.")
                 repairs = [r for r in opts["repairs"].split(",") if r.strip() and r.strip() != "none"]

@@ -17,10 +17,10 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from workbench.backend import remote, team_vllm
-from workbench.models import BaseModel
+from workbench.models import FoundationModel
 
 
-def engine_command(host: str, port: int, threads: int, model: BaseModel | None) -> list[str]:
+def engine_command(host: str, port: int, threads: int, model: FoundationModel | None) -> list[str]:
     cmd = [
         sys.executable,
         "-m",
@@ -64,7 +64,7 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args: Any, **opts: Any) -> None:
-        model = BaseModel.objects.filter(is_default=True).first() or BaseModel.objects.first()
+        model = FoundationModel.objects.filter(is_default=True).first() or FoundationModel.objects.first()
         if remote():
             if team_vllm():
                 raise CommandError(
@@ -84,7 +84,7 @@ class Command(BaseCommand):
         # Replaced by the engine: signals reach it directly and its exit code is this command's.
         os.execve(cmd[0], cmd, engine_env(opts["threads"]))
 
-    def _serve_vllm(self, model: BaseModel | None, port: int) -> None:
+    def _serve_vllm(self, model: FoundationModel | None, port: int) -> None:
         from engines import vllm_server
 
         if model is None:

@@ -8,7 +8,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from workbench.actions import ActionError
 from workbench.actions.prompts import parse_rules_json, read_prompt_file, rules_json_max_chars, save_prompt
 from workbench.management.commands._common import project_by_slug
-from workbench.models import BaseModel
+from workbench.models import FoundationModel
 from workbench.prompt_costs import TokenCountError
 
 
@@ -54,7 +54,7 @@ class Command(BaseCommand):
             f"{project.slug}/{v.prompt.name}: {state} version {v.number} "
             f"({len(v.text):,} characters, {len(v.rules)} rules, sha256 {v.sha256[:12]})"
         )
-        for model in BaseModel.objects.all():
+        for model in FoundationModel.objects.all():
             try:
                 reason = v.too_long_for(model)
             except TokenCountError as exc:  # a broken model directory does not undo the import
