@@ -29,8 +29,7 @@ from django.utils import timezone
 from django.views.decorators.csrf import csrf_exempt
 
 from engines import jsonguard
-from engines.inference import OPENAI_DEFAULT_MAX_TOKENS, GenerationSettings, openai_n
-from engines.inference.settings import OPENAI_PARAMS
+from engines.inference import OPENAI_DEFAULT_MAX_TOKENS, OPENAI_PARAMS, GenerationSettings, openai_n
 from engines.protocol import SYSTEM_JOIN, OpenAIError, apply_system_prompt, parse_messages, system_prompt_of
 from serving import engine_client, limits
 from serving.models import Alias, ApiKey, RequestLog, hash_key

@@ -34,6 +34,7 @@ from engines.inference.loading import LoadedModel, ModelLoadError, load_model, p
 from engines.inference.settings import (
     BOUNDS,
     OPENAI_DEFAULT_MAX_TOKENS,
+    OPENAI_PARAMS,
     SEED_RANGE,
     Bound,
     GenerationSettings,
@@ -53,6 +54,7 @@ __all__ = [
     "BOUNDS",
     "MIN_PREFIX_TOKENS",
     "OPENAI_DEFAULT_MAX_TOKENS",
+    "OPENAI_PARAMS",
     "SEED_RANGE",
     "Bound",
     "Completion",
