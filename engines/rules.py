@@ -17,31 +17,25 @@ with a reason (`outcome`), it never hangs the caller.
 from __future__ import annotations
 
 import difflib
-import functools
 import json
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from re import _constants as sre_constants  # type: ignore[attr-defined]
-from re import _parser as sre_parser  # type: ignore[attr-defined]
 from typing import Any
 
-# The `regex` package, not `re`: it reads the same (Python) syntax, takes a
-# match timeout, and releases the GIL while it matches, so a slow pattern
-# neither hangs the caller nor stops the process's other threads.
-import regex
-
 from engines._types import type_name
+from engines.patterns import (
+    MAX_PATTERN_CHARS,
+    REGEX_FLAGS,
+    REGEX_TIMEOUT_S,
+    compiled,
+    flags_of,
+)
 
 MAX_RULES = 100
 MAX_NAME_CHARS = 200
-MAX_PATTERN_CHARS = 1_000
 MAX_TEXT_CHARS = 10_000
 MAX_INTEGER = 1_000_000_000
-# `regex` compiles a fixed repeat such as a{100000} as that many copies (a{10**7}
-# takes GBs): the pattern's size with its fixed repeats expanded is bounded.
-MAX_PATTERN_SIZE = 50_000
-REGEX_TIMEOUT_S = 0.2
 
 
 @dataclass(frozen=True)
@@ -65,12 +59,6 @@ class Kind:
     def param_names(self) -> tuple[str, ...]:
         return tuple(p.name for p in self.params)
 
-
-REGEX_FLAGS: dict[str, int] = {
-    "ignorecase": re.IGNORECASE,
-    "multiline": re.MULTILINE,
-    "dotall": re.DOTALL,
-}
 
 _CASE = Param(
     "case_sensitive",
@@ -288,7 +276,7 @@ def _validate_one(number: int, item: object, errors: list[str]) -> Rule | None:
             errors.append(f"{where}: unknown parameter {_show(key)} (kind '{kind.name}' {takes})")
     if kind.name == "regex" and "pattern" in params and "flags" in params:
         try:
-            _compiled(params["pattern"], _flags(params["flags"]))
+            compiled(params["pattern"], flags_of(params["flags"]))
         except ValueError as err:
             errors.append(f"{where}: invalid regex {_show(params['pattern'])}: {err}")
     if len(errors) > count:
@@ -333,75 +321,12 @@ def _check_param(param: Param, value: object) -> str | None:
     return None
 
 
-def _flags(names: Iterable[str]) -> int:
-    flags = 0
-    for name in names:
-        flags |= REGEX_FLAGS[name]
-    return flags
-
-
-_REPEATS = {
-    sre_constants.MAX_REPEAT,
-    sre_constants.MIN_REPEAT,
-    getattr(sre_constants, "POSSESSIVE_REPEAT", sre_constants.MAX_REPEAT),
-}
-
-
-def _expanded_size(tree: Any) -> int:
-    """Pieces of a parsed pattern with its fixed repeats written out, the way
-    `regex` compiles them (a{1000} is 1000 pieces, a{1,1000} one)."""
-    total = 0
-    for op, av in tree:
-        if op in _REPEATS:
-            low, _high, sub = av
-            total += _expanded_size(sub) * max(int(low), 1)
-        elif op is sre_constants.SUBPATTERN:
-            total += 1 + _expanded_size(av[-1])
-        elif op is sre_constants.BRANCH:
-            total += 1 + sum(_expanded_size(b) for b in av[1])
-        elif op in (sre_constants.ASSERT, sre_constants.ASSERT_NOT):
-            total += 1 + _expanded_size(av[1])
-        elif op is getattr(sre_constants, "ATOMIC_GROUP", None):
-            total += 1 + _expanded_size(av)
-        elif op is sre_constants.GROUPREF_EXISTS:
-            total += 1 + _expanded_size(av[1]) + (_expanded_size(av[2]) if av[2] is not None else 0)
-        else:
-            total += 1
-        if total > MAX_PATTERN_SIZE:
-            break
-    return total
-
-
-@functools.lru_cache(maxsize=256)
-def _compiled(pattern: str, flags: int) -> Any:
-    """The compiled pattern; ValueError says why it is refused. Python's own
-    parser reads it first (the documented syntax, and its size is measured
-    before `regex` expands it)."""
-    if len(pattern) > MAX_PATTERN_CHARS:
-        raise ValueError(f"the pattern has {len(pattern):,} characters; the limit is {MAX_PATTERN_CHARS:,}")
-    try:
-        tree = sre_parser.parse(pattern, flags)
-    except re.error as err:
-        raise ValueError(str(err)) from None
-    except RecursionError:
-        raise ValueError("the pattern nests too deeply") from None
-    if _expanded_size(tree) > MAX_PATTERN_SIZE:
-        raise ValueError(
-            f"the pattern's repeat counts make it too large (over {MAX_PATTERN_SIZE:,} pieces "
-            f"when written out); use smaller counts or an open repeat such as {{1,}}"
-        )
-    try:
-        return regex.compile(pattern, flags)
-    except (regex.error, OverflowError, MemoryError) as err:
-        raise ValueError(str(err)) from None
-
-
 def compile_pattern(pattern: str, flags: Iterable[str] = ()) -> None:
     """Raise ValueError saying why the pattern would be refused (syntax, size)."""
     unknown = [f for f in flags if f not in REGEX_FLAGS]
     if unknown:
         raise ValueError(f"unknown flag {_show(unknown[0])} (expected {_one_of(REGEX_FLAGS)})")
-    _compiled(pattern, _flags(flags))
+    compiled(pattern, flags_of(flags))
 
 
 @dataclass(frozen=True)
@@ -419,7 +344,7 @@ def outcome(rule: Rule, answer: str, timeout: float = REGEX_TIMEOUT_S) -> Outcom
     if rule.kind == "regex":
         p = rule.params
         try:
-            found = _compiled(p["pattern"], _flags(p["flags"])).search(answer, timeout=timeout) is not None
+            found = compiled(p["pattern"], flags_of(p["flags"])).search(answer, timeout=timeout) is not None
         except TimeoutError:
             return Outcome(
                 False,
