@@ -12,6 +12,7 @@ from django.contrib.auth.models import User
 from django.db import transaction
 
 from engines.evaluation import ARM_SPECS
+from engines.facts import FactsError, facts_to_json, validate_facts
 from engines.inference import GenerationSettings
 from engines.rules import RulesError, rules_to_json, validate_rules
 from evals.models import ArmComparison, EvalExample, EvalRun, EvalSuite, Rating
@@ -68,9 +69,10 @@ def create_suite(
     judge_rubric: str = "",
     lm_eval_tasks: Sequence[str] = (),
     rules: Any = None,
+    facts: Any = None,
 ) -> EvalSuite:
     """A suite from the eval split of a dataset version (copied, so it never
-    changes). Rules default to the prompt version's."""
+    changes). Rules and facts default to the prompt version's."""
     name = name.strip()
     if not name:
         raise ActionError("An eval suite needs a name.")
@@ -88,6 +90,12 @@ def create_suite(
         )
     except RulesError as exc:
         raise ActionError("Invalid rules:\n" + "\n".join(exc.errors)) from exc
+    try:
+        fact_list = facts_to_json(
+            validate_facts(prompt_version.facts if facts is None and prompt_version else facts or [])
+        )
+    except FactsError as exc:
+        raise ActionError("Invalid facts:\n" + "\n".join(exc.errors)) from exc
     if (judge or judge_base) and not judge_rubric.strip():
         raise ActionError("A judge needs a rubric: say what a good answer is.")
     unknown = [t for t in lm_eval_tasks if not t.strip()]
@@ -101,6 +109,7 @@ def create_suite(
         dataset_version=dataset_version,
         prompt_version=prompt_version,
         rules=rule_list,
+        facts=fact_list,
         main_metric=metric,
         judge=judge,
         judge_base=judge_base,

@@ -11,9 +11,10 @@ from engines.evaluation import ARM_SPECS
 from jobs.models import Job
 from workbench.models import DatasetVersion, FoundationModel, Project, PromptVersion, Variant
 
-# What a run can be ranked by; rule metrics are "rule:<name>".
+# What a run can be ranked by; rule metrics are "rule:<name>", facts "fact:<name>".
 METRICS = {
     "all_rules": "All rules",
+    "fact_recall": "Fact recall",
     "exact_match": "Exact match",
     "chrf": "chrF",
     "rouge_l": "ROUGE-L",
@@ -25,6 +26,8 @@ METRICS = {
 def metric_label(name: str) -> str:
     if name.startswith("rule:"):
         return f"rule {name[5:]}"
+    if name.startswith("fact:"):
+        return f"fact {name[5:]}"
     if name.startswith("lm_eval:"):
         return f"lm-eval {name[8:]}"
     return METRICS.get(name, name)
@@ -47,6 +50,9 @@ class EvalSuite(models.Model):
     )
     rules = models.JSONField(
         default=list, blank=True, help_text="Checkable rules (copied from the prompt version)"
+    )
+    facts = models.JSONField(
+        default=list, blank=True, help_text="Facts checks (copied from the prompt version)"
     )
     main_metric = models.CharField(max_length=100, default="all_rules")
     judge = models.ForeignKey(

@@ -391,7 +391,14 @@ def comparison_detail(request: AuthedHttpRequest, slug: str, comparison_id: int)
     arms = [(arm, runs.get(arm)) for arm in ARMS]
     names = sorted(
         {k for r in runs.values() for k in (r.summary.get("metrics") or {})},
-        key=lambda n: (not n.startswith("all_rules"), not n.startswith("rule:"), n),
+        # Form then substance: all rules and fact recall first, each rule, each fact.
+        key=lambda n: (
+            n != "all_rules",
+            n != "fact_recall",
+            not n.startswith("rule:"),
+            not n.startswith("fact:"),
+            n,
+        ),
     )
     data = comparison.headline.get("data_compliance") or {}
     table = [

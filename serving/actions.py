@@ -93,6 +93,8 @@ def update_gate(
     min_retained_lower: float | None,
     max_regression: float | None,
     log_requests: bool,
+    min_fact_recall: float | None = None,
+    fact_recall_vs_teacher: bool = False,
 ) -> Alias:
     if gating_suite is not None and gating_suite.project_id != alias.project_id:
         raise ActionError(f"The suite “{gating_suite}” belongs to another project.")
@@ -100,12 +102,17 @@ def update_gate(
         raise ActionError(f"Minimum all-rules compliance must be between 0 and 1, not {min_all_rules}.")
     if max_regression is not None and max_regression < 0:
         raise ActionError(f"The largest allowed regression cannot be negative ({max_regression}).")
+    if min_fact_recall is not None and not 0 <= min_fact_recall <= 1:
+        raise ActionError(f"Minimum fact recall must be between 0 and 1, not {min_fact_recall}.")
     rules = (min_all_rules, min_retained_lower, max_regression)
-    if gating_suite is None and any(r is not None for r in rules):
+    if gating_suite is None and (
+        any(r is not None for r in rules) or min_fact_recall is not None or fact_recall_vs_teacher
+    ):
         raise ActionError("Gate rules need a gating suite: choose the suite the numbers are measured on.")
     locked = Alias.objects.select_for_update(of=("self",)).get(pk=alias.pk)
     locked.gating_suite = gating_suite
     locked.min_all_rules, locked.min_retained_lower, locked.max_regression = rules
+    locked.min_fact_recall, locked.fact_recall_vs_teacher = min_fact_recall, fact_recall_vs_teacher
     locked.log_requests = log_requests
     locked.save(
         update_fields=[
@@ -113,6 +120,8 @@ def update_gate(
             "min_all_rules",
             "min_retained_lower",
             "max_regression",
+            "min_fact_recall",
+            "fact_recall_vs_teacher",
             "log_requests",
         ]
     )

@@ -21,12 +21,22 @@ class AliasForm(forms.Form):
 class GateForm(forms.ModelForm):
     class Meta:
         model = Alias
-        fields = ["gating_suite", "min_all_rules", "min_retained_lower", "max_regression", "log_requests"]
+        fields = [
+            "gating_suite",
+            "min_all_rules",
+            "min_retained_lower",
+            "max_regression",
+            "min_fact_recall",
+            "fact_recall_vs_teacher",
+            "log_requests",
+        ]
         labels = {
             "gating_suite": "Gating suite",
             "min_all_rules": "Minimum all-rules compliance",
             "min_retained_lower": "Minimum prompt effect retained (lower CI bound)",
             "max_regression": "Largest drop on the main metric vs the holder",
+            "min_fact_recall": "Minimum fact recall",
+            "fact_recall_vs_teacher": "Fact recall at least the teacher's (four arms)",
             "log_requests": "log requests",
         }
 
@@ -36,7 +46,7 @@ class GateForm(forms.ModelForm):
         suite.queryset = EvalSuite.objects.filter(project=project)
         suite.empty_label = "none: promotions are not gated"
         suite.help_text = "A candidate needs a finished eval run on it; the rules below are measured there."
-        for name in ("min_all_rules", "min_retained_lower", "max_regression"):
+        for name in ("min_all_rules", "min_retained_lower", "max_regression", "min_fact_recall"):
             self.fields[name].widget.attrs.update(step="any", placeholder="no rule")
 
 

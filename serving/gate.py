@@ -189,6 +189,63 @@ def evaluate_gate(alias: Alias, candidate: Variant) -> Verdict:
                     )
                 )
 
+    if alias.min_fact_recall is not None:
+        value = _metric(run, "fact_recall")
+        if run is None:
+            checks.append(Check("fact recall", False, None, alias.min_fact_recall, no_run))
+        elif value is None:
+            checks.append(
+                Check(
+                    "fact recall",
+                    False,
+                    None,
+                    alias.min_fact_recall,
+                    f"run {run.pk} has no fact recall (does the suite have facts checks, and do its "
+                    "queries ask for any?)",
+                )
+            )
+        else:
+            ok = value >= alias.min_fact_recall
+            checks.append(
+                Check(
+                    "fact recall",
+                    ok,
+                    value,
+                    alias.min_fact_recall,
+                    f"{_fmt(value)} {'≥' if ok else '<'} minimum {_fmt(alias.min_fact_recall)}",
+                )
+            )
+
+    if alias.fact_recall_vs_teacher:
+        comparison = comparison or latest_comparison(suite, candidate)
+        name = "fact recall vs teacher"
+        diff = (comparison.headline.get("fact_recall_vs_teacher") if comparison else None) or {}
+        value = diff.get("value")
+        if comparison is None:
+            checks.append(
+                Check(name, False, None, 0.0, f"no four-arm comparison for this variant on “{suite}”")
+            )
+        elif not isinstance(value, (int, float)):
+            note = diff.get("note") or "no fact recall in its headline (does the suite have facts checks?)"
+            checks.append(Check(name, False, None, 0.0, f"comparison {comparison.pk}: {note}"))
+        else:
+            # Paired over the same queries: the student states the facts at least as often as the teacher.
+            ok = value >= -1e-12
+            arms = comparison.headline.get("fact_recall") or {}
+            student = (arms.get("student") or {}).get("value")
+            teacher = (arms.get("teacher") or {}).get("value")
+            checks.append(
+                Check(
+                    name,
+                    ok,
+                    float(value),
+                    0.0,
+                    f"comparison {comparison.pk}: student {_fmt(student)} vs teacher {_fmt(teacher)}; "
+                    f"student − teacher {_fmt(value)} [{_fmt(diff.get('low'))}, {_fmt(diff.get('high'))}] "
+                    f"{'≥' if ok else '<'} 0",
+                )
+            )
+
     if alias.max_regression is not None:
         metric = suite.main_metric
         name = f"{metric_label(metric)} vs holder"

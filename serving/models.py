@@ -38,6 +38,13 @@ class Alias(models.Model):
     max_regression = models.FloatField(
         null=True, blank=True, help_text="Largest drop allowed on the suite's main metric vs the holder"
     )
+    min_fact_recall = models.FloatField(
+        null=True, blank=True, help_text="Minimum fact recall of the candidate (0-1)"
+    )
+    fact_recall_vs_teacher = models.BooleanField(
+        default=False,
+        help_text="The student's fact recall must be at least the prompted teacher's (four-arm comparison)",
+    )
     log_requests = models.BooleanField(default=False, help_text="Keep each /v1 request and response")
     updated_at = models.DateTimeField(default=timezone.now)
 

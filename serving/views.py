@@ -117,6 +117,8 @@ def alias_gate(request: AuthedHttpRequest, slug: str, alias_name: str) -> HttpRe
                 min_retained_lower=d["min_retained_lower"],
                 max_regression=d["max_regression"],
                 log_requests=d["log_requests"],
+                min_fact_recall=d["min_fact_recall"],
+                fact_recall_vs_teacher=d["fact_recall_vs_teacher"],
             )
         except ActionError as exc:
             form.add_error(None, str(exc))

@@ -11,7 +11,7 @@ from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.template.defaultfilters import filesizeformat
 
-from engines import formats, rules
+from engines import facts, formats, rules
 from workbench.actions import ActionError
 from workbench.actions.prompts import parse_rules_json, read_prompt_file
 from workbench.models import FoundationModel, Membership
@@ -94,9 +94,14 @@ class PromptForm(PromptTextForm):
         max_length=200, error_messages={"required": "A prompt needs a name."}, validators=[_unicode_text]
     )
     rules = forms.CharField(required=False, widget=forms.Textarea)
+    facts = forms.CharField(required=False, widget=forms.Textarea)
     version_of = forms.IntegerField(required=False, widget=forms.HiddenInput)
 
-    field_order = ["name", "text", "file", "rules", "note"]
+    field_order = ["name", "text", "file", "rules", "facts", "note"]
+
+    def clean_facts(self) -> Any:
+        """The parsed facts checks, or None when left empty (a new version keeps its facts)."""
+        return clean_facts_json(self.cleaned_data["facts"])
 
     def clean_rules(self) -> Any:
         """The parsed JSON, or None when left empty (a new prompt then has
@@ -112,6 +117,48 @@ class PromptForm(PromptTextForm):
             return rules.rules_to_json(rules.validate_rules(data))
         except rules.RulesError as exc:
             raise ValidationError([f"Rules: {e}" for e in exc.errors]) from exc
+
+
+def clean_facts_json(raw: str) -> Any:
+    """Facts checks typed as JSON, validated (engines.facts); None when empty."""
+    if not raw.strip():
+        return None
+    try:
+        data = parse_rules_json(raw, "Facts")
+    except ActionError as exc:
+        raise ValidationError(str(exc)) from exc
+    try:
+        return facts.facts_to_json(facts.validate_facts(data))
+    except facts.FactsError as exc:
+        raise ValidationError([f"Facts: {e}" for e in exc.errors]) from exc
+
+
+class FactsForm(forms.Form):
+    """The facts checks of a prompt as JSON: saving makes a new version with the same text."""
+
+    facts = forms.CharField(required=False, widget=forms.Textarea)
+
+    def clean_facts(self) -> Any:
+        value = clean_facts_json(self.cleaned_data["facts"])
+        return [] if value is None else value
+
+
+class AddFactsForm(forms.Form):
+    """Drafts proposed from one version's text, picked by their place in the list."""
+
+    version = forms.IntegerField(min_value=1, widget=forms.HiddenInput)
+    pick = forms.TypedMultipleChoiceField(
+        coerce=int,
+        choices=[],
+        error_messages={
+            "required": "Check at least one proposed fact to add.",
+            "invalid_choice": "%(value)s is not one of the proposed facts; propose them again.",
+        },
+    )
+
+    def __init__(self, drafts: int, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.fields["pick"].choices = [(str(i), str(i)) for i in range(drafts)]  # type: ignore[attr-defined]
 
 
 def _param_field(param: rules.Param) -> forms.Field:

@@ -169,13 +169,16 @@ class Prompt(models.Model):
 
 
 class PromptVersion(models.Model):
-    """One saved text of a prompt, with its checkable rules. Never changed."""
+    """One saved text of a prompt, with its checkable rules and facts. Never changed."""
 
     prompt = models.ForeignKey(Prompt, on_delete=models.CASCADE, related_name="versions")
     number = models.PositiveIntegerField()
     text = models.TextField()
     sha256 = models.CharField(max_length=64)
     rules = models.JSONField(default=list, blank=True)
+    facts = models.JSONField(
+        default=list, blank=True, help_text="Facts checks (engines.facts format): what answers must state"
+    )
     note = models.CharField(max_length=300, blank=True)
     token_counts = models.JSONField(
         default=dict,

@@ -34,6 +34,15 @@ urlpatterns = [
         name="prompt_rule_remove",
     ),
     path("p/<slug:slug>/prompts/<int:prompt_id>/diff", prompts.prompt_diff, name="prompt_diff"),
+    path("p/<slug:slug>/prompts/<int:prompt_id>/facts", prompts.prompt_facts, name="prompt_facts"),
+    path(
+        "p/<slug:slug>/prompts/<int:prompt_id>/facts/propose",
+        prompts.prompt_facts_propose,
+        name="prompt_facts_propose",
+    ),
+    path(
+        "p/<slug:slug>/prompts/<int:prompt_id>/facts/add", prompts.prompt_facts_add, name="prompt_facts_add"
+    ),
     path("p/<slug:slug>/datasets/", datasets.dataset_list, name="dataset_list"),
     path("p/<slug:slug>/datasets/upload", datasets.dataset_upload, name="dataset_upload"),
     path("p/<slug:slug>/datasets/<int:dataset_id>/", datasets.dataset_detail, name="dataset_detail"),

@@ -1,4 +1,4 @@
-"""Prompts: immutable versions of a text with its checkable rules."""
+"""Prompts: immutable versions of a text with its checkable rules and facts."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from django.conf import settings
 from django.contrib.auth.models import User
 from django.db import transaction
 
-from engines import jsonguard, rules
+from engines import facts, jsonguard, rules
 from workbench.actions import ActionError
 from workbench.models import FoundationModel, Project, Prompt, PromptVersion
 from workbench.prompt_costs import TokenCountError
@@ -118,6 +118,36 @@ def _checked_rules(rules_data: object) -> list[dict[str, Any]]:
         raise ActionError("Invalid rules:\n" + "\n".join(exc.errors)) from exc
 
 
+def _checked_facts(facts_data: object) -> list[dict[str, Any]]:
+    try:
+        return facts.facts_to_json(facts.validate_facts(facts_data))
+    except facts.FactsError as exc:
+        raise ActionError("Invalid facts:\n" + "\n".join(exc.errors)) from exc
+
+
+def facts_changes(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> str:
+    """A short note on how the facts changed (names added and removed, a count of changed)."""
+    before = {f["name"]: f for f in old}
+    after = {f["name"]: f for f in new}
+    added = [n for n in after if n not in before]
+    removed = [n for n in before if n not in after]
+    changed = [n for n in after if n in before and before[n] != after[n]]
+    parts = []
+    if added:
+        parts.append(
+            f"added fact{'s' if len(added) > 1 else ''} {', '.join(added[:3])}"
+            + (" …" if len(added) > 3 else "")
+        )
+    if removed:
+        parts.append(
+            f"removed fact{'s' if len(removed) > 1 else ''} {', '.join(removed[:3])}"
+            + (" …" if len(removed) > 3 else "")
+        )
+    if changed:
+        parts.append(f"changed {len(changed)} fact{'s' if len(changed) > 1 else ''}")
+    return "; ".join(parts)
+
+
 @transaction.atomic
 def create_prompt(
     project: Project,
@@ -126,6 +156,7 @@ def create_prompt(
     text: str,
     rules_data: object = None,
     note: str = "",
+    facts_data: object = None,
 ) -> PromptVersion:
     """A new prompt with its first version. A name already in use is refused
     (PromptNameTaken): a new version of an existing prompt is saved on its
@@ -133,6 +164,7 @@ def create_prompt(
     name, note = _checked_name_and_note(name, note)
     text = _checked_text(text)
     rule_list = _checked_rules([] if rules_data is None else rules_data)
+    fact_list = _checked_facts([] if facts_data is None else facts_data)
     existing = project.prompts.filter(name=name).first()
     if existing is not None:
         raise PromptNameTaken(existing)
@@ -143,6 +175,7 @@ def create_prompt(
         text=text,
         sha256=hashlib.sha256(text.encode("utf-8")).hexdigest(),
         rules=rule_list,
+        facts=fact_list,
         note=note[:300],
         author=user,
     )
@@ -156,10 +189,12 @@ def save_prompt(
     text: str,
     rules_data: object = None,
     note: str = "",
+    facts_data: object = None,
 ) -> PromptSaved:
     """Save a new version of the named prompt (created if new). rules_data
-    None keeps the latest version's rules; a version that changes the rules
-    without a note gets one naming the rules added, removed and changed."""
+    (facts_data) None keeps the latest version's rules (facts); a version that
+    changes them without a note gets one naming what was added, removed and
+    changed."""
     name, note = _checked_name_and_note(name, note)
     text = _checked_text(text)
     prompt, _ = Prompt.objects.get_or_create(project=project, name=name, defaults={"created_by": user})
@@ -167,17 +202,22 @@ def save_prompt(
     prompt = Prompt.objects.select_for_update().get(pk=prompt.pk)
     latest = prompt.latest
     rule_list = (latest.rules if latest else []) if rules_data is None else _checked_rules(rules_data)
+    fact_list = (latest.facts if latest else []) if facts_data is None else _checked_facts(facts_data)
     sha = hashlib.sha256(text.encode("utf-8")).hexdigest()
-    if latest and latest.sha256 == sha and latest.rules == rule_list:
+    if latest and latest.sha256 == sha and latest.rules == rule_list and latest.facts == fact_list:
         return PromptSaved(latest, created=False)
-    if not note and latest and latest.rules != rule_list:
-        note = "; ".join(c.summary for c in rule_changes(latest.rules, rule_list))
+    if not note and latest and (latest.rules != rule_list or latest.facts != fact_list):
+        note = "; ".join(
+            [c.summary for c in rule_changes(latest.rules, rule_list)]
+            + ([facts_changes(latest.facts, fact_list)] if latest.facts != fact_list else [])
+        )
     version = PromptVersion.objects.create(
         prompt=prompt,
         number=(latest.number + 1 if latest else 1),
         text=text,
         sha256=sha,
         rules=rule_list,
+        facts=fact_list,
         note=note[:300],
         author=user,
     )
@@ -219,12 +259,20 @@ def remove_rule(prompt: Prompt, user: User | None, name: str) -> PromptSaved:
 
 @transaction.atomic
 def restore_version(prompt: Prompt, user: User | None, number: int) -> PromptSaved:
-    """A new version with the text and rules of an older one (which stays as it was)."""
+    """A new version with the text, rules and facts of an older one (which stays as it was)."""
     _latest_locked(prompt)
     old = prompt.versions.filter(number=number).first()
     if old is None:
         raise ActionError(f"The prompt {prompt.name} has no version {number}.")
-    return save_prompt(prompt.project, user, prompt.name, old.text, old.rules, f"restored version {number}")
+    return save_prompt(
+        prompt.project,
+        user,
+        prompt.name,
+        old.text,
+        old.rules,
+        f"restored version {number}",
+        facts_data=old.facts,
+    )
 
 
 def find_prompt_version(project: Project, spec: str) -> PromptVersion:

@@ -1,16 +1,19 @@
 from __future__ import annotations
 
+import json
+from typing import Any
+
 from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.paginator import Paginator
 from django.db.models import Count, OuterRef, Subquery
 from django.db.models.functions import Length, Substr
-from django.http import HttpRequest, HttpResponse
+from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
-from engines import rules
+from engines import facts, rules
 from workbench.actions import ActionError
 from workbench.actions.prompts import (
     PromptNameTaken,
@@ -23,7 +26,7 @@ from workbench.actions.prompts import (
     save_prompt,
     token_costs,
 )
-from workbench.forms import DiffForm, PromptForm, PromptTextForm, RuleForm
+from workbench.forms import AddFactsForm, DiffForm, FactsForm, PromptForm, PromptTextForm, RuleForm
 from workbench.models import Project, Prompt, PromptVersion
 from workbench.shortcuts import AuthedHttpRequest, get_for_project, get_project
 from workbench.uploads import limit_upload
@@ -108,7 +111,13 @@ def prompt_create(request: AuthedHttpRequest, slug: str) -> HttpResponse:
             if data["version_of"]:
                 existing = get_object_or_404(project.prompts, pk=data["version_of"])
                 saved = save_prompt(
-                    project, request.user, existing.name, form.prompt_text, data["rules"], data["note"]
+                    project,
+                    request.user,
+                    existing.name,
+                    form.prompt_text,
+                    data["rules"],
+                    data["note"],
+                    facts_data=data["facts"],
                 )
                 v = saved.version
                 messages.success(
@@ -119,7 +128,13 @@ def prompt_create(request: AuthedHttpRequest, slug: str) -> HttpResponse:
                 )
             else:
                 v = create_prompt(
-                    project, request.user, data["name"], form.prompt_text, data["rules"], data["note"]
+                    project,
+                    request.user,
+                    data["name"],
+                    form.prompt_text,
+                    data["rules"],
+                    data["note"],
+                    facts_data=data["facts"],
                 )
                 messages.success(request, f"Saved {v.prompt.name} version {v.number}.")
         except PromptNameTaken as exc:
@@ -139,6 +154,9 @@ def _version_page(
     *,
     save_form: PromptTextForm | None = None,
     rule_form: RuleForm | None = None,
+    facts_form: FactsForm | None = None,
+    drafts: list[dict[str, Any]] | None = None,
+    add_form: AddFactsForm | None = None,
     status: int = 200,
 ) -> HttpResponse:
     """A version's page. Only the latest version is edited (its text fills the
@@ -161,6 +179,12 @@ def _version_page(
         "save_form": save_form
         or PromptTextForm(initial={"text": version.text if version and is_latest else ""}),
         "rule_form": rule_form or RuleForm(),
+        "facts_form": facts_form
+        or FactsForm(
+            initial={"facts": json.dumps(version.facts, indent=1, ensure_ascii=False) if version else ""}
+        ),
+        "drafts": drafts,
+        "add_form": add_form,
     }
     return render(request, "workbench/prompt_detail.html", ctx, status=status)
 
@@ -269,3 +293,86 @@ def prompt_diff(request: AuthedHttpRequest, slug: str, prompt_id: int) -> HttpRe
     b = get_object_or_404(prompt.versions, number=chosen.get("b") or latest.number)
     ctx = {"project": prompt.project, "prompt": prompt, "diff": diff_versions(a, b)}
     return render(request, "workbench/prompt_diff.html", ctx)
+
+
+@login_required
+@require_POST
+def prompt_facts(request: AuthedHttpRequest, slug: str, prompt_id: int) -> HttpResponse:
+    """Replace the facts checks: a new version with the same text and rules."""
+    prompt = _get_prompt(request, slug, prompt_id)
+    latest = prompt.latest
+    if latest is None:
+        raise Http404("The prompt has no saved text yet.")
+    form = FactsForm(request.POST)
+    if form.is_valid():
+        try:
+            saved = save_prompt(
+                prompt.project,
+                request.user,
+                prompt.name,
+                latest.text,
+                None,
+                facts_data=form.cleaned_data["facts"],
+            )
+        except ActionError as exc:
+            form.add_error(None, str(exc))
+        else:
+            messages.success(
+                request, f"Facts saved as version {saved.version.number}." if saved.created else "No change."
+            )
+            return redirect(prompt)
+    return _version_page(request, prompt, latest, facts_form=form, status=400)
+
+
+@login_required
+def prompt_facts_propose(request: AuthedHttpRequest, slug: str, prompt_id: int) -> HttpResponse:
+    """Facts checks drafted from the latest text (engines.facts.propose_facts), to pick from."""
+    prompt = _get_prompt(request, slug, prompt_id)
+    latest = prompt.latest
+    if latest is None:
+        raise Http404("The prompt has no saved text yet.")
+    drafts = facts.propose_facts(latest.text)
+    if request.htmx:
+        ctx = {"project": prompt.project, "prompt": prompt, "version": latest, "drafts": drafts}
+        return render(request, "workbench/prompt_detail.html#fact-drafts", ctx)
+    return _version_page(request, prompt, latest, drafts=drafts)
+
+
+@login_required
+@require_POST
+def prompt_facts_add(request: AuthedHttpRequest, slug: str, prompt_id: int) -> HttpResponse:
+    """The checked drafts added to the facts: a new version with the same text.
+    The drafts are made again from the version they were proposed from (the
+    proposal is deterministic), so the browser never sends a check to trust."""
+    prompt = _get_prompt(request, slug, prompt_id)
+    latest = prompt.latest
+    if latest is None:
+        raise Http404("The prompt has no saved text yet.")
+    number = request.POST.get("version", "")
+    source = (
+        prompt.versions.filter(number=int(number)).first() if number.isdigit() and len(number) < 10 else None
+    )
+    if source is None:
+        messages.error(request, "Propose the facts again: the version they came from is unknown.")
+        return _version_page(request, prompt, latest, status=400)
+    drafts = facts.propose_facts(source.text)
+    form = AddFactsForm(len(drafts), request.POST)
+    if form.is_valid():
+        have = {f["name"] for f in latest.facts}
+        picked = [drafts[i] for i in sorted(set(form.cleaned_data["pick"]))]
+        new = [d for d in picked if d["name"] not in have]
+        try:
+            if not new:
+                raise ActionError("The checked facts are already in the prompt's facts (same names).")
+            saved = save_prompt(
+                prompt.project, request.user, prompt.name, latest.text, None, facts_data=[*latest.facts, *new]
+            )
+        except ActionError as exc:
+            form.add_error(None, str(exc))
+        else:
+            messages.success(
+                request,
+                f"Added {len(new)} fact{'s' if len(new) != 1 else ''} as version {saved.version.number}.",
+            )
+            return redirect(prompt)
+    return _version_page(request, prompt, latest, drafts=drafts, add_form=form, status=400)

@@ -49,7 +49,7 @@ def table(runs: Sequence[EvalRun], metric: str) -> str:
     """The runs ranked by `metric`, with every other metric beside it."""
     names = sorted(
         {k for r in runs for k in (r.summary.get("metrics") or {})},
-        key=lambda n: (n != metric, not n.startswith("all_rules"), n),
+        key=lambda n: (n != metric, n != "all_rules", n != "fact_recall", n),
     )
     ranked = sorted(runs, key=lambda r: -((r.metric(metric) or {}).get("value") or -1))
     head = ["run", *[metric_label(n) for n in names], "prompt tok", "p50 s"]

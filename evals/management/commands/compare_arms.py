@@ -93,3 +93,30 @@ class Command(BaseCommand):
         self.stdout.write(
             f"prompt tokens saved per 1,000 requests: {comparison.headline.get('tokens_saved_per_1000')}"
         )
+        for line in substance_lines(comparison.headline):
+            self.stdout.write(line)
+
+
+def _estimate(e: dict[str, Any] | None) -> str:
+    if not e or e.get("value") is None:
+        return "—" + (f" ({e['note']})" if e and e.get("note") else "")
+    return f"{e['value']:.2f} (95% CI {e['low']:.2f} to {e['high']:.2f}, n={e['n']})"
+
+
+def substance_lines(headline: dict[str, Any]) -> list[str]:
+    """Fact recall and the judge's score per arm, beside the rules: an answer
+    can obey every rule and still be wrong."""
+    lines = []
+    if "fact_recall" in headline:
+        lines.append(
+            "fact recall per arm: "
+            + "; ".join(f"{arm} {_estimate(e)}" for arm, e in headline["fact_recall"].items())
+        )
+        if "fact_recall_vs_teacher" in headline:
+            lines.append(f"fact recall, student - teacher: {_estimate(headline['fact_recall_vs_teacher'])}")
+    if "judge" in headline:
+        lines.append(
+            "judge score per arm: "
+            + "; ".join(f"{arm} {_estimate(e)}" for arm, e in headline["judge"].items())
+        )
+    return lines

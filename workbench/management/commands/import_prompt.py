@@ -15,7 +15,9 @@ from workbench.prompt_costs import TokenCountError
 class Command(BaseCommand):
     help = (
         "Save a system prompt from a text/markdown file as a new version of the named prompt "
-        "(created if new). --rules takes a JSON list of {name, kind, ...parameters}; see README."
+        "(created if new). --rules takes a JSON list of {name, kind, ...parameters}, --facts a JSON list "
+        "of {name, question, expect | expect_regex, source}; see README. Without them the latest "
+        "version's rules and facts are kept."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
@@ -23,6 +25,7 @@ class Command(BaseCommand):
         parser.add_argument("--project", required=True, help="Project slug")
         parser.add_argument("--name", required=True)
         parser.add_argument("--rules", type=Path, help="JSON file with the prompt's checkable rules")
+        parser.add_argument("--facts", type=Path, help="JSON file with the prompt's facts checks")
         parser.add_argument("--note", default="")
 
     def handle(self, *args: Any, **opts: Any) -> None:
@@ -30,20 +33,14 @@ class Command(BaseCommand):
         path: Path = opts["file"]
         if not path.is_file():
             raise CommandError(f"{path}: no such file")
-        rules_data = None
         try:
-            if opts["rules"]:
-                rules_path: Path = opts["rules"]
-                try:
-                    with rules_path.open("rb") as f:
-                        # Past the limit by one byte is enough to refuse it; the rest is never read.
-                        raw = f.read(4 * rules_json_max_chars() + 1)
-                    rules_data = parse_rules_json(raw.decode("utf-8"), str(rules_path))
-                except (OSError, UnicodeDecodeError) as exc:
-                    raise CommandError(f"{rules_path}: {exc}") from exc
+            rules_data = _read_json(opts["rules"])
+            facts_data = _read_json(opts["facts"])
             with path.open("rb") as f:
                 text = read_prompt_file(f, str(path))
-            saved = save_prompt(project, None, opts["name"], text, rules_data, opts["note"])
+            saved = save_prompt(
+                project, None, opts["name"], text, rules_data, opts["note"], facts_data=facts_data
+            )
         except OSError as exc:
             raise CommandError(f"{path}: {exc}") from exc
         except ActionError as exc:
@@ -52,7 +49,7 @@ class Command(BaseCommand):
         state = "stored as" if saved.created else "unchanged, still"
         self.stdout.write(
             f"{project.slug}/{v.prompt.name}: {state} version {v.number} "
-            f"({len(v.text):,} characters, {len(v.rules)} rules, sha256 {v.sha256[:12]})"
+            f"({len(v.text):,} characters, {len(v.rules)} rules, {len(v.facts)} facts, sha256 {v.sha256[:12]})"
         )
         for model in FoundationModel.objects.all():
             try:
@@ -61,3 +58,16 @@ class Command(BaseCommand):
                 reason = f"could not count its tokens under {model.name}: {exc}"
             if reason:
                 self.stderr.write(f"warning: {reason}")
+
+
+def _read_json(path: Path | None) -> Any:
+    """A rules or facts file's JSON (None without a file), size and nesting bounded."""
+    if path is None:
+        return None
+    try:
+        with path.open("rb") as f:
+            # Past the limit by one byte is enough to refuse it; the rest is never read.
+            raw = f.read(4 * rules_json_max_chars() + 1)
+        return parse_rules_json(raw.decode("utf-8"), str(path))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CommandError(f"{path}: {exc}") from exc
