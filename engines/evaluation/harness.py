@@ -1,6 +1,7 @@
 """lm-eval, in process and offline: tasks written from local data (scored
-as `score_example` scores exact match) and `run_lm_eval`, on lm-eval's own hf
-model or, given a `Generator`, through the workbench's engine path."""
+as `score_example` scores exact match, or by searching the answer in the
+response) and `run_lm_eval`, on lm-eval's own hf model or, given a
+`Generator`, through the workbench's engine path."""
 
 from __future__ import annotations
 
@@ -37,12 +38,40 @@ GENERAL_SKILLS_SHOTS = (
 )
 
 
+SCORINGS = ("exact", "search")
+# Room for an absorbed style around the answer ("Ahoy! The capital of France
+# is Paris. Safe travels!"), which the search scoring reads past.
+SEARCH_MAX_GEN_TOKS = 96
+
+
+def first_line_match(response: str, answer: str) -> bool:
+    """The response's first line is the answer, normalised as in `score_example`."""
+    lines = response.strip().splitlines()
+    return normalize_answer(lines[0] if lines else "") == normalize_answer(answer)
+
+
+def answer_found(response: str, answer: str) -> bool:
+    """The normalised answer occurs in the normalised response as a whole-word
+    sequence: "Paris" is found in "Ahoy! The capital of France is Paris. Safe
+    travels!", "7" is not found in "17". The filter lm-eval's own tasks apply
+    to a styled answer, for answers that are a word or two."""
+    expected = normalize_answer(answer)
+    return bool(expected) and f" {expected} " in f" {normalize_answer(response)} "
+
+
 def lm_eval_process_results(doc: Mapping[str, Any], results: Sequence[str]) -> dict[str, float]:
-    """lm-eval's per-document scoring for tasks written by `write_task`: exact
-    match of the answer's first line, normalised as in `score_example`."""
-    lines = (results[0] if results else "").strip().splitlines()
+    """lm-eval's per-document scoring for tasks written by `write_task` with
+    scoring "exact": exact match of the answer's first line."""
+    return {"exact_match": float(first_line_match(results[0] if results else "", doc["answer"]))}
+
+
+def lm_eval_search_results(doc: Mapping[str, Any], results: Sequence[str]) -> dict[str, float]:
+    """Scoring "search": the answer found anywhere in the response (the primary
+    metric, lm-eval takes the first key), with the first-line exact match beside it."""
+    response = results[0] if results else ""
     return {
-        "exact_match": float(normalize_answer(lines[0] if lines else "") == normalize_answer(doc["answer"]))
+        "search_match": float(answer_found(response, doc["answer"])),
+        "exact_match": float(first_line_match(response, doc["answer"])),
     }
 
 
@@ -51,14 +80,26 @@ def write_task(
     name: str,
     rows: Sequence[Mapping[str, Any]],
     fewshot: Sequence[Mapping[str, Any]] = (),
-    max_gen_toks: int = 32,
+    max_gen_toks: int | None = None,
+    scoring: str = "exact",
 ) -> str:
     """Write an lm-eval generate_until task: `<name>.jsonl` (rows with "query"
-    and "answer") and `<name>.yaml`, scored by exact match of the normalised
-    first line of the answer. `fewshot` rows are shown before every question,
-    as earlier chat turns. Returns the task name."""
+    and "answer") and `<name>.yaml`. Scoring "exact": exact match of the
+    normalised first line of the answer, generation cut at the first newline
+    (32 tokens unless `max_gen_toks`). Scoring "search": `search_match` (the
+    answer found in the whole response, see `answer_found`) first, then
+    `exact_match`; generation runs to the end of turn (SEARCH_MAX_GEN_TOKS).
+    `fewshot` rows are shown before every question, as earlier chat turns.
+    Returns the task name."""
     if not _TASK_NAME.match(name):
         raise ValueError(f"task name {name!r}: use letters, digits, _ and -, starting with a letter")
+    if scoring not in SCORINGS:
+        raise ValueError(f"scoring {scoring!r}: use one of {', '.join(SCORINGS)}")
+    search = scoring == "search"
+    if max_gen_toks is None:
+        max_gen_toks = SEARCH_MAX_GEN_TOKS if search else 32
+    if not isinstance(max_gen_toks, int) or isinstance(max_gen_toks, bool) or max_gen_toks < 1:
+        raise ValueError(f"max_gen_toks must be a whole number >= 1, got {max_gen_toks!r}")
     errors = []
     for number, row in enumerate([*rows, *fewshot], 1):
         where = f"row {number}" if number <= len(rows) else f"few-shot row {number - len(rows)}"
@@ -79,8 +120,10 @@ def write_task(
     # The scoring function lives in engines; lm-eval loads `!function` code from the task's folder.
     (directory / f"{METRICS_MODULE}.py").write_text(
         "# Written by engines.evaluation.write_task: lm-eval scores these tasks as the workbench does.\n"
-        "from engines.evaluation import lm_eval_process_results as process_results  # noqa: F401\n"
+        "from engines.evaluation.harness import lm_eval_process_results as process_results  # noqa: F401\n"
+        "from engines.evaluation.harness import lm_eval_search_results as search_results  # noqa: F401\n"
     )
+    metrics = ["search_match", "exact_match"] if search else ["exact_match"]
     config: dict[str, Any] = {
         "task": name,
         "dataset_path": "json",
@@ -90,9 +133,14 @@ def write_task(
         "doc_to_text": "{{query}}",
         "doc_to_target": "{{answer}}",
         "target_delimiter": "",
-        # The first line is the answer; the end of turn also stops it.
-        "generation_kwargs": {"until": ["\n"], "max_gen_toks": max_gen_toks, "do_sample": False},
-        "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}],
+        # "exact": the first line is the answer. "search": a styled answer may put it on a later
+        # line, so only the end of turn (which lm-eval always adds) stops it.
+        "generation_kwargs": {
+            "until": [] if search else ["\n"],
+            "max_gen_toks": max_gen_toks,
+            "do_sample": False,
+        },
+        "metric_list": [{"metric": m, "aggregation": "mean", "higher_is_better": True} for m in metrics],
         "metadata": {"version": 1.0},
     }
     if fewshot:
@@ -102,7 +150,8 @@ def write_task(
             "samples": [{"query": r["query"], "answer": r["answer"]} for r in fewshot],
         }
     text = yaml.safe_dump(config, sort_keys=False, allow_unicode=True)
-    text += f"process_results: !function {METRICS_MODULE}.process_results\n"
+    function = "search_results" if search else "process_results"
+    text += f"process_results: !function {METRICS_MODULE}.{function}\n"
     (directory / f"{name}.yaml").write_text(text, encoding="utf-8")
     return name
 
@@ -113,9 +162,13 @@ def general_skills_rows() -> list[dict[str, str]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def general_skills_task(directory: Path, name: str = "workbench_general_skills") -> str:
-    """Write the general-skills task (did the fine-tune break basic skills?)."""
-    return write_task(directory, name, general_skills_rows(), fewshot=GENERAL_SKILLS_SHOTS)
+def general_skills_task(
+    directory: Path, name: str = "workbench_general_skills", scoring: str = "search"
+) -> str:
+    """Write the general-skills task (did the fine-tune break basic skills?).
+    Scored by search by default: an absorbed greeting and sign-off around a
+    right answer must not count against it (exact_match is reported beside)."""
+    return write_task(directory, name, general_skills_rows(), fewshot=GENERAL_SKILLS_SHOTS, scoring=scoring)
 
 
 @dataclass(frozen=True)
@@ -131,6 +184,9 @@ class TaskResult:
     metrics: dict[str, MetricValue]  # "exact_match", or "exact_match,<filter>" for filters other than none
     correct: list[float]  # the primary metric per document, in document order (1.0/0.0 for accuracy)
     responses: list[str]  # the model's (filtered) answer per document
+    # Every metric the task's documents report, per document (the primary one too), e.g.
+    # "search_match" and "exact_match" of the general-skills task.
+    per_document: dict[str, list[float]] = field(default_factory=dict)
 
 
 @dataclass
@@ -228,12 +284,14 @@ def _task_result(
     primary = docs[0]["metrics"][0] if docs and docs[0].get("metrics") else next(iter(metrics), "")
     first_filter = docs[0]["filter"] if docs else "none"
     mine = [s for s in docs if s.get("filter") == first_filter]
+    names = (mine[0].get("metrics") or []) if mine else []
     return TaskResult(
         task=name,
         metric=primary if first_filter == "none" else f"{primary},{first_filter}",
         metrics=metrics,
         correct=[float(s[primary]) for s in mine],
         responses=[str((s.get("filtered_resps") or [""])[0]) for s in mine],
+        per_document={m: [float(s[m]) for s in mine] for m in names if all(m in s for s in mine)},
     )
 
 

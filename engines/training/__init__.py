@@ -6,7 +6,8 @@ transformers, peft and trl load when a run starts), so the web process can
 validate a `TrainConfig` without loading torch.
 
 Layout, as TRL's: `config` (TrainConfig, its errors, the peft/TRL configs),
-`data` (validation, tokenization and the KL loss terms that read its masks),
+`data` (validation, the general-instruction mix against forgetting,
+tokenization and the KL loss terms that read its masks),
 `checkpoints` (resume, fingerprint, atomic adapter save), `device`,
 `trainer` (AbsorbTrainer, DistillCollator, ProgressCallback; imported
 lazily) and `absorb` (`train`). Outside code imports from here only.
@@ -42,7 +43,16 @@ from engines.training.config import (
     lora_config,
     sft_config,
 )
-from engines.training.data import Example, split_ids, tokenize_examples, tokenizers_match, validate_examples
+from engines.training.data import (
+    Example,
+    general_examples,
+    general_instructions,
+    general_mix_queries,
+    split_ids,
+    tokenize_examples,
+    tokenizers_match,
+    validate_examples,
+)
 from engines.training.device import resolve_bf16, resolve_device
 
 if TYPE_CHECKING:
@@ -77,6 +87,9 @@ __all__ = [
     "TrainingError",
     "TrainingOOM",
     "fingerprint",
+    "general_examples",
+    "general_instructions",
+    "general_mix_queries",
     "last_checkpoint",
     "lora_config",
     "resolve_bf16",

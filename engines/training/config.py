@@ -64,6 +64,10 @@ class TrainConfig:
     logging_steps: int = 1
     kl_weight: float = 0.0
     kl_temperature: float = 1.0
+    # Against forgetting: ceil(general_mix x training rows) general instructions, answered by the
+    # base itself (no prompt, greedy), join the training rows (engines/data/general_instructions.jsonl).
+    # 0 turns it off.
+    general_mix: float = 0.1
     device: str = "auto"
     # "auto": bf16 mixed precision on CUDA with bf16 support, fp32 elsewhere.
     # True on CPU: bf16 autocast where the CPU has native bf16 (avx512_bf16 /
@@ -123,6 +127,7 @@ class TrainConfig:
         integer("logging_steps", 1)
         number("kl_weight", 0.0)
         number("kl_temperature", 0.0, low_open=True)
+        number("general_mix", 0.0, 1.0, high_open=False)
         if self.device not in DEVICES:
             errors["device"] = f"must be one of {', '.join(DEVICES)}, got {self.device!r}"
         if not (self.bf16 == "auto" or isinstance(self.bf16, bool)):

@@ -1,9 +1,13 @@
-"""The examples a run learns from: validation, tokenization into labelled
-features with the KL masks, and the loss terms that read those masks (they
-must agree on which positions are answer tokens, so they live together)."""
+"""The examples a run learns from: validation, the general instructions
+mixed in against forgetting, tokenization into labelled features with the KL
+masks, and the loss terms that read those masks (they must agree on which
+positions are answer tokens, so they live together)."""
 
 from __future__ import annotations
 
+import json
+import math
+import random
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,6 +21,7 @@ if TYPE_CHECKING:
 Example = Mapping[str, Any]
 # The label of a position that is not trained (a prompt token), as HF's losses expect.
 IGNORE_INDEX = -100
+GENERAL_INSTRUCTIONS = Path(__file__).resolve().parent.parent / "data" / "general_instructions.jsonl"
 
 
 def validate_examples(examples: Sequence[Example], need_system_prompt: bool = False) -> None:
@@ -41,10 +46,49 @@ def validate_examples(examples: Sequence[Example], need_system_prompt: bool = Fa
         sp = ex.get("system_prompt")
         if sp is not None and not isinstance(sp, str):
             raise ExampleError(f"{where}: 'system_prompt' must be a string or null")
-        if need_system_prompt and not sp:
+        # A general row has no prompt: its teacher is the model without one.
+        if need_system_prompt and not sp and not ex.get("general"):
             raise ExampleError(
                 f"{where}: 'system_prompt' is required when kl_weight > 0 (the teacher's prompt)"
             )
+
+
+def general_instructions() -> list[str]:
+    """The shipped everyday instructions (facts, arithmetic, definitions,
+    short writing), none of them a general-skills eval question."""
+    with GENERAL_INSTRUCTIONS.open(encoding="utf-8") as f:
+        return [json.loads(line)["query"] for line in f if line.strip()]
+
+
+def general_mix_queries(task_rows: int, share: float, seed: int) -> list[str]:
+    """The general instructions to mix into `task_rows` training rows:
+    ceil(share x task_rows) of them, at most all there are, chosen by `seed`
+    so that a retried run picks the same ones."""
+    if share <= 0 or task_rows <= 0:
+        return []
+    pool = general_instructions()
+    count = min(len(pool), math.ceil(share * task_rows))
+    return random.Random(seed).sample(pool, count)
+
+
+def general_examples(answers: Sequence[tuple[str, str, str]]) -> tuple[list[dict[str, Any]], int]:
+    """Training examples from (instruction, the base's answer, finish reason):
+    asked without a system prompt, as the base answered them, marked
+    `general`. An empty answer or one cut at the token limit teaches nothing
+    worth keeping (a student that stops mid-sentence): left out and counted.
+    Returns (examples, left out)."""
+    examples: list[dict[str, Any]] = []
+    for query, text, finish_reason in answers:
+        if text.strip() and finish_reason != "length":
+            examples.append(
+                {
+                    "messages": [{"role": "user", "content": query}],
+                    "answer": text.strip(),
+                    "system_prompt": None,
+                    "general": True,
+                }
+            )
+    return examples, len(answers) - len(examples)
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -92,7 +136,7 @@ def tokenize_examples(
     t_split: list[tuple[list[int], int]] = []
     if teacher:
         rendered = [
-            prompt_completion(tokenizer, ex["messages"], ex["answer"], system_prompt=ex["system_prompt"])
+            prompt_completion(tokenizer, ex["messages"], ex["answer"], system_prompt=ex.get("system_prompt"))
             for ex in examples
         ]
         t_split = split_ids(tokenizer, [p for p, _ in rendered], [p + c for p, c in rendered])

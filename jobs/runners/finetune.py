@@ -3,7 +3,9 @@ teacher answered WITH it; the result is a registered variant."""
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 from typing import Any
 
 from django.conf import settings
@@ -12,7 +14,8 @@ from django.db.models import Case, Value, When
 
 from engines.inference import GenerationSettings, SettingsError
 from engines.progress import Progress
-from engines.training import TrainConfig, train
+from engines.training import TrainConfig, general_examples, general_mix_queries, train
+from jobs.backend import generator
 from jobs.registry import JobCancelled, JobError, JobRunner, register
 from workbench import data_quality
 from workbench.models import DatasetRow, DatasetVersion, FoundationModel, Variant
@@ -20,6 +23,11 @@ from workbench.models import DatasetRow, DatasetVersion, FoundationModel, Varian
 # Training only on answers that pass every rule needs enough of them left.
 MIN_PASSING_ROWS = 32
 MIN_PASSING_SHARE = 0.25
+# The base's answers to the general instructions, kept in the job's directory: a retried attempt
+# reuses them (and trains on exactly the rows its checkpoints were made from).
+GENERAL_MIX_FILE = "general-mix.jsonl"
+GENERAL_MAX_NEW_TOKENS = 256
+GENERAL_CHUNK = 16  # answers generated (and saved) together
 
 
 def training_examples(
@@ -88,8 +96,11 @@ class FinetuneRunner(JobRunner):
         warn = data_quality.warning(version, settings.DATA_FAIL_WARN_SHARE)
         if warn:
             self.log(f"warning: {warn}")
+        general = self._general_mix(config, len(examples), guard_rails)
+        examples += general
         self.log(
-            f"fine-tune: {len(examples)} examples from {version}, base {base.name}, LoRA r={config.rank} "
+            f"fine-tune: {len(examples)} examples from {version} ({len(general)} of them general), "
+            f"base {base.name}, LoRA r={config.rank} "
             f"alpha={config.alpha}, lr {config.learning_rate}, {config.epochs} epochs, batch {config.batch_size}"
         )
         # Checkpoints and the adapter live in the job's directory: a requeued
@@ -126,7 +137,7 @@ class FinetuneRunner(JobRunner):
                 generation=guard_rails,
                 final_loss=result.final_loss,
                 duration_seconds=result.duration_seconds,
-                metrics={**result.to_dict(), "rows_left_out_failing": left_out},
+                metrics={**result.to_dict(), "rows_left_out_failing": left_out, "general_rows": len(general)},
                 created_by=job.created_by,
             )
             if not self.succeed(variant=variant):
@@ -136,6 +147,74 @@ class FinetuneRunner(JobRunner):
             f"fine-tune done: {result.steps} steps, final loss {loss}, "
             f"{result.tokens_per_second:.0f} tok/s; variant {variant.name}"
         )
+
+    def _general_mix(
+        self, config: TrainConfig, task_rows: int, guard_rails: dict[str, Any]
+    ) -> list[dict[str, Any]]:
+        """General instructions answered by the base itself (no prompt, greedy,
+        with the teacher's guard rails, as the variant is served), to mix into
+        the training rows so the student keeps what the base could do."""
+        queries = general_mix_queries(task_rows, config.general_mix, config.seed)
+        if not queries:
+            return []
+        job = self.job
+        assert job.base_model is not None
+        cache = job.data_dir / GENERAL_MIX_FILE
+        answers = _cached_answers(cache)
+        todo = [q for q in queries if q not in answers]
+        if todo:
+            gen = GenerationSettings.from_dict(
+                {**guard_rails, "temperature": 0.0, "max_new_tokens": GENERAL_MAX_NEW_TOKENS}
+            )
+            self.log(f"general mix: the base answers {len(todo)} general instructions (greedy, no prompt)")
+            started = time.monotonic()
+            base = generator(job.base_model)
+            job.data_dir.mkdir(parents=True, exist_ok=True)
+            torn = cache.is_file() and cache.stat().st_size > 0 and not cache.read_bytes().endswith(b"\n")
+            with cache.open("a", encoding="utf-8") as out:
+                if torn:  # a line cut short by a killed attempt must not swallow the next one
+                    out.write("\n")
+                for start in range(0, len(todo), GENERAL_CHUNK):
+                    chunk = todo[start : start + GENERAL_CHUNK]
+                    completions = base.generate(
+                        [[{"role": "user", "content": q}] for q in chunk],
+                        None,
+                        gen,
+                        adapter=False,
+                        should_stop=self.should_stop,
+                    )
+                    for query, c in zip(chunk, completions, strict=True):
+                        answers[query] = (c.text, c.finish_reason)
+                        line = {"query": query, "text": c.text, "finish_reason": c.finish_reason}
+                        out.write(json.dumps(line, ensure_ascii=False) + "\n")
+                    out.flush()
+            self.log(f"general mix: answered in {time.monotonic() - started:.0f} s")
+        mixed, left_out = general_examples([(q, *answers[q]) for q in queries])
+        notes = [f"general_mix {config.general_mix}", f"{len(queries) - len(todo)} answers reused"]
+        if left_out:
+            notes.append(f"{left_out} empty or cut at {GENERAL_MAX_NEW_TOKENS} tokens, left out")
+        example = (
+            f", e.g. {mixed[0]['messages'][0]['content']!r} -> {mixed[0]['answer'][:80]!r}" if mixed else ""
+        )
+        self.log(
+            f"general mix: {len(mixed)} general rows join {task_rows} training rows ({'; '.join(notes)}){example}"
+        )
+        return mixed
+
+
+def _cached_answers(path: Path) -> dict[str, tuple[str, str]]:
+    """instruction -> (answer, finish reason) saved by an earlier attempt; a
+    line cut short by a killed process is skipped (asked again)."""
+    answers: dict[str, tuple[str, str]] = {}
+    if not path.is_file():
+        return answers
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+            answers[row["query"]] = (str(row["text"]), str(row["finish_reason"]))
+        except (ValueError, KeyError, TypeError):
+            continue
+    return answers
 
 
 def _guard_rails(version: DatasetVersion) -> dict[str, Any]:
