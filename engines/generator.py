@@ -7,19 +7,36 @@ the generator (the apps: `jobs.backend`).
 
 A generator stands for a base model and at most one adapter over it;
 `adapter=False` asks the base alone (the floor and teacher arms) and is how
-one loaded model, or one server, answers every arm.
+one loaded model, or one server, answers every arm. `CachingGenerator` wraps
+any of them with an `engines.response_cache.ResponseCache`: only the misses
+are asked, and each answer is stored as it arrives.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Protocol
+import dataclasses
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
 
 from engines.chat import Message
-from engines.inference import Completion, GenerationSettings, LoadedModel, generate, generate_samples
-from engines.progress import ProgressFn, StopFn
+from engines.inference import (
+    Completion,
+    GenerationSettings,
+    LoadedModel,
+    SettingsError,
+    generate,
+    generate_samples,
+)
+from engines.progress import Progress, ProgressFn, StopFn
+
+if TYPE_CHECKING:
+    from engines.remote import RetryPolicy, TransportStats
+    from engines.response_cache import ResponseCache
+
+AnswerFn = Callable[[int, Completion], None]
 
 
 class Generator(Protocol):
@@ -127,12 +144,17 @@ class LocalGenerator:
 class RemoteGenerator:
     """A base model, and optionally an adapter already loaded beside it
     under `adapter_model`, on the OpenAI-compatible server at `url` (its root,
-    without /v1). A job's batch size is how many requests are in flight at once."""
+    without /v1). A job's batch size is how many requests are in flight at
+    once, at most `max_concurrency` when set (an endpoint's own limit).
+    `stats` sums the requests, retries and tokens of every call."""
 
     url: str
     model: str
     adapter_model: str | None = None
     api_key: str | None = None
+    max_concurrency: int | None = None
+    retry: RetryPolicy | None = None
+    stats: TransportStats | None = field(default=None, compare=False)
 
     @property
     def has_adapter(self) -> bool:
@@ -151,21 +173,32 @@ class RemoteGenerator:
         progress: ProgressFn | None = None,
         should_stop: StopFn | None = None,
         opening: str | None = None,
+        on_answer: AnswerFn | None = None,
+        seeds: Sequence[int | None] | None = None,
     ) -> list[Completion]:
+        """As Generator.generate; `on_answer(index, completion)` as each
+        answer arrives, `seeds` one per conversation (engines.remote)."""
         from engines.remote import generate_remote
 
         settings = settings or GenerationSettings()
+        concurrency = settings.batch_size
+        if self.max_concurrency is not None:
+            concurrency = min(concurrency, self.max_concurrency)
         return generate_remote(
             self.url,
             self.served_name(adapter),
             conversations,
             system_prompt,
             settings,
-            concurrency=settings.batch_size,
+            concurrency=concurrency,
             api_key=self.api_key,
             progress=progress,
             should_stop=should_stop,
             opening=opening,
+            retry=self.retry,
+            stats=self.stats,
+            on_answer=on_answer,
+            seeds=seeds,
         )
 
     def generate_samples(
@@ -180,10 +213,7 @@ class RemoteGenerator:
         should_stop: StopFn | None = None,
         opening: str | None = None,
     ) -> list[list[Completion]]:
-        if samples < 1:
-            from engines.inference import SettingsError
-
-            raise SettingsError({"samples": f"must be at least 1, got {samples}"})
+        _check_samples(samples)
         flat = self.generate(
             [c for c in conversations for _ in range(samples)],
             system_prompt,
@@ -192,5 +222,209 @@ class RemoteGenerator:
             progress=progress,
             should_stop=should_stop,
             opening=opening,
+            seeds=[sample_seed(settings, s) for _ in conversations for s in range(samples)],
         )
         return [flat[i : i + samples] for i in range(0, len(flat), samples)]
+
+
+def _check_samples(samples: int) -> None:
+    if samples < 1:
+        raise SettingsError({"samples": f"must be at least 1, got {samples}"})
+
+
+def sample_seed(settings: GenerationSettings, sample: int) -> int | None:
+    """The seed of the `sample`-th remote sample of a conversation: the same
+    seed in N requests would give N copies of one answer."""
+    return None if settings.seed is None else settings.seed + sample
+
+
+@dataclass
+class CacheStats:
+    """What a CachingGenerator answered from its cache and what it asked."""
+
+    hits: int = 0
+    asked: int = 0
+    prompt_tokens: int = 0  # of the answers asked for, not of the hits
+    completion_tokens: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def count(self, completion: Completion) -> None:
+        with self.lock:
+            self.asked += 1
+            self.prompt_tokens += completion.prompt_tokens
+            self.completion_tokens += completion.completion_tokens
+
+    def to_dict(self) -> dict[str, int]:
+        with self.lock:
+            return {
+                "cache_hits": self.hits,
+                "asked": self.asked,
+                "prompt_tokens": self.prompt_tokens,
+                "completion_tokens": self.completion_tokens,
+            }
+
+
+@dataclass
+class CachingGenerator:
+    """`inner` behind a ResponseCache: every call asks `inner` only for the
+    answers the cache lacks and stores each one as it arrives (a remote
+    answer the moment its response comes; a local one per batch), so a
+    failed or killed run loses nothing it was given. `identity` names what
+    answers (the endpoint URL and model, or the local model): it is part of
+    every key, with whether the adapter answers."""
+
+    inner: Generator
+    cache: ResponseCache
+    identity: str
+    stats: CacheStats = field(default_factory=CacheStats)
+    _asked: dict[str, int] = field(default_factory=dict, repr=False)
+
+    def _index(
+        self,
+        identity: str,
+        system_prompt: str | None,
+        messages: Sequence[Message],
+        settings: GenerationSettings,
+        opening: str | None,
+        sample: int,
+        samples: int,
+    ) -> int:
+        """The sample index in the key. A sampled request asked again (a
+        later best-of-N round repeating the first) wants new answers, not the
+        cached ones: the k-th repeat of a request within this generator's
+        life takes indexes k*N.. . A rerun repeats the same requests in the
+        same order, so it finds the same keys; greedy requests never repeat."""
+        if settings.temperature == 0:
+            return sample
+        from engines.response_cache import cache_key
+
+        base = cache_key(identity, system_prompt, messages, settings, opening, sample)
+        seen = self._asked.get(base, 0)
+        self._asked[base] = seen + 1
+        return sample + seen * samples
+
+    @property
+    def has_adapter(self) -> bool:
+        return self.inner.has_adapter
+
+    def _identity(self, adapter: bool) -> str:
+        return f"{self.identity}|adapter={adapter and self.inner.has_adapter}"
+
+    def generate(
+        self,
+        conversations: Sequence[Sequence[Message]],
+        system_prompt: str | None,
+        settings: GenerationSettings | None = None,
+        *,
+        adapter: bool = True,
+        progress: ProgressFn | None = None,
+        should_stop: StopFn | None = None,
+        opening: str | None = None,
+    ) -> list[Completion]:
+        settings = settings or GenerationSettings()
+        flat = self._answer(
+            [(c, 0) for c in conversations], system_prompt, settings, adapter, progress, should_stop, opening
+        )
+        return flat
+
+    def generate_samples(
+        self,
+        conversations: Sequence[Sequence[Message]],
+        system_prompt: str | None,
+        settings: GenerationSettings,
+        samples: int,
+        *,
+        adapter: bool = True,
+        progress: ProgressFn | None = None,
+        should_stop: StopFn | None = None,
+        opening: str | None = None,
+    ) -> list[list[Completion]]:
+        _check_samples(samples)
+        wanted = [(c, s) for c in conversations for s in range(samples)]
+        if not isinstance(self.inner, RemoteGenerator):
+            # As engines.inference.generate_samples: the N copies share wider batches (the size is not in the key).
+            batch = max(settings.batch_size, min(settings.batch_size * samples, 64))
+            settings = dataclasses.replace(settings, batch_size=batch)
+        flat = self._answer(wanted, system_prompt, settings, adapter, progress, should_stop, opening)
+        return [flat[i : i + samples] for i in range(0, len(flat), samples)]
+
+    def _answer(
+        self,
+        wanted: list[tuple[Sequence[Message], int]],
+        system_prompt: str | None,
+        settings: GenerationSettings,
+        adapter: bool,
+        progress: ProgressFn | None,
+        should_stop: StopFn | None,
+        opening: str | None,
+    ) -> list[Completion]:
+        """One answer per (conversation, sample index), in order, the misses asked."""
+        from engines.response_cache import cache_key
+
+        identity = self._identity(adapter)
+        samples = 1 + max((s for _, s in wanted), default=0)
+        with self.stats.lock:
+            indexes = [
+                self._index(identity, system_prompt, c, settings, opening, s, samples) for c, s in wanted
+            ]
+        keys = [
+            cache_key(identity, system_prompt, c, settings, opening, i)
+            for (c, _), i in zip(wanted, indexes, strict=True)
+        ]
+        found = self.cache.get_many(keys)
+        results: list[Completion | None] = [found.get(k) for k in keys]
+        misses = [i for i, r in enumerate(results) if r is None]
+        hits = len(wanted) - len(misses)
+        with self.stats.lock:
+            self.stats.hits += hits
+        if not misses:
+            if progress is not None and wanted:
+                progress(Progress(done=len(wanted), total=len(wanted), unit="conversations"))
+            return [r for r in results if r is not None]
+
+        def keep(miss: int, completion: Completion) -> None:
+            index = misses[miss]
+            self.cache.put(keys[index], completion)
+            self.stats.count(completion)
+            results[index] = completion
+
+        def shifted(p: Progress) -> None:  # the hits count as done
+            if progress is not None:
+                progress(dataclasses.replace(p, done=hits + p.done, total=len(wanted)))
+
+        conversations = [wanted[i][0] for i in misses]
+        if isinstance(self.inner, RemoteGenerator):
+            self.inner.generate(
+                conversations,
+                system_prompt,
+                settings,
+                adapter=adapter,
+                progress=shifted,
+                should_stop=should_stop,
+                opening=opening,
+                on_answer=keep,
+                seeds=[sample_seed(settings, indexes[i]) for i in misses],
+            )
+        else:
+            # In process answers come a batch at a time: store each batch before the next.
+            step = max(1, settings.batch_size)
+            for start in range(0, len(misses), step):
+
+                def batch_progress(p: Progress, offset: int = start) -> None:
+                    shifted(dataclasses.replace(p, done=offset + p.done))
+
+                part = self.inner.generate(
+                    conversations[start : start + step],
+                    system_prompt,
+                    settings,
+                    adapter=adapter,
+                    progress=batch_progress,
+                    should_stop=should_stop,
+                    opening=opening,
+                )
+                for offset, completion in enumerate(part):
+                    keep(start + offset, completion)
+        answered = [r for r in results if r is not None]
+        if len(answered) != len(wanted):  # the inner generator broke its contract
+            raise RuntimeError(f"{len(wanted) - len(answered)} answers are missing")
+        return answered

@@ -15,13 +15,14 @@ from django.db import transaction
 
 from engines import evaluation as ev
 from engines.evaluation import ARM_BY_NAME, EvalError
+from engines.facts import FactsError, fact_checks, validate_facts
 from engines.generator import Generator, LocalGenerator
 from engines.inference import GenerationSettings
 from engines.progress import Progress
 from engines.remote import RemoteGenerationError
 from engines.rules import Rule, check_all, validate_rules
 from evals.models import ArmComparison, EvalExample, EvalResult, EvalRun, EvalSuite
-from jobs.backend import generator, remote_generator
+from jobs.backend import eval_teacher, eval_teacher_usage, generator, remote_generator
 from jobs.registry import JobCancelled, JobRunner, register
 from workbench.models import DatasetRow
 
@@ -160,14 +161,24 @@ class EvalRunner(JobRunner):
         prompt = run.prompt_version.text if run.prompt_version else None
         sample = int(self.job.params.get("latency_sample", LATENCY_SAMPLE))
         adapter = with_adapter(run)
+        # A variant taught by an endpoint: the teacher arm asks that endpoint (cached), not the base.
+        taught = run.comparison.variant if run.arm == ev.TEACHER and run.comparison else None
+        endpoint = eval_teacher(taught) if taught else None
         began = time.monotonic()
-        completions = answerer.generate(
+        completions = (endpoint or answerer).generate(
             conversations, prompt, settings, adapter=adapter, progress=progress, should_stop=self.should_stop
         )
         wall = time.monotonic() - began
-        latencies = ev.single_request_latency(
-            answerer, conversations, prompt, settings, sample=sample, adapter=adapter
+        latencies = ev.single_request_latency(  # timed on real requests, never on cache hits
+            endpoint.inner if endpoint else answerer,
+            conversations,
+            prompt,
+            settings,
+            sample=sample,
+            adapter=adapter,
         )
+        if endpoint is not None and taught is not None:
+            self.log(f"{run.label}: {eval_teacher_usage(endpoint, taught)}")
         with transaction.atomic():
             EvalResult.objects.filter(run=run).delete()
             EvalResult.objects.bulk_create(
@@ -198,6 +209,11 @@ class EvalRunner(JobRunner):
     def _score(self, run: EvalRun, examples: list[EvalExample], rules: Sequence[Rule]) -> None:
         teacher = teacher_answers(run.suite) if run.arm != ev.TEACHER else {}
         results = list(run.results.select_related("example"))
+        try:
+            facts = validate_facts(run.suite.facts)
+        except FactsError as exc:  # stored before today's limits: say so, score the rest
+            self.log(f"{run.arm or 'run'}: facts not checked: {'; '.join(exc.errors)[:500]}")
+            facts = []
         unchecked: dict[str, tuple[int, str]] = {}  # rule -> (answers, first reason)
         for r in results:
             score = ev.score_example(
@@ -206,7 +222,7 @@ class EvalRunner(JobRunner):
                 reference=r.example.reference or None,
                 teacher=teacher.get(r.example_id),
             )
-            r.checks = score.metrics()
+            r.checks = {**score.metrics(), **fact_checks(facts, r.example.query, r.output)}
             for name, reason in score.rule_errors.items():
                 count, first = unchecked.get(name, (0, reason))
                 unchecked[name] = (count + 1, first)
@@ -279,6 +295,7 @@ class EvalRunner(JobRunner):
                     "task": name,
                     "metric": task_result.metric,
                     "samples": task_result.correct,
+                    "per_document": task_result.per_document,
                     "metrics": {
                         k: {"value": v.value, "stderr": v.stderr} for k, v in task_result.metrics.items()
                     },
@@ -305,6 +322,10 @@ class EvalRunner(JobRunner):
             metrics[f"lm_eval:{task}"] = estimate_json(
                 ev.mean_ci([float(x) for x in data.get("samples", [])])
             )
+            # The task's other metrics beside its primary one (general skills: the strict exact match).
+            for name, values in (data.get("per_document") or {}).items():
+                if name != data.get("metric"):
+                    metrics[f"lm_eval:{task}:{name}"] = estimate_json(ev.mean_ci([float(x) for x in values]))
         n = max(1, len(results))
         run.summary = {
             **run.summary,
@@ -321,22 +342,29 @@ class EvalRunner(JobRunner):
         by_arm = {r.arm: r for r in runs}
         metric = comparison.suite.main_metric
 
-        def per_example(arm: str, name: str) -> list[float]:
+        def per_example(arm: str, name: str) -> list[float | None]:
+            """The arm's value per example; None where the metric is absent (a
+            fact metric on a query no fact applies to). An unjudged answer scores 0."""
             run = by_arm.get(arm)
             if run is None:
                 return []
             rows = run.results.order_by("example__index").values_list("checks", "judge_score")
             if name == "judge":
                 return [float(j) if j is not None else 0.0 for _c, j in rows]
+            if name.startswith("fact"):
+                return [float(c[name]) if name in c else None for c, _j in rows]
             return [float(c.get(name, 0.0)) for c, _j in rows]
+
+        def paired(name: str, *arms: str) -> list[list[float]]:
+            """The arms' values on the examples where every one of them has the metric."""
+            columns = [per_example(arm, name) for arm in arms]
+            rows = [row for row in zip(*columns, strict=True) if None not in row]
+            return [[float(v) for v in column] for column in zip(*rows, strict=True)] or [[] for _ in arms]
 
         headline: dict[str, Any] = {"metric": metric}
         if {ev.FLOOR, ev.TEACHER, ev.STUDENT} <= set(by_arm):
-            retained = ev.prompt_effect_retained(
-                per_example(ev.STUDENT, metric),
-                per_example(ev.FLOOR, metric),
-                per_example(ev.TEACHER, metric),
-            )
+            student, floor, teacher = paired(metric, ev.STUDENT, ev.FLOOR, ev.TEACHER)
+            retained = ev.prompt_effect_retained(student, floor, teacher)
             headline["retained"] = estimate_json(retained)
             headline["absolute"] = {arm: (by_arm[arm].metric(metric) or {}).get("value") for arm in by_arm}
             saved = by_arm[ev.TEACHER].summary.get("prompt_tokens", 0) - by_arm[ev.STUDENT].summary.get(
@@ -349,6 +377,15 @@ class EvalRunner(JobRunner):
                 if floor and len(floor) == len(student):
                     diff = ev.paired_difference([float(x) for x in student], [float(x) for x in floor])
                     headline.setdefault("lm_eval", {})[task] = estimate_json(diff)
+        # Substance beside form: fact recall per arm (mean over the queries a fact
+        # applies to, with its CI) and the student's paired difference from the teacher.
+        if any(r.metric("fact_recall") for r in runs):
+            headline["fact_recall"] = {arm: by_arm[arm].metric("fact_recall") for arm in by_arm}
+            if {ev.TEACHER, ev.STUDENT} <= set(by_arm):
+                student, teacher = paired("fact_recall", ev.STUDENT, ev.TEACHER)
+                headline["fact_recall_vs_teacher"] = estimate_json(ev.paired_difference(student, teacher))
+        if comparison.suite.has_judge:
+            headline["judge"] = {arm: by_arm[arm].metric("judge") for arm in by_arm}
         headline["data_compliance"] = data_compliance(rules, comparison)
         headline["model_loads"] = self.loads
         comparison.headline = headline

@@ -12,7 +12,7 @@ from django.db import IntegrityError, transaction
 from engines.curation import CurationSettings
 from engines.inference import GenerationSettings
 from engines.training import TrainConfig, tokenizers_match
-from jobs.models import Job
+from jobs.models import Job, TeacherEndpoint
 from jobs.tasks import enqueue
 from workbench.actions import ActionError
 from workbench.models import DatasetRow, DatasetVersion, FoundationModel, Project, PromptVersion
@@ -149,21 +149,29 @@ def start_absorb(
     curation: CurationSettings | Mapping[str, Any] | bool | None = True,
     passing_only: bool = True,
     form_token: uuid.UUID | None = None,
+    teacher_endpoint: TeacherEndpoint | None = None,
 ) -> tuple[Job, Job | None]:
     """Queue teacher generation and (unless the team reviews the answers
     first) the fine-tune that trains on them once the teacher finishes.
     The teacher is `teacher_model` (default: the student's base) WITH the
     prompt; its answers are curated when the prompt has rules (`curation`),
     and the fine-tune learns only from those that pass every rule
-    (`passing_only`, while enough do). A `form_token` some job already
+    (`passing_only`, while enough do). With `teacher_endpoint` an
+    OpenAI-compatible server of the project answers instead (its answers
+    are text: no KL term). A `form_token` some job already
     carries raises AlreadyStarted (a resubmitted form starts nothing).
     Bad settings raise SettingsError / ConfigError naming each field."""
     check_form_token(project, form_token)
     teacher_model = teacher_model or base_model
     _check(project, prompt_version, dataset_version, base_model)
-    check_prompt_fits(prompt_version, teacher_model)
     gen, train = _generation(generation, ABSORB_GENERATION), _training(training)
-    check_teacher(base_model, teacher_model, train)
+    params: dict[str, Any] = {}
+    if teacher_endpoint is not None:
+        check_endpoint(project, teacher_endpoint, teacher_model, base_model, train)
+        params["teacher_endpoint"] = teacher_endpoint.snapshot()
+    else:
+        check_prompt_fits(prompt_version, teacher_model)
+        check_teacher(base_model, teacher_model, train)
     teacher = create_job(
         project,
         form_token,
@@ -175,7 +183,9 @@ def start_absorb(
             "generation": gen.to_dict(),
             "keep_existing": keep_existing,
             "curation": _curation(prompt_version, curation),
+            **params,
         },
+        teacher_endpoint=teacher_endpoint,
         created_by=user,
     )
     finetune = None
@@ -230,6 +240,90 @@ def start_finetune(
     )
     enqueue(job)
     return job
+
+
+def check_endpoint(
+    project: Project,
+    endpoint: TeacherEndpoint,
+    teacher_model: FoundationModel,
+    base_model: FoundationModel,
+    train: TrainConfig,
+) -> None:
+    # An id in a form can be forged: the endpoint must be this project's.
+    if endpoint.project_id != project.pk:
+        raise ActionError("The teacher endpoint must belong to this project.")
+    if teacher_model.pk != base_model.pk:
+        raise ActionError("Choose a teacher model or a teacher endpoint, not both.")
+    if train.kl_weight > 0:
+        raise ActionError(
+            f"KL distillation needs the teacher's token distributions, which endpoint {endpoint.name} does not "
+            "give: set kl_weight to 0 to train on its answers."
+        )
+
+
+@transaction.atomic
+def create_teacher_endpoint(project: Project, user: User | None, **fields: Any) -> TeacherEndpoint:
+    """A teacher endpoint of the project, validated as a form would (a bad
+    URL or a name the project already uses raises ValidationError)."""
+    endpoint = TeacherEndpoint(project=project, created_by=user, **fields)
+    endpoint.full_clean()
+    endpoint.save()
+    return endpoint
+
+
+@transaction.atomic
+def delete_teacher_endpoint(endpoint: TeacherEndpoint) -> None:
+    """Delete an endpoint no queued or running job waits to ask (finished
+    jobs keep what they recorded of it)."""
+    busy = endpoint.jobs.filter(status__in=Job.ACTIVE).first()
+    if busy is not None:
+        raise ActionError(
+            f"{busy} is {busy.status} with endpoint {endpoint.name}: cancel it or let it finish first."
+        )
+    endpoint.delete()
+
+
+RETRIED = ("teacher_usage",)  # what the first try recorded of its own run, not of the inputs
+
+
+@transaction.atomic
+def retry_job(job: Job, user: User | None) -> Job:
+    """A failed or cancelled teacher or fine-tune job, queued again as a new
+    job with the same inputs (terminal states never change); the jobs that
+    waited for it and were cancelled with it wait for the new one. A teacher
+    asks only for the answers its project's response cache lacks, so work
+    finished before the failure is not paid for twice."""
+    if job.status not in (Job.FAILED, Job.CANCELLED):
+        raise ActionError(f"{job} is {job.status}: only a failed or cancelled job can be retried.")
+    if job.kind not in ("teacher", "finetune"):
+        raise ActionError(f"{job.label} jobs are not retried from here.")
+    if job.depends_on is not None and job.depends_on.status != Job.SUCCEEDED:
+        raise ActionError(f"{job} waits for {job.depends_on}, which did not succeed: retry that one.")
+    again = Job.objects.create(
+        project=job.project,
+        kind=job.kind,
+        base_model=job.base_model,
+        prompt_version=job.prompt_version,
+        dataset_version=job.dataset_version,
+        depends_on=job.depends_on,
+        teacher_endpoint=job.teacher_endpoint,
+        params={k: v for k, v in job.params.items() if k not in RETRIED},
+        created_by=user,
+    )
+    again.append_log(f"retry of {job}")
+    for dep in job.dependents.filter(status=Job.CANCELLED):
+        Job.objects.create(
+            project=dep.project,
+            kind=dep.kind,
+            base_model=dep.base_model,
+            prompt_version=dep.prompt_version,
+            dataset_version=None if dep.kind == "finetune" and job.kind == "teacher" else dep.dataset_version,
+            depends_on=again,
+            params=dep.params,
+            created_by=user,
+        )
+    enqueue(again)
+    return again
 
 
 def cancel_job(job: Job) -> bool:

@@ -14,6 +14,7 @@ from engines.curation import REPAIRS, CurationSettings
 from engines.inference import GenerationSettings, SettingsError
 from engines.training import DEVICES, LR_SCHEDULERS, ConfigError, TrainConfig
 from jobs.actions import absorb_generation
+from jobs.models import TeacherEndpoint
 from workbench.data_quality import final_compliance, warning
 from workbench.forms import form_token_field, model_choice
 from workbench.models import DatasetVersion, FoundationModel, Project, PromptVersion
@@ -41,6 +42,8 @@ TRAIN_HELP: dict[str, str] = {
     "kl_weight": "Token-level distillation: weight of KL(teacher || student) next to the cross-entropy. "
     "0 = off. Costs a teacher forward pass (with the prompt) per step.",
     "kl_temperature": "Softmax temperature of the KL term.",
+    "general_mix": "Against forgetting: general instructions answered by the base itself, as a share of the "
+    "training rows (0.1 = one per ten rows; 0 = off). The base answers them before training (~6 s each on CPU).",
     "device": "auto picks CUDA (bf16), then MPS, then CPU (float32).",
     "bf16": "auto: bf16 on CUDA. true on a CPU with native bf16 (avx512_bf16/AMX) is ~1.5x faster.",
 }
@@ -101,6 +104,14 @@ class AbsorbForm(forms.Form):
         empty_label="the base model (same as the student)",
         help_text="Any registered model can answer WITH the prompt, e.g. a larger one on GPU workers. "
         "KL distillation needs a teacher with the student's tokenizer.",
+    )
+    teacher_endpoint = forms.ModelChoiceField(
+        queryset=TeacherEndpoint.objects.none(),
+        required=False,
+        label="Teacher endpoint",
+        empty_label="none: the teacher model above answers",
+        help_text="An OpenAI-compatible server of this project (e.g. vLLM with a large model, a hosted API) "
+        "answers WITH the prompt instead; answers are cached per project, so a rerun pays only for new ones.",
     )
     g_stop = forms.CharField(
         required=False,
@@ -174,6 +185,7 @@ class AbsorbForm(forms.Form):
         datasets = DatasetVersion.objects.filter(dataset__project=project).select_related("dataset")
         model_choice(self, "prompt_version").queryset = prompts
         model_choice(self, "dataset_version").queryset = datasets
+        model_choice(self, "teacher_endpoint").queryset = TeacherEndpoint.objects.filter(project=project)
         # Django calls the field's label_from_instance(obj): this form's labels, set on its instance.
         model_choice(self, "dataset_version").label_from_instance = _version_label  # type: ignore[method-assign,assignment]
         gen = absorb_generation()
@@ -226,6 +238,8 @@ class AbsorbForm(forms.Form):
                 value = {"true": True, "false": False}.get(value, value)
             if value is not None and value != "":
                 train[f.name] = value
+        if data.get("teacher_endpoint") is not None and data.get("teacher_model") is not None:
+            self.add_error("teacher_endpoint", "Choose a teacher model or a teacher endpoint, not both.")
         version = data.get("dataset_version")
         if data.get("mode") == "finetune" and version is not None and not data.get("train_anyway"):
             warn = warning(version, settings.DATA_FAIL_WARN_SHARE)
@@ -248,3 +262,36 @@ class AbsorbForm(forms.Form):
             for name, message in exc.errors.items():
                 self.add_error(f"t_{name}" if f"t_{name}" in self.fields else None, message)
         return data
+
+
+class TeacherEndpointForm(forms.ModelForm):
+    """A project's teacher endpoint; the model validates the URL and the
+    variable name, this form the name's uniqueness within the project."""
+
+    form_token = form_token_field()
+
+    class Meta:
+        model = TeacherEndpoint
+        fields = [
+            "name",
+            "base_url",
+            "model",
+            "api_key_env",
+            "max_concurrency",
+            "price_input_per_million",
+            "price_output_per_million",
+        ]
+        labels = {"base_url": "Base URL", "api_key_env": "API key environment variable"}
+
+    def __init__(self, project: Project, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.project = project
+        self.instance.project = project
+        self.fields["base_url"].widget.attrs["placeholder"] = "http://vllm:8000/v1"
+        self.fields["api_key_env"].widget.attrs["placeholder"] = "TEACHER_API_KEY"
+
+    def clean_name(self) -> str:
+        name = str(self.cleaned_data["name"]).strip()
+        if TeacherEndpoint.objects.filter(project=self.project, name__iexact=name).exists():
+            raise forms.ValidationError("This project already has a teacher endpoint of that name.")
+        return name

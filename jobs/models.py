@@ -1,12 +1,18 @@
 from __future__ import annotations
 
+import os
+import re
 import time
 from collections.abc import Callable
 from datetime import timedelta
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 from django.db.models import F, Q, Value
 from django.db.models.functions import Concat
@@ -15,12 +21,153 @@ from django.urls import reverse
 from django.utils import timezone
 
 from engines.progress import Progress
-from jobs.registry import label_of
+from jobs.registry import JobError, label_of
 from workbench.models import DatasetVersion, FoundationModel, Project, PromptVersion, Variant
 
 # Sent after a job reached a terminal state (kwargs: job, status), so apps
 # above jobs can follow up (evals starts the four-arm comparison of a new variant).
 job_finished = Signal()
+
+
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+
+
+def normalize_base_url(value: str) -> str:
+    """An endpoint's server root: http(s), a host, no credentials, query or
+    fragment; a trailing /v1 (how OpenAI clients spell base URLs) is dropped,
+    since requests go to ROOT/v1/chat/completions."""
+    value = (value or "").strip()
+    try:
+        parts = urlsplit(value)
+        port = parts.port  # raises on a port that is not a number in range
+    except ValueError as exc:
+        raise ValidationError(f"Not a valid URL: {exc}.") from exc
+    if parts.scheme not in ("http", "https"):
+        raise ValidationError("The URL must start with http:// or https://.")
+    if not parts.hostname or any(c.isspace() for c in value):
+        raise ValidationError(
+            "The URL needs a host name, e.g. http://vllm:8000 or https://api.example.com/v1."
+        )
+    if parts.username or parts.password:
+        raise ValidationError(
+            "Put no credentials in the URL: name the environment variable that holds the key."
+        )
+    if parts.query or parts.fragment:
+        raise ValidationError("The URL takes no query string or fragment.")
+    path = parts.path.rstrip("/")
+    if path.endswith("/v1"):
+        path = path[: -len("/v1")]
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    return f"{parts.scheme}://{host}{f':{port}' if port is not None else ''}{path}"
+
+
+def validate_base_url(value: str) -> None:
+    normalize_base_url(value)
+
+
+def validate_env_name(value: str) -> None:
+    if value and not ENV_NAME.fullmatch(value):
+        raise ValidationError(
+            "An environment variable name: letters, digits and underscores, not starting with a digit."
+        )
+
+
+class TeacherEndpoint(models.Model):
+    """An OpenAI-compatible server that can teach (vLLM with a large model, a
+    hosted API, this workbench's own /v1). The API key is never stored: the
+    row names the environment variable the worker reads it from."""
+
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="teacher_endpoints")
+    name = models.CharField(max_length=100)
+    base_url = models.CharField(
+        max_length=500,
+        validators=[validate_base_url],
+        help_text="The server's root or its /v1 URL (http or https), e.g. http://vllm:8000/v1.",
+    )
+    model = models.CharField(max_length=200, help_text="The model name the endpoint serves.")
+    api_key_env = models.CharField(
+        max_length=128,
+        blank=True,
+        validators=[validate_env_name],
+        help_text="The NAME of the environment variable that holds the API key on the workers "
+        "(the key itself is never stored). Empty: no key is sent.",
+    )
+    max_concurrency = models.PositiveSmallIntegerField(
+        default=8,
+        validators=[MinValueValidator(1), MaxValueValidator(64)],
+        help_text="Requests in flight at once (1-64).",
+    )
+    price_input_per_million = models.DecimalField(
+        max_digits=12,
+        decimal_places=4,
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(Decimal(0))],
+        help_text="Price per million input (prompt) tokens, for the cost shown on jobs.",
+    )
+    price_output_per_million = models.DecimalField(
+        max_digits=12,
+        decimal_places=4,
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(Decimal(0))],
+        help_text="Price per million output (completion) tokens.",
+    )
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["name"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["project", "name"],
+                name="unique_teacher_endpoint_name",
+                violation_error_message="This project already has a teacher endpoint of that name.",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.model})"
+
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        self.base_url = normalize_base_url(self.base_url)
+        super().save(*args, **kwargs)
+
+    @property
+    def identity(self) -> str:
+        """What answers: part of every response-cache key."""
+        return f"endpoint:{self.base_url}|{self.model}"
+
+    def api_key(self) -> str | None:
+        """The key from the worker's environment; a named variable that is
+        unset is an error naming it (None when no variable is named)."""
+        if not self.api_key_env:
+            return None
+        value = os.environ.get(self.api_key_env)
+        if not value:
+            raise JobError(
+                f"teacher endpoint {self.name!r}: the environment variable {self.api_key_env} that should hold "
+                "its API key is not set on this worker"
+            )
+        return value
+
+    @property
+    def has_prices(self) -> bool:
+        return self.price_input_per_million is not None or self.price_output_per_million is not None
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> float | None:
+        """The price of these tokens, or None without prices."""
+        if not self.has_prices:
+            return None
+        per_in = float(self.price_input_per_million or 0)
+        per_out = float(self.price_output_per_million or 0)
+        return (prompt_tokens * per_in + completion_tokens * per_out) / 1_000_000
+
+    def snapshot(self) -> dict[str, Any]:
+        """What a job records of the endpoint it used (the row may change or go)."""
+        return {"id": self.pk, "name": self.name, "base_url": self.base_url, "model": self.model}
 
 
 class Job(models.Model):
@@ -73,6 +220,10 @@ class Job(models.Model):
     )
     depends_on = models.ForeignKey(
         "self", null=True, blank=True, on_delete=models.SET_NULL, related_name="dependents"
+    )
+    # A teacher job's OpenAI-compatible teacher (None: base_model answers); params keep a snapshot.
+    teacher_endpoint = models.ForeignKey(
+        TeacherEndpoint, null=True, blank=True, on_delete=models.SET_NULL, related_name="jobs"
     )
     progress = models.JSONField(default=dict, blank=True, help_text="The latest engines.progress.Progress")
     log = models.TextField(blank=True)

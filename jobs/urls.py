@@ -8,5 +8,12 @@ urlpatterns = [
     path("p/<slug:slug>/jobs/<int:job_id>/", views.job_detail, name="job_detail"),
     path("p/<slug:slug>/jobs/<int:job_id>/status.json", views.job_status, name="job_status"),
     path("p/<slug:slug>/jobs/<int:job_id>/cancel", views.job_cancel, name="job_cancel"),
+    path("p/<slug:slug>/jobs/<int:job_id>/retry", views.job_retry, name="job_retry"),
+    path("p/<slug:slug>/teachers/", views.teacher_endpoints, name="teacher_endpoints"),
+    path(
+        "p/<slug:slug>/teachers/<int:endpoint_id>/delete",
+        views.teacher_endpoint_delete,
+        name="teacher_endpoint_delete",
+    ),
     path("p/<slug:slug>/variants/<int:variant_id>/", views.variant_detail, name="variant_detail"),
 ]

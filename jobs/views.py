@@ -6,14 +6,15 @@ from typing import Any
 
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
+from django.core.exceptions import ValidationError
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
 from jobs import actions
 from jobs.actions import AlreadyStarted
-from jobs.forms import AbsorbForm
-from jobs.models import Job, JobPoint
+from jobs.forms import AbsorbForm, TeacherEndpointForm
+from jobs.models import Job, JobPoint, TeacherEndpoint
 from workbench.actions import ActionError
 from workbench.forms import with_form_token
 from workbench.models import Project, Variant
@@ -88,6 +89,7 @@ def absorb_start(request: AuthedHttpRequest, slug: str) -> HttpResponse:
             keep_existing=data["keep_existing"],
             review_first=data["review_first"],
             teacher_model=data.get("teacher_model"),
+            teacher_endpoint=data.get("teacher_endpoint"),
             curation=form.curation,
             passing_only=data["passing_only"],
             form_token=token,
@@ -172,6 +174,60 @@ def job_cancel(request: AuthedHttpRequest, slug: str, job_id: int) -> HttpRespon
             request, f"{job}: cancel requested." if job.status == Job.RUNNING else f"{job} cancelled."
         )
     return redirect(job)
+
+
+@login_required
+@require_POST
+def job_retry(request: AuthedHttpRequest, slug: str, job_id: int) -> HttpResponse:
+    job = _get_job(request, slug, job_id)
+    try:
+        again = actions.retry_job(job, request.user)
+    except ActionError as exc:
+        messages.error(request, str(exc))
+        return redirect(job)
+    messages.success(request, f"{again} queued: a retry of {job}.")
+    return redirect(again)
+
+
+def _endpoints_page(
+    request: HttpRequest, project: Project, form: TeacherEndpointForm, status: int = 200
+) -> HttpResponse:
+    endpoints = TeacherEndpoint.objects.filter(project=project).select_related("created_by")
+    ctx = {"project": project, "form": form, "endpoints": endpoints}
+    return render(request, "jobs/teacher_endpoints.html", ctx, status=status)
+
+
+@login_required
+def teacher_endpoints(request: AuthedHttpRequest, slug: str) -> HttpResponse:
+    """GET: the project's teacher endpoints and a form; POST: a new one."""
+    project = get_project(request, slug)
+    if request.method != "POST":
+        return _endpoints_page(request, project, TeacherEndpointForm(project, initial=with_form_token()))
+    form = TeacherEndpointForm(project, request.POST)
+    if not form.is_valid():
+        return _endpoints_page(request, project, form, status=400)
+    fields = {k: v for k, v in form.cleaned_data.items() if k != "form_token"}
+    try:
+        endpoint = actions.create_teacher_endpoint(project, request.user, **fields)
+    except ValidationError as exc:  # a race on the name, past the form's check
+        form.add_error(None, exc)
+        return _endpoints_page(request, project, form, status=400)
+    messages.success(request, f"Teacher endpoint {endpoint.name} added.")
+    return redirect("teacher_endpoints", slug=project.slug)
+
+
+@login_required
+@require_POST
+def teacher_endpoint_delete(request: AuthedHttpRequest, slug: str, endpoint_id: int) -> HttpResponse:
+    project = get_project(request, slug)
+    endpoint = get_object_or_404(TeacherEndpoint, pk=endpoint_id, project=project)
+    try:
+        actions.delete_teacher_endpoint(endpoint)
+    except ActionError as exc:
+        messages.error(request, str(exc))
+        return _endpoints_page(request, project, TeacherEndpointForm(project, initial=with_form_token()), 409)
+    messages.success(request, f"Teacher endpoint {endpoint.name} deleted.")
+    return redirect("teacher_endpoints", slug=project.slug)
 
 
 @login_required

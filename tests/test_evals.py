@@ -11,6 +11,7 @@ from django.conf import settings
 from django.core.management import CommandError, call_command
 from django.urls import reverse
 
+from engines.evaluation import general_skills_rows
 from evals import actions
 from evals.models import ArmComparison, EvalExample, EvalResult, EvalRun, EvalSuite, Rating
 from jobs.models import Job
@@ -416,7 +417,9 @@ def test_an_absorb_starts_its_four_arm_comparison_when_it_finishes(world, tiny_m
     # General skills through lm-eval, floor against student, with a paired CI.
     assert comparison.suite.lm_eval_tasks == ["general_skills"]
     skills = comparison.headline["lm_eval"]["general_skills"]
-    assert skills["n"] == 42 and skills["low"] <= skills["value"] <= skills["high"]
+    assert skills["n"] == len(general_skills_rows()) and skills["low"] <= skills["value"] <= skills["high"]
     arms = {r.arm: r for r in comparison.runs.all()}
     assert "lm_eval:general_skills" in arms["student"].summary["metrics"]
+    # the strict first-line score beside the search one
+    assert "lm_eval:general_skills:exact_match" in arms["student"].summary["metrics"]
     assert "lm_eval" not in arms["teacher"].summary
