@@ -31,6 +31,17 @@ def main() -> None:
     parser.add_argument("--best-of", type=int, default=None, help="default: the workbench default")
     parser.add_argument("--no-curation", action="store_true")
     parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument(
+        "--curation",
+        type=json.loads,
+        default=None,
+        help='curation settings over the defaults, as JSON: \'{"rounds": 1, "passages": 0}\'',
+    )
+    parser.add_argument("--teacher-only", action="store_true", help="stop after the teacher's data report")
+    parser.add_argument("--no-general-skills", action="store_true", help="skip the general-skills task")
+    parser.add_argument(
+        "--judge", action="store_true", help="grade every arm's answers with the base model as judge"
+    )
     parser.add_argument("--train-limit", type=int, default=None, help="use only the first N train queries")
     parser.add_argument("--heldout-limit", type=int, default=None)
     parser.add_argument("--data-dir", type=Path, default=None)
@@ -76,7 +87,10 @@ def main() -> None:
     user = get_user_model().objects.create(username="bench")
     project = create_project(user, f"scenario {args.scenario}", "")
     rules = json.loads((folder / "rules.json").read_text())
-    prompt = save_prompt(project, user, args.scenario, (folder / "prompt.md").read_text(), rules).version
+    facts = json.loads((folder / "facts.json").read_text()) if (folder / "facts.json").is_file() else []
+    prompt = save_prompt(
+        project, user, args.scenario, (folder / "prompt.md").read_text(), rules, facts_data=facts
+    ).version
 
     def lines(name: str, limit: int | None) -> bytes:
         rows = (folder / name).read_text().splitlines()
@@ -102,6 +116,8 @@ def main() -> None:
     curation: dict | bool = False if args.no_curation else CurationSettings().to_dict()
     if args.best_of and curation:
         curation["best_of"] = args.best_of
+    if args.curation and curation:
+        curation.update(args.curation)
     training = {"epochs": args.epochs} if args.epochs else {}
     times: dict[str, float] = {}
     began = time.monotonic()
@@ -119,9 +135,15 @@ def main() -> None:
         return job
 
     teacher = run(teacher, "teacher")
+    if args.teacher_only:
+        finetune.status = Job.CANCELLED
+        finetune.save(update_fields=["status"])
+        return report_data(args, teacher, prompt, rules, curation, times)
     assert finetune is not None
     finetune = run(finetune, "fine-tune")
-    suite = create_suite(project, user, "held out", heldout, prompt_version=prompt)
+    suite = create_suite(
+        project, user, "held out", heldout, prompt_version=prompt, lm_eval_tasks=tasks(args), **judge(args)
+    )
     comparison = start_comparison(project, user, suite, finetune.variant)
     assert comparison.job is not None
     run(comparison.job, "four arms")
@@ -153,7 +175,15 @@ def resume(args: argparse.Namespace, data_dir: Path) -> None:
     if finetune.status != Job.SUCCEEDED:
         print(finetune.error, finetune.log[-3000:], sep="\n")
         sys.exit(1)
-    suite = create_suite(project, user, f"held out {finetune.pk}", heldout, prompt_version=prompt)
+    suite = create_suite(
+        project,
+        user,
+        f"held out {finetune.pk}",
+        heldout,
+        prompt_version=prompt,
+        lm_eval_tasks=tasks(args),
+        **judge(args),
+    )
     comparison = start_comparison(project, user, suite, finetune.variant)
     t = time.monotonic()
     lifecycle.execute(comparison.job.pk, "bench")
@@ -174,6 +204,46 @@ def resume(args: argparse.Namespace, data_dir: Path) -> None:
     )
 
 
+JUDGE_RUBRIC = (
+    "Helpful and grounded: the answer addresses what the user asked, states correct and specific "
+    "information (prices, times, steps) rather than vague filler, and invents nothing."
+)
+
+
+def judge(args: argparse.Namespace) -> dict:
+    from workbench.models import FoundationModel
+
+    if not args.judge:
+        return {}
+    return {"judge_base": FoundationModel.objects.get(is_default=True), "judge_rubric": JUDGE_RUBRIC}
+
+
+def tasks(args: argparse.Namespace) -> list[str]:
+    return [] if args.no_general_skills else ["general_skills"]
+
+
+ARMS = ("floor", "teacher", "student", "student+prompt")
+
+
+def report_data(args, teacher, prompt, rules, curation, times) -> None:
+    quality = teacher.output_dataset.meta.get("quality") or {}
+    print(f"\n{args.scenario}: {len(rules)} rules, prompt {prompt.token_counts}; curation {curation}")
+    print("data quality steps:")
+    for step in quality.get("steps", []):
+        cost = f" [{step['samples']} samples, {step['seconds']:.0f} s]" if "samples" in step else ""
+        print(
+            f"  {step['step']:<32} all rules {step['all_rules']:.2f}  "
+            + "  ".join(f"{k} {v:.2f}" for k, v in step["rules"].items())
+            + cost
+        )
+    if quality.get("facts"):
+        print(
+            f"  facts stated in the data: {quality['facts']['stated']:.2f} of {quality['facts']['rows']} rows"
+        )
+    print("teacher usage:", json.dumps(teacher.params.get("teacher_usage"))[:400])
+    print("wall times (s):", {k: round(v) for k, v in times.items()})
+
+
 def report(args, comparison, teacher, train, heldout, prompt, rules, curation, times) -> None:
     comparison.refresh_from_db()
 
@@ -187,9 +257,15 @@ def report(args, comparison, teacher, train, heldout, prompt, rules, curation, t
     )
     print("data quality steps:")
     for step in quality.get("steps", []):
+        cost = f" [{step['samples']} samples, {step['seconds']:.0f} s]" if "samples" in step else ""
         print(
             f"  {step['step']:<32} all rules {step['all_rules']:.2f}  "
             + "  ".join(f"{k} {v:.2f}" for k, v in step["rules"].items())
+            + cost
+        )
+    if quality.get("facts"):
+        print(
+            f"  facts stated in the data: {quality['facts']['stated']:.2f} of {quality['facts']['rows']} rows"
         )
     header = f"{'rule':<16}" + "".join(
         f"{c:>16}" for c in ("floor", "teacher", "data", "student", "student+prompt")
@@ -200,6 +276,14 @@ def report(args, comparison, teacher, train, heldout, prompt, rules, curation, t
         m = (runs[arm].summary.get("metrics") or {}).get(metric) if arm in runs else None
         return f"{m['value']:.2f}" if m else "-"
 
+    def with_ci(arm: str, metric: str) -> str:
+        m = (runs[arm].summary.get("metrics") or {}).get(metric) if arm in runs else None
+        if not m:
+            return "-"
+        low, high = m.get("low"), m.get("high")
+        ci = f" [{low:.2f}, {high:.2f}]" if low is not None and high is not None else ""
+        return f"{m['value']:.2f}{ci} n={m.get('n')}"
+
     for name in ["all_rules", *names]:
         metric = name if name == "all_rules" else f"rule:{name}"
         d = data.get("all_rules") if name == "all_rules" else (data.get("rules") or {}).get(name)
@@ -209,6 +293,8 @@ def report(args, comparison, teacher, train, heldout, prompt, rules, curation, t
             + f"{'-' if d is None else f'{d:.2f}':>16}"
             + "".join(f"{value(a, metric):>16}" for a in ("student", "student+prompt"))
         )
+    for metric in ("all_rules", "fact_recall", "judge", "lm_eval:general_skills"):
+        print(f"{metric:<24}" + "".join(f"{a}: {with_ci(a, metric):<28}" for a in ARMS))
     for arm, r in runs.items():
         lat = r.summary.get("latency") or {}
         print(

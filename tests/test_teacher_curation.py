@@ -93,7 +93,14 @@ def test_curation_is_on_by_default_and_every_row_is_opened_repaired_and_recorded
     assert any(c["repair"] == "ends_with" for c in changes)
     assert all(c["before"] != c["after"] for c in changes)
     quality = version.meta["quality"]
-    assert [s["step"] for s in quality["steps"]] == ["raw (first sample, prefilled)", "best of 3", "repairs"]
+    assert [s["step"] for s in quality["steps"]] == [
+        "raw (first sample, prefilled)",
+        "best of 3",
+        "reminders and resampling, required phrases prefilled (up to 3 rounds, 9 samples)",
+        "repairs",
+    ]
+    # Every rule here can be repaired: one round was enough, and the report says what it cost.
+    assert quality["steps"][1]["samples"] == 3 * len(QUERIES) and quality["steps"][2]["queries"] == 0
     assert quality["steps"][0]["rules"]["opening"] == 1.0
     assert quality["steps"][-1]["all_rules"] == 1.0 and quality["steps"][-1]["rows"] == len(QUERIES)
     assert [r["name"] for r in version.meta["rules"]] == [r["name"] for r in RULES]
@@ -133,6 +140,10 @@ def test_the_absorb_command_turns_curation_on_by_default(world):
     teacher = Job.objects.get(kind="teacher")
     assert teacher.params["curation"] == {
         "best_of": 2,
+        "rounds": 3,
+        "reminders": True,
+        "phrases": True,
+        "passages": 3,
         "temperature": 0.7,
         "top_p": 0.95,
         "prefill": True,

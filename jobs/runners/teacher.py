@@ -17,13 +17,14 @@ from typing import Any
 
 from django.db import transaction
 
-from engines import curation
+from engines import curation, facts
+from engines.facts import FactCheck, FactsError
 from engines.inference import GenerationSettings
 from engines.leakage import leak_flags, prompt_spans
 from engines.progress import Progress
 from engines.remote import RemoteGenerationError
 from engines.rules import Rule, rules_to_json, validate_rules
-from jobs.backend import generator
+from jobs.backend import recording_usage, teacher_generator
 from jobs.models import Job
 from jobs.registry import JobError, JobRunner, register
 from workbench import data_quality
@@ -33,6 +34,43 @@ from workbench.models import DatasetRow, DatasetVersion
 CHUNK = 64  # conversations generated (and saved) per chunk: a retried job only generates the rest
 
 Messages = list[dict[str, str]]
+
+
+class Guide:
+    """What the teacher is shown and checked on per query, beyond the prompt:
+    the prompt's passages relevant to the query (beside the question), and the
+    prompt's facts checks that apply to it (a sample must state them)."""
+
+    def __init__(self, prompt: str, rules: list[Rule], fact_list: list[FactCheck], passages: int) -> None:
+        # Sentences holding a rule's own text state the rules: the teacher has them in the prompt.
+        literals = [r.params["text"] for r in rules if r.kind in ("starts_with", "ends_with")]
+        self.retriever = curation.Retriever(prompt, exclude=literals) if passages else None
+        self.k = passages
+        self.facts = fact_list
+        self._notes: dict[str, str] = {}
+
+    def note(self, messages: Messages) -> str:
+        query = curation.last_user_text(messages)
+        if self.retriever is None:
+            return ""
+        if query not in self._notes:
+            self._notes[query] = curation.facts_note(self.retriever.relevant(query, self.k))
+        return self._notes[query]
+
+    def _asked(self, messages: Messages) -> list[FactCheck]:
+        return facts.applicable(self.facts, curation.last_user_text(messages)) if self.facts else []
+
+    def checker(self, messages: Messages) -> curation.Checker | None:
+        asked = self._asked(messages)
+        if not asked:
+            return None
+        return lambda text: {f"fact:{f.name}": facts.states(f, text) for f in asked}
+
+    def sources(self, messages: Messages) -> dict[str, str]:
+        return {
+            f"fact:{f.name}": f.source or f"The answer is {f.expect or 'in the prompt'}."
+            for f in self._asked(messages)
+        }
 
 
 @register
@@ -65,6 +103,8 @@ class TeacherRunner(JobRunner):
                 )
         job.data_dir.mkdir(parents=True, exist_ok=True)
         done_file = job.data_dir / "teacher-answers.jsonl"
+        costs_file = job.data_dir / "teacher-rounds.json"
+        guide = Guide(system_prompt, rules, self._facts(), curate.passages if curate else 0)
         answers = self._answers_so_far(done_file)
         todo = [(i, m) for i, m in to_answer if i not in answers]
         # Similar lengths in one chunk: less padding inside each batch.
@@ -76,17 +116,19 @@ class TeacherRunner(JobRunner):
         )
         if curate:
             self.log(
-                f"curation: best of {samples} (temperature {sample_gen.temperature}, top-p {sample_gen.top_p})"
-                f"{f', answers open with {opening!r}' if opening else ''}, repairs: "
-                f"{', '.join(curate.repairs) or 'none'}; {len(rules)} rules"
+                f"curation: best of {samples} per round, up to {curate.rounds} rounds"
+                f"{' with reminders' if curate.reminders else ''} (temperature {sample_gen.temperature}, "
+                f"top-p {sample_gen.top_p}){f', answers open with {opening!r}' if opening else ''}, "
+                f"{curate.passages} relevant passages beside each question, repairs: "
+                f"{', '.join(curate.repairs) or 'none'}; {len(rules)} rules, {len(guide.facts)} facts checks"
             )
         started = time.monotonic()
         generated = 0
         self.progress(Progress(done=len(answers), total=total, unit="queries"))
 
         def progress(p: Progress) -> None:
-            # The engines count generated answers: N per query with best-of-N.
-            done_now = int(p.done) // samples
+            # The engines count generated answers: N per query in the first round, fewer later.
+            done_now = min(CHUNK, int(p.done) // samples)
             self.progress(
                 Progress.since(
                     started, len(answers) + done_now, total, "queries", rate_done=generated + done_now
@@ -95,39 +137,56 @@ class TeacherRunner(JobRunner):
 
         if todo:
             # In process, or on the vLLM server (its prefix cache shares the prompt): jobs.backend decides.
-            teacher = generator(job.base_model)
-            with done_file.open("a") as out:
+            # Behind the project's response cache; an endpoint when the job names one.
+            teacher = teacher_generator(job)
+            with done_file.open("a") as out, recording_usage(job, teacher):
                 for start in range(0, len(todo), CHUNK):
                     chunk = todo[start : start + CHUNK]
-                    groups = teacher.generate_samples(
+                    sampled = curation.sample_until_pass(
+                        teacher,
                         [m for _, m in chunk],
                         system_prompt,
                         sample_gen,
-                        samples,
+                        rules if curate else [],
+                        best_of=samples,
+                        rounds=curate.rounds if curate else 1,
+                        repairs=curate.repairs if curate else (),
                         opening=opening,
+                        notes=[guide.note(m) for _, m in chunk],
+                        checkers=[guide.checker(m) for _, m in chunk],
+                        sources=[guide.sources(m) for _, m in chunk],
+                        reminders=bool(curate and curate.reminders),
+                        phrases=bool(curate and curate.phrases),
                         progress=progress,
                         should_stop=self.should_stop,
                     )
-                    for (index, _), group in zip(chunk, groups, strict=True):
+                    for (index, messages), group in zip(chunk, sampled.samples, strict=True):
                         answers[index] = {
                             "index": index,
                             "text": group[0].text,
                             "finish_reason": group[0].finish_reason,
                             "samples": [c.text for c in group],
                             "finish_reasons": [c.finish_reason for c in group],
+                            "rounds": [c.round for c in group],
+                            "phrases": [c.phrase for c in group],
                         }
+                        note = guide.note(messages)
+                        if note:
+                            answers[index]["note"] = note
                         out.write(json.dumps(answers[index], ensure_ascii=False) + "\n")
                     out.flush()
+                    self._add_costs(costs_file, sampled.rounds)
                     generated += len(chunk)
         elapsed = time.monotonic() - started
         rows, flags, made = self._rows(
-            to_answer, kept, answers, system_prompt, sample_gen, rules, curate, opening
+            to_answer, kept, answers, system_prompt, sample_gen, rules, curate, opening, guide
         )
         meta: dict[str, Any] = {
             "prompt_version": str(job.prompt_version),
             "prompt_sha256": job.prompt_version.sha256,
             "base_model": job.base_model.name,
-            "teacher_model": job.base_model.name,
+            "teacher_model": job.teacher_endpoint.model if job.teacher_endpoint else job.base_model.name,
+            "teacher_usage": job.params.get("teacher_usage"),
             "generation": sample_gen.to_dict(),
             "job": job.pk,
             "source": str(job.dataset_version),
@@ -135,7 +194,7 @@ class TeacherRunner(JobRunner):
             "rules": rules_to_json(rules),
         }
         if rules:
-            meta["quality"] = self._quality(rows, made, rules, curate, opening)
+            meta["quality"] = self._quality(rows, made, rules, curate, opening, self._costs(costs_file))
             meta["curation"] = curate.to_dict() if curate else None
         final = Progress(
             done=total,
@@ -188,6 +247,31 @@ class TeacherRunner(JobRunner):
                 answers[item["index"]] = item
         return answers
 
+    def _facts(self) -> list[FactCheck]:
+        assert self.job.prompt_version is not None
+        try:
+            return facts.validate_facts(self.job.prompt_version.facts or [])
+        except FactsError as exc:
+            raise JobError(f"the prompt version's facts checks are invalid: {exc}") from exc
+
+    @staticmethod
+    def _add_costs(path: Any, rounds: list[curation.RoundCost]) -> None:
+        """Each round's queries, samples and seconds, summed over the chunks
+        (kept beside the answers, so a resumed job reports the whole cost)."""
+        totals = {c["round"]: c for c in TeacherRunner._costs(path)}
+        for r in rounds:
+            t = totals.setdefault(r.round, {"round": r.round, "queries": 0, "samples": 0, "seconds": 0.0})
+            t["queries"] += r.queries
+            t["samples"] += r.samples
+            t["seconds"] = round(t["seconds"] + r.seconds, 2)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(sorted(totals.values(), key=lambda c: c["round"])))
+        tmp.replace(path)
+
+    @staticmethod
+    def _costs(path: Any) -> list[dict[str, Any]]:
+        return json.loads(path.read_text()) if path.exists() else []
+
     def _curation(self, rules: list[Rule]) -> curation.CurationSettings | None:
         """The job's curation settings; None (plain teacher answers) when
         switched off or when the prompt has no checkable rules."""
@@ -225,6 +309,7 @@ class TeacherRunner(JobRunner):
         rules: list[Rule],
         curate: curation.CurationSettings | None,
         opening: str | None,
+        guide: Guide,
     ) -> tuple[list[tuple[int, Messages, dict[str, Any]]], dict[int, list[str]], dict[int, curation.Curated]]:
         spans = prompt_spans(system_prompt)
         rows: list[tuple[int, Messages, dict[str, Any]]] = []
@@ -243,16 +328,31 @@ class TeacherRunner(JobRunner):
             record: dict[str, Any] = {}
             text, failing = samples[0], []
             if curate is not None:
-                made = curation.curate(samples, rules, curate, opening)
+                made = curation.curate(
+                    samples,
+                    rules,
+                    curate,
+                    opening,
+                    rounds=item.get("rounds"),
+                    extra=guide.checker(queries[index]),
+                )
                 text, failing, record = made.text, made.failing, made.record
                 record["raw"] = made.raw
+                if item.get("note"):
+                    record["note"] = item["note"]  # what the teacher was shown beside the question
+                if (item.get("phrases") or [False] * len(samples))[made.record["picked"]]:
+                    record["phrase_prefilled"] = True
                 made_by_index[index] = made
             elif rules:
                 failing = data_quality.failing(rules, [{"role": "assistant", "content": text}])
             picked = record.get("picked", 0)
-            notes = leak_flags(text, system_prompt, spans)
+            # Quoting a fact passage the teacher was handed states a fact; it is not a leak of instructions.
+            shown = spans - prompt_spans(item["note"]) if item.get("note") else spans
+            notes = leak_flags(text, system_prompt, shown)
             if not text.strip():
                 notes.append("empty answer")
+            if curate is not None:
+                notes.extend(f"does not state {name}" for name, ok in made.extra.items() if not ok)
             if reasons[picked] == "length" and not record.get("repairs"):
                 notes.append(f"cut off at {gen.max_new_tokens} tokens")
             if notes or failing:
@@ -273,6 +373,7 @@ class TeacherRunner(JobRunner):
         rules: list[Rule],
         curate: curation.CurationSettings | None,
         opening: str | None,
+        costs: list[dict[str, Any]],
     ) -> dict[str, Any]:
         """Pass rates of the train answers after each step (rows kept from
         the dataset count as they are)."""
@@ -285,7 +386,8 @@ class TeacherRunner(JobRunner):
             if index in train:
                 final = messages[-1]["content"]
                 made.append(
-                    made_by_index.get(index) or curation.Curated(final, final, final, {}, more["failing"])
+                    made_by_index.get(index)
+                    or curation.Curated(final, final, final, final, {}, more["failing"])
                 )
         if curate is None:
             return {
@@ -293,4 +395,4 @@ class TeacherRunner(JobRunner):
                 "settings": None,
                 "steps": [{"step": "teacher answers", **curation.pass_rates([c.text for c in made], rules)}],
             }
-        return curation.quality_report(made, rules, curate, opening)
+        return curation.quality_report(made, rules, curate, opening, costs)

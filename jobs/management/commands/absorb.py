@@ -65,7 +65,29 @@ class Command(BaseCommand):
             "--best-of",
             type=int,
             default=cur.best_of,
-            help="Samples per query; the one passing most rules is kept",
+            help="Samples per query in each round; the one passing most checks once repaired is kept",
+        )
+        curation.add_argument(
+            "--rounds",
+            type=int,
+            default=cur.rounds,
+            help="Rounds of samples: later rounds ask only the queries with no passing sample yet",
+        )
+        curation.add_argument(
+            "--no-reminders",
+            action="store_true",
+            help="Later rounds repeat the request instead of reminding the teacher what still fails",
+        )
+        curation.add_argument(
+            "--no-phrases",
+            action="store_true",
+            help="Later rounds don't open an answer lacking a required phrase (a contains rule) with it",
+        )
+        curation.add_argument(
+            "--passages",
+            type=int,
+            default=cur.passages,
+            help="Prompt passages relevant to each query shown to the teacher beside it (0: none)",
         )
         curation.add_argument("--sample-temperature", type=float, default=cur.temperature)
         curation.add_argument("--sample-top-p", type=float, default=cur.top_p)
@@ -147,6 +169,10 @@ class Command(BaseCommand):
                     if opts["no_curation"]
                     else {
                         "best_of": opts["best_of"],
+                        "rounds": opts["rounds"],
+                        "reminders": not opts["no_reminders"],
+                        "phrases": not opts["no_phrases"],
+                        "passages": opts["passages"],
                         "temperature": opts["sample_temperature"],
                         "top_p": opts["sample_top_p"],
                         "prefill": not opts["no_prefill"],

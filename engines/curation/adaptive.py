@@ -1,0 +1,218 @@
+"""Adaptive best-of-N: sample until a query has an answer that passes.
+
+A rule no program can repair (a required phrase, a pattern, a fact the answer
+must state) is met only by sampling: round one asks every query for
+`best_of` samples; each later round asks only the queries with no passing
+sample yet (after repairs), with a teacher-only reminder of what their best
+sample still fails placed after the question, where a small model attends to
+it. A query stops at its first passing sample or when its rounds are spent,
+so the extra cost lands on the hard queries only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from engines.chat import Message
+from engines.curation.context import with_note
+from engines.curation.repairs import repair
+from engines.progress import Progress
+from engines.rules import Rule, check_all
+
+if TYPE_CHECKING:
+    from engines.generator import Generator
+    from engines.inference import GenerationSettings
+    from engines.progress import ProgressFn, StopFn
+
+Checker = Callable[[str], dict[str, bool]]  # extra checks of one answer (facts), name -> passed
+
+
+@dataclass
+class Sample:
+    text: str
+    finish_reason: str
+    round: int  # 0: the first round; later rounds carried a reminder
+    phrase: bool = False  # opened with a phrase a contains rule requires
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "text": self.text,
+            "finish_reason": self.finish_reason,
+            "round": self.round,
+            "phrase": self.phrase,
+        }
+
+
+@dataclass
+class RoundCost:
+    round: int
+    queries: int
+    samples: int
+    seconds: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "round": self.round,
+            "queries": self.queries,
+            "samples": self.samples,
+            "seconds": self.seconds,
+        }
+
+
+@dataclass
+class Sampled:
+    """Every query's samples, in order, and what each round cost."""
+
+    samples: list[list[Sample]]
+    rounds: list[RoundCost] = field(default_factory=list)
+
+
+def reminder(rules: Sequence[Rule], failing: Sequence[str], facts: Sequence[str] = ()) -> str:
+    """A short instruction naming what the answer must do, in the words a
+    small model follows: one sentence per failing rule, then the facts (their
+    prompt sentences) it did not state."""
+    by_name = {r.name: r for r in rules}
+    parts = [_ask(by_name[name]) for name in failing if name in by_name]
+    if facts:
+        parts.append("Use this information: " + " ".join(facts))
+    return ("(Important: " + " ".join(parts) + ")") if parts else ""
+
+
+def _ask(rule: Rule) -> str:
+    p = rule.params
+    text = json.dumps(p.get("text", ""), ensure_ascii=False)
+    return {
+        "contains": f"Your reply must include the words {text}.",
+        "not_contains": f"Do not write {text}.",
+        "starts_with": f"Begin your reply with {text}.",
+        "ends_with": f"End your reply with {text}.",
+        "max_words": f"Use at most {p.get('n')} words.",
+        "lowercase": "Write in lowercase only.",
+        "no_list_markup": "Write sentences, not a list.",
+        "json_valid": "Reply with valid JSON only.",
+    }.get(rule.kind, f"Follow the rule {json.dumps(rule.name, ensure_ascii=False)}.")
+
+
+def verdict(
+    text: str, rules: Sequence[Rule], repairs: Sequence[str], extra: Checker | None = None
+) -> dict[str, bool]:
+    """Each check of a sample as it will be kept (after repairs): rules by
+    name, then the extra checks."""
+    fixed = repair(text, rules, enabled=repairs).text if rules else text
+    checks = check_all(rules, fixed)
+    if extra is not None:
+        checks.update(extra(fixed))
+    return checks
+
+
+def sample_until_pass(
+    teacher: Generator,
+    conversations: Sequence[Sequence[Message]],
+    system_prompt: str | None,
+    settings: GenerationSettings,
+    rules: Sequence[Rule],
+    *,
+    best_of: int,
+    rounds: int,
+    repairs: Sequence[str],
+    opening: str | None = None,
+    notes: Sequence[str] | None = None,
+    checkers: Sequence[Checker | None] | None = None,
+    sources: Sequence[dict[str, str]] | None = None,
+    reminders: bool = True,
+    phrases: bool = True,
+    progress: ProgressFn | None = None,
+    should_stop: StopFn | None = None,
+) -> Sampled:
+    """Sample each conversation in rounds of `best_of` until one sample
+    passes every rule (after repairs) and every extra check, or `rounds` are
+    spent. `notes[i]` is teacher-only text added after query i's question
+    (e.g. retrieved passages); `checkers[i]` adds checks for query i (facts)
+    and `sources[i]` maps such a check's name to the sentence a reminder
+    quotes. With `reminders` off, later rounds repeat the first one's request.
+    With `phrases`, a later-round answer whose query's best sample lacks a
+    phrase a contains rule requires opens with that phrase (after the
+    opening): the model writes the rest around it."""
+    n = len(conversations)
+    notes = notes or [""] * n
+    checkers = checkers or [None] * n
+    out = Sampled([[] for _ in range(n)])
+    todo = list(range(n))
+    asked = 0
+    total_rounds = max(1, rounds)
+    for r in range(total_rounds):
+        if not todo:
+            break
+        began = time.monotonic()
+        # Per query: what it is told and how its answer opens (later rounds may differ per query).
+        plan: dict[str | None, list[tuple[int, list[Message]]]] = {}
+        for i in todo:
+            note, start = notes[i], opening
+            if r > 0 and reminders:
+                best = _best_checks(out.samples[i], rules, repairs, checkers[i])
+                note = " ".join(x for x in (note, _reminder_for(i, best, rules, sources)) if x)
+                start = _with_phrases(opening, rules, best) if phrases else opening
+            plan.setdefault(start, []).append((i, with_note(conversations[i], note)))
+
+        for start, items in plan.items():
+
+            def round_progress(p: Progress, offset: int = asked) -> None:
+                # Samples generated so far over every round (the engines count this call's).
+                if progress is not None:
+                    progress(dataclasses.replace(p, done=offset + p.done, total=None))
+
+            groups = teacher.generate_samples(
+                [conv for _, conv in items],
+                system_prompt,
+                settings,
+                best_of,
+                opening=start,
+                progress=round_progress if progress is not None else None,
+                should_stop=should_stop,
+            )
+            for (i, _), group in zip(items, groups, strict=True):
+                out.samples[i].extend(Sample(c.text, c.finish_reason, r, start != opening) for c in group)
+            asked += len(items) * best_of
+        out.rounds.append(RoundCost(r, len(todo), len(todo) * best_of, round(time.monotonic() - began, 2)))
+        todo = [
+            i
+            for i in todo
+            if not any(all(verdict(s.text, rules, repairs, checkers[i]).values()) for s in out.samples[i])
+        ]
+    return out
+
+
+def _best_checks(
+    samples: Sequence[Sample], rules: Sequence[Rule], repairs: Sequence[str], extra: Checker | None
+) -> dict[str, bool]:
+    """The checks of the query's best sample so far (the most passed)."""
+    best: dict[str, bool] = {}
+    for s in samples:
+        checks = verdict(s.text, rules, repairs, extra)
+        if not best or sum(checks.values()) > sum(best.values()):
+            best = checks
+    return best
+
+
+def _reminder_for(
+    i: int, best: dict[str, bool], rules: Sequence[Rule], sources: Sequence[dict[str, str]] | None
+) -> str:
+    """What query i's best sample so far still fails, as a reminder."""
+    rule_names = {r.name for r in rules}
+    failing_rules = [name for name, ok in best.items() if not ok and name in rule_names]
+    known = sources[i] if sources is not None else {}
+    facts = [known[name] for name, ok in best.items() if not ok and name not in rule_names and name in known]
+    return reminder(rules, failing_rules, facts)
+
+
+def _with_phrases(opening: str | None, rules: Sequence[Rule], best: dict[str, bool]) -> str | None:
+    """The opening followed by each required phrase the best sample lacks."""
+    missing = [r.params["text"].strip() for r in rules if r.kind == "contains" and not best.get(r.name, True)]
+    if not missing:
+        return opening
+    return " ".join([*([opening.rstrip()] if opening else []), *missing])

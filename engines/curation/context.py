@@ -1,0 +1,128 @@
+"""What the teacher sees besides the prompt: the prompt's passages most
+relevant to the query, placed next to the question.
+
+A small model lost in a 1,000-token prompt rarely finds the one line that
+answers the question; handed that line beside the question it often uses it.
+The prompt is cut into passages (sentences, each with its section heading),
+BM25 (bm25s) ranks them against the query, and the best few are appended to
+the teacher's copy of the user message. The student never sees them: its
+training rows keep the user's own words.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from engines.chat import Message
+
+_HEADING = re.compile(r"^\s{0,3}(#{1,6})\s+(.+?)\s*#*\s*$")
+_SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]*\s+(?=[A-Z0-9\"'(])")
+# Passages that only say how to write (the rules' prose) are not facts to retrieve.
+MIN_PASSAGE_WORDS = 4
+
+
+@dataclass(frozen=True)
+class Passage:
+    heading: str  # the section heading ("" before the first heading)
+    text: str  # one sentence of the prompt
+
+
+def sections(prompt: str) -> list[tuple[str, str]]:
+    """(heading, body) per markdown section; "" heads the text before the first."""
+    out: list[tuple[str, list[str]]] = [("", [])]
+    for line in prompt.splitlines():
+        m = _HEADING.match(line)
+        if m:
+            out.append((m.group(2).strip(), []))
+        else:
+            out[-1][1].append(line)
+    return [(h, "\n".join(body)) for h, body in out if "\n".join(body).strip()]
+
+
+def passages(prompt: str, exclude: Sequence[str] = ()) -> list[Passage]:
+    """The prompt's sentences, each with the heading of its section. A
+    section holding any of `exclude` (a rule's own text: the section that
+    states how replies are written) is left out whole."""
+    lowered = [e.casefold() for e in exclude if e.strip()]
+    out: list[Passage] = []
+    for heading, body in sections(prompt):
+        if any(e in body.casefold() for e in lowered):
+            continue
+        for block in re.split(r"\n\s*\n", body):
+            text = " ".join(x.strip().lstrip("-*• ").strip() for x in block.splitlines() if x.strip())
+            for sentence in _SENTENCE_END.split(text):
+                sentence = sentence.strip()
+                if len(sentence.split()) >= MIN_PASSAGE_WORDS:
+                    out.append(Passage(heading, sentence))
+    return out
+
+
+class Retriever:
+    """BM25 over a prompt's passages. Build once per prompt; `relevant` is
+    cheap (~0.1 ms a query)."""
+
+    def __init__(self, prompt: str, exclude: Sequence[str] = ()) -> None:
+        import bm25s
+
+        # The rules' own section would win on every query that uses the same
+        # words; the rules reach the teacher in the prompt anyway.
+        self.passages = passages(prompt, exclude)
+        self._bm25: Any = None
+        if self.passages:
+            self._bm25 = bm25s.BM25()
+            self._bm25.index(
+                self._tokens([f"{p.heading} {p.text}" for p in self.passages]), show_progress=False
+            )
+
+    @staticmethod
+    def _tokens(texts: list[str]) -> Any:
+        import bm25s
+
+        return bm25s.tokenize(texts, stopwords="en", stemmer=_stemmer(), show_progress=False)
+
+    def relevant(self, query: str, k: int) -> list[Passage]:
+        """The k passages that best match the query (none that share no word
+        with it), in the order they stand in the prompt."""
+        if self._bm25 is None or k <= 0 or not query.strip():
+            return []
+        k = min(k, len(self.passages))
+        tokens = self._tokens([query])
+        if not tokens.ids or not tokens.ids[0]:
+            return []
+        ids, scores = self._bm25.retrieve(tokens, k=k, show_progress=False)
+        picked = sorted(int(i) for i, s in zip(ids[0], scores[0], strict=True) if s > 0)
+        return [self.passages[i] for i in picked]
+
+
+@functools.cache
+def _stemmer() -> Any:
+    import Stemmer  # PyStemmer: "dogs" finds "dog"
+
+    return Stemmer.Stemmer("english").stemWords
+
+
+def last_user_text(conversation: Sequence[Message]) -> str:
+    return next((m["content"] for m in reversed(conversation) if m["role"] == "user"), "")
+
+
+def with_note(conversation: Sequence[Message], note: str) -> list[Message]:
+    """The conversation with `note` added after the last user message's text
+    (teacher-only: what the teacher is told, never what is stored)."""
+    out = [dict(m) for m in conversation]
+    if not note:
+        return out
+    for m in reversed(out):
+        if m["role"] == "user":
+            m["content"] = f"{m['content']}\n\n{note}"
+            break
+    return out
+
+
+def facts_note(found: Sequence[Passage]) -> str:
+    if not found:
+        return ""
+    return "(Information for your answer: " + " ".join(p.text for p in found) + ")"

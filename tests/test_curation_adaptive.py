@@ -1,0 +1,204 @@
+"""Adaptive best-of-N with reminders, relevant passages beside the question,
+and picking on what a sample passes once repaired (engines.curation)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from engines import curation
+from engines.facts import validate_facts
+from engines.inference import Completion, GenerationSettings
+from engines.rules import validate_rules
+
+HARBOR = Path(__file__).resolve().parent.parent / "scenarios" / "harbor"
+RULES = validate_rules(
+    [
+        {"name": "greeting", "kind": "starts_with", "text": "Ahoy!"},
+        {"name": "company", "kind": "contains", "text": "Harbor Ferries"},
+        {"name": "short", "kind": "max_words", "n": 20},
+    ]
+)
+
+
+class ScriptedTeacher:
+    """A Generator whose answer depends on what it was told: it names the
+    company only when a reminder asks for it, and the fare only when the
+    passage with the fare is beside the question. Records every request."""
+
+    has_adapter = False
+
+    def __init__(self) -> None:
+        self.asked: list[str] = []
+
+    def _answer(self, conversation) -> str:
+        text = conversation[-1]["content"]
+        self.asked.append(text)
+        body = "Ahoy! The ferry runs daily."
+        if 'include the words "Harbor Ferries"' in text:
+            body += " Harbor Ferries sails every hour."
+        if "12 euros" in text:
+            body += " A single costs 12 euros."
+        return body
+
+    def generate(self, conversations, system_prompt, settings=None, **kw):
+        return [Completion(self._answer(c), 5, 5, "stop", 0.0) for c in conversations]
+
+    def generate_samples(self, conversations, system_prompt, settings, samples, **kw):
+        return [
+            [Completion(self._answer(c), 5, 5, "stop", 0.0) for _ in range(samples)] for c in conversations
+        ]
+
+
+def conv(text: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": text}]
+
+
+def test_later_rounds_remind_only_the_failing_queries_and_stop_at_the_first_pass() -> None:
+    teacher = ScriptedTeacher()
+    queries = [conv("When do boats leave?"), conv("Is there wifi?")]
+    out = curation.sample_until_pass(
+        teacher,
+        queries,
+        "prompt",
+        GenerationSettings(),
+        RULES,
+        best_of=2,
+        rounds=4,
+        repairs=tuple(curation.REPAIRS),
+        phrases=False,
+    )
+    # Round 1 fails the contains rule (no repair can add it); round 2 reminds and passes: no round 3.
+    assert [len(s) for s in out.samples] == [4, 4]
+    assert [c.round for c in out.samples[0]] == [0, 0, 1, 1]
+    assert [r.samples for r in out.rounds] == [4, 4]
+    assert all("Important" not in a for a in teacher.asked[:4])
+    assert all('include the words "Harbor Ferries"' in a for a in teacher.asked[4:])
+    made = curation.curate(
+        [s.text for s in out.samples[0]],
+        RULES,
+        curation.CurationSettings(),
+        rounds=[s.round for s in out.samples[0]],
+    )
+    assert made.failing == [] and made.record["picked"] == 2 and made.record["rounds"] == [0, 0, 1, 1]
+    # The stored row never carries what the teacher was told.
+    assert queries[0] == conv("When do boats leave?")
+
+
+class OpeningTeacher(ScriptedTeacher):
+    """Continues whatever opening it is given, as the real generators do."""
+
+    def generate_samples(self, conversations, system_prompt, settings, samples, *, opening=None, **kw):
+        self.openings = [*getattr(self, "openings", []), opening]
+        return [
+            [Completion((opening or "") + " we sail daily.", 5, 5, "stop", 0.0) for _ in range(samples)]
+            for c in conversations
+        ]
+
+
+def test_a_later_round_opens_with_the_required_phrase_the_best_sample_lacks() -> None:
+    teacher = OpeningTeacher()
+    out = curation.sample_until_pass(
+        teacher,
+        [conv("When do boats leave?")],
+        None,
+        GenerationSettings(),
+        RULES,
+        best_of=1,
+        rounds=3,
+        repairs=(),
+        opening="Ahoy!",
+    )
+    assert teacher.openings == ["Ahoy!", "Ahoy! Harbor Ferries"]
+    assert [s.phrase for s in out.samples[0]] == [False, True]
+    assert out.samples[0][1].text == "Ahoy! Harbor Ferries we sail daily."
+    assert len(out.rounds) == 2  # passed in round two: no third round
+
+
+def test_without_reminders_the_rounds_repeat_the_request_and_the_budget_holds() -> None:
+    teacher = ScriptedTeacher()
+    out = curation.sample_until_pass(
+        teacher,
+        [conv("hello")],
+        None,
+        GenerationSettings(),
+        RULES,
+        best_of=3,
+        rounds=2,
+        repairs=(),
+        reminders=False,
+    )
+    assert len(out.samples[0]) == 6 and len(teacher.asked) == 6
+    assert all(a == "hello" for a in teacher.asked)
+
+
+def test_fact_checks_keep_sampling_and_the_reminder_quotes_the_fact_source() -> None:
+    teacher = ScriptedTeacher()
+    fare = validate_facts(
+        [
+            {
+                "name": "fare",
+                "question": "fare|cost",
+                "expect": "12 euros",
+                "source": "A single costs 12 euros.",
+            }
+        ]
+    )[0]
+    query = conv("What does the fare cost?")
+    rules = RULES[:1]  # only the opening: passes at once, the fact does not
+    out = curation.sample_until_pass(
+        teacher,
+        [query],
+        None,
+        GenerationSettings(),
+        rules,
+        best_of=1,
+        rounds=3,
+        repairs=(),
+        checkers=[lambda text: {"fact:fare": "12 euros" in text}],
+        sources=[{"fact:fare": fare.source}],
+    )
+    assert len(out.samples[0]) == 2
+    assert "Use this information: A single costs 12 euros." in teacher.asked[1]
+    made = curation.curate(
+        [s.text for s in out.samples[0]],
+        rules,
+        curation.CurationSettings(),
+        rounds=[s.round for s in out.samples[0]],
+        extra=lambda text: {"fact:fare": "12 euros" in text},
+    )
+    assert made.record["picked"] == 1 and made.extra == {"fact:fare": True}
+
+
+def test_the_word_limit_cut_keeps_the_sentence_with_a_required_phrase() -> None:
+    answer = (
+        "Ahoy! Boats leave every hour from the quay in the summer months. "
+        "The crossing takes forty minutes in calm weather. Book with Harbor Ferries online."
+    )
+    fixed = curation.repair(answer, RULES)
+    assert "Harbor Ferries" in fixed.text and fixed.text.startswith("Ahoy!")
+    assert len(fixed.text.split()) <= 20
+    assert fixed.changes[0].repair == "max_words"
+
+
+def test_the_retriever_finds_the_passage_that_answers_and_skips_the_rules_prose() -> None:
+    prompt = (HARBOR / "prompt.md").read_text()
+    retriever = curation.Retriever(prompt, exclude=["Ahoy!", "Safe travels!"])
+    found = retriever.relevant("How long is the crossing to Gull Island?", 3)
+    assert any("40 minutes" in p.text for p in found)
+    assert not any("Ahoy!" in p.text for p in retriever.passages)
+    fares = retriever.relevant("how much is a return ticket for my dog and my bicycle", 3)
+    assert any("Bicycles cost 4 euros" in p.text for p in fares)
+    assert retriever.relevant("   ", 3) == [] and retriever.relevant("zzzz qqqq", 3) == []
+    note = curation.facts_note(found)
+    assert note.startswith("(Information for your answer:") and "40 minutes" in note
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [{"rounds": 0}, {"rounds": 9}, {"passages": -1}, {"reminders": "yes"}, {"best_of": 17}],
+)
+def test_curation_settings_refuse_out_of_range_values(bad: dict) -> None:
+    with pytest.raises(ValueError):
+        curation.CurationSettings.from_dict(bad)
