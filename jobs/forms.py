@@ -55,7 +55,18 @@ GEN_HELP = {
     "no_repeat_ngram_size": "Never repeat an n-gram of this many tokens (0 = off).",
 }
 GEN_FIELDS = ("max_new_tokens", "batch_size", "temperature", "repetition_penalty", "no_repeat_ngram_size")
-CURATION_FIELDS = ("curate", "best_of", "sample_temperature", "sample_top_p", "prefill", "repairs")
+CURATION_FIELDS = (
+    "curate",
+    "best_of",
+    "rounds",
+    "reminders",
+    "phrases",
+    "passages",
+    "sample_temperature",
+    "sample_top_p",
+    "prefill",
+    "repairs",
+)
 CHOICES: dict[str, list[tuple[Any, str]]] = {
     "lr_scheduler": [(c, c) for c in LR_SCHEDULERS],
     "device": [(c, c) for c in DEVICES],
@@ -130,7 +141,38 @@ class AbsorbForm(forms.Form):
         max_value=16,
         initial=CurationSettings.best_of,
         label="best of N",
-        help_text="Samples per query; the one passing the most rules is kept.",
+        help_text="Samples per query in each round; the one passing the most checks once repaired is kept.",
+    )
+    rounds = forms.IntegerField(
+        required=False,
+        min_value=1,
+        max_value=8,
+        initial=CurationSettings.rounds,
+        label="rounds",
+        help_text="Later rounds ask again only for queries with no passing sample: hard queries cost more, "
+        "easy ones stop at the first round.",
+    )
+    reminders = forms.BooleanField(
+        required=False,
+        initial=CurationSettings.reminders,
+        label="remind the teacher of what still fails",
+        help_text="A later round adds, after the question, the rules and facts the best sample missed "
+        "(the teacher sees it; the training row keeps the user's words).",
+    )
+    phrases = forms.BooleanField(
+        required=False,
+        initial=CurationSettings.phrases,
+        label="prefill a required phrase still missing",
+        help_text="A later round opens an answer lacking a contains rule's text with it; the model writes the rest.",
+    )
+    passages = forms.IntegerField(
+        required=False,
+        min_value=0,
+        max_value=10,
+        initial=CurationSettings.passages,
+        label="relevant prompt passages",
+        help_text="The prompt's sentences most relevant to each query (BM25) are shown to the teacher beside "
+        "the question, so a small teacher finds the facts it needs (0: none).",
     )
     sample_temperature = forms.FloatField(
         min_value=0,
@@ -249,6 +291,12 @@ class AbsorbForm(forms.Form):
             try:
                 self.curation = CurationSettings(
                     best_of=data.get("best_of") or CurationSettings.best_of,
+                    rounds=data.get("rounds") or CurationSettings.rounds,
+                    reminders=bool(data.get("reminders")),
+                    phrases=bool(data.get("phrases")),
+                    passages=data.get("passages")
+                    if data.get("passages") is not None
+                    else CurationSettings.passages,
                     temperature=data.get("sample_temperature", CurationSettings.temperature),
                     top_p=data.get("sample_top_p") or CurationSettings.top_p,
                     prefill=bool(data.get("prefill")),

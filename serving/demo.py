@@ -105,7 +105,10 @@ def run_demo(
         if (folder / "README.md").is_file()
         else "",
     )
-    prompt = save_prompt(project, user, scenario, (folder / "prompt.md").read_text(), rules).version
+    facts = json.loads((folder / "facts.json").read_text()) if (folder / "facts.json").is_file() else []
+    prompt = save_prompt(
+        project, user, scenario, (folder / "prompt.md").read_text(), rules, facts_data=facts
+    ).version
     train = import_dataset(
         project,
         user,
@@ -260,6 +263,13 @@ def summary(
         metric = name if name == "all_rules" else f"rule:{name}"
         lines.append(f"  {name:<{width}}" + "".join(f"{cell(c, metric):>15}" for c in cols))
     lines.append("  (data = the curated training answers: the ceiling the student learned from)")
+    recall = {arm: runs[arm].metric("fact_recall") for arm in ARMS if arm in runs}
+    if any(recall.values()):
+        lines.append("\nFact recall (held-out queries that ask for a fact of the prompt; 95% CI):")
+        for arm, m in recall.items():
+            if m and m.get("value") is not None:
+                ci = f" [{m['low']:.2f}, {m['high']:.2f}]" if m.get("low") is not None else ""
+                lines.append(f"  {arm:<15} {m['value']:.2f}{ci} n={m.get('n')}")
     retained = comparison.headline.get("retained") or {}
     if retained.get("value") is not None:
         lines.append(

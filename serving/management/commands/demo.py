@@ -27,10 +27,8 @@ class Command(RunCommand):
     def add_arguments(self, parser: CommandParser) -> None:
         super().add_arguments(parser)
         parser.add_argument("--scenario", default="lumen", help="A folder of scenarios/ (default: lumen)")
-        # Best of 2, not absorb's 4: on 2 CPU cores best-of-4 would add ~9 minutes to a ~29-minute demo
-        # (bench/README.md), and the repairs, not the extra samples, lift the lumen data to all rules.
         parser.add_argument(
-            "--best-of", type=int, default=2, help="Samples per query (default 2; absorb's default is 4)"
+            "--best-of", type=int, help="Samples per query and round (default: absorb's default)"
         )
         parser.add_argument("--epochs", type=int, help="Fine-tune epochs (default: the workbench default)")
         parser.add_argument(
