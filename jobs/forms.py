@@ -294,7 +294,7 @@ class AbsorbForm(forms.Form):
                     rounds=data.get("rounds") or CurationSettings.rounds,
                     reminders=bool(data.get("reminders")),
                     phrases=bool(data.get("phrases")),
-                    passages=data.get("passages")
+                    passages=int(data.get("passages") or 0)
                     if data.get("passages") is not None
                     else CurationSettings.passages,
                     temperature=data.get("sample_temperature", CurationSettings.temperature),

@@ -95,6 +95,7 @@ def update_gate(
     log_requests: bool,
     min_fact_recall: float | None = None,
     fact_recall_vs_teacher: bool = False,
+    max_skills_drop: float | None = None,
 ) -> Alias:
     if gating_suite is not None and gating_suite.project_id != alias.project_id:
         raise ActionError(f"The suite “{gating_suite}” belongs to another project.")
@@ -104,15 +105,19 @@ def update_gate(
         raise ActionError(f"The largest allowed regression cannot be negative ({max_regression}).")
     if min_fact_recall is not None and not 0 <= min_fact_recall <= 1:
         raise ActionError(f"Minimum fact recall must be between 0 and 1, not {min_fact_recall}.")
+    if max_skills_drop is not None and not 0 <= max_skills_drop <= 1:
+        raise ActionError(
+            f"The largest drop in general skills must be between 0 and 1, not {max_skills_drop}."
+        )
     rules = (min_all_rules, min_retained_lower, max_regression)
-    if gating_suite is None and (
-        any(r is not None for r in rules) or min_fact_recall is not None or fact_recall_vs_teacher
-    ):
+    bars = (*rules, min_fact_recall, max_skills_drop)
+    if gating_suite is None and (any(r is not None for r in bars) or fact_recall_vs_teacher):
         raise ActionError("Gate rules need a gating suite: choose the suite the numbers are measured on.")
     locked = Alias.objects.select_for_update(of=("self",)).get(pk=alias.pk)
     locked.gating_suite = gating_suite
     locked.min_all_rules, locked.min_retained_lower, locked.max_regression = rules
     locked.min_fact_recall, locked.fact_recall_vs_teacher = min_fact_recall, fact_recall_vs_teacher
+    locked.max_skills_drop = max_skills_drop
     locked.log_requests = log_requests
     locked.save(
         update_fields=[
@@ -122,6 +127,7 @@ def update_gate(
             "max_regression",
             "min_fact_recall",
             "fact_recall_vs_teacher",
+            "max_skills_drop",
             "log_requests",
         ]
     )

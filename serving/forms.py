@@ -28,6 +28,7 @@ class GateForm(forms.ModelForm):
             "max_regression",
             "min_fact_recall",
             "fact_recall_vs_teacher",
+            "max_skills_drop",
             "log_requests",
         ]
         labels = {
@@ -37,6 +38,7 @@ class GateForm(forms.ModelForm):
             "max_regression": "Largest drop on the main metric vs the holder",
             "min_fact_recall": "Minimum fact recall",
             "fact_recall_vs_teacher": "Fact recall at least the teacher's (four arms)",
+            "max_skills_drop": "Largest drop in general skills (four arms)",
             "log_requests": "log requests",
         }
 
@@ -46,7 +48,14 @@ class GateForm(forms.ModelForm):
         suite.queryset = EvalSuite.objects.filter(project=project)
         suite.empty_label = "none: promotions are not gated"
         suite.help_text = "A candidate needs a finished eval run on it; the rules below are measured there."
-        for name in ("min_all_rules", "min_retained_lower", "max_regression", "min_fact_recall"):
+        fields = (
+            "min_all_rules",
+            "min_retained_lower",
+            "max_regression",
+            "min_fact_recall",
+            "max_skills_drop",
+        )
+        for name in fields:
             self.fields[name].widget.attrs.update(step="any", placeholder="no rule")
 
 

@@ -98,6 +98,38 @@ def _metric(run: EvalRun | None, name: str) -> float | None:
     return float(value) if isinstance(value, (int, float)) else None
 
 
+SKILLS_TASK = "general_skills"
+
+
+def _skills_check(bar: float, suite: EvalSuite, comparison: ArmComparison | None) -> Check:
+    """General skills lost to absorption: the student - floor paired difference
+    on the suite's general_skills lm-eval task; the drop is its negative."""
+    name = "general skills drop"
+    if comparison is None:
+        return Check(name, False, None, bar, f"no four-arm comparison for this variant on “{suite}”")
+    diff = (comparison.headline.get("lm_eval") or {}).get(SKILLS_TASK) or {}
+    value = diff.get("value")
+    if not isinstance(value, (int, float)):
+        if SKILLS_TASK not in suite.lm_eval_tasks:
+            why = f"no {SKILLS_TASK} result: add the {SKILLS_TASK} task to the gating suite “{suite}”"
+        elif diff:
+            why = f"no {SKILLS_TASK} estimate: {diff.get('note') or 'no value'}"
+        else:
+            why = f"no {SKILLS_TASK} result (did the floor and student lm-eval runs finish?)"
+        return Check(name, False, None, bar, f"comparison {comparison.pk}: {why}")
+    drop = -float(value)
+    ok = drop <= bar + 1e-12
+    return Check(
+        name,
+        ok,
+        drop,
+        bar,
+        f"comparison {comparison.pk}: student − floor on {SKILLS_TASK} {_fmt(value)} "
+        f"[{_fmt(diff.get('low'))}, {_fmt(diff.get('high'))}]; drop {_fmt(drop)} "
+        f"{'≤' if ok else '>'} largest allowed {_fmt(bar)}",
+    )
+
+
 def evaluate_gate(alias: Alias, candidate: Variant) -> Verdict:
     suite = alias.gating_suite
     if suite is None:
@@ -245,6 +277,10 @@ def evaluate_gate(alias: Alias, candidate: Variant) -> Verdict:
                     f"{'≥' if ok else '<'} 0",
                 )
             )
+
+    if alias.max_skills_drop is not None:
+        comparison = comparison or latest_comparison(suite, candidate)
+        checks.append(_skills_check(alias.max_skills_drop, suite, comparison))
 
     if alias.max_regression is not None:
         metric = suite.main_metric

@@ -45,6 +45,11 @@ class Alias(models.Model):
         default=False,
         help_text="The student's fact recall must be at least the prompted teacher's (four-arm comparison)",
     )
+    max_skills_drop = models.FloatField(
+        null=True,
+        blank=True,
+        help_text="Largest drop in general skills (student - floor, four-arm comparison) allowed (0-1)",
+    )
     log_requests = models.BooleanField(default=False, help_text="Keep each /v1 request and response")
     updated_at = models.DateTimeField(default=timezone.now)
 

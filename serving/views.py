@@ -119,6 +119,7 @@ def alias_gate(request: AuthedHttpRequest, slug: str, alias_name: str) -> HttpRe
                 log_requests=d["log_requests"],
                 min_fact_recall=d["min_fact_recall"],
                 fact_recall_vs_teacher=d["fact_recall_vs_teacher"],
+                max_skills_drop=d["max_skills_drop"],
             )
         except ActionError as exc:
             form.add_error(None, str(exc))
