@@ -192,9 +192,14 @@ def test_a_new_user_walks_the_whole_path_in_a_browser(
     page.get_by_label("Prompt version").select_option(label=str(prompt))
     page.get_by_label("Dataset version").select_option(label=_version_label(upload))
     page.get_by_label("Teacher, then fine-tune").check()
-    for summary in ("Teacher generation", "Fine-tune hyperparameters"):
+    for summary in ("Teacher generation", "Curation", "Fine-tune hyperparameters"):
         page.locator("summary", has_text=summary).click()
     expect(page.get_by_label("curate the answers when the prompt has checkable rules")).to_be_checked()
+    # Later rounds would open answers with the required phrase: switched off here, so some rows
+    # still fail a rule and the review queue below has work to show.
+    phrases = page.get_by_label("prefill a required phrase still missing")
+    expect(phrases).to_be_checked()
+    phrases.uncheck()
     for field, value in {
         "g_max_new_tokens": "16",
         "g_batch_size": "8",
@@ -210,6 +215,7 @@ def test_a_new_user_walks_the_whole_path_in_a_browser(
     teacher = Job.objects.get(project=project, kind="teacher")
     finetune = Job.objects.get(project=project, kind="finetune")
     assert teacher.params["curation"]["best_of"] > 1  # curated by default: the prompt has rules
+    assert teacher.params["curation"]["phrases"] is False and teacher.params["curation"]["rounds"] == 3
 
     # progress on the job page moves without a reload (the page's htmx poll)
     page.evaluate(RECORD_PROGRESS)

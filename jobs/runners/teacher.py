@@ -126,9 +126,12 @@ class TeacherRunner(JobRunner):
         generated = 0
         self.progress(Progress(done=len(answers), total=total, unit="queries"))
 
+        in_chunk = [0]  # queries of the chunk being answered
+
         def progress(p: Progress) -> None:
-            # The engines count generated answers: N per query in the first round, fewer later.
-            done_now = min(CHUNK, int(p.done) // samples)
+            # The engines count generated answers: N per query in the first round, fewer in later
+            # rounds; a chunk counts as done only when all its rounds are (the bar never goes back).
+            done_now = min(in_chunk[0] - 1, int(p.done) // samples) if in_chunk[0] else 0
             self.progress(
                 Progress.since(
                     started, len(answers) + done_now, total, "queries", rate_done=generated + done_now
@@ -142,6 +145,7 @@ class TeacherRunner(JobRunner):
             with done_file.open("a") as out, recording_usage(job, teacher):
                 for start in range(0, len(todo), CHUNK):
                     chunk = todo[start : start + CHUNK]
+                    in_chunk[0] = len(chunk)
                     sampled = curation.sample_until_pass(
                         teacher,
                         [m for _, m in chunk],
