@@ -225,9 +225,8 @@ def tasks(args: argparse.Namespace) -> list[str]:
 ARMS = ("floor", "teacher", "student", "student+prompt")
 
 
-def report_data(args, teacher, prompt, rules, curation, times) -> None:
-    quality = teacher.output_dataset.meta.get("quality") or {}
-    print(f"\n{args.scenario}: {len(rules)} rules, prompt {prompt.token_counts}; curation {curation}")
+def print_quality(quality: dict) -> None:
+    """The teacher data's pass rates after each curation stage, and each stage's cost."""
     print("data quality steps:")
     for step in quality.get("steps", []):
         cost = f" [{step['samples']} samples, {step['seconds']:.0f} s]" if "samples" in step else ""
@@ -240,6 +239,12 @@ def report_data(args, teacher, prompt, rules, curation, times) -> None:
         print(
             f"  facts stated in the data: {quality['facts']['stated']:.2f} of {quality['facts']['rows']} rows"
         )
+
+
+def report_data(args, teacher, prompt, rules, curation, times) -> None:
+    quality = teacher.output_dataset.meta.get("quality") or {}
+    print(f"\n{args.scenario}: {len(rules)} rules, prompt {prompt.token_counts}; curation {curation}")
+    print_quality(quality)
     print("teacher usage:", json.dumps(teacher.params.get("teacher_usage"))[:400])
     print("wall times (s):", {k: round(v) for k, v in times.items()})
 
@@ -255,18 +260,7 @@ def report(args, comparison, teacher, train, heldout, prompt, rules, curation, t
         f"\n{args.scenario}: {len(names)} rules, prompt {prompt.token_counts}, {train.row_count} train queries, "
         f"{heldout.row_count} held out; curation {curation}"
     )
-    print("data quality steps:")
-    for step in quality.get("steps", []):
-        cost = f" [{step['samples']} samples, {step['seconds']:.0f} s]" if "samples" in step else ""
-        print(
-            f"  {step['step']:<32} all rules {step['all_rules']:.2f}  "
-            + "  ".join(f"{k} {v:.2f}" for k, v in step["rules"].items())
-            + cost
-        )
-    if quality.get("facts"):
-        print(
-            f"  facts stated in the data: {quality['facts']['stated']:.2f} of {quality['facts']['rows']} rows"
-        )
+    print_quality(quality)
     header = f"{'rule':<16}" + "".join(
         f"{c:>16}" for c in ("floor", "teacher", "data", "student", "student+prompt")
     )
