@@ -26,9 +26,11 @@ from engines.inference import (
     Completion,
     GenerationSettings,
     LoadedModel,
+    Opening,
     SettingsError,
     generate,
     generate_samples,
+    per_row_openings,
 )
 from engines.progress import Progress, ProgressFn, StopFn
 
@@ -54,12 +56,13 @@ class Generator(Protocol):
         adapter: bool = True,
         progress: ProgressFn | None = None,
         should_stop: StopFn | None = None,
-        opening: str | None = None,
+        opening: Opening = None,
     ) -> list[Completion]:
         """Answer every conversation in input order: `system_prompt` replaces
         any system message (None: none); `progress` gets a Progress (unit
         "conversations"); `should_stop()` is checked as work goes and raises
-        GenerationCancelled; with `opening` every answer starts with that text."""
+        GenerationCancelled; with `opening` (one for all, or one `str | None`
+        per conversation) each answer starts with its row's text."""
         ...
 
     def generate_samples(
@@ -72,9 +75,10 @@ class Generator(Protocol):
         adapter: bool = True,
         progress: ProgressFn | None = None,
         should_stop: StopFn | None = None,
-        opening: str | None = None,
+        opening: Opening = None,
     ) -> list[list[Completion]]:
-        """`samples` answers to each conversation (best-of-N), grouped per conversation."""
+        """`samples` answers to each conversation (best-of-N), grouped per
+        conversation; a per-conversation `opening` is shared by its samples."""
         ...
 
 
@@ -101,7 +105,7 @@ class LocalGenerator:
         adapter: bool = True,
         progress: ProgressFn | None = None,
         should_stop: StopFn | None = None,
-        opening: str | None = None,
+        opening: Opening = None,
     ) -> list[Completion]:
         with self._adapter(adapter):
             return generate(
@@ -125,7 +129,7 @@ class LocalGenerator:
         adapter: bool = True,
         progress: ProgressFn | None = None,
         should_stop: StopFn | None = None,
-        opening: str | None = None,
+        opening: Opening = None,
     ) -> list[list[Completion]]:
         with self._adapter(adapter):
             return generate_samples(
@@ -172,7 +176,7 @@ class RemoteGenerator:
         adapter: bool = True,
         progress: ProgressFn | None = None,
         should_stop: StopFn | None = None,
-        opening: str | None = None,
+        opening: Opening = None,
         on_answer: AnswerFn | None = None,
         seeds: Sequence[int | None] | None = None,
     ) -> list[Completion]:
@@ -211,9 +215,10 @@ class RemoteGenerator:
         adapter: bool = True,
         progress: ProgressFn | None = None,
         should_stop: StopFn | None = None,
-        opening: str | None = None,
+        opening: Opening = None,
     ) -> list[list[Completion]]:
         _check_samples(samples)
+        openings = per_row_openings(opening, len(conversations))
         flat = self.generate(
             [c for c in conversations for _ in range(samples)],
             system_prompt,
@@ -221,7 +226,7 @@ class RemoteGenerator:
             adapter=adapter,
             progress=progress,
             should_stop=should_stop,
-            opening=opening,
+            opening=[o for o in openings for _ in range(samples)],
             seeds=[sample_seed(settings, s) for _ in conversations for s in range(samples)],
         )
         return [flat[i : i + samples] for i in range(0, len(flat), samples)]
@@ -319,13 +324,12 @@ class CachingGenerator:
         adapter: bool = True,
         progress: ProgressFn | None = None,
         should_stop: StopFn | None = None,
-        opening: str | None = None,
+        opening: Opening = None,
     ) -> list[Completion]:
         settings = settings or GenerationSettings()
-        flat = self._answer(
-            [(c, 0) for c in conversations], system_prompt, settings, adapter, progress, should_stop, opening
-        )
-        return flat
+        openings = per_row_openings(opening, len(conversations))
+        wanted = [(c, 0, o) for c, o in zip(conversations, openings, strict=True)]
+        return self._answer(wanted, system_prompt, settings, adapter, progress, should_stop)
 
     def generate_samples(
         self,
@@ -337,39 +341,37 @@ class CachingGenerator:
         adapter: bool = True,
         progress: ProgressFn | None = None,
         should_stop: StopFn | None = None,
-        opening: str | None = None,
+        opening: Opening = None,
     ) -> list[list[Completion]]:
         _check_samples(samples)
-        wanted = [(c, s) for c in conversations for s in range(samples)]
+        openings = per_row_openings(opening, len(conversations))
+        wanted = [(c, s, o) for c, o in zip(conversations, openings, strict=True) for s in range(samples)]
         if not isinstance(self.inner, RemoteGenerator):
             # As engines.inference.generate_samples: the N copies share wider batches (the size is not in the key).
             batch = max(settings.batch_size, min(settings.batch_size * samples, 64))
             settings = dataclasses.replace(settings, batch_size=batch)
-        flat = self._answer(wanted, system_prompt, settings, adapter, progress, should_stop, opening)
+        flat = self._answer(wanted, system_prompt, settings, adapter, progress, should_stop)
         return [flat[i : i + samples] for i in range(0, len(flat), samples)]
 
     def _answer(
         self,
-        wanted: list[tuple[Sequence[Message], int]],
+        wanted: list[tuple[Sequence[Message], int, str | None]],
         system_prompt: str | None,
         settings: GenerationSettings,
         adapter: bool,
         progress: ProgressFn | None,
         should_stop: StopFn | None,
-        opening: str | None,
     ) -> list[Completion]:
-        """One answer per (conversation, sample index), in order, the misses asked."""
+        """One answer per (conversation, sample index, opening), in order, the misses asked."""
         from engines.response_cache import cache_key
 
         identity = self._identity(adapter)
-        samples = 1 + max((s for _, s in wanted), default=0)
+        samples = 1 + max((s for _, s, _ in wanted), default=0)
         with self.stats.lock:
-            indexes = [
-                self._index(identity, system_prompt, c, settings, opening, s, samples) for c, s in wanted
-            ]
+            indexes = [self._index(identity, system_prompt, c, settings, o, s, samples) for c, s, o in wanted]
         keys = [
-            cache_key(identity, system_prompt, c, settings, opening, i)
-            for (c, _), i in zip(wanted, indexes, strict=True)
+            cache_key(identity, system_prompt, c, settings, o, i)
+            for (c, _, o), i in zip(wanted, indexes, strict=True)
         ]
         found = self.cache.get_many(keys)
         results: list[Completion | None] = [found.get(k) for k in keys]
@@ -393,6 +395,7 @@ class CachingGenerator:
                 progress(dataclasses.replace(p, done=hits + p.done, total=len(wanted)))
 
         conversations = [wanted[i][0] for i in misses]
+        openings = [wanted[i][2] for i in misses]
         if isinstance(self.inner, RemoteGenerator):
             self.inner.generate(
                 conversations,
@@ -401,7 +404,7 @@ class CachingGenerator:
                 adapter=adapter,
                 progress=shifted,
                 should_stop=should_stop,
-                opening=opening,
+                opening=_one_or_each(openings),
                 on_answer=keep,
                 seeds=[sample_seed(settings, indexes[i]) for i in misses],
             )
@@ -420,7 +423,7 @@ class CachingGenerator:
                     adapter=adapter,
                     progress=batch_progress,
                     should_stop=should_stop,
-                    opening=opening,
+                    opening=_one_or_each(openings[start : start + step]),
                 )
                 for offset, completion in enumerate(part):
                     keep(start + offset, completion)
@@ -428,3 +431,10 @@ class CachingGenerator:
         if len(answered) != len(wanted):  # the inner generator broke its contract
             raise RuntimeError(f"{len(wanted) - len(answered)} answers are missing")
         return answered
+
+
+def _one_or_each(openings: Sequence[str | None]) -> Opening:
+    """One opening when the rows share it (what an inner generator was given
+    before openings could differ per row), else one per row."""
+    first = openings[0] if openings else None
+    return first if all(o == first for o in openings) else list(openings)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from engines.chat import Message
-from engines.inference import Completion, GenerationCancelled, GenerationSettings
+from engines.inference import Completion, GenerationCancelled, GenerationSettings, Opening, per_row_openings
 from engines.progress import Progress, ProgressFn, StopFn
 from engines.protocol import apply_system_prompt
 
@@ -173,7 +173,7 @@ def generate_remote(
     timeout: float = DEFAULT_TIMEOUT,
     progress: ProgressFn | None = None,
     should_stop: StopFn | None = None,
-    opening: str | None = None,
+    opening: Opening = None,
     *,
     retry: RetryPolicy | None = None,
     stats: TransportStats | None = None,
@@ -188,9 +188,10 @@ def generate_remote(
     "conversations") as answers arrive; `should_stop()` is checked before each
     request and raises GenerationCancelled. Any failed request raises
     RemoteGenerationError naming the URL (nothing partial is returned).
-    With `opening`, every answer begins with that text: it is sent as the
-    final assistant message to continue (vLLM's `continue_final_message`,
-    which the hf engine server speaks too).
+    With `opening` (one for all, or one per conversation), each answer begins
+    with its row's text: it is sent as the final assistant message to continue
+    (vLLM's `continue_final_message`, which the hf engine server speaks too);
+    a row without one sends no assistant message.
 
     `retry` (default DEFAULT_RETRY) bounds the retries of each request;
     `stats` sums what was sent and answered; `on_answer(index, completion)`
@@ -202,6 +203,7 @@ def generate_remote(
 
     settings = settings or GenerationSettings()
     total = len(conversations)
+    openings = per_row_openings(opening, total)
     if total == 0:
         return []
     url = base_url.rstrip("/") + "/v1/chat/completions"
@@ -261,8 +263,9 @@ def generate_remote(
         body = request_body(model, messages, settings)
         if seeds is not None and seeds[index] is not None:
             body["seed"] = seeds[index]
-        if opening:
-            body["messages"] = [*messages, {"role": "assistant", "content": opening}]
+        row_opening = openings[index]
+        if row_opening:
+            body["messages"] = [*messages, {"role": "assistant", "content": row_opening}]
             body.update(continue_final_message=True, add_generation_prompt=False)
         began = time.perf_counter()
         response = send(client, body)
@@ -273,8 +276,8 @@ def generate_remote(
                 f"the engine at {url} answered {response.status_code} for model {model!r}: {_error_detail(response)}"
             )
         completion = _completion(response.json(), time.perf_counter() - began, url)
-        if opening:
-            completion = dataclasses.replace(completion, text=opening + completion.text)
+        if row_opening:
+            completion = dataclasses.replace(completion, text=row_opening + completion.text)
         stats.add(
             answers=1, prompt_tokens=completion.prompt_tokens, completion_tokens=completion.completion_tokens
         )

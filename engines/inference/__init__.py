@@ -17,18 +17,21 @@ This module is the package's public face:
 - settings: GenerationSettings and the one table of generation bounds (BOUNDS)
 - loading: pick_device, load_model (safetensors only, no remote code), LoadedModel
 - stops: Completion, RowStops, the completion-only no-repeat n-gram processor
-- generation: encode, left_pad, generation_config, generate, generate_samples
+- generation: encode, left_pad, generation_config, generate, generate_samples,
+  Opening (one opening for every row, or one per row) and per_row_openings
 """
 
 from engines.inference.generation import (
     MIN_PREFIX_TOKENS,
     GenerationCancelled,
+    Opening,
     count_tokens,
     encode,
     generate,
     generate_samples,
     generation_config,
     left_pad,
+    per_row_openings,
 )
 from engines.inference.loading import LoadedModel, ModelLoadError, load_model, pick_device
 from engines.inference.settings import (
@@ -64,6 +67,7 @@ __all__ = [
     "GenerationSettings",
     "LoadedModel",
     "ModelLoadError",
+    "Opening",
     "RowStops",
     "SettingsError",
     "completion_processors",
@@ -76,5 +80,6 @@ __all__ = [
     "left_pad",
     "load_model",
     "openai_n",
+    "per_row_openings",
     "pick_device",
 ]

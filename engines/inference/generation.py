@@ -1,13 +1,13 @@
 """Batched generation: encoding a conversation exactly as it is fed, left
 padding, the shared-prefix KV cache, the generation config, `generate` and
-best-of-N `generate_samples`."""
+best-of-N `generate_samples`; openings (prefilled answer starts) per row."""
 
 from __future__ import annotations
 
 import dataclasses
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from engines.chat import Message, render
 from engines.inference.loading import LoadedModel
@@ -20,6 +20,24 @@ if TYPE_CHECKING:
 
 # Below this many shared tokens, encoding the prefix separately is not worth it.
 MIN_PREFIX_TOKENS = 32
+
+# How answers open (prefilled text the model continues): one string (or None)
+# for every row, or one `str | None` per conversation.
+Opening: TypeAlias = str | Sequence[str | None] | None
+
+
+def per_row_openings(opening: Opening, rows: int) -> list[str | None]:
+    """`opening` as one entry per row; a sequence must have exactly `rows`
+    entries, each a string or None (ValueError / TypeError otherwise)."""
+    if opening is None or isinstance(opening, str):
+        return [opening] * rows
+    openings = list(opening)
+    if len(openings) != rows:
+        raise ValueError(f"{len(openings)} openings for {rows} conversations")
+    for i, o in enumerate(openings):
+        if o is not None and not isinstance(o, str):
+            raise TypeError(f"opening {i} is a {type(o).__name__}, not a string or None")
+    return openings
 
 
 class GenerationCancelled(Exception):
@@ -150,23 +168,27 @@ def generate(
     reuse_prefix: bool = True,
     progress: ProgressFn | None = None,
     should_stop: StopFn | None = None,
-    opening: str | None = None,
+    opening: Opening = None,
 ) -> list[Completion]:
     """Answer every conversation (the assistant's next turn), in input order.
 
     `system_prompt` replaces any system message in the conversations; None
     means no system message (see `engines.chat`). `progress` gets a Progress
     (unit "conversations") after each batch; `should_stop()` is checked
-    before each batch and raises GenerationCancelled. With `opening`, every
-    answer starts with that text (prefilled) and the model continues it."""
+    before each batch and raises GenerationCancelled. With `opening` (one for
+    all, or one per conversation: `Opening`), each answer starts with its
+    row's text (prefilled) and the model continues it."""
     settings = settings or GenerationSettings()
     batch_size = settings.batch_size
     started = time.monotonic()
     total = len(conversations)
+    openings = per_row_openings(opening, total)
     if total == 0:
         return []
     tokenizer = loaded.tokenizer
-    rows = [encode(tokenizer, conv, system_prompt, opening) for conv in conversations]
+    rows = [
+        encode(tokenizer, conv, system_prompt, o) for conv, o in zip(conversations, openings, strict=True)
+    ]
     # Longest first: similar lengths share a batch (less padding), and an
     # out-of-memory error comes at once rather than at the end.
     order = sorted(range(total), key=lambda i: -len(rows[i]))
@@ -225,9 +247,10 @@ def generate(
                 progress(Progress.since(started, done, total, "conversations"))
 
     done_results = [r for r in results if r is not None]
-    if opening:
-        done_results = [dataclasses.replace(r, text=opening + r.text) for r in done_results]
-    return done_results
+    return [
+        dataclasses.replace(r, text=o + r.text) if o else r
+        for r, o in zip(done_results, openings, strict=True)
+    ]
 
 
 def generate_samples(
@@ -236,15 +259,17 @@ def generate_samples(
     system_prompt: str | None,
     settings: GenerationSettings,
     samples: int,
-    opening: str | None = None,
+    opening: Opening = None,
     progress: ProgressFn | None = None,
     should_stop: StopFn | None = None,
 ) -> list[list[Completion]]:
     """`samples` answers to each conversation (best-of-N). The copies of a
     conversation sit side by side in the same batches, so they share the
-    encoded prompt prefix and each generate call."""
+    encoded prompt prefix and each generate call. A per-conversation
+    `opening` is shared by that conversation's samples."""
     if samples < 1:
         raise SettingsError({"samples": f"must be at least 1, got {samples}"})
+    openings = per_row_openings(opening, len(conversations))
     expanded = [conv for conv in conversations for _ in range(samples)]
     # N samples of a query ride in one batch N times as wide: a decode step of
     # a wider batch costs far less than N steps (at most 64 rows: KV memory).
@@ -252,6 +277,12 @@ def generate_samples(
         settings, batch_size=max(settings.batch_size, min(settings.batch_size * samples, 64))
     )
     flat = generate(
-        loaded, expanded, system_prompt, wide, progress=progress, should_stop=should_stop, opening=opening
+        loaded,
+        expanded,
+        system_prompt,
+        wide,
+        progress=progress,
+        should_stop=should_stop,
+        opening=[o for o in openings for _ in range(samples)],
     )
     return [flat[i : i + samples] for i in range(0, len(flat), samples)]
