@@ -91,9 +91,11 @@ class OpeningTeacher(ScriptedTeacher):
 
     def generate_samples(self, conversations, system_prompt, settings, samples, *, opening=None, **kw):
         self.openings = [*getattr(self, "openings", []), opening]
+        each = opening if isinstance(opening, list) else [opening] * len(conversations)
+        assert len(each) == len(conversations)
         return [
-            [Completion((opening or "") + " we sail daily.", 5, 5, "stop", 0.0) for _ in range(samples)]
-            for c in conversations
+            [Completion((start or "") + " we sail daily.", 5, 5, "stop", 0.0) for _ in range(samples)]
+            for start in each
         ]
 
 
@@ -169,6 +171,61 @@ def test_fact_checks_keep_sampling_and_the_reminder_quotes_the_fact_source() -> 
         extra=lambda text: {"fact:fare": "12 euros" in text},
     )
     assert made.record["picked"] == 1 and made.extra == {"fact:fare": True}
+
+
+@pytest.mark.parametrize("fact_sentences", [True, False])
+def test_a_later_round_opens_with_the_sentence_stating_the_missed_fact(fact_sentences: bool) -> None:
+    teacher = OpeningTeacher()  # continues its opening and heeds no reminder: only a prefill helps
+    rules = RULES[:1]
+    out = curation.sample_until_pass(
+        teacher,
+        [conv("What does the fare cost?"), conv("Is there wifi?")],
+        None,
+        GenerationSettings(),
+        rules,
+        best_of=1,
+        rounds=3,
+        repairs=(),
+        opening="Ahoy!",
+        checkers=[lambda text: {"fact:fare": "12 euros" in text}, None],
+        sources=[{"fact:fare": "A single costs 12 euros."}, {}],
+        fact_sentences=fact_sentences,
+    )
+    if fact_sentences:
+        # The query without a fact check passed in round one; the fare query passes in round two.
+        assert teacher.openings == ["Ahoy!", "Ahoy! A single costs 12 euros."]
+        assert (
+            out.samples[0][1].text.startswith("Ahoy! A single costs 12 euros.") and out.samples[0][1].phrase
+        )
+        assert [len(s) for s in out.samples] == [2, 1]
+    else:
+        assert teacher.openings == ["Ahoy!", "Ahoy!", "Ahoy!"]
+        assert not any("12 euros" in s.text for s in out.samples[0])
+        assert [len(s) for s in out.samples] == [3, 1]
+
+
+def test_a_round_is_one_call_with_each_query_opening_its_own_way() -> None:
+    teacher = OpeningTeacher()
+    out = curation.sample_until_pass(
+        teacher,
+        [conv("What does the fare cost?"), conv("Is there wifi?"), conv("Can I bring a dog?")],
+        None,
+        GenerationSettings(),
+        RULES[:2],  # the greeting, and "Harbor Ferries" which the teacher never writes unasked
+        best_of=2,
+        rounds=3,
+        repairs=(),
+        opening="Ahoy!",
+        checkers=[lambda text: {"fact:fare": "12 euros" in text}, None, None],
+        sources=[{"fact:fare": "A single costs 12 euros."}, {}, {}],
+    )
+    # Round two: one call, each row its own opening (the fare query also opens with its fact).
+    assert teacher.openings == [
+        "Ahoy!",
+        ["Ahoy! A single costs 12 euros. Harbor Ferries", "Ahoy! Harbor Ferries", "Ahoy! Harbor Ferries"],
+    ]
+    assert [len(s) for s in out.samples] == [4, 4, 4]
+    assert all(s.phrase for group in out.samples for s in group[2:])
 
 
 def test_the_word_limit_cut_keeps_the_sentence_with_a_required_phrase() -> None:

@@ -401,3 +401,26 @@ def test_fact_metrics_are_labelled_and_printed():
         "judge score per arm: student 3.50 (95% CI 3.00 to 4.00, n=8)",
     ]
     assert substance_lines({}) == []
+
+
+@pytest.mark.parametrize("scenario", ["fernhill", "harbor", "lumen"])
+def test_the_teacher_is_handed_a_whole_prompt_sentence_that_states_each_fact(scenario):
+    """A later round may open an answer with the sentence a fact comes from:
+    it must be the prompt's whole sentence (a source may be a fragment) and
+    it must state the fact, or the opening would not make the sample pass."""
+    from engines import facts as facts_engine
+    from engines.rules import validate_rules
+    from jobs.runners.teacher import Guide
+
+    root = Path(__file__).resolve().parent.parent / "scenarios" / scenario
+    prompt = (root / "prompt.md").read_text()
+    fact_list = facts_engine.validate_facts(json.loads((root / "facts.json").read_text()))
+    guide = Guide(prompt, validate_rules(json.loads((root / "rules.json").read_text())), fact_list, 3)
+    for fact in fact_list:
+        statement = guide._statements[fact.name]
+        assert facts_engine.states(fact, statement), (fact.name, statement)
+        assert statement in prompt.replace("\n", " ") or statement in prompt, (fact.name, statement)
+        assert len(statement) >= len(fact.source), fact.name
+    saturday = {f.name: f for f in fact_list}.get("saturday hours")
+    if saturday is not None:  # fernhill's source is a fragment of a longer sentence
+        assert guide._statements["saturday hours"].startswith("It is open Monday to Friday")

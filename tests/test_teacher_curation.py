@@ -143,6 +143,7 @@ def test_the_absorb_command_turns_curation_on_by_default(world):
         "rounds": 3,
         "reminders": True,
         "phrases": True,
+        "fact_sentences": True,
         "passages": 3,
         "temperature": 0.7,
         "top_p": 0.95,

@@ -37,7 +37,7 @@ class Sample:
     text: str
     finish_reason: str
     round: int  # 0: the first round; later rounds carried a reminder
-    phrase: bool = False  # opened with a phrase a contains rule requires
+    phrase: bool = False  # opened with more than the opening: a required phrase or a fact's sentence
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -126,6 +126,7 @@ def sample_until_pass(
     sources: Sequence[dict[str, str]] | None = None,
     reminders: bool = True,
     phrases: bool = True,
+    fact_sentences: bool = True,
     progress: ProgressFn | None = None,
     should_stop: StopFn | None = None,
 ) -> Sampled:
@@ -137,11 +138,22 @@ def sample_until_pass(
     quotes. With `reminders` off, later rounds repeat the first one's request.
     With `phrases`, a later-round answer whose query's best sample lacks a
     phrase a contains rule requires opens with that phrase (after the
-    opening): the model writes the rest around it."""
+    opening): the model writes the rest around it. With `fact_sentences`, such an
+    answer whose query's best sample misses a fact opens with the sentence
+    `sources` gives for it (the prompt's sentence stating it), so the data
+    states what the question asks even where the teacher would not find it."""
     n = len(conversations)
     notes = notes or [""] * n
     checkers = checkers or [None] * n
     out = Sampled([[] for _ in range(n)])
+    judged: dict[tuple[int, int], dict[str, bool]] = {}  # (query, sample) -> checks: each sample judged once
+
+    def checks_of(i: int) -> list[dict[str, bool]]:
+        for k in range(len(out.samples[i])):
+            if (i, k) not in judged:
+                judged[i, k] = verdict(out.samples[i][k].text, rules, repairs, checkers[i])
+        return [judged[i, k] for k in range(len(out.samples[i]))]
+
     todo = list(range(n))
     asked = 0
     total_rounds = max(1, rounds)
@@ -149,51 +161,51 @@ def sample_until_pass(
         if not todo:
             break
         began = time.monotonic()
-        # Per query: what it is told and how its answer opens (later rounds may differ per query).
-        plan: dict[str | None, list[tuple[int, list[Message]]]] = {}
+        # Per query: what it is told and how its answer opens (later rounds may differ per query);
+        # one call for the round, each row with its own opening, so batches stay wide.
+        asks: list[list[Message]] = []
+        starts: list[str | None] = []
         for i in todo:
             note, start = notes[i], opening
             if r > 0 and reminders:
-                best = _best_checks(out.samples[i], rules, repairs, checkers[i])
+                best = _best_checks(checks_of(i))
                 note = " ".join(x for x in (note, _reminder_for(i, best, rules, sources)) if x)
-                start = _with_phrases(opening, rules, best) if phrases else opening
-            plan.setdefault(start, []).append((i, with_note(conversations[i], note)))
+                start = _prefilled(
+                    opening,
+                    rules,
+                    best,
+                    phrases=phrases,
+                    statements=_missed_facts(i, best, rules, sources) if fact_sentences else [],
+                )
+            asks.append(with_note(conversations[i], note))
+            starts.append(start)
 
-        for start, items in plan.items():
+        def round_progress(p: Progress, offset: int = asked) -> None:
+            # Samples generated so far over every round (the engines count this call's).
+            if progress is not None:
+                progress(dataclasses.replace(p, done=offset + p.done, total=None))
 
-            def round_progress(p: Progress, offset: int = asked) -> None:
-                # Samples generated so far over every round (the engines count this call's).
-                if progress is not None:
-                    progress(dataclasses.replace(p, done=offset + p.done, total=None))
-
-            groups = teacher.generate_samples(
-                [conv for _, conv in items],
-                system_prompt,
-                settings,
-                best_of,
-                opening=start,
-                progress=round_progress if progress is not None else None,
-                should_stop=should_stop,
-            )
-            for (i, _), group in zip(items, groups, strict=True):
-                out.samples[i].extend(Sample(c.text, c.finish_reason, r, start != opening) for c in group)
-            asked += len(items) * best_of
+        groups = teacher.generate_samples(
+            asks,
+            system_prompt,
+            settings,
+            best_of,
+            opening=starts[0] if len(set(starts)) == 1 else starts,
+            progress=round_progress if progress is not None else None,
+            should_stop=should_stop,
+        )
+        for i, start, group in zip(todo, starts, groups, strict=True):
+            out.samples[i].extend(Sample(c.text, c.finish_reason, r, start != opening) for c in group)
+        asked += len(todo) * best_of
         out.rounds.append(RoundCost(r, len(todo), len(todo) * best_of, round(time.monotonic() - began, 2)))
-        todo = [
-            i
-            for i in todo
-            if not any(all(verdict(s.text, rules, repairs, checkers[i]).values()) for s in out.samples[i])
-        ]
+        todo = [i for i in todo if not any(all(c.values()) for c in checks_of(i))]
     return out
 
 
-def _best_checks(
-    samples: Sequence[Sample], rules: Sequence[Rule], repairs: Sequence[str], extra: Checker | None
-) -> dict[str, bool]:
+def _best_checks(judged: Sequence[dict[str, bool]]) -> dict[str, bool]:
     """The checks of the query's best sample so far (the most passed)."""
     best: dict[str, bool] = {}
-    for s in samples:
-        checks = verdict(s.text, rules, repairs, extra)
+    for checks in judged:
         if not best or sum(checks.values()) > sum(best.values()):
             best = checks
     return best
@@ -210,9 +222,35 @@ def _reminder_for(
     return reminder(rules, failing_rules, facts)
 
 
-def _with_phrases(opening: str | None, rules: Sequence[Rule], best: dict[str, bool]) -> str | None:
-    """The opening followed by each required phrase the best sample lacks."""
-    missing = [r.params["text"].strip() for r in rules if r.kind == "contains" and not best.get(r.name, True)]
-    if not missing:
+def _missed_facts(
+    i: int, best: dict[str, bool], rules: Sequence[Rule], sources: Sequence[dict[str, str]] | None
+) -> list[str]:
+    """The sentences stating the facts query i's best sample misses, each once."""
+    rule_names = {r.name for r in rules}
+    known = sources[i] if sources is not None else {}
+    out: list[str] = []
+    for name, ok in best.items():
+        sentence = known.get(name, "").strip()
+        if not ok and name not in rule_names and sentence and sentence not in out:
+            out.append(sentence)
+    return out
+
+
+def _prefilled(
+    opening: str | None,
+    rules: Sequence[Rule],
+    best: dict[str, bool],
+    *,
+    phrases: bool,
+    statements: Sequence[str],
+) -> str | None:
+    """The opening, then the sentences stating missed facts, then each
+    required phrase the best sample lacks (the model writes on from there)."""
+    missing = (
+        [r.params["text"].strip() for r in rules if r.kind == "contains" and not best.get(r.name, True)]
+        if phrases
+        else []
+    )
+    if not missing and not statements:
         return opening
-    return " ".join([*([opening.rstrip()] if opening else []), *missing])
+    return " ".join([*([opening.rstrip()] if opening else []), *statements, *missing])

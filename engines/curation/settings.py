@@ -26,6 +26,8 @@ class CurationSettings:
     reminders: bool = True  # later rounds remind the teacher of what the best sample still fails
     # Later rounds open an answer lacking a required phrase (a contains rule) with it; the model writes the rest.
     phrases: bool = True
+    # Later rounds open an answer missing a fact its query asks for (facts checks) with the prompt's sentence stating it.
+    fact_sentences: bool = True
     passages: int = 3  # prompt passages relevant to the query shown beside it (0: none)
     temperature: float = 0.7  # sampling for best-of-N (N=1 keeps the generation settings)
     top_p: float = 0.95
@@ -37,6 +39,7 @@ class CurationSettings:
         "rounds",
         "reminders",
         "phrases",
+        "fact_sentences",
         "passages",
         "temperature",
         "top_p",
@@ -50,7 +53,7 @@ class CurationSettings:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
                 errors.append(f"{name} must be a whole number from {low} to {high}, got {value!r}")
-        for name in ("reminders", "phrases", "prefill"):
+        for name in ("reminders", "phrases", "fact_sentences", "prefill"):
             if not isinstance(getattr(self, name), bool):
                 errors.append(f"{name} must be true or false, got {getattr(self, name)!r}")
         # The samples are generated with these: the generation bounds are theirs.
@@ -187,13 +190,22 @@ def quality_report(
         steps[0].update(samples=first[0]["samples"], seconds=round(first[0]["seconds"], 1))
     if settings.rounds > 1:
         label = "reminders and resampling" if settings.reminders else "resampling"
-        if settings.reminders and settings.phrases:
-            label += ", required phrases prefilled"
+        prefilled = [
+            what
+            for what, on in (
+                ("required phrases", settings.phrases),
+                ("fact sentences", settings.fact_sentences and any(c.extra for c in curated)),
+            )
+            if on
+        ]
+        if settings.reminders and prefilled:
+            label += ", " + " and ".join(prefilled) + " prefilled"
         steps.append(
             {
                 "step": f"{label} (up to {settings.rounds} rounds, {settings.max_samples} samples)",
                 **rates([c.picked for c in curated], later),
-                "queries": sum(c["queries"] for c in later),
+                # Later rounds ask subsets of round two's queries: those are the distinct queries.
+                "queries": max((c["queries"] for c in later), default=0),
             }
         )
     if settings.repairs:

@@ -48,6 +48,9 @@ class Guide:
         self.k = passages
         self.facts = fact_list
         self._notes: dict[str, str] = {}
+        # The sentence of the prompt stating each fact: a reminder quotes it, a later round may open with it.
+        sentences = [p.text for p in curation.passages(prompt)] if fact_list else []
+        self._statements = {f.name: _statement(f, sentences) for f in fact_list}
 
     def note(self, messages: Messages) -> str:
         query = curation.last_user_text(messages)
@@ -67,10 +70,21 @@ class Guide:
         return lambda text: {f"fact:{f.name}": facts.states(f, text) for f in asked}
 
     def sources(self, messages: Messages) -> dict[str, str]:
-        return {
-            f"fact:{f.name}": f.source or f"The answer is {f.expect or 'in the prompt'}."
-            for f in self._asked(messages)
-        }
+        return {f"fact:{f.name}": self._statements[f.name] for f in self._asked(messages)}
+
+
+def _statement(fact: FactCheck, sentences: list[str]) -> str:
+    """The whole prompt sentence that holds the fact's source and states it
+    (a source may be a fragment: "on Saturday from 09:00 to 13:00"); else
+    the first sentence stating it; else the source itself."""
+    source = fact.source.strip().casefold()
+    stating = [s for s in sentences if facts.states(fact, s)]
+    for sentence in stating:
+        if source and source in sentence.casefold():
+            return sentence
+    if stating:
+        return stating[0]
+    return fact.source or f"The answer is {fact.expect or 'in the prompt'}."
 
 
 @register
@@ -161,6 +175,7 @@ class TeacherRunner(JobRunner):
                         sources=[guide.sources(m) for _, m in chunk],
                         reminders=bool(curate and curate.reminders),
                         phrases=bool(curate and curate.phrases),
+                        fact_sentences=bool(curate and curate.fact_sentences),
                         progress=progress,
                         should_stop=self.should_stop,
                     )
@@ -345,13 +360,15 @@ class TeacherRunner(JobRunner):
                 if item.get("note"):
                     record["note"] = item["note"]  # what the teacher was shown beside the question
                 if (item.get("phrases") or [False] * len(samples))[made.record["picked"]]:
-                    record["phrase_prefilled"] = True
+                    record["phrase_prefilled"] = True  # a required phrase or a fact's sentence
                 made_by_index[index] = made
             elif rules:
                 failing = data_quality.failing(rules, [{"role": "assistant", "content": text}])
             picked = record.get("picked", 0)
-            # Quoting a fact passage the teacher was handed states a fact; it is not a leak of instructions.
-            shown = spans - prompt_spans(item["note"]) if item.get("note") else spans
+            # Quoting a fact passage the teacher was handed (beside the question, or as the sentence a later
+            # round's answer opened with) states a fact; it is not a leak of instructions.
+            facts_shown = " ".join([item.get("note") or "", *guide.sources(queries[index]).values()])
+            shown = spans - prompt_spans(facts_shown) if facts_shown.strip() else spans
             notes = leak_flags(text, system_prompt, shown)
             if not text.strip():
                 notes.append("empty answer")
