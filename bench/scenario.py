@@ -32,6 +32,13 @@ def main() -> None:
     parser.add_argument("--no-curation", action="store_true")
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument(
+        "--refine",
+        type=int,
+        default=None,
+        metavar="N",
+        help="refine_samples: a rejection-sampling round, N per query",
+    )
+    parser.add_argument(
         "--curation",
         type=json.loads,
         default=None,
@@ -118,7 +125,7 @@ def main() -> None:
         curation["best_of"] = args.best_of
     if args.curation and curation:
         curation.update(args.curation)
-    training = {"epochs": args.epochs} if args.epochs else {}
+    training = train_config(args)
     times: dict[str, float] = {}
     began = time.monotonic()
     teacher, finetune = start_absorb(project, user, prompt, train, base, {}, training, curation=curation)
@@ -163,7 +170,7 @@ def resume(args: argparse.Namespace, data_dir: Path) -> None:
     Job.objects.filter(kind="finetune").exclude(status__in=Job.TERMINAL).update(status=Job.CANCELLED)
     project, user, prompt = teacher.project, teacher.created_by, teacher.prompt_version
     heldout = Dataset.objects.get(project=project, name="heldout").latest
-    training = {"epochs": args.epochs} if args.epochs else {}
+    training = train_config(args)
     times: dict[str, float] = {"teacher": float(teacher.output_dataset.meta.get("seconds", 0))}
     began = time.monotonic()
     finetune = start_finetune(project, user, prompt, teacher.output_dataset, teacher.base_model, training)
@@ -202,6 +209,13 @@ def resume(args: argparse.Namespace, data_dir: Path) -> None:
         teacher.params.get("curation"),
         times,
     )
+
+
+def train_config(args: argparse.Namespace) -> dict:
+    training: dict = {"epochs": args.epochs} if args.epochs else {}
+    if args.refine is not None:
+        training["refine_samples"] = args.refine
+    return training
 
 
 JUDGE_RUBRIC = (

@@ -10,12 +10,15 @@ Layout, as TRL's: `config` (TrainConfig, its errors, the peft/TRL configs),
 tokenization and the KL loss terms that read its masks),
 `checkpoints` (resume, fingerprint, atomic adapter save), `device`,
 `trainer` (AbsorbTrainer, DistillCollator, ProgressCallback; imported
-lazily) and `absorb` (`train`). Outside code imports from here only.
+lazily), `absorb` (`train`) and `refine` (which of the student's own
+samples a rejection-sampling round trains on). Outside code imports from
+here only.
 
 Contract of `train`:
   - returns a `TrainResult`; a cooperative cancel (`should_stop()` true) stops
     within one optimizer step and returns `cancelled=True` with no adapter
     saved (checkpoints stay, so the run can be resumed);
+  - with `init_adapter`, continues a saved adapter instead of a fresh LoRA;
   - loads weights only through `engines.inference.load_model` (safetensors,
     no remote code);
   - raises `ConfigError` (bad config), `ExampleError` (bad examples),
@@ -54,6 +57,7 @@ from engines.training.data import (
     validate_examples,
 )
 from engines.training.device import resolve_bf16, resolve_device
+from engines.training.refine import Choice, RefineReport, choose_answer, refine_examples
 
 if TYPE_CHECKING:
     from engines.training.trainer import AbsorbTrainer, DistillCollator, ProgressCallback
@@ -77,21 +81,25 @@ __all__ = [
     "DEVICES",
     "LR_SCHEDULERS",
     "AbsorbTrainer",
+    "Choice",
     "ConfigError",
     "DistillCollator",
     "Example",
     "ExampleError",
     "ProgressCallback",
+    "RefineReport",
     "TrainConfig",
     "TrainResult",
     "TrainingError",
     "TrainingOOM",
+    "choose_answer",
     "fingerprint",
     "general_examples",
     "general_instructions",
     "general_mix_queries",
     "last_checkpoint",
     "lora_config",
+    "refine_examples",
     "resolve_bf16",
     "resolve_device",
     "sft_config",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import time
 from collections.abc import Sequence
@@ -40,13 +41,16 @@ def train(
     should_stop: StopFn | None = None,
     resume: bool = True,
     teacher_dir: Path | str | None = None,
+    init_adapter: Path | str | None = None,
 ) -> TrainResult:
     """Train a LoRA adapter on (messages -> answer) rendered without a system
     prompt; loss on the answer tokens (and end-of-turn) only. See the package
     docstring for the exceptions and cancellation, `checkpoints` for the
     layout. With KL on, `teacher_dir` names another model as the teacher; it
     must share the student's tokenizer (token-level KL compares the same
-    vocabulary)."""
+    vocabulary). With `init_adapter` (a saved adapter directory) training
+    continues from that adapter's weights instead of a fresh LoRA; its own
+    config (rank, alpha, modules) then holds."""
     t_start = time.monotonic()
     config = config or TrainConfig()
     model_dir, output_dir = Path(model_dir), Path(output_dir)
@@ -58,8 +62,16 @@ def train(
     use_bf16 = resolve_bf16(config.bf16, device)
 
     output_dir.mkdir(parents=True, exist_ok=True)
+    init = Path(init_adapter) if init_adapter is not None else None
+    run_id = fingerprint(model_dir, config, examples)
+    if init is not None:
+        weights = init / "adapter_model.safetensors"
+        if not weights.is_file():
+            raise TrainingError(f"{init} is not a saved adapter (no adapter_model.safetensors).")
+        # Checkpoints continued from other starting weights are another run.
+        run_id = hashlib.sha256((run_id + _digest(weights)).encode()).hexdigest()
     ckpt_dir = output_dir / CHECKPOINTS_DIR
-    resume_from = prepare_checkpoints(ckpt_dir, fingerprint(model_dir, config, examples), resume)
+    resume_from = prepare_checkpoints(ckpt_dir, run_id, resume)
     resumed_step = checkpoint_step(resume_from) if resume_from else None
 
     def result(
@@ -117,6 +129,7 @@ def train(
             should_stop,
             resume_from,
             teacher,
+            init,
         )
     except BaseException as exc:
         if not is_oom(exc):
@@ -155,6 +168,14 @@ def train(
     )
 
 
+def _digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def _load(model_dir: Path, device: str, dtype: Any) -> Any:
     """The one loader (safetensors only, no remote code), its refusal turned
     into a TrainingError."""
@@ -178,6 +199,7 @@ def _fit(
     should_stop: StopFn | None,
     resume_from: Path | None,
     teacher_dir: Path | None = None,
+    init_adapter: Path | None = None,
 ) -> tuple[Any, Any, int]:
     import torch
     from datasets import Dataset
@@ -198,14 +220,20 @@ def _fit(
     if teacher_dir is not None:
         teacher_model = _load(teacher_dir, device, dtype).model
         teacher_model.requires_grad_(False)
+    model, peft_config = loaded.model, lora_config(config)
+    if init_adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True)
+        peft_config = None  # the adapter is already there: TRL refuses a second one
     callback = ProgressCallback(progress, should_stop)
     trainer = AbsorbTrainer(
-        model=loaded.model,
+        model=model,
         args=sft_config(config, ckpt_dir, device, use_bf16, distill),
         train_dataset=Dataset.from_list(features),
         processing_class=tokenizer,
         data_collator=DistillCollator(tokenizer.pad_token_id) if distill else None,
-        peft_config=lora_config(config),
+        peft_config=peft_config,
         callbacks=[callback],
         kl_weight=config.kl_weight,
         kl_temperature=config.kl_temperature,

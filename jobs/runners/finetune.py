@@ -1,9 +1,19 @@
 """The fine-tune: a LoRA adapter learns to answer WITHOUT the prompt what the
-teacher answered WITH it; the result is a registered variant."""
+teacher answered WITH it; the result is a registered variant.
+
+With `refine_samples` the adapter then goes through a rejection-sampling
+round (engines.training.refine): the student samples its own answers, those
+passing the checks replace the rows' answers, and a short second fine-tune
+continues the adapter on that set; the variant is the refined adapter."""
 
 from __future__ import annotations
 
+import dataclasses
+import gc
+import hashlib
 import json
+import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -12,9 +22,21 @@ from django.conf import settings
 from django.db import transaction
 from django.db.models import Case, Value, When
 
+from engines import facts
+from engines.curation import CurationSettings
 from engines.inference import GenerationSettings, SettingsError
 from engines.progress import Progress
-from engines.training import TrainConfig, general_examples, general_mix_queries, train
+from engines.rules import validate_rules
+from engines.training import (
+    ADAPTER_DIR,
+    TrainConfig,
+    TrainResult,
+    fingerprint,
+    general_examples,
+    general_mix_queries,
+    refine_examples,
+    train,
+)
 from jobs.backend import generator
 from jobs.registry import JobCancelled, JobError, JobRunner, register
 from workbench import data_quality
@@ -28,6 +50,13 @@ MIN_PASSING_SHARE = 0.25
 GENERAL_MIX_FILE = "general-mix.jsonl"
 GENERAL_MAX_NEW_TOKENS = 256
 GENERAL_CHUNK = 16  # answers generated (and saved) together
+# The refine round keeps what a requeued attempt needs beside the adapter: the first adapter's
+# result (so it is not trained again), the student's samples as they come, its own checkpoints.
+TRAINED_FILE = "trained.json"
+REFINE_SAMPLES_FILE = "refine-samples.jsonl"
+REFINE_DIR = "refine"
+REFINE_CHUNK = 16  # queries sampled (and saved) together
+REFINE_TEMPERATURE = 0.7
 
 
 def training_examples(
@@ -96,6 +125,7 @@ class FinetuneRunner(JobRunner):
         warn = data_quality.warning(version, settings.DATA_FAIL_WARN_SHARE)
         if warn:
             self.log(f"warning: {warn}")
+        task = list(examples)
         general = self._general_mix(config, len(examples), guard_rails)
         examples += general
         self.log(
@@ -108,36 +138,34 @@ class FinetuneRunner(JobRunner):
         teacher = FoundationModel.objects.filter(pk=job.params.get("teacher_model")).first()
         if teacher is not None and teacher.pk != base.pk:
             self.log(f"teacher model: {teacher.name}" + (" (KL against it)" if config.kl_weight > 0 else ""))
-        result = train(
-            base.path,
-            examples,
-            job.data_dir,
-            config,
-            progress=self._progress,
-            should_stop=self.should_stop,
-            resume=True,
-            teacher_dir=teacher.path if teacher is not None else None,
-        )
-        if result.cancelled:
-            raise JobCancelled()
-        if result.resumed_from_step:
-            self.log(f"resumed from checkpoint at step {result.resumed_from_step}")
-        if result.adapter_dir is None:
-            raise JobError("training finished without an adapter")
+        teacher_dir = teacher.path if teacher is not None else None
+        started = time.monotonic()
+        refined: dict[str, Any] | None = None
+        if config.refine_samples:
+            result = self._first_adapter(examples, config, teacher_dir)
+            adapter_dir, refined = self._refine(task, general, config, result, guard_rails, teacher_dir)
+            seconds = time.monotonic() - started  # both fine-tunes and the sampling between them
+        else:
+            result = self._train(examples, job.data_dir, config, teacher_dir)
+            assert result.adapter_dir is not None
+            adapter_dir, seconds = result.adapter_dir, result.duration_seconds
+        metrics = {**result.to_dict(), "rows_left_out_failing": left_out, "general_rows": len(general)}
+        if refined is not None:
+            metrics.update(adapter_dir=str(adapter_dir), refine=refined)
         with transaction.atomic():
             variant = Variant.objects.create(
                 project=job.project,
                 name=f"{prompt_version.prompt.name}-absorbed-{job.pk}",
                 base_model=base,
-                adapter_path=str(result.adapter_dir),
+                adapter_path=str(adapter_dir),
                 prompt_version=prompt_version,
                 prompt_sha256=prompt_version.sha256,
                 dataset_version=version,
                 hyperparameters=config.to_dict(),
                 generation=guard_rails,
                 final_loss=result.final_loss,
-                duration_seconds=result.duration_seconds,
-                metrics={**result.to_dict(), "rows_left_out_failing": left_out, "general_rows": len(general)},
+                duration_seconds=seconds,
+                metrics=metrics,
                 created_by=job.created_by,
             )
             if not self.succeed(variant=variant):
@@ -146,7 +174,187 @@ class FinetuneRunner(JobRunner):
         self.log(
             f"fine-tune done: {result.steps} steps, final loss {loss}, "
             f"{result.tokens_per_second:.0f} tok/s; variant {variant.name}"
+            + (" (refined)" if refined is not None and refined.get("train") else "")
         )
+
+    def _train(
+        self,
+        examples: list[dict[str, Any]],
+        output_dir: Path,
+        config: TrainConfig,
+        teacher_dir: str | None,
+        init_adapter: Path | None = None,
+    ) -> TrainResult:
+        result = train(
+            self.job.base_model.path,
+            examples,
+            output_dir,
+            config,
+            progress=self._progress,
+            should_stop=self.should_stop,
+            resume=True,
+            teacher_dir=teacher_dir,
+            init_adapter=init_adapter,
+        )
+        if result.cancelled:
+            raise JobCancelled()
+        if result.resumed_from_step:
+            self.log(f"resumed from checkpoint at step {result.resumed_from_step}")
+        if result.adapter_dir is None:
+            raise JobError("training finished without an adapter")
+        return result
+
+    def _first_adapter(
+        self, examples: list[dict[str, Any]], config: TrainConfig, teacher_dir: str | None
+    ) -> TrainResult:
+        """The adapter the refine round starts from: an earlier attempt's when
+        it finished training on these very examples, else trained now."""
+        job = self.job
+        marker = job.data_dir / TRAINED_FILE
+        run_id = fingerprint(Path(job.base_model.path), config, examples)
+        try:
+            stored = json.loads(marker.read_text())
+            if stored["fingerprint"] == run_id and (job.data_dir / ADAPTER_DIR).is_dir():
+                result = TrainResult(**{**stored["result"], "adapter_dir": job.data_dir / ADAPTER_DIR})
+                self.log(f"refine: the adapter an earlier attempt trained ({result.steps} steps) is reused")
+                return result
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        result = self._train(examples, job.data_dir, config, teacher_dir)
+        tmp = marker.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"fingerprint": run_id, "result": result.to_dict()}))
+        os.replace(tmp, marker)
+        return result
+
+    def _refine(
+        self,
+        task: list[dict[str, Any]],
+        general: list[dict[str, Any]],
+        config: TrainConfig,
+        first: TrainResult,
+        guard_rails: dict[str, Any],
+        teacher_dir: str | None,
+    ) -> tuple[Path, dict[str, Any]]:
+        """The rejection-sampling round: the student's samples, the rows they
+        replace, and the short fine-tune that continues the adapter on them.
+        Returns the adapter to register and the round's figures."""
+        job = self.job
+        version, prompt_version = job.dataset_version, job.prompt_version
+        assert version is not None and prompt_version is not None and first.adapter_dir is not None
+        rules = validate_rules(prompt_version.rules or [])
+        try:
+            fact_list = facts.validate_facts(prompt_version.facts or [])
+        except facts.FactsError as exc:
+            raise JobError(f"the prompt version's facts checks are invalid: {exc}") from exc
+        repairs = _repairs(version)
+        gen = _refine_generation(version, guard_rails, config.seed)
+        n = config.refine_samples
+        self.log(
+            f"refine: the student (no prompt) samples {n} answers to each of {len(task)} train queries "
+            f"(temperature {gen.temperature}, top-p {gen.top_p}, max {gen.max_new_tokens} new tokens); "
+            f"checked against {len(rules)} rules after repairs ({', '.join(repairs) or 'none'}) "
+            f"and {len(fact_list)} facts checks"
+        )
+        began = time.monotonic()
+        samples = self._student_samples(task, n, gen, first.adapter_dir)
+        sampling = time.monotonic() - began
+        groups = [samples[_key(ex["messages"])] for ex in task]
+        refined, report = refine_examples(
+            task,
+            [g[0] for g in groups],
+            rules,
+            fact_list,
+            repairs=repairs,
+            finish_reasons=[g[1] for g in groups],
+        )
+        self.log(report.summary())
+        figures: dict[str, Any] = {
+            **report.to_dict(),
+            "samples_per_query": n,
+            "sampling_seconds": round(sampling, 1),
+            "train": None,
+        }
+        if not report.student:
+            self.log("refine: no row changed, so no second fine-tune; the variant is the first adapter")
+            return first.adapter_dir, figures
+        steps_per_epoch = math.ceil(len(refined + general) / (config.batch_size * config.grad_accum))
+        refine_config = dataclasses.replace(
+            config,
+            epochs=config.refine_epochs,
+            # Smoke runs cap the steps: the refine round is no longer than the first.
+            max_steps=min(config.max_steps, config.refine_epochs * steps_per_epoch)
+            if config.max_steps
+            else None,
+            learning_rate=config.learning_rate / 2,
+        )
+        self.log(
+            f"refine: {config.refine_epochs} more epoch(s) from the trained adapter at lr "
+            f"{refine_config.learning_rate} on {len(refined)} rows ({report.student} the student's) "
+            f"and {len(general)} general"
+        )
+        result = self._train(
+            refined + general,
+            job.data_dir / REFINE_DIR,
+            refine_config,
+            teacher_dir,
+            init_adapter=first.adapter_dir,
+        )
+        figures["train"] = {
+            k: v for k, v in result.to_dict().items() if k in ("steps", "final_loss", "duration_seconds")
+        }
+        self.log(
+            f"refine: {result.steps} steps in {result.duration_seconds:.0f} s; the round took "
+            f"{time.monotonic() - began:.0f} s with sampling"
+        )
+        assert result.adapter_dir is not None
+        return result.adapter_dir, figures
+
+    def _student_samples(
+        self, task: list[dict[str, Any]], n: int, gen: GenerationSettings, adapter_dir: Path
+    ) -> dict[str, tuple[list[str], list[str]]]:
+        """conversation key -> (samples, finish reasons); those an earlier
+        attempt saved are reused, the rest are generated and saved by chunks."""
+        job = self.job
+        assert job.base_model is not None
+        cache = job.data_dir / REFINE_SAMPLES_FILE
+        saved = _cached_samples(cache, n)
+        todo: dict[str, list[dict[str, str]]] = {}
+        for ex in task:
+            key = _key(ex["messages"])
+            if key not in saved:
+                todo.setdefault(key, ex["messages"])
+        self.log(f"refine: {len(saved)} queries' samples reused, {len(todo)} to sample")
+        if not todo:
+            return saved
+        from engines.generator import LocalGenerator
+        from engines.inference import load_model
+
+        # In this process, where the adapter was just trained: it is no served variant yet.
+        # Merged into the weights: the same function, sampled faster.
+        student = LocalGenerator(load_model(job.base_model.path, adapter_dir, merge=True))
+        started, items, done = time.monotonic(), list(todo.items()), 0
+        torn = cache.is_file() and cache.stat().st_size > 0 and not cache.read_bytes().endswith(b"\n")
+        try:
+            with cache.open("a", encoding="utf-8") as out:
+                if torn:  # a line cut short by a killed attempt must not swallow the next one
+                    out.write("\n")
+                for start in range(0, len(items), REFINE_CHUNK):
+                    chunk = items[start : start + REFINE_CHUNK]
+                    groups = student.generate_samples(
+                        [messages for _, messages in chunk], None, gen, n, should_stop=self.should_stop
+                    )
+                    for (key, _), group in zip(chunk, groups, strict=True):
+                        saved[key] = ([c.text for c in group], [c.finish_reason for c in group])
+                        line = {"key": key, "samples": saved[key][0], "finish_reasons": saved[key][1]}
+                        out.write(json.dumps(line, ensure_ascii=False) + "\n")
+                    out.flush()
+                    done += len(chunk)
+                    self.progress(Progress.since(started, done * n, len(items) * n, "samples"))
+        finally:
+            del student
+            gc.collect()  # the sampling copy of the model goes before the second fine-tune loads one
+        self.log(f"refine: {len(items) * n} samples in {time.monotonic() - started:.0f} s")
+        return saved
 
     def _general_mix(
         self, config: TrainConfig, task_rows: int, guard_rails: dict[str, Any]
@@ -215,6 +423,54 @@ def _cached_answers(path: Path) -> dict[str, tuple[str, str]]:
         except (ValueError, KeyError, TypeError):
             continue
     return answers
+
+
+def _key(messages: list[dict[str, str]]) -> str:
+    """A conversation's key in the samples file (the same across attempts)."""
+    return hashlib.sha256(json.dumps(messages, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:24]
+
+
+def _cached_samples(path: Path, n: int) -> dict[str, tuple[list[str], list[str]]]:
+    """The student's samples an earlier attempt saved; a torn line, or one
+    with another number of samples, is sampled again."""
+    out: dict[str, tuple[list[str], list[str]]] = {}
+    if not path.is_file():
+        return out
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+            texts, reasons = [str(t) for t in row["samples"]], [str(r) for r in row["finish_reasons"]]
+        except (ValueError, KeyError, TypeError):
+            continue
+        if len(texts) == n == len(reasons):
+            out[str(row["key"])] = (texts, reasons)
+    return out
+
+
+def _repairs(version: DatasetVersion) -> tuple[str, ...]:
+    """The repairs the teacher's answers were curated with; the curation
+    defaults when the data was not curated (the round checks as curation would)."""
+    stored = version.meta.get("curation")
+    try:
+        return CurationSettings.from_dict(stored if isinstance(stored, dict) else None).repairs
+    except (TypeError, ValueError):
+        return CurationSettings().repairs
+
+
+def _refine_generation(version: DatasetVersion, guard_rails: dict[str, Any], seed: int) -> GenerationSettings:
+    """The teacher's generation settings (token cap, batch, guard rails), sampled at
+    REFINE_TEMPERATURE with the training seed unless the teacher's had one."""
+    stored = version.meta.get("generation")
+    try:
+        gen = GenerationSettings.from_dict(stored if isinstance(stored, dict) else None)
+    except SettingsError:
+        gen = GenerationSettings()
+    gen = dataclasses.replace(
+        gen, **{k: v for k, v in guard_rails.items() if k in GenerationSettings.GUARD_RAILS}
+    )
+    return dataclasses.replace(
+        gen, temperature=REFINE_TEMPERATURE, seed=gen.seed if gen.seed is not None else seed
+    )
 
 
 def _guard_rails(version: DatasetVersion) -> dict[str, Any]:

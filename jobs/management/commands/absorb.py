@@ -32,6 +32,13 @@ class Command(BaseCommand):
         parser.add_argument("--epochs", type=int)
         parser.add_argument("--max-steps", type=int)
         parser.add_argument("--batch-size", type=int)
+        parser.add_argument(
+            "--refine",
+            type=int,
+            metavar="N",
+            help="After training, the student samples N answers per train query; passing ones replace the "
+            "rows' answers for one more short fine-tune (refine_samples; 0-8, default off)",
+        )
         gen = actions.absorb_generation()
         parser.add_argument("--max-new-tokens", type=int, default=gen.max_new_tokens)
         parser.add_argument(
@@ -82,6 +89,11 @@ class Command(BaseCommand):
             "--no-phrases",
             action="store_true",
             help="Later rounds don't open an answer lacking a required phrase (a contains rule) with it",
+        )
+        curation.add_argument(
+            "--no-fact-sentences",
+            action="store_true",
+            help="Later rounds don't open an answer missing a fact its query asks for with the prompt's sentence",
         )
         curation.add_argument(
             "--passages",
@@ -144,6 +156,8 @@ class Command(BaseCommand):
         for key in ("epochs", "max_steps", "batch_size"):
             if opts[key] is not None:
                 training[key] = opts[key]
+        if opts["refine"] is not None:
+            training["refine_samples"] = opts["refine"]
         try:
             if opts["skip_teacher"]:
                 jobs = [
@@ -172,6 +186,7 @@ class Command(BaseCommand):
                         "rounds": opts["rounds"],
                         "reminders": not opts["no_reminders"],
                         "phrases": not opts["no_phrases"],
+                        "fact_sentences": not opts["no_fact_sentences"],
                         "passages": opts["passages"],
                         "temperature": opts["sample_temperature"],
                         "top_p": opts["sample_top_p"],
