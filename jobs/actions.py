@@ -9,10 +9,13 @@ from typing import Any
 from django.contrib.auth.models import User
 from django.db import IntegrityError, transaction
 
-from engines.curation import CurationSettings
+from engines.curation import CurationSettings, SynthesisSettings
 from engines.inference import GenerationSettings
 from engines.training import TrainConfig, tokenizers_match
 from jobs.models import Job, TeacherEndpoint
+from jobs.runners.synthesis import DEFAULT_COUNT as SYNTHESIS_DEFAULT_COUNT
+from jobs.runners.synthesis import KIND as SYNTHESIS_KIND
+from jobs.runners.synthesis import MAX_COUNT as SYNTHESIS_MAX_COUNT
 from jobs.tasks import enqueue
 from workbench.actions import ActionError
 from workbench.models import DatasetRow, DatasetVersion, FoundationModel, Project, PromptVersion
@@ -236,6 +239,55 @@ def start_finetune(
         prompt_version=prompt_version,
         dataset_version=dataset_version,
         params={"train": train.to_dict(), "passing_only": passing_only},
+        created_by=user,
+    )
+    enqueue(job)
+    return job
+
+
+@transaction.atomic
+def start_synthesis(
+    project: Project,
+    user: User | None,
+    prompt_version: PromptVersion,
+    dataset_version: DatasetVersion,
+    base_model: FoundationModel,
+    count: int = SYNTHESIS_DEFAULT_COUNT,
+    settings: SynthesisSettings | dict[str, Any] | None = None,
+    *,
+    teacher_endpoint: TeacherEndpoint | None = None,
+    form_token: uuid.UUID | None = None,
+) -> Job:
+    """Queue a synthesis job: `base_model` (or `teacher_endpoint`) writes up
+    to `count` questions about the prompt version's sections and facts; its
+    output is a new version of the dataset with them added."""
+    check_form_token(project, form_token)
+    if prompt_version.prompt.project_id != project.pk or dataset_version.dataset.project_id != project.pk:
+        raise ActionError("The prompt and the dataset must belong to this project.")
+    if teacher_endpoint is not None and teacher_endpoint.project_id != project.pk:
+        raise ActionError("The teacher endpoint must belong to this project.")
+    if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= SYNTHESIS_MAX_COUNT:
+        raise ActionError(
+            f"The number of queries to synthesise must be from 1 to {SYNTHESIS_MAX_COUNT}, got {count!r}."
+        )
+    try:
+        chosen = (
+            settings if isinstance(settings, SynthesisSettings) else SynthesisSettings.from_dict(settings)
+        )
+    except (TypeError, ValueError) as exc:
+        raise ActionError(f"Synthesis settings: {exc}") from exc
+    params: dict[str, Any] = {"count": count, "synthesis": chosen.to_dict()}
+    if teacher_endpoint is not None:
+        params["teacher_endpoint"] = teacher_endpoint.snapshot()
+    job = create_job(
+        project,
+        form_token,
+        kind=SYNTHESIS_KIND,
+        base_model=base_model,
+        prompt_version=prompt_version,
+        dataset_version=dataset_version,
+        teacher_endpoint=teacher_endpoint,
+        params=params,
         created_by=user,
     )
     enqueue(job)

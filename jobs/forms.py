@@ -15,6 +15,8 @@ from engines.inference import GenerationSettings, SettingsError
 from engines.training import DEVICES, LR_SCHEDULERS, ConfigError, TrainConfig
 from jobs.actions import absorb_generation
 from jobs.models import TeacherEndpoint
+from jobs.runners.synthesis import DEFAULT_COUNT as SYNTHESIS_DEFAULT_COUNT
+from jobs.runners.synthesis import MAX_COUNT as SYNTHESIS_MAX_COUNT
 from workbench.data_quality import final_compliance, warning
 from workbench.forms import form_token_field, model_choice
 from workbench.models import DatasetVersion, FoundationModel, Project, PromptVersion
@@ -44,6 +46,10 @@ TRAIN_HELP: dict[str, str] = {
     "kl_temperature": "Softmax temperature of the KL term.",
     "general_mix": "Against forgetting: general instructions answered by the base itself, as a share of the "
     "training rows (0.1 = one per ten rows; 0 = off). The base answers them before training (~6 s each on CPU).",
+    "refine_samples": "Rejection sampling after training: the student (no prompt) samples this many answers per "
+    "train query; one passing every rule, stating the facts asked and saying at least half as much replaces the "
+    "row's answer, and the adapter trains a little more on that set. 0 = off (0-8); costs sampling plus refine_epochs of training.",
+    "refine_epochs": "Epochs of the refine round's second fine-tune (at half the learning rate).",
     "device": "auto picks CUDA (bf16), then MPS, then CPU (float32).",
     "bf16": "auto: bf16 on CUDA. true on a CPU with native bf16 (avx512_bf16/AMX) is ~1.5x faster.",
 }
@@ -61,6 +67,7 @@ CURATION_FIELDS = (
     "rounds",
     "reminders",
     "phrases",
+    "fact_sentences",
     "passages",
     "sample_temperature",
     "sample_top_p",
@@ -164,6 +171,13 @@ class AbsorbForm(forms.Form):
         initial=CurationSettings.phrases,
         label="prefill a required phrase still missing",
         help_text="A later round opens an answer lacking a contains rule's text with it; the model writes the rest.",
+    )
+    fact_sentences = forms.BooleanField(
+        required=False,
+        initial=CurationSettings.fact_sentences,
+        label="open with the fact a query asks for",
+        help_text="A later round opens an answer that missed a fact its query asks for (facts checks) with the "
+        "prompt's sentence stating it, so the data states it.",
     )
     passages = forms.IntegerField(
         required=False,
@@ -294,6 +308,7 @@ class AbsorbForm(forms.Form):
                     rounds=data.get("rounds") or CurationSettings.rounds,
                     reminders=bool(data.get("reminders")),
                     phrases=bool(data.get("phrases")),
+                    fact_sentences=bool(data.get("fact_sentences")),
                     passages=int(data.get("passages") or 0)
                     if data.get("passages") is not None
                     else CurationSettings.passages,
@@ -343,3 +358,47 @@ class TeacherEndpointForm(forms.ModelForm):
         if TeacherEndpoint.objects.filter(project=self.project, name__iexact=name).exists():
             raise forms.ValidationError("This project already has a teacher endpoint of that name.")
         return name
+
+
+class SynthesisForm(forms.Form):
+    """More queries, written by the teacher about the prompt's sections and
+    facts, added to a new version of the dataset for review."""
+
+    prompt_version = forms.ModelChoiceField(
+        queryset=PromptVersion.objects.none(),
+        label="Prompt version",
+        empty_label=None,
+        help_text="Its sections and facts checks are what the questions ask about.",
+    )
+    dataset_version = forms.ModelChoiceField(
+        queryset=DatasetVersion.objects.none(),
+        label="Dataset version",
+        empty_label=None,
+        help_text="The new version holds its rows and the synthetic queries; none close to its queries.",
+    )
+    base_model = forms.ModelChoiceField(
+        queryset=FoundationModel.objects.all(),
+        label="Teacher model",
+        empty_label=None,
+        help_text="The model that writes the questions.",
+    )
+    count = forms.IntegerField(
+        min_value=1,
+        max_value=SYNTHESIS_MAX_COUNT,
+        initial=SYNTHESIS_DEFAULT_COUNT,
+        label="queries to add, at most",
+        help_text="Spread evenly over the prompt's sections and facts; fewer when too few pass the filters.",
+    )
+    form_token = form_token_field()
+
+    def __init__(self, project: Project, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        model_choice(self, "prompt_version").queryset = PromptVersion.objects.filter(
+            prompt__project=project
+        ).select_related("prompt")
+        model_choice(self, "dataset_version").queryset = DatasetVersion.objects.filter(
+            dataset__project=project
+        ).select_related("dataset")
+        default = FoundationModel.objects.filter(is_default=True).first()
+        if default is not None:
+            self.fields["base_model"].initial = default.pk

@@ -5,6 +5,7 @@ from jobs import views
 urlpatterns = [
     path("p/<slug:slug>/jobs/", views.job_list, name="job_list"),
     path("p/<slug:slug>/jobs/absorb", views.absorb_start, name="absorb_start"),
+    path("p/<slug:slug>/jobs/synthesize", views.synthesize, name="synthesize"),
     path("p/<slug:slug>/jobs/<int:job_id>/", views.job_detail, name="job_detail"),
     path("p/<slug:slug>/jobs/<int:job_id>/status.json", views.job_status, name="job_status"),
     path("p/<slug:slug>/jobs/<int:job_id>/cancel", views.job_cancel, name="job_cancel"),

@@ -13,7 +13,7 @@ from django.views.decorators.http import require_POST
 
 from jobs import actions
 from jobs.actions import AlreadyStarted
-from jobs.forms import AbsorbForm, TeacherEndpointForm
+from jobs.forms import AbsorbForm, SynthesisForm, TeacherEndpointForm
 from jobs.models import Job, JobPoint, TeacherEndpoint
 from workbench.actions import ActionError
 from workbench.forms import with_form_token
@@ -107,6 +107,39 @@ def absorb_start(request: AuthedHttpRequest, slug: str) -> HttpResponse:
     )
     messages.success(request, f"{teacher} queued.{note}")
     return redirect(teacher)
+
+
+@login_required
+def synthesize(request: AuthedHttpRequest, slug: str) -> HttpResponse:
+    """GET: the form (the dataset version preselected from ?dataset_version);
+    POST: queue a synthesis job and go to it."""
+    project = get_project(request, slug)
+    if request.method != "POST":
+        initial = {"dataset_version": request.GET.get("dataset_version", "")}
+        form = SynthesisForm(project, initial=with_form_token(initial))
+        return render(request, "jobs/synthesize.html", {"project": project, "form": form})
+    form = SynthesisForm(project, request.POST)
+    if form.is_valid():
+        data = form.cleaned_data
+        try:
+            job = actions.start_synthesis(
+                project,
+                request.user,
+                data["prompt_version"],
+                data["dataset_version"],
+                data["base_model"],
+                data["count"],
+                form_token=data.get("form_token"),
+            )
+        except AlreadyStarted as exc:
+            messages.info(request, f"{exc} Nothing new was queued.")
+            return redirect(exc.job)
+        except ActionError as exc:
+            form.add_error(None, str(exc))
+        else:
+            messages.success(request, f"{job} queued: its queries are added to a new version for review.")
+            return redirect(job)
+    return render(request, "jobs/synthesize.html", {"project": project, "form": form}, status=400)
 
 
 def _get_job(request: HttpRequest, slug: str, job_id: int) -> Job:

@@ -15,7 +15,10 @@ and recorded:
 - repairs (`repairs`): rule kinds that can be fixed mechanically are fixed,
   and every change is recorded with its before and after;
 - picking and the report (`settings`): the sample passing the most checks
-  is kept; the report gives the pass rates after each stage and its cost.
+  is kept; the report gives the pass rates after each stage and its cost;
+- synthesis (`synthesis`): more queries, written by the teacher about the
+  prompt's sections and facts, filtered (round trip, near-duplicates) and
+  spread evenly over them, for a team with few real ones.
 
 The public face of the package; outside code imports from here only.
 """
@@ -33,9 +36,18 @@ from engines.curation.context import Passage, Retriever, facts_note, last_user_t
 from engines.curation.repairs import MAX_WORDS_TARGET, REPAIRS, Change, Repaired, repair
 from engines.curation.select import opening, pass_rates, pick_best
 from engines.curation.settings import Curated, CurationSettings, curate, quality_report
+from engines.curation.synthesis import (
+    NearDuplicates,
+    SynthesisSettings,
+    Synthesized,
+    SyntheticQuery,
+    parse_question,
+    synthesize,
+)
 
 __all__ = [
     "MAX_WORDS_TARGET",
+    "NearDuplicates",
     "REPAIRS",
     "Change",
     "Checker",
@@ -47,10 +59,14 @@ __all__ = [
     "RoundCost",
     "Sample",
     "Sampled",
+    "SynthesisSettings",
+    "Synthesized",
+    "SyntheticQuery",
     "curate",
     "facts_note",
     "last_user_text",
     "opening",
+    "parse_question",
     "pass_rates",
     "passages",
     "pick_best",
@@ -58,6 +74,7 @@ __all__ = [
     "reminder",
     "repair",
     "sample_until_pass",
+    "synthesize",
     "verdict",
     "with_note",
 ]

@@ -1,0 +1,222 @@
+"""Queries synthesised from the prompt (engines.curation.synthesize) on a
+scenario: the first `--real` train queries stand for the team's real ones,
+the teacher (the real SmolLM2-135M) writes up to `--count` more, and this
+prints what was kept and why the rest went, how many of the scenario's facts
+checks the real queries ask about against real + synthetic, the share of
+synthetic queries that ask some fact, examples, and how many synthetic
+queries are near-duplicates of the scenario's held-out queries (leakage).
+
+The teacher's answers are recorded once and replayed to sweep the
+near-duplicate threshold (`--sweep`): the same questions, filtered at each
+threshold, so the choice of threshold is measured, not guessed.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/synthesis.py fernhill [--real 40] [--count 200] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import random
+import sys
+import time
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+
+class Recorded:
+    """A generator that answers once through `inner` (or from a saved file)
+    and then replays the same completions: the sweeps re-filter the same
+    questions."""
+
+    def __init__(self, inner: Any, saved: Path | None = None) -> None:
+        self.inner = inner
+        self.groups: list[Any] | None = None
+        self.has_adapter = False
+        if saved is not None and saved.is_file():
+            from engines.inference import Completion
+
+            self.groups = [
+                [Completion(t, 0, 0, "stop", 0.0) for t in g] for g in json.loads(saved.read_text())
+            ]
+
+    def generate_samples(self, conversations: Sequence[Any], *args: Any, **kwargs: Any) -> list[Any]:
+        if self.groups is None:
+            self.groups = self.inner.generate_samples(conversations, *args, **kwargs)
+        assert len(self.groups) == len(conversations), "the saved answers are of other pieces or settings"
+        return self.groups
+
+    def save(self, path: Path) -> None:
+        assert self.groups is not None
+        path.write_text(json.dumps([[c.text for c in g] for g in self.groups]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("scenario")
+    parser.add_argument("--real", type=int, default=40, help="train queries taken as the real ones")
+    parser.add_argument("--count", type=int, default=200, help="synthetic queries wanted at most")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--temperature", type=float)
+    parser.add_argument("--threshold", type=float)
+    parser.add_argument("--sweep", default="70,75,80,85,90,95", help="thresholds to replay ('' for none)")
+    parser.add_argument("--top-k", default="1,2,3,5", help="round-trip k values to replay ('' for none)")
+    parser.add_argument("--examples", type=int, default=8)
+    parser.add_argument(
+        "--answers", type=Path, help="save the teacher's answers here, or replay them if it exists"
+    )
+    args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    from engines import curation, facts
+    from engines.generator import LocalGenerator
+    from engines.inference import load_model
+    from engines.rules import validate_rules
+
+    folder = REPO / "scenarios" / args.scenario
+    prompt = (folder / "prompt.md").read_text()
+    rules = validate_rules(json.loads((folder / "rules.json").read_text()))
+    checks = facts.validate_facts(json.loads((folder / "facts.json").read_text()))
+
+    def queries(name: str) -> list[str]:
+        lines = (folder / name).read_text().splitlines()
+        return [curation.last_user_text(json.loads(line)["messages"]) for line in lines if line.strip()]
+
+    real, heldout = queries("train.jsonl")[: args.real], queries("heldout.jsonl")
+    literals = [r.params["text"] for r in rules if r.kind in ("starts_with", "ends_with")]
+    settings = curation.SynthesisSettings(seed=args.seed)
+    if args.temperature is not None:
+        settings = dataclasses.replace(settings, temperature=args.temperature)
+    if args.threshold is not None:
+        settings = dataclasses.replace(settings, threshold=args.threshold)
+    replay = args.answers is not None and args.answers.is_file()
+    inner = None if replay else LocalGenerator(load_model(REPO / "var" / "models" / "SmolLM2-135M-Instruct"))
+    teacher = Recorded(inner, args.answers)
+
+    def run(s: curation.SynthesisSettings) -> curation.Synthesized:
+        return curation.synthesize(
+            teacher, prompt, checks, real, count=args.count, exclude=literals, settings=s
+        )
+
+    began = time.monotonic()
+    made = run(settings)
+    seconds = time.monotonic() - began
+    if args.answers is not None and not replay:
+        teacher.save(args.answers)
+    report = made.report
+    print(
+        f"{args.scenario}: {len(real)} real queries; {report['units']} pieces ({report['sections']} section "
+        f"chunks, {report['facts']} facts; facts without a passage: {report['facts_without_passage'] or 'none'}), "
+        f"{report['samples_per_unit']} samples each, temperature {settings.temperature}, "
+        f"threshold {settings.threshold}, top-{settings.top_k} round trip"
+    )
+    print(
+        f"  kept {report['kept']} / asked {report['asked']} (parsed {report['parsed']}), {seconds:.0f} s"
+        + (" (answers replayed from a file)" if replay else f" with {args.threads} torch thread(s)")
+    )
+    print("  dropped: " + ", ".join(f"{k} {v}" for k, v in report["dropped"].items()))
+    per_unit = sorted(report["per_unit"], key=lambda u: u["kept"])
+    print(
+        f"  per piece kept: min {per_unit[0]['kept']} ({per_unit[0]['unit']}), max {per_unit[-1]['kept']}; "
+        f"pieces with none: {sum(u['kept'] == 0 for u in per_unit)}"
+    )
+    synthetic = [q.text for q in made.queries]
+
+    def covered(texts: list[str]) -> set[str]:
+        return {f.name for t in texts for f in facts.applicable(checks, t)}
+
+    real_facts, all_facts = covered(real), covered(real + synthetic)
+    asking = sum(bool(facts.applicable(checks, t)) for t in synthetic)
+    print(
+        f"  facts checks asked: real {len(real_facts)} of {len(checks)}, real + synthetic {len(all_facts)} "
+        f"(new: {', '.join(sorted(all_facts - real_facts)) or 'none'})"
+    )
+    print(
+        f"  synthetic queries asking some fact: {asking} of {len(synthetic)} ({asking / len(synthetic):.2f})"
+        if synthetic
+        else "  no synthetic queries"
+    )
+    leaks = _near(synthetic, heldout, settings.threshold)
+    print(
+        f"  leakage: {len(leaks)} synthetic queries at or above {settings.threshold} token-set ratio of one of the "
+        f"{len(heldout)} held-out queries"
+    )
+    for q, h, score in leaks[:5]:
+        print(f"    {score:.0f}: {q!r} ~ {h!r}")
+    rng = random.Random(args.seed)
+    by_kind = Counter(q.kind for q in made.queries)
+    print(f"  examples ({dict(by_kind)}):")
+    for q in rng.sample(made.queries, min(args.examples, len(made.queries))):
+        print(f"    [{q.unit}] {q.text}")
+    sweep = [float(t) for t in args.sweep.split(",") if t.strip()]
+    if sweep:
+        print("  threshold sweep (the same teacher answers, replayed):")
+        for t in sweep:
+            again = run(dataclasses.replace(settings, threshold=t))
+            d = again.report["dropped"]
+            texts = [q.text for q in again.queries]
+            print(
+                f"    {t:>5.1f}: kept {again.report['kept']:>4}, near a real query {d['near a real query']:>3}, "
+                f"near a kept one {d['near a kept question']:>3}, over the total {d['over the total']:>3}, "
+                f"held-out near-duplicates {len(_near(texts, heldout, t))}"
+            )
+        _bands(run(dataclasses.replace(settings, threshold=100.0)), real)
+    top_ks = [int(k) for k in args.top_k.split(",") if k.strip()]
+    if top_ks:
+        print(
+            "  round-trip k sweep (replayed): kept, round-trip drops, facts checks asked, share asking a fact"
+        )
+        for k in top_ks:
+            again = run(dataclasses.replace(settings, top_k=k))
+            texts = [q.text for q in again.queries]
+            share = sum(bool(facts.applicable(checks, t)) for t in texts) / max(1, len(texts))
+            print(
+                f"    k={k}: kept {again.report['kept']:>4}, round trip {again.report['dropped']['round trip']:>3}, "
+                f"facts asked {len(covered(real + texts))}, asking a fact {share:.2f}"
+            )
+
+
+def _near(texts: list[str], others: list[str], threshold: float) -> list[tuple[str, str, float]]:
+    from engines.curation import NearDuplicates
+
+    found = []
+    index = NearDuplicates(others, threshold)
+    originals = {index._process(o): o for o in others}
+    for t in texts:
+        hit = index.nearest(t)
+        if hit:
+            found.append((t, originals.get(hit[0], hit[0]), hit[1]))
+    return sorted(found, key=lambda x: -x[2])
+
+
+def _bands(loose: Any, real: list[str]) -> None:
+    """Pairs among the questions kept with no near-duplicate filter (and the
+    real queries), by token-set ratio band: what each threshold merges."""
+    from rapidfuzz import fuzz, utils
+
+    texts = [q.text for q in loose.queries]
+    pairs = []
+    for i, a in enumerate(texts):
+        for b in texts[i + 1 :] + real:
+            pairs.append((fuzz.token_set_ratio(a, b, processor=utils.default_process), a, b))
+    print("  pairs by band (what a threshold at the band's floor merges):")
+    for low, high in ((95, 101), (90, 95), (85, 90), (80, 85), (75, 80)):
+        band = [p for p in pairs if low <= p[0] < high]
+        print(f"    [{low}, {min(high, 100)}{']' if high > 100 else ')'}: {len(band)} pairs")
+        for score, a, b in random.Random(low).sample(band, min(3, len(band))):
+            print(f"      {score:.0f}: {a!r} ~ {b!r}")
+
+
+if __name__ == "__main__":
+    main()
