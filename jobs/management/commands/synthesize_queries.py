@@ -11,8 +11,7 @@ from jobs.models import Job, TeacherEndpoint
 from jobs.runners.synthesis import DEFAULT_COUNT, MAX_COUNT
 from workbench.actions import ActionError
 from workbench.actions.prompts import find_prompt_version
-from workbench.management.commands._common import project_by_slug
-from workbench.models import Dataset, FoundationModel
+from workbench.management.commands._common import base_model_by_name, dataset_version_by_ref, project_by_slug
 
 
 class Command(BaseCommand):
@@ -49,22 +48,8 @@ class Command(BaseCommand):
             prompt_version = find_prompt_version(project, opts["prompt_version"])
         except ActionError as exc:
             raise CommandError(str(exc)) from exc
-        name, _, number = opts["dataset_version"].partition("@")
-        dataset = Dataset.objects.filter(project=project, name=name).first()
-        version = (
-            (dataset.versions.filter(number=int(number)).first() if number.isdigit() else dataset.latest)
-            if dataset
-            else None
-        )
-        if version is None:
-            raise CommandError(f"No dataset '{opts['dataset_version']}' in project {project.slug}.")
-        base = (
-            FoundationModel.objects.filter(name=opts["base_model"]).first()
-            if opts["base_model"]
-            else FoundationModel.objects.filter(is_default=True).first()
-        )
-        if base is None:
-            raise CommandError("No such base model; run `python manage.py provision_model` first.")
+        version = dataset_version_by_ref(project, opts["dataset_version"])
+        base = base_model_by_name(opts["base_model"])
         endpoint = None
         if opts["teacher_endpoint"]:
             endpoint = TeacherEndpoint.objects.filter(project=project, name=opts["teacher_endpoint"]).first()
