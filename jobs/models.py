@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.validators import MaxValueValidator, MinValueValidator
-from django.db import models
+from django.db import models, transaction
 from django.db.models import F, Q, Value
 from django.db.models.functions import Concat
 from django.dispatch import Signal
@@ -312,14 +312,16 @@ class Job(models.Model):
         **changes: Any,
     ) -> bool:
         """The one way into a terminal state. Logs only a move that happened;
-        a job that ends without succeeding cancels the queued jobs that wait for it."""
-        if not self._cas(from_status, extra, status=status, finished_at=timezone.now(), **changes):
-            return False
-        if log_line:
-            self.append_log(log_line)
-        if status != self.SUCCEEDED:
-            for dep in self.dependents.filter(status=self.QUEUED):
-                dep.mark_cancelled(f"cancelled: {self} {status}")
+        a job that ends without succeeding cancels the queued jobs that wait for it,
+        in the same transaction: nobody sees it ended with its dependents still queued."""
+        with transaction.atomic():
+            if not self._cas(from_status, extra, status=status, finished_at=timezone.now(), **changes):
+                return False
+            if log_line:
+                self.append_log(log_line)
+            if status != self.SUCCEEDED:
+                for dep in self.dependents.filter(status=self.QUEUED):
+                    dep.mark_cancelled(f"cancelled: {self} {status}")
         job_finished.send(sender=Job, job=self, status=status)
         return True
 
