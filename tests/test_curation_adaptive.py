@@ -259,3 +259,35 @@ def test_the_retriever_finds_the_passage_that_answers_and_skips_the_rules_prose(
 def test_curation_settings_refuse_out_of_range_values(bad: dict) -> None:
     with pytest.raises(ValueError):
         curation.CurationSettings.from_dict(bad)
+
+
+def test_figures_the_prompt_never_states_are_found_whatever_their_spelling() -> None:
+    prompt = "Nurse appointments cost £25. Open 08:00 to 19:00. 10% off a plan. A single costs 12 euros."
+    answer = (
+        "It costs £25, not £320. We open at 8.00 and close at 19:00, or 9:30 on Sundays; 10 % off, 15 euros."
+    )
+    assert curation.unsupported_figures(answer, prompt) == ["£320", "9:30", "15 euros"]
+    assert curation.unsupported_figures("No figures here, 3 dogs.", prompt) == []
+
+
+def test_among_samples_passing_alike_the_pick_is_the_one_inventing_no_figure() -> None:
+    prompt = "A single costs 12 euros."
+    samples = [
+        "Ahoy! A single costs 12 euros, and a return costs 30 euros.",
+        "Ahoy! A single costs 12 euros, paid on board.",
+    ]
+    settings = curation.CurationSettings()
+    fare = lambda text: {"fact:fare": "12 euros" in text}  # noqa: E731
+    made = curation.curate(
+        samples, RULES[:1], settings, extra=fare, invented=lambda t: curation.unsupported_figures(t, prompt)
+    )
+    assert made.record["picked"] == 1 and "invented_figures" not in made.record
+    # Rules and facts still come first: an inventing sample that states the fact beats one that does not.
+    made = curation.curate(
+        [samples[0], "Ahoy! Ask on board."],
+        RULES[:1],
+        settings,
+        extra=fare,
+        invented=lambda t: curation.unsupported_figures(t, prompt),
+    )
+    assert made.record["picked"] == 0 and made.record["invented_figures"] == ["30 euros"]

@@ -32,7 +32,15 @@ from engines.curation.adaptive import (
     sample_until_pass,
     verdict,
 )
-from engines.curation.context import Passage, Retriever, facts_note, last_user_text, passages, with_note
+from engines.curation.context import (
+    Passage,
+    Retriever,
+    facts_note,
+    last_user_text,
+    passages,
+    unsupported_figures,
+    with_note,
+)
 from engines.curation.repairs import MAX_WORDS_TARGET, REPAIRS, Change, Repaired, repair
 from engines.curation.select import opening, pass_rates, pick_best
 from engines.curation.settings import Curated, CurationSettings, curate, quality_report
@@ -74,6 +82,7 @@ __all__ = [
     "reminder",
     "repair",
     "sample_until_pass",
+    "unsupported_figures",
     "synthesize",
     "verdict",
     "with_note",

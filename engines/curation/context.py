@@ -126,3 +126,29 @@ def facts_note(found: Sequence[Passage]) -> str:
     if not found:
         return ""
     return "(Information for your answer: " + " ".join(p.text for p in found) + ")"
+
+
+# Figures a reader would act on: money, clock times, percentages. A number
+# with a currency or a clock shape is rarely right by chance.
+_FIGURE = re.compile(
+    r"[£$€]\s?\d[\d,]*(?:\.\d+)?"
+    r"|\b\d[\d,]*(?:\.\d+)?\s?(?:euros?|dollars?|pounds?|pence|p\b)"
+    r"|\b\d{1,2}[:.]\d{2}\b"
+    r"|\b\d+(?:\.\d+)?\s?%",
+    re.IGNORECASE,
+)
+
+
+def _figure_key(figure: str) -> str:
+    """The figure's value, written one way: "£1,200" -> "1200", "08.00" -> "8:00"."""
+    digits = re.sub(r"[^\d.:%]", "", figure.replace(",", ""))
+    clock = re.fullmatch(r"(\d{1,2})[:.](\d{2})", digits)
+    return f"{int(clock.group(1))}:{clock.group(2)}" if clock else digits
+
+
+def unsupported_figures(answer: str, sources: str) -> list[str]:
+    """The money amounts, clock times and percentages in `answer` that
+    `sources` (the prompt and the question) never states: a small teacher
+    often invents one beside a right fact."""
+    known = {_figure_key(m.group()) for m in _FIGURE.finditer(sources)}
+    return [m.group() for m in _FIGURE.finditer(answer) if _figure_key(m.group()) not in known]

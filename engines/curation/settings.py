@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -108,10 +108,12 @@ def curate(
     *,
     rounds: Sequence[int] | None = None,
     extra: Checker | None = None,
+    invented: Callable[[str], list[str]] | None = None,
 ) -> Curated:
     """Pick the sample that passes the most checks once repaired (rules, then
-    the extra checks; ties: more rules passed as generated, then the shorter,
-    then the first) and repair it; the record says which sample won, each
+    the extra checks; ties: fewer figures `invented` finds in it once
+    repaired (money, times the prompt never states), more rules passed as
+    generated, the shorter, the first) and repair it; the record says which sample won, each
     sample's count, the round it came from, the opening used and every repair."""
     if not samples:
         raise ValueError("no samples to curate")
@@ -120,10 +122,15 @@ def curate(
     rule_names = {r.name for r in rules}
     _, raw_passed = pick_best(samples, rules)
 
-    def key(i: int) -> tuple[int, int, int, int, int]:
+    made_up = [
+        len(invented(repair(s, rules, enabled=settings.repairs).text)) if invented is not None else 0
+        for s in samples
+    ]
+
+    def key(i: int) -> tuple[int, int, int, int, int, int]:
         v = verdicts[i]
         rules_ok = sum(ok for name, ok in v.items() if name in rule_names)
-        return (-rules_ok, -(sum(v.values()) - rules_ok), -raw_passed[i], len(samples[i]), i)
+        return (-rules_ok, -(sum(v.values()) - rules_ok), made_up[i], -raw_passed[i], len(samples[i]), i)
 
     best = min(range(len(samples)), key=key)
     first_round = [i for i, r in enumerate(rounds) if r == 0] or [0]
@@ -142,6 +149,9 @@ def curate(
         record["rounds"] = rounds
     if checks:
         record["facts"] = checks
+    figures = invented(fixed.text) if invented is not None else []
+    if figures:
+        record["invented_figures"] = figures
     undecided = {name: o.reason for name, o in final.items() if o.reason}
     if undecided:  # e.g. a pattern that ran out of time: the check failed, and this says why
         record["rule_errors"] = undecided

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 from django.db import transaction
@@ -46,6 +47,7 @@ class Guide:
         literals = [r.params["text"] for r in rules if r.kind in ("starts_with", "ends_with")]
         self.retriever = curation.Retriever(prompt, exclude=literals) if passages else None
         self.k = passages
+        self.prompt = prompt
         self.facts = fact_list
         self._notes: dict[str, str] = {}
         # The sentence of the prompt stating each fact: a reminder quotes it, a later round may open with it.
@@ -68,6 +70,11 @@ class Guide:
         if not asked:
             return None
         return lambda text: {f"fact:{f.name}": facts.states(f, text) for f in asked}
+
+    def invented(self, messages: Messages) -> Callable[[str], list[str]]:
+        """The figures (money, times) an answer states that neither the prompt nor the question does."""
+        known = f"{self.prompt}\n{curation.last_user_text(messages)}"
+        return lambda text: curation.unsupported_figures(text, known)
 
     def sources(self, messages: Messages) -> dict[str, str]:
         return {f"fact:{f.name}": self._statements[f.name] for f in self._asked(messages)}
@@ -354,6 +361,7 @@ class TeacherRunner(JobRunner):
                     opening,
                     rounds=item.get("rounds"),
                     extra=guide.checker(queries[index]),
+                    invented=guide.invented(queries[index]),
                 )
                 text, failing, record = made.text, made.failing, made.record
                 record["raw"] = made.raw
@@ -374,6 +382,8 @@ class TeacherRunner(JobRunner):
                 notes.append("empty answer")
             if curate is not None:
                 notes.extend(f"does not state {name}" for name, ok in made.extra.items() if not ok)
+                if record.get("invented_figures"):
+                    notes.append("figures not in the prompt: " + ", ".join(record["invented_figures"]))
             if reasons[picked] == "length" and not record.get("repairs"):
                 notes.append(f"cut off at {gen.max_new_tokens} tokens")
             if notes or failing:
