@@ -18,6 +18,8 @@ from engines.protocol import OpenAIError
 SEED_RANGE = (-(2**63), 2**63 - 1)
 MAX_STOP_STRINGS = 8
 MAX_STOP_CHARS = 1000  # each stop string is searched for in every step's text
+MAX_LOGIT_BIAS = 300  # OpenAI's own limit on logit_bias entries
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit
 # OpenAI's defaults where a body leaves a field out (GenerationSettings' own default is greedy).
 OPENAI_DEFAULT_MAX_TOKENS = 256  # vLLM's own default is "until the context is full"
 OPENAI_DEFAULT_TEMPERATURE = 1.0
@@ -75,7 +77,15 @@ BOUNDS: tuple[Bound, ...] = (
         meaning=" (1 means none)",
     ),
     Bound("no_repeat_ngram_size", "no_repeat_ngram_size", 0, 64, whole=True, meaning=" (0 means none)"),
+    # OpenAI's penalties, on the completion's own tokens: count x frequency + presence.
+    Bound("frequency_penalty", "frequency_penalty", -2, 2, whole=False),
+    Bound("presence_penalty", "presence_penalty", -2, 2, whole=False),
+    # vLLM's extras. top_k -1 is vLLM's "off", kept as 0.
+    Bound("top_k", "top_k", -1, 1_000_000, whole=True, meaning=" (0 or -1 means off)"),
+    Bound("min_p", "min_p", 0, 1, whole=False, meaning=" (0 means off)"),
+    Bound("min_tokens", "min_tokens", 0, 4096, whole=True),
     Bound(None, "n", 1, 16, whole=True),
+    Bound(None, "top_logprobs", 0, MAX_TOP_LOGPROBS, whole=True),
 )
 BY_SETTING = {b.setting: b for b in BOUNDS if b.setting is not None}
 BY_PARAM = {b.param: b for b in BOUNDS}
@@ -89,6 +99,13 @@ OPENAI_PARAMS = (
     "repetition_penalty",
     "no_repeat_ngram_size",
     "stop",
+    "frequency_penalty",
+    "presence_penalty",
+    "top_k",
+    "min_p",
+    "min_tokens",
+    "ignore_eos",
+    "logit_bias",
 )
 
 
@@ -108,6 +125,32 @@ def stop_error(stop: Any) -> str | None:
     if any(len(s) > MAX_STOP_CHARS for s in stop):
         return f"each stop string has at most {MAX_STOP_CHARS} characters"
     return None
+
+
+def logit_bias_error(bias: Any) -> str | None:
+    if not isinstance(bias, Mapping | list | tuple):
+        return f"must be an object mapping token ids to numbers, got {bias!r}"
+    pairs = list(bias.items()) if isinstance(bias, Mapping) else list(bias)
+    if len(pairs) > MAX_LOGIT_BIAS:
+        return f"holds {len(pairs)} entries, at most {MAX_LOGIT_BIAS}"
+    for pair in pairs:
+        if not isinstance(pair, list | tuple) or len(pair) != 2:
+            return f"must be an object mapping token ids to numbers, got {bias!r}"
+        key, value = pair
+        if isinstance(key, bool) or not (
+            (isinstance(key, int) and key >= 0) or (isinstance(key, str) and key.isdigit() and len(key) < 10)
+        ):
+            return f"keys must be token ids (whole numbers from 0), got {key!r}"
+        if isinstance(value, bool) or not isinstance(value, int | float) or not -100 <= value <= 100:
+            return f"values must be numbers between -100 and 100, got {value!r} for token {key}"
+    return None
+
+
+def _logit_bias(bias: Any) -> tuple[tuple[int, float], ...]:
+    """A checked logit_bias as sorted (token id, bias) pairs: one hashable form
+    whether it came as OpenAI's {"id": bias} or as pairs."""
+    pairs = bias.items() if isinstance(bias, Mapping) else bias
+    return tuple(sorted((int(k), float(v)) for k, v in pairs))
 
 
 def openai_n(body: Mapping[str, Any]) -> int:
@@ -137,6 +180,16 @@ class GenerationSettings:
     no_repeat_ngram_size: int = 0  # 0 means none
     # The completion ends before the first of these strings (which is not part of it).
     stop: tuple[str, ...] = ()
+    # OpenAI's penalties on the completion's tokens (0 means none) and logit_bias
+    # as (token id, bias) pairs; vLLM's top_k (0 off), min_p (0 off), min_tokens
+    # (no end-of-sequence before) and ignore_eos (only max_tokens or a stop string ends).
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    top_k: int = 0
+    min_p: float = 0.0
+    min_tokens: int = 0
+    ignore_eos: bool = False
 
     MAX_STOP_STRINGS: ClassVar[int] = MAX_STOP_STRINGS
 
@@ -156,6 +209,15 @@ class GenerationSettings:
             errors["stop"] = stop_problem
         else:  # a list given in Python is kept as a tuple, so settings stay hashable
             object.__setattr__(self, "stop", tuple(self.stop))
+        bias_problem = logit_bias_error(self.logit_bias)
+        if bias_problem:
+            errors["logit_bias"] = bias_problem
+        else:
+            object.__setattr__(self, "logit_bias", _logit_bias(self.logit_bias))
+        if not isinstance(self.ignore_eos, bool):
+            errors["ignore_eos"] = f"must be true or false, got {self.ignore_eos!r}"
+        if self.top_k == -1:  # vLLM's "off"
+            object.__setattr__(self, "top_k", 0)
         if errors:
             raise SettingsError(errors)
 
@@ -168,7 +230,7 @@ class GenerationSettings:
         unknown = sorted(set(data) - names)
         if unknown:
             raise SettingsError({k: "unknown setting" for k in unknown})
-        for name in ("max_new_tokens", "batch_size", "seed", "no_repeat_ngram_size"):
+        for name in ("max_new_tokens", "batch_size", "seed", "no_repeat_ngram_size", "top_k", "min_tokens"):
             if isinstance(data.get(name), float) and data[name].is_integer():
                 data[name] = int(data[name])
         if isinstance(data.get("stop"), str):
@@ -192,7 +254,8 @@ class GenerationSettings:
             **{k: v for k, v in body.items() if k in OPENAI_PARAMS and v is not None},
         }
         openai_n(body)
-        tokens_param = "max_tokens" if given.get("max_tokens") is not None else "max_completion_tokens"
+        # OpenAI deprecated max_tokens for max_completion_tokens: when both are sent, the newer wins.
+        tokens_param = "max_completion_tokens" if given.get("max_completion_tokens") is not None else "max_tokens"
         params = {"max_new_tokens": tokens_param}
         values: dict[str, Any] = {
             "max_new_tokens": OPENAI_DEFAULT_MAX_TOKENS,
@@ -219,6 +282,17 @@ class GenerationSettings:
                     param="stop",
                 )
             values["stop"] = tuple(stop)
+        bias = given.get("logit_bias")
+        if bias is not None:
+            problem = logit_bias_error(bias)
+            if problem:
+                raise OpenAIError(400, f"logit_bias {problem}.", param="logit_bias")
+            values["logit_bias"] = _logit_bias(bias)
+        ignore_eos = given.get("ignore_eos")
+        if ignore_eos is not None:
+            if not isinstance(ignore_eos, bool):
+                raise OpenAIError(400, f"ignore_eos must be true or false, got {ignore_eos!r}.", param="ignore_eos")
+            values["ignore_eos"] = ignore_eos
         return cls(**values)
 
     def to_openai(self, params: Iterable[str] | None = None) -> dict[str, Any]:
@@ -237,9 +311,27 @@ class GenerationSettings:
             ),  # a vLLM extra parameter, the hf engine's too
             "no_repeat_ngram_size": self.no_repeat_ngram_size,  # the hf engine's; vLLM ignores it
             "stop": list(self.stop),
+            "frequency_penalty": float(self.frequency_penalty),
+            "presence_penalty": float(self.presence_penalty),
+            "logit_bias": {str(k): v for k, v in self.logit_bias},
+            "top_k": self.top_k,
+            "min_p": float(self.min_p),
+            "min_tokens": self.min_tokens,
+            "ignore_eos": self.ignore_eos,
         }
         if params is None:
-            unset = {"seed": None, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0}
+            unset = {
+                "seed": None,
+                "repetition_penalty": 1.0,
+                "no_repeat_ngram_size": 0,
+                "frequency_penalty": 0.0,
+                "presence_penalty": 0.0,
+                "logit_bias": {},
+                "top_k": 0,
+                "min_p": 0.0,
+                "min_tokens": 0,
+                "ignore_eos": False,
+            }
             return {k: v for k, v in every.items() if v != [] and (k not in unset or v != unset[k])}
         wanted = {"max_tokens" if p == "max_completion_tokens" else p for p in params}
         return {k: v for k, v in every.items() if k in wanted and v is not None and v != []}
