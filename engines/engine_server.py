@@ -30,7 +30,15 @@ from typing import Any
 
 from engines import jsonguard
 from engines.protocol import OpenAIError, parse_messages
-from engines.serving_engine import ServingEngine, Ticket, bad_request, parse_chat_request, unavailable
+from engines.serving_engine import (
+    ServingEngine,
+    Ticket,
+    bad_request,
+    parse_chat_request,
+    parse_completion_request,
+    unavailable,
+)
+from engines.serving_engine.logprobs import chat_logprobs, completion_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -214,6 +222,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.raw_body = self.rfile.read(length) if length else b""
         routes = {
             "/v1/chat/completions": self._chat,
+            "/v1/completions": self._completions,
             "/v1/load_lora_adapter": self._load_adapter,
             "/v1/unload_lora_adapter": self._unload_adapter,
             "/v1/load_model": self._load_model,
@@ -280,10 +289,104 @@ class _Handler(BaseHTTPRequestHandler):
             if request.stream:
                 self._stream(ticket)
             else:
-                self._send_json(200, _completion(ticket))
+                self._send_json(200, _completion(ticket, self.engine.loaded(ticket.base).tokenizer))
         except BaseException:
             ticket.cancel()
             raise
+
+    def _completions(self) -> None:
+        project = (self.headers.get(PROJECT_HEADER) or "").strip()[:200] or None
+        body = _json_body(self)
+        requests = parse_completion_request(body, project)
+        echo = bool(body.get("echo"))
+        tickets = self.engine.submit_many(requests)
+        try:
+            tokenizer = self.engine.loaded(tickets[0].base).tokenizer
+            if requests[0].stream:
+                self._stream_text(tickets, tokenizer, echo)
+            else:
+                self._send_json(200, _text_completion(tickets, tokenizer, echo))
+        except BaseException:
+            for ticket in tickets:
+                ticket.cancel()
+            raise
+
+    def _stream_text(self, tickets: list[Ticket], tokenizer: Any, echo: bool) -> None:
+        chunk_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        self.streaming = True
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.close_connection = True
+        model = tickets[0].request.model
+
+        def send(choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> None:
+            chunk: dict[str, Any] = {
+                "id": chunk_id,
+                "object": "text_completion",
+                "created": created,
+                "model": model,
+                "choices": choices,
+            }
+            if usage is not None:
+                chunk["usage"] = usage
+            self.wfile.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+            self.wfile.flush()
+
+        try:
+            for p, ticket in enumerate(tickets):  # one prompt after another: each is its own stream of rows
+                n = ticket.request.n
+                offsets = {i: 0 for i in range(n)}
+                if echo:
+                    for i in range(n):
+                        send(
+                            [
+                                {
+                                    "index": p * n + i,
+                                    "text": ticket.request.prompt,
+                                    "logprobs": None,
+                                    "finish_reason": None,
+                                }
+                            ]
+                        )
+                for kind, index, value in ticket.events(timeout=ANSWER_TIMEOUT_S):
+                    assert index is not None
+                    if kind == "delta":
+                        text, entries = value
+                        send(
+                            [
+                                {
+                                    "index": p * n + index,
+                                    "text": text,
+                                    "logprobs": completion_logprobs(tokenizer, entries, offsets[index])
+                                    if entries
+                                    else None,
+                                    "finish_reason": None,
+                                }
+                            ]
+                        )
+                        offsets[index] += len(text)
+                    else:
+                        send(
+                            [
+                                {
+                                    "index": p * n + index,
+                                    "text": "",
+                                    "logprobs": None,
+                                    "finish_reason": value.finish_reason,
+                                    "stop_reason": value.stop_reason,
+                                }
+                            ]
+                        )
+        except OpenAIError as exc:  # the headers are sent: report it in the stream
+            self.wfile.write(b"data: " + json.dumps(exc.body()).encode() + b"\n\n")
+        else:
+            if tickets[0].request.include_usage:
+                send([], _usage(*tickets))
+        self.wfile.write(b"data: [DONE]\n\n")
+        self.wfile.flush()
 
     def _stream(self, ticket: Ticket) -> None:
         request = ticket.request
@@ -314,9 +417,26 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             for kind, index, value in ticket.events(timeout=ANSWER_TIMEOUT_S):
                 if kind == "delta":
-                    send([{"index": index, "delta": {"content": value}, "finish_reason": None}])
+                    text, entries = value
+                    choice: dict[str, Any] = {
+                        "index": index,
+                        "delta": {"content": text},
+                        "finish_reason": None,
+                    }
+                    if entries:
+                        choice["logprobs"] = chat_logprobs(self.engine.loaded(ticket.base).tokenizer, entries)
+                    send([choice])
                 else:
-                    send([{"index": index, "delta": {}, "finish_reason": value}])
+                    send(
+                        [
+                            {
+                                "index": index,
+                                "delta": {},
+                                "finish_reason": value.finish_reason,
+                                "stop_reason": value.stop_reason,
+                            }
+                        ]
+                    )
         except OpenAIError as exc:  # the headers are sent: report it in the stream
             self.wfile.write(b"data: " + json.dumps(exc.body()).encode() + b"\n\n")
         else:
@@ -326,16 +446,20 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.flush()
 
 
-def _usage(ticket: Ticket) -> dict[str, int]:
-    result = ticket.result(timeout=0)
+def _usage(*tickets: Ticket) -> dict[str, Any]:
+    results = [t.result(timeout=0) for t in tickets]
+    prompt = sum(r.prompt_tokens for r in results)
+    completion = sum(r.completion_tokens for r in results)
     return {
-        "prompt_tokens": result.prompt_tokens,
-        "completion_tokens": result.completion_tokens,
-        "total_tokens": result.prompt_tokens + result.completion_tokens,
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        # This engine keeps no prefix cache between requests: nothing is ever cached.
+        "prompt_tokens_details": {"cached_tokens": 0},
     }
 
 
-def _completion(ticket: Ticket) -> dict[str, Any]:
+def _completion(ticket: Ticket, tokenizer: Any) -> dict[str, Any]:
     result = ticket.result(timeout=ANSWER_TIMEOUT_S)
     return {
         "id": f"chatcmpl-{uuid.uuid4().hex}",
@@ -346,12 +470,41 @@ def _completion(ticket: Ticket) -> dict[str, Any]:
             {
                 "index": c.index,
                 "message": {"role": "assistant", "content": c.text},
-                "logprobs": None,
+                "logprobs": None if c.logprobs is None else chat_logprobs(tokenizer, c.logprobs),
                 "finish_reason": c.finish_reason,
+                "stop_reason": c.stop_reason,
             }
             for c in result.choices
         ],
         "usage": _usage(ticket),
+    }
+
+
+def _text_completion(tickets: list[Ticket], tokenizer: Any, echo: bool) -> dict[str, Any]:
+    choices = []
+    for p, ticket in enumerate(tickets):
+        result = ticket.result(timeout=ANSWER_TIMEOUT_S)
+        prompt = ticket.request.prompt or ""
+        for c in result.choices:
+            start = len(prompt) if echo else 0
+            choices.append(
+                {
+                    "index": p * ticket.request.n + c.index,
+                    "text": (prompt if echo else "") + c.text,
+                    "logprobs": None
+                    if c.logprobs is None
+                    else completion_logprobs(tokenizer, c.logprobs, start),
+                    "finish_reason": c.finish_reason,
+                    "stop_reason": c.stop_reason,
+                }
+            )
+    return {
+        "id": f"cmpl-{uuid.uuid4().hex}",
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": tickets[0].request.model,
+        "choices": choices,
+        "usage": _usage(*tickets),
     }
 
 

@@ -16,7 +16,8 @@ measures both; figures in bench/README.md).
 This module is the package's public face:
 - settings: GenerationSettings and the one table of generation bounds (BOUNDS)
 - loading: pick_device, load_model (safetensors only, no remote code), LoadedModel
-- stops: Completion, RowStops, the completion-only no-repeat n-gram processor
+- stops: Completion, RowStops (where each row ends, its streamed text)
+- sampling: RowSampler (each row's penalties, sampling, seed, logprobs, grammar)
 - generation: encode, left_pad, generation_config, generate, generate_samples,
   Opening (one opening for every row, or one per row) and per_row_openings
 """
@@ -32,8 +33,10 @@ from engines.inference.generation import (
     generation_config,
     left_pad,
     per_row_openings,
+    row_sampler,
 )
 from engines.inference.loading import LoadedModel, ModelLoadError, load_model, pick_device
+from engines.inference.sampling import RowSampler, TokenLogprob, needs_sampler, row_seed
 from engines.inference.settings import (
     BOUNDS,
     OPENAI_DEFAULT_MAX_TOKENS,
@@ -44,14 +47,7 @@ from engines.inference.settings import (
     SettingsError,
     openai_n,
 )
-from engines.inference.stops import (
-    Completion,
-    CompletionNoRepeatNGram,
-    FinishReason,
-    RowStops,
-    completion_processors,
-    decode_text,
-)
+from engines.inference.stops import Completion, FinishReason, RowStops, decode_text
 
 __all__ = [
     "BOUNDS",
@@ -61,16 +57,16 @@ __all__ = [
     "SEED_RANGE",
     "Bound",
     "Completion",
-    "CompletionNoRepeatNGram",
     "FinishReason",
     "GenerationCancelled",
     "GenerationSettings",
     "LoadedModel",
     "ModelLoadError",
     "Opening",
+    "RowSampler",
     "RowStops",
     "SettingsError",
-    "completion_processors",
+    "TokenLogprob",
     "count_tokens",
     "decode_text",
     "encode",
@@ -79,7 +75,10 @@ __all__ = [
     "generation_config",
     "left_pad",
     "load_model",
+    "needs_sampler",
     "openai_n",
     "per_row_openings",
+    "row_sampler",
+    "row_seed",
     "pick_device",
 ]

@@ -11,8 +11,9 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 from engines.chat import Message, render
 from engines.inference.loading import LoadedModel
+from engines.inference.sampling import RowSampler, row_seed
 from engines.inference.settings import GenerationSettings, SettingsError
-from engines.inference.stops import Completion, RowStops, completion_processors, decode_text
+from engines.inference.stops import Completion, RowStops, decode_text
 from engines.progress import Progress, ProgressFn, StopFn
 
 if TYPE_CHECKING:
@@ -50,12 +51,20 @@ class GenerationCancelled(Exception):
 
 
 def encode(
-    tokenizer: Any, messages: Sequence[Message], system_prompt: str | None, opening: str | None = None
+    tokenizer: Any,
+    messages: Sequence[Message],
+    system_prompt: str | None,
+    opening: str | None = None,
+    generation_prompt: bool = True,
 ) -> list[int]:
     """Token ids of the rendered prompt, exactly as `generate` feeds them;
-    with `opening`, the assistant's answer already begins with that text."""
+    with `opening`, the assistant's answer already begins with that text.
+    Without `generation_prompt` the text ends with the last message as sent
+    (vLLM's add_generation_prompt false)."""
     # The template writes any BOS itself, so the tokenizer must not add one.
-    text = render(tokenizer, messages, system_prompt, add_generation_prompt=True) + (opening or "")
+    text = render(tokenizer, messages, system_prompt, add_generation_prompt=generation_prompt) + (
+        opening or ""
+    )
     return [int(t) for t in tokenizer(text, add_special_tokens=False)["input_ids"]]
 
 
@@ -95,28 +104,37 @@ def _common_prefix_length(rows: Sequence[Sequence[int]]) -> int:
 
 
 def generation_config(loaded: LoadedModel, settings: GenerationSettings) -> Any:
-    """The transformers GenerationConfig for these settings: the one used by
-    teacher generation, evals and the serving engine alike. Stop strings and
-    per-row limits are not in it: `RowStops` applies them."""
+    """The transformers GenerationConfig of every generate call: greedy, since
+    `RowSampler` (the call's logits processor, `row_sampler`) applies the
+    penalties and sampling and picks each row's token itself. Stop strings and
+    per-row limits are not in it either: `RowStops` applies them. With
+    ignore_eos no end token is given (an empty list: None would fall back to
+    the model's own), so only RowStops ends a row."""
     from transformers import GenerationConfig
 
-    sample = settings.temperature > 0
-    extra: dict[str, Any] = {}
-    if settings.repetition_penalty != 1.0:
-        extra["repetition_penalty"] = float(settings.repetition_penalty)
-    # no_repeat_ngram_size is applied by `completion_processors`, not here: transformers'
-    # own bans every n-gram of the prompt too (a sign-off the system prompt spells out).
     return GenerationConfig(
         max_new_tokens=settings.max_new_tokens,
-        do_sample=sample,
-        # Unset fields fall back to transformers' defaults (top_k=50): switch it off.
-        **({"temperature": settings.temperature, "top_p": settings.top_p, "top_k": 0} if sample else {}),
-        **extra,
-        eos_token_id=list(loaded.stop_token_ids),
+        do_sample=False,
+        eos_token_id=[] if settings.ignore_eos else list(loaded.stop_token_ids),
         pad_token_id=loaded.tokenizer.pad_token_id,
         # Compiling would recompile for every batch shape.
         disable_compile=True,
     )
+
+
+def row_sampler(
+    loaded: LoadedModel,
+    settings: Sequence[GenerationSettings],
+    prompt_length: int,
+    seeds: Sequence[int | None],
+    **kwargs: Any,
+) -> Any:
+    """The logits processors of a batch whose prompts (left-padded) end at
+    `prompt_length`: one RowSampler with each row's settings and seed."""
+    from transformers import LogitsProcessorList
+
+    sampler = RowSampler(settings, prompt_length, loaded.stop_token_ids, seeds=seeds, **kwargs)
+    return LogitsProcessorList([sampler]), sampler
 
 
 def _encode_prefix(loaded: LoadedModel, prefix: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
@@ -197,9 +215,6 @@ def generate(
     results: list[Completion | None] = [None] * total
     import torch
 
-    if settings.seed is not None:
-        torch.manual_seed(settings.seed)
-
     with torch.inference_mode():
         prefix_len = _common_prefix_length(rows) if reuse_prefix and total > 1 else 0
         prefix_kv = None
@@ -219,8 +234,13 @@ def generate(
             )
             kwargs: dict[str, Any] = {}
             rows_stops = None
-            if settings.stop:
-                rows_stops = RowStops(loaded, [settings.max_new_tokens] * len(batch), settings.stop)
+            if settings.stop or settings.ignore_eos:
+                rows_stops = RowStops(
+                    loaded,
+                    [settings.max_new_tokens] * len(batch),
+                    settings.stop,
+                    ignore_eos=[settings.ignore_eos] * len(batch),
+                )
                 kwargs["stopping_criteria"] = rows_stops.stopping_criteria()
             if prefix_kv is not None:
                 max_len = input_ids.shape[1] + settings.max_new_tokens
@@ -229,7 +249,12 @@ def generate(
                 input_ids=input_ids.to(loaded.device),
                 attention_mask=mask.to(loaded.device),
                 generation_config=gen_config,
-                logits_processor=completion_processors(settings, input_ids.shape[1]),
+                logits_processor=row_sampler(
+                    loaded,
+                    [settings] * len(batch),
+                    input_ids.shape[1],
+                    [row_seed(settings.seed, i) for i in batch],
+                )[0],
                 **kwargs,
             )
             new = out[:, input_ids.shape[1] :].tolist()

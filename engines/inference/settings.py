@@ -255,7 +255,9 @@ class GenerationSettings:
         }
         openai_n(body)
         # OpenAI deprecated max_tokens for max_completion_tokens: when both are sent, the newer wins.
-        tokens_param = "max_completion_tokens" if given.get("max_completion_tokens") is not None else "max_tokens"
+        tokens_param = (
+            "max_completion_tokens" if given.get("max_completion_tokens") is not None else "max_tokens"
+        )
         params = {"max_new_tokens": tokens_param}
         values: dict[str, Any] = {
             "max_new_tokens": OPENAI_DEFAULT_MAX_TOKENS,
@@ -291,7 +293,9 @@ class GenerationSettings:
         ignore_eos = given.get("ignore_eos")
         if ignore_eos is not None:
             if not isinstance(ignore_eos, bool):
-                raise OpenAIError(400, f"ignore_eos must be true or false, got {ignore_eos!r}.", param="ignore_eos")
+                raise OpenAIError(
+                    400, f"ignore_eos must be true or false, got {ignore_eos!r}.", param="ignore_eos"
+                )
             values["ignore_eos"] = ignore_eos
         return cls(**values)
 
@@ -320,7 +324,7 @@ class GenerationSettings:
             "ignore_eos": self.ignore_eos,
         }
         if params is None:
-            unset = {
+            unset: dict[str, Any] = {
                 "seed": None,
                 "repetition_penalty": 1.0,
                 "no_repeat_ngram_size": 0,

@@ -1,6 +1,6 @@
-"""Where a generated row ends and what it becomes: the Completion, the
+"""Where a generated row ends and what it becomes: the Completion and the
 per-row stops of a batched generate (stop tokens, max_tokens, stop strings,
-streaming text) and the completion-only no-repeat n-gram processor."""
+ignore_eos, streaming text)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,6 @@ import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
-
-from engines.inference.settings import GenerationSettings
 
 if TYPE_CHECKING:
     import torch
@@ -28,39 +26,6 @@ class Completion:
     seconds: float  # wall time of the batch that produced it
 
 
-class CompletionNoRepeatNGram:
-    """Bans any n-gram the completion already holds (from `start`, where the
-    prompt ends): small models loop, greedy ones most of all. Unlike
-    transformers' no_repeat_ngram_size, the prompt's n-grams stay allowed,
-    so an answer may still say what the system prompt or the question says."""
-
-    def __init__(self, n: int, start: int) -> None:
-        self.n, self.start = n, start
-
-    def __call__(self, input_ids: Any, scores: Any) -> Any:
-        n = self.n
-        generated = input_ids[:, self.start :].tolist()
-        if not generated or len(generated[0]) < n:
-            return scores
-        for row, tokens in enumerate(generated):
-            tail = tokens[len(tokens) - n + 1 :]
-            banned = [tokens[i + n - 1] for i in range(len(tokens) - n + 1) if tokens[i : i + n - 1] == tail]
-            if banned:
-                scores[row, banned] = -float("inf")
-        return scores
-
-
-def completion_processors(settings: GenerationSettings, prompt_length: int) -> Any:
-    """The logits processors `generation_config` cannot express, for a batch
-    whose prompts (left-padded) end at `prompt_length`."""
-    from transformers import LogitsProcessorList
-
-    processors = LogitsProcessorList()
-    if settings.no_repeat_ngram_size:
-        processors.append(CompletionNoRepeatNGram(settings.no_repeat_ngram_size, prompt_length))
-    return processors
-
-
 @dataclass
 class _Row:
     max_tokens: int
@@ -69,6 +34,10 @@ class _Row:
     done: bool = False
     finish_reason: FinishReason = "length"
     emitted: int = 0  # characters of `text` already handed out by `take_text`
+    emitted_tokens: int = 0  # tokens whose logprobs were already streamed
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+    stop_reason: str | None = None  # the stop string that ended the row (vLLM's stop_reason)
 
 
 class RowStops:
@@ -83,13 +52,28 @@ class RowStops:
     token, keeps multi-byte characters split across tokens whole."""
 
     def __init__(
-        self, loaded: LoadedModel, max_tokens: Sequence[int], stop: Sequence[str] = (), live: bool = False
+        self,
+        loaded: LoadedModel,
+        max_tokens: Sequence[int],
+        stop: Sequence[str] = (),
+        live: bool = False,
+        *,
+        row_stop: Sequence[Sequence[str]] | None = None,
+        ignore_eos: Sequence[bool] | None = None,
     ) -> None:
+        """`stop` holds for every row, `row_stop[r]` for row r (both when given);
+        an `ignore_eos[r]` row is ended only by its max_tokens or a stop string."""
         self.tokenizer = loaded.tokenizer
         self.stop_ids = frozenset(loaded.stop_token_ids)
-        self.stop = tuple(stop)
-        self.live = live or bool(self.stop)
-        self.rows = [_Row(max_tokens=m) for m in max_tokens]
+        self.rows = [
+            _Row(
+                max_tokens=m,
+                stop=tuple(dict.fromkeys([*stop, *(row_stop[r] if row_stop else ())])),
+                ignore_eos=bool(ignore_eos and ignore_eos[r]),
+            )
+            for r, m in enumerate(max_tokens)
+        ]
+        self.live = live or any(row.stop for row in self.rows)
         self.cancelled: set[int] = set()
 
     def step(self, new_tokens: Sequence[int]) -> list[bool]:
@@ -102,31 +86,37 @@ class RowStops:
                 row.done, row.finish_reason = True, "stop"
                 continue
             row.tokens.append(int(token))
-            if token in self.stop_ids:
+            if token in self.stop_ids and not row.ignore_eos:
                 row.done, row.finish_reason = True, "stop"
                 continue
             if self.live:
                 row.text = decode_text(self.tokenizer, row.tokens)
-                cut = self._first_stop(row.text)
-                if cut is not None:
-                    row.text = row.text[:cut]
-                    row.done, row.finish_reason = True, "stop"
+                found = self._first_stop(row.text, row.stop)
+                if found is not None:
+                    row.text = row.text[: found[0]]
+                    row.done, row.finish_reason, row.stop_reason = True, "stop", found[1]
                     continue
             if len(row.tokens) >= row.max_tokens:
                 row.done, row.finish_reason = True, "length"
         return [row.done for row in self.rows]
 
-    def _first_stop(self, text: str) -> int | None:
-        found = [i for i in (text.find(s) for s in self.stop) if i >= 0]
+    @staticmethod
+    def _first_stop(text: str, stop: Sequence[str]) -> tuple[int, str] | None:
+        found = [(i, s) for s in stop if (i := text.find(s)) >= 0]
         return min(found) if found else None
+
+    def ends_with_stop_token(self, i: int) -> bool:
+        """Row i ended on an end token (not part of its text)."""
+        row = self.rows[i]
+        return bool(row.tokens) and row.tokens[-1] in self.stop_ids and not row.ignore_eos
 
     def finish(self) -> None:
         """After generate: decode what was not decoded live."""
         for row in self.rows:
             row.done = True
             if not self.live:
-                answer = row.tokens[:-1] if row.tokens and row.tokens[-1] in self.stop_ids else row.tokens
-                row.text = decode_text(self.tokenizer, answer)
+                ended = row.tokens and row.tokens[-1] in self.stop_ids and not row.ignore_eos
+                row.text = decode_text(self.tokenizer, row.tokens[:-1] if ended else row.tokens)
 
     def take_text(self, i: int) -> str:
         """Row i's text not handed out yet that is final: while the row runs,
@@ -136,16 +126,17 @@ class RowStops:
         if not row.done:
             while end and row.text[end - 1] == "\ufffd":
                 end -= 1
-            end -= self._held_for_stop(row.text[:end])
+            end -= self._held_for_stop(row.text[:end], row.stop)
         if end <= row.emitted:
             return ""
         piece = row.text[row.emitted : end]
         row.emitted = end
         return piece
 
-    def _held_for_stop(self, text: str) -> int:
+    @staticmethod
+    def _held_for_stop(text: str, stop: Sequence[str]) -> int:
         longest = 0
-        for s in self.stop:
+        for s in stop:
             for n in range(min(len(s) - 1, len(text)), longest, -1):
                 if text.endswith(s[:n]):
                     longest = n

@@ -30,7 +30,7 @@ a call with other requests can sample differently than alone.
 from engines.serving_engine.batcher import ServingEngine
 from engines.serving_engine.errors import bad_request, unavailable
 from engines.serving_engine.registry import resolve_dtype
-from engines.serving_engine.requests import ChatRequest, parse_chat_request
+from engines.serving_engine.requests import ChatRequest, parse_chat_request, parse_completion_request
 from engines.serving_engine.tickets import ChatResult, Choice, Ticket
 
 __all__ = [
@@ -41,6 +41,7 @@ __all__ = [
     "Ticket",
     "bad_request",
     "parse_chat_request",
+    "parse_completion_request",
     "resolve_dtype",
     "unavailable",
 ]

@@ -4,7 +4,6 @@ every `generate`, over the models of a ModelRegistry."""
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import threading
 import time
@@ -14,12 +13,15 @@ from typing import Any
 
 from engines.chat import Message
 from engines.inference import (
+    GenerationSettings,
     LoadedModel,
+    RowSampler,
     RowStops,
-    completion_processors,
     encode,
     generation_config,
     left_pad,
+    row_sampler,
+    row_seed,
 )
 from engines.protocol import OpenAIError
 from engines.serving_engine.errors import bad_request, model_not_found, unavailable
@@ -145,7 +147,23 @@ class ServingEngine:
 
     def _ticket(self, request: ChatRequest) -> Ticket:
         base, adapter = self.models.resolve(request.model)
-        ids = encode(base.loaded.tokenizer, request.messages, request.system_prompt, request.opening)
+        tokenizer = base.loaded.tokenizer
+        if request.prompt is not None:  # /v1/completions: the text as given, special tokens as vLLM adds them
+            ids = [int(t) for t in tokenizer(request.prompt)["input_ids"]]
+        else:
+            ids = encode(
+                tokenizer,
+                request.messages,
+                request.system_prompt,
+                request.opening,
+                generation_prompt=request.add_generation_prompt,
+            )
+        for token, _ in request.settings.logit_bias:
+            if token >= len(tokenizer):
+                raise bad_request(
+                    f"logit_bias names token {token}; this model's tokens are 0 to {len(tokenizer) - 1}",
+                    "logit_bias",
+                )
         limit = base.max_model_len
         if len(ids) + request.settings.max_new_tokens > limit:
             too_long = len(ids) >= limit
@@ -261,16 +279,29 @@ class ServingEngine:
                 return
             rows = [(ticket, j) for ticket in live for j in range(ticket.rows)]
             loaded = base.loaded
-            settings = dataclasses.replace(
-                live[0].request.settings, max_new_tokens=max(t.request.settings.max_new_tokens for t in live)
+            row_settings = [t.request.settings for t, _ in rows]
+            # One call for every row: its longest max_tokens; RowStops ends each row at its own.
+            settings = GenerationSettings(
+                max_new_tokens=max(s.max_new_tokens for s in row_settings),
+                ignore_eos=any(s.ignore_eos for s in row_settings),
             )
             stops = RowStops(
                 loaded,
-                [t.request.settings.max_new_tokens for t, _ in rows],
-                settings.stop,
+                [s.max_new_tokens for s in row_settings],
                 live=any(t.request.stream for t in live),
+                row_stop=[s.stop for s in row_settings],
+                ignore_eos=[s.ignore_eos for s in row_settings],
             )
             input_ids, mask = left_pad([t.prompt_ids for t, _ in rows], int(loaded.tokenizer.pad_token_id))
+            processors, sampler = row_sampler(
+                loaded,
+                row_settings,
+                input_ids.shape[1],
+                [row_seed(t.request.settings.seed, j) for t, j in rows],
+                logprobs=[t.request.logprobs for t, _ in rows],
+                finished=lambda r: stops.rows[r].done,
+                **_constraints(loaded, rows),
+            )
             kwargs: dict[str, Any] = {}
             model = loaded.model
             scope: Any = contextlib.nullcontext()
@@ -286,8 +317,6 @@ class ServingEngine:
                     base.peft.set_adapter(next(iter(names)))
                 else:
                     kwargs["adapter_names"] = [t.adapter or BASE_ROW for t, _ in rows]
-            if settings.temperature > 0 and settings.seed is not None:
-                torch.manual_seed(settings.seed)
             self.generate_calls += 1
             self.rows_generated += len(rows)
             with torch.inference_mode(), scope:
@@ -295,28 +324,63 @@ class ServingEngine:
                     input_ids=input_ids.to(loaded.device),
                     attention_mask=mask.to(loaded.device),
                     generation_config=generation_config(loaded, settings),
-                    logits_processor=completion_processors(settings, input_ids.shape[1]),
+                    logits_processor=processors,
                     stopping_criteria=stops.stopping_criteria(),
-                    streamer=_streamer(stops, rows),
+                    streamer=_streamer(stops, rows, sampler),
                     **kwargs,
                 )
             stops.finish()
-            _deliver(stops, rows)
+            _deliver(stops, rows, sampler)
 
 
-def _deliver(stops: RowStops, rows: Sequence[tuple[Ticket, int]]) -> None:
-    """Hand out the text and finishes that are ready (all of it once `stops` is finished)."""
+def _constraints(loaded: LoadedModel, rows: Sequence[tuple[Ticket, int]]) -> dict[str, Any]:
+    """Each row's response_format grammar, a fresh matcher per row."""
+    if not any(t.request.grammar for t, _ in rows):
+        return {}
+    from engines.inference import grammar
+
+    vocab = int(loaded.model.config.vocab_size)
+    return {
+        "constraints": [
+            grammar.constraint(loaded.tokenizer, t.request.grammar, loaded.stop_token_ids, vocab)
+            if t.request.grammar
+            else None
+            for t, _ in rows
+        ],
+        "apply_constraints": grammar.apply,
+    }
+
+
+def _deliver(stops: RowStops, rows: Sequence[tuple[Ticket, int]], sampler: RowSampler) -> None:
+    """Hand out the text, logprobs and finishes that are ready (all of it once `stops` is finished)."""
     for r, (ticket, index) in enumerate(rows):
         if ticket.cancelled:
             stops.cancelled.add(r)
-        if ticket.request.stream:
-            ticket.delta(index, stops.take_text(r))
         row = stops.rows[r]
+        wanted = ticket.request.logprobs is not None
+        # The end token is not part of the text: neither is its logprob.
+        kept = len(row.tokens) - (1 if row.done and stops.ends_with_stop_token(r) else 0)
+        if ticket.request.stream:
+            text = stops.take_text(r)
+            entries = None
+            if wanted and (text or row.done) and kept > row.emitted_tokens:
+                entries = sampler.recorded[r][row.emitted_tokens : kept]
+                row.emitted_tokens = kept
+            ticket.delta(index, text, entries)
         if row.done and ticket.choices[index] is None:
-            ticket.finish(Choice(index, row.text, row.finish_reason, len(row.tokens)))
+            ticket.finish(
+                Choice(
+                    index,
+                    row.text,
+                    row.finish_reason,
+                    len(row.tokens),
+                    logprobs=sampler.recorded[r][:kept] if wanted else None,
+                    stop_reason=row.stop_reason,
+                )
+            )
 
 
-def _streamer(stops: RowStops, rows: Sequence[tuple[Ticket, int]]) -> Any:
+def _streamer(stops: RowStops, rows: Sequence[tuple[Ticket, int]], sampler: RowSampler) -> Any:
     """A transformers streamer: after each step (the stopping criterion has fed
     `stops` that step's tokens) it hands each row's new text to its request."""
     from transformers.generation.streamers import BaseStreamer
@@ -328,7 +392,7 @@ def _streamer(stops: RowStops, rows: Sequence[tuple[Ticket, int]]) -> Any:
             if not self.prompt_seen:  # the first call carries the prompts
                 self.prompt_seen = True
             elif stops.live:  # without live decoding the text is only known at the end
-                _deliver(stops, rows)
+                _deliver(stops, rows, sampler)
 
         def end(self) -> None:
             pass

@@ -9,9 +9,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from engines.chat import Message
-from engines.inference import GenerationSettings, openai_n
-from engines.protocol import parse_messages, system_prompt_of
+from engines.inference import BOUNDS, GenerationSettings, openai_n
+from engines.protocol import OpenAIError, parse_messages, system_prompt_of
 from engines.serving_engine.errors import bad_request
+
+TOP_LOGPROBS = next(b for b in BOUNDS if b.param == "top_logprobs")
+MAX_COMPLETION_LOGPROBS = 5  # the legacy completions API's own limit
+MAX_PROMPTS = 16
 
 
 @dataclass(frozen=True)
@@ -26,17 +30,21 @@ class ChatRequest:
     # (the final assistant message) and the model continues it.
     opening: str | None = None
     project: str | None = None  # the fairness bucket (None: requests that name none)
+    # None: no logprobs; k: each token's logprob and the k most likely tokens (0-20).
+    logprobs: int | None = None
+    grammar: str | None = None  # response_format as a grammar (engines.inference.grammar)
+    add_generation_prompt: bool = True  # False: the prompt ends with the last message as sent
+    prompt: str | None = None  # /v1/completions: raw text, no chat template (messages are empty)
 
     @property
     def system_prompt(self) -> str | None:
         return system_prompt_of(self.messages)
 
     def batch_key(self, base: str) -> tuple[Any, ...]:
-        """Requests with equal keys can share one generate call (adapters may differ)."""
-        s = self.settings
-        if s.temperature == 0:  # greedy: top_p and seed do not matter
-            return (base, 0.0, 1.0, None, s.repetition_penalty, s.no_repeat_ngram_size, s.stop)
-        return (base, s.temperature, s.top_p, s.seed, s.repetition_penalty, s.no_repeat_ngram_size, s.stop)
+        """Requests with equal keys can share one generate call (adapters may
+        differ): every row samples with its own settings (RowSampler), so only
+        the base model matters."""
+        return (base,)
 
 
 def _flag(body: dict[str, Any], name: str) -> bool:
@@ -46,10 +54,32 @@ def _flag(body: dict[str, Any], name: str) -> bool:
     return bool(value)
 
 
+def _grammar(body: dict[str, Any]) -> str | None:
+    response_format = body.get("response_format")
+    if response_format is None:
+        return None
+    from engines.inference.grammar import grammar_for
+
+    return grammar_for(response_format)
+
+
+def _chat_logprobs(body: dict[str, Any]) -> int | None:
+    wanted = _flag(body, "logprobs")
+    top = body.get("top_logprobs")
+    if top is None:
+        return 0 if wanted else None
+    problem = TOP_LOGPROBS.error(top)
+    if problem:
+        raise bad_request(f"top_logprobs {problem}", "top_logprobs")
+    if not wanted:
+        raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
+    return int(top)
+
+
 def parse_chat_request(body: Any, project: str | None = None) -> ChatRequest:
-    """Validate a /v1/chat/completions body; unknown fields are ignored. Raises
-    OpenAIError 400 naming the bad field in `param`. `project` is the queue's
-    fairness bucket."""
+    """Validate a /v1/chat/completions body; unknown fields are ignored (the
+    gateway refuses them before they get here). Raises OpenAIError 400 naming
+    the bad field in `param`. `project` is the queue's fairness bucket."""
     if not isinstance(body, dict):
         raise bad_request("the request body must be a JSON object")
     model = body.get("model")
@@ -63,12 +93,21 @@ def parse_chat_request(body: Any, project: str | None = None) -> ChatRequest:
         raise bad_request("stream_options must be an object", "stream_options")
     settings = GenerationSettings.from_openai(body)
     opening = None
+    generation_prompt = body.get("add_generation_prompt")
+    if generation_prompt is not None and not isinstance(generation_prompt, bool):
+        raise bad_request("add_generation_prompt must be true or false", "add_generation_prompt")
     if _flag(body, "continue_final_message"):
         if messages[-1]["role"] != "assistant":
             raise bad_request(
                 "continue_final_message needs a final assistant message to continue", "messages"
             )
+        if generation_prompt:
+            raise bad_request(
+                "continue_final_message continues the last message: add_generation_prompt must be false",
+                "add_generation_prompt",
+            )
         opening, messages = messages[-1]["content"], messages[:-1]
+        generation_prompt = True  # the assistant turn is opened, then prefilled with `opening`
     return ChatRequest(
         model=model,
         messages=messages,
@@ -78,4 +117,61 @@ def parse_chat_request(body: Any, project: str | None = None) -> ChatRequest:
         include_usage=bool((options or {}).get("include_usage")),
         opening=opening,
         project=project,
+        logprobs=_chat_logprobs(body),
+        grammar=_grammar(body),
+        add_generation_prompt=generation_prompt is not False,
     )
+
+
+def parse_completion_request(body: Any, project: str | None = None) -> list[ChatRequest]:
+    """Validate a /v1/completions body: one request per prompt (a string or
+    a list of at most MAX_PROMPTS strings). `echo` and `suffix` are the
+    server's (echo) or refused (suffix, best_of other than n)."""
+    if not isinstance(body, dict):
+        raise bad_request("the request body must be a JSON object")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise bad_request("model is required (a model name from /v1/models)", "model")
+    prompt = body.get("prompt")
+    prompts = [prompt] if isinstance(prompt, str) else prompt
+    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) and p for p in prompts):
+        raise bad_request("prompt must be a non-empty string or a list of non-empty strings", "prompt")
+    if len(prompts) > MAX_PROMPTS:
+        raise bad_request(f"prompt holds {len(prompts)} prompts, at most {MAX_PROMPTS}", "prompt")
+    if body.get("suffix") is not None:
+        raise bad_request("suffix (insertion) is not supported by this model", "suffix")
+    n = openai_n(body)
+    best_of = body.get("best_of")
+    if best_of is not None and best_of != n:
+        raise bad_request("best_of is not supported (only best_of equal to n)", "best_of")
+    stream = _flag(body, "stream")
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise bad_request("stream_options must be an object", "stream_options")
+    echo = _flag(body, "echo")
+    logprobs = body.get("logprobs")
+    if logprobs is not None:
+        if isinstance(logprobs, bool) or not isinstance(logprobs, int) or not 0 <= logprobs <= 5:
+            raise bad_request(
+                f"logprobs must be a whole number between 0 and {MAX_COMPLETION_LOGPROBS}", "logprobs"
+            )
+        if echo:
+            raise OpenAIError(
+                400, "echo with logprobs (the prompt's own logprobs) is not supported", param="echo"
+            )
+    settings = GenerationSettings.from_openai(body)
+    return [
+        ChatRequest(
+            model=model,
+            messages=(),
+            settings=settings,
+            n=n,
+            stream=stream,
+            include_usage=bool((options or {}).get("include_usage")),
+            project=project,
+            logprobs=logprobs,
+            grammar=_grammar(body),
+            prompt=p,
+        )
+        for p in prompts
+    ]

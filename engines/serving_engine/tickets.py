@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from engines.inference import TokenLogprob
 from engines.protocol import OpenAIError
 from engines.serving_engine.errors import timed_out
 from engines.serving_engine.requests import ChatRequest
@@ -21,6 +22,8 @@ class Choice:
     text: str
     finish_reason: Literal["stop", "length"]
     completion_tokens: int
+    logprobs: list[TokenLogprob] | None = None  # one per token of the text (the end token is not)
+    stop_reason: str | None = None  # the stop string that ended it
 
 
 @dataclass
@@ -34,7 +37,7 @@ class ChatResult:
         return sum(c.completion_tokens for c in self.choices)
 
 
-# Stream events: ("delta", index, text), ("finish", index, reason), ("end", None, None)
+# Stream events: ("delta", index, (text, logprobs)), ("finish", index, Choice), ("end", None, None)
 Event = tuple[str, int | None, Any]
 
 
@@ -92,16 +95,16 @@ class Ticket:
 
     # -- the batcher's side
 
-    def delta(self, index: int, text: str) -> None:
-        if self.request.stream and text:
-            self._events.put(("delta", index, text))
+    def delta(self, index: int, text: str, logprobs: list[TokenLogprob] | None = None) -> None:
+        if self.request.stream and (text or logprobs):
+            self._events.put(("delta", index, (text, logprobs)))
 
     def finish(self, choice: Choice) -> None:
         if self.choices[choice.index] is not None:
             return
         self.choices[choice.index] = choice
         if self.request.stream:
-            self._events.put(("finish", choice.index, choice.finish_reason))
+            self._events.put(("finish", choice.index, choice))
         if all(c is not None for c in self.choices):
             self._events.put(("end", None, None))
             self._done.set()
