@@ -158,6 +158,12 @@ class ServingEngine:
                 request.opening,
                 generation_prompt=request.add_generation_prompt,
             )
+        if request.grammar is not None:
+            # Compiled now (and cached) so a grammar this tokenizer cannot take fails its own request only.
+            from engines.inference import grammar
+
+            loaded = base.loaded
+            grammar.constraint(tokenizer, request.grammar, loaded.stop_token_ids, _vocab(loaded))
         for token, _ in request.settings.logit_bias:
             if token >= len(tokenizer):
                 raise bad_request(
@@ -333,13 +339,18 @@ class ServingEngine:
             _deliver(stops, rows, sampler)
 
 
+def _vocab(loaded: LoadedModel) -> int:
+    """The width of the model's logits (it may exceed the tokenizer's size)."""
+    return int(loaded.model.get_output_embeddings().weight.shape[0])
+
+
 def _constraints(loaded: LoadedModel, rows: Sequence[tuple[Ticket, int]]) -> dict[str, Any]:
     """Each row's response_format grammar, a fresh matcher per row."""
     if not any(t.request.grammar for t, _ in rows):
         return {}
     from engines.inference import grammar
 
-    vocab = int(loaded.model.config.vocab_size)
+    vocab = _vocab(loaded)
     return {
         "constraints": [
             grammar.constraint(loaded.tokenizer, t.request.grammar, loaded.stop_token_ids, vocab)
