@@ -9,5 +9,6 @@ urlpatterns = [
     path("models", gateway.models, name="v1_models"),
     path("models/<path:model>", gateway.models, name="v1_model"),
     path("chat/completions", gateway.chat_completions, name="v1_chat_completions"),
+    path("completions", gateway.completions, name="v1_completions"),
     re_path(r"^(?P<path>.*)$", gateway.not_found, name="v1_not_found"),
 ]

@@ -14,7 +14,7 @@ import json
 import logging
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 import httpx
@@ -30,6 +30,8 @@ ADAPTER_PREFIX = "variant-"
 CONNECT_SECONDS = 5.0
 # The hf engine takes work round-robin by this header, so one project's flood cannot starve another.
 PROJECT_HEADER = "X-Project"
+CHAT_PATH = "/v1/chat/completions"
+COMPLETIONS_PATH = "/v1/completions"
 
 
 def unavailable(url: str, exc: Exception | str) -> OpenAIError:
@@ -204,38 +206,60 @@ class EngineClient:
             self._loaded.add(name)
             self._loaded.add(base.name)
 
-    # --- chat completions ------------------------------------------------------
+    # --- completions (chat and legacy text) ---------------------------------------
 
     def chat(self, variant: Variant, body: dict[str, Any], project: str | None = None) -> dict[str, Any]:
-        """A non-streamed completion (body["model"] is set here), queued under `project`."""
+        """A non-streamed chat completion (body["model"] is set here), queued under `project`."""
+        return self._complete(CHAT_PATH, variant, body, project)
+
+    def completions(
+        self, variant: Variant, body: dict[str, Any], project: str | None = None
+    ) -> dict[str, Any]:
+        """A non-streamed legacy text completion (a prompt in, text out), as `chat`."""
+        return self._complete(COMPLETIONS_PATH, variant, body, project)
+
+    def stream(
+        self, variant: Variant, body: dict[str, Any], project: str | None = None
+    ) -> AbstractContextManager[Iterator[str]]:
+        """A streamed chat completion: yields an iterator of the SSE `data:`
+        payloads (JSON text or "[DONE]"). Errors before the first byte raise
+        OpenAIError, so the caller can still answer with a status."""
+        return self._stream(CHAT_PATH, variant, body, project)
+
+    def stream_completions(
+        self, variant: Variant, body: dict[str, Any], project: str | None = None
+    ) -> AbstractContextManager[Iterator[str]]:
+        """A streamed legacy text completion, as `stream`."""
+        return self._stream(COMPLETIONS_PATH, variant, body, project)
+
+    def _complete(
+        self, path: str, variant: Variant, body: dict[str, Any], project: str | None
+    ) -> dict[str, Any]:
         self.ensure_loaded(variant)
         payload = {**body, "model": variant.engine_model}
         headers = {PROJECT_HEADER: project} if project else None
-        response = self._request("POST", "/v1/chat/completions", payload, headers=headers)
+        response = self._request("POST", path, payload, headers=headers)
         if response.status_code == 404:
             self.ensure_loaded(variant, refresh=True)
-            response = self._request("POST", "/v1/chat/completions", payload, headers=headers)
+            response = self._request("POST", path, payload, headers=headers)
         if response.status_code >= 400:
             raise self._chat_error(response, variant)
         data: dict[str, Any] = response.json()
         return data
 
     @contextmanager
-    def stream(
-        self, variant: Variant, body: dict[str, Any], project: str | None = None
+    def _stream(
+        self, path: str, variant: Variant, body: dict[str, Any], project: str | None
     ) -> Iterator[Iterator[str]]:
-        """A streamed completion: yields an iterator of the SSE `data:`
-        payloads (JSON text or "[DONE]"). Errors before the first byte raise
-        OpenAIError, so the caller can still answer with a status."""
         self.ensure_loaded(variant)
         payload = {**body, "model": variant.engine_model, "stream": True}
         headers = {PROJECT_HEADER: project} if project else {}
-        response = self._open_stream(payload, headers)
+        response = self._open_stream(path, payload, headers)
         if response.status_code == 404:
             response.read()
             response.close()
             self.ensure_loaded(variant, refresh=True)
-            response = self._open_stream(payload, headers)
+            response = self._open_stream(path, payload, headers)
         try:
             if response.status_code >= 400:
                 response.read()
@@ -244,9 +268,9 @@ class EngineClient:
         finally:
             response.close()
 
-    def _open_stream(self, payload: dict[str, Any], headers: dict[str, str]) -> httpx.Response:
+    def _open_stream(self, path: str, payload: dict[str, Any], headers: dict[str, str]) -> httpx.Response:
         try:
-            request = self.http.build_request("POST", "/v1/chat/completions", json=payload, headers=headers)
+            request = self.http.build_request("POST", path, json=payload, headers=headers)
             return self.http.send(request, stream=True)
         except httpx.TimeoutException as exc:
             raise timed_out(self.url, "start answering") from exc

@@ -7,11 +7,17 @@ Every error is OpenAI-shaped ({"error": {"message", "type", "param", "code"}});
 bad input is a 4xx, never a 500. Every /v1 response carries an `x-request-id`
 header; error messages end with that id, and what went wrong inside (the
 engine's address, its own words) is in the server log under it, never in the
-answer. Per-key limits (serving.limits) answer 429 with Retry-After."""
+answer. Per-key limits (serving.limits) answer 429 with Retry-After.
+
+Every request field is honoured, ignored (and logged) or refused by the one
+table in serving.params; completions and chunks carry a system_fingerprint
+of the deployment (backend, base model, variant). With V1_CORS_ORIGINS set,
+a browser on a listed origin may call /v1 (preflight answered 204)."""
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import re
@@ -20,20 +26,22 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
 from django.http import HttpRequest, HttpResponse, HttpResponseBase, JsonResponse, StreamingHttpResponse
 from django.utils import timezone
+from django.utils.cache import patch_vary_headers
 from django.views.decorators.csrf import csrf_exempt
 
 from engines import jsonguard
 from engines.inference import OPENAI_DEFAULT_MAX_TOKENS, OPENAI_PARAMS, GenerationSettings, openai_n
 from engines.protocol import SYSTEM_JOIN, OpenAIError, apply_system_prompt, parse_messages, system_prompt_of
-from serving import engine_client, limits
+from serving import engine_client, limits, params
 from serving.models import Alias, ApiKey, RequestLog, hash_key
-from workbench.models import Variant
+from workbench.models import FoundationModel, Variant
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +50,12 @@ MAX_MODEL_CHARS = 300
 SEED_RANGE = (-(2**63), 2**63 - 1)
 LAST_USED_EVERY = timedelta(seconds=60)
 VARIANT_NAME = re.compile(r"variant-(\d{1,18})")
-ROUTES = "GET /v1/models, GET /v1/models/{model} and POST /v1/chat/completions"
+ROUTES = "GET /v1/models, GET /v1/models/{model}, POST /v1/chat/completions and POST /v1/completions"
+CORS_METHODS = "GET, POST, OPTIONS"
+CORS_HEADERS = ("Authorization", "Content-Type")
+CORS_MAX_AGE = 600
+# transformers' "no limit known" value of a tokenizer's model_max_length.
+NO_LIMIT = 10**12
 
 
 def max_body_bytes() -> int:
@@ -95,15 +108,20 @@ def api_view(
         def inner(request: ApiRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
             request_id = f"req_{uuid.uuid4().hex}"
             request.request_id = request_id
+            origin = cors_origin(request)
             try:
-                if method is not None and request.method != method:
+                if origin is not None and request.method == "OPTIONS":
+                    # A preflight carries no credentials: it is answered before any key is asked for.
+                    response: HttpResponseBase = HttpResponse(status=204)
+                elif method is not None and request.method != method:
                     raise OpenAIError(
                         405,
                         f"{request.method} is not allowed on {request.path[:200]}; use {method}.",
                         code="method_not_allowed",
                         headers={"Allow": method},
                     )
-                response = view(request, *args, **kwargs)
+                else:
+                    response = view(request, *args, **kwargs)
             except OpenAIError as exc:
                 response = error_response(request_id, exc)
             except Exception:
@@ -112,11 +130,36 @@ def api_view(
                     request_id, OpenAIError(500, "The server failed to answer this request.", "server_error")
                 )
             response["x-request-id"] = request_id
+            if settings.V1_CORS_ORIGINS:  # answers differ by Origin: caches must keep them apart
+                patch_vary_headers(response, ("Origin",))
+            if origin is not None:
+                allow_cors(request, response, origin)
             return response
 
         return inner
 
     return wrap
+
+
+def cors_origin(request: HttpRequest) -> str | None:
+    """The request's Origin when V1_CORS_ORIGINS lists it (or lists *), else None."""
+    origin = request.headers.get("Origin")
+    allowed = settings.V1_CORS_ORIGINS
+    if not origin or not allowed:
+        return None
+    listed = {o.rstrip("/") for o in allowed}
+    return origin if origin in listed or "*" in listed else None
+
+
+def allow_cors(request: HttpRequest, response: HttpResponseBase, origin: str) -> None:
+    response["Access-Control-Allow-Origin"] = origin
+    response["Access-Control-Allow-Methods"] = CORS_METHODS
+    # Browser SDKs (openai-node) add their own headers to the preflight: a listed origin may send them.
+    asked = [h.strip() for h in request.headers.get("Access-Control-Request-Headers", "").split(",")]
+    extra = [h for h in asked if h and h.lower() not in {c.lower() for c in CORS_HEADERS}]
+    response["Access-Control-Allow-Headers"] = ", ".join([*CORS_HEADERS, *extra])[:2000]
+    response["Access-Control-Expose-Headers"] = "x-request-id, Retry-After"
+    response["Access-Control-Max-Age"] = str(CORS_MAX_AGE)
 
 
 # --- keys and model names ------------------------------------------------------
@@ -252,20 +295,47 @@ def _check_string(path: str, value: str, what: str) -> None:
         ) from None
 
 
-def check_params(body: dict[str, Any]) -> dict[str, Any]:
-    """The engine's request from the client's: the messages and the generation
-    fields the client gave, checked by the one protocol and the one table of
+def check_params(body: dict[str, Any], request_id: str = "-") -> dict[str, Any]:
+    """The engine's request from a chat-completions body: every field checked
+    against the table of serving.params first (refused or unknown ones are a
+    400 naming them; ignored ones are logged under `request_id`), the
+    messages and generation fields by the one protocol and the one table of
     bounds (GenerationSettings), then this gateway's policy (its caps).
-    Fields it does not know are ignored, as OpenAI-compatible servers do."""
+    Only what the client gave goes to the engine."""
+    ignored = params.check_fields(body, params.CHAT_FIELDS, settings.INFERENCE_BACKEND)
+    check_model(body)
+    params.check_messages(body.get("messages"))
+    messages = parse_messages(body.get("messages"))
+    out: dict[str, Any] = {"messages": messages, **sampling(body, request_id, ignored)}
+    out.update(params.chat_options(body, messages))
+    return out
+
+
+def check_completion_params(body: dict[str, Any], request_id: str = "-") -> dict[str, Any]:
+    """The engine's request from a legacy /v1/completions body, as check_params."""
+    ignored = params.check_fields(body, params.COMPLETION_FIELDS, settings.INFERENCE_BACKEND)
+    check_model(body)
+    prompts = params.prompts(body.get("prompt"))
+    out: dict[str, Any] = {"prompt": body["prompt"], **sampling(body, request_id, ignored, rows=len(prompts))}
+    out.update(params.completion_options(body))
+    return out
+
+
+def check_model(body: dict[str, Any]) -> None:
     model = body.get("model")
     if not isinstance(model, str) or not model.strip():
         raise OpenAIError(
             400, "model is required: PROJECT_SLUG/ALIAS or a variant id (GET /v1/models).", param="model"
         )
-    messages = parse_messages(body.get("messages"))
+
+
+def sampling(body: dict[str, Any], request_id: str, ignored: list[str], rows: int = 1) -> dict[str, Any]:
+    """The generation fields (GenerationSettings' table), max_tokens under the
+    caps (`rows` prompts x n x max_tokens), n and stream; logs what is ignored."""
     generation = GenerationSettings.from_openai(body)
     n = openai_n(body)
-    name = "max_completion_tokens" if body.get("max_tokens") is None else "max_tokens"
+    # As GenerationSettings: max_completion_tokens wins when both are sent.
+    name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     given = body.get(name) is not None
     cap = settings.GATEWAY_MAX_TOKENS
     if given and generation.max_new_tokens > cap:
@@ -274,18 +344,21 @@ def check_params(body: dict[str, Any]) -> dict[str, Any]:
         )
     # Both engines get an explicit max_tokens: vLLM's own default is "until the context is full".
     max_tokens = generation.max_new_tokens if given else min(OPENAI_DEFAULT_MAX_TOKENS, cap)
-    asked, most = n * max_tokens, limits.max_n_times_tokens()
+    asked, most = rows * n * max_tokens, limits.max_n_times_tokens()
     if asked > most:
         shown = name if given else "max_tokens"
+        what = f"n x {shown}" if rows == 1 else f"prompts x n x {shown}"
+        counts = (
+            f"n={n}, {shown}={max_tokens}" if rows == 1 else f"{rows} prompts, n={n}, {shown}={max_tokens}"
+        )
         raise OpenAIError(
             400,
-            f"n x {shown} asks for {asked} tokens (n={n}, {shown}={max_tokens}); "
-            f"one request may ask for at most {most}: lower n or {shown}.",
+            f"{what} asks for {asked} tokens ({counts}); one request may ask for at most {most}: "
+            f"lower n or {shown}{'' if rows == 1 else ' or send fewer prompts'}.",
             param=shown,
         )
     # Only what the client gave: the variant's guard rails fill the rest.
     out: dict[str, Any] = {
-        "messages": messages,
         **generation.to_openai(p for p in OPENAI_PARAMS if body.get(p) is not None),
         "max_tokens": max_tokens,
     }
@@ -297,17 +370,23 @@ def check_params(body: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(stream, bool):
         raise OpenAIError(400, "stream must be true or false.", param="stream")
     out["stream"] = stream
-    options = body.get("stream_options")
-    if options is not None:
-        if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
-            raise OpenAIError(
-                400, 'stream_options must be an object like {"include_usage": true}.', param="stream_options"
-            )
-        if not stream:
-            raise OpenAIError(
-                400, "stream_options is only allowed with stream: true.", param="stream_options"
-            )
+    _include_usage, ignored_options = params.stream_options(body, stream)
+    ignored = [*ignored, *ignored_options]
+    if ignored:
+        # As vLLM does: the client hears nothing of them, the log says what was not acted on.
+        log.warning(
+            "v1 %s: fields present in the request but ignored (they do not change the answer): %s",
+            request_id,
+            ", ".join(ignored),
+        )
     return out
+
+
+def tokens_asked(engine_params: dict[str, Any]) -> int:
+    """What a request may generate at most: prompts x n x max_tokens (the key's lease)."""
+    prompt = engine_params.get("prompt")
+    rows = len(prompt) if isinstance(prompt, list) else 1
+    return rows * int(engine_params.get("n", 1)) * int(engine_params["max_tokens"])
 
 
 def with_variant_prompt(messages: list[dict[str, str]], variant: Variant) -> list[dict[str, str]]:
@@ -319,6 +398,36 @@ def with_variant_prompt(messages: list[dict[str, str]], variant: Variant) -> lis
         return messages
     client = system_prompt_of(messages)
     return apply_system_prompt(messages, prompt if client is None else f"{prompt}{SYSTEM_JOIN}{client}")
+
+
+def fingerprint(variant: Variant) -> str:
+    """OpenAI's system_fingerprint: stable for one deployment of a variant
+    (backend, base model, variant), changed when any of them changes."""
+    key = f"{settings.INFERENCE_BACKEND}|{variant.base_model.name}|{variant.base_model.path}|{variant.pk}"
+    return "fp_" + hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
+@functools.lru_cache(maxsize=256)
+def context_length(model_dir: str) -> int | None:
+    """The most tokens a base model reads, as the hf engine takes it
+    (serving_engine.registry.Base.max_model_len): the config's
+    max_position_embeddings, else the tokenizer's model_max_length. Read
+    from the model directory's JSON, so listing models loads no tokenizer."""
+    for name, key in (
+        ("config.json", "max_position_embeddings"),
+        ("tokenizer_config.json", "model_max_length"),
+    ):
+        try:
+            value = json.loads((Path(model_dir) / name).read_text(encoding="utf-8")).get(key)
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(value, int) and not isinstance(value, bool) and 0 < value < NO_LIMIT:
+            return value
+    return None
+
+
+def max_model_len(base: FoundationModel) -> int | None:
+    return context_length(base.path)
 
 
 # --- views -----------------------------------------------------------------------
@@ -339,7 +448,9 @@ def models(request: HttpRequest, model: str | None = None) -> HttpResponse:
 def _model_entries(key: ApiKey) -> list[dict[str, Any]]:
     slug = key.project.slug
     entries = []
-    for alias in Alias.objects.filter(project=key.project, variant__isnull=False).select_related("variant"):
+    aliases = Alias.objects.filter(project=key.project, variant__isnull=False)
+    for alias in aliases.select_related("variant__base_model"):
+        assert alias.variant is not None  # filtered above
         entries.append(
             {
                 "id": alias.model_name,
@@ -347,9 +458,10 @@ def _model_entries(key: ApiKey) -> list[dict[str, Any]]:
                 "created": int(alias.updated_at.timestamp()),
                 "owned_by": slug,
                 "variant": f"variant-{alias.variant_id}",
+                "max_model_len": max_model_len(alias.variant.base_model),
             }
         )
-    for variant in Variant.objects.filter(project=key.project).order_by("pk"):
+    for variant in Variant.objects.filter(project=key.project).select_related("base_model").order_by("pk"):
         entries.append(
             {
                 "id": f"{slug}/variant-{variant.pk}",
@@ -357,6 +469,7 @@ def _model_entries(key: ApiKey) -> list[dict[str, Any]]:
                 "created": int(variant.created_at.timestamp()),
                 "owned_by": slug,
                 "name": variant.name,
+                "max_model_len": max_model_len(variant.base_model),
             }
         )
     return entries
@@ -373,22 +486,40 @@ def not_found(request: HttpRequest, path: str = "") -> HttpResponse:
 
 @api_view("POST")
 def chat_completions(request: ApiRequest) -> HttpResponseBase:
+    return _serve(request, chat=True)
+
+
+@api_view("POST")
+def completions(request: ApiRequest) -> HttpResponseBase:
+    """The legacy text completion (lm-eval, LiteLLM's text_completion): a prompt in, text out."""
+    return _serve(request, chat=False)
+
+
+def _serve(request: ApiRequest, chat: bool) -> HttpResponseBase:
     key = authenticate(request)
     body = parse_body(request)
-    params = check_params(body)
+    engine_params = (check_params if chat else check_completion_params)(body, request.request_id)
     alias, variant = resolve_model(key, body["model"])
+    if not chat and variant.system_prompt is not None:
+        raise OpenAIError(
+            400,
+            f"{body['model'][:MAX_MODEL_CHARS]}: this model applies a system prompt, which only "
+            "/v1/chat/completions can carry.",
+            param="model",
+            code="unsupported_model",
+        )
     try:
-        lease = limits.acquire(key.pk, params.get("n", 1) * params["max_tokens"])
+        lease = limits.acquire(key.pk, tokens_asked(engine_params))
     except limits.RateLimited as exc:
         raise OpenAIError(
             429, exc.message, "rate_limit_error", code=exc.code, headers={"Retry-After": str(exc.retry_after)}
         ) from None
     try:
-        call = Call(request.request_id, key, alias, variant, body, params, lease)
+        call = Call(request.request_id, key, alias, variant, body, engine_params, lease, chat=chat)
     except BaseException:
         lease.release()
         raise
-    if params["stream"]:
+    if engine_params["stream"]:
         return call.stream()
     return call.complete()
 
@@ -410,8 +541,13 @@ class _Relay:
             self._close()
 
 
+def sse(payload: dict[str, Any] | str) -> bytes:
+    return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n".encode()
+
+
 class Call:
-    """One chat completion through the engine, logged when its alias logs."""
+    """One completion through the engine (chat, or legacy text with
+    `chat=False`), logged when its alias logs."""
 
     def __init__(
         self,
@@ -420,32 +556,41 @@ class Call:
         alias: Alias | None,
         variant: Variant,
         body: dict[str, Any],
-        params: dict[str, Any],
+        engine_params: dict[str, Any],
         lease: limits.Lease,
+        chat: bool = True,
     ) -> None:
         self.request_id, self.key, self.alias, self.variant, self.body = request_id, key, alias, variant, body
         self.lease = lease
+        self.chat = chat
         self.asked = body["model"]
+        self.fingerprint = fingerprint(variant)
         # The engine queues work round-robin by project (its fairness bucket).
         self.project = key.project.slug
         # The variant's guard rails (its teacher's repetition penalty, ...) unless the request sets them.
-        self.engine_body = {
-            **variant.generation,
-            **params,
-            "messages": with_variant_prompt(params["messages"], variant),
-        }
+        self.engine_body = {**variant.generation, **engine_params}
+        if chat:
+            self.engine_body["messages"] = with_variant_prompt(engine_params["messages"], variant)
         self.began = time.perf_counter()
 
+    def _relabel(self, data: dict[str, Any]) -> dict[str, Any]:
+        """The engine's answer or chunk as the client's: its model name, this deployment's fingerprint."""
+        data["model"] = self.asked
+        data["system_fingerprint"] = self.fingerprint
+        return data
+
     def complete(self) -> HttpResponse:
+        client = engine_client.client()
+        ask = client.chat if self.chat else client.completions
         try:
-            data = engine_client.client().chat(self.variant, self.engine_body, project=self.project)
+            data = ask(self.variant, self.engine_body, project=self.project)
         except OpenAIError as exc:
             response = error_response(self.request_id, exc)
             self.log(exc.status, json.loads(response.content))
             return response
         finally:
             self.lease.release()
-        data["model"] = self.asked
+        self._relabel(data)
         self.log(200, data)
         return JsonResponse(data)
 
@@ -453,12 +598,12 @@ class Call:
         include_usage = bool((self.body.get("stream_options") or {}).get("include_usage"))
         # The engine always reports usage, for the log; the client gets it only when asked.
         self.engine_body["stream_options"] = {"include_usage": True}
+        client = engine_client.client()
+        opened = client.stream if self.chat else client.stream_completions
         stack = ExitStack()
         stack.callback(self.lease.release)
         try:
-            events = stack.enter_context(
-                engine_client.client().stream(self.variant, self.engine_body, project=self.project)
-            )
+            events = stack.enter_context(opened(self.variant, self.engine_body, project=self.project))
         except OpenAIError as exc:
             stack.close()
             refused = error_response(self.request_id, exc)
@@ -476,7 +621,7 @@ class Call:
 
     def _stream_error(self, chunk: dict[str, Any]) -> dict[str, Any]:
         """The engine's in-stream error, with its words kept in the log."""
-        err = chunk.get("error")
+        err = chunk.get("error", chunk)
         err = err if isinstance(err, dict) else {"message": str(err)}
         code = err.get("code")
         return error_body(
@@ -490,6 +635,11 @@ class Call:
             ),
         )
 
+    def _piece(self, choice: dict[str, Any]) -> str:
+        if self.chat:
+            return (choice.get("delta") or {}).get("content") or ""
+        return choice.get("text") or ""
+
     def _relay(self, events: Iterator[str], stack: ExitStack, include_usage: bool) -> Iterator[bytes]:
         texts: dict[int, list[str]] = {}
         finish: dict[int, str | None] = {}
@@ -498,23 +648,23 @@ class Call:
         try:
             for event in events:
                 if event == "[DONE]":
-                    yield b"data: [DONE]\n\n"
                     break
                 try:
                     chunk = json.loads(event)
                 except ValueError:
                     chunk = {"error": {"message": f"an event that is not JSON: {event[:200]}"}}
-                if not isinstance(chunk, dict) or "error" in chunk:
+                # {"error": {...}}, or older vLLM's flat {"object": "error", "message": ...}
+                if not isinstance(chunk, dict) or "error" in chunk or chunk.get("object") == "error":
                     status, error = (
                         502,
                         self._stream_error(chunk if isinstance(chunk, dict) else {"error": chunk}),
                     )
-                    yield f"data: {json.dumps(error)}\n\n".encode()
+                    yield sse(error)
                     break
-                chunk["model"] = self.asked
+                self._relabel(chunk)
                 for choice in chunk.get("choices") or []:
                     index = choice.get("index", 0)
-                    texts.setdefault(index, []).append((choice.get("delta") or {}).get("content") or "")
+                    texts.setdefault(index, []).append(self._piece(choice))
                     if choice.get("finish_reason"):
                         finish[index] = choice["finish_reason"]
                 if chunk.get("usage"):
@@ -523,31 +673,43 @@ class Call:
                         continue
                     if not include_usage:
                         chunk.pop("usage")
-                yield f"data: {json.dumps(chunk)}\n\n".encode()
+                yield sse(chunk)
+            else:
+                # The engine hung up without [DONE]: the answer may be cut short.
+                status, error = (
+                    502,
+                    self._stream_error({"error": {"message": "the stream ended without [DONE]"}}),
+                )
+                yield sse(error)
         except OpenAIError as exc:
             status, error = exc.status, error_body(self.request_id, exc)
-            yield f"data: {json.dumps(error)}\n\n".encode()
+            yield sse(error)
         finally:
             stack.close()
-            choices = [
-                {
-                    "index": i,
-                    "message": {"role": "assistant", "content": "".join(texts[i])},
-                    "finish_reason": finish.get(i),
-                }
-                for i in sorted(texts)
-            ]
-            self.log(
-                status,
-                error
-                or {
-                    "object": "chat.completion",
-                    "model": self.asked,
-                    "streamed": True,
-                    "choices": choices,
-                    "usage": usage,
-                },
-            )
+            self.log(status, error or self._streamed(texts, finish, usage))
+        # Clients read to [DONE] whatever happened (as vLLM ends its streams).
+        yield sse("[DONE]")
+
+    def _streamed(
+        self, texts: dict[int, list[str]], finish: dict[int, str | None], usage: dict[str, Any]
+    ) -> dict[str, Any]:
+        """The streamed answer as one, for the log."""
+        choices: list[dict[str, Any]] = []
+        for i in sorted(texts):
+            text = "".join(texts[i])
+            if self.chat:
+                choices.append({"index": i, "message": {"role": "assistant", "content": text}})
+            else:
+                choices.append({"index": i, "text": text})
+            choices[-1]["finish_reason"] = finish.get(i)
+        return {
+            "object": "chat.completion" if self.chat else "text_completion",
+            "model": self.asked,
+            "system_fingerprint": self.fingerprint,
+            "streamed": True,
+            "choices": choices,
+            "usage": usage,
+        }
 
     def log(self, status: int, response: dict[str, Any]) -> None:
         if self.alias is None or not self.alias.log_requests:
@@ -558,6 +720,7 @@ class Call:
             alias=self.alias,
             variant=self.variant,
             api_key=self.key,
+            request_id=self.request_id,
             model=self.asked[:300].replace("\x00", "\ufffd"),
             request=storable(self.body),
             response=storable(response),

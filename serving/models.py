@@ -126,7 +126,7 @@ class ApiKey(models.Model):
 
 
 class RequestLog(models.Model):
-    """One /v1 chat completion, kept when the alias logs requests."""
+    """One /v1 completion (chat or legacy text), kept when the alias logs requests."""
 
     project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="request_logs")
     alias = models.ForeignKey(
@@ -134,6 +134,8 @@ class RequestLog(models.Model):
     )
     variant = models.ForeignKey(Variant, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
     api_key = models.ForeignKey(ApiKey, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    # The x-request-id the client was answered with, so a request it quotes can be found.
+    request_id = models.CharField(max_length=40, blank=True, default="", db_index=True)
     model = models.CharField(max_length=300, help_text="The model name the client asked for")
     request = models.JSONField(help_text="The request body as received")
     response = models.JSONField(default=dict, blank=True)

@@ -245,12 +245,16 @@ def test_keys_models_and_bodies_are_checked(live_server, world, alice, settings)
         and "not valid JSON" in malformed.value.message
     )
     # Each bad field's 400 is checked in the fast suite (tests/test_protocol.py), without a live server.
-    # an unknown field is ignored, not refused (the engine is down here: 503, not 400)
-    with pytest.raises(openai.APIStatusError) as down:
+    # an unknown field is refused in OpenAI's words, naming it (issue 22: never silently dropped)
+    with pytest.raises(openai.BadRequestError) as unknown_field:
         good.chat.completions.create(
             model=f"{world.slug}/production", messages=QUESTION, extra_body={"logit_bias_extra": 1}
         )
-    assert down.value.status_code == 503
+    assert unknown_field.value.body["param"] == "logit_bias_extra"
+    assert (
+        without_id(unknown_field.value.body["message"])
+        == "Unrecognized request argument supplied: logit_bias_extra"
+    )
 
     revoke_api_key(alice, world.key)
     with pytest.raises(openai.AuthenticationError):

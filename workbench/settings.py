@@ -365,6 +365,9 @@ V1_LEASE_SECONDS = int(envnumber("V1_LEASE_SECONDS", ENGINE_TIMEOUT_SECONDS + 60
 # The largest /v1 body (413 from its Content-Length) and the deepest JSON nesting in it (400).
 V1_MAX_BODY_BYTES = int(envnumber("V1_MAX_BODY_BYTES", DATA_UPLOAD_MAX_MEMORY_SIZE, 1, whole=True))
 V1_MAX_JSON_DEPTH = int(envnumber("V1_MAX_JSON_DEPTH", 32, 2, whole=True))
+# Browser origins allowed to call /v1 (CORS), comma-separated, e.g. https://app.example.com; * for any.
+# Empty (the default): no CORS headers, and browsers on other origins cannot read the answers.
+V1_CORS_ORIGINS = envlist("V1_CORS_ORIGINS", "")
 # Training data whose answers fail a checkable rule on more than this share of
 # rows gets a warning (the absorb form asks to confirm; the fine-tune logs it).
 DATA_FAIL_WARN_SHARE = envnumber("WORKBENCH_DATA_FAIL_WARN_SHARE", 0.2, 0)

@@ -1,0 +1,407 @@
+"""The one table of /v1 request fields: for every field of POST
+/v1/chat/completions and POST /v1/completions, what each backend does with
+it and why. A field is honoured (the engine acts on it), ignored (OpenAI
+documents it as not changing the answer: accepted, logged) or refused (a 400
+naming it). A field not in the table is refused in OpenAI's own words, so
+nothing a client sends is silently dropped. The gateway checks a body here
+before it reads anything else; the README's table is `markdown_table()`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from engines.inference import BOUNDS
+from engines.protocol import OpenAIError
+
+HONOURED, IGNORED, REFUSED = "honoured", "ignored", "refused"
+NO_TOOLS = "this model does not call tools"
+GUIDED = 'use response_format {"type": "json_schema", ...}, which both backends decode under constraint'
+MESSAGE_KEYS = ("role", "content")
+# The legacy endpoint's logprobs: how many alternatives per token (OpenAI's own limit).
+MAX_COMPLETION_LOGPROBS = 5
+MAX_PROMPTS = 64  # prompts in one /v1/completions body (each is a row, times n)
+MAX_SHOWN = 100  # characters of a client's field name repeated in an error
+TOP_LOGPROBS = next(b for b in BOUNDS if b.param == "top_logprobs")  # GenerationSettings' table
+
+
+@dataclass(frozen=True)
+class Field:
+    """One request field: its status on the hf engine and on vLLM, a one-line
+    note, and, where refused, why (the 400 says it)."""
+
+    name: str
+    hf: str
+    vllm: str
+    note: str
+    refusal: str = ""
+    # Refused only when this holds of the body (None: refused whenever sent).
+    refuse_when: Callable[[Mapping[str, Any]], bool] | None = None
+
+    def status(self, backend: str) -> str:
+        return self.vllm if backend == "vllm" else self.hf
+
+
+def honoured(name: str, note: str) -> Field:
+    return Field(name, HONOURED, HONOURED, note)
+
+
+def ignored(name: str, note: str) -> Field:
+    return Field(name, IGNORED, IGNORED, note)
+
+
+def refused(name: str, why: str, note: str = "") -> Field:
+    return Field(name, REFUSED, REFUSED, note or why, why)
+
+
+# Sampling and streaming: the same on both endpoints.
+SHARED: tuple[Field, ...] = (
+    honoured("model", "PROJECT_SLUG/ALIAS, PROJECT_SLUG/variant-ID or variant-ID (GET /v1/models)"),
+    honoured("max_tokens", "1 to GATEWAY_MAX_TOKENS; 256 when left out"),
+    honoured("temperature", "0 to 2 (0 is greedy); 1 when left out"),
+    honoured("top_p", "greater than 0, at most 1"),
+    honoured("n", "1 to 16; n x max_tokens is capped by V1_MAX_N_TIMES_TOKENS"),
+    honoured("stream", "server-sent events ending with `data: [DONE]`, after an error too"),
+    honoured("stream_options", "include_usage (include_obfuscation is accepted and ignored)"),
+    honoured("stop", "a string or up to 8 strings; the answer ends before the first"),
+    honoured("seed", "a 64-bit integer; the same seed gives the same answer"),
+    honoured("frequency_penalty", "-2 to 2"),
+    honoured("presence_penalty", "-2 to 2"),
+    honoured("logit_bias", "token id -> -100 to 100, at most 300 entries"),
+    honoured("repetition_penalty", "vLLM's extra: greater than 0, at most 10 (1 is none)"),
+    honoured("top_k", "vLLM's extra: 0 or -1 is off"),
+    honoured("min_p", "vLLM's extra: 0 to 1 (0 is off)"),
+    honoured("min_tokens", "vLLM's extra: no end of sequence before this many tokens"),
+    honoured("ignore_eos", "vLLM's extra: only max_tokens or a stop string ends the answer"),
+    Field(
+        "no_repeat_ngram_size",
+        HONOURED,
+        REFUSED,
+        "transformers' no-repeat n-grams (0 is none); vLLM has no such parameter",
+        "vLLM has no no_repeat_ngram_size and would drop it; use repetition_penalty or frequency_penalty",
+    ),
+)
+USER = ignored("user", "an end-user id for OpenAI's abuse monitoring; does not change the answer")
+
+CHAT: tuple[Field, ...] = (
+    *SHARED[:1],
+    honoured(
+        "messages",
+        "roles system (or developer), user, assistant; content a string or text parts; "
+        "a tool role or any key but role and content (name, tool_calls) is refused",
+    ),
+    honoured("max_completion_tokens", "as max_tokens, and preferred to it when both are sent"),
+    *SHARED[1:],
+    honoured("logprobs", "true or false: each answer token's log probability"),
+    honoured("top_logprobs", "0 to 20 alternatives per token; needs logprobs: true"),
+    honoured(
+        "response_format",
+        "text, json_object or json_schema (with json_schema.name and .schema), decoded under constraint",
+    ),
+    honoured("continue_final_message", "vLLM's extra: the answer continues the final assistant message"),
+    honoured("add_generation_prompt", "vLLM's extra: false with continue_final_message"),
+    Field(
+        "modalities",
+        HONOURED,
+        HONOURED,
+        'only ["text"]: this model answers in text',
+        'this model answers in text only (modalities ["text"])',
+        refuse_when=lambda body: body["modalities"] != ["text"],
+    ),
+    USER,
+    ignored("metadata", "tags for OpenAI's stored completions; nothing is stored by it"),
+    ignored("store", "OpenAI's stored completions; does not change the answer (see an alias's request log)"),
+    ignored("service_tier", "OpenAI's processing tier; one tier here"),
+    ignored("safety_identifier", "an end-user id for OpenAI's abuse monitoring"),
+    ignored("prompt_cache_key", "a hint for OpenAI's prompt cache; does not change the answer"),
+    ignored("prompt_cache_retention", "OpenAI's prompt cache lifetime; does not change the answer"),
+    ignored("prompt_cache_options", "OpenAI's prompt cache breakpoints; does not change the answer"),
+    ignored("parallel_tool_calls", "meaningful with tools only, which are refused"),
+    refused("tools", NO_TOOLS),
+    refused("tool_choice", NO_TOOLS),
+    refused("functions", NO_TOOLS),
+    refused("function_call", NO_TOOLS),
+    refused("audio", "this model answers in text only"),
+    refused("prediction", "predicted outputs are not supported"),
+    refused("web_search_options", "this server does not search the web"),
+    refused("reasoning_effort", "this model does not reason before answering"),
+    refused("verbosity", "this model has no verbosity setting; say it in the messages"),
+    refused("moderation", "this server does not moderate"),
+    *(
+        refused(name, GUIDED, "vLLM's guided decoding: use response_format json_schema")
+        for name in (
+            "guided_json",
+            "guided_regex",
+            "guided_choice",
+            "guided_grammar",
+            "guided_decoding_backend",
+            "guided_whitespace_pattern",
+            "structured_outputs",
+        )
+    ),
+)
+
+COMPLETIONS: tuple[Field, ...] = (
+    *SHARED[:1],
+    honoured("prompt", f"a string or a list of up to {MAX_PROMPTS} strings (token ids are refused)"),
+    *SHARED[1:],
+    honoured("logprobs", f"0 to {MAX_COMPLETION_LOGPROBS}: the legacy shape (tokens, token_logprobs, ...)"),
+    honoured("echo", "true: the answer begins with the prompt"),
+    Field(
+        "best_of",
+        REFUSED,
+        REFUSED,
+        "accepted only when equal to n",
+        "best_of is accepted only equal to n (which changes nothing); use n",
+        refuse_when=lambda body: body["best_of"] != (body.get("n") or 1),
+    ),
+    refused("suffix", "insertion (suffix) is not supported by this model"),
+    USER,
+)
+
+CHAT_FIELDS = {f.name: f for f in CHAT}
+COMPLETION_FIELDS = {f.name: f for f in COMPLETIONS}
+STREAM_OPTIONS = {"include_usage": HONOURED, "include_obfuscation": IGNORED}
+
+
+def shown(name: str) -> str:
+    return name if len(name) <= MAX_SHOWN else name[:MAX_SHOWN] + "…"
+
+
+def unrecognized(name: str) -> OpenAIError:
+    # OpenAI's own words for a field it does not know.
+    return OpenAIError(400, f"Unrecognized request argument supplied: {shown(name)}", param=shown(name))
+
+
+def check_fields(body: Mapping[str, Any], fields: Mapping[str, Field], backend: str) -> list[str]:
+    """Refuse (OpenAIError 400 naming it) the first field the table refuses
+    or does not know; return the ignored fields the body sends. A null value
+    is a field not sent."""
+    ignored_fields = []
+    for name, value in body.items():
+        field = fields.get(name)
+        if field is None:
+            raise unrecognized(name)
+        if value is None:
+            continue
+        status = field.status(backend)
+        refuse = field.refuse_when(body) if field.refuse_when is not None else status == REFUSED
+        if refuse:
+            what = name if field.refuse_when is None else f"{name} {_short(value)}"
+            raise OpenAIError(
+                400, f"{what} is not supported: {field.refusal}.", param=name, code="unsupported_parameter"
+            )
+        if status == IGNORED:
+            ignored_fields.append(name)
+    return ignored_fields
+
+
+def check_messages(messages: Any, param: str = "messages") -> None:
+    """Refuse what a message may carry beyond role and content (tool roles,
+    tool_calls, name, ...), naming `messages[i].KEY`; engines.protocol then
+    reads role and content. A null value (an SDK's unset field) is not sent."""
+    if not isinstance(messages, list):
+        return
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            continue
+        role = message.get("role")
+        if role in ("tool", "function"):
+            raise OpenAIError(
+                400,
+                f"{param}[{i}].role {role!r} is not supported: {NO_TOOLS}.",
+                param=f"{param}[{i}].role",
+                code="unsupported_parameter",
+            )
+        for key, value in message.items():
+            if key in MESSAGE_KEYS or value is None or (key == "tool_calls" and value == []):
+                continue
+            where = f"{param}[{i}].{shown(str(key))}"
+            tools = key in ("tool_calls", "function_call", "tool_call_id")
+            why = NO_TOOLS if tools else "a message has only role and content here"
+            raise OpenAIError(
+                400, f"{where} is not supported: {why}.", param=where, code="unsupported_parameter"
+            )
+
+
+def _flag(body: Mapping[str, Any], name: str) -> bool | None:
+    value = body.get(name)
+    if value is not None and not isinstance(value, bool):
+        raise OpenAIError(400, f"{name} must be true or false, not {_short(value)}.", param=name)
+    return value
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 50 else text[:50] + "…"
+
+
+def stream_options(body: Mapping[str, Any], stream: bool) -> tuple[bool, list[str]]:
+    """include_usage, and the ignored stream_options keys sent."""
+    options = body.get("stream_options")
+    if options is None:
+        return False, []
+    if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
+        raise OpenAIError(
+            400, 'stream_options must be an object like {"include_usage": true}.', param="stream_options"
+        )
+    for key in options:
+        if key not in STREAM_OPTIONS:
+            raise unrecognized(f"stream_options.{key}")
+    if not stream:
+        raise OpenAIError(400, "stream_options is only allowed with stream: true.", param="stream_options")
+    ignored_keys = [f"stream_options.{k}" for k, v in options.items() if STREAM_OPTIONS[k] == IGNORED]
+    return bool(options.get("include_usage")), ignored_keys
+
+
+def response_format(value: Any) -> dict[str, Any]:
+    """OpenAI's response_format, its outer shape checked (the engine compiles the schema)."""
+    kinds = ("text", "json_object", "json_schema")
+    if not isinstance(value, dict) or value.get("type") not in kinds:
+        raise OpenAIError(
+            400,
+            'response_format must be {"type": "text"}, {"type": "json_object"} or '
+            '{"type": "json_schema", "json_schema": {"name": ..., "schema": {...}}}.',
+            param="response_format",
+        )
+    if value["type"] == "json_schema":
+        spec = value.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or not spec["name"]:
+            raise OpenAIError(
+                400,
+                "response_format.json_schema must be an object with a name and a schema.",
+                param="response_format",
+            )
+        if not isinstance(spec.get("schema"), dict):
+            raise OpenAIError(
+                400,
+                "response_format.json_schema.schema must be a JSON schema object.",
+                param="response_format",
+            )
+    return dict(value)
+
+
+def chat_options(body: Mapping[str, Any], messages: list[dict[str, str]]) -> dict[str, Any]:
+    """The chat fields the engine honours beyond sampling (logprobs,
+    response_format, assistant prefill), checked; only those the body sends."""
+    out: dict[str, Any] = {}
+    logprobs = _flag(body, "logprobs")
+    if logprobs is not None:
+        out["logprobs"] = logprobs
+    top = body.get("top_logprobs")
+    if top is not None:
+        problem = TOP_LOGPROBS.error(top)
+        if problem:
+            raise OpenAIError(400, f"top_logprobs {problem}.", param="top_logprobs")
+        if not logprobs:
+            raise OpenAIError(400, "top_logprobs needs logprobs: true.", param="top_logprobs")
+        out["top_logprobs"] = int(top)
+    if body.get("response_format") is not None:
+        out["response_format"] = response_format(body["response_format"])
+    prefill = _flag(body, "continue_final_message")
+    generation_prompt = _flag(body, "add_generation_prompt")
+    if prefill and generation_prompt:
+        raise OpenAIError(
+            400,
+            "continue_final_message and add_generation_prompt cannot both be true: "
+            "set add_generation_prompt to false to continue the final message.",
+            param="continue_final_message",
+        )
+    if prefill and messages[-1]["role"] != "assistant":
+        raise OpenAIError(
+            400,
+            "continue_final_message needs a final assistant message to continue.",
+            param="continue_final_message",
+        )
+    if prefill is not None:
+        out["continue_final_message"] = prefill
+    if generation_prompt is not None:
+        out["add_generation_prompt"] = generation_prompt
+    return out
+
+
+def prompts(value: Any) -> list[str]:
+    """/v1/completions' prompt: a string or a non-empty list of strings."""
+    if isinstance(value, str):
+        value = [value]
+    elif not isinstance(value, list) or not value:
+        raise OpenAIError(400, "prompt is required: a string or a list of strings.", param="prompt")
+    if any(isinstance(p, int | list) for p in value):
+        raise OpenAIError(
+            400, "prompt must be text: token-id prompts are not accepted here; send strings.", param="prompt"
+        )
+    if not all(isinstance(p, str) for p in value):
+        raise OpenAIError(400, "prompt must be a string or a list of strings.", param="prompt")
+    if len(value) > MAX_PROMPTS:
+        raise OpenAIError(
+            400,
+            f"prompt holds {len(value)} strings; one request takes at most {MAX_PROMPTS}.",
+            param="prompt",
+        )
+    if not all(value):
+        raise OpenAIError(400, "prompt must not be empty.", param="prompt")
+    return value
+
+
+def completion_options(body: Mapping[str, Any]) -> dict[str, Any]:
+    """The legacy completion fields beyond sampling (echo, logprobs), checked."""
+    out: dict[str, Any] = {}
+    echo = _flag(body, "echo")
+    if echo is not None:
+        out["echo"] = echo
+    logprobs = body.get("logprobs")
+    if logprobs is not None:
+        if (
+            isinstance(logprobs, bool)
+            or not isinstance(logprobs, int)
+            or not 0 <= logprobs <= MAX_COMPLETION_LOGPROBS
+        ):
+            raise OpenAIError(
+                400,
+                f"logprobs must be a whole number from 0 to {MAX_COMPLETION_LOGPROBS} on /v1/completions, "
+                f"not {_short(logprobs)}.",
+                param="logprobs",
+            )
+        out["logprobs"] = logprobs
+    return out
+
+
+# --- the README's table ------------------------------------------------------------
+
+
+def _status(field: Field, backend: str) -> str:
+    status = field.status(backend)
+    return f"{status} (see note)" if field.refuse_when is not None else status
+
+
+def _rows(fields: Iterable[Field]) -> list[str]:
+    return [
+        f"| `{f.name}` | {_status(f, 'hf')} | {_status(f, 'vllm')} | {f.note.replace('|', '/')} |"
+        for f in fields
+    ]
+
+
+def markdown_table() -> str:
+    """Both endpoints' tables in Markdown: chat in full, then what
+    /v1/completions adds or reads otherwise (the shared fields are one row each)."""
+    head = ["| Field | hf | vLLM | Note |", "| --- | --- | --- | --- |"]
+    chat = [
+        *head,
+        *_rows(CHAT),
+        "| any other field | refused | refused | `Unrecognized request argument supplied: NAME` |",
+    ]
+    own = [f for f in COMPLETIONS if CHAT_FIELDS.get(f.name) is not f]
+    shared = ", ".join(f"`{f.name}`" for f in COMPLETIONS if CHAT_FIELDS.get(f.name) is f)
+    completions = [*head, *_rows(own), "| any other field | refused | refused | as on chat |"]
+    return "\n".join(
+        [
+            "`POST /v1/chat/completions`:",
+            "",
+            *chat,
+            "",
+            f"`POST /v1/completions` takes {shared} as chat does, and:",
+            "",
+            *completions,
+        ]
+    )
