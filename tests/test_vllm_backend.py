@@ -395,3 +395,102 @@ def test_a_teacher_job_generates_on_the_vllm_backend(vllm_url, smollm2_dir, alic
     rows = list(teacher.output_dataset.rows.order_by("index").values_list("messages", flat=True))
     assert [r[0]["content"] for r in rows] == queries
     assert all(r[-1]["role"] == "assistant" and r[-1]["content"].strip() for r in rows)
+
+
+# --- issue 22: every honoured field, on both backends -------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def hf_url(smollm2_dir, one_torch_thread):
+    from engines.engine_server import EngineServer
+
+    server = EngineServer(models={BASE: str(smollm2_dir)}, port=0, threads=1, dtype=DTYPE).start()
+    yield server.url
+    server.stop()
+
+
+def both(vllm_url: str, hf_url: str, path: str = "/v1/chat/completions", **body) -> tuple[dict, dict]:
+    """The same request to vLLM and to the hf engine: (vllm answer, hf answer)."""
+    body.setdefault("model", BASE)
+    if path.endswith("chat/completions"):
+        body.setdefault("messages", [{"role": "user", "content": "What is the capital of France?"}])
+    answers = []
+    for url in (vllm_url, hf_url):
+        response = httpx.post(url + path, json=body, timeout=300)
+        assert response.status_code == 200, f"{url}: {response.text}"
+        answers.append(response.json())
+    return answers[0], answers[1]
+
+
+PLACE = {
+    "type": "object",
+    "properties": {"city": {"type": "string", "maxLength": 30}, "population": {"type": "integer"}},
+    "required": ["city", "population"],
+    "additionalProperties": False,
+}
+
+
+def test_logprobs_agree_across_backends(vllm_url, hf_url):
+    v, h = both(vllm_url, hf_url, temperature=0, max_tokens=8, logprobs=True, top_logprobs=3)
+    vc, hc = v["choices"][0]["logprobs"]["content"], h["choices"][0]["logprobs"]["content"]
+    # vLLM also lists the end token ("<|im_end|>"); the hf engine lists the text's tokens only, as OpenAI does.
+    assert len(hc) > 0 and [t["token"] for t in vc[len(hc) :]] in ([], ["<|im_end|>"])
+    assert "".join(t["token"] for t in hc) == h["choices"][0]["message"]["content"]
+    for a, b in zip(vc[:3], hc[:3], strict=True):  # fp32 on both: the same tokens, the same numbers
+        assert a["token"] == b["token"] and a["bytes"] == b["bytes"]
+        assert a["logprob"] == pytest.approx(b["logprob"], abs=0.02)
+        assert [t["token"] for t in a["top_logprobs"]] == [t["token"] for t in b["top_logprobs"]]
+
+
+def test_logit_bias_top_k_min_tokens_ignore_eos_and_stop_reason_agree(vllm_url, hf_url, smollm2_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(smollm2_dir))
+    paris = tokenizer.encode(" Paris", add_special_tokens=False)[0]
+    v, h = both(vllm_url, hf_url, temperature=0, max_tokens=3, logit_bias={str(paris): 100})
+    assert v["choices"][0]["message"]["content"] == h["choices"][0]["message"]["content"] == " Paris" * 3
+    greedy = both(vllm_url, hf_url, temperature=0, max_tokens=12)
+    top1 = both(vllm_url, hf_url, temperature=1.5, seed=4, max_tokens=12, top_k=1)
+    assert [a["choices"][0]["message"]["content"] for a in top1] == [
+        a["choices"][0]["message"]["content"] for a in greedy
+    ]
+    eos = {str(tokenizer.convert_tokens_to_ids("<|im_end|>")): 100}
+    for answer in both(vllm_url, hf_url, temperature=0, max_tokens=30, logit_bias=eos, min_tokens=4):
+        assert answer["usage"]["completion_tokens"] in (4, 5)  # vLLM does not count the end token
+        assert answer["choices"][0]["finish_reason"] == "stop"
+    for answer in both(vllm_url, hf_url, temperature=0, max_tokens=6, logit_bias=eos, ignore_eos=True):
+        assert answer["usage"]["completion_tokens"] == 6 and answer["choices"][0]["finish_reason"] == "length"
+    text = greedy[0]["choices"][0]["message"]["content"]
+    stop = text[4:8]
+    for answer in both(vllm_url, hf_url, temperature=0, max_tokens=12, stop=[stop]):
+        assert answer["choices"][0]["stop_reason"] == stop
+        assert answer["choices"][0]["message"]["content"] == text[: text.index(stop)]
+
+
+def test_json_schema_is_enforced_on_both_backends(vllm_url, hf_url):
+    fmt = {"type": "json_schema", "json_schema": {"name": "place", "schema": PLACE}}
+    for answer in both(vllm_url, hf_url, temperature=0.8, seed=2, max_tokens=60, response_format=fmt):
+        data = json.loads(answer["choices"][0]["message"]["content"])
+        assert set(data) == {"city", "population"} and isinstance(data["population"], int)
+
+
+def test_penalties_and_text_completions_agree_across_backends(vllm_url, hf_url):
+    count = [{"role": "user", "content": "Count from 1 to 30, separated by commas."}]
+    v, h = both(vllm_url, hf_url, messages=count, temperature=0, max_tokens=40, frequency_penalty=1.0)
+    plain = both(vllm_url, hf_url, messages=count, temperature=0, max_tokens=40)
+    assert v["choices"][0]["message"]["content"] != plain[0]["choices"][0]["message"]["content"]
+    assert h["choices"][0]["message"]["content"] != plain[1]["choices"][0]["message"]["content"]
+    tokens = [a["choices"][0]["message"]["content"] for a in (v, h)]
+    print(f"\nfrequency_penalty 1.0, greedy: vLLM {tokens[0]!r} / hf {tokens[1]!r}")
+    v, h = both(
+        vllm_url,
+        hf_url,
+        "/v1/completions",
+        prompt="The capital of France is",
+        max_tokens=8,
+        temperature=0,
+        logprobs=2,
+    )
+    assert v["choices"][0]["text"] == h["choices"][0]["text"]
+    assert v["usage"]["prompt_tokens"] == h["usage"]["prompt_tokens"]
+    assert v["choices"][0]["logprobs"]["tokens"] == h["choices"][0]["logprobs"]["tokens"]
