@@ -39,11 +39,10 @@ from engines.serving_engine import (
     unavailable,
 )
 from engines.serving_engine.logprobs import chat_logprobs, completion_logprobs
+from engines.serving_engine.responses import ANSWER_TIMEOUT_S, chat_completion, text_completion, usage
 
 log = logging.getLogger(__name__)
 
-# How long a handler waits for its answer before giving up (a stuck engine must not hang clients forever).
-ANSWER_TIMEOUT_S = 600.0
 # Bodies past this size are refused unread; nesting past MAX_DEPTH before parsing (the stdlib recurses).
 MAX_BODY_BYTES = 32 * 1024 * 1024
 MAX_DEPTH = 32
@@ -289,7 +288,7 @@ class _Handler(BaseHTTPRequestHandler):
             if request.stream:
                 self._stream(ticket)
             else:
-                self._send_json(200, _completion(ticket, self.engine.loaded(ticket.base).tokenizer))
+                self._send_json(200, chat_completion(ticket, self.engine.loaded(ticket.base).tokenizer))
         except BaseException:
             ticket.cancel()
             raise
@@ -305,14 +304,15 @@ class _Handler(BaseHTTPRequestHandler):
             if requests[0].stream:
                 self._stream_text(tickets, tokenizer, echo)
             else:
-                self._send_json(200, _text_completion(tickets, tokenizer, echo))
+                self._send_json(200, text_completion(tickets, tokenizer, echo))
         except BaseException:
             for ticket in tickets:
                 ticket.cancel()
             raise
 
-    def _stream_text(self, tickets: list[Ticket], tokenizer: Any, echo: bool) -> None:
-        chunk_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    def _begin_stream(self, prefix: str, kind: str, model: str) -> Any:
+        """Send the event-stream headers; return send(choices, usage=None), which writes one chunk."""
+        chunk_id, created = f"{prefix}-{uuid.uuid4().hex}", int(time.time())
         self.streaming = True
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
@@ -320,20 +320,19 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Connection", "close")
         self.end_headers()
         self.close_connection = True
-        model = tickets[0].request.model
 
         def send(choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> None:
-            chunk: dict[str, Any] = {
-                "id": chunk_id,
-                "object": "text_completion",
-                "created": created,
-                "model": model,
-                "choices": choices,
-            }
+            chunk: dict[str, Any] = {"id": chunk_id, "object": kind, "created": created, "model": model}
+            chunk["choices"] = choices
             if usage is not None:
                 chunk["usage"] = usage
             self.wfile.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
             self.wfile.flush()
+
+        return send
+
+    def _stream_text(self, tickets: list[Ticket], tokenizer: Any, echo: bool) -> None:
+        send = self._begin_stream("cmpl", "text_completion", tickets[0].request.model)
 
         try:
             for p, ticket in enumerate(tickets):  # one prompt after another: each is its own stream of rows
@@ -384,34 +383,13 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(b"data: " + json.dumps(exc.body()).encode() + b"\n\n")
         else:
             if tickets[0].request.include_usage:
-                send([], _usage(*tickets))
+                send([], usage(*tickets))
         self.wfile.write(b"data: [DONE]\n\n")
         self.wfile.flush()
 
     def _stream(self, ticket: Ticket) -> None:
         request = ticket.request
-        chunk_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        self.streaming = True
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Cache-Control", "no-cache")
-        self.send_header("Connection", "close")
-        self.end_headers()
-        self.close_connection = True
-
-        def send(choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> None:
-            chunk: dict[str, Any] = {
-                "id": chunk_id,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": request.model,
-                "choices": choices,
-            }
-            if usage is not None:
-                chunk["usage"] = usage
-            self.wfile.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
-            self.wfile.flush()
-
+        send = self._begin_stream("chatcmpl", "chat.completion.chunk", request.model)
         for n in range(request.n):
             send([{"index": n, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
         try:
@@ -441,71 +419,9 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(b"data: " + json.dumps(exc.body()).encode() + b"\n\n")
         else:
             if request.include_usage:
-                send([], _usage(ticket))
+                send([], usage(ticket))
         self.wfile.write(b"data: [DONE]\n\n")
         self.wfile.flush()
-
-
-def _usage(*tickets: Ticket) -> dict[str, Any]:
-    results = [t.result(timeout=0) for t in tickets]
-    prompt = sum(r.prompt_tokens for r in results)
-    completion = sum(r.completion_tokens for r in results)
-    return {
-        "prompt_tokens": prompt,
-        "completion_tokens": completion,
-        "total_tokens": prompt + completion,
-        # This engine keeps no prefix cache between requests: nothing is ever cached.
-        "prompt_tokens_details": {"cached_tokens": 0},
-    }
-
-
-def _completion(ticket: Ticket, tokenizer: Any) -> dict[str, Any]:
-    result = ticket.result(timeout=ANSWER_TIMEOUT_S)
-    return {
-        "id": f"chatcmpl-{uuid.uuid4().hex}",
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": result.model,
-        "choices": [
-            {
-                "index": c.index,
-                "message": {"role": "assistant", "content": c.text},
-                "logprobs": None if c.logprobs is None else chat_logprobs(tokenizer, c.logprobs),
-                "finish_reason": c.finish_reason,
-                "stop_reason": c.stop_reason,
-            }
-            for c in result.choices
-        ],
-        "usage": _usage(ticket),
-    }
-
-
-def _text_completion(tickets: list[Ticket], tokenizer: Any, echo: bool) -> dict[str, Any]:
-    choices = []
-    for p, ticket in enumerate(tickets):
-        result = ticket.result(timeout=ANSWER_TIMEOUT_S)
-        prompt = ticket.request.prompt or ""
-        for c in result.choices:
-            start = len(prompt) if echo else 0
-            choices.append(
-                {
-                    "index": p * ticket.request.n + c.index,
-                    "text": (prompt if echo else "") + c.text,
-                    "logprobs": None
-                    if c.logprobs is None
-                    else completion_logprobs(tokenizer, c.logprobs, start),
-                    "finish_reason": c.finish_reason,
-                    "stop_reason": c.stop_reason,
-                }
-            )
-    return {
-        "id": f"cmpl-{uuid.uuid4().hex}",
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": tickets[0].request.model,
-        "choices": choices,
-        "usage": _usage(*tickets),
-    }
 
 
 # --- command line -------------------------------------------------------------

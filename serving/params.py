@@ -14,6 +14,7 @@ from typing import Any
 
 from engines.inference import BOUNDS
 from engines.protocol import OpenAIError
+from engines.serving_engine import MAX_PROMPTS  # prompts in one /v1/completions body (each a row, times n)
 
 HONOURED, IGNORED, REFUSED = "honoured", "ignored", "refused"
 NO_TOOLS = "this model does not call tools"
@@ -21,7 +22,6 @@ GUIDED = 'use response_format {"type": "json_schema", ...}, which both backends 
 MESSAGE_KEYS = ("role", "content")
 # The legacy endpoint's logprobs: how many alternatives per token (OpenAI's own limit).
 MAX_COMPLETION_LOGPROBS = 5
-MAX_PROMPTS = 64  # prompts in one /v1/completions body (each is a row, times n)
 MAX_SHOWN = 100  # characters of a client's field name repeated in an error
 TOP_LOGPROBS = next(b for b in BOUNDS if b.param == "top_logprobs")  # GenerationSettings' table
 
@@ -147,7 +147,11 @@ COMPLETIONS: tuple[Field, ...] = (
     honoured("prompt", f"a string or a list of up to {MAX_PROMPTS} strings (token ids are refused)"),
     *SHARED[1:],
     honoured("logprobs", f"0 to {MAX_COMPLETION_LOGPROBS}: the legacy shape (tokens, token_logprobs, ...)"),
-    honoured("echo", "true: the answer begins with the prompt"),
+    honoured(
+        "echo",
+        "true: the answer begins with the prompt; with logprobs the prompt's tokens are scored too "
+        "(lm-eval's loglikelihood; not streamed)",
+    ),
     Field(
         "best_of",
         REFUSED,

@@ -228,6 +228,31 @@ def test_text_completions_give_legacy_logprobs_and_stream(client):
     assert "".join(pieces) == answer.choices[0].text
 
 
+def test_echo_with_logprobs_scores_the_prompt_as_lm_eval_asks(client):
+    """lm-eval's loglikelihood: the prompt echoed with each token's logprob
+    (the first null); scoring a greedy answer gives the logprobs it was generated with."""
+    first = client.completions.create(model="tiny", prompt="The sky", max_tokens=5, temperature=0, logprobs=1)
+    said = first.choices[0].text
+    scored = client.completions.create(
+        model="tiny", prompt="The sky" + said, max_tokens=1, temperature=0, logprobs=1, echo=True
+    )
+    lp = scored.choices[0].logprobs
+    assert scored.choices[0].text.startswith("The sky" + said)
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert "".join(lp.tokens) == scored.choices[0].text
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+    prompt_len = len(lp.tokens) - 1
+    generated = first.choices[0].logprobs
+    n = len(generated.tokens)
+    assert lp.tokens[prompt_len - n : prompt_len] == generated.tokens
+    assert lp.token_logprobs[prompt_len - n : prompt_len] == pytest.approx(generated.token_logprobs, abs=1e-4)
+    # Greedy: each scored answer token is the top one at its place.
+    for token, top in zip(
+        lp.tokens[prompt_len - n : prompt_len], lp.top_logprobs[prompt_len - n : prompt_len], strict=True
+    ):
+        assert list(top) == [token]
+
+
 @pytest.mark.parametrize(
     "body, param",
     [
@@ -236,7 +261,7 @@ def test_text_completions_give_legacy_logprobs_and_stream(client):
         ({"prompt": "x", "suffix": "y"}, "suffix"),
         ({"prompt": "x", "best_of": 3}, "best_of"),
         ({"prompt": "x", "logprobs": 9}, "logprobs"),
-        ({"prompt": "x", "logprobs": 1, "echo": True}, "echo"),
+        ({"prompt": "x", "logprobs": 1, "echo": True, "stream": True}, "echo"),
         ({"prompt": "x", "frequency_penalty": 5}, "frequency_penalty"),
     ],
 )

@@ -30,10 +30,16 @@ a call with other requests can sample differently than alone.
 from engines.serving_engine.batcher import ServingEngine
 from engines.serving_engine.errors import bad_request, unavailable
 from engines.serving_engine.registry import resolve_dtype
-from engines.serving_engine.requests import ChatRequest, parse_chat_request, parse_completion_request
+from engines.serving_engine.requests import (
+    MAX_PROMPTS,
+    ChatRequest,
+    parse_chat_request,
+    parse_completion_request,
+)
 from engines.serving_engine.tickets import ChatResult, Choice, Ticket
 
 __all__ = [
+    "MAX_PROMPTS",
     "ChatRequest",
     "ChatResult",
     "Choice",

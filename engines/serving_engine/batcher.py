@@ -17,6 +17,7 @@ from engines.inference import (
     LoadedModel,
     RowSampler,
     RowStops,
+    TokenLogprob,
     encode,
     generation_config,
     left_pad,
@@ -336,7 +337,50 @@ class ServingEngine:
                     **kwargs,
                 )
             stops.finish()
+            for ticket in live:
+                if ticket.request.prompt_logprobs is not None:
+                    ticket.prompt_logprobs = _prompt_logprobs(base, ticket)
             _deliver(stops, rows, sampler)
+
+
+# Prompt positions scored per lm_head call: bounds the logits held at once (positions x vocabulary).
+LOGPROB_CHUNK = 256
+
+
+def _prompt_logprobs(base: Any, ticket: Ticket) -> list[TokenLogprob | None]:
+    """Each prompt token's logprob given the tokens before it, and the top k
+    there: one forward pass, the vocabulary projected a chunk of positions at a time."""
+    import torch
+
+    k = ticket.request.prompt_logprobs or 0
+    loaded = base.loaded
+    model = loaded.model
+    scope: Any = contextlib.nullcontext()
+    if base.peft is not None:
+        model = base.peft
+        if ticket.adapter is None:
+            scope = base.peft.disable_adapter()
+        else:
+            base.peft.set_adapter(ticket.adapter)
+    ids = torch.tensor([ticket.prompt_ids], device=loaded.device)
+    with torch.inference_mode(), scope:
+        out = model(input_ids=ids, output_hidden_states=True, logits_to_keep=1)
+        hidden = out.hidden_states[-1][0, :-1]
+        head = loaded.model.get_output_embeddings()
+        entries: list[TokenLogprob | None] = [None]
+        for start in range(0, hidden.shape[0], LOGPROB_CHUNK):
+            logprobs = torch.log_softmax(head(hidden[start : start + LOGPROB_CHUNK]).float(), dim=-1)
+            targets = ticket.prompt_ids[start + 1 : start + 1 + logprobs.shape[0]]
+            chosen = logprobs[torch.arange(len(targets)), torch.tensor(targets)].tolist()
+            tops = logprobs.topk(k) if k else None
+            for i, token in enumerate(targets):
+                top = (
+                    ()
+                    if tops is None
+                    else tuple(zip(tops.indices[i].tolist(), tops.values[i].tolist(), strict=True))
+                )
+                entries.append(TokenLogprob(token, chosen[i], top))
+    return entries
 
 
 def _vocab(loaded: LoadedModel) -> int:

@@ -56,16 +56,34 @@ def chat_logprobs(tokenizer: Any, entries: Sequence[TokenLogprob]) -> dict[str, 
     }
 
 
-def completion_logprobs(tokenizer: Any, entries: Sequence[TokenLogprob], start: int = 0) -> dict[str, Any]:
-    tokens, offsets, offset = [], [], start
-    for e in entries:
-        text = tokenizer.decode([e.token])
+def completion_logprobs(
+    tokenizer: Any,
+    entries: Sequence[TokenLogprob],
+    start: int = 0,
+    prompt: Sequence[TokenLogprob | None] | None = None,
+    prompt_ids: Sequence[int] = (),
+) -> dict[str, Any]:
+    """The legacy shape; with `prompt` (echo), the prompt's tokens come first,
+    the very first with a null logprob, as OpenAI and vLLM answer."""
+    tokens: list[str] = []
+    token_logprobs: list[float | None] = []
+    top_logprobs: list[dict[str, float] | None] = []
+    offsets: list[int] = []
+    offset = start
+    rows: list[tuple[int, TokenLogprob | None]] = []
+    if prompt is not None:
+        rows.extend(zip(prompt_ids, prompt, strict=True))
+    rows.extend((e.token, e) for e in entries)
+    for token, e in rows:
+        text = tokenizer.decode([token])
         tokens.append(text)
         offsets.append(offset)
         offset += len(text)
+        token_logprobs.append(None if e is None else _lp(e.logprob))
+        top_logprobs.append(None if e is None else {tokenizer.decode([t]): _lp(lp) for t, lp in e.top})
     return {
         "tokens": tokens,
-        "token_logprobs": [_lp(e.logprob) for e in entries],
-        "top_logprobs": [{tokenizer.decode([t]): _lp(lp) for t, lp in e.top} for e in entries],
+        "token_logprobs": token_logprobs,
+        "top_logprobs": top_logprobs,
         "text_offset": offsets,
     }

@@ -15,7 +15,7 @@ from engines.serving_engine.errors import bad_request
 
 TOP_LOGPROBS = next(b for b in BOUNDS if b.param == "top_logprobs")
 MAX_COMPLETION_LOGPROBS = 5  # the legacy completions API's own limit
-MAX_PROMPTS = 16
+MAX_PROMPTS = 64
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,8 @@ class ChatRequest:
     grammar: str | None = None  # response_format as a grammar (engines.inference.grammar)
     add_generation_prompt: bool = True  # False: the prompt ends with the last message as sent
     prompt: str | None = None  # /v1/completions: raw text, no chat template (messages are empty)
+    # /v1/completions with echo and logprobs: each prompt token's logprob and the top k (lm-eval's loglikelihood).
+    prompt_logprobs: int | None = None
 
     @property
     def system_prompt(self) -> str | None:
@@ -155,9 +157,11 @@ def parse_completion_request(body: Any, project: str | None = None) -> list[Chat
             raise bad_request(
                 f"logprobs must be a whole number between 0 and {MAX_COMPLETION_LOGPROBS}", "logprobs"
             )
-        if echo:
+        if echo and stream:
             raise OpenAIError(
-                400, "echo with logprobs (the prompt's own logprobs) is not supported", param="echo"
+                400,
+                "echo with logprobs (the prompt's own logprobs) is answered whole: not with stream",
+                param="echo",
             )
     settings = GenerationSettings.from_openai(body)
     return [
@@ -172,6 +176,7 @@ def parse_completion_request(body: Any, project: str | None = None) -> list[Chat
             logprobs=logprobs,
             grammar=_grammar(body),
             prompt=p,
+            prompt_logprobs=logprobs if echo else None,
         )
         for p in prompts
     ]

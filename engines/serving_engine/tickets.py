@@ -31,6 +31,8 @@ class ChatResult:
     model: str
     choices: list[Choice]
     prompt_tokens: int
+    # With the request's prompt_logprobs: one entry per prompt token, None for the first (nothing predicts it).
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
     @property
     def completion_tokens(self) -> int:
@@ -55,6 +57,7 @@ class Ticket:
         self.prompt_ids = prompt_ids
         self.choices: list[Choice | None] = [None] * request.n
         self.error: OpenAIError | None = None
+        self.prompt_logprobs: list[TokenLogprob | None] | None = None
         self.cancelled = False
         self._done = threading.Event()
         self._events: queue.Queue[Event] = queue.Queue()
@@ -77,7 +80,10 @@ class Ticket:
         if self.error is not None:
             raise self.error
         return ChatResult(
-            self.request.model, [c for c in self.choices if c is not None], len(self.prompt_ids)
+            self.request.model,
+            [c for c in self.choices if c is not None],
+            len(self.prompt_ids),
+            self.prompt_logprobs,
         )
 
     def events(self, timeout: float | None = None) -> Iterator[Event]:
