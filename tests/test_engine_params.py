@@ -311,3 +311,36 @@ def test_a_bad_response_format_is_a_400_for_its_request_only(client):
     assert err.value.body["param"] == "response_format"
     with pytest.raises(openai.BadRequestError):
         ask(client, response_format={"type": "yaml"})
+
+
+@pytest.mark.slow
+def test_lm_eval_scores_multiple_choice_through_text_completions(smollm2_dir, tmp_path, one_torch_thread):
+    """lm-eval's own `local-completions` model (loglikelihood by echo + logprobs)
+    against this engine, on the real model: it picks the right continuation."""
+    import json
+
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    rows = [
+        {"q": "The capital of France is", "choices": [" Paris", " Berlin", " Madrid"], "gold": 0},
+        {"q": "Two plus two equals", "choices": [" four", " seven", " ten"], "gold": 0},
+        {"q": "The sky is", "choices": [" green", " blue", " loud"], "gold": 1},
+    ]
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "mc.yaml").write_text(
+        "task: wb_mc\ndataset_path: json\ndataset_kwargs:\n"
+        f"  data_files: {data}\ntest_split: train\noutput_type: multiple_choice\n"
+        'doc_to_text: "{{q}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: gold\n'
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+    )
+    with EngineServer({"m": smollm2_dir}, threads=1) as running:
+        out = lm_eval.simple_evaluate(
+            model="local-completions",
+            model_args=f"model=m,base_url={running.url}/v1/completions,tokenizer={smollm2_dir},"
+            "tokenizer_backend=huggingface,num_concurrent=1,max_retries=1,tokenized_requests=False",
+            tasks=["wb_mc"],
+            task_manager=TaskManager(include_path=str(tmp_path)),
+        )
+    assert out["results"]["wb_mc"]["acc,none"] == 1.0
