@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from engines.inference import BOUNDS
+from engines.inference.grammar import grammar_for
 from engines.protocol import OpenAIError
-from engines.serving_engine import MAX_PROMPTS  # prompts in one /v1/completions body (each a row, times n)
+from engines.serving_engine import MAX_PROMPTS, chat_logprobs, completion_logprobs, prefill, prompt_list
 
 HONOURED, IGNORED, REFUSED = "honoured", "ignored", "refused"
 NO_TOOLS = "this model does not call tools"
@@ -260,115 +261,37 @@ def stream_options(body: Mapping[str, Any], stream: bool) -> tuple[bool, list[st
 
 
 def response_format(value: Any) -> dict[str, Any]:
-    """OpenAI's response_format, its outer shape checked (the engine compiles the schema)."""
-    kinds = ("text", "json_object", "json_schema")
-    if not isinstance(value, dict) or value.get("type") not in kinds:
-        raise OpenAIError(
-            400,
-            'response_format must be {"type": "text"}, {"type": "json_object"} or '
-            '{"type": "json_schema", "json_schema": {"name": ..., "schema": {...}}}.',
-            param="response_format",
-        )
-    if value["type"] == "json_schema":
-        spec = value.get("json_schema")
-        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or not spec["name"]:
-            raise OpenAIError(
-                400,
-                "response_format.json_schema must be an object with a name and a schema.",
-                param="response_format",
-            )
-        if not isinstance(spec.get("schema"), dict):
-            raise OpenAIError(
-                400,
-                "response_format.json_schema.schema must be a JSON schema object.",
-                param="response_format",
-            )
+    """OpenAI's response_format, checked whole as the hf engine will read it
+    (the same grammar_for), so both backends refuse the same values."""
+    grammar_for(value)
     return dict(value)
 
 
 def chat_options(body: Mapping[str, Any], messages: list[dict[str, str]]) -> dict[str, Any]:
     """The chat fields the engine honours beyond sampling (logprobs,
-    response_format, assistant prefill), checked; only those the body sends."""
-    out: dict[str, Any] = {}
-    logprobs = _flag(body, "logprobs")
-    if logprobs is not None:
-        out["logprobs"] = logprobs
-    top = body.get("top_logprobs")
-    if top is not None:
-        problem = TOP_LOGPROBS.error(top)
-        if problem:
-            raise OpenAIError(400, f"top_logprobs {problem}.", param="top_logprobs")
-        if not logprobs:
-            raise OpenAIError(400, "top_logprobs needs logprobs: true.", param="top_logprobs")
-        out["top_logprobs"] = int(top)
+    response_format, assistant prefill), checked by the engine's own readers;
+    only those the body sends are forwarded."""
+    chat_logprobs(body)
+    prefill(body, tuple(messages))
+    out = {
+        name: body[name]
+        for name in ("logprobs", "top_logprobs", "continue_final_message", "add_generation_prompt")
+        if body.get(name) is not None
+    }
     if body.get("response_format") is not None:
         out["response_format"] = response_format(body["response_format"])
-    prefill = _flag(body, "continue_final_message")
-    generation_prompt = _flag(body, "add_generation_prompt")
-    if prefill and generation_prompt:
-        raise OpenAIError(
-            400,
-            "continue_final_message and add_generation_prompt cannot both be true: "
-            "set add_generation_prompt to false to continue the final message.",
-            param="continue_final_message",
-        )
-    if prefill and messages[-1]["role"] != "assistant":
-        raise OpenAIError(
-            400,
-            "continue_final_message needs a final assistant message to continue.",
-            param="continue_final_message",
-        )
-    if prefill is not None:
-        out["continue_final_message"] = prefill
-    if generation_prompt is not None:
-        out["add_generation_prompt"] = generation_prompt
     return out
 
 
 def prompts(value: Any) -> list[str]:
     """/v1/completions' prompt: a string or a non-empty list of strings."""
-    if isinstance(value, str):
-        value = [value]
-    elif not isinstance(value, list) or not value:
-        raise OpenAIError(400, "prompt is required: a string or a list of strings.", param="prompt")
-    if any(isinstance(p, int | list) for p in value):
-        raise OpenAIError(
-            400, "prompt must be text: token-id prompts are not accepted here; send strings.", param="prompt"
-        )
-    if not all(isinstance(p, str) for p in value):
-        raise OpenAIError(400, "prompt must be a string or a list of strings.", param="prompt")
-    if len(value) > MAX_PROMPTS:
-        raise OpenAIError(
-            400,
-            f"prompt holds {len(value)} strings; one request takes at most {MAX_PROMPTS}.",
-            param="prompt",
-        )
-    if not all(value):
-        raise OpenAIError(400, "prompt must not be empty.", param="prompt")
-    return value
+    return prompt_list(value)
 
 
 def completion_options(body: Mapping[str, Any]) -> dict[str, Any]:
     """The legacy completion fields beyond sampling (echo, logprobs), checked."""
-    out: dict[str, Any] = {}
-    echo = _flag(body, "echo")
-    if echo is not None:
-        out["echo"] = echo
-    logprobs = body.get("logprobs")
-    if logprobs is not None:
-        if (
-            isinstance(logprobs, bool)
-            or not isinstance(logprobs, int)
-            or not 0 <= logprobs <= MAX_COMPLETION_LOGPROBS
-        ):
-            raise OpenAIError(
-                400,
-                f"logprobs must be a whole number from 0 to {MAX_COMPLETION_LOGPROBS} on /v1/completions, "
-                f"not {_short(logprobs)}.",
-                param="logprobs",
-            )
-        out["logprobs"] = logprobs
-    return out
+    completion_logprobs(body)
+    return {name: body[name] for name in ("echo", "logprobs") if body.get(name) is not None}
 
 
 # --- the README's table ------------------------------------------------------------

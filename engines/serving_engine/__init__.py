@@ -33,13 +33,21 @@ from engines.serving_engine.registry import resolve_dtype
 from engines.serving_engine.requests import (
     MAX_PROMPTS,
     ChatRequest,
+    chat_logprobs,
+    completion_logprobs,
     parse_chat_request,
     parse_completion_request,
+    prefill,
+    prompt_list,
 )
 from engines.serving_engine.tickets import ChatResult, Choice, Ticket
 
 __all__ = [
     "MAX_PROMPTS",
+    "chat_logprobs",
+    "completion_logprobs",
+    "prefill",
+    "prompt_list",
     "ChatRequest",
     "ChatResult",
     "Choice",

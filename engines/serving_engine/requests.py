@@ -5,12 +5,13 @@ continuing the final message)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from engines.chat import Message
 from engines.inference import BOUNDS, GenerationSettings, openai_n
-from engines.protocol import OpenAIError, parse_messages, system_prompt_of
+from engines.protocol import parse_messages, system_prompt_of
 from engines.serving_engine.errors import bad_request
 
 TOP_LOGPROBS = next(b for b in BOUNDS if b.param == "top_logprobs")
@@ -49,7 +50,7 @@ class ChatRequest:
         return (base,)
 
 
-def _flag(body: dict[str, Any], name: str) -> bool:
+def _flag(body: Mapping[str, Any], name: str) -> bool:
     value = body.get(name)
     if value is not None and not isinstance(value, bool):
         raise bad_request(f"{name} must be true or false, got {value!r}", name)
@@ -65,7 +66,9 @@ def _grammar(body: dict[str, Any]) -> str | None:
     return grammar_for(response_format)
 
 
-def _chat_logprobs(body: dict[str, Any]) -> int | None:
+def chat_logprobs(body: Mapping[str, Any]) -> int | None:
+    """Chat's logprobs / top_logprobs as one value: None (off) or k, the
+    alternatives listed per token. The gateway checks with it too."""
     wanted = _flag(body, "logprobs")
     top = body.get("top_logprobs")
     if top is None:
@@ -76,6 +79,67 @@ def _chat_logprobs(body: dict[str, Any]) -> int | None:
     if not wanted:
         raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
     return int(top)
+
+
+def prefill(
+    body: Mapping[str, Any], messages: tuple[Message, ...]
+) -> tuple[str | None, tuple[Message, ...], bool]:
+    """(opening, messages, add_generation_prompt) from continue_final_message
+    and add_generation_prompt: with continue_final_message the final assistant
+    message becomes the answer's opening (vLLM's semantics)."""
+    generation_prompt = body.get("add_generation_prompt")
+    if generation_prompt is not None and not isinstance(generation_prompt, bool):
+        raise bad_request("add_generation_prompt must be true or false", "add_generation_prompt")
+    if not _flag(body, "continue_final_message"):
+        return None, messages, generation_prompt is not False
+    if messages[-1]["role"] != "assistant":
+        raise bad_request(
+            "continue_final_message needs a final assistant message to continue", "continue_final_message"
+        )
+    if generation_prompt:
+        raise bad_request(
+            "continue_final_message continues the last message: add_generation_prompt must be false",
+            "add_generation_prompt",
+        )
+    # The assistant turn is opened, then prefilled with the opening.
+    return messages[-1]["content"], messages[:-1], True
+
+
+def prompt_list(prompt: Any) -> list[str]:
+    """/v1/completions' prompt: a string or a list of 1 to MAX_PROMPTS non-empty strings."""
+    prompts = [prompt] if isinstance(prompt, str) else prompt
+    if isinstance(prompts, list) and any(isinstance(p, int | list) for p in prompts):
+        raise bad_request(
+            "prompt must be text: token-id prompts are not accepted here; send strings", "prompt"
+        )
+    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) and p for p in prompts):
+        raise bad_request("prompt must be a non-empty string or a list of non-empty strings", "prompt")
+    if len(prompts) > MAX_PROMPTS:
+        raise bad_request(f"prompt holds {len(prompts)} prompts, at most {MAX_PROMPTS}", "prompt")
+    return prompts
+
+
+def completion_logprobs(body: Mapping[str, Any]) -> int | None:
+    """/v1/completions' legacy logprobs (0-5 alternatives per token), checked
+    with echo and stream: echo with logprobs scores the prompt, answered whole."""
+    echo, stream = _flag(body, "echo"), _flag(body, "stream")
+    logprobs = body.get("logprobs")
+    if logprobs is None:
+        return None
+    if (
+        isinstance(logprobs, bool)
+        or not isinstance(logprobs, int)
+        or not 0 <= logprobs <= MAX_COMPLETION_LOGPROBS
+    ):
+        raise bad_request(
+            f"logprobs must be a whole number between 0 and {MAX_COMPLETION_LOGPROBS} on /v1/completions",
+            "logprobs",
+        )
+    if echo and stream:
+        raise bad_request(
+            "echo with logprobs (the prompt's own logprobs) is answered whole: not with stream", "echo"
+        )
+    return logprobs
 
 
 def parse_chat_request(body: Any, project: str | None = None) -> ChatRequest:
@@ -94,22 +158,7 @@ def parse_chat_request(body: Any, project: str | None = None) -> ChatRequest:
     if options is not None and not isinstance(options, dict):
         raise bad_request("stream_options must be an object", "stream_options")
     settings = GenerationSettings.from_openai(body)
-    opening = None
-    generation_prompt = body.get("add_generation_prompt")
-    if generation_prompt is not None and not isinstance(generation_prompt, bool):
-        raise bad_request("add_generation_prompt must be true or false", "add_generation_prompt")
-    if _flag(body, "continue_final_message"):
-        if messages[-1]["role"] != "assistant":
-            raise bad_request(
-                "continue_final_message needs a final assistant message to continue", "messages"
-            )
-        if generation_prompt:
-            raise bad_request(
-                "continue_final_message continues the last message: add_generation_prompt must be false",
-                "add_generation_prompt",
-            )
-        opening, messages = messages[-1]["content"], messages[:-1]
-        generation_prompt = True  # the assistant turn is opened, then prefilled with `opening`
+    opening, messages, generation_prompt = prefill(body, messages)
     return ChatRequest(
         model=model,
         messages=messages,
@@ -119,9 +168,9 @@ def parse_chat_request(body: Any, project: str | None = None) -> ChatRequest:
         include_usage=bool((options or {}).get("include_usage")),
         opening=opening,
         project=project,
-        logprobs=_chat_logprobs(body),
+        logprobs=chat_logprobs(body),
         grammar=_grammar(body),
-        add_generation_prompt=generation_prompt is not False,
+        add_generation_prompt=generation_prompt,
     )
 
 
@@ -134,12 +183,7 @@ def parse_completion_request(body: Any, project: str | None = None) -> list[Chat
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise bad_request("model is required (a model name from /v1/models)", "model")
-    prompt = body.get("prompt")
-    prompts = [prompt] if isinstance(prompt, str) else prompt
-    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) and p for p in prompts):
-        raise bad_request("prompt must be a non-empty string or a list of non-empty strings", "prompt")
-    if len(prompts) > MAX_PROMPTS:
-        raise bad_request(f"prompt holds {len(prompts)} prompts, at most {MAX_PROMPTS}", "prompt")
+    prompts = prompt_list(body.get("prompt"))
     if body.get("suffix") is not None:
         raise bad_request("suffix (insertion) is not supported by this model", "suffix")
     n = openai_n(body)
@@ -151,18 +195,7 @@ def parse_completion_request(body: Any, project: str | None = None) -> list[Chat
     if options is not None and not isinstance(options, dict):
         raise bad_request("stream_options must be an object", "stream_options")
     echo = _flag(body, "echo")
-    logprobs = body.get("logprobs")
-    if logprobs is not None:
-        if isinstance(logprobs, bool) or not isinstance(logprobs, int) or not 0 <= logprobs <= 5:
-            raise bad_request(
-                f"logprobs must be a whole number between 0 and {MAX_COMPLETION_LOGPROBS}", "logprobs"
-            )
-        if echo and stream:
-            raise OpenAIError(
-                400,
-                "echo with logprobs (the prompt's own logprobs) is answered whole: not with stream",
-                param="echo",
-            )
+    logprobs = completion_logprobs(body)
     settings = GenerationSettings.from_openai(body)
     return [
         ChatRequest(
