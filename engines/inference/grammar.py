@@ -38,9 +38,9 @@ SPEC_KEYS = {"name", "description", "schema", "strict"}
 NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for json_schema.name
 MAX_SCHEMA_BYTES = 64 * 1024  # the schema as compact JSON, UTF-8
 MAX_SCHEMA_DEPTH = 32  # nested objects and arrays in the schema's own JSON
-# At most this much whitespace between two JSON tokens (pretty printing stays possible):
-# llguidance's default is unbounded, and small models then loop on newlines forever.
-WHITESPACE = r"[\x20\x0A\x0D\x09]{0,24}"
+# Between two JSON tokens at most one space, as OpenAI's own JSON reads: llguidance's
+# default is unbounded, and a small model spends its max_tokens on newlines or loops on them.
+WHITESPACE = r"[\x20]?"
 ANY_OBJECT = '{"type":"object"}'
 MATCHERS_PER_TOKENIZER = 32  # compiled grammars kept per tokenizer (LRU)
 MAX_MESSAGE = 300  # llguidance's words quoted back to the client
