@@ -228,6 +228,21 @@ def check_messages(messages: Any, param: str = "messages") -> None:
             raise OpenAIError(
                 400, f"{where} is not supported: {why}.", param=where, code="unsupported_parameter"
             )
+        content = message.get("content")
+        for j, part in enumerate(content if isinstance(content, list) else []):
+            extra = (
+                sorted(str(k) for k, v in part.items() if k not in ("type", "text") and v is not None)
+                if isinstance(part, dict)
+                else []
+            )
+            if extra:
+                where = f"{param}[{i}].content[{j}].{shown(extra[0])}"
+                raise OpenAIError(
+                    400,
+                    f"{where} is not supported: a text part has only type and text here.",
+                    param=where,
+                    code="unsupported_parameter",
+                )
 
 
 def _flag(body: Mapping[str, Any], name: str) -> bool | None:

@@ -542,3 +542,13 @@ def test_legacy_completions_refuse_a_prompted_variant(client, world, down):
     error = assert_openai_error(post(client, world, body, "/v1/completions"), 400, "model")
     assert "only /v1/chat/completions can carry" in error["message"]
     assert post(client, world, {**body, "model": world.model}, "/v1/completions").status_code == 503
+
+
+def test_a_text_part_with_more_than_type_and_text_is_refused_naming_the_key():
+    from serving.params import check_messages
+
+    part = {"type": "text", "text": "hi", "cache_control": {"type": "ephemeral"}}
+    with pytest.raises(OpenAIError) as err:
+        check_messages([{"role": "user", "content": [part]}])
+    assert err.value.param == "messages[0].content[0].cache_control"
+    check_messages([{"role": "user", "content": [{"type": "text", "text": "hi", "x": None}]}])
