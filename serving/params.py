@@ -12,8 +12,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from engines.inference import BOUNDS
-from engines.inference.grammar import grammar_for
+from engines.inference import BOUNDS, grammar_for
 from engines.protocol import OpenAIError
 from engines.serving_engine import MAX_PROMPTS, chat_logprobs, completion_logprobs, prefill, prompt_list
 

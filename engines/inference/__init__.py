@@ -35,6 +35,7 @@ from engines.inference.generation import (
     per_row_openings,
     row_sampler,
 )
+from engines.inference.grammar import grammar_for
 from engines.inference.loading import LoadedModel, ModelLoadError, load_model, pick_device
 from engines.inference.sampling import RowSampler, TokenLogprob, needs_sampler, row_seed
 from engines.inference.settings import (
@@ -73,6 +74,7 @@ __all__ = [
     "generate",
     "generate_samples",
     "generation_config",
+    "grammar_for",
     "left_pad",
     "load_model",
     "needs_sampler",
