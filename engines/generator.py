@@ -145,12 +145,40 @@ class LocalGenerator:
 
 
 @dataclass(frozen=True)
+class SampleAsk:
+    """Samples wanted of one conversation: their indexes (the i-th of N,
+    which fixes the seed) and the opening they share."""
+
+    conversation: Sequence[Message]
+    opening: str | None
+    samples: tuple[int, ...]
+
+
+def sample_requests(samples: Sequence[int], seeded: bool) -> list[tuple[int, ...]]:
+    """Sample indexes in request groups of at most MAX_N, in order: seeded,
+    a group is a run of consecutive indexes (its seed is its first one's);
+    unseeded, any indexes share a request."""
+    from engines.remote import MAX_N
+
+    groups: list[list[int]] = []
+    for index in samples:
+        last = groups[-1] if groups else None
+        if last is not None and len(last) < MAX_N and (not seeded or index == last[-1] + 1):
+            last.append(index)
+        else:
+            groups.append([index])
+    return [tuple(g) for g in groups]
+
+
+@dataclass(frozen=True)
 class RemoteGenerator:
     """A base model, and optionally an adapter already loaded beside it
     under `adapter_model`, on the OpenAI-compatible server at `url` (its root,
     without /v1). A job's batch size is how many requests are in flight at
     once, at most `max_concurrency` when set (an endpoint's own limit).
-    `stats` sums the requests, retries and tokens of every call."""
+    `stats` sums the requests, retries and tokens of every call. A request
+    waits for its answer at most `timeout` seconds, then counts as failed (and
+    is retried): a deep queue on a slow engine needs more than the default."""
 
     url: str
     model: str
@@ -159,6 +187,7 @@ class RemoteGenerator:
     max_concurrency: int | None = None
     retry: RetryPolicy | None = None
     stats: TransportStats | None = field(default=None, compare=False)
+    timeout: float | None = None  # seconds per request (None: engines.remote.DEFAULT_TIMEOUT)
 
     @property
     def has_adapter(self) -> bool:
@@ -166,6 +195,16 @@ class RemoteGenerator:
 
     def served_name(self, adapter: bool = True) -> str:
         return self.adapter_model if adapter and self.adapter_model else self.model
+
+    def _timeout(self) -> float:
+        from engines.remote import DEFAULT_TIMEOUT
+
+        return DEFAULT_TIMEOUT if self.timeout is None else self.timeout
+
+    def _concurrency(self, settings: GenerationSettings) -> int:
+        if self.max_concurrency is not None:
+            return min(settings.batch_size, self.max_concurrency)
+        return settings.batch_size
 
     def generate(
         self,
@@ -185,17 +224,15 @@ class RemoteGenerator:
         from engines.remote import generate_remote
 
         settings = settings or GenerationSettings()
-        concurrency = settings.batch_size
-        if self.max_concurrency is not None:
-            concurrency = min(concurrency, self.max_concurrency)
         return generate_remote(
             self.url,
             self.served_name(adapter),
             conversations,
             system_prompt,
             settings,
-            concurrency=concurrency,
+            concurrency=self._concurrency(settings),
             api_key=self.api_key,
+            timeout=self._timeout(),
             progress=progress,
             should_stop=should_stop,
             opening=opening,
@@ -217,19 +254,58 @@ class RemoteGenerator:
         should_stop: StopFn | None = None,
         opening: Opening = None,
     ) -> list[list[Completion]]:
+        """As Generator.generate_samples: one request with n = `samples` per
+        conversation (at most MAX_N a request), sample s seeded `sample_seed(settings, s)`."""
         _check_samples(samples)
         openings = per_row_openings(opening, len(conversations))
-        flat = self.generate(
-            [c for c in conversations for _ in range(samples)],
+        flat = self.ask_samples(
+            [SampleAsk(c, o, tuple(range(samples))) for c, o in zip(conversations, openings, strict=True)],
             system_prompt,
             settings,
             adapter=adapter,
             progress=progress,
             should_stop=should_stop,
-            opening=[o for o in openings for _ in range(samples)],
-            seeds=[sample_seed(settings, s) for _ in conversations for s in range(samples)],
         )
         return [flat[i : i + samples] for i in range(0, len(flat), samples)]
+
+    def ask_samples(
+        self,
+        asks: Sequence[SampleAsk],
+        system_prompt: str | None,
+        settings: GenerationSettings,
+        *,
+        adapter: bool = True,
+        progress: ProgressFn | None = None,
+        should_stop: StopFn | None = None,
+        on_answer: AnswerFn | None = None,
+    ) -> list[Completion]:
+        """One answer per sample index of every ask, flat in order
+        (`on_answer` counts the same way), in as few requests as keep each
+        sample's seed: a seeded request's row j draws with its seed + j, so
+        only consecutive indexes share a request (`sample_requests`)."""
+        from engines.remote import generate_remote
+
+        requests = [
+            (ask, run) for ask in asks for run in sample_requests(ask.samples, settings.seed is not None)
+        ]
+        return generate_remote(
+            self.url,
+            self.served_name(adapter),
+            [ask.conversation for ask, _ in requests],
+            system_prompt,
+            settings,
+            concurrency=self._concurrency(settings),
+            api_key=self.api_key,
+            timeout=self._timeout(),
+            progress=progress,
+            should_stop=should_stop,
+            opening=[ask.opening for ask, _ in requests],
+            retry=self.retry,
+            stats=self.stats,
+            on_answer=on_answer,
+            seeds=[sample_seed(settings, run[0]) for _, run in requests],
+            n=[len(run) for _, run in requests],
+        )
 
 
 def _check_samples(samples: int) -> None:
@@ -238,8 +314,10 @@ def _check_samples(samples: int) -> None:
 
 
 def sample_seed(settings: GenerationSettings, sample: int) -> int | None:
-    """The seed of the `sample`-th remote sample of a conversation: the same
-    seed in N requests would give N copies of one answer."""
+    """The seed of the `sample`-th remote sample of a conversation: row j of
+    a request seeded s draws with s + j (`engines.inference.row_seed`, and
+    vLLM's n), so sample k is the same answer whether it is row k of one
+    request seeded `settings.seed` or a request of its own."""
     return None if settings.seed is None else settings.seed + sample
 
 
@@ -394,22 +472,30 @@ class CachingGenerator:
             if progress is not None:
                 progress(dataclasses.replace(p, done=hits + p.done, total=len(wanted)))
 
-        conversations = [wanted[i][0] for i in misses]
-        openings = [wanted[i][2] for i in misses]
         if isinstance(self.inner, RemoteGenerator):
-            self.inner.generate(
-                conversations,
+            # A conversation's missing samples go together (one request with n = their count
+            # when their indexes run on), each stored the moment its answer arrives.
+            grouped: dict[int, list[int]] = {}
+            for miss in misses:
+                grouped.setdefault(miss // samples, []).append(miss)  # wanted is conversation-major
+            asks = [
+                SampleAsk(wanted[group[0]][0], wanted[group[0]][2], tuple(indexes[m] for m in group))
+                for group in grouped.values()
+            ]
+            # ask_samples answers in ask order, so its k-th answer is the k-th miss.
+            self.inner.ask_samples(
+                asks,
                 system_prompt,
                 settings,
                 adapter=adapter,
                 progress=shifted,
                 should_stop=should_stop,
-                opening=_one_or_each(openings),
                 on_answer=keep,
-                seeds=[sample_seed(settings, indexes[i]) for i in misses],
             )
         else:
             # In process answers come a batch at a time: store each batch before the next.
+            conversations = [wanted[i][0] for i in misses]
+            openings = [wanted[i][2] for i in misses]
             step = max(1, settings.batch_size)
             for start in range(0, len(misses), step):
 

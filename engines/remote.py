@@ -4,7 +4,10 @@
 
 Concurrent requests are what make a remote engine fast (it batches them
 continuously), so conversations are sent from a thread pool, `concurrency`
-at a time, and the answers come back in input order. Any OpenAI-compatible
+at a time, and the answers come back in input order. Best-of-N asks for the
+N samples of a conversation in ONE request (OpenAI's `n`), so the engine
+encodes the prompt once and shares its KV cache across them (vLLM's paged
+attention; the hf engine batches the n rows side by side). Any OpenAI-compatible
 endpoint can answer (a hosted API too), so a request that meets a 429, a 5xx
 or a dropped connection is tried again after an exponential, jittered wait
 (the server's Retry-After honoured), within a bounded number of attempts and
@@ -26,10 +29,13 @@ from typing import Any
 
 from engines.chat import Message
 from engines.inference import Completion, GenerationCancelled, GenerationSettings, Opening, per_row_openings
+from engines.inference.settings import BY_PARAM
 from engines.progress import Progress, ProgressFn, StopFn
 from engines.protocol import apply_system_prompt
 
 DEFAULT_TIMEOUT = 600.0  # seconds per request: a long answer on a busy CPU engine takes minutes
+# The most choices one request asks for: the bound the hf engine and the gateway enforce.
+MAX_N = int(BY_PARAM["n"].high)
 
 
 class RemoteGenerationError(Exception):
@@ -119,14 +125,16 @@ def conversation_messages(messages: Sequence[Message], system_prompt: str | None
     return apply_system_prompt(messages, system_prompt)
 
 
-def request_body(model: str, messages: list[Message], settings: GenerationSettings) -> dict[str, Any]:
-    """The /v1/chat/completions body for one conversation under `settings`
-    (GenerationSettings.to_openai: the inverse of from_openai)."""
+def request_body(
+    model: str, messages: list[Message], settings: GenerationSettings, n: int = 1
+) -> dict[str, Any]:
+    """The /v1/chat/completions body for `n` answers to one conversation under
+    `settings` (GenerationSettings.to_openai: the inverse of from_openai)."""
     body: dict[str, Any] = {
         "model": model,
         "messages": messages,
         **settings.to_openai(),
-        "n": 1,
+        "n": n,
         "stream": False,
     }
     if settings.temperature == 0:  # greedy: top_p means nothing, and a seed neither
@@ -143,20 +151,66 @@ def _error_detail(response: Any) -> str:
         return response.text[:500]
 
 
-def _completion(data: dict[str, Any], seconds: float, url: str) -> Completion:
+def split_tokens(total: int, weights: Sequence[int], cap: int | None = None) -> list[int]:
+    """`total` shared out in proportion to `weights` (evenly when they are all
+    0) as whole numbers that sum to `total`, none above `cap` when the total
+    fits under it (a share that would pass it is held there, the rest shared again)."""
+    if cap is None:
+        return _largest_remainder(total, weights)
+    parts = [0] * len(weights)
+    open_ = list(range(len(weights)))
+    left = total
+    while open_ and left > 0:
+        shares = _largest_remainder(left, [weights[i] for i in open_])
+        over = [i for i, share in zip(open_, shares, strict=True) if share > cap]
+        if not over or left > cap * len(open_):  # all fit, or none can: as shared
+            for i, share in zip(open_, shares, strict=True):
+                parts[i] = share
+            break
+        for i in over:
+            parts[i] = cap
+            left -= cap
+            open_.remove(i)
+    return parts
+
+
+def _largest_remainder(total: int, weights: Sequence[int]) -> list[int]:
+    if sum(weights) <= 0:
+        weights = [1] * len(weights)
+    whole = sum(weights)
+    shares = [total * w / whole for w in weights]
+    parts = [int(x) for x in shares]
+    for i in sorted(range(len(shares)), key=lambda i: parts[i] - shares[i])[: total - sum(parts)]:
+        parts[i] += 1
+    return parts
+
+
+def _completions(data: dict[str, Any], n: int, max_tokens: int, seconds: float, url: str) -> list[Completion]:
+    """The `n` choices of an answer, in index order. Usage comes once per
+    answer (OpenAI bills the prompt once for n choices): its prompt tokens are
+    split evenly over the choices and its completion tokens by each choice's
+    length in characters (at most `max_tokens` each), so the sums stay what
+    the engine reported."""
     try:
-        choice = data["choices"][0]
+        choices = sorted(data["choices"], key=lambda c: int(c.get("index", 0)))
+        if len(choices) != n:
+            raise ValueError(f"{len(choices)} choices for n={n}")
         usage = data.get("usage") or {}
-        finish = choice.get("finish_reason")
-        return Completion(
-            text=choice["message"]["content"] or "",
-            prompt_tokens=int(usage.get("prompt_tokens", 0)),
-            completion_tokens=int(usage.get("completion_tokens", 0)),
-            # "abort" and friends only happen on a failing engine; treat as cut off.
-            finish_reason="stop" if finish == "stop" else "length",
-            seconds=seconds,
-        )
-    except (KeyError, IndexError, TypeError) as exc:
+        texts = [c["message"]["content"] or "" for c in choices]
+        prompt = split_tokens(int(usage.get("prompt_tokens", 0)), [1] * n)
+        completion = split_tokens(int(usage.get("completion_tokens", 0)), [len(t) for t in texts], max_tokens)
+        return [
+            Completion(
+                text=text,
+                prompt_tokens=p,
+                completion_tokens=c,
+                # "abort" and friends only happen on a failing engine; treat as cut off.
+                finish_reason="stop" if choice.get("finish_reason") == "stop" else "length",
+                seconds=seconds,
+            )
+            for choice, text, p, c in zip(choices, texts, prompt, completion, strict=True)
+        ]
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
         raise RemoteGenerationError(
             f"the engine at {url} answered a malformed chat completion: {data!r:.300}"
         ) from exc
@@ -179,39 +233,59 @@ def generate_remote(
     stats: TransportStats | None = None,
     on_answer: Callable[[int, Completion], None] | None = None,
     seeds: Sequence[int | None] | None = None,
+    n: Sequence[int] | None = None,
 ) -> list[Completion]:
     """Answer every conversation through `base_url` (the server root, without
     /v1) as `model` (a base name or a loaded adapter name), in input order.
 
     Same contract as `engines.inference.generate`: `system_prompt` replaces any
     system message, None means none; `progress` gets a Progress (unit
-    "conversations") as answers arrive; `should_stop()` is checked before each
-    request and raises GenerationCancelled. Any failed request raises
-    RemoteGenerationError naming the URL (nothing partial is returned).
-    With `opening` (one for all, or one per conversation), each answer begins
-    with its row's text: it is sent as the final assistant message to continue
-    (vLLM's `continue_final_message`, which the hf engine server speaks too);
-    a row without one sends no assistant message.
+    "conversations", one per answer) as answers arrive; `should_stop()` is
+    checked before each request and raises GenerationCancelled. Any failed
+    request raises RemoteGenerationError naming the URL (nothing partial is
+    returned). With `opening` (one for all, or one per conversation), each
+    answer begins with its row's text: it is sent as the final assistant
+    message to continue (vLLM's `continue_final_message`, which the hf engine
+    server speaks too); a row without one sends no assistant message.
 
     `retry` (default DEFAULT_RETRY) bounds the retries of each request;
     `stats` sums what was sent and answered; `on_answer(index, completion)`
     is called the moment each answer arrives (from a pool thread), so a
     caller can keep it even when a later request fails; `seeds`, one per
-    conversation, overrides the settings' seed (distinct samples of one
-    conversation need distinct seeds)."""
+    conversation, overrides the settings' seed.
+
+    `n`, one per conversation (each 1..MAX_N, default all 1): how many answers
+    its one request asks for. The result is flat, conversation 0's n[0]
+    answers first, and `on_answer`'s index counts answers, not requests. Row j
+    of a request seeded s draws with seed s + j on vLLM and the hf engine
+    (`engines.inference.row_seed`), so n answers seeded s are the answers of n
+    requests seeded s..s+n-1. A greedy request asks once and copies the
+    answer (vLLM refuses n > 1 without sampling; every copy would be the same)."""
     import httpx
 
     settings = settings or GenerationSettings()
-    total = len(conversations)
-    openings = per_row_openings(opening, total)
-    if total == 0:
+    total_requests = len(conversations)
+    openings = per_row_openings(opening, total_requests)
+    if seeds is not None and len(seeds) != total_requests:
+        raise ValueError(f"{len(seeds)} seeds for {total_requests} conversations")
+    counts = [1] * total_requests if n is None else list(n)
+    if len(counts) != total_requests:
+        raise ValueError(f"{len(counts)} values of n for {total_requests} conversations")
+    for i, count in enumerate(counts):
+        if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= MAX_N:
+            raise ValueError(
+                f"n for conversation {i} must be a whole number from 1 to {MAX_N}, got {count!r}"
+            )
+    if total_requests == 0:
         return []
     url = base_url.rstrip("/") + "/v1/chat/completions"
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     retry = retry or DEFAULT_RETRY
     stats = stats if stats is not None else TransportStats()
-    if seeds is not None and len(seeds) != total:
-        raise ValueError(f"{len(seeds)} seeds for {total} conversations")
+    firsts = [0]  # where each request's answers start in the flat result
+    for count in counts:
+        firsts.append(firsts[-1] + count)
+    total = firsts[-1]
     started = time.monotonic()
     results: list[Completion | None] = [None] * total
     lock = threading.Lock()
@@ -260,7 +334,9 @@ def generate_remote(
             cancelled.set()
             return
         messages = conversation_messages(conversations[index], system_prompt)
-        body = request_body(model, messages, settings)
+        wanted = counts[index]
+        asked = 1 if settings.temperature == 0 else wanted
+        body = request_body(model, messages, settings, asked)
         if seeds is not None and seeds[index] is not None:
             body["seed"] = seeds[index]
         row_opening = openings[index]
@@ -275,27 +351,41 @@ def generate_remote(
             raise RemoteGenerationError(
                 f"the engine at {url} answered {response.status_code} for model {model!r}: {_error_detail(response)}"
             )
-        completion = _completion(response.json(), time.perf_counter() - began, url)
-        if row_opening:
-            completion = dataclasses.replace(completion, text=row_opening + completion.text)
-        stats.add(
-            answers=1, prompt_tokens=completion.prompt_tokens, completion_tokens=completion.completion_tokens
+        completions = _completions(
+            response.json(), asked, settings.max_new_tokens, time.perf_counter() - began, url
         )
+        if asked < wanted:  # greedy copies share the one answer's usage
+            only = completions[0]
+            prompts = split_tokens(only.prompt_tokens, [1] * wanted)
+            outputs = split_tokens(only.completion_tokens, [1] * wanted)
+            completions = [
+                dataclasses.replace(only, prompt_tokens=p, completion_tokens=c)
+                for p, c in zip(prompts, outputs, strict=True)
+            ]
+        if row_opening:
+            completions = [dataclasses.replace(c, text=row_opening + c.text) for c in completions]
+        stats.add(
+            answers=len(completions),
+            prompt_tokens=sum(c.prompt_tokens for c in completions),
+            completion_tokens=sum(c.completion_tokens for c in completions),
+        )
+        first = firsts[index]
         if on_answer is not None:
-            on_answer(index, completion)
+            for offset, answer in enumerate(completions):
+                on_answer(first + offset, answer)
         with lock:
-            results[index] = completion
-            done += 1
+            results[first : first + wanted] = completions
+            done += wanted
             if progress is not None:
                 progress(Progress.since(started, done, total, "conversations"))
 
-    workers = max(1, min(concurrency, total))
+    workers = max(1, min(concurrency, total_requests))
     limits = httpx.Limits(max_connections=workers, max_keepalive_connections=workers)
     with (
         httpx.Client(timeout=httpx.Timeout(timeout, connect=10.0), limits=limits) as client,
         ThreadPoolExecutor(max_workers=workers, thread_name_prefix="generate-remote") as pool,
     ):
-        futures: list[Future[None]] = [pool.submit(one, i, client) for i in range(total)]
+        futures: list[Future[None]] = [pool.submit(one, i, client) for i in range(total_requests)]
         wait(futures, return_when=FIRST_EXCEPTION)
         failed = next((f for f in futures if f.done() and f.exception() is not None), None)
         if failed is not None:

@@ -172,7 +172,8 @@ def test_each_remote_request_carries_its_own_rows_opening(lively, lively_dir, mo
         groups = RemoteGenerator(server.url, "lively").generate_samples(
             CONVS[:2], SYSTEM, GREEDY, 2, opening=OPENINGS[:2]
         )
-    assert len(bodies) == len(CONVS) + 4
+    # Greedy best-of-2 asks once per conversation (n=1) and copies the answer.
+    assert len(bodies) == len(CONVS) + 2 and [b["n"] for b in bodies[-2:]] == [1, 1]
 
     assert texts(remote) == texts(local)
     for opening, got in zip(OPENINGS, remote, strict=True):

@@ -266,13 +266,15 @@ def test_repeated_sampled_requests_get_new_answers_and_a_new_generator_finds_the
     first = teacher()
     round1 = first.generate_samples(convs, "Be brief.", settings, 2)
     round2 = first.generate_samples(convs, "Be brief.", settings, 2)
-    assert proxy.sent() == 8 and first.stats.hits == 0
+    # One request per conversation and round, asking for both samples with n=2.
+    assert proxy.sent() == 4 and first.stats.hits == 0
     bodies = Counter(d for d, _ in proxy.log)
-    assert len(bodies) == 8  # distinct seeds: no two requests alike
+    assert len(bodies) == 4  # distinct seeds: no two requests alike
+    assert all(len({c.text for c in row}) == 2 for row in round1 + round2)
     rerun = teacher()
     assert rerun.generate_samples(convs, "Be brief.", settings, 2) == round1
     assert rerun.generate_samples(convs, "Be brief.", settings, 2) == round2
-    assert proxy.sent() == 8 and rerun.stats.hits == 8 and rerun.stats.asked == 0
+    assert proxy.sent() == 4 and rerun.stats.hits == 8 and rerun.stats.asked == 0
 
 
 # --- the teacher job ----------------------------------------------------------------
