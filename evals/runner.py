@@ -238,7 +238,8 @@ class EvalRunner(JobRunner):
         base = judge_variant.base_model if judge_variant else suite.judge_base
         assert base is not None
         judge = generator(base, judge_variant)
-        settings = GenerationSettings(max_new_tokens=256, batch_size=8)
+        # Room for judge_format's reasoning (at most 400 characters) and its score.
+        settings = GenerationSettings(max_new_tokens=384, batch_size=8)
         for run in runs:
             results = list(run.results.select_related("example"))
             verdicts = ev.judge_answers(

@@ -15,6 +15,7 @@ from engines.evaluation import (
     general_skills_task,
     generate_arms,
     judge_answers,
+    judge_format,
     judge_human_agreement,
     judge_messages,
     latency_summary,
@@ -29,7 +30,15 @@ from engines.evaluation import (
     write_task,
 )
 from engines.generator import LocalGenerator
-from engines.inference import Completion, GenerationCancelled, GenerationSettings, generate, load_model
+from engines.inference import (
+    Completion,
+    GenerationCancelled,
+    GenerationSettings,
+    SettingsError,
+    generate,
+    load_model,
+    response_format_json,
+)
 from engines.rules import validate_rules
 
 # One torch thread: see the one_torch_thread fixture.
@@ -306,7 +315,7 @@ def test_the_judge_is_given_its_rubric():
     system message, so they must be passed as one (they were dropped before)."""
     judge = RecordingJudge()
     items = [("q1", "a1", "ref1"), ("q2", "a2", None), ("q3", "a3", "ref3")]
-    verdicts = judge_answers(judge, "Be concise.", items)
+    verdicts = judge_answers(judge, "Be concise.", items, structured=False)
     assert len(judge.calls) == 2  # with and without a reference answer: two instructions
     for system, chats in judge.calls:
         assert system is not None and "## Rubric\nBe concise." in system and "Score: N" in system
@@ -314,6 +323,53 @@ def test_the_judge_is_given_its_rubric():
     assert "reference answer" in judge.calls[0][0] and "reference answer" not in judge.calls[1][0]
     assert [v.score for v, _text in verdicts] == [6.0, 7.0, 6.0]  # input order kept across the groups
     assert verdicts[1][0].reasoning == "It follows the rubric." and verdicts[1][1].endswith("Score: 7")
+
+
+@pytest.mark.parametrize(
+    "text, score, error",
+    [
+        ('{"reasoning": "Polite, and it answers.", "score": 8}', 8.0, ""),
+        ('{"reasoning": "", "score": 1}', 1.0, ""),
+        ('{"reasoning": "Too long, and cut', None, "cut off before its score"),
+        ('{"reasoning": "x", "score": 11}', None, "outside the scale 1-10"),
+        ('{"reasoning": "x", "score": "high"}', None, "not a number"),
+        ('{"mood": "fine"}\nScore: 6', 6.0, ""),  # JSON without a score: read as free text
+    ],
+)
+def test_it_parses_structured_verdicts(text, score, error):
+    verdict = parse_judge(text)
+    assert verdict.score == score and error in verdict.error
+    if score is not None and text.startswith('{"reasoning"'):
+        assert verdict.reasoning == json.loads(text)["reasoning"]
+
+
+def test_settings_carry_a_response_format_checked_as_the_gateway_checks_it():
+    fmt = response_format_json(judge_format((1, 5)))
+    settings = GenerationSettings(response_format=fmt)
+    assert settings.to_openai()["response_format"] == judge_format((1, 5))
+    assert "response_format" not in GenerationSettings().to_openai()
+    assert GenerationSettings.from_dict({"response_format": judge_format((1, 5))}) == settings
+    with pytest.raises(SettingsError) as bad:
+        GenerationSettings(response_format='{"type": "xml"}')
+    assert "response_format.type must be one of" in str(bad.value)
+    with pytest.raises(SettingsError, match="not JSON"):
+        GenerationSettings(response_format="{oops")
+
+
+def test_a_structured_judge_scores_every_answer_even_a_random_model(lively_dir):
+    """The tiny random model never writes `Score: N` by itself; under the
+    grammar each verdict is JSON with a whole score on the scale."""
+    judge = LocalGenerator(load_model(lively_dir, dtype="float32"))
+    items = [("What is 2+2?", "4", None), ("Name a colour.", "Blue.", "Red"), ("hi", "hello", None)]
+    settings = GenerationSettings(max_new_tokens=512, batch_size=4)
+    free = judge_answers(judge, "Correct and brief.", items, settings, scale=(1, 5), structured=False)
+    assert all(v.score is None for v, _ in free)
+    verdicts = judge_answers(judge, "Correct and brief.", items, settings, scale=(1, 5))
+    for verdict, text in verdicts:
+        data = json.loads(text)
+        assert set(data) == {"reasoning", "score"} and isinstance(data["score"], int)
+        assert verdict.score == data["score"] and 1 <= verdict.score <= 5 and verdict.error == ""
+        assert len(data["reasoning"]) <= 400
 
 
 # --- four arms, one loaded model ------------------------------------------------------
@@ -496,3 +552,19 @@ def test_it_fails_clearly_on_installed_tasks_without_their_data(lively_dir, tmp_
         run_lm_eval(lively_dir, ["arc_easy"], task_dir=None, limit=1)
     with pytest.raises(EvalError, match="'no_such_task_xyz' does not exist"):
         run_lm_eval(lively_dir, ["no_such_task_xyz"], task_dir=tmp_path, limit=1)
+
+
+def test_a_remote_judge_sends_the_verdict_format_and_gets_a_score(lively_dir):
+    """A judge behind /v1 (here the hf engine server) gets judge_format as
+    response_format and answers JSON verdicts."""
+    from engines.engine_server import EngineServer
+    from engines.generator import RemoteGenerator
+
+    items = [("What is 2+2?", "4", None), ("hi", "hello", None)]
+    settings = GenerationSettings(max_new_tokens=512, batch_size=2)
+    with EngineServer({"lively": lively_dir}, dtype="float32", threads=1) as server:
+        verdicts = judge_answers(
+            RemoteGenerator(server.url, "lively"), "Brief.", items, settings, scale=(1, 3)
+        )
+    assert [json.loads(text)["score"] for _, text in verdicts] == [v.score for v, _ in verdicts]
+    assert all(v.score in (1, 2, 3) for v, _ in verdicts)

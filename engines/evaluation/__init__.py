@@ -47,7 +47,7 @@ from engines.evaluation.harness import (
     run_lm_eval,
     write_task,
 )
-from engines.evaluation.judge import JudgeVerdict, judge_answers, judge_messages, parse_judge
+from engines.evaluation.judge import JudgeVerdict, judge_answers, judge_format, judge_messages, parse_judge
 from engines.evaluation.scoring import ExampleScore, chrf, normalize_answer, rouge_l, score_example
 from engines.evaluation.stats import (
     Estimate,
@@ -85,6 +85,7 @@ __all__ = [
     "generate_arms",
     "generator_lm",
     "judge_answers",
+    "judge_format",
     "judge_human_agreement",
     "judge_messages",
     "latency_summary",

@@ -31,6 +31,7 @@ from engines.inference.generation import (
     generate,
     generate_samples,
     generation_config,
+    grammar_constraints,
     left_pad,
     per_row_openings,
     row_sampler,
@@ -47,6 +48,7 @@ from engines.inference.settings import (
     GenerationSettings,
     SettingsError,
     openai_n,
+    response_format_json,
 )
 from engines.inference.stops import Completion, FinishReason, RowStops, decode_text
 
@@ -74,6 +76,7 @@ __all__ = [
     "generate",
     "generate_samples",
     "generation_config",
+    "grammar_constraints",
     "grammar_for",
     "left_pad",
     "load_model",
@@ -81,6 +84,7 @@ __all__ = [
     "openai_n",
     "per_row_openings",
     "row_sampler",
+    "response_format_json",
     "row_seed",
     "pick_device",
 ]

@@ -137,6 +137,23 @@ def row_sampler(
     return LogitsProcessorList([sampler]), sampler
 
 
+def grammar_constraints(loaded: LoadedModel, grammars: Sequence[str | None]) -> dict[str, Any]:
+    """RowSampler's arguments for each row's response_format grammar (None:
+    free text), a fresh matcher per row; {} when no row has one."""
+    if not any(grammars):
+        return {}
+    from engines.inference import grammar as grammar_module
+
+    vocab = int(loaded.model.get_output_embeddings().weight.shape[0])  # may exceed the tokenizer's
+    return {
+        "constraints": [
+            grammar_module.constraint(loaded.tokenizer, g, loaded.stop_token_ids, vocab) if g else None
+            for g in grammars
+        ],
+        "apply_constraints": grammar_module.apply,
+    }
+
+
 def _encode_prefix(loaded: LoadedModel, prefix: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
     """Key/value states of the shared prefix at batch 1, one pair per layer; None
     when the model's cache is not plain full attention (sliding windows,
@@ -212,6 +229,7 @@ def generate(
     order = sorted(range(total), key=lambda i: -len(rows[i]))
     gen_config = generation_config(loaded, settings)
     pad_id = int(tokenizer.pad_token_id)
+    grammar = settings.grammar()
     results: list[Completion | None] = [None] * total
     import torch
 
@@ -254,6 +272,7 @@ def generate(
                     [settings] * len(batch),
                     input_ids.shape[1],
                     [row_seed(settings.seed, i) for i in batch],
+                    **grammar_constraints(loaded, [grammar] * len(batch)),
                 )[0],
                 **kwargs,
             )

@@ -7,6 +7,7 @@ of them refuses is refused by all (the gateway adds only policy: its caps)."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -190,6 +191,10 @@ class GenerationSettings:
     min_p: float = 0.0
     min_tokens: int = 0
     ignore_eos: bool = False
+    # OpenAI's response_format as canonical JSON text (hashable; `response_format_json`
+    # makes it): the answer is decoded under its grammar (engines.inference.grammar),
+    # in process and on a remote engine alike. None: free text.
+    response_format: str | None = None
 
     MAX_STOP_STRINGS: ClassVar[int] = MAX_STOP_STRINGS
 
@@ -218,6 +223,10 @@ class GenerationSettings:
             errors["ignore_eos"] = f"must be true or false, got {self.ignore_eos!r}"
         if self.top_k == -1:  # vLLM's "off"
             object.__setattr__(self, "top_k", 0)
+        if self.response_format is not None:
+            format_problem = response_format_error(self.response_format)
+            if format_problem:
+                errors["response_format"] = format_problem
         if errors:
             raise SettingsError(errors)
 
@@ -233,6 +242,8 @@ class GenerationSettings:
         for name in ("max_new_tokens", "batch_size", "seed", "no_repeat_ngram_size", "top_k", "min_tokens"):
             if isinstance(data.get(name), float) and data[name].is_integer():
                 data[name] = int(data[name])
+        if isinstance(data.get("response_format"), dict):
+            data["response_format"] = response_format_json(data["response_format"])
         if isinstance(data.get("stop"), str):
             data["stop"] = (data["stop"],)
         elif data.get("stop") is None:
@@ -322,6 +333,7 @@ class GenerationSettings:
             "min_p": float(self.min_p),
             "min_tokens": self.min_tokens,
             "ignore_eos": self.ignore_eos,
+            "response_format": json.loads(self.response_format) if self.response_format else None,
         }
         if params is None:
             unset: dict[str, Any] = {
@@ -335,6 +347,7 @@ class GenerationSettings:
                 "min_p": 0.0,
                 "min_tokens": 0,
                 "ignore_eos": False,
+                "response_format": None,
             }
             return {k: v for k, v in every.items() if v != [] and (k not in unset or v != unset[k])}
         wanted = {"max_tokens" if p == "max_completion_tokens" else p for p in params}
@@ -342,6 +355,14 @@ class GenerationSettings:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def grammar(self) -> str | None:
+        """The llguidance grammar of `response_format` (None for free text)."""
+        if not self.response_format:
+            return None
+        from engines.inference.grammar import grammar_for
+
+        return grammar_for(json.loads(self.response_format))
 
     # What keeps a small model from looping: set where a variant is made, kept
     # with it, and applied wherever it answers (evals, /v1) unless overridden.
@@ -355,3 +376,25 @@ class GenerationSettings:
             for name in self.GUARD_RAILS
             if getattr(self, name) != getattr(default, name)
         }
+
+
+def response_format_json(response_format: Mapping[str, Any]) -> str:
+    """The canonical JSON text of a response_format, for GenerationSettings."""
+    return json.dumps(response_format, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+
+
+def response_format_error(text: Any) -> str | None:
+    """Why `text` is no usable response_format for GenerationSettings, or None."""
+    if not isinstance(text, str):
+        return f"must be a response_format object as JSON text, got {type(text).__name__}"
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        return f"is not JSON: {e}"
+    from engines.inference.grammar import grammar_for
+
+    try:
+        grammar_for(value)
+    except OpenAIError as e:
+        return e.message
+    return None

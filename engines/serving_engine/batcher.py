@@ -20,6 +20,7 @@ from engines.inference import (
     TokenLogprob,
     encode,
     generation_config,
+    grammar_constraints,
     left_pad,
     row_sampler,
     row_seed,
@@ -161,10 +162,7 @@ class ServingEngine:
             )
         if request.grammar is not None:
             # Compiled now (and cached) so a grammar this tokenizer cannot take fails its own request only.
-            from engines.inference import grammar
-
-            loaded = base.loaded
-            grammar.constraint(tokenizer, request.grammar, loaded.stop_token_ids, _vocab(loaded))
+            grammar_constraints(base.loaded, [request.grammar])
         for token, _ in request.settings.logit_bias:
             if token >= len(tokenizer):
                 raise bad_request(
@@ -307,7 +305,7 @@ class ServingEngine:
                 [row_seed(t.request.settings.seed, j) for t, j in rows],
                 logprobs=[t.request.logprobs for t, _ in rows],
                 finished=lambda r: stops.rows[r].done,
-                **_constraints(loaded, rows),
+                **grammar_constraints(loaded, [t.request.grammar for t, _ in rows]),
             )
             kwargs: dict[str, Any] = {}
             model = loaded.model
@@ -381,29 +379,6 @@ def _prompt_logprobs(base: Any, ticket: Ticket) -> list[TokenLogprob | None]:
                 )
                 entries.append(TokenLogprob(token, chosen[i], top))
     return entries
-
-
-def _vocab(loaded: LoadedModel) -> int:
-    """The width of the model's logits (it may exceed the tokenizer's size)."""
-    return int(loaded.model.get_output_embeddings().weight.shape[0])
-
-
-def _constraints(loaded: LoadedModel, rows: Sequence[tuple[Ticket, int]]) -> dict[str, Any]:
-    """Each row's response_format grammar, a fresh matcher per row."""
-    if not any(t.request.grammar for t, _ in rows):
-        return {}
-    from engines.inference import grammar
-
-    vocab = _vocab(loaded)
-    return {
-        "constraints": [
-            grammar.constraint(loaded.tokenizer, t.request.grammar, loaded.stop_token_ids, vocab)
-            if t.request.grammar
-            else None
-            for t, _ in rows
-        ],
-        "apply_constraints": grammar.apply,
-    }
 
 
 def _deliver(stops: RowStops, rows: Sequence[tuple[Ticket, int]], sampler: RowSampler) -> None:
