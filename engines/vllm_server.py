@@ -42,6 +42,9 @@ def vllm_python(venv: str | Path | None = None) -> Path:
     return Path(venv or os.environ.get("VLLM_VENV") or DEFAULT_VENV) / "bin" / "python"
 
 
+MAX_BATCHED_TOKENS = 8192  # tokens one engine step may take: a few whole prompts of the teacher's prefill
+
+
 def vllm_command(
     python: str | Path,
     model_dir: str | Path,
@@ -82,6 +85,12 @@ def vllm_command(
         str(max_lora_rank),
         # Shared system prompts are the workbench's whole use case.
         "--enable-prefix-caching",
+        # Whole prompts only: on the CPU build a seeded request whose prefill is split
+        # over steps kills the engine ("CPU Generator does not use offset", vLLM 0.32),
+        # and a best-of-N teacher sends seeded requests behind long prompts.
+        "--no-enable-chunked-prefill",
+        "--max-num-batched-tokens",
+        str(max(max_model_len, MAX_BATCHED_TOKENS)),
     ]
     if lora_modules:
         cmd += ["--lora-modules", *(f"{name}={Path(path).resolve()}" for name, path in lora_modules.items())]
