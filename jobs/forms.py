@@ -68,6 +68,7 @@ CURATION_FIELDS = (
     "reminders",
     "phrases",
     "fact_sentences",
+    "probe",
     "passages",
     "sample_temperature",
     "sample_top_p",
@@ -178,6 +179,15 @@ class AbsorbForm(forms.Form):
         label="open with the fact a query asks for",
         help_text="A later round opens an answer that missed a fact its query asks for (facts checks) with the "
         "prompt's sentence stating it, so the data states it.",
+    )
+    probe = forms.IntegerField(
+        required=False,
+        min_value=0,
+        max_value=256,
+        initial=CurationSettings.probe,
+        label="probe queries",
+        help_text="Round one asks this many queries first; a required phrase or the facts they rarely meet "
+        "open the other answers from round one on, instead of costing a second round (0: later rounds only).",
     )
     passages = forms.IntegerField(
         required=False,
@@ -309,6 +319,9 @@ class AbsorbForm(forms.Form):
                     reminders=bool(data.get("reminders")),
                     phrases=bool(data.get("phrases")),
                     fact_sentences=bool(data.get("fact_sentences")),
+                    probe=int(data.get("probe") or 0)
+                    if data.get("probe") is not None
+                    else CurationSettings.probe,
                     passages=int(data.get("passages") or 0)
                     if data.get("passages") is not None
                     else CurationSettings.passages,

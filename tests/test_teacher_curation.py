@@ -144,6 +144,7 @@ def test_the_absorb_command_turns_curation_on_by_default(world):
         "reminders": True,
         "phrases": True,
         "fact_sentences": True,
+        "probe": 16,
         "passages": 3,
         "temperature": 0.7,
         "top_p": 0.95,
@@ -283,3 +284,33 @@ def test_an_absorbed_variant_keeps_its_teachers_guard_rails():
     # Rails that no longer validate stop the fine-tune (issue 19 item 9): served without them, the variant loops.
     with pytest.raises(JobError, match="guard rails stored with .* are invalid"):
         _guard_rails(SimpleNamespace(meta={"generation": {"repetition_penalty": 0}}))
+
+
+def test_the_probe_prefills_a_phrase_the_teacher_never_writes_and_later_chunks_keep_its_finding(
+    world, monkeypatch
+):
+    """The tiny teacher never writes the required phrase: the probe (2 queries)
+    finds it and round one opens the other answers with it; the second chunk
+    (3 queries a chunk here) starts from the stored finding, with no probe."""
+    import json
+
+    from jobs.runners import teacher as teacher_runner
+
+    project, alice, base, _, data = world
+    rules = [*RULES[:2], {"name": "line", "kind": "contains", "text": "call the crew line"}]
+    prompt = save_prompt(
+        project, alice, "line", "You are the crew's helper. Follow the rules.", rules
+    ).version
+    monkeypatch.setattr(teacher_runner, "CHUNK", 3)
+    teacher = run_teacher((project, alice, base, prompt, data), curation={"probe": 2, "best_of": 1})
+    assert teacher.log.count("curation: probe of 2 queries met unaided: line 0.00") == 1
+    answers = [
+        json.loads(line) for line in (teacher.data_dir / "teacher-answers.jsonl").read_text().splitlines()
+    ]
+    first = {a["index"]: (a["rounds"][0], a["phrases"][0]) for a in answers}
+    assert sorted(first.values()) == [(0, False)] * 2 + [(0, True)] * 4  # 2 probed, the rest prefilled
+    quality = teacher.output_dataset.meta["quality"]
+    assert quality["early"] == {"phrases": ["line"], "facts": False, "rates": {"line": 0.0}, "probed": 2}
+    assert "after a probe of 2 queries, 'line' prefilled" in quality["steps"][0]["step"]
+    rows = teacher.output_dataset.rows.order_by("index").values_list("messages", flat=True)
+    assert all("call the crew line" in r[-1]["content"] for r in rows)

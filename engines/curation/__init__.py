@@ -24,7 +24,9 @@ The public face of the package; outside code imports from here only.
 """
 
 from engines.curation.adaptive import (
+    EARLY_BELOW,
     Checker,
+    Early,
     RoundCost,
     Sample,
     Sampled,
@@ -54,6 +56,7 @@ from engines.curation.synthesis import (
 )
 
 __all__ = [
+    "EARLY_BELOW",
     "MAX_WORDS_TARGET",
     "NearDuplicates",
     "REPAIRS",
@@ -61,6 +64,7 @@ __all__ = [
     "Checker",
     "Curated",
     "CurationSettings",
+    "Early",
     "Passage",
     "Repaired",
     "Retriever",

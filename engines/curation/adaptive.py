@@ -7,6 +7,12 @@ sample yet (after repairs), with a teacher-only reminder of what their best
 sample still fails placed after the question, where a small model attends to
 it. A query stops at its first passing sample or when its rounds are spent,
 so the extra cost lands on the hard queries only.
+
+Where the teacher cannot meet a required phrase or the facts unaided, round
+one asking for them is a round spent for nothing: round one first asks a
+probe of `probe` queries as they come; a required phrase (or the facts) that
+fewer than EARLY_BELOW of the probe's samples meet opens the other queries'
+answers from round one on (`Early`), as a later round would have.
 """
 
 from __future__ import annotations
@@ -64,12 +70,53 @@ class RoundCost:
         }
 
 
+# What round one's probe must see met before round one leaves a required phrase (or the facts) to the teacher.
+EARLY_BELOW = 0.5
+FACTS = "facts"  # Early.rates' key for the facts a query asks
+
+
+@dataclass(frozen=True)
+class Early:
+    """What round one prefills after its probe: the contains rules named in
+    `phrases` and, with `facts`, the sentences stating the facts each query
+    asks. `rates`: what the probe's samples met unaided (by rule name, and
+    FACTS), over `probed` queries."""
+
+    phrases: tuple[str, ...] = ()
+    facts: bool = False
+    rates: tuple[tuple[str, float], ...] = ()
+    probed: int = 0
+
+    def __bool__(self) -> bool:
+        return bool(self.phrases or self.facts)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "phrases": list(self.phrases),
+            "facts": self.facts,
+            "rates": dict(self.rates),
+            "probed": self.probed,
+        }
+
+    def describe(self) -> str:
+        """One line for a job's log and the data report."""
+        rates = ", ".join(f"{name} {rate:.2f}" for name, rate in self.rates)
+        what = [
+            *(f"required phrase {n!r}" for n in self.phrases),
+            *(["fact sentences"] if self.facts else []),
+        ]
+        then = f"round one opens the other answers with {' and '.join(what)}" if what else "nothing prefilled"
+        return f"probe of {self.probed} queries met unaided: {rates or 'nothing to learn'}; {then}"
+
+
 @dataclass
 class Sampled:
-    """Every query's samples, in order, and what each round cost."""
+    """Every query's samples, in order, what each round cost, and what round
+    one prefilled after its probe (None: no probe ran)."""
 
     samples: list[list[Sample]]
     rounds: list[RoundCost] = field(default_factory=list)
+    early: Early | None = None
 
 
 def reminder(rules: Sequence[Rule], failing: Sequence[str], facts: Sequence[str] = ()) -> str:
@@ -127,6 +174,8 @@ def sample_until_pass(
     reminders: bool = True,
     phrases: bool = True,
     fact_sentences: bool = True,
+    probe: int = 0,
+    early: Early | None = None,
     progress: ProgressFn | None = None,
     should_stop: StopFn | None = None,
 ) -> Sampled:
@@ -141,7 +190,10 @@ def sample_until_pass(
     opening): the model writes the rest around it. With `fact_sentences`, such an
     answer whose query's best sample misses a fact opens with the sentence
     `sources` gives for it (the prompt's sentence stating it), so the data
-    states what the question asks even where the teacher would not find it."""
+    states what the question asks even where the teacher would not find it.
+    With `probe` (> 0, and later rounds that prefill), round one asks that
+    many queries first and prefills for the rest what they met too rarely
+    (`Early`, returned as `Sampled.early`); `early` (an earlier chunk's) skips the probe."""
     n = len(conversations)
     notes = notes or [""] * n
     checkers = checkers or [None] * n
@@ -154,31 +206,12 @@ def sample_until_pass(
                 judged[i, k] = verdict(out.samples[i][k].text, rules, repairs, checkers[i])
         return [judged[i, k] for k in range(len(out.samples[i]))]
 
-    todo = list(range(n))
     asked = 0
-    total_rounds = max(1, rounds)
-    for r in range(total_rounds):
-        if not todo:
-            break
+
+    def ask(r: int, queries: list[int], asks: list[list[Message]], starts: list[str | None]) -> None:
+        """One generate call for these queries of round r, each row with its own opening."""
+        nonlocal asked
         began = time.monotonic()
-        # Per query: what it is told and how its answer opens (later rounds may differ per query);
-        # one call for the round, each row with its own opening, so batches stay wide.
-        asks: list[list[Message]] = []
-        starts: list[str | None] = []
-        for i in todo:
-            note, start = notes[i], opening
-            if r > 0 and reminders:
-                best = _best_checks(checks_of(i))
-                note = " ".join(x for x in (note, _reminder_for(i, best, rules, sources)) if x)
-                start = _prefilled(
-                    opening,
-                    rules,
-                    best,
-                    phrases=phrases,
-                    statements=_missed_facts(i, best, rules, sources) if fact_sentences else [],
-                )
-            asks.append(with_note(conversations[i], note))
-            starts.append(start)
 
         def round_progress(p: Progress, offset: int = asked) -> None:
             # Samples generated so far over every round (the engines count this call's).
@@ -194,12 +227,89 @@ def sample_until_pass(
             progress=round_progress if progress is not None else None,
             should_stop=should_stop,
         )
-        for i, start, group in zip(todo, starts, groups, strict=True):
+        for i, start, group in zip(queries, starts, groups, strict=True):
             out.samples[i].extend(Sample(c.text, c.finish_reason, r, start != opening) for c in group)
-        asked += len(todo) * best_of
-        out.rounds.append(RoundCost(r, len(todo), len(todo) * best_of, round(time.monotonic() - began, 2)))
-        todo = [i for i in todo if not any(all(c.values()) for c in checks_of(i))]
+        asked += len(queries) * best_of
+        out.rounds.append(
+            RoundCost(r, len(queries), len(queries) * best_of, round(time.monotonic() - began, 2))
+        )
+
+    prefills = rounds > 1 and reminders and (phrases or fact_sentences)
+    todo = list(range(n))
+    if prefills and early is None and 0 < probe < n:
+        probed = todo[:probe]
+        ask(0, probed, [with_note(conversations[i], notes[i]) for i in probed], [opening] * len(probed))
+        early = _learn([checks_of(i) for i in probed], rules, phrases, fact_sentences, sources is not None)
+        out.early = early
+        todo = todo[probe:]
+    elif not prefills:
+        early = None
+    for r in range(max(1, rounds)):
+        if not todo:
+            break
+        # Per query: what it is told and how its answer opens (later rounds may differ per query);
+        # one call for the round, each row with its own opening, so batches stay wide.
+        asks: list[list[Message]] = []
+        starts: list[str | None] = []
+        for i in todo:
+            note, start = notes[i], opening
+            if r > 0 and reminders:
+                best = _best_checks(checks_of(i))
+                note = " ".join(x for x in (note, _reminder_for(i, best, rules, sources)) if x)
+            elif r == 0 and early:
+                # As a later round would open it, had round one failed as the probe did.
+                best = {name: False for name in early.phrases}
+                if early.facts and sources is not None:
+                    best.update({name: False for name in sources[i]})
+            else:
+                best = None
+            if best is not None:
+                start = _prefilled(
+                    opening,
+                    rules,
+                    best,
+                    phrases=phrases,
+                    statements=_missed_facts(i, best, rules, sources) if fact_sentences else [],
+                )
+            asks.append(with_note(conversations[i], note))
+            starts.append(start)
+        ask(r, todo, asks, starts)
+        todo = [i for i in range(n) if not _passed(checks_of(i))]  # the probe's failures join round two
     return out
+
+
+def _passed(judged: Sequence[dict[str, bool]]) -> bool:
+    return any(all(c.values()) for c in judged)
+
+
+def _learn(
+    judged: Sequence[Sequence[dict[str, bool]]],
+    rules: Sequence[Rule],
+    phrases: bool,
+    fact_sentences: bool,
+    has_sources: bool,
+) -> Early:
+    """What the probe's samples (`judged`: each query's checks) met too
+    rarely to leave to round one: each contains rule, and the facts."""
+    samples = [c for query in judged for c in query]
+    rates: list[tuple[str, float]] = []
+    early_phrases: list[str] = []
+    if phrases:
+        for rule in rules:
+            if rule.kind == "contains" and samples:
+                rate = sum(c.get(rule.name, True) for c in samples) / len(samples)
+                rates.append((rule.name, round(rate, 3)))
+                if rate < EARLY_BELOW:
+                    early_phrases.append(rule.name)
+    facts = False
+    if fact_sentences and has_sources:
+        names = {r.name for r in rules}
+        asking = [c for c in samples if any(k not in names for k in c)]
+        if asking:
+            rate = sum(all(ok for k, ok in c.items() if k not in names) for c in asking) / len(asking)
+            rates.append((FACTS, round(rate, 3)))
+            facts = rate < EARLY_BELOW
+    return Early(tuple(early_phrases), facts, tuple(rates), len(judged))
 
 
 def _best_checks(judged: Sequence[dict[str, bool]]) -> dict[str, bool]:

@@ -28,6 +28,9 @@ class CurationSettings:
     phrases: bool = True
     # Later rounds open an answer missing a fact its query asks for (facts checks) with the prompt's sentence stating it.
     fact_sentences: bool = True
+    # Round one asks this many queries first; what they meet too rarely (a required phrase, the facts)
+    # opens the other answers from round one on instead of costing a round (0: later rounds only).
+    probe: int = 16
     passages: int = 3  # prompt passages relevant to the query shown beside it (0: none)
     temperature: float = 0.7  # sampling for best-of-N (N=1 keeps the generation settings)
     top_p: float = 0.95
@@ -40,6 +43,7 @@ class CurationSettings:
         "reminders",
         "phrases",
         "fact_sentences",
+        "probe",
         "passages",
         "temperature",
         "top_p",
@@ -49,7 +53,7 @@ class CurationSettings:
 
     def __post_init__(self) -> None:
         errors = []
-        for name, low, high in (("best_of", 1, 16), ("rounds", 1, 8), ("passages", 0, 10)):
+        for name, low, high in (("best_of", 1, 16), ("rounds", 1, 8), ("probe", 0, 256), ("passages", 0, 10)):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
                 errors.append(f"{name} must be a whole number from {low} to {high}, got {value!r}")
@@ -174,11 +178,13 @@ def quality_report(
     settings: CurationSettings,
     opening: str | None,
     costs: Sequence[dict[str, Any]] = (),
+    early: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Pass rates of the answers after each stage: the first sample (with the
     opening when prefilled), the best of the first round, the best of every
     round (reminders and resampling), the repairs; each stage's cost in
-    samples and seconds where `costs` (one per round) says it."""
+    samples and seconds where `costs` (one per round) says it. `early`
+    (Early.to_json of round one's probe) says what round one prefilled after it."""
 
     def rates(texts: list[str], stage_costs: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
         row = pass_rates(texts, rules)
@@ -188,16 +194,17 @@ def quality_report(
         return row
 
     first, later = [c for c in costs if c["round"] == 0], [c for c in costs if c["round"] > 0]
-    steps = [
-        {
-            "step": "raw (first sample" + (", prefilled)" if opening else ")"),
-            **rates([c.raw for c in curated]),
-        }
-    ]
+    first_step = "raw (first sample" + (", prefilled" if opening else "")
+    if early and (early["phrases"] or early["facts"]):
+        what = [*(repr(n) for n in early["phrases"]), *(["fact sentences"] if early["facts"] else [])]
+        first_step += f"; after a probe of {early['probed']} queries, {' and '.join(what)} prefilled"
+    steps = [{"step": first_step + ")", **rates([c.raw for c in curated])}]
     if settings.best_of > 1:
         steps.append({"step": f"best of {settings.best_of}", **rates([c.first_pick for c in curated], first)})
     elif first:
-        steps[0].update(samples=first[0]["samples"], seconds=round(first[0]["seconds"], 1))
+        steps[0].update(
+            samples=sum(c["samples"] for c in first), seconds=round(sum(c["seconds"] for c in first), 1)
+        )
     if settings.rounds > 1:
         label = "reminders and resampling" if settings.reminders else "resampling"
         prefilled = [
@@ -226,9 +233,12 @@ def quality_report(
         if with_facts
         else None
     )
-    return {
+    report = {
         "rule_names": [r.name for r in rules],
         "steps": steps,
         "facts": facts,
         "settings": {**settings.to_dict(), "opening": opening},
     }
+    if early:
+        report["early"] = early
+    return report

@@ -163,6 +163,7 @@ class TeacherRunner(JobRunner):
             # In process, or on the vLLM server (its prefix cache shares the prompt): jobs.backend decides.
             # Behind the project's response cache; an endpoint when the job names one.
             teacher = teacher_generator(job)
+            early = self._early(costs_file)  # what an earlier chunk's probe learned, kept for the rest
             with done_file.open("a") as out, recording_usage(job, teacher):
                 for start in range(0, len(todo), CHUNK):
                     chunk = todo[start : start + CHUNK]
@@ -183,9 +184,14 @@ class TeacherRunner(JobRunner):
                         reminders=bool(curate and curate.reminders),
                         phrases=bool(curate and curate.phrases),
                         fact_sentences=bool(curate and curate.fact_sentences),
+                        probe=curate.probe if curate else 0,
+                        early=early,
                         progress=progress,
                         should_stop=self.should_stop,
                     )
+                    if sampled.early is not None:
+                        early = sampled.early
+                        self.log(f"curation: {early.describe()}")
                     for (index, messages), group in zip(chunk, sampled.samples, strict=True):
                         answers[index] = {
                             "index": index,
@@ -201,7 +207,7 @@ class TeacherRunner(JobRunner):
                             answers[index]["note"] = note
                         out.write(json.dumps(answers[index], ensure_ascii=False) + "\n")
                     out.flush()
-                    self._add_costs(costs_file, sampled.rounds)
+                    self._add_costs(costs_file, sampled.rounds, early)
                     generated += len(chunk)
         elapsed = time.monotonic() - started
         rows, flags, made = self._rows(
@@ -220,7 +226,9 @@ class TeacherRunner(JobRunner):
             "rules": rules_to_json(rules),
         }
         if rules:
-            meta["quality"] = self._quality(rows, made, rules, curate, opening, self._costs(costs_file))
+            meta["quality"] = self._quality(
+                rows, made, rules, curate, opening, self._costs(costs_file), self._stored_early(costs_file)
+            )
             meta["curation"] = curate.to_dict() if curate else None
         final = Progress(
             done=total,
@@ -281,22 +289,52 @@ class TeacherRunner(JobRunner):
             raise JobError(f"the prompt version's facts checks are invalid: {exc}") from exc
 
     @staticmethod
-    def _add_costs(path: Any, rounds: list[curation.RoundCost]) -> None:
-        """Each round's queries, samples and seconds, summed over the chunks
-        (kept beside the answers, so a resumed job reports the whole cost)."""
+    def _add_costs(path: Any, rounds: list[curation.RoundCost], early: curation.Early | None = None) -> None:
+        """Each round's queries, samples and seconds, summed over the chunks,
+        and what round one's probe learned (kept beside the answers, so a
+        resumed job reports the whole cost and skips the probe)."""
         totals = {c["round"]: c for c in TeacherRunner._costs(path)}
         for r in rounds:
             t = totals.setdefault(r.round, {"round": r.round, "queries": 0, "samples": 0, "seconds": 0.0})
             t["queries"] += r.queries
             t["samples"] += r.samples
             t["seconds"] = round(t["seconds"] + r.seconds, 2)
+        kept = TeacherRunner._stored_early(path)
+        if early is not None:
+            kept = early.to_json()
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(sorted(totals.values(), key=lambda c: c["round"])))
+        tmp.write_text(
+            json.dumps({"rounds": sorted(totals.values(), key=lambda c: c["round"]), "early": kept})
+        )
         tmp.replace(path)
 
     @staticmethod
+    def _read_costs(path: Any) -> dict[str, Any]:
+        if not path.exists():
+            return {"rounds": [], "early": None}
+        data = json.loads(path.read_text())
+        return data if isinstance(data, dict) else {"rounds": data, "early": None}  # before the probe
+
+    @staticmethod
     def _costs(path: Any) -> list[dict[str, Any]]:
-        return json.loads(path.read_text()) if path.exists() else []
+        return list(TeacherRunner._read_costs(path)["rounds"])
+
+    @staticmethod
+    def _stored_early(path: Any) -> dict[str, Any] | None:
+        early = TeacherRunner._read_costs(path)["early"]
+        return early if isinstance(early, dict) else None
+
+    @staticmethod
+    def _early(path: Any) -> curation.Early | None:
+        stored = TeacherRunner._stored_early(path)
+        if stored is None:
+            return None
+        return curation.Early(
+            tuple(stored["phrases"]),
+            bool(stored["facts"]),
+            tuple(stored["rates"].items()),
+            int(stored["probed"]),
+        )
 
     def _curation(self, rules: list[Rule]) -> curation.CurationSettings | None:
         """The job's curation settings; None (plain teacher answers) when
@@ -405,9 +443,10 @@ class TeacherRunner(JobRunner):
         curate: curation.CurationSettings | None,
         opening: str | None,
         costs: list[dict[str, Any]],
+        early: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         """Pass rates of the train answers after each step (rows kept from
-        the dataset count as they are)."""
+        the dataset count as they are); `early`: what round one's probe prefilled."""
         assert self.job.dataset_version is not None
         train = set(
             self.job.dataset_version.rows.filter(split=DatasetRow.TRAIN).values_list("index", flat=True)
@@ -426,4 +465,4 @@ class TeacherRunner(JobRunner):
                 "settings": None,
                 "steps": [{"step": "teacher answers", **curation.pass_rates([c.text for c in made], rules)}],
             }
-        return curation.quality_report(made, rules, curate, opening, costs)
+        return curation.quality_report(made, rules, curate, opening, costs, early)

@@ -96,6 +96,13 @@ class Command(BaseCommand):
             help="Later rounds don't open an answer missing a fact its query asks for with the prompt's sentence",
         )
         curation.add_argument(
+            "--probe",
+            type=int,
+            default=cur.probe,
+            help="Round one asks this many queries first; what they rarely meet (a required phrase, the facts) "
+            "opens the other answers from round one on (0: later rounds only)",
+        )
+        curation.add_argument(
             "--passages",
             type=int,
             default=cur.passages,
@@ -173,6 +180,7 @@ class Command(BaseCommand):
                         "reminders": not opts["no_reminders"],
                         "phrases": not opts["no_phrases"],
                         "fact_sentences": not opts["no_fact_sentences"],
+                        "probe": opts["probe"],
                         "passages": opts["passages"],
                         "temperature": opts["sample_temperature"],
                         "top_p": opts["sample_top_p"],
