@@ -164,6 +164,7 @@ def main() -> None:
         "--remote", action="store_true", help="also the hf engine server and vLLM, n vs per sample"
     )
     parser.add_argument("--no-vllm", action="store_true", help="with --remote: leave vLLM out")
+    parser.add_argument("--no-hf", action="store_true", help="with --remote: leave the hf engine server out")
     args = parser.parse_args()
     import torch
 
@@ -208,16 +209,19 @@ def main() -> None:
     from engines.engine_server import EngineServer
 
     threads = args.threads or torch.get_num_threads()
-    with EngineServer({MODEL_NAME: model_dir}, dtype="float32", threads=threads) as server:
-        cases = remote_cases(server.url, MODEL_NAME, queries, prompt, gen, args.n, text)
-        cases[0].run()  # warm-up (one request per query)
-        timed(cases, args.repeats, "hf engine")
-        max_batch = server.engine.max_batch
-    print(
-        f"\n(b) hf engine server through RemoteGenerator (fp32, {threads} torch thread(s), max batch {max_batch} rows, "
-        f"no prefix cache; {gen.batch_size} queries in flight)"
-    )
-    rows.append(report(cases, rules, "hf engine server (fp32)", args.n))
+    if args.no_hf:
+        print("\n(b) hf engine server skipped (--no-hf)")
+    else:
+        with EngineServer({MODEL_NAME: model_dir}, dtype="float32", threads=threads) as server:
+            cases = remote_cases(server.url, MODEL_NAME, queries, prompt, gen, args.n, text)
+            cases[0].run()  # warm-up (one request per query)
+            timed(cases, args.repeats, "hf engine")
+            max_batch = server.engine.max_batch
+        print(
+            f"\n(b) hf engine server through RemoteGenerator (fp32, {threads} torch thread(s), "
+            f"max batch {max_batch} rows, no prefix cache; {gen.batch_size} queries in flight)"
+        )
+        rows.append(report(cases, rules, "hf engine server (fp32)", args.n))
 
     if args.no_vllm:
         print("\n(c) vLLM skipped (--no-vllm)")
@@ -238,6 +242,12 @@ def main() -> None:
         ratio = vllm_rows[0][2] / vllm_rows[0][1]
         print(
             f"  target best-of-{args.n} / best-of-1 <= 2x on vLLM: {ratio:.2f}x {'PASS' if ratio <= 2 else 'FAIL'}"
+        )
+        # Teacher throughput: the same best-of-1 queries, vLLM vs in-process (rows[0]).
+        speedup = rows[0][1] / vllm_rows[0][1]
+        print(
+            f"  target teacher queries/s vLLM / in-process >= 2.5x: {speedup:.2f}x "
+            f"{'PASS' if speedup >= 2.5 else 'FAIL'}; best-of-{args.n}: {rows[0][2] / vllm_rows[0][2]:.2f}x"
         )
     print(f"load average {load_avg()}")
 
@@ -309,7 +319,8 @@ def vllm_arm(
             0
         ].run()  # warm-up; it also puts the prompt's blocks in the prefix cache, as a job's first requests do
         print(
-            f"\n(c) vLLM through RemoteGenerator (bf16, prefix caching; ready in {ready:.0f} s; log {log})",
+            f"\n(c) vLLM through RemoteGenerator (bf16, prefix caching, whole-prompt prefills, OpenMP cores "
+            f"{os.environ.get('VLLM_CPU_OMP_THREADS_BIND', 'auto')}; ready in {ready:.0f} s; log {log})",
             flush=True,
         )
         timed(cases, repeats, "vLLM")

@@ -50,6 +50,13 @@ def main() -> None:
         "--judge", action="store_true", help="grade every arm's answers with the base model as judge"
     )
     parser.add_argument("--train-limit", type=int, default=None, help="use only the first N train queries")
+    parser.add_argument(
+        "--synthesize",
+        type=int,
+        default=0,
+        metavar="N",
+        help="first add up to N queries synthesised from the prompt (the synthesis job) to the train queries",
+    )
     parser.add_argument("--heldout-limit", type=int, default=None)
     parser.add_argument("--data-dir", type=Path, default=None)
     parser.add_argument(
@@ -128,6 +135,20 @@ def main() -> None:
     training = train_config(args)
     times: dict[str, float] = {}
     began = time.monotonic()
+    if args.synthesize:
+        from jobs.actions import start_synthesis
+
+        t = time.monotonic()
+        synthesis = start_synthesis(project, user, prompt, train, base, args.synthesize)
+        lifecycle.execute(synthesis.pk, "bench")
+        synthesis.refresh_from_db()
+        times["synthesis"] = time.monotonic() - t
+        if synthesis.status != Job.SUCCEEDED:
+            print(synthesis.error, synthesis.log[-3000:], sep="\n")
+            sys.exit(1)
+        added = synthesis.output_dataset.row_count - train.row_count
+        print(f"synthesis: {added} queries added in {times['synthesis']:.0f} s", flush=True)
+        train = synthesis.output_dataset
     teacher, finetune = start_absorb(project, user, prompt, train, base, {}, training, curation=curation)
 
     def run(job: Job, name: str) -> Job:
