@@ -19,7 +19,7 @@ import dataclasses
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from engines.chat import Message
 from engines.inference import (
@@ -221,9 +221,32 @@ class RemoteGenerator:
     ) -> list[Completion]:
         """As Generator.generate; `on_answer(index, completion)` as each
         answer arrives, `seeds` one per conversation (engines.remote)."""
+        return self._remote(
+            conversations,
+            system_prompt,
+            settings or GenerationSettings(),
+            adapter,
+            progress,
+            should_stop,
+            opening=opening,
+            on_answer=on_answer,
+            seeds=seeds,
+        )
+
+    def _remote(
+        self,
+        conversations: Sequence[Sequence[Message]],
+        system_prompt: str | None,
+        settings: GenerationSettings,
+        adapter: bool,
+        progress: ProgressFn | None,
+        should_stop: StopFn | None,
+        **each: Any,
+    ) -> list[Completion]:
+        """generate_remote against this endpoint; `each`: its per-call extras
+        (opening, on_answer, seeds, n)."""
         from engines.remote import generate_remote
 
-        settings = settings or GenerationSettings()
         return generate_remote(
             self.url,
             self.served_name(adapter),
@@ -235,11 +258,9 @@ class RemoteGenerator:
             timeout=self._timeout(),
             progress=progress,
             should_stop=should_stop,
-            opening=opening,
             retry=self.retry,
             stats=self.stats,
-            on_answer=on_answer,
-            seeds=seeds,
+            **each,
         )
 
     def generate_samples(
@@ -283,25 +304,17 @@ class RemoteGenerator:
         (`on_answer` counts the same way), in as few requests as keep each
         sample's seed: a seeded request's row j draws with its seed + j, so
         only consecutive indexes share a request (`sample_requests`)."""
-        from engines.remote import generate_remote
-
         requests = [
             (ask, run) for ask in asks for run in sample_requests(ask.samples, settings.seed is not None)
         ]
-        return generate_remote(
-            self.url,
-            self.served_name(adapter),
+        return self._remote(
             [ask.conversation for ask, _ in requests],
             system_prompt,
             settings,
-            concurrency=self._concurrency(settings),
-            api_key=self.api_key,
-            timeout=self._timeout(),
-            progress=progress,
-            should_stop=should_stop,
+            adapter,
+            progress,
+            should_stop,
             opening=[ask.opening for ask, _ in requests],
-            retry=self.retry,
-            stats=self.stats,
             on_answer=on_answer,
             seeds=[sample_seed(settings, run[0]) for _, run in requests],
             n=[len(run) for _, run in requests],

@@ -4,15 +4,12 @@ LIVE hf engine server (fp32, so a row's tokens do not depend on what shares
 its batch) behind a small recording proxy that can answer 429; one test
 against a real vLLM server when .venv-vllm is installed."""
 
-import json
 import os
 import socket
 import threading
 import time
 from dataclasses import replace
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import httpx
 import pytest
 
 import engines.remote
@@ -21,6 +18,7 @@ from engines.generator import CachingGenerator, RemoteGenerator, SampleAsk, samp
 from engines.inference import GenerationCancelled, GenerationSettings
 from engines.remote import MAX_N, RetryPolicy, TransportStats, generate_remote, split_tokens
 from engines.response_cache import ResponseCache
+from tests.proxies import Proxy
 
 SYSTEM = "You are the support desk. Answer briefly."
 CONVS = [
@@ -35,66 +33,6 @@ CONVS = [
 SAMPLED = GenerationSettings(max_new_tokens=8, temperature=1.0, top_k=20, seed=11, batch_size=1)
 GREEDY = GenerationSettings(max_new_tokens=8, temperature=0, batch_size=4)
 FAST_RETRY = RetryPolicy(max_attempts=3, base_delay=0.05, max_delay=0.2, max_total_wait=2.0)
-
-
-class Proxy:
-    """Forwards /v1/chat/completions to the engine and records each request
-    body and what came of it (status, the answer's usage); answers the next
-    requests from `fail_next` ((status, headers)) without forwarding."""
-
-    def __init__(self, upstream: str) -> None:
-        self.upstream = upstream
-        self.log: list[tuple[dict, int, dict | None]] = []
-        self.fail_next: list[tuple[int, dict[str, str]]] = []
-        self.lock = threading.Lock()
-        proxy = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: object) -> None:
-                pass
-
-            def do_POST(self) -> None:
-                raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                body = json.loads(raw)
-                with proxy.lock:
-                    failure = proxy.fail_next.pop(0) if proxy.fail_next else None
-                if failure is not None:
-                    status, extra = failure
-                    with proxy.lock:
-                        proxy.log.append((body, status, None))
-                    self._send(
-                        status, json.dumps({"error": {"message": f"proxy says {status}"}}).encode(), extra
-                    )
-                    return
-                reply = httpx.post(proxy.upstream + self.path, content=raw, timeout=120)
-                usage = reply.json().get("usage") if reply.status_code == 200 else None
-                with proxy.lock:
-                    proxy.log.append((body, reply.status_code, usage))
-                self._send(reply.status_code, reply.content, {})
-
-            def _send(self, status: int, content: bytes, extra: dict[str, str]) -> None:
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(content)))
-                for k, v in extra.items():
-                    self.send_header(k, v)
-                self.end_headers()
-                self.wfile.write(content)
-
-        class Server(ThreadingHTTPServer):
-            daemon_threads = True
-
-        self.http = Server(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.http.server_address[1]}"
-        threading.Thread(target=self.http.serve_forever, daemon=True).start()
-
-    def bodies(self) -> list[dict]:
-        with self.lock:
-            return [body for body, _, _ in self.log]
-
-    def close(self) -> None:
-        self.http.shutdown()
-        self.http.server_close()
 
 
 @pytest.fixture(scope="module")
@@ -141,10 +79,10 @@ def test_best_of_n_is_one_request_per_conversation_and_counts_n_answers(server, 
     assert all(len({c.text for c in g}) > 1 for g in groups)  # four seeds, not four copies
     assert stats.requests == 3 and stats.retries == 0 and stats.answers == 12
     # The prompt is billed once per request and shared out: the sums are what the engine reported.
-    usages = [u for _, _, u in proxy.log]
+    usages = [s.usage for s in proxy.log]
     assert stats.prompt_tokens == sum(u["prompt_tokens"] for u in usages)
     assert stats.completion_tokens == sum(u["completion_tokens"] for u in usages)
-    by_query = {b["messages"][1]["content"]: u for b, _, u in proxy.log}
+    by_query = {s.body["messages"][1]["content"]: s.usage for s in proxy.log}
     for conv, g in zip(CONVS, groups, strict=True):
         u = by_query[conv[0]["content"]]
         assert sum(c.prompt_tokens for c in g) == u["prompt_tokens"]
@@ -224,8 +162,9 @@ def test_a_429_retries_the_whole_n_request_and_the_answers_do_not_change(server,
     stats = TransportStats()
     proxy.fail_next = [(429, {"Retry-After": "0"})]
     (group,) = RemoteGenerator(proxy.url, "tiny", stats=stats).generate_samples(CONVS[:1], SYSTEM, SAMPLED, 4)
-    (first, status1, _), (again, status2, _) = proxy.log
-    assert (status1, status2) == (429, 200) and first == again and first["n"] == 4
+    first, again = proxy.log
+    assert (first.outcome, again.outcome) == (429, 200) and first.body == again.body
+    assert first.body["n"] == 4
     assert stats.requests == 2 and stats.retries == 1 and stats.answers == 4
     assert [c.text for c in group] == [c.text for c in per_sample(server.url, CONVS[0], SAMPLED, 4)]
 

@@ -4,7 +4,6 @@ test), behind a small proxy in the test that counts every request body and
 answers 429 or 503 on demand: retries, the response cache, token and cost
 accounting, the missing key variable, and the endpoint pages."""
 
-import hashlib
 import io
 import json
 import os
@@ -12,13 +11,9 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 from collections import Counter
-from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import httpx
 import pytest
 from django.core.exceptions import ValidationError
 from django.urls import reverse
@@ -36,6 +31,7 @@ from engines.remote import (
 from engines.response_cache import ResponseCache
 from jobs import actions, lifecycle
 from jobs.models import Job, TeacherEndpoint, normalize_base_url
+from tests.proxies import Proxy
 from workbench.actions import ActionError
 from workbench.actions.datasets import import_dataset
 from workbench.actions.prompts import save_prompt
@@ -98,87 +94,6 @@ class Engine:
             self.proc.wait(30)
 
 
-class Proxy:
-    """Forwards /v1/chat/completions to the engine and records, in order,
-    each request body's hash and what came of it; answers the next requests
-    from `fail_next` ((status, headers)) without forwarding; after the
-    `kill_after`-th answer it calls `on_kill` (the answer still goes back).
-    When the engine cannot be reached it drops the connection, as a dead server does."""
-
-    def __init__(self) -> None:
-        self.upstream = ""
-        self.log: list[tuple[str, int | str]] = []
-        self.headers: list[str | None] = []
-        self.fail_next: list[tuple[int, dict[str, str]]] = []
-        self.kill_after: int | None = None
-        self.on_kill: Callable[[], None] | None = None
-        self.lock = threading.Lock()
-        proxy = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: object) -> None:
-                pass
-
-            def do_POST(self) -> None:
-                raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                digest = hashlib.sha256(raw).hexdigest()
-                with proxy.lock:
-                    proxy.headers.append(self.headers.get("Authorization"))
-                    failure = proxy.fail_next.pop(0) if proxy.fail_next else None
-                if failure is not None:
-                    status, extra = failure
-                    with proxy.lock:
-                        proxy.log.append((digest, status))
-                    self._send(
-                        status, json.dumps({"error": {"message": f"proxy says {status}"}}).encode(), extra
-                    )
-                    return
-                try:
-                    reply = httpx.post(
-                        proxy.upstream + self.path,
-                        content=raw,
-                        timeout=120,
-                        headers={"Content-Type": "application/json"},
-                    )
-                except httpx.HTTPError:
-                    with proxy.lock:
-                        proxy.log.append((digest, "dropped"))
-                    self.close_connection = True
-                    self.connection.shutdown(socket.SHUT_RDWR)
-                    return
-                with proxy.lock:
-                    proxy.log.append((digest, reply.status_code))
-                    answered = sum(1 for _, s in proxy.log if s == 200)
-                    kill = reply.status_code == 200 and answered == proxy.kill_after
-                if kill and proxy.on_kill is not None:
-                    proxy.on_kill()
-                self._send(reply.status_code, reply.content, {})
-
-            def _send(self, status: int, body: bytes, extra: dict[str, str]) -> None:
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                for k, v in extra.items():
-                    self.send_header(k, v)
-                self.end_headers()
-                self.wfile.write(body)
-
-        class Server(ThreadingHTTPServer):
-            daemon_threads = True
-
-        self.http = Server(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.http.server_address[1]}"
-        threading.Thread(target=self.http.serve_forever, daemon=True).start()
-
-    def sent(self) -> int:
-        with self.lock:
-            return len(self.log)
-
-    def close(self) -> None:
-        self.http.shutdown()
-        self.http.server_close()
-
-
 @pytest.fixture(scope="module")
 def engine(lively_dir):
     running = Engine(lively_dir).start()
@@ -189,8 +104,7 @@ def engine(lively_dir):
 @pytest.fixture
 def proxy(engine, monkeypatch):
     monkeypatch.setattr(engines.remote, "DEFAULT_RETRY", FAST_RETRY)
-    p = Proxy()
-    p.upstream = engine.url
+    p = Proxy(engine.url)
     yield p
     p.close()
 
@@ -268,7 +182,7 @@ def test_repeated_sampled_requests_get_new_answers_and_a_new_generator_finds_the
     round2 = first.generate_samples(convs, "Be brief.", settings, 2)
     # One request per conversation and round, asking for both samples with n=2.
     assert proxy.sent() == 4 and first.stats.hits == 0
-    bodies = Counter(d for d, _ in proxy.log)
+    bodies = Counter(s.digest for s in proxy.log)
     assert len(bodies) == 4  # distinct seeds: no two requests alike
     assert all(len({c.text for c in row}) == 2 for row in round1 + round2)
     rerun = teacher()
@@ -368,10 +282,12 @@ def test_a_killed_server_fails_the_job_and_the_retry_resumes_without_asking_twic
     assert retry.output_dataset.row_count == len(QUERIES)
     # No body was sent again once its answer had arrived.
     answered_at = {}
-    for i, (digest, outcome) in enumerate(proxy.log):
-        assert digest not in answered_at, f"request {i} repeats one answered at {answered_at.get(digest)}"
-        if outcome == 200:
-            answered_at[digest] = i
+    for i, sent in enumerate(proxy.log):
+        assert sent.digest not in answered_at, (
+            f"request {i} repeats one answered at {answered_at.get(sent.digest)}"
+        )
+        if sent.outcome == 200:
+            answered_at[sent.digest] = i
     assert len(answered_at) == len(QUERIES)
 
 
