@@ -293,20 +293,22 @@ def test_among_samples_passing_alike_the_pick_is_the_one_inventing_no_figure() -
     assert made.record["picked"] == 0 and made.record["invented_figures"] == ["30 euros"]
 
 
+def sample(teacher, queries, rules, **kw) -> curation.Sampled:
+    """sample_until_pass with no system prompt, default settings and no repairs."""
+    return curation.sample_until_pass(teacher, queries, None, GenerationSettings(), rules, repairs=(), **kw)
+
+
 def test_a_probe_that_never_meets_a_phrase_opens_round_one_with_it_for_the_rest() -> None:
     """Round one asks the probe first; the phrase it never met opens the other
     queries' answers from round one on, and the probe's failures join round two."""
     teacher = OpeningTeacher()
     queries = [conv(f"Question {i}?") for i in range(6)]
-    out = curation.sample_until_pass(
+    out = sample(
         teacher,
         queries,
-        None,
-        GenerationSettings(),
         RULES[:2],
         best_of=2,
         rounds=3,
-        repairs=(),
         opening="Ahoy!",
         probe=2,
     )
@@ -316,15 +318,12 @@ def test_a_probe_that_never_meets_a_phrase_opens_round_one_with_it_for_the_rest(
         [[(0, False)] * 2 + [(1, True)] * 2] * 2 + [[(0, True)] * 2] * 4
     )
     # Without the probe every query pays round one for nothing: 24 samples instead of 16.
-    plain = curation.sample_until_pass(
+    plain = sample(
         OpeningTeacher(),
         queries,
-        None,
-        GenerationSettings(),
         RULES[:2],
         best_of=2,
         rounds=3,
-        repairs=(),
         opening="Ahoy!",
     )
     assert sum(map(len, plain.samples)) == 24 and sum(map(len, out.samples)) == 16
@@ -336,30 +335,24 @@ def test_a_probe_that_meets_the_phrase_leaves_round_one_alone_and_an_earlier_chu
 ):
     teacher = ScriptedTeacher()  # names the company when reminded; the probe's reminded queries don't count
     rules = [RULES[0]]  # the greeting only: nothing a probe could learn about
-    out = curation.sample_until_pass(
+    out = sample(
         teacher,
         [conv("a?"), conv("b?"), conv("c?")],
-        None,
-        GenerationSettings(),
         rules,
         best_of=1,
         rounds=2,
-        repairs=(),
         probe=1,
     )
     assert out.early == curation.Early((), False, (), 1) and not out.early
     assert len(teacher.asked) == 3  # every query once: each passed round one
     known = curation.Early(("company",), False, (("company", 0.0),), 16)
     second = OpeningTeacher()
-    again = curation.sample_until_pass(
+    again = sample(
         second,
         [conv("a?"), conv("b?")],
-        None,
-        GenerationSettings(),
         RULES[:2],
         best_of=1,
         rounds=3,
-        repairs=(),
         opening="Ahoy!",
         probe=1,
         early=known,
@@ -372,15 +365,12 @@ def test_a_probe_that_misses_the_facts_opens_round_one_with_each_querys_fact_sen
     fare = {"fact:fare": "A single costs 12 euros."}
     checker = lambda text: {"fact:fare": "12 euros" in text}  # noqa: E731
     queries = [conv("Fare?"), conv("Price?"), conv("Wifi?"), conv("Cost?")]
-    out = curation.sample_until_pass(
+    out = sample(
         teacher,
         queries,
-        None,
-        GenerationSettings(),
         RULES[:1],
         best_of=1,
         rounds=3,
-        repairs=(),
         opening="Ahoy!",
         checkers=[checker, checker, None, checker],
         sources=[fare, fare, {}, fare],
