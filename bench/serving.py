@@ -402,18 +402,29 @@ def part4(
                 latencies.append(answer.seconds)
                 tokens += answer.completion_tokens
 
-    count = Counter(engine)
-    _, seconds = concurrently([lambda c=c: client_job(c) for c in range(CLIENTS)])
-    calls, rows = count.since()
     total = CLIENTS * per_client
-    say(
-        f"{total} requests in {seconds:.1f} s: {total / seconds:.2f} req/s, {tokens / seconds:.1f} tok/s, "
-        f"errors {len(errors)}, latency p50 {percentile(latencies, 0.5):.2f} s p95 {percentile(latencies, 0.95):.2f} s "
-        f"max {max(latencies, default=float('nan')):.2f} s, {calls} generate calls ({rows / max(1, calls):.1f} "
-        f"rows each) | load {load_avg()}"
-    )
-    for e in sorted(set(errors))[:5]:
-        say(f"  error: {e}")
+    rates: dict[bool, float] = {}
+    # The same run twice: the batcher taking what queued during a call at once (before), then
+    # waiting a window for the clients the call just answered (engine.rejoin, the default).
+    for rejoin in (False, True):
+        engine.rejoin = rejoin
+        errors.clear()
+        latencies.clear()
+        tokens = 0
+        count = Counter(engine)
+        _, seconds = concurrently([lambda c=c: client_job(c) for c in range(CLIENTS)])
+        calls, rows = count.since()
+        rates[rejoin] = total / seconds
+        say(
+            f"{'rejoin window' if rejoin else 'no rejoin    '}: {total} requests in {seconds:.1f} s: "
+            f"{total / seconds:.2f} req/s, {tokens / seconds:.1f} tok/s, errors {len(errors)}, latency p50 "
+            f"{percentile(latencies, 0.5):.2f} s p95 {percentile(latencies, 0.95):.2f} s max "
+            f"{max(latencies, default=float('nan')):.2f} s, {calls} generate calls ({rows / max(1, calls):.1f} "
+            f"rows each) | load {load_avg()}"
+        )
+        for e in sorted(set(errors))[:5]:
+            say(f"  error: {e}")
+    say(f"req/s with the rejoin window / without: {rates[True] / rates[False]:.2f}x")
     summary.check(f"4. load run errors ({total} requests)", len(errors), TARGETS["errors"], False, "{:.0f}")
     summary.add(
         "4. load run req/s, p50 / p95 latency",

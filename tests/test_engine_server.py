@@ -528,3 +528,36 @@ def test_no_project_may_fill_the_queue(lively_dir, one_torch_thread):
             assert caught.value.status == 429 and caught.value.code == "project_queue_full"
             tickets += [engine.submit(request("B")), engine.submit(request(None))]
         assert all(t.result(timeout=60).choices for t in tickets)
+
+
+def test_clients_one_call_answered_come_back_to_the_same_next_call(lively_dir, one_torch_thread):
+    """Four clients in a loop, two with short streamed answers and two with
+    long ones: the short ones return while the call still runs. Waiting for the others after
+    the call keeps whole batches; taking what queued at once split them into
+    halves in turn (the load run's 8.4 rows a call at max batch 16)."""
+    with EngineServer(
+        {"tiny": lively_dir}, dtype="float32", threads=1, max_batch=4, batch_window_ms=200
+    ) as running:
+        client = openai.OpenAI(base_url=running.url + "/v1", api_key="unused", max_retries=0)
+        engine = running.engine
+
+        def rows_per_call(rejoin: bool) -> float:
+            engine.rejoin = rejoin
+            calls, rows = engine.generate_calls, engine.rows_generated
+            start = threading.Barrier(4)
+
+            def loop(c: int) -> None:
+                start.wait()
+                for _ in range(6):
+                    if c % 2:  # streamed: its answer is out the moment its row ends
+                        list(ask(client, max_tokens=2, stream=True))
+                    else:
+                        ask(client, max_tokens=96, extra_body={"ignore_eos": True})
+
+            with ThreadPoolExecutor(4) as pool:
+                list(pool.map(loop, range(4)))
+            return (engine.rows_generated - rows) / (engine.generate_calls - calls)
+
+        apart, together = rows_per_call(False), rows_per_call(True)
+    print(f"\nrows per call: {apart:.2f} taking what queued, {together:.2f} waiting for the callers")
+    assert together >= 3.0 and together > apart

@@ -10,11 +10,11 @@ OpenAI-compatible subset that vLLM's server speaks, parsed by engines.protocol).
   of each request; None is a project of its own), so a flood of one project
   cannot starve another's small request; no project may hold more than
   `max_queue_per_project` waiting rows. One background thread (the batcher) runs every
-  `generate`: the requests that arrive within `batch_window_ms` of each
-  other while the engine is idle (up to WINDOW_CAP windows after the first),
-  plus everything that queued while a generate ran, share a call
-  when they use the same base and the same sampling settings (up to
-  `max_batch` rows). On a 2-core CPU one generate at batch 16 gives 6-11x the
+  `generate`: everything that queued while a generate ran, plus the
+  requests that arrive within `batch_window_ms` of each other before the
+  next call starts (up to WINDOW_CAP windows; clients the last call just
+  answered come back within it), share a call when they use the same base
+  (up to `max_batch` rows; each row keeps its own sampling settings). On a 2-core CPU one generate at batch 16 gives 6-11x the
   tokens/s of 16 requests one by one, so batching is where the speed is.
 - requests and tickets: a parsed request, and what its HTTP thread waits on.
   Prompts are rendered with `engines.inference.encode` and the generation

@@ -53,6 +53,8 @@ class ServingEngine:
     ) -> None:
         self.max_batch = max_batch
         self.batch_window = batch_window_ms / 1000
+        # After a call too, wait (a window, extended per arrival) for the clients it just answered.
+        self.rejoin = True
         self.max_queue = max_queue
         # Half the queue by default: one project's flood leaves room for everyone else's requests.
         self.max_queue_per_project = max_queue_per_project or max(max_queue // 2, max_batch)
@@ -207,25 +209,14 @@ class ServingEngine:
 
     def _next_group(self) -> list[Ticket] | None:
         with self._cond:
-            if not self._queue:
+            idle = not self._queue
+            if idle:
                 while not self._queue and not self._stopping:
                     self._cond.wait()
                 if not self._queue:
                     return None
-                # The engine was idle: give concurrent clients a moment to join this call.
-                # Each arrival extends the window (clients that start together reach
-                # the queue a few ms apart), up to WINDOW_CAP windows in all.
-                now = time.monotonic()
-                cap, deadline = now + WINDOW_CAP * self.batch_window, now + self.batch_window
-                rows = sum(t.rows for t in self._queue)
-                while rows < self.max_batch:
-                    left = min(deadline, cap) - time.monotonic()
-                    if left <= 0:
-                        break
-                    self._cond.wait(left)
-                    grown = sum(t.rows for t in self._queue)
-                    if grown > rows:
-                        rows, deadline = grown, time.monotonic() + self.batch_window
+            if idle or self.rejoin:
+                self._gather()
             self._queue = [t for t in self._queue if not t.cancelled]
             if not self._queue:
                 return []
@@ -233,6 +224,25 @@ class ServingEngine:
             taken = set(map(id, group))
             self._queue = [t for t in self._queue if id(t) not in taken]
             return group
+
+    def _gather(self) -> None:
+        """Give clients a moment to join the next call: those that start together
+        reach the queue a few ms apart, and so do those whose answers the last
+        call just handed out. Each arrival extends the window, up to WINDOW_CAP
+        windows in all. Without it after a call, the clients whose rows ended
+        early (queued while the call ran) went alone, the rest made the next
+        call: two half batches in turn. Holds `_cond`."""
+        now = time.monotonic()
+        cap, deadline = now + WINDOW_CAP * self.batch_window, now + self.batch_window
+        rows = sum(t.rows for t in self._queue)
+        while rows < self.max_batch:
+            left = min(deadline, cap) - time.monotonic()
+            if left <= 0:
+                break
+            self._cond.wait(left)
+            grown = sum(t.rows for t in self._queue)
+            if grown > rows:
+                rows, deadline = grown, time.monotonic() + self.batch_window
 
     def _fair_group(self) -> list[Ticket]:
         """The next batch, round-robin by project: it is led by the oldest request
