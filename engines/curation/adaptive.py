@@ -150,11 +150,18 @@ def verdict(
 ) -> dict[str, bool]:
     """Each check of a sample as it will be kept (after repairs): rules by
     name, then the extra checks."""
+    return repaired_verdict(text, rules, repairs, extra)[1]
+
+
+def repaired_verdict(
+    text: str, rules: Sequence[Rule], repairs: Sequence[str], extra: Checker | None = None
+) -> tuple[str, dict[str, bool]]:
+    """The sample as it will be kept (after repairs), and its `verdict`."""
     fixed = repair(text, rules, enabled=repairs).text if rules else text
     checks = check_all(rules, fixed)
     if extra is not None:
         checks.update(extra(fixed))
-    return checks
+    return fixed, checks
 
 
 def sample_until_pass(

@@ -6,7 +6,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from engines.curation.adaptive import Checker, verdict
+from engines.curation.adaptive import Checker, repaired_verdict
 from engines.curation.repairs import REPAIRS, repair
 from engines.curation.select import pass_rates, pick_best
 from engines.inference import BOUNDS
@@ -122,14 +122,11 @@ def curate(
     if not samples:
         raise ValueError("no samples to curate")
     rounds = list(rounds) if rounds is not None else [0] * len(samples)
-    verdicts = [verdict(s, rules, settings.repairs, extra) for s in samples]
+    judged = [repaired_verdict(s, rules, settings.repairs, extra) for s in samples]
+    verdicts = [checks for _, checks in judged]
     rule_names = {r.name for r in rules}
     _, raw_passed = pick_best(samples, rules)
-
-    made_up = [
-        len(invented(repair(s, rules, enabled=settings.repairs).text)) if invented is not None else 0
-        for s in samples
-    ]
+    made_up = [len(invented(fixed)) if invented is not None else 0 for fixed, _ in judged]
 
     def key(i: int) -> tuple[int, int, int, int, int, int]:
         v = verdicts[i]
