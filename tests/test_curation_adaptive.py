@@ -254,10 +254,20 @@ def test_the_retriever_finds_the_passage_that_answers_and_skips_the_rules_prose(
 
 @pytest.mark.parametrize(
     "bad",
-    [{"rounds": 0}, {"rounds": 9}, {"passages": -1}, {"reminders": "yes"}, {"best_of": 17}],
+    [
+        {"rounds": 0},
+        {"rounds": 9},
+        {"passages": -1},
+        {"reminders": "yes"},
+        {"best_of": 17},
+        {"probe": -1},
+        {"probe": 257},
+        {"probe": 2.5},
+        {"probe": True},
+    ],
 )
 def test_curation_settings_refuse_out_of_range_values(bad: dict) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=next(iter(bad))):
         curation.CurationSettings.from_dict(bad)
 
 
