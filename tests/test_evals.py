@@ -407,7 +407,8 @@ def test_an_absorb_starts_its_four_arm_comparison_when_it_finishes(world, tiny_m
     ):
         wait_for(lambda: ArmComparison.objects.filter(absorb_job=finetune).exists(), 240, "the comparison")
         comparison = ArmComparison.objects.get(absorb_job=finetune)
-        wait_for(lambda: Job.objects.get(pk=comparison.job_id).is_terminal, 300, "the four arms")
+        # About 40 s on a quiet box; a CI box shared with benchmarks took over 300.
+        wait_for(lambda: Job.objects.get(pk=comparison.job_id).is_terminal, 900, "the four arms")
     comparison.refresh_from_db()
     assert comparison.job.status == Job.SUCCEEDED, comparison.job.log
     assert comparison.variant == Job.objects.get(pk=finetune.pk).variant
