@@ -98,13 +98,20 @@ class Early:
             "probed": self.probed,
         }
 
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Early:
+        return cls(
+            tuple(data["phrases"]), bool(data["facts"]), tuple(data["rates"].items()), int(data["probed"])
+        )
+
+    def prefilled(self, phrase: str = "{!r}") -> list[str]:
+        """What round one prefills, in words (`phrase` formats a rule's name)."""
+        return [*(phrase.format(n) for n in self.phrases), *(["fact sentences"] if self.facts else [])]
+
     def describe(self) -> str:
-        """One line for a job's log and the data report."""
+        """One line for a job's log."""
         rates = ", ".join(f"{name} {rate:.2f}" for name, rate in self.rates)
-        what = [
-            *(f"required phrase {n!r}" for n in self.phrases),
-            *(["fact sentences"] if self.facts else []),
-        ]
+        what = self.prefilled("required phrase {!r}")
         then = f"round one opens the other answers with {' and '.join(what)}" if what else "nothing prefilled"
         return f"probe of {self.probed} queries met unaided: {rates or 'nothing to learn'}; {then}"
 

@@ -6,7 +6,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from engines.curation.adaptive import Checker, repaired_verdict
+from engines.curation.adaptive import Checker, Early, repaired_verdict
 from engines.curation.repairs import REPAIRS, repair
 from engines.curation.select import pass_rates, pick_best
 from engines.inference import BOUNDS
@@ -192,9 +192,11 @@ def quality_report(
 
     first, later = [c for c in costs if c["round"] == 0], [c for c in costs if c["round"] > 0]
     first_step = "raw (first sample" + (", prefilled" if opening else "")
-    if early and (early["phrases"] or early["facts"]):
-        what = [*(repr(n) for n in early["phrases"]), *(["fact sentences"] if early["facts"] else [])]
-        first_step += f"; after a probe of {early['probed']} queries, {' and '.join(what)} prefilled"
+    probe = Early.from_json(early) if early else None
+    if probe:
+        first_step += (
+            f"; after a probe of {probe.probed} queries, {' and '.join(probe.prefilled())} prefilled"
+        )
     steps = [{"step": first_step + ")", **rates([c.raw for c in curated])}]
     if settings.best_of > 1:
         steps.append({"step": f"best of {settings.best_of}", **rates([c.first_pick for c in curated], first)})

@@ -293,15 +293,14 @@ class TeacherRunner(JobRunner):
         """Each round's queries, samples and seconds, summed over the chunks,
         and what round one's probe learned (kept beside the answers, so a
         resumed job reports the whole cost and skips the probe)."""
-        totals = {c["round"]: c for c in TeacherRunner._costs(path)}
+        stored = TeacherRunner._read_costs(path)
+        totals = {c["round"]: c for c in stored["rounds"]}
         for r in rounds:
             t = totals.setdefault(r.round, {"round": r.round, "queries": 0, "samples": 0, "seconds": 0.0})
             t["queries"] += r.queries
             t["samples"] += r.samples
             t["seconds"] = round(t["seconds"] + r.seconds, 2)
-        kept = TeacherRunner._stored_early(path)
-        if early is not None:
-            kept = early.to_json()
+        kept = early.to_json() if early is not None else stored["early"]
         tmp = path.with_suffix(".tmp")
         tmp.write_text(
             json.dumps({"rounds": sorted(totals.values(), key=lambda c: c["round"]), "early": kept})
@@ -327,14 +326,7 @@ class TeacherRunner(JobRunner):
     @staticmethod
     def _early(path: Any) -> curation.Early | None:
         stored = TeacherRunner._stored_early(path)
-        if stored is None:
-            return None
-        return curation.Early(
-            tuple(stored["phrases"]),
-            bool(stored["facts"]),
-            tuple(stored["rates"].items()),
-            int(stored["probed"]),
-        )
+        return curation.Early.from_json(stored) if stored is not None else None
 
     def _curation(self, rules: list[Rule]) -> curation.CurationSettings | None:
         """The job's curation settings; None (plain teacher answers) when
