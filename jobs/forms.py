@@ -46,6 +46,9 @@ TRAIN_HELP: dict[str, str] = {
     "kl_temperature": "Softmax temperature of the KL term.",
     "general_mix": "Against forgetting: general instructions answered by the base itself, as a share of the "
     "training rows (0.1 = one per ten rows; 0 = off). The base answers them before training (~6 s each on CPU).",
+    "fact_repeat": "Copies of each row whose answer states the facts its question asks (by the prompt's facts "
+    "checks) in training: a small student rarely recalls a fact it saw once. 1 = once (1-8); each copy costs "
+    "training time.",
     "refine_samples": "Rejection sampling after training: the student (no prompt) samples this many answers per "
     "train query; one passing every rule, stating the facts asked and saying at least half as much replaces the "
     "row's answer, and the adapter trains a little more on that set. 0 = off (0-8); costs sampling plus refine_epochs of training.",

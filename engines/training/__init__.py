@@ -6,7 +6,8 @@ transformers, peft and trl load when a run starts), so the web process can
 validate a `TrainConfig` without loading torch.
 
 Layout, as TRL's: `config` (TrainConfig, its errors, the peft/TRL configs),
-`data` (validation, the general-instruction mix against forgetting,
+`data` (validation, the general-instruction mix against forgetting, the
+repeated fact rows,
 tokenization and the KL loss terms that read its masks),
 `checkpoints` (resume, fingerprint, atomic adapter save), `device`,
 `trainer` (AbsorbTrainer, DistillCollator, ProgressCallback; imported
@@ -51,6 +52,7 @@ from engines.training.data import (
     general_examples,
     general_instructions,
     general_mix_queries,
+    repeat_fact_rows,
     split_ids,
     tokenize_examples,
     tokenizers_match,
@@ -100,6 +102,7 @@ __all__ = [
     "last_checkpoint",
     "lora_config",
     "refine_examples",
+    "repeat_fact_rows",
     "resolve_bf16",
     "resolve_device",
     "sft_config",

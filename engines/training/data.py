@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from engines import facts
 from engines.chat import prompt_completion
 from engines.training.config import ExampleError
 
@@ -89,6 +90,33 @@ def general_examples(answers: Sequence[tuple[str, str, str]]) -> tuple[list[dict
                 }
             )
     return examples, len(answers) - len(examples)
+
+
+def stated_facts(example: Example, checks: Sequence[facts.FactCheck]) -> list[str]:
+    """The names of the facts `example`'s last user turn asks for that its
+    answer states; [] when it asks none or misses one (a wrong row is not
+    worth more copies)."""
+    query = next((m["content"] for m in reversed(example["messages"]) if m["role"] == "user"), "")
+    asked = facts.applicable(checks, query)
+    if not asked or not all(facts.states(f, example["answer"]) for f in asked):
+        return []
+    return [f.name for f in asked]
+
+
+def repeat_fact_rows(
+    examples: Sequence[Example], checks: Sequence[facts.FactCheck], repeat: int
+) -> tuple[list[Example], list[str]]:
+    """`examples` with each row that states the facts its query asks
+    (`stated_facts`) there `repeat` times in all, the copies next to their
+    row (the trainer shuffles). Returns (examples, the facts those rows
+    state, once each)."""
+    out: list[Example] = []
+    covered: dict[str, None] = {}
+    for example in examples:
+        names = stated_facts(example, checks) if repeat > 1 and checks else []
+        covered.update(dict.fromkeys(names))
+        out.extend([example] * (repeat if names else 1))
+    return out, list(covered)
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:

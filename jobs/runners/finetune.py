@@ -35,6 +35,7 @@ from engines.training import (
     general_examples,
     general_mix_queries,
     refine_examples,
+    repeat_fact_rows,
     train,
 )
 from jobs.backend import generator
@@ -127,6 +128,11 @@ class FinetuneRunner(JobRunner):
             self.log(f"warning: {warn}")
         task = list(examples)
         general = self._general_mix(config, len(examples), guard_rails)
+        fact_rows = 0
+        if config.fact_repeat > 1:
+            examples, fact_rows = self._repeat_fact_rows(
+                examples, _fact_checks(prompt_version), config.fact_repeat
+            )
         examples += general
         self.log(
             f"fine-tune: {len(examples)} examples from {version} ({len(general)} of them general), "
@@ -149,7 +155,12 @@ class FinetuneRunner(JobRunner):
             result = self._train(examples, job.data_dir, config, teacher_dir)
             assert result.adapter_dir is not None
             adapter_dir, seconds = result.adapter_dir, result.duration_seconds
-        metrics = {**result.to_dict(), "rows_left_out_failing": left_out, "general_rows": len(general)}
+        metrics = {
+            **result.to_dict(),
+            "rows_left_out_failing": left_out,
+            "general_rows": len(general),
+            "fact_rows_repeated": fact_rows,
+        }
         if refined is not None:
             metrics.update(adapter_dir=str(adapter_dir), refine=refined)
         with transaction.atomic():
@@ -176,6 +187,22 @@ class FinetuneRunner(JobRunner):
             f"{result.tokens_per_second:.0f} tok/s; variant {variant.name}"
             + (" (refined)" if refined is not None and refined.get("train") else "")
         )
+
+    def _repeat_fact_rows(
+        self, examples: list[dict[str, Any]], checks: list[facts.FactCheck], repeat: int
+    ) -> tuple[list[dict[str, Any]], int]:
+        """The examples with each row stating the facts its query asks there
+        `repeat` times, and how many such rows there are."""
+        if not checks:
+            self.log(f"fact_repeat {repeat}: the prompt version has no facts checks, so no row is repeated")
+            return examples, 0
+        repeated, covered = repeat_fact_rows(examples, checks, repeat)
+        rows = (len(repeated) - len(examples)) // (repeat - 1)
+        self.log(
+            f"fact_repeat {repeat}: {rows} of {len(examples)} rows state the facts their query asks "
+            f"({len(covered)} of the prompt's {len(checks)} facts checks); each is trained {repeat} times"
+        )
+        return [dict(e) for e in repeated], rows
 
     def _train(
         self,
@@ -242,10 +269,7 @@ class FinetuneRunner(JobRunner):
         version, prompt_version = job.dataset_version, job.prompt_version
         assert version is not None and prompt_version is not None and first.adapter_dir is not None
         rules = validate_rules(prompt_version.rules or [])
-        try:
-            fact_list = facts.validate_facts(prompt_version.facts or [])
-        except facts.FactsError as exc:
-            raise JobError(f"the prompt version's facts checks are invalid: {exc}") from exc
+        fact_list = _fact_checks(prompt_version)
         repairs = _repairs(version)
         gen = _refine_generation(version, guard_rails, config.seed)
         n = config.refine_samples
@@ -408,6 +432,13 @@ class FinetuneRunner(JobRunner):
             f"general mix: {len(mixed)} general rows join {task_rows} training rows ({'; '.join(notes)}){example}"
         )
         return mixed
+
+
+def _fact_checks(prompt_version: Any) -> list[facts.FactCheck]:
+    try:
+        return facts.validate_facts(prompt_version.facts or [])
+    except facts.FactsError as exc:
+        raise JobError(f"the prompt version's facts checks are invalid: {exc}") from exc
 
 
 def _cached_answers(path: Path) -> dict[str, tuple[str, str]]:
