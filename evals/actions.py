@@ -17,7 +17,7 @@ from engines.inference import GenerationSettings
 from engines.rules import RulesError, rules_to_json, validate_rules
 from evals.models import ArmComparison, EvalExample, EvalRun, EvalSuite, Rating
 from jobs.actions import check_form_token, check_prompt_fits, create_job
-from jobs.models import Job
+from jobs.models import Job, TeacherEndpoint
 from jobs.tasks import enqueue
 from workbench.actions import ActionError
 from workbench.models import DatasetRow, DatasetVersion, FoundationModel, Project, PromptVersion, Variant
@@ -66,6 +66,7 @@ def create_suite(
     main_metric: str = "",
     judge: Variant | None = None,
     judge_base: FoundationModel | None = None,
+    judge_endpoint: TeacherEndpoint | None = None,
     judge_rubric: str = "",
     lm_eval_tasks: Sequence[str] = (),
     rules: Any = None,
@@ -76,7 +77,7 @@ def create_suite(
     name = name.strip()
     if not name:
         raise ActionError("An eval suite needs a name.")
-    _same_project(project, dataset_version, prompt_version, judge)
+    _same_project(project, dataset_version, prompt_version, judge, judge_endpoint)
     if EvalSuite.objects.filter(project=project, name=name).exists():
         raise ActionError(f"There is already a suite named “{name}” in this project.")
     rows = list(
@@ -96,7 +97,9 @@ def create_suite(
         )
     except FactsError as exc:
         raise ActionError("Invalid facts:\n" + "\n".join(exc.errors)) from exc
-    if (judge or judge_base) and not judge_rubric.strip():
+    if sum(j is not None for j in (judge, judge_base, judge_endpoint)) > 1:
+        raise ActionError("Pick one judge: a variant, a base model or an endpoint.")
+    if (judge or judge_base or judge_endpoint) and not judge_rubric.strip():
         raise ActionError("A judge needs a rubric: say what a good answer is.")
     unknown = [t for t in lm_eval_tasks if not t.strip()]
     if unknown:
@@ -113,6 +116,7 @@ def create_suite(
         main_metric=metric,
         judge=judge,
         judge_base=judge_base,
+        judge_endpoint=judge_endpoint,
         judge_rubric=judge_rubric,
         lm_eval_tasks=list(lm_eval_tasks),
         created_by=user,

@@ -5,6 +5,7 @@ from typing import Any
 from django import forms
 
 from evals.models import METRICS, EvalSuite
+from jobs.models import TeacherEndpoint
 from workbench.forms import form_token_field, model_choice
 from workbench.models import DatasetVersion, FoundationModel, Project, PromptVersion, Variant
 
@@ -35,6 +36,13 @@ class SuiteForm(forms.Form):
     judge_base = forms.ModelChoiceField(
         queryset=FoundationModel.objects.all(), required=False, label="Judge (a base model)"
     )
+    judge_endpoint = forms.ModelChoiceField(
+        queryset=TeacherEndpoint.objects.none(),
+        required=False,
+        label="Judge (an endpoint)",
+        help_text="A larger model behind an OpenAI-compatible endpoint (Jobs → Teacher endpoints): "
+        "a judge as small as the student scores little but noise.",
+    )
     judge_rubric = forms.CharField(
         widget=forms.Textarea(attrs={"rows": 3}),
         required=False,
@@ -57,6 +65,7 @@ class SuiteForm(forms.Form):
             prompt__project=project
         ).select_related("prompt")
         model_choice(self, "judge").queryset = Variant.objects.filter(project=project)
+        model_choice(self, "judge_endpoint").queryset = TeacherEndpoint.objects.filter(project=project)
 
     def clean_lm_eval_tasks(self) -> list[str]:
         return [t.strip() for t in self.cleaned_data["lm_eval_tasks"].split(",") if t.strip()]

@@ -8,7 +8,7 @@ from django.urls import reverse
 from django.utils import timezone
 
 from engines.evaluation import ARM_SPECS
-from jobs.models import Job
+from jobs.models import Job, TeacherEndpoint
 from workbench.models import DatasetVersion, FoundationModel, Project, PromptVersion, Variant
 
 # What a run can be ranked by; rule metrics are "rule:<name>", facts "fact:<name>".
@@ -71,6 +71,17 @@ class EvalSuite(models.Model):
         related_name="+",
         help_text="A base model that judges answers",
     )
+    # A judge larger than the student is what makes its scores mean something: a 135M judge scores
+    # an empty greeting 10 (bench/README). RESTRICT: deleting the endpoint must not drop the judge
+    # unsaid.
+    judge_endpoint = models.ForeignKey(
+        TeacherEndpoint,
+        null=True,
+        blank=True,
+        on_delete=models.RESTRICT,
+        related_name="judged_suites",
+        help_text="An OpenAI-compatible endpoint that judges answers",
+    )
     judge_rubric = models.TextField(blank=True)
     lm_eval_tasks = models.JSONField(
         default=list,
@@ -94,7 +105,20 @@ class EvalSuite(models.Model):
 
     @property
     def has_judge(self) -> bool:
-        return bool((self.judge_id or self.judge_base_id) and self.judge_rubric.strip())
+        return bool(
+            (self.judge_id or self.judge_base_id or self.judge_endpoint_id) and self.judge_rubric.strip()
+        )
+
+    @property
+    def judge_label(self) -> str:
+        """Who judges, in words ("" when nobody does)."""
+        if self.judge_endpoint_id and self.judge_endpoint:
+            return f"endpoint {self.judge_endpoint.name} ({self.judge_endpoint.model})"
+        if self.judge_id and self.judge:
+            return f"variant {self.judge.name}"
+        if self.judge_base_id and self.judge_base:
+            return f"base model {self.judge_base.name}"
+        return ""
 
 
 class EvalExample(models.Model):

@@ -22,7 +22,7 @@ from engines.progress import Progress
 from engines.remote import RemoteGenerationError
 from engines.rules import Rule, check_all, validate_rules
 from evals.models import ArmComparison, EvalExample, EvalResult, EvalRun, EvalSuite
-from jobs.backend import eval_teacher, eval_teacher_usage, generator, remote_generator
+from jobs.backend import endpoint_generator, eval_teacher, eval_teacher_usage, generator, remote_generator
 from jobs.registry import JobCancelled, JobRunner, register
 from workbench.models import DatasetRow
 
@@ -235,9 +235,13 @@ class EvalRunner(JobRunner):
 
     def _judge(self, suite: EvalSuite, runs: list[EvalRun], examples: list[EvalExample]) -> None:
         judge_variant = suite.judge
-        base = judge_variant.base_model if judge_variant else suite.judge_base
-        assert base is not None
-        judge = generator(base, judge_variant)
+        judge: Generator
+        if suite.judge_endpoint is not None:
+            judge = endpoint_generator(suite.judge_endpoint)
+        else:
+            base = judge_variant.base_model if judge_variant else suite.judge_base
+            assert base is not None
+            judge = generator(base, judge_variant)
         # Room for judge_format's reasoning (at most 400 characters) and its score.
         settings = GenerationSettings(max_new_tokens=384, batch_size=8)
         for run in runs:
@@ -255,9 +259,7 @@ class EvalRunner(JobRunner):
                     verdict.reasoning if verdict.score is not None else f"{verdict.error}\n---\n{text}"
                 )
             EvalResult.objects.bulk_update(results, ["judge_score", "judge_reasoning"], batch_size=500)
-        self.log(
-            f"judge: {base.name}{' + ' + judge_variant.name if judge_variant else ''} scored {len(runs)} run(s)"
-        )
+        self.log(f"judge: {suite.judge_label} scored {len(runs)} run(s)")
 
     def _lm_eval(self, suite: EvalSuite, runs: list[EvalRun], task: str) -> None:
         if runs[0].comparison_id is not None:

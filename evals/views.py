@@ -72,6 +72,7 @@ def suite_create(request: AuthedHttpRequest, slug: str) -> HttpResponse:
                 main_metric=d["main_metric"],
                 judge=d["judge"],
                 judge_base=d["judge_base"],
+                judge_endpoint=d["judge_endpoint"],
                 judge_rubric=d["judge_rubric"],
                 lm_eval_tasks=d["lm_eval_tasks"],
             )

@@ -8,6 +8,7 @@ from typing import Any
 
 from django.contrib.auth.models import User
 from django.db import IntegrityError, transaction
+from django.db.models import RestrictedError
 
 from engines.curation import CurationSettings, SynthesisSettings
 from engines.inference import GenerationSettings
@@ -332,7 +333,13 @@ def delete_teacher_endpoint(endpoint: TeacherEndpoint) -> None:
         raise ActionError(
             f"{busy} is {busy.status} with endpoint {endpoint.name}: cancel it or let it finish first."
         )
-    endpoint.delete()
+    try:
+        endpoint.delete()
+    except RestrictedError as exc:
+        names = ", ".join(sorted(f"“{obj}”" for obj in exc.restricted_objects))
+        raise ActionError(
+            f"Eval suite(s) {names} judge with endpoint {endpoint.name}: give them another judge first."
+        ) from exc
 
 
 RETRIED = ("teacher_usage",)  # what the first try recorded of its own run, not of the inputs
