@@ -44,6 +44,12 @@ def main() -> None:
         default=None,
         help='curation settings over the defaults, as JSON: \'{"rounds": 1, "passages": 0}\'',
     )
+    parser.add_argument(
+        "--train",
+        type=json.loads,
+        default=None,
+        help='training settings over the defaults, as JSON: \'{"student_passages": 2, "learning_rate": 1e-3}\'',
+    )
     parser.add_argument("--teacher-only", action="store_true", help="stop after the teacher's data report")
     parser.add_argument("--no-general-skills", action="store_true", help="skip the general-skills task")
     parser.add_argument(
@@ -234,6 +240,7 @@ def resume(args: argparse.Namespace, data_dir: Path) -> None:
 
 def train_config(args: argparse.Namespace) -> dict:
     training: dict = {"epochs": args.epochs} if args.epochs else {}
+    training.update(args.train or {})
     if args.refine is not None:
         training["refine_samples"] = args.refine
     return training

@@ -161,6 +161,9 @@ class EvalRunner(JobRunner):
         prompt = run.prompt_version.text if run.prompt_version else None
         sample = int(self.job.params.get("latency_sample", LATENCY_SAMPLE))
         adapter = with_adapter(run)
+        if adapter and run.variant is not None:
+            # The adapter answers as it is served: with its prompt's passages if it learned to read them.
+            conversations = [run.variant.student_view(c) for c in conversations]
         # A variant taught by an endpoint: the teacher arm asks that endpoint (cached), not the base.
         taught = run.comparison.variant if run.arm == ev.TEACHER and run.comparison else None
         endpoint = eval_teacher(taught) if taught else None

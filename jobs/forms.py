@@ -49,6 +49,9 @@ TRAIN_HELP: dict[str, str] = {
     "fact_repeat": "Copies of each row whose answer states the facts its question asks (by the prompt's facts "
     "checks) in training: a small student rarely recalls a fact it saw once. 1 = once (1-8); each copy costs "
     "training time.",
+    "student_passages": "The student reads the prompt's N sentences most relevant to each question (BM25), "
+    "in training, in evals and when served: facts are copied from them instead of recalled. ~28 prompt tokens "
+    "a passage. 0 = off (0-8).",
     "refine_samples": "Rejection sampling after training: the student (no prompt) samples this many answers per "
     "train query; one passing every rule, stating the facts asked and saying at least half as much replaces the "
     "row's answer, and the adapter trains a little more on that set. 0 = off (0-8); costs sampling plus refine_epochs of training.",

@@ -51,10 +51,11 @@ def error_response(request_id: str, exc: OpenAIError) -> JsonResponse:
 def with_variant_prompt(messages: list[dict[str, str]], variant: Variant) -> list[dict[str, str]]:
     """A prompted variant's prompt goes first in the system message, before
     the client's own system messages, if any. An absorbed variant gets the
-    messages as sent: it is served exactly as it was trained."""
+    messages as it was trained on them: as sent, or with its prompt's
+    passages after the last user message (`Variant.student_view`)."""
     prompt = variant.system_prompt
     if prompt is None:
-        return messages
+        return variant.student_view(messages)
     client = system_prompt_of(messages)
     return apply_system_prompt(messages, prompt if client is None else f"{prompt}{SYSTEM_JOIN}{client}")
 

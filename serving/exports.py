@@ -140,6 +140,15 @@ def readme(variant: Variant, merged: bool = False) -> str:
         if prompt
         else "- Absorbed prompt: none",
         f"- Served {'with' if variant.prepend_prompt else 'without'} the prompt as system prompt",
+        *(
+            [
+                f"- Reads the absorbed prompt's {variant.student_passages} sentences most relevant to each "
+                "question (BM25), added after the last user message as `(Information for your answer: ...)`: "
+                "the workbench adds them when it serves this adapter; another server must too"
+            ]
+            if variant.student_passages
+            else []
+        ),
         f"- Training data: {variant.dataset_version}"
         if variant.dataset_version
         else "- Training data: not recorded",

@@ -456,10 +456,15 @@ def _serve(request: ApiRequest, chat: bool) -> HttpResponseBase:
     body = parse_body(request)
     engine_params = (check_params if chat else check_completion_params)(body, request.request_id)
     alias, variant = resolve_model(key, body["model"])
-    if not chat and variant.system_prompt is not None:
+    if not chat and (variant.system_prompt is not None or variant.student_passages):
+        what = (
+            "a system prompt"
+            if variant.system_prompt is not None
+            else "its prompt's passages to each question"
+        )
         raise OpenAIError(
             400,
-            f"{body['model'][:MAX_MODEL_CHARS]}: this model applies a system prompt, which only "
+            f"{body['model'][:MAX_MODEL_CHARS]}: this model applies {what}, which only "
             "/v1/chat/completions can carry.",
             param="model",
             code="unsupported_model",

@@ -390,3 +390,26 @@ def test_a_bad_serving_setting_stops_the_start(tmp_path, name, value, message):
         env={**os.environ, "WORKBENCH_DATA_DIR": str(tmp_path), name: value},
     )
     assert r.returncode != 0 and message in r.stderr
+
+
+def test_a_student_that_reads_passages_gets_them_through_chat_and_text_completions_refuse_it(
+    live_server, world, served, tokenizer
+):
+    """student_passages: /v1 adds the absorbed prompt's passages most relevant to the question,
+    as the student was trained; the legacy text endpoint cannot, so it refuses."""
+    PromptVersion.objects.filter(pk=world.student.prompt_version_id).update(
+        text=PROMPT + "\n\n## Parcels\n\nA parcel is delivered within 3 working days of the order."
+    )
+    Variant.objects.filter(pk=world.student.pk).update(hyperparameters={"student_passages": 1})
+    student = Variant.objects.get(pk=world.student.pk)
+    seen = student.student_view(QUESTION)
+    assert seen[-1]["content"].endswith(
+        "(Information for your answer: A parcel is delivered within 3 working days of the order.)"
+    )
+    client = sdk(live_server, world.raw)
+    answer = client.chat.completions.create(model=f"{world.slug}/production", messages=QUESTION, **GREEDY)
+    assert answer.usage.prompt_tokens == count(tokenizer, seen) > count(tokenizer, QUESTION)
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.completions.create(model=f"{world.slug}/production", prompt="Where is my parcel?", **GREEDY)
+    assert refused.value.code == "unsupported_model"
+    assert "applies its prompt's passages to each question" in refused.value.message

@@ -12,6 +12,8 @@ from django.urls import reverse
 from django.utils import timezone
 from django.utils.text import slugify
 
+from engines.curation import rule_literals, with_passages
+
 if TYPE_CHECKING:
     from django.contrib.auth.models import AnonymousUser, User
 
@@ -472,6 +474,22 @@ class Variant(models.Model):
     @property
     def system_prompt(self) -> str | None:
         return self.prompt_version.text if self.prepend_prompt and self.prompt_version else None
+
+    @property
+    def student_passages(self) -> int:
+        """How many of its prompt's passages the adapter was trained to read
+        beside the question (TrainConfig.student_passages); 0 for most."""
+        k = (self.hyperparameters or {}).get("student_passages") or 0
+        return k if isinstance(k, int) and self.adapter_path and self.prompt_version_id else 0
+
+    def student_view(self, messages: list[dict[str, str]]) -> list[dict[str, str]]:
+        """The messages as this adapter reads them: with its prompt's most
+        relevant passages after the last user message when it was trained so."""
+        k = self.student_passages
+        if not k or self.prompt_version is None:
+            return messages
+        pv = self.prompt_version
+        return with_passages(messages, pv.text, k, rule_literals(pv.rules or []))
 
     def newer_prompt_version(self) -> PromptVersion | None:
         """The latest version of the absorbed prompt when it is newer than the

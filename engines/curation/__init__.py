@@ -40,8 +40,10 @@ from engines.curation.context import (
     facts_note,
     last_user_text,
     passages,
+    rule_literals,
     unsupported_figures,
     with_note,
+    with_passages,
 )
 from engines.curation.repairs import MAX_WORDS_TARGET, REPAIRS, Change, Repaired, repair
 from engines.curation.select import opening, pass_rates, pick_best
@@ -81,6 +83,7 @@ __all__ = [
     "parse_question",
     "pass_rates",
     "passages",
+    "rule_literals",
     "pick_best",
     "quality_report",
     "reminder",
@@ -90,4 +93,5 @@ __all__ = [
     "synthesize",
     "verdict",
     "with_note",
+    "with_passages",
 ]

@@ -128,6 +128,36 @@ def facts_note(found: Sequence[Passage]) -> str:
     return "(Information for your answer: " + " ".join(p.text for p in found) + ")"
 
 
+def rule_literals(rules: Sequence[Any]) -> list[str]:
+    """The texts an opening or closing rule requires (validated `Rule`s or
+    their JSON): the section holding them states how to write, not facts."""
+    out = []
+    for r in rules:
+        kind, params = (r.kind, r.params) if hasattr(r, "kind") else (r.get("kind"), r)
+        if kind in ("starts_with", "ends_with") and isinstance(params.get("text"), str):
+            out.append(params["text"])
+    return out
+
+
+@functools.lru_cache(maxsize=32)
+def _retriever(prompt: str, exclude: tuple[str, ...]) -> Retriever:
+    return Retriever(prompt, exclude=exclude)
+
+
+def with_passages(
+    conversation: Sequence[Message], prompt: str, k: int, exclude: Sequence[str] = ()
+) -> list[Message]:
+    """What a student that reads its prompt's passages sees (`student_passages`):
+    the conversation with the prompt's k passages most relevant to the last
+    user message added after it, as the teacher's note. The same in
+    training, in the four arms and when served; k <= 0 leaves it as it is.
+    The prompt's index is built once (~ms) and kept."""
+    if k <= 0 or not prompt.strip():
+        return [dict(m) for m in conversation]
+    found = _retriever(prompt, tuple(exclude)).relevant(last_user_text(conversation), k)
+    return with_note(conversation, facts_note(found))
+
+
 # Figures a reader would act on: money, clock times, percentages. A number
 # with a currency or a clock shape is rarely right by chance.
 _FIGURE = re.compile(

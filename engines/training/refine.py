@@ -194,7 +194,8 @@ def refine_examples(
     report = RefineReport()
     for i, (example, group) in enumerate(zip(examples, samples, strict=True)):
         choice = choose_answer(
-            last_user_text(example["messages"]),
+            # "query": the user's own words where the messages carry the prompt's passages.
+            example.get("query") or last_user_text(example["messages"]),
             example["answer"],
             group,
             rules,

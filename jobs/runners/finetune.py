@@ -22,7 +22,7 @@ from django.conf import settings
 from django.db import transaction
 from django.db.models import Case, Value, When
 
-from engines import facts
+from engines import curation, facts
 from engines.curation import CurationSettings
 from engines.inference import GenerationSettings, SettingsError
 from engines.progress import Progress
@@ -126,12 +126,21 @@ class FinetuneRunner(JobRunner):
         warn = data_quality.warning(version, settings.DATA_FAIL_WARN_SHARE)
         if warn:
             self.log(f"warning: {warn}")
-        task = list(examples)
         general = self._general_mix(config, len(examples), guard_rails)
+        task = list(examples)
         fact_rows = 0
         if config.fact_repeat > 1:
             examples, fact_rows = self._repeat_fact_rows(
                 examples, _fact_checks(prompt_version), config.fact_repeat
+            )
+        if config.student_passages:
+            k = config.student_passages
+            task, examples, general = (
+                self._with_passages(rows, prompt_version, k) for rows in (task, examples, general)
+            )
+            self.log(
+                f"student_passages {k}: every row carries the prompt's {k} passages most relevant to its "
+                "question, as the student will when served"
             )
         examples += general
         self.log(
@@ -187,6 +196,22 @@ class FinetuneRunner(JobRunner):
             f"{result.tokens_per_second:.0f} tok/s; variant {variant.name}"
             + (" (refined)" if refined is not None and refined.get("train") else "")
         )
+
+    @staticmethod
+    def _with_passages(rows: list[dict[str, Any]], prompt_version: Any, k: int) -> list[dict[str, Any]]:
+        """The rows, general ones too (a served student gets passages on any
+        question), with the prompt's k passages most relevant to the question
+        after it, as the student reads them when served; "query" keeps the
+        user's own words for the checks."""
+        exclude = curation.rule_literals(prompt_version.rules or [])
+        return [
+            {
+                **r,
+                "messages": curation.with_passages(r["messages"], prompt_version.text, k, exclude),
+                "query": curation.last_user_text(r["messages"]),
+            }
+            for r in rows
+        ]
 
     def _repeat_fact_rows(
         self, examples: list[dict[str, Any]], checks: list[facts.FactCheck], repeat: int

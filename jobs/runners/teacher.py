@@ -44,7 +44,7 @@ class Guide:
 
     def __init__(self, prompt: str, rules: list[Rule], fact_list: list[FactCheck], passages: int) -> None:
         # Sentences holding a rule's own text state the rules: the teacher has them in the prompt.
-        literals = [r.params["text"] for r in rules if r.kind in ("starts_with", "ends_with")]
+        literals = curation.rule_literals(rules)
         self.retriever = curation.Retriever(prompt, exclude=literals) if passages else None
         self.k = passages
         self.prompt = prompt
