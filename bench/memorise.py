@@ -7,7 +7,8 @@ one run, each from the base with the same rows and seed:
 
   - memorise (E epochs): the student sees only the user's words, as today;
   - retrieve: the student also sees the prompt's K passages BM25 ranks best
-    for the query (engines.curation.Retriever, the teacher's own), in
+    for the query, each indexed with the train queries that ask a fact it
+    states (`curation.with_passages`: the product's `student_passages`), in
     training and when answering.
 
 Each student answers (greedy, no prompt) the train queries that ask a fact
@@ -54,6 +55,12 @@ def main() -> None:
     )
     parser.add_argument("--passages", type=int, default=2)
     parser.add_argument("--no-base", action="store_true", help="skip the untrained base's rows")
+    parser.add_argument(
+        "--no-expand",
+        dest="expand",
+        action="store_false",
+        help="index the passages without the train queries that ask their facts",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--max-new-tokens", type=int, default=96)
     args = parser.parse_args()
@@ -93,11 +100,19 @@ def main() -> None:
         said = list(dict.fromkeys(guide.sources(q).values()))
         return " ".join(x for x in (opening, *said, *contains, closing) if x)
 
+    literals = curation.rule_literals(rules)
+    train_texts = [curation.last_user_text(q) for q in train_q] if args.expand else []
+
     def with_passages(q: list[dict[str, str]]) -> list[dict[str, str]]:
-        return curation.with_note(q, guide.note(q))
+        # What the product's student_passages student reads (the fine-tune, the four arms, /v1).
+        return curation.with_passages(q, prompt, args.passages, literals, train_texts, checks)
 
     held_facts = [q for q in held_q if asked(q)]
-    found = sum(all(facts.states(f, guide.note(q)) for f in asked(q)) for q in held_facts)
+
+    def note(q: list[dict[str, str]]) -> str:
+        return with_passages(q)[-1]["content"][len(curation.last_user_text(q)) :]
+
+    found = sum(all(facts.states(f, note(q)) for f in asked(q)) for q in held_facts)
     print(
         f"{args.scenario}: {len(rows)} train rows ({len(fact_rows)} ask a fact), "
         f"{len(held_facts)} held-out queries ask a fact; the {args.passages} passages state "

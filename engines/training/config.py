@@ -104,12 +104,14 @@ class TrainConfig:
     def problems(self) -> dict[str, str]:
         errors: dict[str, str] = {}
 
-        def integer(name: str, minimum: int) -> None:
+        def integer(name: str, minimum: int, maximum: int | None = None) -> None:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool):
                 errors[name] = f"must be an integer, got {v!r}"
             elif v < minimum:
                 errors[name] = f"must be >= {minimum}, got {v}"
+            elif maximum is not None and v > maximum:
+                errors[name] = f"must be <= {maximum}, got {v}"
 
         def number(
             name: str, low: float, high: float | None = None, low_open: bool = False, high_open: bool = True
@@ -150,18 +152,10 @@ class TrainConfig:
         number("kl_weight", 0.0)
         number("kl_temperature", 0.0, low_open=True)
         number("general_mix", 0.0, 1.0, high_open=False)
-        integer("fact_repeat", 1)
-        if "fact_repeat" not in errors and self.fact_repeat > MAX_FACT_REPEAT:
-            errors["fact_repeat"] = f"must be <= {MAX_FACT_REPEAT}, got {self.fact_repeat}"
-        integer("student_passages", 0)
-        if "student_passages" not in errors and self.student_passages > MAX_STUDENT_PASSAGES:
-            errors["student_passages"] = f"must be <= {MAX_STUDENT_PASSAGES}, got {self.student_passages}"
-        integer("refine_samples", 0)
-        if "refine_samples" not in errors and self.refine_samples > MAX_REFINE_SAMPLES:
-            errors["refine_samples"] = f"must be <= {MAX_REFINE_SAMPLES}, got {self.refine_samples}"
-        integer("refine_epochs", 1)
-        if "refine_epochs" not in errors and self.refine_epochs > MAX_REFINE_EPOCHS:
-            errors["refine_epochs"] = f"must be <= {MAX_REFINE_EPOCHS}, got {self.refine_epochs}"
+        integer("fact_repeat", 1, MAX_FACT_REPEAT)
+        integer("student_passages", 0, MAX_STUDENT_PASSAGES)
+        integer("refine_samples", 0, MAX_REFINE_SAMPLES)
+        integer("refine_epochs", 1, MAX_REFINE_EPOCHS)
         if self.device not in DEVICES:
             errors["device"] = f"must be one of {', '.join(DEVICES)}, got {self.device!r}"
         if not (self.bf16 == "auto" or isinstance(self.bf16, bool)):
