@@ -6,7 +6,7 @@ import io
 
 import pytest
 
-from engines import curation, facts
+from engines import curation
 from engines.rules import validate_rules
 from engines.training import ConfigError, TrainConfig
 from evals import actions as eval_actions
@@ -54,26 +54,6 @@ def test_the_student_reads_the_passages_that_answer_the_question_and_never_the_r
     assert "£48" in two and "Start every reply" not in two
     assert curation.with_passages(question, PROMPT, 0, literals) == question
     assert curation.with_passages(ask("zzz qqq"), PROMPT, 2, literals) == ask("zzz qqq")  # nothing matches
-
-
-def test_training_questions_that_ask_a_passages_fact_lend_it_their_words():
-    prompt = (
-        "## Fares\n\nBicycles cost 4 euros, and dogs travel free on the outside deck.\n\n"
-        "## Luggage\n\nEach traveller may bring two bags and one small item free."
-    )
-    checks = [facts.FactCheck(name="dogs", question=r"\bdogs?\b|labrador|puppy", expect="travel free")]
-    question = ask("Is there a charge for my labrador?")
-    assert curation.with_passages(question, prompt, 1) == question  # no word in common: nothing found
-    seen = curation.with_passages(
-        question, prompt, 1, queries=["Can my labrador come aboard?"], checks=checks
-    )
-    assert seen[-1]["content"].endswith(
-        "(Information for your answer: Bicycles cost 4 euros, and dogs travel free on the outside deck.)"
-    )
-    # A training question that asks no fact, or a fact no passage states, lends nothing.
-    assert (
-        curation.with_passages(question, prompt, 1, queries=["Where is my labrador?"], checks=[]) == question
-    )
 
 
 def test_the_option_is_off_by_default_and_validates():

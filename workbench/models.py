@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -14,8 +12,7 @@ from django.urls import reverse
 from django.utils import timezone
 from django.utils.text import slugify
 
-from engines.curation import last_user_text, rule_literals, with_passages
-from engines.facts import FactCheck, FactsError, validate_facts
+from engines.curation import rule_literals, with_passages
 
 if TYPE_CHECKING:
     from django.contrib.auth.models import AnonymousUser, User
@@ -491,7 +488,8 @@ class Variant(models.Model):
         k = self.student_passages
         if not k or self.prompt_version is None:
             return messages
-        return passage_view(self.prompt_version, self.dataset_version, k)(messages)
+        pv = self.prompt_version
+        return with_passages(messages, pv.text, k, rule_literals(pv.rules or []))
 
     def newer_prompt_version(self) -> PromptVersion | None:
         """The latest version of the absorbed prompt when it is newer than the
@@ -500,41 +498,3 @@ class Variant(models.Model):
             return None
         latest = self.prompt_version.prompt.versions.order_by("-number").first()
         return latest if latest and latest.number > self.prompt_version.number else None
-
-
-# --- what a student that reads its prompt's passages sees (TrainConfig.student_passages) ---------
-
-
-def passage_view(
-    prompt_version: PromptVersion, dataset_version: DatasetVersion | None, k: int
-) -> Callable[[list[dict[str, str]]], list[dict[str, str]]]:
-    """The messages as a student trained on `dataset_version` with
-    `student_passages` k reads them, the same in its fine-tune, its evals and
-    /v1: the prompt's k passages most relevant to the question after it,
-    indexed with the training queries that ask a fact each states."""
-    exclude = rule_literals(prompt_version.rules or [])
-    dv = dataset_version
-    queries = _train_queries(dv.pk, dv.created_at.isoformat()) if dv is not None else ()
-    checks = _fact_checks(prompt_version.pk, prompt_version.created_at.isoformat())
-
-    def view(messages: list[dict[str, str]]) -> list[dict[str, str]]:
-        return with_passages(messages, prompt_version.text, k, exclude, queries, checks)
-
-    return view
-
-
-# Versions never change once saved: what is read from one is kept for the process (keyed with
-# its creation time too, since a rolled-back id can come back).
-@functools.lru_cache(maxsize=64)
-def _train_queries(dataset_version_id: int, created_at: str) -> tuple[str, ...]:
-    rows = DatasetRow.objects.filter(version_id=dataset_version_id, split=DatasetRow.TRAIN).order_by("index")
-    return tuple(q for q in (last_user_text(m) for m in rows.values_list("messages", flat=True)) if q)
-
-
-@functools.lru_cache(maxsize=64)
-def _fact_checks(prompt_version_id: int, created_at: str) -> tuple[FactCheck, ...]:
-    facts = PromptVersion.objects.filter(pk=prompt_version_id).values_list("facts", flat=True).first()
-    try:
-        return tuple(validate_facts(facts or []))
-    except FactsError:
-        return ()  # saved facts were validated; checks since made stricter cost only the expansion

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from engines.chat import Message
-from engines.facts import FactCheck, applicable, states
 
 _HEADING = re.compile(r"^\s{0,3}(#{1,6})\s+(.+?)\s*#*\s*$")
 _SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]*\s+(?=[A-Z0-9\"'(])")
@@ -66,13 +65,7 @@ class Retriever:
     """BM25 over a prompt's passages. Build once per prompt; `relevant` is
     cheap (~0.1 ms a query)."""
 
-    def __init__(
-        self,
-        prompt: str,
-        exclude: Sequence[str] = (),
-        queries: Sequence[str] = (),
-        checks: Sequence[FactCheck] = (),
-    ) -> None:
+    def __init__(self, prompt: str, exclude: Sequence[str] = ()) -> None:
         import bm25s
 
         # The rules' own section would win on every query that uses the same
@@ -80,13 +73,9 @@ class Retriever:
         self.passages = passages(prompt, exclude)
         self._bm25: Any = None
         if self.passages:
-            asked = _asked_of(self.passages, queries, checks)
             self._bm25 = bm25s.BM25()
             self._bm25.index(
-                self._tokens(
-                    [" ".join([p.heading, p.text, *a]) for p, a in zip(self.passages, asked, strict=True)]
-                ),
-                show_progress=False,
+                self._tokens([f"{p.heading} {p.text}" for p in self.passages]), show_progress=False
             )
 
     @staticmethod
@@ -107,25 +96,6 @@ class Retriever:
         ids, scores = self._bm25.retrieve(tokens, k=k, show_progress=False)
         picked = sorted(int(i) for i, s in zip(ids[0], scores[0], strict=True) if s > 0)
         return [self.passages[i] for i in picked]
-
-
-def _asked_of(
-    found: Sequence[Passage], queries: Sequence[str], checks: Sequence[FactCheck]
-) -> list[list[str]]:
-    """Per passage, the `queries` that ask a fact (by the facts `checks`) the
-    passage states: indexed with it, they lend it the words people ask with
-    ("labradors", "change fee") that the prompt's sentence lacks (document
-    expansion; bench/README: 2 passages held the asked fact for 0.60 of
-    harbor's held-out questions instead of 0.36)."""
-    out: list[list[str]] = [[] for _ in found]
-    if not queries or not checks:
-        return out
-    stating = {c.name: [i for i, p in enumerate(found) if states(c, p.text)] for c in checks}
-    for query in dict.fromkeys(queries):
-        for check in applicable(checks, query):
-            for i in stating[check.name]:
-                out[i].append(query)
-    return out
 
 
 @functools.cache
@@ -170,30 +140,22 @@ def rule_literals(rules: Sequence[Any]) -> list[str]:
 
 
 @functools.lru_cache(maxsize=32)
-def _retriever(
-    prompt: str, exclude: tuple[str, ...], queries: tuple[str, ...], checks: tuple[FactCheck, ...]
-) -> Retriever:
-    return Retriever(prompt, exclude=exclude, queries=queries, checks=checks)
+def _retriever(prompt: str, exclude: tuple[str, ...]) -> Retriever:
+    return Retriever(prompt, exclude=exclude)
 
 
 def with_passages(
-    conversation: Sequence[Message],
-    prompt: str,
-    k: int,
-    exclude: Sequence[str] = (),
-    queries: Sequence[str] = (),
-    checks: Sequence[FactCheck] = (),
+    conversation: Sequence[Message], prompt: str, k: int, exclude: Sequence[str] = ()
 ) -> list[Message]:
     """What a student that reads its prompt's passages sees (`student_passages`):
     the conversation with the prompt's k passages most relevant to the last
-    user message added after it, as the teacher's note; passages are indexed
-    with the training `queries` that ask a fact they state (`checks`). The
-    same in training, in the four arms and when served; k <= 0 leaves it as
-    it is. The index is built once per (prompt, queries, checks) and kept."""
+    user message added after it, as the teacher's note. The same in
+    training, in the four arms and when served; k <= 0 leaves it as it is.
+    The prompt's index is built once (~ms) and kept."""
     if k <= 0 or not prompt.strip():
         return [dict(m) for m in conversation]
-    index = _retriever(prompt, tuple(exclude), tuple(queries), tuple(checks))
-    return with_note(conversation, facts_note(index.relevant(last_user_text(conversation), k)))
+    found = _retriever(prompt, tuple(exclude)).relevant(last_user_text(conversation), k)
+    return with_note(conversation, facts_note(found))
 
 
 # Figures a reader would act on: money, clock times, percentages. A number

@@ -41,7 +41,7 @@ from engines.training import (
 from jobs.backend import generator
 from jobs.registry import JobCancelled, JobError, JobRunner, register
 from workbench import data_quality
-from workbench.models import DatasetRow, DatasetVersion, FoundationModel, Variant, passage_view
+from workbench.models import DatasetRow, DatasetVersion, FoundationModel, Variant
 
 # Training only on answers that pass every rule needs enough of them left.
 MIN_PASSING_ROWS = 32
@@ -136,7 +136,7 @@ class FinetuneRunner(JobRunner):
         if config.student_passages:
             k = config.student_passages
             task, examples, general = (
-                self._with_passages(rows, prompt_version, version, k) for rows in (task, examples, general)
+                self._with_passages(rows, prompt_version, k) for rows in (task, examples, general)
             )
             self.log(
                 f"student_passages {k}: every row carries the prompt's {k} passages most relevant to its "
@@ -198,15 +198,18 @@ class FinetuneRunner(JobRunner):
         )
 
     @staticmethod
-    def _with_passages(
-        rows: list[dict[str, Any]], prompt_version: Any, version: DatasetVersion, k: int
-    ) -> list[dict[str, Any]]:
+    def _with_passages(rows: list[dict[str, Any]], prompt_version: Any, k: int) -> list[dict[str, Any]]:
         """The rows, general ones too (a served student gets passages on any
-        question), as the student reads them when served (`passage_view`);
-        "query" keeps the user's own words for the checks."""
-        view = passage_view(prompt_version, version, k)
+        question), with the prompt's k passages most relevant to the question
+        after it, as the student reads them when served; "query" keeps the
+        user's own words for the checks."""
+        exclude = curation.rule_literals(prompt_version.rules or [])
         return [
-            {**r, "messages": view(r["messages"]), "query": curation.last_user_text(r["messages"])}
+            {
+                **r,
+                "messages": curation.with_passages(r["messages"], prompt_version.text, k, exclude),
+                "query": curation.last_user_text(r["messages"]),
+            }
             for r in rows
         ]
 
