@@ -7,9 +7,8 @@ one run, each from the base with the same rows and seed:
 
   - memorise (E epochs): the student sees only the user's words, as today;
   - retrieve: the student also sees the prompt's K passages BM25 ranks best
-    for the query, each indexed with the train queries that ask a fact it
-    states (`curation.with_passages`: the product's `student_passages`), in
-    training and when answering.
+    for the query (`curation.with_passages`: the product's
+    `student_passages`), in training and when answering.
 
 Each student answers (greedy, no prompt) the train queries that ask a fact
 (can it recall what it saw?) and the held-out ones (does it carry over?).
@@ -55,12 +54,6 @@ def main() -> None:
     )
     parser.add_argument("--passages", type=int, default=2)
     parser.add_argument("--no-base", action="store_true", help="skip the untrained base's rows")
-    parser.add_argument(
-        "--no-expand",
-        dest="expand",
-        action="store_false",
-        help="index the passages without the train queries that ask their facts",
-    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--max-new-tokens", type=int, default=96)
     args = parser.parse_args()
@@ -101,11 +94,10 @@ def main() -> None:
         return " ".join(x for x in (opening, *said, *contains, closing) if x)
 
     literals = curation.rule_literals(rules)
-    train_texts = [curation.last_user_text(q) for q in train_q] if args.expand else []
 
     def with_passages(q: list[dict[str, str]]) -> list[dict[str, str]]:
         # What the product's student_passages student reads (the fine-tune, the four arms, /v1).
-        return curation.with_passages(q, prompt, args.passages, literals, train_texts, checks)
+        return curation.with_passages(q, prompt, args.passages, literals)
 
     held_facts = [q for q in held_q if asked(q)]
 

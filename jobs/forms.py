@@ -51,7 +51,7 @@ TRAIN_HELP: dict[str, str] = {
     "training time.",
     "student_passages": "The student reads the prompt's N sentences most relevant to each question (BM25), "
     "in training, in evals and when served: facts are copied from them instead of recalled. ~28 prompt tokens "
-    "a passage. 0 = off (0-8).",
+    "a passage. 0 = off (0-8). Measured with learning rate 1e-3.",
     "refine_samples": "Rejection sampling after training: the student (no prompt) samples this many answers per "
     "train query; one passing every rule, stating the facts asked and saying at least half as much replaces the "
     "row's answer, and the adapter trains a little more on that set. 0 = off (0-8); costs sampling plus refine_epochs of training.",
