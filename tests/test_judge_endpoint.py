@@ -111,3 +111,24 @@ def test_every_answer_is_judged_by_the_live_endpoint_with_the_rubric_and_the_ver
     assert all(any(o in s.body["messages"][-1]["content"] for s in proxy.log) for o in outputs)
     assert all(r.judge_reasoning for r in results)  # a verdict, or why none parsed, with the judge's text
     assert "judge: endpoint big judge (tiny) scored 1 run(s)" in job.log
+
+
+@pytest.mark.django_db
+def test_the_suite_form_offers_and_accepts_only_the_projects_endpoints(world, alice_client, bob, bob_project):
+    from django.urls import reverse
+
+    project, alice, base, data = world
+    mine, theirs = endpoint(project, alice), endpoint(bob_project, bob, name="bob's judge")
+    url = reverse("suite_create", args=[project.slug])
+    form = {"name": "held out", "dataset_version": data.pk, "judge_rubric": RUBRIC}
+    refused = alice_client.post(url, {**form, "judge_endpoint": theirs.pk})
+    assert refused.status_code == 400 and "Select a valid choice" in refused.content.decode()
+    assert "bob&#x27;s judge" not in refused.content.decode() and "big judge" in refused.content.decode()
+    assert not EvalSuite.objects.exists()
+    made = alice_client.post(url, {**form, "judge_endpoint": mine.pk})
+    assert made.status_code == 302
+    suite = EvalSuite.objects.get(project=project)
+    assert suite.judge_endpoint == mine
+    assert (
+        "judged by endpoint big judge (tiny)" in alice_client.get(suite.get_absolute_url()).content.decode()
+    )
