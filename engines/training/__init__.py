@@ -9,10 +9,10 @@ Layout, as TRL's: `config` (TrainConfig, its errors, the peft/TRL configs),
 `data` (validation, the general-instruction mix against forgetting, the
 repeated fact rows,
 tokenization and the KL loss terms that read its masks),
-`checkpoints` (resume, fingerprint, atomic adapter save), `device`,
-`trainer` (AbsorbTrainer, DistillCollator, ProgressCallback; imported
-lazily), `absorb` (`train`) and `refine` (which of the student's own
-samples a rejection-sampling round trains on). Outside code imports from
+`checkpoints` (resume, fingerprint, epoch log, atomic adapter save),
+`device`, `trainer` (AbsorbTrainer, DistillCollator, ProgressCallback,
+EpochCallback; imported lazily), `absorb` (`train`) and `refine` (which of
+the student's own samples a rejection-sampling round trains on). Outside code imports from
 here only.
 
 Contract of `train`:
@@ -20,6 +20,8 @@ Contract of `train`:
     within one optimizer step and returns `cancelled=True` with no adapter
     saved (checkpoints stay, so the run can be resumed);
   - with `init_adapter`, continues a saved adapter instead of a fresh LoRA;
+  - logs every finished epoch (`TrainResult.epoch_log`, epochs/epochs.json):
+    with `eval_examples` their loss, with `epoch_adapters` each epoch's adapter;
   - loads weights only through `engines.inference.load_model` (safetensors,
     no remote code);
   - raises `ConfigError` (bad config), `ExampleError` (bad examples),
@@ -33,7 +35,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from engines.training.absorb import train
-from engines.training.checkpoints import ADAPTER_DIR, CHECKPOINTS_DIR, fingerprint, last_checkpoint
+from engines.training.checkpoints import (
+    ADAPTER_DIR,
+    CHECKPOINTS_DIR,
+    EPOCH_LOG,
+    EPOCHS_DIR,
+    fingerprint,
+    last_checkpoint,
+)
 from engines.training.config import (
     DEFAULT_TARGET_MODULES,
     DEVICES,
@@ -62,9 +71,9 @@ from engines.training.device import resolve_bf16, resolve_device
 from engines.training.refine import Choice, RefineReport, choose_answer, refine_examples
 
 if TYPE_CHECKING:
-    from engines.training.trainer import AbsorbTrainer, DistillCollator, ProgressCallback
+    from engines.training.trainer import AbsorbTrainer, DistillCollator, EpochCallback, ProgressCallback
 
-_LAZY = {"AbsorbTrainer", "DistillCollator", "ProgressCallback"}
+_LAZY = {"AbsorbTrainer", "DistillCollator", "EpochCallback", "ProgressCallback"}
 
 
 def __getattr__(name: str) -> Any:
@@ -81,11 +90,14 @@ __all__ = [
     "CHECKPOINTS_DIR",
     "DEFAULT_TARGET_MODULES",
     "DEVICES",
+    "EPOCHS_DIR",
+    "EPOCH_LOG",
     "LR_SCHEDULERS",
     "AbsorbTrainer",
     "Choice",
     "ConfigError",
     "DistillCollator",
+    "EpochCallback",
     "Example",
     "ExampleError",
     "ProgressCallback",

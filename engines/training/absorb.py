@@ -16,6 +16,7 @@ from engines.training.checkpoints import (
     checkpoint_step,
     fingerprint,
     prepare_checkpoints,
+    read_epoch_log,
     save_adapter_atomic,
 )
 from engines.training.config import (
@@ -42,6 +43,9 @@ def train(
     resume: bool = True,
     teacher_dir: Path | str | None = None,
     init_adapter: Path | str | None = None,
+    *,
+    eval_examples: Sequence[Example] | None = None,
+    epoch_adapters: bool = False,
 ) -> TrainResult:
     """Train a LoRA adapter on (messages -> answer) rendered without a system
     prompt; loss on the answer tokens (and end-of-turn) only. See the package
@@ -50,12 +54,24 @@ def train(
     must share the student's tokenizer (token-level KL compares the same
     vocabulary). With `init_adapter` (a saved adapter directory) training
     continues from that adapter's weights instead of a fresh LoRA; its own
-    config (rank, alpha, modules) then holds."""
+    config (rank, alpha, modules) then holds.
+
+    At each epoch's end (the last one cut short by max_steps included) an
+    entry goes to `epoch_log` and epochs/epochs.json: with `eval_examples`
+    (held out, the format of `examples`, no part of the run's fingerprint)
+    their loss per answer token, reported as the "valid_loss" metric too;
+    with `epoch_adapters`, every epoch's adapter but the last one's (which is
+    the final adapter) under epochs/epoch-N."""
     t_start = time.monotonic()
     config = config or TrainConfig()
     model_dir, output_dir = Path(model_dir), Path(output_dir)
     distill = config.kl_weight > 0
     validate_examples(examples, need_system_prompt=distill)
+    if eval_examples:
+        try:
+            validate_examples(eval_examples)
+        except ExampleError as exc:
+            raise ExampleError(f"eval_examples: {exc}") from None
     if not (model_dir / "config.json").is_file():
         raise TrainingError(f"{model_dir} is not a model directory (no config.json).")
     device = resolve_device(config.device)
@@ -73,6 +89,7 @@ def train(
     ckpt_dir = output_dir / CHECKPOINTS_DIR
     resume_from = prepare_checkpoints(ckpt_dir, run_id, resume)
     resumed_step = checkpoint_step(resume_from) if resume_from else None
+    epoch_log = read_epoch_log(output_dir, resume_from)  # the epoch callback appends to it
 
     def result(
         steps: int,
@@ -99,6 +116,7 @@ def train(
             skipped_examples=skipped,
             device=device,
             precision=("bf16 mixed" if device == "cuda" else "bf16 autocast") if use_bf16 else "fp32",
+            epoch_log=list(epoch_log),
         )
 
     if should_stop is not None and should_stop():
@@ -121,7 +139,7 @@ def train(
             model_dir,
             examples,
             config,
-            ckpt_dir,
+            output_dir,
             device,
             use_bf16,
             distill,
@@ -130,6 +148,9 @@ def train(
             resume_from,
             teacher,
             init,
+            list(eval_examples or ()),
+            epoch_adapters,
+            epoch_log,
         )
     except BaseException as exc:
         if not is_oom(exc):
@@ -191,21 +212,24 @@ def _fit(
     model_dir: Path,
     examples: Sequence[Example],
     config: TrainConfig,
-    ckpt_dir: Path,
+    output_dir: Path,
     device: str,
     use_bf16: bool,
     distill: bool,
     progress: ProgressFn | None,
     should_stop: StopFn | None,
     resume_from: Path | None,
-    teacher_dir: Path | None = None,
-    init_adapter: Path | None = None,
+    teacher_dir: Path | None,
+    init_adapter: Path | None,
+    eval_examples: list[Example],
+    epoch_adapters: bool,
+    epoch_log: list[dict[str, Any]],
 ) -> tuple[Any, Any, int]:
     import torch
     from datasets import Dataset
     from transformers import PrinterCallback
 
-    from engines.training.trainer import AbsorbTrainer, DistillCollator, ProgressCallback
+    from engines.training.trainer import AbsorbTrainer, DistillCollator, EpochCallback, ProgressCallback
 
     dtype = torch.bfloat16 if use_bf16 and device == "cuda" else torch.float32
     loaded = _load(model_dir, device, dtype)
@@ -216,6 +240,7 @@ def _fit(
             f"Every example's prompt is longer than max_length ({config.max_length} tokens); "
             "raise max_length."
         )
+    eval_features = tokenize_examples(tokenizer, eval_examples, config.max_length)[0] if eval_examples else []
     teacher_model: Any = None
     if teacher_dir is not None:
         teacher_model = _load(teacher_dir, device, dtype).model
@@ -229,7 +254,7 @@ def _fit(
     callback = ProgressCallback(progress, should_stop)
     trainer = AbsorbTrainer(
         model=model,
-        args=sft_config(config, ckpt_dir, device, use_bf16, distill),
+        args=sft_config(config, output_dir / CHECKPOINTS_DIR, device, use_bf16, distill),
         train_dataset=Dataset.from_list(features),
         processing_class=tokenizer,
         data_collator=DistillCollator(tokenizer.pad_token_id) if distill else None,
@@ -240,5 +265,8 @@ def _fit(
         teacher_model=teacher_model,
     )
     trainer.remove_callback(PrinterCallback)
+    trainer.add_callback(
+        EpochCallback(trainer, callback, output_dir, epoch_log, eval_features, epoch_adapters)
+    )
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     return trainer, callback, skipped

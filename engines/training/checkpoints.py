@@ -1,5 +1,5 @@
 """The run's directory: which checkpoint to resume from (and whether it
-belongs to this run), and the atomic save of the final adapter.
+belongs to this run), the per-epoch log, and the atomic save of adapters.
 
 Layout under `output_dir`:
   checkpoints/run.json          fingerprint of (model, config, examples)
@@ -7,6 +7,8 @@ Layout under `output_dir`:
                                 scheduler, RNG, trainer_state.json)
   adapter/                      the final adapter (adapter_model.safetensors
                                 + adapter_config.json), renamed into place
+  epochs/epochs.json            one entry per finished epoch (TrainResult.epoch_log)
+  epochs/epoch-N/               epoch N's adapter (epoch_adapters; not the last epoch)
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from engines.training.data import Example
 CHECKPOINTS_DIR = "checkpoints"
 ADAPTER_DIR = "adapter"
 RUN_FILE = "run.json"
+EPOCHS_DIR = "epochs"
+EPOCH_LOG = "epochs.json"
 # Written last by Trainer._save_checkpoint, so its presence (and parsing)
 # means the checkpoint is complete; a process killed mid-save leaves a
 # directory without it.
@@ -107,6 +111,32 @@ def prepare_checkpoints(ckpt_dir: Path, run_id: str, resume: bool) -> Path | Non
     ckpt_dir.mkdir(parents=True)
     _write_json_atomic(run_file, {"fingerprint": run_id})
     return None
+
+
+def read_epoch_log(output_dir: Path, resume_from: Path | None) -> list[dict[str, Any]]:
+    """The epochs a resumed run already finished, up to its checkpoint. A
+    fresh run (prepare_checkpoints returned None) starts with none: the
+    entries and epoch adapters of the run before it go with its checkpoints."""
+    epochs_dir = output_dir / EPOCHS_DIR
+    if resume_from is None:
+        shutil.rmtree(epochs_dir, ignore_errors=True)
+        return []
+    try:
+        entries = json.loads((epochs_dir / EPOCH_LOG).read_text())
+    except (OSError, ValueError):
+        return []
+    step = checkpoint_step(resume_from) or 0
+    # Epochs after the checkpoint are trained again and logged again.
+    return [e for e in entries if e["step"] <= step]
+
+
+def write_epoch_log(output_dir: Path, entries: list[dict[str, Any]]) -> None:
+    (output_dir / EPOCHS_DIR).mkdir(parents=True, exist_ok=True)
+    _write_json_atomic(output_dir / EPOCHS_DIR / EPOCH_LOG, entries)
+
+
+def epoch_adapter_dir(output_dir: Path, epoch: int) -> Path:
+    return output_dir / EPOCHS_DIR / f"epoch-{epoch}"
 
 
 def save_adapter_atomic(model: Any, dest: Path) -> None:

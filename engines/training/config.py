@@ -200,6 +200,9 @@ class TrainResult:
     skipped_examples: int = 0  # prompts longer than max_length: nothing to learn
     device: str = ""  # where it ran: "cpu", "cuda", "mps"
     precision: str = ""  # "fp32", "bf16 autocast" (CPU) or "bf16 mixed" (CUDA)
+    # One entry per finished epoch, resumes included: {"epoch", "step", "train_loss" (last logged),
+    # "valid_loss" (None without eval_examples), "adapter_dir" (str, or None when not kept)}.
+    epoch_log: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -226,6 +229,7 @@ def sft_config(config: TrainConfig, output_dir: Path, device: str, bf16: bool, d
     return SFTConfig(
         output_dir=str(output_dir),
         per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.batch_size,
         gradient_accumulation_steps=config.grad_accum,
         num_train_epochs=config.epochs,
         max_steps=config.max_steps or -1,

@@ -1,21 +1,26 @@
 """The TRL pieces: the trainer with its optional KL term, the collator that
-pads the teacher rendering, and the callback that reports progress and
-honours a cancel. Importing this module imports torch, transformers and trl,
-so `engines.training` imports it only when a run starts."""
+pads the teacher rendering, the callback that reports progress and honours
+a cancel, and the one that closes each epoch (validation loss, adapter,
+log). Importing this module imports torch, transformers and trl, so
+`engines.training` imports it only when a run starts."""
 
 from __future__ import annotations
 
 import contextlib
+import math
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 from transformers import TrainerCallback
 from trl import SFTTrainer
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from engines.progress import Progress, ProgressFn, StopFn
+from engines.training.checkpoints import ADAPTER_DIR, epoch_adapter_dir, save_adapter_atomic, write_epoch_log
 from engines.training.data import answer_positions, distill_terms, teacher_positions
 
 
@@ -29,6 +34,8 @@ class ProgressCallback(TrainerCallback):
         self.loop_seconds = 0.0
         self.start_step = 0
         self.start_tokens = 0
+        self.metrics: dict[str, Any] = {}
+        self.valid_loss: float | None = None
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         # After a resume, state already holds the checkpoint's step and token count.
@@ -51,12 +58,9 @@ class ProgressCallback(TrainerCallback):
         if not logs or "loss" not in logs:
             return  # the end-of-training summary
         self.last_loss = float(logs["loss"])
-        if self.progress is None:
-            return
-        done = state.global_step - self.start_step
         tokens = state.num_input_tokens_seen - self.start_tokens
         elapsed = time.monotonic() - self.t0
-        metrics: dict[str, Any] = {
+        self.metrics = {
             "loss": self.last_loss,
             "learning_rate": logs.get("learning_rate"),
             "grad_norm": logs.get("grad_norm"),
@@ -66,19 +70,91 @@ class ProgressCallback(TrainerCallback):
         }
         for key in ("ce_loss", "kl_loss", "mean_token_accuracy"):
             if key in logs:
-                metrics[key] = logs[key]
-        point = {"step": state.global_step, "loss": self.last_loss, "lr": logs.get("learning_rate")}
+                self.metrics[key] = logs[key]
+        self.report(
+            state, {"step": state.global_step, "loss": self.last_loss, "lr": logs.get("learning_rate")}
+        )
+
+    def report_valid_loss(self, state: Any, loss: float) -> None:
+        self.valid_loss = loss
+        self.report(state, {"step": state.global_step, "valid_loss": loss})
+
+    def report(self, state: Any, point: dict[str, Any]) -> None:
+        if self.progress is None:
+            return
+        metrics = dict(self.metrics)
+        if self.valid_loss is not None:
+            metrics["valid_loss"] = self.valid_loss  # the latest, until the next epoch's
         self.progress(
             Progress.since(
                 self.t0,
                 state.global_step,
                 state.max_steps,
                 "steps",
-                rate_done=done,
+                rate_done=state.global_step - self.start_step,
                 metrics=metrics,
                 point=point,
             )
         )
+
+
+class EpochCallback(TrainerCallback):
+    """At each finished epoch's end: the loss on `eval_features`, the
+    epoch's adapter (with `save_adapters`, all but the last epoch) and its
+    entry in `log`, rewritten whole to epochs/epochs.json."""
+
+    def __init__(
+        self,
+        trainer: AbsorbTrainer,
+        steps: ProgressCallback,
+        output_dir: Path,
+        log: list[dict[str, Any]],
+        eval_features: list[dict[str, list[int]]],
+        save_adapters: bool,
+    ):
+        self.trainer = trainer
+        self.steps = steps
+        self.output_dir = output_dir
+        self.log = log
+        self.eval_features = eval_features
+        self.save_adapters = save_adapters
+        self.save_after_epoch = False
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        # A run resumed from a checkpoint at an epoch's end never passes that
+        # end again, so the checkpoint waits until the epoch's entry is written.
+        if control.should_save and float(state.epoch).is_integer():
+            control.should_save, self.save_after_epoch = False, True
+
+    def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        # The deferred checkpoint: Trainer saves it after the epoch-end callbacks.
+        control.should_save, self.save_after_epoch = control.should_save or self.save_after_epoch, False
+        last = state.global_step >= state.max_steps
+        if self.steps.cancelled and (last or not float(state.epoch).is_integer()):
+            return  # unfinished, or the last, whose adapter a cancelled run never saves
+        epoch = math.ceil(state.epoch)
+        valid = (
+            self.trainer.answer_loss(self.eval_features, args.per_device_eval_batch_size)
+            if self.eval_features
+            else None
+        )
+        adapter: Path | None = self.output_dir / ADAPTER_DIR if last else None
+        if self.save_adapters and not last:
+            adapter = epoch_adapter_dir(self.output_dir, epoch)
+            adapter.parent.mkdir(parents=True, exist_ok=True)
+            save_adapter_atomic(self.trainer.model, adapter)
+        self.log.append(
+            {
+                "epoch": epoch,
+                "step": state.global_step,
+                "train_loss": self.steps.last_loss,
+                "valid_loss": valid,
+                "adapter_dir": str(adapter) if adapter is not None else None,
+            }
+        )
+        write_epoch_log(self.output_dir, self.log)
+        if valid is not None:
+            self.steps.report_valid_loss(state, valid)
 
 
 class DistillCollator:
@@ -175,3 +251,27 @@ class AbsorbTrainer(SFTTrainer):
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes
         return loss, float(ce.detach()), float(kl.detach())
+
+    def answer_loss(self, features: list[dict[str, list[int]]], batch_size: int) -> float:
+        """Cross-entropy per answer token over tokenize_examples' student
+        `features` (the KL term, when on, is not in it), in eval mode."""
+        model: Any = self.model
+        tokenizer: Any = self.processing_class
+        collate = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id)
+        was_training, total, count = model.training, 0.0, 0
+        model.eval()
+        try:
+            with torch.no_grad(), self.accelerator.autocast():
+                for i in range(0, len(features), batch_size):
+                    batch = {
+                        k: v.to(self.args.device) for k, v in collate(features[i : i + batch_size]).items()
+                    }
+                    logits = model(
+                        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+                    ).logits
+                    labels, sel = batch["labels"], answer_positions(batch["labels"])
+                    ce = F.cross_entropy(logits[:, :-1][sel].float(), labels[:, 1:][sel], reduction="sum")
+                    total, count = total + float(ce), count + int(sel.sum())
+        finally:
+            model.train(was_training)
+        return total / max(count, 1)
