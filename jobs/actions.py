@@ -19,7 +19,7 @@ from jobs.runners.synthesis import KIND as SYNTHESIS_KIND
 from jobs.runners.synthesis import MAX_COUNT as SYNTHESIS_MAX_COUNT
 from jobs.tasks import enqueue
 from workbench.actions import ActionError
-from workbench.models import DatasetRow, DatasetVersion, FoundationModel, Project, PromptVersion
+from workbench.models import DatasetRow, DatasetVersion, FoundationModel, Project, PromptVersion, Variant
 from workbench.prompt_costs import TokenCountError
 
 
@@ -229,8 +229,7 @@ def start_finetune(
     check_form_token(project, form_token)
     _check(project, prompt_version, dataset_version, base_model)
     train = _training(training)
-    sample = dataset_version.rows.filter(split=DatasetRow.TRAIN).values_list("messages", flat=True)[:50]
-    if not any(m[-1]["role"] == "assistant" for m in sample):
+    if not _has_answers(dataset_version):
         raise ActionError(f"{dataset_version} has no assistant answers: run the teacher first.")
     job = create_job(
         project,
@@ -240,6 +239,64 @@ def start_finetune(
         prompt_version=prompt_version,
         dataset_version=dataset_version,
         params={"train": train.to_dict(), "passing_only": passing_only},
+        created_by=user,
+    )
+    enqueue(job)
+    return job
+
+
+def _has_answers(version: DatasetVersion, train_only: bool = True) -> bool:
+    rows = version.rows.filter(split=DatasetRow.TRAIN) if train_only else version.rows.all()
+    return any(m[-1]["role"] == "assistant" for m in rows.values_list("messages", flat=True)[:50])
+
+
+@transaction.atomic
+def start_supervised(
+    project: Project,
+    user: User | None,
+    dataset_version: DatasetVersion,
+    base_model: FoundationModel,
+    training: TrainConfig | Mapping[str, Any] | None = None,
+    *,
+    validation_version: DatasetVersion | None = None,
+    init_variant: Variant | None = None,
+    params: Mapping[str, Any] | None = None,
+) -> Job:
+    """A plain supervised fine-tune on the rows as given (their own system
+    messages included), with no prompt to absorb: the /v1/fine_tuning API's
+    "supervised" method. The validation rows' loss is measured after each
+    epoch; with `init_variant` training continues from that variant's adapter;
+    every epoch's adapter is kept as a checkpoint. `params` (the API's own
+    fields) are stored with the job."""
+    for version in (dataset_version, validation_version):
+        if version is not None and version.dataset.project_id != project.pk:
+            raise ActionError("The dataset must belong to this project.")
+    if init_variant is not None and (
+        init_variant.project_id != project.pk or init_variant.base_model_id != base_model.pk
+    ):
+        raise ActionError("The model to continue from must be a variant of this project on the same base.")
+    if not dataset_version.rows.filter(split=DatasetRow.TRAIN).exists():
+        raise ActionError(f"{dataset_version} has no rows in its train split.")
+    if not _has_answers(dataset_version):
+        raise ActionError(
+            f"{dataset_version} has no assistant answers to learn from: each row must end with one."
+        )
+    if validation_version is not None and not _has_answers(validation_version, train_only=False):
+        raise ActionError(f"The validation data {validation_version} has no assistant answers.")
+    train = _training(training)
+    job = Job.objects.create(
+        project=project,
+        kind="finetune",
+        base_model=base_model,
+        dataset_version=dataset_version,
+        params={
+            **dict(params or {}),
+            "train": train.to_dict(),
+            "passing_only": False,
+            "epoch_checkpoints": True,
+            "validation_version": validation_version.pk if validation_version is not None else None,
+            "init_variant": init_variant.pk if init_variant is not None else None,
+        },
         created_by=user,
     )
     enqueue(job)

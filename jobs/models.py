@@ -425,6 +425,7 @@ class JobPoint(models.Model):
     job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="points")
     seq = models.PositiveIntegerField()
     data = models.JSONField()
+    created_at = models.DateTimeField(default=timezone.now)
 
     class Meta:
         ordering = ["job", "seq"]

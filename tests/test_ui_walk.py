@@ -290,13 +290,17 @@ def test_the_leaderboard_draws_its_charts_and_a_rating_is_stored(page, world):
 
 
 def test_the_loss_chart_draws_the_points_as_they_are(page, world):
-    """A smoothed curve overshot between points (a peak at 3.0 between 2.1 and 1.8)."""
+    """A smoothed curve overshot between points (a peak at 3.0 between 2.1 and 1.8).
+    An epoch's validation loss is a curve of its own on the same step axis."""
+    JobPoint.append(world["finetune"], [{"step": 3, "valid_loss": 1.5}])
     log_in(page)
     page.goto(world["finetune"].get_absolute_url())
     page.wait_for_function("() => window.Chart && Chart.getChart('loss-chart')")
     tension = page.evaluate("() => Chart.getChart('loss-chart').data.datasets[0].tension")
     data = page.evaluate("() => Chart.getChart('loss-chart').data.datasets[0].data")
-    assert tension == 0 and data == [2.0, 1.0, 2.0 / 3]
+    assert tension == 0 and [(p["x"], p["y"]) for p in data] == [(1, 2.0), (2, 1.0), (3, 2.0 / 3)]
+    valid = page.evaluate("() => Chart.getChart('loss-chart').data.datasets[1].data")
+    assert valid == [{"x": 3, "y": 1.5}]
 
 
 def test_the_server_error_page_is_styled_and_needs_no_context():

@@ -61,7 +61,7 @@ REFINE_TEMPERATURE = 0.7
 
 
 def training_examples(
-    version: DatasetVersion, system_prompt: str, passing_only: bool = False
+    version: DatasetVersion, system_prompt: str | None, passing_only: bool = False
 ) -> tuple[list[dict[str, Any]], int]:
     """The examples to learn from and how many rows were left out. With
     passing_only, answers still flagged as failing a checkable rule (not
@@ -89,7 +89,8 @@ def training_examples(
 class FinetuneRunner(JobRunner):
     kind = "finetune"
     label = "Fine-tune"
-    requires = ("base_model", "prompt_version", "dataset_version")
+    # No prompt version: a plain supervised fine-tune (the /v1/fine_tuning API) on the rows as given.
+    requires = ("base_model", "dataset_version")
     LOG_EVERY = 30.0  # seconds between progress lines in the job log
     _logged_at: float  # set when the run starts
 
@@ -109,9 +110,10 @@ class FinetuneRunner(JobRunner):
         self._logged_at = time.monotonic()
         job = self.job
         version, prompt_version, base = job.dataset_version, job.prompt_version, job.base_model
-        assert version is not None and prompt_version is not None and base is not None
+        assert version is not None and base is not None
         passing_only = bool(job.params.get("passing_only", False))
-        examples, left_out = training_examples(version, prompt_version.text, passing_only)
+        system_prompt = prompt_version.text if prompt_version is not None else None
+        examples, left_out = training_examples(version, system_prompt, passing_only)
         if not examples:
             raise JobError(f"{version} has no train rows with an assistant answer to learn from.")
         if left_out:
@@ -129,11 +131,11 @@ class FinetuneRunner(JobRunner):
         general = self._general_mix(config, len(examples), guard_rails)
         task = list(examples)
         fact_rows = 0
-        if config.fact_repeat > 1:
+        if config.fact_repeat > 1 and prompt_version is not None:
             examples, fact_rows = self._repeat_fact_rows(
                 examples, _fact_checks(prompt_version), config.fact_repeat
             )
-        if config.student_passages:
+        if config.student_passages and prompt_version is not None:
             k = config.student_passages
             task, examples, general = (
                 self._with_passages(rows, prompt_version, k) for rows in (task, examples, general)
@@ -154,14 +156,24 @@ class FinetuneRunner(JobRunner):
         if teacher is not None and teacher.pk != base.pk:
             self.log(f"teacher model: {teacher.name}" + (" (KL against it)" if config.kl_weight > 0 else ""))
         teacher_dir = teacher.path if teacher is not None else None
+        init_adapter = self._init_adapter()
+        validation = self._validation_examples(system_prompt)
         started = time.monotonic()
         refined: dict[str, Any] | None = None
-        if config.refine_samples:
+        if config.refine_samples and prompt_version is not None:
             result = self._first_adapter(examples, config, teacher_dir)
             adapter_dir, refined = self._refine(task, general, config, result, guard_rails, teacher_dir)
             seconds = time.monotonic() - started  # both fine-tunes and the sampling between them
         else:
-            result = self._train(examples, job.data_dir, config, teacher_dir)
+            result = self._train(
+                examples,
+                job.data_dir,
+                config,
+                teacher_dir,
+                init_adapter=init_adapter,
+                eval_examples=validation,
+                epoch_adapters=bool(job.params.get("epoch_checkpoints")),
+            )
             assert result.adapter_dir is not None
             adapter_dir, seconds = result.adapter_dir, result.duration_seconds
         metrics = {
@@ -172,14 +184,19 @@ class FinetuneRunner(JobRunner):
         }
         if refined is not None:
             metrics.update(adapter_dir=str(adapter_dir), refine=refined)
+        name = (
+            f"{prompt_version.prompt.name}-absorbed-{job.pk}"
+            if prompt_version is not None
+            else f"{job.params.get('suffix') or 'fine-tune'}-{job.pk}"
+        )
         with transaction.atomic():
             variant = Variant.objects.create(
                 project=job.project,
-                name=f"{prompt_version.prompt.name}-absorbed-{job.pk}",
+                name=name,
                 base_model=base,
                 adapter_path=str(adapter_dir),
                 prompt_version=prompt_version,
-                prompt_sha256=prompt_version.sha256,
+                prompt_sha256=prompt_version.sha256 if prompt_version is not None else "",
                 dataset_version=version,
                 hyperparameters=config.to_dict(),
                 generation=guard_rails,
@@ -188,6 +205,7 @@ class FinetuneRunner(JobRunner):
                 metrics=metrics,
                 created_by=job.created_by,
             )
+            self._epoch_variants(variant, result)
             if not self.succeed(variant=variant):
                 raise transaction.TransactionManagementError("job was moved while finishing")
         loss = "?" if result.final_loss is None else f"{result.final_loss:.4f}"
@@ -196,6 +214,67 @@ class FinetuneRunner(JobRunner):
             f"{result.tokens_per_second:.0f} tok/s; variant {variant.name}"
             + (" (refined)" if refined is not None and refined.get("train") else "")
         )
+
+    def _init_adapter(self) -> Path | None:
+        """The adapter a fine-tune of a fine-tuned model starts from (params
+        "init_variant", a variant of the same project and base)."""
+        pk = self.job.params.get("init_variant")
+        if pk is None:
+            return None
+        start = Variant.objects.filter(pk=pk, project=self.job.project).first()
+        if start is None or not start.adapter_path or start.base_model_id != self.job.base_model_id:
+            raise JobError(f"the variant #{pk} to continue from is gone or has no adapter on this base")
+        self.log(f"continuing from the adapter of {start.name}")
+        return Path(start.adapter_path)
+
+    def _validation_examples(self, system_prompt: str | None) -> list[dict[str, Any]] | None:
+        """The rows of the validation dataset version (params
+        "validation_version"), whose loss is measured after each epoch."""
+        pk = self.job.params.get("validation_version")
+        if pk is None:
+            return None
+        version = DatasetVersion.objects.filter(pk=pk, dataset__project=self.job.project).first()
+        if version is None:
+            raise JobError(f"the validation dataset version #{pk} is gone")
+        rows = version.rows.order_by("index").values_list("messages", flat=True)
+        examples = [
+            {"messages": m[:-1], "answer": m[-1]["content"], "system_prompt": system_prompt}
+            for m in rows
+            if m and m[-1]["role"] == "assistant" and m[-1]["content"].strip()
+        ]
+        if not examples:
+            raise JobError(f"the validation data {version} has no rows with an assistant answer")
+        self.log(f"validation: the loss on {len(examples)} rows of {version} is measured after each epoch")
+        return examples
+
+    def _epoch_variants(self, final: Variant, result: TrainResult) -> None:
+        """Each earlier epoch's saved adapter as a servable variant of its own
+        (a checkpoint); the final variant's metrics list them all."""
+        log: list[dict[str, Any]] = []
+        for entry in result.epoch_log:
+            entry = dict(entry)
+            path = entry.get("adapter_dir")
+            if path and Path(path) != Path(final.adapter_path):
+                entry["variant"] = Variant.objects.create(
+                    project=final.project,
+                    name=f"{final.name} epoch {entry['epoch']}",
+                    base_model=final.base_model,
+                    adapter_path=str(path),
+                    prompt_version=final.prompt_version,
+                    prompt_sha256=final.prompt_sha256,
+                    dataset_version=final.dataset_version,
+                    hyperparameters=final.hyperparameters,
+                    generation=final.generation,
+                    final_loss=entry.get("train_loss"),
+                    metrics={"checkpoint_of_job": self.job.pk, "step": entry.get("step")},
+                    created_by=final.created_by,
+                ).pk
+            elif path:
+                entry["variant"] = final.pk
+            log.append(entry)
+        if log:
+            final.metrics = {**final.metrics, "epoch_log": log}
+            final.save(update_fields=["metrics"])
 
     @staticmethod
     def _with_passages(rows: list[dict[str, Any]], prompt_version: Any, k: int) -> list[dict[str, Any]]:
@@ -236,6 +315,8 @@ class FinetuneRunner(JobRunner):
         config: TrainConfig,
         teacher_dir: str | None,
         init_adapter: Path | None = None,
+        eval_examples: list[dict[str, Any]] | None = None,
+        epoch_adapters: bool = False,
     ) -> TrainResult:
         result = train(
             self.job.base_model.path,
@@ -247,6 +328,8 @@ class FinetuneRunner(JobRunner):
             resume=True,
             teacher_dir=teacher_dir,
             init_adapter=init_adapter,
+            eval_examples=eval_examples,
+            epoch_adapters=epoch_adapters,
         )
         if result.cancelled:
             raise JobCancelled()

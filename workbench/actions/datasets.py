@@ -664,3 +664,17 @@ def queue_token_stats(version: DatasetVersion, model: FoundationModel) -> Datase
     locked.save(update_fields=["token_stats"])
     compute_token_stats.delay_on_commit(locked.pk, model.pk)
     return locked
+
+
+@transaction.atomic
+def with_held_out(train: DatasetVersion, held_out: DatasetVersion, user: User | None) -> DatasetVersion:
+    """A new version of `train`'s dataset: its train rows, then every row of
+    `held_out` as the eval split (the /v1 fine-tuning API's validation_file
+    becomes the held-out queries of an absorb's four-arm comparison)."""
+    kept = list(train.rows.filter(split=DatasetRow.TRAIN).order_by("index").values_list("index", "messages"))
+    extra = list(held_out.rows.order_by("index").values_list("messages", flat=True))
+    # Indices the parent lacks: the held-out rows carry no line or extra fields of a train row.
+    rows = [*kept, *((-1 - j, m) for j, m in enumerate(extra))]
+    version = derive_version(train, user, rows, meta={"held_out_from": held_out.pk}, keep_split=True)
+    version.rows.filter(index__gte=len(kept)).update(split=DatasetRow.EVAL)
+    return version
