@@ -36,7 +36,7 @@ from django.views.decorators.csrf import csrf_exempt
 from engines import jsonguard
 from engines.inference import OPENAI_DEFAULT_MAX_TOKENS, OPENAI_PARAMS, GenerationSettings, openai_n
 from engines.protocol import OpenAIError, parse_messages
-from serving import limits, params
+from serving import ft_models, limits, params
 from serving.calls import Call, error_response
 from serving.models import Alias, ApiKey, hash_key
 from workbench.models import FoundationModel, Variant
@@ -48,8 +48,11 @@ MAX_MODEL_CHARS = 300
 SEED_RANGE = (-(2**63), 2**63 - 1)
 LAST_USED_EVERY = timedelta(seconds=60)
 VARIANT_NAME = re.compile(r"variant-(\d{1,18})")
-ROUTES = "GET /v1/models, GET /v1/models/{model}, POST /v1/chat/completions and POST /v1/completions"
-CORS_METHODS = "GET, POST, OPTIONS"
+ROUTES = (
+    "GET /v1/models, GET /v1/models/{model}, POST /v1/chat/completions, POST /v1/completions, "
+    "/v1/files and /v1/fine_tuning/jobs"
+)
+CORS_METHODS = "GET, POST, DELETE, OPTIONS"
 CORS_HEADERS = ("Authorization", "Content-Type")
 CORS_MAX_AGE = 600
 # transformers' "no limit known" value of a tokenizer's model_max_length.
@@ -174,9 +177,15 @@ def model_not_found(name: str) -> OpenAIError:
 
 
 def resolve_model(key: ApiKey, name: str) -> tuple[Alias | None, Variant]:
-    """PROJECT_SLUG/ALIAS, PROJECT_SLUG/variant-ID or variant-ID, within the key's project only."""
+    """PROJECT_SLUG/ALIAS, PROJECT_SLUG/variant-ID, variant-ID or a fine-tuned
+    model's ft: name, within the key's project only."""
     if len(name) > MAX_MODEL_CHARS or "\x00" in name:  # no name is that long; PostgreSQL refuses NUL
         raise model_not_found(name[:MAX_MODEL_CHARS])
+    if name.startswith("ft:"):
+        found = ft_models.resolve(key.project, name)
+        if found is None:
+            raise model_not_found(name)
+        return None, found
     slug, sep, rest = name.partition("/")
     if sep and slug != key.project.slug:
         raise model_not_found(name)
@@ -428,6 +437,11 @@ def _model_entries(key: ApiKey) -> list[dict[str, Any]]:
                 "max_model_len": max_model_len(variant.base_model),
             }
         )
+    by_id = {e["id"]: e for e in entries}
+    for ft in ft_models.entries(key.project):
+        shown = by_id.get(f"{slug}/{ft['variant']}")
+        if shown is not None:
+            entries.append({**shown, "id": ft["id"], "fine_tuning_job": ft["job"]})
     return entries
 
 

@@ -1,0 +1,318 @@
+"""The OpenAI fine-tuning API (/v1/files, /v1/fine_tuning/jobs), driven by
+the real `openai` package against a live server. The whole flow runs on a
+real Celery worker and the hf engine with the tiny model: upload, create,
+follow the events until it succeeds, chat with the fine-tuned model and its
+checkpoints; the same for an absorb. Refusals are checked in the shapes the
+SDK raises, and another project's key finds nothing."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+import openai
+import pytest
+
+from jobs.models import Job
+from serving.actions import create_api_key
+from tests.test_gateway import sdk
+from workbench.models import DatasetRow, DatasetVersion, Variant
+
+pytestmark = [pytest.mark.django_db(transaction=True)]
+
+QUESTIONS = [
+    "Where is my parcel?",
+    "How do I change my address?",
+    "Can I return an item?",
+    "When do you deliver?",
+    "How much is shipping?",
+    "Do you ship abroad?",
+]
+
+
+def chat_jsonl(questions: list[str], answer: str = "Parcelly here: on its way. Cheers, Ada") -> bytes:
+    rows = [
+        {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": answer}]}
+        for q in questions
+    ]
+    return "".join(json.dumps(r) + "\n" for r in rows).encode()
+
+
+@pytest.fixture
+def keys(alice, alice_project, bob, bob_project):
+    _key, raw = create_api_key(alice, alice_project, "sdk")
+    _bob_key, bob_raw = create_api_key(bob, bob_project, "sdk")
+    return raw, bob_raw
+
+
+def test_files_upload_list_retrieve_content_and_delete(live_server, keys, alice_project):
+    client = sdk(live_server, keys[0])
+    data = chat_jsonl(QUESTIONS)
+    made = client.files.create(file=("support.jsonl", data), purpose="fine-tune")
+    assert (made.object, made.purpose, made.status, made.bytes, made.filename) == (
+        "file",
+        "fine-tune",
+        "processed",
+        len(data),
+        "support.jsonl",
+    )
+    version = DatasetVersion.objects.get(pk=int(made.id.removeprefix("file-")))
+    assert version.dataset.project == alice_project and version.row_count == len(QUESTIONS)
+    assert not version.rows.filter(split=DatasetRow.EVAL).exists()  # every row trains
+    assert [f.id for f in client.files.list()] == [made.id]
+    assert client.files.retrieve(made.id).filename == "support.jsonl"
+    assert client.files.content(made.id).read() == data
+    # every format the upload page reads: a CSV of questions too
+    csv = client.files.create(file=("queries.csv", b"query\nWhere is it?\nHow late?\n"), purpose="fine-tune")
+    assert (client.files.retrieve(csv.id).format, DatasetVersion.objects.get(pk=csv.id[5:]).row_count) == (
+        "csv",
+        2,
+    )
+    deleted = client.files.delete(made.id)
+    assert deleted.deleted and deleted.id == made.id
+    assert not DatasetVersion.objects.filter(pk=version.pk).exists()
+    with pytest.raises(openai.NotFoundError):
+        client.files.retrieve(made.id)
+    assert [f.id for f in client.files.list()] == [csv.id]
+
+
+def test_a_bad_file_is_an_openai_shaped_400_naming_the_line_and_stores_nothing(live_server, keys):
+    client = sdk(live_server, keys[0])
+    bad = (
+        b'{"messages": [{"role": "user", "content": "Hi"}]}\n{"messages": [{"role": "user", "content": "cut\n'
+    )
+    with pytest.raises(openai.BadRequestError) as err:
+        client.files.create(file=("bad.jsonl", bad), purpose="fine-tune")
+    assert err.value.status_code == 400
+    assert "line 2" in err.value.message and err.value.body["param"] == "file"
+    assert err.value.body["code"] == "invalid_file"
+    assert not DatasetVersion.all_objects.exists()
+    with pytest.raises(openai.BadRequestError) as err:
+        client.files.create(file=("ok.jsonl", chat_jsonl(QUESTIONS)), purpose="assistants")
+    assert err.value.body["param"] == "purpose"
+    with pytest.raises(openai.BadRequestError) as err:
+        client.files.create(file=("empty.jsonl", b""), purpose="fine-tune")
+    assert "nothing was stored" in err.value.message
+    assert not DatasetVersion.all_objects.exists()
+
+
+def test_another_projects_files_and_jobs_are_not_found(live_server, keys, tiny_base, alice_client):
+    alice, bob = (sdk(live_server, k) for k in keys)
+    made = alice.files.create(file=("support.jsonl", chat_jsonl(QUESTIONS)), purpose="fine-tune")
+    for call in (
+        lambda: bob.files.retrieve(made.id),
+        lambda: bob.files.content(made.id),
+        lambda: bob.files.delete(made.id),
+    ):
+        with pytest.raises(openai.NotFoundError):
+            call()
+    assert bob.files.list().data == []
+    job = alice.fine_tuning.jobs.create(training_file=made.id, model="tiny-lively")
+    for call in (
+        lambda: bob.fine_tuning.jobs.retrieve(job.id),
+        lambda: bob.fine_tuning.jobs.cancel(job.id),
+        lambda: bob.fine_tuning.jobs.list_events(job.id),
+        lambda: bob.fine_tuning.jobs.checkpoints.list(job.id),
+    ):
+        with pytest.raises(openai.NotFoundError):
+            call()
+    assert bob.fine_tuning.jobs.list().data == []
+    # the UI shows the job like any other
+    page = alice_client.get(Job.objects.get().get_absolute_url())
+    assert page.status_code == 200 and job.id in page.content.decode()
+    # nor can bob train on alice's file
+    with pytest.raises(openai.BadRequestError) as err:
+        bob.fine_tuning.jobs.create(training_file=made.id, model="tiny-lively")
+    assert err.value.body["param"] == "training_file"
+    assert Job.objects.count() == 1
+    # a job, once created, cannot be deleted from under it
+    with pytest.raises(openai.APIStatusError) as err:
+        alice.files.delete(made.id)
+    assert err.value.status_code == 409 and job.id in err.value.message
+
+
+def test_job_settings_are_checked_before_anything_runs(live_server, keys, tiny_base):
+    client = sdk(live_server, keys[0])
+    made = client.files.create(file=("support.jsonl", chat_jsonl(QUESTIONS)), purpose="fine-tune")
+    queries = client.files.create(file=("q.txt", b"Where is it?\nHow late?\n"), purpose="fine-tune")
+    refusals = [
+        ({"hyperparameters": {"n_epochs": 0}}, "hyperparameters.n_epochs"),
+        ({"hyperparameters": {"learning_rate_multiplier": -1}}, "hyperparameters.learning_rate_multiplier"),
+        ({"hyperparameters": {"warmup": 3}}, "hyperparameters.warmup"),
+        ({"method": {"type": "dpo", "dpo": {}}}, "method.type"),
+        ({"method": {"type": "supervised", "supervised": {"hyperparameters": {"batch_size": 10**6}}}}, None),
+        ({"suffix": "no spaces please"}, "suffix"),
+        ({"seed": "seven"}, "seed"),
+        ({"metadata": {"k": 1}}, "metadata"),
+        ({"integrations": [{"type": "wandb", "wandb": {"project": "x"}}]}, "integrations"),
+        ({"model": "gpt-4o-mini"}, "model"),
+        ({"training_file": "file-999999"}, "training_file"),
+        ({"training_file": queries.id}, None),  # questions without answers: nothing to learn from
+        ({"method": {"type": "absorb", "absorb": {}}}, "method.absorb"),
+    ]
+    for extra, param in refusals:
+        body = {"training_file": made.id, "model": "tiny-lively", **extra}
+        with pytest.raises(openai.BadRequestError) as err:
+            client.fine_tuning.jobs.create(**body)
+        assert err.value.status_code == 400, extra
+        if param is not None:
+            assert err.value.body["param"] == param, (extra, err.value.body)
+    with pytest.raises(openai.BadRequestError) as err:
+        client.post(
+            "/fine_tuning/jobs",
+            body={"training_file": made.id, "model": "tiny-lively", "x": 1},
+            cast_to=object,
+        )
+    assert "x" in err.value.message
+    assert not Job.objects.exists()
+    # an absorb needs held-out queries to compare the arms on
+    with pytest.raises(openai.BadRequestError) as err:
+        client.fine_tuning.jobs.create(
+            training_file=queries.id,
+            model="tiny-lively",
+            method={"type": "absorb", "absorb": {"system_prompt": "You are Ada."}},  # type: ignore[typeddict-item]
+        )
+    assert err.value.body["param"] == "validation_file"
+    assert not Job.objects.exists()
+
+
+def test_unknown_routes_and_methods_are_openai_shaped(live_server, keys):
+    url = f"{live_server.url}/v1"
+    auth = {"Authorization": f"Bearer {keys[0]}"}
+    put = httpx.put(f"{url}/files", headers=auth)
+    assert put.status_code == 405 and put.json()["error"]["code"] == "method_not_allowed"
+    raw = httpx.post(f"{url}/files", headers=auth, json={"purpose": "fine-tune"})
+    assert raw.status_code == 400 and "multipart" in raw.json()["error"]["message"]
+    assert httpx.get(f"{url}/files").status_code == 401
+
+
+def wait_succeeded(client: openai.OpenAI, job_id: str, timeout: float = 600) -> tuple[object, list]:
+    """Follow the job as a script would: its events until it ends."""
+    deadline, seen = time.monotonic() + timeout, {}
+    while time.monotonic() < deadline:
+        for event in client.fine_tuning.jobs.list_events(job_id, limit=100):
+            seen[event.id] = event
+        job = client.fine_tuning.jobs.retrieve(job_id)
+        if job.status in ("succeeded", "failed", "cancelled"):
+            assert job.status == "succeeded", (job.error, [e.message for e in seen.values()][:40])
+            return job, list(seen.values())
+        time.sleep(1)
+    raise AssertionError(f"{job_id} did not end in {timeout} s")
+
+
+@pytest.mark.slow
+def test_the_whole_flow_with_the_openai_sdk(live_server, keys, alice_project, tiny_base, worker, engine):
+    client = sdk(live_server, keys[0])
+    train = client.files.create(file=("train.jsonl", chat_jsonl(QUESTIONS * 2)), purpose="fine-tune")
+    valid = client.files.create(file=("valid.jsonl", chat_jsonl(QUESTIONS[:3])), purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(
+        training_file=train.id,
+        validation_file=valid.id,
+        model="tiny-lively",
+        suffix="ada",
+        seed=7,
+        method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2, "batch_size": 4}}},
+        metadata={"team": "support"},
+    )
+    assert (job.status, job.fine_tuned_model, job.hyperparameters.n_epochs, job.seed) == (
+        "queued",
+        None,
+        2,
+        7,
+    )
+    assert job.id in [j.id for j in client.fine_tuning.jobs.list(metadata={"team": "support"})]
+    assert client.fine_tuning.jobs.list(metadata={"team": "other"}).data == []
+    done, events = wait_succeeded(client, job.id)
+    assert done.fine_tuned_model == f"ft:tiny-lively:{alice_project.slug}:ada:{job.id}"
+    assert done.trained_tokens and done.finished_at and done.error is None
+    kinds = {e.type for e in events}
+    assert kinds == {"message", "metrics"}
+    assert any("fine-tune done" in e.message for e in events)
+    assert any(e.type == "metrics" and e.data["train_loss"] is not None for e in events)
+    # pages: newest first, the cursor walks back without repeating
+    first = client.fine_tuning.jobs.list_events(job.id, limit=3)
+    assert first.has_more and len(first.data) == 3
+    second = client.fine_tuning.jobs.list_events(job.id, limit=3, after=first.data[-1].id)
+    assert not {e.id for e in first.data} & {e.id for e in second.data}
+    assert [e.created_at for e in first.data] == sorted((e.created_at for e in first.data), reverse=True)
+
+    answer = client.chat.completions.create(
+        model=done.fine_tuned_model,
+        messages=[{"role": "user", "content": "Where is my parcel?"}],
+        max_tokens=8,
+    )
+    assert answer.model == done.fine_tuned_model and answer.choices[0].message.content
+    assert done.fine_tuned_model in {m.id for m in client.models.list()}
+
+    checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id).data
+    assert [c.metrics.step for c in checkpoints] == sorted(
+        (c.metrics.step for c in checkpoints), reverse=True
+    )
+    assert len(checkpoints) == 2 and checkpoints[0].fine_tuned_model_checkpoint == done.fine_tuned_model
+    assert all(c.metrics.valid_loss is not None for c in checkpoints)
+    earlier = checkpoints[1].fine_tuned_model_checkpoint
+    assert earlier == f"{done.fine_tuned_model}:ckpt-step-{checkpoints[1].step_number}"
+    first_epoch = client.chat.completions.create(
+        model=earlier, messages=[{"role": "user", "content": "Where is my parcel?"}], max_tokens=8
+    )
+    assert first_epoch.model == earlier
+    final = Job.objects.get(pk=int(job.id[6:])).variant
+    assert Variant.objects.filter(metrics__checkpoint_of_job=final.jobs.get().pk).count() == 1
+
+    # a fine-tune of the fine-tuned model continues from its adapter
+    again = client.fine_tuning.jobs.create(training_file=train.id, model=done.fine_tuned_model)
+    assert again.model == done.fine_tuned_model
+    assert (
+        Job.objects.get(pk=int(again.id[6:])).params["init_variant"]
+        == Job.objects.get(pk=int(job.id[6:])).variant_id
+    )
+    cancelled = client.fine_tuning.jobs.cancel(again.id)
+    assert cancelled.status == "cancelled"
+    stopped = Job.objects.get(pk=int(again.id[6:]))
+    assert stopped.wait(120) and stopped.status == Job.CANCELLED and stopped.variant_id is None
+    assert client.fine_tuning.jobs.retrieve(again.id).status == "cancelled"
+    with pytest.raises(openai.BadRequestError):
+        client.fine_tuning.jobs.cancel(job.id)  # it already succeeded
+
+
+@pytest.mark.slow
+def test_an_absorb_through_the_api_reports_each_stage_and_its_four_arms(
+    live_server, keys, tiny_base, worker, engine
+):
+    client = sdk(live_server, keys[0])
+    queries = client.files.create(file=("q.txt", "\n".join(QUESTIONS * 2).encode()), purpose="fine-tune")
+    held_out = client.files.create(
+        file=("h.txt", b"Where is my order?\nCan I pay later?\n"), purpose="fine-tune"
+    )
+    job = client.fine_tuning.jobs.create(
+        training_file=queries.id,
+        validation_file=held_out.id,
+        model="tiny-lively",
+        suffix="absorbed",
+        extra_body={
+            "method": {
+                "type": "absorb",
+                "absorb": {
+                    "system_prompt": "You are Ada of Parcelly. End every answer with 'Cheers, Ada'.",
+                    "rules": [{"name": "sign-off", "kind": "ends_with", "text": "Cheers, Ada"}],
+                    "prompt_name": "ada",
+                    "hyperparameters": {"n_epochs": 1},
+                },
+            }
+        },
+    )
+    assert job.method.type == "absorb"
+    done, events = wait_succeeded(client, job.id, timeout=900)
+    stages = {e.data["stage"] for e in events if e.type == "message"}
+    assert {"teacher", "finetune"} <= stages and len(stages) == 3  # and the comparison's eval job
+    assert done.result_files and client.files.retrieve(done.result_files[0]).purpose == "fine-tune-results"
+    summary = done.model_extra["eval"]
+    assert summary["status"] == "succeeded" and summary["metric"] == "all_rules"
+    assert set(summary["per_arm"]) >= {"floor", "teacher", "student"}
+    answer = client.chat.completions.create(
+        model=done.fine_tuned_model,
+        messages=[{"role": "user", "content": "Where is my order?"}],
+        max_tokens=8,
+    )
+    assert answer.choices[0].message.content is not None
