@@ -594,7 +594,7 @@ def _jobs_create(request: ApiRequest, key: ApiKey) -> HttpResponse:
                 if start is not None:
                     raise _bad("An absorb starts from a base model, not from a fine-tuned one.", "model")
                 job = _start_absorb(key, spec, training, validation, base, train)
-                job.params = {**job.params, "api": api, "suffix": suffix or ""}
+                job.params = {**job.params, "api": api, "suffix": suffix or "", "epoch_checkpoints": True}
                 job.save(update_fields=["params"])
     except ActionError as exc:
         raise _bad(str(exc)) from None

@@ -316,3 +316,43 @@ def test_an_absorb_through_the_api_reports_each_stage_and_its_four_arms(
         max_tokens=8,
     )
     assert answer.choices[0].message.content is not None
+    (checkpoint,) = client.fine_tuning.jobs.checkpoints.list(job.id)  # one epoch: the model itself
+    assert checkpoint.fine_tuned_model_checkpoint == done.fine_tuned_model
+    assert checkpoint.step_number == Job.objects.get(pk=int(job.id[6:])).variant.metrics["steps"]
+
+
+def test_uploads_keep_the_upload_pages_size_limit(live_server, keys, settings):
+    settings.UPLOAD_MAX_BYTES = 1000
+    stored = settings.MEDIA_ROOT / "datasets"
+    before = set(stored.iterdir()) if stored.is_dir() else set()
+    client = sdk(live_server, keys[0])
+    for size in (20, 200):  # stopped as it streams, or refused by its length before a byte is read
+        with pytest.raises(openai.APIStatusError) as err:
+            client.files.create(file=("big.jsonl", chat_jsonl(QUESTIONS * size)), purpose="fine-tune")
+        assert err.value.status_code == 413 and "limit" in err.value.message
+    assert not DatasetVersion.all_objects.exists()
+    assert (set(stored.iterdir()) if stored.is_dir() else set()) == before
+
+
+def test_the_keys_rate_limit_holds_on_the_fine_tuning_routes(live_server, keys, settings):
+    settings.V1_REQUESTS_PER_MINUTE_PER_KEY = 3
+    if time.time() % 60 > 45:  # the four requests must fall in one minute
+        time.sleep(61 - time.time() % 60)
+    client = sdk(live_server, keys[0])
+    for _ in range(3):
+        client.files.list()
+    with pytest.raises(openai.RateLimitError) as err:
+        client.fine_tuning.jobs.list()
+    assert err.value.body["code"] == "requests_per_minute_exceeded"
+    assert sdk(live_server, keys[1]).files.list().data == []  # another key is not held back
+
+
+def test_jobs_are_listed_newest_first_a_page_at_a_time(live_server, keys, tiny_base):
+    client = sdk(live_server, keys[0])
+    made = client.files.create(file=("support.jsonl", chat_jsonl(QUESTIONS)), purpose="fine-tune")
+    ids = [client.fine_tuning.jobs.create(training_file=made.id, model="tiny-lively").id for _ in range(3)]
+    first = client.fine_tuning.jobs.list(limit=2)
+    assert [j.id for j in first.data] == ids[::-1][:2] and first.has_more
+    rest = client.fine_tuning.jobs.list(limit=2, after=first.data[-1].id)
+    assert [j.id for j in rest.data] == [ids[0]] and not rest.has_more
+    assert [j.id for j in client.fine_tuning.jobs.list(limit=1)] == ids[::-1]  # the SDK follows the cursor
