@@ -12,7 +12,7 @@ from django.urls import reverse
 from django.utils import timezone
 from django.utils.text import slugify
 
-from engines.curation import rule_literals, with_passages
+from engines.curation import student_view
 
 if TYPE_CHECKING:
     from django.contrib.auth.models import AnonymousUser, User
@@ -488,8 +488,7 @@ class Variant(models.Model):
         k = self.student_passages
         if not k or self.prompt_version is None:
             return messages
-        pv = self.prompt_version
-        return with_passages(messages, pv.text, k, rule_literals(pv.rules or []))
+        return student_view(messages, self.prompt_version.text, self.prompt_version.rules or [], k)
 
     def newer_prompt_version(self) -> PromptVersion | None:
         """The latest version of the absorbed prompt when it is newer than the

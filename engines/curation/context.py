@@ -158,6 +158,13 @@ def with_passages(
     return with_note(conversation, facts_note(found))
 
 
+def student_view(conversation: Sequence[Message], prompt: str, rules: Sequence[Any], k: int) -> list[Message]:
+    """The conversation as a student trained with `student_passages` k reads
+    it, in training and when served alike: the prompt's k passages most
+    relevant to the question, the rules' required openings and closings left out."""
+    return with_passages(conversation, prompt, k, rule_literals(rules))
+
+
 # Figures a reader would act on: money, clock times, percentages. A number
 # with a currency or a clock shape is rarely right by chance.
 _FIGURE = re.compile(

@@ -282,11 +282,11 @@ class FinetuneRunner(JobRunner):
         question), with the prompt's k passages most relevant to the question
         after it, as the student reads them when served; "query" keeps the
         user's own words for the checks."""
-        exclude = curation.rule_literals(prompt_version.rules or [])
+        rules = prompt_version.rules or []
         return [
             {
                 **r,
-                "messages": curation.with_passages(r["messages"], prompt_version.text, k, exclude),
+                "messages": curation.student_view(r["messages"], prompt_version.text, rules, k),
                 "query": curation.last_user_text(r["messages"]),
             }
             for r in rows
