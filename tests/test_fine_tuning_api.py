@@ -356,3 +356,22 @@ def test_jobs_are_listed_newest_first_a_page_at_a_time(live_server, keys, tiny_b
     rest = client.fine_tuning.jobs.list(limit=2, after=first.data[-1].id)
     assert [j.id for j in rest.data] == [ids[0]] and not rest.has_more
     assert [j.id for j in client.fine_tuning.jobs.list(limit=1)] == ids[::-1]  # the SDK follows the cursor
+
+
+def test_a_large_file_is_imported_by_a_job_and_cannot_train_before_it_is_processed(
+    live_server, keys, tiny_base, settings
+):
+    from jobs.lifecycle import execute
+
+    settings.DATASET_SYNC_IMPORT_BYTES = 100
+    client = sdk(live_server, keys[0])
+    made = client.files.create(file=("support.jsonl", chat_jsonl(QUESTIONS)), purpose="fine-tune")
+    assert made.status == "uploaded" and client.files.retrieve(made.id).status == "uploaded"
+    with pytest.raises(openai.BadRequestError) as err:
+        client.fine_tuning.jobs.create(training_file=made.id, model="tiny-lively")
+    assert err.value.body["code"] == "file_not_ready"
+    (job,) = Job.objects.filter(kind="dataset-import")
+    execute(job.pk, "test-worker")
+    processed = client.files.retrieve(made.id)
+    assert (processed.status, processed.model_extra["rows"]) == ("processed", len(QUESTIONS))
+    assert client.fine_tuning.jobs.create(training_file=made.id, model="tiny-lively").status == "queued"
