@@ -99,9 +99,9 @@ def main() -> None:
     from workbench.models import FoundationModel
 
     print(f"data directory: {data_dir}", flush=True)
+    call_command("migrate", verbosity=0)  # a kept data directory too: its tables follow the code
     if args.from_teacher:
         return resume(args, data_dir)
-    call_command("migrate", verbosity=0)
     call_command("provision_model", verbosity=0)
     folder = REPO / "scenarios" / args.scenario
     user = get_user_model().objects.create(username="bench")
