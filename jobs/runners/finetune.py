@@ -205,7 +205,8 @@ class FinetuneRunner(JobRunner):
                 metrics=metrics,
                 created_by=job.created_by,
             )
-            self._epoch_variants(variant, result)
+            if refined is None:  # a refined adapter is no epoch of the first run: no checkpoints but it
+                self._epoch_variants(variant, result)
             if not self.succeed(variant=variant):
                 raise transaction.TransactionManagementError("job was moved while finishing")
         loss = "?" if result.final_loss is None else f"{result.final_loss:.4f}"
