@@ -60,6 +60,24 @@ def with_variant_prompt(messages: list[dict[str, str]], variant: Variant) -> lis
     return apply_system_prompt(messages, prompt if client is None else f"{prompt}{SYSTEM_JOIN}{client}")
 
 
+def engine_request(
+    variant: Variant, engine_params: dict[str, Any], chat: bool = True, request_id: str = "-"
+) -> dict[str, Any]:
+    """The engine's request for `variant`: its guard rails (its teacher's
+    repetition penalty, ...) unless the request sets them, and on chat the
+    messages as the variant reads them (`with_variant_prompt`). /v1 and the
+    playground both build it here, so a variant answers both alike; the
+    variant may be unsaved (a base model with a prompt version)."""
+    rails = dict(variant.generation)
+    if settings.INFERENCE_BACKEND == "vllm" and rails.pop("no_repeat_ngram_size", None):
+        # vLLM has no such parameter and would drop it without a word: say so in the log.
+        log.info("v1 %s: variant-%s's no_repeat_ngram_size is not applied on vLLM", request_id, variant.pk)
+    body = {**rails, **engine_params}
+    if chat:
+        body["messages"] = with_variant_prompt(engine_params["messages"], variant)
+    return body
+
+
 def fingerprint(variant: Variant) -> str:
     """OpenAI's system_fingerprint: stable for one deployment of a variant
     (backend, base model, variant), changed when any of them changes."""
@@ -67,9 +85,10 @@ def fingerprint(variant: Variant) -> str:
     return "fp_" + hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
-class _Relay:
+class Relay:
     """The streamed body: closing it (Django does, even before the first chunk)
-    ends the engine stream and releases the key's lease."""
+    ends the engine stream and releases the lease (a generator's own
+    `finally` would not run when it was never started)."""
 
     def __init__(self, chunks: Iterator[bytes], close: Callable[[], None]) -> None:
         self.chunks, self._close = chunks, close
@@ -110,16 +129,7 @@ class Call:
         self.fingerprint = fingerprint(variant)
         # The engine queues work round-robin by project (its fairness bucket).
         self.project = key.project.slug
-        # The variant's guard rails (its teacher's repetition penalty, ...) unless the request sets them.
-        rails = dict(variant.generation)
-        if settings.INFERENCE_BACKEND == "vllm" and rails.pop("no_repeat_ngram_size", None):
-            # vLLM has no such parameter and would drop it without a word: say so in the log.
-            log.info(
-                "v1 %s: variant-%s's no_repeat_ngram_size is not applied on vLLM", request_id, variant.pk
-            )
-        self.engine_body = {**rails, **engine_params}
-        if chat:
-            self.engine_body["messages"] = with_variant_prompt(engine_params["messages"], variant)
+        self.engine_body = engine_request(variant, engine_params, chat=chat, request_id=request_id)
         self.began = time.perf_counter()
 
     def _relabel(self, data: dict[str, Any]) -> dict[str, Any]:
@@ -162,7 +172,7 @@ class Call:
             stack.close()
             raise
         response = StreamingHttpResponse(
-            _Relay(self._relay(events, stack, include_usage), stack.close), content_type="text/event-stream"
+            Relay(self._relay(events, stack, include_usage), stack.close), content_type="text/event-stream"
         )
         response["Cache-Control"] = "no-cache"
         response["X-Accel-Buffering"] = "no"

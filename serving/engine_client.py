@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any
@@ -32,6 +33,9 @@ CONNECT_SECONDS = 5.0
 PROJECT_HEADER = "X-Project"
 CHAT_PATH = "/v1/chat/completions"
 COMPLETIONS_PATH = "/v1/completions"
+# The hf engine's code for a model another request is loading (engines.serving_engine.errors.unavailable).
+STILL_LOADING_CODE = "unavailable"
+LOAD_POLL_SECONDS = 0.25
 
 
 def unavailable(url: str, exc: Exception | str) -> OpenAIError:
@@ -83,6 +87,11 @@ def _error_from(response: httpx.Response) -> OpenAIError:
     return OpenAIError(response.status_code, message, type=kind)
 
 
+def shown(variant: Variant) -> str:
+    """The variant as errors name it; an unsaved one (the playground's base + prompt) by its base."""
+    return f"variant {variant.pk}" if variant.pk is not None else f"the base model {variant.base_model.name}"
+
+
 def _model_not_found(err: OpenAIError) -> bool:
     return err.status == 404 or err.code == "model_not_found"
 
@@ -97,8 +106,12 @@ class EngineClient:
         self.http = httpx.Client(
             base_url=self.url, timeout=httpx.Timeout(timeout, connect=CONNECT_SECONDS), headers=headers
         )
+        self.timeout = timeout
         self._loaded: set[str] = set()  # engine model names known to be loaded
         self._lock = threading.Lock()
+        # One load at a time in this process: requests arriving together for a model not yet
+        # loaded (the playground's columns) wait for the first one's load instead of failing.
+        self._loading = threading.Lock()
 
     def close(self) -> None:
         self.http.close()
@@ -170,26 +183,35 @@ class EngineClient:
 
     def ensure_loaded(self, variant: Variant, refresh: bool = False) -> None:
         """Load the variant's base and adapter into the engine unless they are
-        there. Raises OpenAIError (503) when the engine cannot load them."""
+        there, waiting while another request loads them. Raises OpenAIError
+        (503) when the engine cannot load them."""
         name = variant.engine_model
-        base = variant.base_model
         if not refresh:
             with self._lock:
                 if name in self._loaded:
                     return
+        with self._loading:
+            with self._lock:
+                if name in self._loaded and not refresh:
+                    return
+            self._ensure_loaded(variant)
+
+    def _ensure_loaded(self, variant: Variant) -> None:
+        name = variant.engine_model
+        base = variant.base_model
         served = {m.get("id") for m in self.models()}
         try:
             if base.name not in served:
                 if self.backend != "hf":
                     raise OpenAIError(
                         503,
-                        f"The inference engine does not serve variant {variant.pk}'s base model.",
+                        f"The inference engine does not serve {shown(variant)}'s base model.",
                         type="engine_unavailable",
                         code="model_not_loaded",
                         detail=f"the engine at {self.url} does not serve the base model "
                         f"{base.name}: start it with that model",
                     )
-                self.load_base(base.name, base.path)
+                self._load_base_waiting(base.name, base.path)
             if variant.adapter_path and name not in served:
                 self.load_adapter(name, variant.adapter_path, base.name)
         except OpenAIError as exc:
@@ -197,7 +219,7 @@ class EngineClient:
                 raise
             raise OpenAIError(
                 503,
-                f"The inference engine could not load variant {variant.pk}.",
+                f"The inference engine could not load {shown(variant)}.",
                 type="engine_unavailable",
                 code="model_load_failed",
                 detail=f"loading {name} ({variant.name}) failed: {exc}",
@@ -205,6 +227,20 @@ class EngineClient:
         with self._lock:
             self._loaded.add(name)
             self._loaded.add(base.name)
+
+    def _load_base_waiting(self, name: str, path: str) -> None:
+        """Load a base, or wait while another process loads it: the hf engine
+        answers 503 "still loading" meanwhile, then "already loaded" (200)."""
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                return self.load_base(name, path)
+            except OpenAIError as exc:
+                if exc.code != STILL_LOADING_CODE or "still loading" not in exc.message:
+                    raise
+                if time.monotonic() > deadline:
+                    raise timed_out(self.url, f"finish loading {name}") from exc
+            time.sleep(LOAD_POLL_SECONDS)
 
     # --- completions (chat and legacy text) ---------------------------------------
 
@@ -292,7 +328,7 @@ class EngineClient:
             self.forget(variant.engine_model)
             return OpenAIError(
                 503,
-                f"The inference engine lost variant {variant.pk} right after loading it.",
+                f"The inference engine lost {shown(variant)} right after loading it.",
                 type="engine_unavailable",
                 code="model_load_failed",
                 detail=f"{variant.engine_model}: {err.message}",

@@ -3,11 +3,13 @@ from __future__ import annotations
 from typing import Any
 
 from django import forms
+from django.conf import settings
 
 from evals.models import EvalSuite
+from serving import playground
 from serving.models import Alias
 from workbench.forms import form_token_field, model_choice
-from workbench.models import Project, Variant
+from workbench.models import Project, PromptVersion, Variant
 
 
 class AliasForm(forms.Form):
@@ -91,3 +93,53 @@ class ApiKeyForm(forms.Form):
 def variant_label(v: Variant) -> str:
     kind = "base" if v.is_base else ("adapter" if v.adapter_path else "prompted")
     return f"#{v.pk} {v.name} ({kind}, {v.base_model.name})"
+
+
+class ModelsField(forms.Field):
+    """Every `model` value the page posts (one per picked column), in order."""
+
+    widget = forms.MultipleHiddenInput
+
+    def to_python(self, value: Any) -> list[str]:
+        return [str(v) for v in value or []]
+
+
+class PlaygroundForm(forms.Form):
+    """One column's request: the whole turn (so its bounds hold whichever column asks) and its index."""
+
+    message = forms.CharField(strip=False, max_length=playground.MAX_MESSAGE_CHARS)
+    model = ModelsField()
+    column = forms.IntegerField(min_value=0, max_value=playground.MAX_MODELS - 1)
+    temperature = forms.FloatField(min_value=0, max_value=2)
+    rules = forms.ModelChoiceField(queryset=PromptVersion.objects.none(), required=False)
+
+    def __init__(self, project: Project, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Built here, not at import: the cap is a setting (tests change it).
+        self.fields["max_tokens"] = forms.IntegerField(min_value=1, max_value=settings.GATEWAY_MAX_TOKENS)
+        model_choice(self, "rules").queryset = PromptVersion.objects.filter(
+            prompt__project=project
+        ).select_related("prompt")
+
+    def clean_message(self) -> str:
+        message: str = self.cleaned_data["message"]
+        if not message.strip():
+            raise forms.ValidationError("Type a message.")
+        return message
+
+    def clean_model(self) -> list[str]:
+        specs: list[str] = self.cleaned_data["model"]
+        if not 1 <= len(specs) <= playground.MAX_MODELS:
+            raise forms.ValidationError(f"Pick 1 to {playground.MAX_MODELS} models, not {len(specs)}.")
+        return specs
+
+    def clean(self) -> dict[str, Any] | None:
+        data = super().clean() or {}
+        specs, column = data.get("model"), data.get("column")
+        if specs and column is not None and column >= len(specs):
+            self.add_error("column", f"Column {column} is not one of the {len(specs)} model(s) picked.")
+        return data
+
+    def problems(self) -> str:
+        """The errors in one line, each with its field."""
+        return " ".join(f"{name}: {' '.join(str(e) for e in errors)}" for name, errors in self.errors.items())

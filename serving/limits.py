@@ -97,7 +97,7 @@ def in_flight(key_id: int) -> tuple[int, int]:
     )
 
 
-def _in_flight(name: str, key_id: int, amount: int, limit: int, lease: Lease) -> bool:
+def _in_flight(name: str, key_id: int | str, amount: int, limit: int, lease: Lease) -> bool:
     """Count `amount` more of `name` for the key unless that passes `limit`."""
     span = lease_seconds()
     bucket = int(time.time() // span)
@@ -110,9 +110,10 @@ def _in_flight(name: str, key_id: int, amount: int, limit: int, lease: Lease) ->
     return True
 
 
-def acquire(key_id: int, tokens: int) -> Lease:
-    """Admit one request of API key `key_id` asking for `tokens` (n x max_tokens),
-    or raise RateLimited. The caller releases the lease when the request ends."""
+def acquire(key_id: int | str, tokens: int) -> Lease:
+    """Admit one request of API key `key_id` (or of another holder named by a
+    string: a playground user) asking for `tokens` (n x max_tokens), or raise
+    RateLimited. The caller releases the lease when the request ends."""
     now = time.time()
     per_minute = max_per_minute()
     if _add(f"v1:rpm:{key_id}:{int(now // 60)}", 1, 120) > per_minute:

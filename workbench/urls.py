@@ -76,6 +76,7 @@ urlpatterns = [
     path("", include("serving.urls")),
     path("", include("serving.export_urls")),
     path("", include("serving.log_urls")),
+    path("", include("serving.playground_urls")),
     path("v1/", include("serving.api_urls")),
     # "/v1" itself too: the API answers every path in JSON (no slash redirect, no HTML 404).
     # (\Z, not $: an include ending in $ is a system check warning.)
