@@ -205,6 +205,16 @@ def start_runs(
     return runs
 
 
+def comparison_generation(
+    variant: Variant, generation: GenerationSettings | Mapping[str, Any] | None = None
+) -> GenerationSettings:
+    """What a variant's four arms answer with: `generation` over its guard
+    rails (its teacher's) over the eval defaults."""
+    if isinstance(generation, GenerationSettings):
+        return generation
+    return _generation({**variant.generation, **(generation or {})})
+
+
 @transaction.atomic
 def start_comparison(
     project: Project,
@@ -237,9 +247,15 @@ def start_comparison(
         RunSpec(base, variant if arm.with_adapter else None, prompt if arm.with_prompt else None, arm.name)
         for arm in sorted(ARM_SPECS, key=lambda a: a.run_order)
     ]
-    if not isinstance(generation, GenerationSettings):
-        generation = {**variant.generation, **(generation or {})}
-    runs = start_runs(project, user, suite, specs, generation, comparison=comparison, form_token=form_token)
+    runs = start_runs(
+        project,
+        user,
+        suite,
+        specs,
+        comparison_generation(variant, generation),
+        comparison=comparison,
+        form_token=form_token,
+    )
     comparison.job = runs[0].job
     comparison.save(update_fields=["job"])
     return comparison

@@ -13,6 +13,7 @@ from django.db.models import RestrictedError
 from engines.curation import CurationSettings, SynthesisSettings
 from engines.inference import GenerationSettings
 from engines.training import TrainConfig, tokenizers_match
+from jobs import fingerprints
 from jobs.models import Job, TeacherEndpoint
 from jobs.runners.synthesis import DEFAULT_COUNT as SYNTHESIS_DEFAULT_COUNT
 from jobs.runners.synthesis import KIND as SYNTHESIS_KIND
@@ -101,13 +102,24 @@ def _training(value: TrainConfig | Mapping[str, Any] | None) -> TrainConfig:
     return value if isinstance(value, TrainConfig) else TrainConfig.from_dict(value or {})
 
 
+def teacher_generation(value: GenerationSettings | Mapping[str, Any] | None) -> GenerationSettings:
+    """What an absorb's teacher generates with: `value` over ABSORB_GENERATION."""
+    return _generation(value, ABSORB_GENERATION)
+
+
 def _curation(
     prompt_version: PromptVersion,
     value: CurationSettings | Mapping[str, Any] | bool | None,
 ) -> dict[str, Any] | None:
+    return resolve_curation(bool(prompt_version.rules), value)
+
+
+def resolve_curation(
+    has_rules: bool, value: CurationSettings | Mapping[str, Any] | bool | None
+) -> dict[str, Any] | None:
     """What the teacher job curates with: on by default when the prompt has
     checkable rules (False or None turns it off)."""
-    if value is False or value is None or not prompt_version.rules:
+    if value is False or value is None or not has_rules:
         return None
     if value is True:
         return CurationSettings().to_dict()
@@ -168,7 +180,7 @@ def start_absorb(
     check_form_token(project, form_token)
     teacher_model = teacher_model or base_model
     _check(project, prompt_version, dataset_version, base_model)
-    gen, train = _generation(generation, ABSORB_GENERATION), _training(training)
+    gen, train = teacher_generation(generation), _training(training)
     params: dict[str, Any] = {}
     if teacher_endpoint is not None:
         check_endpoint(project, teacher_endpoint, teacher_model, base_model, train)
@@ -176,6 +188,16 @@ def start_absorb(
     else:
         check_prompt_fits(prompt_version, teacher_model)
         check_teacher(base_model, teacher_model, train)
+    curated = _curation(prompt_version, curation)
+    prompt = fingerprints.version_identity(prompt_version)
+    teacher_fp = fingerprints.teacher_fingerprint(
+        prompt,
+        fingerprints.train_digest(dataset_version),
+        fingerprints.teacher_identity(teacher_model, teacher_endpoint),
+        gen.to_dict(),
+        curated,
+        keep_existing,
+    )
     teacher = create_job(
         project,
         form_token,
@@ -186,8 +208,9 @@ def start_absorb(
         params={
             "generation": gen.to_dict(),
             "keep_existing": keep_existing,
-            "curation": _curation(prompt_version, curation),
+            "curation": curated,
             **params,
+            fingerprints.KEY: teacher_fp,
         },
         teacher_endpoint=teacher_endpoint,
         created_by=user,
@@ -204,6 +227,14 @@ def start_absorb(
                 "train": train.to_dict(),
                 "teacher_model": teacher_model.pk,
                 "passing_only": passing_only,
+                fingerprints.KEY: fingerprints.finetune_fingerprint(
+                    f"teacher:{teacher_fp}",
+                    prompt,
+                    fingerprints.model_identity(base_model),
+                    train.to_dict(),
+                    passing_only,
+                    fingerprints.model_identity(teacher_model),
+                ),
             },
             created_by=user,
         )
@@ -222,15 +253,29 @@ def start_finetune(
     *,
     passing_only: bool = True,
     form_token: uuid.UUID | None = None,
+    teacher_model: FoundationModel | None = None,
 ) -> Job:
     """Train on a dataset version that already holds the answers (teacher
     answers after review, or a dataset uploaded with answers); with
-    `passing_only`, on those not flagged as failing a rule while enough are."""
+    `passing_only`, on those not flagged as failing a rule while enough are.
+    `teacher_model` is the model a KL term compares with (as start_absorb's)."""
     check_form_token(project, form_token)
     _check(project, prompt_version, dataset_version, base_model)
     train = _training(training)
     if not _has_answers(dataset_version):
         raise ActionError(f"{dataset_version} has no assistant answers: run the teacher first.")
+    params: dict[str, Any] = {"train": train.to_dict(), "passing_only": passing_only}
+    if teacher_model is not None:
+        check_teacher(base_model, teacher_model, train)
+        params["teacher_model"] = teacher_model.pk
+    params[fingerprints.KEY] = fingerprints.finetune_fingerprint(
+        fingerprints.data_identity(dataset_version),
+        fingerprints.version_identity(prompt_version),
+        fingerprints.model_identity(base_model),
+        train.to_dict(),
+        passing_only,
+        fingerprints.model_identity(teacher_model or base_model),
+    )
     job = create_job(
         project,
         form_token,
@@ -238,7 +283,7 @@ def start_finetune(
         base_model=base_model,
         prompt_version=prompt_version,
         dataset_version=dataset_version,
-        params={"train": train.to_dict(), "passing_only": passing_only},
+        params=params,
         created_by=user,
     )
     enqueue(job)

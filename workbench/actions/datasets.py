@@ -254,6 +254,55 @@ def import_dataset(
     return run_import(version)
 
 
+@dataclass(frozen=True)
+class FileContent:
+    """What an import of a file would store, known without storing it: the
+    version's hash (DatasetVersion.sha256) and each row's (DatasetRow.sha256)."""
+
+    sha256: str
+    row_shas: tuple[str, ...]
+    format: str
+    head: tuple[list[dict[str, str]], ...] = ()  # the first rows' messages, for estimates
+
+
+def read_content(
+    fileobj: BinaryIO,
+    *,
+    filename: str = "",
+    fmt: str = "auto",
+    query_column: str | None = None,
+    answer_column: str | None = None,
+    use_chosen: bool = False,
+    records_key: str | None = None,
+    head: int = 200,
+) -> FileContent:
+    """Parse a file as import_dataset would and hash its rows the same way,
+    storing nothing (the first `head` rows' messages are kept); a file an
+    import would refuse raises DatasetRejected."""
+    reader = formats.DatasetReader(
+        fileobj,
+        fmt,
+        limits=_limits(),
+        query_column=query_column,
+        answer_column=answer_column,
+        filename=filename,
+        use_chosen=use_chosen,
+        records_key=records_key,
+    )
+    digest = hashlib.sha256()
+    shas: list[str] = []
+    first: list[list[dict[str, str]]] = []
+    for row in reader:
+        digest.update(row.to_json().encode("utf-8") + b"\n")  # as _store_rows hashes
+        shas.append(row.sha)
+        if len(first) < head:
+            first.append([dict(m) for m in row.messages])
+    if reader.row_count == 0 or reader.stopped or reader.error_count:
+        errors = reader.errors[: formats.MAX_KEPT_ERRORS] or [formats.RowError(0, "the file has no rows")]
+        raise DatasetRejected(errors, reader.error_count or 1, reader.row_count, reader.format)
+    return FileContent(digest.hexdigest(), tuple(shas), reader.format, tuple(first))
+
+
 def run_import(
     version: DatasetVersion, progress: ProgressFn | None = None, should_stop: StopFn | None = None
 ) -> DatasetVersion:
@@ -432,22 +481,27 @@ def _finish_version(version: DatasetVersion, digest: Any) -> None:
     version.state = DatasetVersion.READY
 
 
+def eval_indices(n: int, percent: int, seed: int) -> list[int]:
+    """The row indices apply_split puts in the eval split of n rows, sorted
+    (a plan can know a split before anything is stored)."""
+    k = round(n * percent / 100)
+    if percent == 100:
+        k = n
+    elif percent and n > 1:
+        k = max(1, min(k, n - 1))
+    else:
+        k = 0
+    return sorted(random.Random(seed).sample(range(n), k))
+
+
 def apply_split(version: DatasetVersion) -> None:
     """Deterministic split: exactly round(N * percent / 100) eval rows (but at
     least one, and never every row, when 0 < percent < 100 and N > 1), chosen
     by a seeded sample of row indices (same seed, same rows). 100 percent is
     a held-out set: every row is eval."""
-    n = version.row_count
-    k = round(n * version.eval_percent / 100)
-    if version.eval_percent == 100:
-        k = n
-    elif version.eval_percent and n > 1:
-        k = max(1, min(k, n - 1))
-    else:
-        k = 0
     # Only rows already marked eval are reset: a fresh import has none, so no long update.
     version.rows.filter(split=DatasetRow.EVAL).update(split=DatasetRow.TRAIN)
-    chosen = sorted(random.Random(version.split_seed).sample(range(n), k))
+    chosen = eval_indices(version.row_count, version.eval_percent, version.split_seed)
     for i in range(0, len(chosen), 500):
         version.rows.filter(index__in=chosen[i : i + 500]).update(split=DatasetRow.EVAL)
 

@@ -125,6 +125,37 @@ def _checked_facts(facts_data: object) -> list[dict[str, Any]]:
         raise ActionError("Invalid facts:\n" + "\n".join(exc.errors)) from exc
 
 
+@dataclass(frozen=True)
+class CheckedPrompt:
+    """A prompt's text, rules and facts as save_prompt would store them."""
+
+    text: str
+    sha256: str
+    rules: list[dict[str, Any]]
+    facts: list[dict[str, Any]]
+
+    def same_as(self, version: PromptVersion | None) -> bool:
+        """save_prompt would return `version` unchanged (it is the latest)."""
+        return (
+            version is not None
+            and version.sha256 == self.sha256
+            and version.rules == self.rules
+            and version.facts == self.facts
+        )
+
+
+def check_prompt(text: str, rules_data: object, facts_data: object) -> CheckedPrompt:
+    """Validate without storing (ActionError says what is wrong): a plan can
+    tell whether saving would make a new version."""
+    checked = _checked_text(text)
+    return CheckedPrompt(
+        checked,
+        hashlib.sha256(checked.encode("utf-8")).hexdigest(),
+        _checked_rules(rules_data),
+        _checked_facts(facts_data),
+    )
+
+
 def facts_changes(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> str:
     """A short note on how the facts changed (names added and removed, a count of changed)."""
     before = {f["name"]: f for f in old}
