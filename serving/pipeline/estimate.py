@@ -1,0 +1,199 @@
+"""How long a step will take, from what this workbench's workers measured:
+the finished jobs' own records (a teacher job's final progress: queries
+and seconds; a variant's metrics: training tokens and seconds; an eval job's
+progress: answers and seconds). Without a measurement, a default rate from
+bench/README.md (2 vCPU, SmolLM2-135M), and the plan says so."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from engines import facts as facts_module
+from engines.tokens import length_stats, load_tokenizer
+from jobs.models import Job, TeacherEndpoint
+from workbench.models import FoundationModel
+
+RECENT = 10  # finished jobs a rate is measured over
+# bench/README.md, 2 vCPU, SmolLM2-135M-Instruct: teacher 0.54 queries/s (best of 1, batch 16),
+# fine-tune 157 tokens/s, a decode step of 16 rows ~0.3 s (128 new tokens: ~0.4 answers/s).
+DEFAULT_RATES = {"samples": 0.5, "tokens": 150.0, "answers": 0.4}
+SAMPLE_ROWS = 200  # rows whose tokens are counted to estimate the rest
+
+
+@dataclass
+class Estimate:
+    count: float  # how much work, in `unit`
+    unit: str  # "samples" (teacher), "tokens" (training), "answers" (eval)
+    rate: float  # units per second
+    source: str  # where the rate comes from, in words
+    measured: bool
+    counts: str = ""  # the counts behind `count`, in words
+    notes: list[str] = field(default_factory=list)  # what the estimate leaves out
+
+    @property
+    def seconds(self) -> float:
+        return self.count / self.rate if self.rate > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "seconds": round(self.seconds, 1),
+            "count": round(self.count),
+            "unit": self.unit,
+            "rate": round(self.rate, 3),
+            "measured": self.measured,
+            "source": self.source,
+            "counts": self.counts,
+            "notes": self.notes,
+        }
+
+    def describe(self) -> str:
+        text = f"~{duration(self.seconds)} for {self.counts} at {self.rate:.2f} {self.unit}/s ({self.source})"
+        return text + "".join(f"; {n}" for n in self.notes)
+
+
+def duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _rate(unit: str, measured: list[tuple[int, float, float]], what: str) -> tuple[float, str, bool]:
+    """Units per second over (job id, units, seconds) measurements, or the default."""
+    done = [(pk, units, seconds) for pk, units, seconds in measured if units > 0 and seconds > 0]
+    if not done:
+        default = DEFAULT_RATES[unit]
+        return default, f"no measurement yet: using the default rate {default:g} {unit}/s", False
+    rate = sum(u for _, u, _ in done) / sum(s for _, _, s in done)
+    jobs = ", ".join(f"#{pk}" for pk, _, _ in done[:5]) + (" …" if len(done) > 5 else "")
+    return rate, f"measured on this workbench over {what} {jobs}", True
+
+
+def _samples_per_query(params: dict[str, Any]) -> int:
+    curation = params.get("curation")
+    best_of = curation.get("best_of") if isinstance(curation, dict) else 1
+    return best_of if isinstance(best_of, int) and best_of > 0 else 1
+
+
+def teacher(
+    queries: int,
+    teacher_model: FoundationModel,
+    endpoint: TeacherEndpoint | None,
+    curation: dict[str, Any] | None,
+) -> Estimate:
+    """Samples (queries x best of N of the first round) at the samples/s the same teacher measured."""
+    jobs = Job.objects.filter(kind="teacher", status=Job.SUCCEEDED)
+    jobs = (
+        jobs.filter(teacher_endpoint=endpoint)
+        if endpoint is not None
+        else jobs.filter(base_model=teacher_model, teacher_endpoint__isnull=True)
+    )
+    measured = []
+    for job in jobs.order_by("-finished_at")[:RECENT]:
+        p = job.progress or {}
+        done, elapsed = p.get("done"), p.get("elapsed")
+        if isinstance(done, int | float) and isinstance(elapsed, int | float):
+            measured.append((job.pk, float(done) * _samples_per_query(job.params), float(elapsed)))
+    rate, source, ok = _rate("samples", measured, "teacher jobs")
+    best_of = _samples_per_query({"curation": curation})
+    notes = []
+    if curation and int(curation.get("rounds") or 1) > 1:
+        notes.append("later curation rounds (only queries still failing) come on top")
+    counts = f"{queries:,} queries" + (f" x best of {best_of}" if best_of > 1 else "")
+    return Estimate(queries * best_of, "samples", rate, source, ok, counts, notes)
+
+
+def example_tokens(base: FoundationModel, conversations: Sequence[list[dict[str, str]]]) -> float | None:
+    """Mean tokens of conversations as the student is trained on them (no system prompt)."""
+    if not conversations:
+        return None
+    try:
+        stats = length_stats(load_tokenizer(base.path), conversations)
+    except (OSError, ValueError):
+        return None
+    return stats["total"] / stats["count"] if stats.get("count") else None
+
+
+def training(
+    base: FoundationModel,
+    train: dict[str, Any],
+    rows: int,
+    head: Sequence[list[dict[str, str]]],
+    answered: bool,
+    max_new_tokens: int,
+    fact_checks: Iterable[Any] = (),
+) -> Estimate:
+    """Tokens: examples (train rows, the general mix, repeated fact rows) x their mean
+    length x epochs, at the tokens/s of the finished fine-tunes on this base."""
+    variants = (
+        Job.objects.filter(kind="finetune", status=Job.SUCCEEDED, base_model=base, variant__isnull=False)
+        .select_related("variant")
+        .order_by("-finished_at")[:RECENT]
+    )
+    measured = []
+    for job in variants:
+        assert job.variant is not None
+        m = job.variant.metrics or {}
+        tokens, seconds = m.get("train_tokens"), m.get("duration_seconds")
+        if isinstance(tokens, int | float) and isinstance(seconds, int | float):
+            measured.append((job.pk, float(tokens), float(seconds)))
+    rate, source, ok = _rate("tokens", measured, "fine-tunes")
+    notes: list[str] = []
+    per = example_tokens(base, head)
+    if per is None:  # about 4 characters a token, and the chat template's own
+        chars = sum(len(m.get("content", "")) for conv in head for m in conv)
+        per = chars / max(1, len(head)) / 4 + 10
+        notes.append("token counts guessed from characters (the tokenizer could not be read)")
+    if not answered:
+        per += max_new_tokens
+        notes.append(f"answers counted at their limit of {max_new_tokens} tokens (an upper bound)")
+    queries = [last_user(m) for m in head]
+    checks = list(fact_checks)
+    fact_share = (
+        sum(bool(facts_module.applicable(checks, q)) for q in queries) / len(queries)
+        if checks and queries
+        else 0.0
+    )
+    fact_repeat = int(train.get("fact_repeat") or 1)
+    general = float(train.get("general_mix") or 0.0)
+    examples = rows * (1 + general) + rows * fact_share * (fact_repeat - 1)
+    if train.get("max_steps"):
+        processed = (
+            int(train["max_steps"]) * int(train.get("batch_size") or 1) * int(train.get("grad_accum") or 1)
+        )
+        counts = f"{train['max_steps']} steps x {processed // int(train['max_steps'])} examples x ~{per:.0f} tokens"
+    else:
+        epochs = int(train.get("epochs") or 1)
+        processed = round(examples * epochs)
+        counts = f"~{examples:,.0f} examples x {epochs} epoch{'s' if epochs > 1 else ''} x ~{per:.0f} tokens"
+        if fact_share and fact_repeat > 1:
+            notes.append(f"~{fact_share:.0%} of the rows ask a fact and are trained {fact_repeat} times")
+    if int(train.get("refine_samples") or 0):
+        notes.append("the refine round is not estimated")
+    return Estimate(processed * per, "tokens", rate, source, ok, counts, notes)
+
+
+def evaluation(base: FoundationModel, heldout: int, lm_eval_tasks: Sequence[str]) -> Estimate:
+    """Answers (four arms x the held-out rows) at the answers/s of finished eval jobs on this base."""
+    jobs = Job.objects.filter(kind="eval", status=Job.SUCCEEDED, base_model=base).order_by("-finished_at")
+    measured = []
+    for job in jobs[:RECENT]:
+        p = job.progress or {}
+        done, elapsed = p.get("done"), p.get("elapsed")
+        if (
+            p.get("unit") == "generations"
+            and isinstance(done, int | float)
+            and isinstance(elapsed, int | float)
+        ):
+            measured.append((job.pk, float(done), float(elapsed)))
+    rate, source, ok = _rate("answers", measured, "eval jobs")
+    notes = [f"lm-eval tasks ({', '.join(lm_eval_tasks)}) come on top"] if lm_eval_tasks else []
+    return Estimate(4 * heldout, "answers", rate, source, ok, f"4 arms x {heldout:,} held-out queries", notes)
+
+
+def last_user(messages: list[dict[str, str]]) -> str:
+    users = [m["content"] for m in messages if m.get("role") == "user"]
+    return users[-1] if users else ""
