@@ -119,18 +119,7 @@ def update_gate(
     locked.min_fact_recall, locked.fact_recall_vs_teacher = min_fact_recall, fact_recall_vs_teacher
     locked.max_skills_drop = max_skills_drop
     locked.log_requests = log_requests
-    locked.save(
-        update_fields=[
-            "gating_suite",
-            "min_all_rules",
-            "min_retained_lower",
-            "max_regression",
-            "min_fact_recall",
-            "fact_recall_vs_teacher",
-            "max_skills_drop",
-            "log_requests",
-        ]
-    )
+    locked.save(update_fields=["gating_suite", *Alias.GATE_FIELDS, "log_requests"])
     return locked
 
 

@@ -23,16 +23,7 @@ class AliasForm(forms.Form):
 class GateForm(forms.ModelForm):
     class Meta:
         model = Alias
-        fields = [
-            "gating_suite",
-            "min_all_rules",
-            "min_retained_lower",
-            "max_regression",
-            "min_fact_recall",
-            "fact_recall_vs_teacher",
-            "max_skills_drop",
-            "log_requests",
-        ]
+        fields = ["gating_suite", *Alias.GATE_FIELDS, "log_requests"]
         labels = {
             "gating_suite": "Gating suite",
             "min_all_rules": "Minimum all-rules compliance",

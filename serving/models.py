@@ -20,6 +20,16 @@ class Alias(models.Model):
     """A project's name for "the variant that answers now" (staging,
     production, custom). Clients call PROJECT_SLUG/ALIAS; promotion moves it."""
 
+    # The gate's bars, beside its gating suite: one list for the form, the action and specs.
+    GATE_FIELDS = (
+        "min_all_rules",
+        "min_retained_lower",
+        "max_regression",
+        "min_fact_recall",
+        "fact_recall_vs_teacher",
+        "max_skills_drop",
+    )
+
     project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="aliases")
     name = models.SlugField(max_length=50)
     variant = models.ForeignKey(

@@ -26,14 +26,7 @@ class PlanError(Exception):
     """The spec names something the workbench does not have, or a file it refuses."""
 
 
-GATE_FIELDS = (
-    "min_all_rules",
-    "min_retained_lower",
-    "max_regression",
-    "min_fact_recall",
-    "fact_recall_vs_teacher",
-    "max_skills_drop",
-)
+GATE_FIELDS = Alias.GATE_FIELDS
 
 
 def judge(plan: Plan) -> tuple[FoundationModel | None, TeacherEndpoint | None, str]:
