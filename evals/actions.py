@@ -10,6 +10,7 @@ from typing import Any
 from django.conf import settings
 from django.contrib.auth.models import User
 from django.db import transaction
+from django.db.models import Count
 
 from engines.evaluation import ARM_SPECS
 from engines.facts import FactsError, facts_to_json, validate_facts
@@ -71,9 +72,11 @@ def create_suite(
     lm_eval_tasks: Sequence[str] = (),
     rules: Any = None,
     facts: Any = None,
+    max_examples: int | None = None,
 ) -> EvalSuite:
     """A suite from the eval split of a dataset version (copied, so it never
-    changes). Rules and facts default to the prompt version's."""
+    changes), or its first `max_examples` rows. Rules and facts default to
+    the prompt version's."""
     name = name.strip()
     if not name:
         raise ActionError("An eval suite needs a name.")
@@ -85,6 +88,8 @@ def create_suite(
     )
     if not rows:
         raise ActionError(f"{dataset_version} has no eval split: upload it with an eval percentage above 0.")
+    if max_examples is not None:
+        rows = rows[: max(1, max_examples)]
     try:
         rule_list = rules_to_json(
             validate_rules(prompt_version.rules if rules is None and prompt_version else rules or [])
@@ -261,30 +266,40 @@ def start_comparison(
     return comparison
 
 
-def suite_for_variant(variant: Variant, user: User | None = None) -> EvalSuite | None:
+def suite_for_variant(
+    variant: Variant, user: User | None = None, max_examples: int | None = None
+) -> EvalSuite | None:
     """The suite that holds out the queries of the data a variant learned
-    from (made on first use), or None when that data has no eval split."""
+    from (made on first use), or None when that data has no eval split.
+    With `max_examples`, a suite of at most that many of them (the first)."""
     if variant.dataset_version is None:
         return None
     source = eval_source(variant.dataset_version)
-    if not source.rows.filter(split=DatasetRow.EVAL).exists():
+    held_out = source.rows.filter(split=DatasetRow.EVAL).count()
+    if not held_out:
         return None
+    want = min(held_out, max_examples) if max_examples else held_out
     existing = (
         EvalSuite.objects.filter(
             project=variant.project, dataset_version=source, prompt_version=variant.prompt_version
         )
+        .annotate(size=Count("examples"))
+        .filter(size=want)
         .order_by("pk")
         .first()
     )
     if existing is not None:
         return existing
     name = f"{source} held out"
+    if want < held_out:
+        name += f" (first {want} of {held_out})"
     if variant.prompt_version is not None:
         name += f" · {variant.prompt_version}"
     n = 1
+    base = name
     while EvalSuite.objects.filter(project=variant.project, name=name).exists():
         n += 1
-        name = f"{source} held out ({n})"
+        name = f"{base} ({n})"
     return create_suite(
         variant.project,
         user,
@@ -292,6 +307,7 @@ def suite_for_variant(variant: Variant, user: User | None = None) -> EvalSuite |
         source,
         prompt_version=variant.prompt_version,
         lm_eval_tasks=settings.EVAL_AUTO_LM_EVAL_TASKS,
+        max_examples=want,
     )
 
 

@@ -7,7 +7,7 @@ from django.db import models
 from django.urls import reverse
 from django.utils import timezone
 
-from engines.evaluation import ARM_SPECS
+from engines.evaluation import ARM_SPECS, FLOOR, STUDENT, TEACHER
 from jobs.models import Job, TeacherEndpoint
 from workbench.models import DatasetVersion, FoundationModel, Project, PromptVersion, Variant
 
@@ -31,6 +31,93 @@ def metric_label(name: str) -> str:
     if name.startswith("lm_eval:"):
         return f"lm-eval {name[8:]}"
     return METRICS.get(name, name)
+
+
+# The span of a metric's scale, where it is not 0-1 (the judge scores 1-10).
+METRIC_SPAN = {"judge": 9.0}
+
+
+def undecided(estimates: list[dict[str, Any] | None], metric: str) -> dict[str, Any] | None:
+    """Why these estimates of one metric cannot carry a decision, or None when
+    they can: the widest 95% CI is wider than EVAL_DECISIVE_CI_WIDTH of the
+    metric's scale, or fewer than EVAL_MIN_HELD_OUT queries back them. The
+    dict holds n, width (on a 0-1 scale), the limits, and a sentence."""
+    done = [e for e in estimates if e and e.get("value") is not None]
+    if not done:
+        return None
+    span = METRIC_SPAN.get(metric, 1.0)
+    widths = [
+        (e["high"] - e["low"]) / span for e in done if e.get("low") is not None and e.get("high") is not None
+    ]
+    width = max(widths, default=None)
+    ns = [int(e["n"]) for e in done if e.get("n") is not None]
+    n = min(ns, default=None)
+    limit, need = settings.EVAL_DECISIVE_CI_WIDTH, settings.EVAL_MIN_HELD_OUT
+    wide = width is not None and width > limit
+    few = n is not None and n < need
+    if not (wide or few):
+        return None
+    facts = []
+    if n is not None:
+        facts.append(
+            f"n = {n} held-out quer{'y' if n == 1 else 'ies'}" + (f" (fewer than {need})" if few else "")
+        )
+    if width is not None:
+        facts.append(f"95% CI width {width:.2f}" + (f" (wider than {limit:.2f})" if wide else ""))
+    elif n == 1:
+        facts.append("no CI at all")
+    label = metric_label(metric)
+    return {
+        "n": n,
+        "width": width,
+        "limit": limit,
+        "min_n": need,
+        "text": f"Too uncertain to decide on {label}: {', '.join(facts)}. Differences inside these intervals "
+        f"may be noise. Hold out more queries (at least {need}, more for small differences): upload more data "
+        "or a larger eval split, make a suite from it and run the arms again.",
+    }
+
+
+def retained_reason(headline: dict[str, Any], arms_done: set[str], finished: bool) -> str:
+    """Why "prompt effect retained" has no value, in words ("" when it has
+    one, or while the comparison still runs)."""
+    r = headline.get("retained")
+    metric = metric_label(headline.get("metric") or "")
+    head = "Prompt effect retained cannot be computed"
+    if r is None:
+        if not finished:
+            return ""
+        missing = [a for a in (FLOOR, TEACHER, STUDENT) if a not in arms_done]
+        if missing:
+            arms = " and ".join(missing)
+            return (
+                f"{head}: it needs the floor, teacher and student arms, and the {arms} "
+                f"arm{'s have' if len(missing) > 1 else ' has'} no results. Run the four arms again."
+            )
+        return f"{head}: this comparison has no headline. Run the four arms again."
+    if r.get("value") is not None:
+        return ""
+    if not r.get("n"):
+        return (
+            f"{head}: no held-out query has a {metric} score in all of the floor, teacher and student arms."
+        )
+    absolute = headline.get("absolute") or {}
+    teacher, floor = absolute.get(TEACHER), absolute.get(FLOOR)
+    compare = "Compare the arms' absolute scores below, or rank by a metric the prompt moves."
+    if teacher is not None and floor is not None and teacher <= floor:
+        if round(teacher, 6) == round(floor, 6):
+            why = (
+                f"the teacher (base with the prompt) scores {teacher:.2f}, the same as the floor (base "
+                "without it), so on this metric the prompt adds nothing for the student to retain "
+                "(the ratio would divide by zero)"
+            )
+        else:
+            why = (
+                f"the teacher (base with the prompt) scores {teacher:.2f}, below the floor's {floor:.2f} "
+                "(base without it): the prompt does not help on this metric, so there is no gain to retain"
+            )
+        return f"{head} on {metric}: {why}. {compare}"
+    return f"{head} on {metric}: {r.get('note') or 'the teacher is not above the floor'}. {compare}"
 
 
 class EvalSuite(models.Model):

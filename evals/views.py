@@ -17,7 +17,16 @@ from django.views.decorators.http import require_POST
 from engines.evaluation import ARMS, judge_human_agreement
 from evals import actions
 from evals.forms import ComparisonForm, RatingForm, RunForm, RunPairForm, SuiteForm, error_text
-from evals.models import ArmComparison, EvalResult, EvalRun, EvalSuite, Rating, metric_label
+from evals.models import (
+    ArmComparison,
+    EvalResult,
+    EvalRun,
+    EvalSuite,
+    Rating,
+    metric_label,
+    retained_reason,
+    undecided,
+)
 from jobs.actions import AlreadyStarted
 from jobs.models import Job
 from workbench.actions import ActionError
@@ -127,6 +136,7 @@ def _leaderboard(runs: list[EvalRun], metric: str, sort: str) -> list[dict[str, 
                 "latency": latency,
                 "prompt_tokens": run.summary.get("prompt_tokens"),
                 "seconds_per_example": run.summary.get("seconds_per_example"),
+                "undecided": undecided([m], metric),
             }
         )
     key = {
@@ -179,6 +189,7 @@ def suite_detail(request: AuthedHttpRequest, slug: str, suite_id: int) -> HttpRe
         "metric_name": metric_label(metric),
         "metric_choices": [(n, metric_label(n)) for n in names],
         "charts": _json(charts),
+        "undecided": undecided([r["run"].metric(metric) for r in rows], metric),
         "polling": any(r["run"].status in Job.ACTIVE for r in rows),
         "runs": runs,
     }
@@ -411,15 +422,20 @@ def comparison_detail(request: AuthedHttpRequest, slug: str, comparison_id: int)
         }
         for n in names
     ]
+    metric = comparison.headline.get("metric") or comparison.suite.main_metric
+    polling = comparison.job is not None and comparison.job.status in Job.ACTIVE
+    done = {arm for arm, run in runs.items() if run.summary.get("complete")}
     ctx = {
         "project": comparison.project,
         "comparison": comparison,
         "arms": arms,
         "table": table,
-        "metric_name": metric_label(comparison.headline.get("metric") or comparison.suite.main_metric),
+        "metric_name": metric_label(metric),
         "headline": comparison.headline,
+        "retained_reason": retained_reason(comparison.headline, done, finished=not polling),
+        "undecided": undecided([r.metric(metric) for r in runs.values()], metric),
         "job": comparison.job,
-        "polling": comparison.job is not None and comparison.job.status in Job.ACTIVE,
+        "polling": polling,
     }
     if request.htmx and request.htmx.target == "comparison-live":
         return render(request, "evals/comparison_detail.html#live", ctx)

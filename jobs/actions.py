@@ -166,6 +166,7 @@ def start_absorb(
     passing_only: bool = True,
     form_token: uuid.UUID | None = None,
     teacher_endpoint: TeacherEndpoint | None = None,
+    evaluation: Mapping[str, Any] | None = None,
 ) -> tuple[Job, Job | None]:
     """Queue teacher generation and (unless the team reviews the answers
     first) the fine-tune that trains on them once the teacher finishes.
@@ -174,7 +175,8 @@ def start_absorb(
     and the fine-tune learns only from those that pass every rule
     (`passing_only`, while enough do). With `teacher_endpoint` an
     OpenAI-compatible server of the project answers instead (its answers
-    are text: no KL term). A `form_token` some job already
+    are text: no KL term). `evaluation` is the four-arm eval after the
+    fine-tune (see eval_params). A `form_token` some job already
     carries raises AlreadyStarted (a resubmitted form starts nothing).
     Bad settings raise SettingsError / ConfigError naming each field."""
     check_form_token(project, form_token)
@@ -227,6 +229,7 @@ def start_absorb(
                 "train": train.to_dict(),
                 "teacher_model": teacher_model.pk,
                 "passing_only": passing_only,
+                **eval_params(evaluation),
                 fingerprints.KEY: fingerprints.finetune_fingerprint(
                     f"teacher:{teacher_fp}",
                     prompt,
@@ -242,6 +245,29 @@ def start_absorb(
     return teacher, finetune
 
 
+def eval_params(value: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A fine-tune's {"eval": {...}} param: whether its variant's four arms run
+    when it finishes ("auto"), their answer length ("max_new_tokens") and at
+    most how many held-out queries they answer ("max_examples", None: all).
+    Nothing given: nothing stored, and the settings decide when it finishes."""
+    if not value:
+        return {}
+    unknown = set(value) - {"auto", "max_new_tokens", "max_examples"}
+    if unknown:
+        raise ActionError(f"Unknown eval settings: {', '.join(sorted(unknown))}.")
+    out: dict[str, Any] = {}
+    if value.get("auto") is not None:
+        out["auto"] = bool(value["auto"])
+    for name in ("max_new_tokens", "max_examples"):
+        n = value.get(name)
+        if n is None:
+            continue
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ActionError(f"eval {name} must be a whole number of at least 1, got {n!r}.")
+        out[name] = n
+    return {"eval": out}
+
+
 @transaction.atomic
 def start_finetune(
     project: Project,
@@ -254,6 +280,7 @@ def start_finetune(
     passing_only: bool = True,
     form_token: uuid.UUID | None = None,
     teacher_model: FoundationModel | None = None,
+    evaluation: Mapping[str, Any] | None = None,
 ) -> Job:
     """Train on a dataset version that already holds the answers (teacher
     answers after review, or a dataset uploaded with answers); with
@@ -264,7 +291,11 @@ def start_finetune(
     train = _training(training)
     if not _has_answers(dataset_version):
         raise ActionError(f"{dataset_version} has no assistant answers: run the teacher first.")
-    params: dict[str, Any] = {"train": train.to_dict(), "passing_only": passing_only}
+    params: dict[str, Any] = {
+        "train": train.to_dict(),
+        "passing_only": passing_only,
+        **eval_params(evaluation),
+    }
     if teacher_model is not None:
         check_teacher(base_model, teacher_model, train)
         params["teacher_model"] = teacher_model.pk

@@ -249,6 +249,26 @@ class AbsorbForm(forms.Form):
         label="Review the teacher's answers before training",
         help_text="Only the teacher job is queued; start the fine-tune from the reviewed dataset version.",
     )
+    eval_auto = forms.ChoiceField(
+        required=False,
+        choices=[("on", "run the four arms on the held-out queries"), ("off", "no eval (start it later)")],
+        label="eval after training",
+        help_text="When the fine-tune finishes: floor, teacher, student and student+prompt on the held-out "
+        "queries of the data.",
+    )
+    eval_max_new_tokens = forms.IntegerField(
+        required=False,
+        min_value=1,
+        max_value=8192,
+        label="eval answer length (max_new_tokens)",
+        help_text="The longest answer of each arm in the eval; too short cuts answers before a rule can pass.",
+    )
+    eval_max_examples = forms.IntegerField(
+        required=False,
+        min_value=1,
+        label="eval queries (at most)",
+        help_text="Empty: every held-out query. Fewer run faster but widen the confidence intervals.",
+    )
 
     def __init__(self, project: Project, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -275,8 +295,11 @@ class AbsorbForm(forms.Form):
             field = _train_field(f, default)
             field.label = f.name
             self.fields[f"t_{f.name}"] = field
+        self.fields["eval_auto"].initial = "on" if settings.AUTO_EVAL else "off"
+        self.fields["eval_max_new_tokens"].initial = settings.EVAL_MAX_NEW_TOKENS
         self.generation: GenerationSettings | None = None
         self.training: TrainConfig | None = None
+        self.evaluation: dict[str, Any] = {}
         self.curation: dict[str, Any] | bool = False
 
     def generation_fields(self) -> list[forms.BoundField]:
@@ -286,7 +309,11 @@ class AbsorbForm(forms.Form):
         return [self[name] for name in CURATION_FIELDS]
 
     def train_fields(self) -> list[forms.BoundField]:
-        return [self[name] for name in self.fields if name.startswith("t_")]
+        # The eval after training is listed with the training settings: the page's loop renders them.
+        return [self[name] for name in self.fields if name.startswith("t_")] + self.eval_fields()
+
+    def eval_fields(self) -> list[forms.BoundField]:
+        return [self[name] for name in ("eval_auto", "eval_max_new_tokens", "eval_max_examples")]
 
     def clean(self) -> dict[str, Any]:
         data = super().clean() or {}
@@ -343,6 +370,13 @@ class AbsorbForm(forms.Form):
         except ConfigError as exc:
             for name, message in exc.errors.items():
                 self.add_error(f"t_{name}" if f"t_{name}" in self.fields else None, message)
+        # What the four-arm eval after the fine-tune runs with; a field left out is the setting's default.
+        auto = data.get("eval_auto")
+        self.evaluation = {
+            "auto": settings.AUTO_EVAL if not auto else auto == "on",
+            "max_new_tokens": data.get("eval_max_new_tokens") or settings.EVAL_MAX_NEW_TOKENS,
+            "max_examples": data.get("eval_max_examples"),
+        }
         return data
 
 

@@ -893,6 +893,43 @@ def test_the_upload_form_names_the_dataset_after_the_file(alice_client, alice_pr
     assert (version.eval_percent, version.split_seed, version.format) == (10, 0, "lines")
 
 
+def test_the_default_split_holds_out_enough_queries_to_decide_on(alice, alice_project, settings):
+    """10% of 40 rows is 4 held-out queries, whose CIs span [0, 1]: the default
+    split holds out at least EVAL_MIN_HELD_OUT (at most half); a chosen percent is kept."""
+    settings.EVAL_MIN_HELD_OUT = 20
+    data = b"".join(f"query {i}\n".encode() for i in range(40))
+    a = import_dataset(alice_project, alice, "a", io.BytesIO(data), filename="q.txt", seed=3)
+    b = import_dataset(alice_project, alice, "b", io.BytesIO(data), filename="q.txt", seed=3)
+    assert (a.eval_count, a.eval_percent, a.eval_min) == (20, 10, 20)
+    assert eval_indices(a) == eval_indices(b)  # same seed, same rows
+    chosen = import_dataset(alice_project, alice, "c", io.BytesIO(data), filename="q.txt", eval_percent=10)
+    assert (chosen.eval_count, chosen.eval_min) == (4, 0)  # an explicit choice is honoured
+    small = import_dataset(alice_project, alice, "d", io.BytesIO(b"a\nb\nc\nd\ne\nf\n"))
+    assert small.eval_count == 3  # half: the rest must still teach
+    large = b"".join(f"query {i}\n".encode() for i in range(237))
+    assert import_dataset(alice_project, alice, "e", io.BytesIO(large)).eval_count == 24  # 10% > 20
+    # A version derived with a new split keeps the minimum.
+    rows = [(r.index, r.messages) for r in a.rows.order_by("index")]
+    child = dataset_actions.derive_version(a, alice, rows, keep_split=False)
+    assert (child.eval_min, child.eval_count) == (20, 20)
+
+
+def test_the_upload_page_says_how_many_rows_the_default_split_holds_out(
+    alice_client, alice_project, settings
+):
+    settings.EVAL_MIN_HELD_OUT = 20
+    page = alice_client.get(reverse("dataset_list", args=[alice_project.slug])).content.decode()
+    assert "at least 20 held out" in page and "40 rows hold out 20, 200 rows hold out 20" in page
+    assert "1,000 rows hold out 100" in page and 'placeholder="10, at least 20 rows"' in page
+    data = b"".join(f"query {i}\n".encode() for i in range(40))
+    upload(alice_client, alice_project, data, "default.txt", eval_percent="")
+    upload(alice_client, alice_project, data, "chosen.txt", eval_percent="10")
+    default, chosen = (DatasetVersion.objects.get(dataset__name=n) for n in ("default", "chosen"))
+    assert (default.eval_count, chosen.eval_count) == (20, 4)
+    page = alice_client.get(default.get_absolute_url()).content.decode()
+    assert "eval (10%, at least 20 rows, seed 0)" in page
+
+
 @pytest.fixture
 def answered(alice, alice_project) -> DatasetVersion:
     rows = [chat_row(f"question {i}", f"answer {i}") for i in range(4)]

@@ -13,6 +13,7 @@ from django.template.defaultfilters import filesizeformat
 
 from engines import facts, formats, rules
 from workbench.actions import ActionError
+from workbench.actions.datasets import held_out_count
 from workbench.actions.prompts import parse_rules_json, read_prompt_file
 from workbench.models import FoundationModel, Membership
 
@@ -286,8 +287,9 @@ class DatasetUploadForm(forms.Form):
         min_value=0,
         max_value=100,
         required=False,
-        initial=10,
-        help_text="100 makes a held-out set: every row is for evals, none for training.",
+        help_text="Empty: 10% of the rows, but at least {min} held out (at most half the rows), so the "
+        "eval has enough queries to decide on: {examples}. A number is used as it is; 100 makes a "
+        "held-out set: every row is for evals, none for training.",
         error_messages={
             "invalid": "Invalid number: the eval split is a whole percent from 0 to 100.",
             "min_value": "The eval split must be between 0 and 100 percent.",
@@ -318,6 +320,12 @@ class DatasetUploadForm(forms.Form):
     form_token = form_token_field()
     use_chosen = forms.BooleanField(label="use only the chosen answers (DPO pairs)", required=False)
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        field = self.fields["eval_percent"]
+        examples = ", ".join(f"{n:,} rows hold out {held_out_count(n, None):,}" for n in (40, 200, 1000))
+        field.help_text = str(field.help_text).format(min=settings.EVAL_MIN_HELD_OUT, examples=examples)
+
     def clean_file(self) -> Any:
         upload = self.cleaned_data["file"]
         # The size the client sends is checked here; the import counts the stream too.
@@ -337,9 +345,8 @@ class DatasetUploadForm(forms.Form):
     def clean_answer_column(self) -> str | None:
         return self.cleaned_data["answer_column"] or None
 
-    def clean_eval_percent(self) -> int:
-        value = self.cleaned_data["eval_percent"]
-        return 10 if value is None else value
+    def clean_eval_percent(self) -> int | None:
+        return self.cleaned_data["eval_percent"]  # None: the default split, with its minimum
 
     def clean_seed(self) -> int:
         value = self.cleaned_data["seed"]

@@ -293,6 +293,10 @@ class DatasetVersion(models.Model):
     row_count = models.PositiveIntegerField(default=0)
     duplicate_count = models.PositiveIntegerField(default=0)
     eval_percent = models.PositiveSmallIntegerField(default=10)
+    eval_min = models.PositiveIntegerField(
+        default=0,
+        help_text="The split holds out at least this many rows (at most half); 0: the percent alone",
+    )
     split_seed = models.IntegerField(default=0)
     token_stats = models.JSONField(default=dict, blank=True)
     meta = models.JSONField(default=dict, blank=True, help_text="Lineage and options")

@@ -287,6 +287,11 @@ JOB_PROGRESS_SECONDS = float(os.getenv("JOB_PROGRESS_SECONDS", "2"))
 # A variant made by an absorb gets its four-arm comparison on the held-out queries.
 AUTO_EVAL = envbool("WORKBENCH_AUTO_EVAL", "true")
 EVAL_MAX_NEW_TOKENS = envint("WORKBENCH_EVAL_MAX_NEW_TOKENS", 128)
+# The default split holds out at least this many rows (at most half of a small upload):
+# 10% of 40 rows is 4 queries, whose CIs span [0, 1] and decide nothing.
+EVAL_MIN_HELD_OUT = int(envnumber("WORKBENCH_EVAL_MIN_HELD_OUT", 20, 0, whole=True))
+# A CI wider than this on a 0-1 metric (or fewer than EVAL_MIN_HELD_OUT queries) cannot carry a decision.
+EVAL_DECISIVE_CI_WIDTH = envnumber("WORKBENCH_EVAL_DECISIVE_CI_WIDTH", 0.3, 0)
 # lm-eval tasks of the suites made for absorbed variants: did the student forget general skills?
 EVAL_AUTO_LM_EVAL_TASKS = envlist("WORKBENCH_EVAL_LM_EVAL_TASKS", "general_skills")
 # Modules that register job runners (jobs.registry); apps may add their own.

@@ -78,6 +78,7 @@ class ImportCancelled(Exception):
 import_requested = Signal()
 
 MAX_SEED = 2**31 - 1  # split_seed is a 32-bit integer column
+DEFAULT_EVAL_PERCENT = 10
 
 
 class _Counting:
@@ -117,7 +118,9 @@ def check_import_options(name: str, fmt: str, eval_percent: int, seed: int, quer
     if not 0 <= seed <= MAX_SEED:
         raise ActionError(f"The split seed must be a whole number from 0 to {MAX_SEED:,}.")
     if fmt == "fields" and not query_column:
-        raise ActionError("The 'fields' format needs the name of the query field (--query-column).")
+        raise ActionError(
+            "The 'fields' format needs the name of the query field (Query column on the upload form)."
+        )
 
 
 def store_upload(fileobj: formats.ByteReader) -> Path:
@@ -147,7 +150,7 @@ def stage_import(
     fmt: str = "auto",
     query_column: str | None = None,
     answer_column: str | None = None,
-    eval_percent: int = 10,
+    eval_percent: int | None = None,
     seed: int = 0,
     skip_bad: bool = False,
     use_chosen: bool = False,
@@ -159,6 +162,7 @@ def stage_import(
     `run_import` fills it. On a refused option, or a form token that already
     made a version (AlreadyUploaded), the file is deleted."""
     name = name.strip()
+    eval_percent, eval_min = default_split(eval_percent)
     try:
         check_import_options(name, fmt, eval_percent, seed, query_column)
         with transaction.atomic():
@@ -191,6 +195,7 @@ def stage_import(
                 kind=DatasetVersion.UPLOAD,
                 source_filename=filename[:255],
                 eval_percent=eval_percent,
+                eval_min=eval_min,
                 split_seed=seed,
                 created_by=user,
                 sha256="",
@@ -220,7 +225,7 @@ def import_dataset(
     fmt: str = "auto",
     query_column: str | None = None,
     answer_column: str | None = None,
-    eval_percent: int = 10,
+    eval_percent: int | None = None,
     seed: int = 0,
     skip_bad: bool = False,
     use_chosen: bool = False,
@@ -234,8 +239,9 @@ def import_dataset(
     the version's meta (the first MAX_SKIPPED_KEPT, and their count); a file
     with no good row, or a problem that stops parsing, still stores nothing.
     With use_chosen, DPO pairs load their chosen answers; with records_key,
-    the rows are the array under that key of a file that is one JSON object."""
-    check_import_options(name, fmt, eval_percent, seed, query_column)
+    the rows are the array under that key of a file that is one JSON object.
+    An eval_percent left out is the default split (see default_split)."""
+    check_import_options(name, fmt, default_split(eval_percent)[0], seed, query_column)
     version = stage_import(
         project,
         user,
@@ -481,27 +487,47 @@ def _finish_version(version: DatasetVersion, digest: Any) -> None:
     version.state = DatasetVersion.READY
 
 
-def eval_indices(n: int, percent: int, seed: int) -> list[int]:
+def eval_count(n: int, percent: int, minimum: int = 0) -> int:
+    """How many of n rows the split holds out. With `minimum`, a split below
+    100 percent holds out at least that many rows, but never more than half
+    of them (the rest must still teach)."""
+    if percent == 100:
+        return n
+    if percent and n > 1:
+        return max(1, min(round(n * percent / 100), n - 1), min(minimum, n // 2))
+    return 0
+
+
+def eval_indices(n: int, percent: int, seed: int, minimum: int = 0) -> list[int]:
     """The row indices apply_split puts in the eval split of n rows, sorted
     (a plan can know a split before anything is stored)."""
-    k = round(n * percent / 100)
-    if percent == 100:
-        k = n
-    elif percent and n > 1:
-        k = max(1, min(k, n - 1))
-    else:
-        k = 0
-    return sorted(random.Random(seed).sample(range(n), k))
+    return sorted(random.Random(seed).sample(range(n), eval_count(n, percent, minimum)))
+
+
+def default_split(percent: int | None) -> tuple[int, int]:
+    """(eval percent, minimum held out) of an import: a percent the user
+    chose is kept as it is; none chosen is DEFAULT_EVAL_PERCENT with at least
+    settings.EVAL_MIN_HELD_OUT rows held out, so a small upload still gives
+    an eval with enough queries to decide on."""
+    if percent is None:
+        return DEFAULT_EVAL_PERCENT, settings.EVAL_MIN_HELD_OUT
+    return percent, 0
+
+
+def held_out_count(n: int, percent: int | None) -> int:
+    """How many of n rows an import with this eval percent (None: the default) holds out."""
+    return eval_count(n, *default_split(percent))
 
 
 def apply_split(version: DatasetVersion) -> None:
     """Deterministic split: exactly round(N * percent / 100) eval rows (but at
-    least one, and never every row, when 0 < percent < 100 and N > 1), chosen
-    by a seeded sample of row indices (same seed, same rows). 100 percent is
-    a held-out set: every row is eval."""
+    least one, and never every row, when 0 < percent < 100 and N > 1; and at
+    least the version's eval_min, at most half the rows), chosen by a seeded
+    sample of row indices (same seed, same rows). 100 percent is a held-out
+    set: every row is eval."""
     # Only rows already marked eval are reset: a fresh import has none, so no long update.
     version.rows.filter(split=DatasetRow.EVAL).update(split=DatasetRow.TRAIN)
-    chosen = eval_indices(version.row_count, version.eval_percent, version.split_seed)
+    chosen = eval_indices(version.row_count, version.eval_percent, version.split_seed, version.eval_min)
     for i in range(0, len(chosen), 500):
         version.rows.filter(index__in=chosen[i : i + 500]).update(split=DatasetRow.EVAL)
 
@@ -529,6 +555,7 @@ def derive_version(
         parent=parent,
         format=parent.format,
         eval_percent=parent.eval_percent,
+        eval_min=parent.eval_min,
         split_seed=parent.split_seed,
         created_by=user,
         meta=meta or {},

@@ -68,6 +68,7 @@ def _list_page(
         "importing": importing.select_related("dataset").prefetch_related("produced_by"),
         "form": form,
         "max_bytes": settings.UPLOAD_MAX_BYTES,
+        "min_held_out": settings.EVAL_MIN_HELD_OUT,
         "rejected": rejected,
         "upload_error": upload_error,
         "filename": form.cleaned_data["file"].name if rejected else "",

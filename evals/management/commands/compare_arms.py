@@ -89,7 +89,7 @@ class Command(BaseCommand):
                 f"(95% CI {r['low']:.2f} to {r['high']:.2f})"
             )
         elif r.get("note"):
-            self.stdout.write(f"prompt effect retained: undefined. {r['note']}")
+            self.stdout.write(f"prompt effect retained: not computable: {r['note']}")
         self.stdout.write(
             f"prompt tokens saved per 1,000 requests: {comparison.headline.get('tokens_saved_per_1000')}"
         )

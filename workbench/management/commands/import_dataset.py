@@ -26,7 +26,13 @@ class Command(BaseCommand):
         parser.add_argument("--format", default="auto", choices=["auto", *formats.FORMATS])
         parser.add_argument("--query-column")
         parser.add_argument("--answer-column")
-        parser.add_argument("--eval-percent", type=int, default=10)
+        parser.add_argument(
+            "--eval-percent",
+            type=int,
+            default=None,
+            help="Percent of rows held out for evals; left out: 10%%, but at least WORKBENCH_EVAL_MIN_HELD_OUT "
+            "rows (at most half)",
+        )
         parser.add_argument("--seed", type=int, default=0)
         parser.add_argument(
             "--skip-bad",
