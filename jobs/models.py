@@ -19,6 +19,7 @@ from django.db.models.functions import Concat
 from django.dispatch import Signal
 from django.urls import reverse
 from django.utils import timezone
+from django.utils.functional import cached_property
 
 from engines.progress import Progress
 from jobs.registry import JobError, label_of
@@ -262,6 +263,14 @@ class Job(models.Model):
     @property
     def is_terminal(self) -> bool:
         return self.status in self.TERMINAL
+
+    @cached_property
+    def params_variant(self) -> Variant | None:
+        """The variant a kind names in its params rather than produces (a merge: the one it merges)."""
+        pk = self.params.get("variant") if isinstance(self.params, dict) else None
+        if not isinstance(pk, int):
+            return None
+        return Variant.objects.filter(pk=pk, project_id=self.project_id).first()
 
     @property
     def data_dir(self) -> Path:

@@ -22,12 +22,21 @@ from workbench.shortcuts import AuthedHttpRequest, get_project
 
 
 def _list_context(project: Project, form: AbsorbForm) -> dict[str, Any]:
+    # Eval runs and comparisons point at their job from the evals app: followed by name, not imported.
     jobs = project.jobs.select_related(
         "prompt_version__prompt",
         "dataset_version__dataset",
         "base_model",
         "variant",
         "output_dataset__dataset",
+    ).prefetch_related(
+        "eval_runs__project",
+        "eval_runs__suite__project",
+        "eval_runs__variant",
+        "eval_runs__base_model",
+        "eval_runs__prompt_version__prompt",
+        "comparisons__variant",
+        "comparisons__project",
     )[:100]
     return {
         "project": project,
@@ -75,6 +84,7 @@ def absorb_start(request: AuthedHttpRequest, slug: str) -> HttpResponse:
                 form.training,
                 passing_only=data["passing_only"],
                 form_token=token,
+                evaluation=form.evaluation,
             )
             messages.success(request, f"{job} queued.")
             return redirect(job)
@@ -89,6 +99,7 @@ def absorb_start(request: AuthedHttpRequest, slug: str) -> HttpResponse:
             keep_existing=data["keep_existing"],
             review_first=data["review_first"],
             teacher_model=data.get("teacher_model"),
+            evaluation=form.evaluation,
             teacher_endpoint=data.get("teacher_endpoint"),
             curation=form.curation,
             passing_only=data["passing_only"],
@@ -280,5 +291,15 @@ def variant_detail(request: AuthedHttpRequest, slug: str, variant_id: int) -> Ht
     return render(
         request,
         "jobs/variant_detail.html",
-        {"project": project, "variant": variant, "jobs": variant.jobs.all(), "adapter_files": files},
+        {
+            "project": project,
+            "variant": variant,
+            "jobs": variant.jobs.all(),
+            "adapter_files": files,
+            # Reverse relations from the evals app, followed by name (jobs does not import evals).
+            "comparisons": variant.comparisons.select_related("suite__project", "job__project", "project"),
+            "eval_runs": variant.eval_runs.select_related(
+                "suite__project", "job__project", "project", "variant", "base_model", "prompt_version__prompt"
+            ),
+        },
     )

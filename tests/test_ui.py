@@ -74,6 +74,7 @@ def test_the_path_from_prompt_to_a_queued_job(page, alice, alice_project, tiny_m
     page.get_by_role("button", name="Start").click()
     expect(page.get_by_role("heading", name="Teacher generation #")).to_be_visible()
     expect(page.locator("#job-status")).to_have_text("queued")
+    page.once("dialog", lambda dialog: dialog.accept())  # "Cancel this job?"
     page.get_by_role("button", name="Cancel job").click()
     expect(page.locator("#job-status")).to_have_text("cancelled")
     assert [j.status for j in Job.objects.order_by("pk")] == ["cancelled", "cancelled"]

@@ -238,6 +238,12 @@ def test_a_finished_job_has_no_cancel_button_and_a_queued_one_does(page, world):
         page.get_by_role("link", name=f"Fine-tune #{world['finetune'].pk}")
     ).to_be_visible()  # what it starts
     page.goto(world["queued"].get_absolute_url())
+    dismissed = []
+    page.once("dialog", lambda dialog: (dismissed.append(dialog.message), dialog.dismiss()))
+    page.get_by_role("button", name="Cancel job").click()
+    expect(page.locator("#job-status")).to_have_text("queued")  # asked first; "no" changes nothing
+    assert dismissed and "Cancel this job?" in dismissed[0]
+    page.once("dialog", lambda dialog: dialog.accept())
     page.get_by_role("button", name="Cancel job").click()
     expect(page.locator("#job-status")).to_have_text("cancelled")
     expect(page.get_by_role("button", name="Cancel job")).to_have_count(0)
