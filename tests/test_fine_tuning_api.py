@@ -375,3 +375,28 @@ def test_a_large_file_is_imported_by_a_job_and_cannot_train_before_it_is_process
     processed = client.files.retrieve(made.id)
     assert (processed.status, processed.model_extra["rows"]) == ("processed", len(QUESTIONS))
     assert client.fine_tuning.jobs.create(training_file=made.id, model="tiny-lively").status == "queued"
+
+
+def test_an_absorb_started_in_the_ui_is_listed_and_followed_by_the_api(
+    live_server, keys, alice, alice_project, tiny_base
+):
+    import io
+
+    from jobs.actions import start_absorb
+    from workbench.actions.datasets import import_dataset
+    from workbench.actions.prompts import create_prompt
+
+    prompt = create_prompt(alice_project, alice, "ada", "You are Ada. End with 'Cheers, Ada'.")
+    data = import_dataset(
+        alice_project, alice, "queries", io.BytesIO("\n".join(QUESTIONS).encode()), fmt="lines"
+    )
+    teacher, finetune = start_absorb(alice_project, alice, prompt, data, tiny_base)
+    client = sdk(live_server, keys[0])
+    (listed,) = client.fine_tuning.jobs.list()
+    assert (listed.id, listed.status, listed.method.type) == (f"ftjob-{finetune.pk}", "queued", "absorb")
+    assert listed.training_file == f"file-{data.pk}" and listed.fine_tuned_model is None
+    assert listed.model_extra["eval"] is None
+    assert client.fine_tuning.jobs.cancel(listed.id).status == "cancelled"
+    teacher.refresh_from_db()
+    finetune.refresh_from_db()
+    assert teacher.status == finetune.status == Job.CANCELLED  # the teacher went first, its fine-tune with it
