@@ -4,7 +4,6 @@ retained" cannot be computed, and the absorb form's eval settings reaching
 the four arms it starts."""
 
 import io
-import json
 
 import pytest
 from django.urls import reverse
@@ -14,35 +13,16 @@ from evals import actions
 from evals.models import ArmComparison, EvalRun
 from evals.runner import estimate_json
 from jobs.models import Job, job_finished
-from tests.test_evals import PROMPT, QUERIES, RULES
+from tests import test_evals
 from tests.test_teacher_curation import form_post
 from workbench.actions.datasets import import_dataset
-from workbench.actions.prompts import save_prompt
-from workbench.models import FoundationModel, Variant
+from workbench.models import Variant
 
 pytestmark = pytest.mark.django_db
 
 
-@pytest.fixture
-def world(alice, alice_project):
-    """tests/test_evals.py's world: 20 answered queries, 5 held out (25%)."""
-    base = FoundationModel.objects.create(name="m", path="/m")
-    prompt = save_prompt(alice_project, alice, "support", PROMPT, RULES).version
-    rows = "\n".join(
-        json.dumps(
-            {
-                "messages": [
-                    {"role": "user", "content": q},
-                    {"role": "assistant", "content": f"Hello! To {q[9:-1]}, open settings."},
-                ]
-            }
-        )
-        for q in QUERIES
-    )
-    data = import_dataset(
-        alice_project, alice, "faq", io.BytesIO(rows.encode()), filename="faq.jsonl", eval_percent=25
-    )
-    return {"project": alice_project, "base": base, "prompt": prompt, "data": data, "user": alice}
+# tests/test_evals.py's world (20 answered queries, 5 held out), used here by name.
+world = test_evals.world
 
 
 def arm_runs(world, suite, values, n, half_width, comparison=None):
