@@ -313,14 +313,22 @@ def _job(key: ApiKey, job_id: str) -> Job:
 
 
 def _comparison(job: Job) -> ArmComparison | None:
-    return ArmComparison.objects.select_related("job").filter(absorb_job=job).order_by("-pk").first()
+    return _comparisons([job]).get(job.pk)
+
+
+def _comparisons(jobs: list[Job]) -> dict[int, ArmComparison]:
+    """The latest four-arm comparison of each job, in one query for a whole page of jobs."""
+    out: dict[int, ArmComparison] = {}
+    for c in ArmComparison.objects.select_related("job").filter(absorb_job__in=jobs).order_by("pk"):
+        out[c.absorb_job_id] = c  # ordered by pk: the latest wins
+    return out
 
 
 def _is_absorb(job: Job) -> bool:
     return job.prompt_version_id is not None
 
 
-def _status(job: Job) -> str:
+def _status(job: Job, comparison: ArmComparison | None) -> str:
     teacher = job.depends_on
     if job.cancel_requested and not job.is_terminal:
         return "cancelled"  # as OpenAI answers a cancel at once; the worker stops at its next step
@@ -333,7 +341,6 @@ def _status(job: Job) -> str:
     if job.status == Job.CANCELLED:
         return "failed" if teacher is not None and teacher.status == Job.FAILED else "cancelled"
     if _is_absorb(job) and settings.AUTO_EVAL:
-        comparison = _comparison(job)
         if comparison is None:
             # The comparison is queued just after the fine-tune ends, and the log says so (or why not).
             return "succeeded" if "] eval: " in job.log else "running"
@@ -362,8 +369,7 @@ def _hyperparameters(train: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _eval(job: Job) -> dict[str, Any] | None:
-    comparison = _comparison(job)
+def _eval(comparison: ArmComparison | None) -> dict[str, Any] | None:
     if comparison is None:
         return None
     h = comparison.headline or {}
@@ -379,11 +385,15 @@ def _eval(job: Job) -> dict[str, Any] | None:
     }
 
 
-def job_object(job: Job) -> dict[str, Any]:
+def job_object(job: Job, comparison: ArmComparison | None = None, looked_up: bool = False) -> dict[str, Any]:
+    """The OpenAI job object; `looked_up` says `comparison` is already the job's (a listing
+    fetches a page's comparisons at once)."""
     api = job.params.get("api") or {}
     train = job.params.get("train") or {}
     teacher = job.depends_on
-    status = _status(job)
+    if not looked_up:
+        comparison = _comparison(job) if _is_absorb(job) else None
+    status = _status(job, comparison)
     hyper = _hyperparameters(train)
     absorb = _is_absorb(job)
     data = teacher.dataset_version_id if teacher is not None else job.dataset_version_id
@@ -420,7 +430,7 @@ def job_object(job: Job) -> dict[str, Any]:
         "url": job.get_absolute_url(),
     }
     if absorb:
-        out["eval"] = _eval(job)
+        out["eval"] = _eval(comparison)
     return out
 
 
@@ -700,14 +710,17 @@ def _jobs_list(request: HttpRequest, key: ApiKey) -> HttpResponse:
     if after:
         jobs = jobs.filter(pk__lt=_job(key, after).pk)
     limit = _limit(request, 20)
-    out = []
+    picked: list[Job] = []
     for job in jobs.order_by("-pk").iterator(chunk_size=200):
         metadata = (job.params.get("api") or {}).get("metadata") or {}
         if all(metadata.get(k) == v for k, v in wanted.items()):
-            out.append(job_object(job))
-            if len(out) > limit:
+            picked.append(job)
+            if len(picked) > limit:
                 break
-    return JsonResponse({"object": "list", "data": out[:limit], "has_more": len(out) > limit})
+    page = picked[:limit]
+    comparisons = _comparisons([j for j in page if _is_absorb(j)])
+    out = [job_object(j, comparisons.get(j.pk), looked_up=True) for j in page]
+    return JsonResponse({"object": "list", "data": out, "has_more": len(picked) > limit})
 
 
 def _job_get(request: HttpRequest, key: ApiKey, job_id: str) -> HttpResponse:
@@ -716,10 +729,12 @@ def _job_get(request: HttpRequest, key: ApiKey, job_id: str) -> HttpResponse:
 
 def _job_cancel(request: HttpRequest, key: ApiKey, job_id: str) -> HttpResponse:
     job = _job(key, job_id)
-    status = _status(job)
+    comparison = _comparison(job) if _is_absorb(job) else None
+    status = _status(job, comparison)
     if status in ("succeeded", "failed"):
         raise _bad(f"{job_id} has already {status}: there is nothing to cancel.", code="job_ended")
-    comparison = _comparison(job) if job.status == Job.SUCCEEDED else None
+    if job.status != Job.SUCCEEDED:
+        comparison = None
     for target in (job.depends_on, job, comparison.job if comparison else None):
         if target is not None and not target.is_terminal:
             target.request_cancel()  # a teacher's cancel cancels the fine-tune waiting for it

@@ -400,3 +400,33 @@ def test_an_absorb_started_in_the_ui_is_listed_and_followed_by_the_api(
     teacher.refresh_from_db()
     finetune.refresh_from_db()
     assert teacher.status == finetune.status == Job.CANCELLED  # the teacher went first, its fine-tune with it
+
+
+def test_a_page_of_jobs_costs_the_same_queries_whatever_its_length(
+    client, keys, alice, alice_project, tiny_base, django_assert_num_queries
+):
+    import io
+
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from jobs.actions import start_absorb
+    from workbench.actions.datasets import import_dataset
+    from workbench.actions.prompts import create_prompt
+
+    prompt = create_prompt(alice_project, alice, "ada", "You are Ada. End with 'Cheers, Ada'.")
+    data = import_dataset(
+        alice_project, alice, "queries", io.BytesIO("\n".join(QUESTIONS).encode()), fmt="lines"
+    )
+    auth = {"HTTP_AUTHORIZATION": f"Bearer {keys[0]}"}
+
+    def listing(limit: int) -> int:
+        with CaptureQueriesContext(connection) as seen:
+            body = client.get(f"/v1/fine_tuning/jobs?limit={limit}", **auth).json()
+        assert len(body["data"]) == limit and all(j["method"]["type"] == "absorb" for j in body["data"])
+        return len(seen.captured_queries)
+
+    for _ in range(6):
+        start_absorb(alice_project, alice, prompt, data, tiny_base)
+    listing(1)  # the first request of a key writes its last use
+    assert listing(2) == listing(6)  # each job's comparison is not looked up on its own
