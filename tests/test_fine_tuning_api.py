@@ -403,7 +403,7 @@ def test_an_absorb_started_in_the_ui_is_listed_and_followed_by_the_api(
 
 
 def test_a_page_of_jobs_costs_the_same_queries_whatever_its_length(
-    client, keys, alice, alice_project, tiny_base, django_assert_num_queries
+    client, keys, alice, alice_project, tiny_base
 ):
     import io
 
