@@ -101,9 +101,9 @@ REFUSED = [
     (
         "dpo.jsonl",
         "line 1: chosen/rejected: DPO preference pairs; the workbench trains on one answer per query — "
-        "use --use-chosen",
+        'turn on "use only the chosen answers"',
     ),
-    ("dpo_conversational.jsonl", 'upload form: "use only the chosen answers"'),
+    ("dpo_conversational.jsonl", 'turn on "use only the chosen answers"'),
     ("openai_tools.jsonl", f"line 1: tools: {TOOLS}"),
     ("openai_tool_calls_only.jsonl", f"line 1: messages[1].tool_calls: {TOOLS}"),
     ("glaive.jsonl", f"line 1: chat: glaive-style function calling: {TOOLS}"),
@@ -113,13 +113,13 @@ REFUSED = [
         "gsm8k.jsonl",
         "line 1: missing field 'messages' (found 'question', 'answer'); supported formats: chat "
         "(messages), alpaca (instruction/input/output), sharegpt (conversations), completion "
-        "(prompt/completion) — choose with --format, or name the fields with --query-column question "
-        "--answer-column answer (upload form: query/answer column)",
+        '(prompt/completion) — choose the format, or name the fields: query column "question", '
+        'answer column "answer"',
     ),
     (
         "single_object.json",
         'the file is one JSON object; its records are under the key "data" (2 items): load it '
-        'with records key "data" (--records-key data; upload form: records key)',
+        'with records key "data"',
     ),
 ]
 
@@ -284,7 +284,7 @@ def test_skip_bad_still_fails_a_file_with_no_good_row(alice, alice_project, medi
     (tmp_path / "t.csv").write_bytes(b"a,b\n1,2\n")
     with pytest.raises(DatasetRejected) as exc, (tmp_path / "t.csv").open("rb") as f:
         import_dataset(alice_project, alice, "ds", f, filename="t.csv", skip_bad=True)
-    assert "--query-column" in str(exc.value.errors[-1])
+    assert "as the query column" in str(exc.value.errors[-1])
     assert_nothing_stored(media_root)
 
 

@@ -217,7 +217,7 @@ def test_it_reports_a_missing_field_naming_the_keys_found():
     assert error.startswith(
         "line 1: missing field 'messages' (found 'prompt', 'completion'); supported formats:"
     )
-    assert "--query-column prompt --answer-column completion" in error
+    assert 'query column "prompt", answer column "completion"' in error
     assert errors(jsonl(chat({"role": "user"}))) == ["line 1: messages[0]: missing field 'content'"]
     [error] = errors(jsonl({"input": "x"}), "alpaca")
     assert error.startswith("line 1: missing field 'instruction' (found 'input');")
@@ -399,8 +399,8 @@ def test_it_reports_bad_records_of_a_json_array_and_goes_on():
     assert [str(e) for e in out if isinstance(e, RowError)] == [
         "line 3 (record 2): instruction: expected a string, got number",
         "line 4 (record 3): missing field 'instruction' (found 'input'); supported formats: chat (messages), alpaca "
-        "(instruction/input/output), sharegpt (conversations), completion (prompt/completion) — choose with --format, "
-        "or name the fields with --query-column input (upload form: query/answer column)",
+        "(instruction/input/output), sharegpt (conversations), completion (prompt/completion) — choose the format, "
+        'or name the fields: query column "input"',
         "record 4: expected a JSON object, got string",
         "record 5: expected a JSON object, got list",
     ]
@@ -605,16 +605,16 @@ def test_it_handles_a_bom_and_quoted_newlines_in_csv():
 def test_it_reports_a_missing_csv_column_naming_the_columns():
     data = b"id,text,label\n1,hi,x\n"
     assert errors(data, "csv", query_column="question") == [
-        "line 1: no column 'question' in the header (columns: 'id', 'text', 'label'); name one of them with "
-        "--query-column/--answer-column (upload form: query/answer column)"
+        "line 1: no column 'question' in the header (columns: 'id', 'text', 'label'); name one of them as "
+        "the query column or the answer column"
     ]
     assert errors(data, "csv", answer_column="reply") == [
-        "line 1: no column 'reply' in the header (columns: 'id', 'text', 'label'); name one of them with "
-        "--query-column/--answer-column (upload form: query/answer column)"
+        "line 1: no column 'reply' in the header (columns: 'id', 'text', 'label'); name one of them as "
+        "the query column or the answer column"
     ]
     assert errors(b"a,b\n1,2\n", "csv") == [
-        "line 1: cannot tell which column holds the queries; choose one of the columns ('a', 'b') "
-        "with --query-column (upload form: query column)"
+        "line 1: cannot tell which column holds the queries; name one of the columns ('a', 'b') "
+        "as the query column"
     ]
 
 
@@ -739,7 +739,7 @@ def test_it_reads_dpo_pairs_as_their_chosen_answer_only_when_asked():
     orca = {"system": "Be brief.", "question": "2+2?", "chosen": "4", "rejected": "5"}
     trl = {"prompt": [user("Yo")], "chosen": [assistant("Hey")], "rejected": [assistant("No")]}
     data = jsonl(ultrafeedback, orca, trl)
-    assert all("--use-chosen" in e for e in errors(data))
+    assert all('turn on "use only the chosen answers"' in e for e in errors(data))
     reader = DatasetReader(io.BytesIO(data), limits=LIMITS, use_chosen=True)
     out = list(reader)
     assert [r.messages for r in out] == [
@@ -758,7 +758,7 @@ def test_it_names_a_pretty_printed_single_object_longer_than_the_head():
     assert len(big) > formats.HEAD_BYTES
     assert errors(big, filename="x.json") == [
         'the file is one JSON object; its records are under the key "data" (2,000 items): load it with records '
-        'key "data" (--records-key data; upload form: records key)'
+        'key "data"'
     ]
     # no list of records in it: the keys are named
     plain = json.dumps({"data": {"question": "q " * 40_000}, "version": "1"}, indent=2).encode()

@@ -228,7 +228,7 @@ def alpaca(i: int) -> dict[str, str]:
 
 QA_MESSAGE = (
     'the file is one JSON object; its records are under the key "qa" ({n} items): load it with records key '
-    '"qa" (--records-key qa; upload form: records key)'
+    '"qa"'
 )
 
 

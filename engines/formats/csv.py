@@ -132,7 +132,7 @@ def _columns(names: list[str], query_column: str | None, answer_column: str | No
             RowError(
                 1,
                 f"no column {wanted!r} in the header (columns: {listed}); name one of them "
-                "with --query-column/--answer-column (upload form: query/answer column)",
+                "as the query column or the answer column",
                 fatal=True,
             )
         )
@@ -149,8 +149,8 @@ def _columns(names: list[str], query_column: str | None, answer_column: str | No
             raise Stop(
                 RowError(
                     1,
-                    f"cannot tell which column holds the queries; choose one of the columns ({listed}) "
-                    "with --query-column (upload form: query column)",
+                    f"cannot tell which column holds the queries; name one of the columns ({listed}) "
+                    "as the query column",
                     fatal=True,
                 )
             )

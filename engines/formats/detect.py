@@ -124,5 +124,5 @@ def jsonl_warning(head: bytes, max_depth: int) -> str | None:
     return (
         f"{objects} of the first {len(lines)} lines are JSON objects: the file looks like JSONL, but with "
         "format 'lines' every line is stored as raw JSON text; to read its fields, upload it with "
-        "format auto (--format auto) or name the fields (--query-column/--answer-column)"
+        "format auto or name the fields (query column, answer column)"
     )

@@ -17,7 +17,7 @@ KTO_REASON = (
 )
 DPO_REASON = (
     "chosen/rejected: DPO preference pairs; the workbench trains on one answer per query — "
-    'use --use-chosen (upload form: "use only the chosen answers") to load the chosen answers '
+    'turn on "use only the chosen answers" to load the chosen answers '
     "and drop the rejected ones"
 )
 # Roles of tool results and calls, in the dialects of OpenAI, ShareGPT/glaive and Llama.

@@ -255,13 +255,13 @@ def how_to_load(obj: dict[str, object]) -> str:
     query = next((lowered[c] for c in QUERY_COLUMNS if c in lowered), keys[0] if keys else None)
     answer = next((lowered[c] for c in ANSWER_COLUMNS if c in lowered and lowered[c] != query), None)
     formats = ", ".join(f"{s.name} ({s.shape})" for s in SPECS.values() if s.shape)
-    hint = f"; supported formats: {formats} — choose with --format, or name the fields with "
+    hint = f"; supported formats: {formats} — choose the format, or name the fields: "
     option = (
-        "--query-column/--answer-column"
+        "query column and answer column"
         if query is None
-        else f"--query-column {shown(query)}" + (f" --answer-column {shown(answer)}" if answer else "")
+        else f'query column "{shown(query)}"' + (f', answer column "{shown(answer)}"' if answer else "")
     )
-    return hint + option + " (upload form: query/answer column)"
+    return hint + option
 
 
 SPECS: dict[str, Spec] = {

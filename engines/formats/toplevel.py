@@ -5,7 +5,6 @@ holding the records and how to load them (records key)."""
 from __future__ import annotations
 
 import re
-import shlex
 
 import ijson
 
@@ -78,8 +77,7 @@ def single_object_error(keys: dict[str, KeyInfo], broken: str = "") -> RowError:
         return RowError(
             0,
             f'the file is one JSON object; its records are under the key "{name}" '
-            f'({value.items:,} items{also}){broken}: load it with records key "{name}" '
-            f"(--records-key {shlex.quote(name)}; upload form: records key)",
+            f'({value.items:,} items{also}){broken}: load it with records key "{name}"',
             fatal=True,
         )
     listed = ", ".join(shown(k) for k in list(keys)[:10]) + (", ..." if len(keys) > 10 else "")

@@ -11,6 +11,26 @@ from workbench.actions import ActionError
 from workbench.actions.datasets import DatasetRejected, import_dataset
 from workbench.management.commands._common import project_by_slug
 
+# The messages name a setting as the upload form does; on the command line it is a flag.
+SETTING_FLAGS = {
+    "records key": "--records-key KEY",
+    "query column": "--query-column NAME",
+    "answer column": "--answer-column NAME",
+    "use only the chosen answers": "--use-chosen",
+    "format": "--format NAME",
+}
+
+
+def flag_hint(messages: list[str]) -> str | None:
+    """Which flags set the settings the messages name, or None when they name none."""
+    text = " ".join(messages)
+    named = [
+        f"{s}: {flag}"
+        for s, flag in SETTING_FLAGS.items()
+        if s in text and (s != "format" or "the format" in text or "format auto" in text)
+    ]
+    return f"On the command line, {'; '.join(named)}." if named else None
+
 
 class Command(BaseCommand):
     help = (
@@ -76,6 +96,9 @@ class Command(BaseCommand):
         except DatasetRejected as rej:
             for error in rej.errors:
                 self.stderr.write(str(error))
+            hint = flag_hint([str(e) for e in rej.errors])
+            if hint:
+                self.stderr.write(hint)
             if rej.error_count > len(rej.errors):
                 self.stderr.write(f"... and {rej.error_count - len(rej.errors):,} more")
             if rej.file_problem is not None:
@@ -85,6 +108,9 @@ class Command(BaseCommand):
             sys.exit(1)
         for warning in version.meta.get("warnings", []):
             self.stderr.write(f"warning: {warning}")
+        hint = flag_hint(version.meta.get("warnings", []))
+        if hint:
+            self.stderr.write(hint)
         skipped = version.meta.get("skipped")
         if skipped:
             for reason in skipped["rows"]:
