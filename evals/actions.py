@@ -16,7 +16,7 @@ from engines.evaluation import ARM_SPECS
 from engines.facts import FactsError, facts_to_json, validate_facts
 from engines.inference import GenerationSettings
 from engines.rules import RulesError, rules_to_json, validate_rules
-from evals.models import ArmComparison, EvalExample, EvalRun, EvalSuite, Rating
+from evals.models import NOTE_MAX, ArmComparison, EvalExample, EvalRun, EvalSuite, Rating
 from jobs.actions import check_form_token, check_prompt_fits, create_job
 from jobs.models import Job, TeacherEndpoint
 from jobs.tasks import enqueue
@@ -312,12 +312,33 @@ def suite_for_variant(
 
 
 @transaction.atomic
-def rate(user: User, run_a: EvalRun, run_b: EvalRun, example: EvalExample, choice: str) -> Rating:
+def rate(
+    user: User,
+    run_a: EvalRun,
+    run_b: EvalRun,
+    example: EvalExample,
+    choice: str,
+    *,
+    pass_a: bool | None = None,
+    pass_b: bool | None = None,
+    note: str = "",
+    blind: bool = False,
+) -> Rating:
+    """One person's verdict on one example of two runs, in the runs' own
+    terms (a blind rating is mapped back from the sides shown before this)."""
     if choice not in dict(Rating.CHOICES):
         raise ActionError(f"Unknown rating {choice!r}: use a, b or tie.")
     if not (run_a.suite_id == run_b.suite_id == example.suite_id):
         raise ActionError("Both runs and the example must belong to the same suite.")
+    if run_a.pk == run_b.pk:
+        raise ActionError("Rate two different runs.")
+    if len(note) > NOTE_MAX:
+        raise ActionError(f"The note is longer than {NOTE_MAX:,} characters.")
     rating, _ = Rating.objects.update_or_create(
-        run_a=run_a, run_b=run_b, example=example, user=user, defaults={"choice": choice}
+        run_a=run_a,
+        run_b=run_b,
+        example=example,
+        user=user,
+        defaults={"choice": choice, "pass_a": pass_a, "pass_b": pass_b, "note": note, "blind": blind},
     )
     return rating

@@ -4,7 +4,7 @@ from typing import Any
 
 from django import forms
 
-from evals.models import METRICS, EvalSuite
+from evals.models import METRICS, NOTE_MAX, EvalSuite
 from jobs.models import TeacherEndpoint
 from workbench.forms import form_token_field, model_choice
 from workbench.models import DatasetVersion, FoundationModel, Project, PromptVersion, Variant
@@ -109,6 +109,20 @@ class RunForm(forms.Form):
 class RatingForm(forms.Form):
     choice = forms.ChoiceField(choices=[("a", "A better"), ("b", "B better"), ("tie", "Tie")])
     example = id_field()
+
+
+VERDICTS = [("pass", "passes"), ("fail", "fails"), ("", "not said")]
+
+
+class BlindRatingForm(forms.Form):
+    """A blind rating, in the sides the person saw ("a" is the answer shown
+    first): the view maps each side back to the run it belongs to."""
+
+    choice = forms.ChoiceField(choices=[("a", "A better"), ("b", "B better"), ("tie", "Tie")])
+    example = id_field()
+    pass_a = forms.ChoiceField(choices=VERDICTS, required=False, label="answer A")
+    pass_b = forms.ChoiceField(choices=VERDICTS, required=False, label="answer B")
+    note = forms.CharField(required=False, max_length=NOTE_MAX, strip=True)
 
 
 class RunPairForm(forms.Form):

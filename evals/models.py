@@ -343,6 +343,9 @@ class EvalResult(models.Model):
         return f"{self.run} on {self.example}"
 
 
+NOTE_MAX = 2000
+
+
 class Rating(models.Model):
     """A person's verdict on one example of two runs side by side."""
 
@@ -353,6 +356,11 @@ class Rating(models.Model):
     run_b = models.ForeignKey(EvalRun, on_delete=models.CASCADE, related_name="+")
     example = models.ForeignKey(EvalExample, on_delete=models.CASCADE, related_name="ratings")
     choice = models.CharField(max_length=3, choices=CHOICES)
+    # Per-output verdicts and a note, each about the run it names (never the side it was shown on).
+    pass_a = models.BooleanField(null=True, blank=True, help_text="Run A's answer passes (none: not said)")
+    pass_b = models.BooleanField(null=True, blank=True, help_text="Run B's answer passes (none: not said)")
+    note = models.TextField(blank=True, max_length=NOTE_MAX)
+    blind = models.BooleanField(default=False, help_text="Rated with the run names hidden")
     user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="+")
     created_at = models.DateTimeField(default=timezone.now)
 

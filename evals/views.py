@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Any
+from urllib.parse import urlencode
 
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
@@ -16,7 +18,15 @@ from django.views.decorators.http import require_POST
 
 from engines.evaluation import ARMS, judge_human_agreement
 from evals import actions
-from evals.forms import ComparisonForm, RatingForm, RunForm, RunPairForm, SuiteForm, error_text
+from evals.forms import (
+    BlindRatingForm,
+    ComparisonForm,
+    RatingForm,
+    RunForm,
+    RunPairForm,
+    SuiteForm,
+    error_text,
+)
 from evals.models import (
     ArmComparison,
     EvalResult,
@@ -40,6 +50,74 @@ RUNS = EvalRun.objects.select_related("project", "job", "variant", "prompt_versi
 def _json(data: Any) -> str:
     # For a <script type="application/json"> element: no "<" may end it early.
     return json.dumps(data).replace("<", "\\u003c")
+
+
+def metric_axis(name: str) -> dict[str, float]:
+    """The range of a metric's axis: the judge scores 1-10, every other
+    metric is a share of answers or a similarity, 0-1."""
+    if name == "judge":
+        return {"min": 1.0, "max": 10.0}
+    return {"min": 0.0, "max": 1.0}
+
+
+def suite_charts(runs: list[EvalRun], rows: list[dict[str, Any]], metric: str) -> dict[str, Any]:
+    """What the suite page draws: the ranked metric with its CI, quality
+    against latency and prompt tokens (each point named), and every rule's
+    compliance per run (a cell per pair, with its value)."""
+    names = {k for r in runs for k in (r.summary.get("metrics") or {})}
+    done = [r for r in rows if r["value"] is not None]
+    rules = sorted(n for n in names if n.startswith("rule:")) + (
+        ["all_rules"] if "all_rules" in names else []
+    )
+    # Two runs of one variant and prompt are two rows, not one.
+    twice = {r["run"].label for r in done if sum(o["run"].label == r["run"].label for o in done) > 1}
+    label = {
+        r["run"].pk: f"{r['run'].label} (run {r['run'].pk})" if r["run"].label in twice else r["run"].label
+        for r in done
+    }
+    return {
+        "metric": metric_label(metric),
+        "axis": metric_axis(metric),
+        "labels": [label[r["run"].pk] for r in done],
+        "ci": [{"y": r["value"], "yMin": r["low"], "yMax": r["high"]} for r in done],
+        "latency": [
+            {"x": r["latency"], "y": r["value"], "label": label[r["run"].pk]} for r in done if r["latency"]
+        ],
+        "tokens": [
+            {"x": r["prompt_tokens"], "y": r["value"], "label": label[r["run"].pk]}
+            for r in done
+            if r["prompt_tokens"] is not None
+        ],
+        "heat": [
+            {
+                "x": metric_label(rule),
+                "y": label[r["run"].pk],
+                "v": (r["run"].metric(rule) or {}).get("value"),
+            }
+            for r in done
+            for rule in rules
+        ],
+        "rules": [metric_label(rule) for rule in rules],
+    }
+
+
+def comparison_chart(arms: list[tuple[str, EvalRun | None]], names: list[str]) -> dict[str, Any]:
+    """The four arms side by side on every 0-1 check (rules, facts), with CIs."""
+    checks = [n for n in names if n in ("all_rules", "fact_recall") or n.startswith(("rule:", "fact:"))]
+    datasets = []
+    for arm, run in arms:
+        if run is None:
+            continue
+        points = []
+        for n in checks:
+            m = run.metric(n) or {}
+            points.append({"y": m.get("value"), "yMin": m.get("low"), "yMax": m.get("high")})
+        datasets.append({"arm": arm, "label": run.get_arm_display(), "data": points})
+    return {
+        "labels": [metric_label(n) for n in checks],
+        "datasets": datasets,
+        "axis": metric_axis("all_rules"),
+    }
 
 
 def _home_context(project: Project, suite_form: SuiteForm, run_form: RunForm) -> dict[str, Any]:
@@ -160,27 +238,7 @@ def suite_detail(request: AuthedHttpRequest, slug: str, suite_id: int) -> HttpRe
     names = sorted({k for r in runs for k in (r.summary.get("metrics") or {})})
     metric = request.GET.get("metric") or suite.main_metric
     rows = _leaderboard(runs, metric, request.GET.get("sort", "metric"))
-    done = [r for r in rows if r["value"] is not None]
-    rules = [n for n in names if n.startswith("rule:")] + (["all_rules"] if "all_rules" in names else [])
-    charts = {
-        "metric": metric_label(metric),
-        "labels": [r["run"].label for r in done],
-        "ci": [{"y": r["value"], "yMin": r["low"], "yMax": r["high"]} for r in done],
-        "latency": [
-            {"x": r["latency"], "y": r["value"], "label": r["run"].label} for r in done if r["latency"]
-        ],
-        "tokens": [
-            {"x": r["prompt_tokens"], "y": r["value"], "label": r["run"].label}
-            for r in done
-            if r["prompt_tokens"] is not None
-        ],
-        "heat": [
-            {"x": metric_label(rule), "y": r["run"].label, "v": (r["run"].metric(rule) or {}).get("value")}
-            for r in done
-            for rule in rules
-        ],
-        "rules": [metric_label(rule) for rule in rules],
-    }
+    charts = suite_charts(runs, rows, metric)
     ctx = {
         "project": suite.project,
         "suite": suite,
@@ -280,11 +338,7 @@ def side_by_side(request: AuthedHttpRequest, slug: str, suite_id: int) -> HttpRe
     suite = get_for_project(request, slug, EvalSuite.objects.select_related("project"), pk=suite_id)
     runs = {r.pk: r for r in RUNS.filter(suite=suite)}
     choices = sorted(runs.values(), key=lambda r: -r.pk)
-    ids = [request.GET.get("a", ""), request.GET.get("b", "")]
-    a = runs.get(int(ids[0])) if ids[0].isdigit() else (choices[1] if len(choices) > 1 else None)
-    b = runs.get(int(ids[1])) if ids[1].isdigit() else (choices[0] if choices else None)
-    if (ids[0] and a is None) or (ids[1] and b is None):
-        raise Http404("No such run in this suite.")
+    a, b = _run_pair(request.GET, runs, choices)
     only = request.GET.get("only", "")
     rule_names: list[str] = []
     page: Page[Any] = Paginator([], SIDE_BY_SIDE_PAGE).get_page(1)
@@ -325,6 +379,7 @@ def side_by_side(request: AuthedHttpRequest, slug: str, suite_id: int) -> HttpRe
         "rule_names": [(n, metric_label(n)) for n in rule_names],
         "form": RatingForm(),
         "agreement": _judge_agreement(a, b) if a is not None and b is not None else None,
+        "tallies": pair_tallies(suite, runs),
     }
     return render(request, "evals/side_by_side.html", ctx)
 
@@ -374,7 +429,10 @@ def rate(request: AuthedHttpRequest, slug: str, suite_id: int) -> HttpResponse:
             return _bad_request("Choose A better, B better or tie.")
         return _bad_request(f"The rating: {error_text(form)}")
     example = get_object_or_404(suite.examples, pk=form.cleaned_data["example"])
-    rating = actions.rate(request.user, run_a, run_b, example, form.cleaned_data["choice"])
+    try:
+        rating = actions.rate(request.user, run_a, run_b, example, form.cleaned_data["choice"])
+    except ActionError as exc:
+        return _bad_request(str(exc))
     if request.htmx:
         return render(
             request,
@@ -391,12 +449,209 @@ def rate(request: AuthedHttpRequest, slug: str, suite_id: int) -> HttpResponse:
     return redirect(reverse("side_by_side", args=[slug, suite.pk]) + f"?a={run_a.pk}&b={run_b.pk}")
 
 
+# --- Blind A/B review: two runs' answers to one example as "A" and "B", names hidden until rated ---
+
+VERDICT = {"pass": True, "fail": False, "": None}
+
+
+def blind_order(user_id: int, example_id: int, one: EvalRun, other: EvalRun) -> tuple[EvalRun, EvalRun]:
+    """The two runs in the order a person sees them blind: random, but seeded
+    by the person, the example and the pair, so a reload shows the same order."""
+    first, second = sorted((one, other), key=lambda r: r.pk)
+    seed = hashlib.sha256(f"{user_id}:{example_id}:{first.pk}:{second.pk}".encode()).digest()
+    return (second, first) if seed[0] & 1 else (first, second)
+
+
+def _run_pair(
+    query: Any, runs: dict[int, EvalRun], choices: list[EvalRun]
+) -> tuple[EvalRun | None, EvalRun | None]:
+    ids = [query.get("a", ""), query.get("b", "")]
+    a = runs.get(int(ids[0])) if ids[0].isdigit() else (choices[1] if len(choices) > 1 else None)
+    b = runs.get(int(ids[1])) if ids[1].isdigit() else (choices[0] if choices else None)
+    if (ids[0] and a is None) or (ids[1] and b is None):
+        raise Http404("No such run in this suite.")
+    return a, b
+
+
+def pair_tallies(suite: EvalSuite, runs: dict[int, EvalRun]) -> list[dict[str, Any]]:
+    """Everyone's ratings of the suite per pair of runs, whichever side each
+    run was rated on: wins, ties, passes and fails of each run. One query."""
+    counts = (
+        Rating.objects.filter(example__suite=suite)
+        .values("run_a_id", "run_b_id")
+        .order_by()
+        .annotate(
+            n=Count("pk"),
+            n_wins_a=Count("pk", filter=Q(choice=Rating.A)),
+            n_wins_b=Count("pk", filter=Q(choice=Rating.B)),
+            ties=Count("pk", filter=Q(choice=Rating.TIE)),
+            n_pass_a=Count("pk", filter=Q(pass_a=True)),
+            n_fail_a=Count("pk", filter=Q(pass_a=False)),
+            n_pass_b=Count("pk", filter=Q(pass_b=True)),
+            n_fail_b=Count("pk", filter=Q(pass_b=False)),
+            blind=Count("pk", filter=Q(blind=True)),
+        )
+    )
+    pairs: dict[tuple[int, int], dict[str, int]] = {}
+    for row in counts:
+        one, other = row["run_a_id"], row["run_b_id"]
+        sides = ("a", "b") if one < other else ("b", "a")
+        t = pairs.setdefault(
+            (min(one, other), max(one, other)),
+            dict.fromkeys(
+                ("n", "ties", "blind", "wins_1", "wins_2", "pass_1", "fail_1", "pass_2", "fail_2"), 0
+            ),
+        )
+        for key in ("n", "ties", "blind"):
+            t[key] += row[key]
+        for number, side in zip(("1", "2"), sides, strict=True):
+            for key in ("wins", "pass", "fail"):
+                t[f"{key}_{number}"] += row[f"n_{key}_{side}"]
+    out = [
+        {"first": runs[lo], "second": runs[hi], **t}
+        for (lo, hi), t in pairs.items()
+        if lo in runs and hi in runs
+    ]
+    return sorted(out, key=lambda t: (-t["n"], t["first"].pk, t["second"].pk))
+
+
+def _blind_card(user_id: int, a: EvalRun, b: EvalRun, example: Any) -> dict[str, Any]:
+    """One example as a person sees it blind: sides A and B (the runs in
+    blind_order), and their rating mapped back onto those sides."""
+    first, second = blind_order(user_id, example.pk, a, b)
+    low, high = sorted((a, b), key=lambda r: r.pk)
+    rating = Rating.objects.filter(run_a=low, run_b=high, example=example, user_id=user_id).first()
+    results = {r.run_id: r for r in EvalResult.objects.filter(run__in=[a, b], example=example)}
+    sides = []
+    for key, run in (("a", first), ("b", second)):
+        verdict = None if rating is None else rating.pass_a if run == low else rating.pass_b
+        sides.append(
+            {
+                "key": key,
+                "letter": key.upper(),
+                "run": run,
+                "res": results.get(run.pk),
+                "verdict": "" if verdict is None else "pass" if verdict else "fail",
+            }
+        )
+    choice = ""
+    if rating is not None:
+        better = {Rating.A: low, Rating.B: high}.get(rating.choice)
+        choice = "tie" if better is None else "a" if better == first else "b"
+    return {
+        "example": example,
+        "sides": sides,
+        "rating": rating,
+        "choice": choice,
+        "note": rating.note if rating else "",
+        "revealed": rating is not None,
+    }
+
+
+def _blind_context(request: AuthedHttpRequest, suite: EvalSuite) -> dict[str, Any]:
+    runs = {r.pk: r for r in RUNS.filter(suite=suite)}
+    choices = sorted(runs.values(), key=lambda r: -r.pk)
+    a, b = _run_pair(request.GET, runs, choices)
+    only = request.GET.get("only", "")
+    ctx: dict[str, Any] = {
+        "project": suite.project,
+        "suite": suite,
+        "a": a,
+        "b": b,
+        "choices": choices,
+        "only": only,
+        "card": None,
+        "tallies": pair_tallies(suite, runs),
+    }
+    if a is None or b is None or a == b:
+        return ctx
+    rule_names = _check_names(suite, a, b)
+    examples = _side_by_side_examples(suite, a, b, only, rule_names)
+    number = request.GET.get("page")
+    if number is None:
+        # Start where this person stopped: the first example of the pair they have not rated.
+        low, high = sorted((a, b), key=lambda r: r.pk)
+        rated = Rating.objects.filter(run_a=low, run_b=high, user=request.user).values("example_id")
+        todo = examples.exclude(pk__in=rated).first()
+        number = str(examples.filter(index__lt=todo.index).count() + 1) if todo else "1"
+    page = Paginator(examples, 1).get_page(number)
+    query = urlencode({"a": a.pk, "b": b.pk, "only": only})
+    here = reverse("blind_review", args=[suite.project.slug, suite.pk])
+    ctx.update(
+        page=page,
+        query=query,
+        rule_names=[(n, metric_label(n)) for n in rule_names],
+        rate_url=reverse("blind_rate", args=[suite.project.slug, suite.pk]) + f"?{query}&page={page.number}",
+        next_url=f"{here}?{query}&page={page.next_page_number()}" if page.has_next() else "",
+        previous_url=f"{here}?{query}&page={page.previous_page_number()}" if page.has_previous() else "",
+    )
+    if page.object_list:
+        ctx["card"] = _blind_card(request.user.pk, a, b, page.object_list[0])
+    return ctx
+
+
+@login_required
+def blind_review(request: AuthedHttpRequest, slug: str, suite_id: int) -> HttpResponse:
+    """One example at a time, two runs' answers as A and B in a random order
+    (stable per person and example); the names show once it is rated."""
+    suite = get_for_project(request, slug, EvalSuite.objects.select_related("project"), pk=suite_id)
+    return render(request, "evals/blind.html", _blind_context(request, suite))
+
+
+@login_required
+@require_POST
+def blind_rate(request: AuthedHttpRequest, slug: str, suite_id: int) -> HttpResponse:
+    """A blind rating, posted in the sides shown, stored for the runs they
+    really were; the answer is the same example with the names revealed."""
+    suite = get_for_project(request, slug, EvalSuite.objects.select_related("project"), pk=suite_id)
+    pair = RunPairForm(request.GET)
+    if not pair.is_valid():
+        return _bad_request(f"The runs to rate (?a=&b= in the address): {error_text(pair)}")
+    run_a = get_object_or_404(EvalRun, pk=pair.cleaned_data["a"], suite=suite)
+    run_b = get_object_or_404(EvalRun, pk=pair.cleaned_data["b"], suite=suite)
+    if run_a == run_b:
+        return _bad_request("Choose two different runs to compare.")
+    form = BlindRatingForm(request.POST)
+    if not form.is_valid():
+        if "choice" in form.errors:
+            return _bad_request("Choose A better, B better or tie.")
+        return _bad_request(f"The rating: {error_text(form)}")
+    d = form.cleaned_data
+    example = get_object_or_404(suite.examples, pk=d["example"])
+    first, second = blind_order(request.user.pk, example.pk, run_a, run_b)
+    low, high = sorted((run_a, run_b), key=lambda r: r.pk)
+    shown = {"a": first, "b": second}
+    verdicts = {shown["a"]: VERDICT[d["pass_a"]], shown["b"]: VERDICT[d["pass_b"]]}
+    choice = Rating.TIE if d["choice"] == "tie" else Rating.A if shown[d["choice"]] == low else Rating.B
+    try:
+        actions.rate(
+            request.user,
+            low,
+            high,
+            example,
+            choice,
+            pass_a=verdicts[low],
+            pass_b=verdicts[high],
+            note=d["note"],
+            blind=True,
+        )
+    except ActionError as exc:
+        return _bad_request(str(exc))
+    back = reverse("blind_review", args=[slug, suite.pk]) + "?" + request.GET.urlencode()
+    if not request.htmx:
+        return redirect(back)
+    ctx = _blind_context(request, suite)
+    return render(request, "evals/_blind_card.html", ctx)
+
+
 @login_required
 def comparison_detail(request: AuthedHttpRequest, slug: str, comparison_id: int) -> HttpResponse:
     comparison = get_for_project(
         request,
         slug,
-        ArmComparison.objects.select_related("project", "suite", "variant", "job", "absorb_job"),
+        ArmComparison.objects.select_related(
+            "project", "suite", "variant__prompt_version__prompt", "job", "absorb_job"
+        ),
         pk=comparison_id,
     )
     runs = {r.arm: r for r in RUNS.filter(comparison=comparison)}
@@ -436,6 +691,8 @@ def comparison_detail(request: AuthedHttpRequest, slug: str, comparison_id: int)
         "undecided": undecided([r.metric(metric) for r in runs.values()], metric),
         "job": comparison.job,
         "polling": polling,
+        "chart": _json(comparison_chart(arms, names)),
+        "prompt": comparison.variant.prompt_version.prompt if comparison.variant.prompt_version else None,
     }
     if request.htmx and request.htmx.target == "comparison-live":
         return render(request, "evals/comparison_detail.html#live", ctx)

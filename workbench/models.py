@@ -257,6 +257,11 @@ class Dataset(models.Model):
     def latest(self) -> DatasetVersion | None:
         return self.versions.order_by("-number").first()
 
+    @property
+    def captured(self) -> bool:
+        """Some version holds captured /v1 requests (reads prefetched versions when there are)."""
+        return any(v.captured for v in self.versions.all())
+
 
 class VisibleVersionManager(models.Manager["DatasetVersion"]):
     """The default manager: only versions whose rows are all stored. An import
@@ -328,6 +333,12 @@ class DatasetVersion(models.Model):
     @property
     def eval_count(self) -> int:
         return self.rows.filter(split=DatasetRow.EVAL).count()
+
+    @property
+    def captured(self) -> bool:
+        """Its rows include /v1 requests captured from the request log: their
+        answers are what was served, not the teacher's."""
+        return bool(self.meta.get("captured_requests"))
 
 
 class DatasetRowQuerySet(models.QuerySet["DatasetRow"]):

@@ -240,6 +240,8 @@ def sft_config(config: TrainConfig, output_dir: Path, device: str, bf16: bool, d
         seed=config.seed,
         logging_strategy="steps",
         logging_steps=config.logging_steps,
+        # The loss curve starts at step 1 whatever logging_steps is.
+        logging_first_step=True,
         save_strategy="steps",
         save_steps=config.save_steps,
         save_total_limit=config.save_total_limit,
