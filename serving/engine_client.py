@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
@@ -36,6 +38,23 @@ COMPLETIONS_PATH = "/v1/completions"
 # The hf engine's code for a model another request is loading (engines.serving_engine.errors.unavailable).
 STILL_LOADING_CODE = "unavailable"
 LOAD_POLL_SECONDS = 0.25
+# A status page asks the engine briefly: a busy or absent engine must not hold the page.
+STATUS_SECONDS = 3.0
+# vLLM's /health answers an empty 200; its queue depth is in its Prometheus metrics.
+VLLM_WAITING = re.compile(r"^vllm:num_requests_waiting(?:\{[^}]*\})?\s+([0-9.eE+-]+)\s*$", re.M)
+
+
+@dataclass
+class EngineStatus:
+    """What the engine reports about itself: reachable or not (and why), the
+    base models it holds, the adapters loaded over them and its queue."""
+
+    reachable: bool
+    backend: str
+    bases: list[str] = field(default_factory=list)
+    adapters: dict[str, str] = field(default_factory=dict)  # engine name -> base name
+    queued: int | None = None  # requests (hf: rows) waiting for the engine; None: not reported
+    error: str = ""
 
 
 def unavailable(url: str, exc: Exception | str) -> OpenAIError:
@@ -151,6 +170,52 @@ class EngineClient:
         if response.status_code != 200:
             raise _error_from(response)
         return list(response.json().get("data", []))
+
+    def status(self) -> EngineStatus:
+        """The engine's health, models and queue depth, asked within
+        STATUS_SECONDS. An engine that does not answer is a status, not an error."""
+        try:
+            health = self._request("GET", "/health", timeout=STATUS_SECONDS)
+            if health.status_code != 200:
+                raise _error_from(health)
+            response = self._request("GET", "/v1/models", timeout=STATUS_SECONDS)
+            if response.status_code != 200:
+                raise _error_from(response)
+            cards = response.json().get("data", [])
+        except (OpenAIError, ValueError, AttributeError) as exc:
+            log.info("engine status at %s: %s", self.url, exc)
+            why = (
+                exc.message
+                if isinstance(exc, OpenAIError)
+                else "it answered something that is not a model list"
+            )
+            return EngineStatus(False, self.backend, error=why)
+        status = EngineStatus(True, self.backend, queued=self._queued(health))
+        for card in cards if isinstance(cards, list) else []:
+            if not isinstance(card, dict) or not isinstance(card.get("id"), str):
+                continue
+            parent = card.get("parent")
+            if isinstance(parent, str) and parent:
+                status.adapters[card["id"]] = parent
+            else:
+                status.bases.append(card["id"])
+        return status
+
+    def _queued(self, health: httpx.Response) -> int | None:
+        try:
+            data = health.json()
+        except ValueError:
+            data = None
+        if isinstance(data, dict) and isinstance(data.get("queued_rows"), int):
+            return int(data["queued_rows"])
+        if self.backend != "vllm":
+            return None
+        try:
+            metrics = self._request("GET", "/metrics", timeout=STATUS_SECONDS)
+        except OpenAIError:
+            return None
+        waiting = VLLM_WAITING.findall(metrics.text) if metrics.status_code == 200 else []
+        return int(sum(float(v) for v in waiting)) if waiting else None
 
     def load_base(self, name: str, path: str) -> None:
         self._post_ok("/v1/load_model", {"model": name, "path": path})

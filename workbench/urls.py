@@ -77,11 +77,13 @@ urlpatterns = [
     path("", include("serving.export_urls")),
     path("", include("serving.log_urls")),
     path("", include("serving.playground_urls")),
+    path("", include("serving.overview_urls")),
     path("v1/", include("serving.api_urls")),
     # "/v1" itself too: the API answers every path in JSON (no slash redirect, no HTML 404).
     # (\Z, not $: an include ending in $ is a system check warning.)
     re_path(r"^v1\Z", include("serving.api_urls")),
     path("models/", models.models_page, name="models"),
+    path("models/register", models.model_register, name="model_register"),
     path("models/ping", models.ping_workers, name="ping_workers"),
     path("models/ping/<int:ping_id>", models.ping_status, name="ping_status"),
 ]

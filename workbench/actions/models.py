@@ -39,6 +39,13 @@ def count_parameters(model_dir: Path) -> int:
     return total
 
 
+def _parameters(path: Path) -> int:
+    try:
+        return count_parameters(path)
+    except Exception as exc:  # safetensors raises its own error type for a damaged header
+        raise ActionError(f"The weights in {path} cannot be read as safetensors: {exc}") from exc
+
+
 @transaction.atomic
 def register_base_model(name: str, path: Path, source: str, default: bool = False) -> FoundationModel:
     """Register (or update) a local safetensors model directory."""
@@ -57,7 +64,7 @@ def register_base_model(name: str, path: Path, source: str, default: bool = Fals
         defaults={
             "path": str(path),
             "source": source,
-            "parameters": count_parameters(path),
+            "parameters": _parameters(path),
             "is_default": default or not FoundationModel.objects.exclude(name=name).exists(),
         },
     )

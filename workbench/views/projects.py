@@ -49,6 +49,8 @@ def _detail_page(
         "is_owner": project.role_of(request.user) == Membership.OWNER,
         "roles": Membership.ROLES,
         "form": form,
+        # A base model served as it is (or with a prompt) is a variant too, but not a fine-tuned one.
+        "finetuned": project.variants.exclude(adapter_path="").count(),
     }
     return render(request, "workbench/project_detail.html", ctx, status=status)
 
