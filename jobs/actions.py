@@ -9,16 +9,18 @@ from typing import Any
 from django.contrib.auth.models import User
 from django.db import IntegrityError, transaction
 from django.db.models import RestrictedError
+from django.utils import timezone
 
 from engines.curation import CurationSettings, SynthesisSettings
 from engines.inference import GenerationSettings
 from engines.training import TrainConfig, tokenizers_match
 from jobs import fingerprints
-from jobs.models import Job, TeacherEndpoint
+from jobs.models import AbsorbPreset, Job, TeacherEndpoint
 from jobs.runners.synthesis import DEFAULT_COUNT as SYNTHESIS_DEFAULT_COUNT
 from jobs.runners.synthesis import KIND as SYNTHESIS_KIND
 from jobs.runners.synthesis import MAX_COUNT as SYNTHESIS_MAX_COUNT
 from jobs.tasks import enqueue
+from workbench import data_quality
 from workbench.actions import ActionError
 from workbench.models import DatasetRow, DatasetVersion, FoundationModel, Project, PromptVersion, Variant
 from workbench.prompt_costs import TokenCountError
@@ -149,6 +151,13 @@ def check_teacher(base_model: FoundationModel, teacher_model: FoundationModel, t
         )
 
 
+def default_keep_existing(dataset_version: DatasetVersion) -> bool:
+    """Whether an absorb keeps the answers rows already have unless told:
+    yes, but not on captured traffic, whose answers are what was served
+    (the model being replaced), so the teacher answers those again."""
+    return not dataset_version.captured
+
+
 @transaction.atomic
 def start_absorb(
     project: Project,
@@ -159,7 +168,7 @@ def start_absorb(
     generation: GenerationSettings | Mapping[str, Any] | None = None,
     training: TrainConfig | Mapping[str, Any] | None = None,
     *,
-    keep_existing: bool = True,
+    keep_existing: bool | None = None,
     review_first: bool = False,
     teacher_model: FoundationModel | None = None,
     curation: CurationSettings | Mapping[str, Any] | bool | None = True,
@@ -167,19 +176,26 @@ def start_absorb(
     form_token: uuid.UUID | None = None,
     teacher_endpoint: TeacherEndpoint | None = None,
     evaluation: Mapping[str, Any] | None = None,
+    data_check: float | None = None,
 ) -> tuple[Job, Job | None]:
     """Queue teacher generation and (unless the team reviews the answers
     first) the fine-tune that trains on them once the teacher finishes.
     The teacher is `teacher_model` (default: the student's base) WITH the
     prompt; its answers are curated when the prompt has rules (`curation`),
     and the fine-tune learns only from those that pass every rule
-    (`passing_only`, while enough do). With `teacher_endpoint` an
+    (`passing_only`, while enough do). Rows that already end with an answer
+    keep it (`keep_existing`), except, unless told, on captured traffic
+    (default_keep_existing). With `teacher_endpoint` an
     OpenAI-compatible server of the project answers instead (its answers
     are text: no KL term). `evaluation` is the four-arm eval after the
-    fine-tune (see eval_params). A `form_token` some job already
+    fine-tune (see eval_params). With `data_check` (a share), the fine-tune
+    waits for confirmation when more than that share of the teacher's
+    answers fail a checkable rule (see hold_for_data_check). A `form_token` some job already
     carries raises AlreadyStarted (a resubmitted form starts nothing).
     Bad settings raise SettingsError / ConfigError naming each field."""
     check_form_token(project, form_token)
+    if keep_existing is None:
+        keep_existing = default_keep_existing(dataset_version)
     teacher_model = teacher_model or base_model
     _check(project, prompt_version, dataset_version, base_model)
     gen, train = teacher_generation(generation), _training(training)
@@ -230,6 +246,7 @@ def start_absorb(
                 "teacher_model": teacher_model.pk,
                 "passing_only": passing_only,
                 **eval_params(evaluation),
+                **({"data_check": float(data_check)} if data_check is not None else {}),
                 fingerprints.KEY: fingerprints.finetune_fingerprint(
                     f"teacher:{teacher_fp}",
                     prompt,
@@ -475,7 +492,34 @@ def delete_teacher_endpoint(endpoint: TeacherEndpoint) -> None:
         ) from exc
 
 
-RETRIED = ("teacher_usage",)  # what the first try recorded of its own run, not of the inputs
+# What the first try recorded of its own run, not of the inputs; a retried fine-tune that waited
+# for confirmation of its data ("held") is that confirmation, so it is checked no more.
+RETRIED = ("teacher_usage", "held", "data_check")
+
+
+def hold_for_data_check(teacher: Job) -> list[Job]:
+    """When a teacher succeeds: each fine-tune waiting for its answers with a
+    `data_check` share is held (cancelled before it starts, with the reason in
+    its params) when more than that share of the answers fail a checkable
+    rule, the same check the absorb form makes before a fine-tune only. Its
+    page offers to review the answers or to train anyway (a retry)."""
+    version = teacher.output_dataset
+    if teacher.kind != "teacher" or version is None:
+        return []
+    held = []
+    for dep in teacher.dependents.filter(kind="finetune", status=Job.QUEUED):
+        share = dep.params.get("data_check")
+        if not isinstance(share, int | float):
+            continue
+        warn = data_quality.warning(version, float(share))
+        if not warn:
+            continue
+        params = {**dep.params, "held": warn}
+        Job.objects.filter(pk=dep.pk, status=Job.QUEUED).update(params=params, dataset_version=version)
+        dep.refresh_from_db()
+        if dep.mark_cancelled(f"waiting for confirmation: {warn}"):
+            held.append(dep)
+    return held
 
 
 @transaction.atomic
@@ -522,3 +566,18 @@ def cancel_job(job: Job) -> bool:
     """Cancel a queued or running job (the jobs waiting for it are cancelled
     when it ends). False, and nothing changes, for a job that already ended."""
     return job.request_cancel()
+
+
+@transaction.atomic
+def save_preset(project: Project, user: User | None, name: str, values: Mapping[str, Any]) -> AbsorbPreset:
+    """Save the absorb form's settings under `name` (replacing the project's preset of that name)."""
+    preset, _ = AbsorbPreset.objects.update_or_create(
+        project=project,
+        name=name,
+        defaults={"values": dict(values), "created_by": user, "updated_at": timezone.now()},
+    )
+    return preset
+
+
+def delete_preset(preset: AbsorbPreset) -> None:
+    preset.delete()

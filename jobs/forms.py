@@ -14,12 +14,12 @@ from engines.curation import REPAIRS, CurationSettings
 from engines.inference import GenerationSettings, SettingsError
 from engines.training import DEVICES, LR_SCHEDULERS, ConfigError, TrainConfig
 from jobs.actions import absorb_generation
-from jobs.models import TeacherEndpoint
+from jobs.models import AbsorbPreset, Job, TeacherEndpoint
 from jobs.runners.synthesis import DEFAULT_COUNT as SYNTHESIS_DEFAULT_COUNT
 from jobs.runners.synthesis import MAX_COUNT as SYNTHESIS_MAX_COUNT
 from workbench.data_quality import final_compliance, warning
 from workbench.forms import form_token_field, model_choice
-from workbench.models import DatasetVersion, FoundationModel, Project, PromptVersion
+from workbench.models import DatasetRow, DatasetVersion, FoundationModel, Project, PromptVersion
 
 TRAIN_HELP: dict[str, str] = {
     "rank": "LoRA rank r: size of the low-rank update. 8-32 is typical; higher learns more, costs more.",
@@ -101,8 +101,20 @@ def _train_field(f: dataclasses.Field[Any], default: Any) -> forms.Field:
     return forms.FloatField(required=False, initial=default, help_text=help_text)
 
 
+def default_dataset_version(project: Project) -> DatasetVersion | None:
+    """The latest version of the project's largest dataset, never a set captured
+    from served requests (a few logged requests make a poor default to train on)."""
+    latest: dict[int, DatasetVersion] = {}
+    for dv in DatasetVersion.objects.filter(dataset__project=project).order_by("dataset_id", "number"):
+        latest[dv.dataset_id] = dv
+    kept = [dv for dv in latest.values() if not (dv.meta or {}).get("captured_requests")]
+    return max(kept, key=lambda dv: (dv.row_count, dv.pk), default=None)
+
+
 def _version_label(dv: DatasetVersion) -> str:
     label = f"{dv} · {dv.get_kind_display()} · {dv.row_count} rows"
+    if dv.captured:
+        label += " · captured from /v1"
     all_rules = final_compliance(dv)
     return label if all_rules is None else f"{label} · {all_rules:.0%} pass all rules"
 
@@ -230,7 +242,9 @@ class AbsorbForm(forms.Form):
         required=False,
         initial=True,
         label="keep existing answers",
-        help_text="Rows that already have an assistant answer keep it instead of asking the teacher.",
+        help_text="Rows that already have an assistant answer keep it instead of asking the teacher. "
+        "Picking a version captured from /v1 unticks it: those answers are what was served, so the "
+        "teacher answers again.",
     )
     passing_only = forms.BooleanField(
         required=False,
@@ -242,7 +256,15 @@ class AbsorbForm(forms.Form):
     train_anyway = forms.BooleanField(
         required=False,
         label="train anyway on answers that fail rules",
-        help_text="Asked when more than the set share of the training answers fail a checkable rule.",
+        help_text="Left unticked, the data is checked before training: fine-tune only asks here when too many "
+        "training answers fail a checkable rule; teacher then fine-tune checks the teacher's answers when they "
+        "come back, and the fine-tune waits on its page for you to review them or to train anyway.",
+    )
+    few_rows_ok = forms.BooleanField(
+        required=False,
+        label="train on fewer rows than the minimum anyway",
+        help_text="A fine-tune on a handful of rows learns little, and its eval has too few held-out queries "
+        "to tell.",
     )
     review_first = forms.BooleanField(
         required=False,
@@ -280,6 +302,12 @@ class AbsorbForm(forms.Form):
         model_choice(self, "teacher_endpoint").queryset = TeacherEndpoint.objects.filter(project=project)
         # Django calls the field's label_from_instance(obj): this form's labels, set on its instance.
         model_choice(self, "dataset_version").label_from_instance = _version_label  # type: ignore[method-assign,assignment]
+        largest = default_dataset_version(project)
+        if largest is not None:
+            self.fields["dataset_version"].initial = largest.pk
+        base = FoundationModel.objects.filter(is_default=True).first()
+        if base is not None:
+            self.fields["base_model"].initial = base.pk
         gen = absorb_generation()
         for name in GEN_FIELDS:
             default = getattr(gen, name)
@@ -301,6 +329,8 @@ class AbsorbForm(forms.Form):
         self.training: TrainConfig | None = None
         self.evaluation: dict[str, Any] = {}
         self.curation: dict[str, Any] | bool = False
+        # The share of failing answers above which an absorb's fine-tune waits for confirmation (None: trains).
+        self.data_check: float | None = None
 
     def generation_fields(self) -> list[forms.BoundField]:
         return [self[f"g_{name}"] for name in (*GEN_FIELDS, "stop")]
@@ -309,8 +339,7 @@ class AbsorbForm(forms.Form):
         return [self[name] for name in CURATION_FIELDS]
 
     def train_fields(self) -> list[forms.BoundField]:
-        # The eval after training is listed with the training settings: the page's loop renders them.
-        return [self[name] for name in self.fields if name.startswith("t_")] + self.eval_fields()
+        return [self[name] for name in self.fields if name.startswith("t_")]
 
     def eval_fields(self) -> list[forms.BoundField]:
         return [self[name] for name in ("eval_auto", "eval_max_new_tokens", "eval_max_examples")]
@@ -344,6 +373,12 @@ class AbsorbForm(forms.Form):
             warn = warning(version, settings.DATA_FAIL_WARN_SHARE)
             if warn:
                 self.add_error("train_anyway", warn)
+        if data.get("mode") == "absorb" and not data.get("train_anyway"):
+            self.data_check = settings.DATA_FAIL_WARN_SHARE
+        if version is not None and not data.get("few_rows_ok"):
+            problem = too_few_rows(version, settings.MIN_TRAIN_ROWS)
+            if problem:
+                self.add_error("few_rows_ok", problem)
         if data.get("curate"):
             try:
                 self.curation = CurationSettings(
@@ -378,6 +413,129 @@ class AbsorbForm(forms.Form):
             "max_examples": data.get("eval_max_examples"),
         }
         return data
+
+
+def too_few_rows(version: DatasetVersion, minimum: int) -> str | None:
+    """A sentence when the version has fewer train rows than a fine-tune needs."""
+    rows = version.rows.filter(split=DatasetRow.TRAIN).count()
+    if rows >= minimum:
+        return None
+    held = version.rows.filter(split=DatasetRow.EVAL).count()
+    return (
+        f"{version} has {rows} training row{'s' if rows != 1 else ''} (and {held} held out): fewer than the "
+        f"{minimum} a fine-tune needs to learn from, and too few for its eval to show anything. Add rows "
+        "(upload more, or have the teacher write more queries), or tick “train on fewer rows anyway”."
+    )
+
+
+# Fields a preset leaves out: the inputs of one absorb (the prompt and the data), the checks made on
+# that data, and the form's one-time token.
+NOT_IN_PRESET = ("prompt_version", "dataset_version", "form_token", "train_anyway", "few_rows_ok")
+# Errors that say the data is wrong, not the settings: a preset is saved in spite of them.
+DATA_ERRORS = ("train_anyway", "few_rows_ok", "form_token")
+
+
+def preset_values(form: AbsorbForm) -> dict[str, Any]:
+    """The bound form's settings as posted, by field name (strings, booleans and lists: JSON)."""
+    out: dict[str, Any] = {}
+    for name in form.fields:
+        if name in NOT_IN_PRESET:
+            continue
+        value = form[name].value()
+        out[name] = list(value) if isinstance(value, list | tuple) else value
+    return out
+
+
+def preset_initial(preset: AbsorbPreset, form: AbsorbForm) -> dict[str, Any]:
+    """A preset's values the form still has, as its initial values."""
+    return {k: v for k, v in (preset.values or {}).items() if k in form.fields and k not in NOT_IN_PRESET}
+
+
+class PresetForm(forms.Form):
+    use_required_attribute = False  # the field sits in the absorb form, whose Start needs no preset name
+
+    preset_name = forms.CharField(
+        max_length=80,
+        label="Preset name",
+        help_text="Saves the settings below (not the prompt or the data) under this name; "
+        "an existing preset of that name is replaced.",
+        widget=forms.TextInput(attrs={"placeholder": "e.g. quick CPU run"}),
+    )
+
+    def clean_preset_name(self) -> str:
+        name = " ".join(str(self.cleaned_data["preset_name"]).split())
+        if not name:
+            raise forms.ValidationError("Give the preset a name.")
+        return name
+
+
+def _bf16(value: Any) -> str:
+    return {True: "true", False: "false"}.get(value, "auto") if value is not None else "auto"
+
+
+def initial_from_job(job: Job) -> dict[str, Any]:
+    """The absorb form's values that start `job`'s absorb again: the teacher's
+    and the fine-tune's settings, whichever of the two `job` is."""
+    if job.kind == "teacher":
+        teacher: Job | None = job
+        finetune = job.dependents.filter(kind="finetune").order_by("pk").first()
+    else:
+        finetune, teacher = (
+            job,
+            job.depends_on if job.depends_on and job.depends_on.kind == "teacher" else None,
+        )
+    out: dict[str, Any] = {}
+    if teacher is not None:
+        base = finetune.base_model if finetune is not None else teacher.base_model
+        out.update(
+            mode="absorb",
+            prompt_version=teacher.prompt_version_id,
+            dataset_version=teacher.dataset_version_id,
+            base_model=base.pk if base else None,
+            keep_existing=bool(teacher.params.get("keep_existing", True)),
+            review_first=finetune is None,
+        )
+        if teacher.teacher_endpoint_id:
+            out["teacher_endpoint"] = teacher.teacher_endpoint_id
+        elif teacher.base_model_id and base is not None and teacher.base_model_id != base.pk:
+            out["teacher_model"] = teacher.base_model_id
+        gen = teacher.params.get("generation") or {}
+        for name in GEN_FIELDS:
+            if name in gen:
+                out[f"g_{name}"] = gen[name]
+        out["g_stop"] = "\n".join(gen.get("stop") or [])
+        curation = teacher.params.get("curation")
+        out["curate"] = curation is not None
+        if isinstance(curation, dict):
+            renamed = {"temperature": "sample_temperature", "top_p": "sample_top_p"}
+            for key, value in curation.items():
+                field_name = renamed.get(key, key)
+                if field_name in CURATION_FIELDS:
+                    out[field_name] = list(value) if isinstance(value, list | tuple) else value
+    elif finetune is not None:
+        out.update(
+            mode="finetune",
+            prompt_version=finetune.prompt_version_id,
+            dataset_version=finetune.dataset_version_id,
+            base_model=finetune.base_model_id,
+        )
+    if finetune is not None:
+        for key, value in (finetune.params.get("train") or {}).items():
+            if key == "target_modules":
+                value = ",".join(value or [])
+            elif key == "bf16":
+                value = _bf16(value)
+            out[f"t_{key}"] = value
+        out["passing_only"] = bool(finetune.params.get("passing_only", True))
+        if teacher is not None:
+            out["train_anyway"] = "data_check" not in finetune.params
+        ev = finetune.params.get("eval") or {}
+        if "auto" in ev:
+            out["eval_auto"] = "on" if ev["auto"] else "off"
+        for key in ("max_new_tokens", "max_examples"):
+            if ev.get(key) is not None:
+                out[f"eval_{key}"] = ev[key]
+    return {k: v for k, v in out.items() if v is not None}
 
 
 class TeacherEndpointForm(forms.ModelForm):

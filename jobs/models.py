@@ -455,3 +455,25 @@ class JobPoint(models.Model):
         """Points after `seq`, each with its own `seq`, oldest first."""
         rows = cls.objects.filter(job=job, seq__gt=seq).order_by("seq").values_list("seq", "data")
         return [{"seq": s, **d} for s, d in rows]
+
+
+class AbsorbPreset(models.Model):
+    """Settings of the absorb form saved under a name, for the project's
+    team to start the next absorb from; the form validates them on save and
+    reads them back as its initial values (the prompt and the data are not
+    part of a preset)."""
+
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="absorb_presets")
+    name = models.CharField(max_length=80)
+    values = models.JSONField(default=dict, help_text="The form's settings, by field name")
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    updated_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["name"]
+        constraints = [models.UniqueConstraint(fields=["project", "name"], name="unique_absorb_preset_name")]
+
+    def __str__(self) -> str:
+        return self.name

@@ -80,3 +80,12 @@ def discard_unfinished_import(sender: Any, job: Job, status: str, **_kw: Any) ->
     """A cancelled (even while queued), failed or reaped import leaves no rows."""
     if job.kind == DatasetImportRunner.kind and status != Job.SUCCEEDED and job.output_dataset_id:
         discard_staging(job.output_dataset_id)
+
+
+@receiver(job_finished)
+def check_teacher_answers(sender: Any, job: Job, status: str, **_kw: Any) -> None:
+    """An absorb's fine-tune waits for confirmation when too many of the teacher's answers fail a rule."""
+    if status == Job.SUCCEEDED and job.kind == "teacher":
+        from jobs.actions import hold_for_data_check
+
+        hold_for_data_check(job)

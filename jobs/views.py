@@ -9,19 +9,31 @@ from django.contrib.auth.decorators import login_required
 from django.core.exceptions import ValidationError
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
+from django.urls import reverse
 from django.views.decorators.http import require_POST
 
 from jobs import actions
 from jobs.actions import AlreadyStarted
-from jobs.forms import AbsorbForm, SynthesisForm, TeacherEndpointForm
-from jobs.models import Job, JobPoint, TeacherEndpoint
+from jobs.forms import (
+    DATA_ERRORS,
+    AbsorbForm,
+    PresetForm,
+    SynthesisForm,
+    TeacherEndpointForm,
+    initial_from_job,
+    preset_initial,
+    preset_values,
+)
+from jobs.models import AbsorbPreset, Job, JobPoint, TeacherEndpoint
 from workbench.actions import ActionError
 from workbench.forms import with_form_token
 from workbench.models import Project, Variant
 from workbench.shortcuts import AuthedHttpRequest, get_project
 
 
-def _list_context(project: Project, form: AbsorbForm) -> dict[str, Any]:
+def _list_context(
+    project: Project, form: AbsorbForm, preset_form: PresetForm | None = None, loaded: str = ""
+) -> dict[str, Any]:
     # Eval runs and comparisons point at their job from the evals app: followed by name, not imported.
     jobs = project.jobs.select_related(
         "prompt_version__prompt",
@@ -44,7 +56,15 @@ def _list_context(project: Project, form: AbsorbForm) -> dict[str, Any]:
         "jobs": jobs,
         "variants": project.variants.select_related("base_model", "prompt_version__prompt")[:20],
         "polling": any(j.status in Job.ACTIVE for j in jobs),
+        "presets": AbsorbPreset.objects.filter(project=project),
+        "preset_form": preset_form or PresetForm(),
+        "loaded": loaded,
     }
+
+
+def _id(raw: str) -> int:
+    """A row id from a query string; anything else (or too long for the database) finds nothing."""
+    return int(raw) if raw.isdigit() and len(raw) < 10 else 0
 
 
 @login_required
@@ -57,8 +77,18 @@ def job_list(request: AuthedHttpRequest, slug: str) -> HttpResponse:
         initial.update(
             {k: v for k in ("prompt_version", "base_model") if (v := request.GET.get(k))}, mode="absorb"
         )
+    loaded = ""
+    preset_id, job_id = request.GET.get("preset", ""), request.GET.get("from_job", "")
+    if preset_id:
+        preset = get_object_or_404(AbsorbPreset, pk=_id(preset_id), project=project)
+        initial = preset_initial(preset, AbsorbForm(project))
+        loaded = f"Preset “{preset.name}” loaded: choose the prompt and the data, check, then start."
+    elif job_id:
+        source = get_object_or_404(Job, pk=_id(job_id), project=project, kind__in=("teacher", "finetune"))
+        initial = initial_from_job(source)
+        loaded = f"The settings of {source} are loaded: change what you want, then start again."
     form = AbsorbForm(project, initial=with_form_token(initial))
-    ctx = _list_context(project, form)
+    ctx = _list_context(project, form, loaded=loaded)
     if request.htmx and request.htmx.target == "job-table":
         return render(request, "jobs/job_list.html#job-table", ctx)
     return render(request, "jobs/job_list.html", ctx)
@@ -104,6 +134,7 @@ def absorb_start(request: AuthedHttpRequest, slug: str) -> HttpResponse:
             curation=form.curation,
             passing_only=data["passing_only"],
             form_token=token,
+            data_check=form.data_check,
         )
     except AlreadyStarted as exc:
         messages.info(request, f"{exc} Nothing new was queued.")
@@ -118,6 +149,39 @@ def absorb_start(request: AuthedHttpRequest, slug: str) -> HttpResponse:
     )
     messages.success(request, f"{teacher} queued.{note}")
     return redirect(teacher)
+
+
+@login_required
+@require_POST
+def preset_save(request: AuthedHttpRequest, slug: str) -> HttpResponse:
+    """Save the absorb form's settings as a named preset of the project: the
+    form validates them (its checks of the chosen data aside)."""
+    project = get_project(request, slug)
+    form = AbsorbForm(project, request.POST)
+    preset_form = PresetForm(request.POST)
+    form.is_valid()
+    settings_ok = all(name in DATA_ERRORS for name in form.errors)
+    if not preset_form.is_valid() or not settings_ok:
+        if not settings_ok:
+            form.add_error(None, "The preset was not saved: fix the highlighted settings first.")
+        return render(
+            request, "jobs/job_list.html", _list_context(project, form, preset_form=preset_form), status=400
+        )
+    preset = actions.save_preset(
+        project, request.user, preset_form.cleaned_data["preset_name"], preset_values(form)
+    )
+    messages.success(request, f"Preset “{preset.name}” saved.")
+    return redirect(f"{reverse('job_list', args=[project.slug])}?preset={preset.pk}")
+
+
+@login_required
+@require_POST
+def preset_delete(request: AuthedHttpRequest, slug: str, preset_id: int) -> HttpResponse:
+    project = get_project(request, slug)
+    preset = get_object_or_404(AbsorbPreset, pk=preset_id, project=project)
+    actions.delete_preset(preset)
+    messages.success(request, f"Preset “{preset.name}” deleted.")
+    return redirect("job_list", slug=project.slug)
 
 
 @login_required

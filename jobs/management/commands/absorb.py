@@ -1,17 +1,20 @@
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
 from typing import Any
 
+from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from engines.curation import REPAIRS, CurationSettings
 from engines.inference import SettingsError
 from engines.training import ConfigError
 from jobs import actions
-from jobs.models import Job
+from jobs.models import Job, TeacherEndpoint
+from workbench import data_quality
 from workbench.actions import ActionError
 from workbench.actions.prompts import find_prompt_version
 from workbench.management.commands._common import base_model_by_name, dataset_version_by_ref, project_by_slug
@@ -132,6 +135,32 @@ class Command(BaseCommand):
             help="Also train on answers that still fail a checkable rule (default: leave them out "
             "while at least a quarter of the rows pass)",
         )
+        parser.add_argument(
+            "--teacher-endpoint", help="A teacher endpoint of the project, by name, answers WITH the prompt"
+        )
+        parser.add_argument(
+            "--keep-existing",
+            action=argparse.BooleanOptionalAction,
+            default=None,
+            help="Rows that already end with an answer keep it (default: yes, but not on traffic captured "
+            "from /v1, whose answers are what was served); --no-keep-existing asks the teacher for every row",
+        )
+        parser.add_argument(
+            "--review-first",
+            action="store_true",
+            help="Queue only the teacher; start the fine-tune from the reviewed answers later",
+        )
+        parser.add_argument(
+            "--check-data",
+            action="store_true",
+            help="Hold the fine-tune for confirmation when more than the set share of its training answers "
+            "fail a checkable rule (the absorb form does this unless told to train anyway)",
+        )
+        parser.add_argument("--no-eval", action="store_true", help="No four-arm eval when the fine-tune ends")
+        parser.add_argument("--eval-max-new-tokens", type=int, help="Answer length of the eval's four arms")
+        parser.add_argument(
+            "--eval-max-examples", type=int, help="Held-out queries the eval answers, at most"
+        )
         parser.add_argument("--wait", action="store_true", help="Follow the jobs; exit non-zero if one fails")
         parser.add_argument("--json", action="store_true", help="Print the result as JSON (implies --wait)")
 
@@ -151,8 +180,20 @@ class Command(BaseCommand):
                 training[key] = opts[key]
         if opts["refine"] is not None:
             training["refine_samples"] = opts["refine"]
+        evaluation: dict[str, Any] = {
+            k: v
+            for k, v in {
+                "auto": False if opts["no_eval"] else None,
+                "max_new_tokens": opts["eval_max_new_tokens"],
+                "max_examples": opts["eval_max_examples"],
+            }.items()
+            if v is not None
+        }
         try:
             if opts["skip_teacher"]:
+                warn = data_quality.warning(version, settings.DATA_FAIL_WARN_SHARE)
+                if opts["check_data"] and warn:
+                    raise CommandError(f"{warn} (leave out --check-data to train anyway)")
                 jobs = [
                     actions.start_finetune(
                         project,
@@ -162,10 +203,21 @@ class Command(BaseCommand):
                         base,
                         training,
                         passing_only=not opts["train_on_failing"],
+                        evaluation=evaluation,
                     )
                 ]
             else:
                 teacher_model: FoundationModel | None = base
+                endpoint = None
+                if opts["teacher_endpoint"]:
+                    endpoint = TeacherEndpoint.objects.filter(
+                        project=project, name=opts["teacher_endpoint"]
+                    ).first()
+                    if endpoint is None:
+                        raise CommandError(
+                            f"No teacher endpoint {opts['teacher_endpoint']!r} in {project.slug}."
+                        )
+                    teacher_model = None
                 if opts["teacher_model"]:
                     teacher_model = FoundationModel.objects.filter(name=opts["teacher_model"]).first()
                     if teacher_model is None:
@@ -207,6 +259,11 @@ class Command(BaseCommand):
                     teacher_model=teacher_model,
                     curation=curation,
                     passing_only=not opts["train_on_failing"],
+                    keep_existing=opts["keep_existing"],
+                    review_first=opts["review_first"],
+                    teacher_endpoint=endpoint,
+                    evaluation=evaluation,
+                    data_check=settings.DATA_FAIL_WARN_SHARE if opts["check_data"] else None,
                 )
                 jobs = [teacher, *([finetune] if finetune else [])]
         except (ActionError, ConfigError, SettingsError) as exc:
