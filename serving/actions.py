@@ -92,7 +92,7 @@ def update_gate(
     min_all_rules: float | None,
     min_retained_lower: float | None,
     max_regression: float | None,
-    log_requests: bool,
+    log_requests: bool | None = None,
     min_fact_recall: float | None = None,
     fact_recall_vs_teacher: bool = False,
     max_skills_drop: float | None = None,
@@ -118,9 +118,20 @@ def update_gate(
     locked.min_all_rules, locked.min_retained_lower, locked.max_regression = rules
     locked.min_fact_recall, locked.fact_recall_vs_teacher = min_fact_recall, fact_recall_vs_teacher
     locked.max_skills_drop = max_skills_drop
-    locked.log_requests = log_requests
-    locked.save(update_fields=["gating_suite", *Alias.GATE_FIELDS, "log_requests"])
+    fields = ["gating_suite", *Alias.GATE_FIELDS]
+    if log_requests is not None:  # None: the log setting stays as it is (the gate form leaves it alone)
+        locked.log_requests = log_requests
+        fields.append("log_requests")
+    locked.save(update_fields=fields)
     return locked
+
+
+@transaction.atomic
+def set_request_logging(user: Actor, alias: Alias, log_requests: bool) -> Alias:
+    """Turn the alias's request log on or off; the gate is left as it is."""
+    Alias.objects.filter(pk=alias.pk).update(log_requests=log_requests)
+    alias.log_requests = log_requests
+    return alias
 
 
 # --- promotion -----------------------------------------------------------------------------
@@ -185,9 +196,16 @@ def rollback_target(alias: Alias) -> tuple[AliasMove | None, Variant | None]:
 
 def rollback(user: Actor, alias: Alias, reason: str = "") -> AliasMove:
     """Move the alias back to the holder before its latest move (a rollback
-    of a rollback goes forward again). Not gated: it is the way out."""
+    of a rollback goes forward again). Never refused by the gate: it is the
+    way out. On a gated alias the gate is still judged on the target and
+    kept in the audit row (verdict["rollback"]), so the history shows that
+    the alias was gated and whether what it went back to passes today."""
     with transaction.atomic():
-        locked = Alias.objects.select_for_update(of=("self",)).select_related("project").get(pk=alias.pk)
+        locked = (
+            Alias.objects.select_for_update(of=("self",))
+            .select_related("project", "gating_suite")
+            .get(pk=alias.pk)
+        )
         last, target = rollback_target(locked)
         if last is None:
             raise ActionError(f"{locked.model_name} has never moved: nothing to roll back.")
@@ -196,12 +214,15 @@ def rollback(user: Actor, alias: Alias, reason: str = "") -> AliasMove:
                 f"{locked.model_name} had no holder before {last.to_variant or 'its last move'}: "
                 "nothing to roll back to."
             )
+        verdict: dict[str, Any] = {}
+        if locked.gating_suite_id is not None:
+            verdict = {**evaluate_gate(locked, target).to_dict(), "rollback": True}
         move = AliasMove.objects.create(
             alias=locked,
             action=AliasMove.ROLLBACK,
             from_variant=locked.variant,
             to_variant=target,
-            verdict={},
+            verdict=verdict,
             reason=reason.strip(),
             user=user,
         )

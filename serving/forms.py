@@ -23,7 +23,7 @@ class AliasForm(forms.Form):
 class GateForm(forms.ModelForm):
     class Meta:
         model = Alias
-        fields = ["gating_suite", *Alias.GATE_FIELDS, "log_requests"]
+        fields = ["gating_suite", *Alias.GATE_FIELDS]
         labels = {
             "gating_suite": "Gating suite",
             "min_all_rules": "Minimum all-rules compliance",
@@ -32,7 +32,6 @@ class GateForm(forms.ModelForm):
             "min_fact_recall": "Minimum fact recall",
             "fact_recall_vs_teacher": "Fact recall at least the teacher's (four arms)",
             "max_skills_drop": "Largest drop in general skills (four arms)",
-            "log_requests": "log requests",
         }
 
     def __init__(self, project: Project, *args: Any, **kwargs: Any) -> None:
@@ -50,6 +49,19 @@ class GateForm(forms.ModelForm):
         )
         for name in fields:
             self.fields[name].widget.attrs.update(step="any", placeholder="no rule")
+
+
+class RequestLogForm(forms.ModelForm):
+    """Whether the alias keeps its /v1 requests: decided where the log is, not in the gate."""
+
+    class Meta:
+        model = Alias
+        fields = ["log_requests"]
+        labels = {"log_requests": "Keep a log of this alias's requests"}
+        help_texts = {
+            "log_requests": "Each /v1 request and the answer served, listed on the request log page; "
+            "logged requests can become a dataset."
+        }
 
 
 class PromoteForm(forms.Form):

@@ -102,6 +102,11 @@ class AliasMove(models.Model):
     def __str__(self) -> str:
         return f"{self.alias} {self.action} -> {self.to_variant_id}"
 
+    @property
+    def gated(self) -> bool:
+        """The alias had a gate when it moved (a rollback's verdict is kept but never blocks)."""
+        return bool(self.verdict.get("checks"))
+
 
 def hash_key(raw: str) -> str:
     return hashlib.sha256(raw.encode()).hexdigest()

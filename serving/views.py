@@ -17,7 +17,7 @@ from django.views.decorators.http import require_POST
 
 from jobs.models import Job
 from serving import actions
-from serving.forms import AliasForm, ApiKeyForm, ConfirmForm, GateForm, PromoteForm
+from serving.forms import AliasForm, ApiKeyForm, ConfirmForm, GateForm, PromoteForm, RequestLogForm
 from serving.gate import evaluate_gate
 from serving.models import Alias, AliasMove
 from workbench.actions import ActionError
@@ -78,7 +78,13 @@ def alias_create(request: AuthedHttpRequest, slug: str) -> HttpResponse:
     return _home(request, project, form, status=400)
 
 
-def _detail(request: HttpRequest, alias: Alias, gate_form: GateForm, status: int = 200) -> HttpResponse:
+def _detail(
+    request: HttpRequest,
+    alias: Alias,
+    gate_form: GateForm,
+    status: int = 200,
+    log_form: RequestLogForm | None = None,
+) -> HttpResponse:
     project = alias.project
     actions.ensure_base_variants(project)
     moves = alias.moves.select_related("user", "from_variant", "to_variant")
@@ -88,6 +94,7 @@ def _detail(request: HttpRequest, alias: Alias, gate_form: GateForm, status: int
         "alias": alias,
         "moves": moves,
         "gate_form": gate_form,
+        "log_form": log_form or RequestLogForm(instance=alias),
         "promote_form": PromoteForm(project),
         "rollback_to": target,
         "holder_verdict": evaluate_gate(alias, alias.variant) if alias.variant else None,
@@ -116,7 +123,6 @@ def alias_gate(request: AuthedHttpRequest, slug: str, alias_name: str) -> HttpRe
                 min_all_rules=d["min_all_rules"],
                 min_retained_lower=d["min_retained_lower"],
                 max_regression=d["max_regression"],
-                log_requests=d["log_requests"],
                 min_fact_recall=d["min_fact_recall"],
                 fact_recall_vs_teacher=d["fact_recall_vs_teacher"],
                 max_skills_drop=d["max_skills_drop"],
@@ -131,6 +137,24 @@ def alias_gate(request: AuthedHttpRequest, slug: str, alias_name: str) -> HttpRe
 
 @login_required
 @require_POST
+def alias_logging(request: AuthedHttpRequest, slug: str, alias_name: str) -> HttpResponse:
+    alias = _alias(get_project(request, slug), alias_name)
+    form = RequestLogForm(request.POST, instance=Alias.objects.get(pk=alias.pk))
+    if not form.is_valid():
+        return _detail(request, alias, GateForm(alias.project, instance=alias), status=400, log_form=form)
+    on = form.cleaned_data["log_requests"]
+    actions.set_request_logging(request.user, alias, on)
+    messages.success(
+        request,
+        f"{alias.model_name} now keeps a log of its requests."
+        if on
+        else f"{alias.model_name} no longer logs its requests; those already logged stay.",
+    )
+    return redirect(reverse("serving_alias", args=[slug, alias.name]) + "#request-log")
+
+
+@login_required
+@require_POST
 def alias_rollback(request: AuthedHttpRequest, slug: str, alias_name: str) -> HttpResponse:
     alias = _alias(get_project(request, slug), alias_name)
     try:
@@ -139,6 +163,15 @@ def alias_rollback(request: AuthedHttpRequest, slug: str, alias_name: str) -> Ht
         messages.error(request, str(exc))
     else:
         messages.success(request, f"{alias.model_name} rolled back to {move.to_variant}.")
+        if move.gated and not move.verdict.get("passed"):
+            failed = "; ".join(
+                f"{c['name']}: {c['detail']}" for c in move.verdict["checks"] if not c["passed"]
+            )
+            messages.warning(
+                request,
+                f"The gate of {alias.model_name} would refuse {move.to_variant} today ({failed}); "
+                "a rollback is never blocked, and the history keeps this verdict.",
+            )
     return redirect("serving_alias", slug, alias.name)
 
 

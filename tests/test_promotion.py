@@ -431,12 +431,14 @@ def test_gate_settings_and_custom_aliases_from_the_pages(world, alice_client, bo
             "gating_suite": world["suite"].pk,
             "min_all_rules": "0.9",
             "max_regression": "0.02",
-            "log_requests": "on",
         },
     )
     canary = Alias.objects.get(name="canary")
     assert r.status_code == 302 and canary.gating_suite == world["suite"] and canary.min_all_rules == 0.9
-    assert canary.max_regression == 0.02 and canary.min_retained_lower is None and canary.log_requests
+    assert canary.max_regression == 0.02 and canary.min_retained_lower is None and not canary.log_requests
+    # The request log is its own setting on the alias page, not part of the gate.
+    r = alice_client.post(reverse("serving_alias_logging", args=[slug, "canary"]), {"log_requests": "on"})
+    assert r.status_code == 302 and Alias.objects.get(name="canary").log_requests
     r = alice_client.post(url, {"min_all_rules": "1.5", "gating_suite": world["suite"].pk})
     assert r.status_code == 400 and "between 0 and 1" in r.content.decode()
     theirs = create_suite(

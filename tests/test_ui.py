@@ -53,7 +53,7 @@ def test_the_path_from_prompt_to_a_queued_job(page, alice, alice_project, tiny_m
     page.get_by_label("Rule name").fill("greeting")
     page.get_by_label("Kind").select_option("starts_with")
     page.get_by_label("text").fill("Hello")  # fields loaded by htmx for this kind
-    page.get_by_role("button", name="Add rule").click()
+    page.get_by_role("button", name="Save rules").click()
     expect(page.get_by_text("Rules saved as version 2.")).to_be_visible()
     expect(page.get_by_text('starts with "Hello"')).to_be_visible()
 

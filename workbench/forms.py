@@ -220,7 +220,9 @@ class RuleForm(forms.Form):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        kind_name = self.data.get("kind", "") if self.is_bound else self.initial.get("kind", "")
+        kind_name = (
+            self.data.get(self.add_prefix("kind"), "") if self.is_bound else self.initial.get("kind", "")
+        )
         self.rule_kind: rules.Kind | None = rules.KINDS.get(kind_name)
         for param in self.rule_kind.params if self.rule_kind else ():
             self.fields[param.name] = _param_field(param)
@@ -252,6 +254,54 @@ class RuleForm(forms.Form):
             if value is not None:
                 rule[param.name] = value
         return rule
+
+    @staticmethod
+    def initial_of(rule: dict[str, Any]) -> dict[str, Any]:
+        """A stored rule as the form's initial values."""
+        return {**{k: v for k, v in rule.items() if k != "name"}, "rule_name": rule.get("name", "")}
+
+    def as_data(self, rule: dict[str, Any]) -> list[tuple[str, list[str]]]:
+        """A stored rule as a browser would post it under this form's prefix."""
+        data = [(self.add_prefix("rule_name"), [str(rule.get("name", ""))])]
+        data.append((self.add_prefix("kind"), [str(rule.get("kind", ""))]))
+        kind = rules.KINDS.get(str(rule.get("kind", "")))
+        for param in kind.params if kind else ():
+            value = rule.get(param.name, param.default)
+            if param.type == "boolean":
+                data.append((self.add_prefix(param.name), ["on"] if value else []))
+            elif param.type == "flags":
+                data.append((self.add_prefix(param.name), [str(v) for v in value or ()]))
+            elif value is not None:
+                data.append((self.add_prefix(param.name), [str(value)]))
+        return data
+
+
+class BaseRuleFormSet(forms.BaseFormSet):
+    """A prompt's rules edited together: one Save makes one version."""
+
+    default_error_messages = {
+        "too_many_forms": f"A prompt version has at most {rules.MAX_RULES} rules; fewer rows, please.",
+        "missing_management_form": "The rules form was incomplete; reload the page and edit the rules again.",
+    }
+
+    def rules(self) -> list[dict[str, Any]]:
+        """The rules of the rows kept, in order (empty new rows and removed ones left out)."""
+        return [
+            f.rule()
+            for f in self.forms
+            if f.cleaned_data and not f.cleaned_data.get("DELETE")  # an untouched new row has none
+        ]
+
+
+RuleFormSet = forms.formset_factory(
+    RuleForm,
+    formset=BaseRuleFormSet,
+    extra=1,
+    can_delete=True,
+    max_num=rules.MAX_RULES,
+    absolute_max=rules.MAX_RULES + 50,
+)
+RULES_PREFIX = "rules"
 
 
 class DiffForm(forms.Form):

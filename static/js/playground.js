@@ -95,17 +95,21 @@
   }
 
   async function answer(form, column, body) {
+    // Until the first token (a first request may wait for the model to load), a spinner.
+    column.querySelector(".pg-text").setAttribute("aria-busy", "true");
     const response = await fetch(form.dataset.stream, {
       method: "POST", body: body, headers: {"X-CSRFToken": csrf(form)}, credentials: "same-origin",
     });
     if (!response.ok) {
       status(column, "refused", "bad");
+      column.querySelector(".pg-text").removeAttribute("aria-busy");
       column.querySelector(".pg-text").textContent = await problem(response);
       return;
     }
     status(column, "streaming", "run");
     const text = column.querySelector(".pg-text");
     for await (const e of events(response)) {
+      text.removeAttribute("aria-busy");
       if (e.name === "delta") text.textContent += e.data.text;
       else if (e.name === "done") showDone(column, e.data);
       else if (e.name === "error") {
@@ -113,6 +117,7 @@
         column.querySelector(".pg-stats").textContent = e.data.message;
       }
     }
+    text.removeAttribute("aria-busy");
   }
 
   async function save(form, column, button) {

@@ -264,6 +264,25 @@ def _latest_locked(prompt: Prompt) -> PromptVersion:
     return latest
 
 
+class RulesMoved(ActionError):
+    """The rules were saved by someone else since the editor was opened."""
+
+
+@transaction.atomic
+def save_rules(prompt: Prompt, user: User | None, rule_list: list[dict[str, Any]], base: int) -> PromptSaved:
+    """The prompt's rules replaced as one change: one new version with the same
+    text (or none, when nothing changed), its note naming every rule added,
+    removed and changed. `base` is the version the editor showed: when a newer
+    one was saved since, nothing is stored (RulesMoved)."""
+    latest = _latest_locked(prompt)
+    if latest.number != base:
+        raise RulesMoved(
+            f"{prompt.name} was saved as version {latest.number} since you opened version {base}: "
+            "nothing was saved. Your edits are below; check them against the new version and save again."
+        )
+    return save_prompt(prompt.project, user, prompt.name, latest.text, rule_list)
+
+
 @transaction.atomic
 def add_rule(prompt: Prompt, user: User | None, rule: dict[str, Any]) -> PromptSaved:
     """A new version with the same text and one more rule; its note names the rule."""

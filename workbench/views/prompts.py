@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+import re
+from itertools import zip_longest
+from typing import Any, cast
 
 from django.conf import settings
 from django.contrib import messages
@@ -9,7 +11,7 @@ from django.contrib.auth.decorators import login_required
 from django.core.paginator import Paginator
 from django.db.models import Count, OuterRef, Subquery
 from django.db.models.functions import Length, Substr
-from django.http import Http404, HttpRequest, HttpResponse
+from django.http import Http404, HttpRequest, HttpResponse, QueryDict
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
@@ -17,16 +19,27 @@ from engines import facts, rules
 from workbench.actions import ActionError
 from workbench.actions.prompts import (
     PromptNameTaken,
-    add_rule,
+    RulesMoved,
     create_prompt,
     describe_rule,
     diff_versions,
     remove_rule,
     restore_version,
     save_prompt,
+    save_rules,
     token_costs,
 )
-from workbench.forms import AddFactsForm, DiffForm, FactsForm, PromptForm, PromptTextForm, RuleForm
+from workbench.forms import (
+    RULES_PREFIX,
+    AddFactsForm,
+    BaseRuleFormSet,
+    DiffForm,
+    FactsForm,
+    PromptForm,
+    PromptTextForm,
+    RuleForm,
+    RuleFormSet,
+)
 from workbench.models import Project, Prompt, PromptVersion
 from workbench.shortcuts import AuthedHttpRequest, get_for_project, get_project
 from workbench.uploads import limit_upload
@@ -153,7 +166,8 @@ def _version_page(
     version: PromptVersion | None,
     *,
     save_form: PromptTextForm | None = None,
-    rule_form: RuleForm | None = None,
+    rule_formset: BaseRuleFormSet | None = None,
+    rules_error: str = "",
     facts_form: FactsForm | None = None,
     drafts: list[dict[str, Any]] | None = None,
     add_form: AddFactsForm | None = None,
@@ -163,6 +177,10 @@ def _version_page(
     editor); an older one offers to restore it as a new version."""
     latest = prompt.versions.only(*VERSION_FIELDS).order_by("-number").first()
     is_latest = version is not None and latest is not None and version.number == latest.number
+    rule_list = [(r, describe_rule(r)) for r in version.rules] if version else []
+    # The rules editor, on the latest version only: a row per rule (its description beside it) and a new row.
+    formset = rule_formset or _rule_formset(version if is_latest else None)
+    descriptions = [d for _r, d in rule_list][: len(formset.forms)]
     versions = Paginator(
         prompt.versions.only(*VERSION_FIELDS).select_related("author").order_by("-number"), VERSIONS_PER_PAGE
     ).get_page(request.GET.get("versions"))
@@ -174,11 +192,13 @@ def _version_page(
         "is_latest": is_latest,
         "versions": versions,
         "costs": token_costs(version) if version else [],
-        "rule_list": [(r, describe_rule(r)) for r in version.rules] if version else [],
+        "rule_list": rule_list,
         "kinds": rules.KINDS,
         "save_form": save_form
         or PromptTextForm(initial={"text": version.text if version and is_latest else ""}),
-        "rule_form": rule_form or RuleForm(),
+        "rule_rows": list(zip_longest(formset.forms, descriptions)),
+        "rule_formset": formset,
+        "rules_error": rules_error,
         "facts_form": facts_form
         or FactsForm(
             initial={"facts": json.dumps(version.facts, indent=1, ensure_ascii=False) if version else ""}
@@ -242,21 +262,61 @@ def prompt_restore(request: AuthedHttpRequest, slug: str, prompt_id: int, number
     return redirect(prompt)
 
 
+def _rule_formset(version: PromptVersion | None, data: QueryDict | None = None) -> BaseRuleFormSet:
+    """The rules editor: a row per rule of the version, and a new row."""
+    initial = [RuleForm.initial_of(r) for r in version.rules] if version else []
+    return cast(BaseRuleFormSet, RuleFormSet(data, initial=initial, prefix=RULES_PREFIX))
+
+
+def _one_rule_added(post: QueryDict, latest: PromptVersion) -> QueryDict:
+    """A post of one rule's fields alone (not the editor's rows): the editor's
+    rows as a browser would post them, the stored rules then this one."""
+    data = QueryDict(mutable=True)
+    count = len(latest.rules)
+    data[f"{RULES_PREFIX}-TOTAL_FORMS"] = str(count + 1)
+    data[f"{RULES_PREFIX}-INITIAL_FORMS"] = str(count)
+    for i, rule in enumerate(latest.rules):
+        for key, values in RuleForm(prefix=f"{RULES_PREFIX}-{i}").as_data(rule):
+            data.setlist(key, values)
+    for key in post:
+        if key != "csrfmiddlewaretoken":
+            data.setlist(f"{RULES_PREFIX}-{count}-{key}", post.getlist(key))
+    return data
+
+
 @login_required
 @require_POST
 def prompt_rules(request: AuthedHttpRequest, slug: str, prompt_id: int) -> HttpResponse:
-    """Add a rule: a new version with the same text."""
+    """The rules edited as one change: the editor's rows (added, changed,
+    removed) saved as one new version with the same text. A post of one
+    rule's fields alone adds that rule."""
     prompt = _get_prompt(request, slug, prompt_id)
-    form = RuleForm(request.POST)
-    if form.is_valid():
+    latest = prompt.latest
+    if latest is None:
+        raise Http404("The prompt has no saved text yet.")
+    editor = f"{RULES_PREFIX}-TOTAL_FORMS" in request.POST
+    formset = _rule_formset(latest, request.POST if editor else _one_rule_added(request.POST, latest))
+    base = request.POST.get("base", "") if editor else str(latest.number)
+    error, status = "", 400
+    if not (base.isdigit() and len(base) < 10):
+        error = "The rules form was incomplete; reload the page and edit the rules again."
+    elif formset.is_valid():
         try:
-            saved = add_rule(prompt, request.user, form.rule())
+            saved = save_rules(prompt, request.user, formset.rules(), int(base))
+        except RulesMoved as exc:
+            error, status = str(exc), 409
         except ActionError as exc:
-            form.add_error(None, str(exc))
+            error = str(exc)
         else:
-            messages.success(request, f"Rules saved as version {saved.version.number}.")
+            v = saved.version
+            messages.success(
+                request,
+                f"Rules saved as version {v.number}. {v.note[:1].upper()}{v.note[1:]}."
+                if saved.created
+                else "The rules are unchanged: no new version.",
+            )
             return redirect(prompt)
-    return _version_page(request, prompt, prompt.latest, rule_form=form, status=400)
+    return _version_page(request, prompt, latest, rule_formset=formset, rules_error=error, status=status)
 
 
 @login_required
@@ -273,11 +333,18 @@ def prompt_rule_remove(request: AuthedHttpRequest, slug: str, prompt_id: int) ->
     return redirect(prompt)
 
 
+ROW_PREFIX = re.compile(rf"{RULES_PREFIX}-\d{{1,4}}")
+
+
 @login_required
 def rule_params(request: AuthedHttpRequest, slug: str) -> HttpResponse:
-    """The parameter fields of one rule kind (htmx swaps them into the form)."""
+    """The parameter fields of one rule kind (htmx swaps them into the form);
+    `prefix` names the editor's row they are for."""
     get_project(request, slug)
-    form = RuleForm(initial={"kind": request.GET.get("kind", "")})
+    prefix = request.GET.get("prefix", "")
+    prefix = prefix if ROW_PREFIX.fullmatch(prefix) else ""
+    kind = request.GET.get(f"{prefix}-kind", "") if prefix else request.GET.get("kind", "")
+    form = RuleForm(prefix=prefix or None, initial={"kind": kind})
     return render(request, "workbench/prompt_detail.html#rule-params", {"rule_form": form})
 
 
