@@ -353,6 +353,8 @@ VLLM_URL = envurl("VLLM_URL", "")
 VLLM_API_KEY = os.getenv("VLLM_API_KEY", "").strip()
 # Torch threads of the engine process. `make run` gives the worker the other cores.
 ENGINE_THREADS = int(envnumber("ENGINE_THREADS", 1, 1, whole=True))
+# The price of an hour of the serving machine (any currency), the cost calculator's default input.
+SERVING_PRICE_PER_HOUR = envnumber("SERVING_PRICE_PER_HOUR", 1.0, 0)
 # The longest the gateway waits for the engine's answer (a long generation on a CPU takes minutes).
 ENGINE_TIMEOUT_SECONDS = envnumber("ENGINE_TIMEOUT_SECONDS", 300, 1)
 # The largest max_tokens a /v1 client may ask for.
@@ -376,3 +378,6 @@ V1_CORS_ORIGINS = envlist("V1_CORS_ORIGINS", "")
 # Training data whose answers fail a checkable rule on more than this share of
 # rows gets a warning (the absorb form asks to confirm; the fine-tune logs it).
 DATA_FAIL_WARN_SHARE = envnumber("WORKBENCH_DATA_FAIL_WARN_SHARE", 0.2, 0)
+# The absorb form refuses a fine-tune on fewer training rows than this unless told to go ahead:
+# a handful of rows teaches nothing and leaves an eval too small to say so.
+MIN_TRAIN_ROWS = envint("WORKBENCH_MIN_TRAIN_ROWS", 16)
