@@ -266,6 +266,9 @@ def test_apply_runs_the_path_then_reuses_it_and_reruns_only_what_changed(spec, a
     staging = Alias.objects.get(project__slug="pirates", name="staging")
     assert outcome["promoted"] and staging.variant == variant and staging.gating_suite == comparison.suite
     assert staging.min_all_rules == 0.0 and staging.max_regression == 1.0
+    costs = first["costs"]  # the cost calculator, from the comparison's runs and the jobs
+    assert costs["per_million"]["student"] > 0 and costs["per_million"]["teacher"] > 0
+    assert costs["one_off_seconds"]["teacher"] > 0 and costs["recommendation"]["reasons"]
     steps = {s["step"]: s for s in first["plan"]["steps"]}
     for step, kind in (("teacher", "teacher"), ("fine-tune", "finetune"), ("eval", "eval")):
         assert jobs[kind].params["fingerprint"] == steps[step]["fingerprint"], step
@@ -276,6 +279,9 @@ def test_apply_runs_the_path_then_reuses_it_and_reruns_only_what_changed(spec, a
     assert time.monotonic() - began < 30
     assert set(actions(again).values()) == {"reuse"} and counts() == before
     assert again["outcome"]["variant"]["id"] == variant.pk and AliasMove.objects.count() == 1
+    text = io.StringIO()
+    call_command("apply", str(spec), "--user", "alice", stdout=text, stderr=io.StringIO())
+    assert "per million requests for the student" in text.getvalue() and "\nserve: " in text.getvalue()
     assert {s["step"]: s["job"] for s in again["plan"]["steps"] if s["job"]} == {
         "teacher": jobs["teacher"].pk,
         "fine-tune": jobs["finetune"].pk,

@@ -242,6 +242,8 @@ def build_schema() -> dict[str, Any]:
                     ),
                 },
             },
+            "objectives": _objectives(),
+            "search": _search(),
             "promote": {
                 "type": "object",
                 "additionalProperties": False,
@@ -289,4 +291,60 @@ def _ref_or_file(what: str) -> dict[str, Any]:
         "required": VERSION_REF["required"],
         "properties": VERSION_REF["properties"],
         "description": f"The {what}: a file, or {{version: NAME@N}} for a version of the project",
+    }
+
+
+# What an objective reads from the four-arm comparison (serving.pipeline.search.py), and its bound.
+OBJECTIVES: dict[str, str] = {
+    "min_all_rules": "the student's all-rules compliance (a share, 0-1)",
+    "min_retained": "prompt effect retained on the main metric (1.0: as good as the prompted base)",
+    "min_fact_recall": "the student's fact recall (a share, 0-1)",
+    "max_skills_drop": "the largest drop of a general-skills task, floor minus student (0-1)",
+    "max_latency_p50": "the student's single-request median latency, seconds",
+    "max_prompt_tokens": "prompt tokens per request the student is sent",
+}
+# The settings the optimizer searches when the spec names none: the ones that matter most.
+DEFAULT_SPACE: dict[str, list[Any]] = {
+    "training.epochs": [2, 4, 6],
+    "training.learning_rate": [1e-4, 3e-4, 1e-3],
+    "training.rank": [8, 16, 32],
+    "curation.best_of": [1, 2, 4],
+}
+
+
+def _objectives() -> dict[str, Any]:
+    return {
+        "type": "object",
+        "additionalProperties": False,
+        "minProperties": 1,
+        "description": "What the variant must reach; with `search`, the optimizer picks settings to "
+        "meet every one, and stops at the first trial that does",
+        "properties": {
+            name: {"type": "number", "minimum": 0, "description": what} for name, what in OBJECTIVES.items()
+        },
+    }
+
+
+def _search() -> dict[str, Any]:
+    return {
+        "type": "object",
+        "additionalProperties": False,
+        "description": "Search settings to meet the objectives (Optuna's TPE, seeded): trial 1 is the "
+        "spec's own settings; each trial reuses what an earlier one already ran",
+        "properties": {
+            "budget_minutes": {
+                "type": "number",
+                "exclusiveMinimum": 0,
+                "description": "Wall time for all trials; a trial whose estimate does not fit is not started",
+            },
+            "max_trials": {"type": "integer", "minimum": 1, "maximum": 100, "default": 8},
+            "seed": {"type": "integer", "minimum": 0, "default": 0},
+            "space": {
+                "type": "object",
+                "description": "SECTION.SETTING (training or curation) -> the values to try; default: "
+                + ", ".join(DEFAULT_SPACE),
+                "additionalProperties": {"type": "array", "minItems": 1, "maxItems": 20, "uniqueItems": True},
+            },
+        },
+        "required": ["budget_minutes"],
     }

@@ -7,6 +7,7 @@ all of them are listed at once."""
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import re
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from workbench.actions.prompts import (
     read_prompt_file,
     rules_json_max_chars,
 )
-from workbench.pipeline.schema import build_schema
+from workbench.pipeline.schema import DEFAULT_SPACE, build_schema
 
 MAX_BYTES = 1 << 20  # a spec holds settings; the prompt and the data are files beside it
 MAX_DEPTH = 12
@@ -193,6 +194,8 @@ def parse_spec(text: str, name: str, folder: Path) -> Spec:
     if "" not in broken:  # past this point each section read has the types the schema says
         _settings(data, broken, problems)
         _exclusive(data, broken, problems)
+        if "search" not in broken and isinstance(data.get("search"), dict):
+            _search_space(data, problems)
         files = _Files(folder, problems)
         if "prompt" not in broken:
             prompt = files.prompt(data["prompt"])
@@ -328,6 +331,41 @@ def _settings(data: dict[str, Any], broken: set[str | int], problems: _Problems)
             except SettingsError as exc:
                 for key, message in exc.errors.items():
                     problems.add((section, "generation", key), message)
+
+
+def _search_space(data: dict[str, Any], problems: _Problems) -> None:
+    """Each searched setting is a real one, and each value to try is one its section takes."""
+    if "objectives" not in data:
+        problems.add(("search",), "a search needs objectives to meet")
+    space = data["search"].get("space") or DEFAULT_SPACE
+    fields = {
+        "training": [f.name for f in dataclasses.fields(TrainConfig)],
+        "curation": [f.name for f in dataclasses.fields(CurationSettings)],
+    }
+    for key, values in space.items():
+        section, _, name = key.partition(".")
+        where = ("search", "space", key)
+        if section not in fields or name not in fields[section]:
+            known = [f"{s}.{n}" for s, names in fields.items() for n in names]
+            close = difflib.get_close_matches(key, known, n=1)
+            problems.add(
+                where,
+                "not a training or curation setting" + (f" (did you mean {close[0]!r}?)" if close else ""),
+            )
+            continue
+        if section == "curation" and data.get("curation") is False:
+            problems.add(where, "curation is off (curation: false): there is nothing to search")
+            continue
+        for n, value in enumerate(values):
+            try:
+                if section == "training":
+                    TrainConfig.from_dict({name: value})
+                else:
+                    CurationSettings.from_dict({name: value})
+            except ConfigError as exc:
+                problems.add((*where, n), "; ".join(exc.errors.values()))
+            except (TypeError, ValueError) as exc:
+                problems.add((*where, n), str(exc).removeprefix(f"{name} "))
 
 
 def _exclusive(data: dict[str, Any], broken: set[str | int], problems: _Problems) -> None:

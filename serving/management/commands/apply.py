@@ -8,8 +8,9 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from evals.management.commands._follow import wait
 from jobs.models import Job
+from serving.costs import economics
 from serving.management.commands._common import user_by_name
-from serving.pipeline import PlanError, apply_plan, make_plan
+from serving.pipeline import PlanError, Search, apply_plan, make_plan, optimize
 from workbench.pipeline import SpecError, build_schema, load_spec
 
 
@@ -46,21 +47,50 @@ class Command(BaseCommand):
         except PlanError as exc:
             raise CommandError(str(exc)) from exc
         err = self.stderr if opts["json"] else self.stdout
+        searching = "search" in spec.data
         if opts["dry_run"]:
-            self.stdout.write(json.dumps({"plan": plan.to_dict()}, indent=2) if opts["json"] else plan.text())
+            wanted = spec.section("search")
+            note = (
+                f"then a search of up to {wanted.get('max_trials', 8)} trials within "
+                f"{wanted['budget_minutes']:g} minutes, until one meets every objective "
+                f"({', '.join(spec.section('objectives'))}); the plan above is trial 1"
+                if searching
+                else None
+            )
+            if opts["json"]:
+                self.stdout.write(json.dumps({"plan": plan.to_dict(), "search": note}, indent=2))
+            else:
+                self.stdout.write(plan.text() + (f"\n{note}" if note else ""))
             return
         err.write(plan.text())
 
         def follow(job: Job) -> None:
             wait([job], err)
 
+        search: Search | None = None
         try:
-            outcome = apply_plan(plan, user, err.write, follow)
+            if searching:
+                search = optimize(spec, user, err.write, follow)
+                err.write(search.text())
+                if search.outcome is None:
+                    raise PlanError(f"no trial made a variant ({search.stopped})")
+                outcome = search.outcome
+            else:
+                outcome = apply_plan(plan, user, err.write, follow)
         except PlanError as exc:
             raise CommandError(str(exc)) from exc
         if opts["json"]:
             self.stdout.write(
-                json.dumps({"plan": plan.to_dict(), "outcome": outcome.to_dict()}, indent=2, default=str)
+                json.dumps(
+                    {
+                        "plan": plan.to_dict(),
+                        "outcome": outcome.to_dict(),
+                        "costs": economics(outcome.comparison).to_dict() if outcome.comparison else None,
+                        "search": search.to_dict() if search else None,
+                    },
+                    indent=2,
+                    default=str,
+                )
             )
         else:
             self._summary(outcome)
@@ -90,5 +120,33 @@ class Command(BaseCommand):
                     else f"n/a ({retained.get('note') or 'no headline'})"
                 )
             )
+            self._costs(comparison)
         if outcome.promoted is not None:
             self.stdout.write(f"promote: {outcome.message}")
+
+    def _costs(self, comparison: Any) -> None:
+        money = economics(comparison)
+        if money.problems:
+            self.stdout.write("cost: not computed: " + "; ".join(money.problems))
+        elif money.student and money.teacher:
+            pays = money.break_even_requests
+            self.stdout.write(
+                f"cost: {money.student.per_million:,.2f} per million requests for the student, "
+                f"{money.teacher.per_million:,.2f} for the base with the prompt "
+                f"(at {money.price_per_hour:g} an hour, SERVING_PRICE_PER_HOUR); "
+                f"{money.tokens_saved:,.0f} prompt tokens saved a request; "
+                + (
+                    f"teacher and training paid back after {pays:,} requests"
+                    if pays
+                    else "no saving a request"
+                )
+            )
+        if money.recommendation:
+            r = money.recommendation
+            self.stdout.write(
+                f"serve: {r.backend}, {'merged weights' if r.weights == 'merged' else 'adapter over the shared base'}"
+                + (f", batch up to {r.max_batch}" if r.max_batch else "")
+                + " ("
+                + " ".join(r.reasons)
+                + ")"
+            )
