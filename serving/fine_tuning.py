@@ -320,7 +320,8 @@ def _comparisons(jobs: list[Job]) -> dict[int, ArmComparison]:
     """The latest four-arm comparison of each job, in one query for a whole page of jobs."""
     out: dict[int, ArmComparison] = {}
     for c in ArmComparison.objects.select_related("job").filter(absorb_job__in=jobs).order_by("pk"):
-        out[c.absorb_job_id] = c  # ordered by pk: the latest wins
+        if c.absorb_job_id is not None:
+            out[c.absorb_job_id] = c  # ordered by pk: the latest wins
     return out
 
 
