@@ -166,6 +166,22 @@ def test_a_new_user_walks_the_whole_path_in_a_browser(
     prompt = PromptVersion.objects.filter(prompt__project=project).order_by("-number").first()
     assert [r["name"] for r in prompt.rules] == [r[0] for r in rules] and prompt.number == 2
 
+    # --- the playground: the base model WITH the prompt answers one question, its rules checked ---
+    page.locator("header.topbar nav").get_by_role("link", name="Playground", exact=True).click()
+    expect(page.get_by_role("heading", name="Playground")).to_be_visible()
+    picks = page.locator(".pg-pick")
+    picks.nth(0).locator(".pg-model").select_option(f"base:{tiny_base.pk}")
+    picks.nth(0).locator(".pg-prompt").select_option(str(prompt.pk))
+    for i in range(1, picks.count()):
+        picks.nth(i).locator(".pg-model").select_option("")
+    page.get_by_label("Message").fill("Where is my parcel?")
+    page.get_by_label("Max tokens").fill("8")
+    page.get_by_role("button", name="Send").click()
+    column = page.locator(".pg-answer").first
+    expect(column.locator(".pg-status")).to_have_text(re.compile("^(done|fails a rule)$"), timeout=60_000)
+    expect(column.locator(".pg-rule")).to_have_count(len(rules))
+    walk.shot("playground")
+
     # --- upload a bad dataset (refused, with the reason), then a good one with an eval split -----
     page.locator("header.topbar nav").get_by_role("link", name="Datasets", exact=True).click()
     walk.shot("datasets")
@@ -197,6 +213,10 @@ def test_a_new_user_walks_the_whole_path_in_a_browser(
     page.get_by_label("Prompt version").select_option(label=str(prompt))
     page.get_by_label("Dataset version").select_option(label=_version_label(upload))
     page.get_by_label("Teacher, then fine-tune").check()
+    # The form's live preview: the same absorb as a command line, a spec, and a time estimate.
+    expect(page.locator("#preview-command")).to_contain_text("manage.py absorb", timeout=30_000)
+    expect(page.locator("#preview-estimate")).to_contain_text("In all")
+    expect(page.locator("#preview-spec")).to_contain_text("project:")
     for summary in ("Teacher", "Curation", "Training"):
         page.locator("summary", has_text=re.compile(f"^{summary}")).click()
     expect(page.get_by_label("curate the answers when the prompt has checkable rules")).to_be_checked()
@@ -301,6 +321,15 @@ def test_a_new_user_walks_the_whole_path_in_a_browser(
     assert comparison.job.status == Job.SUCCEEDED, comparison.job.error
     expect(page.locator("#retained")).to_be_visible()
     walk.shot("four-arms")
+    # What it saves and how to serve it, from the comparison's own runs; then every variant's trade-off.
+    expect(page.locator("#recommendation")).to_contain_text("Serve it on the hf engine", timeout=30_000)
+    expect(page.locator("#cost-student")).not_to_be_empty()
+    walk.shot("four-arms-costs")
+    page.locator("#pareto-link").click()
+    expect(page.get_by_role("heading", name=re.compile("^Pareto view"))).to_be_visible()
+    walk.shot("pareto")
+    page.goto(comparison.get_absolute_url())
+    expect(page.locator("#retained")).to_be_visible()
     suite = comparison.suite
     page.get_by_role("link", name=suite.name).first.click()
     page.wait_for_function("() => window.Chart && Chart.getChart('ci-chart') && Chart.getChart('heat-chart')")
