@@ -118,19 +118,28 @@ class EvalRunner(JobRunner):
             f"{', adapter ' + next(iter(variants)) if variants else ''}; {len(runs) - len(todo)} already done"
         )
         started = time.monotonic()
-        total = len(todo) * len(examples)
-        done = 0
+        # Every stage counts in one total, so the page says what runs now and an ETA for all of it:
+        # an answer per arm and example, a verdict per judged answer, an arm's worth per lm-eval pass.
+        lm_arms = (
+            len([r for r in runs if r.arm in (ev.FLOOR, ev.STUDENT)]) if runs[0].comparison_id else len(runs)
+        )
+        self.total = len(examples) * (
+            len(todo) + (len(runs) if suite.has_judge else 0) + lm_arms * len(suite.lm_eval_tasks)
+        )
+        self.done, self.started, self.per_arm, self.stage = 0, started, len(examples), ""
         self.loads = 0  # base model loads of this job: one in process, whatever the number of arms
         if todo:
             answerer = generator(job.base_model, next(iter(variants.values()), None))
             self.loads += isinstance(answerer, LocalGenerator)
-            for run in todo:
+            for n, run in enumerate(todo, start=1):
+                stage = f"answers of {run.label} (arm {n} of {len(todo)})"
 
-                def progress(p: Progress, offset: int = done) -> None:
-                    self.progress(Progress.since(started, offset + p.done, total, "generations"))
+                def progress(p: Progress, offset: int = self.done, stage: str = stage) -> None:
+                    self._stage(stage, offset + p.done)
 
+                self._stage(stage, self.done)
                 self._generate(answerer, run, examples, settings, progress)
-                done += len(examples)
+                self.done += len(examples)
                 if self.should_stop():
                     raise JobCancelled()
             del answerer
@@ -140,6 +149,7 @@ class EvalRunner(JobRunner):
             self._judge(suite, runs, examples)
         for task in suite.lm_eval_tasks:
             self._lm_eval(suite, runs, task)
+        self._stage("scores and the headline", self.total)
         for run in runs:
             self._summarize(run, rules)
         comparison = runs[0].comparison
@@ -148,6 +158,14 @@ class EvalRunner(JobRunner):
         self.log(f"eval: done in {time.monotonic() - started:.0f} s")
 
     # --- steps -------------------------------------------------------------------
+
+    def _stage(self, stage: str, done: float) -> None:
+        """Progress over the whole eval, the unit naming the stage now running."""
+        self.progress(
+            Progress.since(self.started, done, self.total or None, "eval steps", metrics={"stage": stage}),
+            now=stage != self.stage,
+        )
+        self.stage = stage
 
     def _generate(
         self,
@@ -247,7 +265,8 @@ class EvalRunner(JobRunner):
             judge = generator(base, judge_variant)
         # Room for judge_format's reasoning (at most 400 characters) and its score.
         settings = GenerationSettings(max_new_tokens=384, batch_size=8)
-        for run in runs:
+        for n, run in enumerate(runs, start=1):
+            self._stage(f"the judge on {run.label} (arm {n} of {len(runs)})", self.done)
             results = list(run.results.select_related("example"))
             verdicts = ev.judge_answers(
                 judge,
@@ -262,6 +281,7 @@ class EvalRunner(JobRunner):
                     verdict.reasoning if verdict.score is not None else f"{verdict.error}\n---\n{text}"
                 )
             EvalResult.objects.bulk_update(results, ["judge_score", "judge_reasoning"], batch_size=500)
+            self.done += len(examples)
         self.log(f"judge: {suite.judge_label} scored {len(runs)} run(s)")
 
     def _lm_eval(self, suite: EvalSuite, runs: list[EvalRun], task: str) -> None:
@@ -283,7 +303,8 @@ class EvalRunner(JobRunner):
                 name = ev.write_task(task_dir, f"wb_suite_{suite.pk}", rows)
             elif task == "general_skills":
                 name = ev.general_skills_task(task_dir)
-            for run in runs:
+            for n, run in enumerate(runs, start=1):
+                self._stage(f"lm-eval {task} on {run.label} (arm {n} of {len(runs)})", self.done)
                 variant = run.variant if run.variant_id and run.variant else None
                 # In process lm-eval loads the model itself (its own hf model); on the vLLM backend the server answers.
                 result = ev.run_lm_eval(
@@ -308,6 +329,7 @@ class EvalRunner(JobRunner):
                 }
                 run.summary = {**run.summary, "lm_eval": lm}
                 run.save(update_fields=["summary"])
+                self.done += self.per_arm
         self.log(f"lm-eval {task}: {len(runs)} run(s)")
 
     def _summarize(self, run: EvalRun, rules: Sequence[Rule]) -> None:

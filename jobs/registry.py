@@ -68,8 +68,11 @@ class JobRunner:
         raise NotImplementedError
 
     # helpers for subclasses
-    def progress(self, progress: Progress) -> None:
+    def progress(self, progress: Progress, now: bool = False) -> None:
+        """Report progress; the writer stores it at its own pace, or `now` (a new stage starts)."""
         self._report(progress)
+        if now:
+            self._report.flush()
 
     def succeed(self, **changes: Any) -> bool:
         """End the job with its outputs (call it inside the transaction that

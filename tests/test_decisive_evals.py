@@ -245,3 +245,58 @@ def test_the_absorb_action_refuses_bad_eval_settings(world):
             evaluation={"max_new_tokens": 0},
         )
     assert not Job.objects.exists()
+
+
+# --- what the eval job is doing -------------------------------------------------------------------
+
+adapter_dir = test_evals.adapter_dir
+
+
+def test_the_eval_job_names_each_stage_under_one_total_with_an_eta(
+    world, tiny_model_dir, adapter_dir, monkeypatch, settings
+):
+    from jobs import lifecycle
+    from workbench.models import FoundationModel
+
+    settings.JOB_PROGRESS_SECONDS = 3600  # stored only when a stage begins (and at the end)
+    base = FoundationModel.objects.create(name="tiny", path=str(tiny_model_dir))
+    variant = Variant.objects.create(
+        project=world["project"],
+        name="absorbed",
+        base_model=base,
+        adapter_path=str(adapter_dir),
+        prompt_version=world["prompt"],
+        dataset_version=world["data"],
+    )
+    suite = actions.create_suite(
+        world["project"],
+        world["user"],
+        "held out",
+        world["data"],
+        prompt_version=world["prompt"],
+        lm_eval_tasks=["suite"],
+    )
+    comparison = actions.start_comparison(
+        world["project"], world["user"], suite, variant, generation={"max_new_tokens": 4}
+    )
+    saved = []
+    original = Job.save_progress
+
+    def record(self, progress, points=None):
+        saved.append((progress.done, progress.total, progress.metrics.get("stage"), progress.eta_seconds))
+        return original(self, progress, points)
+
+    monkeypatch.setattr(Job, "save_progress", record)
+    lifecycle.execute(comparison.job.pk, "test")
+    comparison.job.refresh_from_db()
+    assert comparison.job.status == Job.SUCCEEDED, comparison.job.log
+    # 5 examples: 4 arms' answers, then lm-eval on the floor and the student, in one total of 30.
+    assert {total for _d, total, _s, _e in saved} == {30}
+    stages = [stage for _d, _t, stage, _e in saved]
+    arms = list(dict.fromkeys(s for s in stages if s.startswith("answers of ")))
+    assert [s[-12:] for s in arms] == ["(arm 1 of 4)", "(arm 2 of 4)", "(arm 3 of 4)", "(arm 4 of 4)"]
+    lm = list(dict.fromkeys(s for s in stages if s.startswith("lm-eval")))
+    assert [s[-12:] for s in lm] == ["(arm 1 of 2)", "(arm 2 of 2)"]  # the floor and the student
+    assert stages[-1] == "scores and the headline" and saved[-1][0] == 30
+    assert [d for d, *_ in saved] == sorted(d for d, *_ in saved)  # it only moves forward
+    assert any(eta for *_x, eta in saved[1:-1])  # an ETA once something was done
