@@ -149,6 +149,8 @@ def test_the_fine_tune_waits_for_confirmation_when_the_teachers_answers_fail(wor
     page = alice_client.get(finetune.get_absolute_url()).content.decode()
     assert 'id="job-held"' in page and "Train anyway" in page and "Review the answers" in page
     assert "Retry as a new job" not in page
+    listing = alice_client.get(reverse("job_list", args=[project.slug])).content.decode()
+    assert f'href="{finetune.get_absolute_url()}" title="' in listing and ">waiting for you</a>" in listing
     r = alice_client.post(reverse("job_retry", args=[project.slug, finetune.pk]))
     again = Job.objects.filter(kind="finetune").latest("pk")
     assert r.status_code == 302 and again.status == Job.QUEUED and again.dataset_version == answers
