@@ -127,6 +127,7 @@ class EvalRunner(JobRunner):
             len(todo) + (len(runs) if suite.has_judge else 0) + lm_arms * len(suite.lm_eval_tasks)
         )
         self.done, self.started, self.per_arm, self.stage = 0, started, len(examples), ""
+        self.answered, self.answer_seconds = 0, 0.0
         self.loads = 0  # base model loads of this job: one in process, whatever the number of arms
         if todo:
             answerer = generator(job.base_model, next(iter(variants.values()), None))
@@ -138,7 +139,10 @@ class EvalRunner(JobRunner):
                     self._stage(stage, offset + p.done)
 
                 self._stage(stage, self.done)
+                began = time.monotonic()
                 self._generate(answerer, run, examples, settings, progress)
+                self.answer_seconds += time.monotonic() - began
+                self.answered += len(examples)
                 self.done += len(examples)
                 if self.should_stop():
                     raise JobCancelled()
@@ -161,8 +165,10 @@ class EvalRunner(JobRunner):
 
     def _stage(self, stage: str, done: float) -> None:
         """Progress over the whole eval, the unit naming the stage now running."""
+        # The answers and their seconds apart: what the plan's eval estimate measures its rate by.
+        metrics = {"stage": stage, "answers": self.answered, "answer_seconds": round(self.answer_seconds, 1)}
         self.progress(
-            Progress.since(self.started, done, self.total or None, "eval steps", metrics={"stage": stage}),
+            Progress.since(self.started, done, self.total or None, "eval steps", metrics=metrics),
             now=stage != self.stage,
         )
         self.stage = stage

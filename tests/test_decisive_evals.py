@@ -300,3 +300,10 @@ def test_the_eval_job_names_each_stage_under_one_total_with_an_eta(
     assert stages[-1] == "scores and the headline" and saved[-1][0] == 30
     assert [d for d, *_ in saved] == sorted(d for d, *_ in saved)  # it only moves forward
     assert any(eta for *_x, eta in saved[1:-1])  # an ETA once something was done
+    # The plan's eval estimate measures its rate by the answers alone, not the lm-eval passes.
+    from serving.pipeline import estimate
+
+    m = comparison.job.progress["metrics"]
+    assert m["answers"] == 20 and 0 < m["answer_seconds"] < comparison.job.progress["elapsed"]
+    guess = estimate.evaluation(base, 5, [])
+    assert guess.measured and guess.rate == pytest.approx(20 / m["answer_seconds"])

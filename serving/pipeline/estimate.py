@@ -182,12 +182,16 @@ def evaluation(base: FoundationModel, heldout: int, lm_eval_tasks: Sequence[str]
     measured = []
     for job in jobs[:RECENT]:
         p = job.progress or {}
-        done, elapsed = p.get("done"), p.get("elapsed")
-        if (
-            p.get("unit") == "generations"
-            and isinstance(done, int | float)
-            and isinstance(elapsed, int | float)
-        ):
+        m = p.get("metrics") or {}
+        # The answers and their own seconds (judge and lm-eval apart); older jobs counted only answers.
+        done, elapsed = (
+            (m.get("answers"), m.get("answer_seconds"))
+            if "answers" in m
+            else (p.get("done"), p.get("elapsed"))
+            if p.get("unit") == "generations"
+            else (None, None)
+        )
+        if isinstance(done, int | float) and isinstance(elapsed, int | float):
             measured.append((job.pk, float(done), float(elapsed)))
     rate, source, ok = _rate("answers", measured, "eval jobs")
     notes = [f"lm-eval tasks ({', '.join(lm_eval_tasks)}) come on top"] if lm_eval_tasks else []
