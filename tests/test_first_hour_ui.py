@@ -167,6 +167,9 @@ def test_the_add_member_controls_line_up_and_diff_lines_are_single_spaced(
 ):
     login(page)
     page.goto(alice_project.get_absolute_url())
+    page.wait_for_load_state(
+        "networkidle"
+    )  # the dashboard's panels load after the page, moving what is below
     controls = [
         page.get_by_label("Username"),
         page.get_by_label("Role"),
