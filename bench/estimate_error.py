@@ -49,6 +49,7 @@ def report(folder: Path) -> None:
     django.setup()
     from django.db import transaction
 
+    from engines.facts import validate_facts
     from engines.training import TrainConfig
     from evals.models import ArmComparison
     from jobs.models import Job
@@ -86,7 +87,7 @@ def report(folder: Path) -> None:
         data = finetune.dataset_version
         train = TrainConfig.from_dict(finetune.params.get("train") or {}).to_dict()
         head = [r.messages for r in data.rows.filter(split="train").order_by("index")[:200]]
-        facts = finetune.prompt_version.facts if finetune.prompt_version else []
+        facts = validate_facts(finetune.prompt_version.facts) if finetune.prompt_version else []
         count = data.rows.filter(split="train").count()
         steps.append(
             (
@@ -95,7 +96,7 @@ def report(folder: Path) -> None:
                 partial(estimate.training, finetune.base_model, train, count, head, True, 0, facts),
             )
         )
-        for c in ArmComparison.objects.filter(absorb_job=finetune, job__status=Job.SUCCEEDED):
+        for c in ArmComparison.objects.filter(variant=finetune.variant, job__status=Job.SUCCEEDED):
             n = c.suite.examples.count()
             steps.append(
                 (
