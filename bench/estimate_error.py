@@ -87,13 +87,17 @@ def report(folder: Path) -> None:
         data = finetune.dataset_version
         train = TrainConfig.from_dict(finetune.params.get("train") or {}).to_dict()
         head = [r.messages for r in data.rows.filter(split="train").order_by("index")[:200]]
-        facts = validate_facts(finetune.prompt_version.facts) if finetune.prompt_version else []
+        version = finetune.prompt_version
+        facts = validate_facts(version.facts) if version else []
+        text, rules = (version.text, version.rules or []) if version else ("", [])
         count = data.rows.filter(split="train").count()
         steps.append(
             (
                 "fine-tune",
                 finetune,
-                partial(estimate.training, finetune.base_model, train, count, head, True, 0, facts),
+                partial(
+                    estimate.training, finetune.base_model, train, count, head, True, 0, facts, text, rules
+                ),
             )
         )
         for c in ArmComparison.objects.filter(variant=finetune.variant, job__status=Job.SUCCEEDED):

@@ -132,6 +132,29 @@ def test_a_dry_run_plans_every_step_with_estimates_and_stores_nothing(spec, alic
 
 
 @pytest.mark.django_db
+def test_a_reading_students_estimate_counts_the_passages_its_rows_carry(spec, alice, tiny_base):
+    (spec.parent / "prompt.md").write_text(
+        PROMPT
+        + "\n## Desks\n\n"
+        + "".join(
+            f"Fact {i}: the {w} desk opens at {8 + i}:00 on weekdays.\n"
+            for i, w in enumerate("account parcel payment login refund billing".split())
+        )
+    )
+    plain = apply(spec, "--dry-run")
+    text = spec.read_text().replace("fact_repeat: 1}", "fact_repeat: 1, student_passages: 2}")
+    spec.write_text(text)
+    reading = apply(spec, "--dry-run")
+
+    def finetune(result: dict) -> dict:
+        return next(s for s in result["plan"]["steps"] if s["step"] == "fine-tune")["estimate"]
+
+    # two sentences of about 12 tokens each, on every example
+    assert finetune(reading)["count"] > finetune(plain)["count"] + len(QUERIES) * 15
+    assert any("2 passages" in note for note in finetune(reading)["notes"])
+
+
+@pytest.mark.django_db
 def test_a_file_whose_rows_are_stored_is_reused_not_imported(spec, alice, alice_project, tiny_base):
     (spec.parent / "spec.yaml").write_text(SPEC.replace("project: Pirates", f"project: {alice_project.slug}"))
     # The same rows in another format: the hash is of the normalised rows.

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engines import facts as facts_module
+from engines.curation.context import student_view
 from engines.tokens import length_stats, load_tokenizer
 from jobs.models import Job, TeacherEndpoint
 from workbench.models import FoundationModel
@@ -125,9 +126,13 @@ def training(
     answered: bool,
     max_new_tokens: int,
     fact_checks: Iterable[Any] = (),
+    prompt: str = "",
+    rules: Sequence[Any] = (),
 ) -> Estimate:
     """Tokens: examples (train rows, the general mix, repeated fact rows) x their mean
-    length x epochs, at the tokens/s of the finished fine-tunes on this base."""
+    length x epochs, at the tokens/s of the finished fine-tunes on this base.
+    A student that reads passages (`student_passages`) is counted with them:
+    the rows are measured as the fine-tune will see them, from the prompt's text."""
     variants = (
         Job.objects.filter(kind="finetune", status=Job.SUCCEEDED, base_model=base, variant__isnull=False)
         .select_related("variant")
@@ -142,6 +147,10 @@ def training(
             measured.append((job.pk, float(tokens), float(seconds)))
     rate, source, ok = _rate("tokens", measured, "fine-tunes")
     notes: list[str] = []
+    passages = int(train.get("student_passages") or 0)
+    if passages and prompt.strip():
+        head = [student_view(conv, prompt, rules, passages) for conv in head]
+        notes.append(f"each row carries the prompt's {passages} passages nearest its question")
     per = example_tokens(base, head)
     if per is None:  # about 4 characters a token, and the chat template's own
         chars = sum(len(m.get("content", "")) for conv in head for m in conv)

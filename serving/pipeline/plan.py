@@ -509,9 +509,18 @@ def _finetune(plan: Plan) -> None:
                 answered,
                 int(plan.generation["max_new_tokens"]),
                 _facts(plan),
+                *_prompt_text(plan),
             ),
         )
     )
+
+
+def _prompt_text(plan: Plan) -> tuple[str, list[Any]]:
+    """The prompt's text and rules: a reading student's rows carry passages of it."""
+    if plan.prompt_version is not None:
+        return plan.prompt_version.text, list(plan.prompt_version.rules or [])
+    checked = plan.spec.checked_prompt
+    return (checked.text, checked.rules) if checked is not None else ("", [])
 
 
 def _facts(plan: Plan) -> list[Any]:
