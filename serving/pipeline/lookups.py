@@ -15,7 +15,7 @@ from evals.models import ArmComparison, EvalSuite
 from jobs import fingerprints
 from jobs.models import Job, TeacherEndpoint
 from serving.models import Alias
-from workbench.models import DatasetVersion, FoundationModel, Variant
+from workbench.models import DatasetVersion, FoundationModel, Project, Variant
 from workbench.pipeline import Spec
 
 if TYPE_CHECKING:
@@ -114,6 +114,14 @@ def find_suite(plan: Plan, source: DatasetVersion | None) -> EvalSuite | None:
         project=plan.project, dataset_version=source, prompt_version=plan.prompt_version
     )
     return next((s for s in candidates.order_by("pk") if suite_matches(plan, s, source)), None)
+
+
+def find_finetune(project: Project, fingerprint: str) -> Job | None:
+    """The fine-tune that makes this, unless its variant was deleted since (then: train again)."""
+    job = fingerprints.find(project.pk, "finetune", fingerprint)
+    if job is not None and job.status == Job.SUCCEEDED and job.variant_id is None:
+        return None
+    return job
 
 
 def find_eval(plan: Plan, variant: Variant) -> tuple[str, ArmComparison | None]:

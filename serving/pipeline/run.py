@@ -6,12 +6,14 @@ A step the plan reuses is not touched; a job still running is followed."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 from django.conf import settings
 from django.contrib.auth.models import User
+from django.db import transaction
 from django.utils import timezone
 
 from engines.inference import SettingsError
@@ -26,6 +28,7 @@ from serving.models import Alias
 from serving.pipeline.lookups import (
     PlanError,
     find_eval,
+    find_finetune,
     find_suite,
     gate_changes,
     judge,
@@ -38,7 +41,7 @@ from workbench.actions import ActionError
 from workbench.actions.datasets import DatasetRejected, import_dataset, with_held_out
 from workbench.actions.projects import create_project
 from workbench.actions.prompts import save_prompt
-from workbench.models import DatasetVersion, Variant
+from workbench.models import DatasetVersion, Project, Variant
 
 Say = Callable[[str], None]
 Follow = Callable[[Job], None]  # to the job's end; raises when it did not succeed
@@ -189,42 +192,51 @@ def _train(plan: Plan, data: DatasetVersion, user: User | None, say: Say, follow
             say(f"fine-tune: following {plan.finetune_job}")
             follow(plan.finetune_job)
         return plan.finetune_job
-    teacher = plan.teacher_job
+    teacher, finetune = plan.teacher_job, None
     if teacher is None:
-        teacher, finetune = start_absorb(
-            project,
-            user,
-            plan.prompt_version,
-            data,
-            plan.base,
-            spec.section("teacher").get("generation"),
-            spec.training,
-            teacher_model=plan.teacher_model,
-            curation=spec.curation,
-            passing_only=spec.passing_only,
-            teacher_endpoint=plan.endpoint,
-        )
-        assert finetune is not None
-        _stamped(plan, "teacher", teacher, say)
-        say(f"teacher: started {teacher}; fine-tune {finetune} waits for it")
-        follow(teacher)
-    else:
+        with _locked(project):  # another apply of the same spec may have started it since the plan
+            teacher = fingerprints.find(project.pk, "teacher", plan.teacher_fp)
+            if teacher is None:
+                teacher, finetune = start_absorb(
+                    project,
+                    user,
+                    plan.prompt_version,
+                    data,
+                    plan.base,
+                    spec.section("teacher").get("generation"),
+                    spec.training,
+                    teacher_model=plan.teacher_model,
+                    curation=spec.curation,
+                    passing_only=spec.passing_only,
+                    teacher_endpoint=plan.endpoint,
+                )
+        if finetune is not None:
+            _stamped(plan, "teacher", teacher, say)
+            say(f"teacher: started {teacher}; fine-tune {finetune} waits for it")
+            follow(teacher)
+        else:
+            plan.step("teacher").job = teacher.pk
+            say(f"teacher: {teacher} was started by another apply since the plan: following it")
+    if finetune is None:
         if not teacher.is_terminal:
             say(f"teacher: following {teacher}")
             follow(teacher)
         teacher.refresh_from_db()
         if teacher.output_dataset is None:
             raise PlanError(f"{teacher} left no answers to train on")
-        finetune = start_finetune(
-            project,
-            user,
-            plan.prompt_version,
-            teacher.output_dataset,
-            plan.base,
-            spec.training,
-            passing_only=spec.passing_only,
-            teacher_model=plan.teacher_model,
-        )
+        with _locked(project):
+            finetune = find_finetune(project, plan.finetune_fp)
+            if finetune is None:
+                finetune = start_finetune(
+                    project,
+                    user,
+                    plan.prompt_version,
+                    teacher.output_dataset,
+                    plan.base,
+                    spec.training,
+                    passing_only=spec.passing_only,
+                    teacher_model=plan.teacher_model,
+                )
     _stamped(plan, "fine-tune", finetune, say)
     say(f"fine-tune: {finetune}")
     follow(finetune)
@@ -244,15 +256,18 @@ def _evaluate(
             fp, comparison = find_eval(plan, variant)
         if comparison is None:
             assert plan.project is not None and plan.suite is not None
-            comparison = start_comparison(
-                plan.project,
-                user,
-                plan.suite,
-                variant,
-                absorb_job=finetune,
-                generation=plan.spec.section("eval").get("generation"),
-            )
-            say(f"eval: started the four-arm comparison #{comparison.pk} on {plan.suite}")
+            with _locked(plan.project):
+                fp, comparison = find_eval(plan, variant)
+                if comparison is None:
+                    comparison = start_comparison(
+                        plan.project,
+                        user,
+                        plan.suite,
+                        variant,
+                        absorb_job=finetune,
+                        generation=plan.spec.section("eval").get("generation"),
+                    )
+                    say(f"eval: started the four-arm comparison #{comparison.pk} on {plan.suite}")
         else:
             say(f"eval: the fine-tune's four-arm comparison #{comparison.pk} on {comparison.suite}")
         assert comparison.job is not None
@@ -264,6 +279,15 @@ def _evaluate(
         follow(comparison.job)
     comparison.refresh_from_db()
     return comparison
+
+
+@contextmanager
+def _locked(project: Project) -> Iterator[None]:
+    """Between finding a step's job by its fingerprint and starting it, no
+    other apply of the project does the same (both would start the step)."""
+    with transaction.atomic():
+        Project.objects.select_for_update().filter(pk=project.pk).first()
+        yield
 
 
 def _may_start_its_own(finetune: Job) -> bool:
