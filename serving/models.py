@@ -174,3 +174,46 @@ class RequestLog(models.Model):
 # Sent on commit after an alias moved (promotion, override, rollback), with
 # `alias`: the gateway loads the adapters aliases need into the engine.
 alias_moved = Signal()
+
+
+class SpecRun(models.Model):
+    """A spec applied from the browser. Nothing waits in a worker for its
+    jobs: each time a job it follows ends, the run is applied again (every
+    finished step is reused by its fingerprint) and goes one step further."""
+
+    RUNNING, DONE, REFUSED, FAILED = "running", "done", "refused", "failed"
+    STATUSES = [
+        (RUNNING, "Running"),
+        (DONE, "Done"),
+        (REFUSED, "Refused by the gate"),
+        (FAILED, "Failed"),
+    ]
+
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="spec_runs")
+    text = models.TextField(help_text="The spec as applied (YAML)")
+    status = models.CharField(max_length=10, choices=STATUSES, default=RUNNING)
+    plan = models.JSONField(default=dict, blank=True, help_text="The plan when the run started")
+    log = models.TextField(blank=True)
+    message = models.TextField(blank=True)
+    outcome = models.JSONField(default=dict, blank=True)
+    waiting_on = models.ForeignKey(
+        "jobs.Job", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    # One advance at a time: a second one that finds it taken asks the first to go again.
+    advancing_since = models.DateTimeField(null=True, blank=True)
+    again = models.BooleanField(default=False)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(default=timezone.now)
+    updated_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+
+    def __str__(self) -> str:
+        return f"spec run #{self.pk}"
+
+    @property
+    def is_running(self) -> bool:
+        return self.status == self.RUNNING

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from django.db.models import Q
 from django.utils import timezone
 
 from engines.protocol import OpenAIError
@@ -16,7 +17,7 @@ from evals.models import EvalRun
 from jobs.models import Job
 from serving import engine_client
 from serving.engine_client import ADAPTER_PREFIX
-from serving.models import Alias, ApiKey
+from serving.models import Alias, ApiKey, SpecRun
 from workbench.models import Project, Variant
 
 log = logging.getLogger(__name__)
@@ -96,3 +97,16 @@ def on_member_removed(
         f"{len(revoked)} API key{'s' if len(revoked) != 1 else ''} {user} created in this project "
         f"{'were' if len(revoked) != 1 else 'was'} revoked: {listed}."
     )
+
+
+def on_job_finished(sender: Any, job: Job, status: str, **_kw: Any) -> None:
+    """A job a browser-applied spec waits on ended: take the spec one step
+    further. A run being advanced right now is asked to go again (it may
+    have read the job as running just before it ended)."""
+    from serving.tasks import advance_spec_run  # serving.tasks imports the pipeline, which imports this app
+
+    runs = SpecRun.objects.filter(project_id=job.project_id, status=SpecRun.RUNNING).filter(
+        Q(waiting_on=job) | Q(advancing_since__isnull=False)
+    )
+    for run_id in runs.values_list("pk", flat=True):
+        advance_spec_run.delay_on_commit(run_id)

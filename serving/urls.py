@@ -1,6 +1,7 @@
 from django.urls import path
 
 from serving import cost_views, pareto, views
+from serving.pipeline import pages as spec_pages
 from serving.pipeline import views as pipeline_views
 
 # Every name starts with "serving" (the project nav marks the Serving tab by it).
@@ -11,6 +12,15 @@ urlpatterns = [
         "p/<slug:slug>/serving/absorb-preview",
         pipeline_views.absorb_preview,
         name="serving_absorb_preview",
+    ),
+    # Apply a spec from the browser (manage.py apply's plan and run), and follow each run.
+    path("p/<slug:slug>/serving/specs/", spec_pages.spec_page, name="serving_specs"),
+    path("p/<slug:slug>/serving/specs/schema.json", spec_pages.spec_schema, name="serving_spec_schema"),
+    path("p/<slug:slug>/serving/specs/<int:run_id>/", spec_pages.spec_run, name="serving_spec_run"),
+    path(
+        "p/<slug:slug>/serving/specs/<int:run_id>/advance",
+        spec_pages.spec_run_advance,
+        name="serving_spec_run_advance",
     ),
     path("p/<slug:slug>/serving/aliases/new", views.alias_create, name="serving_alias_create"),
     path("p/<slug:slug>/serving/aliases/<slug:alias_name>/", views.alias_detail, name="serving_alias"),

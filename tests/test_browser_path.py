@@ -402,4 +402,17 @@ def test_a_new_user_walks_the_whole_path_in_a_browser(
     expect(row).to_have_count(1)
     expect(row.locator("td").nth(3)).to_have_text(re.compile(r"ago$"))  # last used: not "never"
     walk.shot("keys-used")
+
+    # --- the same absorb as a spec: planned in the browser, every step found by its fingerprint ---
+    page.goto(finetune.get_absolute_url())
+    page.get_by_role("link", name="Open as a spec").click()
+    expect(page.locator("#spec-source")).to_contain_text(f"exported from {finetune}")
+    page.get_by_role("button", name="Plan").click()
+    for step in ("teacher", "fine-tune", "eval"):
+        expect(page.locator(f'#plan-steps li[data-step="{step}"]')).to_have_attribute("data-action", "reuse")
+    walk.shot("spec-plan")
+    page.get_by_role("button", name="Run").click()  # everything reused: the run ends within the request
+    expect(page.locator("#spec-run-status")).to_have_text(re.compile("^(Done|Refused by the gate)$"))
+    expect(page.locator("#spec-run-log")).to_contain_text("eval:")
+    walk.shot("spec-run")
     assert len(walk.shots) == walk.n and not walk.problems

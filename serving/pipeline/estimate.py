@@ -47,6 +47,7 @@ class Estimate:
             "source": self.source,
             "counts": self.counts,
             "notes": self.notes,
+            "text": self.describe(),
         }
 
     def describe(self) -> str:

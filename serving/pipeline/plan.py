@@ -23,6 +23,7 @@ from serving.pipeline.lookups import (
     PlanError,
     eval_source_of,
     find_eval,
+    find_finetune,
     find_suite,
     gate_changes,
     judge,
@@ -161,6 +162,7 @@ class Plan:
             "project": self.project.slug if self.project else None,
             "steps": [s.to_dict() for s in self.steps],
             "seconds": round(self.seconds, 1),
+            "duration": estimate.duration(self.seconds),
         }
 
 
@@ -177,10 +179,12 @@ def _changes(old: dict[str, Any], new: dict[str, Any], prefix: str) -> list[str]
     ]
 
 
-def make_plan(spec: Spec) -> Plan:
-    """Resolve everything the spec names and decide each step; writes nothing."""
+def make_plan(spec: Spec, project: Project | None = None) -> Plan:
+    """Resolve everything the spec names and decide each step; writes nothing.
+    `project`: the project the spec is applied to (the browser's), which its
+    `project` key must name; else the key finds it, by slug or name."""
     plan = Plan(spec)
-    _project(plan)
+    _project(plan, project)
     _models(plan)
     _prompt(plan)
     _data(plan)
@@ -191,9 +195,16 @@ def make_plan(spec: Spec) -> Plan:
     return plan
 
 
-def _project(plan: Plan) -> None:
+def _project(plan: Plan, project: Project | None) -> None:
     name = plan.spec.project
-    plan.project = Project.objects.filter(Q(slug=name) | Q(name__iexact=name)).order_by("pk").first()
+    if project is not None and name != project.slug and name.casefold() != project.name.casefold():
+        raise PlanError(
+            f"{plan.spec.where('project')}: this spec names {name!r}; it is applied here to "
+            f"{project.name} ({project.slug}): name that project"
+        )
+    plan.project = project or (
+        Project.objects.filter(Q(slug=name) | Q(name__iexact=name)).order_by("pk").first()
+    )
     if plan.project is not None:
         plan.steps.append(Step("project", "reuse", f"{plan.project.name} ({plan.project.slug})"))
     else:
@@ -469,9 +480,7 @@ def _finetune(plan: Plan) -> None:
         spec.passing_only,
         fingerprints.model_identity(plan.teacher_model),
     )
-    job = fingerprints.find(plan.project.pk, "finetune", plan.finetune_fp) if plan.project else None
-    if job is not None and job.status == Job.SUCCEEDED and job.variant_id is None:
-        job = None  # its variant was deleted: train again
+    job = find_finetune(plan.project, plan.finetune_fp) if plan.project else None
     plan.finetune_job = job
     if job is not None:
         made = f"variant #{job.variant_id}" if job.variant_id else f"still {job.status}: followed"

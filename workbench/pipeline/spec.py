@@ -116,7 +116,12 @@ class Spec:
     """A validated spec: its values as written (`data`) and what they mean."""
 
     def __init__(
-        self, name: str, folder: Path, data: dict[str, Any], root: yaml.Node, prompt: CheckedPrompt | None
+        self,
+        name: str,
+        folder: Path | None,
+        data: dict[str, Any],
+        root: yaml.Node,
+        prompt: CheckedPrompt | None,
     ):
         self.name, self.folder, self.data, self._root = name, folder, data, root
         self.checked_prompt = prompt
@@ -131,6 +136,7 @@ class Spec:
         return value if isinstance(value, dict) else {}
 
     def file(self, value: str) -> Path:
+        assert self.folder is not None, "a spec without a folder names no files (parse_spec refused them)"
         return (self.folder / value).resolve()
 
     @property
@@ -172,8 +178,9 @@ def load_spec(path: Path) -> Spec:
     return parse_spec(text, str(path), path.resolve().parent)
 
 
-def parse_spec(text: str, name: str, folder: Path) -> Spec:
-    """Validate a spec's text; files are read relative to `folder`."""
+def parse_spec(text: str, name: str, folder: Path | None) -> Spec:
+    """Validate a spec's text; files are read relative to `folder` (None: a
+    spec pasted in the browser, which names versions and reads no file)."""
     problems = _Problems(name, None, [])
     root, data = _compose(text, problems)
     if root is None:
@@ -424,10 +431,18 @@ _RULE_NUMBER = re.compile(r"^(?:rule|fact) (\d+)\b")
 class _Files:
     """The files a spec names: relative paths inside its folder, read bounded."""
 
-    def __init__(self, folder: Path, problems: _Problems) -> None:
-        self.folder, self.problems = folder.resolve(), problems
+    def __init__(self, folder: Path | None, problems: _Problems) -> None:
+        self.folder, self.problems = (folder.resolve() if folder else None), problems
 
     def path(self, where: Path_, value: str) -> Path | None:
+        if self.folder is None:
+            self.problems.add(
+                where,
+                f"{value!r}: a spec applied in the browser reads no files: name a version of the project "
+                "(prompt: {ref: NAME@N}, data: {train: {version: NAME@N}}) and give rules and facts inline, "
+                "or apply the spec with `manage.py apply`",
+            )
+            return None
         if Path(value).is_absolute():
             self.problems.add(where, f"{value!r}: give a path relative to the spec's folder")
             return None

@@ -1,0 +1,139 @@
+"""A spec applied from the browser (SpecRun). No worker waits for a run's
+jobs: `advance` applies the spec once more, with a follow that stops at the
+first step still running (the run then waits on that job) instead of
+blocking. Every finished step is reused by its fingerprint, so each advance
+goes one step further; a job of the run ending sends the next advance
+(serving.receivers), and "check again" on the page sends one by hand."""
+
+from __future__ import annotations
+
+import datetime
+import logging
+from typing import Any
+
+from django.contrib.auth.models import User
+from django.db.models import Q
+from django.utils import timezone
+
+from jobs.models import Job
+from serving.models import SpecRun
+from serving.pipeline.plan import Plan, PlanError, make_plan
+from serving.pipeline.run import apply_plan
+from workbench.models import Project
+from workbench.pipeline import Spec, SpecError, parse_spec
+
+log = logging.getLogger(__name__)
+MAX_CHARS = 200_000  # a spec holds settings and refs; the prompt and the data are versions
+STALE = datetime.timedelta(minutes=10)  # an advance that held the run this long died with its worker
+
+
+class _Waiting(Exception):
+    def __init__(self, job: Job) -> None:
+        self.job = job
+
+
+def _follow(job: Job) -> None:
+    job.refresh_from_db()
+    if not job.is_terminal:
+        raise _Waiting(job)
+    if job.status != Job.SUCCEEDED:
+        raise PlanError(f"{job} {job.status}: {job.error or 'see its log'}")
+
+
+def read(project: Project, text: str) -> tuple[Spec, Plan]:
+    """The spec as pasted and its plan on this project (SpecError, PlanError)."""
+    if len(text) > MAX_CHARS:
+        raise SpecError(
+            [f"spec: longer than {MAX_CHARS:,} characters; a spec names versions, not their text"]
+        )
+    if not text.strip():
+        raise SpecError(["spec: empty: paste a spec, or start from an absorb's exported spec"])
+    spec = parse_spec(text, "spec", None)
+    if "search" in spec.data:
+        raise SpecError(
+            [
+                f"{spec.where('search')}: a search runs its trials one after another: "
+                "apply it with `manage.py apply`"
+            ]
+        )
+    return spec, make_plan(spec, project)
+
+
+def start(project: Project, user: User, text: str) -> SpecRun:
+    """Plan the spec (raising what is wrong with it) and take its first steps."""
+    _, plan = read(project, text)
+    run = SpecRun.objects.create(project=project, text=text, plan=plan.to_dict(), created_by=user)
+    advance(run.pk)
+    run.refresh_from_db()
+    return run
+
+
+def _claim(run_id: int) -> bool:
+    now = timezone.now()
+    free = Q(advancing_since__isnull=True) | Q(advancing_since__lt=now - STALE)
+    if SpecRun.objects.filter(Q(pk=run_id, status=SpecRun.RUNNING) & free).update(
+        advancing_since=now, again=False
+    ):
+        return True
+    SpecRun.objects.filter(pk=run_id, status=SpecRun.RUNNING).update(again=True)
+    return False
+
+
+def advance(run_id: int) -> None:
+    """Apply the run's spec once more, as far as it goes without waiting.
+    One advance at a time: one that finds the run taken asks it to go again."""
+    if not _claim(run_id):
+        return
+    while True:
+        _step(SpecRun.objects.select_related("project", "created_by").get(pk=run_id))
+        # released; go again when another advance was asked for meanwhile
+        if not SpecRun.objects.filter(pk=run_id, status=SpecRun.RUNNING, again=True).update(
+            again=False, advancing_since=timezone.now()
+        ):
+            return
+
+
+def _step(run: SpecRun) -> None:
+    said: list[str] = []
+    changes: dict[str, Any] = {"advancing_since": None, "updated_at": timezone.now()}
+    try:
+        _, plan = read(run.project, run.text)
+        said += [
+            f"{s.name}: job #{s.job}, found by its fingerprint"
+            for s in plan.steps
+            if s.action == "reuse" and s.job
+        ]
+        outcome = apply_plan(plan, run.created_by, said.append, _follow)
+        if outcome.message:
+            said.append(f"promote: {outcome.message}")
+        refused = outcome.promoted is False
+        changes.update(
+            status=SpecRun.REFUSED if refused else SpecRun.DONE,
+            waiting_on=None,
+            outcome=_jsonable(outcome.to_dict()),
+            message=outcome.message or "done",
+        )
+    except _Waiting as waiting:
+        changes.update(waiting_on=waiting.job, message=f"waiting for {waiting.job}")
+    except (SpecError, PlanError) as exc:
+        problems = exc.problems if isinstance(exc, SpecError) else [str(exc)]
+        changes.update(status=SpecRun.FAILED, waiting_on=None, message="\n".join(problems))
+    except Exception as exc:  # a bug: the run ends, said, instead of holding its claim
+        log.exception("spec run %s", run.pk)
+        changes.update(status=SpecRun.FAILED, waiting_on=None, message=f"internal error: {exc!r}")
+    known = {line.split("] ", 1)[-1] for line in run.log.splitlines()}
+    lines = [line for line in said if line not in known]  # each advance says the reused steps again
+    if lines:
+        stamp = timezone.now().strftime("%Y-%m-%d %H:%M:%S")
+        changes["log"] = run.log + "".join(f"[{stamp}] {line}\n" for line in lines)
+    SpecRun.objects.filter(pk=run.pk).update(**changes)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    return str(value)
