@@ -17,6 +17,7 @@ from engines import evaluation as ev
 from evals.models import ArmComparison, EvalRun
 from jobs.backend import variant_teacher_endpoint
 from jobs.models import Job
+from serving.models import Alias
 from workbench import backend
 
 MILLION = 1_000_000
@@ -150,8 +151,6 @@ def economics(comparison: ArmComparison, price_per_hour: float | None = None) ->
 
 def recommend(comparison: ArmComparison, money: Economics) -> Recommendation:
     """Backend, adapter or merged weights, and batch size, with the figures behind each."""
-    from serving.models import Alias
-
     variant = comparison.variant
     reasons: list[str] = []
     if backend.remote():

@@ -19,6 +19,8 @@ from typing import Any
 
 import optuna
 
+from engines.curation import CurationSettings
+from engines.training import TrainConfig
 from evals.models import ArmComparison
 from serving.pipeline.lookups import PlanError, lm_eval_tasks
 from serving.pipeline.plan import Plan, make_plan
@@ -136,9 +138,6 @@ def space_of(spec: Spec) -> dict[str, list[Any]]:
 
 
 def own_settings(spec: Spec, space: dict[str, list[Any]]) -> dict[str, Any]:
-    from engines.curation import CurationSettings
-    from engines.training import TrainConfig
-
     training = TrainConfig.from_dict(spec.training).to_dict()
     curation = spec.curation if isinstance(spec.curation, dict) else {}
     curated = {**CurationSettings().to_dict(), **curation}
