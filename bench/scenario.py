@@ -70,6 +70,12 @@ def main() -> None:
         action="store_true",
         help="reuse the finished teacher job of --data-dir and train again from its answers",
     )
+    parser.add_argument(
+        "--eval-only",
+        action="store_true",
+        help="with --from-teacher: evaluate the data directory's latest finished fine-tune again "
+        "(a run stopped in its four arms) instead of training another",
+    )
     args = parser.parse_args()
 
     data_dir = args.data_dir or Path(tempfile.mkdtemp(prefix=f"scenario-{args.scenario}-"))
@@ -194,17 +200,24 @@ def resume(args: argparse.Namespace, data_dir: Path) -> None:
     from workbench.models import Dataset
 
     teacher = Job.objects.filter(kind="teacher", status=Job.SUCCEEDED).latest("pk")
-    Job.objects.filter(kind="finetune").exclude(status__in=Job.TERMINAL).update(status=Job.CANCELLED)
+    Job.objects.filter(kind__in=("finetune", "eval")).exclude(status__in=Job.TERMINAL).update(
+        status=Job.CANCELLED
+    )
     project, user, prompt = teacher.project, teacher.created_by, teacher.prompt_version
     heldout = Dataset.objects.get(project=project, name="heldout").latest
     training = train_config(args)
     times: dict[str, float] = {"teacher": float(teacher.output_dataset.meta.get("seconds", 0))}
     began = time.monotonic()
-    finetune = start_finetune(project, user, prompt, teacher.output_dataset, teacher.base_model, training)
-    t = time.monotonic()
-    lifecycle.execute(finetune.pk, "bench")
-    finetune.refresh_from_db()
-    times["fine-tune"] = time.monotonic() - t
+    if args.eval_only:
+        finetune = Job.objects.filter(kind="finetune", status=Job.SUCCEEDED).latest("pk")
+        assert finetune.started_at and finetune.finished_at
+        times["fine-tune"] = (finetune.finished_at - finetune.started_at).total_seconds()
+    else:
+        finetune = start_finetune(project, user, prompt, teacher.output_dataset, teacher.base_model, training)
+        t = time.monotonic()
+        lifecycle.execute(finetune.pk, "bench")
+        finetune.refresh_from_db()
+        times["fine-tune"] = time.monotonic() - t
     print(f"fine-tune: {finetune.status} in {times['fine-tune']:.0f} s", flush=True)
     if finetune.status != Job.SUCCEEDED:
         print(finetune.error, finetune.log[-3000:], sep="\n")
