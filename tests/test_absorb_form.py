@@ -11,6 +11,7 @@ import io
 import json
 import re
 import shlex
+from html import unescape
 from pathlib import Path
 
 import pytest
@@ -221,6 +222,14 @@ def test_the_preview_shows_a_command_that_queues_the_same_absorb(world, alice_cl
     effective = [{**defaults, **jobs["finetune"].params["eval"]} for jobs in (by_command, by_form)]
     assert effective[0] == effective[1] and effective[0]["max_examples"] == 4
     assert by_command["finetune"].params["data_check"] == by_form["finetune"].params["data_check"]
+    # "Open on the spec page" plans the same spec there: the absorbs just started are found by fingerprint.
+    hidden = re.search(r'id="preview-spec-open">.*?name="text" value="(.*?)">', html, re.S).group(1)
+    page = alice_client.post(
+        reverse("serving_specs", args=[project.slug]), {"text": unescape(hidden), "action": "plan"}
+    )
+    assert page.status_code == 200, page.content.decode()
+    for step in ("prompt", "teacher", "fine-tune"):
+        assert f'data-step="{step}" data-action="reuse"' in page.content.decode(), step
 
 
 def test_the_estimate_says_whether_it_was_measured_here(world, alice_client):

@@ -288,5 +288,6 @@ def absorb_preview(request: AuthedHttpRequest, slug: str) -> HttpResponse:
         "steps": steps,
         "total": estimate.duration(sum(s["seconds"] for s in steps if not s["waits"])),
         "warnings": warnings,
+        "project": project,
     }
     return render(request, "serving/_absorb_preview.html", ctx)
