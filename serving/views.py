@@ -10,6 +10,7 @@ from typing import Any
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.db.models import Prefetch
+from django.db.models.fields.json import KeyTextTransform
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
@@ -278,9 +279,20 @@ def _lineage(project: Project, variants: list[Variant]) -> list[dict[str, Any]]:
                 "aliases": [a.name for a in v.aliases.all()],
                 "jobs": list(v.jobs.all()),
                 "source": _source(v.dataset_version),
+                "checkpoints": [],
             }
         )
-    return rows
+    # An earlier epoch's adapter (a checkpoint variant) folds under the variant its fine-tune made.
+    finals = {j.pk: row for row in rows for j in row["jobs"] if j.kind == "finetune"}
+    kept = []
+    for row in rows:
+        of = getattr(row["variant"], "checkpoint_of", None)
+        final = finals.get(int(of)) if of and str(of).isdigit() else None
+        if final is not None and final is not row:
+            final["checkpoints"].append(row)
+        else:
+            kept.append(row)
+    return kept
 
 
 def _source(version: DatasetVersion | None) -> DatasetVersion | None:
@@ -300,6 +312,7 @@ def variant_list(request: AuthedHttpRequest, slug: str) -> HttpResponse:
             "base_model", "prompt_version__prompt", "dataset_version__dataset", "dataset_version__parent"
         )
         .defer(*LARGE_VARIANT_FIELDS)
+        .annotate(checkpoint_of=KeyTextTransform("checkpoint_of_job", "metrics"))
         .prefetch_related("aliases", LINEAGE_JOBS)
     )
     return render(request, "serving/variants.html", {"project": project, "rows": _lineage(project, variants)})

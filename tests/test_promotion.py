@@ -320,6 +320,33 @@ def test_the_variants_page_shows_lineage_stale_and_aliases(world, alice_client):
 
 
 @pytest.mark.django_db
+def test_earlier_epochs_fold_under_the_variant_their_fine_tune_made(world, alice_client):
+    job = Job.objects.create(
+        project=world["project"], kind="finetune", status=Job.SUCCEEDED, variant=world["a"]
+    )
+    epoch = Variant.objects.create(
+        project=world["project"],
+        name="absorbed-a epoch 1",
+        base_model=world["base"],
+        adapter_path="/a/epochs/epoch-1",
+        prompt_version=world["prompt"],
+        metrics={"checkpoint_of_job": job.pk, "step": 3},
+    )
+    orphan = Variant.objects.create(  # its fine-tune's final variant is gone: a row of its own
+        project=world["project"],
+        name="gone epoch 1",
+        base_model=world["base"],
+        adapter_path="/gone/epochs/epoch-1",
+        metrics={"checkpoint_of_job": job.pk + 1000},
+    )
+    promote(world["user"], world["alias"], epoch)
+    page = alice_client.get(reverse("serving_variants", args=[world["project"].slug])).content.decode()
+    row_a = page.split(f'id="variant-{world["a"].pk}"')[1].split("</tr>")[0]
+    assert "1 earlier epoch" in row_a and f'id="variant-{epoch.pk}"' in row_a and "production" in row_a
+    assert f'<tr id="variant-{epoch.pk}"' not in page and f'<tr id="variant-{orphan.pk}"' in page
+
+
+@pytest.mark.django_db
 def test_the_serving_pages_use_constant_queries(world, alice_client):
     from django.db import connection as conn
     from django.test.utils import CaptureQueriesContext
