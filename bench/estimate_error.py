@@ -106,13 +106,15 @@ def report(folder: Path) -> None:
                 (
                     "four arms",
                     c.job,
-                    lambda c=c, n=n: estimate.evaluation(c.job.base_model, n, c.suite.lm_eval_tasks),
+                    lambda c=c, n=n: estimate.evaluation(
+                        c.job.base_model, n, c.suite.lm_eval_tasks, c.suite.has_judge
+                    ),
                 )
             )
         for name, job, make in steps:
             guess = without(job, make)
             actual = wall(job)
-            default = guess.count / estimate.DEFAULT_RATES[guess.unit]
+            default = guess.seconds_at_defaults
             measured = f"{guess.seconds:.0f} s ({guess.seconds / actual:.2f}x)" if guess.measured else "-"
             print(
                 f"{folder.name[:20]:<20} {name:<10} {f'{default:.0f} s ({default / actual:.2f}x)':>20} "

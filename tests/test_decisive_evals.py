@@ -307,3 +307,10 @@ def test_the_eval_job_names_each_stage_under_one_total_with_an_eta(
     assert m["answers"] == 20 and 0 < m["answer_seconds"] < comparison.job.progress["elapsed"]
     guess = estimate.evaluation(base, 5, [])
     assert guess.measured and guess.rate == pytest.approx(20 / m["answer_seconds"])
+    # Judge verdicts and lm-eval rows are counted as the job counts them, at the rate its other steps took.
+    p = comparison.job.progress
+    extra_rate = (p["done"] - 20) / (p["elapsed"] - m["answer_seconds"])
+    full = estimate.evaluation(base, 5, ["general_skills"], judge=True)
+    assert full.unit == "eval steps" and full.count == 5 * (4 + 4 + 2) and full.measured
+    assert full.seconds == pytest.approx(20 / guess.rate + 30 / extra_rate)
+    assert "20 judge verdicts" in full.counts and full.seconds_at_defaults == pytest.approx(20 / 0.4 + 30 / 0.2)

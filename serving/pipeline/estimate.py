@@ -19,7 +19,9 @@ from workbench.models import FoundationModel
 RECENT = 10  # finished jobs a rate is measured over
 # bench/README.md, 2 vCPU, SmolLM2-135M-Instruct: teacher 0.54 queries/s (best of 1, batch 16),
 # fine-tune 157 tokens/s, a decode step of 16 rows ~0.3 s (128 new tokens: ~0.4 answers/s).
-DEFAULT_RATES = {"samples": 0.5, "tokens": 150.0, "answers": 0.4}
+# Judge verdicts and lm-eval rows ("eval steps"): 0.17/s on the lumen run of bench/README
+# (2026-12-07, AMD, loaded); a quiet box does better.
+DEFAULT_RATES = {"samples": 0.5, "tokens": 150.0, "answers": 0.4, "eval steps": 0.2}
 SAMPLE_ROWS = 200  # rows whose tokens are counted to estimate the rest
 
 
@@ -32,10 +34,18 @@ class Estimate:
     measured: bool
     counts: str = ""  # the counts behind `count`, in words
     notes: list[str] = field(default_factory=list)  # what the estimate leaves out
+    default_seconds: float | None = None  # at the default rates, where parts have rates of their own
 
     @property
     def seconds(self) -> float:
         return self.count / self.rate if self.rate > 0 else 0.0
+
+    @property
+    def seconds_at_defaults(self) -> float:
+        """What a workbench that has measured nothing yet would plan."""
+        if self.default_seconds is not None:
+            return self.default_seconds
+        return self.count / DEFAULT_RATES[self.unit]
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -148,6 +158,7 @@ def training(
             measured.append((job.pk, float(tokens), float(seconds)))
     rate, source, ok = _rate("tokens", measured, "fine-tunes")
     notes: list[str] = []
+    queries = [last_user(m) for m in head]  # the user's own words: the facts checks match them
     passages = int(train.get("student_passages") or 0)
     if passages and prompt.strip():
         head = [student_view(conv, prompt, rules, passages) for conv in head]
@@ -160,7 +171,6 @@ def training(
     if not answered:
         per += max_new_tokens
         notes.append(f"answers counted at their limit of {max_new_tokens} tokens (an upper bound)")
-    queries = [last_user(m) for m in head]
     checks = list(fact_checks)
     fact_share = (
         sum(bool(facts_module.applicable(checks, q)) for q in queries) / len(queries)
@@ -186,10 +196,15 @@ def training(
     return Estimate(processed * per, "tokens", rate, source, ok, counts, notes)
 
 
-def evaluation(base: FoundationModel, heldout: int, lm_eval_tasks: Sequence[str]) -> Estimate:
-    """Answers (four arms x the held-out rows) at the answers/s of finished eval jobs on this base."""
+def evaluation(
+    base: FoundationModel, heldout: int, lm_eval_tasks: Sequence[str], judge: bool = False
+) -> Estimate:
+    """Answers (four arms x the held-out rows) at the answers/s of finished
+    eval jobs on this base; then, counted as the eval job counts them, a
+    verdict per judged answer and an arm's worth of rows per lm-eval pass
+    (the floor and the student), at the rate those steps took in finished jobs."""
     jobs = Job.objects.filter(kind="eval", status=Job.SUCCEEDED, base_model=base).order_by("-finished_at")
-    measured = []
+    measured, extra_measured = [], []
     for job in jobs[:RECENT]:
         p = job.progress or {}
         m = p.get("metrics") or {}
@@ -203,9 +218,34 @@ def evaluation(base: FoundationModel, heldout: int, lm_eval_tasks: Sequence[str]
         )
         if isinstance(done, int | float) and isinstance(elapsed, int | float):
             measured.append((job.pk, float(done), float(elapsed)))
+            total, seconds = p.get("done"), p.get("elapsed")
+            if "answers" in m and isinstance(total, int | float) and isinstance(seconds, int | float):
+                extra_measured.append((job.pk, float(total) - float(done), float(seconds) - float(elapsed)))
     rate, source, ok = _rate("answers", measured, "eval jobs")
-    notes = [f"lm-eval tasks ({', '.join(lm_eval_tasks)}) come on top"] if lm_eval_tasks else []
-    return Estimate(4 * heldout, "answers", rate, source, ok, f"4 arms x {heldout:,} held-out queries", notes)
+    answers = 4 * heldout
+    counts = f"4 arms x {heldout:,} held-out queries"
+    extra = heldout * ((4 if judge else 0) + 2 * len(lm_eval_tasks))
+    if not extra:
+        return Estimate(answers, "answers", rate, source, ok, counts)
+    extra_rate, extra_source, extra_ok = _rate(
+        "eval steps", extra_measured, "eval jobs' judge and lm-eval steps"
+    )
+    seconds = answers / rate + extra / extra_rate
+    if judge:
+        counts += f" + {4 * heldout:,} judge verdicts"
+    if lm_eval_tasks:
+        counts += (
+            f" + lm-eval {', '.join(lm_eval_tasks)} on 2 arms ({2 * heldout * len(lm_eval_tasks):,} steps)"
+        )
+    return Estimate(
+        answers + extra,
+        "eval steps",
+        (answers + extra) / seconds,
+        f"answers: {source}; judge and lm-eval: {extra_source}",
+        ok and extra_ok,
+        counts,
+        default_seconds=answers / DEFAULT_RATES["answers"] + extra / DEFAULT_RATES["eval steps"],
+    )
 
 
 def last_user(messages: list[dict[str, str]]) -> str:

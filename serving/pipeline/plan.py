@@ -592,7 +592,9 @@ def _eval(plan: Plan) -> None:
             f"four arms (floor, teacher, student, student+prompt) on {suite}"
             + (f", lm-eval {', '.join(lm)}" if lm else ""),
             fingerprint=plan.eval_fp,
-            estimate=estimate.evaluation(plan.base, heldout, lm),
+            estimate=estimate.evaluation(
+                plan.base, heldout, lm, judge=bool(plan.spec.section("eval").get("judge"))
+            ),
         )
     )
 

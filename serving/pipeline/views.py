@@ -243,7 +243,8 @@ def estimates(form: AbsorbForm) -> list[dict[str, Any]]:
     if form.evaluation.get("auto"):
         heldout = version.rows.filter(split=DatasetRow.EVAL).count()
         limit = form.evaluation.get("max_examples")
-        steps.append(("Evaluation", estimate.evaluation(base, min(heldout, limit) if limit else heldout, [])))
+        n = min(heldout, limit) if limit else heldout
+        steps.append(("Evaluation", estimate.evaluation(base, n, settings.EVAL_AUTO_LM_EVAL_TASKS)))
     return [
         {
             "name": name,
