@@ -11,6 +11,8 @@ from django import forms
 from django.conf import settings
 
 from engines.curation import REPAIRS, CurationSettings
+from engines.curation.context import last_user_text
+from engines.facts import FactsError, applicable, validate_facts
 from engines.inference import GenerationSettings, SettingsError
 from engines.training import DEVICES, LR_SCHEDULERS, ConfigError, TrainConfig
 from jobs.actions import absorb_generation
@@ -425,6 +427,33 @@ def too_few_rows(version: DatasetVersion, minimum: int) -> str | None:
         f"{version} has {rows} training row{'s' if rows != 1 else ''} (and {held} held out): fewer than the "
         f"{minimum} a fine-tune needs to learn from, and too few for its eval to show anything. Add rows "
         "(upload more, or have the teacher write more queries), or tick “train on fewer rows anyway”."
+    )
+
+
+# A student learns the prompt's facts from rows that state them (bench/README, 2026-12-07: fernhill,
+# 58 of 128 train queries asking a fact, reached fact recall 0.60; lumen and harbor, 11-12 of 128, 0.06).
+FACT_ROWS_WANTED = 0.25
+FACT_ROWS_READ = 500  # train queries read to tell (the facts checks' patterns run under a time bound)
+
+
+def few_fact_rows(prompt: PromptVersion, version: DatasetVersion) -> str | None:
+    """A sentence when few of the training queries ask a fact the prompt's facts checks cover."""
+    try:
+        checks = validate_facts(prompt.facts or [])
+    except FactsError:
+        return None
+    if not checks:
+        return None
+    rows = version.rows.filter(split=DatasetRow.TRAIN).order_by("index")[:FACT_ROWS_READ]
+    queries = [q for q in (last_user_text(m) for m in rows.values_list("messages", flat=True)) if q]
+    asking = sum(bool(applicable(checks, q)) for q in queries)
+    if not queries or asking >= FACT_ROWS_WANTED * len(queries):
+        return None
+    return (
+        f"{asking} of {len(queries)} training queries ask one of the {len(checks)} fact{'s' if len(checks) != 1 else ''} of {prompt}: a student "
+        "learns the facts from rows that state them, and with this few it answers around them (fernhill, "
+        "58 of 128: fact recall 0.60; lumen, 12 of 128: 0.06). Have the teacher write questions about the "
+        "prompt's sections first."
     )
 
 

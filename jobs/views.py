@@ -186,11 +186,11 @@ def preset_delete(request: AuthedHttpRequest, slug: str, preset_id: int) -> Http
 
 @login_required
 def synthesize(request: AuthedHttpRequest, slug: str) -> HttpResponse:
-    """GET: the form (the dataset version preselected from ?dataset_version);
+    """GET: the form (the dataset and prompt versions preselected from ?dataset_version, ?prompt_version);
     POST: queue a synthesis job and go to it."""
     project = get_project(request, slug)
     if request.method != "POST":
-        initial = {"dataset_version": request.GET.get("dataset_version", "")}
+        initial = {k: request.GET.get(k, "") for k in ("dataset_version", "prompt_version")}
         form = SynthesisForm(project, initial=with_form_token(initial))
         return render(request, "jobs/synthesize.html", {"project": project, "form": form})
     form = SynthesisForm(project, request.POST)

@@ -96,6 +96,29 @@ def test_it_defaults_to_the_largest_dataset_never_a_captured_one(world, alice, a
     assert f'<option value="{captured.pk}" selected>' not in page
 
 
+# --- few rows that ask a fact ----------------------------------------------------------------------
+
+
+def test_the_preview_says_when_few_training_queries_ask_a_fact(world, alice, alice_client):
+    text = "Start every answer with Hello. Refunds are paid within 30 days. Passwords reset by email."
+    refund = [{"name": "refund window", "question": "refund", "expect": "30 days"}]
+    prompt = save_prompt(world["project"], alice, "support", text, RULES, "", refund).version
+    page = preview(alice_client, world, form_post(world, prompt_version=prompt.pk)).content.decode()
+    advice = re.search(r'id="preview-fact-advice">(.*?)</p>', page, re.S)
+    assert advice is not None, page
+    assert "0 of 30 training queries ask one of the 1 fact of support@2" in advice.group(1)
+    assert f"?prompt_version={prompt.pk}&amp;dataset_version={world['data'].pk}" in advice.group(1)
+    synth = alice_client.get(
+        reverse("synthesize", args=[world["project"].slug]), {"prompt_version": prompt.pk}
+    )
+    assert synth.context["form"]["prompt_version"].value() == str(prompt.pk)
+    # Queries that ask it (every one names the password): no advice.
+    reset = [{"name": "reset", "question": "password", "expect": "email"}]
+    asked = save_prompt(world["project"], alice, "support", text, RULES, "", reset).version
+    page = preview(alice_client, world, form_post(world, prompt_version=asked.pk)).content.decode()
+    assert 'id="preview-fact-advice"' not in page
+
+
 # --- too few rows --------------------------------------------------------------------------------
 
 

@@ -22,7 +22,7 @@ from engines.facts import FactsError, validate_facts
 from engines.training import TrainConfig
 from jobs import fingerprints
 from jobs.actions import absorb_generation, resolve_curation, teacher_generation
-from jobs.forms import DATA_ERRORS, AbsorbForm
+from jobs.forms import DATA_ERRORS, AbsorbForm, few_fact_rows
 from serving.pipeline import estimate
 from workbench.models import DatasetRow, DatasetVersion, FoundationModel, Project, PromptVersion
 from workbench.pipeline.spec import SpecError, parse_spec
@@ -278,6 +278,12 @@ def absorb_preview(request: AuthedHttpRequest, slug: str) -> HttpResponse:
         ]
         return render(request, "serving/_absorb_preview.html", {"problems": problems}, status=400)
     warnings = [e for name in DATA_ERRORS if name != "form_token" for e in form.errors.get(name, [])]
+    data = form.cleaned_data
+    fact_advice = (
+        few_fact_rows(data["prompt_version"], data["dataset_version"])
+        if data.get("prompt_version") and data.get("dataset_version")
+        else None
+    )
     line, config = command(form, project)
     text, notes = spec(form, project)
     steps = estimates(form)
@@ -290,5 +296,8 @@ def absorb_preview(request: AuthedHttpRequest, slug: str) -> HttpResponse:
         "total": estimate.duration(sum(s["seconds"] for s in steps if not s["waits"])),
         "warnings": warnings,
         "project": project,
+        "fact_advice": fact_advice,
+        "prompt_version": data.get("prompt_version"),
+        "dataset_version": data.get("dataset_version"),
     }
     return render(request, "serving/_absorb_preview.html", ctx)
