@@ -5,6 +5,7 @@ the project's API keys."""
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 from django.contrib import messages
@@ -257,7 +258,7 @@ LARGE_VARIANT_FIELDS = (
 LINEAGE_JOBS = Prefetch("jobs", queryset=Job.objects.only("pk", "kind", "variant_id", "created_at"))
 
 
-def _lineage(project: Project, variants: list[Variant]) -> list[dict[str, Any]]:
+def _lineage(project: Project, variants: Sequence[Variant]) -> list[dict[str, Any]]:
     # Variant.newer_prompt_version() for all variants at once: one query, not one per variant.
     latest: dict[int, PromptVersion] = {}
     # Only the numbers: a prompt version's text can be megabytes.
@@ -268,7 +269,7 @@ def _lineage(project: Project, variants: list[Variant]) -> list[dict[str, Any]]:
     )
     for pv in versions.order_by("number"):
         latest[pv.prompt_id] = pv
-    rows = []
+    rows: list[dict[str, Any]] = []
     for v in variants:
         top = latest.get(v.prompt_version.prompt_id) if v.adapter_path and v.prompt_version else None
         newer = top if top is not None and v.prompt_version and top.number > v.prompt_version.number else None
@@ -283,7 +284,9 @@ def _lineage(project: Project, variants: list[Variant]) -> list[dict[str, Any]]:
             }
         )
     # An earlier epoch's adapter (a checkpoint variant) folds under the variant its fine-tune made.
-    finals = {j.pk: row for row in rows for j in row["jobs"] if j.kind == "finetune"}
+    finals: dict[int, dict[str, Any]] = {
+        j.pk: row for row in rows for j in row["jobs"] if j.kind == "finetune"
+    }
     kept = []
     for row in rows:
         of = getattr(row["variant"], "checkpoint_of", None)

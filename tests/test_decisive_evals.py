@@ -313,4 +313,6 @@ def test_the_eval_job_names_each_stage_under_one_total_with_an_eta(
     full = estimate.evaluation(base, 5, ["general_skills"], judge=True)
     assert full.unit == "eval steps" and full.count == 5 * (4 + 4 + 2) and full.measured
     assert full.seconds == pytest.approx(20 / guess.rate + 30 / extra_rate)
-    assert "20 judge verdicts" in full.counts and full.seconds_at_defaults == pytest.approx(20 / 0.4 + 30 / 0.2)
+    assert "20 judge verdicts" in full.counts and full.seconds_at_defaults == pytest.approx(
+        20 / 0.4 + 30 / 0.2
+    )
