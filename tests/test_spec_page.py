@@ -173,7 +173,9 @@ def test_a_stale_plan_follows_the_teacher_another_apply_started(alice, alice_pro
 
 
 @pytest.mark.django_db
-def test_an_advance_that_finds_the_run_taken_asks_it_to_go_again(alice, alice_project, versions):
+def test_an_advance_that_finds_the_run_taken_asks_it_to_go_again(
+    alice, alice_client, alice_project, versions
+):
     text = spec_text(alice_project, *versions)
     run = SpecRun.objects.create(
         project=alice_project, text=text, created_by=alice, advancing_since=timezone.now()
@@ -186,6 +188,8 @@ def test_an_advance_that_finds_the_run_taken_asks_it_to_go_again(alice, alice_pr
     run.refresh_from_db()
     assert run.advancing_since is None and run.waiting_on is not None and run.waiting_on.kind == "teacher"
     assert "teacher: started" in run.log and run.status == SpecRun.RUNNING
+    page = alice_client.get(reverse("serving_spec_run", args=[alice_project.slug, run.pk])).content.decode()
+    assert 'hx-trigger="every 3s"' in page and "Check again" in page and page.count("<h3>Plan") == 1
 
 
 @pytest.mark.django_db(transaction=True)
