@@ -118,6 +118,10 @@ def test_hostile_yaml_and_paths_outside_the_folder_are_refused(folder, tmp_path)
     ]
     deep = "version: 1\nx: " + "[" * 20 + "]" * 20 + "\n"
     assert "nested deeper than" in problems(deep, folder)[0]
+    deeper = (
+        "version: 1\nx: " + "[" * 5000 + "]" * 5000 + "\n"
+    )  # composing that tree would recurse past Python's limit
+    assert problems(deeper, folder) == ["spec.yaml line 2: nested deeper than 12 levels"]
     assert problems("version: [1\n", folder)[0].startswith("spec.yaml line 2: not valid YAML")
     outside = GOOD.replace("file: prompt.md", "file: ../secret.md")
     (tmp_path.parent / "secret.md").write_text("secret")

@@ -127,6 +127,30 @@ def test_what_is_wrong_is_named_and_nothing_runs(alice_client, alice_project, ve
 
 
 @pytest.mark.django_db
+def test_hostile_specs_get_a_400_and_store_nothing(alice_client, alice_project, versions):
+    url = reverse("serving_specs", args=[alice_project.slug])
+    bomb = "a: &a [x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a]\nc: [*b, *b, *b, *b, *b]\n"
+    deep = "version: 1\nproject: " + "[" * 500 + "]" * 500 + "\n"
+    for text, says in (
+        (bomb, "alias"),
+        (deep, "spec line"),
+        ("x" * 300_000, "characters"),
+        ("", "empty"),
+        ("- just\n- a list\n", "spec"),
+    ):
+        page = alice_client.post(url, {"text": text, "action": "run"})
+        assert page.status_code == 400 and says in page.content.decode(), (
+            text[:40],
+            page.content.decode()[-800:],
+        )
+    upload = io.BytesIO(b"version: 1\nproject: \xff\xfe\n")
+    upload.name = "spec.yaml"
+    page = alice_client.post(url, {"upload": upload, "action": "plan"})
+    assert page.status_code == 400 and "not UTF-8" in page.content.decode()
+    assert not SpecRun.objects.exists() and not Job.objects.exists()
+
+
+@pytest.mark.django_db
 def test_another_project_sees_neither_the_page_nor_the_runs(
     client, bob, alice_project, bob_project, versions
 ):

@@ -218,10 +218,18 @@ def parse_spec(text: str, name: str, folder: Path | None) -> Spec:
 
 def _compose(text: str, problems: _Problems) -> tuple[yaml.Node | None, Any]:
     try:
+        depth = 0  # the parser's events are flat; composing a node tree recurses, so bound it first
         for event in yaml.parse(text, Loader=_Loader):
+            line = event.start_mark.line + 1 if event.start_mark is not None else 1
             if isinstance(event, yaml.AliasEvent):
-                line = event.start_mark.line + 1 if event.start_mark is not None else 1
                 problems.add((), "YAML aliases (*name) are not allowed in a spec", line)
+            elif isinstance(event, yaml.CollectionStartEvent):
+                depth += 1
+                if depth > MAX_DEPTH + 1:
+                    problems.add((), f"nested deeper than {MAX_DEPTH} levels", line)
+                    return None, None
+            elif isinstance(event, yaml.CollectionEndEvent):
+                depth -= 1
         if problems.items:
             return None, None
         loader = _Loader(text)
