@@ -8,6 +8,7 @@ goes one step further; a job of the run ending sends the next advance
 from __future__ import annotations
 
 import datetime
+import json
 import logging
 from typing import Any
 
@@ -60,12 +61,16 @@ def read(project: Project, text: str) -> tuple[Spec, Plan]:
 
 
 def start(project: Project, user: User, text: str) -> SpecRun:
-    """Plan the spec (raising what is wrong with it) and take its first steps."""
+    """Plan the spec (raising what is wrong with it) and take its first steps with that plan."""
     _, plan = read(project, text)
     run = SpecRun.objects.create(project=project, text=text, plan=plan.to_dict(), created_by=user)
-    advance(run.pk)
+    advance(run.pk, plan)
     run.refresh_from_db()
     return run
+
+
+def problems_of(exc: SpecError | PlanError) -> list[str]:
+    return exc.problems if isinstance(exc, SpecError) else [str(exc)]
 
 
 def _claim(run_id: int) -> bool:
@@ -79,25 +84,29 @@ def _claim(run_id: int) -> bool:
     return False
 
 
-def advance(run_id: int) -> None:
-    """Apply the run's spec once more, as far as it goes without waiting.
-    One advance at a time: one that finds the run taken asks it to go again."""
+def advance(run_id: int, plan: Plan | None = None) -> None:
+    """Apply the run's spec once more, as far as it goes without waiting
+    (with `plan`, the one just made, for the first pass). One advance at a
+    time: one that finds the run taken asks the holder to go again, and the
+    holder lets go only when nobody asked."""
     if not _claim(run_id):
         return
     while True:
-        _step(SpecRun.objects.select_related("project", "created_by").get(pk=run_id))
-        # released; go again when another advance was asked for meanwhile
-        if not SpecRun.objects.filter(pk=run_id, status=SpecRun.RUNNING, again=True).update(
-            again=False, advancing_since=timezone.now()
-        ):
+        run = SpecRun.objects.select_related("project", "created_by").get(pk=run_id)
+        if run.status == SpecRun.RUNNING:
+            _step(run, plan)
+        plan = None
+        if SpecRun.objects.filter(pk=run_id, again=False).update(advancing_since=None):
             return
+        SpecRun.objects.filter(pk=run_id).update(again=False)
 
 
-def _step(run: SpecRun) -> None:
+def _step(run: SpecRun, plan: Plan | None = None) -> None:
     said: list[str] = []
-    changes: dict[str, Any] = {"advancing_since": None, "updated_at": timezone.now()}
+    changes: dict[str, Any] = {"updated_at": timezone.now()}
     try:
-        _, plan = read(run.project, run.text)
+        if plan is None:
+            _, plan = read(run.project, run.text)
         said += [
             f"{s.name}: job #{s.job}, found by its fingerprint"
             for s in plan.steps
@@ -110,14 +119,13 @@ def _step(run: SpecRun) -> None:
         changes.update(
             status=SpecRun.REFUSED if refused else SpecRun.DONE,
             waiting_on=None,
-            outcome=_jsonable(outcome.to_dict()),
+            outcome=json.loads(json.dumps(outcome.to_dict(), default=str)),
             message=outcome.message or "done",
         )
     except _Waiting as waiting:
         changes.update(waiting_on=waiting.job, message=f"waiting for {waiting.job}")
     except (SpecError, PlanError) as exc:
-        problems = exc.problems if isinstance(exc, SpecError) else [str(exc)]
-        changes.update(status=SpecRun.FAILED, waiting_on=None, message="\n".join(problems))
+        changes.update(status=SpecRun.FAILED, waiting_on=None, message="\n".join(problems_of(exc)))
     except Exception as exc:  # a bug: the run ends, said, instead of holding its claim
         log.exception("spec run %s", run.pk)
         changes.update(status=SpecRun.FAILED, waiting_on=None, message=f"internal error: {exc!r}")
@@ -127,13 +135,3 @@ def _step(run: SpecRun) -> None:
         stamp = timezone.now().strftime("%Y-%m-%d %H:%M:%S")
         changes["log"] = run.log + "".join(f"[{stamp}] {line}\n" for line in lines)
     SpecRun.objects.filter(pk=run.pk).update(**changes)
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if value is None or isinstance(value, str | int | float | bool):
-        return value
-    return str(value)

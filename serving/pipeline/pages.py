@@ -15,7 +15,7 @@ from django.views.decorators.http import require_POST
 
 from jobs.models import Job
 from serving.models import SpecRun
-from serving.pipeline.background import MAX_CHARS, advance, read, start
+from serving.pipeline.background import MAX_CHARS, advance, problems_of, read, start
 from serving.pipeline.export import absorb_of, export_spec
 from serving.pipeline.plan import PlanError
 from workbench.models import DatasetVersion, Project, PromptVersion
@@ -84,10 +84,6 @@ def _int(value: str) -> int:
     return int(value) if value.isdigit() else 0  # 0 matches nothing: a 404
 
 
-def _problems(exc: SpecError | PlanError) -> list[str]:
-    return exc.problems if isinstance(exc, SpecError) else [str(exc)]
-
-
 @login_required
 def spec_page(request: AuthedHttpRequest, slug: str) -> HttpResponse:
     project = get_project(request, slug)
@@ -109,7 +105,7 @@ def spec_page(request: AuthedHttpRequest, slug: str) -> HttpResponse:
             return redirect("serving_spec_run", slug=project.slug, run_id=run.pk)
         _, plan = read(project, text)
     except (SpecError, PlanError) as exc:
-        ctx["problems"] = _problems(exc)
+        ctx["problems"] = problems_of(exc)
         return render(request, _template(request), ctx, status=400)
     ctx["plan"] = plan.to_dict()
     return render(request, _template(request), ctx)
