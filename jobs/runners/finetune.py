@@ -207,14 +207,15 @@ class FinetuneRunner(JobRunner):
             )
             if refined is None:  # a refined adapter is no epoch of the first run: no checkpoints but it
                 self._epoch_variants(variant, result)
+            # Logged before the job shows as succeeded: a client that stops polling then has the line.
+            loss = "?" if result.final_loss is None else f"{result.final_loss:.4f}"
+            self.log(
+                f"fine-tune done: {result.steps} steps, final loss {loss}, "
+                f"{result.tokens_per_second:.0f} tok/s; variant {variant.name}"
+                + (" (refined)" if refined is not None and refined.get("train") else "")
+            )
             if not self.succeed(variant=variant):
                 raise transaction.TransactionManagementError("job was moved while finishing")
-        loss = "?" if result.final_loss is None else f"{result.final_loss:.4f}"
-        self.log(
-            f"fine-tune done: {result.steps} steps, final loss {loss}, "
-            f"{result.tokens_per_second:.0f} tok/s; variant {variant.name}"
-            + (" (refined)" if refined is not None and refined.get("train") else "")
-        )
 
     def _init_adapter(self) -> Path | None:
         """The adapter a fine-tune of a fine-tuned model starts from (params
