@@ -3,9 +3,9 @@
 OpenAI-compatible subset that vLLM's server speaks, parsed by engines.protocol).
 
 - registry: base models are loaded once by name with `engines.inference.load_model`;
-  each is wrapped in one peft PeftModel that holds every LoRA adapter loaded
-  over it, and a batch may mix adapters and the bare base: peft's
-  `generate(..., adapter_names=[...])` applies each row's own adapter.
+  the LoRA adapters loaded over a base wrap its targeted Linear layers once
+  (lora: stacked per module), and a batch may mix adapters and the bare base:
+  each row runs through its own adapter, a batch of one kind takes the plain path.
 - batcher: requests wait in one queue, taken round-robin by project (the `project`
   of each request; None is a project of its own), so a flood of one project
   cannot starve another's small request; no project may hold more than

@@ -27,7 +27,7 @@ from engines.inference import (
 )
 from engines.protocol import OpenAIError
 from engines.serving_engine.errors import bad_request, model_not_found, unavailable
-from engines.serving_engine.registry import BASE_ROW, ModelRegistry, resolve_dtype
+from engines.serving_engine.registry import ModelRegistry, resolve_dtype
 from engines.serving_engine.requests import ChatRequest
 from engines.serving_engine.tickets import Choice, Ticket
 
@@ -317,32 +317,23 @@ class ServingEngine:
                 finished=lambda r: stops.rows[r].done,
                 **grammar_constraints(loaded, [t.request.grammar for t, _ in rows]),
             )
-            kwargs: dict[str, Any] = {}
-            model = loaded.model
-            scope: Any = contextlib.nullcontext()
-            if base.peft is not None:
-                model = base.peft
-                names = {t.adapter for t, _ in rows}
-                # peft's mixed-batch path loops over the adapters in every LoRA layer: measured
-                # 232 ms a step for base rows and 319 ms for one adapter vs 122 ms for the bare base
-                # (batch 16). A batch of one kind takes the plain path.
-                if names == {None}:
-                    scope = base.peft.disable_adapter()
-                elif len(names) == 1:
-                    base.peft.set_adapter(next(iter(names)))
-                else:
-                    kwargs["adapter_names"] = [t.adapter or BASE_ROW for t, _ in rows]
+            # A batch of bare-base rows runs the plain base; one adapter, its own two matmuls a
+            # module; a mix, stacked weights gathered by row (engines/serving_engine/lora.py).
+            scope: Any = (
+                base.lora.route([t.adapter for t, _ in rows])
+                if base.lora is not None
+                else contextlib.nullcontext()
+            )
             self.generate_calls += 1
             self.rows_generated += len(rows)
             with torch.inference_mode(), scope:
-                model.generate(
+                loaded.model.generate(
                     input_ids=input_ids.to(loaded.device),
                     attention_mask=mask.to(loaded.device),
                     generation_config=generation_config(loaded, settings),
                     logits_processor=processors,
                     stopping_criteria=stops.stopping_criteria(),
                     streamer=_streamer(stops, rows, sampler),
-                    **kwargs,
                 )
             stops.finish()
             for ticket in live:
@@ -362,17 +353,10 @@ def _prompt_logprobs(base: Any, ticket: Ticket) -> list[TokenLogprob | None]:
 
     k = ticket.request.prompt_logprobs or 0
     loaded = base.loaded
-    model = loaded.model
-    scope: Any = contextlib.nullcontext()
-    if base.peft is not None:
-        model = base.peft
-        if ticket.adapter is None:
-            scope = base.peft.disable_adapter()
-        else:
-            base.peft.set_adapter(ticket.adapter)
+    scope: Any = base.lora.route([ticket.adapter]) if base.lora is not None else contextlib.nullcontext()
     ids = torch.tensor([ticket.prompt_ids], device=loaded.device)
     with torch.inference_mode(), scope:
-        out = model(input_ids=ids, output_hidden_states=True, logits_to_keep=1)
+        out = loaded.model(input_ids=ids, output_hidden_states=True, logits_to_keep=1)
         hidden = out.hidden_states[-1][0, :-1]
         head = loaded.model.get_output_embeddings()
         entries: list[TokenLogprob | None] = [None]

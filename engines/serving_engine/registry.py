@@ -1,25 +1,23 @@
-"""The models the engine holds: base models loaded once by name, each wrapped
-in one peft PeftModel that holds every LoRA adapter loaded over it."""
+"""The models the engine holds: base models loaded once by name, and the LoRA
+adapters loaded over each (engines.serving_engine.lora: stacked per module,
+routed per row)."""
 
 from __future__ import annotations
 
-import json
-import logging
 import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from engines.chat import Message
 from engines.inference import LoadedModel, ModelLoadError, encode, load_model
 from engines.protocol import OpenAIError, system_prompt_of
 from engines.serving_engine.errors import bad_request, model_not_found, unavailable
 
-log = logging.getLogger(__name__)
-
-BASE_ROW = "__base__"  # peft's name for "no adapter" in adapter_names
+if TYPE_CHECKING:  # torch is imported only where a model runs (serving/params imports this package)
+    from engines.serving_engine.lora import AdapterSet
 
 
 @dataclass
@@ -28,7 +26,7 @@ class Base:
     path: str
     loaded: LoadedModel
     created: int
-    peft: Any = None  # the PeftModel around loaded.model once an adapter is loaded
+    lora: AdapterSet | None = None  # the adapters over loaded.model, once one is loaded
     adapters: dict[str, str] = field(default_factory=dict)  # name -> path
     adapter_created: dict[str, int] = field(default_factory=dict)
 
@@ -69,51 +67,9 @@ def _adapter_dir(path: str) -> Path:
     return folder
 
 
-def _check_adapter(model: Any, folder: Path) -> None:
-    """Refuse, before touching the live model, an adapter that is not a plain
-    LoRA or whose weights do not fit this base (peft would fail half-way)."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        config = json.loads((folder / "adapter_config.json").read_text())
-    except (OSError, ValueError) as exc:
-        raise bad_request(f"{folder}/adapter_config.json is not valid JSON: {exc}", "lora_path") from exc
-    if not isinstance(config, dict) or config.get("peft_type") != "LORA" or config.get("use_dora"):
-        peft_type, dora = (
-            (config.get("peft_type"), bool(config.get("use_dora")))
-            if isinstance(config, dict)
-            else (None, False)
-        )
-        raise bad_request(
-            f"{folder} is not a plain LoRA adapter (peft_type {peft_type!r}, use_dora {dora})", "lora_path"
-        )
-    modules = dict(model.named_modules())
-    try:
-        with safe_open(str(folder / "adapter_model.safetensors"), framework="pt") as weights:
-            for key in weights.keys():
-                if ".lora_A." not in key and ".lora_B." not in key:
-                    continue
-                is_a = ".lora_A." in key
-                name = key.split(".lora_A." if is_a else ".lora_B.")[0]
-                target = modules.get(name.removeprefix("base_model.model."))
-                shape = weights.get_slice(key).get_shape()
-                if target is None or not hasattr(target, "in_features"):
-                    raise bad_request(
-                        f"adapter {folder} targets {name}, which this base model lacks", "lora_path"
-                    )
-                size = target.in_features if is_a else target.out_features
-                if len(shape) != 2 or shape[1 if is_a else 0] != size:
-                    raise bad_request(
-                        f"adapter {folder} does not fit this base model: {key} has shape {list(shape)}",
-                        "lora_path",
-                    )
-    except (SafetensorError, OSError) as exc:  # not a readable safetensors file
-        raise bad_request(f"could not read {folder}/adapter_model.safetensors: {exc}", "lora_path") from exc
-
-
 class ModelRegistry:
     """Base models and their adapters by name. `lock` is held while a
-    generate runs or an adapter (un)loads: peft's layers change under it."""
+    generate runs or an adapter (un)loads: the LoRA layers change under it."""
 
     def __init__(self, dtype: Any, device: str | None) -> None:
         self.dtype = dtype
@@ -173,7 +129,7 @@ class ModelRegistry:
         """Load a safetensors LoRA adapter over a loaded base; False when it
         was already loaded from that path. A failed load leaves nothing behind."""
         path = str(path)
-        if not name or name == BASE_ROW:
+        if not name:
             raise bad_request(f"invalid adapter name {name!r}", "lora_name")
         with self._names:
             owner = self._adapter_base(name)
@@ -187,50 +143,20 @@ class ModelRegistry:
             if name in self._bases or name in self._loading:
                 raise bad_request(f"{name!r} is the name of a base model", "lora_name")
             base = self._pick_base(base_name)
+        from engines.serving_engine.lora import AdapterError, AdapterSet, read_adapter
+
         folder = _adapter_dir(path)
-        _check_adapter(base.loaded.model, folder)
-        with self.lock:
+        with self.lock:  # the modules change while another adapter loads
             try:
-                self._attach(base, name, folder)
-            except (OSError, ValueError, KeyError, RuntimeError) as exc:
-                # What _check_adapter cannot see (a config peft refuses, weights torch cannot load): peft says what.
-                log.warning("adapter %s (%s) did not load over %s: %r", name, path, base.name, exc)
-                self._detach(base, name)
-                raise bad_request(
-                    f"could not load adapter {path} over {base.name}: {exc}", "lora_path"
-                ) from exc
-            except BaseException:
-                self._detach(base, name)
-                raise
+                if base.lora is None:
+                    base.lora = AdapterSet(base.loaded.model)
+                base.lora.add(name, read_adapter(base.loaded.model, folder))
+            except AdapterError as exc:
+                raise bad_request(str(exc), "lora_path") from exc
         with self._names:
             base.adapters[name] = path
             base.adapter_created[name] = int(time.time())
         return True
-
-    @staticmethod
-    def _attach(base: Base, name: str, folder: Path) -> None:
-        if base.peft is None:
-            from peft import PeftModel
-
-            base.peft = PeftModel.from_pretrained(
-                base.loaded.model, str(folder), adapter_name=name, is_trainable=False
-            )
-        else:
-            base.peft.load_adapter(str(folder), adapter_name=name, is_trainable=False)
-        base.peft.eval()
-
-    @staticmethod
-    def _detach(base: Base, name: str) -> None:
-        if base.peft is None or name not in base.peft.peft_config:
-            return
-        if len(base.peft.peft_config) == 1:
-            # peft cannot delete its last adapter: take the LoRA layers out of the base instead.
-            base.loaded.model = base.peft.unload()
-            base.peft = None
-        else:
-            if base.peft.active_adapter == name:
-                base.peft.set_adapter(next(a for a in base.peft.peft_config if a != name))
-            base.peft.delete_adapter(name)
 
     def unload_adapter(self, name: str) -> None:
         with self._names:
@@ -242,7 +168,8 @@ class ModelRegistry:
             del base.adapters[name]
             base.adapter_created.pop(name, None)
         with self.lock:
-            self._detach(base, name)
+            if base.lora is not None:
+                base.lora.unload(name)
 
     def list_models(self) -> list[dict[str, Any]]:
         with self._names:
@@ -294,7 +221,7 @@ class ModelRegistry:
 
     def loaded(self, model: str) -> LoadedModel:
         """The base's LoadedModel (its tokenizer, stop ids). While adapters are
-        loaded its model carries their LoRA layers: generate through the engine."""
+        loaded its model carries their LoRA layers (bare-base rows unless routed)."""
         return self.resolve(model)[0].loaded
 
     def tokenize(self, model: str, messages: Sequence[Message]) -> tuple[list[int], int]:
