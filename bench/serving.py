@@ -6,13 +6,16 @@ side in one run:
 1. 16 concurrent clients vs the same 16 requests one by one: requests/s and
    the ratio (target >= 6x); lumen held-out queries without the prompt,
    greedy, max_tokens 64.
-2. The student (a LoRA adapter, no prompt) vs the base with the ~1,100-token
-   lumen prompt, single requests one by one, interleaved: mean latency, mean
-   time to first token (streaming), mean completion tokens, latency per
-   generated token, and the latency ratio (target <= 0.5).
+2. The student (no prompt) as a LoRA adapter and merged into a copy of the
+   base (POST /v1/load_model with lora_path), vs the base with the
+   ~1,100-token lumen prompt and the bare base, single requests one by one,
+   arms interleaved, at natural length and at an equal forced length: mean
+   latency, time to first token (streaming), completion tokens, the time a
+   token after the first; latency merged / base + prompt (target <= 0.5) and
+   a token of the merged student / of the bare base (target <= 1.05).
 3. 20 adapters over one base vs one adapter: completion tokens/s of 16
    concurrent clients x 2 requests, all to one adapter vs round-robin over 20
-   (loaded with POST /v1/load_lora_adapter), ABBA order; ratio (target >= 0.8).
+   (loaded with POST /v1/load_lora_adapter), ABBA order; ratio (target >= 0.85).
 4. A load run: 16 clients x 100 requests (max_tokens 16, base and adapters
    mixed, every 4th streamed): errors (target 0), requests/s, p50/p95 latency.
 5. Teacher generation of N lumen train queries WITH the prompt (greedy, 64 new
@@ -58,8 +61,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 SCENARIO = REPO / "scenarios" / "lumen"
 BASE = "default"
 STUDENT = "student"
+MERGED = "student-merged"
+NATURAL, EQUAL = 256, 64  # part 2's max_tokens: natural length, and the forced equal length
 CLIENTS = 16
-TARGETS = {"concurrency": 6.0, "latency": 0.5, "adapters": 0.8, "errors": 0}
+TARGETS = {"concurrency": 6.0, "latency": 0.5, "adapters": 0.85, "merged": 1.05, "errors": 0}
 
 
 # --- small helpers ------------------------------------------------------------------
@@ -187,11 +192,16 @@ def ask(
     max_tokens: int,
     system_prompt: str | None = None,
     stream: bool = False,
+    extra: dict[str, Any] | None = None,
 ) -> Answer:
     began = time.perf_counter()
     if not stream:
         out = client.chat.completions.create(
-            model=model, messages=messages(query, system_prompt), temperature=0, max_tokens=max_tokens
+            model=model,
+            messages=messages(query, system_prompt),
+            temperature=0,
+            max_tokens=max_tokens,
+            extra_body=extra,
         )
         return Answer(
             time.perf_counter() - began,
@@ -209,6 +219,7 @@ def ask(
         max_tokens=max_tokens,
         stream=True,
         stream_options={"include_usage": True},
+        extra_body=extra,
     )
     for chunk in events:
         if chunk.choices and chunk.choices[0].delta.content:
@@ -278,51 +289,98 @@ def part1(client: Any, engine: Any, heldout: list[str], summary: Summary) -> Non
     summary.check("1. concurrent / sequential req/s", ratio, TARGETS["concurrency"], True, "{:.1f}x")
 
 
-def part2(client: Any, engine: Any, heldout: list[str], prompt: str, summary: Summary) -> None:
-    n = 12
-    say(
-        f"\n== 2. student (adapter, no prompt) vs base + lumen prompt: {n} held-out queries one by one, "
-        f"interleaved, streamed, greedy, max_tokens 64 | load {load_avg()}"
+def load_merged(url: str, name: str, model_dir: Path, adapter: Path) -> float:
+    import httpx
+
+    began = time.perf_counter()
+    response = httpx.post(
+        url + "/v1/load_model",
+        json={"model": name, "path": str(model_dir), "lora_path": str(adapter)},
+        timeout=300,
     )
-    ask(client, STUDENT, "Warm up.", 8, stream=True)
-    ask(client, BASE, "Warm up.", 8, prompt, stream=True)
+    if response.status_code != 200:
+        raise SystemExit(
+            f"loading {adapter} merged into {model_dir} failed: {response.status_code} {response.text}"
+        )
+    return time.perf_counter() - began
+
+
+def part2(client: Any, heldout: list[str], prompt: str, n: int, summary: Summary) -> None:
+    arms = [
+        ("bare base, no prompt", BASE, None),
+        ("student as an adapter", STUDENT, None),
+        ("student merged", MERGED, None),
+        ("base + prompt", BASE, prompt),
+    ]
+    say(
+        f"\n== 2. the student (no prompt; as an adapter and merged) vs the base with the lumen prompt, and the "
+        f"bare base: {n} held-out queries one by one, arms interleaved, streamed, greedy; at natural length "
+        f"(max_tokens {NATURAL}) and at equal length ({EQUAL} tokens, EOS ignored) | load {load_avg()}"
+    )
+    for _, model, system in arms:
+        ask(client, model, "Warm up.", 8, system, stream=True)
     prompt_tokens = client.chat.completions.create(
         model=BASE, messages=messages(heldout[0], prompt), temperature=0, max_tokens=1
     ).usage.prompt_tokens
-    student, base = [], []
-    for q in heldout[:n]:
-        student.append(ask(client, STUDENT, q, 64, stream=True))
-        base.append(ask(client, BASE, q, 64, prompt, stream=True))
 
-    def line(name: str, answers: list[Answer]) -> tuple[float, float, float, float]:
-        lat = statistics.mean(a.seconds for a in answers)
-        ttft = statistics.mean(a.ttft or a.seconds for a in answers)
-        tokens = statistics.mean(a.completion_tokens for a in answers)
-        per_token = sum(a.seconds for a in answers) / max(1, sum(a.completion_tokens for a in answers))
-        decode = statistics.mean(
-            (a.seconds - (a.ttft or a.seconds)) / max(1, a.completion_tokens - 1) for a in answers
-        )
+    def line(name: str, answers: list[Answer]) -> dict[str, float]:
+        figures = {
+            "latency": statistics.mean(a.seconds for a in answers),
+            "ttft": statistics.mean(a.ttft or a.seconds for a in answers),
+            "tokens": statistics.mean(a.completion_tokens for a in answers),
+            # a decode step: the time after the first token over the tokens after it
+            "step": statistics.mean(
+                (a.seconds - (a.ttft or a.seconds)) / max(1, a.completion_tokens - 1) for a in answers
+            ),
+        }
         say(
-            f"{name:28s} latency mean {lat:.2f} s (p50 {percentile([a.seconds for a in answers], 0.5):.2f}), "
-            f"TTFT mean {ttft:.3f} s, completion tokens mean {tokens:.1f}, {per_token * 1000:.0f} ms per "
-            f"generated token (after the first: {decode * 1000:.0f} ms)"
+            f"  {name:24s} latency {figures['latency']:.2f} s, TTFT {figures['ttft']:.3f} s, "
+            f"{figures['tokens']:.1f} tokens, {figures['step'] * 1000:.0f} ms a token after the first"
         )
-        return lat, ttft, tokens, per_token
+        return figures
 
-    s_lat, s_ttft, s_tok, s_pt = line("student, no prompt", student)
-    b_lat, b_ttft, b_tok, b_pt = line(f"base + prompt ({prompt_tokens} tok)", base)
-    say(
-        "The arms' answers differ in length (the base often stops early under the prompt's 60-word rule; "
-        "a random student runs to max_tokens), so latency per generated token is printed too."
-    )
-    say(
-        f"latency ratio student/base {s_lat / b_lat:.2f}; TTFT ratio {s_ttft / b_ttft:.2f}; per-token latency "
-        f"ratio {s_pt / b_pt:.2f} | load {load_avg()}"
-    )
-    summary.add("2. student latency / TTFT / tokens", f"{s_lat:.2f} s / {s_ttft:.3f} s / {s_tok:.1f}")
-    summary.add("2. base+prompt latency / TTFT / tokens", f"{b_lat:.2f} s / {b_ttft:.3f} s / {b_tok:.1f}")
-    summary.check("2. latency student / base+prompt", s_lat / b_lat, TARGETS["latency"], False)
-    summary.add("2. per-token latency student / base+prompt", f"{s_pt / b_pt:.2f}")
+    for length, max_tokens, extra in (
+        ("natural", NATURAL, None),
+        ("equal", EQUAL, {"ignore_eos": True}),
+    ):
+        got: dict[str, list[Answer]] = {name: [] for name, _, _ in arms}
+        for q in heldout[:n]:
+            for name, model, system in arms:
+                got[name].append(ask(client, model, q, max_tokens, system, stream=True, extra=extra))
+        say(f"{length} length | load {load_avg()}")
+        fig = {name: line(name, answers) for name, answers in got.items()}
+        bare, adapter, merged, prompted = (fig[name] for name, _, _ in arms)
+        say(
+            f"  latency merged / base + prompt ({prompt_tokens} prompt tokens) "
+            f"{merged['latency'] / prompted['latency']:.2f}, adapter / base + prompt "
+            f"{adapter['latency'] / prompted['latency']:.2f}; a token after the first: merged / bare base "
+            f"{merged['step'] / bare['step']:.2f}, adapter / bare base {adapter['step'] / bare['step']:.2f}"
+        )
+        for name, f in fig.items():
+            summary.add(
+                f"2. {length} length: {name} latency / TTFT / tokens",
+                f"{f['latency']:.2f} s / {f['ttft']:.3f} s / {f['tokens']:.1f}",
+            )
+        summary.check(
+            f"2. {length} length: latency student merged / base + prompt",
+            merged["latency"] / prompted["latency"],
+            TARGETS["latency"],
+            False,
+        )
+        summary.add(
+            f"2. {length} length: latency student adapter / base + prompt",
+            f"{adapter['latency'] / prompted['latency']:.2f}",
+        )
+        summary.check(
+            f"2. {length} length: a token after the first, merged / bare base",
+            merged["step"] / bare["step"],
+            TARGETS["merged"],
+            False,
+        )
+        summary.add(
+            f"2. {length} length: a token after the first, adapter / bare base",
+            f"{adapter['step'] / bare['step']:.2f}",
+        )
 
 
 def part3(
@@ -548,6 +606,9 @@ def main() -> None:
         "--adapter", type=Path, default=None, help="the student adapter (default: a random one)"
     )
     parser.add_argument("--adapters", type=int, default=20, help="adapters for part 3 (default 20)")
+    parser.add_argument(
+        "--part2-queries", type=int, default=12, help="held-out queries for part 2 (default 12)"
+    )
     parser.add_argument("--rounds", type=int, default=2, help="part 3: 2 = ABBA, 1 = AB")
     parser.add_argument("--load-requests", type=int, default=100, help="part 4: requests per client")
     parser.add_argument("--threads", type=int, default=1, help="engine torch threads (default 1)")
@@ -610,7 +671,11 @@ def main() -> None:
             )
             say(f"\nloaded {1 + len(extra)} adapters through POST /v1/load_lora_adapter in {seconds:.1f} s")
             if 2 not in args.skip:
-                part2(client, server.engine, heldout, prompt, summary)
+                seconds = load_merged(server.url, MERGED, model_dir, student_dir)
+                say(
+                    f"loaded the student merged into a copy of the base (POST /v1/load_model) in {seconds:.1f} s"
+                )
+                part2(client, heldout, prompt, args.part2_queries, summary)
             if 3 not in args.skip:
                 part3(client, server.engine, heldout, names, args.rounds, summary)
             if 4 not in args.skip:

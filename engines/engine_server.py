@@ -225,6 +225,7 @@ class _Handler(BaseHTTPRequestHandler):
             "/v1/load_lora_adapter": self._load_adapter,
             "/v1/unload_lora_adapter": self._unload_adapter,
             "/v1/load_model": self._load_model,
+            "/v1/unload_model": self._unload_model,
             "/tokenize": self._tokenize,
         }
         self._serve(routes.get(self.path.split("?")[0], self._not_found))
@@ -267,12 +268,19 @@ class _Handler(BaseHTTPRequestHandler):
         )
 
     def _load_model(self) -> None:
+        """A base model by path; with "lora_path", that adapter merged into its weights."""
         body = _json_body(self)
         name, path = _field(body, "model"), _field(body, "path")
+        merge = _field(body, "lora_path") if isinstance(body, dict) and "lora_path" in body else None
         if self.engine.stopping:
             raise unavailable("the engine is shutting down")
-        loaded = self.engine.load_base(name, path)
+        loaded = self.engine.load_base(name, path, merge)
         self._send_json(200, {"status": "ok", "model": name, "loaded": loaded})
+
+    def _unload_model(self) -> None:
+        name = _field(_json_body(self), "model")
+        self.engine.unload_base(name)
+        self._send_json(200, {"status": "ok", "message": f"Success: model '{name}' removed."})
 
     def _tokenize(self) -> None:
         body = _json_body(self)

@@ -7,6 +7,7 @@ import re
 import secrets
 from typing import Any
 
+from django.conf import settings
 from django.contrib.auth.models import User
 from django.db import IntegrityError, transaction
 from django.utils import timezone
@@ -131,6 +132,21 @@ def set_request_logging(user: Actor, alias: Alias, log_requests: bool) -> Alias:
     """Turn the alias's request log on or off; the gate is left as it is."""
     Alias.objects.filter(pk=alias.pk).update(log_requests=log_requests)
     alias.log_requests = log_requests
+    return alias
+
+
+@transaction.atomic
+def set_deployment(user: Actor, alias: Alias, serve_merged: bool) -> Alias:
+    """Serve the alias's variant merged (or as an adapter again); the engine
+    follows on commit, as after a move."""
+    if serve_merged and settings.INFERENCE_BACKEND != "hf":
+        raise ActionError(
+            "Merged deployments need the hf engine: vLLM loads its models when it starts. "
+            "Export the merged model and start a vLLM server with it instead."
+        )
+    Alias.objects.filter(pk=alias.pk).update(serve_merged=serve_merged)
+    alias.serve_merged = serve_merged
+    _moved(alias)
     return alias
 
 

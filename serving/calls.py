@@ -78,10 +78,12 @@ def engine_request(
     return body
 
 
-def fingerprint(variant: Variant) -> str:
+def fingerprint(variant: Variant, merged: bool = False) -> str:
     """OpenAI's system_fingerprint: stable for one deployment of a variant
-    (backend, base model, variant), changed when any of them changes."""
+    (backend, base model, variant, merged or not), changed when any of them changes."""
     key = f"{settings.INFERENCE_BACKEND}|{variant.base_model.name}|{variant.base_model.path}|{variant.pk}"
+    if merged:
+        key += "|merged"
     return "fp_" + hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
@@ -126,7 +128,9 @@ class Call:
         self.lease = lease
         self.chat = chat
         self.asked = body["model"]
-        self.fingerprint = fingerprint(variant)
+        # Merged weights are the hf engine's; other backends serve the adapter (the alias page says so).
+        self.merged = bool(alias is not None and alias.serve_merged and settings.INFERENCE_BACKEND == "hf")
+        self.fingerprint = fingerprint(variant, self.merged)
         # The engine queues work round-robin by project (its fairness bucket).
         self.project = key.project.slug
         self.engine_body = engine_request(variant, engine_params, chat=chat, request_id=request_id)
@@ -142,7 +146,7 @@ class Call:
         client = engine_client.client()
         ask = client.chat if self.chat else client.completions
         try:
-            data = ask(self.variant, self.engine_body, project=self.project)
+            data = ask(self.variant, self.engine_body, project=self.project, merged=self.merged)
         except OpenAIError as exc:
             response = error_response(self.request_id, exc)
             self.log(exc.status, json.loads(response.content))
@@ -162,7 +166,9 @@ class Call:
         stack = ExitStack()
         stack.callback(self.lease.release)
         try:
-            events = stack.enter_context(opened(self.variant, self.engine_body, project=self.project))
+            events = stack.enter_context(
+                opened(self.variant, self.engine_body, project=self.project, merged=self.merged)
+            )
         except OpenAIError as exc:
             stack.close()
             refused = error_response(self.request_id, exc)

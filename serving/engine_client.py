@@ -30,6 +30,7 @@ from workbench.models import Variant
 log = logging.getLogger(__name__)
 
 ADAPTER_PREFIX = "variant-"
+MERGED_PREFIX = "merged-variant-"  # a variant served as merged weights: a base of its own
 CONNECT_SECONDS = 5.0
 # The hf engine takes work round-robin by this header, so one project's flood cannot starve another.
 PROJECT_HEADER = "X-Project"
@@ -109,6 +110,12 @@ def _error_from(response: httpx.Response) -> OpenAIError:
 def shown(variant: Variant) -> str:
     """The variant as errors name it; an unsaved one (the playground's base + prompt) by its base."""
     return f"variant {variant.pk}" if variant.pk is not None else f"the base model {variant.base_model.name}"
+
+
+def served_name(variant: Variant, merged: bool = False) -> str:
+    """The engine's name for the variant as an alias serves it: merged
+    weights are a model of their own, loaded beside the base."""
+    return f"{MERGED_PREFIX}{variant.pk}" if merged and variant.adapter_path else variant.engine_model
 
 
 def _model_not_found(err: OpenAIError) -> bool:
@@ -217,8 +224,20 @@ class EngineClient:
         waiting = VLLM_WAITING.findall(metrics.text) if metrics.status_code == 200 else []
         return int(sum(float(v) for v in waiting)) if waiting else None
 
-    def load_base(self, name: str, path: str) -> None:
-        self._post_ok("/v1/load_model", {"model": name, "path": path})
+    def load_base(self, name: str, path: str, merge: str | None = None) -> None:
+        body = {"model": name, "path": path}
+        if merge:
+            body["lora_path"] = merge
+        self._post_ok("/v1/load_model", body)
+
+    def unload_base(self, name: str) -> None:
+        with self._lock:
+            self._loaded.discard(name)
+        try:
+            self._post_ok("/v1/unload_model", {"model": name})
+        except OpenAIError as exc:
+            if exc.status != 404:  # already gone
+                raise
 
     def load_adapter(self, name: str, path: str, base_name: str) -> None:
         body = {"lora_name": name, "lora_path": path}
@@ -246,11 +265,11 @@ class EngineClient:
         with self._lock:
             self._loaded.discard(name)
 
-    def ensure_loaded(self, variant: Variant, refresh: bool = False) -> None:
-        """Load the variant's base and adapter into the engine unless they are
-        there, waiting while another request loads them. Raises OpenAIError
-        (503) when the engine cannot load them."""
-        name = variant.engine_model
+    def ensure_loaded(self, variant: Variant, refresh: bool = False, merged: bool = False) -> None:
+        """Load the variant's base and adapter (or, `merged`, its merged
+        weights) into the engine unless they are there, waiting while another
+        request loads them. Raises OpenAIError (503) when the engine cannot load them."""
+        name = served_name(variant, merged)
         if not refresh:
             with self._lock:
                 if name in self._loaded:
@@ -259,14 +278,17 @@ class EngineClient:
             with self._lock:
                 if name in self._loaded and not refresh:
                     return
-            self._ensure_loaded(variant)
+            self._ensure_loaded(variant, merged)
 
-    def _ensure_loaded(self, variant: Variant) -> None:
-        name = variant.engine_model
+    def _ensure_loaded(self, variant: Variant, merged: bool = False) -> None:
+        name = served_name(variant, merged)
         base = variant.base_model
         served = {m.get("id") for m in self.models()}
         try:
-            if base.name not in served:
+            if name != variant.engine_model:
+                if name not in served:
+                    self._load_base_waiting(name, base.path, variant.adapter_path)
+            elif base.name not in served:
                 if self.backend != "hf":
                     raise OpenAIError(
                         503,
@@ -291,15 +313,16 @@ class EngineClient:
             ) from exc
         with self._lock:
             self._loaded.add(name)
-            self._loaded.add(base.name)
+            if name == variant.engine_model:
+                self._loaded.add(base.name)
 
-    def _load_base_waiting(self, name: str, path: str) -> None:
+    def _load_base_waiting(self, name: str, path: str, merge: str | None = None) -> None:
         """Load a base, or wait while another process loads it: the hf engine
         answers 503 "still loading" meanwhile, then "already loaded" (200)."""
         deadline = time.monotonic() + self.timeout
         while True:
             try:
-                return self.load_base(name, path)
+                return self.load_base(name, path, merge)
             except OpenAIError as exc:
                 if exc.code != STILL_LOADING_CODE or "still loading" not in exc.message:
                     raise
@@ -309,39 +332,42 @@ class EngineClient:
 
     # --- completions (chat and legacy text) ---------------------------------------
 
-    def chat(self, variant: Variant, body: dict[str, Any], project: str | None = None) -> dict[str, Any]:
-        """A non-streamed chat completion (body["model"] is set here), queued under `project`."""
-        return self._complete(CHAT_PATH, variant, body, project)
+    def chat(
+        self, variant: Variant, body: dict[str, Any], project: str | None = None, merged: bool = False
+    ) -> dict[str, Any]:
+        """A non-streamed chat completion (body["model"] is set here), queued
+        under `project`; `merged`: from the variant's merged weights."""
+        return self._complete(CHAT_PATH, variant, body, project, merged)
 
     def completions(
-        self, variant: Variant, body: dict[str, Any], project: str | None = None
+        self, variant: Variant, body: dict[str, Any], project: str | None = None, merged: bool = False
     ) -> dict[str, Any]:
         """A non-streamed legacy text completion (a prompt in, text out), as `chat`."""
-        return self._complete(COMPLETIONS_PATH, variant, body, project)
+        return self._complete(COMPLETIONS_PATH, variant, body, project, merged)
 
     def stream(
-        self, variant: Variant, body: dict[str, Any], project: str | None = None
+        self, variant: Variant, body: dict[str, Any], project: str | None = None, merged: bool = False
     ) -> AbstractContextManager[Iterator[str]]:
         """A streamed chat completion: yields an iterator of the SSE `data:`
         payloads (JSON text or "[DONE]"). Errors before the first byte raise
         OpenAIError, so the caller can still answer with a status."""
-        return self._stream(CHAT_PATH, variant, body, project)
+        return self._stream(CHAT_PATH, variant, body, project, merged)
 
     def stream_completions(
-        self, variant: Variant, body: dict[str, Any], project: str | None = None
+        self, variant: Variant, body: dict[str, Any], project: str | None = None, merged: bool = False
     ) -> AbstractContextManager[Iterator[str]]:
         """A streamed legacy text completion, as `stream`."""
-        return self._stream(COMPLETIONS_PATH, variant, body, project)
+        return self._stream(COMPLETIONS_PATH, variant, body, project, merged)
 
     def _complete(
-        self, path: str, variant: Variant, body: dict[str, Any], project: str | None
+        self, path: str, variant: Variant, body: dict[str, Any], project: str | None, merged: bool
     ) -> dict[str, Any]:
-        self.ensure_loaded(variant)
-        payload = {**body, "model": variant.engine_model}
+        self.ensure_loaded(variant, merged=merged)
+        payload = {**body, "model": served_name(variant, merged)}
         headers = {PROJECT_HEADER: project} if project else None
         response = self._request("POST", path, payload, headers=headers)
         if response.status_code == 404:
-            self.ensure_loaded(variant, refresh=True)
+            self.ensure_loaded(variant, refresh=True, merged=merged)
             response = self._request("POST", path, payload, headers=headers)
         if response.status_code >= 400:
             raise self._chat_error(response, variant)
@@ -350,16 +376,16 @@ class EngineClient:
 
     @contextmanager
     def _stream(
-        self, path: str, variant: Variant, body: dict[str, Any], project: str | None
+        self, path: str, variant: Variant, body: dict[str, Any], project: str | None, merged: bool
     ) -> Iterator[Iterator[str]]:
-        self.ensure_loaded(variant)
-        payload = {**body, "model": variant.engine_model, "stream": True}
+        self.ensure_loaded(variant, merged=merged)
+        payload = {**body, "model": served_name(variant, merged), "stream": True}
         headers = {PROJECT_HEADER: project} if project else {}
         response = self._open_stream(path, payload, headers)
         if response.status_code == 404:
             response.read()
             response.close()
-            self.ensure_loaded(variant, refresh=True)
+            self.ensure_loaded(variant, refresh=True, merged=merged)
             response = self._open_stream(path, payload, headers)
         try:
             if response.status_code >= 400:

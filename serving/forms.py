@@ -64,6 +64,21 @@ class RequestLogForm(forms.ModelForm):
         }
 
 
+class DeploymentForm(forms.ModelForm):
+    """How the engine serves the alias's variant."""
+
+    class Meta:
+        model = Alias
+        fields = ["serve_merged"]
+        labels = {"serve_merged": "Serve as merged weights"}
+        help_texts = {
+            "serve_merged": "The adapter folded into a copy of the base: each token costs what the bare "
+            "base's does (an adapter adds its LoRA matmuls to every step), at the memory of one more "
+            "copy of the base. Worth it when this is the only adapter over its base that takes traffic. "
+            "The hf engine only."
+        }
+
+
 class PromoteForm(forms.Form):
     variant = forms.ModelChoiceField(queryset=Variant.objects.none(), empty_label=None)
 

@@ -61,6 +61,11 @@ class Alias(models.Model):
         help_text="Largest drop in general skills (student - floor, four-arm comparison) allowed (0-1)",
     )
     log_requests = models.BooleanField(default=False, help_text="Keep each /v1 request and response")
+    serve_merged = models.BooleanField(
+        default=False,
+        help_text="Serve the variant's adapter merged into a copy of its base: the bare base's "
+        "per-token cost, one more copy of the base in memory (hf engine)",
+    )
     updated_at = models.DateTimeField(default=timezone.now)
 
     class Meta:

@@ -16,7 +16,7 @@ from engines.protocol import OpenAIError
 from evals.models import EvalRun
 from jobs.models import Job
 from serving import engine_client
-from serving.engine_client import ADAPTER_PREFIX
+from serving.engine_client import ADAPTER_PREFIX, MERGED_PREFIX
 from serving.models import Alias, ApiKey, SpecRun
 from workbench.models import Project, Variant
 
@@ -35,24 +35,37 @@ def needed_adapters() -> set[str]:
     return {f"{ADAPTER_PREFIX}{pk}" for pk in with_adapter}
 
 
+def needed_merged() -> set[str]:
+    """Engine names of the merged models an alias serves."""
+    ids = Alias.objects.filter(serve_merged=True, variant__isnull=False).exclude(variant__adapter_path="")
+    return {f"{MERGED_PREFIX}{pk}" for pk in ids.values_list("variant_id", flat=True)}
+
+
 def sync_engine(alias: Alias) -> tuple[str | None, list[str]]:
-    """Load the alias's variant into the engine and unload the workbench's
-    adapters no alias needs. Returns (loaded name, unloaded names)."""
+    """Load the alias's variant into the engine (merged if the alias says so
+    and the engine is the hf one) and unload the workbench's adapters and
+    merged models no alias needs. Returns (loaded name, unloaded names)."""
     client = engine_client.client()
     loaded = None
     variant = None
+    merged = alias.serve_merged and client.backend == "hf"
     if alias.variant_id is not None:
         variant = Variant.objects.select_related("base_model").filter(pk=alias.variant_id).first()
     if variant is not None:
-        client.ensure_loaded(variant, refresh=True)
-        loaded = variant.engine_model
-    needed = needed_adapters()
+        client.ensure_loaded(variant, refresh=True, merged=merged)
+        loaded = engine_client.served_name(variant, merged)
+    needed = needed_adapters() | needed_merged()
     unloaded = []
     for model in client.models():
         name = str(model.get("id", ""))
-        # Only adapters the workbench loaded (variant-*), never what the team gave the engine itself.
-        if name.startswith(ADAPTER_PREFIX) and model.get("parent") and name not in needed:
+        if name in needed:
+            continue
+        # Only what the workbench loaded (variant-*, merged-variant-*), never what the team gave the engine.
+        if name.startswith(ADAPTER_PREFIX) and model.get("parent"):
             client.unload_adapter(name)
+            unloaded.append(name)
+        elif name.startswith(MERGED_PREFIX) and not model.get("parent") and client.backend == "hf":
+            client.unload_base(name)
             unloaded.append(name)
     return loaded, unloaded
 

@@ -31,6 +31,11 @@ urlpatterns = [
         name="serving_alias_logging",
     ),
     path(
+        "p/<slug:slug>/serving/aliases/<slug:alias_name>/deployment",
+        views.alias_deployment,
+        name="serving_alias_deployment",
+    ),
+    path(
         "p/<slug:slug>/serving/aliases/<slug:alias_name>/rollback",
         views.alias_rollback,
         name="serving_alias_rollback",

@@ -8,6 +8,7 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
+from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.db.models import Prefetch
@@ -19,7 +20,15 @@ from django.views.decorators.http import require_POST
 
 from jobs.models import Job
 from serving import actions
-from serving.forms import AliasForm, ApiKeyForm, ConfirmForm, GateForm, PromoteForm, RequestLogForm
+from serving.forms import (
+    AliasForm,
+    ApiKeyForm,
+    ConfirmForm,
+    DeploymentForm,
+    GateForm,
+    PromoteForm,
+    RequestLogForm,
+)
 from serving.gate import evaluate_gate
 from serving.models import Alias, AliasMove
 from workbench.actions import ActionError
@@ -86,6 +95,7 @@ def _detail(
     gate_form: GateForm,
     status: int = 200,
     log_form: RequestLogForm | None = None,
+    deployment_form: DeploymentForm | None = None,
 ) -> HttpResponse:
     project = alias.project
     actions.ensure_base_variants(project)
@@ -97,6 +107,8 @@ def _detail(
         "moves": moves,
         "gate_form": gate_form,
         "log_form": log_form or RequestLogForm(instance=alias),
+        "deployment_form": deployment_form or DeploymentForm(instance=alias),
+        "backend": settings.INFERENCE_BACKEND,
         "promote_form": PromoteForm(project),
         "rollback_to": target,
         "holder_verdict": evaluate_gate(alias, alias.variant) if alias.variant else None,
@@ -153,6 +165,28 @@ def alias_logging(request: AuthedHttpRequest, slug: str, alias_name: str) -> Htt
         else f"{alias.model_name} no longer logs its requests; those already logged stay.",
     )
     return redirect(reverse("serving_alias", args=[slug, alias.name]) + "#request-log")
+
+
+@login_required
+@require_POST
+def alias_deployment(request: AuthedHttpRequest, slug: str, alias_name: str) -> HttpResponse:
+    alias = _alias(get_project(request, slug), alias_name)
+    form = DeploymentForm(request.POST, instance=Alias.objects.get(pk=alias.pk))
+    if form.is_valid():
+        try:
+            actions.set_deployment(request.user, alias, form.cleaned_data["serve_merged"])
+        except ActionError as exc:
+            form.add_error(None, str(exc))
+        else:
+            messages.success(
+                request,
+                f"{alias.model_name} is served as merged weights."
+                if alias.serve_merged
+                else f"{alias.model_name} is served as an adapter over its base.",
+            )
+            return redirect(reverse("serving_alias", args=[slug, alias.name]) + "#deployment")
+    gate = GateForm(alias.project, instance=alias)
+    return _detail(request, alias, gate, status=400, deployment_form=form)
 
 
 @login_required

@@ -335,6 +335,62 @@ def test_adapter_loaded_on_promote_and_served_without_a_restart(
     assert r.choices[0].message.content
 
 
+def test_an_alias_served_as_merged_weights_answers_as_its_adapter(
+    live_server, world, served, alice, client, settings
+):
+    def engine_models() -> dict[str, dict]:
+        return {m["id"]: m for m in httpx.get(f"{served.url}/v1/models").json()["data"]}
+
+    model = f"{world.slug}/production"
+    asked = [QUESTION, [{"role": "user", "content": "Can I get a refund?"}]]
+    as_adapter = [
+        sdk(live_server, world.raw).chat.completions.create(model=model, messages=q, **GREEDY) for q in asked
+    ]
+    merged_name = f"merged-variant-{world.student.pk}"
+    assert merged_name not in engine_models()
+
+    client.force_login(alice)
+    url = f"/p/{world.slug}/serving/aliases/production/deployment"
+    assert client.post(url, {"serve_merged": "on"}).status_code == 302
+    card = engine_models()[merged_name]  # loaded on the switch, before any request
+    assert card["parent"] is None and card["merged"] == world.student.adapter_path
+    page = client.get(f"/p/{world.slug}/serving/aliases/production/").content.decode()
+    assert "serves student as merged weights" in page
+
+    as_merged = [
+        sdk(live_server, world.raw).chat.completions.create(model=model, messages=q, **GREEDY) for q in asked
+    ]
+    assert [r.choices[0].message.content for r in as_merged] == [
+        r.choices[0].message.content for r in as_adapter
+    ]
+    assert as_merged[0].usage == as_adapter[0].usage
+    assert as_merged[0].system_fingerprint != as_adapter[0].system_fingerprint  # another deployment
+    # streamed too
+    pieces = sdk(live_server, world.raw).chat.completions.create(
+        model=model, messages=QUESTION, stream=True, **GREEDY
+    )
+    assert (
+        "".join(c.choices[0].delta.content or "" for c in pieces if c.choices)
+        == as_adapter[0].choices[0].message.content
+    )
+
+    # Back to the adapter: no alias serves the merged model, so the engine lets it go.
+    assert client.post(url, {}).status_code == 302
+    assert merged_name not in engine_models()
+    assert (
+        sdk(live_server, world.raw)
+        .chat.completions.create(model=model, messages=QUESTION, **GREEDY)
+        .choices[0]
+        .message.content
+        == as_adapter[0].choices[0].message.content
+    )
+    # vLLM loads its models when it starts: the switch is refused there, with the way out.
+    settings.INFERENCE_BACKEND = "vllm"
+    refused = client.post(url, {"serve_merged": "on"})
+    assert refused.status_code == 400 and "Export the merged model" in refused.content.decode()
+    assert not Alias.objects.get(pk=world.aliases["production"].pk).serve_merged
+
+
 def test_a_promotion_with_the_engine_down_still_moves_the_alias(world, alice, settings):
     settings.ENGINE_URL = f"http://127.0.0.1:{free_port()}"
     alias = world.aliases["plain"]

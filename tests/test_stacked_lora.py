@@ -13,6 +13,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
+from engines.protocol import OpenAIError
 from engines.serving_engine import ServingEngine, parse_chat_request
 from engines.serving_engine.lora import AdapterError, AdapterSet, LoRALinear, read_adapter
 from tests.conftest import build_random_lora
@@ -193,5 +194,63 @@ def test_adapters_load_and_unload_while_requests_run(lively_dir, adapters, one_t
             t.join(120)
         assert len(answers) >= 6
         assert all(text == alone[(m, p)] for m, p, text in answers)
+    finally:
+        engine.stop()
+
+
+def test_a_merged_deployment_answers_as_the_adapter_and_unloads(
+    lively_dir, adapters, tmp_path, one_torch_thread
+):
+    engine = ServingEngine(dtype="float32", batch_window_ms=5, threads=1)
+    engine.load_base("tiny", lively_dir)
+    engine.start()
+    try:
+        engine.load_adapter("a", adapters["a"])
+        assert engine.load_base("a-merged", lively_dir, merge=adapters["a"])
+        assert not engine.load_base("a-merged", lively_dir, merge=adapters["a"])  # already there
+        card = next(m for m in engine.list_models() if m["id"] == "a-merged")
+        assert card["parent"] is None and card["merged"] == str(adapters["a"])
+
+        def ask(model, prompt):
+            request = parse_chat_request(
+                {
+                    "model": model,
+                    "messages": [{"role": "user", "content": prompt}],
+                    "temperature": 0,
+                    "max_tokens": 10,
+                }
+            )
+            return engine.submit(request).result(120).choices[0].text
+
+        prompts = ["hello there", "tell me a joke", "x", "Write a haiku about rain."]
+        adapter = [ask("a", p) for p in prompts]
+        assert [ask("a-merged", p) for p in prompts] == adapter
+        assert adapter != [ask("tiny", p) for p in prompts]
+
+        # The weights themselves: W + scale * B @ A, so the logits match the routed adapter's.
+        merged = engine.models.resolve("a-merged")[0].loaded.model
+        base = engine.models.resolve("tiny")[0]
+        with torch.inference_mode():
+            want_ids = batch(ROWS)
+            with base.lora.route(["a"] * len(ROWS)):
+                want = base.loaded.model(**want_ids).logits
+            assert torch.allclose(merged(**want_ids).logits, want, atol=1e-4)
+
+        with pytest.raises(OpenAIError, match="unload them first"):
+            engine.unload_base("tiny")
+        engine.unload_base("a-merged")
+        assert "a-merged" not in {m["id"] for m in engine.list_models()}
+        with pytest.raises(OpenAIError, match="not loaded"):
+            engine.unload_base("a-merged")
+        # What is not an adapter is refused, and leaves no half-loaded name behind.
+        not_adapter = tmp_path / "nope"
+        not_adapter.mkdir()
+        with pytest.raises(OpenAIError, match="is not a LoRA adapter"):
+            engine.load_base("bad", lively_dir, merge=not_adapter)
+        broken = save_variant(adapters["a"], tmp_path / "broken", {"fan_in_fan_out": True})
+        with pytest.raises(OpenAIError, match="fan_in_fan_out"):
+            engine.load_base("bad", lively_dir, merge=broken)
+        assert "bad" not in {m["id"] for m in engine.list_models()}
+        assert engine.load_base("bad", lively_dir, merge=adapters["a"])
     finally:
         engine.stop()

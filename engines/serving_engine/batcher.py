@@ -90,8 +90,11 @@ class ServingEngine:
 
     # -- models (see ModelRegistry)
 
-    def load_base(self, name: str, path: str | Path) -> bool:
-        return self.models.load_base(name, path)
+    def load_base(self, name: str, path: str | Path, merge: str | Path | None = None) -> bool:
+        return self.models.load_base(name, path, merge)
+
+    def unload_base(self, name: str) -> None:
+        self.models.unload_base(name)
 
     def load_adapter(self, name: str, path: str | Path, base_name: str | None = None) -> bool:
         return self.models.load_adapter(name, path, base_name)

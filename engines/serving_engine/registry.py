@@ -27,6 +27,7 @@ class Base:
     loaded: LoadedModel
     created: int
     lora: AdapterSet | None = None  # the adapters over loaded.model, once one is loaded
+    merged: str | None = None  # the adapter folded into these weights at load, if any
     adapters: dict[str, str] = field(default_factory=dict)  # name -> path
     adapter_created: dict[str, int] = field(default_factory=dict)
 
@@ -67,6 +68,23 @@ def _adapter_dir(path: str) -> Path:
     return folder
 
 
+def _merge(loaded: LoadedModel, folder: Path) -> None:
+    """Fold the adapter into the weights: W += scale * B @ A, in float32."""
+    import torch
+
+    from engines.serving_engine.lora import AdapterError, read_adapter
+
+    try:
+        factors = read_adapter(loaded.model, folder)
+    except AdapterError as exc:
+        raise bad_request(str(exc), "lora_path") from exc
+    with torch.no_grad():
+        for module, factor in factors.items():
+            weight = loaded.model.get_submodule(module).weight
+            delta = (factor.b @ factor.a) * factor.scale
+            weight.copy_((weight.float() + delta).to(weight.dtype))
+
+
 class ModelRegistry:
     """Base models and their adapters by name. `lock` is held while a
     generate runs or an adapter (un)loads: the LoRA layers change under it."""
@@ -79,28 +97,52 @@ class ModelRegistry:
         self._loading: dict[str, str] = {}
         self._names = threading.Lock()  # guards _bases, their adapters and _loading
 
-    def load_base(self, name: str, path: str | Path) -> bool:
-        """Load a base model under `name`; False when it was already loaded from that path."""
+    def load_base(self, name: str, path: str | Path, merge: str | Path | None = None) -> bool:
+        """Load a base model under `name`, with the LoRA adapter at `merge`
+        folded into its weights if given (a merged deployment: the per-step
+        cost of the bare base); False when it was already loaded from those paths."""
         path = str(path)
+        merge = None if merge is None else str(merge)
+        source = path if merge is None else f"{path} + {merge}"
         with self._names:
             known = self._bases.get(name)
-            if known is not None and known.path == path:
+            if known is not None and (known.path, known.merged) == (path, merge):
                 return False
-            if known is not None or self._loading.get(name, path) != path or self._adapter_base(name):
+            if known is not None or self._loading.get(name, source) != source or self._adapter_base(name):
                 raise bad_request(f"model name {name!r} is already in use", "model")
             if name in self._loading:
                 raise unavailable(f"model {name!r} is still loading")
-            self._loading[name] = path
+            self._loading[name] = source
         try:
+            folder = None if merge is None else _adapter_dir(merge)
             loaded = load_model(path, device=self.device, dtype=self.dtype)
+            if folder is not None:
+                _merge(loaded, folder)
         except ModelLoadError as exc:
             raise bad_request(str(exc), "path") from exc
         finally:
             with self._names:
                 self._loading.pop(name, None)
         with self._names:
-            self._bases[name] = Base(name=name, path=path, loaded=loaded, created=int(time.time()))
+            self._bases[name] = Base(
+                name=name, path=path, loaded=loaded, created=int(time.time()), merged=merge
+            )
         return True
+
+    def unload_base(self, name: str) -> None:
+        """Drop a base model; refused while adapters are loaded over it."""
+        with self._names:
+            base = self._bases.get(name)
+            if base is None:
+                raise OpenAIError(404, f"model {name!r} is not loaded", param="model", code="model_not_found")
+            if base.adapters:
+                raise bad_request(
+                    f"adapters are loaded over {name!r} ({', '.join(sorted(base.adapters))}): unload them first",
+                    "model",
+                )
+            del self._bases[name]
+        with self.lock:  # a generate on it finishes first; requests still queued for it get a 404
+            pass
 
     def _adapter_base(self, name: str) -> Base | None:
         return next((b for b in self._bases.values() if name in b.adapters), None)
@@ -183,6 +225,7 @@ class ModelRegistry:
                         "owned_by": "workbench",
                         "root": base.path,
                         "parent": None,
+                        **({"merged": base.merged} if base.merged else {}),
                     }
                 )
                 cards.extend(
