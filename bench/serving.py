@@ -36,6 +36,7 @@ lora_B drawn small (std 0.01) so that it answers differently from the base.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -46,7 +47,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -242,11 +243,13 @@ class Counter:
     """generate calls and rows the engine ran between two points."""
 
     def __init__(self, engine: Any) -> None:
-        self.engine = engine
-        self.calls = engine.generate_calls
-        self.rows = engine.rows_generated
+        self.engine = engine  # None: vLLM, whose steps this bench does not see
+        self.calls = engine.generate_calls if engine else 0
+        self.rows = engine.rows_generated if engine else 0
 
     def since(self) -> tuple[int, int]:
+        if self.engine is None:
+            return 0, 0
         return self.engine.generate_calls - self.calls, self.engine.rows_generated - self.rows
 
 
@@ -285,7 +288,10 @@ def part1(client: Any, engine: Any, heldout: list[str], summary: Summary) -> Non
         f"(bf16 rounding differs with the batch shape) | load {load_avg()}"
     )
     summary.add("1. sequential req/s", f"{len(qs) / seq_s:.3f}")
-    summary.add(f"1. {CLIENTS} concurrent req/s ({calls} generate calls)", f"{len(qs) / conc_s:.3f}")
+    summary.add(
+        f"1. {CLIENTS} concurrent req/s",
+        f"{len(qs) / conc_s:.3f}" + (f" ({calls} generate calls)" if engine else ""),
+    )
     summary.check("1. concurrent / sequential req/s", ratio, TARGETS["concurrency"], True, "{:.1f}x")
 
 
@@ -305,11 +311,11 @@ def load_merged(url: str, name: str, model_dir: Path, adapter: Path) -> float:
     return time.perf_counter() - began
 
 
-def part2(client: Any, heldout: list[str], prompt: str, n: int, summary: Summary) -> None:
+def part2(client: Any, heldout: list[str], prompt: str, n: int, summary: Summary, merged_arm: bool) -> None:
     arms = [
         ("bare base, no prompt", BASE, None),
         ("student as an adapter", STUDENT, None),
-        ("student merged", MERGED, None),
+        *([("student merged", MERGED, None)] if merged_arm else []),
         ("base + prompt", BASE, prompt),
     ]
     say(
@@ -349,7 +355,8 @@ def part2(client: Any, heldout: list[str], prompt: str, n: int, summary: Summary
                 got[name].append(ask(client, model, q, max_tokens, system, stream=True, extra=extra))
         say(f"{length} length | load {load_avg()}")
         fig = {name: line(name, answers) for name, answers in got.items()}
-        bare, adapter, merged, prompted = (fig[name] for name, _, _ in arms)
+        bare, adapter, prompted = fig[arms[0][0]], fig[arms[1][0]], fig[arms[-1][0]]
+        merged = fig.get("student merged", adapter)
         say(
             f"  latency merged / base + prompt ({prompt_tokens} prompt tokens) "
             f"{merged['latency'] / prompted['latency']:.2f}, adapter / base + prompt "
@@ -361,22 +368,26 @@ def part2(client: Any, heldout: list[str], prompt: str, n: int, summary: Summary
                 f"2. {length} length: {name} latency / TTFT / tokens",
                 f"{f['latency']:.2f} s / {f['ttft']:.3f} s / {f['tokens']:.1f}",
             )
+        if merged_arm:
+            summary.check(
+                f"2. {length} length: latency student merged / base + prompt",
+                merged["latency"] / prompted["latency"],
+                TARGETS["latency"],
+                False,
+            )
         summary.check(
-            f"2. {length} length: latency student merged / base + prompt",
-            merged["latency"] / prompted["latency"],
+            f"2. {length} length: latency student adapter / base + prompt",
+            adapter["latency"] / prompted["latency"],
             TARGETS["latency"],
             False,
         )
-        summary.add(
-            f"2. {length} length: latency student adapter / base + prompt",
-            f"{adapter['latency'] / prompted['latency']:.2f}",
-        )
-        summary.check(
-            f"2. {length} length: a token after the first, merged / bare base",
-            merged["step"] / bare["step"],
-            TARGETS["merged"],
-            False,
-        )
+        if merged_arm:
+            summary.check(
+                f"2. {length} length: a token after the first, merged / bare base",
+                merged["step"] / bare["step"],
+                TARGETS["merged"],
+                False,
+            )
         summary.add(
             f"2. {length} length: a token after the first, adapter / bare base",
             f"{adapter['step'] / bare['step']:.2f}",
@@ -464,8 +475,9 @@ def part4(
     rates: dict[bool, float] = {}
     # The same run twice: the batcher taking what queued during a call at once (before), then
     # waiting a window for the clients the call just answered (engine.rejoin, the default).
-    for rejoin in (False, True):
-        engine.rejoin = rejoin
+    for rejoin in (False, True) if engine is not None else (True,):
+        if engine is not None:
+            engine.rejoin = rejoin
         errors.clear()
         latencies.clear()
         tokens = 0
@@ -482,7 +494,8 @@ def part4(
         )
         for e in sorted(set(errors))[:5]:
             say(f"  error: {e}")
-    say(f"req/s with the rejoin window / without: {rates[True] / rates[False]:.2f}x")
+    if False in rates:
+        say(f"req/s with the rejoin window / without: {rates[True] / rates[False]:.2f}x")
     summary.check(f"4. load run errors ({total} requests)", len(errors), TARGETS["errors"], False, "{:.0f}")
     summary.add(
         "4. load run req/s, p50 / p95 latency",
@@ -614,6 +627,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="engine torch threads (default 1)")
     parser.add_argument("--batch-window-ms", type=float, default=25.0)
     parser.add_argument("--no-vllm", action="store_true", help="part 5 without the vLLM arm")
+    parser.add_argument(
+        "--backend", default="hf", help="parts 1-4 on hf, vllm, or both one after the other: hf,vllm"
+    )
+    parser.add_argument(
+        "--vllm-bind",
+        default="",
+        help="VLLM_CPU_OMP_THREADS_BIND for the vLLM engine (default: vLLM's auto, one core of two here)",
+    )
     args = parser.parse_args()
 
     import warnings
@@ -626,7 +647,7 @@ def main() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     started = time.perf_counter()
     start_load = load_avg()
-    summary = Summary()
+    summaries: dict[str, Summary] = {}
     model_dir = provision_default(REPO / ".cache" / "models" / DEFAULT_MODEL_NAME)
     prompt = (SCENARIO / "prompt.md").read_text()
     heldout, train = queries("heldout.jsonl"), queries("train.jsonl")
@@ -637,11 +658,6 @@ def main() -> None:
     )
 
     if {1, 2, 3, 4} - args.skip:
-        import openai
-
-        from engines.engine_server import EngineServer
-        from engines.serving_engine import resolve_dtype
-
         work = Path(tempfile.mkdtemp(prefix="bench-serving-"))
         began = time.perf_counter()
         student_dir = args.adapter or build_adapters(model_dir, work / "student", 1, first_seed=0)[0]
@@ -650,6 +666,46 @@ def main() -> None:
             f"adapters: student {'given' if args.adapter else 'random'} {student_dir}, {len(extra)} random in "
             f"{time.perf_counter() - began:.1f} s"
         )
+        for backend in args.backend.split(","):
+            summary = summaries.setdefault(backend, Summary())
+            with serving_backend(backend, model_dir, args, work) as (url, engine):
+                parts_1_to_4(url, engine, model_dir, student_dir, extra, heldout, prompt, args, summary)
+    if 5 not in args.skip:
+        summary = summaries.setdefault("teacher", Summary())
+        part5(model_dir, train, prompt, args.teacher, args.teacher_dtype, not args.no_vllm, summary)
+
+    say(
+        f"\n== summary {datetime.date.today()} | {os.cpu_count()} cores ({cpu_model()}) | load average at start "
+        f"{start_load}, at end {load_avg()} | {time.perf_counter() - started:.0f} s in all\n"
+    )
+    print_summary(summaries)
+
+
+def print_summary(summaries: dict[str, Summary]) -> None:
+    """One table, a column of values (and verdicts) per backend, rows in the order first met."""
+    names = list(summaries)
+    rows: dict[str, dict[str, tuple[str, str]]] = {}
+    targets: dict[str, str] = {}
+    for name, summary in summaries.items():
+        for what, value, target, verdict in summary.rows:
+            rows.setdefault(what, {})[name] = (value, verdict)
+            targets[what] = target if target != "-" else targets.get(what, "-")
+    say("| figure | " + " | ".join(names) + " | target |\n|---|" + "---|" * (len(names) + 1))
+    for what, cells in rows.items():
+        shown = []
+        for name in names:
+            value, verdict = cells.get(name, ("", "-"))
+            shown.append(value + (f" ({verdict})" if verdict != "-" else ""))
+        say(f"| {what} | " + " | ".join(shown) + f" | {targets[what]} |")
+
+
+@contextlib.contextmanager
+def serving_backend(backend: str, model_dir: Path, args: Any, work: Path) -> Iterator[tuple[str, Any]]:
+    """The server of one backend with the base as BASE: (its URL, the in-process engine or None)."""
+    if backend == "hf":
+        from engines.engine_server import EngineServer
+        from engines.serving_engine import resolve_dtype
+
         server = EngineServer(
             {BASE: model_dir},
             port=0,
@@ -660,36 +716,63 @@ def main() -> None:
             dtype=args.dtype,
         )
         with server:
-            say(f"engine server at {server.url}, dtype {resolve_dtype(args.dtype)}")
-            client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=900)
-            if 1 not in args.skip:
-                part1(client, server.engine, heldout, summary)
-            seconds = load_adapter(server.url, STUDENT, student_dir)
-            names = [f"a{i:02d}" for i in range(len(extra))]
-            seconds += sum(
-                load_adapter(server.url, name, path) for name, path in zip(names, extra, strict=True)
+            say(
+                f"\n=== backend hf: engine server at {server.url}, dtype {resolve_dtype(args.dtype)}, "
+                f"{args.threads} torch thread(s)"
             )
-            say(f"\nloaded {1 + len(extra)} adapters through POST /v1/load_lora_adapter in {seconds:.1f} s")
-            if 2 not in args.skip:
-                seconds = load_merged(server.url, MERGED, model_dir, student_dir)
-                say(
-                    f"loaded the student merged into a copy of the base (POST /v1/load_model) in {seconds:.1f} s"
-                )
-                part2(client, heldout, prompt, args.part2_queries, summary)
-            if 3 not in args.skip:
-                part3(client, server.engine, heldout, names, args.rounds, summary)
-            if 4 not in args.skip:
-                part4(client, server.engine, heldout, [BASE, STUDENT, *names], args.load_requests, summary)
-    if 5 not in args.skip:
-        part5(model_dir, train, prompt, args.teacher, args.teacher_dtype, not args.no_vllm, summary)
+            yield server.url, server.engine
+        return
+    if backend != "vllm":
+        raise SystemExit(f"unknown backend {backend!r}: hf or vllm")
+    from engines.vllm_server import start_vllm, stop_vllm, vllm_python, wait_ready
 
-    say(
-        f"\n== summary {datetime.date.today()} | {os.cpu_count()} cores ({cpu_model()}) | load average at start "
-        f"{start_load}, at end {load_avg()} | {time.perf_counter() - started:.0f} s in all\n"
-    )
-    say("| figure | value | target | verdict |\n|---|---|---|---|")
-    for row in summary.rows:
-        say("| " + " | ".join(row) + " |")
+    port = free_port()
+    log = work / "vllm.log"
+    env = {"VLLM_CPU_OMP_THREADS_BIND": args.vllm_bind} if args.vllm_bind else None
+    # 16 distinct adapters in a batch (part 3's round-robin), the rest swapped in from CPU memory.
+    proc = start_vllm(vllm_python(), model_dir, BASE, port, log, max_loras=16, dtype="bfloat16", env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        ready = wait_ready(url, proc, timeout=600, log_path=log)
+        say(
+            f"\n=== backend vllm: vLLM-CPU at {url} (bf16, prefix caching, max_loras 16, engine cores "
+            f"{args.vllm_bind or 'auto'}), ready in {ready:.0f} s, log {log}"
+        )
+        yield url, None
+    finally:
+        stop_vllm(proc)
+
+
+def parts_1_to_4(
+    url: str,
+    engine: Any,
+    model_dir: Path,
+    student_dir: Path,
+    extra: list[Path],
+    heldout: list[str],
+    prompt: str,
+    args: Any,
+    summary: Summary,
+) -> None:
+    import openai
+
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=900)
+    if 1 not in args.skip:
+        part1(client, engine, heldout, summary)
+    seconds = load_adapter(url, STUDENT, student_dir)
+    names = [f"a{i:02d}" for i in range(len(extra))]
+    seconds += sum(load_adapter(url, name, path) for name, path in zip(names, extra, strict=True))
+    say(f"\nloaded {1 + len(extra)} adapters through POST /v1/load_lora_adapter in {seconds:.1f} s")
+    if 2 not in args.skip:
+        merged = engine is not None  # vLLM loads its models when it starts
+        if merged:
+            seconds = load_merged(url, MERGED, model_dir, student_dir)
+            say(f"loaded the student merged into a copy of the base (POST /v1/load_model) in {seconds:.1f} s")
+        part2(client, heldout, prompt, args.part2_queries, summary, merged)
+    if 3 not in args.skip:
+        part3(client, engine, heldout, names, args.rounds, summary)
+    if 4 not in args.skip:
+        part4(client, engine, heldout, [BASE, STUDENT, *names], args.load_requests, summary)
 
 
 if __name__ == "__main__":
