@@ -8,6 +8,10 @@ answers the same there as in serving.
 `engines.generator.RemoteGenerator`, after loading the variant's adapter into
 it under the variant's engine name.
 
+With `hf`, a teacher job asks the vLLM `make run` starts for teachers when
+.venv-vllm is installed (TEACHER_VLLM_URL, TEACHER_BACKEND auto) and it is
+up, else answers in process.
+
 A teacher (an absorb's teacher job, the eval's teacher arm) is cached: its
 answers go to the project's response cache as they arrive, so a rerun or a
 resumed job asks only for what is missing. A teacher job with a
@@ -16,6 +20,7 @@ TeacherEndpoint asks that OpenAI-compatible server instead of its base model.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,11 +32,13 @@ from engines.generator import CachingGenerator, Generator, LocalGenerator, Remot
 from engines.inference import load_model
 from engines.remote import TransportStats
 from engines.response_cache import ResponseCache
-from engines.vllm_server import VLLMError, load_adapter
+from engines.vllm_server import VLLMError, load_adapter, served_models
 from jobs.models import Job, TeacherEndpoint
 from jobs.registry import JobError
 from workbench.backend import api_key, engine_url, remote
 from workbench.models import FoundationModel, Project, Variant
+
+log = logging.getLogger(__name__)
 
 
 def remote_generator(base_model: FoundationModel, variant: Variant | None = None) -> RemoteGenerator | None:
@@ -90,6 +97,22 @@ def job_teacher_endpoint(job: Job) -> TeacherEndpoint | None:
     return job.teacher_endpoint
 
 
+def teacher_vllm(base_model: FoundationModel) -> RemoteGenerator | None:
+    """The vLLM `make run` starts for teacher jobs beside the hf engine, if
+    it is up and serves this base model (TEACHER_VLLM_URL); else None."""
+    url = settings.TEACHER_VLLM_URL
+    if remote() or settings.TEACHER_BACKEND != "auto" or not url:
+        return None
+    try:
+        served = set(served_models(url, timeout=5, api_key=api_key()))
+    except VLLMError as exc:
+        log.info("teacher vLLM at %s not answering (%s): the teacher answers in process", url, exc)
+        return None
+    if base_model.name not in served:
+        return None
+    return RemoteGenerator(url, base_model.name, None, api_key(), stats=TransportStats())
+
+
 def cached_teacher(
     project: Project, base_model: FoundationModel, endpoint: TeacherEndpoint | None
 ) -> CachingGenerator:
@@ -98,8 +121,17 @@ def cached_teacher(
     if endpoint is not None:
         inner, identity = endpoint_generator(endpoint), endpoint.identity
     else:
-        inner, identity = generator(base_model), f"model:{base_model.name}|{base_model.path}"
+        inner = teacher_vllm(base_model) or generator(base_model)
+        identity = f"model:{base_model.name}|{base_model.path}"
     return CachingGenerator(inner, ResponseCache(teacher_cache_path(project)), identity)
+
+
+def teacher_backend(teacher: CachingGenerator) -> str:
+    """Where a teacher's answers are generated, for the job's log."""
+    inner = teacher.inner
+    if isinstance(inner, RemoteGenerator):
+        return f"{inner.model} on {inner.url}"
+    return "in process"
 
 
 def teacher_generator(job: Job) -> CachingGenerator:

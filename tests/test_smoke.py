@@ -34,6 +34,8 @@ def test_it_runs_web_and_worker_until_ctrl_c(tmp_path, smollm2_dir):
         WORKBENCH_MODELS_DIR=str(smollm2_dir.parent),
         DJANGO_SETTINGS_MODULE="workbench.settings",
         WORKER_HEARTBEAT_SECONDS="1",
+        # No vLLM venv here: teacher jobs answer in process, and the start says how to change that.
+        VLLM_VENV=str(tmp_path / "no-vllm-venv"),
     )
     log = tmp_path / "run.log"
     with open(log, "wb") as out:
@@ -70,6 +72,7 @@ def test_it_runs_web_and_worker_until_ctrl_c(tmp_path, smollm2_dir):
         password = re.search(r"log in as: demo / (\S+)", log.read_text()).group(1)
         page = post("/login/", {"username": "demo", "password": password})
         assert "Demo" in page  # the demo project, on the projects page
+        assert "teacher generation: in process (`make vllm-venv` installs vLLM" in log.read_text()
         wait_for(lambda: "alive" in get("/models/")[1], 60, "worker heartbeat", proc, log)
         assert "SmolLM2-135M-Instruct" in get("/models/")[1]
         post("/models/ping", {"queue": "gpu"})

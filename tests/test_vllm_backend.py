@@ -424,6 +424,63 @@ def test_a_teacher_job_generates_on_the_vllm_backend(vllm_url, smollm2_dir, alic
     assert all(r[-1]["role"] == "assistant" and r[-1]["content"].strip() for r in rows)
 
 
+def test_with_the_hf_backend_teacher_jobs_ask_the_teacher_vllm_n_samples_a_request(
+    vllm_url, smollm2_dir, alice, alice_project, settings
+):
+    """What `make run` sets up when .venv-vllm is installed: the hf engine serves /v1 and a vLLM
+    beside it (TEACHER_VLLM_URL) answers teacher jobs, each query's best of N in one request."""
+    import io
+
+    from jobs import lifecycle
+    from jobs.actions import start_absorb
+    from jobs.models import Job
+    from workbench.actions.datasets import import_dataset
+    from workbench.actions.prompts import save_prompt
+    from workbench.models import FoundationModel
+
+    settings.INFERENCE_BACKEND, settings.TEACHER_BACKEND, settings.TEACHER_VLLM_URL = "hf", "auto", vllm_url
+    base = FoundationModel.objects.create(name=BASE, path=str(smollm2_dir))
+    prompt = save_prompt(alice_project, alice, "pirate", "You are a pirate. Start every answer with 'Arrr!'.")
+    queries = ["How do I reset my password?", "Where is my parcel?", "Can I close my account?"]
+    data = import_dataset(
+        alice_project, alice, "q", io.BytesIO("\n".join(queries).encode()), filename="q.txt", eval_percent=0
+    )
+    teacher, _ = start_absorb(
+        alice_project,
+        alice,
+        prompt.version,
+        data,
+        base,
+        generation={"max_new_tokens": 12},
+        review_first=True,
+        curation={"best_of": 3, "rounds": 1},
+    )
+    lifecycle.execute(teacher.pk, "test")
+    teacher.refresh_from_db()
+    assert teacher.status == Job.SUCCEEDED, teacher.error
+    assert f"teacher: generating {BASE} on {vllm_url}" in teacher.log
+    usage = teacher.params["teacher_usage"]
+    assert usage["asked"] == 3 * len(queries)
+    assert usage["requests"] == len(queries)  # n=3 in each: the prompt is encoded once per query
+
+    # Not answering (stopped, still starting): the job answers in process, and says so.
+    settings.TEACHER_VLLM_URL = "http://127.0.0.1:9"
+    again, _ = start_absorb(
+        alice_project,
+        alice,
+        prompt.version,
+        data,
+        base,
+        generation={"max_new_tokens": 12, "seed": 7},
+        review_first=True,
+        curation=False,
+    )
+    lifecycle.execute(again.pk, "test")
+    again.refresh_from_db()
+    assert again.status == Job.SUCCEEDED, again.error
+    assert "teacher: generating in process" in again.log
+
+
 # --- issue 22: every honoured field, on both backends -------------------------------------------
 
 

@@ -344,6 +344,16 @@ if INFERENCE_BACKEND not in ("hf", "vllm"):
     )
 
 
+# Teacher jobs (and synthesis) with the hf backend: "auto" asks a vLLM that `make run` starts
+# beside the hf engine when .venv-vllm is installed (one request per query with n samples, the
+# prompt's KV blocks shared by prefix caching: 2.6x the in-process teacher on 2 cores here), and
+# answers in process while it is not up; "hf": always in process. The vllm backend asks its own.
+TEACHER_BACKEND = os.getenv("TEACHER_BACKEND", "auto").strip().lower()
+if TEACHER_BACKEND not in ("auto", "hf"):
+    raise ImproperlyConfigured(f"TEACHER_BACKEND={os.getenv('TEACHER_BACKEND')!r}: use auto or hf.")
+# That vLLM's URL: `run` sets it for its worker; empty: none runs.
+TEACHER_VLLM_URL = envurl("TEACHER_VLLM_URL", "")
+
 # Where the gateway finds the engine (the hf engine, or a vLLM the workbench starts, listens here).
 ENGINE_URL = envurl("ENGINE_URL", "http://127.0.0.1:8001")
 # A vLLM server run by the team: with the vllm backend the gateway uses it and starts none.

@@ -25,7 +25,7 @@ from engines.leakage import leak_flags, prompt_spans
 from engines.progress import Progress
 from engines.remote import RemoteGenerationError
 from engines.rules import Rule, rules_to_json, validate_rules
-from jobs.backend import recording_usage, teacher_generator
+from jobs.backend import recording_usage, teacher_backend, teacher_generator
 from jobs.models import Job
 from jobs.registry import JobError, JobRunner, register
 from workbench import data_quality
@@ -163,6 +163,7 @@ class TeacherRunner(JobRunner):
             # In process, or on the vLLM server (its prefix cache shares the prompt): jobs.backend decides.
             # Behind the project's response cache; an endpoint when the job names one.
             teacher = teacher_generator(job)
+            self.log(f"teacher: generating {teacher_backend(teacher)}")
             early = self._early(costs_file)  # what an earlier chunk's probe learned, kept for the rest
             with done_file.open("a") as out, recording_usage(job, teacher):
                 for start in range(0, len(todo), CHUNK):

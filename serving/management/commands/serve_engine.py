@@ -62,9 +62,17 @@ class Command(BaseCommand):
             default=settings.ENGINE_THREADS,
             help="Torch threads of the hf engine (ENGINE_THREADS)",
         )
+        parser.add_argument(
+            "--teacher",
+            action="store_true",
+            help="A vLLM for teacher jobs beside the hf engine (what `run` starts when .venv-vllm is installed)",
+        )
 
     def handle(self, *args: Any, **opts: Any) -> None:
         model = FoundationModel.objects.filter(is_default=True).first() or FoundationModel.objects.first()
+        if opts["teacher"]:
+            self._serve_vllm(model, opts["port"], "teacher-vllm.log")
+            return
         if remote():
             if team_vllm():
                 raise CommandError(
@@ -84,12 +92,12 @@ class Command(BaseCommand):
         # Replaced by the engine: signals reach it directly and its exit code is this command's.
         os.execve(cmd[0], cmd, engine_env(opts["threads"]))
 
-    def _serve_vllm(self, model: FoundationModel | None, port: int) -> None:
+    def _serve_vllm(self, model: FoundationModel | None, port: int, log_name: str = "vllm.log") -> None:
         from engines import vllm_server
 
         if model is None:
             raise CommandError("No base model is registered: run `python manage.py provision_model` first.")
-        log_path = settings.DATA_DIR / "logs" / "vllm.log"
+        log_path = settings.DATA_DIR / "logs" / log_name
         try:
             proc = vllm_server.start_vllm(vllm_server.vllm_python(), model.path, model.name, port, log_path)
         except vllm_server.VLLMError as exc:

@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 from typing import Any, cast
+from urllib.parse import urlsplit
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
@@ -118,13 +119,25 @@ class Command(BaseCommand):
             f"worker-{os.getpid()}@%h",
         ]
         engine = self._engine_command(opts["no_engine"])
+        teacher = self._teacher_vllm_command()
         # The engine's torch threads and the worker's together stay within the machine's cores:
         # oversubscribed CPU threads wait at barriers and throughput collapses.
         worker_env = {**env}
         if engine and "OMP_NUM_THREADS" not in os.environ:
             worker_env["OMP_NUM_THREADS"] = str(max(1, usable_cores() - settings.ENGINE_THREADS))
+        teacher_env: dict[str, str] = {}
+        if teacher is not None:
+            worker_env["TEACHER_VLLM_URL"] = f"http://127.0.0.1:{teacher[1]}"
+            # A teacher job waits on it and computes nothing itself: the vLLM engine gets every core.
+            teacher_env = {
+                **env,
+                "VLLM_CPU_OMP_THREADS_BIND": os.environ.get(
+                    "VLLM_CPU_OMP_THREADS_BIND", f"0-{max(0, usable_cores() - 1)}"
+                ),
+            }
         procs: list[subprocess.Popen[bytes]] = []
         engine_proc: subprocess.Popen[bytes] | None = None
+        teacher_proc: subprocess.Popen[bytes] | None = None
         stopping = False
 
         def stop(*_a: Any) -> None:
@@ -139,12 +152,15 @@ class Command(BaseCommand):
             procs.append(subprocess.Popen(web, env=env, start_new_session=True))
             procs.append(subprocess.Popen(worker, env=worker_env, start_new_session=True))
             engine_proc = subprocess.Popen(engine, env=env, start_new_session=True) if engine else None
+            if teacher is not None:
+                teacher_proc = subprocess.Popen(teacher[0], env=teacher_env, start_new_session=True)
             self.stdout.write(
                 self.style.SUCCESS(
                     f"\nWorkbench is running at {url}\n  log in as: {username} / {password}\n"
                     f"  data directory: {settings.DATA_DIR}\n  broker: {settings.CELERY_BROKER_URL.split('://')[0]}\n"
                     f"  OpenAI-compatible API: {url}v1 (model PROJECT_SLUG/ALIAS, a project API key)\n"
                     f"  inference engine: {self._engine_description(engine)}\n"
+                    f"  teacher generation: {self._teacher_description(teacher)}\n"
                     "Press Ctrl-C to stop the web server, the worker and the engine.\n"
                 )
             )
@@ -162,9 +178,15 @@ class Command(BaseCommand):
                         "/v1 answers 503 until it runs again (`python manage.py serve_engine`)."
                     )
                     engine_proc = None
+                if teacher_proc is not None and teacher_proc.poll() is not None:
+                    self.stderr.write(
+                        f"The teacher's vLLM exited with {teacher_proc.returncode} (see "
+                        f"{settings.DATA_DIR / 'logs' / 'teacher-vllm.log'}); teacher jobs answer in process."
+                    )
+                    teacher_proc = None
                 time.sleep(0.2)
         finally:
-            code = self._shutdown(procs + ([engine_proc] if engine_proc is not None else []))
+            code = self._shutdown(procs + [p for p in (engine_proc, teacher_proc) if p is not None])
         if code:
             sys.exit(code)
 
@@ -178,6 +200,31 @@ class Command(BaseCommand):
         if skip or (team_vllm()):
             return None
         return [sys.executable, str(Path(settings.BASE_DIR) / "manage.py"), "serve_engine"]
+
+    def _teacher_vllm_command(self) -> tuple[list[str], int] | None:
+        """A vLLM for teacher jobs beside the hf engine, when .venv-vllm is
+        installed and TEACHER_BACKEND is auto: (command, port)."""
+        from engines.vllm_server import vllm_python
+
+        if settings.INFERENCE_BACKEND != "hf" or settings.TEACHER_BACKEND != "auto":
+            return None
+        if not Path(vllm_python()).exists():
+            return None
+        port = (urlsplit(settings.ENGINE_URL).port or 8001) + 1
+        manage = str(Path(settings.BASE_DIR) / "manage.py")
+        return [sys.executable, manage, "serve_engine", "--teacher", "--port", str(port)], port
+
+    def _teacher_description(self, teacher: tuple[list[str], int] | None) -> str:
+        if settings.INFERENCE_BACKEND != "hf":
+            return "on the inference engine (vllm)"
+        if teacher is not None:
+            return (
+                f"vLLM at http://127.0.0.1:{teacher[1]} (from .venv-vllm; teacher jobs answer in process "
+                "until it is up)"
+            )
+        if settings.TEACHER_BACKEND == "hf":
+            return "in process (TEACHER_BACKEND=hf)"
+        return "in process (`make vllm-venv` installs vLLM, which teacher jobs then use: 2.6x faster here)"
 
     def _engine_description(self, engine: list[str] | None) -> str:
         if engine:
