@@ -424,8 +424,11 @@ def test_a_teacher_job_generates_on_the_vllm_backend(vllm_url, smollm2_dir, alic
     assert all(r[-1]["role"] == "assistant" and r[-1]["content"].strip() for r in rows)
 
 
+# Committed writes: the progress of a remote teacher comes from its request threads, which a test's
+# open transaction would lock out of SQLite.
+@pytest.mark.django_db(transaction=True)
 def test_with_the_hf_backend_teacher_jobs_ask_the_teacher_vllm_n_samples_a_request(
-    vllm_url, smollm2_dir, alice, alice_project, settings
+    vllm_url, smollm2_dir, alice, alice_project, settings, tmp_path
 ):
     """What `make run` sets up when .venv-vllm is installed: the hf engine serves /v1 and a vLLM
     beside it (TEACHER_VLLM_URL) answers teacher jobs, each query's best of N in one request."""
@@ -439,8 +442,15 @@ def test_with_the_hf_backend_teacher_jobs_ask_the_teacher_vllm_n_samples_a_reque
     from workbench.models import FoundationModel
 
     settings.INFERENCE_BACKEND, settings.TEACHER_BACKEND, settings.TEACHER_VLLM_URL = "hf", "auto", vllm_url
+    settings.DATA_DIR = tmp_path  # job folders of its own (an earlier test's job may have had the same id)
     base = FoundationModel.objects.create(name=BASE, path=str(smollm2_dir))
-    prompt = save_prompt(alice_project, alice, "pirate", "You are a pirate. Start every answer with 'Arrr!'.")
+    prompt = save_prompt(
+        alice_project,
+        alice,
+        "pirate",
+        "You are a pirate. Say 'matey' in every answer.",
+        rules_data=[{"name": "matey", "kind": "contains", "text": "matey"}],
+    )
     queries = ["How do I reset my password?", "Where is my parcel?", "Can I close my account?"]
     data = import_dataset(
         alice_project, alice, "q", io.BytesIO("\n".join(queries).encode()), filename="q.txt", eval_percent=0
@@ -460,6 +470,7 @@ def test_with_the_hf_backend_teacher_jobs_ask_the_teacher_vllm_n_samples_a_reque
     assert teacher.status == Job.SUCCEEDED, teacher.error
     assert f"teacher: generating {BASE} on {vllm_url}" in teacher.log
     usage = teacher.params["teacher_usage"]
+    assert "best of 3 per round" in teacher.log
     assert usage["asked"] == 3 * len(queries)
     assert usage["requests"] == len(queries)  # n=3 in each: the prompt is encoded once per query
 
