@@ -231,13 +231,7 @@ class EngineClient:
         self._post_ok("/v1/load_model", body)
 
     def unload_base(self, name: str) -> None:
-        with self._lock:
-            self._loaded.discard(name)
-        try:
-            self._post_ok("/v1/unload_model", {"model": name})
-        except OpenAIError as exc:
-            if exc.status != 404:  # already gone
-                raise
+        self._unload("/v1/unload_model", "model", name)
 
     def load_adapter(self, name: str, path: str, base_name: str) -> None:
         body = {"lora_name": name, "lora_path": path}
@@ -251,10 +245,13 @@ class EngineClient:
                 raise
 
     def unload_adapter(self, name: str) -> None:
+        self._unload("/v1/unload_lora_adapter", "lora_name", name)
+
+    def _unload(self, path: str, field: str, name: str) -> None:
         with self._lock:
             self._loaded.discard(name)
         try:
-            self._post_ok("/v1/unload_lora_adapter", {"lora_name": name})
+            self._post_ok(path, {field: name})
         except OpenAIError as exc:
             if exc.status != 404:  # already gone
                 raise

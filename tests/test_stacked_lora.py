@@ -151,106 +151,98 @@ def test_what_the_engine_cannot_serve_is_refused_and_changes_nothing(lively_dir,
     assert len(lora_set) == 0 and not any(isinstance(m, LoRALinear) for m in model.modules())
 
 
-def test_adapters_load_and_unload_while_requests_run(lively_dir, adapters, one_torch_thread):
-    engine = ServingEngine(dtype="float32", batch_window_ms=5, threads=1)
-    engine.load_base("tiny", lively_dir)
-    engine.start()
-    try:
-        engine.load_adapter("a", adapters["a"])
-
-        def ask(model, prompt):
-            request = parse_chat_request(
-                {
-                    "model": model,
-                    "messages": [{"role": "user", "content": prompt}],
-                    "temperature": 0,
-                    "max_tokens": 8,
-                }
-            )
-            return engine.submit(request).result(120).choices[0].text
-
-        prompts = ["hello there", "tell me a joke", "x", "what is 2+2?"]
-        alone = {(m, p): ask(m, p) for m in ["tiny", "a"] for p in prompts}
-        answers: list[tuple[str, str, str]] = []
-        stop = threading.Event()
-
-        def client(model):
-            while not stop.is_set():
-                for p in prompts:
-                    answers.append((model, p, ask(model, p)))
-
-        threads = [threading.Thread(target=client, args=(m,)) for m in ["tiny", "a", "a"]]
-        for t in threads:
-            t.start()
-        # b and c come and go under the running requests of the base and of a.
-        for _ in range(3):
-            engine.load_adapter("b", adapters["b"])
-            engine.load_adapter("c", adapters["c"])
-            assert ask("b", "x")
-            engine.unload_adapter("b")
-            engine.unload_adapter("c")
-        stop.set()
-        for t in threads:
-            t.join(120)
-        assert len(answers) >= 6
-        assert all(text == alone[(m, p)] for m, p, text in answers)
-    finally:
-        engine.stop()
+@pytest.fixture
+def engine(lively_dir, one_torch_thread):
+    """The engine (fp32: a row's greedy tokens do not hang on its batch) holding the tiny base."""
+    running = ServingEngine(dtype="float32", batch_window_ms=5, threads=1)
+    running.load_base("tiny", lively_dir)
+    running.start()
+    yield running
+    running.stop()
 
 
-def test_a_merged_deployment_answers_as_the_adapter_and_unloads(
-    lively_dir, adapters, tmp_path, one_torch_thread
-):
-    engine = ServingEngine(dtype="float32", batch_window_ms=5, threads=1)
-    engine.load_base("tiny", lively_dir)
-    engine.start()
-    try:
-        engine.load_adapter("a", adapters["a"])
-        assert engine.load_base("a-merged", lively_dir, merge=adapters["a"])
-        assert not engine.load_base("a-merged", lively_dir, merge=adapters["a"])  # already there
-        card = next(m for m in engine.list_models() if m["id"] == "a-merged")
-        assert card["parent"] is None and card["merged"] == str(adapters["a"])
+def greedy(engine, model: str, prompt: str, max_tokens: int = 8) -> str:
+    request = parse_chat_request(
+        {
+            "model": model,
+            "messages": [{"role": "user", "content": prompt}],
+            "temperature": 0,
+            "max_tokens": max_tokens,
+        }
+    )
+    return engine.submit(request).result(120).choices[0].text
 
-        def ask(model, prompt):
-            request = parse_chat_request(
-                {
-                    "model": model,
-                    "messages": [{"role": "user", "content": prompt}],
-                    "temperature": 0,
-                    "max_tokens": 10,
-                }
-            )
-            return engine.submit(request).result(120).choices[0].text
 
-        prompts = ["hello there", "tell me a joke", "x", "Write a haiku about rain."]
-        adapter = [ask("a", p) for p in prompts]
-        assert [ask("a-merged", p) for p in prompts] == adapter
-        assert adapter != [ask("tiny", p) for p in prompts]
+def test_adapters_load_and_unload_while_requests_run(engine, adapters):
+    engine.load_adapter("a", adapters["a"])
 
-        # The weights themselves: W + scale * B @ A, so the logits match the routed adapter's.
-        merged = engine.models.resolve("a-merged")[0].loaded.model
-        base = engine.models.resolve("tiny")[0]
-        with torch.inference_mode():
-            want_ids = batch(ROWS)
-            with base.lora.route(["a"] * len(ROWS)):
-                want = base.loaded.model(**want_ids).logits
-            assert torch.allclose(merged(**want_ids).logits, want, atol=1e-4)
+    def ask(model, prompt):
+        return greedy(engine, model, prompt)
 
-        with pytest.raises(OpenAIError, match="unload them first"):
-            engine.unload_base("tiny")
+    prompts = ["hello there", "tell me a joke", "x", "what is 2+2?"]
+    alone = {(m, p): ask(m, p) for m in ["tiny", "a"] for p in prompts}
+    answers: list[tuple[str, str, str]] = []
+    stop = threading.Event()
+
+    def client(model):
+        while not stop.is_set():
+            for p in prompts:
+                answers.append((model, p, ask(model, p)))
+
+    threads = [threading.Thread(target=client, args=(m,)) for m in ["tiny", "a", "a"]]
+    for t in threads:
+        t.start()
+    # b and c come and go under the running requests of the base and of a.
+    for _ in range(3):
+        engine.load_adapter("b", adapters["b"])
+        engine.load_adapter("c", adapters["c"])
+        assert ask("b", "x")
+        engine.unload_adapter("b")
+        engine.unload_adapter("c")
+    stop.set()
+    for t in threads:
+        t.join(120)
+    assert len(answers) >= 6
+    assert all(text == alone[(m, p)] for m, p, text in answers)
+
+
+def test_a_merged_deployment_answers_as_the_adapter_and_unloads(engine, lively_dir, adapters, tmp_path):
+    engine.load_adapter("a", adapters["a"])
+    assert engine.load_base("a-merged", lively_dir, merge=adapters["a"])
+    assert not engine.load_base("a-merged", lively_dir, merge=adapters["a"])  # already there
+    card = next(m for m in engine.list_models() if m["id"] == "a-merged")
+    assert card["parent"] is None and card["merged"] == str(adapters["a"])
+
+    def ask(model, prompt):
+        return greedy(engine, model, prompt, 10)
+
+    prompts = ["hello there", "tell me a joke", "x", "Write a haiku about rain."]
+    adapter = [ask("a", p) for p in prompts]
+    assert [ask("a-merged", p) for p in prompts] == adapter
+    assert adapter != [ask("tiny", p) for p in prompts]
+
+    # The weights themselves: W + scale * B @ A, so the logits match the routed adapter's.
+    merged = engine.models.resolve("a-merged")[0].loaded.model
+    base = engine.models.resolve("tiny")[0]
+    with torch.inference_mode():
+        want_ids = batch(ROWS)
+        with base.lora.route(["a"] * len(ROWS)):
+            want = base.loaded.model(**want_ids).logits
+        assert torch.allclose(merged(**want_ids).logits, want, atol=1e-4)
+
+    with pytest.raises(OpenAIError, match="unload them first"):
+        engine.unload_base("tiny")
+    engine.unload_base("a-merged")
+    assert "a-merged" not in {m["id"] for m in engine.list_models()}
+    with pytest.raises(OpenAIError, match="not loaded"):
         engine.unload_base("a-merged")
-        assert "a-merged" not in {m["id"] for m in engine.list_models()}
-        with pytest.raises(OpenAIError, match="not loaded"):
-            engine.unload_base("a-merged")
-        # What is not an adapter is refused, and leaves no half-loaded name behind.
-        not_adapter = tmp_path / "nope"
-        not_adapter.mkdir()
-        with pytest.raises(OpenAIError, match="is not a LoRA adapter"):
-            engine.load_base("bad", lively_dir, merge=not_adapter)
-        broken = save_variant(adapters["a"], tmp_path / "broken", {"fan_in_fan_out": True})
-        with pytest.raises(OpenAIError, match="fan_in_fan_out"):
-            engine.load_base("bad", lively_dir, merge=broken)
-        assert "bad" not in {m["id"] for m in engine.list_models()}
-        assert engine.load_base("bad", lively_dir, merge=adapters["a"])
-    finally:
-        engine.stop()
+    # What is not an adapter is refused, and leaves no half-loaded name behind.
+    not_adapter = tmp_path / "nope"
+    not_adapter.mkdir()
+    with pytest.raises(OpenAIError, match="is not a LoRA adapter"):
+        engine.load_base("bad", lively_dir, merge=not_adapter)
+    broken = save_variant(adapters["a"], tmp_path / "broken", {"fan_in_fan_out": True})
+    with pytest.raises(OpenAIError, match="fan_in_fan_out"):
+        engine.load_base("bad", lively_dir, merge=broken)
+    assert "bad" not in {m["id"] for m in engine.list_models()}
+    assert engine.load_base("bad", lively_dir, merge=adapters["a"])
