@@ -357,11 +357,21 @@ def part2(client: Any, heldout: list[str], prompt: str, n: int, summary: Summary
         fig = {name: line(name, answers) for name, answers in got.items()}
         bare, adapter, prompted = fig[arms[0][0]], fig[arms[1][0]], fig[arms[-1][0]]
         merged = fig.get("student merged", adapter)
+        ratios = [
+            ("latency", "adapter / base + prompt", adapter["latency"] / prompted["latency"]),
+            ("step", "adapter / bare base", adapter["step"] / bare["step"]),
+        ]
+        if merged_arm:
+            ratios += [
+                ("latency", "merged / base + prompt", merged["latency"] / prompted["latency"]),
+                ("step", "merged / bare base", merged["step"] / bare["step"]),
+            ]
         say(
-            f"  latency merged / base + prompt ({prompt_tokens} prompt tokens) "
-            f"{merged['latency'] / prompted['latency']:.2f}, adapter / base + prompt "
-            f"{adapter['latency'] / prompted['latency']:.2f}; a token after the first: merged / bare base "
-            f"{merged['step'] / bare['step']:.2f}, adapter / bare base {adapter['step'] / bare['step']:.2f}"
+            f"  ({prompt_tokens} prompt tokens with the prompt) "
+            + ", ".join(
+                f"{'latency' if k == 'latency' else 'a token after the first'} {what} {v:.2f}"
+                for k, what, v in ratios
+            )
         )
         for name, f in fig.items():
             summary.add(
