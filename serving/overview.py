@@ -16,7 +16,7 @@ from django.urls import reverse
 from evals.models import ArmComparison
 from jobs.models import Job
 from serving import actions, engine_client
-from serving.engine_client import ADAPTER_PREFIX, EngineStatus
+from serving.engine_client import ADAPTER_PREFIX, MERGED_PREFIX, EngineStatus
 from serving.gate import evaluate_gate
 from serving.models import DEFAULT_ALIASES, AliasMove
 from workbench.models import DatasetVersion, FoundationModel, Project, PromptVersion, Variant
@@ -276,26 +276,39 @@ def overview_jobs(request: AuthedHttpRequest, slug: str) -> HttpResponse:
 # --- the engine ------------------------------------------------------------------------------
 
 
+def _variant_ids(names: Any, prefix: str) -> dict[int, str]:
+    return {int(n[len(prefix) :]): n for n in names if n.startswith(prefix) and n[len(prefix) :].isdigit()}
+
+
 def _variants_of(status: EngineStatus, projects: Any) -> dict[str, Variant]:
     """The loaded adapters that are variants of `projects`, by engine name."""
-    ids = [
-        int(name[len(ADAPTER_PREFIX) :])
-        for name in status.adapters
-        if name.startswith(ADAPTER_PREFIX) and name[len(ADAPTER_PREFIX) :].isdigit()
-    ]
+    ids = _variant_ids(status.adapters, ADAPTER_PREFIX)
     found = Variant.objects.filter(pk__in=ids, project__in=projects).select_related("project")
     return {v.engine_model: v for v in found}
+
+
+def _merged_of(status: EngineStatus, projects: Any) -> tuple[list[Variant], int]:
+    """The merged deployments among the engine's bases that are variants of
+    `projects`, and how many more there are (other projects': not named)."""
+    ids = _variant_ids(status.bases, MERGED_PREFIX)
+    found = list(
+        Variant.objects.filter(pk__in=ids, project__in=projects).select_related("project", "base_model")
+    )
+    return sorted(found, key=lambda v: v.pk), len(ids) - len(found)
 
 
 def _engine_context(request: AuthedHttpRequest, projects: Any) -> dict[str, Any]:
     status = engine_client.client().status()
     mine = _variants_of(status, projects)
-    registered = set(FoundationModel.objects.filter(name__in=status.bases).values_list("name", flat=True))
+    merged, other_merged = _merged_of(status, projects)
+    plain = [b for b in status.bases if not b.startswith(MERGED_PREFIX)]
+    registered = set(FoundationModel.objects.filter(name__in=plain).values_list("name", flat=True))
     return {
         "engine": status,
-        "bases": [{"name": b, "registered": b in registered} for b in status.bases],
+        "bases": [{"name": b, "registered": b in registered} for b in plain],
         "adapters": [{"variant": v, "base": status.adapters[name]} for name, v in sorted(mine.items())],
-        "other_adapters": len(status.adapters) - len(mine),
+        "merged": merged,
+        "other_adapters": len(status.adapters) - len(mine) + other_merged,
         "show_address": request.user.is_staff,
         "address": engine_client.client().url,
     }

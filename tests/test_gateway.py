@@ -336,7 +336,7 @@ def test_adapter_loaded_on_promote_and_served_without_a_restart(
 
 
 def test_an_alias_served_as_merged_weights_answers_as_its_adapter(
-    live_server, world, served, alice, client, settings
+    live_server, world, served, alice, bob, client, settings
 ):
     def engine_models() -> dict[str, dict]:
         return {m["id"]: m for m in httpx.get(f"{served.url}/v1/models").json()["data"]}
@@ -356,6 +356,13 @@ def test_an_alias_served_as_merged_weights_answers_as_its_adapter(
     assert card["parent"] is None and card["merged"] == world.student.adapter_path
     page = client.get(f"/p/{world.slug}/serving/aliases/production/").content.decode()
     assert "serves student as merged weights" in page
+    # The engine panel names the merged model for its project, and only counts it for another.
+    panel = client.get(f"/p/{world.slug}/overview/engine").content.decode()
+    assert "(merged weights)" in panel and "student" in panel and merged_name not in panel
+    client.force_login(bob)
+    other = client.get(f"/p/{world.bob_slug}/overview/engine").content.decode()
+    assert "(merged weights)" not in other and "merged model" in other and merged_name not in other
+    client.force_login(alice)
 
     as_merged = [
         sdk(live_server, world.raw).chat.completions.create(model=model, messages=q, **GREEDY) for q in asked
