@@ -308,7 +308,8 @@ def _engine_context(request: AuthedHttpRequest, projects: Any) -> dict[str, Any]
         "bases": [{"name": b, "registered": b in registered} for b in plain],
         "adapters": [{"variant": v, "base": status.adapters[name]} for name, v in sorted(mine.items())],
         "merged": merged,
-        "other_adapters": len(status.adapters) - len(mine) + other_merged,
+        "other_adapters": len(status.adapters) - len(mine),
+        "other_merged": other_merged,
         "show_address": request.user.is_staff,
         "address": engine_client.client().url,
     }
