@@ -143,6 +143,7 @@ def test_what_the_engine_cannot_serve_is_refused_and_changes_nothing(lively_dir,
         ),
         "does not fit": save_variant(src, tmp_path / "shape", weights={key: torch.zeros(4, 3)}),
         "not a plain LoRA": save_variant(src, tmp_path / "ia3", {"peft_type": "IA3"}),
+        "with DoRA": save_variant(src, tmp_path / "dora", {"use_dora": True}),
     }
     lora_set = AdapterSet(model)
     for why, folder in cases.items():

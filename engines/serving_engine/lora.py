@@ -66,7 +66,8 @@ def read_adapter(model: nn.Module, folder: Path) -> dict[str, Factor]:
         raise AdapterError(f"{folder}/{CONFIG} is not valid JSON: {exc}") from exc
     if not isinstance(config, dict) or config.get("peft_type") != "LORA" or config.get("use_dora"):
         kind = config.get("peft_type") if isinstance(config, dict) else None
-        raise AdapterError(f"{folder} is not a plain LoRA adapter (peft_type {kind!r})")
+        dora = " with DoRA" if isinstance(config, dict) and config.get("use_dora") else ""
+        raise AdapterError(f"{folder} is not a plain LoRA adapter (peft_type {kind!r}{dora})")
     unsupported = [
         key for key in ("modules_to_save", "trainable_token_indices", "layer_replication") if config.get(key)
     ]
