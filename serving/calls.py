@@ -128,8 +128,7 @@ class Call:
         self.lease = lease
         self.chat = chat
         self.asked = body["model"]
-        # Merged weights are the hf engine's; other backends serve the adapter (the alias page says so).
-        self.merged = bool(alias is not None and alias.serve_merged and settings.INFERENCE_BACKEND == "hf")
+        self.merged = engine_client.serves_merged(alias)
         self.fingerprint = fingerprint(variant, self.merged)
         # The engine queues work round-robin by project (its fairness bucket).
         self.project = key.project.slug

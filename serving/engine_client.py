@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 from django.conf import settings
@@ -26,6 +26,9 @@ from django.conf import settings
 from engines.protocol import OpenAIError
 from workbench.backend import api_key, engine_url
 from workbench.models import Variant
+
+if TYPE_CHECKING:
+    from serving.models import Alias
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +119,12 @@ def served_name(variant: Variant, merged: bool = False) -> str:
     """The engine's name for the variant as an alias serves it: merged
     weights are a model of their own, loaded beside the base."""
     return f"{MERGED_PREFIX}{variant.pk}" if merged and variant.adapter_path else variant.engine_model
+
+
+def serves_merged(alias: Alias | None) -> bool:
+    """Whether the alias's variant goes to the engine as merged weights: the
+    hf engine's; other backends serve the adapter (the alias page says so)."""
+    return bool(alias is not None and alias.serve_merged and settings.INFERENCE_BACKEND == "hf")
 
 
 def _model_not_found(err: OpenAIError) -> bool:

@@ -48,7 +48,7 @@ def sync_engine(alias: Alias) -> tuple[str | None, list[str]]:
     client = engine_client.client()
     loaded = None
     variant = None
-    merged = alias.serve_merged and client.backend == "hf"
+    merged = engine_client.serves_merged(alias)
     if alias.variant_id is not None:
         variant = Variant.objects.select_related("base_model").filter(pk=alias.variant_id).first()
     if variant is not None:

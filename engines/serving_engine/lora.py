@@ -12,8 +12,8 @@ rows (`AdapterSet.route`) and each wrapped Linear then runs:
   bare-base rows, ranks zero-padded, scale folded into B), gathered by row
   once per call, two `bmm` a step.
 
-The LoRA weights stay in float32 and the input is cast to them, as peft does.
-An adapter whose weights are not plain LoRA matrices of Linear layers is
+One adapter runs in float32 with the input cast to it, as peft does; the
+stacks are in the base's dtype (a step reads every row's weights). An adapter whose weights are not plain LoRA matrices of Linear layers is
 refused before anything changes."""
 
 from __future__ import annotations
@@ -123,12 +123,12 @@ def read_adapter(model: nn.Module, folder: Path) -> dict[str, Factor]:
     return factors
 
 
+@dataclass(eq=False)  # compared by identity: the gathered weights belong to one call's routing
 class _Routing:
     """Which adapter each row of the running call uses."""
 
-    def __init__(self, single: str | None, rows: Sequence[str | None] | None) -> None:
-        self.single = single  # the one adapter of the whole batch
-        self.rows = rows  # per row, when the batch mixes adapters (None: the bare base)
+    single: str | None  # the one adapter of the whole batch
+    rows: Sequence[str | None] | None  # per row, when the batch mixes adapters (None: the bare base)
 
 
 class LoRALinear(nn.Module):
@@ -213,9 +213,6 @@ class AdapterSet:
         self.layers: dict[str, LoRALinear] = {}
         self.names: list[str] = []
         self.routing: _Routing | None = None
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.names
 
     def __len__(self) -> int:
         return len(self.names)
