@@ -561,3 +561,31 @@ def test_clients_one_call_answered_come_back_to_the_same_next_call(lively_dir, o
         apart, together = rows_per_call(False), rows_per_call(True)
     print(f"\nrows per call: {apart:.2f} taking what queued, {together:.2f} waiting for the callers")
     assert together >= 3.0 and together > apart
+
+
+@pytest.mark.parametrize(
+    "path, body, param",
+    [
+        ("/v1/load_model", {"model": "m", "path": "/nowhere", "lora_path": 7}, "lora_path"),
+        ("/v1/load_model", {"model": "m", "path": "/nowhere", "lora_path": ""}, "lora_path"),
+        ("/v1/unload_model", {"model": ["tiny"]}, "model"),
+        ("/v1/unload_model", [1, 2], "model"),
+    ],
+)
+def test_the_merged_model_routes_answer_400_to_bad_bodies(server, path, body, param):
+    r = httpx.post(server.url + path, json=body)
+    assert r.status_code == 400 and r.json()["error"]["param"] == param
+    assert {m["id"] for m in httpx.get(server.url + "/v1/models").json()["data"]} >= {"tiny"}
+
+
+def test_unloading_an_unknown_model_is_a_404_and_a_base_with_adapters_a_400(server, adapters):
+    assert httpx.post(server.url + "/v1/unload_model", json={"model": "nope"}).status_code == 404
+    r = httpx.post(
+        server.url + "/v1/load_lora_adapter", json={"lora_name": "held", "lora_path": str(adapters["a1"])}
+    )
+    assert r.status_code == 200
+    try:
+        refused = httpx.post(server.url + "/v1/unload_model", json={"model": "tiny"})
+        assert refused.status_code == 400 and "unload them first" in refused.json()["error"]["message"]
+    finally:
+        httpx.post(server.url + "/v1/unload_lora_adapter", json={"lora_name": "held"})

@@ -79,3 +79,37 @@ def test_the_path_from_prompt_to_a_queued_job(page, alice, alice_project, tiny_m
     expect(page.locator("#job-status")).to_have_text("cancelled")
     assert [j.status for j in Job.objects.order_by("pk")] == ["cancelled", "cancelled"]
     page.screenshot(path=str(tmp_path / "job.png"), full_page=True)
+
+
+def test_an_alias_is_switched_to_merged_weights_from_its_page(
+    page, alice, alice_project, engine, lively_dir, tmp_path
+):
+    import os
+
+    import httpx
+
+    from serving.models import Alias
+    from tests.conftest import build_random_lora
+    from workbench.models import FoundationModel, Variant
+
+    base = FoundationModel.objects.create(name="tiny-lively", path=str(lively_dir))
+    adapter = build_random_lora(lively_dir, tmp_path / "adapter", seed=1)
+    student = Variant.objects.create(
+        project=alice_project, name="student", base_model=base, adapter_path=str(adapter)
+    )
+    Alias.objects.update_or_create(project=alice_project, name="production", defaults={"variant": student})
+
+    login(page, "alice", "alice-password")
+    page.goto(f"/p/{alice_project.slug}/serving/aliases/production/")
+    box = page.locator("#deployment")
+    expect(box).to_contain_text("The engine serves student as an adapter over its base.")
+    box.get_by_label("Serve as merged weights").check()
+    box.get_by_role("button", name="Save").click()
+    expect(page.locator("body")).to_contain_text("production is served as merged weights.")
+    expect(page.locator("#deployment")).to_contain_text("The engine serves student as merged weights.")
+    models = {m["id"] for m in httpx.get(f"{engine.url}/v1/models").json()["data"]}
+    assert f"merged-variant-{student.pk}" in models
+    if os.environ.get("WORKBENCH_SCREENSHOTS"):
+        page.locator("#deployment").screenshot(
+            path=os.path.join(os.environ["WORKBENCH_SCREENSHOTS"], "alias-merged.png")
+        )
