@@ -112,8 +112,8 @@ def test_a_plan_shows_every_step_with_estimates_and_stores_nothing(alice_client,
         ({'{ref: "pirate@1"}': "{name: pirate, file: prompt.md}"}, "reads no files"),
         ({"project: ": "project: someone-else-"}, "this spec names"),
         (
-            {"promote:": "objectives: {min_all_rules: 0.8}\nsearch: {budget_minutes: 10}\npromote:"},
-            "manage.py apply",
+            {"promote:": "objectives: {min_fact_recall: 0.8}\nsearch: {budget_minutes: 10}\npromote:"},
+            "the prompt has no facts checks, so fact recall cannot be measured",
         ),
         ({"version: 1\n": "version: 1\n  - [\n"}, "spec line"),
     ],
@@ -244,3 +244,44 @@ def test_a_run_goes_step_by_step_to_the_gated_promotion(alice_client, alice_proj
     second = SpecRun.objects.exclude(pk=run.pk).get()
     assert again.status_code == 302 and second.status == SpecRun.DONE
     assert jobs.count() == 3 and all(s["action"] == "reuse" for s in second.plan["steps"])
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.slow
+def test_a_search_runs_its_trials_one_advance_at_a_time(alice_client, alice_project, versions, worker):
+    search = """\
+objectives: {max_prompt_tokens: 1}
+search:
+  budget_minutes: 60
+  max_trials: 2
+  space: {training.learning_rate: [0.001]}
+promote:"""
+    text = spec_text(alice_project, *versions, **{"promote:": search})
+    plan = post(alice_client, alice_project, text).content.decode()
+    assert "then a search of up to 2 trials within 60 minutes" in plan and "plan above is trial 1" in plan
+    page = post(alice_client, alice_project, text, "run", htmx=False)
+    assert page.status_code == 302
+    run = SpecRun.objects.get()
+    assert run.waiting_on is not None and run.waiting_on.kind == "teacher"  # nothing waits in the request
+    deadline = time.monotonic() + 900
+    while run.status == SpecRun.RUNNING and time.monotonic() < deadline:
+        time.sleep(2)
+        run.refresh_from_db()
+    # No trial can meet 1 prompt token: both run, and the best is reported, not promoted.
+    assert run.status == SpecRun.REFUSED, (run.message, run.log)
+    assert "not promoted: no trial met every objective; the best, trial 1" in run.message
+    found = run.outcome["search"]
+    assert [t["settings"] for t in found["trials"]] == [
+        {"training.learning_rate": 0.0003},
+        {"training.learning_rate": 0.001},
+    ]
+    assert found["stopped"] == "tried 2 trials (max_trials) without meeting every objective"
+    first, second = found["trials"]
+    assert first["seconds"] > 0 and second["seconds"] > 0  # charged when each trial ended, not on replay
+    assert "teacher" in second["reused"] and first["variant"] != second["variant"]
+    jobs = Job.objects.filter(project=alice_project)
+    assert sorted(jobs.values_list("kind", flat=True)) == ["eval", "eval", "finetune", "finetune", "teacher"]
+    assert not Alias.objects.filter(project=alice_project, variant__isnull=False).exists()
+    assert run.log.count("] trial 2: training.learning_rate=0.001\n") == 1  # replays say nothing again
+    shown = alice_client.get(page.url).content.decode()
+    assert 'id="spec-run-trials"' in shown and "max_prompt_tokens" in shown and "best</span>" in shown

@@ -3,7 +3,9 @@ jobs: `advance` applies the spec once more, with a follow that stops at the
 first step still running (the run then waits on that job) instead of
 blocking. Every finished step is reused by its fingerprint, so each advance
 goes one step further; a job of the run ending sends the next advance
-(serving.receivers), and "check again" on the page sends one by hand."""
+(serving.receivers), and "check again" on the page sends one by hand. A
+search spec goes the same way: each advance replays the finished trials from
+their reused steps and goes on with the next (serving.pipeline.search)."""
 
 from __future__ import annotations
 
@@ -19,7 +21,8 @@ from django.utils import timezone
 from jobs.models import Job
 from serving.models import SpecRun
 from serving.pipeline.plan import Plan, PlanError, make_plan
-from serving.pipeline.run import apply_plan
+from serving.pipeline.run import Outcome, apply_plan
+from serving.pipeline.search import check, note, optimize
 from workbench.models import Project
 from workbench.pipeline import Spec, SpecError, parse_spec
 
@@ -50,21 +53,23 @@ def read(project: Project, text: str) -> tuple[Spec, Plan]:
     if not text.strip():
         raise SpecError(["spec: empty: paste a spec, or start from an absorb's exported spec"])
     spec = parse_spec(text, "spec", None)
+    plan = make_plan(spec, project)
     if "search" in spec.data:
-        raise SpecError(
-            [
-                f"{spec.where('search')}: a search runs its trials one after another: "
-                "apply it with `manage.py apply`"
-            ]
-        )
-    return spec, make_plan(spec, project)
+        check(spec, plan)
+    return spec, plan
+
+
+def shown(spec: Spec, plan: Plan) -> dict[str, Any]:
+    """The plan as the page shows it: its steps, and what a search does after them."""
+    searching = note(spec)
+    return plan.to_dict() | ({"search": searching} if searching else {})
 
 
 def start(project: Project, user: User, text: str) -> SpecRun:
     """Plan the spec (raising what is wrong with it) and take its first steps with that plan."""
-    _, plan = read(project, text)
-    run = SpecRun.objects.create(project=project, text=text, plan=plan.to_dict(), created_by=user)
-    advance(run.pk, plan)
+    spec, plan = read(project, text)
+    run = SpecRun.objects.create(project=project, text=text, plan=shown(spec, plan), created_by=user)
+    advance(run.pk, None if "search" in spec.data else plan)
     run.refresh_from_db()
     return run
 
@@ -101,25 +106,47 @@ def advance(run_id: int, plan: Plan | None = None) -> None:
         SpecRun.objects.filter(pk=run_id).update(again=False)
 
 
+def _ended(run: SpecRun) -> Any:
+    """The seconds of a search's budget spent when a trial ended: from the run's start to its
+    comparison's end (a trial reused from before the run cost it nothing)."""
+
+    def ended(outcome: Outcome) -> float:
+        job = outcome.comparison.job if outcome.comparison is not None else None
+        end = job.finished_at if job is not None and job.finished_at else timezone.now()
+        return max(0.0, (end - run.created_at).total_seconds())
+
+    return ended
+
+
 def _step(run: SpecRun, plan: Plan | None = None) -> None:
     said: list[str] = []
     changes: dict[str, Any] = {"updated_at": timezone.now()}
     try:
+        spec = None
         if plan is None:
-            _, plan = read(run.project, run.text)
+            spec, plan = read(run.project, run.text)
         said += [
             f"{s.name}: job #{s.job}, found by its fingerprint"
             for s in plan.steps
             if s.action == "reuse" and s.job
         ]
-        outcome = apply_plan(plan, run.created_by, said.append, _follow)
+        searched: dict[str, Any] = {}
+        if spec is not None and "search" in spec.data:
+            search = optimize(spec, run.created_by, said.append, _follow, run.project, _ended(run))
+            said += search.text().splitlines()
+            searched = {"search": search.to_dict()}
+            if search.outcome is None:
+                raise PlanError(f"no trial made a variant ({search.stopped})")
+            outcome = search.outcome
+        else:
+            outcome = apply_plan(plan, run.created_by, said.append, _follow)
         if outcome.message:
             said.append(f"promote: {outcome.message}")
         refused = outcome.promoted is False
         changes.update(
             status=SpecRun.REFUSED if refused else SpecRun.DONE,
             waiting_on=None,
-            outcome=json.loads(json.dumps(outcome.to_dict(), default=str)),
+            outcome=json.loads(json.dumps(outcome.to_dict() | searched, default=str)),
             message=outcome.message or "done",
         )
     except _Waiting as waiting:

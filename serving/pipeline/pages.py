@@ -15,7 +15,7 @@ from django.views.decorators.http import require_POST
 
 from jobs.models import Job
 from serving.models import SpecRun
-from serving.pipeline.background import MAX_CHARS, advance, problems_of, read, start
+from serving.pipeline.background import MAX_CHARS, advance, problems_of, read, shown, start
 from serving.pipeline.export import absorb_of, export_spec
 from serving.pipeline.plan import PlanError
 from workbench.models import DatasetVersion, Project, PromptVersion
@@ -103,11 +103,11 @@ def spec_page(request: AuthedHttpRequest, slug: str) -> HttpResponse:
         if request.POST.get("action") == "run":
             run = start(project, request.user, text)
             return redirect("serving_spec_run", slug=project.slug, run_id=run.pk)
-        _, plan = read(project, text)
+        spec, plan = read(project, text)
     except (SpecError, PlanError) as exc:
         ctx["problems"] = problems_of(exc)
         return render(request, _template(request), ctx, status=400)
-    ctx["plan"] = plan.to_dict()
+    ctx["plan"] = shown(spec, plan)
     return render(request, _template(request), ctx)
 
 

@@ -7,7 +7,13 @@ reuses the teacher's answers). The search stops at the first trial that meets
 every objective, when the next trial's estimate no longer fits the budget or
 the budget is spent, or after max_trials; then the best trial (the smallest
 shortfall, the earliest on a tie) is promoted when the spec promotes and it
-meets every objective."""
+meets every objective.
+
+The search is a pure function of its finished trials: the sampler is seeded
+and the budget is charged when a trial ends. So the browser's run (which
+applies the spec again each time a job ends) replays the finished trials from
+their reused steps, asks the same next trial, and charges the time each trial
+really ended at (its comparison's end), not the time of the replay."""
 
 from __future__ import annotations
 
@@ -25,6 +31,7 @@ from evals.models import ArmComparison
 from serving.pipeline.lookups import PlanError, lm_eval_tasks
 from serving.pipeline.plan import Plan, make_plan
 from serving.pipeline.run import Follow, Outcome, Say, apply_plan
+from workbench.models import Project
 from workbench.pipeline import Spec
 from workbench.pipeline.schema import DEFAULT_SPACE, OBJECTIVES
 
@@ -51,6 +58,12 @@ class Trial:
     def met(self) -> bool:
         return self.shortfall == 0.0
 
+    def verdict(self) -> str:
+        got = ", ".join(f"{k.split('_', 1)[1]} {v:.3g}" for k, v in self.metrics.items() if v is not None)
+        return f"{got or 'nothing measured'}: " + (
+            "meets every objective" if self.met else "short: " + "; ".join(self.unmet)
+        )
+
 
 @dataclass
 class Search:
@@ -73,10 +86,8 @@ class Search:
             if t.same_as is not None:
                 lines.append(f"  trial {t.number}: {shown}: the settings of trial {t.same_as} again")
                 continue
-            got = ", ".join(f"{k} {v:.3g}" for k, v in t.metrics.items() if v is not None)
-            verdict = "meets every objective" if t.met else "short: " + "; ".join(t.unmet)
             reused = f", reused {', '.join(t.reused)}" if t.reused else ""
-            lines.append(f"  trial {t.number}: {shown}: {got}: {verdict} ({t.seconds:.0f} s{reused})")
+            lines.append(f"  trial {t.number}: {shown}: {t.verdict()} ({t.seconds:.0f} s{reused})")
         lines.append(f"  stopped: {self.stopped}")
         if self.best is not None:
             lines.append(f"  best: trial {self.best.number} (variant #{self.best.variant})")
@@ -163,8 +174,42 @@ def with_settings(spec: Spec, settings: dict[str, Any], promote: bool = False) -
     return Spec(spec.name, spec.folder, data, spec._root, spec.checked_prompt)
 
 
+def note(spec: Spec) -> str | None:
+    """What a search spec does after the plan shown (trial 1); None for a plain spec."""
+    if "search" not in spec.data:
+        return None
+    wanted = spec.section("search")
+    return (
+        f"then a search of up to {wanted.get('max_trials', 8)} trials within "
+        f"{wanted['budget_minutes']:g} minutes, until one meets every objective "
+        f"({', '.join(spec.section('objectives'))}); the plan above is trial 1"
+    )
+
+
+def check(spec: Spec, first: Plan) -> None:
+    """Objectives that this spec could never measure are refused before anything runs."""
+    objectives = spec.section("objectives")
+    if "max_skills_drop" in objectives and not lm_eval_tasks(first):
+        raise PlanError(
+            f"{spec.where('objectives', 'max_skills_drop')}: no general-skills task runs "
+            "(eval.lm_eval_tasks is empty), so the drop cannot be measured"
+        )
+    if "min_fact_recall" in objectives:
+        facts = first.prompt_version.facts if first.prompt_version is not None else None
+        if not facts and not (first.new_prompt and first.new_prompt.facts):
+            raise PlanError(
+                f"{spec.where('objectives', 'min_fact_recall')}: the prompt has no facts checks, "
+                "so fact recall cannot be measured"
+            )
+    unknown = set(objectives) - set(OBJECTIVES)
+    if unknown:
+        raise PlanError(f"unknown objectives: {', '.join(sorted(unknown))}")
+
+
 class Optimizer:
-    """The search; `plan` and `run` are the workbench's own (a test may replace them)."""
+    """The search; `plan` and `run` are the workbench's own (a test may replace them).
+    `ended(outcome)`: the seconds of the budget spent when that trial ended (default: the clock
+    since the search began); `project`: the project the spec is applied to (the browser's)."""
 
     def __init__(
         self,
@@ -172,8 +217,11 @@ class Optimizer:
         run: Callable[[Plan], Outcome],
         say: Say,
         clock: Callable[[], float] = time.monotonic,
+        ended: Callable[[Outcome], float] | None = None,
+        project: Project | None = None,
     ) -> None:
         self.spec, self.run_plan, self.say, self.clock = spec, run, say, clock
+        self.ended, self.project = ended, project
         search = spec.section("search")
         self.objectives: dict[str, float] = {k: float(v) for k, v in spec.section("objectives").items()}
         self.budget = float(search["budget_minutes"]) * 60
@@ -181,25 +229,10 @@ class Optimizer:
         self.seed = int(search.get("seed", 0))
 
     def plan(self, settings: dict[str, Any], promote: bool = False) -> Plan:
-        return make_plan(with_settings(self.spec, settings, promote))
+        return make_plan(with_settings(self.spec, settings, promote), self.project)
 
     def check(self, first: Plan) -> None:
-        """Objectives that this spec could never measure are refused before anything runs."""
-        if "max_skills_drop" in self.objectives and not lm_eval_tasks(first):
-            raise PlanError(
-                f"{self.spec.where('objectives', 'max_skills_drop')}: no general-skills task runs "
-                "(eval.lm_eval_tasks is empty), so the drop cannot be measured"
-            )
-        if "min_fact_recall" in self.objectives:
-            facts = first.prompt_version.facts if first.prompt_version is not None else None
-            if not facts and not (first.new_prompt and first.new_prompt.facts):
-                raise PlanError(
-                    f"{self.spec.where('objectives', 'min_fact_recall')}: the prompt has no facts checks, "
-                    "so fact recall cannot be measured"
-                )
-        unknown = set(self.objectives) - set(OBJECTIVES)
-        if unknown:
-            raise PlanError(f"unknown objectives: {', '.join(sorted(unknown))}")
+        check(self.spec, first)
 
     def search(self) -> Search:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -211,6 +244,7 @@ class Optimizer:
         study.enqueue_trial(own_settings(self.spec, space))
         out = Search()
         began = self.clock()
+        spent = 0.0
         seen: dict[str, Trial] = {}
         for number in range(1, self.max_trials + 1):
             asked = study.ask()
@@ -227,7 +261,7 @@ class Optimizer:
                 self.check(plan)
             trial.estimate = plan.seconds
             trial.reused = [s.name for s in plan.steps if s.action == "reuse" and s.job]
-            left = self.budget - (self.clock() - began)
+            left = self.budget - spent
             if number > 1 and trial.estimate > left:
                 study.tell(asked, state=optuna.trial.TrialState.FAIL)
                 out.stopped = (
@@ -236,9 +270,9 @@ class Optimizer:
                 )
                 break
             self.say(f"trial {number}: " + ", ".join(f"{k}={v}" for k, v in settings.items()))
-            t0 = self.clock()
             outcome = self.run_plan(plan)
-            trial.seconds = self.clock() - t0
+            ended = self.clock() - began if self.ended is None else self.ended(outcome)
+            trial.seconds, spent = max(0.0, ended - spent), max(spent, ended)
             if outcome.comparison is not None:
                 trial.metrics = measure(outcome.comparison)
                 trial.comparison = outcome.comparison.pk
@@ -247,10 +281,11 @@ class Optimizer:
             study.tell(asked, trial.shortfall)
             out.trials.append(trial)
             seen[repr(sorted(settings.items()))] = trial
+            self.say(f"trial {number}: " + trial.verdict())
             if trial.met:
                 out.stopped = f"trial {number} meets every objective"
                 break
-            if self.clock() - began >= self.budget:
+            if spent >= self.budget:
                 out.stopped = f"budget: {self.budget:.0f} s spent after trial {number}"
                 break
         else:
@@ -260,10 +295,19 @@ class Optimizer:
         return out
 
 
-def optimize(spec: Spec, user: Any, say: Say, follow: Follow) -> Search:
+def optimize(
+    spec: Spec,
+    user: Any,
+    say: Say,
+    follow: Follow,
+    project: Project | None = None,
+    ended: Callable[[Outcome], float] | None = None,
+) -> Search:
     """Search, then promote the best trial when it meets every objective and the spec promotes
     (its steps are all reused). A best trial short of an objective is reported, not promoted."""
-    optimizer = Optimizer(spec, lambda plan: apply_plan(plan, user, say, follow), say)
+    optimizer = Optimizer(
+        spec, lambda plan: apply_plan(plan, user, say, follow), say, ended=ended, project=project
+    )
     result = optimizer.search()
     best = result.best
     if best is not None:

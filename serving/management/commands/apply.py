@@ -11,6 +11,7 @@ from jobs.models import Job
 from serving.costs import economics
 from serving.management.commands._common import user_by_name
 from serving.pipeline import PlanError, Search, apply_plan, make_plan, optimize
+from serving.pipeline.search import note as search_note
 from workbench.pipeline import SpecError, build_schema, load_spec
 
 
@@ -49,14 +50,7 @@ class Command(BaseCommand):
         err = self.stderr if opts["json"] else self.stdout
         searching = "search" in spec.data
         if opts["dry_run"]:
-            wanted = spec.section("search")
-            note = (
-                f"then a search of up to {wanted.get('max_trials', 8)} trials within "
-                f"{wanted['budget_minutes']:g} minutes, until one meets every objective "
-                f"({', '.join(spec.section('objectives'))}); the plan above is trial 1"
-                if searching
-                else None
-            )
+            note = search_note(spec)
             if opts["json"]:
                 self.stdout.write(json.dumps({"plan": plan.to_dict(), "search": note}, indent=2))
             else:
