@@ -415,4 +415,19 @@ def test_a_new_user_walks_the_whole_path_in_a_browser(
     expect(page.locator("#spec-run-status")).to_have_text(re.compile("^(Done|Refused by the gate)$"))
     expect(page.locator("#spec-run-log")).to_contain_text("eval:")
     walk.shot("spec-run")
+
+    # --- objectives instead of settings: a search whose first trial (every step reused) meets them ---
+    page.get_by_role("button", name="Edit and apply again").click()
+    box = page.get_by_label("Spec (YAML)")
+    box.fill(
+        box.input_value()
+        + "objectives: {max_prompt_tokens: 100000}\nsearch: {budget_minutes: 30, max_trials: 3}\n"
+    )
+    page.get_by_role("button", name="Plan").click()
+    expect(page.locator("#plan-search")).to_contain_text("then a search of up to 3 trials within 30 minutes")
+    page.get_by_role("button", name="Run").click()
+    expect(page.locator("#spec-run-trials tbody tr")).to_have_count(1)
+    expect(page.locator('#spec-run-trials tr[data-trial="1"]')).to_contain_text("meets every objective")
+    expect(page.locator("#spec-run-stopped")).to_contain_text("trial 1 meets every objective")
+    walk.shot("spec-search")
     assert len(walk.shots) == walk.n and not walk.problems

@@ -216,6 +216,24 @@ def test_an_advance_that_finds_the_run_taken_asks_it_to_go_again(
     assert 'hx-trigger="every 3s"' in page and "Check again" in page and page.count("<h3>Plan") == 1
 
 
+@pytest.mark.django_db
+def test_check_again_sends_the_advance_to_the_worker_and_answers_at_once(
+    alice, alice_client, alice_project, versions, monkeypatch
+):
+    sent: list[int] = []
+    monkeypatch.setattr("serving.tasks.advance_spec_run.delay", sent.append)
+    run = SpecRun.objects.create(
+        project=alice_project, text=spec_text(alice_project, *versions), created_by=alice
+    )
+    url = reverse("serving_spec_run_advance", args=[alice_project.slug, run.pk])
+    page = alice_client.post(url, follow=True)
+    assert sent == [run.pk] and "Sent: the worker applies the spec again now" in page.content.decode()
+    assert not Job.objects.exists() and not SpecRun.objects.get().log  # nothing ran in the request
+    SpecRun.objects.filter(pk=run.pk).update(status=SpecRun.DONE)
+    alice_client.post(url)
+    assert sent == [run.pk]  # a finished run is not sent on again
+
+
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.slow
 def test_a_run_goes_step_by_step_to_the_gated_promotion(alice_client, alice_project, versions, worker):
@@ -284,4 +302,4 @@ promote:"""
     assert not Alias.objects.filter(project=alice_project, variant__isnull=False).exists()
     assert run.log.count("] trial 2: training.learning_rate=0.001\n") == 1  # replays say nothing again
     shown = alice_client.get(page.url).content.decode()
-    assert 'id="spec-run-trials"' in shown and "max_prompt_tokens" in shown and "best</span>" in shown
+    assert 'id="spec-run-trials"' in shown and "prompt_tokens " in shown and "best</span>" in shown

@@ -8,6 +8,7 @@ from typing import Any
 
 import yaml
 from django import forms
+from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.http import HttpResponse, JsonResponse
 from django.shortcuts import redirect, render
@@ -15,7 +16,7 @@ from django.views.decorators.http import require_POST
 
 from jobs.models import Job
 from serving.models import SpecRun
-from serving.pipeline.background import MAX_CHARS, advance, problems_of, read, shown, start
+from serving.pipeline.background import MAX_CHARS, problems_of, read, shown, start
 from serving.pipeline.export import absorb_of, export_spec
 from serving.pipeline.plan import PlanError
 from workbench.models import DatasetVersion, Project, PromptVersion
@@ -129,9 +130,14 @@ def spec_run(request: AuthedHttpRequest, slug: str, run_id: int) -> HttpResponse
 @login_required
 @require_POST
 def spec_run_advance(request: AuthedHttpRequest, slug: str, run_id: int) -> HttpResponse:
-    """Check again: apply the run's spec once more (as a finished job of it would)."""
+    """Check again: the worker applies the run's spec once more (as a finished job of it would).
+    Sent, not done here: an advance may wait up to a minute for a fine-tune's own comparison."""
+    from serving.tasks import advance_spec_run  # the task module imports this package
+
     run = get_for_project(request, slug, SpecRun.objects.all(), pk=run_id)
-    advance(run.pk)
+    if run.is_running:
+        advance_spec_run.delay(run.pk)
+        messages.info(request, "Sent: the worker applies the spec again now; this page follows it.")
     return redirect("serving_spec_run", slug=slug, run_id=run.pk)
 
 

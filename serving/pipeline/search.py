@@ -74,7 +74,10 @@ class Search:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "trials": [asdict(t) | {"met": t.met} for t in self.trials],
+            "trials": [
+                asdict(t) | {"met": t.met, "measured": {k.split("_", 1)[1]: v for k, v in t.metrics.items()}}
+                for t in self.trials
+            ],
             "stopped": self.stopped,
             "best": self.best.number if self.best else None,
         }
