@@ -422,7 +422,7 @@ class Job(models.Model):
             JobPoint.append(self, points)
 
     def append_log(self, line: str, only_if: str | None = None) -> None:
-        stamp = timezone.now().strftime("%H:%M:%S")
+        stamp = timezone.now().strftime("%Y-%m-%d %H:%M:%S")  # a job may run past midnight
         rows = Job.objects.filter(pk=self.pk, **({"status": only_if} if only_if else {}))
         rows.update(log=Concat(F("log"), Value(f"[{stamp}] {line}\n")))
 

@@ -58,7 +58,8 @@ from workbench.uploads import DataDirFile, DataDirUploadHandler, LimitedUploadHa
 
 FILE_ID = re.compile(r"file-(\d{1,18})")
 SUFFIX = re.compile(r"[A-Za-z0-9._-]{1,64}")
-LOG_LINE = re.compile(r"\[(\d\d):(\d\d):(\d\d)\] (.*)")
+# "[YYYY-MM-DD HH:MM:SS] message"; logs written before the date was stamped hold the time only.
+LOG_LINE = re.compile(r"\[(?:(\d{4})-(\d\d)-(\d\d) )?(\d\d):(\d\d):(\d\d)\] (.*)")
 MAX_METADATA = 16
 MAX_LIST = 1000
 HYPERPARAMETERS = {"n_epochs": ("epochs", 1, 50), "batch_size": ("batch_size", 1, 256)}
@@ -745,8 +746,9 @@ def _job_cancel(request: HttpRequest, key: ApiKey, job_id: str) -> HttpResponse:
 
 
 def _log_events(job: Job) -> list[tuple[datetime, str, str]]:
-    """(time, id, message) of each line of the job's log; the log keeps only
-    the time of day, so the day comes from the job's start, rolling over at midnight."""
+    """(time, id, message) of each line of the job's log. A line stamped with
+    the time of day only (an older log) takes its day from the job's start,
+    rolling over at midnight."""
     day = job.created_at
     previous = None
     out = []
@@ -754,12 +756,15 @@ def _log_events(job: Job) -> list[tuple[datetime, str, str]]:
         m = LOG_LINE.fullmatch(line)
         if m is None:
             continue
-        h, mi, s = (int(g) for g in m.groups()[:3])
-        when = day.replace(hour=h, minute=mi, second=s, microsecond=0)
-        if previous is not None and when < previous - timedelta(hours=1):
+        y, mo, d, h, mi, s = m.groups()[:6]
+        if y is not None:
+            when = datetime(int(y), int(mo), int(d), int(h), int(mi), int(s), tzinfo=day.tzinfo)
+        else:
+            when = day.replace(hour=int(h), minute=int(mi), second=int(s), microsecond=0)
+        if y is None and previous is not None and when < previous - timedelta(hours=1):
             day, when = day + timedelta(days=1), when + timedelta(days=1)
         previous = when
-        out.append((when, f"ftevent-{job.pk}-{n}", m.group(4)))
+        out.append((when, f"ftevent-{job.pk}-{n}", m.group(7)))
     return out
 
 

@@ -430,3 +430,26 @@ def test_a_page_of_jobs_costs_the_same_queries_whatever_its_length(
         start_absorb(alice_project, alice, prompt, data, tiny_base)
     listing(1)  # the first request of a key writes its last use
     assert listing(2) == listing(6)  # each job's comparison is not looked up on its own
+
+
+def test_log_lines_carry_their_date_and_older_time_only_logs_roll_over_midnight():
+    import datetime as dt
+    from types import SimpleNamespace
+
+    from serving.fine_tuning import _log_events
+
+    start = dt.datetime(2026, 12, 6, 23, 58, 0, tzinfo=dt.UTC)
+    dated = SimpleNamespace(
+        pk=7,
+        created_at=start,
+        log="[2026-12-06 23:59:00] teacher: started\nnot a log line\n[2026-12-08 00:01:02] done\n",
+    )
+    assert [(when.isoformat(), msg) for when, _, msg in _log_events(dated)] == [
+        ("2026-12-06T23:59:00+00:00", "teacher: started"),
+        ("2026-12-08T00:01:02+00:00", "done"),  # two days on: the date says so
+    ]
+    older = SimpleNamespace(pk=8, created_at=start, log="[23:59:00] started\n[00:01:02] done\n")
+    assert [when.isoformat() for when, _, _ in _log_events(older)] == [
+        "2026-12-06T23:59:00+00:00",
+        "2026-12-07T00:01:02+00:00",
+    ]
