@@ -101,6 +101,31 @@ def test_it_trains_reports_progress_and_saves_a_loadable_adapter(
     assert out.logits.shape[-1] == base.config.vocab_size
 
 
+def test_the_answer_only_loss_is_sft_trainers_loss(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The default loss takes logits at answer positions only; the same batches and seed give the
+    same losses, step by step, and the same adapter as SFTTrainer's full-logits compute_loss."""
+    from safetensors.torch import load_file
+
+    from engines.training.trainer import AbsorbTrainer
+
+    runs = {}
+    for answer_only in (True, False):
+        monkeypatch.setattr(AbsorbTrainer, "answer_only_logits", answer_only)
+        seen: list[Progress] = []
+        config = fast_config(grad_accum=2, general_mix=0.0)
+        result = train(
+            tiny_model_dir, make_examples(), tmp_path / str(answer_only), config, progress=seen.append
+        )
+        weights = load_file(str(result.adapter_dir / "adapter_model.safetensors"))
+        runs[answer_only] = ([p.metrics["loss"] for p in seen], weights)
+    (ours, ours_w), (theirs, theirs_w) = runs[True], runs[False]
+    assert len(ours) == 3 and ours == pytest.approx(theirs, rel=1e-4)
+    for key, value in theirs_w.items():
+        assert (ours_w[key] - value).abs().max() < 1e-4, key
+
+
 def test_it_trains_on_answer_tokens_only(tokenizer: Any) -> None:
     examples = make_examples(3)
     features, skipped = tokenize_examples(tokenizer, examples, max_length=512)

@@ -204,38 +204,66 @@ class AbsorbTrainer(SFTTrainer):
         self.teacher_model = teacher_model
         super().__init__(*args, **kwargs)
 
+    # The cross-entropy from logits at answer positions only: SFTTrainer's takes (batch x length x
+    # vocab) logits and, for its entropy and accuracy metrics, their softmax (bench/train_loss.py).
+    answer_only_logits = True
+
     def compute_loss(
         self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
     ) -> Any:
-        if self.kl_weight <= 0 or "teacher_input_ids" not in inputs:
+        if self.kl_weight > 0 and "teacher_input_ids" in inputs:
+            loss, ce, kl = self.distill_loss(model, inputs, num_items_in_batch)
+            self._metrics["train"]["ce_loss"].append(ce)
+            self._metrics["train"]["kl_loss"].append(kl)
+        elif self.answer_only_logits:
+            with self.accelerator.autocast():
+                logits, labels = self.student_logits(model, inputs)
+            loss = F.cross_entropy(logits, labels, reduction="sum") / self.denominator(
+                labels, num_items_in_batch
+            )
+            with torch.no_grad():
+                accuracy = (logits.argmax(-1) == labels).float().mean() if labels.numel() else None
+            if accuracy is not None and model.training:
+                self._metrics["train"]["mean_token_accuracy"].append(float(accuracy))
+        else:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        loss, ce, kl = self.distill_loss(model, inputs, num_items_in_batch)
-        self._metrics["train"]["ce_loss"].append(ce)
-        self._metrics["train"]["kl_loss"].append(kl)
         return (loss, None) if return_outputs else loss
+
+    def student_logits(self, model: Any, inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The student's fp32 logits at answer positions, and the tokens they predict. LoRA layers
+        sit inside the backbone, so calling it directly trains the adapter. Accelerate's autocast
+        wraps model.forward only: the caller enters it."""
+        base = self.accelerator.unwrap_model(model).get_base_model()
+        backbone, lm_head = base.base_model, base.get_output_embeddings()
+        labels = inputs["labels"]
+        sel = answer_positions(labels)
+        hidden = backbone(
+            input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False
+        ).last_hidden_state
+        return lm_head(hidden[:, :-1][sel]).float(), labels[:, 1:][sel]
+
+    def denominator(self, targets: torch.Tensor, num_items_in_batch: Any) -> Any:
+        """What a summed loss is divided by, as SFTTrainer does: the answer tokens of the whole
+        accumulated batch when the Trainer counted them, else this batch's."""
+        if num_items_in_batch is None:
+            return max(int(targets.numel()), 1)
+        if self.args.average_tokens_across_devices:
+            return num_items_in_batch / self.accelerator.num_processes
+        return num_items_in_batch
 
     def distill_loss(
         self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None
     ) -> tuple[torch.Tensor, float, float]:
         peft_model = self.accelerator.unwrap_model(model)
-        base = peft_model.get_base_model()
-        # LoRA layers sit inside the backbone, so calling it directly trains
-        # the adapter; logits are then taken only at answer positions
-        # instead of (batch x length x vocab).
-        backbone, lm_head = base.base_model, base.get_output_embeddings()
         labels = inputs["labels"]
-        sel = answer_positions(labels)
-        # Accelerate's autocast wraps model.forward only; the backbone is called directly.
         with self.accelerator.autocast():
-            hidden = backbone(
-                input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False
-            ).last_hidden_state
-            logits = lm_head(hidden[:, :-1][sel]).float()
+            logits, _ = self.student_logits(model, inputs)
             teacher = self.teacher_model
+            base = peft_model.get_base_model()
             t_backbone, t_head = (
                 (teacher.base_model, teacher.get_output_embeddings())
                 if teacher is not None
-                else (backbone, lm_head)
+                else (base.base_model, base.get_output_embeddings())
             )
             off = peft_model.disable_adapter() if teacher is None else contextlib.nullcontext()
             with torch.no_grad(), off:
@@ -245,11 +273,9 @@ class AbsorbTrainer(SFTTrainer):
                     use_cache=False,
                 ).last_hidden_state
                 t_logits = t_head(t_hidden[:, :-1][teacher_positions(inputs["teacher_kl_mask"])]).float()
-        denom = num_items_in_batch if num_items_in_batch is not None else sel.sum().clamp(min=1)
+        denom = self.denominator(labels[:, 1:][answer_positions(labels)], num_items_in_batch)
         ce, kl = distill_terms(logits, t_logits, labels, inputs["kl_mask"], self.kl_temperature, denom)
         loss = ce + self.kl_weight * kl
-        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-            loss = loss * self.accelerator.num_processes
         return loss, float(ce.detach()), float(kl.detach())
 
     def answer_loss(self, features: list[dict[str, list[int]]], batch_size: int) -> float:
