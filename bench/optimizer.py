@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -33,6 +31,8 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from bench._setup import django_in  # noqa: E402
 
 OBJECTIVES = {"min_all_rules": 0.85, "min_fact_recall": 0.5}  # issue 20's targets a pipeline can read
 
@@ -52,19 +52,7 @@ def main() -> None:
     parser.add_argument("--data-dir", type=Path, default=None)
     args = parser.parse_args()
 
-    data_dir = args.data_dir or Path(tempfile.mkdtemp(prefix=f"optimizer-{args.scenario}-"))
-    os.environ.update(
-        WORKBENCH_DATA_DIR=str(data_dir),
-        HF_HUB_OFFLINE="1",
-        HF_DATASETS_OFFLINE="1",
-        DJANGO_SETTINGS_MODULE="workbench.settings",
-        WORKBENCH_LOCAL_SECRET_KEY="true",
-    )
-    os.environ.pop("DATABASE_URL", None)
-    os.environ.pop("CELERY_BROKER_URL", None)
-    import django
-
-    django.setup()
+    data_dir = django_in(args.data_dir, f"optimizer-{args.scenario}-")
     from django.contrib.auth import get_user_model
     from django.core.management import call_command
 
@@ -74,8 +62,6 @@ def main() -> None:
     from serving.pipeline.search import Optimizer, measure, shortfall
     from workbench.pipeline import load_spec
 
-    print(f"data directory: {data_dir}", flush=True)
-    call_command("migrate", verbosity=0)
     call_command("provision_model", verbosity=0)
     user = get_user_model().objects.get_or_create(username="bench")[0]
     folder = write_specs(args, data_dir / "spec")

@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from bench._setup import django_in  # noqa: E402
 
 
 def main() -> None:
@@ -78,19 +78,7 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    data_dir = args.data_dir or Path(tempfile.mkdtemp(prefix=f"scenario-{args.scenario}-"))
-    os.environ.update(
-        WORKBENCH_DATA_DIR=str(data_dir),
-        HF_HUB_OFFLINE="1",
-        HF_DATASETS_OFFLINE="1",
-        DJANGO_SETTINGS_MODULE="workbench.settings",
-        WORKBENCH_LOCAL_SECRET_KEY="true",
-    )
-    os.environ.pop("DATABASE_URL", None)
-    os.environ.pop("CELERY_BROKER_URL", None)
-    import django
-
-    django.setup()
+    data_dir = django_in(args.data_dir, f"scenario-{args.scenario}-")
     from django.contrib.auth import get_user_model
     from django.core.management import call_command
 
@@ -104,8 +92,6 @@ def main() -> None:
     from workbench.actions.prompts import save_prompt
     from workbench.models import FoundationModel
 
-    print(f"data directory: {data_dir}", flush=True)
-    call_command("migrate", verbosity=0)  # a kept data directory too: its tables follow the code
     if args.from_teacher:
         return resume(args, data_dir)
     call_command("provision_model", verbosity=0)

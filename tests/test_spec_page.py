@@ -234,18 +234,25 @@ def test_check_again_sends_the_advance_to_the_worker_and_answers_at_once(
     assert sent == [run.pk]  # a finished run is not sent on again
 
 
-@pytest.mark.django_db(transaction=True)
-@pytest.mark.slow
-def test_a_run_goes_step_by_step_to_the_gated_promotion(alice_client, alice_project, versions, worker):
-    page = post(alice_client, alice_project, spec_text(alice_project, *versions), "run", htmx=False)
+def run_to_its_end(client, project, text: str):
+    """Run the spec from the page; the request returns at once, waiting on the teacher; the worker
+    takes it on to its end."""
+    page = post(client, project, text, "run", htmx=False)
     assert page.status_code == 302
     run = SpecRun.objects.get()
-    assert page.url == reverse("serving_spec_run", args=[alice_project.slug, run.pk])
+    assert page.url == reverse("serving_spec_run", args=[project.slug, run.pk])
     assert run.waiting_on is not None and run.waiting_on.kind == "teacher"  # nothing waits in the request
     deadline = time.monotonic() + 900
     while run.status == SpecRun.RUNNING and time.monotonic() < deadline:
         time.sleep(2)
         run.refresh_from_db()
+    return page, run
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.slow
+def test_a_run_goes_step_by_step_to_the_gated_promotion(alice_client, alice_project, versions, worker):
+    page, run = run_to_its_end(alice_client, alice_project, spec_text(alice_project, *versions))
     assert run.status == SpecRun.DONE, (run.message, run.log)
     jobs = Job.objects.filter(project=alice_project)
     assert sorted(jobs.values_list("kind", flat=True)) == ["eval", "finetune", "teacher"]
@@ -277,14 +284,7 @@ promote:"""
     text = spec_text(alice_project, *versions, **{"promote:": search})
     plan = post(alice_client, alice_project, text).content.decode()
     assert "then a search of up to 2 trials within 60 minutes" in plan and "plan above is trial 1" in plan
-    page = post(alice_client, alice_project, text, "run", htmx=False)
-    assert page.status_code == 302
-    run = SpecRun.objects.get()
-    assert run.waiting_on is not None and run.waiting_on.kind == "teacher"  # nothing waits in the request
-    deadline = time.monotonic() + 900
-    while run.status == SpecRun.RUNNING and time.monotonic() < deadline:
-        time.sleep(2)
-        run.refresh_from_db()
+    page, run = run_to_its_end(alice_client, alice_project, text)
     # No trial can meet 1 prompt token: both run, and the best is reported, not promoted.
     assert run.status == SpecRun.REFUSED, (run.message, run.log)
     assert "not promoted: no trial met every objective; the best, trial 1" in run.message
