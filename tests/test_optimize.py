@@ -273,3 +273,17 @@ search:
     assert again["search"]["trials"][0]["reused"] == ["teacher", "fine-tune", "eval"]
     assert Alias.objects.get(project__slug="pirates", name="staging").variant_id == first["variant"]
     assert Job.objects.filter(kind="finetune").count() == 2  # nothing trained again
+
+
+def test_a_search_asked_again_asks_the_same_trials(spec, fake_measure):
+    """The browser's run replays a search at each advance: with the same finished trials, a new
+    optimizer (the sampler seeded) must ask the same settings in the same order."""
+    wide = SEARCH.replace("max_trials: 3", "max_trials: 6").replace(
+        "    training.learning_rate: [0.0001, 0.001]\n",
+        "    training.learning_rate: [0.0001, 0.001]\n    training.rank: [4, 8, 32]\n    training.epochs: [1, 2, 3]\n",
+    )
+    scores = {0.0003: 0.5, 0.0001: 0.6, 0.001: 0.7}
+    runs = [run_search(spec, Fake(dict(scores)), fake_measure, wide) for _ in range(2)]
+    first, second = ([t.settings for t in r.trials] for r in runs)
+    assert len(first) == 6 and first == second
+    assert len({repr(sorted(s.items())) for s in first}) > 2  # the sampler did move
