@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from django.contrib.auth.models import User
@@ -106,7 +107,7 @@ def advance(run_id: int, plan: Plan | None = None) -> None:
         SpecRun.objects.filter(pk=run_id).update(again=False)
 
 
-def _ended(run: SpecRun) -> Any:
+def _ended(run: SpecRun) -> Callable[[Outcome], float]:
     """The seconds of a search's budget spent when a trial ended: from the run's start to its
     comparison's end (a trial reused from before the run cost it nothing)."""
 

@@ -58,8 +58,13 @@ class Trial:
     def met(self) -> bool:
         return self.shortfall == 0.0
 
+    @property
+    def measured(self) -> dict[str, float | None]:
+        """The metrics by plain name ("all_rules", not the objective's "min_all_rules")."""
+        return {k.split("_", 1)[1]: v for k, v in self.metrics.items()}
+
     def verdict(self) -> str:
-        got = ", ".join(f"{k.split('_', 1)[1]} {v:.3g}" for k, v in self.metrics.items() if v is not None)
+        got = ", ".join(f"{k} {v:.3g}" for k, v in self.measured.items() if v is not None)
         return f"{got or 'nothing measured'}: " + (
             "meets every objective" if self.met else "short: " + "; ".join(self.unmet)
         )
@@ -74,10 +79,7 @@ class Search:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "trials": [
-                asdict(t) | {"met": t.met, "measured": {k.split("_", 1)[1]: v for k, v in t.metrics.items()}}
-                for t in self.trials
-            ],
+            "trials": [asdict(t) | {"met": t.met, "measured": t.measured} for t in self.trials],
             "stopped": self.stopped,
             "best": self.best.number if self.best else None,
         }
