@@ -119,7 +119,7 @@ def test_cancel_stops_training_and_nothing_requeues_it(setup, worker):
 
     data = derive_version(dataset, alice, answered)
     job = actions.start_finetune(
-        project, alice, prompt, data, base, {"max_steps": 5000, "batch_size": 2, "save_steps": 1000}
+        project, alice, prompt, data, base, {"max_steps": 100_000, "batch_size": 2, "save_steps": 100_000}
     )
     wait_for(
         lambda: (Job.objects.get(pk=job.pk).progress or {}).get("done", 0) >= 3, 120, "training to start"
@@ -127,12 +127,13 @@ def test_cancel_stops_training_and_nothing_requeues_it(setup, worker):
     actions.cancel_job(job)
     job = wait_job(job, timeout=60)
     assert job.status == Job.CANCELLED
-    assert job.progress["done"] < 100 and job.variant is None and not Variant.objects.exists()
+    assert job.progress["done"] < 100_000 and job.variant is None and not Variant.objects.exists()
     time.sleep(3)  # several reaper rounds
     assert Job.objects.get(pk=job.pk).status == Job.CANCELLED
 
 
 def test_a_killed_worker_resumes_from_the_checkpoint(setup, tmp_path):
+    STEPS = 300  # enough that the kill lands mid-training however fast a step is
     project, alice, base, prompt, dataset = setup
     answered = [
         (r.index, [*r.messages, {"role": "assistant", "content": "Arrr! " + r.messages[0]["content"]}])
@@ -142,7 +143,7 @@ def test_a_killed_worker_resumes_from_the_checkpoint(setup, tmp_path):
 
     data = derive_version(dataset, alice, answered)
     job = actions.start_finetune(
-        project, alice, prompt, data, base, {"max_steps": 40, "batch_size": 2, "save_steps": 5}
+        project, alice, prompt, data, base, {"max_steps": STEPS, "batch_size": 2, "save_steps": 5}
     )
     with celery_worker(settings.CELERY_BROKER_URL, database_url(), tmp_path, extra_env=FAST_WORKER) as (
         proc,
@@ -152,7 +153,7 @@ def test_a_killed_worker_resumes_from_the_checkpoint(setup, tmp_path):
         os.killpg(proc.pid, signal.SIGKILL)  # the worker and its task process, mid-training
         proc.wait()
     killed_at = Job.objects.get(pk=job.pk)
-    assert killed_at.status == Job.RUNNING and killed_at.progress["done"] < 40
+    assert killed_at.status == Job.RUNNING and killed_at.progress["done"] < STEPS
     with celery_worker(settings.CELERY_BROKER_URL, database_url(), tmp_path, extra_env=FAST_WORKER):
         job = wait_job(job, timeout=180)
     assert job.status == Job.SUCCEEDED, job.log
@@ -164,7 +165,7 @@ def test_a_killed_worker_resumes_from_the_checkpoint(setup, tmp_path):
     assert resumed >= 5 and resumed % 5 == 0
     # the second attempt continued after the checkpoint instead of starting over
     assert steps.count(1) == 1, steps
-    assert steps[-(40 - resumed) :] == list(range(resumed + 1, 41)), steps
+    assert steps[-(STEPS - resumed) :] == list(range(resumed + 1, STEPS + 1)), steps
 
 
 def test_a_duplicate_delivery_trains_once(setup, worker):
