@@ -32,29 +32,41 @@ sys.path.insert(0, str(REPO))
 
 class Recorded:
     """A generator that answers once through `inner` (or from a saved file)
-    and then replays the same completions: the sweeps re-filter the same
-    questions."""
+    and then replays the same completions, each piece's first n of its
+    recorded samples (a seeded sample's draw depends only on its index, so
+    a prefix is what a smaller n would have drawn): the sweeps re-filter the
+    same questions."""
 
     def __init__(self, inner: Any, saved: Path | None = None) -> None:
         self.inner = inner
-        self.groups: list[Any] | None = None
+        self.pools: dict[str, list[str]] = {}
         self.has_adapter = False
         if saved is not None and saved.is_file():
-            from engines.inference import Completion
+            self.pools = json.loads(saved.read_text())
 
-            self.groups = [
-                [Completion(t, 0, 0, "stop", 0.0) for t in g] for g in json.loads(saved.read_text())
-            ]
+    @staticmethod
+    def _key(conversation: Any) -> str:
+        return json.dumps(conversation, sort_keys=True)
 
-    def generate_samples(self, conversations: Sequence[Any], *args: Any, **kwargs: Any) -> list[Any]:
-        if self.groups is None:
-            self.groups = self.inner.generate_samples(conversations, *args, **kwargs)
-        assert len(self.groups) == len(conversations), "the saved answers are of other pieces or settings"
-        return self.groups
+    def generate_samples(
+        self, conversations: Sequence[Any], system: Any, settings: Any, samples: int, **kwargs: Any
+    ) -> list[Any]:
+        from engines.inference import Completion
+
+        keys = [self._key(c) for c in conversations]
+        if self.inner is not None and any(len(self.pools.get(k, [])) < samples for k in keys):
+            groups = self.inner.generate_samples(conversations, system, settings, samples, **kwargs)
+            for k, g in zip(keys, groups, strict=True):
+                self.pools[k] = [c.text for c in g]
+        out = []
+        for k in keys:
+            pool = self.pools.get(k, [])
+            assert len(pool) >= samples, "the saved answers are of other pieces or fewer samples"
+            out.append([Completion(t, 0, 0, "stop", 0.0) for t in pool[:samples]])
+        return out
 
     def save(self, path: Path) -> None:
-        assert self.groups is not None
-        path.write_text(json.dumps([[c.text for c in g] for g in self.groups]))
+        path.write_text(json.dumps(self.pools))
 
 
 def main() -> None:
@@ -70,6 +82,12 @@ def main() -> None:
     parser.add_argument("--threshold", type=float)
     parser.add_argument("--sweep", default="70,75,80,85,90,95", help="thresholds to replay ('' for none)")
     parser.add_argument("--top-k", default="1,2,3,5", help="round-trip k values to replay ('' for none)")
+    parser.add_argument(
+        "--fact-turns",
+        default="1,2,3",
+        help="fact_turns values to replay at the same number of drafts ('' for none); the answers are "
+        "recorded for the largest",
+    )
     parser.add_argument("--examples", type=int, default=8)
     parser.add_argument(
         "--answers", type=Path, help="save the teacher's answers here, or replay them if it exists"
@@ -109,7 +127,18 @@ def main() -> None:
             teacher, prompt, checks, real, count=args.count, exclude=literals, settings=s
         )
 
+    turns = [int(t) for t in args.fact_turns.split(",") if t.strip()]
     began = time.monotonic()
+    if turns and max(turns) > 1 and not replay:
+        # Record once for every replay: each section the samples fact_turns 1 asks, each fact's
+        # piece its largest turns times as many.
+        run(
+            dataclasses.replace(
+                settings,
+                samples=_per_unit(prompt, checks, literals, args.count, settings),
+                fact_turns=max(turns),
+            )
+        )
     made = run(settings)
     seconds = time.monotonic() - began
     if args.answers is not None and not replay:
@@ -172,6 +201,20 @@ def main() -> None:
                 f"held-out near-duplicates {len(_near(texts, heldout, t))}"
             )
         _bands(run(dataclasses.replace(settings, threshold=100.0)), real)
+    if turns:
+        print(
+            "  fact_turns sweep (replayed, the same drafts in all): asked, kept, from facts' pieces, "
+            "asking a fact, facts checks asked"
+        )
+        for t in turns:
+            again = run(dataclasses.replace(settings, fact_turns=t))
+            texts = [q.text for q in again.queries]
+            asking = sum(bool(facts.applicable(checks, x)) for x in texts)
+            print(
+                f"    {t}: asked {again.report['asked']:>4}, kept {again.report['kept']:>4}, "
+                f"from facts {sum(q.kind == 'fact' for q in again.queries):>4}, asking a fact {asking:>4} "
+                f"({asking / max(1, len(texts)):.2f}), facts asked {len(covered(real + texts))}"
+            )
     top_ks = [int(k) for k in args.top_k.split(",") if k.strip()]
     if top_ks:
         print(
@@ -185,6 +228,18 @@ def main() -> None:
                 f"    k={k}: kept {again.report['kept']:>4}, round trip {again.report['dropped']['round trip']:>3}, "
                 f"facts asked {len(covered(real + texts))}, asking a fact {share:.2f}"
             )
+
+
+def _per_unit(prompt: str, checks: Any, literals: list[str], count: int, settings: Any) -> int:
+    """The samples a piece is asked with fact_turns 1 (as engines.curation.synthesize counts them)."""
+    import math
+
+    from engines.curation.synthesis import MAX_SAMPLES, units
+
+    found, _, _ = units(prompt, checks, literals, settings.chunk_sentences)
+    asks = math.ceil(settings.oversample * count)
+    n = max(1, asks // 2) if len(found) * 2 > asks else len(found)
+    return min(MAX_SAMPLES, max(2, math.ceil(asks / max(1, n))))
 
 
 def _near(texts: list[str], others: list[str], threshold: float) -> list[tuple[str, str, float]]:

@@ -248,6 +248,46 @@ def test_the_kept_questions_are_spread_evenly_over_the_pieces_up_to_the_total():
     assert sum(u["kept"] for u in made.report["per_unit"]) == 7
 
 
+def test_fact_turns_ask_and_keep_more_questions_that_ask_a_fact():
+    script = {
+        "section: Fares": GOOD_FARES,
+        "section: Luggage": ["How many bags can I bring for free?", "What does it cost to bring a kayak?"],
+        "fact: surfboards": [
+            "Do I pay extra for my surfboard?",
+            "How much is it to take a kayak across?",
+            "Is there a charge for surfboards on the ferry?",
+        ],
+    }
+
+    def kept(turns: int) -> tuple[Counter[str], list[int]]:
+        teacher = Scripted(script)
+        made = synthesize(
+            teacher,
+            PROMPT,
+            FACTS,
+            count=6,
+            exclude=EXCLUDE,
+            settings=SynthesisSettings(samples=4, fact_turns=turns),
+        )
+        assert len(made.queries) == 6
+        return Counter(q.unit for q in made.queries), [c["samples"] for c in teacher.calls]
+
+    one, calls = kept(1)
+    assert calls == [4] and one["fact: surfboards"] == 2
+    three, calls = kept(3)
+    # the facts' pieces are asked in a call of their own, three times the samples
+    assert calls == [4, 12]
+    assert three == {"section: Fares": 2, "section: Luggage": 1, "fact: surfboards": 3}
+    # at the same number of drafts: 3 x 35 over 5 sections and 2 facts taking 3 turns each
+    teacher = Scripted({})
+    made = synthesize(
+        teacher, PROMPT, FACTS, count=35, exclude=EXCLUDE, settings=SynthesisSettings(fact_turns=3)
+    )
+    assert [c["samples"] for c in teacher.calls] == [10, 30] and made.report["asked"] == 110
+    with pytest.raises(ValueError, match="fact_turns"):
+        SynthesisSettings(fact_turns=0)
+
+
 def test_settings_are_checked():
     with pytest.raises(ValueError, match="temperature"):
         SynthesisSettings(temperature=0)

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 from engines.curation.context import Passage, Retriever
 from engines.facts import FactCheck
 from engines.inference import GenerationSettings
-from engines.progress import ProgressFn, StopFn
+from engines.progress import Progress, ProgressFn, StopFn
 
 if TYPE_CHECKING:
     from engines.generator import Generator
@@ -79,6 +79,9 @@ class SynthesisSettings:
     # no two real train queries asking different facts score 85 on fernhill, harbor or lumen.
     threshold: float = 85.0
     chunk_sentences: int = 4  # a longer section is cut into chunks of at most this many sentences
+    # Turns a fact's piece takes for each turn of a section chunk, in the samples asked of it and in
+    # the questions kept: more questions that ask a fact at the same number of drafts.
+    fact_turns: int = 1
     min_words: int = 3
     max_words: int = 40
     copy_words: int = 8  # a question sharing this many consecutive words with its piece copies it
@@ -94,6 +97,7 @@ class SynthesisSettings:
             ("min_words", 1, 100),
             ("max_words", 1, 200),
             ("copy_words", 2, 100),
+            ("fact_turns", 1, 8),
         ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
@@ -356,7 +360,8 @@ def synthesize(
         # More pieces than the total needs: an even spread of them, not the first ones.
         keep = max(1, asks // 2)
         found = [found[math.floor(i * len(found) / keep)] for i in range(keep)]
-    per_unit = settings.samples or min(MAX_SAMPLES, max(2, math.ceil(asks / max(1, len(found)))))
+    turns = [settings.fact_turns if u.kind == "fact" else 1 for u in found]
+    per_unit = settings.samples or min(MAX_SAMPLES, max(2, math.ceil(asks / max(1, sum(turns)))))
     report: dict[str, Any] = {
         "units": len(found),
         "sections": sum(u.kind == "section" for u in found),
@@ -374,15 +379,7 @@ def synthesize(
     if not found:
         report["seconds"] = round(time.monotonic() - started, 1)
         return Synthesized([], report)
-    groups = generator.generate_samples(
-        [conversation(u) for u in found],
-        SYSTEM,
-        settings.generation(),
-        per_unit,
-        adapter=False,
-        progress=progress,
-        should_stop=should_stop,
-    )
+    groups = _ask(generator, found, turns, per_unit, settings, progress, should_stop)
     dropped: Counter[str] = Counter()
     candidates: list[list[str]] = []
     for unit, group in zip(found, groups, strict=True):
@@ -405,7 +402,8 @@ def synthesize(
     taken = [0] * len(found)
     while len(kept) < count and any(t < len(c) for t, c in zip(taken, candidates, strict=True)):
         for i, (unit, mine) in enumerate(zip(found, candidates, strict=True)):
-            while len(kept) < count and taken[i] < len(mine):
+            round_kept = 0
+            while len(kept) < count and taken[i] < len(mine) and round_kept < turns[i]:
                 question = mine[taken[i]]
                 taken[i] += 1
                 if real_set.nearest(question):
@@ -416,17 +414,54 @@ def synthesize(
                     kept.append(SyntheticQuery(question, unit.name, unit.kind))
                     kept_set.add(question)
                     kept_per_unit[i] += 1
-                    break
+                    round_kept += 1
     dropped[OVER_CAP] = sum(len(c) - t for t, c in zip(taken, candidates, strict=True))
     report.update(
-        asked=len(found) * per_unit,
-        parsed=len(found) * per_unit - dropped[NOT_A_QUESTION],
+        asked=sum(turns) * per_unit,
+        parsed=sum(turns) * per_unit - dropped[NOT_A_QUESTION],
         dropped={r: dropped[r] for r in REASONS},
         kept=len(kept),
         per_unit=[
-            {"unit": u.name, "asked": per_unit, "passed": len(c), "kept": k}
-            for u, c, k in zip(found, candidates, kept_per_unit, strict=True)
+            {"unit": u.name, "asked": per_unit * t, "passed": len(c), "kept": k}
+            for u, t, c, k in zip(found, turns, candidates, kept_per_unit, strict=True)
         ],
         seconds=round(time.monotonic() - started, 1),
     )
     return Synthesized(kept, report)
+
+
+def _ask(
+    generator: Generator,
+    found: Sequence[Unit],
+    turns: Sequence[int],
+    per_unit: int,
+    settings: SynthesisSettings,
+    progress: ProgressFn | None,
+    should_stop: StopFn | None,
+) -> list[list[Any]]:
+    """`per_unit` x its turns samples of each piece, in one generate call a
+    sample count (a seeded sample's draw depends on its index, so a piece
+    asked twice would repeat itself), the groups in the pieces' order."""
+    started = time.monotonic()
+    out: list[list[Any]] = [[] for _ in found]
+    done = 0
+    for t in sorted(set(turns)):
+        idx = [i for i, n in enumerate(turns) if n == t]
+
+        def moved(p: Progress, offset: int = done) -> None:
+            assert progress is not None
+            progress(Progress.since(started, offset + p.done, len(found), p.unit))
+
+        groups = generator.generate_samples(
+            [conversation(found[i]) for i in idx],
+            SYSTEM,
+            settings.generation(),
+            per_unit * t,
+            adapter=False,
+            progress=moved if progress is not None else None,
+            should_stop=should_stop,
+        )
+        for i, group in zip(idx, groups, strict=True):
+            out[i] = list(group)
+        done += len(idx)
+    return out
