@@ -63,6 +63,13 @@ def main() -> None:
         metavar="N",
         help="first add up to N queries synthesised from the prompt (the synthesis job) to the train queries",
     )
+    parser.add_argument(
+        "--synthesis",
+        type=json.loads,
+        default=None,
+        metavar="JSON",
+        help="with --synthesize: the synthesis settings, e.g. '{\"fact_turns\": 3}'",
+    )
     parser.add_argument("--heldout-limit", type=int, default=None)
     parser.add_argument("--data-dir", type=Path, default=None)
     parser.add_argument(
@@ -137,7 +144,7 @@ def main() -> None:
         from jobs.actions import start_synthesis
 
         t = time.monotonic()
-        synthesis = start_synthesis(project, user, prompt, train, base, args.synthesize)
+        synthesis = start_synthesis(project, user, prompt, train, base, args.synthesize, args.synthesis)
         lifecycle.execute(synthesis.pk, "bench")
         synthesis.refresh_from_db()
         times["synthesis"] = time.monotonic() - t
