@@ -231,15 +231,11 @@ def main() -> None:
 
 
 def _per_unit(prompt: str, checks: Any, literals: list[str], count: int, settings: Any) -> int:
-    """The samples a piece is asked with fact_turns 1 (as engines.curation.synthesize counts them)."""
-    import math
-
-    from engines.curation.synthesis import MAX_SAMPLES, units
+    """The samples a piece is asked with fact_turns 1, as engines.curation.synthesize counts them."""
+    from engines.curation.synthesis import asked_pieces, units
 
     found, _, _ = units(prompt, checks, literals, settings.chunk_sentences)
-    asks = math.ceil(settings.oversample * count)
-    n = max(1, asks // 2) if len(found) * 2 > asks else len(found)
-    return min(MAX_SAMPLES, max(2, math.ceil(asks / max(1, n))))
+    return asked_pieces(found, count, dataclasses.replace(settings, fact_turns=1))[2]
 
 
 def _near(texts: list[str], others: list[str], threshold: float) -> list[tuple[str, str, float]]:

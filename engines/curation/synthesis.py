@@ -333,6 +333,22 @@ class NearDuplicates:
             self.texts.append(processed)
 
 
+def asked_pieces(
+    found: Sequence[Unit], count: int, settings: SynthesisSettings
+) -> tuple[list[Unit], list[int], int]:
+    """The pieces asked about for `count` questions, each one's turns, and
+    the samples a turn asks."""
+    asks = math.ceil(settings.oversample * count)
+    pieces = list(found)
+    if len(pieces) * 2 > asks:
+        # More pieces than the total needs: an even spread of them, not the first ones.
+        keep = max(1, asks // 2)
+        pieces = [pieces[math.floor(i * len(pieces) / keep)] for i in range(keep)]
+    turns = [settings.fact_turns if u.kind == "fact" else 1 for u in pieces]
+    per_unit = settings.samples or min(MAX_SAMPLES, max(2, math.ceil(asks / max(1, sum(turns)))))
+    return pieces, turns, per_unit
+
+
 def synthesize(
     generator: Generator,
     prompt: str,
@@ -355,13 +371,7 @@ def synthesize(
     settings = settings or SynthesisSettings()
     started = time.monotonic()
     found, skipped, retriever = units(prompt, facts, exclude, settings.chunk_sentences)
-    asks = math.ceil(settings.oversample * count)
-    if len(found) * 2 > asks:
-        # More pieces than the total needs: an even spread of them, not the first ones.
-        keep = max(1, asks // 2)
-        found = [found[math.floor(i * len(found) / keep)] for i in range(keep)]
-    turns = [settings.fact_turns if u.kind == "fact" else 1 for u in found]
-    per_unit = settings.samples or min(MAX_SAMPLES, max(2, math.ceil(asks / max(1, sum(turns)))))
+    found, turns, per_unit = asked_pieces(found, count, settings)
     report: dict[str, Any] = {
         "units": len(found),
         "sections": sum(u.kind == "section" for u in found),
