@@ -32,8 +32,11 @@ browser:
 	  && (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
 	  || echo "chromium not installed: browser tests will be skipped"; }
 
+# Two pytest processes, each a whole file at a time (module fixtures such as the vLLM server start
+# once), each on its own test database, broker database and data directory (tests/settings.py).
+TEST_WORKERS ?= 2
 test: $(VENV)/.dev-installed browser
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 lint: $(VENV)/.dev-installed
 	$(BIN)/ruff check .

@@ -7,6 +7,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parent.parent
+# Under pytest-xdist each process (and what it starts) gets one torch thread: two processes with a
+# thread per core each would oversubscribe the cores, which stalls torch (STACK-NOTES).
+XDIST_INDEX = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # Converted once and reused across runs (gitignored): the real SmolLM2 model.
 MODEL_CACHE = Path(os.environ.get("WORKBENCH_TEST_MODEL_CACHE", REPO / ".cache" / "models"))
@@ -15,9 +20,38 @@ MODEL_CACHE = Path(os.environ.get("WORKBENCH_TEST_MODEL_CACHE", REPO / ".cache" 
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """The real SmolLM2-135M-Instruct as safetensors (provisioned once)."""
+    from filelock import FileLock
+
     from engines.provisioning import DEFAULT_MODEL_NAME, provision_default
 
-    return provision_default(MODEL_CACHE / DEFAULT_MODEL_NAME)
+    MODEL_CACHE.mkdir(parents=True, exist_ok=True)
+    with FileLock(MODEL_CACHE / f"{DEFAULT_MODEL_NAME}.lock"):  # one test process converts, the others wait
+        return provision_default(MODEL_CACHE / DEFAULT_MODEL_NAME)
+
+
+@pytest.fixture(scope="session")
+def vllm_python_built() -> Path:
+    """The python of .venv-vllm, built by `make vllm-venv` when missing (CI builds
+    it here: ~1.5 min from local wheels, 2.5 GB), by one test process at a time."""
+    import subprocess
+
+    from filelock import FileLock
+
+    from engines.vllm_server import vllm_python
+
+    if os.environ.get("WORKBENCH_SKIP_VLLM") == "1":
+        pytest.skip("WORKBENCH_SKIP_VLLM=1")
+    python = vllm_python()
+    with FileLock(REPO / ".venv-vllm.lock"):
+        if not python.exists():
+            result = subprocess.run(
+                ["make", "vllm-venv"], cwd=REPO, capture_output=True, text=True, timeout=900
+            )
+            assert result.returncode == 0, (
+                f"make vllm-venv failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+            )
+    assert python.exists()
+    return python
 
 
 @pytest.fixture(scope="session")
@@ -162,7 +196,8 @@ def database_url() -> str:
     return f"postgres://{auth}{s['HOST'] or '127.0.0.1'}:{s['PORT'] or 5432}/{s['NAME']}"
 
 
-REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+# Each test process its own database: the tests flush it.
+REDIS_URL = os.environ.get("TEST_REDIS_URL", f"redis://127.0.0.1:6379/{15 - XDIST_INDEX}")
 
 
 def redis_or_skip() -> str:

@@ -2,9 +2,8 @@
 `n`, so the engine encodes the prompt once for all its samples. Against a
 LIVE hf engine server (fp32, so a row's tokens do not depend on what shares
 its batch) behind a small recording proxy that can answer 429; one test
-against a real vLLM server when .venv-vllm is installed."""
+against a real vLLM server (.venv-vllm, built when missing)."""
 
-import os
 import socket
 import threading
 import time
@@ -259,13 +258,13 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_vllm_answers_n_samples_in_one_request_with_the_per_sample_seeds(smollm2_dir, tmp_path):
+def test_vllm_answers_n_samples_in_one_request_with_the_per_sample_seeds(
+    smollm2_dir, vllm_python_built, tmp_path
+):
     """vLLM seeds child j of a request seeded s with s + j (its parallel sampling), as the hf engine does."""
-    from engines.vllm_server import start_vllm, stop_vllm, vllm_python, wait_ready
+    from engines.vllm_server import start_vllm, stop_vllm, wait_ready
 
-    python = vllm_python()
-    if os.environ.get("WORKBENCH_SKIP_VLLM") == "1" or not python.exists():
-        pytest.skip("no vLLM venv (make vllm-venv) or WORKBENCH_SKIP_VLLM=1")
+    python = vllm_python_built
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     proc = start_vllm(

@@ -15,10 +15,8 @@ venv and no time to build it).
 from __future__ import annotations
 
 import json
-import os
 import re
 import socket
-import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -29,14 +27,12 @@ import pytest
 from engines.inference import GenerationSettings, encode
 from engines.remote import RemoteGenerationError, generate_remote
 from engines.vllm_server import (
-    REPO,
     VLLMError,
     load_adapter,
     served_models,
     start_vllm,
     stop_vllm,
     unload_adapter,
-    vllm_python,
     wait_ready,
 )
 from tests.conftest import build_random_lora
@@ -68,18 +64,8 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def vllm_bin() -> Path:
-    if os.environ.get("WORKBENCH_SKIP_VLLM") == "1":
-        pytest.skip("WORKBENCH_SKIP_VLLM=1")
-    python = vllm_python()
-    if not python.exists():
-        # CI prepares the venv itself: ~1.5 min from local wheels, 2.5 GB.
-        result = subprocess.run(["make", "vllm-venv"], cwd=REPO, capture_output=True, text=True, timeout=900)
-        assert result.returncode == 0, (
-            f"make vllm-venv failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-        )
-    assert python.exists()
-    return python
+def vllm_bin(vllm_python_built) -> Path:
+    return vllm_python_built
 
 
 def random_lora(model_dir: Path, out: Path, seed: int) -> Path:
