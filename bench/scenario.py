@@ -83,6 +83,12 @@ def main() -> None:
         help="with --from-teacher: evaluate the data directory's latest finished fine-tune again "
         "(a run stopped in its four arms) instead of training another",
     )
+    parser.add_argument(
+        "--skills-only",
+        action="store_true",
+        help="with --from-teacher: after the fine-tune, only general skills, floor against student "
+        "(the forgetting a training setting causes, without the four arms on the held-out queries)",
+    )
     args = parser.parse_args()
 
     data_dir = django_in(args.data_dir, f"scenario-{args.scenario}-")
@@ -215,6 +221,8 @@ def resume(args: argparse.Namespace, data_dir: Path) -> None:
     if finetune.status != Job.SUCCEEDED:
         print(finetune.error, finetune.log[-3000:], sep="\n")
         sys.exit(1)
+    if args.skills_only:
+        return general_skills_drop(finetune, times)
     suite = create_suite(
         project,
         user,
@@ -242,6 +250,32 @@ def resume(args: argparse.Namespace, data_dir: Path) -> None:
         teacher.params.get("curation"),
         times,
     )
+
+
+def general_skills_drop(finetune, times: dict[str, float]) -> None:
+    """General skills (lm-eval, scored by search) of the base and of the
+    fine-tune, and the paired difference, as the four arms report it."""
+    import tempfile
+
+    from engines import evaluation as ev
+
+    variant = finetune.variant
+    scores = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        name = ev.general_skills_task(Path(tmp))
+        for arm, adapter in (("floor", None), ("student", variant.adapter_path)):
+            t = time.monotonic()
+            result = ev.run_lm_eval(variant.base_model.path, [name], task_dir=Path(tmp), adapter_dir=adapter)
+            times[arm] = time.monotonic() - t
+            scores[arm] = result.tasks[name].correct
+
+    def line(label: str, e) -> None:
+        print(f"{label:24} {e.value:.3f} [{e.low:.3f}, {e.high:.3f}] n={e.n}")
+
+    for arm, values in scores.items():
+        line(f"general skills {arm}", ev.mean_ci(values))
+    line("student - floor", ev.paired_difference(scores["student"], scores["floor"]))
+    print(f"wall times (s): { {k: round(v) for k, v in times.items()} }")
 
 
 def train_config(args: argparse.Namespace) -> dict:

@@ -19,6 +19,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("SECRET_KEY", "test-only-key-" + "x" * 40)
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+from workbench import settings as _base  # noqa: E402
 from workbench.settings import *  # noqa: E402, F403
 
 # The suite fine-tunes datasets of a few rows; tests/test_absorb_form.py sets the floor it tests.
@@ -29,12 +30,12 @@ MIN_TRAIN_ROWS = 1
 # database. gw0 keeps the given database, gwN takes the Nth after it. Only in the pytest process:
 # what it starts inherits the URL or is given one on purpose.
 XDIST_INDEX = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
-if XDIST_INDEX and "pytest" in sys.modules and CELERY_BROKER_URL.startswith("redis"):  # noqa: F405
+if XDIST_INDEX and "pytest" in sys.modules and _base.CELERY_BROKER_URL.startswith("redis"):
     from urllib.parse import urlsplit
 
-    _broker = urlsplit(CELERY_BROKER_URL)  # noqa: F405
+    _broker = urlsplit(_base.CELERY_BROKER_URL)
     _db = int(_broker.path.strip("/") or 0) + XDIST_INDEX
     if _db >= 14:  # 14 and 15: tests/conftest.py's Redis tests
-        raise RuntimeError(f"too many test processes for the Redis databases after {CELERY_BROKER_URL}")  # noqa: F405
+        raise RuntimeError(f"too many test processes for the Redis databases after {_base.CELERY_BROKER_URL}")
     CELERY_BROKER_URL = _broker._replace(path=f"/{_db}").geturl()
     os.environ["CELERY_BROKER_URL"] = CELERY_BROKER_URL  # Celery reads it before the settings
