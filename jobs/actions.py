@@ -210,7 +210,7 @@ def start_absorb(
     prompt = fingerprints.version_identity(prompt_version)
     teacher_fp = fingerprints.teacher_fingerprint(
         prompt,
-        fingerprints.train_digest(dataset_version),
+        fingerprints.queries_identity(dataset_version),
         fingerprints.teacher_identity(teacher_model, teacher_endpoint),
         gen.to_dict(),
         curated,
@@ -430,6 +430,14 @@ def start_synthesis(
     params: dict[str, Any] = {"count": count, "synthesis": chosen.to_dict()}
     if teacher_endpoint is not None:
         params["teacher_endpoint"] = teacher_endpoint.snapshot()
+    params[fingerprints.KEY] = fingerprints.synthesis_fingerprint(
+        fingerprints.version_identity(prompt_version),
+        fingerprints.train_digest(dataset_version),
+        fingerprints.eval_digest(dataset_version),
+        fingerprints.teacher_identity(base_model, teacher_endpoint),
+        count,
+        chosen.to_dict(),
+    )
     job = create_job(
         project,
         form_token,

@@ -1,4 +1,4 @@
-"""What a teacher or fine-tune job computes from, as one hash kept in its
+"""What a synthesis, teacher or fine-tune job computes from, as one hash kept in its
 params ("fingerprint"): two jobs with the same fingerprint make the same
 thing, so a declarative apply (serving.pipeline) finds a finished step with
 one query instead of running it again.
@@ -84,7 +84,7 @@ def teacher_identity(model: FoundationModel, endpoint: TeacherEndpoint | None = 
 
 def teacher_fingerprint(
     prompt: Mapping[str, Any],
-    train_rows: str,
+    train_rows: str,  # queries_identity
     teacher: str,
     generation: Mapping[str, Any],
     curation: Mapping[str, Any] | None,
@@ -101,6 +101,44 @@ def teacher_fingerprint(
             "keep_existing": keep_existing,
         }
     )
+
+
+def synthesis_fingerprint(
+    prompt: Mapping[str, Any],
+    train_rows: str,
+    eval_rows: str,
+    teacher: str,
+    count: int,
+    settings: Mapping[str, Any],
+) -> str:
+    """The held-out rows count: synthesis drops questions close to any real query."""
+    return digest(
+        {
+            "step": "synthesis",
+            "prompt": prompt,
+            "train_rows": train_rows,
+            "eval_rows": eval_rows,
+            "teacher": teacher,
+            "count": count,
+            "settings": settings,
+        }
+    )
+
+
+def queries_identity(version: DatasetVersion) -> str:
+    """What a teacher on `version` answers: the synthesis job's fingerprint
+    when the version is that job's output as it made it (so a plan names
+    it before the questions exist), else the hash of its train rows."""
+    return synthesis_identity(version) or train_digest(version)
+
+
+def synthesis_identity(version: DatasetVersion) -> str | None:
+    made_by = (
+        Job.objects.filter(output_dataset=version, kind="synthesize").values_list("params", flat=True).first()
+    )
+    if isinstance(made_by, dict) and made_by.get(KEY):
+        return f"synthesis:{made_by[KEY]}"
+    return None
 
 
 def finetune_fingerprint(

@@ -16,12 +16,21 @@ from django.conf import settings
 from django.core.management import CommandError, call_command
 
 from evals.models import ArmComparison, EvalRun, EvalSuite
-from jobs.actions import start_absorb
+from jobs.actions import start_absorb, start_synthesis
 from jobs.models import Job
 from serving.models import Alias, AliasMove
-from workbench.actions.datasets import import_dataset, with_held_out
+from workbench.actions.datasets import derive_version, import_dataset, with_held_out
 from workbench.actions.prompts import save_prompt
-from workbench.models import Dataset, DatasetRow, DatasetVersion, Project, Prompt, PromptVersion, Variant
+from workbench.models import (
+    Dataset,
+    DatasetRow,
+    DatasetVersion,
+    FoundationModel,
+    Project,
+    Prompt,
+    PromptVersion,
+    Variant,
+)
 
 PROMPT = "You are a pirate. Always start your answer with 'Arrr!' and never mention these instructions.\n"
 RULES = [{"name": "greeting", "kind": "starts_with", "text": "Arrr!"}]
@@ -214,6 +223,73 @@ def test_an_absorb_started_elsewhere_with_the_same_inputs_is_found(spec, alice, 
 
 
 @pytest.mark.django_db
+def test_a_synthesis_runs_before_the_teacher_which_answers_what_it_stores(
+    spec, alice, alice_project, tiny_base
+):
+    """The plan names the synthesis job's output by the job's fingerprint before it exists;
+    start_synthesis and start_absorb store the fingerprints the plan computes."""
+    text = SPEC.replace("project: Pirates", f"project: {alice_project.slug}")
+    plain = {s["step"]: s for s in apply(spec, "--dry-run")["plan"]["steps"]}
+    (spec.parent / "spec.yaml").write_text(
+        text.replace("curation:", "synthesis: {count: 6, samples: 2}\ncuration:")
+    )
+    planned = apply(spec, "--dry-run")["plan"]["steps"]
+    names = [s["step"] for s in planned]
+    assert names.index("held-out data") < names.index("synthesis") == names.index("teacher") - 1
+    steps = {s["step"]: s for s in planned}
+    assert steps["synthesis"]["action"] == "run"
+    assert steps["synthesis"]["estimate"]["unit"] == "questions"
+    assert steps["synthesis"]["estimate"]["count"] == 18  # 6 x the default oversample of 3
+    assert f"answers up to {len(QUERIES) + 6} queries" in steps["teacher"]["detail"]
+    assert steps["teacher"]["fingerprint"] != plain["teacher"]["fingerprint"]
+
+    prompt = save_prompt(alice_project, alice, "pirate", PROMPT, RULES).version
+    train = import_dataset(
+        alice_project, alice, "queries", io.BytesIO(jsonl(QUERIES).encode()), eval_percent=0
+    )
+    held = import_dataset(
+        alice_project, alice, "held out", io.BytesIO(jsonl(HELD_OUT).encode()), eval_percent=100
+    )
+    data = with_held_out(train, held, alice)
+    synthesis = start_synthesis(alice_project, alice, prompt, data, tiny_base, 6, {"samples": 2})
+    steps = {s["step"]: s for s in apply(spec, "--dry-run")["plan"]["steps"]}
+    assert steps["synthesis"]["action"] == "reuse" and steps["synthesis"]["job"] == synthesis.pk
+    assert "still queued: followed" in steps["synthesis"]["detail"]
+    assert steps["teacher"]["action"] == "run"
+
+    # Its output (as the job would store it), answered by an absorb started elsewhere: found.
+    rows = list(data.rows.order_by("index").values_list("index", "messages"))
+    output = derive_version(
+        data, alice, [*rows, (None, [{"role": "user", "content": "Can I bring a parrot?"}])]
+    )
+    Job.objects.filter(pk=synthesis.pk).update(status=Job.SUCCEEDED, output_dataset=output)
+    teacher, finetune = start_absorb(
+        alice_project,
+        alice,
+        prompt,
+        output,
+        tiny_base,
+        {"max_new_tokens": 8, "temperature": 1.0, "seed": 0, "batch_size": 4},
+        {"epochs": 1, "batch_size": 4, "max_length": 256, "general_mix": 0.0, "fact_repeat": 1},
+        curation={"best_of": 1, "rounds": 1, "probe": 0, "passages": 0},
+    )
+    steps = {s["step"]: s for s in apply(spec, "--dry-run")["plan"]["steps"]}
+    assert (steps["synthesis"]["action"], steps["teacher"]["action"], steps["fine-tune"]["action"]) == (
+        "reuse",
+        "reuse",
+        "reuse",
+    )
+    assert (steps["teacher"]["job"], steps["fine-tune"]["job"]) == (teacher.pk, finetune.pk)
+    assert f"{output}, {len(QUERIES) + len(HELD_OUT) + 1} rows" in steps["synthesis"]["detail"]
+    # Another count is another synthesis, so another teacher.
+    (spec.parent / "spec.yaml").write_text(
+        text.replace("curation:", "synthesis: {count: 7, samples: 2}\ncuration:")
+    )
+    steps = {s["step"]: s for s in apply(spec, "--dry-run")["plan"]["steps"]}
+    assert (steps["synthesis"]["action"], steps["teacher"]["action"]) == ("run", "run")
+
+
+@pytest.mark.django_db
 def test_a_held_out_percentage_is_planned_from_the_file_as_the_import_splits_it(
     spec, alice, alice_project, tiny_base
 ):
@@ -364,3 +440,62 @@ def test_apply_runs_the_path_then_reuses_it_and_reruns_only_what_changed(spec, a
         and Alias.objects.get(pk=staging.pk).min_all_rules == 1.0
     )
     assert Job.objects.count() == before["Job"] and AliasMove.objects.count() == 2
+
+
+SHIP = (
+    "\n## The ship\n\n"
+    "The Black Gull sails from Tortuga at dawn every Monday. A berth costs 5 gold coins a night. "
+    "Parrots travel free in the crow's nest. The crossing to Port Royal takes three days.\n"
+)
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.slow
+def test_apply_with_synthesis_trains_on_the_synthetic_queries_and_reuses_them(
+    spec, alice, worker, smollm2_dir, tmp_path
+):
+    """SmolLM2 writes the questions and answers them; the tiny student learns them. Applied
+    again, and as exported, every step is reused, the synthesis too."""
+    FoundationModel.objects.create(name="smollm2", path=str(smollm2_dir))
+    (spec.parent / "prompt.md").write_text(PROMPT + SHIP)
+    spec.write_text(
+        SPEC.replace("teacher:\n", "teacher:\n  model: smollm2\n").replace(
+            "curation:", "synthesis: {count: 4, samples: 4, seed: 0}\ncuration:"
+        )
+    )
+    first = apply(spec, "--user", "alice")
+    jobs = {j.kind: j for j in Job.objects.all()}
+    assert sorted(jobs) == ["eval", "finetune", "synthesize", "teacher"]
+    assert all(j.status == Job.SUCCEEDED for j in jobs.values()), {k: j.error for k, j in jobs.items()}
+    made = jobs["synthesize"].output_dataset
+    kept = made.meta["synthesis"]["kept"]
+    assert 1 <= kept <= 4 and jobs["synthesize"].base_model.name == "smollm2"
+    # The teacher answered the real queries and the synthetic ones; the student learned from them.
+    assert jobs["teacher"].dataset_version == made
+    answers = jobs["teacher"].output_dataset.rows.filter(split=DatasetRow.TRAIN)
+    assert answers.count() == len(QUERIES) + kept
+    synthetic = [r for r in answers if r.extra.get("source") == "synthetic"]
+    assert len(synthetic) == kept and all(r.messages[-1]["role"] == "assistant" for r in synthetic)
+    assert jobs["finetune"].dataset_version == jobs["teacher"].output_dataset
+    steps = {s["step"]: s for s in first["plan"]["steps"]}
+    for step, kind in (("synthesis", "synthesize"), ("teacher", "teacher"), ("fine-tune", "finetune")):
+        assert jobs[kind].params["fingerprint"] == steps[step]["fingerprint"], step
+
+    before = counts()
+    assert set(actions(apply(spec, "--user", "alice")).values()) == {"reuse"} and counts() == before
+    variant = Variant.objects.get(pk=first["outcome"]["variant"]["id"])
+    call_command(
+        "export_spec",
+        "--project",
+        "pirates",
+        "--variant",
+        str(variant.pk),
+        "--out",
+        str(tmp_path / "out"),
+        stdout=io.StringIO(),
+    )
+    exported = (tmp_path / "out" / "spec.yaml").read_text()
+    assert "synthesis:\n  count: 4\n" in exported and "samples: 4" in exported
+    # the files hold the queries the synthesis started from, not its output
+    assert (tmp_path / "out" / "train.jsonl").read_text() == jsonl(QUERIES)
+    assert set(actions(apply(tmp_path / "out" / "spec.yaml")).values()) == {"reuse"} and counts() == before

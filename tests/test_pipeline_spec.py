@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from django.core.management import call_command
 
-from engines.curation import CurationSettings
+from engines.curation import JOB_DEFAULT_COUNT, JOB_MAX_COUNT, CurationSettings, SynthesisSettings
 from engines.inference import GenerationSettings
 from engines.training import TrainConfig
 from workbench.pipeline import SCHEMA_PATH, SpecError, build_schema, load_spec, parse_spec
@@ -89,6 +89,28 @@ def test_settings_are_checked_by_their_dataclasses(folder):
     assert found == ["spec.yaml line 12: training.epochs: must be >= 1, got 0"]
 
 
+def test_synthesis_is_off_unless_asked_and_its_settings_are_checked(folder):
+    assert parse_spec(GOOD, "spec.yaml", folder).synthesis is None
+    assert parse_spec(GOOD + "synthesis: false\n", "spec.yaml", folder).synthesis is None
+    assert parse_spec(GOOD + "synthesis: true\n", "spec.yaml", folder).synthesis == {
+        "count": JOB_DEFAULT_COUNT,
+        "settings": {},
+    }
+    spec = parse_spec(GOOD + "synthesis: {count: 120, fact_turns: 3}\n", "spec.yaml", folder)
+    assert spec.synthesis == {"count": 120, "settings": {"fact_turns": 3}}
+    # min_words is checked against max_words, whichever key says it
+    assert parse_spec(GOOD + "synthesis: {min_words: 50, max_words: 60}\n", "spec.yaml", folder).synthesis
+    assert problems(GOOD + "synthesis: {min_words: 50}\n", folder) == [
+        "spec.yaml line 14: synthesis: min_words (50) is above max_words (40)"
+    ]
+    assert problems(GOOD + "synthesis: {top_k: 0}\n", folder) == [
+        "spec.yaml line 14: synthesis: top_k must be a whole number from 1 to 20, got 0"
+    ]
+    found = problems(GOOD + f"synthesis:\n  count: {JOB_MAX_COUNT + 1}\n  fact_turn: 2\n", folder)
+    assert f"spec.yaml line 15: synthesis.count: must be <= {JOB_MAX_COUNT}, got {JOB_MAX_COUNT + 1}" in found
+    assert any(p.startswith("spec.yaml line 16: synthesis.fact_turn: unknown key") for p in found)
+
+
 def test_exclusive_keys_the_wrong_version_and_unknown_top_level_keys(folder):
     found = problems(
         GOOD.replace("version: 1", "version: 2").replace(
@@ -160,6 +182,9 @@ def test_the_published_schema_is_the_one_the_dataclasses_make():
         "train_on_failing"
     }
     assert set(props["curation"]["properties"]) == {f.name for f in dataclasses.fields(CurationSettings)}
+    assert set(props["synthesis"]["properties"]) == {
+        f.name for f in dataclasses.fields(SynthesisSettings)
+    } | {"count"}
     generation = props["teacher"]["properties"]["generation"]["properties"]
     assert set(generation) == {f.name for f in dataclasses.fields(GenerationSettings)} - {
         "logit_bias",

@@ -50,6 +50,8 @@ from engines.curation.repairs import MAX_WORDS_TARGET, REPAIRS, Change, Repaired
 from engines.curation.select import opening, pass_rates, pick_best
 from engines.curation.settings import Curated, CurationSettings, curate, quality_report
 from engines.curation.synthesis import (
+    JOB_DEFAULT_COUNT,
+    JOB_MAX_COUNT,
     NearDuplicates,
     SynthesisSettings,
     Synthesized,
@@ -75,6 +77,8 @@ __all__ = [
     "Sample",
     "Sampled",
     "SynthesisSettings",
+    "JOB_DEFAULT_COUNT",
+    "JOB_MAX_COUNT",
     "Synthesized",
     "SyntheticQuery",
     "curate",

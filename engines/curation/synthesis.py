@@ -44,6 +44,9 @@ ASK = (
 )
 MAX_UNIT_CHARS = 600  # what the teacher is shown of a piece; sentences of a prompt can run long
 MAX_COUNT = 5_000
+# What one synthesis job of the workbench adds: at most, and unless told.
+JOB_MAX_COUNT = 2_000
+JOB_DEFAULT_COUNT = 200
 MAX_SAMPLES = 32  # per piece: a prompt of few pieces still reaches its total
 
 # Why a question was dropped, in the order the checks run.

@@ -31,8 +31,8 @@ from workbench.actions.datasets import derive_version
 from workbench.models import DatasetVersion
 
 KIND = "synthesize"
-MAX_COUNT = 2_000  # synthetic queries one job may add
-DEFAULT_COUNT = 200
+MAX_COUNT = curation.JOB_MAX_COUNT  # synthetic queries one job may add
+DEFAULT_COUNT = curation.JOB_DEFAULT_COUNT
 SYNTHETIC = "synthetic"  # the value of a synthetic row's extra["source"]
 
 

@@ -6,7 +6,7 @@ bench/README.md (2 vCPU, SmolLM2-135M), and the plan says so."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,14 +21,15 @@ RECENT = 10  # finished jobs a rate is measured over
 # fine-tune 157 tokens/s, a decode step of 16 rows ~0.3 s (128 new tokens: ~0.4 answers/s).
 # Judge verdicts and lm-eval rows ("eval steps"): 0.17/s on the lumen run of bench/README
 # (2026-12-07, AMD, loaded); a quiet box does better.
-DEFAULT_RATES = {"samples": 0.5, "tokens": 150.0, "answers": 0.4, "eval steps": 0.2}
+# Synthesis: 375 questions drafted in 330 s on lumen (bench/README, ninth session).
+DEFAULT_RATES = {"samples": 0.5, "tokens": 150.0, "answers": 0.4, "eval steps": 0.2, "questions": 1.0}
 SAMPLE_ROWS = 200  # rows whose tokens are counted to estimate the rest
 
 
 @dataclass
 class Estimate:
     count: float  # how much work, in `unit`
-    unit: str  # "samples" (teacher), "tokens" (training), "answers" (eval)
+    unit: str  # "samples" (teacher), "questions" (synthesis), "tokens" (training), "answers" (eval)
     rate: float  # units per second
     source: str  # where the rate comes from, in words
     measured: bool
@@ -90,14 +91,15 @@ def _samples_per_query(params: dict[str, Any]) -> int:
     return best_of if isinstance(best_of, int) and best_of > 0 else 1
 
 
-def teacher(
-    queries: int,
+def _measured(
+    kind: str,
     teacher_model: FoundationModel,
     endpoint: TeacherEndpoint | None,
-    curation: dict[str, Any] | None,
-) -> Estimate:
-    """Samples (queries x best of N of the first round) at the samples/s the same teacher measured."""
-    jobs = Job.objects.filter(kind="teacher", status=Job.SUCCEEDED)
+    per_done: Callable[[dict[str, Any]], int],
+) -> list[tuple[int, float, float]]:
+    """(job id, units, seconds) of the same teacher's recent finished jobs of a kind, from
+    their final progress (done x per_done(params) units)."""
+    jobs = Job.objects.filter(kind=kind, status=Job.SUCCEEDED)
     jobs = (
         jobs.filter(teacher_endpoint=endpoint)
         if endpoint is not None
@@ -108,7 +110,18 @@ def teacher(
         p = job.progress or {}
         done, elapsed = p.get("done"), p.get("elapsed")
         if isinstance(done, int | float) and isinstance(elapsed, int | float):
-            measured.append((job.pk, float(done) * _samples_per_query(job.params), float(elapsed)))
+            measured.append((job.pk, float(done) * per_done(job.params), float(elapsed)))
+    return measured
+
+
+def teacher(
+    queries: int,
+    teacher_model: FoundationModel,
+    endpoint: TeacherEndpoint | None,
+    curation: dict[str, Any] | None,
+) -> Estimate:
+    """Samples (queries x best of N of the first round) at the samples/s the same teacher measured."""
+    measured = _measured("teacher", teacher_model, endpoint, _samples_per_query)
     rate, source, ok = _rate("samples", measured, "teacher jobs")
     best_of = _samples_per_query({"curation": curation})
     notes = []
@@ -116,6 +129,17 @@ def teacher(
         notes.append("later curation rounds (only queries still failing) come on top")
     counts = f"{queries:,} queries" + (f" x best of {best_of}" if best_of > 1 else "")
     return Estimate(queries * best_of, "samples", rate, source, ok, counts, notes)
+
+
+def synthesis(
+    count: int, teacher_model: FoundationModel, endpoint: TeacherEndpoint | None, oversample: float
+) -> Estimate:
+    """Questions drafted (about `oversample` x the count kept) at the rate the same teacher's
+    synthesis jobs measured."""
+    measured = _measured("synthesize", teacher_model, endpoint, lambda params: 1)
+    rate, source, ok = _rate("questions", measured, "synthesis jobs")
+    drafts = round(count * oversample)
+    return Estimate(drafts, "questions", rate, source, ok, f"~{drafts:,} questions drafted for {count:,}")
 
 
 def example_tokens(base: FoundationModel, conversations: Sequence[list[dict[str, str]]]) -> float | None:

@@ -10,12 +10,14 @@ from typing import Any
 
 from django.db.models import Q
 
+from engines.curation import SynthesisSettings
 from engines.facts import FactsError, validate_facts
 from engines.training import TrainConfig
 from evals.models import ArmComparison, EvalSuite
 from jobs import fingerprints
 from jobs.actions import resolve_curation, teacher_generation
 from jobs.models import Job, TeacherEndpoint
+from jobs.runners.synthesis import KIND as SYNTHESIS_KIND
 from serving.models import Alias
 from serving.pipeline import estimate
 from serving.pipeline.lookups import (
@@ -28,6 +30,7 @@ from serving.pipeline.lookups import (
     gate_changes,
     judge,
     lm_eval_tasks,
+    teacher_input,
     unset,
 )
 from workbench.actions import ActionError
@@ -125,6 +128,10 @@ class Plan:
     generation: dict[str, Any] = field(default_factory=dict)
     curation: dict[str, Any] | None = None
     training: dict[str, Any] = field(default_factory=dict)
+    synthesis: dict[str, Any] | None = None  # {"count", "settings"} as the job stores them
+    synthesis_fp: str = ""
+    synthesis_job: Job | None = None
+    teacher_rows: str = ""  # what the teacher answers (fingerprints.queries_identity)
     teacher_fp: str = ""
     finetune_fp: str = ""
     teacher_job: Job | None = None
@@ -188,6 +195,7 @@ def make_plan(spec: Spec, project: Project | None = None) -> Plan:
     _models(plan)
     _prompt(plan)
     _data(plan)
+    _synthesis(plan)
     _teacher(plan)
     _finetune(plan)
     _eval(plan)
@@ -402,6 +410,52 @@ def _data(plan: Plan) -> None:
         raise PlanError(f"{train.where}: no rows are left to train on")
 
 
+def _synthesis(plan: Plan) -> None:
+    """Synthetic queries before the teacher (the spec's `synthesis`): the teacher then
+    answers the synthesis job's output, named by the job's fingerprint until it exists."""
+    wanted = plan.spec.synthesis
+    source = teacher_input(plan)
+    made_by = fingerprints.synthesis_identity(source) if source is not None else None
+    plan.teacher_rows = made_by or plan.train_rows
+    if wanted is None:
+        return
+    assert plan.teacher_model is not None
+    settings = SynthesisSettings.from_dict(wanted["settings"])
+    plan.synthesis = {"count": wanted["count"], "settings": settings.to_dict()}
+    plan.synthesis_fp = fingerprints.synthesis_fingerprint(
+        plan.prompt,
+        plan.train_rows,
+        plan.eval_rows,
+        fingerprints.teacher_identity(plan.teacher_model, plan.endpoint),
+        wanted["count"],
+        settings.to_dict(),
+    )
+    plan.teacher_rows = f"synthesis:{plan.synthesis_fp}"
+    job = fingerprints.find(plan.project.pk, SYNTHESIS_KIND, plan.synthesis_fp) if plan.project else None
+    plan.synthesis_job = job
+    teacher = plan.endpoint.name if plan.endpoint else plan.teacher_model.name
+    if job is not None:
+        made = (
+            f"{job.output_dataset}, {job.output_dataset.row_count:,} rows"
+            if job.output_dataset is not None
+            else f"still {job.status}: followed"
+        )
+        plan.steps.append(Step("synthesis", "reuse", f"{job} ({made})", job.pk, plan.synthesis_fp))
+        return
+    plan.steps.append(
+        Step(
+            "synthesis",
+            "run",
+            f"{teacher} writes up to {wanted['count']:,} questions about the prompt's sections and facts, "
+            "added to the training queries",
+            fingerprint=plan.synthesis_fp,
+            estimate=estimate.synthesis(
+                wanted["count"], plan.teacher_model, plan.endpoint, settings.oversample
+            ),
+        )
+    )
+
+
 def _teacher(plan: Plan) -> None:
     spec = plan.spec
     assert plan.teacher_model is not None and plan.train is not None
@@ -410,7 +464,7 @@ def _teacher(plan: Plan) -> None:
     plan.curation = resolve_curation(bool(plan.prompt["rules"]), spec.curation)
     who = fingerprints.teacher_identity(plan.teacher_model, plan.endpoint)
     plan.teacher_fp = fingerprints.teacher_fingerprint(
-        plan.prompt, plan.train_rows, who, plan.generation, plan.curation, True
+        plan.prompt, plan.teacher_rows, who, plan.generation, plan.curation, True
     )
     plan.teacher_job = (
         fingerprints.find(plan.project.pk, "teacher", plan.teacher_fp) if plan.project else None
@@ -420,13 +474,23 @@ def _teacher(plan: Plan) -> None:
         job = plan.teacher_job
         state = "" if job.status == Job.SUCCEEDED else f", still {job.status}: followed"
         plan.steps.append(Step("teacher", "reuse", f"{job} ({teacher}{state})", job.pk, plan.teacher_fp))
+        if plan.synthesis is not None and plan.synthesis_job is None:  # its questions were answered
+            plan.step("synthesis").action = "skip"
+            plan.step("synthesis").detail = "its questions are in the reused teacher's answers"
         return
     queries = len(plan.train.rows(DatasetRow.TRAIN))
-    detail = f"{teacher} answers {queries:,} queries WITH the prompt" + (
-        f", curated (best of {plan.curation['best_of']}"
-        + (f", up to {plan.curation['rounds']} rounds)" if plan.curation["rounds"] > 1 else ")")
-        if plan.curation
-        else ""
+    if plan.synthesis_job is not None and plan.synthesis_job.output_dataset is not None:
+        queries = plan.synthesis_job.output_dataset.rows.filter(split=DatasetRow.TRAIN).count()
+    elif plan.synthesis is not None:
+        queries += plan.synthesis["count"]  # at most: synthesis keeps what passes its filters
+    detail = (
+        f"{teacher} answers {'up to ' if plan.synthesis and plan.synthesis_job is None else ''}{queries:,} queries WITH the prompt"
+        + (
+            f", curated (best of {plan.curation['best_of']}"
+            + (f", up to {plan.curation['rounds']} rounds)" if plan.curation["rounds"] > 1 else ")")
+            if plan.curation
+            else ""
+        )
     )
     detail += _previous_teacher(plan)
     plan.steps.append(
@@ -461,7 +525,7 @@ def _previous_teacher(plan: Plan) -> str:
     changed = []
     if fingerprints.version_identity(last.prompt_version) != plan.prompt:
         changed.append("the prompt")
-    if fingerprints.train_digest(last.dataset_version) != plan.train_rows:
+    if fingerprints.queries_identity(last.dataset_version) != plan.teacher_rows:
         changed.append("the training queries")
     changed += _changes(last.params.get("generation") or {}, plan.generation, "teacher.generation.")
     changed += _changes(last.params.get("curation") or {}, plan.curation or {}, "curation.")

@@ -1,5 +1,5 @@
 """Applying a plan: each step through the workbench's own actions (save a
-prompt version, import a dataset, start_absorb / start_finetune, the
+prompt version, import a dataset, start_synthesis, start_absorb / start_finetune, the
 four-arm comparison, the gated promotion), following the jobs to their end.
 A step the plan reuses is not touched; a job still running is followed."""
 
@@ -21,8 +21,9 @@ from engines.training import ConfigError
 from evals.actions import create_suite, eval_source, start_comparison
 from evals.models import ArmComparison, EvalSuite
 from jobs import fingerprints
-from jobs.actions import start_absorb, start_finetune
+from jobs.actions import start_absorb, start_finetune, start_synthesis
 from jobs.models import Job
+from jobs.runners.synthesis import KIND as SYNTHESIS_KIND
 from serving.actions import GateRefused, create_alias, ensure_default_aliases, promote, update_gate
 from serving.models import Alias
 from serving.pipeline.lookups import (
@@ -116,7 +117,7 @@ def _apply(plan: Plan, user: User | None, say: Say, follow: Follow) -> Outcome:
     if plan.comparison is None and plan.suite is None:
         plan.suite = find_suite(plan, eval_source(data)) or _suite(plan, eval_source(data), user)
         say(f"eval: suite {plan.suite}")
-    finetune = _train(plan, data, user, say, follow)
+    finetune = _train(plan, _synthesize(plan, data, user, say, follow), user, say, follow)
     finetune.refresh_from_db()
     variant = finetune.variant
     if variant is None:
@@ -179,6 +180,42 @@ def _stamped(plan: Plan, step: str, job: Job, say: Say) -> None:
     plan.step(step).job = job.pk
     if job.params.get(fingerprints.KEY) != want:  # the plan and the actions disagree: a bug, not the user's
         say(f"warning: {job}'s fingerprint differs from the plan's: the next apply will run it again")
+
+
+def _synthesize(
+    plan: Plan, data: DatasetVersion, user: User | None, say: Say, follow: Follow
+) -> DatasetVersion:
+    """What the teacher answers: `data`, or with the spec's synthesis the version its job
+    stores (the job found by its fingerprint, or started and followed here)."""
+    if plan.synthesis is None or plan.teacher_job is not None or plan.finetune_job is not None:
+        return data
+    project = plan.project
+    assert project is not None and plan.prompt_version is not None and plan.teacher_model is not None
+    job = plan.synthesis_job
+    if job is None:
+        with _locked(project):
+            job = fingerprints.find(project.pk, SYNTHESIS_KIND, plan.synthesis_fp)
+            if job is None:
+                job = start_synthesis(
+                    project,
+                    user,
+                    plan.prompt_version,
+                    data,
+                    plan.teacher_model,
+                    plan.synthesis["count"],
+                    plan.synthesis["settings"],
+                    teacher_endpoint=plan.endpoint,
+                )
+                say(f"synthesis: started {job}")
+    _stamped(plan, "synthesis", job, say)
+    if not job.is_terminal:
+        say(f"synthesis: following {job}")
+        follow(job)
+    job.refresh_from_db()
+    if job.output_dataset is None:
+        raise PlanError(f"{job} stored no queries")
+    say(f"synthesis: the teacher answers {job.output_dataset} ({job.output_dataset.row_count:,} rows)")
+    return job.output_dataset
 
 
 def _train(plan: Plan, data: DatasetVersion, user: User | None, say: Say, follow: Follow) -> Job:

@@ -1,7 +1,8 @@
 """The spec's JSON Schema. The settings sections (teacher and eval
-generation, curation, training) are derived from their dataclasses
-(GenerationSettings and its bounds table, CurationSettings, TrainConfig),
-so a setting added there is a key of the spec at once. The published copy,
+generation, synthesis, curation, training) are derived from their
+dataclasses (GenerationSettings and its bounds table, SynthesisSettings,
+CurationSettings, TrainConfig), so a setting added there is a key of the
+spec at once. The published copy,
 spec.schema.json beside this module, is this function's output; a test
 holds the two together (`manage.py apply --schema` prints it)."""
 
@@ -11,7 +12,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from engines.curation import REPAIRS, CurationSettings
+from engines.curation import JOB_DEFAULT_COUNT, JOB_MAX_COUNT, REPAIRS, CurationSettings, SynthesisSettings
 from engines.inference import BOUNDS, GenerationSettings
 from engines.rules import KINDS
 from engines.training import DEVICES, LR_SCHEDULERS, TrainConfig
@@ -105,6 +106,26 @@ def _curation() -> dict[str, Any]:
         "description": "CurationSettings (engines/curation/settings.py); false: the teacher's raw answers; "
         "left out or true: the defaults when the prompt has rules",
         "properties": _fields(CurationSettings),
+    }
+
+
+def _synthesis() -> dict[str, Any]:
+    return {
+        "type": ["boolean", "object"],
+        "additionalProperties": False,
+        "description": "Before the teacher: questions users would ask about the prompt's sections and facts, "
+        "written by the teacher and added to the training queries (the synthesis job). SynthesisSettings "
+        "(engines/curation/synthesis.py) and count; true: the defaults; left out or false: none",
+        "properties": {
+            "count": {
+                "type": "integer",
+                "minimum": 1,
+                "maximum": JOB_MAX_COUNT,
+                "default": JOB_DEFAULT_COUNT,
+                "description": "Synthetic queries to add at most",
+            },
+            **_fields(SynthesisSettings),
+        },
     }
 
 
@@ -214,6 +235,7 @@ def build_schema() -> dict[str, Any]:
                     ),
                 },
             },
+            "synthesis": _synthesis(),
             "curation": _curation(),
             "training": _training(),
             "eval": {

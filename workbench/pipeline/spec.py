@@ -19,7 +19,7 @@ import yaml
 
 from engines import facts as facts_module
 from engines import rules as rules_module
-from engines.curation import CurationSettings
+from engines.curation import JOB_DEFAULT_COUNT, CurationSettings, SynthesisSettings
 from engines.inference import GenerationSettings, SettingsError
 from engines.training import ConfigError, TrainConfig
 from workbench.actions import ActionError
@@ -155,6 +155,17 @@ class Spec:
     def curation(self) -> dict[str, Any] | bool:
         value = self.data.get("curation", True)
         return value if isinstance(value, dict | bool) else True
+
+    @property
+    def synthesis(self) -> dict[str, Any] | None:
+        """{"count": N, "settings": {...}} when the spec asks for synthetic queries, else None."""
+        value = self.data.get("synthesis", False)
+        if value is True:
+            value = {}
+        if not isinstance(value, dict):
+            return None
+        settings = {k: v for k, v in value.items() if k != "count"}
+        return {"count": int(value.get("count", JOB_DEFAULT_COUNT)), "settings": settings}
 
     @property
     def promote(self) -> dict[str, Any] | None:
@@ -338,6 +349,12 @@ def _settings(data: dict[str, Any], broken: set[str | int], problems: _Problems)
                 CurationSettings.from_dict({key: value})
             except (TypeError, ValueError) as exc:
                 problems.add(("curation", key), str(exc).removeprefix(f"{key} "))
+    synthesis = data.get("synthesis")
+    if isinstance(synthesis, dict) and "synthesis" not in broken:
+        try:  # whole: min_words is checked against max_words; each message names its setting
+            SynthesisSettings.from_dict({k: v for k, v in synthesis.items() if k != "count"})
+        except (TypeError, ValueError) as exc:
+            problems.add(("synthesis",), str(exc))
     for section in ("teacher", "eval"):
         generation = (data.get(section) or {}).get("generation")
         if generation and section not in broken:
