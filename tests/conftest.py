@@ -3,13 +3,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.settings import XDIST_INDEX  # the pytest-xdist process's number (0 without xdist)
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parent.parent
 # Under pytest-xdist each process (and what it starts) gets one torch thread: two processes with a
 # thread per core each would oversubscribe the cores, which stalls torch (STACK-NOTES).
-XDIST_INDEX = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
