@@ -69,6 +69,42 @@ class Recorded:
         path.write_text(json.dumps(self.pools))
 
 
+# Measured in the thirteenth session (bench/README): not kept in the product.
+SHOTS = [
+    (
+        "Opening hours",
+        "The library opens at 9:00 on weekdays and at 10:00 on Saturdays.",
+        "What time do you open on Saturday?",
+    ),
+    (
+        "Membership",
+        "A yearly membership costs 40 pounds; students pay half price.",
+        "How much is a membership for a student?",
+    ),
+    (
+        "Returns",
+        "Books can be kept for three weeks and renewed twice online.",
+        "How many times can I renew a book?",
+    ),
+]
+
+
+def few_shot() -> None:
+    """The teacher sees SHOTS as earlier turns of the conversation for each piece."""
+    from engines.curation import synthesis
+
+    plain = synthesis.conversation
+
+    def with_examples(unit: Any) -> list[dict[str, str]]:
+        out = []
+        for heading, text, question in SHOTS:
+            out.append({"role": "user", "content": synthesis.ASK.format(about=f" ({heading})", text=text)})
+            out.append({"role": "assistant", "content": question})
+        return out + plain(unit)
+
+    synthesis.conversation = with_examples
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -92,7 +128,14 @@ def main() -> None:
     parser.add_argument(
         "--answers", type=Path, help="save the teacher's answers here, or replay them if it exists"
     )
+    parser.add_argument(
+        "--few-shot",
+        action="store_true",
+        help="ask with three worked examples (a library's help page) before each piece, instead of zero-shot",
+    )
     args = parser.parse_args()
+    if args.few_shot:
+        few_shot()
     import torch
 
     torch.set_num_threads(args.threads)
