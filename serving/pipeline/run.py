@@ -208,13 +208,19 @@ def _synthesize(
                 )
                 say(f"synthesis: started {job}")
     _stamped(plan, "synthesis", job, say)
+    made = _output(job, "synthesis", "stored no queries", say, follow)
+    say(f"synthesis: the teacher answers {made} ({made.row_count:,} rows)")
+    return made
+
+
+def _output(job: Job, step: str, missing: str, say: Say, follow: Follow) -> DatasetVersion:
+    """The dataset version `job` stores, once followed to its end."""
     if not job.is_terminal:
-        say(f"synthesis: following {job}")
+        say(f"{step}: following {job}")
         follow(job)
     job.refresh_from_db()
     if job.output_dataset is None:
-        raise PlanError(f"{job} stored no queries")
-    say(f"synthesis: the teacher answers {job.output_dataset} ({job.output_dataset.row_count:,} rows)")
+        raise PlanError(f"{job} {missing}")
     return job.output_dataset
 
 
@@ -255,12 +261,7 @@ def _train(plan: Plan, data: DatasetVersion, user: User | None, say: Say, follow
             plan.step("teacher").job = teacher.pk
             say(f"teacher: {teacher} was started by another apply since the plan: following it")
     if finetune is None:
-        if not teacher.is_terminal:
-            say(f"teacher: following {teacher}")
-            follow(teacher)
-        teacher.refresh_from_db()
-        if teacher.output_dataset is None:
-            raise PlanError(f"{teacher} left no answers to train on")
+        answers = _output(teacher, "teacher", "left no answers to train on", say, follow)
         with _locked(project):
             finetune = find_finetune(project, plan.finetune_fp)
             if finetune is None:
@@ -268,7 +269,7 @@ def _train(plan: Plan, data: DatasetVersion, user: User | None, say: Say, follow
                     project,
                     user,
                     plan.prompt_version,
-                    teacher.output_dataset,
+                    answers,
                     plan.base,
                     spec.training,
                     passing_only=spec.passing_only,
