@@ -133,12 +133,20 @@ def queries_identity(version: DatasetVersion) -> str:
 
 
 def synthesis_identity(version: DatasetVersion) -> str | None:
-    made_by = (
-        Job.objects.filter(output_dataset=version, kind="synthesize").values_list("params", flat=True).first()
+    job = synthesis_of(version)
+    return f"synthesis:{job.params[KEY]}" if job is not None else None
+
+
+def synthesis_of(version: DatasetVersion) -> Job | None:
+    """The fingerprinted synthesis job whose output `version` is, as it stored it."""
+    job = (
+        Job.objects.filter(output_dataset=version, kind="synthesize")
+        .select_related("dataset_version")
+        .first()
     )
-    if isinstance(made_by, dict) and made_by.get(KEY):
-        return f"synthesis:{made_by[KEY]}"
-    return None
+    if job is None or not isinstance(job.params, dict) or not job.params.get(KEY):
+        return None
+    return job
 
 
 def finetune_fingerprint(

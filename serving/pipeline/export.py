@@ -70,10 +70,11 @@ def export_spec(project: Project, finetune: Job, folder: Path | None = None) -> 
         spec["base_model"] = finetune.base_model.name
     prompt = teacher.prompt_version
     source = teacher.dataset_version
-    synthesis = _synthesis_of(source)
-    if synthesis is not None:  # the spec asks for the same synthesis on the same queries
-        assert synthesis.dataset_version is not None
-        source = synthesis.dataset_version
+    synthesis = fingerprints.synthesis_of(source)
+    if synthesis is not None and synthesis.dataset_version is not None:
+        source = synthesis.dataset_version  # the spec asks for the same synthesis on the same queries
+    else:
+        synthesis = None
     spec["prompt"] = {"ref": str(prompt)}
     spec["data"] = _data(source)
     if folder is not None:
@@ -106,18 +107,6 @@ def export_spec(project: Project, finetune: Job, folder: Path | None = None) -> 
     if folder is not None:
         (folder / "spec.yaml").write_text(text)
     return text
-
-
-def _synthesis_of(version: DatasetVersion) -> Job | None:
-    """The synthesis job whose output the teacher answered, as it stored it."""
-    job = (
-        Job.objects.filter(kind="synthesize", output_dataset=version, status=Job.SUCCEEDED)
-        .select_related("dataset_version")
-        .first()
-    )
-    if job is None or job.dataset_version is None or not job.params.get(fingerprints.KEY):
-        return None
-    return job
 
 
 def _data(source: DatasetVersion) -> dict[str, Any]:

@@ -478,19 +478,16 @@ def _teacher(plan: Plan) -> None:
             plan.step("synthesis").action = "skip"
             plan.step("synthesis").detail = "its questions are in the reused teacher's answers"
         return
-    queries = len(plan.train.rows(DatasetRow.TRAIN))
+    queries, at_most = len(plan.train.rows(DatasetRow.TRAIN)), ""
     if plan.synthesis_job is not None and plan.synthesis_job.output_dataset is not None:
         queries = plan.synthesis_job.output_dataset.rows.filter(split=DatasetRow.TRAIN).count()
-    elif plan.synthesis is not None:
-        queries += plan.synthesis["count"]  # at most: synthesis keeps what passes its filters
-    detail = (
-        f"{teacher} answers {'up to ' if plan.synthesis and plan.synthesis_job is None else ''}{queries:,} queries WITH the prompt"
-        + (
-            f", curated (best of {plan.curation['best_of']}"
-            + (f", up to {plan.curation['rounds']} rounds)" if plan.curation["rounds"] > 1 else ")")
-            if plan.curation
-            else ""
-        )
+    elif plan.synthesis is not None:  # synthesis keeps what passes its filters
+        queries, at_most = queries + plan.synthesis["count"], "up to "
+    detail = f"{teacher} answers {at_most}{queries:,} queries WITH the prompt" + (
+        f", curated (best of {plan.curation['best_of']}"
+        + (f", up to {plan.curation['rounds']} rounds)" if plan.curation["rounds"] > 1 else ")")
+        if plan.curation
+        else ""
     )
     detail += _previous_teacher(plan)
     plan.steps.append(
