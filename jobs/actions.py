@@ -16,6 +16,7 @@ from engines.inference import GenerationSettings
 from engines.training import TrainConfig, tokenizers_match
 from jobs import fingerprints
 from jobs.models import AbsorbPreset, Job, TeacherEndpoint
+from jobs.runners.synthesis import ABSORB_COUNT as ABSORB_SYNTHESIS_COUNT
 from jobs.runners.synthesis import DEFAULT_COUNT as SYNTHESIS_DEFAULT_COUNT
 from jobs.runners.synthesis import KIND as SYNTHESIS_KIND
 from jobs.runners.synthesis import MAX_COUNT as SYNTHESIS_MAX_COUNT
@@ -177,6 +178,7 @@ def start_absorb(
     teacher_endpoint: TeacherEndpoint | None = None,
     evaluation: Mapping[str, Any] | None = None,
     data_check: float | None = None,
+    synthesis: int | Mapping[str, Any] | bool | None = None,
 ) -> tuple[Job, Job | None]:
     """Queue teacher generation and (unless the team reviews the answers
     first) the fine-tune that trains on them once the teacher finishes.
@@ -190,7 +192,10 @@ def start_absorb(
     are text: no KL term). `evaluation` is the four-arm eval after the
     fine-tune (see eval_params). With `data_check` (a share), the fine-tune
     waits for confirmation when more than that share of the teacher's
-    answers fail a checkable rule (see hold_for_data_check). A `form_token` some job already
+    answers fail a checkable rule (see hold_for_data_check). With
+    `synthesis` (see synthesis_request) the teacher first writes questions
+    about the prompt (a synthesis job, `teacher.depends_on`) and then answers
+    them with the data's own. A `form_token` some job already
     carries raises AlreadyStarted (a resubmitted form starts nothing).
     Bad settings raise SettingsError / ConfigError naming each field."""
     check_form_token(project, form_token)
@@ -207,10 +212,27 @@ def start_absorb(
         check_prompt_fits(prompt_version, teacher_model)
         check_teacher(base_model, teacher_model, train)
     curated = _curation(prompt_version, curation)
+    asked = synthesis_request(synthesis)
+    synthesizer = None
+    if asked is not None:
+        synthesizer = _create_synthesis(
+            project,
+            user,
+            prompt_version,
+            dataset_version,
+            teacher_model,
+            *asked,
+            teacher_endpoint,
+            form_token,
+            then_teacher=True,
+        )
     prompt = fingerprints.version_identity(prompt_version)
     teacher_fp = fingerprints.teacher_fingerprint(
         prompt,
-        fingerprints.queries_identity(dataset_version),
+        # What synthesis_identity will say of the version the synthesis job stores.
+        f"synthesis:{synthesizer.params[fingerprints.KEY]}"
+        if synthesizer is not None
+        else fingerprints.queries_identity(dataset_version),
         fingerprints.teacher_identity(teacher_model, teacher_endpoint),
         gen.to_dict(),
         curated,
@@ -218,11 +240,13 @@ def start_absorb(
     )
     teacher = create_job(
         project,
-        form_token,
+        None if synthesizer is not None else form_token,
         kind="teacher",
         base_model=teacher_model,
         prompt_version=prompt_version,
-        dataset_version=dataset_version,
+        # The synthesis job sets the version it stores when it finishes.
+        dataset_version=None if synthesizer is not None else dataset_version,
+        depends_on=synthesizer,
         params={
             "generation": gen.to_dict(),
             "keep_existing": keep_existing,
@@ -258,7 +282,7 @@ def start_absorb(
             },
             created_by=user,
         )
-    enqueue(teacher)
+    enqueue(synthesizer or teacher)
     return teacher, finetune
 
 
@@ -396,6 +420,79 @@ def start_supervised(
     return job
 
 
+def synthesis_request(value: int | Mapping[str, Any] | bool | None) -> tuple[int, SynthesisSettings] | None:
+    """An absorb's synthesis step as asked: None / False / 0 for none, True
+    for the default count, a count, or {"count": N, ...SynthesisSettings}."""
+    if value is None or value is False or value == 0:
+        return None
+    if value is True:
+        return ABSORB_SYNTHESIS_COUNT, SynthesisSettings()
+    if isinstance(value, Mapping):
+        rest = dict(value)
+        count = rest.pop("count", ABSORB_SYNTHESIS_COUNT)
+        return _synthesis_count(count), _synthesis_settings(rest)
+    return _synthesis_count(value), SynthesisSettings()
+
+
+def _synthesis_count(count: Any) -> int:
+    if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= SYNTHESIS_MAX_COUNT:
+        raise ActionError(
+            f"The number of queries to synthesise must be from 1 to {SYNTHESIS_MAX_COUNT}, got {count!r}."
+        )
+    return count
+
+
+def _synthesis_settings(settings: SynthesisSettings | Mapping[str, Any] | None) -> SynthesisSettings:
+    if isinstance(settings, SynthesisSettings):
+        return settings
+    try:
+        return SynthesisSettings.from_dict(dict(settings) if settings is not None else None)
+    except (TypeError, ValueError) as exc:
+        raise ActionError(f"Synthesis settings: {exc}") from exc
+
+
+def _create_synthesis(
+    project: Project,
+    user: User | None,
+    prompt_version: PromptVersion,
+    dataset_version: DatasetVersion,
+    base_model: FoundationModel,
+    count: int,
+    settings: SynthesisSettings,
+    teacher_endpoint: TeacherEndpoint | None,
+    form_token: uuid.UUID | None,
+    then_teacher: bool,
+) -> Job:
+    if prompt_version.prompt.project_id != project.pk or dataset_version.dataset.project_id != project.pk:
+        raise ActionError("The prompt and the dataset must belong to this project.")
+    if teacher_endpoint is not None and teacher_endpoint.project_id != project.pk:
+        raise ActionError("The teacher endpoint must belong to this project.")
+    params: dict[str, Any] = {"count": count, "synthesis": settings.to_dict()}
+    if then_teacher:  # keeping no question still stores a version, the one the teacher answers
+        params["then_teacher"] = True
+    if teacher_endpoint is not None:
+        params["teacher_endpoint"] = teacher_endpoint.snapshot()
+    params[fingerprints.KEY] = fingerprints.synthesis_fingerprint(
+        fingerprints.version_identity(prompt_version),
+        fingerprints.train_digest(dataset_version),
+        fingerprints.eval_digest(dataset_version),
+        fingerprints.teacher_identity(base_model, teacher_endpoint),
+        count,
+        settings.to_dict(),
+    )
+    return create_job(
+        project,
+        form_token,
+        kind=SYNTHESIS_KIND,
+        base_model=base_model,
+        prompt_version=prompt_version,
+        dataset_version=dataset_version,
+        teacher_endpoint=teacher_endpoint,
+        params=params,
+        created_by=user,
+    )
+
+
 @transaction.atomic
 def start_synthesis(
     project: Project,
@@ -408,46 +505,25 @@ def start_synthesis(
     *,
     teacher_endpoint: TeacherEndpoint | None = None,
     form_token: uuid.UUID | None = None,
+    then_teacher: bool = False,
 ) -> Job:
     """Queue a synthesis job: `base_model` (or `teacher_endpoint`) writes up
     to `count` questions about the prompt version's sections and facts; its
-    output is a new version of the dataset with them added."""
+    output is a new version of the dataset with them added. Unless
+    `then_teacher` (a teacher answers the version next), a job that keeps no
+    question fails and stores nothing."""
     check_form_token(project, form_token)
-    if prompt_version.prompt.project_id != project.pk or dataset_version.dataset.project_id != project.pk:
-        raise ActionError("The prompt and the dataset must belong to this project.")
-    if teacher_endpoint is not None and teacher_endpoint.project_id != project.pk:
-        raise ActionError("The teacher endpoint must belong to this project.")
-    if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= SYNTHESIS_MAX_COUNT:
-        raise ActionError(
-            f"The number of queries to synthesise must be from 1 to {SYNTHESIS_MAX_COUNT}, got {count!r}."
-        )
-    try:
-        chosen = (
-            settings if isinstance(settings, SynthesisSettings) else SynthesisSettings.from_dict(settings)
-        )
-    except (TypeError, ValueError) as exc:
-        raise ActionError(f"Synthesis settings: {exc}") from exc
-    params: dict[str, Any] = {"count": count, "synthesis": chosen.to_dict()}
-    if teacher_endpoint is not None:
-        params["teacher_endpoint"] = teacher_endpoint.snapshot()
-    params[fingerprints.KEY] = fingerprints.synthesis_fingerprint(
-        fingerprints.version_identity(prompt_version),
-        fingerprints.train_digest(dataset_version),
-        fingerprints.eval_digest(dataset_version),
-        fingerprints.teacher_identity(base_model, teacher_endpoint),
-        count,
-        chosen.to_dict(),
-    )
-    job = create_job(
+    job = _create_synthesis(
         project,
+        user,
+        prompt_version,
+        dataset_version,
+        base_model,
+        _synthesis_count(count),
+        _synthesis_settings(settings),
+        teacher_endpoint,
         form_token,
-        kind=SYNTHESIS_KIND,
-        base_model=base_model,
-        prompt_version=prompt_version,
-        dataset_version=dataset_version,
-        teacher_endpoint=teacher_endpoint,
-        params=params,
-        created_by=user,
+        then_teacher,
     )
     enqueue(job)
     return job
@@ -532,41 +608,48 @@ def hold_for_data_check(teacher: Job) -> list[Job]:
 
 @transaction.atomic
 def retry_job(job: Job, user: User | None) -> Job:
-    """A failed or cancelled teacher or fine-tune job, queued again as a new
-    job with the same inputs (terminal states never change); the jobs that
-    waited for it and were cancelled with it wait for the new one. A teacher
-    asks only for the answers its project's response cache lacks, so work
-    finished before the failure is not paid for twice."""
+    """A failed or cancelled synthesis, teacher or fine-tune job, queued again
+    as a new job with the same inputs (terminal states never change); the
+    jobs that waited for it and were cancelled with it (and those that waited
+    for them) wait for the new one. A teacher asks only for the answers its
+    project's response cache lacks, so work finished before the failure is
+    not paid for twice."""
     if job.status not in (Job.FAILED, Job.CANCELLED):
         raise ActionError(f"{job} is {job.status}: only a failed or cancelled job can be retried.")
-    if job.kind not in ("teacher", "finetune"):
+    if job.kind not in ("teacher", "finetune", SYNTHESIS_KIND):
         raise ActionError(f"{job.label} jobs are not retried from here.")
     if job.depends_on is not None and job.depends_on.status != Job.SUCCEEDED:
         raise ActionError(f"{job} waits for {job.depends_on}, which did not succeed: retry that one.")
+    again = _again(
+        job,
+        user,
+        job.depends_on,
+        job.dataset_version,
+        {k: v for k, v in job.params.items() if k not in RETRIED},
+    )
+    again.append_log(f"retry of {job}")
+    enqueue(again)
+    return again
+
+
+def _again(
+    job: Job, user: User | None, after: Job | None, data: DatasetVersion | None, params: dict[str, Any]
+) -> Job:
     again = Job.objects.create(
         project=job.project,
         kind=job.kind,
         base_model=job.base_model,
         prompt_version=job.prompt_version,
-        dataset_version=job.dataset_version,
-        depends_on=job.depends_on,
+        dataset_version=data,
+        depends_on=after,
         teacher_endpoint=job.teacher_endpoint,
-        params={k: v for k, v in job.params.items() if k not in RETRIED},
+        params=params,
         created_by=user,
     )
-    again.append_log(f"retry of {job}")
     for dep in job.dependents.filter(status=Job.CANCELLED):
-        Job.objects.create(
-            project=dep.project,
-            kind=dep.kind,
-            base_model=dep.base_model,
-            prompt_version=dep.prompt_version,
-            dataset_version=None if dep.kind == "finetune" and job.kind == "teacher" else dep.dataset_version,
-            depends_on=again,
-            params=dep.params,
-            created_by=user,
-        )
-    enqueue(again)
+        # A teacher or a synthesis job hands the version it stores on to the jobs waiting for it.
+        takes_output = job.kind in ("teacher", SYNTHESIS_KIND)
+        _again(dep, user, again, None if takes_output else dep.dataset_version, dep.params)
     return again
 
 

@@ -17,7 +17,9 @@ from engines.inference import GenerationSettings, SettingsError
 from engines.training import DEVICES, LR_SCHEDULERS, ConfigError, TrainConfig
 from jobs.actions import absorb_generation
 from jobs.models import AbsorbPreset, Job, TeacherEndpoint
+from jobs.runners.synthesis import ABSORB_COUNT as ABSORB_SYNTHESIS_COUNT
 from jobs.runners.synthesis import DEFAULT_COUNT as SYNTHESIS_DEFAULT_COUNT
+from jobs.runners.synthesis import KIND as SYNTHESIS_KIND
 from jobs.runners.synthesis import MAX_COUNT as SYNTHESIS_MAX_COUNT
 from workbench.data_quality import final_compliance, warning
 from workbench.forms import form_token_field, model_choice
@@ -28,7 +30,8 @@ TRAIN_HELP: dict[str, str] = {
     "alpha": "LoRA alpha: scales the update (alpha / r). Usually 2 x rank.",
     "dropout": "Dropout on the LoRA layers (0-0.1).",
     "target_modules": "Layers that get an adapter, comma-separated. Default: every attention and MLP projection.",
-    "learning_rate": "Peak learning rate. LoRA wants ~1e-4 to 5e-4 (3e-4 works on SmolLM2).",
+    "learning_rate": "Peak learning rate. LoRA wants ~1e-4 to 1e-3 (1e-3 measured with the reading student on SmolLM2; "
+    "3e-4 when the prompt is absorbed whole).",
     "epochs": "Passes over the teacher answers.",
     "max_steps": "Stop after this many optimizer steps (overrides epochs; empty = use epochs).",
     "batch_size": "Examples per step. Lower it when memory runs out.",
@@ -53,7 +56,7 @@ TRAIN_HELP: dict[str, str] = {
     "training time.",
     "student_passages": "The student reads the prompt's N sentences most relevant to each question (BM25), "
     "in training, in evals and when served: facts are copied from them instead of recalled. ~28 prompt tokens "
-    "a passage. 0 = off (0-8). Measured with learning rate 1e-3.",
+    "a passage. 0 = off: the prompt is absorbed whole (0-8). Measured with learning rate 1e-3.",
     "refine_samples": "Rejection sampling after training: the student (no prompt) samples this many answers per "
     "train query; one passing every rule, stating the facts asked and saying at least half as much replaces the "
     "row's answer, and the adapter trains a little more on that set. 0 = off (0-8); costs sampling plus refine_epochs of training.",
@@ -157,6 +160,16 @@ class AbsorbForm(forms.Form):
         label="stop",
         widget=forms.Textarea(attrs={"rows": 2}),
         help_text="Stop strings, one per line: the answer ends before the first one.",
+    )
+    synthesize = forms.IntegerField(
+        required=False,
+        min_value=0,
+        max_value=SYNTHESIS_MAX_COUNT,
+        initial=ABSORB_SYNTHESIS_COUNT,
+        label="questions to synthesise first",
+        help_text="The teacher first writes up to this many questions about the prompt's sections and facts "
+        "(a synthesis job; none close to the data's queries), then answers them with the data's own: the "
+        "student learns the facts real queries rarely ask about (0: the data's queries only).",
     )
     curate = forms.BooleanField(
         required=False,
@@ -331,6 +344,7 @@ class AbsorbForm(forms.Form):
         self.training: TrainConfig | None = None
         self.evaluation: dict[str, Any] = {}
         self.curation: dict[str, Any] | bool = False
+        self.synthesis = 0  # questions the teacher writes before it answers (absorb only)
         # The share of failing answers above which an absorb's fine-tune waits for confirmation (None: trains).
         self.data_check: float | None = None
 
@@ -381,6 +395,8 @@ class AbsorbForm(forms.Form):
             problem = too_few_rows(version, settings.MIN_TRAIN_ROWS)
             if problem:
                 self.add_error("few_rows_ok", problem)
+        if data.get("mode") == "absorb":
+            self.synthesis = data.get("synthesize") or 0
         if data.get("curate"):
             try:
                 self.curation = CurationSettings(
@@ -453,7 +469,7 @@ def few_fact_rows(prompt: PromptVersion, version: DatasetVersion) -> str | None:
         f"{asking} of {len(queries)} training queries ask one of the {len(checks)} fact{'s' if len(checks) != 1 else ''} of {prompt}: a student "
         "learns the facts from rows that state them, and with this few it answers around them (fernhill, "
         "58 of 128: fact recall 0.60; lumen, 12 of 128: 0.06). Have the teacher write questions about the "
-        "prompt's sections first."
+        "prompt's sections first (questions to synthesise, under Teacher)."
     )
 
 
@@ -533,6 +549,12 @@ def initial_from_job(job: Job) -> dict[str, Any]:
             if name in gen:
                 out[f"g_{name}"] = gen[name]
         out["g_stop"] = "\n".join(gen.get("stop") or [])
+        synthesis = (
+            teacher.depends_on if teacher.depends_on and teacher.depends_on.kind == SYNTHESIS_KIND else None
+        )
+        out["synthesize"] = synthesis.params.get("count") if synthesis is not None else 0
+        if synthesis is not None:  # the data it started from, not the version with its questions
+            out["dataset_version"] = synthesis.dataset_version_id
         curation = teacher.params.get("curation")
         out["curate"] = curation is not None
         if isinstance(curation, dict):

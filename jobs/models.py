@@ -380,6 +380,11 @@ class Job(models.Model):
             return self.QUEUED
         return None
 
+    def hand_on(self, version: DatasetVersion) -> None:
+        """The queued jobs waiting for this one with no data of their own yet
+        take `version` (what this one stored) as their data."""
+        self.dependents.filter(status=self.QUEUED, dataset_version__isnull=True).update(dataset_version=version)
+
     def ready_dependents(self) -> list[Job]:
         """Queued jobs waiting for this one, once it succeeded."""
         if self.status != self.SUCCEEDED:

@@ -135,6 +135,7 @@ def absorb_start(request: AuthedHttpRequest, slug: str) -> HttpResponse:
             passing_only=data["passing_only"],
             form_token=token,
             data_check=form.data_check,
+            synthesis=form.synthesis,
         )
     except AlreadyStarted as exc:
         messages.info(request, f"{exc} Nothing new was queued.")
@@ -147,6 +148,10 @@ def absorb_start(request: AuthedHttpRequest, slug: str) -> HttpResponse:
         if finetune is None
         else f" {finetune} starts when it finishes."
     )
+    first = teacher.depends_on
+    if first is not None:
+        messages.success(request, f"{first} queued; {teacher} answers its questions and the data's.{note}")
+        return redirect(first)
     messages.success(request, f"{teacher} queued.{note}")
     return redirect(teacher)
 

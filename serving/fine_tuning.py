@@ -84,6 +84,7 @@ ABSORB_FIELDS = {
     "hyperparameters",
     "curation",
     "teacher_endpoint",
+    "synthesis",
 }
 
 
@@ -330,18 +331,33 @@ def _is_absorb(job: Job) -> bool:
     return job.prompt_version_id is not None
 
 
+def _before(job: Job) -> list[Job]:
+    """The jobs an absorb's fine-tune waits for, first first: its synthesis job (when
+    it has one) and its teacher."""
+    out: list[Job] = []
+    step = job.depends_on
+    while step is not None and len(out) < 2:
+        out.insert(0, step)
+        step = step.depends_on
+    return out
+
+
 def _status(job: Job, comparison: ArmComparison | None) -> str:
-    teacher = job.depends_on
+    before = _before(job)
     if job.cancel_requested and not job.is_terminal:
         return "cancelled"  # as OpenAI answers a cancel at once; the worker stops at its next step
     if job.status == Job.QUEUED:
-        return "running" if teacher is not None and teacher.status == Job.RUNNING else "queued"
+        return (
+            "running"
+            if any(j.status == Job.RUNNING or j.status == Job.SUCCEEDED for j in before)
+            else "queued"
+        )
     if job.status == Job.RUNNING:
         return "running"
     if job.status == Job.FAILED:
         return "failed"
     if job.status == Job.CANCELLED:
-        return "failed" if teacher is not None and teacher.status == Job.FAILED else "cancelled"
+        return "failed" if any(j.status == Job.FAILED for j in before) else "cancelled"
     if _is_absorb(job) and settings.AUTO_EVAL:
         if comparison is None:
             # The comparison is queued just after the fine-tune ends, and the log says so (or why not).
@@ -356,8 +372,8 @@ def _status(job: Job, comparison: ArmComparison | None) -> str:
 def _error(job: Job, status: str) -> dict[str, Any] | None:
     if status != "failed":
         return None
-    teacher = job.depends_on
-    message = job.error or (teacher.error if teacher is not None else "") or "the job failed"
+    failed = [j.error for j in _before(job) if j.status == Job.FAILED and j.error]
+    message = job.error or (failed[0] if failed else "") or "the job failed"
     return {"code": "job_failed", "message": message, "param": None}
 
 
@@ -393,14 +409,15 @@ def job_object(job: Job, comparison: ArmComparison | None = None, looked_up: boo
     api = job.params.get("api") or {}
     train = job.params.get("train") or {}
     teacher = job.depends_on
+    first = (_before(job) or [job])[0]  # the synthesis job or the teacher of an absorb
     if not looked_up:
         comparison = _comparison(job) if _is_absorb(job) else None
     status = _status(job, comparison)
     hyper = _hyperparameters(train)
     absorb = _is_absorb(job)
-    data = teacher.dataset_version_id if teacher is not None else job.dataset_version_id
+    data = first.dataset_version_id
     variant = job.variant
-    started = teacher.created_at if teacher is not None else job.created_at
+    started = first.created_at
     method: dict[str, Any] = (
         {"type": "absorb", "absorb": {"prompt": str(job.prompt_version), "hyperparameters": hyper}}
         if absorb
@@ -646,6 +663,13 @@ def _start_absorb(
         raise _bad(
             "method.absorb.curation must be true, false or an object of settings.", "method.absorb.curation"
         )
+    synthesis = spec.get("synthesis", True)
+    if not isinstance(synthesis, bool | int | dict):
+        raise _bad(
+            "method.absorb.synthesis must be true, false, a number of questions or an object "
+            '({"count": N, ...settings}).',
+            "method.absorb.synthesis",
+        )
     _teacher, finetune = start_absorb(
         key.project,
         key.created_by,
@@ -655,6 +679,7 @@ def _start_absorb(
         training=train,
         curation=curation,
         teacher_endpoint=teacher_endpoint,
+        synthesis=synthesis,
     )
     assert finetune is not None  # no review step: the fine-tune waits for the teacher
     return finetune
@@ -737,7 +762,7 @@ def _job_cancel(request: HttpRequest, key: ApiKey, job_id: str) -> HttpResponse:
         raise _bad(f"{job_id} has already {status}: there is nothing to cancel.", code="job_ended")
     if job.status != Job.SUCCEEDED:
         comparison = None
-    for target in (job.depends_on, job, comparison.job if comparison else None):
+    for target in (*_before(job), job, comparison.job if comparison else None):
         if target is not None and not target.is_terminal:
             target.request_cancel()  # a teacher's cancel cancels the fine-tune waiting for it
             break
@@ -771,7 +796,7 @@ def _log_events(job: Job) -> list[tuple[datetime, str, str]]:
 def _events(job: Job) -> list[dict[str, Any]]:
     """Every stage's log lines and the training curve, newest first."""
     comparison = _comparison(job) if job.status == Job.SUCCEEDED else None
-    stages = [j for j in (job.depends_on, job, comparison.job if comparison else None) if j is not None]
+    stages = [j for j in (*_before(job), job, comparison.job if comparison else None) if j is not None]
     rows: list[tuple[datetime, int, dict[str, Any]]] = []
     for order, stage in enumerate(stages):
         for when, event_id, message in _log_events(stage):

@@ -220,10 +220,16 @@ def test_the_absorb_command_waits_and_prints_json(setup, worker, capsys):
         "1",
         "--seed",
         "0",
+        "--synthesize",
+        "3",
         "--json",
     )
     result = json.loads(capsys.readouterr().out)
-    assert [j["status"] for j in result["jobs"]] == ["succeeded", "succeeded"]
+    assert [(j["kind"], j["status"]) for j in result["jobs"]] == [
+        ("synthesize", "succeeded"),
+        ("teacher", "succeeded"),
+        ("finetune", "succeeded"),
+    ]
     assert result["variant"]["metrics"]["steps"] == 2
     assert Variant.objects.get().pk == result["variant"]["id"]
 

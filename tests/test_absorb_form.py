@@ -103,7 +103,12 @@ def test_the_preview_says_when_few_training_queries_ask_a_fact(world, alice, ali
     text = "Start every answer with Hello. Refunds are paid within 30 days. Passwords reset by email."
     refund = [{"name": "refund window", "question": "refund", "expect": "30 days"}]
     prompt = save_prompt(world["project"], alice, "support", text, RULES, "", refund).version
+    # By default the absorb synthesises questions about the prompt first: nothing to advise.
     page = preview(alice_client, world, form_post(world, prompt_version=prompt.pk)).content.decode()
+    assert 'id="preview-fact-advice"' not in page and 'data-step="synthesis"' in page
+    page = preview(
+        alice_client, world, form_post(world, prompt_version=prompt.pk, synthesize=0)
+    ).content.decode()
     advice = re.search(r'id="preview-fact-advice">(.*?)</p>', page, re.S)
     assert advice is not None, page
     assert "0 of 30 training queries ask one of the 1 fact of support@2" in advice.group(1)
@@ -115,7 +120,9 @@ def test_the_preview_says_when_few_training_queries_ask_a_fact(world, alice, ali
     # Queries that ask it (every one names the password): no advice.
     reset = [{"name": "reset", "question": "password", "expect": "email"}]
     asked = save_prompt(world["project"], alice, "support", text, RULES, "", reset).version
-    page = preview(alice_client, world, form_post(world, prompt_version=asked.pk)).content.decode()
+    page = preview(
+        alice_client, world, form_post(world, prompt_version=asked.pk, synthesize=0)
+    ).content.decode()
     assert 'id="preview-fact-advice"' not in page
 
 
@@ -161,7 +168,7 @@ def finish_teacher(teacher: Job, passing: int, failing: int) -> DatasetVersion:
 def test_the_fine_tune_waits_for_confirmation_when_the_teachers_answers_fail(world, alice_client):
     project = world["project"]
     url = reverse("absorb_start", args=[project.slug])
-    assert alice_client.post(url, form_post(world, mode="absorb")).status_code == 302
+    assert alice_client.post(url, form_post(world, mode="absorb", synthesize=0)).status_code == 302
     teacher, finetune = Job.objects.get(kind="teacher"), Job.objects.get(kind="finetune")
     assert finetune.params["data_check"] == 0.2
     answers = finish_teacher(teacher, passing=10, failing=20)
@@ -183,12 +190,12 @@ def test_the_fine_tune_waits_for_confirmation_when_the_teachers_answers_fail(wor
 
 def test_answers_that_pass_or_train_anyway_go_straight_to_training(world, alice_client):
     url = reverse("absorb_start", args=[world["project"].slug])
-    alice_client.post(url, form_post(world, mode="absorb"))
+    alice_client.post(url, form_post(world, mode="absorb", synthesize=0))
     teacher, finetune = Job.objects.get(kind="teacher"), Job.objects.get(kind="finetune")
     finish_teacher(teacher, passing=28, failing=2)  # 7%: under the 20% that asks
     finetune.refresh_from_db()
     assert finetune.status == Job.QUEUED and "held" not in finetune.params
-    alice_client.post(url, form_post(world, mode="absorb", train_anyway="on"))
+    alice_client.post(url, form_post(world, mode="absorb", train_anyway="on", synthesize=0))
     teacher = Job.objects.filter(kind="teacher").latest("pk")
     finetune = Job.objects.filter(kind="finetune").latest("pk")
     assert "data_check" not in finetune.params
@@ -209,7 +216,7 @@ def test_the_preview_shows_a_command_that_queues_the_same_absorb(world, alice_cl
         reminders=None,
         g_temperature="0.3",
         t_epochs="2",
-        t_learning_rate="0.001",
+        t_learning_rate="0.0005",
         t_rank="8",
         eval_max_examples="4",
         passing_only=None,
@@ -224,12 +231,13 @@ def test_the_preview_shows_a_command_that_queues_the_same_absorb(world, alice_cl
     config = json.loads(
         re.search(r'id="preview-train-config">([^<]*)</pre>', html).group(1).replace("&quot;", '"')
     )
-    assert config == {"learning_rate": 0.001, "rank": 8}
+    assert config == {"learning_rate": 0.0005, "rank": 8}
     (tmp_path / "train.json").write_text(json.dumps(config))
     # The spec is one `apply` reads.
     spec = re.search(r'id="preview-spec">(.*?)</pre>', html, re.S).group(1).replace("&#x27;", "'")
     parsed = parse_spec(spec.replace("&quot;", '"'), "absorb.yaml", tmp_path)
-    assert parsed.training == {"epochs": 2, "learning_rate": 0.001, "rank": 8}
+    assert parsed.training == {"epochs": 2, "learning_rate": 0.0005, "rank": 8}
+    assert parsed.synthesis == {"count": 120, "settings": {}}
     assert parsed.data["curation"] == {"best_of": 3, "reminders": False}
     # The command line, run, queues jobs with the fingerprints the form's own jobs get.
     args = shlex.split(line)[3:]
@@ -238,7 +246,7 @@ def test_the_preview_shows_a_command_that_queues_the_same_absorb(world, alice_cl
     by_command = {j.kind: j for j in Job.objects.all()}
     assert alice_client.post(reverse("absorb_start", args=[project.slug]), post).status_code == 302
     by_form = {j.kind: j for j in Job.objects.exclude(pk__in=[j.pk for j in by_command.values()])}
-    for kind in ("teacher", "finetune"):
+    for kind in ("synthesize", "teacher", "finetune"):
         assert by_command[kind].params[fingerprints.KEY] == by_form[kind].params[fingerprints.KEY], kind
     # The same eval: the command stores what differs from the settings, the form every value.
     defaults = {"auto": settings.AUTO_EVAL, "max_new_tokens": settings.EVAL_MAX_NEW_TOKENS}
@@ -251,17 +259,20 @@ def test_the_preview_shows_a_command_that_queues_the_same_absorb(world, alice_cl
         reverse("serving_specs", args=[project.slug]), {"text": unescape(hidden), "action": "plan"}
     )
     assert page.status_code == 200, page.content.decode()
-    for step in ("prompt", "teacher", "fine-tune"):
+    for step in ("prompt", "synthesis", "teacher", "fine-tune"):
         assert f'data-step="{step}" data-action="reuse"' in page.content.decode(), step
 
 
 def test_the_estimate_says_whether_it_was_measured_here(world, alice_client):
     post = form_post(world, mode="absorb")
     html = preview(alice_client, world, post).content.decode()
-    for step in ("teacher", "training", "evaluation"):
+    for step in ("synthesis", "teacher", "training", "evaluation"):
         assert f'data-step="{step}"' in html
-    assert html.count("default guess") == 3 and "measured here" not in html
-    assert "30 queries" in html and "4 arms x 10 held-out queries" in html
+    assert html.count("default guess") == 4 and "measured here" not in html
+    # The teacher answers the 30 training queries and up to 120 synthesised ones.
+    assert "~360 questions drafted for 120" in html and "150 queries" in html
+    assert "4 arms x 10 held-out queries" in html
+    post = {**post, "synthesize": "0"}
     # A teacher job of the same model finished here: its rate is the teacher's estimate.
     Job.objects.create(
         project=world["project"],
@@ -352,8 +363,15 @@ def test_a_finished_run_starts_again_with_its_own_settings(world, alice_client, 
         eval_auto="off",
         keep_existing=None,
     )
-    assert alice_client.post(reverse("absorb_start", args=[slug]), post).status_code == 302
+    r = alice_client.post(reverse("absorb_start", args=[slug]), post)
     teacher, finetune = Job.objects.get(kind="teacher"), Job.objects.get(kind="finetune")
+    # By default the teacher first writes questions about the prompt: the form lands on that job.
+    synthesis = teacher.depends_on
+    assert synthesis.kind == "synthesize" and synthesis.params["count"] == 120
+    assert r.status_code == 302 and r.url == synthesis.get_absolute_url()
+    assert synthesis.dataset_version == world["data"] and teacher.dataset_version is None
+    for job in (synthesis, teacher):  # the teacher's data is not there yet
+        assert alice_client.get(job.get_absolute_url()).status_code == 200
     teacher.fail("stopped for the test")
     finetune.refresh_from_db()
     page = alice_client.get(finetune.get_absolute_url()).content.decode()
@@ -371,7 +389,7 @@ def test_a_finished_run_starts_again_with_its_own_settings(world, alice_client, 
     assert alice_client.post(reverse("absorb_start", args=[slug]), again).status_code == 302
     teacher2 = Job.objects.filter(kind="teacher").latest("pk")
     finetune2 = Job.objects.filter(kind="finetune").latest("pk")
-    assert teacher2.pk != teacher.pk
+    assert teacher2.pk != teacher.pk and teacher2.depends_on.dataset_version == world["data"]
     assert teacher2.params[fingerprints.KEY] == teacher.params[fingerprints.KEY]
     assert finetune2.params[fingerprints.KEY] == finetune.params[fingerprints.KEY]
     assert finetune2.params["eval"] == {"auto": False, "max_new_tokens": settings.EVAL_MAX_NEW_TOKENS}

@@ -53,6 +53,7 @@ data:
   heldout: heldout.jsonl
 teacher:
   generation: {max_new_tokens: 8, temperature: 1.0, seed: 0, batch_size: 4}
+synthesis: false
 curation: {best_of: 1, rounds: 1, probe: 0, passages: 0}
 training: {epochs: 1, batch_size: 4, max_length: 256, general_mix: 0.0, fact_repeat: 1}
 eval:
@@ -150,9 +151,10 @@ def test_a_reading_students_estimate_counts_the_passages_its_rows_carry(spec, al
             for i, w in enumerate("account parcel payment login refund billing".split())
         )
     )
+    text = spec.read_text()
+    spec.write_text(text.replace("fact_repeat: 1}", "fact_repeat: 1, student_passages: 0}"))
     plain = apply(spec, "--dry-run")
-    text = spec.read_text().replace("fact_repeat: 1}", "fact_repeat: 1, student_passages: 2}")
-    spec.write_text(text)
+    spec.write_text(text.replace("fact_repeat: 1}", "fact_repeat: 1, student_passages: 2}"))
     reading = apply(spec, "--dry-run")
 
     def finetune(result: dict) -> dict:
@@ -231,7 +233,7 @@ def test_a_synthesis_runs_before_the_teacher_which_answers_what_it_stores(
     text = SPEC.replace("project: Pirates", f"project: {alice_project.slug}")
     plain = {s["step"]: s for s in apply(spec, "--dry-run")["plan"]["steps"]}
     (spec.parent / "spec.yaml").write_text(
-        text.replace("curation:", "synthesis: {count: 6, samples: 2}\ncuration:")
+        text.replace("synthesis: false", "synthesis: {count: 6, samples: 2}")
     )
     planned = apply(spec, "--dry-run")["plan"]["steps"]
     names = [s["step"] for s in planned]
@@ -283,7 +285,7 @@ def test_a_synthesis_runs_before_the_teacher_which_answers_what_it_stores(
     assert f"{output}, {len(QUERIES) + len(HELD_OUT) + 1} rows" in steps["synthesis"]["detail"]
     # Another count is another synthesis, so another teacher.
     (spec.parent / "spec.yaml").write_text(
-        text.replace("curation:", "synthesis: {count: 7, samples: 2}\ncuration:")
+        text.replace("synthesis: false", "synthesis: {count: 7, samples: 2}")
     )
     steps = {s["step"]: s for s in apply(spec, "--dry-run")["plan"]["steps"]}
     assert (steps["synthesis"]["action"], steps["teacher"]["action"]) == ("run", "run")
@@ -326,11 +328,11 @@ def test_a_held_out_percentage_is_planned_from_the_file_as_the_import_splits_it(
 def test_what_the_workbench_lacks_is_named_with_its_line(spec, alice, tiny_base):
     (spec.parent / "spec.yaml").write_text(SPEC + "base_model: no-such-model\n")
     with pytest.raises(
-        CommandError, match=r"spec.yaml line 22: base_model: no registered model 'no-such-model'"
+        CommandError, match=r"spec.yaml line 23: base_model: no registered model 'no-such-model'"
     ):
         apply(spec, "--dry-run")
     (spec.parent / "spec.yaml").write_text(SPEC.replace("curation:", "teacher_x: 1\ncuration:"))
-    with pytest.raises(CommandError, match=r"spec.yaml line 14: teacher_x: unknown key"):
+    with pytest.raises(CommandError, match=r"spec.yaml line 15: teacher_x: unknown key"):
         apply(spec, "--dry-run")
     (spec.parent / "train.jsonl").write_text('{"messages": [{"role": "user", "content": "hi"}]}\n{"oops\n')
     (spec.parent / "spec.yaml").write_text(SPEC)
@@ -460,7 +462,7 @@ def test_apply_with_synthesis_trains_on_the_synthetic_queries_and_reuses_them(
     (spec.parent / "prompt.md").write_text(PROMPT + SHIP)
     spec.write_text(
         SPEC.replace("teacher:\n", "teacher:\n  model: smollm2\n").replace(
-            "curation:", "synthesis: {count: 4, samples: 4, seed: 0}\ncuration:"
+            "synthesis: false", "synthesis: {count: 4, samples: 4, seed: 0}"
         )
     )
     first = apply(spec, "--user", "alice")

@@ -174,6 +174,19 @@ def test_job_settings_are_checked_before_anything_runs(live_server, keys, tiny_b
             method={"type": "absorb", "absorb": {"system_prompt": "You are Ada."}},  # type: ignore[typeddict-item]
         )
     assert err.value.body["param"] == "validation_file"
+    # the questions to synthesise first: a number, true / false or settings, within bounds
+    for synthesis, message in (("lots", "must be true, false, a number"), (5000, "from 1 to 2000")):
+        with pytest.raises(openai.BadRequestError) as err:
+            client.fine_tuning.jobs.create(
+                training_file=queries.id,
+                validation_file=queries.id,
+                model="tiny-lively",
+                method={
+                    "type": "absorb",
+                    "absorb": {"system_prompt": "You are Ada.", "synthesis": synthesis},
+                },  # type: ignore[typeddict-item]
+            )
+        assert message in err.value.message, err.value.body
     assert not Job.objects.exists()
 
 
@@ -298,14 +311,17 @@ def test_an_absorb_through_the_api_reports_each_stage_and_its_four_arms(
                     "rules": [{"name": "sign-off", "kind": "ends_with", "text": "Cheers, Ada"}],
                     "prompt_name": "ada",
                     "hyperparameters": {"n_epochs": 1},
+                    "synthesis": 4,  # on by default (120 questions); a few keep the test short
                 },
             }
         },
     )
-    assert job.method.type == "absorb"
+    assert job.method.type == "absorb" and job.training_file == queries.id
     done, events = wait_succeeded(client, job.id, timeout=900)
     stages = {e.data["stage"] for e in events if e.type == "message"}
-    assert {"teacher", "finetune"} <= stages and len(stages) == 3  # and the comparison's eval job
+    assert stages == {"synthesize", "teacher", "finetune", "eval"}
+    synthesis = Job.objects.get(kind="synthesize")
+    assert synthesis.params["count"] == 4 and synthesis.dependents.get().kind == "teacher"
     assert done.result_files and client.files.retrieve(done.result_files[0]).purpose == "fine-tune-results"
     summary = done.model_extra["eval"]
     assert summary["status"] == "succeeded" and summary["metric"] == "all_rules"
@@ -390,16 +406,21 @@ def test_an_absorb_started_in_the_ui_is_listed_and_followed_by_the_api(
     data = import_dataset(
         alice_project, alice, "queries", io.BytesIO("\n".join(QUESTIONS).encode()), fmt="lines"
     )
-    teacher, finetune = start_absorb(alice_project, alice, prompt, data, tiny_base)
+    teacher, finetune = start_absorb(alice_project, alice, prompt, data, tiny_base, synthesis=8)
+    synthesis = teacher.depends_on
+    assert (
+        synthesis.kind == "synthesize" and teacher.dataset_version is None
+    )  # it answers what synthesis stores
     client = sdk(live_server, keys[0])
     (listed,) = client.fine_tuning.jobs.list()
     assert (listed.id, listed.status, listed.method.type) == (f"ftjob-{finetune.pk}", "queued", "absorb")
     assert listed.training_file == f"file-{data.pk}" and listed.fine_tuned_model is None
     assert listed.model_extra["eval"] is None
     assert client.fine_tuning.jobs.cancel(listed.id).status == "cancelled"
-    teacher.refresh_from_db()
-    finetune.refresh_from_db()
-    assert teacher.status == finetune.status == Job.CANCELLED  # the teacher went first, its fine-tune with it
+    for job in (synthesis, teacher, finetune):
+        job.refresh_from_db()
+    # the synthesis job went first, the jobs waiting for it with it
+    assert synthesis.status == teacher.status == finetune.status == Job.CANCELLED
 
 
 def test_a_page_of_jobs_costs_the_same_queries_whatever_its_length(

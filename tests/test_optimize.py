@@ -34,7 +34,7 @@ search:
   budget_minutes: 30
   max_trials: 3
   space:
-    training.learning_rate: [0.0001, 0.001]
+    training.learning_rate: [0.0001, 0.0003]
 """
 
 
@@ -61,7 +61,7 @@ search:
         )
     problems = "\n".join(err.value.problems)
     assert (
-        "line 26: search.space.training.epoch: not a training or curation setting (did you mean" in problems
+        "line 27: search.space.training.epoch: not a training or curation setting (did you mean" in problems
     )
     assert "search.space.training.rank[1]: must be >= 1, got 0" in problems
     assert "search.space.curation.best_of[1]: best_of must be" not in problems  # the key is not repeated
@@ -74,9 +74,9 @@ search:
 
 def test_the_spec_own_settings_are_among_the_values_tried(spec):
     space = space_of(search_spec(spec.parent))
-    assert space == {"training.learning_rate": [0.0003, 0.0001, 0.001]}  # TrainConfig's default first
-    assert space_of(search_spec(spec.parent, SEARCH.replace("[0.0001, 0.001]", "[0.0003, 0.001]"))) == {
-        "training.learning_rate": [0.0003, 0.001]
+    assert space == {"training.learning_rate": [0.001, 0.0001, 0.0003]}  # TrainConfig's default first
+    assert space_of(search_spec(spec.parent, SEARCH.replace("[0.0001, 0.0003]", "[0.001, 0.0003]"))) == {
+        "training.learning_rate": [0.001, 0.0003]
     }
 
 
@@ -190,19 +190,19 @@ def run_search(spec, fake: Fake, fake_measure, extra=SEARCH):
 
 
 def test_it_stops_at_the_first_trial_that_meets_every_objective(spec, fake_measure):
-    fake = Fake({0.0003: 0.95, 0.0001: 0.5, 0.001: 0.5})
+    fake = Fake({0.001: 0.95, 0.0001: 0.5, 0.0003: 0.5})
     result = run_search(spec, fake, fake_measure)
     assert [t.number for t in result.trials] == [1] and result.stopped == "trial 1 meets every objective"
-    assert fake.ran == [{"training.learning_rate": 0.0003}]  # trial 1: the spec's own settings
+    assert fake.ran == [{"training.learning_rate": 0.001}]  # trial 1: the spec's own settings
     assert result.best.number == 1 and result.best.met
 
 
 def test_it_stops_after_max_trials_and_picks_the_smallest_shortfall(spec, fake_measure):
-    fake = Fake({0.0003: 0.5, 0.0001: 0.7, 0.001: 0.6})
+    fake = Fake({0.001: 0.5, 0.0001: 0.7, 0.0003: 0.6})
     result = run_search(spec, fake, fake_measure, SEARCH.replace("max_trials: 3", "max_trials: 6"))
     assert len(result.trials) == 6 and result.stopped.startswith("tried 6 trials")
     ran = [t for t in result.trials if t.same_as is None]
-    assert {t.settings["training.learning_rate"] for t in ran} == {0.0003, 0.0001, 0.001}
+    assert {t.settings["training.learning_rate"] for t in ran} == {0.001, 0.0001, 0.0003}
     assert len(ran) == 3 and len(fake.ran) == 3  # settings asked again are not run again
     assert result.best.settings == {"training.learning_rate": 0.0001}
     assert result.best.unmet == ["all_rules 0.7 (wants >= 0.9)"]
@@ -210,7 +210,7 @@ def test_it_stops_after_max_trials_and_picks_the_smallest_shortfall(spec, fake_m
 
 def test_it_starts_no_trial_whose_estimate_exceeds_what_is_left_of_the_budget(spec, fake_measure):
     # 30 minutes; each trial takes 20: the second would end past the budget.
-    fake = Fake({0.0003: 0.5, 0.0001: 0.7, 0.001: 0.6}, estimate=1200)
+    fake = Fake({0.001: 0.5, 0.0001: 0.7, 0.0003: 0.6}, estimate=1200)
     result = run_search(spec, fake, fake_measure)
     assert len(result.trials) == 1 and len(fake.ran) == 1
     assert result.stopped == "budget: trial 2 would take about 1200 s, 600 s of the budget are left"
@@ -218,7 +218,7 @@ def test_it_starts_no_trial_whose_estimate_exceeds_what_is_left_of_the_budget(sp
 
 
 def test_it_stops_when_the_budget_is_spent(spec, fake_measure):
-    fake = Fake({0.0003: 0.5, 0.0001: 0.7, 0.001: 0.6}, estimate=100)
+    fake = Fake({0.001: 0.5, 0.0001: 0.7, 0.0003: 0.6}, estimate=100)
     optimizer_spec = SEARCH.replace("budget_minutes: 30", "budget_minutes: 1")
     result = run_search(spec, fake, fake_measure, optimizer_spec)  # trial 1 (100 s) overran the 60 s
     assert len(result.trials) == 1 and result.stopped == "budget: 60 s spent after trial 1"
@@ -238,7 +238,7 @@ search:
   budget_minutes: 60
   max_trials: 2
   space:
-    training.learning_rate: [0.001]
+    training.learning_rate: [0.0003]
 """
     )
     dry = io.StringIO()
@@ -250,8 +250,8 @@ search:
     result = json.loads(out.getvalue())
     search = result["search"]
     assert [t["settings"] for t in search["trials"]] == [
-        {"training.learning_rate": 0.0003},
         {"training.learning_rate": 0.001},
+        {"training.learning_rate": 0.0003},
     ]
     assert search["stopped"] == "tried 2 trials (max_trials) without meeting every objective"
     first, second = search["trials"]
@@ -279,10 +279,10 @@ def test_a_search_asked_again_asks_the_same_trials(spec, fake_measure):
     """The browser's run replays a search at each advance: with the same finished trials, a new
     optimizer (the sampler seeded) must ask the same settings in the same order."""
     wide = SEARCH.replace("max_trials: 3", "max_trials: 6").replace(
-        "    training.learning_rate: [0.0001, 0.001]\n",
-        "    training.learning_rate: [0.0001, 0.001]\n    training.rank: [4, 8, 32]\n    training.epochs: [1, 2, 3]\n",
+        "    training.learning_rate: [0.0001, 0.0003]\n",
+        "    training.learning_rate: [0.0001, 0.0003]\n    training.rank: [4, 8, 32]\n    training.epochs: [1, 2, 3]\n",
     )
-    scores = {0.0003: 0.5, 0.0001: 0.6, 0.001: 0.7}
+    scores = {0.001: 0.5, 0.0001: 0.6, 0.0003: 0.7}
     runs = [run_search(spec, Fake(dict(scores)), fake_measure, wide) for _ in range(2)]
     first, second = ([t.settings for t in r.trials] for r in runs)
     assert len(first) == 6 and first == second

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from django.core.management import call_command
 
-from engines.curation import JOB_DEFAULT_COUNT, JOB_MAX_COUNT, CurationSettings, SynthesisSettings
+from engines.curation import ABSORB_COUNT, JOB_MAX_COUNT, CurationSettings, SynthesisSettings
 from engines.inference import GenerationSettings
 from engines.training import TrainConfig
 from workbench.pipeline import SCHEMA_PATH, SpecError, build_schema, load_spec, parse_spec
@@ -89,13 +89,12 @@ def test_settings_are_checked_by_their_dataclasses(folder):
     assert found == ["spec.yaml line 12: training.epochs: must be >= 1, got 0"]
 
 
-def test_synthesis_is_off_unless_asked_and_its_settings_are_checked(folder):
-    assert parse_spec(GOOD, "spec.yaml", folder).synthesis is None
+def test_synthesis_is_on_unless_turned_off_and_its_settings_are_checked(folder):
+    # As an absorb from the form or the command: the teacher first writes questions about the prompt.
+    default = {"count": ABSORB_COUNT, "settings": {}}
+    assert parse_spec(GOOD, "spec.yaml", folder).synthesis == default
+    assert parse_spec(GOOD + "synthesis: true\n", "spec.yaml", folder).synthesis == default
     assert parse_spec(GOOD + "synthesis: false\n", "spec.yaml", folder).synthesis is None
-    assert parse_spec(GOOD + "synthesis: true\n", "spec.yaml", folder).synthesis == {
-        "count": JOB_DEFAULT_COUNT,
-        "settings": {},
-    }
     spec = parse_spec(GOOD + "synthesis: {count: 120, fact_turns: 3}\n", "spec.yaml", folder)
     assert spec.synthesis == {"count": 120, "settings": {"fact_turns": 3}}
     # min_words is checked against max_words, whichever key says it

@@ -286,8 +286,9 @@ def test_the_job_refines_registers_the_refined_adapter_and_a_requeued_attempt_sa
     assert len(_cached_samples(job.data_dir / REFINE_SAMPLES_FILE, 2)) == len(QUERIES) - 1
     assert _cached_samples(job.data_dir / REFINE_SAMPLES_FILE, 3) == {}  # another N: all sampled again
     runner = FinetuneRunner(job, ProgressWriter(job))
-    task, _ = training_examples(version, prompt.text)
     config = TrainConfig.from_dict(TRAIN)
+    # The rows as the first attempt sampled them: with the passages the (reading) student reads.
+    task = runner._with_passages(training_examples(version, prompt.text)[0], prompt, config.student_passages)
     gen = _refine_generation(version, {"stop": ["e"]}, config.seed)
     assert (gen.temperature, gen.top_p, gen.max_new_tokens, gen.stop, gen.seed) == (0.7, 0.95, 16, ("e",), 42)
     samples = runner._student_samples(task, 2, gen, first)

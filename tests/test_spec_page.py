@@ -58,6 +58,7 @@ data:
   heldout: {{version: "{held}"}}
 teacher:
   generation: {json.dumps(GENERATION)}
+synthesis: false
 curation: {json.dumps(CURATION)}
 training: {json.dumps(TRAINING)}
 eval:
@@ -107,7 +108,7 @@ def test_a_plan_shows_every_step_with_estimates_and_stores_nothing(alice_client,
     [
         (
             {'"fact_repeat": 1}': '"fact_repeat": 1, "epoch": 2}'},
-            "spec line 10",
+            "spec line 11",
         ),  # an unknown key, at its line
         ({'{ref: "pirate@1"}': "{name: pirate, file: prompt.md}"}, "reads no files"),
         ({"project: ": "project: someone-else-"}, "this spec names"),
@@ -279,7 +280,7 @@ objectives: {max_prompt_tokens: 1}
 search:
   budget_minutes: 60
   max_trials: 2
-  space: {training.learning_rate: [0.001]}
+  space: {training.learning_rate: [0.0003]}
 promote:"""
     text = spec_text(alice_project, *versions, **{"promote:": search})
     plan = post(alice_client, alice_project, text).content.decode()
@@ -290,8 +291,8 @@ promote:"""
     assert "not promoted: no trial met every objective; the best, trial 1" in run.message
     found = run.outcome["search"]
     assert [t["settings"] for t in found["trials"]] == [
-        {"training.learning_rate": 0.0003},
         {"training.learning_rate": 0.001},
+        {"training.learning_rate": 0.0003},
     ]
     assert found["stopped"] == "tried 2 trials (max_trials) without meeting every objective"
     first, second = found["trials"]
@@ -300,6 +301,6 @@ promote:"""
     jobs = Job.objects.filter(project=alice_project)
     assert sorted(jobs.values_list("kind", flat=True)) == ["eval", "eval", "finetune", "finetune", "teacher"]
     assert not Alias.objects.filter(project=alice_project, variant__isnull=False).exists()
-    assert run.log.count("] trial 2: training.learning_rate=0.001\n") == 1  # replays say nothing again
+    assert run.log.count("] trial 2: training.learning_rate=0.0003\n") == 1  # replays say nothing again
     shown = alice_client.get(page.url).content.decode()
     assert 'id="spec-run-trials"' in shown and "prompt_tokens " in shown and "best</span>" in shown

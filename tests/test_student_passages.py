@@ -56,8 +56,11 @@ def test_the_student_reads_the_passages_that_answer_the_question_and_never_the_r
     assert curation.with_passages(ask("zzz qqq"), PROMPT, 2, literals) == ask("zzz qqq")  # nothing matches
 
 
-def test_the_option_is_off_by_default_and_validates():
-    assert TrainConfig().student_passages == 0
+def test_the_student_reads_two_passages_by_default_and_the_option_validates():
+    assert (
+        TrainConfig().student_passages == 2
+        and TrainConfig.from_dict({"student_passages": 0}).student_passages == 0
+    )
     assert TrainConfig.from_dict({"student_passages": 8}).student_passages == 8
     for bad in (-1, 9, 1.5, "2", True):
         with pytest.raises(ConfigError) as caught:

@@ -489,3 +489,87 @@ def test_a_small_total_asks_about_an_even_spread_of_the_pieces_not_the_first_one
         "section: Timetable (1/2)",
         "section: Luggage",
     ]
+
+
+@pytest.mark.slow
+@pytest.mark.django_db(transaction=True)
+def test_an_absorb_synthesises_first_and_its_teacher_answers_the_version_it_stores(job_world):
+    from jobs import fingerprints, lifecycle
+    from jobs.actions import start_absorb
+    from jobs.models import Job
+
+    project, alice, base, prompt, data = job_world
+    teacher, finetune = start_absorb(project, alice, prompt, data, base, synthesis={"count": 4, "seed": 0})
+    synthesis = teacher.depends_on
+    assert synthesis.kind == "synthesize" and synthesis.dataset_version == data
+    assert synthesis.params["count"] == 4 and synthesis.params["synthesis"]["seed"] == 0
+    assert teacher.dataset_version is None and finetune.depends_on == teacher
+    lifecycle.execute(synthesis.pk, "test")
+    synthesis.refresh_from_db()
+    teacher.refresh_from_db()
+    assert synthesis.status == Job.SUCCEEDED, synthesis.error
+    made = synthesis.output_dataset
+    assert made.row_count > data.row_count and teacher.dataset_version == made
+    # The teacher's fingerprint names the questions before they existed: a plan finds it.
+    assert teacher.params[fingerprints.KEY] == fingerprints.teacher_fingerprint(
+        fingerprints.version_identity(prompt),
+        fingerprints.queries_identity(made),
+        fingerprints.teacher_identity(base, None),
+        teacher.params["generation"],
+        teacher.params["curation"],
+        teacher.params["keep_existing"],
+    )
+    assert [j.pk for j in synthesis.ready_dependents()] == [teacher.pk]
+
+
+@pytest.mark.slow
+@pytest.mark.django_db(transaction=True)
+def test_an_absorb_whose_synthesis_keeps_no_question_answers_the_data_as_it_is(job_world):
+    from jobs import lifecycle
+    from jobs.actions import start_absorb, start_synthesis
+    from jobs.models import Job
+
+    project, alice, base, prompt, data = job_world
+    # threshold 1: every question is "close" to a real query, so none is kept
+    never = {"count": 2, "seed": 0, "threshold": 1.0}
+    teacher, _ = start_absorb(project, alice, prompt, data, base, synthesis=never)
+    synthesis = teacher.depends_on
+    lifecycle.execute(synthesis.pk, "test")
+    synthesis.refresh_from_db()
+    teacher.refresh_from_db()
+    made = synthesis.output_dataset
+    assert synthesis.status == Job.SUCCEEDED and made is not None and made.parent == data
+    assert list(made.rows.order_by("index").values_list("messages", "split")) == list(
+        data.rows.order_by("index").values_list("messages", "split")
+    )
+    assert teacher.status == Job.QUEUED and teacher.dataset_version == made
+    assert f"the teacher answers the rows of {data} alone" in synthesis.log
+    # On its own a synthesis that keeps nothing fails: there is nothing to review.
+    alone = start_synthesis(project, alice, prompt, data, base, 2, {"seed": 0, "threshold": 1.0})
+    lifecycle.execute(alone.pk, "test")
+    alone.refresh_from_db()
+    assert alone.status == Job.FAILED and "no version was stored" in alone.error
+
+
+@pytest.mark.django_db
+def test_a_failed_synthesis_is_retried_with_the_absorb_that_waited_for_it(job_world):
+    from jobs.actions import ActionError, retry_job, start_absorb
+    from jobs.models import Job
+
+    project, alice, base, prompt, data = job_world
+    teacher, finetune = start_absorb(project, alice, prompt, data, base, synthesis=5)
+    synthesis = teacher.depends_on
+    assert synthesis.claim("test-worker") and synthesis.fail("the teacher endpoint is down")
+    teacher.refresh_from_db()
+    finetune.refresh_from_db()
+    assert teacher.status == finetune.status == Job.CANCELLED
+    with pytest.raises(ActionError, match="retry that one"):
+        retry_job(teacher, alice)
+    again = retry_job(synthesis, alice)
+    assert again.kind == "synthesize" and again.status == Job.QUEUED and again.dataset_version == data
+    assert again.params["fingerprint"] == synthesis.params["fingerprint"]
+    (teacher2,) = again.dependents.all()
+    (finetune2,) = teacher2.dependents.all()
+    assert teacher2.kind == "teacher" and teacher2.dataset_version is None and teacher2.status == Job.QUEUED
+    assert finetune2.kind == "finetune" and finetune2.params == finetune.params
+    assert teacher2.params == teacher.params

@@ -50,6 +50,7 @@ from engines.curation.repairs import MAX_WORDS_TARGET, REPAIRS, Change, Repaired
 from engines.curation.select import opening, pass_rates, pick_best
 from engines.curation.settings import Curated, CurationSettings, curate, quality_report
 from engines.curation.synthesis import (
+    ABSORB_COUNT,
     JOB_DEFAULT_COUNT,
     JOB_MAX_COUNT,
     NearDuplicates,
@@ -77,6 +78,7 @@ __all__ = [
     "Sample",
     "Sampled",
     "SynthesisSettings",
+    "ABSORB_COUNT",
     "JOB_DEFAULT_COUNT",
     "JOB_MAX_COUNT",
     "Synthesized",

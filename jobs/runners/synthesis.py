@@ -33,6 +33,7 @@ from workbench.models import DatasetVersion
 KIND = "synthesize"
 MAX_COUNT = curation.JOB_MAX_COUNT  # synthetic queries one job may add
 DEFAULT_COUNT = curation.JOB_DEFAULT_COUNT
+ABSORB_COUNT = curation.ABSORB_COUNT
 SYNTHETIC = "synthetic"  # the value of a synthetic row's extra["source"]
 
 
@@ -101,7 +102,15 @@ class SynthesisRunner(JobRunner):
                 + ", ".join(report["facts_without_passage"])
                 + "; no questions were written about them"
             )
-        if not made.queries:
+        if not made.queries and self.job.params.get("then_teacher"):
+            # An absorb's first step: its teacher answers the data's own queries, as without it, in a
+            # version this job stores (what the teacher's fingerprint names).
+            self.log(
+                f"synthesis: none of the {report['asked']} questions passed the filters "
+                f"({dropped or 'the prompt has no sections to ask about'}); the teacher answers the rows of "
+                f"{parent} alone"
+            )
+        elif not made.queries:
             raise JobError(
                 f"none of the {report['asked']} questions the teacher wrote passed the filters "
                 f"({dropped or 'the prompt has no sections to ask about'}): no version was stored"
@@ -158,6 +167,8 @@ class SynthesisRunner(JobRunner):
                 f"{len(added)} synthetic queries added by {job} about {sections} section chunks and {facts} facts "
                 f"checks of {job.prompt_version}, after the {len(rows)} rows of {parent}. They are flagged "
                 f"“synthetic” in review: drop those you do not want before the teacher answers them."
+                if added
+                else f"The {len(rows)} rows of {parent}: none of the questions {job} wrote passed its filters."
             ],
         }
         elapsed = time.monotonic() - started
@@ -179,4 +190,5 @@ class SynthesisRunner(JobRunner):
                 raise JobCancelled()  # rolls the version back
             if not self.succeed(output_dataset=version, progress=final.to_json()):
                 raise transaction.TransactionManagementError("job was moved while finishing")  # rolls back
+            job.hand_on(version)  # an absorb's teacher waiting for this job answers it
         return version

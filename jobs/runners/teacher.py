@@ -26,7 +26,6 @@ from engines.progress import Progress
 from engines.remote import RemoteGenerationError
 from engines.rules import Rule, rules_to_json, validate_rules
 from jobs.backend import recording_usage, teacher_backend, teacher_generator
-from jobs.models import Job
 from jobs.registry import JobError, JobRunner, register
 from workbench import data_quality
 from workbench.actions.datasets import derive_version
@@ -245,10 +244,7 @@ class TeacherRunner(JobRunner):
             )
             if not self.succeed(output_dataset=version, progress=final.to_json()):
                 raise transaction.TransactionManagementError("job was moved while finishing")  # rolls back
-            # The fine-tune that waits for these answers trains on them.
-            job.dependents.filter(status=Job.QUEUED, dataset_version__isnull=True).update(
-                dataset_version=version
-            )
+            job.hand_on(version)  # the fine-tune that waits for these answers trains on them
         self.log(
             f"teacher: {len(rows)} rows stored as {version}; {len(flags)} flagged for review; "
             f"{generated / elapsed if elapsed else 0:.2f} queries/s"

@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from engines.curation import CurationSettings, SynthesisSettings
+from engines.curation import ABSORB_COUNT, CurationSettings, SynthesisSettings
 from engines.training import TrainConfig
 from evals.actions import comparison_generation, eval_source
 from evals.models import ArmComparison
@@ -80,8 +80,11 @@ def export_spec(project: Project, finetune: Job, folder: Path | None = None) -> 
     if folder is not None:
         spec["prompt"], spec["data"] = _files(folder, prompt, source)
     spec["teacher"] = _teacher(teacher)
-    if synthesis is not None:
-        settings = _minimal(synthesis.params.get("synthesis") or {}, SynthesisSettings().to_dict())
+    if synthesis is None:
+        spec["synthesis"] = False  # left out, a spec synthesises first
+    elif (settings := _minimal(synthesis.params.get("synthesis") or {}, SynthesisSettings().to_dict())) or (
+        synthesis.params["count"] != ABSORB_COUNT
+    ):
         spec["synthesis"] = {"count": synthesis.params["count"], **settings}
     curation = teacher.params.get("curation")
     if curation is None:

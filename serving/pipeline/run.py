@@ -205,6 +205,7 @@ def _synthesize(
                     plan.synthesis["count"],
                     plan.synthesis["settings"],
                     teacher_endpoint=plan.endpoint,
+                    then_teacher=True,
                 )
                 say(f"synthesis: started {job}")
     _stamped(plan, "synthesis", job, say)

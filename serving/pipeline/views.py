@@ -17,7 +17,8 @@ from django.http import HttpResponse
 from django.shortcuts import render
 from django.views.decorators.http import require_POST
 
-from engines.curation import CurationSettings
+from engines.curation import ABSORB_COUNT as ABSORB_SYNTHESIS_COUNT
+from engines.curation import CurationSettings, SynthesisSettings
 from engines.facts import FactsError, validate_facts
 from engines.training import TrainConfig
 from jobs import fingerprints
@@ -107,6 +108,8 @@ def command(form: AbsorbForm, project: Project) -> tuple[str, dict[str, Any] | N
                 args += [flag, str(gen[key])]
         for stop in gen.get("stop") or []:
             args += ["--stop", stop]
+        if form.synthesis != ABSORB_SYNTHESIS_COUNT:
+            args += ["--synthesize", str(form.synthesis)]
         if data.get("teacher_endpoint") is not None:
             args += ["--teacher-endpoint", data["teacher_endpoint"].name]
         elif data.get("teacher_model") is not None and data["teacher_model"].pk != base.pk:
@@ -167,6 +170,10 @@ def spec(form: AbsorbForm, project: Project) -> tuple[str | None, list[str]]:
     gen = _minimal(form.generation.to_dict(), teacher_generation(None).to_dict())
     if gen:
         teacher["generation"] = gen
+    if not form.synthesis:
+        out["synthesis"] = False
+    elif form.synthesis != ABSORB_SYNTHESIS_COUNT:
+        out["synthesis"] = {"count": form.synthesis}
     if teacher:
         out["teacher"] = teacher
     curation = form.curation
@@ -218,9 +225,13 @@ def estimates(form: AbsorbForm) -> list[dict[str, Any]]:
     if absorb:
         teacher_model = data.get("teacher_model") or base
         curation = _curation(form, prompt)
-        steps.append(
-            ("Teacher", estimate.teacher(rows, teacher_model, data.get("teacher_endpoint"), curation))
-        )
+        endpoint = data.get("teacher_endpoint")
+        if form.synthesis:
+            oversample = SynthesisSettings().oversample
+            steps.append(
+                ("Synthesis", estimate.synthesis(form.synthesis, teacher_model, endpoint, oversample))
+            )
+        steps.append(("Teacher", estimate.teacher(rows + form.synthesis, teacher_model, endpoint, curation)))
     head = list(train_rows.order_by("index").values_list("messages", flat=True)[: estimate.SAMPLE_ROWS])
     try:
         facts = validate_facts(prompt.facts or [])
@@ -281,7 +292,7 @@ def absorb_preview(request: AuthedHttpRequest, slug: str) -> HttpResponse:
     data = form.cleaned_data
     fact_advice = (
         few_fact_rows(data["prompt_version"], data["dataset_version"])
-        if data.get("prompt_version") and data.get("dataset_version")
+        if data.get("prompt_version") and data.get("dataset_version") and not form.synthesis
         else None
     )
     line, config = command(form, project)

@@ -12,7 +12,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from engines.curation import JOB_DEFAULT_COUNT, JOB_MAX_COUNT, REPAIRS, CurationSettings, SynthesisSettings
+from engines.curation import ABSORB_COUNT, JOB_MAX_COUNT, REPAIRS, CurationSettings, SynthesisSettings
 from engines.inference import BOUNDS, GenerationSettings
 from engines.rules import KINDS
 from engines.training import DEVICES, LR_SCHEDULERS, TrainConfig
@@ -115,13 +115,13 @@ def _synthesis() -> dict[str, Any]:
         "additionalProperties": False,
         "description": "Before the teacher: questions users would ask about the prompt's sections and facts, "
         "written by the teacher and added to the training queries (the synthesis job). SynthesisSettings "
-        "(engines/curation/synthesis.py) and count; true: the defaults; left out or false: none",
+        "(engines/curation/synthesis.py) and count; left out or true: the defaults; false: none",
         "properties": {
             "count": {
                 "type": "integer",
                 "minimum": 1,
                 "maximum": JOB_MAX_COUNT,
-                "default": JOB_DEFAULT_COUNT,
+                "default": ABSORB_COUNT,
                 "description": "Synthetic queries to add at most",
             },
             **_fields(SynthesisSettings),

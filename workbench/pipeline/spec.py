@@ -19,7 +19,7 @@ import yaml
 
 from engines import facts as facts_module
 from engines import rules as rules_module
-from engines.curation import JOB_DEFAULT_COUNT, CurationSettings, SynthesisSettings
+from engines.curation import ABSORB_COUNT, CurationSettings, SynthesisSettings
 from engines.inference import GenerationSettings, SettingsError
 from engines.training import ConfigError, TrainConfig
 from workbench.actions import ActionError
@@ -158,14 +158,15 @@ class Spec:
 
     @property
     def synthesis(self) -> dict[str, Any] | None:
-        """{"count": N, "settings": {...}} when the spec asks for synthetic queries, else None."""
-        value = self.data.get("synthesis", False)
+        """{"count": N, "settings": {...}} unless the spec says `synthesis: false`: as an
+        absorb, the teacher first writes questions about the prompt (ABSORB_COUNT)."""
+        value = self.data.get("synthesis", True)
         if value is True:
             value = {}
         if not isinstance(value, dict):
             return None
         settings = {k: v for k, v in value.items() if k != "count"}
-        return {"count": int(value.get("count", JOB_DEFAULT_COUNT)), "settings": settings}
+        return {"count": int(value.get("count", ABSORB_COUNT)), "settings": settings}
 
     @property
     def promote(self) -> dict[str, Any] | None:

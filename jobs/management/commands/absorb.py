@@ -65,6 +65,14 @@ class Command(BaseCommand):
         )
         parser.add_argument("--stop", action="append", default=[], help="Stop string (repeatable)")
         parser.add_argument(
+            "--synthesize",
+            type=int,
+            default=actions.ABSORB_SYNTHESIS_COUNT,
+            metavar="N",
+            help="The teacher first writes up to N questions about the prompt's sections and facts (a synthesis "
+            "job) and answers them with the dataset's (default %(default)s; 0: the dataset's queries only)",
+        )
+        parser.add_argument(
             "--teacher-model",
             help="Registered model that answers WITH the prompt (default: the student's base model)",
         )
@@ -264,8 +272,10 @@ class Command(BaseCommand):
                     teacher_endpoint=endpoint,
                     evaluation=evaluation,
                     data_check=settings.DATA_FAIL_WARN_SHARE if opts["check_data"] else None,
+                    synthesis=opts["synthesize"],
                 )
-                jobs = [teacher, *([finetune] if finetune else [])]
+                first = [teacher.depends_on] if teacher.depends_on is not None else []
+                jobs = [*first, teacher, *([finetune] if finetune else [])]
         except (ActionError, ConfigError, SettingsError) as exc:
             raise CommandError(str(exc)) from exc
         err = self.stderr if opts["json"] else self.stdout
