@@ -59,9 +59,10 @@ def main() -> None:
     parser.add_argument(
         "--synthesize",
         type=int,
-        default=0,
+        default=None,
         metavar="N",
-        help="first add up to N queries synthesised from the prompt (the synthesis job) to the train queries",
+        help="the absorb's synthesis job first adds up to N queries written from the prompt to the train "
+        "queries (default: the absorb's own, 120; 0: none)",
     )
     parser.add_argument(
         "--synthesis",
@@ -146,21 +147,18 @@ def main() -> None:
     training = train_config(args)
     times: dict[str, float] = {}
     began = time.monotonic()
-    if args.synthesize:
-        from jobs.actions import start_synthesis
-
-        t = time.monotonic()
-        synthesis = start_synthesis(project, user, prompt, train, base, args.synthesize, args.synthesis)
-        lifecycle.execute(synthesis.pk, "bench")
-        synthesis.refresh_from_db()
-        times["synthesis"] = time.monotonic() - t
-        if synthesis.status != Job.SUCCEEDED:
-            print(synthesis.error, synthesis.log[-3000:], sep="\n")
-            sys.exit(1)
-        added = synthesis.output_dataset.row_count - train.row_count
-        print(f"synthesis: {added} queries added in {times['synthesis']:.0f} s", flush=True)
-        train = synthesis.output_dataset
-    teacher, finetune = start_absorb(project, user, prompt, train, base, {}, training, curation=curation)
+    synthesis = {"count": args.synthesize, **(args.synthesis or {})} if args.synthesize else args.synthesize
+    teacher, finetune = start_absorb(
+        project,
+        user,
+        prompt,
+        train,
+        base,
+        {},
+        training,
+        curation=curation,
+        synthesis=True if synthesis is None else synthesis,
+    )
 
     def run(job: Job, name: str) -> Job:
         t = time.monotonic()
@@ -173,6 +171,11 @@ def main() -> None:
             sys.exit(1)
         return job
 
+    if teacher.depends_on is not None:
+        made = run(teacher.depends_on, "synthesis")
+        teacher.refresh_from_db()
+        train = teacher.dataset_version
+        print(f"synthesis: {train.row_count - made.dataset_version.row_count} queries added", flush=True)
     teacher = run(teacher, "teacher")
     if args.teacher_only:
         finetune.status = Job.CANCELLED
