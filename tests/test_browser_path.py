@@ -233,29 +233,34 @@ def test_a_new_user_walks_the_whole_path_in_a_browser(
         "t_max_length": "128",
         "t_logging_steps": "1",
         "t_save_steps": "100",
+        "synthesize": "3",  # the teacher first writes questions about the prompt: a few here
     }.items():
         page.locator(f"#id_{field}").fill(value)
     page.get_by_role("button", name="Start").click()
-    expect(page.locator("#job-status")).to_be_visible()
+    expect(page.get_by_role("heading", name="Query synthesis #")).to_be_visible()
+    synthesis = Job.objects.get(project=project, kind="synthesize")
     teacher = Job.objects.get(project=project, kind="teacher")
     finetune = Job.objects.get(project=project, kind="finetune")
+    assert teacher.depends_on == synthesis and synthesis.params["count"] == 3
     assert teacher.params["curation"]["best_of"] > 1  # curated by default: the prompt has rules
     assert teacher.params["curation"]["phrases"] is False and teacher.params["curation"]["rounds"] == 3
 
     # progress on the job page moves without a reload (the page's htmx poll)
     page.evaluate(RECORD_PROGRESS)
-    walk.shot("teacher-job-queued")
+    walk.shot("synthesis-job-queued")
     expect(page.locator("#job-status")).to_have_text("succeeded", timeout=180_000)
     seen = page.evaluate("window.__progress")
     assert page.evaluate("window.__walkMarker") == "same document"  # the same document: no reload
-    train_rows = upload.rows.filter(split="train").count()
-    assert seen[0][2] in ("queued", "running") and seen[-1] == [
-        f"{train_rows} / {train_rows}",
-        100,
-        "succeeded",
-    ], seen
-    assert len({tuple(s) for s in seen}) >= 2, seen
+    synthesis.refresh_from_db()
+    asked = int(synthesis.progress["done"])
+    assert seen[0][2] in ("queued", "running") and seen[-1] == [f"{asked} / {asked}", 100, "succeeded"], seen
     assert [s[1] for s in seen] == sorted(s[1] for s in seen), seen  # the bar only moves forward
+    walk.shot("synthesis-job-done")
+    page.get_by_role("link", name=f"Teacher generation #{teacher.pk}").click()
+    expect(page.locator("#job-status")).to_have_text("succeeded", timeout=180_000)
+    teacher.refresh_from_db()
+    train_rows = teacher.dataset_version.rows.filter(split="train").count()
+    expect(page.locator("#job-live .stat:nth-child(2) b").first).to_have_text(f"{train_rows} / {train_rows}")
     walk.shot("teacher-job-done")
 
     page.get_by_role("link", name=f"Fine-tune #{finetune.pk}").click()
@@ -408,7 +413,7 @@ def test_a_new_user_walks_the_whole_path_in_a_browser(
     page.get_by_role("link", name="Open as a spec").click()
     expect(page.locator("#spec-source")).to_contain_text(f"exported from {finetune}")
     page.get_by_role("button", name="Plan").click()
-    for step in ("teacher", "fine-tune", "eval"):
+    for step in ("synthesis", "teacher", "fine-tune", "eval"):
         expect(page.locator(f'#plan-steps li[data-step="{step}"]')).to_have_attribute("data-action", "reuse")
     walk.shot("spec-plan")
     page.get_by_role("button", name="Run").click()  # everything reused: the run ends within the request

@@ -229,12 +229,14 @@ def test_posting_the_absorb_form_twice_starts_one_job(world, alice_client):
     url = reverse("absorb_start", args=[world["project"].slug])
     first = alice_client.post(url, post)
     assert first.status_code == 302, re.findall(r"field-error[^<]*", first.content.decode())
-    teacher = Job.objects.get(kind="teacher")
+    first_job = Job.objects.get(kind="teacher").depends_on  # the synthesis job the teacher waits for
     again = alice_client.post(url, post, follow=True)
-    assert again.redirect_chain[0] == (teacher.get_absolute_url(), 302)
+    assert again.redirect_chain[0] == (first_job.get_absolute_url(), 302)
     assert "already submitted" in again.content.decode()
     assert (
-        Job.objects.filter(kind="teacher").count() == 1 and Job.objects.filter(kind="finetune").count() == 1
+        Job.objects.filter(kind="synthesize").count() == 1
+        and Job.objects.filter(kind="teacher").count() == 1
+        and Job.objects.filter(kind="finetune").count() == 1
     )
     # A new form (a new token) is a new absorb.
     post["form_token"] = form_token(

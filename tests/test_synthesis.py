@@ -552,7 +552,9 @@ def test_an_absorb_whose_synthesis_keeps_no_question_answers_the_data_as_it_is(j
 
 
 @pytest.mark.django_db
-def test_a_failed_synthesis_is_retried_with_the_absorb_that_waited_for_it(job_world):
+def test_a_failed_synthesis_is_retried_with_the_absorb_that_waited_for_it(job_world, alice_client):
+    from django.urls import reverse
+
     from jobs.actions import ActionError, retry_job, start_absorb
     from jobs.models import Job
 
@@ -565,8 +567,16 @@ def test_a_failed_synthesis_is_retried_with_the_absorb_that_waited_for_it(job_wo
     assert teacher.status == finetune.status == Job.CANCELLED
     with pytest.raises(ActionError, match="retry that one"):
         retry_job(teacher, alice)
-    again = retry_job(synthesis, alice)
-    assert again.kind == "synthesize" and again.status == Job.QUEUED and again.dataset_version == data
+    page = alice_client.get(synthesis.get_absolute_url()).content.decode()
+    assert "Retry as a new job" in page
+    assert alice_client.post(reverse("job_retry", args=[project.slug, synthesis.pk])).status_code == 302
+    again = Job.objects.filter(kind="synthesize").latest("pk")
+    assert (
+        again.pk != synthesis.pk
+        and again.kind == "synthesize"
+        and again.status == Job.QUEUED
+        and again.dataset_version == data
+    )
     assert again.params["fingerprint"] == synthesis.params["fingerprint"]
     (teacher2,) = again.dependents.all()
     (finetune2,) = teacher2.dependents.all()

@@ -72,12 +72,14 @@ def test_the_path_from_prompt_to_a_queued_job(page, alice, alice_project, tiny_m
 
     page.get_by_role("link", name="Jobs").first.click()
     page.get_by_role("button", name="Start").click()
-    expect(page.get_by_role("heading", name="Teacher generation #")).to_be_visible()
+    # The teacher first writes questions about the prompt (by default), then answers them.
+    expect(page.get_by_role("heading", name="Query synthesis #")).to_be_visible()
     expect(page.locator("#job-status")).to_have_text("queued")
     page.once("dialog", lambda dialog: dialog.accept())  # "Cancel this job?"
     page.get_by_role("button", name="Cancel job").click()
     expect(page.locator("#job-status")).to_have_text("cancelled")
-    assert [j.status for j in Job.objects.order_by("pk")] == ["cancelled", "cancelled"]
+    jobs = [(j.kind, j.status) for j in Job.objects.order_by("pk")]
+    assert jobs == [("synthesize", "cancelled"), ("teacher", "cancelled"), ("finetune", "cancelled")]
     page.screenshot(path=str(tmp_path / "job.png"), full_page=True)
 
 
