@@ -255,6 +255,7 @@ def test_a_new_user_walks_the_whole_path_in_a_browser(
     asked = int(synthesis.progress["done"])
     assert seen[0][2] in ("queued", "running") and seen[-1] == [f"{asked} / {asked}", 100, "succeeded"], seen
     assert [s[1] for s in seen] == sorted(s[1] for s in seen), seen  # the bar only moves forward
+    expect(page.locator("#synthesis-result")).to_contain_text("The absorb's teacher answers")
     walk.shot("synthesis-job-done")
     page.get_by_role("link", name=f"Teacher generation #{teacher.pk}").click()
     expect(page.locator("#job-status")).to_have_text("succeeded", timeout=180_000)

@@ -493,7 +493,7 @@ def test_a_small_total_asks_about_an_even_spread_of_the_pieces_not_the_first_one
 
 @pytest.mark.slow
 @pytest.mark.django_db(transaction=True)
-def test_an_absorb_synthesises_first_and_its_teacher_answers_the_version_it_stores(job_world):
+def test_an_absorb_synthesises_first_and_its_teacher_answers_the_version_it_stores(job_world, alice_client):
     from jobs import fingerprints, lifecycle
     from jobs.actions import start_absorb
     from jobs.models import Job
@@ -520,6 +520,12 @@ def test_an_absorb_synthesises_first_and_its_teacher_answers_the_version_it_stor
         teacher.params["keep_existing"],
     )
     assert [j.pk for j in synthesis.ready_dependents()] == [teacher.pk]
+    page = alice_client.get(synthesis.get_absolute_url()).content.decode()
+    kept = made.meta["synthesis"]["kept"]
+    assert (
+        f"{kept} synthetic quer" in page
+        and "The absorb's teacher answers them with the data's own, unreviewed" in page
+    )
 
 
 @pytest.mark.slow
