@@ -383,7 +383,9 @@ class Job(models.Model):
     def hand_on(self, version: DatasetVersion) -> None:
         """The queued jobs waiting for this one with no data of their own yet
         take `version` (what this one stored) as their data."""
-        self.dependents.filter(status=self.QUEUED, dataset_version__isnull=True).update(dataset_version=version)
+        self.dependents.filter(status=self.QUEUED, dataset_version__isnull=True).update(
+            dataset_version=version
+        )
 
     def ready_dependents(self) -> list[Job]:
         """Queued jobs waiting for this one, once it succeeded."""
