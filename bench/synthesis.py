@@ -124,6 +124,11 @@ def main() -> None:
         help="fact_turns values to replay at the same number of drafts ('' for none); the answers are "
         "recorded for the largest",
     )
+    parser.add_argument(
+        "--fact-first",
+        default="0,0.25,0.5,1",
+        help="fact_first shares to replay at each fact_turns value ('' for none)",
+    )
     parser.add_argument("--examples", type=int, default=8)
     parser.add_argument(
         "--answers", type=Path, help="save the teacher's answers here, or replay them if it exists"
@@ -249,15 +254,17 @@ def main() -> None:
             "  fact_turns sweep (replayed, the same drafts in all): asked, kept, from facts' pieces, "
             "asking a fact, facts checks asked"
         )
+        shares = [float(x) for x in args.fact_first.split(",") if x.strip()] or [settings.fact_first]
         for t in turns:
-            again = run(dataclasses.replace(settings, fact_turns=t))
-            texts = [q.text for q in again.queries]
-            asking = sum(bool(facts.applicable(checks, x)) for x in texts)
-            print(
-                f"    {t}: asked {again.report['asked']:>4}, kept {again.report['kept']:>4}, "
-                f"from facts {sum(q.kind == 'fact' for q in again.queries):>4}, asking a fact {asking:>4} "
-                f"({asking / max(1, len(texts)):.2f}), facts asked {len(covered(real + texts))}"
-            )
+            for share in shares:
+                again = run(dataclasses.replace(settings, fact_turns=t, fact_first=share))
+                texts = [q.text for q in again.queries]
+                asking = sum(bool(facts.applicable(checks, x)) for x in texts)
+                print(
+                    f"    {t} (fact_first {share:g}): asked {again.report['asked']:>4}, kept {again.report['kept']:>4}, "
+                    f"from facts {sum(q.kind == 'fact' for q in again.queries):>4}, asking a fact {asking:>4} "
+                    f"({asking / max(1, len(texts)):.2f}), facts asked {len(covered(real + texts))}"
+                )
     top_ks = [int(k) for k in args.top_k.split(",") if k.strip()]
     if top_ks:
         print(

@@ -33,6 +33,7 @@ __all__ = [
     "FactCheck",
     "FactsError",
     "applicable",
+    "asks_a_fact",
     "fact_checks",
     "facts_to_json",
     "propose_facts",
@@ -215,6 +216,11 @@ def applicable(facts: Iterable[FactCheck], query: str, timeout: float = REGEX_TI
     """The facts whose `question` matches the query, and those whose question
     pattern could not decide in time (they are scored, and fail)."""
     return [fact for fact in facts if _asks(fact, query, timeout) is not False]
+
+
+def asks_a_fact(facts: Iterable[FactCheck], query: str, timeout: float = REGEX_TIMEOUT_S) -> bool:
+    """Whether some fact's `question` surely matches the query (one that runs out of time does not)."""
+    return any(_asks(fact, query, timeout) is True for fact in facts)
 
 
 def states(fact: FactCheck, answer: str, timeout: float = REGEX_TIMEOUT_S) -> bool:

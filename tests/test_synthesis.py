@@ -164,9 +164,15 @@ def test_each_filter_drops_what_it_should_and_the_report_counts_why():
     teacher = Scripted(script)
     real = ["how much is a ticket for my bike"]
     made = synthesize(
-        teacher, PROMPT, FACTS, real, count=50, exclude=EXCLUDE, settings=SynthesisSettings(samples=10)
+        teacher,
+        PROMPT,
+        FACTS,
+        real,
+        count=50,
+        exclude=EXCLUDE,
+        settings=SynthesisSettings(samples=10, fact_turns=1),
     )
-    assert [q.text for q in made.queries] == GOOD_FARES
+    assert sorted(q.text for q in made.queries) == sorted(GOOD_FARES)
     assert {q.unit for q in made.queries} == {"section: Fares"} and {q.kind for q in made.queries} == {
         "section"
     }
@@ -211,11 +217,16 @@ def test_it_asks_once_for_every_piece_with_its_own_instruction_and_sampling():
     teacher = Scripted({})
     made = synthesize(teacher, PROMPT, FACTS, count=35, exclude=EXCLUDE)
     assert made.queries == [] and made.report["kept"] == 0
-    [call] = teacher.calls  # one call: the batches stay wide
-    assert call["n"] == 7 and call["system"] == SYSTEM and "Gull Ferries" not in call["system"]
-    assert call["settings"].temperature > 0
-    # 3 x 35 asked over 7 pieces: 15 each.
-    assert call["samples"] == 15 and made.report["samples_per_unit"] == 15
+    # One call for the 5 section chunks, one for the 2 facts' pieces (two turns each by default):
+    # the batches stay wide.
+    sections, facts = teacher.calls
+    assert sections["n"] == 5 and facts["n"] == 2
+    for call in (sections, facts):
+        assert call["system"] == SYSTEM and "Gull Ferries" not in call["system"]
+        assert call["settings"].temperature > 0
+    # 3 x 35 asked over 5 + 2 x 2 turns: 12 a turn.
+    assert sections["samples"] == 12 and facts["samples"] == 24 and made.report["samples_per_unit"] == 12
+    assert made.report["asked"] == 5 * 12 + 2 * 24
 
 
 def test_the_kept_questions_are_spread_evenly_over_the_pieces_up_to_the_total():
@@ -233,7 +244,12 @@ def test_the_kept_questions_are_spread_evenly_over_the_pieces_up_to_the_total():
         "fact: surfboards": ["Do I pay extra for my surfboard?"],
     }
     made = synthesize(
-        Scripted(script), PROMPT, FACTS, count=7, exclude=EXCLUDE, settings=SynthesisSettings(samples=4)
+        Scripted(script),
+        PROMPT,
+        FACTS,
+        count=7,
+        exclude=EXCLUDE,
+        settings=SynthesisSettings(samples=4, fact_first=0.0),  # the round robin alone
     )
     per_unit = Counter(q.unit for q in made.queries)
     assert len(made.queries) == 7
@@ -267,7 +283,7 @@ def test_fact_turns_ask_and_keep_more_questions_that_ask_a_fact():
             FACTS,
             count=6,
             exclude=EXCLUDE,
-            settings=SynthesisSettings(samples=4, fact_turns=turns),
+            settings=SynthesisSettings(samples=4, fact_turns=turns, fact_first=0.0),
         )
         assert len(made.queries) == 6
         return Counter(q.unit for q in made.queries), [c["samples"] for c in teacher.calls]
@@ -286,6 +302,50 @@ def test_fact_turns_ask_and_keep_more_questions_that_ask_a_fact():
     assert [c["samples"] for c in teacher.calls] == [10, 30] and made.report["asked"] == 110
     with pytest.raises(ValueError, match="fact_turns"):
         SynthesisSettings(fact_turns=0)
+
+
+def test_questions_a_facts_check_recognises_go_first_up_to_their_share():
+    # Luggage drafts three questions, two of which ask the surfboards fact ("surf|kayak"); Fares
+    # drafts questions of which none asks a fact the checks know ("adult|ticket" is not asked).
+    script = {
+        "section: Fares": [
+            "Do children under five pay on the boat?",
+            "What does a bicycle cost each way?",
+            "Are bikes allowed on every boat?",
+        ],
+        "section: Luggage": [
+            "How many bags can I bring for free?",
+            "What does it cost to bring a kayak?",
+            "Can I take my surfboard across, and is it extra?",
+        ],
+    }
+
+    def kept(share: float, count: int = 5) -> list[str]:
+        made = synthesize(
+            Scripted(script),
+            PROMPT,
+            FACTS,
+            count=count,
+            exclude=EXCLUDE,
+            settings=SynthesisSettings(samples=3, fact_first=share),
+        )
+        assert made.report["asking_a_fact"] == sum(
+            "kayak" in q.text or "surf" in q.text for q in made.queries
+        )
+        return [q.text for q in made.queries]
+
+    fares, luggage = script["section: Fares"], script["section: Luggage"]
+    # no share: the round robin alone, a question from each piece in turn
+    assert kept(0.0) == [fares[0], luggage[0], fares[1], luggage[1], fares[2]]
+    # a fifth of 5: one kayak question first, then the round robin over everything left
+    assert kept(0.2) == [luggage[1], fares[0], luggage[0], fares[1], luggage[2]]
+    # two fifths: both questions that ask a fact, then the round robin
+    assert kept(0.4) == [luggage[1], luggage[2], fares[0], luggage[0], fares[1]]
+    assert kept(1.0) == kept(0.4)
+    # a total above what is drafted keeps everything, whatever goes first
+    assert sorted(kept(1.0, count=20)) == sorted(fares + luggage)
+    with pytest.raises(ValueError, match="fact_first"):
+        SynthesisSettings(fact_first=1.5)
 
 
 def test_settings_are_checked():
@@ -385,7 +445,11 @@ def test_the_command_queues_a_job_that_stores_a_new_version_with_the_synthetic_r
         assert row.extra["unit_kind"] in ("section", "fact") and row.extra["job"] == job.pk
         assert row.notes == [f"synthetic: {row.extra['unit']}"]  # flagged in review until someone decides
         assert "Ahoy" not in message["content"]
-    assert report["asked"] == report["units"] * report["samples_per_unit"]
+    assert (
+        report["asked"]
+        == sum(u["asked"] for u in report["per_unit"])
+        >= report["units"] * report["samples_per_unit"]
+    )
     assert sum(report["dropped"].values()) + kept == report["asked"]
     assert "synthetic queries added" in version.meta["notes"][0]
     assert "kept" in job.log and job.progress["unit"] == "questions"
@@ -473,7 +537,12 @@ def test_a_piece_whose_questions_repeat_each_other_loses_no_turn():
         ],
     }
     made = synthesize(
-        Scripted(script), PROMPT, FACTS, count=4, exclude=EXCLUDE, settings=SynthesisSettings(samples=4)
+        Scripted(script),
+        PROMPT,
+        FACTS,
+        count=4,
+        exclude=EXCLUDE,
+        settings=SynthesisSettings(samples=4, fact_first=0.0),  # the round robin alone
     )
     assert Counter(q.unit for q in made.queries) == {"section: Fares": 2, "section: Luggage": 2}
     assert made.report["dropped"][NEAR_KEPT] == 2 and made.report["dropped"][OVER_CAP] == 2
@@ -526,6 +595,9 @@ def test_an_absorb_synthesises_first_and_its_teacher_answers_the_version_it_stor
         f"{kept} synthetic quer" in page
         and "The absorb's teacher answers them with the data's own, unreviewed" in page
     )
+    asking = made.meta["synthesis"]["asking_a_fact"]
+    assert (f"{asking} of them asking a fact your facts checks know" in page) == (asking > 0)
+    assert ("asking a fact your facts checks know" in page) == (asking > 0)
 
 
 @pytest.mark.slow

@@ -94,7 +94,8 @@ class SynthesisRunner(JobRunner):
         self.log(
             f"synthesis: {report['units']} pieces of the prompt ({report['sections']} section chunks, "
             f"{report['facts']} facts), {report['samples_per_unit']} questions asked about each: "
-            f"{report['asked']} asked, {report['parsed']} parsed, {report['kept']} kept; dropped: {dropped or 'none'}"
+            f"{report['asked']} asked, {report['parsed']} parsed, {report['kept']} kept "
+            f"({report['asking_a_fact']} asking a fact a facts check knows); dropped: {dropped or 'none'}"
         )
         if report["facts_without_passage"]:
             self.log(
