@@ -29,6 +29,7 @@ from engines.curation.synthesis import (
 )
 from engines.facts import FactCheck
 from engines.inference import Completion
+from engines.progress import Progress
 
 PROMPT = """You are the assistant of Gull Ferries.
 
@@ -88,6 +89,8 @@ class Scripted:
                     for i in range(samples)
                 ]
             )
+            if progress is not None:  # as the generators count: one a sample
+                progress(Progress(done=len(out) * samples, total=len(conversations) * samples, unit="x"))
         return out
 
 
@@ -215,8 +218,12 @@ def test_the_round_trip_keeps_a_question_only_when_its_own_piece_answers_it():
 
 def test_it_asks_once_for_every_piece_with_its_own_instruction_and_sampling():
     teacher = Scripted({})
-    made = synthesize(teacher, PROMPT, FACTS, count=35, exclude=EXCLUDE)
+    seen: list[Progress] = []
+    made = synthesize(teacher, PROMPT, FACTS, count=35, exclude=EXCLUDE, progress=seen.append)
     assert made.queries == [] and made.report["kept"] == 0
+    # progress counts the questions asked, over both calls, up to all of them
+    assert {p.unit for p in seen} == {"questions"} and {p.total for p in seen} == {made.report["asked"]}
+    assert [p.done for p in seen] == sorted(p.done for p in seen) and seen[-1].done == made.report["asked"]
     # One call for the 5 section chunks, one for the 2 facts' pieces (two turns each by default):
     # the batches stay wide.
     sections, facts = teacher.calls

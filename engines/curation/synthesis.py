@@ -491,13 +491,13 @@ def _ask(
     asked twice would repeat itself), the groups in the pieces' order."""
     started = time.monotonic()
     out: list[list[Any]] = [[] for _ in found]
-    done = 0
+    done, total = 0, per_unit * sum(turns)  # questions asked: a call's progress counts its samples
     for t in sorted(set(turns)):
         idx = [i for i, n in enumerate(turns) if n == t]
 
         def moved(p: Progress, offset: int = done) -> None:
             assert progress is not None
-            progress(Progress.since(started, offset + p.done, len(found), p.unit))
+            progress(Progress.since(started, offset + p.done, total, "questions"))
 
         groups = generator.generate_samples(
             [conversation(found[i]) for i in idx],
@@ -510,5 +510,5 @@ def _ask(
         )
         for i, group in zip(idx, groups, strict=True):
             out[i] = list(group)
-        done += len(idx)
+        done += len(idx) * per_unit * t
     return out
