@@ -13,6 +13,11 @@ at the end of 'This sentence : "TEXT" means in one word:"' (PromptEOL), and
 
 This caps the student's fact recall when it reads k passages: a fact it
 was not shown it can only recall from training.
+
+With --budgets 60,70 BM25 is also measured with a token budget instead of a
+count: the best-ranked passages that fit in that many tokens of the
+student's note (a passage that does not fit is passed over for a shorter
+one; the first always goes in), with the note's mean length beside k=2's.
 """
 
 from __future__ import annotations
@@ -103,6 +108,7 @@ def main() -> None:
     ap.add_argument("--scenarios", default="lumen,harbor,fernhill")
     ap.add_argument("--dense", action="store_true", help="also the base model's PromptEOL vectors, and fused")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--budgets", default="", help="token budgets of the note to measure beside k (BM25)")
     opts = ap.parse_args()
     dense = Dense(opts.threads) if opts.dense else None
     print(f"{opts.split}: share of fact queries whose k passages state every fact asked")
@@ -124,6 +130,39 @@ def main() -> None:
                 f"{name:<10}{ranker:<7}{len(retriever.passages):>9}{len(queries):>9}"
                 + "".join(f"{s:>7.2f}" for s in shares)
             )
+            budgets = [int(b) for b in opts.budgets.split(",") if b.strip()]
+            if ranker == "bm25" and budgets:
+                print("    " + _budgeted(retriever, ranked, queries, budgets))
+
+
+def _budgeted(retriever: Retriever, ranked: list[list[int]], queries: list, budgets: list[int]) -> str:
+    """The share of queries whose note, packed best-first up to each token budget, states every
+    fact asked, and the note's mean tokens; k=2 first for comparison."""
+    from transformers import AutoTokenizer
+
+    from engines.curation.context import facts_note
+    from engines.provisioning import DEFAULT_MODEL_NAME
+
+    tok = AutoTokenizer.from_pretrained(REPO / ".cache" / "models" / DEFAULT_MODEL_NAME)
+    n = [len(tok(p.text)["input_ids"]) for p in retriever.passages]
+    out = []
+    for budget in [None, *budgets]:
+        hits, tokens = 0, 0
+        for order, (_, asked) in zip(ranked, queries, strict=True):
+            if budget is None:
+                pick = order[:2]
+            else:
+                pick, used = [], 0
+                for j in order:
+                    if not pick or used + n[j] <= budget:
+                        pick.append(j)
+                        used += n[j]
+            found = [retriever.passages[j] for j in sorted(pick)]
+            tokens += len(tok(facts_note(found))["input_ids"])
+            hits += all(states(f, " ".join(p.text for p in found)) for f in asked)
+        label = "k=2" if budget is None else f"{budget} tokens"
+        out.append(f"{label}: {hits / len(queries):.2f} ({tokens / len(queries):.0f} in the note)")
+    return " | ".join(out)
 
 
 if __name__ == "__main__":
