@@ -94,6 +94,12 @@ class Scripted:
         return out
 
 
+def round_robin_alone(script: dict[str, list[str]], count: int) -> Any:
+    """4 samples a piece, none of the questions that ask a fact going first."""
+    settings = SynthesisSettings(samples=4, fact_first=0.0)
+    return synthesize(Scripted(script), PROMPT, FACTS, count=count, exclude=EXCLUDE, settings=settings)
+
+
 @pytest.mark.parametrize(
     ("raw", "question"),
     [
@@ -250,14 +256,7 @@ def test_the_kept_questions_are_spread_evenly_over_the_pieces_up_to_the_total():
         ],
         "fact: surfboards": ["Do I pay extra for my surfboard?"],
     }
-    made = synthesize(
-        Scripted(script),
-        PROMPT,
-        FACTS,
-        count=7,
-        exclude=EXCLUDE,
-        settings=SynthesisSettings(samples=4, fact_first=0.0),  # the round robin alone
-    )
+    made = round_robin_alone(script, count=7)
     per_unit = Counter(q.unit for q in made.queries)
     assert len(made.queries) == 7
     # Round-robin: every piece with questions gets one before any gets a third.
@@ -543,14 +542,7 @@ def test_a_piece_whose_questions_repeat_each_other_loses_no_turn():
             "Are two bags free for each traveller?",
         ],
     }
-    made = synthesize(
-        Scripted(script),
-        PROMPT,
-        FACTS,
-        count=4,
-        exclude=EXCLUDE,
-        settings=SynthesisSettings(samples=4, fact_first=0.0),  # the round robin alone
-    )
+    made = round_robin_alone(script, count=4)
     assert Counter(q.unit for q in made.queries) == {"section: Fares": 2, "section: Luggage": 2}
     assert made.report["dropped"][NEAR_KEPT] == 2 and made.report["dropped"][OVER_CAP] == 2
 
