@@ -597,6 +597,11 @@ def test_an_absorb_synthesises_first_and_its_teacher_answers_the_version_it_stor
     asking = made.meta["synthesis"]["asking_a_fact"]
     assert (f"{asking} of them asking a fact your facts checks know" in page) == (asking > 0)
     assert ("asking a fact your facts checks know" in page) == (asking > 0)
+    # the page reads the count from the version's report, whichever it is
+    made.meta["synthesis"]["asking_a_fact"] = 3
+    made.save(update_fields=["meta"])
+    page = alice_client.get(synthesis.get_absolute_url()).content.decode()
+    assert f"{kept} synthetic quer" in page and "3 of them asking a fact your facts checks know" in page
 
 
 @pytest.mark.slow
